@@ -1,0 +1,234 @@
+//! The certificate store: one certificate per identity, fetched from a certificate source on
+//! first use, refreshed in the background at half its life (with backoff on failure), and the
+//! old certificate kept until it expires if a refresh keeps failing.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crate::identity::SpiffeId;
+use crate::tls::{LocalCa, TlsError, WorkloadCertificate};
+
+/// Why a certificate could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CertError {
+    #[error("the certificate authority refused or failed to sign for {id}: {reason}")]
+    Ca { id: String, reason: String },
+}
+
+/// Where certificates come from: the local CA today; the controller's CA is another source.
+pub trait CertificateSource: Send + Sync + 'static {
+    fn fetch(
+        &self,
+        id: &SpiffeId,
+    ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, CertError>> + Send + '_>>;
+}
+
+/// The in-process CA as a source, issuing certificates of the given lifetime.
+pub struct LocalCaSource {
+    pub ca: LocalCa,
+    pub ttl: Duration,
+}
+
+impl CertificateSource for LocalCaSource {
+    fn fetch(
+        &self,
+        id: &SpiffeId,
+    ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, CertError>> + Send + '_>> {
+        let res = self
+            .ca
+            .issue(id, self.ttl)
+            .map_err(|e: TlsError| CertError::Ca {
+                id: id.to_string(),
+                reason: e.to_string(),
+            });
+        Box::pin(async move { res })
+    }
+}
+
+type Cell = Arc<tokio::sync::OnceCell<Arc<Mutex<WorkloadCertificate>>>>;
+
+/// The store. Share it behind an `Arc`.
+pub struct CertStore {
+    source: Arc<dyn CertificateSource>,
+    certs: Mutex<HashMap<SpiffeId, Cell>>,
+}
+
+/// What `/config_dump` shows of a certificate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertSummary {
+    pub identity: String,
+    pub not_before: String,
+    pub not_after: String,
+    pub refresh_at: String,
+}
+
+impl CertStore {
+    pub fn new(source: Arc<dyn CertificateSource>) -> Arc<Self> {
+        Arc::new(CertStore {
+            source,
+            certs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The current certificate for `id`, fetching it on first use. Concurrent first uses
+    /// share one fetch.
+    pub async fn get(self: &Arc<Self>, id: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
+        let cell = {
+            let mut certs = self.certs.lock().expect("cert store lock");
+            certs.entry(id.clone()).or_default().clone()
+        };
+        let slot = cell
+            .get_or_try_init(|| async {
+                let cert = self.source.fetch(id).await?;
+                let slot = Arc::new(Mutex::new(cert));
+                self.spawn_refresh(id.clone(), slot.clone());
+                Ok::<_, CertError>(slot)
+            })
+            .await;
+        match slot {
+            Ok(slot) => Ok(slot.lock().expect("cert lock").clone()),
+            Err(e) => {
+                // Let the next caller try again rather than caching the failure.
+                self.certs.lock().expect("cert store lock").remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets an identity: its certificate is no longer refreshed.
+    pub fn forget(&self, id: &SpiffeId) {
+        self.certs.lock().expect("cert store lock").remove(id);
+    }
+
+    pub fn summaries(&self) -> Vec<CertSummary> {
+        let certs = self.certs.lock().expect("cert store lock");
+        let mut out: Vec<CertSummary> = certs
+            .values()
+            .filter_map(|c| c.get())
+            .map(|slot| {
+                let c = slot.lock().expect("cert lock");
+                CertSummary {
+                    identity: c.identity().to_string(),
+                    not_before: rfc3339(c.not_before()),
+                    not_after: rfc3339(c.not_after()),
+                    refresh_at: rfc3339(c.refresh_at()),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    fn spawn_refresh(self: &Arc<Self>, id: SpiffeId, slot: Arc<Mutex<WorkloadCertificate>>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let due = slot.lock().expect("cert lock").refresh_at();
+                let wait = due
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(wait).await;
+                let Some(store) = weak.upgrade() else { return };
+                if !store.is_tracked(&id, &slot) {
+                    return;
+                }
+                match store.source.fetch(&id).await {
+                    Ok(cert) => {
+                        tracing::info!(identity = %id, not_after = %rfc3339(cert.not_after()), "certificate refreshed");
+                        *slot.lock().expect("cert lock") = cert;
+                        backoff = Duration::from_secs(1);
+                    }
+                    Err(e) => {
+                        let expired = slot
+                            .lock()
+                            .expect("cert lock")
+                            .is_expired(SystemTime::now());
+                        tracing::warn!(identity = %id, error = %e, expired, retry_in = ?backoff, "certificate refresh failed; keeping the current one");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(150));
+                    }
+                }
+            }
+        });
+    }
+
+    fn is_tracked(&self, id: &SpiffeId, slot: &Arc<Mutex<WorkloadCertificate>>) -> bool {
+        let certs = self.certs.lock().expect("cert store lock");
+        certs
+            .get(id)
+            .and_then(|c| c.get())
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting {
+        ca: LocalCa,
+        ttl: Duration,
+        calls: AtomicUsize,
+        fail_after: usize,
+    }
+
+    impl CertificateSource for Counting {
+        fn fetch(
+            &self,
+            id: &SpiffeId,
+        ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, CertError>> + Send + '_>>
+        {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let res = if n >= self.fail_after {
+                Err(CertError::Ca {
+                    id: id.to_string(),
+                    reason: "down".into(),
+                })
+            } else {
+                Ok(self.ca.issue(id, self.ttl).unwrap())
+            };
+            Box::pin(async move { res })
+        }
+    }
+
+    #[tokio::test]
+    async fn one_fetch_per_identity_and_refresh_at_half_life() {
+        let src = Arc::new(Counting {
+            ca: LocalCa::generate("t").unwrap(),
+            // Issued certificates start a minute in the past: 122 s of life, refresh at ~+1 s.
+            ttl: Duration::from_secs(2),
+            calls: AtomicUsize::new(0),
+            fail_after: 2,
+        });
+        let store = CertStore::new(src.clone());
+        let id = SpiffeId::new("cluster.local", "ns", "a").unwrap();
+        let (a, b) = tokio::join!(store.get(&id), store.get(&id));
+        let first = a.unwrap();
+        assert_eq!(first.chain(), b.unwrap().chain());
+        assert_eq!(
+            src.calls.load(Ordering::SeqCst),
+            1,
+            "concurrent gets share one fetch"
+        );
+        // Half life of a 122 s certificate is 61 s after not_before, i.e. ~1 s from now.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let second = store.get(&id).await.unwrap();
+        assert_ne!(first.chain(), second.chain(), "certificate was refreshed");
+        assert!(src.calls.load(Ordering::SeqCst) >= 2);
+        // Further refreshes fail: the store keeps serving the last good certificate.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(store.get(&id).await.unwrap().chain(), second.chain());
+        assert_eq!(store.summaries().len(), 1);
+    }
+}

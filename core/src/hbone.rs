@@ -1,0 +1,256 @@
+//! HBONE: HTTP/2 CONNECT over mutual TLS 1.3 to port 15008. This module holds the pieces both
+//! ends share (HTTP/2 tuning, the CONNECT request and its headers) and the client with its
+//! connection pool. The server side lives with each proxy, which decides what a CONNECT may reach.
+
+mod pool;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
+
+/// The HBONE port.
+pub const HBONE_PORT: u16 = 15008;
+
+/// A tunnel: the byte stream of one CONNECT, after the 200.
+pub type Tunnel = TokioIo<hyper::upgrade::Upgraded>;
+
+/// HTTP/2 settings, tuned for throughput: large windows so one stream can fill a fast link,
+/// the connection window a multiple of the stream window so one slow stream cannot stall others.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct H2Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// Streams a server accepts on one connection.
+    pub server_max_streams: u32,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            max_frame_size: 1 << 20,
+            server_max_streams: 200,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl H2Settings {
+    pub fn server(&self) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .initial_stream_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_concurrent_streams(self.server_max_streams)
+            .max_send_buf_size(self.max_frame_size as usize)
+            .max_header_list_size(64 << 10)
+            .keep_alive_interval(self.keepalive_interval)
+            .keep_alive_timeout(self.keepalive_timeout)
+            .auto_date_header(false);
+        b
+    }
+
+    pub fn client(&self) -> hyper::client::conn::http2::Builder<TokioExecutor> {
+        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .initial_stream_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_send_buf_size(self.stream_window as usize)
+            .max_header_list_size(16 << 10)
+            .keep_alive_interval(self.keepalive_interval)
+            .keep_alive_timeout(self.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        b
+    }
+}
+
+/// What the source tells the destination about itself, as request headers.
+#[derive(Clone, Debug, Default)]
+pub struct SourceInfo {
+    /// The client's address (`forwarded: for="ip:port"`).
+    pub addr: Option<SocketAddr>,
+    /// The intended service hostname (`forwarded: ...;host=`).
+    pub service_host: Option<String>,
+    pub cluster: String,
+    pub namespace: String,
+    pub workload_name: String,
+    pub workload_type: String,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+}
+
+impl SourceInfo {
+    /// W3C-baggage-style `key=value` list with the keys Istio uses.
+    pub fn baggage(&self) -> String {
+        let kind = match self.workload_type.as_str() {
+            "" => "deployment",
+            other => other,
+        };
+        let mut parts = Vec::with_capacity(5);
+        for (k, v) in [
+            ("k8s.cluster.name", self.cluster.as_str()),
+            ("k8s.namespace.name", self.namespace.as_str()),
+            (&*format!("k8s.{kind}.name"), self.workload_name.as_str()),
+            ("service.name", self.canonical_name.as_str()),
+            ("service.version", self.canonical_revision.as_str()),
+        ] {
+            if !v.is_empty() {
+                parts.push(format!("{k}={v}"));
+            }
+        }
+        parts.join(",")
+    }
+
+    pub fn forwarded(&self) -> Option<String> {
+        let addr = self.addr?;
+        Some(match &self.service_host {
+            Some(h) => format!("for=\"{addr}\";host={h}"),
+            None => format!("for=\"{addr}\""),
+        })
+    }
+}
+
+/// A fresh W3C `traceparent` (version 00, random trace and parent ids, not sampled).
+pub fn traceparent() -> String {
+    let trace: u128 = rand::random::<u128>() | 1;
+    let parent: u64 = rand::random::<u64>() | 1;
+    format!("00-{trace:032x}-{parent:016x}-00")
+}
+
+/// Builds the CONNECT request for `target` (the inner `ip:port`).
+pub fn connect_request(target: SocketAddr, src: &SourceInfo) -> Request<Empty<Bytes>> {
+    let mut b = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("traceparent", traceparent());
+    if let Some(f) = src.forwarded() {
+        b = b.header("forwarded", f);
+    }
+    let baggage = src.baggage();
+    if !baggage.is_empty() {
+        b = b.header("baggage", baggage);
+    }
+    b.body(Empty::new())
+        .expect("CONNECT request is well formed")
+}
+
+/// Parses the client address out of a `forwarded` header (`for="ip:port"`).
+pub fn forwarded_for(value: &str) -> Option<SocketAddr> {
+    value.split([';', ',']).find_map(|part| {
+        let v = part.trim().strip_prefix("for=")?;
+        let v = v.trim_matches('"');
+        v.parse()
+            .ok()
+            .or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0)))
+    })
+}
+
+/// Why an HBONE connection or request failed, and whose fault it is.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error(
+        "cannot open TCP to {0}: {1} (is the destination node reachable, and does a \
+         NetworkPolicy allow port 15008?)"
+    )]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, std::io::Error),
+    #[error("peer {0} did not negotiate ALPN h2")]
+    Alpn(SocketAddr),
+    #[error("HTTP/2 handshake with {0} failed: {1}")]
+    H2Handshake(SocketAddr, hyper::Error),
+    #[error("CONNECT to {target} via {peer} failed: {source}")]
+    Request {
+        peer: SocketAddr,
+        target: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("CONNECT to {target} via {peer} was answered {status}")]
+    Status {
+        peer: SocketAddr,
+        target: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("local TLS setup failed: {0}")]
+    Local(#[from] crate::tls::TlsError),
+}
+
+impl HboneError {
+    /// Istio's `response_flags` value for this failure.
+    pub fn response_flag(&self) -> &'static str {
+        match self {
+            HboneError::Connect(..) => "CONNECT",
+            HboneError::Tls(..) | HboneError::Alpn(_) => "TLS_FAILURE",
+            HboneError::H2Handshake(..) => "H2_HANDSHAKE_FAILURE",
+            HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => "DENY",
+            HboneError::Request { .. } | HboneError::Status { .. } => "CONNECT",
+            HboneError::Local(_) => "IDENTITY_ERROR",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers() {
+        let src = SourceInfo {
+            addr: Some("10.0.0.1:4000".parse().unwrap()),
+            service_host: Some("echo.default.svc.cluster.local".into()),
+            cluster: "Kubernetes".into(),
+            namespace: "default".into(),
+            workload_name: "client".into(),
+            canonical_name: "client".into(),
+            canonical_revision: "v1".into(),
+            ..Default::default()
+        };
+        let req = connect_request("10.0.0.2:8080".parse().unwrap(), &src);
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.2:8080");
+        let h = req.headers();
+        assert_eq!(
+            h["forwarded"],
+            "for=\"10.0.0.1:4000\";host=echo.default.svc.cluster.local"
+        );
+        assert_eq!(
+            h["baggage"],
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=client,service.name=client,service.version=v1"
+        );
+        let tp = h["traceparent"].to_str().unwrap();
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "00")
+        );
+        assert_ne!(traceparent(), traceparent());
+        assert_eq!(
+            forwarded_for(h["forwarded"].to_str().unwrap()),
+            Some("10.0.0.1:4000".parse().unwrap())
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn forwarded_parser_never_panics(s in "\\PC*") {
+            let _ = forwarded_for(&s);
+        }
+    }
+}

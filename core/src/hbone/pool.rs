@@ -1,0 +1,293 @@
+//! The HBONE connection pool. Connections are shared by key (source identity, acceptable
+//! destination identities, destination address, source IP); each carries up to
+//! `max_streams` CONNECT streams, and an unused one is closed after `idle_timeout`.
+//! Concurrent first use of a key waits for a single handshake.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::{H2Settings, HboneError, SourceInfo, Tunnel, connect_request};
+use crate::identity::SpiffeId;
+use crate::socket::SocketOptions;
+use crate::tls::WorkloadCertificate;
+
+/// Who may share a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_id: SpiffeId,
+    /// Sorted, so that the same set always makes the same key.
+    pub dst_ids: Vec<SpiffeId>,
+    pub dst: SocketAddr,
+    pub src_ip: Option<IpAddr>,
+}
+
+impl PoolKey {
+    pub fn new(
+        src_id: SpiffeId,
+        mut dst_ids: Vec<SpiffeId>,
+        dst: SocketAddr,
+        src_ip: Option<IpAddr>,
+    ) -> Self {
+        dst_ids.sort();
+        dst_ids.dedup();
+        PoolKey {
+            src_id,
+            dst_ids,
+            dst,
+            src_ip,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct PoolConfig {
+    /// Streams one connection carries before another is opened to the same key.
+    pub max_streams: usize,
+    /// An unused connection is closed after this long. Zero disables pooling: each tunnel
+    /// gets its own connection, closed when the tunnel ends.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+struct Conn {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+    /// Milliseconds since the pool's epoch of the last time a stream ended or began.
+    last_used: Arc<AtomicU64>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
+
+/// Counters for tests and `/config_dump`.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct PoolStats {
+    pub connections_opened: u64,
+    pub streams_opened: u64,
+}
+
+/// The pool. Cheap to share behind an `Arc`.
+pub struct Pool {
+    cfg: PoolConfig,
+    h2: H2Settings,
+    sockets: SocketOptions,
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+    epoch: Instant,
+    opened: AtomicU64,
+    streams: AtomicU64,
+}
+
+/// Held for as long as a tunnel lives: counts the stream against its connection.
+pub struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.last_used
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Pool {
+    pub fn new(cfg: PoolConfig, h2: H2Settings, sockets: SocketOptions) -> Arc<Self> {
+        let pool = Arc::new(Pool {
+            cfg,
+            h2,
+            sockets,
+            slots: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            opened: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
+        });
+        if !cfg.idle_timeout.is_zero() {
+            let weak = Arc::downgrade(&pool);
+            let period = (cfg.idle_timeout / 2).max(Duration::from_millis(100));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                loop {
+                    tick.tick().await;
+                    let Some(pool) = weak.upgrade() else { return };
+                    pool.evict_idle();
+                }
+            });
+        }
+        pool
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            connections_opened: self.opened.load(Ordering::Relaxed),
+            streams_opened: self.streams.load(Ordering::Relaxed),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Drops connections that are closed, or unused for longer than the idle timeout.
+    pub fn evict_idle(&self) {
+        let idle_ms = self.cfg.idle_timeout.as_millis() as u64;
+        let now = self.now_ms();
+        let mut slots = self.slots.lock().expect("pool lock");
+        slots.retain(|_, slot| {
+            // A slot locked by a caller is in use; look at it next time.
+            let Ok(mut conns) = slot.try_lock() else {
+                return true;
+            };
+            conns.retain(|c| {
+                !c.sender.is_closed()
+                    && (c.streams.load(Ordering::Acquire) > 0
+                        || now.saturating_sub(c.last_used.load(Ordering::Relaxed)) < idle_ms)
+            });
+            !conns.is_empty()
+        });
+    }
+
+    /// Opens a tunnel to `target` through the HBONE peer named by `key.dst`, reusing a pooled
+    /// connection when one has room. Returns once the peer answered 200.
+    pub async fn connect(
+        &self,
+        key: PoolKey,
+        cert: &WorkloadCertificate,
+        target: SocketAddr,
+        src: &SourceInfo,
+    ) -> Result<(Tunnel, StreamGuard), HboneError> {
+        let peer = key.dst;
+        let (mut sender, guard) = if self.cfg.idle_timeout.is_zero() {
+            let sender = self.handshake(&key, cert).await?;
+            let guard = StreamGuard {
+                streams: Arc::new(AtomicUsize::new(1)),
+                last_used: Arc::new(AtomicU64::new(0)),
+                epoch: self.epoch,
+            };
+            (sender, guard)
+        } else {
+            self.checkout(key, cert).await?
+        };
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        let req = connect_request(target, src);
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|source| HboneError::Request {
+                peer,
+                target,
+                source,
+            })?;
+        if res.status() != StatusCode::OK {
+            return Err(HboneError::Status {
+                peer,
+                target,
+                status: res.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(res)
+            .await
+            .map_err(|source| HboneError::Request {
+                peer,
+                target,
+                source,
+            })?;
+        Ok((TokioIo::new(upgraded), guard))
+    }
+
+    async fn checkout(
+        &self,
+        key: PoolKey,
+        cert: &WorkloadCertificate,
+    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
+        let slot: Slot = {
+            let mut slots = self.slots.lock().expect("pool lock");
+            slots.entry(key.clone()).or_default().clone()
+        };
+        // Held across the handshake on purpose: concurrent first uses of a key share it.
+        let mut conns = slot.lock().await;
+        conns.retain(|c| !c.sender.is_closed());
+        let max = self.cfg.max_streams.max(1);
+        let reusable = conns
+            .iter()
+            .find(|c| c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max);
+        let conn = match reusable {
+            Some(c) => c,
+            None => {
+                let sender = self.handshake(&key, cert).await?;
+                conns.push(Conn {
+                    sender,
+                    streams: Arc::new(AtomicUsize::new(0)),
+                    last_used: Arc::new(AtomicU64::new(self.now_ms())),
+                });
+                conns.last().expect("just pushed")
+            }
+        };
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        conn.last_used.store(self.now_ms(), Ordering::Relaxed);
+        Ok((
+            conn.sender.clone(),
+            StreamGuard {
+                streams: conn.streams.clone(),
+                last_used: conn.last_used.clone(),
+                epoch: self.epoch,
+            },
+        ))
+    }
+
+    /// TCP, TLS (verifying the peer is one of `key.dst_ids`) and the HTTP/2 handshake.
+    async fn handshake(
+        &self,
+        key: &PoolKey,
+        cert: &WorkloadCertificate,
+    ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+        let peer = key.dst;
+        let tcp = crate::socket::connect(peer, key.src_ip, &self.sockets)
+            .await
+            .map_err(|e| HboneError::Connect(peer, e))?;
+        let tls_cfg = cert.client_config(key.dst_ids.clone())?;
+        // HBONE sends no SNI; the name is never looked at.
+        let name = ServerName::IpAddress(peer.ip().into());
+        let tls = TlsConnector::from(tls_cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| HboneError::Tls(peer, e))?;
+        if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+            return Err(HboneError::Alpn(peer));
+        }
+        let (sender, conn) = self
+            .h2
+            .client()
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| HboneError::H2Handshake(peer, e))?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "HBONE connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}

@@ -1,0 +1,11 @@
+//! The shared core of zmesh: SPIFFE identities and workload certificates, the HBONE client
+//! (with its connection pool) and server pieces, the workload model that ztunnel and the
+//! waypoint route on, socket helpers and Istio-compatible telemetry. Binaries (`ztunnel`,
+//! later the waypoint and controller) are thin wiring around these pieces.
+
+pub mod certs;
+pub mod hbone;
+pub mod identity;
+pub mod socket;
+pub mod state;
+pub mod tls;

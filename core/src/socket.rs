@@ -1,0 +1,115 @@
+//! Socket helpers for transparent proxying: the original destination after a kernel REDIRECT,
+//! the packet mark that keeps zmesh's own traffic out of the capture rules, outbound sockets.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The mark zmesh puts on its own sockets (Istio's 0x539), so capture rules skip them.
+pub const ZMESH_MARK: u32 = 0x539;
+
+/// The destination a connection was addressed to before a REDIRECT sent it to us.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = stream.local_addr()?;
+    if local.is_ipv4() {
+        let sa = getsockopt(&stream.as_fd(), sockopt::OriginalDst).map_err(io::Error::from)?;
+        let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+        Ok(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sa.sin_port)))
+    } else {
+        let sa = getsockopt(&stream.as_fd(), sockopt::Ip6tOriginalDst).map_err(io::Error::from)?;
+        let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+        let addr = SocketAddr::new(IpAddr::V6(ip), u16::from_be(sa.sin6_port));
+        // An IPv4 connection on a dual-stack socket reports a v4-mapped address.
+        Ok(match ip.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        })
+    }
+}
+
+/// Options for sockets zmesh opens towards peers and applications.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketOptions {
+    /// SO_MARK to set; `None` where marking is not wanted (tests without CAP_NET_ADMIN).
+    pub mark: Option<u32>,
+    pub connect_timeout: Duration,
+    pub keepalive: Option<Duration>,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions {
+            mark: Some(ZMESH_MARK),
+            connect_timeout: Duration::from_secs(10),
+            keepalive: Some(Duration::from_secs(180)),
+        }
+    }
+}
+
+/// Opens a TCP connection to `dst`, optionally from `src`, marked and with Nagle off.
+pub async fn connect(
+    dst: SocketAddr,
+    src: Option<IpAddr>,
+    opts: &SocketOptions,
+) -> io::Result<TcpStream> {
+    let sock = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    let sref = socket2::SockRef::from(&sock);
+    if let Some(mark) = opts.mark {
+        sref.set_mark(mark)?;
+    }
+    if let Some(idle) = opts.keepalive {
+        sref.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(idle),
+        )?;
+    }
+    sock.set_nodelay(true)?;
+    if let Some(src) = src {
+        if src.is_ipv4() == dst.is_ipv4() {
+            sock.bind(SocketAddr::new(src, 0))?;
+        }
+    }
+    match tokio::time::timeout(opts.connect_timeout, sock.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "connect to {dst} timed out after {:?}",
+                opts.connect_timeout
+            ),
+        )),
+    }
+}
+
+/// Binds a listener with SO_REUSEADDR (and SO_REUSEPORT when asked, so a new process can
+/// start beside a draining one).
+pub fn listen(
+    addr: SocketAddr,
+    reuse_port: bool,
+    mark: Option<u32>,
+) -> io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    if reuse_port {
+        sock.set_reuseport(true)?;
+    }
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&sock).set_mark(mark)?;
+    }
+    sock.set_nodelay(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}

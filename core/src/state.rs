@@ -1,0 +1,475 @@
+//! The workload model proxies route on: workloads, services and their indexes, built from
+//! xDS or from upstream ztunnel's local-config YAML (`workloads`, `services`, `policies`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{IdentityError, SpiffeId};
+
+/// How a workload accepts mesh traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    /// HBONE on port 15008: the workload is in the mesh.
+    #[serde(rename = "HBONE")]
+    Hbone,
+    /// Plain TCP: the workload is outside the mesh.
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+/// `<network>/<ip>`, the way Istio names an address (the network may be empty).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetworkAddress {
+    pub network: String,
+    pub address: IpAddr,
+}
+
+impl FromStr for NetworkAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (network, ip) = s.rsplit_once('/').unwrap_or(("", s));
+        let address = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address of the form <network>/<ip>"))?;
+        Ok(NetworkAddress {
+            network: network.to_owned(),
+            address,
+        })
+    }
+}
+
+impl std::fmt::Display for NetworkAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.address)
+    }
+}
+
+impl Serialize for NetworkAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Service port -> target port.
+pub type PortMap = BTreeMap<u16, u16>;
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_owned()
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+/// A workload (a pod, usually), in upstream ztunnel's local-config shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    #[serde(default)]
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub cluster_id: String,
+    #[serde(default)]
+    pub canonical_name: String,
+    #[serde(default)]
+    pub canonical_revision: String,
+    #[serde(default)]
+    pub workload_name: String,
+    #[serde(default)]
+    pub workload_type: String,
+    #[serde(default)]
+    pub status: HealthStatus,
+    /// Services this workload backs: `"<namespace>/<hostname>"` -> service port -> target port.
+    #[serde(default)]
+    pub services: BTreeMap<String, PortMap>,
+}
+
+impl Workload {
+    pub fn identity(&self) -> Result<SpiffeId, IdentityError> {
+        SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// `<namespace>/<name>`, for logs.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A service, in upstream ztunnel's local-config shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub vips: Vec<NetworkAddress>,
+    /// Service port -> target port (0: use the workload's own mapping).
+    #[serde(default)]
+    pub ports: PortMap,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+impl Service {
+    /// `"<namespace>/<hostname>"`, the key workloads use to name the services they back.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Upstream ztunnel's local-config file (`LOCAL_XDS_PATH`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalConfig {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// AuthorizationPolicies. Enforcement arrives with L4 authorization; until then a file
+    /// that carries any is refused rather than silently not enforced.
+    #[serde(default)]
+    pub policies: Vec<serde_yaml::Value>,
+}
+
+/// Why a local-config file was refused. Nothing of it is applied then.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("local config is not valid: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("workload {workload}: {source}")]
+    Identity {
+        workload: String,
+        source: IdentityError,
+    },
+    #[error("workloads {0} and {1} both claim IP {2}; each workload IP must be unique")]
+    DuplicateIp(String, String, IpAddr),
+    #[error("services {0} and {1} both claim VIP {2}")]
+    DuplicateVip(String, String, NetworkAddress),
+    #[error(
+        "local config has {0} AuthorizationPolicies under `policies:`, but this ztunnel does \
+         not enforce policies yet; remove them rather than run without the protection they ask for"
+    )]
+    PoliciesUnsupported(usize),
+}
+
+impl LocalConfig {
+    pub fn parse(yaml: &str) -> Result<Self, ConfigError> {
+        let cfg: LocalConfig = if yaml.trim().is_empty() {
+            LocalConfig::default()
+        } else {
+            serde_yaml::from_str(yaml)?
+        };
+        if !cfg.policies.is_empty() {
+            return Err(ConfigError::PoliciesUnsupported(cfg.policies.len()));
+        }
+        Ok(cfg)
+    }
+}
+
+/// An endpoint chosen for a connection: the workload and the port to reach it on.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub workload: Arc<Workload>,
+    pub address: SocketAddr,
+    /// Identities the destination may present: the workload's plus the service's SANs.
+    pub identities: Vec<SpiffeId>,
+    pub service: Option<Arc<Service>>,
+}
+
+/// An immutable, indexed snapshot of what the proxy knows. Replaced whole on change.
+#[derive(Debug, Default)]
+pub struct State {
+    workloads: Vec<Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<String, Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Service key -> workloads backing it, in config order.
+    endpoints: HashMap<String, Vec<Arc<Workload>>>,
+}
+
+impl State {
+    pub fn from_local(cfg: LocalConfig) -> Result<Self, ConfigError> {
+        let mut st = State::default();
+        for w in cfg.workloads {
+            w.identity().map_err(|source| ConfigError::Identity {
+                workload: w.key(),
+                source,
+            })?;
+            let w = Arc::new(w);
+            for ip in &w.workload_ips {
+                if let Some(prev) = st.by_ip.insert(*ip, w.clone()) {
+                    return Err(ConfigError::DuplicateIp(prev.key(), w.key(), *ip));
+                }
+            }
+            for svc in w.services.keys() {
+                st.endpoints.entry(svc.clone()).or_default().push(w.clone());
+            }
+            st.workloads.push(w);
+        }
+        for s in cfg.services {
+            let s = Arc::new(s);
+            for vip in &s.vips {
+                if let Some(prev) = st.by_vip.insert(vip.address, s.clone()) {
+                    return Err(ConfigError::DuplicateVip(prev.key(), s.key(), vip.clone()));
+                }
+            }
+            st.services.insert(s.key(), s);
+        }
+        Ok(st)
+    }
+
+    pub fn workloads(&self) -> &[Arc<Workload>] {
+        &self.workloads
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// Finds a workload by namespace, name and service account (how ZDS and dedicated mode
+    /// name the proxied workload).
+    pub fn find_workload(&self, namespace: &str, name: &str, sa: &str) -> Option<&Arc<Workload>> {
+        self.workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name && w.service_account == sa)
+    }
+
+    /// Resolves an original destination to where the connection should go.
+    /// `pick` chooses among healthy endpoints of a service (load balancing).
+    pub fn resolve(&self, dst: SocketAddr, pick: impl FnOnce(usize) -> usize) -> Resolved {
+        if let Some(svc) = self.by_vip.get(&dst.ip()) {
+            let Some(&svc_target) = svc.ports.get(&dst.port()) else {
+                return Resolved::NoPort {
+                    service: svc.key(),
+                    port: dst.port(),
+                };
+            };
+            let key = svc.key();
+            let candidates: Vec<(&Arc<Workload>, u16)> = self
+                .endpoints
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter(|w| w.status == HealthStatus::Healthy && !w.workload_ips.is_empty())
+                .filter_map(|w| {
+                    let target = if svc_target != 0 {
+                        svc_target
+                    } else {
+                        *w.services.get(&key)?.get(&dst.port())?
+                    };
+                    Some((w, target))
+                })
+                .collect();
+            if candidates.is_empty() {
+                return Resolved::NoEndpoints { service: key };
+            }
+            let (w, port) = candidates[pick(candidates.len()) % candidates.len()];
+            let mut identities = Vec::new();
+            if let Ok(id) = w.identity() {
+                identities.push(id);
+            }
+            identities.extend(
+                svc.subject_alt_names
+                    .iter()
+                    .filter_map(|s| s.parse::<SpiffeId>().ok()),
+            );
+            return Resolved::Upstream(Upstream {
+                address: SocketAddr::new(w.workload_ips[0], port),
+                workload: w.clone(),
+                identities,
+                service: Some(svc.clone()),
+            });
+        }
+        if let Some(w) = self.by_ip.get(&dst.ip()) {
+            return Resolved::Upstream(Upstream {
+                address: dst,
+                identities: w.identity().into_iter().collect(),
+                workload: w.clone(),
+                service: None,
+            });
+        }
+        Resolved::Passthrough
+    }
+}
+
+/// Where a connection goes.
+#[derive(Debug)]
+pub enum Resolved {
+    Upstream(Upstream),
+    /// Not known to the mesh: forwarded as is.
+    Passthrough,
+    /// A service VIP on a port the service does not expose.
+    NoPort {
+        service: String,
+        port: u16,
+    },
+    /// A service with no healthy endpoint.
+    NoEndpoints {
+        service: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+workloads:
+- uid: cluster1//v1/Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["10.0.0.1"]
+  protocol: HBONE
+- name: server-a
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["10.0.0.2"]
+  protocol: HBONE
+  services:
+    "default/echo.default.svc.cluster.local":
+      80: 8080
+- name: server-b
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["10.0.0.3"]
+  protocol: HBONE
+  services:
+    "default/echo.default.svc.cluster.local":
+      80: 8081
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/10.96.0.10"]
+  ports:
+    80: 0
+    90: 9090
+  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/echo-extra"]
+"#;
+
+    fn state() -> State {
+        State::from_local(LocalConfig::parse(CFG).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn vip_maps_ports_and_balances() {
+        let st = state();
+        let dst: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let a = match st.resolve(dst, |_| 0) {
+            Resolved::Upstream(u) => u,
+            other => panic!("{other:?}"),
+        };
+        let b = match st.resolve(dst, |_| 1) {
+            Resolved::Upstream(u) => u,
+            other => panic!("{other:?}"),
+        };
+        // Target port 0 in the service: each workload's own mapping applies.
+        assert_eq!(a.address, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(b.address, "10.0.0.3:8081".parse().unwrap());
+        assert_eq!(
+            a.identities
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>(),
+            vec![
+                "spiffe://cluster.local/ns/default/sa/server",
+                "spiffe://cluster.local/ns/default/sa/echo-extra"
+            ]
+        );
+        // An explicit target port in the service wins.
+        match st.resolve("10.96.0.10:90".parse().unwrap(), |_| 1) {
+            Resolved::Upstream(u) => assert_eq!(u.address, "10.0.0.3:9090".parse().unwrap()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            st.resolve("10.96.0.10:81".parse().unwrap(), |_| 0),
+            Resolved::NoPort { port: 81, .. }
+        ));
+    }
+
+    #[test]
+    fn pod_ip_and_passthrough() {
+        let st = state();
+        match st.resolve("10.0.0.2:7000".parse().unwrap(), |_| 0) {
+            Resolved::Upstream(u) => {
+                assert_eq!(u.address, "10.0.0.2:7000".parse().unwrap());
+                assert_eq!(u.workload.name, "server-a");
+                assert!(u.service.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            st.resolve("192.0.2.1:80".parse().unwrap(), |_| 0),
+            Resolved::Passthrough
+        ));
+        assert_eq!(
+            st.find_workload("default", "client", "client").unwrap().uid,
+            "cluster1//v1/Pod/default/client"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = LocalConfig::parse("workloads:\n- name: a\n  namespace: b\n  workloadIPs: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("workloadIPs"), "{err}");
+        let err = LocalConfig::parse("workload: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `workload`"), "{err}");
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_reason() {
+        let dup = "workloads:\n- {name: a, namespace: n, workloadIps: [10.0.0.1]}\n- {name: b, namespace: n, workloadIps: [10.0.0.1]}\n";
+        let err = State::from_local(LocalConfig::parse(dup).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("both claim IP 10.0.0.1"), "{err}");
+        let bad_sa = "workloads:\n- {name: a, namespace: n, serviceAccount: 'a b'}\n";
+        let err = State::from_local(LocalConfig::parse(bad_sa).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("service account"), "{err}");
+        let pol = "policies:\n- {name: p, namespace: n}\n";
+        let err = LocalConfig::parse(pol).unwrap_err();
+        assert!(matches!(err, ConfigError::PoliciesUnsupported(1)), "{err}");
+    }
+}

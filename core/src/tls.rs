@@ -1,0 +1,263 @@
+//! Workload certificates and the HBONE TLS configuration: TLS 1.3 only, AES-GCM suites,
+//! ALPN `h2`, no SNI, mutual authentication by SPIFFE identity.
+
+mod ca;
+mod verify;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::identity::SpiffeId;
+
+pub use ca::LocalCa;
+pub use verify::{
+    IdentityMismatch, IdentityServerVerifier, TrustDomainClientVerifier, peer_identity, uri_sans,
+};
+
+/// ALPN protocol spoken inside HBONE.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// What went wrong with certificates or TLS setup.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} from {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} is not valid PEM or holds no {expected}")]
+    Pem {
+        what: &'static str,
+        expected: &'static str,
+    },
+    #[error(
+        "the CA private key does not match the CA certificate, or its type is not supported \
+         (supported: ECDSA P-256/P-384 and RSA, as PKCS#8, PKCS#1 or SEC1 PEM)"
+    )]
+    CaKeyMismatch,
+    #[error("the CA certificate is not a CA (basic constraints cA=false or missing)")]
+    NotACa,
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("certificate is not valid X.509: {0}")]
+    Parse(String),
+    #[error("TLS configuration failed: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("certificate carries no SPIFFE URI SAN")]
+    NoIdentity,
+}
+
+/// The crypto provider used everywhere in zmesh: aws-lc-rs, restricted to TLS 1.3 AES-GCM suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let mut p = rustls::crypto::aws_lc_rs::default_provider();
+            p.cipher_suites = vec![
+                rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+                rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            ];
+            Arc::new(p)
+        })
+        .clone()
+}
+
+/// Installs zmesh's provider as the process default. Call once at start of every binary.
+pub fn install_default_provider() {
+    // An error only means a default is already installed (e.g. by a test); nothing to do then.
+    let _ = CryptoProvider::install_default(provider().as_ref().clone());
+}
+
+/// A workload's certificate chain and key, with the roots it trusts.
+#[derive(Clone)]
+pub struct WorkloadCertificate {
+    identity: SpiffeId,
+    certified: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    root_ders: Vec<CertificateDer<'static>>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    server_config: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for WorkloadCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCertificate")
+            .field("identity", &self.identity.to_string())
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+impl WorkloadCertificate {
+    /// Assembles a certificate from a chain (leaf first), its key and the trusted roots.
+    /// The leaf's first SPIFFE URI SAN is the identity.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        root_ders: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, TlsError> {
+        let leaf = chain.first().ok_or(TlsError::NoIdentity)?;
+        let identity = uri_sans(leaf)?
+            .into_iter()
+            .find_map(|u| u.parse::<SpiffeId>().ok())
+            .ok_or(TlsError::NoIdentity)?;
+        let (not_before, not_after) = validity(leaf)?;
+        let mut roots = RootCertStore::empty();
+        for r in &root_ders {
+            roots.add(r.clone())?;
+        }
+        let roots = Arc::new(roots);
+        let signing = provider().key_provider.load_private_key(key)?;
+        let certified = Arc::new(CertifiedKey::new(chain, signing));
+        let server_config = server_config(&identity, certified.clone(), roots.clone())?;
+        Ok(WorkloadCertificate {
+            identity,
+            certified,
+            roots,
+            root_ders,
+            not_before,
+            not_after,
+            server_config,
+        })
+    }
+
+    pub fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// The leaf and intermediates, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.certified.cert
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.root_ders
+    }
+
+    /// The instant at which a refresh is due: half way through the validity period.
+    pub fn refresh_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or(Duration::ZERO);
+        self.not_before + life / 2
+    }
+
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        now >= self.not_after
+    }
+
+    /// Server side of HBONE: requires a client certificate of the same trust domain.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server_config.clone()
+    }
+
+    /// Client side of HBONE: accepts only a peer presenting one of `allowed` identities.
+    pub fn client_config(&self, allowed: Vec<SpiffeId>) -> Result<Arc<ClientConfig>, TlsError> {
+        let verifier = Arc::new(IdentityServerVerifier::new(self.roots.clone(), allowed));
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(FixedCert(self.certified.clone())));
+        cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        cfg.enable_sni = false;
+        cfg.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(cfg))
+    }
+}
+
+fn server_config(
+    identity: &SpiffeId,
+    certified: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = Arc::new(TrustDomainClientVerifier::new(
+        roots,
+        identity.trust_domain().to_owned(),
+    )?);
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(FixedCert(certified)));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// Always presents the same certificate, whatever the peer asks for.
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for FixedCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| TlsError::Parse(e.to_string()))?;
+    let to_sys = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    };
+    Ok((
+        to_sys(cert.validity().not_before),
+        to_sys(cert.validity().not_after),
+    ))
+}
+
+/// Parses every certificate in a PEM bundle.
+pub fn certs_from_pem(
+    what: &'static str,
+    pem: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|_| TlsError::Pem {
+            what,
+            expected: "CERTIFICATE",
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            what,
+            expected: "CERTIFICATE",
+        });
+    }
+    Ok(certs)
+}

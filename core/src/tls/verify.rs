@@ -1,0 +1,222 @@
+//! Peer verification by SPIFFE identity. The chain is verified with webpki against the
+//! workload's roots; host names are ignored (HBONE sends no SNI); the identity in the URI SAN
+//! decides.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+use super::{TlsError, provider};
+use crate::identity::SpiffeId;
+
+/// All URI SANs of a certificate, in order.
+pub fn uri_sans(der: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| TlsError::Parse(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::Parse(e.to_string()))?;
+    Ok(san
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The SPIFFE identity of a verified peer certificate: its first URI SAN that parses.
+pub fn peer_identity(der: &CertificateDer<'_>) -> Option<SpiffeId> {
+    uri_sans(der)
+        .ok()?
+        .into_iter()
+        .find_map(|u| u.parse::<SpiffeId>().ok())
+}
+
+fn cert_error(e: impl std::fmt::Display) -> rustls::Error {
+    rustls::Error::General(e.to_string())
+}
+
+/// Client-side verifier: the server must chain to our roots and present one of `allowed`.
+#[derive(Debug)]
+pub struct IdentityServerVerifier {
+    roots: Arc<RootCertStore>,
+    allowed: Vec<SpiffeId>,
+}
+
+impl IdentityServerVerifier {
+    pub fn new(roots: Arc<RootCertStore>, allowed: Vec<SpiffeId>) -> Self {
+        IdentityServerVerifier { roots, allowed }
+    }
+}
+
+impl ServerCertVerifier for IdentityServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(cert_error)?;
+        ee.verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::InvalidCertificate(webpki_error(e)))?;
+        let sans = uri_sans(end_entity).map_err(cert_error)?;
+        let ok = sans.iter().any(|s| {
+            s.parse::<SpiffeId>()
+                .map(|id| self.allowed.contains(&id))
+                .unwrap_or(false)
+        });
+        if ok {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(IdentityMismatch {
+                    presented: sans,
+                    expected: self.allowed.iter().map(|i| i.to_string()).collect(),
+                }))),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn webpki_error(e: webpki::Error) -> rustls::CertificateError {
+    use rustls::CertificateError as C;
+    match e {
+        webpki::Error::UnknownIssuer => C::UnknownIssuer,
+        webpki::Error::CertExpired { .. } => C::Expired,
+        webpki::Error::CertNotValidYet { .. } => C::NotValidYet,
+        webpki::Error::InvalidSignatureForPublicKey => C::BadSignature,
+        other => C::Other(rustls::OtherError(Arc::new(WebPki(other)))),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct WebPki(webpki::Error);
+
+/// The peer proved a valid certificate but not one of the identities we expected.
+#[derive(Debug, thiserror::Error)]
+#[error("peer identity {presented:?} is not one of the expected {expected:?}")]
+pub struct IdentityMismatch {
+    pub presented: Vec<String>,
+    pub expected: Vec<String>,
+}
+
+/// Server-side verifier: standard client-certificate verification, then the client's SPIFFE
+/// trust domain must equal ours.
+#[derive(Debug)]
+pub struct TrustDomainClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl TrustDomainClientVerifier {
+    pub fn new(roots: Arc<RootCertStore>, trust_domain: String) -> Result<Self, TlsError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Parse(e.to_string()))?;
+        Ok(TrustDomainClientVerifier {
+            inner,
+            trust_domain,
+        })
+    }
+}
+
+impl ClientCertVerifier for TrustDomainClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: the client always presents its one workload certificate.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match peer_identity(end_entity) {
+            Some(id) if id.trust_domain() == self.trust_domain => {
+                Ok(ClientCertVerified::assertion())
+            }
+            Some(id) => Err(cert_error(format!(
+                "client identity {id} is not in trust domain {}",
+                self.trust_domain
+            ))),
+            None => Err(cert_error("client certificate has no SPIFFE URI SAN")),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
