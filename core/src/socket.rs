@@ -73,10 +73,10 @@ pub async fn connect(
         )?;
     }
     sock.set_nodelay(true)?;
-    if let Some(src) = src {
-        if src.is_ipv4() == dst.is_ipv4() {
-            sock.bind(SocketAddr::new(src, 0))?;
-        }
+    if let Some(src) = src
+        && src.is_ipv4() == dst.is_ipv4()
+    {
+        sock.bind(SocketAddr::new(src, 0))?;
     }
     match tokio::time::timeout(opts.connect_timeout, sock.connect(dst)).await {
         Ok(r) => r,
