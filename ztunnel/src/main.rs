@@ -1,1 +1,105 @@
-fn main() {}
+//! `ztunnel`: zmesh's node tunnel. Captures a workload's TCP and carries it to the destination
+//! over HBONE (HTTP/2 CONNECT over mutual TLS 1.3 with SPIFFE identities), wire- and
+//! configuration-compatible with Istio's ztunnel. Started as `ztunnel proxy`.
+
+mod admin;
+mod app;
+mod config;
+mod metrics;
+mod proxy;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
+
+#[derive(Parser)]
+#[command(name = "ztunnel", about = "zmesh node tunnel (HBONE)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Proxy {
+        /// Typed config file (YAML); environment variables override it.
+        #[arg(long, env = "ZTUNNEL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn init_logging() -> admin::LogControl {
+    let default = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&default).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init();
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
+            .init();
+    }
+    let current = Arc::new(std::sync::Mutex::new(default.clone()));
+    Arc::new(move |level: Option<&str>| {
+        let mut cur = current.lock().expect("log level lock");
+        if let Some(level) = level {
+            let wanted = if level.is_empty() {
+                default.as_str()
+            } else {
+                level
+            };
+            let f = EnvFilter::try_new(wanted).map_err(|e| e.to_string())?;
+            handle.reload(f).map_err(|e| e.to_string())?;
+            *cur = wanted.to_owned();
+        }
+        Ok(cur.clone())
+    })
+}
+
+/// Busy nodes run out of descriptors at the default soft limit; take the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("ztunnel (zmesh) {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Proxy { config } => {
+            let log = init_logging();
+            zmesh_core::tls::install_default_provider();
+            raise_fd_limit();
+            let env: HashMap<String, String> = std::env::vars().collect();
+            let cfg = config::Config::load(config.as_deref(), &env)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.worker_threads)
+                .thread_name("ztunnel-worker")
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(app::run(cfg, log))
+        }
+    }
+}

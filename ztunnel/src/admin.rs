@@ -1,0 +1,159 @@
+//! The operator's endpoints: admin on localhost:15000 (`/config_dump`, `/logging`,
+//! `/quitquitquit`), Prometheus on 15020 (`/metrics`, `/stats/prometheus`) and readiness on
+//! 15021 (`/healthz/ready`).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
+
+/// Changes the log filter at run time (`/logging?level=...`); returns the filter in force.
+pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+type Body = Full<Bytes>;
+
+fn reply(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn text(code: StatusCode, body: impl Into<String>) -> Response<Body> {
+    reply(code, "text/plain; charset=utf-8", body.into())
+}
+
+/// Serves HTTP/1.1 with `handler` until `stop` is cancelled.
+pub async fn serve<H, F>(listener: TcpListener, stop: CancellationToken, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let h = handler.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let h = h.clone();
+                async move { Ok::<_, Infallible>(h(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// State shown and controlled by the admin endpoints.
+pub struct Admin {
+    pub proxy: Arc<Proxy>,
+    pub registry: Arc<Registry>,
+    pub ready: Arc<AtomicBool>,
+    pub log: LogControl,
+    /// Cancelled by `/quitquitquit`: starts the drain, as SIGTERM does.
+    pub quit: CancellationToken,
+}
+
+impl Admin {
+    pub async fn admin(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/config_dump") => {
+                reply(StatusCode::OK, "application/json", self.config_dump())
+            }
+            (m, "/logging") if m == Method::GET || m == Method::POST => {
+                let level = req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("level="))
+                        .map(|l| l.replace("%3D", "=").replace("%2C", ","))
+                });
+                let reset = req
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "reset"));
+                if *m == Method::GET && (level.is_some() || reset) {
+                    return text(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "use POST to change the log level\n",
+                    );
+                }
+                let arg = if reset { Some("") } else { level.as_deref() };
+                match (self.log)(arg) {
+                    Ok(now) => text(StatusCode::OK, format!("current log level is {now}\n")),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level: {e}\n")),
+                }
+            }
+            (&Method::POST, "/quitquitquit") => {
+                self.quit.cancel();
+                text(StatusCode::OK, "draining\n")
+            }
+            (_, "/") => text(
+                StatusCode::OK,
+                "GET /config_dump\nGET|POST /logging[?level=<filter>|?reset]\nPOST /quitquitquit\n",
+            ),
+            _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
+        }
+    }
+
+    fn config_dump(&self) -> String {
+        let st = self.proxy.state.load();
+        let dump = serde_json::json!({
+            "config": &*self.proxy.cfg,
+            "identity": self.proxy.identity.to_string(),
+            "workloads": st.workloads().iter().map(|w| &**w).collect::<Vec<_>>(),
+            "services": st.services().map(|s| &**s).collect::<Vec<_>>(),
+            "certificates": self.proxy.certs.summaries(),
+            "pool": self.proxy.pool.stats(),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        serde_json::to_string_pretty(&dump).unwrap_or_default()
+    }
+
+    pub async fn stats(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match req.uri().path() {
+            "/metrics" | "/stats/prometheus" => {
+                let mut out = String::new();
+                match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+                    Ok(()) => reply(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        out,
+                    ),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "see /metrics\n"),
+        }
+    }
+
+    pub async fn readiness(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match req.uri().path() {
+            "/healthz/ready" if self.ready.load(Ordering::Acquire) => {
+                text(StatusCode::OK, "ready\n")
+            }
+            "/healthz/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            _ => text(StatusCode::NOT_FOUND, "see /healthz/ready\n"),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Wiring: certificates, the local-config watch, listeners, the operator endpoints, and the
+//! drain on SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use zmesh_core::certs::{CertStore, LocalCaSource};
+use zmesh_core::hbone::Pool;
+use zmesh_core::identity::SpiffeId;
+use zmesh_core::socket::{SocketOptions, listen};
+use zmesh_core::state::{LocalConfig, State};
+use zmesh_core::tls::LocalCa;
+
+use crate::admin::{self, Admin, LogControl};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{self, Proxy};
+
+/// Reads and validates the local-config file into a state snapshot.
+pub fn load_state(path: &Path) -> anyhow::Result<State> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read LOCAL_XDS_PATH {}", path.display()))?;
+    let cfg = LocalConfig::parse(&text).with_context(|| format!("in {}", path.display()))?;
+    State::from_local(cfg).with_context(|| format!("in {}", path.display()))
+}
+
+/// Runs ztunnel until it has drained after SIGTERM, SIGINT or `/quitquitquit`.
+pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let workload = cfg
+        .workload
+        .clone()
+        .expect("validated: dedicated mode has a workload");
+    let state = match &cfg.local_xds_path {
+        Some(p) => load_state(p)?,
+        None => State::default(),
+    };
+    let state = Arc::new(ArcSwap::from_pointee(state));
+    let trust_domain = state
+        .load()
+        .find_workload(
+            &workload.namespace,
+            &workload.name,
+            &workload.service_account,
+        )
+        .map(|w| w.trust_domain.clone())
+        .unwrap_or_else(|| cfg.trust_domain.clone());
+    let identity = SpiffeId::new(
+        &trust_domain,
+        &workload.namespace,
+        &workload.service_account,
+    )
+    .context("PROXY_WORKLOAD_INFO does not make a valid SPIFFE identity")?;
+
+    let (ca_cert, ca_key) = (
+        cfg.local_ca_cert.as_deref().expect("validated"),
+        cfg.local_ca_key.as_deref().expect("validated"),
+    );
+    let ca = LocalCa::load(ca_cert, ca_key)
+        .context("cannot load the local CA (LOCAL_CA_CERT, LOCAL_CA_KEY)")?;
+    let certs = CertStore::new(Arc::new(LocalCaSource {
+        ca,
+        ttl: cfg.cert_ttl,
+    }));
+
+    let sockets = SocketOptions {
+        mark: cfg.mark(),
+        connect_timeout: cfg.connect_timeout,
+        ..SocketOptions::default()
+    };
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let proxy = Arc::new(Proxy {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        certs: certs.clone(),
+        pool: Pool::new(cfg.pool, cfg.h2, sockets),
+        metrics,
+        workload,
+        identity: identity.clone(),
+        drain: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        sockets,
+    });
+
+    let mark = cfg.mark();
+    let bind = |port, what: &str| {
+        listen(cfg.bind(port), true, mark)
+            .with_context(|| format!("cannot bind the {what} listener on port {port}"))
+    };
+    let outbound = bind(cfg.ports.outbound, "outbound")?;
+    let hbone = bind(cfg.ports.hbone, "HBONE")?;
+    let plaintext = bind(cfg.ports.inbound_plaintext, "inbound plaintext")?;
+    let admin_l = listen(([127, 0, 0, 1], cfg.ports.admin).into(), false, None)
+        .context("cannot bind admin port")?;
+    let stats_l = bind(cfg.ports.stats, "metrics")?;
+    let ready_l = bind(cfg.ports.readiness, "readiness")?;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let quit = CancellationToken::new();
+    let servers_stop = CancellationToken::new();
+    let admin = Arc::new(Admin {
+        proxy: proxy.clone(),
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+        log,
+        quit: quit.clone(),
+    });
+    let a = admin.clone();
+    tokio::spawn(admin::serve(admin_l, servers_stop.clone(), move |r| {
+        a.clone().admin(r)
+    }));
+    let a = admin.clone();
+    tokio::spawn(admin::serve(stats_l, servers_stop.clone(), move |r| {
+        a.clone().stats(r)
+    }));
+    let a = admin.clone();
+    tokio::spawn(admin::serve(ready_l, servers_stop.clone(), move |r| {
+        a.clone().readiness(r)
+    }));
+
+    if let Some(path) = cfg.local_xds_path.clone() {
+        watch_local_config(path, state.clone(), servers_stop.clone())?;
+    }
+
+    let listeners = [
+        tokio::spawn(proxy.clone().serve_outbound(outbound)),
+        tokio::spawn(proxy::serve_hbone(proxy.clone(), hbone)),
+        tokio::spawn(proxy::serve_plaintext(proxy.clone(), plaintext)),
+    ];
+
+    // Ready once the workload's certificate is in hand: the first connection won't wait.
+    certs
+        .get(&identity)
+        .await
+        .with_context(|| format!("cannot obtain a certificate for {identity}"))?;
+    ready.store(true, Ordering::Release);
+    tracing::info!(%identity, outbound = cfg.ports.outbound, hbone = cfg.ports.hbone, plaintext = cfg.ports.inbound_plaintext, "ztunnel ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = quit.cancelled() => "/quitquitquit",
+    };
+    drain(&proxy, &ready, cfg.drain_deadline, why).await;
+    for l in listeners {
+        l.abort();
+    }
+    servers_stop.cancel();
+    Ok(())
+}
+
+/// Stops accepting, then lets open connections finish until the deadline.
+async fn drain(proxy: &Proxy, ready: &AtomicBool, deadline: Duration, why: &str) {
+    ready.store(false, Ordering::Release);
+    proxy.drain.cancel();
+    proxy.tracker.close();
+    let open = proxy.tracker.len();
+    tracing::info!(
+        reason = why,
+        open,
+        ?deadline,
+        "draining: no new connections, waiting for open ones"
+    );
+    match tokio::time::timeout(deadline, proxy.tracker.wait()).await {
+        Ok(()) => tracing::info!("drained: all connections finished"),
+        Err(_) => tracing::warn!(
+            open = proxy.tracker.len(),
+            "drain deadline passed; closing the remaining connections"
+        ),
+    }
+}
+
+/// Reloads the local config when its file changes. A bad edit is logged and ignored: the last
+/// good config stays in force.
+fn watch_local_config(
+    path: PathBuf,
+    state: Arc<ArcSwap<State>>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use notify::{RecursiveMode, Watcher};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .context("cannot watch LOCAL_XDS_PATH")?;
+    // Watch the directory: editors and Kubernetes ConfigMaps replace the file rather than
+    // writing it in place.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    let mut last = std::fs::read(&path).ok();
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.recv() => if r.is_none() { return },
+            }
+            // Let a burst of events (write, rename, chmod) settle.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            let now = std::fs::read(&path).ok();
+            if now == last {
+                continue;
+            }
+            match load_state(&path) {
+                Ok(st) => {
+                    tracing::info!(path = %path.display(), workloads = st.workloads().len(), "local config reloaded");
+                    state.store(Arc::new(st));
+                    last = now;
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = format!("{e:#}"), "local config change rejected; keeping the previous config");
+                    last = now;
+                }
+            }
+        }
+    });
+    Ok(())
+}

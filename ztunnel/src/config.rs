@@ -1,0 +1,390 @@
+//! ztunnel's configuration: one typed, serialisable struct, read from an optional YAML file
+//! (`--config` or `ZTUNNEL_CONFIG`), then overridden by the environment variables upstream
+//! ztunnel uses, validated once at start and shown at admin `/config_dump`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use zmesh_core::hbone::{H2Settings, PoolConfig};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyMode {
+    /// One workload; ztunnel runs inside that workload's network namespace.
+    #[default]
+    Dedicated,
+    /// Many pods on a node, handed over by the node agent (ZDS).
+    Shared,
+}
+
+/// `<namespace>/<name>/<service-account>`, the workload a dedicated ztunnel serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub hbone: u16,
+    pub admin: u16,
+    pub stats: u16,
+    pub readiness: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            hbone: 15008,
+            admin: 15000,
+            stats: 15020,
+            readiness: 15021,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct Config {
+    pub proxy_mode: ProxyMode,
+    /// The workload served in dedicated mode (`PROXY_WORKLOAD_INFO`).
+    pub workload: Option<WorkloadInfo>,
+    /// Upstream ztunnel's local-config YAML, watched and reloaded on change (`LOCAL_XDS_PATH`).
+    pub local_xds_path: Option<PathBuf>,
+    /// Controller (xDS) address; empty: no xDS, local config only (`XDS_ADDRESS`).
+    pub xds_address: String,
+    /// Remote CA address; empty: the local CA below signs certificates (`CA_ADDRESS`).
+    pub ca_address: String,
+    pub local_ca_cert: Option<PathBuf>,
+    pub local_ca_key: Option<PathBuf>,
+    pub node_name: String,
+    pub trust_domain: String,
+    pub cluster_id: String,
+    /// Data-plane worker threads (`ZTUNNEL_WORKER_THREADS`).
+    pub worker_threads: usize,
+    pub ports: Ports,
+    /// Address the traffic listeners bind to.
+    pub bind_ip: IpAddr,
+    /// Mark on ztunnel's own sockets, so the capture rules skip them; 0 disables marking.
+    pub packet_mark: u32,
+    /// How long open connections may finish after SIGTERM (`TERMINATION_GRACE_PERIOD_SECONDS`).
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
+    /// Lifetime of workload certificates issued by the local CA.
+    #[serde(with = "humantime_serde")]
+    pub cert_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bytes buffered per direction when copying a connection.
+    pub copy_buffer: usize,
+    pub h2: H2Settings,
+    pub pool: PoolConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            proxy_mode: ProxyMode::Dedicated,
+            workload: None,
+            local_xds_path: None,
+            xds_address: String::new(),
+            ca_address: String::new(),
+            local_ca_cert: None,
+            local_ca_key: None,
+            node_name: String::new(),
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            worker_threads: 2,
+            ports: Ports::default(),
+            bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            packet_mark: zmesh_core::socket::ZMESH_MARK,
+            drain_deadline: Duration::from_secs(5),
+            cert_ttl: Duration::from_secs(24 * 3600),
+            connect_timeout: Duration::from_secs(10),
+            copy_buffer: 64 << 10,
+            h2: H2Settings::default(),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+/// A configuration mistake, named so the operator knows what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0} is not valid: {1}")]
+    File(PathBuf, serde_yaml::Error),
+    #[error("environment variable {var}={value:?} is not valid: {reason}")]
+    Env {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn env_err(var: &'static str, value: &str, reason: impl ToString) -> ConfigError {
+    ConfigError::Env {
+        var,
+        value: value.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Config {
+    /// Reads the file (if any), applies the environment, validates.
+    pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.to_owned(), e))?;
+                serde_yaml::from_str(&text).map_err(|e| ConfigError::File(p.to_owned(), e))?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let get = |k: &str| env.get(k).map(String::as_str);
+        if let Some(v) = get("PROXY_MODE") {
+            self.proxy_mode = match v.to_ascii_lowercase().as_str() {
+                "dedicated" => ProxyMode::Dedicated,
+                "shared" => ProxyMode::Shared,
+                _ => return Err(env_err("PROXY_MODE", v, "expected `dedicated` or `shared`")),
+            };
+        }
+        if let Some(v) = get("PROXY_WORKLOAD_INFO") {
+            let parts: Vec<&str> = v.split('/').collect();
+            match parts.as_slice() {
+                [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => {
+                    self.workload = Some(WorkloadInfo {
+                        namespace: (*ns).into(),
+                        name: (*name).into(),
+                        service_account: (*sa).into(),
+                    })
+                }
+                _ => {
+                    return Err(env_err(
+                        "PROXY_WORKLOAD_INFO",
+                        v,
+                        "expected <namespace>/<name>/<service-account>",
+                    ));
+                }
+            }
+        }
+        let path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
+        if let Some(v) = get("LOCAL_XDS_PATH") {
+            self.local_xds_path = path(v);
+        }
+        if let Some(v) = get("LOCAL_CA_CERT") {
+            self.local_ca_cert = path(v);
+        }
+        if let Some(v) = get("LOCAL_CA_KEY") {
+            self.local_ca_key = path(v);
+        }
+        for (var, field) in [
+            ("XDS_ADDRESS", &mut self.xds_address),
+            ("CA_ADDRESS", &mut self.ca_address),
+            ("NODE_NAME", &mut self.node_name),
+            ("TRUST_DOMAIN", &mut self.trust_domain),
+            ("CLUSTER_ID", &mut self.cluster_id),
+        ] {
+            if let Some(v) = get(var) {
+                *field = v.to_owned();
+            }
+        }
+        if let Some(v) = get("ZTUNNEL_WORKER_THREADS") {
+            self.worker_threads = v
+                .parse()
+                .map_err(|e| env_err("ZTUNNEL_WORKER_THREADS", v, e))?;
+        }
+        if let Some(v) = get("TERMINATION_GRACE_PERIOD_SECONDS") {
+            let secs: u64 = v
+                .parse()
+                .map_err(|e| env_err("TERMINATION_GRACE_PERIOD_SECONDS", v, e))?;
+            self.drain_deadline = Duration::from_secs(secs);
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: String| Err(ConfigError::Invalid(s));
+        if self.proxy_mode == ProxyMode::Shared {
+            return invalid(
+                "PROXY_MODE=shared (in-pod capture handed over by the node agent) is not \
+                 available in this build; use PROXY_MODE=dedicated"
+                    .into(),
+            );
+        }
+        if self.workload.is_none() {
+            return invalid(
+                "dedicated mode needs the workload it serves: set \
+                 PROXY_WORKLOAD_INFO=<namespace>/<name>/<service-account>"
+                    .into(),
+            );
+        }
+        if !self.xds_address.is_empty() {
+            return invalid(format!(
+                "XDS_ADDRESS={:?}: this build has no xDS client yet; set XDS_ADDRESS= (empty) \
+                 and give the mesh config in LOCAL_XDS_PATH",
+                self.xds_address
+            ));
+        }
+        if !self.ca_address.is_empty() {
+            return invalid(format!(
+                "CA_ADDRESS={:?}: this build has no remote CA client yet; set CA_ADDRESS= \
+                 (empty) and LOCAL_CA_CERT/LOCAL_CA_KEY",
+                self.ca_address
+            ));
+        }
+        if self.local_ca_cert.is_none() || self.local_ca_key.is_none() {
+            return invalid(
+                "with CA_ADDRESS empty, the local CA signs certificates: set LOCAL_CA_CERT and \
+                 LOCAL_CA_KEY to the CA certificate and key PEM files"
+                    .into(),
+            );
+        }
+        if zmesh_core::identity::SpiffeId::new(&self.trust_domain, "ns", "sa").is_err() {
+            return invalid(format!(
+                "TRUST_DOMAIN {:?} is not a valid trust domain",
+                self.trust_domain
+            ));
+        }
+        if self.worker_threads == 0 || self.worker_threads > 1024 {
+            return invalid(format!(
+                "worker_threads={} must be between 1 and 1024",
+                self.worker_threads
+            ));
+        }
+        let p = self.ports;
+        let all = [
+            p.outbound,
+            p.inbound_plaintext,
+            p.hbone,
+            p.admin,
+            p.stats,
+            p.readiness,
+        ];
+        for (i, a) in all.iter().enumerate() {
+            if *a == 0 || all[i + 1..].contains(a) {
+                return invalid(format!("ports must be non-zero and distinct, got {p:?}"));
+            }
+        }
+        if self.copy_buffer < 1024 || self.copy_buffer > (16 << 20) {
+            return invalid(format!(
+                "copy_buffer={} must be between 1 KiB and 16 MiB",
+                self.copy_buffer
+            ));
+        }
+        if self.cert_ttl < Duration::from_secs(60) {
+            return invalid(format!("cert_ttl={:?} must be at least 1m", self.cert_ttl));
+        }
+        if self.h2.connection_window < self.h2.stream_window
+            || !(16384..=16_777_215).contains(&self.h2.max_frame_size)
+        {
+            return invalid(format!(
+                "h2: connection_window must be >= stream_window and max_frame_size within \
+                 16384..=16777215, got {:?}",
+                self.h2
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ports a connection may never be aimed at: they would loop back into ztunnel.
+    pub fn illegal_ports(&self) -> [u16; 3] {
+        [
+            self.ports.outbound,
+            self.ports.inbound_plaintext,
+            self.ports.hbone,
+        ]
+    }
+
+    pub fn mark(&self) -> Option<u32> {
+        (self.packet_mark != 0).then_some(self.packet_mark)
+    }
+
+    pub fn bind(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.bind_ip, port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = [
+            ("PROXY_WORKLOAD_INFO", "default/client/client-sa"),
+            ("LOCAL_CA_CERT", "/ca.pem"),
+            ("LOCAL_CA_KEY", "/ca.key"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in pairs {
+            m.insert(k.to_string(), v.to_string());
+        }
+        m
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("z.yaml");
+        std::fs::write(&f, "worker_threads: 3\ntrust_domain: corp.example\npool:\n  max_streams: 7\n  idle_timeout: 0s\n").unwrap();
+        let cfg = Config::load(Some(&f), &env(&[("ZTUNNEL_WORKER_THREADS", "4")])).unwrap();
+        assert_eq!(cfg.worker_threads, 4);
+        assert_eq!(cfg.trust_domain, "corp.example");
+        assert_eq!(cfg.pool.max_streams, 7);
+        assert_eq!(cfg.pool.idle_timeout, Duration::ZERO);
+        assert_eq!(
+            cfg.workload,
+            Some(WorkloadInfo {
+                namespace: "default".into(),
+                name: "client".into(),
+                service_account: "client-sa".into()
+            })
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("z.yaml");
+        std::fs::write(&f, "worker_thread: 3\n").unwrap();
+        let e = Config::load(Some(&f), &env(&[])).unwrap_err().to_string();
+        assert!(e.contains("worker_thread"), "{e}");
+        for (k, v, needle) in [
+            (
+                "PROXY_WORKLOAD_INFO",
+                "default/client",
+                "PROXY_WORKLOAD_INFO",
+            ),
+            ("PROXY_MODE", "sidecar", "PROXY_MODE"),
+            ("PROXY_MODE", "shared", "shared"),
+            ("XDS_ADDRESS", "https://istiod:15012", "XDS_ADDRESS"),
+            ("CA_ADDRESS", "https://istiod:15012", "CA_ADDRESS"),
+            ("LOCAL_CA_KEY", "", "LOCAL_CA_KEY"),
+            ("ZTUNNEL_WORKER_THREADS", "many", "ZTUNNEL_WORKER_THREADS"),
+            ("TRUST_DOMAIN", "Bad Domain", "TRUST_DOMAIN"),
+        ] {
+            let e = Config::load(None, &env(&[(k, v)])).unwrap_err().to_string();
+            assert!(e.contains(needle), "{k}={v}: {e}");
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Traffic telemetry named and labelled like Istio's, so existing dashboards work:
+//! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`; and one access-log line
+//! (tracing target `access`) per connection.
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use zmesh_core::state::{Service, Workload};
+
+/// Istio's traffic labels. Unknown values render as `unknown`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+const UNKNOWN: &str = "unknown";
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() { UNKNOWN } else { s }.to_owned()
+}
+
+impl TrafficLabels {
+    pub fn new(reporter: &'static str) -> Self {
+        let u = || UNKNOWN.to_owned();
+        TrafficLabels {
+            reporter,
+            source_workload: u(),
+            source_canonical_service: u(),
+            source_canonical_revision: u(),
+            source_workload_namespace: u(),
+            source_principal: u(),
+            source_app: u(),
+            source_version: u(),
+            source_cluster: u(),
+            destination_service: u(),
+            destination_service_namespace: u(),
+            destination_service_name: u(),
+            destination_workload: u(),
+            destination_canonical_service: u(),
+            destination_canonical_revision: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_app: u(),
+            destination_version: u(),
+            destination_cluster: u(),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: UNKNOWN,
+        }
+    }
+
+    pub fn source(mut self, w: &Workload) -> Self {
+        let canonical = if w.canonical_name.is_empty() {
+            &w.name
+        } else {
+            &w.canonical_name
+        };
+        self.source_workload = or_unknown(if w.workload_name.is_empty() {
+            &w.name
+        } else {
+            &w.workload_name
+        });
+        self.source_canonical_service = or_unknown(canonical);
+        self.source_canonical_revision = or_unknown(&w.canonical_revision);
+        self.source_workload_namespace = or_unknown(&w.namespace);
+        self.source_app = or_unknown(canonical);
+        self.source_version = or_unknown(&w.canonical_revision);
+        self.source_cluster = or_unknown(&w.cluster_id);
+        if let Ok(id) = w.identity() {
+            self.source_principal = id.to_string();
+        }
+        self
+    }
+
+    pub fn destination(mut self, w: &Workload) -> Self {
+        let canonical = if w.canonical_name.is_empty() {
+            &w.name
+        } else {
+            &w.canonical_name
+        };
+        self.destination_workload = or_unknown(if w.workload_name.is_empty() {
+            &w.name
+        } else {
+            &w.workload_name
+        });
+        self.destination_canonical_service = or_unknown(canonical);
+        self.destination_canonical_revision = or_unknown(&w.canonical_revision);
+        self.destination_workload_namespace = or_unknown(&w.namespace);
+        self.destination_app = or_unknown(canonical);
+        self.destination_version = or_unknown(&w.canonical_revision);
+        self.destination_cluster = or_unknown(&w.cluster_id);
+        if let Ok(id) = w.identity() {
+            self.destination_principal = id.to_string();
+        }
+        self
+    }
+
+    pub fn service(mut self, s: &Service) -> Self {
+        self.destination_service = or_unknown(&s.hostname);
+        self.destination_service_namespace = or_unknown(&s.namespace);
+        self.destination_service_name = or_unknown(&s.name);
+        self
+    }
+}
+
+/// Logs a connection that failed before it had a destination (WARN "connection failed").
+pub fn connection_failed(
+    direction: &'static str,
+    src: std::net::SocketAddr,
+    dst: Option<std::net::SocketAddr>,
+    error: &dyn std::fmt::Display,
+) {
+    let dst = dst.map(|d| d.to_string());
+    tracing::warn!(
+        target: "access",
+        direction,
+        "src.addr" = %src,
+        "dst.addr" = dst.as_deref().unwrap_or("-"),
+        %error,
+        "connection failed"
+    );
+}
+
+/// The traffic metric families.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub opened: Family<TrafficLabels, Counter>,
+    pub closed: Family<TrafficLabels, Counter>,
+    pub sent: Family<TrafficLabels, Counter>,
+    pub received: Family<TrafficLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            m.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            m.closed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            m.sent.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            m.received.clone(),
+        );
+        m
+    }
+}
+
+/// One connection's telemetry: counts it opened now, and closed (with bytes and the access
+/// log line) when `finish` is called or, failing that, when dropped.
+pub struct ConnectionRecord {
+    metrics: Metrics,
+    labels: TrafficLabels,
+    start: Instant,
+    direction: &'static str,
+    src_addr: std::net::SocketAddr,
+    dst_addr: std::net::SocketAddr,
+    hbone_target: Option<std::net::SocketAddr>,
+    finished: bool,
+}
+
+impl ConnectionRecord {
+    pub fn open(
+        metrics: &Metrics,
+        labels: TrafficLabels,
+        direction: &'static str,
+        src_addr: std::net::SocketAddr,
+        dst_addr: std::net::SocketAddr,
+        hbone_target: Option<std::net::SocketAddr>,
+    ) -> Self {
+        metrics.opened.get_or_create(&labels).inc();
+        ConnectionRecord {
+            metrics: metrics.clone(),
+            labels,
+            start: Instant::now(),
+            direction,
+            src_addr,
+            dst_addr,
+            hbone_target,
+            finished: false,
+        }
+    }
+
+    /// Sets Istio's `response_flags` for the close (e.g. `CONNECT`, `DENY`, `TLS_FAILURE`).
+    pub fn set_response_flag(&mut self, flag: &'static str) {
+        self.labels.response_flags = flag;
+    }
+
+    /// Records the close: `sent` is bytes towards the destination, `received` bytes back.
+    pub fn finish(mut self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
+        self.finished = true;
+        self.close(sent, received, error);
+    }
+
+    fn close(&self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
+        let l = &self.labels;
+        self.metrics.closed.get_or_create(l).inc();
+        self.metrics.sent.get_or_create(l).inc_by(sent);
+        self.metrics.received.get_or_create(l).inc_by(received);
+        let duration = format!("{}ms", self.start.elapsed().as_millis());
+        let hbone = self.hbone_target.map(|a| a.to_string());
+        macro_rules! line {
+            ($lvl:ident, $($extra:tt)*) => {
+                tracing::$lvl!(
+                    target: "access",
+                    direction = self.direction,
+                    src.addr = %self.src_addr,
+                    src.workload = %l.source_workload,
+                    src.namespace = %l.source_workload_namespace,
+                    src.identity = %l.source_principal,
+                    dst.addr = %self.dst_addr,
+                    dst.hbone_addr = hbone.as_deref().unwrap_or("-"),
+                    dst.service = %l.destination_service,
+                    dst.workload = %l.destination_workload,
+                    dst.namespace = %l.destination_workload_namespace,
+                    dst.identity = %l.destination_principal,
+                    bytes_sent = sent,
+                    bytes_recv = received,
+                    duration = %duration,
+                    $($extra)*
+                )
+            };
+        }
+        match error {
+            None => line!(info, "connection complete"),
+            Some(e) => line!(error, error = %e, "connection complete"),
+        }
+    }
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.close(0, 0, Some(&"connection dropped before completion"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_uses_istio_names_and_labels() {
+        let mut reg = Registry::default();
+        let m = Metrics::register(&mut reg);
+        let w: Workload = serde_yaml::from_str(
+            "{name: client, namespace: default, serviceAccount: sa, canonicalRevision: v1}",
+        )
+        .unwrap();
+        let labels = TrafficLabels::new("source").source(&w);
+        let rec = ConnectionRecord::open(
+            &m,
+            labels,
+            "outbound",
+            "10.0.0.1:1".parse().unwrap(),
+            "10.0.0.2:15008".parse().unwrap(),
+            None,
+        );
+        rec.finish(100, 42, None);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        for needle in [
+            "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\"",
+            "istio_tcp_connections_closed_total{",
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/sa\"",
+            "source_version=\"v1\"",
+            "destination_workload=\"unknown\"",
+            "connection_security_policy=\"unknown\"",
+        ] {
+            assert!(out.contains(needle), "missing {needle} in\n{out}");
+        }
+        assert!(
+            out.contains("istio_tcp_sent_bytes_total{") && out.contains("} 100"),
+            "{out}"
+        );
+        assert!(
+            out.contains("istio_tcp_received_bytes_total{") && out.contains("} 42"),
+            "{out}"
+        );
+    }
+}

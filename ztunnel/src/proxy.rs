@@ -1,0 +1,283 @@
+//! The data path of one proxied workload: outbound capture on 15001 (this file), inbound HBONE
+//! on 15008 and inbound plaintext on 15006 (`inbound.rs`). All three share a [`Proxy`].
+
+mod inbound;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use zmesh_core::certs::CertStore;
+use zmesh_core::hbone::{Pool, PoolKey, SourceInfo};
+use zmesh_core::identity::SpiffeId;
+use zmesh_core::socket::{SocketOptions, original_dst};
+use zmesh_core::state::{Protocol, Resolved, State, Workload};
+
+use crate::config::{Config, WorkloadInfo};
+use crate::metrics::{ConnectionRecord, Metrics, TrafficLabels, connection_failed};
+
+pub use inbound::{serve_hbone, serve_plaintext};
+
+/// Everything the listeners of one workload share.
+pub struct Proxy {
+    pub cfg: Arc<Config>,
+    pub state: Arc<ArcSwap<State>>,
+    pub certs: Arc<CertStore>,
+    pub pool: Arc<Pool>,
+    pub metrics: Metrics,
+    pub workload: WorkloadInfo,
+    pub identity: SpiffeId,
+    /// Cancelled when draining starts: listeners stop accepting.
+    pub drain: CancellationToken,
+    /// Tracks every open connection, so a drain can wait for them.
+    pub tracker: TaskTracker,
+    pub sockets: SocketOptions,
+}
+
+/// Why a captured connection could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot read the original destination (is the REDIRECT rule in place?): {0}")]
+    OriginalDst(std::io::Error),
+    #[error("refused: destination port {0} is one of ztunnel's own ports (a loop)")]
+    Loop(u16),
+    #[error("service {service} has no port {port}")]
+    NoPort { service: String, port: u16 },
+    #[error("service {0} has no healthy endpoint")]
+    NoEndpoints(String),
+    #[error("no certificate for {0}: {1}")]
+    Certificate(SpiffeId, zmesh_core::certs::CertError),
+    #[error(transparent)]
+    Hbone(#[from] zmesh_core::hbone::HboneError),
+    #[error("cannot connect to {0}: {1}")]
+    Upstream(SocketAddr, std::io::Error),
+    #[error("copy ended with an error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ProxyError {
+    /// Istio's `response_flags` for this failure.
+    pub fn response_flag(&self) -> &'static str {
+        match self {
+            ProxyError::Hbone(e) => e.response_flag(),
+            ProxyError::Certificate(..) => "IDENTITY_ERROR",
+            ProxyError::Io(_) => "-",
+            _ => "CONNECT",
+        }
+    }
+}
+
+impl Proxy {
+    /// The proxied workload as the mesh knows it (absent until it appears in config).
+    pub fn local_workload(&self) -> Option<Arc<Workload>> {
+        let w = &self.workload;
+        self.state
+            .load()
+            .find_workload(&w.namespace, &w.name, &w.service_account)
+            .cloned()
+    }
+
+    fn source_labels(&self, reporter: &'static str, local: Option<&Workload>) -> TrafficLabels {
+        let labels = TrafficLabels::new(reporter);
+        let mut labels = match local {
+            Some(w) => labels.source(w),
+            None => labels,
+        };
+        labels.source_principal = self.identity.to_string();
+        labels
+    }
+
+    /// Accepts captured outbound connections until draining starts.
+    pub async fn serve_outbound(self: Arc<Self>, listener: TcpListener) {
+        accept_loop(self, listener, |p, s, peer| async move {
+            p.outbound(s, peer).await
+        })
+        .await
+    }
+
+    async fn outbound(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let orig = match original_dst(&stream) {
+            Ok(a) => a,
+            Err(e) => {
+                connection_failed("outbound", peer, None, &ProxyError::OriginalDst(e));
+                return;
+            }
+        };
+        if self.cfg.illegal_ports().contains(&orig.port()) {
+            refuse(&stream);
+            connection_failed("outbound", peer, Some(orig), &ProxyError::Loop(orig.port()));
+            return;
+        }
+        let local = self.local_workload();
+        let state = self.state.load_full();
+        let resolved = state.resolve(orig, |n| rand::random_range(0..n));
+        let mut labels = self.source_labels("source", local.as_deref());
+        match resolved {
+            Resolved::Upstream(up) => {
+                labels = labels.destination(&up.workload);
+                if let Some(s) = &up.service {
+                    labels = labels.service(s);
+                }
+                if up.workload.protocol == Protocol::Hbone {
+                    labels.connection_security_policy = "mutual_tls";
+                    let hbone = SocketAddr::new(up.address.ip(), self.cfg.ports.hbone);
+                    let src = SourceInfo {
+                        addr: Some(peer),
+                        service_host: up.service.as_ref().map(|s| s.hostname.clone()),
+                        cluster: self.cfg.cluster_id.clone(),
+                        namespace: self.workload.namespace.clone(),
+                        workload_name: self.workload.name.clone(),
+                        workload_type: local
+                            .as_ref()
+                            .map(|w| w.workload_type.clone())
+                            .unwrap_or_default(),
+                        canonical_name: local
+                            .as_ref()
+                            .map(|w| w.canonical_name.clone())
+                            .unwrap_or_default(),
+                        canonical_revision: local
+                            .as_ref()
+                            .map(|w| w.canonical_revision.clone())
+                            .unwrap_or_default(),
+                    };
+                    let key =
+                        PoolKey::new(self.identity.clone(), up.identities, hbone, Some(peer.ip()));
+                    let rec = ConnectionRecord::open(
+                        &self.metrics,
+                        labels,
+                        "outbound",
+                        peer,
+                        hbone,
+                        Some(up.address),
+                    );
+                    let res = self.outbound_hbone(stream, key, up.address, &src).await;
+                    finish(rec, res);
+                } else {
+                    let rec = ConnectionRecord::open(
+                        &self.metrics,
+                        labels,
+                        "outbound",
+                        peer,
+                        up.address,
+                        None,
+                    );
+                    let res = self.outbound_tcp(stream, up.address).await;
+                    finish(rec, res);
+                }
+            }
+            Resolved::Passthrough => {
+                let rec =
+                    ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
+                let res = self.outbound_tcp(stream, orig).await;
+                finish(rec, res);
+            }
+            Resolved::NoPort { service, port } => {
+                refuse(&stream);
+                labels.response_flags = "NR";
+                let rec =
+                    ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
+                finish(rec, Err(ProxyError::NoPort { service, port }));
+            }
+            Resolved::NoEndpoints { service } => {
+                refuse(&stream);
+                labels.response_flags = "UH";
+                let rec =
+                    ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
+                finish(rec, Err(ProxyError::NoEndpoints(service)));
+            }
+        }
+    }
+
+    async fn outbound_hbone(
+        &self,
+        mut stream: TcpStream,
+        key: PoolKey,
+        target: SocketAddr,
+        src: &SourceInfo,
+    ) -> Result<(u64, u64), ProxyError> {
+        let cert = self
+            .certs
+            .get(&self.identity)
+            .await
+            .map_err(|e| ProxyError::Certificate(self.identity.clone(), e))?;
+        let result = self.pool.connect(key, &cert, target, src).await;
+        let (mut tunnel, _guard) = match result {
+            Ok(t) => t,
+            Err(e) => {
+                refuse(&stream);
+                return Err(e.into());
+            }
+        };
+        copy(&mut stream, &mut tunnel, self.cfg.copy_buffer).await
+    }
+
+    async fn outbound_tcp(
+        &self,
+        mut stream: TcpStream,
+        dst: SocketAddr,
+    ) -> Result<(u64, u64), ProxyError> {
+        let mut upstream = match zmesh_core::socket::connect(dst, None, &self.sockets).await {
+            Ok(s) => s,
+            Err(e) => {
+                refuse(&stream);
+                return Err(ProxyError::Upstream(dst, e));
+            }
+        };
+        copy(&mut stream, &mut upstream, self.cfg.copy_buffer).await
+    }
+}
+
+/// Copies both ways until both sides are done, passing half-closes through.
+/// Returns (bytes a -> b, bytes b -> a).
+pub async fn copy<A, B>(a: &mut A, b: &mut B, buf: usize) -> Result<(u64, u64), ProxyError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    Ok(tokio::io::copy_bidirectional_with_sizes(a, b, buf, buf).await?)
+}
+
+/// Records the end of a connection from the outcome of serving it.
+pub fn finish(mut rec: ConnectionRecord, res: Result<(u64, u64), ProxyError>) {
+    match res {
+        Ok((sent, recv)) => rec.finish(sent, recv, None),
+        Err(e) => {
+            rec.set_response_flag(e.response_flag());
+            rec.finish(0, 0, Some(&e));
+        }
+    }
+}
+
+/// Makes the client see a reset rather than a clean close.
+pub fn refuse(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Accepts connections until the drain starts, serving each on a tracked task.
+pub async fn accept_loop<F, Fut>(proxy: Arc<Proxy>, listener: TcpListener, handle: F)
+where
+    F: Fn(Arc<Proxy>, TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = proxy.drain.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                proxy.tracker.spawn(handle(proxy.clone(), stream, peer));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Inbound: HBONE on 15008 (mutual TLS, HTTP/2 CONNECT to the local workload) and plaintext
+//! on 15006 (clients outside the mesh; no peer identity).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use zmesh_core::identity::SpiffeId;
+use zmesh_core::socket::original_dst;
+use zmesh_core::tls::peer_identity;
+
+use super::{Proxy, ProxyError, accept_loop, copy, finish, refuse};
+use crate::metrics::{ConnectionRecord, TrafficLabels, connection_failed};
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts HBONE connections until draining starts.
+pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
+    accept_loop(proxy, listener, |p, s, peer| async move {
+        if let Err(e) = hbone_connection(p, s, peer).await {
+            connection_failed("inbound", peer, None, &e);
+        }
+    })
+    .await
+}
+
+#[derive(Debug, thiserror::Error)]
+enum InboundError {
+    #[error("no certificate to serve with: {0}")]
+    Certificate(zmesh_core::certs::CertError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("TLS handshake timed out")]
+    TlsTimeout,
+    #[error("HTTP/2 connection failed: {0}")]
+    H2(hyper::Error),
+}
+
+async fn hbone_connection(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), InboundError> {
+    let local_addr = tcp.local_addr().map_err(InboundError::Tls)?;
+    let cert = proxy
+        .certs
+        .get(&proxy.identity)
+        .await
+        .map_err(InboundError::Certificate)?;
+    let acceptor = TlsAcceptor::from(cert.server_config());
+    let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| InboundError::TlsTimeout)?
+        .map_err(InboundError::Tls)?;
+    // The verifier admitted only a certificate with a SPIFFE id of our trust domain.
+    let peer_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(peer_identity);
+    let peer_id = Arc::new(peer_id);
+    let p = proxy.clone();
+    let svc = service_fn(move |req| {
+        let p = p.clone();
+        let peer_id = peer_id.clone();
+        async move { Ok::<_, Infallible>(p.handle_connect(req, peer, local_addr, peer_id).await) }
+    });
+    let conn = proxy
+        .cfg
+        .h2
+        .server()
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r.map_err(InboundError::H2),
+        _ = proxy.drain.cancelled() => {
+            // GOAWAY: no new streams; open ones run to completion (bounded by the drain deadline).
+            conn.as_mut().graceful_shutdown();
+            conn.await.map_err(InboundError::H2)
+        }
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+impl Proxy {
+    async fn handle_connect(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        local_addr: SocketAddr,
+        peer_id: Arc<Option<SpiffeId>>,
+    ) -> Response<Empty<Bytes>> {
+        let reject = |code, why: String| {
+            connection_failed(
+                "inbound",
+                peer,
+                None,
+                &format!("CONNECT refused with {code}: {why}"),
+            );
+            status(code)
+        };
+        if req.method() != Method::CONNECT {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                format!("method {} is not CONNECT", req.method()),
+            );
+        }
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                format!("authority {:?} is not ip:port", req.uri()),
+            );
+        };
+        if self.cfg.illegal_ports().contains(&target.port()) {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                ProxyError::Loop(target.port()).to_string(),
+            );
+        }
+        let local = self.local_workload();
+        let ours = target.ip() == local_addr.ip()
+            || local
+                .as_ref()
+                .is_some_and(|w| w.workload_ips.contains(&target.ip()));
+        if !ours {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "target {target} is not this workload (connection arrived on {local_addr})"
+                ),
+            );
+        }
+        let src_addr = req
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .and_then(zmesh_core::hbone::forwarded_for)
+            .unwrap_or(peer);
+        let mut labels = TrafficLabels::new("destination");
+        if let Some(w) = self.state.load().workload_by_ip(src_addr.ip()) {
+            labels = labels.source(w);
+        }
+        labels.source_principal = peer_id
+            .as_ref()
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        if let Some(w) = &local {
+            labels = labels.destination(w);
+        }
+        labels.destination_principal = self.identity.to_string();
+        labels.connection_security_policy = "mutual_tls";
+        let mut rec =
+            ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
+        // Answer 200 only once the workload accepted the connection.
+        let mut upstream = match zmesh_core::socket::connect(target, None, &self.sockets).await {
+            Ok(s) => s,
+            Err(e) => {
+                rec.set_response_flag("CONNECT");
+                rec.finish(0, 0, Some(&ProxyError::Upstream(target, e)));
+                return status(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        let buf = self.cfg.copy_buffer;
+        self.tracker.spawn(async move {
+            let res = match hyper::upgrade::on(req).await {
+                Ok(up) => {
+                    let mut tunnel = TokioIo::new(up);
+                    copy(&mut tunnel, &mut upstream, buf).await
+                }
+                Err(e) => Err(ProxyError::Io(std::io::Error::other(e))),
+            };
+            finish(rec, res);
+        });
+        status(StatusCode::OK)
+    }
+}
+
+/// Accepts plaintext inbound connections (redirected to 15006) until draining starts.
+pub async fn serve_plaintext(proxy: Arc<Proxy>, listener: TcpListener) {
+    accept_loop(proxy, listener, |p, s, peer| async move {
+        p.plaintext(s, peer).await
+    })
+    .await
+}
+
+impl Proxy {
+    async fn plaintext(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+        let orig = match original_dst(&stream) {
+            Ok(a) => a,
+            Err(e) => {
+                connection_failed("inbound", peer, None, &ProxyError::OriginalDst(e));
+                return;
+            }
+        };
+        if self.cfg.illegal_ports().contains(&orig.port()) {
+            refuse(&stream);
+            connection_failed("inbound", peer, Some(orig), &ProxyError::Loop(orig.port()));
+            return;
+        }
+        let mut labels = TrafficLabels::new("destination");
+        if let Some(w) = self.state.load().workload_by_ip(peer.ip()) {
+            labels = labels.source(w);
+            // A plaintext peer proves no identity, whatever its address claims.
+            labels.source_principal = "unknown".into();
+        }
+        if let Some(w) = self.local_workload() {
+            labels = labels.destination(&w);
+        }
+        let rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
+        let res = match zmesh_core::socket::connect(orig, None, &self.sockets).await {
+            Ok(mut upstream) => copy(&mut stream, &mut upstream, self.cfg.copy_buffer).await,
+            Err(e) => {
+                refuse(&stream);
+                Err(ProxyError::Upstream(orig, e))
+            }
+        };
+        finish(rec, res);
+    }
+}
