@@ -1,0 +1,339 @@
+//! In-process HBONE: the pool as client against a minimal HBONE server on loopback, with real
+//! certificates, TLS 1.3 and HTTP/2 CONNECT.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Response};
+use http_body_util::Empty;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use zmesh_core::hbone::{H2Settings, HboneError, Pool, PoolConfig, PoolKey, SourceInfo};
+use zmesh_core::identity::SpiffeId;
+use zmesh_core::socket::SocketOptions;
+use zmesh_core::tls::{LocalCa, WorkloadCertificate, peer_identity};
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "default", sa).unwrap()
+}
+
+fn cert(ca: &LocalCa, sa: &str) -> WorkloadCertificate {
+    ca.issue(&id(sa), Duration::from_secs(3600)).unwrap()
+}
+
+/// What the server saw of each CONNECT.
+#[derive(Default, Debug)]
+struct Seen {
+    peers: Vec<Option<SpiffeId>>,
+    authorities: Vec<String>,
+    headers: Vec<http::HeaderMap>,
+}
+
+/// An HBONE server that echoes every tunnel (reading to EOF, then closing its side).
+async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
+    zmesh_core::tls::install_default_provider();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(peer_identity);
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    let peer = peer.clone();
+                    async move {
+                        assert_eq!(req.method(), Method::CONNECT);
+                        {
+                            let mut s = seen.lock().unwrap();
+                            s.peers.push(peer);
+                            s.authorities
+                                .push(req.uri().authority().unwrap().to_string());
+                            s.headers.push(req.headers().clone());
+                        }
+                        tokio::spawn(async move {
+                            let up = hyper::upgrade::on(req).await.unwrap();
+                            let mut io = TokioIo::new(up);
+                            let mut buf = Vec::new();
+                            io.read_to_end(&mut buf).await.unwrap();
+                            io.write_all(&buf).await.unwrap();
+                            io.shutdown().await.unwrap();
+                        });
+                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                    }
+                });
+                let _ = H2Settings::default()
+                    .server()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn pool(max_streams: usize, idle: Duration) -> Arc<Pool> {
+    let sockets = SocketOptions {
+        mark: None,
+        ..Default::default()
+    };
+    Pool::new(
+        PoolConfig {
+            max_streams,
+            idle_timeout: idle,
+        },
+        H2Settings::default(),
+        sockets,
+    )
+}
+
+async fn echo_through(
+    pool: &Pool,
+    key: PoolKey,
+    c: &WorkloadCertificate,
+    payload: &[u8],
+) -> Result<Vec<u8>, HboneError> {
+    let src = SourceInfo {
+        addr: Some("10.1.1.1:5555".parse().unwrap()),
+        namespace: "default".into(),
+        workload_name: "client".into(),
+        ..Default::default()
+    };
+    let (mut t, _guard) = pool
+        .connect(key, c, "10.9.9.9:8080".parse().unwrap(), &src)
+        .await?;
+    t.write_all(payload).await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    t.read_to_end(&mut back).await.unwrap();
+    Ok(back)
+}
+
+#[tokio::test]
+async fn tunnel_carries_bytes_with_half_close_and_identities() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, seen) = server(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let p = pool(100, Duration::from_secs(60));
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let back = echo_through(
+        &p,
+        PoolKey::new(id("client"), vec![id("server")], addr, None),
+        &client,
+        &payload,
+    )
+    .await
+    .unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "payload corrupted");
+    let s = seen.lock().unwrap();
+    assert_eq!(s.peers, vec![Some(id("client"))]);
+    assert_eq!(s.authorities, vec!["10.9.9.9:8080".to_string()]);
+    assert_eq!(s.headers[0]["forwarded"], "for=\"10.1.1.1:5555\"");
+    assert!(
+        s.headers[0]["baggage"]
+            .to_str()
+            .unwrap()
+            .contains("k8s.namespace.name=default")
+    );
+    assert!(
+        s.headers[0]["traceparent"]
+            .to_str()
+            .unwrap()
+            .starts_with("00-")
+    );
+}
+
+#[tokio::test]
+async fn pool_reuses_connections_up_to_the_stream_limit() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, _) = server(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+
+    let p = pool(100, Duration::from_secs(60));
+    for _ in 0..5 {
+        echo_through(&p, key.clone(), &client, b"x").await.unwrap();
+    }
+    assert_eq!(
+        p.stats().connections_opened,
+        1,
+        "sequential tunnels share one connection"
+    );
+
+    // Concurrent first uses share one handshake.
+    let p = pool(100, Duration::from_secs(60));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (p, key, client) = (p.clone(), key.clone(), client.clone());
+            tokio::spawn(async move { echo_through(&p, key, &client, b"y").await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), b"y");
+    }
+    assert_eq!(p.stats().connections_opened, 1);
+
+    // A stream limit of 1 opens a second connection while the first stream is open.
+    let p = pool(1, Duration::from_secs(60));
+    let src = SourceInfo::default();
+    let target = "10.9.9.9:1".parse().unwrap();
+    let (_t1, _g1) = p.connect(key.clone(), &client, target, &src).await.unwrap();
+    let (_t2, _g2) = p.connect(key.clone(), &client, target, &src).await.unwrap();
+    assert_eq!(p.stats().connections_opened, 2);
+
+    // A different key (another source IP) never shares.
+    let p = pool(100, Duration::from_secs(60));
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let k = PoolKey::new(
+            id("client"),
+            vec![id("server")],
+            addr,
+            Some(ip.parse().unwrap()),
+        );
+        echo_through(&p, k, &client, b"z").await.unwrap();
+    }
+    assert_eq!(p.stats().connections_opened, 2);
+
+    // Idle timeout zero: no pooling at all.
+    let p = pool(100, Duration::ZERO);
+    for _ in 0..3 {
+        echo_through(&p, key.clone(), &client, b"w").await.unwrap();
+    }
+    assert_eq!(p.stats().connections_opened, 3);
+}
+
+#[tokio::test]
+async fn idle_connections_are_evicted() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, _) = server(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let p = pool(100, Duration::from_millis(200));
+    echo_through(&p, key.clone(), &client, b"a").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    echo_through(&p, key, &client, b"b").await.unwrap();
+    assert_eq!(
+        p.stats().connections_opened,
+        2,
+        "idle connection was closed and replaced"
+    );
+}
+
+#[tokio::test]
+async fn unexpected_server_identity_is_refused() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, seen) = server(cert(&ca, "impostor")).await;
+    let client = cert(&ca, "client");
+    let p = pool(100, Duration::from_secs(60));
+    let err = echo_through(
+        &p,
+        PoolKey::new(id("client"), vec![id("server")], addr, None),
+        &client,
+        b"secret",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, HboneError::Tls(..)), "{err}");
+    assert!(
+        err.to_string().contains("impostor"),
+        "error names the presented identity: {err}"
+    );
+    assert_eq!(err.response_flag(), "TLS_FAILURE");
+    assert!(
+        seen.lock().unwrap().authorities.is_empty(),
+        "no CONNECT reached the impostor"
+    );
+}
+
+#[tokio::test]
+async fn peers_of_another_root_are_refused_both_ways() {
+    let ca = LocalCa::generate("root").unwrap();
+    let other = LocalCa::generate("other-root").unwrap();
+    // Client chains to another root: the server refuses it.
+    let (addr, seen) = server(cert(&ca, "server")).await;
+    let p = pool(100, Duration::from_secs(60));
+    let res = echo_through(
+        &p,
+        PoolKey::new(id("client"), vec![id("server")], addr, None),
+        &cert(&other, "client"),
+        b"x",
+    )
+    .await;
+    assert!(res.is_err(), "a client of a foreign root got through");
+    assert!(seen.lock().unwrap().authorities.is_empty());
+    // Server chains to another root: the client refuses it, even with the right identity.
+    let (addr, seen) = server(cert(&other, "server")).await;
+    let err = echo_through(
+        &p,
+        PoolKey::new(id("client"), vec![id("server")], addr, None),
+        &cert(&ca, "client"),
+        b"x",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, HboneError::Tls(..)), "{err}");
+    assert!(seen.lock().unwrap().authorities.is_empty());
+}
+
+#[tokio::test]
+async fn other_trust_domain_is_refused_by_the_server() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, seen) = server(cert(&ca, "server")).await;
+    let foreign = ca
+        .issue(
+            &SpiffeId::new("evil.example", "default", "client").unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let p = pool(100, Duration::from_secs(60));
+    let res = echo_through(
+        &p,
+        PoolKey::new(foreign.identity().clone(), vec![id("server")], addr, None),
+        &foreign,
+        b"x",
+    )
+    .await;
+    assert!(res.is_err());
+    assert!(seen.lock().unwrap().authorities.is_empty());
+}
+
+#[tokio::test]
+async fn unreachable_peer_names_the_port() {
+    let ca = LocalCa::generate("root").unwrap();
+    let client = cert(&ca, "client");
+    let free = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = pool(100, Duration::from_secs(60));
+    let err = echo_through(
+        &p,
+        PoolKey::new(id("client"), vec![id("server")], free, None),
+        &client,
+        b"x",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, HboneError::Connect(..)), "{err}");
+    assert!(err.to_string().contains("15008"), "{err}");
+}
