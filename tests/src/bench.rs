@@ -1,0 +1,240 @@
+//! Load generators for the HBONE benchmark (`zmesh-bench`): bulk throughput, 64-byte
+//! request/response latency, and connect+request+close rate. Everything runs as threads of
+//! the benchmark process whose sockets live in lab namespaces, so client, server and the
+//! measurement share one clock and one machine.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::Sandbox;
+
+/// Port of the sink (reads and discards) and of the 64-byte echo server.
+pub const SINK_PORT: u16 = 5001;
+pub const ECHO_PORT: u16 = 5002;
+const MSG: usize = 64;
+
+/// The servers, running inside a host netns until the process ends.
+pub struct Servers {
+    /// Bytes the sink has received, in total.
+    pub sunk: Arc<AtomicU64>,
+}
+
+/// Starts the sink and the echo server inside `host`.
+pub fn start_servers(sb: &Sandbox, host: &str) -> Result<Servers> {
+    let sunk = Arc::new(AtomicU64::new(0));
+    let (sink, echo) = sb.in_netns(host, || -> Result<(TcpListener, TcpListener)> {
+        Ok((
+            TcpListener::bind(("0.0.0.0", SINK_PORT))?,
+            TcpListener::bind(("0.0.0.0", ECHO_PORT))?,
+        ))
+    })??;
+    let counter = sunk.clone();
+    std::thread::spawn(move || {
+        for s in sink.incoming().flatten() {
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = vec![0u8; 256 << 10];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_nodelay(true);
+                let mut buf = [0u8; MSG];
+                while s.read_exact(&mut buf).is_ok() {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(Servers { sunk })
+}
+
+/// Bytes per second into the sink over `dur`, from `streams` parallel connections opened in
+/// `client`'s netns. The first second is warm-up and not counted.
+pub fn throughput(
+    sb: &Sandbox,
+    client: &str,
+    dst: SocketAddr,
+    streams: usize,
+    dur: Duration,
+    servers: &Servers,
+) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for i in 0..streams {
+        let stop = stop.clone();
+        handles.push(sb.spawn_thread_in_netns(
+            Some(client),
+            &format!("tput-{i}"),
+            move || -> Result<()> {
+                let mut s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+                let buf = vec![0x5au8; 256 << 10];
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&buf)?;
+                }
+                Ok(())
+            },
+        )?);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (b0, t0) = (servers.sunk.load(Ordering::Relaxed), Instant::now());
+    std::thread::sleep(dur);
+    let (b1, t1) = (servers.sunk.load(Ordering::Relaxed), Instant::now());
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("throughput thread panicked"))???;
+    }
+    Ok((b1 - b0) as f64 / (t1 - t0).as_secs_f64())
+}
+
+/// Round-trip times of 64-byte request/response on one connection, for `dur`.
+pub fn latency(
+    sb: &Sandbox,
+    client: &str,
+    dst: SocketAddr,
+    dur: Duration,
+) -> Result<Vec<Duration>> {
+    sb.in_netns(client, || -> Result<Vec<Duration>> {
+        let mut s = TcpStream::connect(dst)?;
+        s.set_nodelay(true)?;
+        let mut buf = [7u8; MSG];
+        // Warm-up: connection setup and first-use costs are not latency.
+        for _ in 0..200 {
+            s.write_all(&buf)?;
+            s.read_exact(&mut buf)?;
+        }
+        let mut rtts = Vec::with_capacity(200_000);
+        let end = Instant::now() + dur;
+        while Instant::now() < end {
+            let t = Instant::now();
+            s.write_all(&buf)?;
+            s.read_exact(&mut buf)?;
+            rtts.push(t.elapsed());
+        }
+        Ok(rtts)
+    })?
+}
+
+/// Completed connect + 64-byte request/response + close cycles per second, from `workers`
+/// concurrent clients, over `dur` (after one second of warm-up).
+pub fn connection_rate(
+    sb: &Sandbox,
+    client: &str,
+    dst: SocketAddr,
+    workers: usize,
+    dur: Duration,
+) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for i in 0..workers {
+        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+        handles.push(
+            sb.spawn_thread_in_netns(Some(client), &format!("crr-{i}"), move || {
+                let mut buf = [3u8; MSG];
+                while !stop.load(Ordering::Relaxed) {
+                    let ok = (|| -> std::io::Result<()> {
+                        let mut s = TcpStream::connect(dst)?;
+                        s.set_nodelay(true)?;
+                        s.write_all(&buf)?;
+                        s.read_exact(&mut buf)?;
+                        Ok(())
+                    })();
+                    match ok {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })?,
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    std::thread::sleep(dur);
+    let (n1, t1) = (done.load(Ordering::Relaxed), Instant::now());
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("connection thread panicked"))??;
+    }
+    let errs = errors.load(Ordering::Relaxed);
+    if errs > 0 {
+        eprintln!("  note: {errs} connection attempts failed during the run");
+    }
+    Ok((n1 - n0) as f64 / (t1 - t0).as_secs_f64())
+}
+
+/// The `q`-quantile (0..=1) of a set of durations.
+pub fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort_unstable();
+    let idx = ((samples.len() - 1) as f64 * q).round() as usize;
+    samples[idx]
+}
+
+/// The median of a few repeated measurements.
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] }
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()??
+        .max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_and_median() {
+        let mut xs: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(quantile(&mut xs, 0.5), Duration::from_micros(51));
+        assert_eq!(quantile(&mut xs, 0.99), Duration::from_micros(99));
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert!(peak_rss_kib(std::process::id()).unwrap() > 0);
+        assert!(cpu_time(std::process::id()).is_some());
+    }
+}

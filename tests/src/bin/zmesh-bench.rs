@@ -1,0 +1,216 @@
+//! `zmesh-bench`: direct TCP vs HBONE through two ztunnels, in one run, in the lab's namespace
+//! setup. Hosts: `cdirect` (plain client, no ztunnel), `cmesh` (client whose TCP is redirected
+//! to its ztunnel) and `server` (sink and echo apps, with its ztunnel). Each figure is the median
+//! of 3 runs of `--seconds` (default 10). Build with the benchmark profile first:
+//!
+//! ```text
+//! cargo build --profile bench-lto -p ztunnel -p zmesh-tests --bins
+//! target/bench-lto/zmesh-bench
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use zmesh_tests::bench::{self, ECHO_PORT, SINK_PORT};
+use zmesh_tests::lab::{Topology, redirect_outbound};
+use zmesh_tests::mesh::{self, LocalConfig, WorkloadSpec};
+use zmesh_tests::ztunnel::Ztunnel;
+use zmesh_tests::{Sandbox, bin_path};
+
+#[derive(Parser)]
+#[command(about = "Benchmark HBONE through ztunnel against direct TCP, in one run")]
+struct Args {
+    /// Length of each measured run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Concurrent clients in the connection-rate test.
+    #[arg(long, default_value_t = 4)]
+    crr_workers: usize,
+    /// Where to write the markdown report (also printed).
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+}
+
+struct Row {
+    name: String,
+    direct: f64,
+    mesh: f64,
+    unit: &'static str,
+    /// Ratio mesh/direct, or for latency the added time.
+    note: String,
+}
+
+fn spawn_ztunnel(
+    sb: &Sandbox,
+    host: &str,
+    w: &WorkloadSpec,
+    xds: &Path,
+    ca: &mesh::CaFiles,
+    config: Option<&Path>,
+) -> Result<Ztunnel> {
+    let mut env = mesh::dedicated_env(w, xds, ca);
+    env.push(("RUST_LOG".into(), "warn".into()));
+    if let Some(c) = config {
+        env.push(("ZTUNNEL_CONFIG".into(), c.display().to_string()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Ztunnel::spawn(sb, host, &env, &bin_path("ztunnel"))
+}
+
+fn runs<F: FnMut() -> Result<f64>>(n: usize, mut f: F) -> Result<(f64, Vec<f64>)> {
+    let mut xs = Vec::new();
+    for _ in 0..n {
+        xs.push(f()?);
+    }
+    Ok((bench::median(xs.clone()), xs))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dur = Duration::from_secs(args.seconds);
+    let sb = Sandbox::new().context("cannot build the lab sandbox (root needed)")?;
+    let topo = Topology::build(&sb, &["server", "cmesh", "cdirect"])?;
+    let (server_ip, mesh_ip) = (topo.host_ip("server"), topo.host_ip("cmesh"));
+    let ca = mesh::write_ca(sb.dir(), "bench-root")?;
+    let server_w = WorkloadSpec::new("server", server_ip).service_account("server");
+    let client_w = WorkloadSpec::new("client", mesh_ip).service_account("client");
+    let xds = sb.dir().join("mesh.yaml");
+    LocalConfig::default()
+        .workload(server_w.clone())
+        .workload(client_w.clone())
+        .write(&xds)?;
+    redirect_outbound(&sb, "cmesh")?;
+    let servers = bench::start_servers(&sb, "server")?;
+    let zt_server = spawn_ztunnel(&sb, "server", &server_w, &xds, &ca, None)?;
+    let mut zt_client = spawn_ztunnel(&sb, "cmesh", &client_w, &xds, &ca, None)?;
+
+    let sink = SocketAddr::new(server_ip.into(), SINK_PORT);
+    let echo = SocketAddr::new(server_ip.into(), ECHO_PORT);
+    let mut rows = Vec::new();
+    let gbit = |b: f64| b * 8.0 / 1e9;
+
+    for streams in [1usize, 4] {
+        eprintln!("throughput, {streams} stream(s)...");
+        let (d, dr) = runs(args.repeat, || {
+            bench::throughput(&sb, "cdirect", sink, streams, dur, &servers)
+        })?;
+        let (m, mr) = runs(args.repeat, || {
+            bench::throughput(&sb, "cmesh", sink, streams, dur, &servers)
+        })?;
+        eprintln!(
+            "  direct {:?} Gbit/s, hbone {:?} Gbit/s",
+            dr.iter().map(|x| gbit(*x)).collect::<Vec<_>>(),
+            mr.iter().map(|x| gbit(*x)).collect::<Vec<_>>()
+        );
+        rows.push(Row {
+            name: format!("throughput, {streams} stream(s)"),
+            direct: gbit(d),
+            mesh: gbit(m),
+            unit: "Gbit/s",
+            note: format!("{:.2}x", m / d),
+        });
+    }
+
+    eprintln!("latency, 64-byte request/response...");
+    let lat = |host: &str| -> Result<(f64, f64)> {
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        for _ in 0..args.repeat {
+            let mut rtts = bench::latency(&sb, host, echo, dur)?;
+            p50s.push(bench::quantile(&mut rtts, 0.50).as_secs_f64() * 1e6);
+            p99s.push(bench::quantile(&mut rtts, 0.99).as_secs_f64() * 1e6);
+        }
+        Ok((bench::median(p50s), bench::median(p99s)))
+    };
+    let (d50, d99) = lat("cdirect")?;
+    let (m50, m99) = lat("cmesh")?;
+    rows.push(Row {
+        name: "latency p50".into(),
+        direct: d50,
+        mesh: m50,
+        unit: "us",
+        note: format!("+{:.0} us", m50 - d50),
+    });
+    rows.push(Row {
+        name: "latency p99".into(),
+        direct: d99,
+        mesh: m99,
+        unit: "us",
+        note: format!("+{:.0} us", m99 - d99),
+    });
+
+    eprintln!("connection rate, pool warm...");
+    let w = args.crr_workers;
+    let (cd, _) = runs(args.repeat, || {
+        bench::connection_rate(&sb, "cdirect", echo, w, dur)
+    })?;
+    let (cm, _) = runs(args.repeat, || {
+        bench::connection_rate(&sb, "cmesh", echo, w, dur)
+    })?;
+    rows.push(Row {
+        name: format!("connect+request+close, pool warm ({w} clients)"),
+        direct: cd,
+        mesh: cm,
+        unit: "conn/s",
+        note: format!("{:.2}x", cm / cd),
+    });
+
+    // Pool disabled: each connection pays TCP + TLS 1.3 + HTTP/2 handshakes, exactly what a
+    // new source per connection costs (the pool key includes the source).
+    eprintln!("connection rate, no pooling (new handshake per connection)...");
+    let rss_client_warm = bench::peak_rss_kib(zt_client.pid());
+    zt_client.stop()?;
+    let cold_cfg = sb.dir().join("cold.yaml");
+    std::fs::write(&cold_cfg, "pool:\n  idle_timeout: 0s\n")?;
+    zt_client = spawn_ztunnel(&sb, "cmesh", &client_w, &xds, &ca, Some(&cold_cfg))?;
+    let (cc, _) = runs(args.repeat, || {
+        bench::connection_rate(&sb, "cmesh", echo, w, dur)
+    })?;
+    rows.push(Row {
+        name: format!("connect+request+close, every connection new ({w} clients)"),
+        direct: cd,
+        mesh: cc,
+        unit: "conn/s",
+        note: format!("{:.2}x", cc / cd),
+    });
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "zmesh-bench: {} s runs, median of {}, {} cores\n\n",
+        args.seconds,
+        args.repeat,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    ));
+    out.push_str(
+        "| measurement | direct TCP | HBONE (2 ztunnels) | HBONE vs direct |\n|---|---|---|---|\n",
+    );
+    for r in &rows {
+        out.push_str(&format!(
+            "| {} | {:.2} {} | {:.2} {} | {} |\n",
+            r.name, r.direct, r.unit, r.mesh, r.unit, r.note
+        ));
+    }
+    let kib = |k: Option<u64>| {
+        k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+            .unwrap_or("?".into())
+    };
+    out.push_str(&format!(
+        "\nPeak RSS: server ztunnel {}, client ztunnel {} (warm-pool run), client ztunnel {} (no-pool run)\n",
+        kib(bench::peak_rss_kib(zt_server.pid())),
+        kib(rss_client_warm),
+        kib(bench::peak_rss_kib(zt_client.pid())),
+    ));
+    println!("{out}");
+    if let Some(p) = args.report {
+        std::fs::write(&p, &out).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! Mesh configuration for lab tests: upstream ztunnel's local-config YAML (`LOCAL_XDS_PATH`)
+//! rendered from small builder structs, the local CA's PEM files, and the environment of a
+//! dedicated-mode ztunnel.
+//!
+//! These structs are written from the upstream format, not borrowed from `zmesh-core`, so that
+//! a lab test checks the contract rather than restating the implementation.
+//!
+//! ```
+//! use zmesh_tests::mesh::{LocalConfig, ServiceSpec, WorkloadSpec};
+//! let yaml = LocalConfig::default()
+//!     .workload(WorkloadSpec::new("client", "10.200.0.2"))
+//!     .workload(WorkloadSpec::new("echo", "10.200.0.3").backs("echo", &[(80, 8080)]))
+//!     .service(ServiceSpec::new("echo", "10.96.0.10").port(80, 8080))
+//!     .to_yaml();
+//! assert!(yaml.contains("workloadIps:"));
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// The trust domain of the lab's identities.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// How a workload accepts mesh traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Protocol {
+    /// In the mesh: HBONE on 15008.
+    #[default]
+    #[serde(rename = "HBONE")]
+    Hbone,
+    /// Outside the mesh: plain TCP.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// A workload entry (`workloads:`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub workload_ips: Vec<String>,
+    pub protocol: Protocol,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    /// `"<namespace>/<hostname>"` -> service port -> target port.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+}
+
+impl WorkloadSpec {
+    /// A workload `name` in namespace `default`, service account = name, HBONE, one IP.
+    pub fn new(name: &str, ip: impl ToString) -> WorkloadSpec {
+        WorkloadSpec {
+            uid: format!("Kubernetes//Pod/default/{name}"),
+            name: name.to_owned(),
+            namespace: "default".to_owned(),
+            service_account: name.to_owned(),
+            workload_ips: vec![ip.to_string()],
+            protocol: Protocol::Hbone,
+            node: String::new(),
+            services: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the namespace (and the uid that follows from it).
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.uid = format!("Kubernetes//Pod/{ns}/{}", self.name);
+        self.namespace = ns.to_owned();
+        self
+    }
+
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = sa.to_owned();
+        self
+    }
+
+    pub fn protocol(mut self, p: Protocol) -> Self {
+        self.protocol = p;
+        self
+    }
+
+    pub fn node(mut self, node: &str) -> Self {
+        self.node = node.to_owned();
+        self
+    }
+
+    /// Declares that this workload backs service `name` (in the workload's namespace) with
+    /// these service port -> target port pairs.
+    pub fn backs(mut self, service: &str, ports: &[(u16, u16)]) -> Self {
+        let key = format!(
+            "{}/{}",
+            self.namespace,
+            service_hostname(service, &self.namespace)
+        );
+        self.services
+            .entry(key)
+            .or_default()
+            .extend(ports.iter().copied());
+        self
+    }
+
+    /// `<namespace>/<name>/<service account>`, the value of `PROXY_WORKLOAD_INFO`.
+    pub fn workload_info(&self) -> String {
+        format!("{}/{}/{}", self.namespace, self.name, self.service_account)
+    }
+
+    /// The workload's SPIFFE identity.
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+/// `<name>.<namespace>.svc.cluster.local`.
+pub fn service_hostname(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}.svc.cluster.local")
+}
+
+/// A service entry (`services:`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    /// `<network>/<ip>`.
+    pub vips: Vec<String>,
+    /// Service port -> target port.
+    pub ports: BTreeMap<u16, u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+}
+
+impl ServiceSpec {
+    /// Service `name` in namespace `default` with one VIP on the default network.
+    pub fn new(name: &str, vip: impl ToString) -> ServiceSpec {
+        ServiceSpec {
+            name: name.to_owned(),
+            namespace: "default".to_owned(),
+            hostname: service_hostname(name, "default"),
+            vips: vec![format!("/{}", vip.to_string())],
+            ports: BTreeMap::new(),
+            subject_alt_names: Vec::new(),
+        }
+    }
+
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.hostname = service_hostname(&self.name, ns);
+        self.namespace = ns.to_owned();
+        self
+    }
+
+    /// Adds a service port and its target port (0: each workload's own mapping).
+    pub fn port(mut self, port: u16, target: u16) -> Self {
+        self.ports.insert(port, target);
+        self
+    }
+}
+
+/// The whole local config file.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LocalConfig {
+    pub workloads: Vec<WorkloadSpec>,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl LocalConfig {
+    pub fn workload(mut self, w: WorkloadSpec) -> Self {
+        self.workloads.push(w);
+        self
+    }
+
+    pub fn service(mut self, s: ServiceSpec) -> Self {
+        self.services.push(s);
+        self
+    }
+
+    /// The YAML ztunnel reads.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("the local config always serialises")
+    }
+
+    /// Writes the YAML to `path` (atomically: a temporary file renamed over it, so a watching
+    /// ztunnel never reads half a file).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, self.to_yaml())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    }
+}
+
+/// A lab CA: the core's local CA and its PEM files on disk.
+#[derive(Debug)]
+pub struct CaFiles {
+    pub ca: zmesh_core::tls::LocalCa,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Generates a CA named `name` and writes `<name>-ca.pem` and `<name>-ca.key` into `dir`
+/// (usually [`crate::Sandbox::dir`]).
+pub fn write_ca(dir: &Path, name: &str) -> Result<CaFiles> {
+    let ca = zmesh_core::tls::LocalCa::generate(name).context("generating the lab CA")?;
+    let cert = dir.join(format!("{name}-ca.pem"));
+    let key = dir.join(format!("{name}-ca.key"));
+    std::fs::write(&cert, ca.cert_pem())?;
+    std::fs::write(&key, ca.key_pem())?;
+    Ok(CaFiles { ca, cert, key })
+}
+
+/// The environment of a dedicated-mode ztunnel serving `workload`, configured from a local
+/// config file and signing its certificates with the local CA. Add `RUST_LOG` and friends.
+pub fn dedicated_env(workload: &WorkloadSpec, xds: &Path, ca: &CaFiles) -> Vec<(String, String)> {
+    let p = |p: &Path| p.display().to_string();
+    [
+        ("PROXY_MODE", "dedicated".to_owned()),
+        ("PROXY_WORKLOAD_INFO", workload.workload_info()),
+        ("LOCAL_XDS_PATH", p(xds)),
+        ("XDS_ADDRESS", String::new()),
+        ("CA_ADDRESS", String::new()),
+        ("LOCAL_CA_CERT", p(&ca.cert)),
+        ("LOCAL_CA_KEY", p(&ca.key)),
+        ("TRUST_DOMAIN", TRUST_DOMAIN.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> LocalConfig {
+        LocalConfig::default()
+            .workload(WorkloadSpec::new("client", "10.200.0.2"))
+            .workload(
+                WorkloadSpec::new("echo-a", "10.200.0.3")
+                    .service_account("echo")
+                    .backs("echo", &[(80, 8080)]),
+            )
+            .service(ServiceSpec::new("echo", "10.96.0.10").port(80, 8080))
+    }
+
+    #[test]
+    fn renders_upstream_shape() {
+        let y: serde_yaml::Value = serde_yaml::from_str(&sample().to_yaml()).unwrap();
+        let w = &y["workloads"][1];
+        assert_eq!(w["serviceAccount"], "echo");
+        assert_eq!(w["workloadIps"][0], "10.200.0.3");
+        assert_eq!(w["protocol"], "HBONE");
+        assert_eq!(
+            w["services"]["default/echo.default.svc.cluster.local"][80],
+            8080
+        );
+        let s = &y["services"][0];
+        assert_eq!(s["vips"][0], "/10.96.0.10");
+        assert_eq!(s["hostname"], "echo.default.svc.cluster.local");
+        assert_eq!(s["ports"][80], 8080);
+    }
+
+    /// The contract check: what the lab writes, the core's parser accepts.
+    #[test]
+    fn core_parses_what_we_render() {
+        let cfg = zmesh_core::state::LocalConfig::parse(&sample().to_yaml()).unwrap();
+        assert_eq!(cfg.workloads.len(), 2);
+        assert_eq!(cfg.services.len(), 1);
+    }
+
+    #[test]
+    fn ca_files_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write_ca(dir.path(), "lab").unwrap();
+        assert!(
+            std::fs::read_to_string(&ca.cert)
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        let env = dedicated_env(
+            &WorkloadSpec::new("client", "10.200.0.2"),
+            Path::new("/x.yaml"),
+            &ca,
+        );
+        assert!(env.contains(&("PROXY_WORKLOAD_INFO".into(), "default/client/client".into())));
+    }
+}
