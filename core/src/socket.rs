@@ -31,6 +31,17 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     }
 }
 
+/// Size of the read buffer under TLS. rustls asks the socket for 4 KiB at a time; reading
+/// the kernel in larger pieces saves most of those system calls.
+pub const TLS_READ_BUFFER: usize = 64 << 10;
+
+/// A TCP stream whose reads are buffered (writes pass straight through), to put under TLS.
+pub type BufferedStream = tokio::io::BufReader<TcpStream>;
+
+pub fn buffered(tcp: TcpStream) -> BufferedStream {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
 /// Options for sockets zmesh opens towards peers and applications.
 #[derive(Clone, Copy, Debug)]
 pub struct SocketOptions {

@@ -201,6 +201,11 @@ impl LocalConfig {
     }
 }
 
+/// The lookup key of a workload by namespace, name and service account.
+pub fn workload_key(namespace: &str, name: &str, sa: &str) -> String {
+    format!("{namespace}/{name}/{sa}")
+}
+
 /// An endpoint chosen for a connection: the workload and the port to reach it on.
 #[derive(Clone, Debug)]
 pub struct Upstream {
@@ -216,6 +221,8 @@ pub struct Upstream {
 pub struct State {
     workloads: Vec<Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// `<namespace>/<name>/<service-account>` -> workload.
+    by_name: HashMap<String, Arc<Workload>>,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
     /// Service key -> workloads backing it, in config order.
@@ -236,6 +243,10 @@ impl State {
                     return Err(ConfigError::DuplicateIp(prev.key(), w.key(), *ip));
                 }
             }
+            st.by_name.insert(
+                workload_key(&w.namespace, &w.name, &w.service_account),
+                w.clone(),
+            );
             for svc in w.services.keys() {
                 st.endpoints.entry(svc.clone()).or_default().push(w.clone());
             }
@@ -268,9 +279,12 @@ impl State {
     /// Finds a workload by namespace, name and service account (how ZDS and dedicated mode
     /// name the proxied workload).
     pub fn find_workload(&self, namespace: &str, name: &str, sa: &str) -> Option<&Arc<Workload>> {
-        self.workloads
-            .iter()
-            .find(|w| w.namespace == namespace && w.name == name && w.service_account == sa)
+        self.workload_by_key(&workload_key(namespace, name, sa))
+    }
+
+    /// Like [`State::find_workload`], with the key made once by [`workload_key`].
+    pub fn workload_by_key(&self, key: &str) -> Option<&Arc<Workload>> {
+        self.by_name.get(key)
     }
 
     /// Resolves an original destination to where the connection should go.

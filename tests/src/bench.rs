@@ -24,45 +24,57 @@ pub struct Servers {
     pub sunk: Arc<AtomicU64>,
 }
 
-/// Starts the sink and the echo server inside `host`.
+/// Starts the sink and the echo server inside `host`, on a two-thread Tokio runtime of their
+/// own (a thread per connection costs more than the mesh does, and would be what we measure).
 pub fn start_servers(sb: &Sandbox, host: &str) -> Result<Servers> {
     let sunk = Arc::new(AtomicU64::new(0));
     let (sink, echo) = sb.in_netns(host, || -> Result<(TcpListener, TcpListener)> {
-        Ok((
-            TcpListener::bind(("0.0.0.0", SINK_PORT))?,
-            TcpListener::bind(("0.0.0.0", ECHO_PORT))?,
-        ))
+        let sink = TcpListener::bind(("0.0.0.0", SINK_PORT))?;
+        let echo = TcpListener::bind(("0.0.0.0", ECHO_PORT))?;
+        sink.set_nonblocking(true)?;
+        echo.set_nonblocking(true)?;
+        Ok((sink, echo))
     })??;
     let counter = sunk.clone();
-    std::thread::spawn(move || {
-        for s in sink.incoming().flatten() {
-            let counter = counter.clone();
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = vec![0u8; 256 << 10];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-server")
+        .enable_io()
+        .build()?;
+    std::thread::Builder::new()
+        .name("bench-servers".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let sink = tokio::net::TcpListener::from_std(sink).expect("sink listener");
+                let echo = tokio::net::TcpListener::from_std(echo).expect("echo listener");
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = sink.accept().await {
+                        let counter = counter.clone();
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 256 << 10];
+                            while let Ok(n) = s.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                                counter.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                        });
                     }
-                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                });
+                while let Ok((mut s, _)) = echo.accept().await {
+                    tokio::spawn(async move {
+                        let _ = s.set_nodelay(true);
+                        let mut buf = [0u8; MSG];
+                        while s.read_exact(&mut buf).await.is_ok() {
+                            if s.write_all(&buf).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
                 }
-            });
-        }
-    });
-    std::thread::spawn(move || {
-        for s in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let _ = s.set_nodelay(true);
-                let mut buf = [0u8; MSG];
-                while s.read_exact(&mut buf).is_ok() {
-                    if s.write_all(&buf).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+            })
+        })?;
     Ok(Servers { sunk })
 }
 

@@ -84,6 +84,11 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         certs: certs.clone(),
         pool: Pool::new(cfg.pool, cfg.h2, sockets),
         metrics,
+        workload_key: zmesh_core::state::workload_key(
+            &workload.namespace,
+            &workload.name,
+            &workload.service_account,
+        ),
         workload,
         identity: identity.clone(),
         drain: CancellationToken::new(),

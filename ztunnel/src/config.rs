@@ -103,7 +103,7 @@ impl Default for Config {
             node_name: String::new(),
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
-            worker_threads: 2,
+            worker_threads: default_worker_threads(),
             ports: Ports::default(),
             bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             packet_mark: zmesh_core::socket::ZMESH_MARK,
@@ -115,6 +115,12 @@ impl Default for Config {
             pool: PoolConfig::default(),
         }
     }
+}
+
+/// A node proxy shares the node with its workloads: a quarter of the cores, at least one.
+/// On small nodes one worker also avoids cross-thread wake-ups on every hop.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1))
 }
 
 /// A configuration mistake, named so the operator knows what to fix.

@@ -18,6 +18,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
 
+/// Proxies allocate and free large buffers per connection; glibc maps and unmaps them each
+/// time (page faults on the data path). mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "ztunnel", about = "zmesh node tunnel (HBONE)")]
 struct Cli {
@@ -93,8 +98,15 @@ fn main() -> anyhow::Result<()> {
             raise_fd_limit();
             let env: HashMap<String, String> = std::env::vars().collect();
             let cfg = config::Config::load(config.as_deref(), &env)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.worker_threads)
+            // One worker: a current-thread runtime, with no cross-thread wake-ups on the path.
+            let mut builder = if cfg.worker_threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(cfg.worker_threads);
+                b
+            };
+            let rt = builder
                 .thread_name("ztunnel-worker")
                 .enable_all()
                 .build()

@@ -30,6 +30,8 @@ pub struct Proxy {
     pub pool: Arc<Pool>,
     pub metrics: Metrics,
     pub workload: WorkloadInfo,
+    /// `workload`'s key in [`State`], made once.
+    pub workload_key: String,
     pub identity: SpiffeId,
     /// Cancelled when draining starts: listeners stop accepting.
     pub drain: CancellationToken,
@@ -74,10 +76,9 @@ impl ProxyError {
 impl Proxy {
     /// The proxied workload as the mesh knows it (absent until it appears in config).
     pub fn local_workload(&self) -> Option<Arc<Workload>> {
-        let w = &self.workload;
         self.state
             .load()
-            .find_workload(&w.namespace, &w.name, &w.service_account)
+            .workload_by_key(&self.workload_key)
             .cloned()
     }
 
@@ -99,19 +100,33 @@ impl Proxy {
         .await
     }
 
-    async fn outbound(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let orig = match original_dst(&stream) {
+    /// The destination a captured connection was aimed at, unless it cannot be read or would
+    /// loop back into ztunnel (then the connection is refused and logged).
+    fn captured_destination(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        direction: &'static str,
+    ) -> Option<SocketAddr> {
+        let orig = match original_dst(stream) {
             Ok(a) => a,
             Err(e) => {
-                connection_failed("outbound", peer, None, &ProxyError::OriginalDst(e));
-                return;
+                connection_failed(direction, peer, None, &ProxyError::OriginalDst(e));
+                return None;
             }
         };
         if self.cfg.illegal_ports().contains(&orig.port()) {
-            refuse(&stream);
-            connection_failed("outbound", peer, Some(orig), &ProxyError::Loop(orig.port()));
-            return;
+            refuse(stream);
+            connection_failed(direction, peer, Some(orig), &ProxyError::Loop(orig.port()));
+            return None;
         }
+        Some(orig)
+    }
+
+    async fn outbound(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let Some(orig) = self.captured_destination(&stream, peer, "outbound") else {
+            return;
+        };
         let local = self.local_workload();
         let state = self.state.load_full();
         let resolved = state.resolve(orig, |n| rand::random_range(0..n));

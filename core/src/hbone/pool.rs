@@ -190,15 +190,15 @@ impl Pool {
             self.checkout(key, cert).await?
         };
         self.streams.fetch_add(1, Ordering::Relaxed);
-        let req = connect_request(target, src);
+        let failed = |source| HboneError::Request {
+            peer,
+            target,
+            source,
+        };
         let res = sender
-            .send_request(req)
+            .send_request(connect_request(target, src))
             .await
-            .map_err(|source| HboneError::Request {
-                peer,
-                target,
-                source,
-            })?;
+            .map_err(failed)?;
         if res.status() != StatusCode::OK {
             return Err(HboneError::Status {
                 peer,
@@ -206,13 +206,7 @@ impl Pool {
                 status: res.status(),
             });
         }
-        let upgraded = hyper::upgrade::on(res)
-            .await
-            .map_err(|source| HboneError::Request {
-                peer,
-                target,
-                source,
-            })?;
+        let upgraded = hyper::upgrade::on(res).await.map_err(failed)?;
         Ok((TokioIo::new(upgraded), guard))
     }
 
@@ -270,7 +264,7 @@ impl Pool {
         // HBONE sends no SNI; the name is never looked at.
         let name = ServerName::IpAddress(peer.ip().into());
         let tls = TlsConnector::from(tls_cfg)
-            .connect(name, tcp)
+            .connect(name, crate::socket::buffered(tcp))
             .await
             .map_err(|e| HboneError::Tls(peer, e))?;
         if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {

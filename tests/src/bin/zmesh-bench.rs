@@ -32,6 +32,9 @@ struct Args {
     /// Concurrent clients in the connection-rate test.
     #[arg(long, default_value_t = 4)]
     crr_workers: usize,
+    /// ztunnel worker threads (ZTUNNEL_WORKER_THREADS); ztunnel's default when absent.
+    #[arg(long)]
+    workers: Option<usize>,
     /// Where to write the markdown report (also printed).
     #[arg(long)]
     report: Option<std::path::PathBuf>,
@@ -53,13 +56,16 @@ fn spawn_ztunnel(
     xds: &Path,
     ca: &mesh::CaFiles,
     config: Option<&Path>,
+    workers: Option<usize>,
 ) -> Result<Ztunnel> {
     let mut env = mesh::dedicated_env(w, xds, ca);
     env.push(("RUST_LOG".into(), "warn".into()));
+    if let Some(n) = workers {
+        env.push(("ZTUNNEL_WORKER_THREADS".into(), n.to_string()));
+    }
     if let Some(c) = config {
         env.push(("ZTUNNEL_CONFIG".into(), c.display().to_string()));
     }
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Ztunnel::spawn(sb, host, &env, &bin_path("ztunnel"))
 }
 
@@ -86,9 +92,15 @@ fn main() -> Result<()> {
         .workload(client_w.clone())
         .write(&xds)?;
     redirect_outbound(&sb, "cmesh")?;
+    // Connection-rate runs leave tens of thousands of TIME_WAIT sockets; with the default
+    // (reuse on loopback only) connect()'s port search then dominates the direct baseline
+    // while the mesh client (whose first hop is local) escapes it. Same rule for all hosts.
+    for host in ["server", "cmesh", "cdirect"] {
+        sb.run_in(host, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    }
     let servers = bench::start_servers(&sb, "server")?;
-    let zt_server = spawn_ztunnel(&sb, "server", &server_w, &xds, &ca, None)?;
-    let mut zt_client = spawn_ztunnel(&sb, "cmesh", &client_w, &xds, &ca, None)?;
+    let zt_server = spawn_ztunnel(&sb, "server", &server_w, &xds, &ca, None, args.workers)?;
+    let mut zt_client = spawn_ztunnel(&sb, "cmesh", &client_w, &xds, &ca, None, args.workers)?;
 
     let sink = SocketAddr::new(server_ip.into(), SINK_PORT);
     let echo = SocketAddr::new(server_ip.into(), ECHO_PORT);
@@ -168,7 +180,15 @@ fn main() -> Result<()> {
     zt_client.stop()?;
     let cold_cfg = sb.dir().join("cold.yaml");
     std::fs::write(&cold_cfg, "pool:\n  idle_timeout: 0s\n")?;
-    zt_client = spawn_ztunnel(&sb, "cmesh", &client_w, &xds, &ca, Some(&cold_cfg))?;
+    zt_client = spawn_ztunnel(
+        &sb,
+        "cmesh",
+        &client_w,
+        &xds,
+        &ca,
+        Some(&cold_cfg),
+        args.workers,
+    )?;
     let (cc, _) = runs(args.repeat, || {
         bench::connection_rate(&sb, "cmesh", echo, w, dur)
     })?;

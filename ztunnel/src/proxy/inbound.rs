@@ -15,7 +15,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use zmesh_core::identity::SpiffeId;
-use zmesh_core::socket::original_dst;
 use zmesh_core::tls::peer_identity;
 
 use super::{Proxy, ProxyError, accept_loop, copy, finish, refuse};
@@ -57,10 +56,13 @@ async fn hbone_connection(
         .await
         .map_err(InboundError::Certificate)?;
     let acceptor = TlsAcceptor::from(cert.server_config());
-    let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| InboundError::TlsTimeout)?
-        .map_err(InboundError::Tls)?;
+    let tls = tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        acceptor.accept(zmesh_core::socket::buffered(tcp)),
+    )
+    .await
+    .map_err(|_| InboundError::TlsTimeout)?
+    .map_err(InboundError::Tls)?;
     // The verifier admitted only a certificate with a SPIFFE id of our trust domain.
     let peer_id = tls
         .get_ref()
@@ -205,18 +207,9 @@ pub async fn serve_plaintext(proxy: Arc<Proxy>, listener: TcpListener) {
 
 impl Proxy {
     async fn plaintext(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
-        let orig = match original_dst(&stream) {
-            Ok(a) => a,
-            Err(e) => {
-                connection_failed("inbound", peer, None, &ProxyError::OriginalDst(e));
-                return;
-            }
-        };
-        if self.cfg.illegal_ports().contains(&orig.port()) {
-            refuse(&stream);
-            connection_failed("inbound", peer, Some(orig), &ProxyError::Loop(orig.port()));
+        let Some(orig) = self.captured_destination(&stream, peer, "inbound") else {
             return;
-        }
+        };
         let mut labels = TrafficLabels::new("destination");
         if let Some(w) = self.state.load().workload_by_ip(peer.ip()) {
             labels = labels.source(w);
