@@ -1,0 +1,1 @@
+//! Redirection rules (being written).
