@@ -9,3 +9,4 @@ pub mod identity;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod zds;

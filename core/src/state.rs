@@ -486,4 +486,34 @@ services:
         let err = LocalConfig::parse(pol).unwrap_err();
         assert!(matches!(err, ConfigError::PoliciesUnsupported(1)), "{err}");
     }
+
+    proptest::proptest! {
+        /// Outside input: whatever the file holds, parsing and indexing never panic, and a
+        /// state is built only from input that parsed.
+        #[test]
+        fn arbitrary_config_never_panics(s in "\\PC{0,400}") {
+            if let Ok(cfg) = LocalConfig::parse(&s) {
+                let _ = State::from_local(cfg);
+            }
+        }
+
+        #[test]
+        fn yaml_shaped_config_never_panics(
+            name in "[a-z.-]{0,12}",
+            ip in proptest::prelude::any::<[u8; 4]>(),
+            port in proptest::prelude::any::<u16>(),
+            target in proptest::prelude::any::<u16>(),
+        ) {
+            let yaml = format!(
+                "workloads:\n- {{name: '{name}', namespace: '{name}', serviceAccount: '{name}', workloadIps: ['{}.{}.{}.{}'], services: {{'{name}/{name}': {{{port}: {target}}}}}}}\nservices:\n- {{name: '{name}', namespace: '{name}', hostname: '{name}', vips: ['/{}.{}.{}.{}'], ports: {{{port}: {target}}}}}\n",
+                ip[0], ip[1], ip[2], ip[3], ip[3], ip[2], ip[1], ip[0]
+            );
+            if let Ok(cfg) = LocalConfig::parse(&yaml)
+                && let Ok(st) = State::from_local(cfg)
+            {
+                let dst = SocketAddr::new(std::net::Ipv4Addr::from([ip[3], ip[2], ip[1], ip[0]]).into(), port);
+                let _ = st.resolve(dst, |n| n.saturating_sub(1));
+            }
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.1 GET over a plain TCP socket opened inside a netns, for the admin,
+//! A minimal HTTP/1.1 GET/POST over a plain TCP socket opened inside a netns, for the admin,
 //! metrics and readiness endpoints of the proxies under test. No HTTP client crate: the
 //! request is `Connection: close`, the body is read to EOF and de-chunked if needed.
 
@@ -36,6 +36,15 @@ impl Response {
 /// `GET path` on `addr` from inside `netns` (e.g. `sandbox.netns(Some("client"))`), with a
 /// 5 s timeout for connect and each read.
 pub fn get(netns: &Netns, addr: SocketAddr, path: &str) -> Result<Response> {
+    request(netns, "GET", addr, path)
+}
+
+/// `POST path` (empty body) on `addr` from inside `netns`.
+pub fn post(netns: &Netns, addr: SocketAddr, path: &str) -> Result<Response> {
+    request(netns, "POST", addr, path)
+}
+
+fn request(netns: &Netns, method: &str, addr: SocketAddr, path: &str) -> Result<Response> {
     let timeout = Duration::from_secs(5);
     let ns = netns.name().unwrap_or("the sandbox root netns");
     let mut stream = netns
@@ -45,13 +54,13 @@ pub fn get(netns: &Netns, addr: SocketAddr, path: &str) -> Result<Response> {
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: zmesh-lab\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: zmesh-lab\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream
         .read_to_end(&mut raw)
-        .with_context(|| format!("reading the response of GET {path} from {addr}"))?;
-    parse(&raw).with_context(|| format!("GET http://{addr}{path} in {ns}"))
+        .with_context(|| format!("reading the response of {method} {path} from {addr}"))?;
+    parse(&raw).with_context(|| format!("{method} http://{addr}{path} in {ns}"))
 }
 
 /// Parses a complete `Connection: close` response.

@@ -423,3 +423,93 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let log = m.zt[1].log();
     assert!(log.contains("drained: all connections finished"), "{log}");
 }
+
+#[test]
+fn plaintext_inbound_on_15006_and_passthrough_for_outsiders() {
+    let sb = Sandbox::new().unwrap();
+    let m = Mesh::up(&sb, &["ext"]);
+    let _app = EchoServer::start(&sb, "s1", 8080, "s1").unwrap();
+    let _ext = EchoServer::start(&sb, "ext", 8080, "ext").unwrap();
+    // s1 captures inbound TCP to 15006, except HBONE and ztunnel's own (marked) traffic.
+    let rules = "table inet zmesh-in {\n  chain prerouting {\n    type nat hook prerouting priority -100;\n    meta l4proto tcp tcp dport != 15008 meta mark != 0x539 redirect to :15006\n  }\n}\n";
+    sb.run_stdin(Some("s1"), &["nft", "-f", "-"], Some(rules))
+        .unwrap();
+
+    // A client outside the mesh reaches s1's app through ztunnel's plaintext listener.
+    let payload = pattern(256 << 10, 9);
+    assert_eq!(
+        transfer(&sb, "ext", m.ip("s1", 8080), &payload).unwrap(),
+        payload
+    );
+    let text = m.zt[1].metrics().unwrap();
+    let plain = metric_value(
+        &text,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", "unknown"),
+            ("destination_workload", "s1"),
+        ],
+    );
+    assert!(
+        plain >= 1.0,
+        "no plaintext inbound connection counted:\n{text}"
+    );
+    // Meshed traffic still arrives over HBONE, not through 15006.
+    assert_eq!(identify(&sb, "client", m.ip("s1", 8080)).unwrap(), "s1");
+
+    // The mesh client reaching a host unknown to the mesh: passthrough, in plain TCP.
+    let marker = unique_marker();
+    let cap = Capture::start(&sb, &m.topo.veth("client")).unwrap();
+    assert_eq!(
+        transfer(&sb, "client", m.ip("ext", 8080), marker.as_bytes()).unwrap(),
+        marker.as_bytes()
+    );
+    let seen = cap.stop().unwrap();
+    assert!(
+        seen.contains(marker.as_bytes()),
+        "passthrough traffic should be plain TCP"
+    );
+    let text = m.zt[0].metrics().unwrap();
+    assert!(
+        metric_value(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "source"), ("destination_workload", "unknown")]
+        ) >= 1.0,
+        "{text}"
+    );
+}
+
+#[test]
+fn admin_changes_the_log_level_and_dumps_config() {
+    let sb = Sandbox::new().unwrap();
+    let m = Mesh::up(&sb, &[]);
+    let ns = sb.netns(Some("client"));
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    let r = zmesh_tests::http::get(&ns, admin, "/logging").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("current log level is"), "{}", r.text());
+    let r = zmesh_tests::http::post(&ns, admin, "/logging?level=debug").unwrap();
+    assert_eq!(
+        (r.status, r.text().trim()),
+        (200, "current log level is debug")
+    );
+    let r = zmesh_tests::http::post(&ns, admin, "/logging?level=nonsense=%3D%3D").unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = zmesh_tests::http::post(&ns, admin, "/logging?reset").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(!r.text().contains("debug"), "{}", r.text());
+    // GET may not change anything.
+    assert_eq!(
+        zmesh_tests::http::get(&ns, admin, "/logging?level=trace")
+            .unwrap()
+            .status,
+        405
+    );
+    let dump: serde_json::Value = serde_json::from_str(&m.zt[0].config_dump().unwrap()).unwrap();
+    assert_eq!(dump["identity"], CLIENT_ID);
+    assert_eq!(dump["config"]["proxy_mode"], "dedicated");
+    assert_eq!(dump["certificates"][0]["identity"], CLIENT_ID);
+    assert_eq!(dump["workloads"].as_array().unwrap().len(), 3);
+}

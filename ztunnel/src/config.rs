@@ -110,7 +110,7 @@ impl Default for Config {
             drain_deadline: Duration::from_secs(5),
             cert_ttl: Duration::from_secs(24 * 3600),
             connect_timeout: Duration::from_secs(10),
-            copy_buffer: 64 << 10,
+            copy_buffer: 16 << 10,
             h2: H2Settings::default(),
             pool: PoolConfig::default(),
         }

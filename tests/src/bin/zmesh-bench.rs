@@ -35,6 +35,12 @@ struct Args {
     /// ztunnel worker threads (ZTUNNEL_WORKER_THREADS); ztunnel's default when absent.
     #[arg(long)]
     workers: Option<usize>,
+    /// Run only these measurements (throughput, latency, crr); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// A ztunnel config file (YAML) given to both ztunnels, e.g. to compare tunings.
+    #[arg(long)]
+    ztunnel_config: Option<std::path::PathBuf>,
     /// Where to write the markdown report (also printed).
     #[arg(long)]
     report: Option<std::path::PathBuf>,
@@ -99,15 +105,32 @@ fn main() -> Result<()> {
         sb.run_in(host, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     }
     let servers = bench::start_servers(&sb, "server")?;
-    let zt_server = spawn_ztunnel(&sb, "server", &server_w, &xds, &ca, None, args.workers)?;
-    let mut zt_client = spawn_ztunnel(&sb, "cmesh", &client_w, &xds, &ca, None, args.workers)?;
+    let zt_server = spawn_ztunnel(
+        &sb,
+        "server",
+        &server_w,
+        &xds,
+        &ca,
+        args.ztunnel_config.as_deref(),
+        args.workers,
+    )?;
+    let mut zt_client = spawn_ztunnel(
+        &sb,
+        "cmesh",
+        &client_w,
+        &xds,
+        &ca,
+        args.ztunnel_config.as_deref(),
+        args.workers,
+    )?;
 
     let sink = SocketAddr::new(server_ip.into(), SINK_PORT);
     let echo = SocketAddr::new(server_ip.into(), ECHO_PORT);
     let mut rows = Vec::new();
     let gbit = |b: f64| b * 8.0 / 1e9;
+    let want = |what: &str| args.only.is_empty() || args.only.iter().any(|o| o == what);
 
-    for streams in [1usize, 4] {
+    for streams in [1usize, 4].into_iter().filter(|_| want("throughput")) {
         eprintln!("throughput, {streams} stream(s)...");
         let (d, dr) = runs(args.repeat, || {
             bench::throughput(&sb, "cdirect", sink, streams, dur, &servers)
@@ -129,76 +152,81 @@ fn main() -> Result<()> {
         });
     }
 
-    eprintln!("latency, 64-byte request/response...");
-    let lat = |host: &str| -> Result<(f64, f64)> {
-        let mut p50s = Vec::new();
-        let mut p99s = Vec::new();
-        for _ in 0..args.repeat {
-            let mut rtts = bench::latency(&sb, host, echo, dur)?;
-            p50s.push(bench::quantile(&mut rtts, 0.50).as_secs_f64() * 1e6);
-            p99s.push(bench::quantile(&mut rtts, 0.99).as_secs_f64() * 1e6);
-        }
-        Ok((bench::median(p50s), bench::median(p99s)))
-    };
-    let (d50, d99) = lat("cdirect")?;
-    let (m50, m99) = lat("cmesh")?;
-    rows.push(Row {
-        name: "latency p50".into(),
-        direct: d50,
-        mesh: m50,
-        unit: "us",
-        note: format!("+{:.0} us", m50 - d50),
-    });
-    rows.push(Row {
-        name: "latency p99".into(),
-        direct: d99,
-        mesh: m99,
-        unit: "us",
-        note: format!("+{:.0} us", m99 - d99),
-    });
+    if want("latency") {
+        eprintln!("latency, 64-byte request/response...");
+        let lat = |host: &str| -> Result<(f64, f64)> {
+            let mut p50s = Vec::new();
+            let mut p99s = Vec::new();
+            for _ in 0..args.repeat {
+                let mut rtts = bench::latency(&sb, host, echo, dur)?;
+                p50s.push(bench::quantile(&mut rtts, 0.50).as_secs_f64() * 1e6);
+                p99s.push(bench::quantile(&mut rtts, 0.99).as_secs_f64() * 1e6);
+            }
+            Ok((bench::median(p50s), bench::median(p99s)))
+        };
+        let (d50, d99) = lat("cdirect")?;
+        let (m50, m99) = lat("cmesh")?;
+        rows.push(Row {
+            name: "latency p50".into(),
+            direct: d50,
+            mesh: m50,
+            unit: "us",
+            note: format!("+{:.0} us", m50 - d50),
+        });
+        rows.push(Row {
+            name: "latency p99".into(),
+            direct: d99,
+            mesh: m99,
+            unit: "us",
+            note: format!("+{:.0} us", m99 - d99),
+        });
+    }
 
-    eprintln!("connection rate, pool warm...");
-    let w = args.crr_workers;
-    let (cd, _) = runs(args.repeat, || {
-        bench::connection_rate(&sb, "cdirect", echo, w, dur)
-    })?;
-    let (cm, _) = runs(args.repeat, || {
-        bench::connection_rate(&sb, "cmesh", echo, w, dur)
-    })?;
-    rows.push(Row {
-        name: format!("connect+request+close, pool warm ({w} clients)"),
-        direct: cd,
-        mesh: cm,
-        unit: "conn/s",
-        note: format!("{:.2}x", cm / cd),
-    });
+    let mut rss_client_warm = None;
+    if want("crr") {
+        eprintln!("connection rate, pool warm...");
+        let w = args.crr_workers;
+        let (cd, _) = runs(args.repeat, || {
+            bench::connection_rate(&sb, "cdirect", echo, w, dur)
+        })?;
+        let (cm, _) = runs(args.repeat, || {
+            bench::connection_rate(&sb, "cmesh", echo, w, dur)
+        })?;
+        rows.push(Row {
+            name: format!("connect+request+close, pool warm ({w} clients)"),
+            direct: cd,
+            mesh: cm,
+            unit: "conn/s",
+            note: format!("{:.2}x", cm / cd),
+        });
 
-    // Pool disabled: each connection pays TCP + TLS 1.3 + HTTP/2 handshakes, exactly what a
-    // new source per connection costs (the pool key includes the source).
-    eprintln!("connection rate, no pooling (new handshake per connection)...");
-    let rss_client_warm = bench::peak_rss_kib(zt_client.pid());
-    zt_client.stop()?;
-    let cold_cfg = sb.dir().join("cold.yaml");
-    std::fs::write(&cold_cfg, "pool:\n  idle_timeout: 0s\n")?;
-    zt_client = spawn_ztunnel(
-        &sb,
-        "cmesh",
-        &client_w,
-        &xds,
-        &ca,
-        Some(&cold_cfg),
-        args.workers,
-    )?;
-    let (cc, _) = runs(args.repeat, || {
-        bench::connection_rate(&sb, "cmesh", echo, w, dur)
-    })?;
-    rows.push(Row {
-        name: format!("connect+request+close, every connection new ({w} clients)"),
-        direct: cd,
-        mesh: cc,
-        unit: "conn/s",
-        note: format!("{:.2}x", cc / cd),
-    });
+        // Pool disabled: each connection pays TCP + TLS 1.3 + HTTP/2 handshakes, exactly what a
+        // new source per connection costs (the pool key includes the source).
+        eprintln!("connection rate, no pooling (new handshake per connection)...");
+        rss_client_warm = bench::peak_rss_kib(zt_client.pid());
+        zt_client.stop()?;
+        let cold_cfg = sb.dir().join("cold.yaml");
+        std::fs::write(&cold_cfg, "pool:\n  idle_timeout: 0s\n")?;
+        zt_client = spawn_ztunnel(
+            &sb,
+            "cmesh",
+            &client_w,
+            &xds,
+            &ca,
+            Some(&cold_cfg),
+            args.workers,
+        )?;
+        let (cc, _) = runs(args.repeat, || {
+            bench::connection_rate(&sb, "cmesh", echo, w, dur)
+        })?;
+        rows.push(Row {
+            name: format!("connect+request+close, every connection new ({w} clients)"),
+            direct: cd,
+            mesh: cc,
+            unit: "conn/s",
+            note: format!("{:.2}x", cc / cd),
+        });
+    }
 
     let mut out = String::new();
     out.push_str(&format!(
