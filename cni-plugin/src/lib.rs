@@ -4,4 +4,7 @@
 //! asks the node agent to enrol the pod; the agent installs the redirection rules inside the
 //! pod's network namespace and hands that namespace to ztunnel (ZDS). See `docs/CNI.md`.
 
+pub mod api;
+pub mod plugin;
 pub mod rules;
+pub mod spec;
