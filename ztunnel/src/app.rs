@@ -195,8 +195,18 @@ fn watch_local_config(
 ) -> anyhow::Result<()> {
     use notify::{RecursiveMode, Watcher};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let name = path.file_name().map(|n| n.to_owned());
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        // Only events about our file count, or a ConfigMap's `..data` symlink swap; other
+        // files in the directory (logs, say) must not cost a re-read each.
+        let ours = ev.is_ok_and(|ev| {
+            ev.paths.iter().any(|p| {
+                p.file_name().is_some_and(|f| {
+                    Some(f) == name.as_deref() || f.to_string_lossy().starts_with("..")
+                })
+            })
+        });
+        if ours {
             let _ = tx.send(());
         }
     })

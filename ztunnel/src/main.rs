@@ -42,24 +42,41 @@ enum Command {
     Version,
 }
 
-fn init_logging() -> admin::LogControl {
+/// Logs go to stdout through a writer thread: the data path formats a line and queues it,
+/// never waiting on a write(2) per connection. Lines are batched while they arrive faster
+/// than they are written; under overload, lines are dropped rather than stalling traffic.
+/// The guard flushes what is queued when dropped at exit.
+fn init_logging() -> (
+    admin::LogControl,
+    tracing_appender::non_blocking::WorkerGuard,
+) {
     let default = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     let filter = EnvFilter::try_new(&default).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .thread_name("ztunnel-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stdout(),
+        ));
     let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry
-            .with(tracing_subscriber::fmt::layer().json())
+            .with(tracing_subscriber::fmt::layer().json().with_writer(writer))
             .init();
     } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
         registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(writer),
+            )
             .init();
     }
     let current = Arc::new(std::sync::Mutex::new(default.clone()));
-    Arc::new(move |level: Option<&str>| {
+    let control: admin::LogControl = Arc::new(move |level: Option<&str>| {
         let mut cur = current.lock().expect("log level lock");
         if let Some(level) = level {
             let wanted = if level.is_empty() {
@@ -72,7 +89,8 @@ fn init_logging() -> admin::LogControl {
             *cur = wanted.to_owned();
         }
         Ok(cur.clone())
-    })
+    });
+    (control, guard)
 }
 
 /// Busy nodes run out of descriptors at the default soft limit; take the hard limit.
@@ -93,7 +111,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Proxy { config } => {
-            let log = init_logging();
+            let (log, _log_guard) = init_logging();
             zmesh_core::tls::install_default_provider();
             raise_fd_limit();
             let env: HashMap<String, String> = std::env::vars().collect();

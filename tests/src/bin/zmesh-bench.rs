@@ -65,7 +65,6 @@ fn spawn_ztunnel(
     workers: Option<usize>,
 ) -> Result<Ztunnel> {
     let mut env = mesh::dedicated_env(w, xds, ca);
-    env.push(("RUST_LOG".into(), "warn".into()));
     if let Some(n) = workers {
         env.push(("ZTUNNEL_WORKER_THREADS".into(), n.to_string()));
     }
