@@ -41,6 +41,9 @@ struct Args {
     /// A ztunnel config file (YAML) given to both ztunnels, e.g. to compare tunings.
     #[arg(long)]
     ztunnel_config: Option<std::path::PathBuf>,
+    /// ztunnel's log filter (RUST_LOG); ztunnel's default (`info`, access log on) when absent.
+    #[arg(long)]
+    log: Option<String>,
     /// Where to write the markdown report (also printed).
     #[arg(long)]
     report: Option<std::path::PathBuf>,
@@ -63,8 +66,12 @@ fn spawn_ztunnel(
     ca: &mesh::CaFiles,
     config: Option<&Path>,
     workers: Option<usize>,
+    log: Option<&str>,
 ) -> Result<Ztunnel> {
     let mut env = mesh::dedicated_env(w, xds, ca);
+    if let Some(l) = log {
+        env.push(("RUST_LOG".into(), l.into()));
+    }
     if let Some(n) = workers {
         env.push(("ZTUNNEL_WORKER_THREADS".into(), n.to_string()));
     }
@@ -112,6 +119,7 @@ fn main() -> Result<()> {
         &ca,
         args.ztunnel_config.as_deref(),
         args.workers,
+        args.log.as_deref(),
     )?;
     let mut zt_client = spawn_ztunnel(
         &sb,
@@ -121,6 +129,7 @@ fn main() -> Result<()> {
         &ca,
         args.ztunnel_config.as_deref(),
         args.workers,
+        args.log.as_deref(),
     )?;
 
     let sink = SocketAddr::new(server_ip.into(), SINK_PORT);
@@ -214,6 +223,7 @@ fn main() -> Result<()> {
             &ca,
             Some(&cold_cfg),
             args.workers,
+            args.log.as_deref(),
         )?;
         let (cc, _) = runs(args.repeat, || {
             bench::connection_rate(&sb, "cmesh", echo, w, dur)
