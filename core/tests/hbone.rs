@@ -337,3 +337,38 @@ async fn unreachable_peer_names_the_port() {
     assert!(matches!(err, HboneError::Connect(..)), "{err}");
     assert!(err.to_string().contains("15008"), "{err}");
 }
+
+#[tokio::test]
+async fn a_peer_that_stalls_the_handshake_times_out() {
+    let ca = LocalCa::generate("root").unwrap();
+    let client = cert(&ca, "client");
+    // Accepts TCP, never says a TLS word.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let sockets = SocketOptions {
+        mark: None,
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let p = Pool::new(PoolConfig::default(), H2Settings::default(), sockets);
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let started = std::time::Instant::now();
+    let err = echo_through(&p, key.clone(), &client, b"x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HboneError::Tls(..)), "{err}");
+    assert!(err.to_string().contains("handshake within"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The key is not wedged: the next attempt fails the same way instead of hanging.
+    let err = tokio::time::timeout(Duration::from_secs(3), echo_through(&p, key, &client, b"y"))
+        .await
+        .expect("second attempt did not hang")
+        .unwrap_err();
+    assert!(matches!(err, HboneError::Tls(..)), "{err}");
+}

@@ -263,19 +263,36 @@ impl Pool {
         let tls_cfg = cert.client_config(key.dst_ids.clone())?;
         // HBONE sends no SNI; the name is never looked at.
         let name = ServerName::IpAddress(peer.ip().into());
-        let tls = TlsConnector::from(tls_cfg)
-            .connect(name, crate::socket::buffered(tcp))
+        // Bounded: the per-key lock is held across this, and a peer that accepts TCP but
+        // stalls the handshake must not hang every connection to it.
+        let handshake = async {
+            let tls = TlsConnector::from(tls_cfg)
+                .connect(name, crate::socket::buffered(tcp))
+                .await
+                .map_err(|e| HboneError::Tls(peer, e))?;
+            if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+                return Err(HboneError::Alpn(peer));
+            }
+            self.h2
+                .client()
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| HboneError::H2Handshake(peer, e))
+        };
+        let (sender, conn) = tokio::time::timeout(self.sockets.connect_timeout, handshake)
             .await
-            .map_err(|e| HboneError::Tls(peer, e))?;
-        if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
-            return Err(HboneError::Alpn(peer));
-        }
-        let (sender, conn) = self
-            .h2
-            .client()
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| HboneError::H2Handshake(peer, e))?;
+            .map_err(|_| {
+                HboneError::Tls(
+                    peer,
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no TLS/HTTP2 handshake within {:?}",
+                            self.sockets.connect_timeout
+                        ),
+                    ),
+                )
+            })??;
         self.opened.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
