@@ -38,7 +38,8 @@ struct Args {
     /// Run only these measurements (throughput, latency, crr); all when absent.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// A ztunnel config file (YAML) given to both ztunnels, e.g. to compare tunings.
+    /// A ztunnel config file (YAML) given to both ztunnels, e.g. to compare tunings (the
+    /// no-pooling run replaces it with its own).
     #[arg(long)]
     ztunnel_config: Option<std::path::PathBuf>,
     /// ztunnel's log filter (RUST_LOG); ztunnel's default (`info`, access log on) when absent.
@@ -58,27 +59,28 @@ struct Row {
     note: String,
 }
 
-fn spawn_ztunnel(
-    sb: &Sandbox,
-    host: &str,
-    w: &WorkloadSpec,
-    xds: &Path,
-    ca: &mesh::CaFiles,
-    config: Option<&Path>,
-    workers: Option<usize>,
-    log: Option<&str>,
-) -> Result<Ztunnel> {
-    let mut env = mesh::dedicated_env(w, xds, ca);
-    if let Some(l) = log {
-        env.push(("RUST_LOG".into(), l.into()));
+/// What every ztunnel of the run shares.
+struct Launch<'a> {
+    sb: &'a Sandbox,
+    xds: &'a Path,
+    ca: &'a mesh::CaFiles,
+    args: &'a Args,
+}
+
+impl Launch<'_> {
+    fn ztunnel(&self, host: &str, w: &WorkloadSpec, config: Option<&Path>) -> Result<Ztunnel> {
+        let mut env = mesh::dedicated_env(w, self.xds, self.ca);
+        if let Some(l) = &self.args.log {
+            env.push(("RUST_LOG".into(), l.clone()));
+        }
+        if let Some(n) = self.args.workers {
+            env.push(("ZTUNNEL_WORKER_THREADS".into(), n.to_string()));
+        }
+        if let Some(c) = config.or(self.args.ztunnel_config.as_deref()) {
+            env.push(("ZTUNNEL_CONFIG".into(), c.display().to_string()));
+        }
+        Ztunnel::spawn(self.sb, host, &env, &bin_path("ztunnel"))
     }
-    if let Some(n) = workers {
-        env.push(("ZTUNNEL_WORKER_THREADS".into(), n.to_string()));
-    }
-    if let Some(c) = config {
-        env.push(("ZTUNNEL_CONFIG".into(), c.display().to_string()));
-    }
-    Ztunnel::spawn(sb, host, &env, &bin_path("ztunnel"))
 }
 
 fn runs<F: FnMut() -> Result<f64>>(n: usize, mut f: F) -> Result<(f64, Vec<f64>)> {
@@ -110,27 +112,15 @@ fn main() -> Result<()> {
     for host in ["server", "cmesh", "cdirect"] {
         sb.run_in(host, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     }
+    let launch = Launch {
+        sb: &sb,
+        xds: &xds,
+        ca: &ca,
+        args: &args,
+    };
     let servers = bench::start_servers(&sb, "server")?;
-    let zt_server = spawn_ztunnel(
-        &sb,
-        "server",
-        &server_w,
-        &xds,
-        &ca,
-        args.ztunnel_config.as_deref(),
-        args.workers,
-        args.log.as_deref(),
-    )?;
-    let mut zt_client = spawn_ztunnel(
-        &sb,
-        "cmesh",
-        &client_w,
-        &xds,
-        &ca,
-        args.ztunnel_config.as_deref(),
-        args.workers,
-        args.log.as_deref(),
-    )?;
+    let zt_server = launch.ztunnel("server", &server_w, None)?;
+    let mut zt_client = launch.ztunnel("cmesh", &client_w, None)?;
 
     let sink = SocketAddr::new(server_ip.into(), SINK_PORT);
     let echo = SocketAddr::new(server_ip.into(), ECHO_PORT);
@@ -215,16 +205,7 @@ fn main() -> Result<()> {
         zt_client.stop()?;
         let cold_cfg = sb.dir().join("cold.yaml");
         std::fs::write(&cold_cfg, "pool:\n  idle_timeout: 0s\n")?;
-        zt_client = spawn_ztunnel(
-            &sb,
-            "cmesh",
-            &client_w,
-            &xds,
-            &ca,
-            Some(&cold_cfg),
-            args.workers,
-            args.log.as_deref(),
-        )?;
+        zt_client = launch.ztunnel("cmesh", &client_w, Some(&cold_cfg))?;
         let (cc, _) = runs(args.repeat, || {
             bench::connection_rate(&sb, "cmesh", echo, w, dur)
         })?;
