@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::netns::Netns;
+
 /// The mark zmesh puts on its own sockets (Istio's 0x539), so capture rules skip them.
 pub const ZMESH_MARK: u32 = 0x539;
 
@@ -43,8 +45,10 @@ pub fn buffered(tcp: TcpStream) -> BufferedStream {
 }
 
 /// Options for sockets zmesh opens towards peers and applications.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SocketOptions {
+    /// Create the sockets inside this network namespace (a pod's, in shared mode).
+    pub netns: Option<Netns>,
     /// SO_MARK to set; `None` where marking is not wanted (tests without CAP_NET_ADMIN).
     pub mark: Option<u32>,
     pub connect_timeout: Duration,
@@ -54,10 +58,26 @@ pub struct SocketOptions {
 impl Default for SocketOptions {
     fn default() -> Self {
         SocketOptions {
+            netns: None,
             mark: Some(ZMESH_MARK),
             connect_timeout: Duration::from_secs(10),
             keepalive: Some(Duration::from_secs(180)),
         }
+    }
+}
+
+/// A TCP socket, created inside `netns` when given (it stays there for life).
+fn new_socket(v4: bool, netns: Option<&Netns>) -> io::Result<TcpSocket> {
+    let make = || {
+        if v4 {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    match netns {
+        Some(ns) => ns.run(make)?,
+        None => make(),
     }
 }
 
@@ -67,11 +87,7 @@ pub async fn connect(
     src: Option<IpAddr>,
     opts: &SocketOptions,
 ) -> io::Result<TcpStream> {
-    let sock = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = new_socket(dst.is_ipv4(), opts.netns.as_ref())?;
     let sref = socket2::SockRef::from(&sock);
     if let Some(mark) = opts.mark {
         sref.set_mark(mark)?;
@@ -107,12 +123,9 @@ pub fn listen(
     addr: SocketAddr,
     reuse_port: bool,
     mark: Option<u32>,
+    netns: Option<&Netns>,
 ) -> io::Result<tokio::net::TcpListener> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = new_socket(addr.is_ipv4(), netns)?;
     sock.set_reuseaddr(true)?;
     if reuse_port {
         sock.set_reuseport(true)?;

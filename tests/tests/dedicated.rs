@@ -508,7 +508,8 @@ fn admin_changes_the_log_level_and_dumps_config() {
         405
     );
     let dump: serde_json::Value = serde_json::from_str(&m.zt[0].config_dump().unwrap()).unwrap();
-    assert_eq!(dump["identity"], CLIENT_ID);
+    assert_eq!(dump["proxies"][0]["identity"], CLIENT_ID);
+    assert_eq!(dump["proxies"][0]["workload"]["name"], "client");
     assert_eq!(dump["config"]["proxy_mode"], "dedicated");
     assert_eq!(dump["certificates"][0]["identity"], CLIENT_ID);
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 3);

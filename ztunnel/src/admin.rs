@@ -17,7 +17,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::Proxy;
+use crate::app::Proxies;
+use crate::proxy::Node;
 
 /// Changes the log filter at run time (`/logging?level=...`); returns the filter in force.
 pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
@@ -68,7 +69,8 @@ where
 
 /// State shown and controlled by the admin endpoints.
 pub struct Admin {
-    pub proxy: Arc<Proxy>,
+    pub node: Arc<Node>,
+    pub proxies: Arc<Proxies>,
     pub registry: Arc<Registry>,
     pub ready: Arc<AtomicBool>,
     pub log: LogControl,
@@ -117,14 +119,28 @@ impl Admin {
     }
 
     fn config_dump(&self) -> String {
-        let st = self.proxy.state.load();
+        let st = self.node.state.load();
+        let proxies: Vec<_> = self
+            .proxies
+            .snapshot()
+            .into_iter()
+            .map(|(key, p)| {
+                serde_json::json!({
+                    "key": key,
+                    "workload": &p.workload,
+                    "identity": p.identity.to_string(),
+                    "netns": p.sockets.netns.as_ref().map(|n| format!("{:?}", n.id())),
+                    "open_connections": p.tracker.len(),
+                    "pool": p.pool.stats(),
+                })
+            })
+            .collect();
         let dump = serde_json::json!({
-            "config": &*self.proxy.cfg,
-            "identity": self.proxy.identity.to_string(),
+            "config": &*self.node.cfg,
+            "proxies": proxies,
             "workloads": st.workloads().iter().map(|w| &**w).collect::<Vec<_>>(),
             "services": st.services().map(|s| &**s).collect::<Vec<_>>(),
-            "certificates": self.proxy.certs.summaries(),
-            "pool": self.proxy.pool.stats(),
+            "certificates": self.node.certs.summaries(),
             "version": env!("CARGO_PKG_VERSION"),
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default()

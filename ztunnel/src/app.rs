@@ -11,18 +11,15 @@ use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use zmesh_core::certs::{CertStore, LocalCaSource};
-use zmesh_core::hbone::Pool;
-use zmesh_core::identity::SpiffeId;
-use zmesh_core::socket::{SocketOptions, listen};
+use zmesh_core::socket::listen;
 use zmesh_core::state::{LocalConfig, State};
 use zmesh_core::tls::LocalCa;
 
 use crate::admin::{self, Admin, LogControl};
-use crate::config::Config;
+use crate::config::{Config, ProxyMode};
 use crate::metrics::Metrics;
-use crate::proxy::{self, Proxy};
+use crate::proxy::{Node, Proxy};
 
 /// Reads and validates the local-config file into a state snapshot.
 pub fn load_state(path: &Path) -> anyhow::Result<State> {
@@ -32,34 +29,38 @@ pub fn load_state(path: &Path) -> anyhow::Result<State> {
     State::from_local(cfg).with_context(|| format!("in {}", path.display()))
 }
 
+/// The proxies this ztunnel runs: one in dedicated mode, one per enrolled pod in shared mode.
+/// Keyed by pod uid (the workload's `<namespace>/<name>` in dedicated mode).
+#[derive(Default)]
+pub struct Proxies(std::sync::Mutex<std::collections::BTreeMap<String, Arc<Proxy>>>);
+
+impl Proxies {
+    pub fn insert(&self, key: String, proxy: Arc<Proxy>) -> Option<Arc<Proxy>> {
+        self.0.lock().expect("proxies lock").insert(key, proxy)
+    }
+
+    pub fn remove(&self, key: &str) -> Option<Arc<Proxy>> {
+        self.0.lock().expect("proxies lock").remove(key)
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Proxy>> {
+        self.0.lock().expect("proxies lock").get(key).cloned()
+    }
+
+    pub fn snapshot(&self) -> Vec<(String, Arc<Proxy>)> {
+        let map = self.0.lock().expect("proxies lock");
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
 /// Runs ztunnel until it has drained after SIGTERM, SIGINT or `/quitquitquit`.
 pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    let workload = cfg
-        .workload
-        .clone()
-        .expect("validated: dedicated mode has a workload");
     let state = match &cfg.local_xds_path {
         Some(p) => load_state(p)?,
         None => State::default(),
     };
     let state = Arc::new(ArcSwap::from_pointee(state));
-    let trust_domain = state
-        .load()
-        .find_workload(
-            &workload.namespace,
-            &workload.name,
-            &workload.service_account,
-        )
-        .map(|w| w.trust_domain.clone())
-        .unwrap_or_else(|| cfg.trust_domain.clone());
-    let identity = SpiffeId::new(
-        &trust_domain,
-        &workload.namespace,
-        &workload.service_account,
-    )
-    .context("PROXY_WORKLOAD_INFO does not make a valid SPIFFE identity")?;
-
     let (ca_cert, ca_key) = (
         cfg.local_ca_cert.as_deref().expect("validated"),
         cfg.local_ca_key.as_deref().expect("validated"),
@@ -70,50 +71,29 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         ca,
         ttl: cfg.cert_ttl,
     }));
-
-    let sockets = SocketOptions {
-        mark: cfg.mark(),
-        connect_timeout: cfg.connect_timeout,
-        ..SocketOptions::default()
-    };
     let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let proxy = Arc::new(Proxy {
+    let node = Arc::new(Node {
         cfg: cfg.clone(),
         state: state.clone(),
         certs: certs.clone(),
-        pool: Pool::new(cfg.pool, cfg.h2, sockets),
-        metrics,
-        workload_key: zmesh_core::state::workload_key(
-            &workload.namespace,
-            &workload.name,
-            &workload.service_account,
-        ),
-        workload,
-        identity: identity.clone(),
-        drain: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        sockets,
+        metrics: Metrics::register(&mut registry),
     });
+    let proxies = Arc::new(Proxies::default());
 
-    let mark = cfg.mark();
+    let admin_l = listen(([127, 0, 0, 1], cfg.ports.admin).into(), false, None, None)
+        .context("cannot bind admin port")?;
     let bind = |port, what: &str| {
-        listen(cfg.bind(port), true, mark)
+        listen(cfg.bind(port), true, None, None)
             .with_context(|| format!("cannot bind the {what} listener on port {port}"))
     };
-    let outbound = bind(cfg.ports.outbound, "outbound")?;
-    let hbone = bind(cfg.ports.hbone, "HBONE")?;
-    let plaintext = bind(cfg.ports.inbound_plaintext, "inbound plaintext")?;
-    let admin_l = listen(([127, 0, 0, 1], cfg.ports.admin).into(), false, None)
-        .context("cannot bind admin port")?;
     let stats_l = bind(cfg.ports.stats, "metrics")?;
     let ready_l = bind(cfg.ports.readiness, "readiness")?;
-
     let ready = Arc::new(AtomicBool::new(false));
     let quit = CancellationToken::new();
     let servers_stop = CancellationToken::new();
     let admin = Arc::new(Admin {
-        proxy: proxy.clone(),
+        node: node.clone(),
+        proxies: proxies.clone(),
         registry: Arc::new(registry),
         ready: ready.clone(),
         log,
@@ -131,24 +111,37 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(ready_l, servers_stop.clone(), move |r| {
         a.clone().readiness(r)
     }));
-
     if let Some(path) = cfg.local_xds_path.clone() {
         watch_local_config(path, state.clone(), servers_stop.clone())?;
     }
 
-    let listeners = [
-        tokio::spawn(proxy.clone().serve_outbound(outbound)),
-        tokio::spawn(proxy::serve_hbone(proxy.clone(), hbone)),
-        tokio::spawn(proxy::serve_plaintext(proxy.clone(), plaintext)),
-    ];
-
-    // Ready once the workload's certificate is in hand: the first connection won't wait.
-    certs
-        .get(&identity)
-        .await
-        .with_context(|| format!("cannot obtain a certificate for {identity}"))?;
-    ready.store(true, Ordering::Release);
-    tracing::info!(%identity, outbound = cfg.ports.outbound, hbone = cfg.ports.hbone, plaintext = cfg.ports.inbound_plaintext, "ztunnel ready");
+    match cfg.proxy_mode {
+        ProxyMode::Dedicated => {
+            let workload = cfg
+                .workload
+                .clone()
+                .expect("validated: dedicated mode has a workload");
+            let proxy = Proxy::new(&node, workload.clone(), None)?;
+            proxy.start()?;
+            // Ready once the workload's certificate is in hand: the first connection won't wait.
+            certs
+                .get(&proxy.identity)
+                .await
+                .with_context(|| format!("cannot obtain a certificate for {}", proxy.identity))?;
+            tracing::info!(identity = %proxy.identity, "ztunnel ready (dedicated mode)");
+            proxies.insert(format!("{}/{}", workload.namespace, workload.name), proxy);
+            ready.store(true, Ordering::Release);
+        }
+        ProxyMode::Shared => {
+            let uds = cfg.inpod_uds.clone();
+            tokio::spawn(crate::inpod::run(
+                node.clone(),
+                proxies.clone(),
+                ready.clone(),
+                uds,
+            ));
+        }
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -157,32 +150,33 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         _ = int.recv() => "SIGINT",
         _ = quit.cancelled() => "/quitquitquit",
     };
-    drain(&proxy, &ready, cfg.drain_deadline, why).await;
-    for l in listeners {
-        l.abort();
-    }
+    ready.store(false, Ordering::Release);
+    drain(&proxies, cfg.drain_deadline, why).await;
     servers_stop.cancel();
     Ok(())
 }
 
-/// Stops accepting, then lets open connections finish until the deadline.
-async fn drain(proxy: &Proxy, ready: &AtomicBool, deadline: Duration, why: &str) {
-    ready.store(false, Ordering::Release);
-    proxy.drain.cancel();
-    proxy.tracker.close();
-    let open = proxy.tracker.len();
+/// Stops accepting everywhere, then lets open connections finish until the deadline.
+async fn drain(proxies: &Proxies, deadline: Duration, why: &str) {
+    let all = proxies.snapshot();
+    let open: usize = all.iter().map(|(_, p)| p.tracker.len()).sum();
     tracing::info!(
         reason = why,
+        proxies = all.len(),
         open,
         ?deadline,
         "draining: no new connections, waiting for open ones"
     );
-    match tokio::time::timeout(deadline, proxy.tracker.wait()).await {
-        Ok(()) => tracing::info!("drained: all connections finished"),
-        Err(_) => tracing::warn!(
-            open = proxy.tracker.len(),
+    let drained =
+        futures::future::join_all(all.iter().map(|(_, p)| p.drain_connections(deadline))).await;
+    if drained.iter().all(|d| *d) {
+        tracing::info!("drained: all connections finished");
+    } else {
+        let open: usize = all.iter().map(|(_, p)| p.tracker.len()).sum();
+        tracing::warn!(
+            open,
             "drain deadline passed; closing the remaining connections"
-        ),
+        );
     }
 }
 

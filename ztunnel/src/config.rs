@@ -58,6 +58,8 @@ pub struct Config {
     pub proxy_mode: ProxyMode,
     /// The workload served in dedicated mode (`PROXY_WORKLOAD_INFO`).
     pub workload: Option<WorkloadInfo>,
+    /// The node agent's ZDS socket, in shared mode (`INPOD_UDS`).
+    pub inpod_uds: PathBuf,
     /// Upstream ztunnel's local-config YAML, watched and reloaded on change (`LOCAL_XDS_PATH`).
     pub local_xds_path: Option<PathBuf>,
     /// Controller (xDS) address; empty: no xDS, local config only (`XDS_ADDRESS`).
@@ -95,6 +97,7 @@ impl Default for Config {
         Config {
             proxy_mode: ProxyMode::Dedicated,
             workload: None,
+            inpod_uds: PathBuf::from(zmesh_core::zds::DEFAULT_SOCKET_PATH),
             local_xds_path: None,
             xds_address: String::new(),
             ca_address: String::new(),
@@ -196,6 +199,11 @@ impl Config {
         if let Some(v) = get("LOCAL_XDS_PATH") {
             self.local_xds_path = path(v);
         }
+        if let Some(v) = get("INPOD_UDS")
+            && let Some(p) = path(v)
+        {
+            self.inpod_uds = p;
+        }
         if let Some(v) = get("LOCAL_CA_CERT") {
             self.local_ca_cert = path(v);
         }
@@ -229,14 +237,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |s: String| Err(ConfigError::Invalid(s));
-        if self.proxy_mode == ProxyMode::Shared {
-            return invalid(
-                "PROXY_MODE=shared (in-pod capture handed over by the node agent) is not \
-                 available in this build; use PROXY_MODE=dedicated"
-                    .into(),
-            );
-        }
-        if self.workload.is_none() {
+        if self.proxy_mode == ProxyMode::Dedicated && self.workload.is_none() {
             return invalid(
                 "dedicated mode needs the workload it serves: set \
                  PROXY_WORKLOAD_INFO=<namespace>/<name>/<service-account>"
@@ -382,7 +383,6 @@ mod tests {
                 "PROXY_WORKLOAD_INFO",
             ),
             ("PROXY_MODE", "sidecar", "PROXY_MODE"),
-            ("PROXY_MODE", "shared", "shared"),
             ("XDS_ADDRESS", "https://istiod:15012", "XDS_ADDRESS"),
             ("CA_ADDRESS", "https://istiod:15012", "CA_ADDRESS"),
             ("LOCAL_CA_KEY", "", "LOCAL_CA_KEY"),

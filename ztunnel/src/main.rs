@@ -5,6 +5,7 @@
 mod admin;
 mod app;
 mod config;
+mod inpod;
 mod metrics;
 mod proxy;
 

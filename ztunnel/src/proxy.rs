@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use zmesh_core::certs::CertStore;
 use zmesh_core::hbone::{Pool, PoolKey, SourceInfo};
 use zmesh_core::identity::SpiffeId;
+use zmesh_core::netns::Netns;
 use zmesh_core::socket::{SocketOptions, original_dst};
 use zmesh_core::state::{Protocol, Resolved, State, Workload};
 
@@ -21,6 +22,14 @@ use crate::config::{Config, WorkloadInfo};
 use crate::metrics::{ConnectionRecord, Metrics, TrafficLabels, connection_failed};
 
 pub use inbound::{serve_hbone, serve_plaintext};
+
+/// What every proxy of a node shares.
+pub struct Node {
+    pub cfg: Arc<Config>,
+    pub state: Arc<ArcSwap<State>>,
+    pub certs: Arc<CertStore>,
+    pub metrics: Metrics,
+}
 
 /// Everything the listeners of one workload share.
 pub struct Proxy {
@@ -57,6 +66,10 @@ pub enum ProxyError {
     Hbone(#[from] zmesh_core::hbone::HboneError),
     #[error("cannot connect to {0}: {1}")]
     Upstream(SocketAddr, std::io::Error),
+    #[error("workload identity: {0}")]
+    Identity(zmesh_core::identity::IdentityError),
+    #[error("cannot bind port {0}: {1}")]
+    Bind(u16, std::io::Error),
     #[error("copy ended with an error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -74,6 +87,85 @@ impl ProxyError {
 }
 
 impl Proxy {
+    /// A proxy for `workload` whose sockets are created in `netns` (ztunnel's own when
+    /// `None`). Its identity comes from the workload's service account and trust domain.
+    pub fn new(
+        node: &Node,
+        workload: WorkloadInfo,
+        netns: Option<Netns>,
+    ) -> Result<Arc<Proxy>, ProxyError> {
+        let workload_key = zmesh_core::state::workload_key(
+            &workload.namespace,
+            &workload.name,
+            &workload.service_account,
+        );
+        let trust_domain = node
+            .state
+            .load()
+            .workload_by_key(&workload_key)
+            .map(|w| w.trust_domain.clone())
+            .unwrap_or_else(|| node.cfg.trust_domain.clone());
+        let identity = SpiffeId::new(
+            &trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .map_err(ProxyError::Identity)?;
+        let sockets = SocketOptions {
+            netns,
+            mark: node.cfg.mark(),
+            connect_timeout: node.cfg.connect_timeout,
+            ..SocketOptions::default()
+        };
+        Ok(Arc::new(Proxy {
+            cfg: node.cfg.clone(),
+            state: node.state.clone(),
+            certs: node.certs.clone(),
+            pool: Pool::new(node.cfg.pool, node.cfg.h2, sockets.clone()),
+            metrics: node.metrics.clone(),
+            workload,
+            workload_key,
+            identity,
+            drain: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            sockets,
+        }))
+    }
+
+    /// Binds 15001, 15008 and 15006 (inside the proxy's netns, with SO_REUSEPORT so a new
+    /// ztunnel can bind beside a draining one) and serves them until the drain starts.
+    pub fn start(self: &Arc<Self>) -> Result<(), ProxyError> {
+        let ports = self.cfg.ports;
+        let bind = |port| {
+            zmesh_core::socket::listen(
+                self.cfg.bind(port),
+                true,
+                self.cfg.mark(),
+                self.sockets.netns.as_ref(),
+            )
+            .map_err(|e| ProxyError::Bind(port, e))
+        };
+        let (outbound, hbone, plaintext) = (
+            bind(ports.outbound)?,
+            bind(ports.hbone)?,
+            bind(ports.inbound_plaintext)?,
+        );
+        tokio::spawn(self.clone().serve_outbound(outbound));
+        tokio::spawn(serve_hbone(self.clone(), hbone));
+        tokio::spawn(serve_plaintext(self.clone(), plaintext));
+        Ok(())
+    }
+
+    /// Stops accepting and lets open connections finish; returns once they did or the
+    /// deadline passed (then they are left to close with the process or the pod).
+    pub async fn drain_connections(&self, deadline: std::time::Duration) -> bool {
+        self.drain.cancel();
+        self.tracker.close();
+        tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+
     /// The proxied workload as the mesh knows it (absent until it appears in config).
     pub fn local_workload(&self) -> Option<Arc<Workload>> {
         self.state
