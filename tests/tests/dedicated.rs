@@ -171,10 +171,15 @@ fn megabytes_both_ways_with_half_close_and_the_client_identity() {
         log.contains(&format!("src.identity={CLIENT_ID}")),
         "access log:\n{log}"
     );
-    assert!(
-        m.zt[0]
-            .log()
-            .contains("dst.identity=spiffe://cluster.local/ns/default/sa/server")
+    poll(
+        "the client's access log line",
+        Duration::from_secs(5),
+        || {
+            m.zt[0]
+                .log()
+                .contains("dst.identity=spiffe://cluster.local/ns/default/sa/server")
+                .then_some(())
+        },
     );
 }
 
@@ -335,8 +340,17 @@ fn connections_aimed_at_ztunnel_ports_are_refused() {
             "a connection to {dst} was served: {outcome:?}"
         );
     }
-    let log = m.zt[0].log();
-    assert!(log.contains("one of ztunnel's own ports"), "{log}");
+    // The access log is written by a background thread: wait for the line.
+    poll(
+        "the loop refusal in the log",
+        Duration::from_secs(5),
+        || {
+            m.zt[0]
+                .log()
+                .contains("one of ztunnel's own ports")
+                .then_some(())
+        },
+    );
 }
 
 #[test]
