@@ -31,6 +31,7 @@ pub mod http;
 pub mod lab;
 pub mod mesh;
 pub mod process;
+pub mod runtime;
 pub mod sandbox;
 pub mod ztunnel;
 

@@ -145,6 +145,7 @@ impl Sandbox {
             "--mount",
             "--pid",
             "--fork",
+            "--mount-proc",
             "--kill-child=SIGTERM",
         ])
         .args(["--propagation", "private", "--"])
