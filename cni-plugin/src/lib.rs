@@ -4,7 +4,9 @@
 //! asks the node agent to enrol the pod; the agent installs the redirection rules inside the
 //! pod's network namespace and hands that namespace to ztunnel (ZDS). See `docs/CNI.md`.
 
+pub mod agent;
 pub mod api;
+pub mod install;
 pub mod plugin;
 pub mod rules;
 pub mod spec;

@@ -1,0 +1,112 @@
+//! `zmesh-cni-agent`: the node agent. Reads pods and namespaces from a directory of
+//! Kubernetes YAML, serves the plugin API on `<run-dir>/agent.sock`, installs the redirection
+//! rules in enrolled pods and hands them to the local ztunnel over ZDS. Every flag has an
+//! environment override (`ZMESH_*`, `NODE_NAME`). See `zmesh_cni::agent`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing::info;
+use zmesh_cni::agent::server::SOCKET_FILE;
+use zmesh_cni::agent::source::DEFAULT_DEBOUNCE;
+use zmesh_cni::agent::state::STATE_FILE;
+use zmesh_cni::agent::{Agent, AgentConfig, ApiServer, DirSource, RulesAndZds, StateStore};
+use zmesh_cni::rules::{Backend, RuleConfig};
+use zmesh_core::zds::{DEFAULT_SOCKET_PATH, ZdsServer};
+
+/// The node agent's configuration, validated once at start and logged.
+#[derive(Debug, Parser)]
+#[command(name = "zmesh-cni-agent", version, about)]
+struct Config {
+    /// Directory of Kubernetes YAML (Pods, Namespaces) to read and watch.
+    #[arg(long, env = "ZMESH_PODS_DIR")]
+    pods_dir: PathBuf,
+    /// This node's name: pods scheduled elsewhere are never enrolled.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Directory of the plugin socket (`agent.sock`) and the state file (`pods.json`).
+    #[arg(long, env = "ZMESH_RUN_DIR", default_value = "/var/run/zmesh")]
+    run_dir: PathBuf,
+    /// Where ztunnel connects (ZDS; the agent listens).
+    #[arg(long, env = "ZMESH_ZTUNNEL_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+    ztunnel_socket: PathBuf,
+    /// How rules are written: nftables, iptables-legacy or iptables-nft.
+    #[arg(long, env = "ZMESH_RULES_BACKEND", default_value = "nftables")]
+    rules_backend: Backend,
+    /// Redirect pods' DNS to ztunnel's DNS proxy (15053).
+    #[arg(long, env = "ZMESH_DNS_CAPTURE")]
+    dns_capture: bool,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "ZMESH_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .with_context(|| format!("invalid --log filter {:?}", config.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    anyhow::ensure!(
+        !config.node_name.is_empty(),
+        "--node-name must not be empty"
+    );
+    info!(?config, "starting the node agent");
+    tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")?
+        .block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.run_dir).with_context(|| {
+        format!(
+            "cannot create the run directory {}",
+            config.run_dir.display()
+        )
+    })?;
+    if let Some(dir) = config.ztunnel_socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the ZDS socket directory {}", dir.display()))?;
+    }
+    let state = Arc::new(StateStore::open(&config.run_dir.join(STATE_FILE))?);
+    let source = DirSource::start(&config.pods_dir, DEFAULT_DEBOUNCE)?;
+    let zds = ZdsServer::bind(&config.ztunnel_socket, {
+        let state = state.clone();
+        move || state.snapshot()
+    })?;
+    let rules = RuleConfig {
+        dns_capture: config.dns_capture,
+        ..RuleConfig::default()
+    };
+    let dataplane = RulesAndZds::new(zds.clone(), config.rules_backend, rules);
+    let agent = Arc::new(Agent::new(
+        AgentConfig::new(&config.node_name),
+        &source,
+        dataplane,
+        state,
+    ));
+    let api = ApiServer::bind(&config.run_dir.join(SOCKET_FILE), agent.clone())?;
+    let reconciler = tokio::spawn(agent.clone().run_reconciler());
+    info!(
+        api = %api.path().display(),
+        zds = %zds.path().display(),
+        "node agent ready for ztunnel; ADDs are served once a ztunnel connects"
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
+        _ = term.recv() => info!("SIGTERM; stopping"),
+    }
+    // Rules in pods and the state file stay: a restarted agent carries on from them.
+    reconciler.abort();
+    drop(api);
+    zds.shutdown().await;
+    Ok(())
+}
