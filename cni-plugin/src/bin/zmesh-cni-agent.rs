@@ -13,6 +13,7 @@ use zmesh_cni::agent::server::SOCKET_FILE;
 use zmesh_cni::agent::source::DEFAULT_DEBOUNCE;
 use zmesh_cni::agent::state::STATE_FILE;
 use zmesh_cni::agent::{Agent, AgentConfig, ApiServer, DirSource, RulesAndZds, StateStore};
+use zmesh_cni::install;
 use zmesh_cni::rules::{Backend, RuleConfig};
 use zmesh_core::zds::{DEFAULT_SOCKET_PATH, ZdsServer};
 
@@ -41,6 +42,33 @@ struct Config {
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "ZMESH_LOG", default_value = "info")]
     log: String,
+    /// The node's CNI configuration directory (e.g. /etc/cni/net.d). When given, the agent
+    /// installs the plugin binary and chains its entry into the primary CNI's configuration,
+    /// and keeps it there (repairing it when the primary CNI rewrites its file). Without it,
+    /// the agent installs nothing (someone else did).
+    #[arg(long, env = "ZMESH_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// Where the runtime finds CNI plugins (e.g. /opt/cni/bin).
+    #[arg(long, env = "ZMESH_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The plugin binary to install; default: `zmesh-cni` next to this executable.
+    #[arg(long, env = "ZMESH_PLUGIN_BINARY")]
+    plugin_binary: Option<PathBuf>,
+    /// The plugin's log file (its `log_file` key).
+    #[arg(
+        long,
+        env = "ZMESH_PLUGIN_LOG_FILE",
+        default_value = "/var/log/zmesh-cni.log"
+    )]
+    plugin_log_file: PathBuf,
+    /// Namespaces whose pods start without asking the agent (its `exclude_namespaces`).
+    #[arg(
+        long,
+        env = "ZMESH_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system,zmesh-system"
+    )]
+    exclude_namespaces: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +120,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let api = ApiServer::bind(&config.run_dir.join(SOCKET_FILE), agent.clone())?;
     let reconciler = tokio::spawn(agent.clone().run_reconciler());
+    // Installed only once the API answers: from then on a pod's ADD reaches us (and fails,
+    // to be retried, until a ztunnel connects), never an agent that is not there yet.
+    let (stop_install, stop_rx) = tokio::sync::watch::channel(false);
+    let installer = match &config.cni_conf_dir {
+        Some(conf_dir) => Some(install(&config, conf_dir, api.path(), stop_rx)?),
+        None => {
+            info!("no --cni-conf-dir: not installing the CNI plugin");
+            None
+        }
+    };
     info!(
         api = %api.path().display(),
         zds = %zds.path().display(),
@@ -104,9 +142,62 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
         _ = term.recv() => info!("SIGTERM; stopping"),
     }
-    // Rules in pods and the state file stay: a restarted agent carries on from them.
+    // Rules in pods, the state file and our conflist entry stay: a restarted agent carries
+    // on from them, and until it is back new mesh pods fail ADD (retried) rather than start
+    // uncaptured.
     reconciler.abort();
+    let _ = stop_install.send(true);
+    if let Some(task) = installer {
+        let _ = task.await;
+    }
     drop(api);
     zds.shutdown().await;
     Ok(())
+}
+
+/// Installs the plugin binary, chains our entry into the primary CNI's configuration and
+/// keeps it there.
+fn install(
+    config: &Config,
+    conf_dir: &std::path::Path,
+    agent_socket: &std::path::Path,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let plugin = match &config.plugin_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable to locate zmesh-cni beside it")?
+            .with_file_name("zmesh-cni"),
+    };
+    std::fs::create_dir_all(&config.cni_bin_dir)
+        .with_context(|| format!("cannot create {}", config.cni_bin_dir.display()))?;
+    let replaced = install::install_binary(&plugin, &config.cni_bin_dir).with_context(|| {
+        format!(
+            "cannot install {} into {}",
+            plugin.display(),
+            config.cni_bin_dir.display()
+        )
+    })?;
+    info!(plugin = %plugin.display(), bin_dir = %config.cni_bin_dir.display(), replaced, "CNI plugin binary installed");
+    let entry = serde_json::json!({
+        "type": "zmesh-cni",
+        "agent_socket": agent_socket,
+        "log_file": config.plugin_log_file,
+        "exclude_namespaces": config.exclude_namespaces,
+    });
+    let conf_dir = conf_dir.to_owned();
+    Ok(tokio::spawn(async move {
+        let stats = install::RepairStats::new();
+        if let Err(e) = install::watch_and_repair(
+            conf_dir.clone(),
+            entry,
+            install::WatchOptions::default(),
+            stats,
+            stop,
+        )
+        .await
+        {
+            tracing::error!(conf_dir = %conf_dir.display(), error = %e, "CNI configuration watch stopped");
+        }
+    }))
 }
