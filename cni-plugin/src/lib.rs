@@ -1,6 +1,5 @@
-//! zmesh's chained CNI plugin (`zmesh-cni`) and node agent (`zmesh-cni-agent`, arriving with
-//! the rest of in-pod capture). The plugin runs in the host netns for every pod the container
-//! runtime creates, decides nothing on its own beyond the namespaces it is told to skip, and
+//! zmesh's chained CNI plugin (`zmesh-cni`) and node agent (`zmesh-cni-agent`). The plugin
+//! runs in the host netns for every pod the container runtime creates, decides nothing on its own beyond the namespaces it is told to skip, and
 //! asks the node agent to enrol the pod; the agent installs the redirection rules inside the
 //! pod's network namespace and hands that namespace to ztunnel (ZDS). See `docs/CNI.md`.
 
