@@ -32,6 +32,8 @@ fn command(pods: &Path, run: &Path, zds: &Path) -> Command {
         .arg(run)
         .arg("--ztunnel-socket")
         .arg(zds)
+        // These tests run on the host: no host-side rules (the lab tests cover them).
+        .arg("--no-probe-snat")
         .env("NODE_NAME", "n1")
         .env("ZMESH_LOG", "debug")
         .stdin(Stdio::null());

@@ -11,7 +11,7 @@ use tracing::warn;
 use zmesh_core::zds::{ZdsError, ZdsServer};
 
 use super::state::PodRecord;
-use crate::rules::{self, Backend, RuleConfig, RulesError};
+use crate::rules::{self, Backend, HostConfig, RuleConfig, RulesError};
 
 /// Why a pod could not be enrolled or released.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,16 @@ pub struct RulesAndZds {
     zds: ZdsServer,
     backend: Backend,
     rules: RuleConfig,
+    probes: Option<ProbeSnat>,
+}
+
+/// Host-side kubelet probe SNAT: node-local TCP to an enrolled pod leaves from the probe
+/// address, which the pod's rules let through to the app instead of ztunnel.
+#[derive(Clone, Debug)]
+struct ProbeSnat {
+    /// The node's network namespace (`None`: the agent's own, as on a real node).
+    node_netns: Option<std::path::PathBuf>,
+    cfg: HostConfig,
 }
 
 impl std::fmt::Debug for RulesAndZds {
@@ -72,7 +82,41 @@ impl RulesAndZds {
             zds,
             backend,
             rules,
+            probes: None,
         }
+    }
+
+    /// Installs the host-side probe SNAT in `node_netns` (`None`: the agent's own network
+    /// namespace) and keeps each enrolled pod's addresses in it from now on.
+    pub fn with_probe_snat(
+        mut self,
+        node_netns: Option<std::path::PathBuf>,
+        cfg: HostConfig,
+    ) -> Result<RulesAndZds, RulesError> {
+        rules::apply_host(node_netns.as_deref(), self.backend, &cfg)?;
+        self.probes = Some(ProbeSnat { node_netns, cfg });
+        Ok(self)
+    }
+
+    /// Adds (`add`) or removes the pod's addresses from the probe SNAT set.
+    async fn probe_snat(&self, pod: &PodRecord, add: bool) -> Result<(), DataplaneError> {
+        let Some(p) = self.probes.clone() else {
+            return Ok(());
+        };
+        let (backend, ips) = (self.backend, pod.ips.clone());
+        tokio::task::spawn_blocking(move || {
+            for ip in ips.into_iter().filter(|ip| ip.is_ipv4() || p.cfg.ipv6) {
+                if add {
+                    rules::add_probe_pod(p.node_netns.as_deref(), backend, &p.cfg, ip)?;
+                } else {
+                    rules::remove_probe_pod(p.node_netns.as_deref(), backend, &p.cfg, ip)?;
+                }
+            }
+            Ok::<_, RulesError>(())
+        })
+        .await
+        .map_err(|e| DataplaneError::Worker(e.to_string()))?
+        .map_err(DataplaneError::from)
     }
 
     /// The ZDS server.
@@ -104,6 +148,7 @@ impl RulesAndZds {
 impl Dataplane for RulesAndZds {
     async fn enrol(&self, pod: &PodRecord, netns: &File) -> Result<(), DataplaneError> {
         self.blocking(pod, rules::apply).await?;
+        self.probe_snat(pod, true).await?;
         self.zds
             .add(&pod.uid, pod.workload_info(), netns.as_fd())
             .await?;
@@ -115,12 +160,13 @@ impl Dataplane for RulesAndZds {
         if let Err(e) = &zds {
             warn!(pod = %pod.key(), uid = pod.uid, "{e}");
         }
+        let probes = self.probe_snat(pod, false).await;
         let rules = if pod.netns.exists() {
             self.blocking(pod, rules::remove).await
         } else {
             Ok(())
         };
-        zds.and(rules)
+        zds.and(probes).and(rules)
     }
 
     fn ready(&self) -> bool {

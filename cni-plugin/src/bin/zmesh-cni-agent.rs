@@ -14,7 +14,7 @@ use zmesh_cni::agent::source::DEFAULT_DEBOUNCE;
 use zmesh_cni::agent::state::STATE_FILE;
 use zmesh_cni::agent::{Agent, AgentConfig, ApiServer, DirSource, RulesAndZds, StateStore};
 use zmesh_cni::install;
-use zmesh_cni::rules::{Backend, RuleConfig};
+use zmesh_cni::rules::{Backend, HostConfig, RuleConfig};
 use zmesh_core::zds::{DEFAULT_SOCKET_PATH, ZdsServer};
 
 /// The node agent's configuration, validated once at start and logged.
@@ -42,6 +42,14 @@ struct Config {
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "ZMESH_LOG", default_value = "info")]
     log: String,
+    /// Do not SNAT the kubelet's probes to enrolled pods (then probes go through ztunnel's
+    /// inbound listener, as any plaintext client's would).
+    #[arg(long, env = "ZMESH_NO_PROBE_SNAT")]
+    no_probe_snat: bool,
+    /// SNAT only probes from sockets of this user (the kubelet's); default: any node-local
+    /// socket.
+    #[arg(long, env = "ZMESH_KUBELET_UID")]
+    kubelet_uid: Option<u32>,
     /// The node's CNI configuration directory (e.g. /etc/cni/net.d). When given, the agent
     /// installs the plugin binary and chains its entry into the primary CNI's configuration,
     /// and keeps it there (repairing it when the primary CNI rewrites its file). Without it,
@@ -111,7 +119,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         dns_capture: config.dns_capture,
         ..RuleConfig::default()
     };
-    let dataplane = RulesAndZds::new(zds.clone(), config.rules_backend, rules);
+    let mut dataplane = RulesAndZds::new(zds.clone(), config.rules_backend, rules);
+    if !config.no_probe_snat {
+        let host = HostConfig {
+            kubelet_uid: config.kubelet_uid,
+            ..HostConfig::default()
+        };
+        dataplane = dataplane.with_probe_snat(None, host).context(
+            "cannot install the host's kubelet-probe SNAT rules (or pass --no-probe-snat)",
+        )?;
+    }
     let agent = Arc::new(Agent::new(
         AgentConfig::new(&config.node_name),
         &source,
