@@ -9,10 +9,10 @@ use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 use zmesh_tests::apps::{EchoServer, identify, transfer};
 use zmesh_tests::capture::Capture;
+use zmesh_tests::cluster::{self, Cluster};
 use zmesh_tests::lab::{Topology, redirect_outbound};
-use zmesh_tests::mesh::{self, LocalConfig, ServiceSpec, WorkloadSpec};
-use zmesh_tests::ztunnel::{Ztunnel, metric_value};
-use zmesh_tests::{Sandbox, bin_path, pattern, unique_marker};
+use zmesh_tests::ztunnel::metric_value;
+use zmesh_tests::{Sandbox, pattern, unique_marker};
 
 #[derive(Parser)]
 #[command(name = "zmesh-lab", about = "zmesh network-namespace lab")]
@@ -25,8 +25,10 @@ struct Cli {
 enum Cmd {
     /// Check that this machine can run the lab: sandbox, bridge, transfer, capture, nftables.
     Check,
-    /// Two hosts, two ztunnels: a client reaches a service VIP over HBONE, and a capture on
-    /// the wire shows no plaintext. Needs the binaries (cargo build --workspace --bins).
+    /// A two-node cluster (node agents, ztunnel pods in shared mode, pods through each node's
+    /// CNI runtime): an enrolled pair talks mutual TLS across the node link (no plaintext on
+    /// the wire), an unenrolled pair in plaintext. Needs the binaries (cargo build --workspace
+    /// --bins) and containernetworking-plugins.
     Demo {
         /// Keep the lab up until Enter, to explore it.
         #[arg(long)]
@@ -102,95 +104,123 @@ fn check() -> Result<()> {
 }
 
 fn demo(wait: bool) -> Result<()> {
-    let bin = bin_path("ztunnel");
     let sb = Sandbox::new()?;
-    let topo = Topology::build(&sb, &["client", "server"])?;
+    let cluster = Cluster::up(&sb, &["n1", "n2"])?;
     println!(
-        "1. hosts: client {} and server {} on bridge br0 (sandbox anchor pid {})",
-        topo.host_ip("client"),
-        topo.host_ip("server"),
-        sb.pid()
+        "1. cluster up (sandbox anchor pid {}): nodes n1 {} and n2 {} on bridge br0, pod \
+         networks {} and {}",
+        sb.pid(),
+        cluster.node_ip("n1"),
+        cluster.node_ip("n2"),
+        cluster::pod_cidr(0),
+        cluster::pod_cidr(1)
     );
-    let ca = mesh::write_ca(sb.dir(), "demo-root")?;
-    let client = WorkloadSpec::new("client", topo.host_ip("client"));
-    let server = WorkloadSpec::new("echo", topo.host_ip("server")).backs("echo", &[(80, 8080)]);
-    let xds = sb.dir().join("mesh.yaml");
-    let cfg = LocalConfig::default()
-        .workload(client.clone())
-        .workload(server.clone())
-        .service(ServiceSpec::new("echo", "10.96.0.10").port(80, 8080));
-    cfg.write(&xds)?;
+    for node in ["n1", "n2"] {
+        let zt = cluster.ztunnel_pod(node)?;
+        println!(
+            "   {node}: node agent pid {}, ztunnel pod {}/{} at {} (pid {}, shared mode)",
+            cluster.agent(node)?.map_or(0, |a| a.pid()),
+            zt.namespace,
+            zt.name,
+            zt.ip,
+            cluster.ztunnel(node)?.pid()
+        );
+    }
+    let conflist = cluster.dirs("n1")?.conflist();
+    let list: serde_json::Value = serde_json::from_slice(&std::fs::read(&conflist)?)?;
+    let plugins = list["plugins"].as_array().cloned().unwrap_or_default();
+    let types: Vec<&str> = plugins.iter().filter_map(|p| p["type"].as_str()).collect();
     println!(
-        "2. mesh config ({}):\n{}",
-        xds.display(),
-        indent(&cfg.to_yaml())
-    );
-    let _app = EchoServer::start(&sb, "server", 8080, "echo-1")?;
-    let zt_server = Ztunnel::spawn(
-        &sb,
-        "server",
-        &mesh::dedicated_env(&server, &xds, &ca),
-        &bin,
-    )?;
-    let zt_client = Ztunnel::spawn(
-        &sb,
-        "client",
-        &mesh::dedicated_env(&client, &xds, &ca),
-        &bin,
-    )?;
-    println!(
-        "3. ztunnels ready: server pid {}, client pid {}",
-        zt_server.pid(),
-        zt_client.pid()
-    );
-    let rules = redirect_outbound(&sb, "client")?;
-    println!(
-        "4. client's outbound TCP redirected to its ztunnel:\n{}",
-        indent(&rules)
+        "2. the agent chained zmesh-cni into {}: plugins {types:?}\n   {}",
+        conflist.display(),
+        plugins.last().map(|p| p.to_string()).unwrap_or_default()
     );
 
-    let vip: SocketAddr = "10.96.0.10:80".parse()?;
-    println!(
-        "5. client -> {vip} (service echo): answered by {:?}",
-        identify(&sb, "client", vip)?
-    );
-    let marker = unique_marker();
-    let mut payload = marker.clone().into_bytes();
-    payload.extend(pattern(1 << 20, 5));
-    let cap = Capture::start(&sb, &topo.veth("client"))?;
-    let got = transfer(&sb, "client", vip, &payload)?;
-    let seen = cap.stop()?;
-    ensure!(
-        got == payload,
-        "the echo through the mesh came back altered"
-    );
-    println!(
-        "6. 1 MiB echoed intact through HBONE; capture on {}: {} frames, {} drops, plaintext \
-         marker {:?} on the wire: {}",
-        topo.veth("client"),
-        seen.frames,
-        seen.drops,
-        marker,
-        if seen.contains(marker.as_bytes()) {
-            "SEEN (bad)"
-        } else {
-            "not seen"
-        }
-    );
-    ensure!(!seen.contains(marker.as_bytes()), "plaintext on the wire");
-    let m = zt_client.metrics()?;
-    println!(
-        "7. client ztunnel: istio_tcp_connections_opened_total {}, istio_tcp_sent_bytes_total {}",
-        metric_value(&m, "istio_tcp_connections_opened_total", &[]),
-        metric_value(&m, "istio_tcp_sent_bytes_total", &[])
-    );
-    let log = zt_client.log();
-    if let Some(line) = log
+    cluster.set_namespace_label("shop", Some("ambient"))?;
+    let client = cluster.create_pod("n1", "shop", "client", "client", &[])?;
+    let server = cluster.create_pod("n2", "shop", "echo", "echo", &[])?;
+    let plain_client = cluster.create_pod("n1", "legacy", "plain-client", "default", &[])?;
+    let plain_server = cluster.create_pod("n2", "legacy", "plain-echo", "default", &[])?;
+    let apps = [
+        EchoServer::start(&sb, &server.netns, 8080, "shop/echo")?,
+        EchoServer::start(&sb, &plain_server.netns, 8080, "legacy/plain-echo")?,
+    ];
+    println!("3. pods created through each node's CNI runtime (bridge + host-local + zmesh-cni):");
+    for p in [&client, &server, &plain_client, &plain_server] {
+        println!(
+            "   {:<20} on {} at {:<11} {}",
+            format!("{}/{}", p.namespace, p.name),
+            p.node,
+            p.ip.to_string(),
+            if p.enrolled {
+                "enrolled (namespace labelled istio.io/dataplane-mode=ambient)"
+            } else {
+                "not enrolled"
+            }
+        );
+    }
+
+    let link = cluster.node_link("n1");
+    for (n, (from, to)) in [(&client, &server), (&plain_client, &plain_server)]
+        .into_iter()
+        .enumerate()
+    {
+        let marker = unique_marker();
+        let mut payload = marker.clone().into_bytes();
+        payload.extend(pattern(256 << 10, 5));
+        let cap = Capture::start(&sb, &link)?;
+        let got = transfer(&sb, &from.netns, to.addr(8080), &payload)?;
+        let seen = cap.stop()?;
+        ensure!(got == payload, "the echo came back altered");
+        let plaintext = seen.contains(marker.as_bytes());
+        println!(
+            "{}. {}/{} -> {}/{}: 256 KiB echoed intact; capture on {link}: {} frames, {} drops, \
+             plaintext marker {}",
+            4 + n,
+            from.namespace,
+            from.name,
+            to.namespace,
+            to.name,
+            seen.frames,
+            seen.drops,
+            if plaintext {
+                "SEEN"
+            } else {
+                "not seen: ciphertext only"
+            }
+        );
+        ensure!(
+            plaintext != from.enrolled,
+            "unexpected wire contents for {}/{}",
+            from.namespace,
+            from.name
+        );
+    }
+
+    let metrics = cluster.ztunnel("n2")?.metrics()?;
+    println!("6. identities n2's ztunnel saw on its pods' inbound (mutual TLS):");
+    for principal in label_values(&metrics, "source_principal") {
+        let opened = metric_value(
+            &metrics,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &principal),
+            ],
+        );
+        println!("   {principal}: {opened} connection(s)");
+    }
+    for app in &apps {
+        println!("   the app {} accepted from {:?}", app.name(), app.peers());
+    }
+    println!("   (legacy/plain-echo's client has no identity: plain TCP, nothing to verify)");
+    if let Some(line) = cluster
+        .ztunnel("n2")?
+        .log()
         .lines()
-        .rev()
         .find(|l| l.contains("connection complete"))
     {
-        println!("8. client ztunnel access log:\n   {line}");
+        println!("7. n2 ztunnel access log:\n   {line}");
     }
     if wait {
         println!(
@@ -202,8 +232,23 @@ fn demo(wait: bool) -> Result<()> {
     Ok(())
 }
 
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("   {l}\n")).collect()
+/// The distinct values of `label` on `istio_tcp_connections_opened_total` samples reported by
+/// the destination.
+fn label_values(metrics: &str, label: &str) -> Vec<String> {
+    let key = format!("{label}=\"");
+    let mut values: Vec<String> = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .filter(|l| l.contains("reporter=\"destination\""))
+        .filter_map(|l| {
+            let rest = &l[l.find(&key)? + key.len()..];
+            Some(rest[..rest.find('"')?].to_owned())
+        })
+        .filter(|v| !v.is_empty() && v != "unknown")
+        .collect();
+    values.sort();
+    values.dedup();
+    values
 }
 
 fn up(hosts: &[String], echo: &[String], redirect: &[String]) -> Result<()> {

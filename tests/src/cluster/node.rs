@@ -1,0 +1,213 @@
+//! One lab node's mesh daemons: the node agent (`zmesh-cni-agent`, in the node's netns, as a
+//! host-network DaemonSet pod runs) and its ztunnel (a pod of `zmesh-system`, set up by the
+//! node's CNI runtime like any pod, running `ztunnel` in shared mode).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::bin_path;
+use crate::http;
+use crate::mesh::{CaFiles, TRUST_DOMAIN};
+use crate::process::{Process, tail};
+use crate::sandbox::Sandbox;
+use crate::ztunnel::Ztunnel;
+
+/// How long the lab waits for an agent to chain its plugin and to see a ztunnel.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The files of one node, all under `<sandbox dir>/<node>/`.
+#[derive(Clone, Debug)]
+pub struct NodeDirs {
+    /// `<node>/`.
+    pub root: PathBuf,
+    /// `net.d/`: the CNI conf dir (`10-lab.conflist`).
+    pub conf_dir: PathBuf,
+    /// `bin/`: where the agent installs `zmesh-cni`.
+    pub bin_dir: PathBuf,
+    /// `run/`: `agent.sock`, `pods.json` and the ZDS socket `ztunnel.sock`.
+    pub run_dir: PathBuf,
+    /// `zmesh-cni.log`: the plugin's log.
+    pub plugin_log: PathBuf,
+    /// `ipam/`: host-local's leases.
+    pub ipam_dir: PathBuf,
+}
+
+impl NodeDirs {
+    /// The layout under `sandbox_dir/node`, created.
+    pub fn create(sandbox_dir: &Path, node: &str) -> Result<NodeDirs> {
+        let root = sandbox_dir.join(node);
+        let dirs = NodeDirs {
+            conf_dir: root.join("net.d"),
+            bin_dir: root.join("bin"),
+            run_dir: root.join("run"),
+            plugin_log: root.join("zmesh-cni.log"),
+            ipam_dir: root.join("ipam"),
+            root,
+        };
+        for d in [&dirs.conf_dir, &dirs.bin_dir, &dirs.run_dir, &dirs.ipam_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(dirs)
+    }
+
+    /// The agent's plugin API socket.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+
+    /// The ZDS socket (the agent listens, ztunnel connects).
+    pub fn zds_socket(&self) -> PathBuf {
+        self.run_dir.join("ztunnel.sock")
+    }
+
+    /// The primary network's conflist.
+    pub fn conflist(&self) -> PathBuf {
+        self.conf_dir.join("10-lab.conflist")
+    }
+}
+
+/// Writes the node's primary network: bridge `cni0` (the pods' gateway) with host-local
+/// addresses from `pod_cidr` and a default route through it. Debian's plugins speak CNI up to 1.0.0.
+pub fn write_primary_network(dirs: &NodeDirs, pod_cidr: &str) -> Result<()> {
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "lab",
+        "plugins": [{
+            "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]],
+                     "routes": [{"dst": "0.0.0.0/0"}], "dataDir": dirs.ipam_dir},
+        }],
+    });
+    std::fs::write(dirs.conflist(), serde_json::to_string_pretty(&conflist)?)
+        .with_context(|| format!("writing {}", dirs.conflist().display()))
+}
+
+/// Starts the node agent in `node`'s netns and waits until it has chained `zmesh-cni` into
+/// the primary conflist.
+pub fn spawn_agent(sb: &Sandbox, node: &str, dirs: &NodeDirs, pods_dir: &Path) -> Result<Process> {
+    let p = |p: &Path| p.display().to_string();
+    let args = [
+        "--pods-dir".to_owned(),
+        p(pods_dir),
+        "--node-name".to_owned(),
+        node.to_owned(),
+        "--run-dir".to_owned(),
+        p(&dirs.run_dir),
+        "--ztunnel-socket".to_owned(),
+        p(&dirs.zds_socket()),
+        "--rules-backend".to_owned(),
+        "nftables".to_owned(),
+        "--cni-conf-dir".to_owned(),
+        p(&dirs.conf_dir),
+        "--cni-bin-dir".to_owned(),
+        p(&dirs.bin_dir),
+        "--plugin-log-file".to_owned(),
+        p(&dirs.plugin_log),
+        "--log".to_owned(),
+        std::env::var("ZMESH_AGENT_LOG").unwrap_or_else(|_| "info".to_owned()),
+    ];
+    let mut cmd = sb.command(Some(node), bin_path("zmesh-cni-agent"), &args);
+    cmd.env("NO_COLOR", "1");
+    let agent = sb.spawn(&format!("agent-{node}"), cmd)?;
+    wait_for(
+        &agent,
+        "the agent to chain zmesh-cni into the conflist",
+        || Ok(std::fs::read_to_string(dirs.conflist())?.contains("\"zmesh-cni\"")),
+    )?;
+    Ok(agent)
+}
+
+/// Polls `ready` every 50 ms for up to [`AGENT_TIMEOUT`], failing early (with the log's tail)
+/// if `proc` exits.
+pub fn wait_for(proc: &Process, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    loop {
+        if let Some(status) = proc.try_wait() {
+            bail!(
+                "{} exited ({status}) while waiting for {what}; log tail:\n{}",
+                proc.name(),
+                tail(&proc.log(), 40)
+            );
+        }
+        let last = match ready() {
+            Ok(true) => return Ok(()),
+            Ok(false) => String::from("not yet"),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out waiting for {what} (last: {last}); {} log tail:\n{}",
+                proc.name(),
+                tail(&proc.log(), 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET /v1/ready` on the agent's socket: the HTTP status.
+pub fn agent_ready_status(socket: &Path) -> Result<u16> {
+    let mut s = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /v1/ready HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    Ok(http::parse(&raw)?.status)
+}
+
+/// Waits until the agent answers `GET /v1/ready` with 200 (a ztunnel is connected).
+pub fn wait_agent_ready(agent: &Process, dirs: &NodeDirs) -> Result<()> {
+    wait_for(agent, "the agent's /v1/ready to answer 200", || {
+        Ok(agent_ready_status(&dirs.agent_socket())? == 200)
+    })
+}
+
+/// The environment of a shared-mode ztunnel fed by the node's agent.
+pub fn ztunnel_env(dirs: &NodeDirs, mesh_config: &Path, ca: &CaFiles) -> Vec<(String, String)> {
+    let p = |p: &Path| p.display().to_string();
+    [
+        ("PROXY_MODE", "shared".to_owned()),
+        ("INPOD_UDS", p(&dirs.zds_socket())),
+        ("LOCAL_XDS_PATH", p(mesh_config)),
+        ("XDS_ADDRESS", String::new()),
+        ("CA_ADDRESS", String::new()),
+        ("LOCAL_CA_CERT", p(&ca.cert)),
+        ("LOCAL_CA_KEY", p(&ca.key)),
+        ("TRUST_DOMAIN", TRUST_DOMAIN.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Stops a process: SIGTERM, SIGKILL after `grace`.
+pub fn stop(proc: &Process, grace: Duration) -> Result<()> {
+    proc.terminate(grace)
+        .with_context(|| format!("stopping {}", proc.name()))
+        .map(drop)
+}
+
+/// Starts the node's ztunnel in `netns` (its pod's) and waits until it is ready (which it is
+/// only after the agent's snapshot).
+pub fn spawn_ztunnel(
+    sb: &Sandbox,
+    netns: &str,
+    dirs: &NodeDirs,
+    mesh_config: &Path,
+    ca: &CaFiles,
+) -> Result<Ztunnel> {
+    Ztunnel::spawn(
+        sb,
+        netns,
+        &ztunnel_env(dirs, mesh_config, ca),
+        &bin_path("ztunnel"),
+    )
+}
+
+/// How long a stopped agent gets to exit on SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);

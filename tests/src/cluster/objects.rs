@@ -1,0 +1,231 @@
+//! The lab cluster's "API server": the Pod and Namespace objects as Kubernetes YAML in the
+//! shared pods directory (which every node agent watches), and the shared ztunnel local config
+//! (`mesh.yaml`) derived from the same objects, as the controller would derive xDS from them.
+//!
+//! One file per object (`ns-<namespace>.yaml`, `pod-<namespace>-<name>.yaml`), each written
+//! atomically (a hidden temporary file renamed over it), so an agent never reads half an
+//! object.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::mesh::{LocalConfig, Protocol, WorkloadSpec};
+
+/// The label that enrols a namespace or pod (`ambient`) or opts a pod out (`none`).
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+/// The namespace of the mesh's own pods (ztunnels); never enrolled, excluded from the plugin.
+pub const MESH_NAMESPACE: &str = "zmesh-system";
+
+/// A pod as the API server knows it.
+#[derive(Clone, Debug)]
+pub(crate) struct PodObject {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    /// `status.podIP`, once the runtime has set the pod up.
+    pub ip: Option<IpAddr>,
+}
+
+impl PodObject {
+    /// The uid the lab runtime gives the same pod (`K8S_POD_UID`), see
+    /// [`crate::runtime::PodSandbox::new`].
+    pub fn uid(&self) -> String {
+        format!("uid-{}-{}", self.namespace, self.name)
+    }
+}
+
+/// Every object of the cluster, and where they are written.
+#[derive(Debug)]
+pub(crate) struct Objects {
+    pods_dir: PathBuf,
+    mesh_config: PathBuf,
+    /// Namespace name -> its `istio.io/dataplane-mode` label, if any.
+    namespaces: BTreeMap<String, Option<String>>,
+    /// (namespace, name) -> pod.
+    pods: BTreeMap<(String, String), PodObject>,
+}
+
+impl Objects {
+    /// An empty cluster writing into `pods_dir` (created) and `mesh_config`.
+    pub fn new(pods_dir: &Path, mesh_config: &Path) -> Result<Objects> {
+        std::fs::create_dir_all(pods_dir)
+            .with_context(|| format!("creating {}", pods_dir.display()))?;
+        let objects = Objects {
+            pods_dir: pods_dir.to_owned(),
+            mesh_config: mesh_config.to_owned(),
+            namespaces: BTreeMap::new(),
+            pods: BTreeMap::new(),
+        };
+        objects.write_mesh_config()?;
+        Ok(objects)
+    }
+
+    /// Creates the namespace (unlabelled) unless it exists.
+    pub fn ensure_namespace(&mut self, ns: &str) -> Result<()> {
+        if !self.namespaces.contains_key(ns) {
+            self.set_namespace_mode(ns, None)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the namespace with `istio.io/dataplane-mode=<mode>` (or no label), and the mesh
+    /// config that follows from it.
+    pub fn set_namespace_mode(&mut self, ns: &str, mode: Option<&str>) -> Result<()> {
+        self.namespaces
+            .insert(ns.to_owned(), mode.map(str::to_owned));
+        let labels: BTreeMap<&str, &str> = mode.map(|m| (DATAPLANE_MODE, m)).into_iter().collect();
+        let doc = json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": ns, "labels": labels},
+        });
+        write_yaml(&self.pods_dir.join(format!("ns-{ns}.yaml")), &doc)?;
+        self.write_mesh_config()
+    }
+
+    /// Whether the agents enrol this pod (the rules of docs/CNI.md "Who decides enrolment").
+    pub fn enrolled(&self, pod: &PodObject) -> bool {
+        if pod.namespace == MESH_NAMESPACE {
+            return false;
+        }
+        match pod.labels.get(DATAPLANE_MODE).map(String::as_str) {
+            Some("none") => false,
+            Some("ambient") => true,
+            _ => self
+                .namespaces
+                .get(&pod.namespace)
+                .is_some_and(|m| m.as_deref() == Some("ambient")),
+        }
+    }
+
+    /// Writes (creates or replaces) the pod's object, and the mesh config if it has an IP.
+    pub fn put_pod(&mut self, pod: PodObject) -> Result<()> {
+        self.ensure_namespace(&pod.namespace)?;
+        let mut status = json!({});
+        if let Some(ip) = pod.ip {
+            status = json!({"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]});
+        }
+        let doc = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "uid": pod.uid(),
+                "labels": pod.labels,
+            },
+            "spec": {
+                "nodeName": pod.node,
+                "serviceAccountName": pod.service_account,
+                "containers": [{"name": "app", "image": "zmesh-lab/app"}],
+            },
+            "status": status,
+        });
+        write_yaml(&self.pod_file(&pod.namespace, &pod.name), &doc)?;
+        let has_ip = pod.ip.is_some();
+        self.pods
+            .insert((pod.namespace.clone(), pod.name.clone()), pod);
+        if has_ip {
+            self.write_mesh_config()?;
+        }
+        Ok(())
+    }
+
+    /// The pod `namespace/name`, if it exists.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodObject> {
+        self.pods.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Deletes the pod's object and its workload entry.
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
+        self.pods.remove(&(namespace.to_owned(), name.to_owned()));
+        let file = self.pod_file(namespace, name);
+        if file.exists() {
+            std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+        }
+        self.write_mesh_config()
+    }
+
+    fn pod_file(&self, namespace: &str, name: &str) -> PathBuf {
+        self.pods_dir.join(format!("pod-{namespace}-{name}.yaml"))
+    }
+
+    /// The ztunnel local config: one workload per pod with an IP (the mesh's own pods left
+    /// out), HBONE when enrolled, plain TCP otherwise.
+    pub fn local_config(&self) -> LocalConfig {
+        self.pods
+            .values()
+            .filter(|p| p.namespace != MESH_NAMESPACE)
+            .filter_map(|p| {
+                let ip = p.ip?;
+                let protocol = if self.enrolled(p) {
+                    Protocol::Hbone
+                } else {
+                    Protocol::Tcp
+                };
+                Some(
+                    WorkloadSpec::new(&p.name, ip)
+                        .namespace(&p.namespace)
+                        .service_account(&p.service_account)
+                        .node(&p.node)
+                        .protocol(protocol),
+                )
+            })
+            .fold(LocalConfig::default(), LocalConfig::workload)
+    }
+
+    fn write_mesh_config(&self) -> Result<()> {
+        self.local_config().write(&self.mesh_config)
+    }
+}
+
+/// Writes `doc` as YAML to `path`, atomically, through a hidden temporary file that the
+/// agents' loader skips.
+fn write_yaml(path: &Path, doc: &serde_json::Value) -> Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("object file without a name")?;
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let text = serde_yaml::to_string(doc).context("rendering YAML")?;
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_and_mesh_config_follow_the_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = dir.path().join("mesh.yaml");
+        let mut o = Objects::new(&dir.path().join("pods"), &mesh).unwrap();
+        o.set_namespace_mode("shop", Some("ambient")).unwrap();
+        let pod = PodObject {
+            namespace: "shop".into(),
+            name: "web".into(),
+            node: "n1".into(),
+            service_account: "web".into(),
+            labels: BTreeMap::new(),
+            ip: Some("10.244.1.5".parse().unwrap()),
+        };
+        o.put_pod(pod.clone()).unwrap();
+        let yaml = std::fs::read_to_string(dir.path().join("pods/pod-shop-web.yaml")).unwrap();
+        assert!(yaml.contains("uid: uid-shop-web") && yaml.contains("podIP: 10.244.1.5"));
+        assert!(std::fs::read_to_string(&mesh).unwrap().contains("HBONE"));
+        o.set_namespace_mode("shop", None).unwrap();
+        assert!(!o.enrolled(&pod));
+        let text = std::fs::read_to_string(&mesh).unwrap();
+        assert!(text.contains("TCP") && !text.contains("HBONE"), "{text}");
+        let cfg = zmesh_core::state::LocalConfig::parse(&text).unwrap();
+        assert_eq!(cfg.workloads.len(), 1);
+    }
+}
