@@ -528,3 +528,43 @@ fn admin_changes_the_log_level_and_dumps_config() {
     assert_eq!(dump["certificates"][0]["identity"], CLIENT_ID);
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn plaintext_inbound_is_not_an_open_relay() {
+    let sb = Sandbox::new().unwrap();
+    let m = Mesh::up(&sb, &["ext"]);
+    let s2_app = EchoServer::start(&sb, "s2", 8080, "s2").unwrap();
+    let rules = "table inet zmesh-in {\n  chain prerouting {\n    type nat hook prerouting priority -100;\n    meta l4proto tcp tcp dport != 15008 meta mark != 0x539 redirect to :15006\n  }\n}\n";
+    sb.run_stdin(Some("s1"), &["nft", "-f", "-"], Some(rules))
+        .unwrap();
+    // An outsider sends traffic for s2 to s1's MAC: s1's capture redirects it to 15006.
+    let (s1_ip, s2_ip) = (m.topo.host_ip("s1"), m.topo.host_ip("s2"));
+    sb.run_in(
+        "ext",
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{s2_ip}/32"),
+            "via",
+            &s1_ip.to_string(),
+        ],
+    )
+    .unwrap();
+    let res = transfer(&sb, "ext", m.ip("s2", 8080), b"relay me");
+    assert!(
+        res.as_ref().map_or(true, |b| b.is_empty()),
+        "relayed: {res:?}"
+    );
+    assert_eq!(
+        s2_app.accepted(),
+        0,
+        "s1's ztunnel relayed the outsider to s2"
+    );
+    poll("the refusal in s1's log", Duration::from_secs(5), || {
+        m.zt[1]
+            .log()
+            .contains("is not this workload's address")
+            .then_some(())
+    });
+}

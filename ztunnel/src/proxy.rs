@@ -56,6 +56,10 @@ pub enum ProxyError {
     OriginalDst(std::io::Error),
     #[error("refused: destination port {0} is one of ztunnel's own ports (a loop)")]
     Loop(u16),
+    #[error(
+        "refused: {0} is not this workload's address (plaintext inbound serves only its own workload)"
+    )]
+    NotLocal(SocketAddr),
     #[error("service {service} has no port {port}")]
     NoPort { service: String, port: u16 },
     #[error("service {0} has no healthy endpoint")]

@@ -139,11 +139,18 @@ impl Proxy {
             );
         }
         let local = self.local_workload();
-        let ours = target.ip() == local_addr.ip()
-            || local
-                .as_ref()
-                .is_some_and(|w| w.workload_ips.contains(&target.ip()));
-        if !ours {
+        // Fail closed: only a workload the mesh knows is served, and only at its own address
+        // (the one this connection arrived on, in its own network namespace).
+        let Some(local_w) = local.as_ref() else {
+            return reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "this proxy's workload {} is not in the mesh config",
+                    self.workload_key
+                ),
+            );
+        };
+        if target.ip() != local_addr.ip() && !local_w.workload_ips.contains(&target.ip()) {
             return reject(
                 StatusCode::BAD_REQUEST,
                 format!(
@@ -151,12 +158,9 @@ impl Proxy {
                 ),
             );
         }
-        let src_addr = req
-            .headers()
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok())
-            .and_then(zmesh_core::hbone::forwarded_for)
-            .unwrap_or(peer);
+        // The source is who connected, not what the client's `forwarded` header claims:
+        // that header is informational and any mesh workload could forge it.
+        let src_addr = peer;
         let mut labels = TrafficLabels::new("destination");
         if let Some(w) = self.state.load().workload_by_ip(src_addr.ip()) {
             labels = labels.source(w);
@@ -210,14 +214,27 @@ impl Proxy {
         let Some(orig) = self.captured_destination(&stream, peer, "inbound") else {
             return;
         };
+        // Only this workload is served here: the capture rule matches any destination, and
+        // relaying elsewhere would let an outsider use the pod as a plaintext TCP relay.
+        let local = self.local_workload();
+        let local_ip = stream.local_addr().map(|a| a.ip()).ok();
+        let ours = Some(orig.ip()) == local_ip
+            || local
+                .as_ref()
+                .is_some_and(|w| w.workload_ips.contains(&orig.ip()));
+        if !ours {
+            refuse(&stream);
+            connection_failed("inbound", peer, Some(orig), &ProxyError::NotLocal(orig));
+            return;
+        }
         let mut labels = TrafficLabels::new("destination");
         if let Some(w) = self.state.load().workload_by_ip(peer.ip()) {
             labels = labels.source(w);
             // A plaintext peer proves no identity, whatever its address claims.
             labels.source_principal = "unknown".into();
         }
-        if let Some(w) = self.local_workload() {
-            labels = labels.destination(&w);
+        if let Some(w) = &local {
+            labels = labels.destination(w);
         }
         let rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
         let res = match zmesh_core::socket::connect(orig, None, &self.sockets).await {
