@@ -106,14 +106,25 @@ impl DirSource {
         );
         let tx = Arc::new(watch::Sender::new(Arc::new(first)));
         let (events_tx, events) = mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |event| {
-            // The receiver goes away only when the source is dropped.
-            let _ = events_tx.send(event);
-        })
-        .map_err(|source| SourceError::Watch {
-            dir: dir.to_owned(),
-            source,
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Only changes count: notify also reports opens and reads (ours, and every other
+                // agent's reading the same directory), which would keep reloading it forever.
+                if let Ok(ev) = &event
+                    && matches!(
+                        ev.kind,
+                        notify::EventKind::Access(_) | notify::EventKind::Other
+                    )
+                {
+                    return;
+                }
+                // The receiver goes away only when the source is dropped.
+                let _ = events_tx.send(event);
+            })
+            .map_err(|source| SourceError::Watch {
+                dir: dir.to_owned(),
+                source,
+            })?;
         watcher
             .watch(dir, RecursiveMode::NonRecursive)
             .map_err(|source| SourceError::Watch {

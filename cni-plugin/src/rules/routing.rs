@@ -71,7 +71,12 @@ pub fn apply_steps(families: &[Family]) -> Vec<Step> {
 
 /// Removes the rule, then the route, per family; either may already be gone.
 pub fn remove_steps(families: &[Family]) -> Vec<Step> {
-    const GONE: &[&str] = &["No such file or directory", "No such process"];
+    const GONE: &[&str] = &[
+        "No such file or directory",
+        "No such process",
+        // `ip route del ... table 100` when the table never existed.
+        "FIB table does not exist",
+    ];
     families
         .iter()
         .flat_map(|&f| {

@@ -75,7 +75,7 @@ pub enum CniError {
     },
     /// Code 11: the node agent answered that it cannot enrol the pod now.
     #[error(
-        "zmesh node agent is not ready (HTTP {status}); the pod cannot be enrolled yet and the container runtime will retry"
+        "zmesh node agent cannot enrol the pod now (HTTP {status}: {reason}); the container runtime will retry"
     )]
     AgentNotReady {
         /// The HTTP status the agent answered with.

@@ -68,7 +68,11 @@ fn add_fails_with_try_again_when_the_agent_is_not_ready_or_missing() {
         Some((503, r#"{"error": "ztunnel not connected"}"#.into()))
     });
     let err = node.run("ADD", POD_ARGS, &conf).assert_error(11);
-    assert!(err["msg"].as_str().unwrap().contains("not ready"), "{err}");
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("cannot enrol the pod now") && msg.contains("ztunnel not connected"),
+        "{err}"
+    );
     assert_eq!(err["details"], "ztunnel not connected");
     assert_eq!(agent.received().len(), 1);
     assert!(node.log().contains("code=11"), "{}", node.log());
