@@ -1,13 +1,13 @@
 //! The data path of one proxied workload: outbound capture on 15001 (this file), inbound HBONE
 //! on 15008 and inbound plaintext on 15006 (`inbound.rs`). All three share a [`Proxy`].
 
+mod copy;
 mod inbound;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,6 +21,7 @@ use zmesh_core::state::{Protocol, Resolved, State, Workload};
 use crate::config::{Config, WorkloadInfo};
 use crate::metrics::{ConnectionRecord, Metrics, TrafficLabels, connection_failed};
 
+pub use copy::{Bytes, copy};
 pub use inbound::{serve_hbone, serve_plaintext};
 
 /// What every proxy of a node shares.
@@ -74,7 +75,12 @@ pub enum ProxyError {
     Identity(zmesh_core::identity::IdentityError),
     #[error("cannot bind port {0}: {1}")]
     Bind(u16, std::io::Error),
-    #[error("copy ended with an error: {0}")]
+    #[error("copy ended with an error: {source}")]
+    Copy {
+        bytes: Bytes,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -84,7 +90,9 @@ impl ProxyError {
         match self {
             ProxyError::Hbone(e) => e.response_flag(),
             ProxyError::Certificate(..) => "IDENTITY_ERROR",
-            ProxyError::Io(_) => "-",
+            ProxyError::NoPort { .. } => "NR",
+            ProxyError::NoEndpoints(_) => "UH",
+            ProxyError::Io(_) | ProxyError::Copy { .. } => "-",
             _ => "CONNECT",
         }
     }
@@ -288,14 +296,12 @@ impl Proxy {
             }
             Resolved::NoPort { service, port } => {
                 refuse(&stream);
-                labels.response_flags = "NR";
                 let rec =
                     ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
                 finish(rec, Err(ProxyError::NoPort { service, port }));
             }
             Resolved::NoEndpoints { service } => {
                 refuse(&stream);
-                labels.response_flags = "UH";
                 let rec =
                     ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
                 finish(rec, Err(ProxyError::NoEndpoints(service)));
@@ -309,7 +315,7 @@ impl Proxy {
         key: PoolKey,
         target: SocketAddr,
         src: &SourceInfo,
-    ) -> Result<(u64, u64), ProxyError> {
+    ) -> Result<Bytes, ProxyError> {
         let cert = self
             .certs
             .get(&self.identity)
@@ -330,7 +336,7 @@ impl Proxy {
         &self,
         mut stream: TcpStream,
         dst: SocketAddr,
-    ) -> Result<(u64, u64), ProxyError> {
+    ) -> Result<Bytes, ProxyError> {
         let mut upstream = match zmesh_core::socket::connect(dst, None, &self.sockets).await {
             Ok(s) => s,
             Err(e) => {
@@ -342,23 +348,17 @@ impl Proxy {
     }
 }
 
-/// Copies both ways until both sides are done, passing half-closes through.
-/// Returns (bytes a -> b, bytes b -> a).
-pub async fn copy<A, B>(a: &mut A, b: &mut B, buf: usize) -> Result<(u64, u64), ProxyError>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    Ok(tokio::io::copy_bidirectional_with_sizes(a, b, buf, buf).await?)
-}
-
 /// Records the end of a connection from the outcome of serving it.
-pub fn finish(mut rec: ConnectionRecord, res: Result<(u64, u64), ProxyError>) {
+pub fn finish(mut rec: ConnectionRecord, res: Result<Bytes, ProxyError>) {
     match res {
-        Ok((sent, recv)) => rec.finish(sent, recv, None),
+        Ok(b) => rec.finish(b.sent, b.received, None),
         Err(e) => {
+            let b = match &e {
+                ProxyError::Copy { bytes, .. } => *bytes,
+                _ => Bytes::default(),
+            };
             rec.set_response_flag(e.response_flag());
-            rec.finish(0, 0, Some(&e));
+            rec.finish(b.sent, b.received, Some(&e));
         }
     }
 }
