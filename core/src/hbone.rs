@@ -133,21 +133,29 @@ pub fn traceparent() -> String {
     format!("00-{trace:032x}-{parent:016x}-00")
 }
 
-/// Builds the CONNECT request for `target` (the inner `ip:port`).
+/// Builds the CONNECT request for `target` (the inner `ip:port`). Header values come from
+/// config (workload names, revisions, service hostnames); one that is not a valid header value
+/// is left out rather than failing the connection.
 pub fn connect_request(target: SocketAddr, src: &SourceInfo) -> Request<Empty<Bytes>> {
-    let mut b = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target.to_string())
-        .header("traceparent", traceparent());
+    let mut req = Request::new(Empty::new());
+    *req.method_mut() = Method::CONNECT;
+    *req.uri_mut() = http::Uri::from_maybe_shared(target.to_string())
+        .expect("ip:port is a valid authority-form URI");
+    let headers = req.headers_mut();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = http::HeaderValue::try_from(value) {
+            headers.insert(name, v);
+        }
+    };
+    put("traceparent", traceparent());
     if let Some(f) = src.forwarded() {
-        b = b.header("forwarded", f);
+        put("forwarded", f);
     }
     let baggage = src.baggage();
     if !baggage.is_empty() {
-        b = b.header("baggage", baggage);
+        put("baggage", baggage);
     }
-    b.body(Empty::new())
-        .expect("CONNECT request is well formed")
+    req
 }
 
 /// Parses the client address out of a `forwarded` header (`for="ip:port"`).
@@ -187,6 +195,8 @@ pub enum HboneError {
         target: SocketAddr,
         status: StatusCode,
     },
+    #[error("cannot reach {0}: {1} (a concurrent attempt just failed)")]
+    PeerFailed(SocketAddr, String),
     #[error("local TLS setup failed: {0}")]
     Local(#[from] crate::tls::TlsError),
 }
@@ -199,7 +209,9 @@ impl HboneError {
             HboneError::Tls(..) | HboneError::Alpn(_) => "TLS_FAILURE",
             HboneError::H2Handshake(..) => "H2_HANDSHAKE_FAILURE",
             HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => "DENY",
-            HboneError::Request { .. } | HboneError::Status { .. } => "CONNECT",
+            HboneError::Request { .. } | HboneError::Status { .. } | HboneError::PeerFailed(..) => {
+                "CONNECT"
+            }
             HboneError::Local(_) => "IDENTITY_ERROR",
         }
     }
@@ -251,6 +263,23 @@ mod tests {
         #[test]
         fn forwarded_parser_never_panics(s in "\\PC*") {
             let _ = forwarded_for(&s);
+        }
+
+        /// Config text ends up in headers: whatever it holds, building the request never
+        /// panics and the CONNECT target is always there.
+        #[test]
+        fn connect_request_never_panics(name in "\\PC{0,20}", rev in ".{0,10}", host in ".{0,20}") {
+            let src = SourceInfo {
+                addr: Some("10.0.0.1:1".parse().unwrap()),
+                service_host: Some(host),
+                canonical_name: name.clone(),
+                canonical_revision: rev,
+                workload_name: name,
+                ..Default::default()
+            };
+            let req = connect_request("10.0.0.2:80".parse().unwrap(), &src);
+            proptest::prop_assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.2:80");
+            proptest::prop_assert!(req.headers().contains_key("traceparent"));
         }
     }
 }

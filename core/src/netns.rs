@@ -63,10 +63,19 @@ impl Netns {
                 "cannot enter the pod's network namespace (needs CAP_SYS_ADMIN): {e}"
             ))
         })?;
+        // Returns the thread home even if `f` panics. If that fails, the thread (a runtime
+        // worker) would go on serving other pods from inside this one: stop the process.
+        struct Home<'a>(&'a OwnedFd);
+        impl Drop for Home<'_> {
+            fn drop(&mut self) {
+                if setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
+                    eprintln!("fatal: cannot return to ztunnel's own network namespace");
+                    std::process::abort();
+                }
+            }
+        }
+        let _home = Home(home);
         let out = f();
-        // Failing to return would leave a runtime thread in a pod: nothing else may run there.
-        setns(home.as_fd(), CloneFlags::CLONE_NEWNET)
-            .expect("returning to ztunnel's own network namespace failed");
         Ok(out)
     }
 }

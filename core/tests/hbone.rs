@@ -372,3 +372,48 @@ async fn a_peer_that_stalls_the_handshake_times_out() {
         .unwrap_err();
     assert!(matches!(err, HboneError::Tls(..)), "{err}");
 }
+
+#[tokio::test]
+async fn callers_queued_behind_a_failed_handshake_fail_together() {
+    let ca = LocalCa::generate("root").unwrap();
+    let client = cert(&ca, "client");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let sockets = SocketOptions {
+        mark: None,
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let p = Pool::new(PoolConfig::default(), H2Settings::default(), sockets);
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (p, key, client) = (p.clone(), key.clone(), client.clone());
+            tokio::spawn(async move { echo_through(&p, key, &client, b"x").await })
+        })
+        .collect();
+    let mut shared = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap_err() {
+            HboneError::PeerFailed(_, reason) => {
+                assert!(reason.contains("handshake within"), "{reason}");
+                shared += 1;
+            }
+            HboneError::Tls(..) => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(shared, 7, "one caller tried, the others shared its failure");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "callers retried in turn: {:?}",
+        started.elapsed()
+    );
+}

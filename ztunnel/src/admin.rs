@@ -49,7 +49,9 @@ where
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
                     tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -60,7 +62,10 @@ where
                 let h = h.clone();
                 async move { Ok::<_, Infallible>(h(req).await) }
             });
+            // A client that never finishes its request must not hold a descriptor forever.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

@@ -297,15 +297,42 @@ impl Config {
                 self.copy_buffer
             ));
         }
-        if self.cert_ttl < Duration::from_secs(60) {
-            return invalid(format!("cert_ttl={:?} must be at least 1m", self.cert_ttl));
-        }
-        if self.h2.connection_window < self.h2.stream_window
-            || !(16384..=16_777_215).contains(&self.h2.max_frame_size)
+        if self.cert_ttl < Duration::from_secs(60)
+            || self.cert_ttl > Duration::from_secs(366 * 24 * 3600)
         {
             return invalid(format!(
-                "h2: connection_window must be >= stream_window and max_frame_size within \
-                 16384..=16777215, got {:?}",
+                "cert_ttl={:?} must be between 1m and 366d",
+                self.cert_ttl
+            ));
+        }
+        if self.connect_timeout < Duration::from_millis(10)
+            || self.connect_timeout > Duration::from_secs(300)
+        {
+            return invalid(format!(
+                "connect_timeout={:?} must be between 10ms and 5m",
+                self.connect_timeout
+            ));
+        }
+        if self.pool.max_streams == 0
+            || self.pool.max_streams as u64 > self.h2.server_max_streams as u64
+        {
+            return invalid(format!(
+                "pool.max_streams={} must be between 1 and h2.server_max_streams ({})",
+                self.pool.max_streams, self.h2.server_max_streams
+            ));
+        }
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        if self.h2.connection_window < self.h2.stream_window
+            || self.h2.connection_window > MAX_WINDOW
+            || self.h2.stream_window < 65_535
+            || !(16384..=16_777_215).contains(&self.h2.max_frame_size)
+            || self.h2.server_max_streams == 0
+            || self.h2.keepalive_interval < Duration::from_secs(1)
+            || self.h2.keepalive_timeout < Duration::from_secs(1)
+        {
+            return invalid(format!(
+                "h2: need 65535 <= stream_window <= connection_window <= 2^31-1, max_frame_size \
+                 within 16384..=16777215, server_max_streams >= 1, keepalives >= 1s; got {:?}",
                 self.h2
             ));
         }
@@ -376,6 +403,19 @@ mod tests {
         std::fs::write(&f, "worker_thread: 3\n").unwrap();
         let e = Config::load(Some(&f), &env(&[])).unwrap_err().to_string();
         assert!(e.contains("worker_thread"), "{e}");
+        // Values that would panic or spin at run time are refused at start.
+        for (yaml, needle) in [
+            ("h2:\n  connection_window: 4294967295\n", "h2"),
+            ("h2:\n  keepalive_interval: 0s\n", "h2"),
+            ("connect_timeout: 0s\n", "connect_timeout"),
+            ("cert_ttl: 100years\n", "cert_ttl"),
+            ("pool:\n  max_streams: 500\n", "pool.max_streams"),
+            ("copy_buffer: 10\n", "copy_buffer"),
+        ] {
+            std::fs::write(&f, yaml).unwrap();
+            let e = Config::load(Some(&f), &env(&[])).unwrap_err().to_string();
+            assert!(e.contains(needle), "{yaml}: {e}");
+        }
         for (k, v, needle) in [
             (
                 "PROXY_WORKLOAD_INFO",
@@ -388,6 +428,11 @@ mod tests {
             ("LOCAL_CA_KEY", "", "LOCAL_CA_KEY"),
             ("ZTUNNEL_WORKER_THREADS", "many", "ZTUNNEL_WORKER_THREADS"),
             ("TRUST_DOMAIN", "Bad Domain", "TRUST_DOMAIN"),
+            (
+                "TERMINATION_GRACE_PERIOD_SECONDS",
+                "soon",
+                "TERMINATION_GRACE_PERIOD_SECONDS",
+            ),
         ] {
             let e = Config::load(None, &env(&[(k, v)])).unwrap_err().to_string();
             assert!(e.contains(needle), "{k}={v}: {e}");

@@ -77,7 +77,14 @@ struct Conn {
     last_used: Arc<AtomicU64>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
+/// The connections of one key, and the last failed attempt to open one.
+#[derive(Default)]
+struct SlotState {
+    conns: Vec<Conn>,
+    last_failure: Option<(Instant, String)>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 /// Counters for tests and `/config_dump`.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -156,15 +163,15 @@ impl Pool {
         let mut slots = self.slots.lock().expect("pool lock");
         slots.retain(|_, slot| {
             // A slot locked by a caller is in use; look at it next time.
-            let Ok(mut conns) = slot.try_lock() else {
+            let Ok(mut state) = slot.try_lock() else {
                 return true;
             };
-            conns.retain(|c| {
+            state.conns.retain(|c| {
                 !c.sender.is_closed()
                     && (c.streams.load(Ordering::Acquire) > 0
                         || now.saturating_sub(c.last_used.load(Ordering::Relaxed)) < idle_ms)
             });
-            !conns.is_empty()
+            !state.conns.is_empty()
         });
     }
 
@@ -195,18 +202,29 @@ impl Pool {
             target,
             source,
         };
-        let res = sender
-            .send_request(connect_request(target, src))
-            .await
-            .map_err(failed)?;
-        if res.status() != StatusCode::OK {
-            return Err(HboneError::Status {
+        // The peer answers once it reached the workload (its own connect is bounded too);
+        // a peer that never answers must not hold the client forever.
+        let exchange = async {
+            let res = sender
+                .send_request(connect_request(target, src))
+                .await
+                .map_err(failed)?;
+            if res.status() != StatusCode::OK {
+                return Err(HboneError::Status {
+                    peer,
+                    target,
+                    status: res.status(),
+                });
+            }
+            hyper::upgrade::on(res).await.map_err(failed)
+        };
+        let wait = self.sockets.connect_timeout * 2;
+        let upgraded = tokio::time::timeout(wait, exchange).await.map_err(|_| {
+            HboneError::PeerFailed(
                 peer,
-                target,
-                status: res.status(),
-            });
-        }
-        let upgraded = hyper::upgrade::on(res).await.map_err(failed)?;
+                format!("no answer to CONNECT {target} within {wait:?}"),
+            )
+        })??;
         Ok((TokioIo::new(upgraded), guard))
     }
 
@@ -220,24 +238,53 @@ impl Pool {
             slots.entry(key.clone()).or_default().clone()
         };
         // Held across the handshake on purpose: concurrent first uses of a key share it.
-        let mut conns = slot.lock().await;
-        conns.retain(|c| !c.sender.is_closed());
+        // Bounded, and callers that queued behind an attempt that failed fail at once with its
+        // reason instead of each retrying a dead peer in turn.
+        let queued = Instant::now();
+        let peer = key.dst;
+        let wait = self.sockets.connect_timeout * 2;
+        let mut state = tokio::time::timeout(wait, slot.lock()).await.map_err(|_| {
+            HboneError::PeerFailed(
+                peer,
+                format!("no connection became available within {wait:?}"),
+            )
+        })?;
+        if let Some((at, reason)) = &state.last_failure
+            && *at >= queued
+        {
+            return Err(HboneError::PeerFailed(peer, reason.clone()));
+        }
+        state.conns.retain(|c| !c.sender.is_closed());
         let max = self.cfg.max_streams.max(1);
-        let reusable = conns
+        let reusable = state
+            .conns
             .iter()
-            .find(|c| c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max);
-        let conn = match reusable {
-            Some(c) => c,
-            None => {
-                let sender = self.handshake(&key, cert).await?;
-                conns.push(Conn {
-                    sender,
-                    streams: Arc::new(AtomicUsize::new(0)),
-                    last_used: Arc::new(AtomicU64::new(self.now_ms())),
-                });
-                conns.last().expect("just pushed")
-            }
+            .position(|c| c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max);
+        let index = match reusable {
+            Some(i) => i,
+            None => match self.handshake(&key, cert).await {
+                Ok(sender) => {
+                    state.last_failure = None;
+                    state.conns.push(Conn {
+                        sender,
+                        streams: Arc::new(AtomicUsize::new(0)),
+                        last_used: Arc::new(AtomicU64::new(self.now_ms())),
+                    });
+                    // An eviction may have dropped the slot from the map meanwhile.
+                    self.slots
+                        .lock()
+                        .expect("pool lock")
+                        .entry(key.clone())
+                        .or_insert_with(|| slot.clone());
+                    state.conns.len() - 1
+                }
+                Err(e) => {
+                    state.last_failure = Some((Instant::now(), e.to_string()));
+                    return Err(e);
+                }
+            },
         };
+        let conn = &state.conns[index];
         conn.streams.fetch_add(1, Ordering::AcqRel);
         conn.last_used.store(self.now_ms(), Ordering::Relaxed);
         Ok((
