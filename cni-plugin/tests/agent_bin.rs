@@ -132,3 +132,45 @@ fn an_invalid_pods_directory_stops_the_start_and_names_the_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("broken.yaml, document 1"), "{stderr}");
 }
+
+#[test]
+fn uninstall_removes_only_our_entry_and_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, bin) = (dir.path().join("net.d"), dir.path().join("bin"));
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let list = r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge","bridge":"cni0","x-vendor":{"keep":true}},{"type":"zmesh-cni","agent_socket":"/var/run/zmesh/agent.sock"}]}"#;
+    std::fs::write(conf.join("10-k8s.conflist"), list).unwrap();
+    std::fs::write(bin.join("zmesh-cni"), b"binary").unwrap();
+    std::fs::write(bin.join("bridge"), b"theirs").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_zmesh-cni-agent"))
+        .arg("--uninstall")
+        .arg("--cni-conf-dir")
+        .arg(&conf)
+        .arg("--cni-bin-dir")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(conf.join("10-k8s.conflist")).unwrap()).unwrap();
+    let plugins = after["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 1, "{after}");
+    assert_eq!(plugins[0]["type"], "bridge");
+    assert_eq!(plugins[0]["x-vendor"]["keep"], true);
+    assert!(!bin.join("zmesh-cni").exists());
+    assert!(bin.join("bridge").exists(), "another plugin was removed");
+    // Running it again changes nothing and still succeeds.
+    let again = Command::new(env!("CARGO_BIN_EXE_zmesh-cni-agent"))
+        .args(["--uninstall", "--cni-conf-dir"])
+        .arg(&conf)
+        .arg("--cni-bin-dir")
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(again.success());
+}

@@ -90,6 +90,13 @@ fn enrolled_pods_talk_mtls_across_nodes_and_unenrolled_ones_in_plaintext() {
         "n2's ztunnel did not see {}",
         client.spiffe_id()
     );
+    // The tunnel was opened from inside the client pod: its TCP peer is the pod's own IP.
+    let from_pod = format!("src.addr={}:", client.ip);
+    poll(
+        "n2's access log line for the client",
+        Duration::from_secs(5),
+        || cluster.ztunnel("n2").unwrap().log().contains(&from_pod),
+    );
 
     // Positive control: the same check sees the marker between unenrolled pods.
     let plain_client = cluster

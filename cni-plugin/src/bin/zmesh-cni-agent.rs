@@ -21,12 +21,17 @@ use zmesh_core::zds::{DEFAULT_SOCKET_PATH, ZdsServer};
 #[derive(Debug, Parser)]
 #[command(name = "zmesh-cni-agent", version, about)]
 struct Config {
-    /// Directory of Kubernetes YAML (Pods, Namespaces) to read and watch.
+    /// Directory of Kubernetes YAML (Pods, Namespaces) to read and watch (required to run).
     #[arg(long, env = "ZMESH_PODS_DIR")]
-    pods_dir: PathBuf,
-    /// This node's name: pods scheduled elsewhere are never enrolled.
-    #[arg(long, env = "NODE_NAME")]
+    pods_dir: Option<PathBuf>,
+    /// This node's name: pods scheduled elsewhere are never enrolled (required to run).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
     node_name: String,
+    /// Remove our entry from the CNI configuration in `--cni-conf-dir` (leaving everything
+    /// else as it was) and the plugin from `--cni-bin-dir`, then exit. For uninstalling the
+    /// mesh from a node; an agent stopping for an upgrade leaves both in place.
+    #[arg(long)]
+    uninstall: bool,
     /// Directory of the plugin socket (`agent.sock`) and the state file (`pods.json`).
     #[arg(long, env = "ZMESH_RUN_DIR", default_value = "/var/run/zmesh")]
     run_dir: PathBuf,
@@ -88,9 +93,16 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if config.uninstall {
+        return uninstall(&config);
+    }
     anyhow::ensure!(
         !config.node_name.is_empty(),
-        "--node-name must not be empty"
+        "--node-name (or NODE_NAME) must be set"
+    );
+    anyhow::ensure!(
+        config.pods_dir.is_some(),
+        "--pods-dir (or ZMESH_PODS_DIR) must be set"
     );
     info!(?config, "starting the node agent");
     tokio::runtime::Runtime::new()
@@ -110,7 +122,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create the ZDS socket directory {}", dir.display()))?;
     }
     let state = Arc::new(StateStore::open(&config.run_dir.join(STATE_FILE))?);
-    let source = DirSource::start(&config.pods_dir, DEFAULT_DEBOUNCE)?;
+    let source = DirSource::start(
+        config.pods_dir.as_deref().expect("checked in main"),
+        DEFAULT_DEBOUNCE,
+    )?;
     let zds = ZdsServer::bind(&config.ztunnel_socket, {
         let state = state.clone();
         move || state.snapshot()
@@ -217,4 +232,24 @@ fn install(
             tracing::error!(conf_dir = %conf_dir.display(), error = %e, "CNI configuration watch stopped");
         }
     }))
+}
+
+/// Takes the mesh off this node's CNI configuration.
+fn uninstall(config: &Config) -> anyhow::Result<()> {
+    let conf_dir = config
+        .cni_conf_dir
+        .as_deref()
+        .context("--uninstall needs --cni-conf-dir")?;
+    let changed = install::unchain(conf_dir)
+        .with_context(|| format!("cannot remove our entry from {}", conf_dir.display()))?;
+    for f in &changed {
+        info!(file = %f.display(), "removed the zmesh-cni entry");
+    }
+    let plugin = config.cni_bin_dir.join("zmesh-cni");
+    match std::fs::remove_file(&plugin) {
+        Ok(()) => info!(plugin = %plugin.display(), "removed the plugin binary"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", plugin.display())),
+    }
+    Ok(())
 }
