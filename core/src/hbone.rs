@@ -169,6 +169,15 @@ pub fn forwarded_for(value: &str) -> Option<SocketAddr> {
     })
 }
 
+/// The service hostname in a `forwarded` header (`...;host=<hostname>`), a hint only.
+pub fn forwarded_host(value: &str) -> Option<String> {
+    value
+        .split([';', ','])
+        .find_map(|part| part.trim().strip_prefix("host="))
+        .map(|h| h.trim_matches('"').to_owned())
+        .filter(|h| !h.is_empty())
+}
+
 /// Why an HBONE connection or request failed, and whose fault it is.
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -256,6 +265,10 @@ mod tests {
         assert_eq!(
             forwarded_for(h["forwarded"].to_str().unwrap()),
             Some("10.0.0.1:4000".parse().unwrap())
+        );
+        assert_eq!(
+            forwarded_host(h["forwarded"].to_str().unwrap()).as_deref(),
+            Some("echo.default.svc.cluster.local")
         );
     }
 

@@ -272,6 +272,27 @@ impl State {
         self.services.values()
     }
 
+    /// A service by `"<namespace>/<hostname>"`.
+    pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.services.get(key)
+    }
+
+    /// The service an inbound connection to `w` was meant for: the one named by the
+    /// client's `host` hint if `w` backs it, else `w`'s only service, else none.
+    pub fn inbound_service(&self, w: &Workload, host_hint: Option<&str>) -> Option<&Arc<Service>> {
+        let backed = || w.services.keys().filter_map(|k| self.services.get(k));
+        if let Some(host) = host_hint
+            && let Some(s) = backed().find(|s| s.hostname == host)
+        {
+            return Some(s);
+        }
+        let mut it = backed();
+        match (it.next(), it.next()) {
+            (Some(only), None) => Some(only),
+            _ => None,
+        }
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
     }

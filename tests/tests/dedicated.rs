@@ -303,8 +303,13 @@ fn vip_connections_spread_over_both_endpoints() {
             metric_value(
                 &text,
                 "istio_tcp_connections_opened_total",
-                &[("reporter", "destination")]
-            ) >= 1.0
+                &[
+                    ("reporter", "destination"),
+                    ("destination_service", "echo.default.svc.cluster.local"),
+                    ("destination_service_name", "echo"),
+                ]
+            ) >= 1.0,
+            "inbound metrics do not name the service:\n{text}"
         );
     }
     let text = m.zt[0].metrics().unwrap();

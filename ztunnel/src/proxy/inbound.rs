@@ -170,8 +170,18 @@ impl Proxy {
             .as_ref()
             .map(|i| i.to_string())
             .unwrap_or_else(|| "unknown".into());
-        if let Some(w) = &local {
-            labels = labels.destination(w);
+        let host_hint = req
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .and_then(zmesh_core::hbone::forwarded_host);
+        labels = labels.destination(local_w);
+        if let Some(svc) = self
+            .state
+            .load()
+            .inbound_service(local_w, host_hint.as_deref())
+        {
+            labels = labels.service(svc);
         }
         labels.destination_principal = self.identity.to_string();
         labels.connection_security_policy = "mutual_tls";
