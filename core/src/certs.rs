@@ -91,8 +91,12 @@ impl CertStore {
         match slot {
             Ok(slot) => Ok(slot.lock().expect("cert lock").clone()),
             Err(e) => {
-                // Let the next caller try again rather than caching the failure.
-                self.certs.lock().expect("cert store lock").remove(id);
+                // Let the next caller try again rather than caching the failure, but only
+                // drop the cell that failed (another caller may have replaced it meanwhile).
+                let mut certs = self.certs.lock().expect("cert store lock");
+                if certs.get(id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                    certs.remove(id);
+                }
                 Err(e)
             }
         }

@@ -65,6 +65,7 @@ fn a_pod_handed_over_zds_is_proxied_inside_its_own_namespace() {
         ("CA_ADDRESS", String::new()),
         ("LOCAL_CA_CERT", ca.cert.display().to_string()),
         ("LOCAL_CA_KEY", ca.key.display().to_string()),
+        ("TERMINATION_GRACE_PERIOD_SECONDS", "1".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -135,7 +136,14 @@ fn a_pod_handed_over_zds_is_proxied_inside_its_own_namespace() {
         "{dump}"
     );
 
-    // Del: the pod's proxy goes away and its listeners close.
+    // A connection open through the pod's proxy when the pod goes away.
+    let mut open = zmesh_tests::apps::connect(&sb, "pod", dst).unwrap();
+    std::io::Write::write_all(&mut open, b"hello\n").unwrap();
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut open, &mut buf).unwrap();
+
+    // Del: the pod's proxy goes away and its listeners close; past the drain deadline (1 s
+    // here) the connection still open is closed too, releasing the pod's namespace.
     rt.block_on(zds.del("uid-app")).unwrap();
     poll(
         "the pod's listeners to close",
@@ -143,4 +151,11 @@ fn a_pod_handed_over_zds_is_proxied_inside_its_own_namespace() {
         || !listening(&sb, "pod", 15001),
     );
     assert!(!zt.config_dump().unwrap().contains("uid-app"));
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let n = std::io::Read::read(&mut open, &mut buf);
+    assert!(
+        matches!(n, Ok(0) | Err(_)) && started.elapsed() < Duration::from_secs(4),
+        "the connection outlived the drain deadline: {n:?}"
+    );
 }

@@ -115,6 +115,7 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         watch_local_config(path, state.clone(), servers_stop.clone())?;
     }
 
+    let mut zds_task = None;
     match cfg.proxy_mode {
         ProxyMode::Dedicated => {
             let workload = cfg
@@ -134,12 +135,12 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         }
         ProxyMode::Shared => {
             let uds = cfg.inpod_uds.clone();
-            tokio::spawn(crate::inpod::run(
+            zds_task = Some(tokio::spawn(crate::inpod::run(
                 node.clone(),
                 proxies.clone(),
                 ready.clone(),
                 uds,
-            ));
+            )));
         }
     }
 
@@ -151,6 +152,10 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         _ = quit.cancelled() => "/quitquitquit",
     };
     ready.store(false, Ordering::Release);
+    // No pod may be added once the drain has taken its list of proxies.
+    if let Some(task) = zds_task {
+        task.abort();
+    }
     drain(&proxies, cfg.drain_deadline, why).await;
     servers_stop.cancel();
     Ok(())

@@ -47,6 +47,8 @@ pub struct Proxy {
     pub drain: CancellationToken,
     /// Tracks every open connection, so a drain can wait for them.
     pub tracker: TaskTracker,
+    /// Cancelled when the drain deadline passes: connections still open are closed.
+    pub force: CancellationToken,
     pub sockets: SocketOptions,
 }
 
@@ -140,6 +142,7 @@ impl Proxy {
             identity,
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            force: CancellationToken::new(),
             sockets,
         }))
     }
@@ -173,9 +176,29 @@ impl Proxy {
     pub async fn drain_connections(&self, deadline: std::time::Duration) -> bool {
         self.drain.cancel();
         self.tracker.close();
-        tokio::time::timeout(deadline, self.tracker.wait())
+        let drained = tokio::time::timeout(deadline, self.tracker.wait())
             .await
-            .is_ok()
+            .is_ok();
+        if !drained {
+            // Past the deadline: close what is left, so that its sockets (and a removed pod's
+            // network namespace, which they keep alive) are released now.
+            self.force.cancel();
+        }
+        drained
+    }
+
+    /// Runs a connection's task, tracked for the drain and cut off by the drain deadline.
+    pub fn spawn_connection<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let force = self.force.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = force.cancelled() => {}
+            }
+        });
     }
 
     /// The proxied workload as the mesh knows it (absent until it appears in config).
@@ -382,7 +405,7 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                proxy.tracker.spawn(handle(proxy.clone(), stream, peer));
+                proxy.spawn_connection(handle(proxy.clone(), stream, peer));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.

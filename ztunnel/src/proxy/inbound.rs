@@ -197,7 +197,7 @@ impl Proxy {
             }
         };
         let buf = self.cfg.copy_buffer;
-        self.tracker.spawn(async move {
+        self.spawn_connection(async move {
             let res = match hyper::upgrade::on(req).await {
                 Ok(up) => {
                     let mut tunnel = TokioIo::new(up);
