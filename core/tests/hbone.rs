@@ -338,11 +338,8 @@ async fn unreachable_peer_names_the_port() {
     assert!(err.to_string().contains("15008"), "{err}");
 }
 
-#[tokio::test]
-async fn a_peer_that_stalls_the_handshake_times_out() {
-    let ca = LocalCa::generate("root").unwrap();
-    let client = cert(&ca, "client");
-    // Accepts TCP, never says a TLS word.
+/// A peer that accepts TCP and never says a TLS word, and a pool with a 300 ms timeout.
+async fn stalling_peer() -> (SocketAddr, Arc<Pool>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -356,7 +353,17 @@ async fn a_peer_that_stalls_the_handshake_times_out() {
         connect_timeout: Duration::from_millis(300),
         ..Default::default()
     };
-    let p = Pool::new(PoolConfig::default(), H2Settings::default(), sockets);
+    (
+        addr,
+        Pool::new(PoolConfig::default(), H2Settings::default(), sockets),
+    )
+}
+
+#[tokio::test]
+async fn a_peer_that_stalls_the_handshake_times_out() {
+    let ca = LocalCa::generate("root").unwrap();
+    let client = cert(&ca, "client");
+    let (addr, p) = stalling_peer().await;
     let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
     let started = std::time::Instant::now();
     let err = echo_through(&p, key.clone(), &client, b"x")
@@ -377,20 +384,7 @@ async fn a_peer_that_stalls_the_handshake_times_out() {
 async fn callers_queued_behind_a_failed_handshake_fail_together() {
     let ca = LocalCa::generate("root").unwrap();
     let client = cert(&ca, "client");
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
-            held.push(s);
-        }
-    });
-    let sockets = SocketOptions {
-        mark: None,
-        connect_timeout: Duration::from_millis(300),
-        ..Default::default()
-    };
-    let p = Pool::new(PoolConfig::default(), H2Settings::default(), sockets);
+    let (addr, p) = stalling_peer().await;
     let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
     let started = std::time::Instant::now();
     let tasks: Vec<_> = (0..8)

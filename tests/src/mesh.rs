@@ -217,13 +217,11 @@ pub fn write_ca(dir: &Path, name: &str) -> Result<CaFiles> {
     Ok(CaFiles { ca, cert, key })
 }
 
-/// The environment of a dedicated-mode ztunnel serving `workload`, configured from a local
-/// config file and signing its certificates with the local CA. Add `RUST_LOG` and friends.
-pub fn dedicated_env(workload: &WorkloadSpec, xds: &Path, ca: &CaFiles) -> Vec<(String, String)> {
+/// The environment every lab ztunnel shares: config from a local file, certificates from the
+/// local CA, no controller.
+fn base_env(xds: &Path, ca: &CaFiles) -> Vec<(String, String)> {
     let p = |p: &Path| p.display().to_string();
     [
-        ("PROXY_MODE", "dedicated".to_owned()),
-        ("PROXY_WORKLOAD_INFO", workload.workload_info()),
         ("LOCAL_XDS_PATH", p(xds)),
         ("XDS_ADDRESS", String::new()),
         ("CA_ADDRESS", String::new()),
@@ -234,6 +232,26 @@ pub fn dedicated_env(workload: &WorkloadSpec, xds: &Path, ca: &CaFiles) -> Vec<(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// The environment of a dedicated-mode ztunnel serving `workload`. Add `RUST_LOG` and friends.
+pub fn dedicated_env(workload: &WorkloadSpec, xds: &Path, ca: &CaFiles) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PROXY_MODE".to_owned(), "dedicated".to_owned()),
+        ("PROXY_WORKLOAD_INFO".to_owned(), workload.workload_info()),
+    ];
+    env.extend(base_env(xds, ca));
+    env
+}
+
+/// The environment of a shared-mode ztunnel fed over ZDS by the agent listening on `zds`.
+pub fn shared_env(zds: &Path, xds: &Path, ca: &CaFiles) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PROXY_MODE".to_owned(), "shared".to_owned()),
+        ("INPOD_UDS".to_owned(), zds.display().to_string()),
+    ];
+    env.extend(base_env(xds, ca));
+    env
 }
 
 #[cfg(test)]

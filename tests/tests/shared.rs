@@ -57,19 +57,8 @@ fn a_pod_handed_over_zds_is_proxied_inside_its_own_namespace() {
     let _guard = rt.enter();
     let uds = sb.dir().join("zds.sock");
     let zds = ZdsServer::bind(&uds, Vec::new).unwrap();
-    let env: Vec<(String, String)> = [
-        ("PROXY_MODE", "shared".to_string()),
-        ("INPOD_UDS", uds.display().to_string()),
-        ("LOCAL_XDS_PATH", xds.display().to_string()),
-        ("XDS_ADDRESS", String::new()),
-        ("CA_ADDRESS", String::new()),
-        ("LOCAL_CA_CERT", ca.cert.display().to_string()),
-        ("LOCAL_CA_KEY", ca.key.display().to_string()),
-        ("TERMINATION_GRACE_PERIOD_SECONDS", "1".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let mut env = mesh::shared_env(&uds, &xds, &ca);
+    env.push(("TERMINATION_GRACE_PERIOD_SECONDS".into(), "1".into()));
     // Ready only once the agent's (empty) snapshot arrived.
     let zt = Ztunnel::spawn(&sb, "ztn", &env, &bin_path("ztunnel")).unwrap();
     assert_eq!(zds.connected(), 1);

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::bin_path;
 use crate::http;
-use crate::mesh::{CaFiles, TRUST_DOMAIN};
+use crate::mesh::CaFiles;
 use crate::process::{Process, tail};
 use crate::sandbox::Sandbox;
 use crate::ztunnel::Ztunnel;
@@ -169,20 +169,7 @@ pub fn wait_agent_ready(agent: &Process, dirs: &NodeDirs) -> Result<()> {
 
 /// The environment of a shared-mode ztunnel fed by the node's agent.
 pub fn ztunnel_env(dirs: &NodeDirs, mesh_config: &Path, ca: &CaFiles) -> Vec<(String, String)> {
-    let p = |p: &Path| p.display().to_string();
-    [
-        ("PROXY_MODE", "shared".to_owned()),
-        ("INPOD_UDS", p(&dirs.zds_socket())),
-        ("LOCAL_XDS_PATH", p(mesh_config)),
-        ("XDS_ADDRESS", String::new()),
-        ("CA_ADDRESS", String::new()),
-        ("LOCAL_CA_CERT", p(&ca.cert)),
-        ("LOCAL_CA_KEY", p(&ca.key)),
-        ("TRUST_DOMAIN", TRUST_DOMAIN.to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+    crate::mesh::shared_env(&dirs.zds_socket(), mesh_config, ca)
 }
 
 /// Stops a process: SIGTERM, SIGKILL after `grace`.
