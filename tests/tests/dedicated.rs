@@ -381,17 +381,36 @@ fn local_config_is_reloaded_and_a_bad_edit_keeps_the_last_good_one() {
         assert_eq!(identify(&sb, "client", new_vip).unwrap(), "s2");
     }
 
+    // A slow writer: the file is truncated, stays empty for longer than the watcher's
+    // debounce, then gets its content back. The empty moment must never be applied.
+    let good = std::fs::read(&m.xds).unwrap();
+    {
+        let mut f = std::fs::File::create(&m.xds).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        std::io::Write::write_all(&mut f, &good).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(identify(&sb, "client", new_vip).unwrap(), "s2");
+    let log = m.zt[0].log();
+    assert!(
+        !log.contains("workloads=0"),
+        "an empty, half-written file was applied:\n{log}"
+    );
+
     // A broken edit is refused with a reason naming the field; the last good config stays.
     std::fs::write(
         &m.xds,
         "workloads:\n- name: x\n  namespace: default\n  workloadIPs: []\n",
     )
     .unwrap();
-    let log = poll("the rejection", Duration::from_secs(15), || {
-        let l = m.zt[0].log();
-        l.contains("local config change rejected").then_some(l)
-    });
-    assert!(log.contains("workloadIPs"), "{log}");
+    poll(
+        "the rejection naming the field",
+        Duration::from_secs(15),
+        || {
+            let l = m.zt[0].log();
+            (l.contains("local config change rejected") && l.contains("workloadIPs")).then_some(())
+        },
+    );
     assert_eq!(identify(&sb, "client", new_vip).unwrap(), "s2");
 }
 

@@ -227,24 +227,46 @@ fn watch_local_config(
                 _ = stop.cancelled() => return,
                 r = rx.recv() => if r.is_none() { return },
             }
-            // Let a burst of events (write, rename, chmod) settle.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            while rx.try_recv().is_ok() {}
-            let now = std::fs::read(&path).ok();
+            // Let a burst of events (write, rename, chmod) settle, then wait until the content
+            // holds still: a file rewritten in place is briefly empty or half written, and an
+            // empty file is a valid (empty) config that would wipe the state.
+            let mut now = None;
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+                let read = std::fs::read(&path).ok();
+                if read == now {
+                    break;
+                }
+                now = read;
+            }
             if now == last {
                 continue;
             }
-            match load_state(&path) {
+            let parsed = match &now {
+                // Mid-rewrite, or deleted and not yet replaced: never a reason to forget every
+                // workload. Clearing the config is explicit (`workloads: []`).
+                Some(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Err(anyhow::anyhow!(
+                    "the file is empty (being rewritten?); write `workloads: []` to clear the config"
+                )),
+                Some(bytes) => std::str::from_utf8(bytes)
+                    .map_err(|e| anyhow::anyhow!("not UTF-8: {e}"))
+                    .and_then(|text| {
+                        let cfg = LocalConfig::parse(text)?;
+                        Ok(State::from_local(cfg)?)
+                    }),
+                None => Err(anyhow::anyhow!("the file cannot be read")),
+            };
+            match parsed {
                 Ok(st) => {
                     tracing::info!(path = %path.display(), workloads = st.workloads().len(), "local config reloaded");
                     state.store(Arc::new(st));
-                    last = now;
                 }
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = format!("{e:#}"), "local config change rejected; keeping the previous config");
-                    last = now;
                 }
             }
+            last = now;
         }
     });
     Ok(())
