@@ -2,3 +2,6 @@
 //! YAML), translates them into Istio's workload API, serves them to ztunnels and waypoints over
 //! delta ADS (gRPC), and is the CA that signs workload certificates
 //! (`istio.v1.auth.IstioCertificateService`). Pieces land one by one; see `docs/ARCHITECTURE.md`.
+
+pub mod ads;
+pub mod ca;

@@ -1,0 +1,297 @@
+//! Delta ADS server: serves a [`Cache`] of resources to proxies over
+//! `envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`.
+//!
+//! The server does not know where resources come from; the controller fills the [`Cache`]
+//! (`Cache::apply`) and every connected stream pushes the changed resources it is subscribed
+//! to. State-of-the-world ADS (`StreamAggregatedResources`) is answered with `UNIMPLEMENTED`:
+//! ztunnel, like zmesh's own proxies, only speaks delta.
+//!
+//! ```no_run
+//! # async fn serve() -> anyhow::Result<()> {
+//! use zmesh_controller::ads::{AdsServer, Cache};
+//! let cache = Cache::new();
+//! let ads = AdsServer::new(cache.clone());
+//! // Single service; with tonic's `router` feature, `add_service(ads.into_service())` works too.
+//! tonic::transport::Server::builder()
+//!     .serve("127.0.0.1:15010".parse()?, ads.into_service())
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Per-node scoping: [`AdsServer::with_filter`] installs a [`Filter`] that sees the [`Node`]
+//! identity (node id and metadata such as `NODE_NAME`) and decides, per resource, whether that
+//! proxy gets it. The default sends everything.
+
+pub mod cache;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use xds_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+
+pub use cache::{Cache, Change, Entry};
+pub use stream::{Filter, Node, StreamState, allow_all};
+
+/// Maximum gRPC message size, both directions (ztunnel uses the same limit).
+pub const MAX_MESSAGE_SIZE: usize = 200 * 1024 * 1024;
+
+/// How many responses may be queued for a slow client before the stream stops reading.
+const RESPONSE_QUEUE: usize = 16;
+
+/// Errors of the ADS server and its cache.
+#[derive(Debug, thiserror::Error)]
+pub enum AdsError {
+    /// A request without `type_url`; aggregated streams must name the type of every request.
+    #[error(
+        "delta xDS request from node {node:?} has no type_url; the client is not speaking \
+         aggregated delta xDS correctly"
+    )]
+    MissingTypeUrl {
+        /// Node id of the client (empty if it never sent one).
+        node: String,
+    },
+    /// A resource given to [`Cache::apply`] under the wrong type URL (a controller bug).
+    #[error(
+        "resource {name:?} was stored under type {type_url:?} but is packed as {found:?}; \
+         the translation producing it is broken"
+    )]
+    TypeMismatch {
+        /// The type URL passed to `apply`.
+        type_url: String,
+        /// The resource name.
+        name: String,
+        /// The `Any.type_url` of the resource.
+        found: String,
+    },
+}
+
+/// Live facts about one connected stream (for tests, metrics and debugging).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamInfo {
+    /// Server-assigned stream id (also the prefix of its nonces).
+    pub id: u64,
+    /// The client's node identity, once known.
+    pub node: Option<Node>,
+    /// NACKs received on this stream.
+    pub nacks: u64,
+}
+
+type Registry = Arc<Mutex<HashMap<u64, StreamInfo>>>;
+
+/// The delta ADS gRPC service. Cheap to clone: clones share the cache, filter and the registry
+/// of connected streams.
+#[derive(Clone)]
+pub struct AdsServer {
+    cache: Cache,
+    filter: Filter,
+    streams: Registry,
+    next_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for AdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsServer")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdsServer {
+    /// A server for `cache` that sends every resource to every node.
+    pub fn new(cache: Cache) -> Self {
+        Self {
+            cache,
+            filter: allow_all(),
+            streams: Arc::default(),
+            // Random start so nonces differ across controller restarts.
+            next_id: Arc::new(AtomicU64::new(rand::random::<u32>() as u64)),
+        }
+    }
+
+    /// Replaces the per-node resource filter (applies to streams opened afterwards).
+    pub fn with_filter(
+        mut self,
+        filter: impl Fn(&Node, &str, &str, &prost_types::Any) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.filter = Arc::new(filter);
+        self
+    }
+
+    /// The tonic service with [`MAX_MESSAGE_SIZE`] limits, ready for `Server::serve` (or
+    /// `Server::add_service` when tonic's `router` feature is enabled).
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+
+    /// The cache this server serves.
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The currently connected streams, by id.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        let mut v: Vec<_> = lock(&self.streams).values().cloned().collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// NACKs received on all currently connected streams.
+    pub fn nack_count(&self) -> u64 {
+        lock(&self.streams).values().map(|s| s.nacks).sum()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Response stream type of both RPCs.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "zmesh serves only delta xDS (DeltaAggregatedResources); \
+             state-of-the-world ADS is not supported",
+        ))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let peer = request.remote_addr();
+        let requests = request.into_inner();
+        // Subscribe before reading anything so no change between now and the first request
+        // is missed.
+        let changes = self.cache.subscribe();
+        let state = StreamState::new(id, self.filter.clone());
+        lock(&self.streams).insert(
+            id,
+            StreamInfo {
+                id,
+                node: None,
+                nacks: 0,
+            },
+        );
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let driver = StreamDriver {
+            id,
+            state,
+            cache: self.cache.clone(),
+            streams: self.streams.clone(),
+        };
+        debug!(stream = id, ?peer, "delta ADS stream opened");
+        tokio::spawn(driver.run(requests, changes, tx));
+        let out = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Runs one stream: reads requests and cache changes, writes responses.
+struct StreamDriver {
+    id: u64,
+    state: StreamState,
+    cache: Cache,
+    streams: Registry,
+}
+
+type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+
+impl StreamDriver {
+    async fn run(
+        mut self,
+        mut requests: Streaming<DeltaDiscoveryRequest>,
+        mut changes: broadcast::Receiver<Arc<Change>>,
+        tx: Tx,
+    ) {
+        let end = loop {
+            tokio::select! {
+                msg = requests.message() => match msg {
+                    Ok(Some(req)) => match self.state.handle_request(req, &self.cache) {
+                        Ok(resp) => {
+                            self.publish();
+                            if !send_all(&tx, resp).await {
+                                break "client went away";
+                            }
+                        }
+                        Err(e) => {
+                            warn!(stream = self.id, "closing delta ADS stream: {e}");
+                            let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                            break "invalid request";
+                        }
+                    },
+                    Ok(None) => break "client closed the stream",
+                    Err(status) => {
+                        debug!(stream = self.id, %status, "delta ADS stream error");
+                        break "stream error";
+                    }
+                },
+                change = changes.recv() => match change {
+                    Ok(change) => {
+                        let resp = self.state.handle_change(&change, &self.cache);
+                        if !send_all(&tx, resp).await {
+                            break "client went away";
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        info!(stream = self.id, missed = n,
+                            "delta ADS stream fell behind cache changes; resynchronising");
+                        let resps = self.state.resync(&self.cache);
+                        if !send_all(&tx, resps).await {
+                            break "client went away";
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break "cache dropped",
+                },
+            }
+        };
+        let node = self.state.node().map(|n| n.id.clone()).unwrap_or_default();
+        debug!(stream = self.id, node = %node, reason = end, "delta ADS stream closed");
+        lock(&self.streams).remove(&self.id);
+    }
+
+    /// Copies node identity and NACK count into the shared registry.
+    fn publish(&self) {
+        if let Some(info) = lock(&self.streams).get_mut(&self.id) {
+            info.nacks = self.state.nack_count();
+            if info.node.is_none() {
+                info.node = self.state.node().cloned();
+            }
+        }
+    }
+}
+
+/// Sends every response; false when the client is gone.
+async fn send_all(tx: &Tx, resps: impl IntoIterator<Item = DeltaDiscoveryResponse>) -> bool {
+    for r in resps {
+        if tx.send(Ok(r)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}

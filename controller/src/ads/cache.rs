@@ -1,0 +1,221 @@
+//! The resource cache behind the delta ADS server.
+//!
+//! The cache holds, per type URL, a map from resource name to `(version, Any)`. Versions are
+//! assigned by the cache from a hash of the encoded resource, so upserting an unchanged resource
+//! is a no-op: nothing is recorded as changed and no stream pushes anything.
+//!
+//! Every effective change is broadcast as a [`Change`] (type URL + the names that changed, both
+//! upserts and removals). Streams re-read the cache for exactly those names. **Debouncing is the
+//! caller's business**: every call to [`Cache::apply`] that changes something is one
+//! notification, so a producer that sees bursts (e.g. a Kubernetes watch after a restart) should
+//! batch them into one `apply` per type.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
+
+use prost_types::Any;
+use tokio::sync::broadcast;
+
+use super::AdsError;
+
+/// How many change notifications a slow stream may fall behind before it resynchronises
+/// everything it is subscribed to (see [`broadcast::error::RecvError::Lagged`]).
+const CHANGE_CHANNEL_CAPACITY: usize = 1024;
+
+/// One cached resource: its cache-assigned version and the resource itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    /// Version string (hex hash of the encoded resource).
+    pub version: String,
+    /// The resource, packed as `google.protobuf.Any`.
+    pub resource: Any,
+}
+
+/// What one effective [`Cache::apply`] changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Type URL of the changed resources.
+    pub type_url: String,
+    /// Names that were added, updated or removed (sorted, no duplicates).
+    pub names: Vec<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    types: HashMap<String, HashMap<String, Entry>>,
+    /// Incremented on every effective change; sent as `system_version_info` (debugging only).
+    generation: u64,
+}
+
+/// A shared, versioned resource cache. Cheap to clone (all clones share the same state).
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<RwLock<Inner>>,
+    changes: broadcast::Sender<Arc<Change>>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.read();
+        f.debug_struct("Cache")
+            .field("generation", &inner.generation)
+            .field("types", &inner.types.len())
+            .finish()
+    }
+}
+
+/// Version of a resource: a hash of its type URL and encoded bytes, as 16 hex digits.
+///
+/// `DefaultHasher::new()` uses fixed keys, so the version is stable for a given build, which
+/// lets a client that reconnects to a restarted controller skip unchanged resources.
+pub fn version_of(resource: &Any) -> String {
+    let mut h = DefaultHasher::new();
+    resource.type_url.hash(&mut h);
+    resource.value.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+impl Cache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        Self {
+            inner: Arc::new(RwLock::new(Inner::default())),
+            changes,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the whole controller, so recover from poisoning.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Inserts/updates `upserts` and deletes `removals` for `type_url`, then notifies the
+    /// subscribers of the names that really changed (nothing if none did).
+    ///
+    /// Returns the changed names. Fails, changing nothing, when a resource's `Any.type_url`
+    /// differs from `type_url`.
+    pub fn apply(
+        &self,
+        type_url: &str,
+        upserts: Vec<(String, Any)>,
+        removals: Vec<String>,
+    ) -> Result<Vec<String>, AdsError> {
+        if let Some((name, any)) = upserts.iter().find(|(_, a)| a.type_url != type_url) {
+            return Err(AdsError::TypeMismatch {
+                type_url: type_url.to_owned(),
+                name: name.clone(),
+                found: any.type_url.clone(),
+            });
+        }
+        let mut changed = BTreeSet::new();
+        {
+            let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+            let map = inner.types.entry(type_url.to_owned()).or_default();
+            for (name, resource) in upserts {
+                let version = version_of(&resource);
+                if map.get(&name).is_some_and(|e| e.version == version) {
+                    continue;
+                }
+                map.insert(name.clone(), Entry { version, resource });
+                changed.insert(name);
+            }
+            for name in removals {
+                if map.remove(&name).is_some() {
+                    changed.insert(name);
+                }
+            }
+            if !changed.is_empty() {
+                inner.generation += 1;
+            }
+        }
+        let names: Vec<String> = changed.into_iter().collect();
+        if !names.is_empty() {
+            // No receivers is fine: nobody is connected.
+            let _ = self.changes.send(Arc::new(Change {
+                type_url: type_url.to_owned(),
+                names: names.clone(),
+            }));
+        }
+        Ok(names)
+    }
+
+    /// The resource `name` of `type_url`, if cached.
+    pub fn get(&self, type_url: &str, name: &str) -> Option<Entry> {
+        self.read().types.get(type_url)?.get(name).cloned()
+    }
+
+    /// All resource names of `type_url` (sorted).
+    pub fn names(&self, type_url: &str) -> Vec<String> {
+        let inner = self.read();
+        let mut names: Vec<String> = inner
+            .types
+            .get(type_url)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Counter of effective changes since the cache was created.
+    pub fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
+    /// Subscribes to change notifications (only changes after this call are seen).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(v: &[u8]) -> Any {
+        Any {
+            type_url: "t".into(),
+            value: v.to_vec(),
+        }
+    }
+
+    #[test]
+    fn unchanged_upsert_is_a_no_op() {
+        let c = Cache::new();
+        let mut rx = c.subscribe();
+        assert_eq!(
+            c.apply("t", vec![("a".into(), any(b"1"))], vec![]).unwrap(),
+            ["a"]
+        );
+        assert_eq!(rx.try_recv().unwrap().names, ["a"]);
+        assert!(
+            c.apply("t", vec![("a".into(), any(b"1"))], vec![])
+                .unwrap()
+                .is_empty()
+        );
+        assert!(rx.try_recv().is_err());
+        assert_eq!(c.generation(), 1);
+        assert!(c.apply("t", vec![], vec!["zz".into()]).unwrap().is_empty());
+        assert_eq!(c.apply("t", vec![], vec!["a".into()]).unwrap(), ["a"]);
+        assert!(c.get("t", "a").is_none());
+    }
+
+    #[test]
+    fn type_mismatch_is_rejected() {
+        let c = Cache::new();
+        let err = c
+            .apply("other", vec![("a".into(), any(b"1"))], vec![])
+            .unwrap_err();
+        assert!(err.to_string().contains("other"), "{err}");
+        assert!(c.names("other").is_empty());
+    }
+}

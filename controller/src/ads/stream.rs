@@ -1,0 +1,476 @@
+//! The per-stream delta xDS state machine, free of gRPC so it can be tested directly.
+//!
+//! One [`StreamState`] exists per connected proxy. For every type URL the client has asked
+//! about it tracks what the client subscribed to (wildcard and/or explicit names), what the
+//! client has (name → version), and the nonces of responses that still await an ACK/NACK.
+//!
+//! Protocol rules implemented (Envoy "xDS REST and gRPC protocol", incremental variant):
+//! - The first request of a type with an empty `resource_names_subscribe` is a (legacy)
+//!   wildcard subscription; `*` in `resource_names_subscribe` subscribes to the wildcard at any
+//!   time, `*` in `resource_names_unsubscribe` leaves it. Within one request subscriptions are
+//!   applied before unsubscriptions (ztunnel's on-demand mode sends `*` in both to mean
+//!   "nothing").
+//! - `initial_resource_versions` (first request of a type only) says what the client already
+//!   has, so only what differs is sent, and what no longer exists goes in `removed_resources`.
+//! - A request with `response_nonce` is an ACK, or a NACK when `error_detail` is set. After a
+//!   NACK the client keeps its last good config; the server does not resend the same versions
+//!   (a resource is only sent again when its version changes).
+//! - An explicit subscription to a name that does not exist is answered with that name in
+//!   `removed_resources`, which is how the incremental protocol says "does not exist".
+//! - A newly subscribed name is sent even if the client was sent that version before.
+//! - Unsubscribed resources are dropped by the client itself; no removal is sent. Unsubscribing
+//!   a name that the wildcard still covers changes nothing.
+//! - Every response has a fresh nonce; `system_version_info` (debugging only) is the cache's
+//!   generation counter.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use prost_types::Any;
+use tracing::{debug, warn};
+use xds_proto::envoy::config::core::v3 as core;
+use xds_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+
+use super::AdsError;
+use super::cache::{Cache, Change};
+
+/// The wildcard resource name.
+pub const WILDCARD: &str = "*";
+
+/// Responses per type whose ACK we still remember; older nonces are forgotten (and an ACK for
+/// them is then treated as stale).
+const MAX_PENDING_NONCES: usize = 64;
+
+/// Decides whether `node` may see resource `name` of `type_url`: `(node, type_url, name, resource)`.
+pub type Filter = Arc<dyn Fn(&Node, &str, &str, &Any) -> bool + Send + Sync>;
+
+/// The default [`Filter`]: every node sees everything.
+pub fn allow_all() -> Filter {
+    Arc::new(|_, _, _, _| true)
+}
+
+/// Who is on the other end of a stream, from the `node` of its first request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Node {
+    /// `node.id`, e.g. `ztunnel~10.0.0.1~ztunnel-abc.istio-system~istio-system.svc.cluster.local`.
+    pub id: String,
+    /// `node.cluster`.
+    pub cluster: String,
+    /// Metadata `NODE_NAME` (the Kubernetes node the proxy runs on), if present.
+    pub node_name: Option<String>,
+    /// Metadata `NAMESPACE`, if present.
+    pub namespace: Option<String>,
+    /// Metadata `CLUSTER_ID`, if present.
+    pub cluster_id: Option<String>,
+    /// The whole metadata Struct (may be empty).
+    pub metadata: prost_types::Struct,
+}
+
+impl Node {
+    /// Reads the identity out of a protobuf `Node`.
+    pub fn from_proto(node: &core::Node) -> Self {
+        let metadata = node.metadata.clone().unwrap_or_default();
+        let string = |key: &str| match metadata.fields.get(key)?.kind.as_ref()? {
+            prost_types::value::Kind::StringValue(s) => Some(s.clone()),
+            _ => None,
+        };
+        Self {
+            id: node.id.clone(),
+            cluster: node.cluster.clone(),
+            node_name: string("NODE_NAME"),
+            namespace: string("NAMESPACE"),
+            cluster_id: string("CLUSTER_ID"),
+            metadata,
+        }
+    }
+}
+
+/// Per type URL state of one stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client has (or was last sent): name → version.
+    has: HashMap<String, String>,
+    /// Nonces of responses not yet ACKed/NACKed, oldest first.
+    pending: VecDeque<String>,
+}
+
+impl TypeState {
+    fn interested(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// The delta xDS state of one stream. See the module docs for the rules.
+pub struct StreamState {
+    node: Option<Node>,
+    types: BTreeMap<String, TypeState>,
+    filter: Filter,
+    stream_id: u64,
+    next_nonce: u64,
+    nacks: u64,
+}
+
+impl std::fmt::Debug for StreamState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamState")
+            .field("node", &self.node)
+            .field("types", &self.types)
+            .field("stream_id", &self.stream_id)
+            .field("nacks", &self.nacks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamState {
+    /// A fresh stream; `stream_id` makes nonces unique across streams.
+    pub fn new(stream_id: u64, filter: Filter) -> Self {
+        Self {
+            node: None,
+            types: BTreeMap::new(),
+            filter,
+            stream_id,
+            next_nonce: 0,
+            nacks: 0,
+        }
+    }
+
+    /// The node identity, once a request carried one.
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    /// How many NACKs the client sent on this stream.
+    pub fn nack_count(&self) -> u64 {
+        self.nacks
+    }
+
+    /// The type URLs the client asked about, sorted.
+    pub fn type_urls(&self) -> Vec<String> {
+        self.types.keys().cloned().collect()
+    }
+
+    /// Whether the client is subscribed to the wildcard of `type_url`.
+    pub fn is_wildcard(&self, type_url: &str) -> bool {
+        self.types.get(type_url).is_some_and(|t| t.wildcard)
+    }
+
+    /// Handles one request: records an ACK/NACK, applies subscription changes, and returns the
+    /// response to send (if any). The first request of a type is always answered, even with
+    /// nothing, so clients that wait for a first response per type become ready.
+    pub fn handle_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        cache: &Cache,
+    ) -> Result<Option<DeltaDiscoveryResponse>, AdsError> {
+        if self.node.is_none()
+            && let Some(n) = &req.node
+        {
+            self.node = Some(Node::from_proto(n));
+        }
+        if req.type_url.is_empty() {
+            return Err(AdsError::MissingTypeUrl {
+                node: self.node_id().to_owned(),
+            });
+        }
+        let type_url = req.type_url;
+        let first = !self.types.contains_key(&type_url);
+        let node_id = self.node_id().to_owned();
+        let ts = self.types.entry(type_url.clone()).or_default();
+
+        if !req.response_nonce.is_empty() {
+            let known = match ts.pending.iter().position(|n| *n == req.response_nonce) {
+                Some(i) => {
+                    ts.pending.remove(i);
+                    true
+                }
+                None => false,
+            };
+            match &req.error_detail {
+                Some(status) => {
+                    self.nacks += 1;
+                    warn!(
+                        node = %node_id, type_url = %type_url, nonce = %req.response_nonce,
+                        known, code = status.code, message = %status.message,
+                        "proxy rejected (NACKed) an xDS response; it keeps its last good config"
+                    );
+                }
+                None if known => debug!(node = %node_id, type_url = %type_url, "ACK"),
+                None => debug!(node = %node_id, type_url = %type_url, nonce = %req.response_nonce,
+                    "ACK for an unknown or expired nonce"),
+            }
+        }
+
+        // Subscription changes.
+        let mut candidates: BTreeSet<String> = BTreeSet::new();
+        let mut newly_named: BTreeSet<String> = BTreeSet::new();
+        if first {
+            if req.resource_names_subscribe.is_empty() {
+                ts.wildcard = true;
+            }
+            ts.has = req.initial_resource_versions;
+            candidates.extend(ts.has.keys().cloned());
+        }
+        for name in req.resource_names_subscribe {
+            if name == WILDCARD {
+                if !ts.wildcard {
+                    ts.wildcard = true;
+                    candidates.extend(cache.names(&type_url));
+                }
+            } else if ts.names.insert(name.clone()) || first {
+                newly_named.insert(name.clone());
+                candidates.insert(name);
+            }
+        }
+        if ts.wildcard && first {
+            candidates.extend(cache.names(&type_url));
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == WILDCARD {
+                ts.wildcard = false;
+                // The client drops what only the wildcard gave it.
+                let names = &ts.names;
+                ts.has.retain(|n, _| names.contains(n));
+            } else {
+                ts.names.remove(&name);
+                newly_named.remove(&name);
+                candidates.remove(&name);
+                if !ts.wildcard {
+                    ts.has.remove(&name);
+                }
+            }
+        }
+
+        // On the first request, `initial_resource_versions` says what the client really has,
+        // so only later subscriptions force a resend.
+        let force = if first {
+            BTreeSet::new()
+        } else {
+            newly_named.clone()
+        };
+        let resp = self.diff(&type_url, candidates, &newly_named, &force, cache);
+        if resp.is_none() && first {
+            return Ok(Some(self.response(
+                &type_url,
+                Vec::new(),
+                Vec::new(),
+                cache,
+            )));
+        }
+        Ok(resp)
+    }
+
+    /// The response for a cache change (only names this stream is subscribed to or has).
+    pub fn handle_change(
+        &mut self,
+        change: &Change,
+        cache: &Cache,
+    ) -> Option<DeltaDiscoveryResponse> {
+        if !self.types.contains_key(&change.type_url) {
+            return None;
+        }
+        let names = change.names.iter().cloned().collect();
+        self.diff(
+            &change.type_url,
+            names,
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+            cache,
+        )
+    }
+
+    /// Responses that bring every type up to date with the cache (after missed notifications).
+    pub fn resync(&mut self, cache: &Cache) -> Vec<DeltaDiscoveryResponse> {
+        let type_urls = self.type_urls();
+        let mut out = Vec::new();
+        for type_url in type_urls {
+            let ts = &self.types[&type_url];
+            let mut names: BTreeSet<String> = ts.has.keys().cloned().collect();
+            names.extend(ts.names.iter().cloned());
+            if ts.wildcard {
+                names.extend(cache.names(&type_url));
+            }
+            out.extend(self.diff(&type_url, names, &BTreeSet::new(), &BTreeSet::new(), cache));
+        }
+        out
+    }
+
+    fn node_id(&self) -> &str {
+        self.node.as_ref().map_or("", |n| n.id.as_str())
+    }
+
+    /// Compares `candidates` between the cache (as visible to this node) and what the client
+    /// has; builds a response with the differences, or `None` if there are none. Names in
+    /// `newly_named` that do not exist are reported in `removed_resources`; names in `force`
+    /// are sent even when the client has their version.
+    fn diff(
+        &mut self,
+        type_url: &str,
+        candidates: BTreeSet<String>,
+        newly_named: &BTreeSet<String>,
+        force: &BTreeSet<String>,
+        cache: &Cache,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let default_node = Node::default();
+        let node = self.node.as_ref().unwrap_or(&default_node);
+        let ts = self.types.get_mut(type_url)?;
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for name in candidates {
+            let interested = ts.interested(&name);
+            let visible = cache
+                .get(type_url, &name)
+                .filter(|e| (self.filter)(node, type_url, &name, &e.resource));
+            match visible {
+                Some(entry) if interested => {
+                    // Newly requested names are sent even if the client was sent this version
+                    // before (Envoy: "the server must resend any newly requested resources").
+                    if ts.has.get(&name) != Some(&entry.version) || force.contains(&name) {
+                        ts.has.insert(name.clone(), entry.version.clone());
+                        resources.push(Resource {
+                            name,
+                            version: entry.version,
+                            resource: Some(entry.resource),
+                            ..Default::default()
+                        });
+                    }
+                }
+                _ => {
+                    if ts.has.remove(&name).is_some() || newly_named.contains(&name) {
+                        removed.push(name);
+                    }
+                }
+            }
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        Some(self.response(type_url, resources, removed, cache))
+    }
+
+    fn response(
+        &mut self,
+        type_url: &str,
+        resources: Vec<Resource>,
+        removed_resources: Vec<String>,
+        cache: &Cache,
+    ) -> DeltaDiscoveryResponse {
+        self.next_nonce += 1;
+        let nonce = format!("{:x}-{}", self.stream_id, self.next_nonce);
+        if let Some(ts) = self.types.get_mut(type_url) {
+            if ts.pending.len() >= MAX_PENDING_NONCES {
+                ts.pending.pop_front();
+            }
+            ts.pending.push_back(nonce.clone());
+        }
+        DeltaDiscoveryResponse {
+            system_version_info: cache.generation().to_string(),
+            resources,
+            type_url: type_url.to_owned(),
+            nonce,
+            removed_resources,
+            control_plane: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const T: &str = "type.googleapis.com/test.T";
+
+    fn cache() -> Cache {
+        let c = Cache::new();
+        let any = |v: &[u8]| Any {
+            type_url: T.into(),
+            value: v.to_vec(),
+        };
+        c.apply(
+            T,
+            vec![("a".into(), any(b"1")), ("b".into(), any(b"2"))],
+            vec![],
+        )
+        .unwrap();
+        c
+    }
+
+    fn req(sub: &[&str], unsub: &[&str]) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: T.into(),
+            resource_names_subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
+        r.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn on_demand_start_subscribes_to_nothing_but_is_answered() {
+        let c = cache();
+        let mut st = StreamState::new(1, allow_all());
+        let r = st.handle_request(req(&["*"], &["*"]), &c).unwrap().unwrap();
+        assert!(r.resources.is_empty() && r.removed_resources.is_empty());
+        assert!(!st.is_wildcard(T));
+        let r = st.handle_request(req(&["b"], &[]), &c).unwrap().unwrap();
+        assert_eq!(names(&r), ["b"]);
+    }
+
+    #[test]
+    fn explicit_wildcard_and_leaving_it() {
+        let c = cache();
+        let mut st = StreamState::new(1, allow_all());
+        let r = st.handle_request(req(&["a"], &[]), &c).unwrap().unwrap();
+        assert_eq!(names(&r), ["a"]);
+        let r = st.handle_request(req(&["*"], &[]), &c).unwrap().unwrap();
+        assert_eq!(names(&r), ["b"], "only what the client lacks");
+        assert!(st.is_wildcard(T));
+        assert!(st.handle_request(req(&[], &["*"]), &c).unwrap().is_none());
+        // `b` came only from the wildcard: the client dropped it, so a change is not pushed.
+        let change = Change {
+            type_url: T.into(),
+            names: vec!["b".into()],
+        };
+        assert!(st.handle_change(&change, &c).is_none());
+    }
+
+    #[test]
+    fn initial_versions_and_resubscribe_resend() {
+        let c = cache();
+        let va = c.get(T, "a").unwrap().version;
+        let mut st = StreamState::new(1, allow_all());
+        let mut r = req(&["a"], &[]);
+        r.initial_resource_versions = HashMap::from([("a".to_string(), va)]);
+        let resp = st.handle_request(r, &c).unwrap().unwrap();
+        assert!(resp.resources.is_empty(), "client already has a");
+        assert!(st.handle_request(req(&[], &["a"]), &c).unwrap().is_none());
+        let resp = st.handle_request(req(&["a"], &[]), &c).unwrap().unwrap();
+        assert_eq!(names(&resp), ["a"], "newly requested names are resent");
+    }
+
+    #[test]
+    fn nack_counts_and_unknown_nonces_are_harmless() {
+        let c = cache();
+        let mut st = StreamState::new(1, allow_all());
+        let first = st.handle_request(req(&[], &[]), &c).unwrap().unwrap();
+        let mut nack = req(&[], &[]);
+        nack.response_nonce = first.nonce;
+        nack.error_detail = Some(xds_proto::google::rpc::Status {
+            code: 3,
+            message: "bad".into(),
+            details: vec![],
+        });
+        assert!(st.handle_request(nack.clone(), &c).unwrap().is_none());
+        nack.response_nonce = "nope".into();
+        assert!(st.handle_request(nack, &c).unwrap().is_none());
+        assert_eq!(st.nack_count(), 2);
+        assert!(st.resync(&c).is_empty(), "NACKed versions are not resent");
+    }
+}

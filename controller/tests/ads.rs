@@ -1,0 +1,466 @@
+//! Delta ADS server tests: a real tonic client over TCP on 127.0.0.1 against
+//! `zmesh_controller::ads::AdsServer`, plus a property test of the per-stream state machine.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use proptest::prelude::*;
+use prost::Message;
+use prost_types::Any;
+use tokio::sync::mpsc;
+use tonic::Streaming;
+use xds_proto::envoy::config::core::v3::Node as ProtoNode;
+use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use xds_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+};
+use xds_proto::google::rpc::Status as RpcStatus;
+use xds_proto::istio::security::Authorization;
+use xds_proto::istio::workload::{Address, Workload, address};
+use xds_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use zmesh_controller::ads::{AdsServer, Cache, Node, StreamState, allow_all};
+
+const NODE_ID: &str = "ztunnel~10.0.0.1~ztunnel-abc.istio-system~istio-system.svc.cluster.local";
+
+fn addr_any(uid: &str, name: &str) -> Any {
+    let a = Address {
+        r#type: Some(address::Type::Workload(Workload {
+            uid: uid.into(),
+            name: name.into(),
+            namespace: "default".into(),
+            addresses: vec![vec![10, 0, 0, 9]],
+            ..Default::default()
+        })),
+    };
+    Any {
+        type_url: ADDRESS_TYPE_URL.into(),
+        value: a.encode_to_vec(),
+    }
+}
+
+fn authz_any(name: &str, ns: &str) -> Any {
+    let a = Authorization {
+        name: name.into(),
+        namespace: ns.into(),
+        ..Default::default()
+    };
+    Any {
+        type_url: AUTHORIZATION_TYPE_URL.into(),
+        value: a.encode_to_vec(),
+    }
+}
+
+fn put(cache: &Cache, name: &str, pod: &str) {
+    cache
+        .apply(
+            ADDRESS_TYPE_URL,
+            vec![(name.into(), addr_any(name, pod))],
+            vec![],
+        )
+        .unwrap();
+}
+
+fn proto_node(id: &str, node_name: &str) -> ProtoNode {
+    let mut md = prost_types::Struct::default();
+    md.fields.insert(
+        "NODE_NAME".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(node_name.into())),
+        },
+    );
+    ProtoNode {
+        id: id.into(),
+        metadata: Some(md),
+        ..Default::default()
+    }
+}
+
+async fn start(server: AdsServer) -> Result<SocketAddr> {
+    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse()?)?;
+    let addr = incoming.local_addr()?;
+    // The workspace builds tonic without its `router` feature, so serve the one service directly.
+    tokio::spawn(
+        tonic::transport::Server::builder().serve_with_incoming(server.into_service(), incoming),
+    );
+    Ok(addr)
+}
+
+/// A test proxy: one delta ADS stream.
+struct Client {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: Streaming<DeltaDiscoveryResponse>,
+    node: ProtoNode,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, node: ProtoNode) -> Result<Self> {
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let reqs =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let rx = client.delta_aggregated_resources(reqs).await?.into_inner();
+        Ok(Self { tx, rx, node })
+    }
+
+    async fn send(&self, mut req: DeltaDiscoveryRequest) -> Result<()> {
+        req.node = Some(self.node.clone());
+        self.tx.send(req).await.context("request stream closed")
+    }
+
+    async fn subscribe(&self, type_url: &str, names: &[&str]) -> Result<()> {
+        self.send(DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn ack(&self, resp: &DeltaDiscoveryResponse) -> Result<()> {
+        self.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn recv(&mut self) -> Result<DeltaDiscoveryResponse> {
+        match tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await {
+            Ok(Ok(Some(m))) => Ok(m),
+            Ok(Ok(None)) => bail!("stream ended"),
+            Ok(Err(s)) => bail!("stream failed: {s}"),
+            Err(_) => bail!("no response within 5s"),
+        }
+    }
+
+    /// Receives and ACKs one response.
+    async fn recv_ack(&mut self) -> Result<DeltaDiscoveryResponse> {
+        let r = self.recv().await?;
+        self.ack(&r).await?;
+        Ok(r)
+    }
+
+    async fn expect_silence(&mut self) -> Result<()> {
+        match tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await {
+            Err(_) => Ok(()),
+            Ok(m) => bail!("expected no message, got {m:?}"),
+        }
+    }
+}
+
+fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    let mut v: Vec<String> = r.resources.iter().map(|r| r.name.clone()).collect();
+    v.sort();
+    v
+}
+
+fn versions(r: &DeltaDiscoveryResponse) -> HashMap<String, String> {
+    r.resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect()
+}
+
+fn setup() -> (Cache, AdsServer) {
+    let cache = Cache::new();
+    put(&cache, "w1", "pod-1");
+    put(&cache, "w2", "pod-2");
+    (cache.clone(), AdsServer::new(cache))
+}
+
+#[tokio::test]
+async fn wildcard_gets_all_then_only_changes_and_removals() -> Result<()> {
+    let (cache, server) = setup();
+    let mut c = Client::connect(start(server).await?, proto_node(NODE_ID, "n1")).await?;
+    c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    let r = c.recv_ack().await?;
+    assert_eq!(r.type_url, ADDRESS_TYPE_URL);
+    assert_eq!(names(&r), ["w1", "w2"]);
+    let a = Address::decode(&r.resources[0].resource.as_ref().unwrap().value[..])?;
+    assert!(matches!(a.r#type, Some(address::Type::Workload(_))));
+
+    put(&cache, "w1", "pod-1-renamed");
+    let r2 = c.recv_ack().await?;
+    assert_eq!(names(&r2), ["w1"]);
+    assert!(r2.removed_resources.is_empty());
+    assert_ne!(r2.nonce, r.nonce, "nonces are unique");
+
+    cache.apply(ADDRESS_TYPE_URL, vec![], vec!["w2".into()])?;
+    let r3 = c.recv_ack().await?;
+    assert!(r3.resources.is_empty());
+    assert_eq!(r3.removed_resources, ["w2"]);
+
+    // Unchanged upsert: no push.
+    put(&cache, "w1", "pod-1-renamed");
+    c.expect_silence().await
+}
+
+#[tokio::test]
+async fn nack_is_recorded_and_not_resent() -> Result<()> {
+    let (cache, server) = setup();
+    let mut c = Client::connect(start(server.clone()).await?, proto_node(NODE_ID, "n1")).await?;
+    c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    c.recv_ack().await?;
+    put(&cache, "w1", "bad");
+    let r = c.recv().await?;
+    c.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        response_nonce: r.nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "w1: invalid workload".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await?;
+    c.expect_silence().await?;
+    assert_eq!(server.nack_count(), 1);
+    let streams = server.streams();
+    assert_eq!(streams.len(), 1);
+    assert_eq!(streams[0].nacks, 1);
+    assert_eq!(streams[0].node.as_ref().unwrap().id, NODE_ID);
+    // A later real change is still pushed.
+    put(&cache, "w1", "good");
+    assert_eq!(names(&c.recv_ack().await?), ["w1"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn reconnect_sends_only_stale_and_removes_deleted() -> Result<()> {
+    let (cache, server) = setup();
+    put(&cache, "w3", "pod-3");
+    let addr = start(server).await?;
+    let had = {
+        let mut c = Client::connect(addr, proto_node(NODE_ID, "n1")).await?;
+        c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+        let r = c.recv_ack().await?;
+        assert_eq!(names(&r), ["w1", "w2", "w3"]);
+        versions(&r)
+    };
+    // While disconnected: w2 changes, w3 is deleted, w1 stays.
+    put(&cache, "w2", "pod-2-v2");
+    cache.apply(ADDRESS_TYPE_URL, vec![], vec!["w3".into()])?;
+
+    let mut c = Client::connect(addr, proto_node(NODE_ID, "n1")).await?;
+    c.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        initial_resource_versions: had,
+        ..Default::default()
+    })
+    .await?;
+    let r = c.recv_ack().await?;
+    assert_eq!(names(&r), ["w2"]);
+    assert_eq!(r.removed_resources, ["w3"]);
+    c.expect_silence().await
+}
+
+#[tokio::test]
+async fn named_subscription_and_unsubscribe() -> Result<()> {
+    let (cache, server) = setup();
+    let mut c = Client::connect(start(server).await?, proto_node(NODE_ID, "n1")).await?;
+    c.subscribe(ADDRESS_TYPE_URL, &["w1", "missing"]).await?;
+    let r = c.recv_ack().await?;
+    assert_eq!(names(&r), ["w1"]);
+    assert_eq!(
+        r.removed_resources,
+        ["missing"],
+        "non-existent names are reported"
+    );
+
+    put(&cache, "w2", "pod-2-v2");
+    c.expect_silence().await?;
+    put(&cache, "w1", "pod-1-v2");
+    assert_eq!(names(&c.recv_ack().await?), ["w1"]);
+
+    c.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_unsubscribe: vec!["w1".into()],
+        // Also ask for a missing name: its "does not exist" answer tells us the server has
+        // processed this request before the cache changes.
+        resource_names_subscribe: vec!["missing2".into()],
+        ..Default::default()
+    })
+    .await?;
+    let r = c.recv_ack().await?;
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources, ["missing2"]);
+    put(&cache, "w1", "pod-1-v3");
+    c.expect_silence().await?;
+
+    // Subscribing again later delivers it.
+    c.subscribe(ADDRESS_TYPE_URL, &["w2"]).await?;
+    assert_eq!(names(&c.recv_ack().await?), ["w2"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_types_on_one_stream_are_independent() -> Result<()> {
+    let (cache, server) = setup();
+    cache.apply(
+        AUTHORIZATION_TYPE_URL,
+        vec![("default/allow".into(), authz_any("allow", "default"))],
+        vec![],
+    )?;
+    let mut c = Client::connect(start(server).await?, proto_node(NODE_ID, "n1")).await?;
+    c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    c.subscribe(AUTHORIZATION_TYPE_URL, &[]).await?;
+    let mut got = HashMap::new();
+    for _ in 0..2 {
+        let r = c.recv_ack().await?;
+        got.insert(r.type_url.clone(), names(&r));
+    }
+    assert_eq!(got[ADDRESS_TYPE_URL], ["w1", "w2"]);
+    assert_eq!(got[AUTHORIZATION_TYPE_URL], ["default/allow"]);
+
+    cache.apply(
+        AUTHORIZATION_TYPE_URL,
+        vec![("default/deny".into(), authz_any("deny", "default"))],
+        vec![],
+    )?;
+    let r = c.recv_ack().await?;
+    assert_eq!(r.type_url, AUTHORIZATION_TYPE_URL);
+    assert_eq!(names(&r), ["default/deny"]);
+    put(&cache, "w2", "pod-2-v2");
+    let r = c.recv_ack().await?;
+    assert_eq!(r.type_url, ADDRESS_TYPE_URL);
+    assert_eq!(names(&r), ["w2"]);
+    c.expect_silence().await
+}
+
+#[tokio::test]
+async fn filter_sees_node_and_hides_resources() -> Result<()> {
+    let (cache, server) = setup();
+    let seen: Arc<Mutex<Vec<Node>>> = Arc::default();
+    let seen2 = seen.clone();
+    let server = server.with_filter(move |node, type_url, name, _any| {
+        seen2.lock().unwrap().push(node.clone());
+        !(type_url == ADDRESS_TYPE_URL
+            && name == "w2"
+            && node.node_name.as_deref() == Some("node-b"))
+    });
+    let addr = start(server).await?;
+    let mut a = Client::connect(addr, proto_node("ztunnel~10.0.0.1~a.ns~ns.svc", "node-a")).await?;
+    let mut b = Client::connect(addr, proto_node("ztunnel~10.0.0.2~b.ns~ns.svc", "node-b")).await?;
+    a.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    b.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    assert_eq!(names(&a.recv_ack().await?), ["w1", "w2"]);
+    assert_eq!(names(&b.recv_ack().await?), ["w1"]);
+    put(&cache, "w2", "pod-2-v2");
+    assert_eq!(names(&a.recv_ack().await?), ["w2"]);
+    b.expect_silence().await?;
+
+    let seen = seen.lock().unwrap();
+    let b_node = seen
+        .iter()
+        .find(|n| n.node_name.as_deref() == Some("node-b"))
+        .expect("filter saw node-b");
+    assert_eq!(b_node.id, "ztunnel~10.0.0.2~b.ns~ns.svc");
+    assert!(b_node.metadata.fields.contains_key("NODE_NAME"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn sotw_is_unimplemented() -> Result<()> {
+    let (_cache, server) = setup();
+    let addr = start(server).await?;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
+    let reqs = futures::stream::iter(vec![DiscoveryRequest::default()]);
+    let err = client.stream_aggregated_resources(reqs).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    assert!(err.message().contains("delta"), "{}", err.message());
+    Ok(())
+}
+
+#[tokio::test]
+async fn request_without_type_url_closes_stream() -> Result<()> {
+    let (_cache, server) = setup();
+    let mut c = Client::connect(start(server).await?, proto_node(NODE_ID, "n1")).await?;
+    c.subscribe("", &[]).await?;
+    let err = c.recv().await.unwrap_err().to_string();
+    assert!(err.contains("type_url"), "{err}");
+    Ok(())
+}
+
+// ---- property test of the state machine (no gRPC) ----
+
+fn arb_request() -> impl Strategy<Value = DeltaDiscoveryRequest> {
+    let type_url = prop_oneof![
+        Just(ADDRESS_TYPE_URL.to_string()),
+        Just(AUTHORIZATION_TYPE_URL.to_string()),
+        Just(String::new()),
+        ".{0,12}",
+    ];
+    let name = prop_oneof![Just("*".to_string()), "w[0-3]", ".{0,6}"];
+    let nonce = prop_oneof![Just(String::new()), "[0-9a-f]{1,4}-[0-9]{1,2}", ".{0,6}"];
+    let status = proptest::option::of((any::<i32>(), ".{0,10}"));
+    (
+        type_url,
+        proptest::collection::vec(name.clone(), 0..4),
+        proptest::collection::vec(name.clone(), 0..4),
+        proptest::collection::hash_map(name, ".{0,4}", 0..3),
+        nonce,
+        status,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(type_url, sub, unsub, initial, nonce, status, with_node)| DeltaDiscoveryRequest {
+                node: with_node.then(|| proto_node(NODE_ID, "n1")),
+                type_url,
+                resource_names_subscribe: sub,
+                resource_names_unsubscribe: unsub,
+                initial_resource_versions: initial,
+                response_nonce: nonce,
+                error_detail: status.map(|(code, message)| RpcStatus {
+                    code,
+                    message,
+                    details: vec![],
+                }),
+            },
+        )
+}
+
+proptest! {
+    #[test]
+    fn state_machine_never_panics(
+        reqs in proptest::collection::vec(arb_request(), 1..20),
+        changes in proptest::collection::vec(("w[0-3]", any::<bool>()), 0..10),
+    ) {
+        let cache = Cache::new();
+        put(&cache, "w0", "p0");
+        put(&cache, "w1", "p1");
+        let mut rx = cache.subscribe();
+        let mut st = StreamState::new(7, allow_all());
+        let mut nonces = std::collections::HashSet::new();
+        let mut changes = changes.into_iter();
+        for req in reqs {
+            let ty = req.type_url.clone();
+            if let Ok(Some(resp)) = st.handle_request(req, &cache) {
+                prop_assert_eq!(&resp.type_url, &ty);
+                prop_assert!(nonces.insert(resp.nonce.clone()), "nonce reused");
+            }
+            if let Some((name, remove)) = changes.next() {
+                if remove {
+                    cache.apply(ADDRESS_TYPE_URL, vec![], vec![name]).unwrap();
+                } else {
+                    put(&cache, &name, &format!("{ty}{}", nonces.len()));
+                }
+            }
+            while let Ok(change) = rx.try_recv() {
+                if let Some(resp) = st.handle_change(&change, &cache) {
+                    prop_assert!(nonces.insert(resp.nonce.clone()), "nonce reused");
+                }
+            }
+        }
+        for resp in st.resync(&cache) {
+            prop_assert!(nonces.insert(resp.nonce.clone()), "nonce reused");
+        }
+        // After a resync, nothing is left to send.
+        prop_assert!(st.resync(&cache).is_empty());
+    }
+}
