@@ -53,6 +53,10 @@ pub struct SocketOptions {
     pub mark: Option<u32>,
     pub connect_timeout: Duration,
     pub keepalive: Option<Duration>,
+    /// Allow binding a source address that is not local (IP_TRANSPARENT): in a pod, the
+    /// client's address, so the app sees who really called. Replies find their way back to
+    /// ztunnel through the pod's connmark rules and table 100.
+    pub transparent: bool,
 }
 
 impl Default for SocketOptions {
@@ -62,6 +66,7 @@ impl Default for SocketOptions {
             mark: Some(ZMESH_MARK),
             connect_timeout: Duration::from_secs(10),
             keepalive: Some(Duration::from_secs(180)),
+            transparent: false,
         }
     }
 }
@@ -103,6 +108,13 @@ pub async fn connect(
     if let Some(src) = src
         && src.is_ipv4() == dst.is_ipv4()
     {
+        if opts.transparent {
+            if src.is_ipv4() {
+                sref.set_ip_transparent_v4(true)?;
+            } else {
+                sref.set_ip_transparent_v6(true)?;
+            }
+        }
         sock.bind(SocketAddr::new(src, 0))?;
     }
     match tokio::time::timeout(opts.connect_timeout, sock.connect(dst)).await {

@@ -75,7 +75,7 @@ fn enrolled_pair(cluster: &Cluster<'_>) -> (Pod, Pod, EchoServer) {
 fn enrolled_pods_talk_mtls_across_nodes_and_unenrolled_ones_in_plaintext() {
     let sb = Sandbox::new().unwrap();
     let cluster = Cluster::up(&sb, &["n1", "n2"]).unwrap();
-    let (client, server, _app) = enrolled_pair(&cluster);
+    let (client, server, app) = enrolled_pair(&cluster);
     for port in [15001, 15006, 15008] {
         assert!(cluster.listening(&client.netns, port).unwrap(), "{port}");
     }
@@ -96,6 +96,13 @@ fn enrolled_pods_talk_mtls_across_nodes_and_unenrolled_ones_in_plaintext() {
         "n2's access log line for the client",
         Duration::from_secs(5),
         || cluster.ztunnel("n2").unwrap().log().contains(&from_pod),
+    );
+    // And the app sees the client's own address, not its ztunnel's (original source).
+    assert!(
+        app.peers().iter().any(|p| p.ip() == client.ip),
+        "the app saw {:?}, not the client {}",
+        app.peers(),
+        client.ip
     );
 
     // Positive control: the same check sees the marker between unenrolled pods.

@@ -188,7 +188,7 @@ impl Proxy {
         let mut rec =
             ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
         // Answer 200 only once the workload accepted the connection.
-        let mut upstream = match zmesh_core::socket::connect(target, None, &self.sockets).await {
+        let mut upstream = match self.connect_as(target, src_addr).await {
             Ok(s) => s,
             Err(e) => {
                 rec.set_response_flag("CONNECT");
@@ -208,6 +208,32 @@ impl Proxy {
             finish(rec, res);
         });
         status(StatusCode::OK)
+    }
+}
+
+impl Proxy {
+    /// Connects to the local app. In a pod (shared mode), from the client's own address, as
+    /// upstream ztunnel does, so the app sees who called; elsewhere, or if the kernel refuses
+    /// the transparent bind, from the pod's address.
+    async fn connect_as(
+        &self,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        if self.sockets.netns.is_some() && client.ip() != target.ip() {
+            let opts = zmesh_core::socket::SocketOptions {
+                transparent: true,
+                ..self.sockets.clone()
+            };
+            match zmesh_core::socket::connect(target, Some(client.ip()), &opts).await {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(e),
+                Err(e) => {
+                    tracing::debug!(%client, error = %e, "cannot connect from the client's address; using the pod's")
+                }
+            }
+        }
+        zmesh_core::socket::connect(target, None, &self.sockets).await
     }
 }
 
