@@ -5,3 +5,4 @@
 
 pub mod ads;
 pub mod ca;
+pub mod translate;

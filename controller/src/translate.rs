@@ -1,0 +1,174 @@
+//! Translation of Kubernetes objects into Istio's workload API (`istio.workload.Workload` and
+//! `istio.workload.Service`), the resources ztunnel subscribes to as
+//! `type.googleapis.com/istio.workload.Address`.
+//!
+//! Everything here is a pure function of its input: [`Objects`] (Namespaces, Pods, Services,
+//! EndpointSlices, usually loaded from YAML with [`Objects::from_yaml`]) and a [`MeshConfig`]
+//! go in, a [`Translated`] set of resources keyed by their xDS names comes out. The watch and
+//! the file source feed the same function, so a directory of YAML behaves like a cluster.
+//!
+//! Rules (Istio ambient semantics, see `shared/reference/ztunnel.md` §2d):
+//! - a Pod becomes a Workload when it has an IP, is not `hostNetwork` and not terminal;
+//!   it tunnels HBONE when enrolled (`istio.io/dataplane-mode=ambient` on its Namespace or
+//!   itself; `none` on the Pod opts out);
+//! - a Service becomes a Service resource (VIPs from `clusterIPs`, none when headless);
+//! - a Pod's `services` map lists every Service whose selector matches it, with named target
+//!   ports resolved against the Pod's container ports. Services without a selector take their
+//!   endpoints from EndpointSlices whose endpoints reference Pods (`targetRef`);
+//! - waypoints come from `istio.io/use-waypoint` (+ `istio.io/use-waypoint-namespace`) on the
+//!   Pod or Service, else on the Namespace; the value `none` opts out of a namespace waypoint,
+//!   and waypoints themselves are never bound to a waypoint.
+
+mod json;
+mod objects;
+mod service;
+mod workload;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use xds_proto::istio::workload::gateway_address::Destination;
+use xds_proto::istio::workload::{GatewayAddress, NamespacedHostname, Service, Workload};
+
+pub use json::{service_json, to_json, workload_json};
+pub use objects::{Objects, TranslateError};
+
+/// Label that enrols a Namespace or Pod in the mesh (`ambient`), or opts a Pod out (`none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Label that binds a Namespace, Service or Pod to a waypoint (by Gateway name).
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// Label naming the waypoint's namespace when it differs from the object's.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// Label Istio puts on waypoint Pods and Services; a waypoint never gets a waypoint itself.
+pub const GATEWAY_MANAGED_LABEL: &str = "gateway.istio.io/managed";
+/// Value of [`GATEWAY_MANAGED_LABEL`] on waypoints.
+pub const WAYPOINT_MANAGED_VALUE: &str = "istio.io-mesh-controller";
+/// The HBONE port a waypoint listens on.
+pub const HBONE_PORT: u32 = 15008;
+
+/// Mesh-wide settings the translation needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// SPIFFE trust domain of workloads, e.g. `cluster.local`.
+    pub trust_domain: String,
+    /// Cluster id, the first segment of workload uids, e.g. `Kubernetes`.
+    pub cluster_id: String,
+    /// DNS suffix of Service hostnames, e.g. `cluster.local`.
+    pub domain_suffix: String,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".to_owned(),
+            cluster_id: "Kubernetes".to_owned(),
+            domain_suffix: "cluster.local".to_owned(),
+        }
+    }
+}
+
+/// The translated resources, keyed by their xDS resource names.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Translated {
+    /// Workloads keyed by uid, `<cluster>//Pod/<namespace>/<name>`.
+    pub workloads: BTreeMap<String, Workload>,
+    /// Services keyed by `<namespace>/<hostname>`.
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Translates `objects` into workload API resources. Never fails: objects that cannot be
+/// represented (no IP, unparsable addresses, ...) are left out.
+pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
+    let namespaces: BTreeMap<&str, &BTreeMap<String, String>> = objects
+        .namespaces
+        .iter()
+        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
+        .collect();
+    let ns_labels = |ns: &str| namespaces.get(ns).copied();
+
+    let mut services = BTreeMap::new();
+    for svc in &objects.services {
+        if let Some(out) = service::translate_service(svc, ns_labels, mesh) {
+            services.insert(format!("{}/{}", out.namespace, out.hostname), out);
+        }
+    }
+    let slice_ports = service::endpoint_slice_ports(objects, mesh);
+    let mut services_by_ns: BTreeMap<&str, Vec<&KubeService>> = BTreeMap::new();
+    for svc in &objects.services {
+        services_by_ns
+            .entry(namespace_of(&svc.metadata))
+            .or_default()
+            .push(svc);
+    }
+
+    let mut workloads = BTreeMap::new();
+    for pod in &objects.pods {
+        let candidates = services_by_ns
+            .get(namespace_of(&pod.metadata))
+            .map_or(&[][..], Vec::as_slice);
+        if let Some(out) = workload::translate_pod(pod, ns_labels, candidates, &slice_ports, mesh) {
+            workloads.insert(out.uid.clone(), out);
+        }
+    }
+    Translated {
+        workloads,
+        services,
+    }
+}
+
+/// The DNS name of Service `name` in `namespace`.
+pub fn service_hostname(name: &str, namespace: &str, mesh: &MeshConfig) -> String {
+    format!("{name}.{namespace}.svc.{}", mesh.domain_suffix)
+}
+
+/// An object's namespace; Kubernetes' `default` when the document leaves it out.
+fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// The waypoint an object is bound to: its own `istio.io/use-waypoint` label first (`none`
+/// opts out), else its namespace's. Waypoints themselves (labelled
+/// `gateway.istio.io/managed=istio.io-mesh-controller`) are never bound, or traffic would loop.
+fn waypoint(
+    own: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+    ns_labels: Option<&BTreeMap<String, String>>,
+    mesh: &MeshConfig,
+) -> Option<GatewayAddress> {
+    if own
+        .and_then(|l| l.get(GATEWAY_MANAGED_LABEL))
+        .map(String::as_str)
+        == Some(WAYPOINT_MANAGED_VALUE)
+    {
+        return None;
+    }
+    let (name, ns) =
+        waypoint_label(own, namespace).or_else(|| waypoint_label(ns_labels, namespace))?;
+    if name.is_empty() || name == "none" {
+        return None;
+    }
+    Some(GatewayAddress {
+        hbone_mtls_port: HBONE_PORT,
+        destination: Some(Destination::Hostname(NamespacedHostname {
+            namespace: ns.to_owned(),
+            hostname: service_hostname(name, ns, mesh),
+        })),
+    })
+}
+
+/// The waypoint name and namespace named by one object's labels.
+fn waypoint_label<'a>(
+    labels: Option<&'a BTreeMap<String, String>>,
+    namespace: &'a str,
+) -> Option<(&'a str, &'a str)> {
+    let labels = labels?;
+    let name = labels.get(USE_WAYPOINT_LABEL)?;
+    let ns = labels
+        .get(USE_WAYPOINT_NAMESPACE_LABEL)
+        .map_or(namespace, String::as_str);
+    Some((name.as_str(), ns))
+}
