@@ -82,7 +82,8 @@ pub struct WorkloadCertificate {
     identity: SpiffeId,
     certified: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
-    root_ders: Vec<CertificateDer<'static>>,
+    /// Shared: the store hands out a clone of this struct on every connection.
+    root_ders: Arc<[CertificateDer<'static>]>,
     not_before: SystemTime,
     not_after: SystemTime,
     server_config: Arc<ServerConfig>,
@@ -124,7 +125,7 @@ impl WorkloadCertificate {
             identity,
             certified,
             roots,
-            root_ders,
+            root_ders: root_ders.into(),
             not_before,
             not_after,
             server_config,
