@@ -33,6 +33,20 @@ pub use csr::{CsrError, ValidCsr, validate_csr};
 /// The metadata key (in the request's `metadata` Struct) naming the identity a node's ztunnel
 /// asks a certificate for.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// The request metadata with which a node's ztunnel asks for a certificate of `identity` (a
+/// `spiffe://` id), as upstream ztunnel sends it.
+pub fn impersonation(identity: &str) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: [(
+            IMPERSONATED_IDENTITY.to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(identity.to_owned())),
+            },
+        )]
+        .into(),
+    }
+}
 /// The shortest certificate lifetime we issue.
 pub const MIN_TTL: Duration = Duration::from_secs(60);
 /// The default (and default maximum) certificate lifetime.
@@ -373,15 +387,7 @@ mod tests {
             .unwrap()
             .pem()
             .unwrap();
-        let metadata = impersonate.map(|i| prost_types::Struct {
-            fields: [(
-                IMPERSONATED_IDENTITY.to_owned(),
-                prost_types::Value {
-                    kind: Some(prost_types::value::Kind::StringValue(i.to_owned())),
-                },
-            )]
-            .into(),
-        });
+        let metadata = impersonate.map(impersonation);
         IstioCertificateRequest {
             csr,
             validity_duration: 0,

@@ -18,8 +18,8 @@ use tonic::transport::{Channel, Server};
 use xds_proto::istio::v1::auth::IstioCertificateRequest;
 use xds_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use zmesh_controller::ca::{
-    CaConfig, IMPERSONATED_IDENTITY, NodeTokenAuthenticator, StaticPodLocator, WorkloadCa,
-    der_to_pem, validate_csr,
+    CaConfig, NodeTokenAuthenticator, StaticPodLocator, WorkloadCa, der_to_pem, impersonation,
+    validate_csr,
 };
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::{LocalCa, TrustDomainClientVerifier, WorkloadCertificate, certs_from_pem};
@@ -78,15 +78,7 @@ fn uri(id: &str) -> SanType {
 }
 
 fn request(csr: String, ttl: i64, impersonate: Option<&str>) -> IstioCertificateRequest {
-    let metadata = impersonate.map(|i| prost_types::Struct {
-        fields: [(
-            IMPERSONATED_IDENTITY.to_owned(),
-            prost_types::Value {
-                kind: Some(prost_types::value::Kind::StringValue(i.to_owned())),
-            },
-        )]
-        .into(),
-    });
+    let metadata = impersonate.map(impersonation);
     IstioCertificateRequest {
         csr,
         validity_duration: ttl,
