@@ -201,14 +201,6 @@ impl Proxy {
         });
     }
 
-    /// The proxied workload as the mesh knows it (absent until it appears in config).
-    pub fn local_workload(&self) -> Option<Arc<Workload>> {
-        self.state
-            .load()
-            .workload_by_key(&self.workload_key)
-            .cloned()
-    }
-
     fn source_labels(&self, reporter: &'static str, local: Option<&Workload>) -> TrafficLabels {
         let labels = TrafficLabels::new(reporter);
         let mut labels = match local {
@@ -254,8 +246,9 @@ impl Proxy {
         let Some(orig) = self.captured_destination(&stream, peer, "outbound") else {
             return;
         };
-        let local = self.local_workload();
+        // One snapshot for the whole decision: a reload in between cannot mix two configs.
         let state = self.state.load_full();
+        let local = state.workload_by_key(&self.workload_key).cloned();
         let resolved = state.resolve(orig, |n| rand::random_range(0..n));
         let mut labels = self.source_labels("source", local.as_deref());
         match resolved {

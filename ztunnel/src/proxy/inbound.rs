@@ -138,7 +138,9 @@ impl Proxy {
                 ProxyError::Loop(target.port()).to_string(),
             );
         }
-        let local = self.local_workload();
+        // One config snapshot for the whole decision.
+        let state = self.state.load_full();
+        let local = state.workload_by_key(&self.workload_key).cloned();
         // Fail closed: only a workload the mesh knows is served, and only at its own address
         // (the one this connection arrived on, in its own network namespace).
         let Some(local_w) = local.as_ref() else {
@@ -162,7 +164,7 @@ impl Proxy {
         // that header is informational and any mesh workload could forge it.
         let src_addr = peer;
         let mut labels = TrafficLabels::new("destination");
-        if let Some(w) = self.state.load().workload_by_ip(src_addr.ip()) {
+        if let Some(w) = state.workload_by_ip(src_addr.ip()) {
             labels = labels.source(w);
         }
         labels.source_principal = peer_id
@@ -176,11 +178,7 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(zmesh_core::hbone::forwarded_host);
         labels = labels.destination(local_w);
-        if let Some(svc) = self
-            .state
-            .load()
-            .inbound_service(local_w, host_hint.as_deref())
-        {
+        if let Some(svc) = state.inbound_service(local_w, host_hint.as_deref()) {
             labels = labels.service(svc);
         }
         labels.destination_principal = self.identity.to_string();
@@ -252,7 +250,8 @@ impl Proxy {
         };
         // Only this workload is served here: the capture rule matches any destination, and
         // relaying elsewhere would let an outsider use the pod as a plaintext TCP relay.
-        let local = self.local_workload();
+        let state = self.state.load_full();
+        let local = state.workload_by_key(&self.workload_key).cloned();
         let local_ip = stream.local_addr().map(|a| a.ip()).ok();
         let ours = Some(orig.ip()) == local_ip
             || local
@@ -264,7 +263,7 @@ impl Proxy {
             return;
         }
         let mut labels = TrafficLabels::new("destination");
-        if let Some(w) = self.state.load().workload_by_ip(peer.ip()) {
+        if let Some(w) = state.workload_by_ip(peer.ip()) {
             labels = labels.source(w);
             // A plaintext peer proves no identity, whatever its address claims.
             labels.source_principal = "unknown".into();
