@@ -5,4 +5,5 @@
 
 pub mod ads;
 pub mod ca;
+pub mod source;
 pub mod translate;

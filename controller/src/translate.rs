@@ -19,6 +19,7 @@
 //!   Pod or Service, else on the Namespace; the value `none` opts out of a namespace waypoint,
 //!   and waypoints themselves are never bound to a waypoint.
 
+mod authorization_policy;
 mod json;
 mod objects;
 mod service;
@@ -31,11 +32,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use xds_proto::istio::security::Authorization;
 use xds_proto::istio::workload::gateway_address::Destination;
 use xds_proto::istio::workload::{GatewayAddress, NamespacedHostname, Service, Workload};
 
+pub use authorization_policy::{
+    AuthorizationPolicy, AuthorizationPolicySpec, Condition, Operation, PolicyTargetReference,
+    Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
+};
 pub use json::{service_json, to_json, workload_json};
-pub use objects::{Objects, TranslateError};
+pub use objects::{Kind, KubeObject, ObjectKey, Objects, TranslateError, key_of, parse_yaml};
 
 /// Label that enrols a Namespace or Pod in the mesh (`ambient`), or opts a Pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -78,6 +84,9 @@ pub struct Translated {
     pub workloads: BTreeMap<String, Workload>,
     /// Services keyed by `<namespace>/<hostname>`.
     pub services: BTreeMap<String, Service>,
+    /// Authorizations (`type.googleapis.com/istio.security.Authorization`) keyed by
+    /// `<namespace>/<name>` of their AuthorizationPolicy.
+    pub authorizations: BTreeMap<String, Authorization>,
 }
 
 /// Translates `objects` into workload API resources. Never fails: objects that cannot be
@@ -85,20 +94,20 @@ pub struct Translated {
 pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
     let namespaces: BTreeMap<&str, &BTreeMap<String, String>> = objects
         .namespaces
-        .iter()
+        .values()
         .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
         .collect();
     let ns_labels = |ns: &str| namespaces.get(ns).copied();
 
     let mut services = BTreeMap::new();
-    for svc in &objects.services {
+    for svc in objects.services.values() {
         if let Some(out) = service::translate_service(svc, ns_labels, mesh) {
             services.insert(format!("{}/{}", out.namespace, out.hostname), out);
         }
     }
     let slice_ports = service::endpoint_slice_ports(objects, mesh);
     let mut services_by_ns: BTreeMap<&str, Vec<&KubeService>> = BTreeMap::new();
-    for svc in &objects.services {
+    for svc in objects.services.values() {
         services_by_ns
             .entry(namespace_of(&svc.metadata))
             .or_default()
@@ -106,7 +115,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
     }
 
     let mut workloads = BTreeMap::new();
-    for pod in &objects.pods {
+    for pod in objects.pods.values() {
         let candidates = services_by_ns
             .get(namespace_of(&pod.metadata))
             .map_or(&[][..], Vec::as_slice);
@@ -117,6 +126,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
     Translated {
         workloads,
         services,
+        authorizations: BTreeMap::new(),
     }
 }
 

@@ -127,7 +127,7 @@ fn named_port(pod: &Pod, name: &str) -> Option<u32> {
 /// name matches a Service port (slice ports carry the resolved target port).
 pub(super) fn endpoint_slice_ports(objects: &Objects, mesh: &MeshConfig) -> SlicePorts {
     let mut out = SlicePorts::new();
-    for slice in &objects.endpoint_slices {
+    for slice in objects.endpoint_slices.values() {
         let namespace = namespace_of(&slice.metadata);
         let Some(svc_name) = slice
             .metadata
@@ -137,9 +137,10 @@ pub(super) fn endpoint_slice_ports(objects: &Objects, mesh: &MeshConfig) -> Slic
         else {
             continue;
         };
-        let Some(svc) = objects.services.iter().find(|s| {
-            s.metadata.name.as_ref() == Some(svc_name) && namespace_of(&s.metadata) == namespace
-        }) else {
+        let Some(svc) = objects
+            .services
+            .get(&(namespace.to_owned(), svc_name.clone()))
+        else {
             continue;
         };
         let has_selector = svc

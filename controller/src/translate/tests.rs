@@ -149,10 +149,12 @@ proptest! {
                 ..PodStatus::default()
             }),
         }).collect();
-        let objects = Objects {
-            namespaces: vec![Namespace { metadata: meta("ns", ns_labels), ..Namespace::default() }],
-            pods,
-            services: vec![Service {
+        let mut objects = Objects::default();
+        objects.upsert(KubeObject::Namespace(Namespace { metadata: meta("ns", ns_labels), ..Namespace::default() }));
+        for pod in pods {
+            objects.upsert(KubeObject::Pod(pod));
+        }
+        objects.upsert(KubeObject::Service(Service {
                 metadata: meta("svc", svc_labels),
                 spec: Some(ServiceSpec {
                     selector: Some(selector),
@@ -165,8 +167,8 @@ proptest! {
                     ..ServiceSpec::default()
                 }),
                 ..Service::default()
-            }],
-            endpoint_slices: vec![EndpointSlice {
+            }));
+        objects.upsert(KubeObject::EndpointSlice(EndpointSlice {
                 metadata: meta("svc-1", BTreeMap::from([(
                     "kubernetes.io/service-name".to_owned(),
                     "svc".to_owned(),
@@ -184,8 +186,7 @@ proptest! {
                     }),
                     ..Endpoint::default()
                 }).collect(),
-            }],
-        };
+            }));
         let out = translate(&objects, &MeshConfig::default());
         for (key, w) in &out.workloads {
             prop_assert_eq!(key, &w.uid);

@@ -1,0 +1,144 @@
+//! Where the controller's Kubernetes objects come from, and the [`Store`] they land in.
+//!
+//! Two sources fill the same store: the Kubernetes API through kube-rs watchers
+//! (`source::kube`) and a directory of YAML files (`source::files`). Whatever the source, the
+//! store holds the current objects per kind, counts changes, and says when every kind has had
+//! its initial list, so the controller never serves a half-loaded cluster (which would tell
+//! every ztunnel that most workloads are gone).
+
+pub mod files;
+pub mod kube;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use tokio::sync::watch;
+
+use crate::translate::{Kind, KubeObject, ObjectKey, Objects};
+
+/// The current Kubernetes objects, shared by sources (writers) and the reconciler (reader).
+/// Cheap to clone: clones share the same state.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    objects: RwLock<Objects>,
+    /// Kinds that have had their initial list.
+    synced: RwLock<BTreeSet<Kind>>,
+    /// Bumped on every effective change and on every newly synced kind.
+    generation: watch::Sender<u64>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("generation", &*self.inner.generation.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// An empty store with no kind synced.
+    pub fn new() -> Self {
+        Store {
+            inner: Arc::new(Inner {
+                objects: RwLock::default(),
+                synced: RwLock::default(),
+                generation: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    /// Read access to the objects (hold it briefly: writers wait).
+    pub fn read(&self) -> RwLockReadGuard<'_, Objects> {
+        self.inner.objects.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self, f: impl FnOnce(&mut Objects) -> bool) {
+        let changed = {
+            let mut objects = self
+                .inner
+                .objects
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            f(&mut objects)
+        };
+        if changed {
+            self.inner.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Inserts or replaces one object (a watch `Apply`).
+    pub fn upsert(&self, object: KubeObject) {
+        self.write(|o| {
+            o.upsert(object);
+            true
+        });
+    }
+
+    /// Removes one object (a watch `Delete`); nothing happens if it was not there.
+    pub fn remove(&self, kind: Kind, key: &ObjectKey) {
+        self.write(|o| o.remove(kind, key));
+    }
+
+    /// Replaces every object of `kind` with `objects` (a complete list: the initial list, a
+    /// re-list after `410 Gone`) and marks `kind` synced.
+    pub fn replace(&self, kind: Kind, objects: Vec<KubeObject>) {
+        self.write(|o| {
+            o.clear(kind);
+            for object in objects.into_iter().filter(|x| x.kind() == kind) {
+                o.upsert(object);
+            }
+            true
+        });
+        self.mark_synced(kind);
+    }
+
+    /// Replaces everything with `objects` and marks every kind synced (the YAML directory).
+    pub fn replace_all(&self, objects: Objects) {
+        self.write(|o| {
+            *o = objects;
+            true
+        });
+        for kind in Kind::ALL {
+            self.mark_synced(kind);
+        }
+    }
+
+    /// Records that `kind` has had its initial list.
+    pub fn mark_synced(&self, kind: Kind) {
+        let newly = self
+            .inner
+            .synced
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(kind);
+        if newly {
+            self.inner.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Has every kind in `kinds` had its initial list?
+    pub fn is_synced(&self, kinds: &[Kind]) -> bool {
+        let synced = self.inner.synced.read().unwrap_or_else(|e| e.into_inner());
+        kinds.iter().all(|k| synced.contains(k))
+    }
+
+    /// Change notifications: the value is a counter bumped on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
+    }
+
+    /// The current change counter.
+    pub fn generation(&self) -> u64 {
+        *self.inner.generation.borrow()
+    }
+}

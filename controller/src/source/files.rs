@@ -1,0 +1,1 @@
+//! The YAML directory source. (Being written.)
