@@ -5,6 +5,8 @@
 mod admin;
 mod app;
 mod config;
+#[allow(dead_code)] // used by the xDS and CA clients, which are being wired in
+mod grpc;
 mod inpod;
 mod metrics;
 mod proxy;
