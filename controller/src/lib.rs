@@ -5,5 +5,6 @@
 
 pub mod ads;
 pub mod ca;
+pub mod reconcile;
 pub mod source;
 pub mod translate;

@@ -1,1 +1,330 @@
-//! The YAML directory source. (Being written.)
+//! The YAML directory source: every `*.yaml`, `*.yml` and `*.json` file of a directory (not
+//! recursive; hidden files and editors' temporaries skipped), each a stream of Kubernetes
+//! objects as `kubectl apply -f` takes them, watched for changes.
+//!
+//! A file that does not parse is reported (with the file, document and reason) and **its last
+//! good content stays in force**: one bad edit never removes the objects it held, and the other
+//! files are unaffected. A file that was never good contributes nothing. Deleting a file
+//! deletes its objects. When two files define the same object, the file sorting last wins and a
+//! warning names both.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::Store;
+use crate::translate::{KubeObject, Objects, parse_yaml};
+
+/// How long the directory must be quiet after a change before it is re-read (editors and
+/// `kubectl`-style writers touch files several times in a row).
+pub const SETTLE: Duration = Duration::from_millis(50);
+/// Re-read everything this often even without a change notification (a missed inotify event
+/// must not leave the controller stale forever).
+pub const RESCAN: Duration = Duration::from_secs(30);
+
+/// One file's last good content.
+#[derive(Debug, Clone)]
+struct FileState {
+    modified: Option<SystemTime>,
+    len: u64,
+    objects: Vec<KubeObject>,
+}
+
+/// The directory source. [`FileSource::load`] reads once; [`FileSource::run`] keeps the store
+/// in step with the directory.
+#[derive(Debug)]
+pub struct FileSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Files whose current content is bad, with the reason (reported once per content).
+    bad: BTreeMap<PathBuf, String>,
+}
+
+/// Is this a file we read?
+fn is_object_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    if name.starts_with('.') || name.ends_with('~') {
+        return false;
+    }
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+impl FileSource {
+    /// A source for `dir` (which must exist and be a directory).
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
+        let meta = std::fs::metadata(dir).map_err(|e| {
+            anyhow::anyhow!(
+                "the config directory {} cannot be read: {e}; create it or point --config-dir \
+                 at the directory holding the YAML objects",
+                dir.display()
+            )
+        })?;
+        if !meta.is_dir() {
+            anyhow::bail!(
+                "--config-dir {} is not a directory; give the directory that holds the YAML \
+                 files",
+                dir.display()
+            );
+        }
+        Ok(FileSource {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+            bad: BTreeMap::new(),
+        })
+    }
+
+    /// Re-reads the directory (files whose size and mtime did not change are not re-parsed)
+    /// and returns the objects now in force. Errors are logged, never returned: a bad file
+    /// keeps its last good content.
+    pub fn load(&mut self) -> Objects {
+        let mut seen = Vec::new();
+        match std::fs::read_dir(&self.dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    if is_object_file(&path) && path.is_file() {
+                        seen.push(path);
+                    }
+                }
+            }
+            Err(e) => {
+                // Keep everything: a directory that vanished for a moment (or lost its
+                // permissions) is not a reason to delete the cluster.
+                error!(dir = %self.dir.display(), error = %e,
+                    "cannot list the config directory; keeping the objects read before");
+                return self.objects();
+            }
+        }
+        seen.sort();
+        self.files.retain(|p, _| {
+            let keep = seen.contains(p);
+            if !keep {
+                info!(file = %p.display(), "config file removed; its objects are deleted");
+            }
+            keep
+        });
+        self.bad.retain(|p, _| seen.contains(p));
+        for path in &seen {
+            self.read_file(path);
+        }
+        self.objects()
+    }
+
+    fn read_file(&mut self, path: &Path) {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot stat config file");
+                return;
+            }
+        };
+        let (modified, len) = (meta.modified().ok(), meta.len());
+        if let Some(old) = self.files.get(path)
+            && old.modified == modified
+            && old.len == len
+            && modified.is_some()
+            && !self.bad.contains_key(path)
+        {
+            return;
+        }
+        let parsed = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| parse_yaml(&text).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(objects) => {
+                if self.bad.remove(path).is_some() {
+                    info!(file = %path.display(), "config file is valid again");
+                }
+                debug!(file = %path.display(), objects = objects.len(), "config file read");
+                self.files.insert(
+                    path.to_owned(),
+                    FileState {
+                        modified,
+                        len,
+                        objects,
+                    },
+                );
+            }
+            Err(reason) => {
+                let kept = self.files.get(path).map_or(0, |f| f.objects.len());
+                if self.bad.get(path) != Some(&reason) {
+                    error!(file = %path.display(), error = %reason, kept_objects = kept,
+                        "config file is invalid; fix it. Its last good content (if any) stays \
+                         in force");
+                }
+                self.bad.insert(path.to_owned(), reason);
+            }
+        }
+    }
+
+    /// The union of every file's last good objects.
+    fn objects(&self) -> Objects {
+        let mut out = Objects::default();
+        let mut origin: BTreeMap<(crate::translate::Kind, crate::translate::ObjectKey), &Path> =
+            BTreeMap::new();
+        for (path, state) in &self.files {
+            for object in &state.objects {
+                let id = (object.kind(), object.key());
+                if let Some(first) = origin.insert(id.clone(), path) {
+                    warn!(kind = ?id.0, namespace = %id.1.0, name = %id.1.1,
+                        first = %first.display(), second = %path.display(),
+                        "object defined in two files; the second wins");
+                }
+                out.upsert(object.clone());
+            }
+        }
+        out
+    }
+
+    /// The files that currently fail to parse, with the reason.
+    pub fn errors(&self) -> &BTreeMap<PathBuf, String> {
+        &self.bad
+    }
+
+    /// Loads the directory into `store` now (marking every kind synced), then keeps it in step
+    /// until the task is dropped: a change notification (settled for [`SETTLE`]) or the
+    /// periodic [`RESCAN`] re-reads it.
+    pub async fn run(mut self, store: Store) -> anyhow::Result<()> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.is_ok() {
+                let _ = tx.send(());
+            }
+        })?;
+        watcher.watch(&self.dir, RecursiveMode::NonRecursive)?;
+        store.replace_all(self.load());
+        info!(dir = %self.dir.display(), pods = store.read().pods.len(),
+            services = store.read().services.len(), "config directory loaded");
+        loop {
+            tokio::select! {
+                got = rx.recv() => {
+                    if got.is_none() {
+                        anyhow::bail!("the directory watcher stopped");
+                    }
+                    // Settle: wait until no event for SETTLE.
+                    loop {
+                        match tokio::time::timeout(SETTLE, rx.recv()).await {
+                            Ok(Some(())) => continue,
+                            Ok(None) => anyhow::bail!("the directory watcher stopped"),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(RESCAN) => {}
+            }
+            store.replace_all(self.load());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\n";
+
+    #[test]
+    fn bad_edit_keeps_the_files_last_good_content() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ns.yaml", NS);
+        write(dir.path(), "pod.yaml", POD);
+        write(dir.path(), ".hidden.yaml", "garbage: [");
+        write(dir.path(), "notes.txt", "not read");
+        let mut src = FileSource::new(dir.path()).unwrap();
+        let o = src.load();
+        assert_eq!((o.namespaces.len(), o.pods.len()), (1, 1));
+        assert!(src.errors().is_empty());
+
+        write(
+            dir.path(),
+            "pod.yaml",
+            "apiVersion: v1\nkind: Pod\nspec: {containers: 3}\n",
+        );
+        let o = src.load();
+        assert_eq!(o.pods.len(), 1, "the bad edit must not delete the pod");
+        let reason = &src.errors()[&dir.path().join("pod.yaml")];
+        assert!(reason.contains("Pod"), "{reason}");
+
+        write(
+            dir.path(),
+            "pod.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: q, namespace: a}\n",
+        );
+        let o = src.load();
+        assert!(src.errors().is_empty());
+        assert_eq!(
+            o.pods.keys().cloned().collect::<Vec<_>>(),
+            vec![("a".to_owned(), "q".to_owned())]
+        );
+
+        std::fs::remove_file(dir.path().join("pod.yaml")).unwrap();
+        let o = src.load();
+        assert!(o.pods.is_empty(), "a removed file removes its objects");
+        assert_eq!(o.namespaces.len(), 1);
+    }
+
+    #[test]
+    fn a_file_never_good_contributes_nothing_and_others_load() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", NS);
+        write(dir.path(), "b.yml", "kind: [");
+        let mut src = FileSource::new(dir.path()).unwrap();
+        let o = src.load();
+        assert_eq!(o.namespaces.len(), 1);
+        assert_eq!(src.errors().len(), 1);
+    }
+
+    #[test]
+    fn missing_or_non_directory_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = FileSource::new(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be read"), "{err}");
+        write(dir.path(), "f.yaml", NS);
+        let err = FileSource::new(&dir.path().join("f.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a directory"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn run_follows_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ns.yaml", NS);
+        let store = Store::new();
+        let src = FileSource::new(dir.path()).unwrap();
+        let task = tokio::spawn(src.run(store.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while store.read().namespaces.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "initial load");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(store.is_synced(&crate::translate::Kind::ALL));
+        write(dir.path(), "pod.yaml", POD);
+        while store.read().pods.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "pod added");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::fs::remove_file(dir.path().join("pod.yaml")).unwrap();
+        while !store.read().pods.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "pod removed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+    }
+}

@@ -1,0 +1,310 @@
+//! From the [`Store`] to the xDS [`Cache`]: waits until every kind has had its initial list,
+//! then, after each burst of changes (debounced), translates the objects and hands the cache
+//! only the resources whose content changed and the names that disappeared. One pod change
+//! therefore pushes only that pod's Workload (and whatever else really changed), however big
+//! the cluster.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use prost_types::Any;
+use tracing::{debug, info, warn};
+use xds_proto::istio::workload::{Address, address};
+
+use crate::ads::Cache;
+use crate::source::Store;
+use crate::translate::{Kind, MeshConfig, Translated, translate};
+
+/// Type URL of workloads and services.
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+/// Type URL of authorization policies.
+pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+
+/// Default quiet time after a change before translating (bursts become one push).
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What the last pass did (for logs, `/debug` and tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassStats {
+    /// Store generation the pass translated.
+    pub generation: u64,
+    /// Address resources (workloads + services) in force.
+    pub addresses: usize,
+    /// Authorization resources in force.
+    pub authorizations: usize,
+    /// Resources upserted into the cache (changed content).
+    pub changed: usize,
+    /// Resources removed from the cache.
+    pub removed: usize,
+    /// Time spent translating.
+    pub translate: Duration,
+    /// Time spent diffing and applying to the cache.
+    pub apply: Duration,
+}
+
+/// Translates the store into the cache.
+pub struct Reconciler {
+    store: Store,
+    cache: Cache,
+    mesh: MeshConfig,
+    debounce: Duration,
+    /// What the cache holds, as last translated (diffed against the next translation).
+    last: Translated,
+    stats: Arc<Mutex<PassStats>>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("mesh", &self.mesh)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reconciler {
+    /// A reconciler from `store` into `cache`.
+    pub fn new(store: Store, cache: Cache, mesh: MeshConfig) -> Self {
+        Reconciler {
+            store,
+            cache,
+            mesh,
+            debounce: DEFAULT_DEBOUNCE,
+            last: Translated::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Sets the debounce (quiet time before translating).
+    pub fn with_debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    /// A handle on the statistics of the latest pass.
+    pub fn stats(&self) -> Arc<Mutex<PassStats>> {
+        self.stats.clone()
+    }
+
+    /// Runs until the store is dropped.
+    pub async fn run(mut self) {
+        let mut changes = self.store.subscribe();
+        let mut waiting_logged = false;
+        loop {
+            if !self.store.is_synced(&Kind::ALL) {
+                if !waiting_logged {
+                    info!("waiting for every kind's initial list before serving any config");
+                    waiting_logged = true;
+                }
+            } else {
+                tokio::time::sleep(self.debounce).await;
+                changes.borrow_and_update();
+                self.pass();
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One translation and cache update, now. Returns what it did.
+    pub fn pass(&mut self) -> PassStats {
+        let start = Instant::now();
+        let (generation, next) = {
+            let objects = self.store.read();
+            (self.store.generation(), translate(&objects, &self.mesh))
+        };
+        let translated_in = start.elapsed();
+        let apply_start = Instant::now();
+        let (mut changed, mut removed) = (0, 0);
+
+        let addr = diff(&self.last.workloads, &next.workloads, |w| {
+            address(address::Type::Workload(w.clone()))
+        });
+        let svc = diff(&self.last.services, &next.services, |s| {
+            address(address::Type::Service(s.clone()))
+        });
+        let (mut upserts, mut removals) = addr;
+        upserts.extend(svc.0);
+        removals.extend(svc.1);
+        changed += upserts.len();
+        removed += removals.len();
+        if let Err(e) = self.cache.apply(ADDRESS_TYPE, upserts, removals) {
+            warn!(error = %e, "address resources not applied");
+        }
+        let (upserts, removals) = diff(&self.last.authorizations, &next.authorizations, |a| {
+            pack(AUTHORIZATION_TYPE, a)
+        });
+        changed += upserts.len();
+        removed += removals.len();
+        if let Err(e) = self.cache.apply(AUTHORIZATION_TYPE, upserts, removals) {
+            warn!(error = %e, "authorization resources not applied");
+        }
+        let stats = PassStats {
+            generation,
+            addresses: next.workloads.len() + next.services.len(),
+            authorizations: next.authorizations.len(),
+            changed,
+            removed,
+            translate: translated_in,
+            apply: apply_start.elapsed(),
+        };
+        self.last = next;
+        if changed + removed > 0 {
+            info!(
+                generation,
+                changed,
+                removed,
+                addresses = stats.addresses,
+                authorizations = stats.authorizations,
+                translate_ms = translated_in.as_secs_f64() * 1e3,
+                "config pushed"
+            );
+        } else {
+            debug!(generation, "no resource changed");
+        }
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats.clone();
+        stats
+    }
+}
+
+fn address(t: address::Type) -> Any {
+    pack(ADDRESS_TYPE, &Address { r#type: Some(t) })
+}
+
+fn pack(type_url: &str, m: &impl Message) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// Upserts for names whose content changed (or are new) and removals for names gone.
+fn diff<T: PartialEq>(
+    old: &BTreeMap<String, T>,
+    new: &BTreeMap<String, T>,
+    encode: impl Fn(&T) -> Any,
+) -> (Vec<(String, Any)>, Vec<String>) {
+    let upserts = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), encode(v)))
+        .collect();
+    let removals = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    (upserts, removals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::Objects;
+
+    const BASE: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: a}
+spec: {selector: {app: x}, clusterIP: 10.96.0.1, ports: [{port: 80}]}
+";
+
+    fn pod(name: &str, ip: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: {{app: x}}}}\nspec: {{nodeName: n1, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}\n"
+        )
+    }
+
+    #[test]
+    fn only_changes_reach_the_cache() {
+        let store = Store::new();
+        let cache = Cache::new();
+        let mut r = Reconciler::new(store.clone(), cache.clone(), MeshConfig::default());
+        let mut changes = cache.subscribe();
+        store.replace_all(
+            Objects::from_yaml(&format!(
+                "{BASE}{}{}",
+                pod("p1", "10.0.0.1"),
+                pod("p2", "10.0.0.2")
+            ))
+            .unwrap(),
+        );
+        let s = r.pass();
+        assert_eq!((s.addresses, s.changed, s.removed), (3, 3, 0));
+        let first = changes.try_recv().unwrap();
+        assert_eq!(first.names.len(), 3);
+
+        // Same objects again: nothing.
+        store.replace_all(
+            Objects::from_yaml(&format!(
+                "{BASE}{}{}",
+                pod("p1", "10.0.0.1"),
+                pod("p2", "10.0.0.2")
+            ))
+            .unwrap(),
+        );
+        let s = r.pass();
+        assert_eq!((s.changed, s.removed), (0, 0));
+        assert!(changes.try_recv().is_err());
+
+        // One pod changes its IP: exactly its workload is pushed.
+        store.replace_all(
+            Objects::from_yaml(&format!(
+                "{BASE}{}{}",
+                pod("p1", "10.0.0.1"),
+                pod("p2", "10.0.0.9")
+            ))
+            .unwrap(),
+        );
+        let s = r.pass();
+        assert_eq!((s.changed, s.removed), (1, 0));
+        let change = changes.try_recv().unwrap();
+        assert_eq!(change.names, vec!["Kubernetes//Pod/a/p2".to_owned()]);
+
+        // A pod goes away: exactly its removal.
+        store.replace_all(Objects::from_yaml(&format!("{BASE}{}", pod("p1", "10.0.0.1"))).unwrap());
+        let s = r.pass();
+        assert_eq!((s.changed, s.removed), (0, 1));
+        assert_eq!(
+            changes.try_recv().unwrap().names,
+            vec!["Kubernetes//Pod/a/p2".to_owned()]
+        );
+        assert!(cache.get(ADDRESS_TYPE, "Kubernetes//Pod/a/p2").is_none());
+        assert!(cache.get(ADDRESS_TYPE, "Kubernetes//Pod/a/p1").is_some());
+    }
+
+    #[tokio::test]
+    async fn nothing_is_served_before_every_kind_is_synced() {
+        let store = Store::new();
+        let cache = Cache::new();
+        let r = Reconciler::new(store.clone(), cache.clone(), MeshConfig::default())
+            .with_debounce(Duration::from_millis(1));
+        let stats = r.stats();
+        let task = tokio::spawn(r.run());
+        let objects = Objects::from_yaml(&format!("{BASE}{}", pod("p1", "10.0.0.1"))).unwrap();
+        for (_, o) in objects.pods.clone() {
+            store.upsert(crate::translate::KubeObject::Pod(o));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            cache.get(ADDRESS_TYPE, "Kubernetes//Pod/a/p1").is_none(),
+            "a partially listed cluster must not be served"
+        );
+        for kind in Kind::ALL {
+            store.mark_synced(kind);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while cache.get(ADDRESS_TYPE, "Kubernetes//Pod/a/p1").is_none() {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(stats.lock().unwrap().generation > 0);
+        task.abort();
+    }
+}
