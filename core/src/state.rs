@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::{IdentityError, SpiffeId};
 
+pub mod xds;
+
 /// How a workload accepts mesh traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Protocol {
@@ -262,6 +264,53 @@ impl State {
             st.services.insert(s.key(), s);
         }
         Ok(st)
+    }
+
+    /// Builds a snapshot from resources that were validated one by one (xDS, see [`xds`]).
+    /// Unlike a local file, which is refused whole, a conflict does not refuse anything:
+    /// when two workloads claim an IP, or two services a VIP, the later one in the given
+    /// order wins (give them in arrival order: a pod IP reused by a new pod belongs to the
+    /// newer). The conflicts are returned, described, for the caller to log.
+    pub fn from_resources(
+        workloads: impl IntoIterator<Item = Arc<Workload>>,
+        services: impl IntoIterator<Item = Arc<Service>>,
+    ) -> (Self, Vec<String>) {
+        let mut st = State::default();
+        let mut conflicts = Vec::new();
+        for w in workloads {
+            for ip in &w.workload_ips {
+                if let Some(prev) = st.by_ip.insert(*ip, w.clone()) {
+                    conflicts.push(format!(
+                        "workloads {} and {} both claim IP {ip}; {} (the later) is used",
+                        prev.uid, w.uid, w.uid
+                    ));
+                }
+            }
+            st.by_name.insert(
+                workload_key(&w.namespace, &w.name, &w.service_account),
+                w.clone(),
+            );
+            for svc in w.services.keys() {
+                st.endpoints.entry(svc.clone()).or_default().push(w.clone());
+            }
+            st.workloads.push(w);
+        }
+        for s in services {
+            for vip in &s.vips {
+                if let Some(prev) = st.by_vip.insert(vip.address, s.clone())
+                    && prev.key() != s.key()
+                {
+                    conflicts.push(format!(
+                        "services {} and {} both claim VIP {vip}; {} (the later) is used",
+                        prev.key(),
+                        s.key(),
+                        s.key()
+                    ));
+                }
+            }
+            st.services.insert(s.key(), s);
+        }
+        (st, conflicts)
     }
 
     pub fn workloads(&self) -> &[Arc<Workload>] {
