@@ -47,6 +47,9 @@ pub use stream::{Filter, Node, StreamState, allow_all};
 /// Maximum gRPC message size, both directions (ztunnel uses the same limit).
 pub const MAX_MESSAGE_SIZE: usize = 200 * 1024 * 1024;
 
+/// How long a new stream waits for a cache that is still loading before it is told to retry.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How many responses may be queued for a slow client before the stream stops reading.
 const RESPONSE_QUEUE: usize = 16;
 
@@ -90,12 +93,23 @@ pub struct StreamInfo {
 
 type Registry = Arc<Mutex<HashMap<u64, StreamInfo>>>;
 
+/// Decides whether a stream may open, from its request metadata (the bearer token and
+/// `clusterid` headers); an `Err` status is returned to the client as is.
+pub type StreamAuth = Arc<
+    dyn Fn(
+            tonic::metadata::MetadataMap,
+        ) -> Pin<Box<dyn std::future::Future<Output = Result<(), Status>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// The delta ADS gRPC service. Cheap to clone: clones share the cache, filter and the registry
 /// of connected streams.
 #[derive(Clone)]
 pub struct AdsServer {
     cache: Cache,
     filter: Filter,
+    auth: Option<StreamAuth>,
     streams: Registry,
     next_id: Arc<AtomicU64>,
 }
@@ -114,6 +128,7 @@ impl AdsServer {
         Self {
             cache,
             filter: allow_all(),
+            auth: None,
             streams: Arc::default(),
             // Random start so nonces differ across controller restarts.
             next_id: Arc::new(AtomicU64::new(rand::random::<u32>() as u64)),
@@ -126,6 +141,13 @@ impl AdsServer {
         filter: impl Fn(&Node, &str, &str, &prost_types::Any) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.filter = Arc::new(filter);
+        self
+    }
+
+    /// Requires every stream to pass `auth` before anything is read or sent (without it,
+    /// every client is served: only for tests and trusted local setups).
+    pub fn with_auth(mut self, auth: StreamAuth) -> Self {
+        self.auth = Some(auth);
         self
     }
 
@@ -181,8 +203,20 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let peer = request.remote_addr();
+        if let Some(auth) = &self.auth {
+            auth(request.metadata().clone())
+                .await
+                .inspect_err(|status| {
+                    warn!(?peer, reason = status.message(), "delta ADS stream refused");
+                })?;
+        }
+        if !self.cache.ready(READY_WAIT).await {
+            return Err(Status::unavailable(
+                "the controller has not loaded the cluster state yet; retry shortly",
+            ));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let requests = request.into_inner();
         // Subscribe before reading anything so no change between now and the first request
         // is missed.

@@ -6,5 +6,6 @@
 pub mod ads;
 pub mod ca;
 pub mod reconcile;
+pub mod server;
 pub mod source;
 pub mod translate;

@@ -151,6 +151,7 @@ impl Reconciler {
             apply: apply_start.elapsed(),
         };
         self.last = next;
+        self.cache.mark_ready();
         if changed + removed > 0 {
             info!(
                 generation,

@@ -142,3 +142,42 @@ impl Store {
         *self.inner.generation.borrow()
     }
 }
+
+/// The CA's [`PodLocator`](crate::ca::PodLocator) over the store: a pod with identity
+/// `ns/sa` runs on `node` when the store has a pod in `ns` with that service account (default
+/// `default`), `spec.nodeName == node`, and it is neither finished (`Succeeded`/`Failed`) nor
+/// being deleted.
+#[derive(Debug, Clone)]
+pub struct StorePods {
+    store: Store,
+}
+
+impl StorePods {
+    /// A locator reading `store`.
+    pub fn new(store: Store) -> Self {
+        StorePods { store }
+    }
+}
+
+impl crate::ca::PodLocator for StorePods {
+    fn pods_on_node(&self, node: &str, identity: &zmesh_core::identity::SpiffeId) -> bool {
+        let objects = self.store.read();
+        let ns = identity.namespace().to_owned();
+        // Pods are keyed (namespace, name): scan only this namespace.
+        objects
+            .pods
+            .range((ns.clone(), String::new())..)
+            .take_while(|((pod_ns, _), _)| *pod_ns == ns)
+            .any(|(_, pod)| {
+                let Some(spec) = pod.spec.as_ref() else {
+                    return false;
+                };
+                let sa = spec.service_account_name.as_deref().unwrap_or("default");
+                let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+                spec.node_name.as_deref() == Some(node)
+                    && sa == identity.service_account()
+                    && !matches!(phase, Some("Succeeded" | "Failed"))
+                    && pod.metadata.deletion_timestamp.is_none()
+            })
+    }
+}

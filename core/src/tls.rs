@@ -16,7 +16,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::identity::SpiffeId;
 
-pub use ca::LocalCa;
+pub use ca::{LocalCa, ServerCertificate};
 pub use verify::{
     IdentityMismatch, IdentityServerVerifier, TrustDomainClientVerifier, peer_identity, uri_sans,
 };

@@ -54,6 +54,10 @@ struct Inner {
 pub struct Cache {
     inner: Arc<RwLock<Inner>>,
     changes: broadcast::Sender<Arc<Change>>,
+    /// False until the producer has filled the cache once ([`Cache::not_ready`]); streams do
+    /// not answer before, so no proxy mistakes a controller that is still loading for an
+    /// empty cluster.
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Default for Cache {
@@ -90,7 +94,29 @@ impl Cache {
         Self {
             inner: Arc::new(RwLock::new(Inner::default())),
             changes,
+            ready: Arc::new(tokio::sync::watch::Sender::new(true)),
         }
+    }
+
+    /// An empty cache that is not ready: streams wait (see [`Cache::ready`]) until
+    /// [`Cache::mark_ready`] says it holds the complete state once.
+    pub fn not_ready() -> Self {
+        let cache = Self::new();
+        cache.ready.send_replace(false);
+        cache
+    }
+
+    /// Declares the cache complete (idempotent).
+    pub fn mark_ready(&self) {
+        self.ready.send_replace(true);
+    }
+
+    /// Waits until the cache is ready; false if it did not become ready within `limit`.
+    pub async fn ready(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.ready.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {

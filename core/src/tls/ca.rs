@@ -160,6 +160,64 @@ impl LocalCa {
     }
 }
 
+/// A TLS server certificate: leaf (then intermediates) and its key.
+#[derive(Debug)]
+pub struct ServerCertificate {
+    /// Leaf first, then the intermediates up to (not including) the root.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key (PKCS#8).
+    pub key: PrivatePkcs8KeyDer<'static>,
+    /// When it stops being valid.
+    pub not_after: SystemTime,
+}
+
+impl LocalCa {
+    /// Issues a server certificate (the controller's own, on 15012) for DNS names and IP
+    /// addresses: a fresh ECDSA P-256 key, `names` as SANs (IPs as IP SANs), server auth only.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<ServerCertificate, TlsError> {
+        if names.is_empty() {
+            return Err(TlsError::Parse(
+                "a server certificate needs at least one name".into(),
+            ));
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].clone());
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => rcgen::string::Ia5String::try_from(n.clone())
+                    .map(SanType::DnsName)
+                    .map_err(|e| TlsError::Parse(format!("server name {n:?}: {e}"))),
+            })
+            .collect::<Result<_, _>>()?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let start = SystemTime::now() - Duration::from_secs(60);
+        let not_after = start + ttl + Duration::from_secs(60);
+        params.not_before = time_from(start);
+        params.not_after = time_from(not_after);
+        params.serial_number = Some(random_serial());
+        let leaf = params.signed_by(&key, &self.issuer)?.der().clone();
+        let mut chain = vec![leaf];
+        chain.extend(self.chain.iter().take(self.chain.len() - 1).cloned());
+        Ok(ServerCertificate {
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            not_after,
+        })
+    }
+}
+
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     bytes[0] &= 0x7f; // positive

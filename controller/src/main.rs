@@ -1,0 +1,157 @@
+//! `zmesh-controller`: watches Kubernetes (or a directory of YAML objects), serves delta xDS to
+//! ztunnels and is their CA, on one gRPC-over-TLS port (15012), the way istiod does for ambient.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use zmesh_controller::ca::CaConfig;
+use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start};
+use zmesh_controller::translate::MeshConfig;
+use zmesh_core::identity::SpiffeId;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 100ms or 24h: {e}"))
+}
+
+/// zmesh control plane: Kubernetes (or YAML) to delta xDS, and the workload CA.
+#[derive(Debug, Parser)]
+#[command(name = "zmesh-controller", version)]
+struct Args {
+    /// Read objects from this directory of YAML files (watched) instead of Kubernetes.
+    #[arg(long, env = "ZMESH_CONFIG_DIR", conflicts_with = "kube")]
+    config_dir: Option<PathBuf>,
+    /// Read objects from the Kubernetes API (in-cluster config or KUBECONFIG).
+    #[arg(long)]
+    kube: bool,
+    /// Address of the gRPC server (xDS and CA, over TLS).
+    #[arg(long, env = "ZMESH_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// CA certificate PEM (a root, or an intermediate followed by its chain to the root).
+    #[arg(long, env = "ZMESH_CA_CERT")]
+    ca_cert: PathBuf,
+    /// CA private key PEM.
+    #[arg(long, env = "ZMESH_CA_KEY")]
+    ca_key: PathBuf,
+    /// A DNS name or IP address for the controller's serving certificate (repeatable).
+    #[arg(long = "serving-name", default_values_t = [
+        "istiod.istio-system.svc".to_owned(),
+        "istiod.istio-system.svc.cluster.local".to_owned(),
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+    ])]
+    serving_names: Vec<String>,
+    /// Lifetime of the serving certificate (re-issued at half life).
+    #[arg(long, default_value = "720h", value_parser = duration)]
+    serving_ttl: Duration,
+    /// SPIFFE trust domain of workloads.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Cluster id (first segment of workload uids; callers' `clusterid` header must match).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    /// DNS suffix of Service hostnames.
+    #[arg(long, default_value = "cluster.local")]
+    domain_suffix: String,
+    /// Per-node credentials (`<node> <token>` lines): the lab's authentication.
+    #[arg(long, conflicts_with = "token_review")]
+    node_tokens: Option<PathBuf>,
+    /// Authenticate callers with Kubernetes TokenReview.
+    #[arg(long)]
+    token_review: bool,
+    /// Service accounts (`namespace/name`) trusted to ask certificates for their node's pods.
+    #[arg(long = "trusted-node-account", default_values_t = ["istio-system/ztunnel".to_owned()])]
+    trusted_node_accounts: Vec<String>,
+    /// Default workload certificate lifetime.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    cert_ttl: Duration,
+    /// Longest workload certificate lifetime issued.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    max_cert_ttl: Duration,
+    /// Quiet time after a change before it is translated and pushed.
+    #[arg(long, default_value = "100ms", value_parser = duration)]
+    debounce: Duration,
+}
+
+fn config(args: Args) -> Result<ControllerConfig> {
+    let source = match (args.config_dir, args.kube) {
+        (Some(dir), false) => SourceConfig::Dir(dir),
+        (None, true) => SourceConfig::Kube,
+        _ => anyhow::bail!("say where objects come from: --config-dir <dir> or --kube"),
+    };
+    let auth = match (args.node_tokens, args.token_review) {
+        (Some(path), false) => AuthConfig::NodeTokens(path),
+        (None, true) => AuthConfig::TokenReview {
+            trusted_node_accounts: args.trusted_node_accounts.clone(),
+        },
+        _ => anyhow::bail!(
+            "say how callers are authenticated: --node-tokens <file> or --token-review"
+        ),
+    };
+    let account = args
+        .trusted_node_accounts
+        .first()
+        .context("--trusted-node-account must name ztunnel's service account")?;
+    let (ns, sa) = account.split_once('/').with_context(|| {
+        format!("--trusted-node-account {account:?} is not `namespace/serviceaccount`")
+    })?;
+    let ztunnel_identity = SpiffeId::new(&args.trust_domain, ns, sa)
+        .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+    if args.cert_ttl > args.max_cert_ttl {
+        anyhow::bail!("--cert-ttl must not exceed --max-cert-ttl");
+    }
+    Ok(ControllerConfig {
+        listen: args.listen,
+        ca_cert: args.ca_cert,
+        ca_key: args.ca_key,
+        serving_names: args.serving_names,
+        serving_ttl: args.serving_ttl,
+        mesh: MeshConfig {
+            trust_domain: args.trust_domain.clone(),
+            cluster_id: args.cluster_id.clone(),
+            domain_suffix: args.domain_suffix,
+            ..MeshConfig::default()
+        },
+        ca: CaConfig {
+            trust_domain: args.trust_domain,
+            cluster_id: Some(args.cluster_id),
+            default_ttl: args.cert_ttl,
+            max_ttl: args.max_cert_ttl,
+        },
+        source,
+        auth,
+        ztunnel_identity,
+        debounce: args.debounce,
+    })
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    zmesh_core::tls::install_default_provider();
+    let cfg = config(Args::parse())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stop = CancellationToken::new();
+        let running = start(cfg, stop.clone()).await?;
+        tracing::info!(addr = %running.addr, "ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        stop.cancel();
+        Ok(())
+    })
+}

@@ -1,0 +1,351 @@
+//! The controller process: a source fills the [`Store`], the [`Reconciler`] translates it into
+//! the xDS [`Cache`], and one gRPC server over TLS (15012 by default, like istiod) serves delta
+//! ADS and the CA to ztunnels. Both services authenticate the caller the same way (bearer token
+//! + `clusterid`), so an unmodified upstream ztunnel can use this controller.
+//!
+//! The server's own certificate is issued by the mesh CA for the configured names (ztunnel
+//! verifies it against the mesh root, `XDS_ROOT_CA`/`CA_ROOT_CA`) and re-issued in process at
+//! half its life, so a long-running controller never serves an expired certificate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use zmesh_core::identity::SpiffeId;
+use zmesh_core::tls::LocalCa;
+
+use crate::ads::{AdsServer, Cache, StreamAuth};
+use crate::ca::{Authenticator, CaConfig, NodeTokenAuthenticator, WorkloadCa};
+use crate::reconcile::{PassStats, Reconciler};
+use crate::source::files::FileSource;
+use crate::source::{Store, StorePods};
+use crate::translate::MeshConfig;
+
+/// Where objects come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// A directory of YAML objects, watched.
+    Dir(PathBuf),
+    /// The Kubernetes API (in-cluster config or `KUBECONFIG`).
+    Kube,
+}
+
+/// How callers (ztunnels) are authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthConfig {
+    /// The lab's per-node credentials: a file of `<node> <token>` lines.
+    NodeTokens(PathBuf),
+    /// Kubernetes TokenReview of the projected service-account token.
+    TokenReview {
+        /// Service accounts (`namespace/name`) trusted to act for their node.
+        trusted_node_accounts: Vec<String>,
+    },
+}
+
+/// Everything the controller process needs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// gRPC listen address (xDS + CA), `0.0.0.0:15012`.
+    pub listen: SocketAddr,
+    /// The CA certificate (root, or intermediate followed by its chain) PEM.
+    pub ca_cert: PathBuf,
+    /// The CA key PEM.
+    pub ca_key: PathBuf,
+    /// Names (DNS or IP) in the controller's serving certificate.
+    pub serving_names: Vec<String>,
+    /// Lifetime of the serving certificate (re-issued at half life).
+    pub serving_ttl: Duration,
+    pub mesh: MeshConfig,
+    pub ca: CaConfig,
+    pub source: SourceConfig,
+    pub auth: AuthConfig,
+    /// Identity ztunnels authenticate as (`spiffe://<td>/ns/istio-system/sa/ztunnel`).
+    pub ztunnel_identity: SpiffeId,
+    /// Quiet time before a change is translated and pushed.
+    pub debounce: Duration,
+}
+
+/// Reads a `<node> <token>` file (blank lines and `#` comments allowed).
+pub fn read_node_tokens(path: &PathBuf, ztunnel: SpiffeId) -> Result<NodeTokenAuthenticator> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the node token file {}", path.display()))?;
+    let mut auth = NodeTokenAuthenticator::new(ztunnel);
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(node), Some(token), None) if token.len() >= 32 => auth.add_token(token, node),
+            (Some(_), Some(_), None) => anyhow::bail!(
+                "{}:{}: the token is shorter than 32 characters; use a random secret",
+                path.display(),
+                n + 1
+            ),
+            _ => anyhow::bail!(
+                "{}:{}: expected `<node-name> <token>`",
+                path.display(),
+                n + 1
+            ),
+        }
+    }
+    Ok(auth)
+}
+
+/// A running controller's handles (for the binary's admin output and for tests).
+#[derive(Clone)]
+pub struct Running {
+    /// The bound gRPC address.
+    pub addr: SocketAddr,
+    pub store: Store,
+    pub ads: AdsServer,
+    pub stats: Arc<Mutex<PassStats>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serving certificate that re-issues itself at half life.
+struct RotatingCert {
+    ca: LocalCa,
+    names: Vec<String>,
+    ttl: Duration,
+    current: Mutex<(Arc<CertifiedKey>, SystemTime)>,
+}
+
+impl std::fmt::Debug for RotatingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotatingCert")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RotatingCert {
+    fn new(ca: LocalCa, names: Vec<String>, ttl: Duration) -> Result<Self> {
+        let (key, refresh) = Self::issue(&ca, &names, ttl)?;
+        Ok(RotatingCert {
+            ca,
+            names,
+            ttl,
+            current: Mutex::new((key, refresh)),
+        })
+    }
+
+    fn issue(
+        ca: &LocalCa,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(Arc<CertifiedKey>, SystemTime)> {
+        let cert = ca
+            .issue_server(names, ttl)
+            .context("issuing the controller's serving certificate")?;
+        let key = zmesh_core::tls::provider()
+            .key_provider
+            .load_private_key(cert.key.into())
+            .context("loading the serving key")?;
+        let refresh = SystemTime::now() + ttl / 2;
+        Ok((Arc::new(CertifiedKey::new(cert.chain, key)), refresh))
+    }
+}
+
+impl ResolvesServerCert for RotatingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if SystemTime::now() >= cur.1 {
+            match Self::issue(&self.ca, &self.names, self.ttl) {
+                Ok(next) => {
+                    info!("controller serving certificate re-issued");
+                    *cur = next;
+                }
+                // Keep serving the old one (valid until its end) and retry on the next hello.
+                Err(e) => warn!(error = %e, "re-issuing the serving certificate failed"),
+            }
+        }
+        Some(cur.0.clone())
+    }
+}
+
+/// Starts the controller: the source, the reconciler and the gRPC server. Returns once the
+/// server is listening; everything stops when `stop` is cancelled.
+pub async fn start(cfg: ControllerConfig, stop: CancellationToken) -> Result<Running> {
+    let ca = LocalCa::load(&cfg.ca_cert, &cfg.ca_key).with_context(|| {
+        format!(
+            "loading the CA from {} and {}",
+            cfg.ca_cert.display(),
+            cfg.ca_key.display()
+        )
+    })?;
+    let serving = RotatingCert::new(
+        LocalCa::from_pem(ca.cert_pem(), ca.key_pem())?,
+        cfg.serving_names.clone(),
+        cfg.serving_ttl,
+    )?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(zmesh_core::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(serving));
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let store = Store::new();
+    match &cfg.source {
+        SourceConfig::Dir(dir) => {
+            let src = FileSource::new(dir)?;
+            let store = store.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    r = src.run(store) => if let Err(e) = r {
+                        error!(error = %e, "the config directory source stopped");
+                    },
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+        SourceConfig::Kube => {
+            let _client = kube::Client::try_default().await.context(
+                "connecting to Kubernetes (in-cluster config or KUBECONFIG); use --config-dir \
+                 to run without a cluster",
+            )?;
+            anyhow::bail!("the Kubernetes source is being wired in; use --config-dir");
+        }
+    }
+
+    let authenticator: Arc<dyn Authenticator> = match &cfg.auth {
+        AuthConfig::NodeTokens(path) => {
+            Arc::new(read_node_tokens(path, cfg.ztunnel_identity.clone())?)
+        }
+        AuthConfig::TokenReview { .. } => {
+            anyhow::bail!("TokenReview authentication is not wired into this build yet")
+        }
+    };
+    let cache = Cache::not_ready();
+    let reconciler =
+        Reconciler::new(store.clone(), cache.clone(), cfg.mesh.clone()).with_debounce(cfg.debounce);
+    let stats = reconciler.stats();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = reconciler.run() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
+    let stream_auth: StreamAuth = {
+        let authenticator = authenticator.clone();
+        let cluster = cfg.ca.cluster_id.clone();
+        Arc::new(move |md: tonic::metadata::MetadataMap| {
+            let authenticator = authenticator.clone();
+            let cluster = cluster.clone();
+            Box::pin(async move {
+                authenticator.authenticate(&md)?;
+                if let (Some(ours), Some(asked)) = (
+                    cluster.as_deref(),
+                    md.get("clusterid").and_then(|v| v.to_str().ok()),
+                ) && ours != asked
+                {
+                    return Err(tonic::Status::permission_denied(format!(
+                        "request is for cluster {asked:?} but this controller serves {ours:?}"
+                    )));
+                }
+                Ok(())
+            })
+        })
+    };
+    let ads = AdsServer::new(cache).with_auth(stream_auth);
+    let workload_ca = WorkloadCa::new(
+        ca,
+        cfg.ca.clone(),
+        authenticator,
+        Arc::new(StorePods::new(store.clone())),
+    );
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let incoming = tls_incoming(listener, acceptor, stop.clone());
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(ads.clone().into_service())
+        .add_service(
+            workload_ca
+                .into_server()
+                .max_decoding_message_size(1024 * 1024),
+        );
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await
+            {
+                error!(error = %e, "the gRPC server stopped");
+            }
+        });
+    }
+    info!(%addr, "controller serving delta xDS and the CA over TLS");
+    Ok(Running {
+        addr,
+        store,
+        ads,
+        stats,
+    })
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepted TLS connections; each handshake runs on its own task (bounded in time) so a slow
+/// or silent client never holds up the others.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stop: CancellationToken,
+) -> impl futures::Stream<Item = std::io::Result<TlsStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream>>(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
