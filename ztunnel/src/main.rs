@@ -4,6 +4,7 @@
 
 mod admin;
 mod app;
+mod ca_client;
 mod config;
 #[allow(dead_code)] // used by the xDS and CA clients, which are being wired in
 mod grpc;
