@@ -24,6 +24,7 @@
 //! The `zmesh-lab` binary builds the same lab by hand for exploration (`zmesh-lab up`) and
 //! checks that a machine can run the lab (`zmesh-lab check`).
 
+pub mod apiserver;
 pub mod apps;
 pub mod bench;
 pub mod capture;

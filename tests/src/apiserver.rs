@@ -1,0 +1,1038 @@
+//! A Kubernetes API-server double: plain HTTP/1.1 on 127.0.0.1, speaking the API as the
+//! "Kubernetes API Concepts" page describes it, so the real kube-rs client (and its watcher)
+//! can be tested against it. Tests change objects through a Rust API ([`ApiServer::apply`],
+//! [`ApiServer::delete`]) and disturb the server through test controls
+//! ([`ApiServer::compact`], [`ApiServer::cut_watches`]).
+//!
+//! What it does, as the real one does:
+//! - resource types (built-in kinds, and CRDs once [`ApiServer::install_crd`]ed) served under
+//!   `/api/v1/...` and `/apis/<group>/<version>/...`, as all-namespaces, namespaced and
+//!   single-object paths; an unknown type is `404` with a `Status` (a CRD not installed);
+//! - one global `resourceVersion`, bumped by every change, each change kept in a history;
+//! - LIST: `{kind: <Kind>List, apiVersion, metadata: {resourceVersion, continue}, items}`,
+//!   items in key order, built-in items without `kind`/`apiVersion` (CRD items keep them);
+//!   `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists, `!`), `fieldSelector`
+//!   (`metadata.name`, `metadata.namespace`, and for pods `spec.nodeName`, `status.phase`,
+//!   `spec.serviceAccountName`, `status.podIP`; others are `400`), `limit` + `continue`
+//!   pagination on a consistent snapshot (a continue token older than the history is `410`),
+//!   `resourceVersion` + `resourceVersionMatch=Exact`;
+//! - WATCH (`watch=true`): chunked JSON lines `{"type", "object"}`; from `resourceVersion=N`
+//!   every change after N and then live ones; without one (or `0`) synthetic `ADDED`s of the
+//!   current objects first; a change that makes an object enter or leave a selector is
+//!   `ADDED` / `DELETED` for that watch; `BOOKMARK`s every [`Options::bookmark_interval`]
+//!   with `allowWatchBookmarks=true`; `sendInitialEvents=true` ends the synthetic events with
+//!   a bookmark annotated `k8s.io/initial-events-end`; `timeoutSeconds` ends the watch; a
+//!   watch from a compacted `resourceVersion` gets one `ERROR` event (`410 Expired`) and ends;
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`, answered from the tokens the test
+//!   registered ([`ApiServer::add_token`]), with audiences intersected as the real
+//!   authenticator does.
+//!
+//! Not done: authentication and authorization of the client (every request is allowed),
+//! writes over HTTP (`405`), discovery, protobuf.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle};
+
+mod parse;
+
+use parse::{
+    FieldReq, LabelReq, decode_continue, encode_continue, now_rfc3339, parse_fields, parse_labels,
+    parse_query,
+};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Settings of the double.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How often watches that allow bookmarks get one.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            bookmark_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A resource type the double serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceType {
+    /// API group (`""` for core).
+    pub group: String,
+    /// Version (`v1`).
+    pub version: String,
+    /// Kind (`Pod`).
+    pub kind: String,
+    /// Plural, as in URLs (`pods`).
+    pub plural: String,
+    /// Namespaced or cluster-scoped.
+    pub namespaced: bool,
+    /// Built in (list items lose `kind`/`apiVersion`, as the real server encodes them).
+    pub builtin: bool,
+}
+
+impl ResourceType {
+    fn new(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) -> Self {
+        ResourceType {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            namespaced,
+            builtin: true,
+        }
+    }
+
+    /// `group/version`, or `version` for core.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+/// What the API server knows about a token (the `TokenReview` answer).
+#[derive(Debug, Clone, Default)]
+pub struct TokenInfo {
+    /// `user.username`.
+    pub username: String,
+    /// `user.uid`.
+    pub uid: String,
+    /// `user.groups`.
+    pub groups: Vec<String>,
+    /// The token's audiences.
+    pub audiences: Vec<String>,
+    /// `user.extra`.
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl TokenInfo {
+    /// A service account's token for `audiences`, bound to nothing.
+    pub fn service_account(namespace: &str, name: &str, audiences: &[&str]) -> Self {
+        TokenInfo {
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            uid: format!("uid-sa-{namespace}-{name}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Bound to a pod (`authentication.kubernetes.io/pod-name` and `pod-uid`).
+    pub fn bound_to_pod(mut self, name: &str, uid: &str) -> Self {
+        self.extra.insert(
+            "authentication.kubernetes.io/pod-name".into(),
+            vec![name.into()],
+        );
+        self.extra.insert(
+            "authentication.kubernetes.io/pod-uid".into(),
+            vec![uid.into()],
+        );
+        self
+    }
+
+    /// With the node of the pod (`authentication.kubernetes.io/node-name`).
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.extra.insert(
+            "authentication.kubernetes.io/node-name".into(),
+            vec![node.into()],
+        );
+        self
+    }
+}
+
+/// Why [`ApiServer::apply`] refused an object.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// No `kind`/`apiVersion`, or a type the server does not serve.
+    #[error("no resource type {api_version:?} {kind:?} is served (install its CRD first)")]
+    UnknownType {
+        /// `apiVersion` of the object.
+        api_version: String,
+        /// `kind` of the object.
+        kind: String,
+    },
+    /// No `metadata.name`.
+    #[error("the object has no metadata.name")]
+    NoName,
+}
+
+/// The running double; stops when dropped.
+pub struct ApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for c in self.shared.lock().conns.values() {
+            c.abort();
+        }
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// (type index, namespace or "", name)
+type Key = (usize, String, String);
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    uids: u64,
+    types: Vec<ResourceType>,
+    objects: BTreeMap<Key, Value>,
+    history: VecDeque<Change>,
+    /// Changes at or before this version are forgotten.
+    compacted: u64,
+    watches: Vec<Watch>,
+    conns: HashMap<u64, AbortHandle>,
+    tokens: HashMap<String, TokenInfo>,
+    requests: Vec<String>,
+    /// Every request is answered `503` (the API server restarting).
+    unavailable: bool,
+}
+
+struct Change {
+    rv: u64,
+    key: Key,
+    /// The object after the change (for a delete: the last state, with the delete's version).
+    object: Value,
+    /// The object before (none for a create).
+    previous: Option<Value>,
+    deleted: bool,
+}
+
+struct Watch {
+    conn: u64,
+    ty: usize,
+    namespace: Option<String>,
+    labels: Vec<LabelReq>,
+    fields: Vec<FieldReq>,
+    bookmarks: bool,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+impl ApiServer {
+    /// Starts the double on an ephemeral loopback port, serving the built-in types.
+    pub async fn start() -> ApiServer {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Starts the double with `options`.
+    pub async fn start_with(options: Options) -> ApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0 for the API-server double");
+        let addr = listener.local_addr().expect("local address");
+        let state = State {
+            types: vec![
+                ResourceType::new("", "v1", "Namespace", "namespaces", false),
+                ResourceType::new("", "v1", "Node", "nodes", false),
+                ResourceType::new("", "v1", "Pod", "pods", true),
+                ResourceType::new("", "v1", "Service", "services", true),
+                ResourceType::new("", "v1", "ServiceAccount", "serviceaccounts", true),
+                ResourceType::new(
+                    "discovery.k8s.io",
+                    "v1",
+                    "EndpointSlice",
+                    "endpointslices",
+                    true,
+                ),
+            ],
+            ..State::default()
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let bookmarks = tokio::spawn(bookmark_loop(shared.clone(), options.bookmark_interval));
+        ApiServer {
+            addr,
+            shared,
+            tasks: vec![accept, bookmarks],
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kube client for this server (default namespace `default`).
+    pub fn client(&self) -> kube::Client {
+        let url = self.url().parse().expect("a valid URL");
+        let mut config = kube::Config::new(url);
+        config.default_namespace = "default".into();
+        kube::Client::try_from(config).expect("a kube client for the double")
+    }
+
+    /// Serves a CRD's type from now on.
+    pub fn install_crd(&self, group: &str, version: &str, kind: &str, plural: &str) {
+        let mut ty = ResourceType::new(group, version, kind, plural, true);
+        ty.builtin = false;
+        let mut st = self.shared.lock();
+        if !st.types.contains(&ty) {
+            st.types.push(ty);
+        }
+    }
+
+    /// `security.istio.io/v1` AuthorizationPolicy.
+    pub fn install_istio_crds(&self) {
+        self.install_crd(
+            "security.istio.io",
+            "v1",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        );
+    }
+
+    /// `gateway.networking.k8s.io/v1` Gateway, HTTPRoute and GRPCRoute.
+    pub fn install_gateway_api_crds(&self) {
+        let g = "gateway.networking.k8s.io";
+        self.install_crd(g, "v1", "Gateway", "gateways");
+        self.install_crd(g, "v1", "HTTPRoute", "httproutes");
+        self.install_crd(g, "v1", "GRPCRoute", "grpcroutes");
+    }
+
+    /// Creates or replaces an object (by `apiVersion`, `kind`, namespace and name) and returns
+    /// its new `resourceVersion`. The server sets `resourceVersion`, `uid` (kept on update),
+    /// `generation` and `creationTimestamp`; a namespaced object without a namespace goes to
+    /// `default`. Applying an identical object changes nothing.
+    pub fn apply(&self, object: Value) -> Result<u64, ApplyError> {
+        self.shared.lock().apply(object)
+    }
+
+    /// Deletes an object; its new (last) `resourceVersion`, or `None` when there was none.
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<u64> {
+        self.shared
+            .lock()
+            .delete(api_version, kind, namespace, name)
+    }
+
+    /// The object as stored.
+    pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let st = self.shared.lock();
+        let ty = st.type_of(api_version, kind)?;
+        let ns = if st.types[ty].namespaced {
+            namespace
+        } else {
+            ""
+        };
+        st.objects
+            .get(&(ty, ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// The current global `resourceVersion`.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().rv
+    }
+
+    /// Forgets the history up to and including `rv`: a watch or a continue token from an
+    /// older version gets `410 Gone` from now on.
+    pub fn compact(&self, rv: u64) {
+        let mut st = self.shared.lock();
+        st.compacted = st.compacted.max(rv);
+        let c = st.compacted;
+        st.history.retain(|ch| ch.rv > c);
+    }
+
+    /// Forgets the whole history ([`ApiServer::compact`] at the current version).
+    pub fn compact_all(&self) {
+        let rv = self.resource_version();
+        self.compact(rv);
+    }
+
+    /// Cuts the connections of every open watch (no clean end of the chunked body), as a
+    /// network failure or an API server restart would; returns how many watches were open.
+    pub fn cut_watches(&self) -> usize {
+        let mut st = self.shared.lock();
+        st.watches.retain(|w| !w.tx.is_closed());
+        let n = st.watches.len();
+        let conns: Vec<u64> = st.watches.drain(..).map(|w| w.conn).collect();
+        for c in conns {
+            if let Some(h) = st.conns.remove(&c) {
+                h.abort();
+            }
+        }
+        n
+    }
+
+    /// While set, every request is answered `503 ServiceUnavailable`, as by an API server
+    /// that is restarting (combine with [`ApiServer::cut_watches`] to take watchers down).
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.shared.lock().unavailable = unavailable;
+    }
+
+    /// How many watches of the type with this plural are open.
+    pub fn open_watches(&self, plural: &str) -> usize {
+        let st = self.shared.lock();
+        st.watches
+            .iter()
+            .filter(|w| !w.tx.is_closed() && st.types[w.ty].plural == plural)
+            .count()
+    }
+
+    /// Every request so far, as `METHOD path?query`, in arrival order.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// How many LIST requests (GET of a collection without `watch`) reached `path` (e.g.
+    /// `/api/v1/pods`).
+    pub fn lists_of(&self, path: &str) -> usize {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| {
+                let target = r.strip_prefix("GET ").unwrap_or("");
+                let (p, q) = target.split_once('?').unwrap_or((target, ""));
+                p == path && !parse_query(q).contains_key("watch")
+            })
+            .count()
+    }
+
+    /// Sends a bookmark on every open watch that allows them, now.
+    pub fn bookmark_now(&self) {
+        self.shared.lock().bookmark();
+    }
+
+    /// Makes `token` known to `TokenReview`.
+    pub fn add_token(&self, token: &str, info: TokenInfo) {
+        self.shared.lock().tokens.insert(token.to_owned(), info);
+    }
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let mut next_id = 0u64;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        next_id += 1;
+        let id = next_id;
+        let conn_shared = shared.clone();
+        // Registered under the lock before the task can finish and deregister itself.
+        let mut st = shared.lock();
+        let task = tokio::spawn(async move {
+            let svc_shared = conn_shared.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = svc_shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, id, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            conn_shared.lock().conns.remove(&id);
+        });
+        st.conns.insert(id, task.abort_handle());
+    }
+}
+
+async fn bookmark_loop(shared: Arc<Shared>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        shared.lock().bookmark();
+    }
+}
+
+fn full(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .expect("a valid response")
+}
+
+/// A `Status` failure body with its HTTP code.
+fn status(code: StatusCode, reason: &str, message: &str, details: Value) -> Response<Body> {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason,
+        "details": details, "code": code.as_u16(),
+    });
+    full(code, &body)
+}
+
+fn not_found() -> Response<Body> {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "the server could not find the requested resource",
+        json!({}),
+    )
+}
+
+async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let query = parse_query(parts.uri.query().unwrap_or(""));
+    shared.lock().requests.push(format!(
+        "{} {}{}",
+        parts.method,
+        path,
+        parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default()
+    ));
+    if shared.lock().unavailable {
+        return status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "the API server is not available (test control)",
+            json!({}),
+        );
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return not_found(),
+    };
+    if (group, version, rest) == ("authentication.k8s.io", "v1", &["tokenreviews"][..]) {
+        if parts.method != Method::POST {
+            return method_not_allowed();
+        }
+        let Ok(body) = body.collect().await else {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "unreadable body",
+                json!({}),
+            );
+        };
+        return shared.lock().token_review(&body.to_bytes());
+    }
+    let (namespace, plural, name) = match rest {
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        [plural] => (None, *plural, None),
+        [plural, name] => (None, *plural, Some(*name)),
+        _ => return not_found(),
+    };
+    let st = shared.lock();
+    let Some(ty) = st
+        .types
+        .iter()
+        .position(|t| t.group == group && t.version == version && t.plural == plural)
+    else {
+        return not_found();
+    };
+    if namespace.is_some() && !st.types[ty].namespaced {
+        return not_found();
+    }
+    if parts.method != Method::GET {
+        return method_not_allowed();
+    }
+    drop(st);
+    match name {
+        Some(name) => shared.lock().get_one(ty, namespace.unwrap_or(""), name),
+        None if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            watch(&shared, conn, ty, namespace, &query)
+        }
+        None => shared.lock().list(ty, namespace, &query),
+    }
+}
+
+fn method_not_allowed() -> Response<Body> {
+    status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        "the double serves reads only; change objects through its Rust API",
+        json!({}),
+    )
+}
+
+fn bad_request(message: &str) -> Response<Body> {
+    status(StatusCode::BAD_REQUEST, "BadRequest", message, json!({}))
+}
+
+fn expired(message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": "Expired", "code": 410,
+    })
+}
+
+fn watch(
+    shared: &Arc<Shared>,
+    conn: u64,
+    ty: usize,
+    namespace: Option<&str>,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    let mut st = shared.lock();
+    let (labels, fields) = match st.selectors(ty, query) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
+    let initial_events = query.get("sendInitialEvents").is_some_and(|v| v == "true");
+    let deadline = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let w = Watch {
+        conn,
+        ty,
+        namespace: namespace.map(str::to_owned),
+        labels,
+        fields,
+        bookmarks,
+        tx,
+    };
+    let from = query
+        .get("resourceVersion")
+        .filter(|v| !v.is_empty() && *v != "0");
+    match from {
+        Some(v) => {
+            let Ok(from) = v.parse::<u64>() else {
+                return bad_request(&format!("invalid resource version {v:?}"));
+            };
+            if from < st.compacted {
+                let line = json!({"type": "ERROR", "object": expired(&format!(
+                    "too old resource version: {from} ({})", st.compacted + 1))});
+                let _ = w.tx.send(Bytes::from(format!("{line}\n")));
+            } else {
+                for ch in st.history.iter().filter(|c| c.rv > from) {
+                    w.send_change(ch);
+                }
+                st.watches.push(w);
+            }
+        }
+        None => {
+            let current: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|(k, _)| k.0 == ty)
+                .map(|(_, o)| o.clone())
+                .collect();
+            for o in current.iter().filter(|o| w.matches(o)) {
+                w.send("ADDED", o);
+            }
+            if initial_events && bookmarks {
+                let mut mark = st.bookmark_object(ty);
+                mark["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+                w.send("BOOKMARK", &mark);
+            }
+            st.watches.push(w);
+        }
+    }
+    let stream = futures::stream::unfold(rx, move |mut rx| async move {
+        let next = match deadline {
+            Some(d) => tokio::time::timeout_at(d, rx.recv()).await.ok().flatten(),
+            None => rx.recv().await,
+        };
+        next.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("a valid response")
+}
+
+impl Watch {
+    fn matches(&self, o: &Value) -> bool {
+        let ns = o["metadata"]["namespace"].as_str().unwrap_or("");
+        self.namespace.as_deref().is_none_or(|n| n == ns)
+            && self.labels.iter().all(|r| r.matches(o))
+            && self.fields.iter().all(|r| r.matches(o))
+    }
+
+    fn send(&self, kind: &str, object: &Value) {
+        let line = json!({"type": kind, "object": object});
+        let _ = self.tx.send(Bytes::from(format!("{line}\n")));
+    }
+
+    fn send_change(&self, ch: &Change) {
+        if ch.key.0 != self.ty {
+            return;
+        }
+        let now = !ch.deleted && self.matches(&ch.object);
+        let before = ch.previous.as_ref().is_some_and(|p| self.matches(p));
+        match (before, now) {
+            (false, true) => self.send("ADDED", &ch.object),
+            (true, true) => self.send("MODIFIED", &ch.object),
+            (true, false) if ch.deleted => self.send("DELETED", &ch.object),
+            (true, false) => {
+                // Left the selection: DELETED with its last matching state, at this version.
+                let mut last = ch.previous.clone().unwrap_or_default();
+                last["metadata"]["resourceVersion"] = json!(ch.rv.to_string());
+                self.send("DELETED", &last);
+            }
+            (false, false) => {}
+        }
+    }
+}
+
+impl State {
+    fn type_of(&self, api_version: &str, kind: &str) -> Option<usize> {
+        self.types
+            .iter()
+            .position(|t| t.api_version() == api_version && t.kind == kind)
+    }
+
+    fn apply(&mut self, mut object: Value) -> Result<u64, ApplyError> {
+        let api_version = object["apiVersion"].as_str().unwrap_or("").to_owned();
+        let kind = object["kind"].as_str().unwrap_or("").to_owned();
+        let ty = self
+            .type_of(&api_version, &kind)
+            .ok_or(ApplyError::UnknownType { api_version, kind })?;
+        let name = object["metadata"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or(ApplyError::NoName)?
+            .to_owned();
+        let ns = if self.types[ty].namespaced {
+            let ns = object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned();
+            object["metadata"]["namespace"] = json!(ns);
+            ns
+        } else {
+            if let Some(m) = object["metadata"].as_object_mut() {
+                m.remove("namespace");
+            }
+            String::new()
+        };
+        let key = (ty, ns, name);
+        let previous = self.objects.get(&key).cloned();
+        let meta = &mut object["metadata"];
+        match &previous {
+            Some(p) => {
+                for f in ["uid", "creationTimestamp", "resourceVersion", "generation"] {
+                    meta[f] = p["metadata"][f].clone();
+                }
+                if object == *p {
+                    return Ok(self.rv);
+                }
+                if object.get("spec") != p.get("spec") {
+                    let g = p["metadata"]["generation"].as_u64().unwrap_or(1);
+                    object["metadata"]["generation"] = json!(g + 1);
+                }
+            }
+            None => {
+                self.uids += 1;
+                if meta.get("uid").is_none() {
+                    meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.uids));
+                }
+                meta["creationTimestamp"] = json!(now_rfc3339());
+                meta["generation"] = json!(1);
+            }
+        }
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.objects.insert(key.clone(), object.clone());
+        self.record(Change {
+            rv: self.rv,
+            key,
+            object,
+            previous,
+            deleted: false,
+        });
+        Ok(self.rv)
+    }
+
+    fn delete(
+        &mut self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<u64> {
+        let ty = self.type_of(api_version, kind)?;
+        let ns = if self.types[ty].namespaced {
+            namespace
+        } else {
+            ""
+        };
+        let key = (ty, ns.to_owned(), name.to_owned());
+        let previous = self.objects.remove(&key)?;
+        self.rv += 1;
+        let mut object = previous.clone();
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.record(Change {
+            rv: self.rv,
+            key,
+            object,
+            previous: Some(previous),
+            deleted: true,
+        });
+        Some(self.rv)
+    }
+
+    fn record(&mut self, change: Change) {
+        self.watches.retain(|w| !w.tx.is_closed());
+        for w in &self.watches {
+            w.send_change(&change);
+        }
+        self.history.push_back(change);
+    }
+
+    fn bookmark_object(&self, ty: usize) -> Value {
+        let t = &self.types[ty];
+        json!({"kind": t.kind, "apiVersion": t.api_version(),
+               "metadata": {"resourceVersion": self.rv.to_string()}})
+    }
+
+    fn bookmark(&mut self) {
+        self.watches.retain(|w| !w.tx.is_closed());
+        for w in self.watches.iter().filter(|w| w.bookmarks) {
+            w.send("BOOKMARK", &self.bookmark_object(w.ty));
+        }
+    }
+
+    fn selectors(
+        &self,
+        ty: usize,
+        query: &HashMap<String, String>,
+    ) -> Result<(Vec<LabelReq>, Vec<FieldReq>), Response<Body>> {
+        let labels = parse_labels(query.get("labelSelector").map_or("", String::as_str))
+            .map_err(|e| bad_request(&format!("unable to parse requirement: {e}")))?;
+        let fields = parse_fields(
+            &self.types[ty],
+            query.get("fieldSelector").map_or("", String::as_str),
+        )
+        .map_err(|e| bad_request(&e))?;
+        Ok((labels, fields))
+    }
+
+    /// The objects of type `ty` as they were at version `rv`, if the history reaches back.
+    fn snapshot(&self, ty: usize, rv: u64) -> Option<BTreeMap<Key, Value>> {
+        if rv < self.compacted {
+            return None;
+        }
+        let mut objects: BTreeMap<Key, Value> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == ty)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ch in self
+            .history
+            .iter()
+            .rev()
+            .filter(|c| c.rv > rv && c.key.0 == ty)
+        {
+            match &ch.previous {
+                Some(p) => objects.insert(ch.key.clone(), p.clone()),
+                None => objects.remove(&ch.key),
+            };
+        }
+        Some(objects)
+    }
+
+    fn list(
+        &self,
+        ty: usize,
+        namespace: Option<&str>,
+        query: &HashMap<String, String>,
+    ) -> Response<Body> {
+        let (labels, fields) = match self.selectors(ty, query) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let t = &self.types[ty];
+        // (snapshot version, list after this key)
+        let (at, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+            Some(token) => match decode_continue(token) {
+                Some(x) => x,
+                None => return bad_request("invalid continue token"),
+            },
+            None => {
+                let exact = query
+                    .get("resourceVersionMatch")
+                    .is_some_and(|m| m == "Exact");
+                match query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    Some(rv) if exact => (rv, None),
+                    _ => (self.rv, None),
+                }
+            }
+        };
+        let Some(objects) = self.snapshot(ty, at) else {
+            let message = if query.contains_key("continue") {
+                "The provided continue parameter is too old to display a consistent list \
+                 result. You can start a new list without the continue parameter."
+                    .to_owned()
+            } else {
+                format!("too old resource version: {at} ({})", self.compacted + 1)
+            };
+            let body = expired(&message);
+            return full(StatusCode::GONE, &body);
+        };
+        let w = Watch {
+            conn: 0,
+            ty,
+            namespace: namespace.map(str::to_owned),
+            labels,
+            fields,
+            bookmarks: false,
+            tx: mpsc::unbounded_channel().0,
+        };
+        let limit = query
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
+        let mut items = Vec::new();
+        let mut more = false;
+        for o in objects
+            .iter()
+            .filter(|(k, _)| after.as_ref().is_none_or(|a| (&k.1, &k.2) > (&a.0, &a.1)))
+            .map(|(_, o)| o)
+            .filter(|o| w.matches(o))
+        {
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            let mut item = o.clone();
+            if t.builtin
+                && let Some(m) = item.as_object_mut()
+            {
+                m.remove("kind");
+                m.remove("apiVersion");
+            }
+            items.push(item);
+        }
+        // The token names the last item returned: the next page starts after it, on the
+        // same snapshot.
+        let more = more.then(|| items.last()).flatten().map(|last: &Value| {
+            let ns = last["metadata"]["namespace"].as_str().unwrap_or("");
+            let name = last["metadata"]["name"].as_str().unwrap_or("");
+            encode_continue(at, ns, name)
+        });
+        let mut metadata = json!({"resourceVersion": at.to_string()});
+        if let Some(c) = more {
+            metadata["continue"] = json!(c);
+        }
+        let body = json!({
+            "kind": format!("{}List", t.kind), "apiVersion": t.api_version(),
+            "metadata": metadata, "items": items,
+        });
+        full(StatusCode::OK, &body)
+    }
+
+    fn get_one(&self, ty: usize, namespace: &str, name: &str) -> Response<Body> {
+        match self
+            .objects
+            .get(&(ty, namespace.to_owned(), name.to_owned()))
+        {
+            Some(o) => full(StatusCode::OK, o),
+            None => {
+                let t = &self.types[ty];
+                status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{} {name:?} not found", t.plural),
+                    json!({"name": name, "group": t.group, "kind": t.plural}),
+                )
+            }
+        }
+    }
+
+    fn token_review(&self, body: &[u8]) -> Response<Body> {
+        let Ok(review) = serde_json::from_slice::<Value>(body) else {
+            return bad_request("the body is not a JSON TokenReview");
+        };
+        let token = review["spec"]["token"].as_str().unwrap_or("");
+        let wanted: Vec<String> = review["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let wanted = if wanted.is_empty() {
+            vec!["https://kubernetes.default.svc.cluster.local".to_owned()]
+        } else {
+            wanted
+        };
+        let status = match self.tokens.get(token) {
+            None => json!({"user": {}, "error": "[invalid bearer token, token lookup failed]"}),
+            Some(info) => {
+                let both: Vec<&String> = wanted
+                    .iter()
+                    .filter(|a| info.audiences.contains(a))
+                    .collect();
+                if both.is_empty() {
+                    json!({"user": {}, "error": format!(
+                        "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",
+                        info.audiences, wanted)})
+                } else {
+                    json!({
+                        "authenticated": true,
+                        "user": {"username": info.username, "uid": info.uid,
+                                 "groups": info.groups, "extra": info.extra},
+                        "audiences": both,
+                    })
+                }
+            }
+        };
+        let answer = json!({
+            "kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status,
+        });
+        full(StatusCode::CREATED, &answer)
+    }
+}

@@ -1,0 +1,480 @@
+//! The controller's Kubernetes source (`zmesh_controller::source::kube`) against the
+//! API-server double (`zmesh_tests::apiserver`), through the real kube-rs client over HTTP:
+//! the initial list, live changes, bookmarks, `410 Gone` and re-list, CRDs that are not
+//! installed, and a node's field-selected pod watch. Also checks of the double itself, so a
+//! passing source test means something.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use zmesh_controller::source::Store;
+use zmesh_controller::source::kube::{KubeSource, Options};
+use zmesh_controller::translate::{Kind, Objects};
+use zmesh_tests::apiserver::{ApiServer, Options as ApiOptions};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `cond` on the store until it holds, or fails naming `what`.
+async fn until(store: &Store, what: &str, cond: impl Fn(&Objects) -> bool) {
+    let start = tokio::time::Instant::now();
+    loop {
+        if cond(&store.read()) {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn until_synced(store: &Store, kinds: &[Kind]) {
+    let start = tokio::time::Instant::now();
+    while !store.is_synced(kinds) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "kinds {kinds:?} not all synced after {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ns(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(ns: &str, name: &str, node: &str, labels: Value) -> Value {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "app"}], "serviceAccountName": "sa"},
+        "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]}});
+    if !node.is_empty() {
+        p["spec"]["nodeName"] = json!(node);
+    }
+    p
+}
+
+fn service(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+           "spec": {"selector": {"app": name}, "ports": [{"port": 80}],
+                    "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"]}})
+}
+
+fn slice(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": name, "namespace": ns,
+                        "labels": {"kubernetes.io/service-name": "web"}},
+           "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}]})
+}
+
+fn policy(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+           "metadata": {"name": name, "namespace": ns},
+           "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]}})
+}
+
+fn gateway_kind(kind: &str, ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+           "metadata": {"name": name, "namespace": ns}, "spec": {}})
+}
+
+fn key(ns: &str, name: &str) -> (String, String) {
+    (ns.to_owned(), name.to_owned())
+}
+
+fn pod_label<'a>(o: &'a Objects, ns: &str, name: &str, label: &str) -> Option<&'a str> {
+    o.pods
+        .get(&key(ns, name))?
+        .metadata
+        .labels
+        .as_ref()?
+        .get(label)
+        .map(String::as_str)
+}
+
+/// A double with one object of every kind (CRDs installed), and a source watching them all.
+async fn full_cluster(bookmarks: Duration) -> (ApiServer, Store, KubeSource) {
+    let api = ApiServer::start_with(ApiOptions {
+        bookmark_interval: bookmarks,
+    })
+    .await;
+    api.install_istio_crds();
+    api.install_gateway_api_crds();
+    for o in [
+        ns("shop", json!({"istio.io/dataplane-mode": "ambient"})),
+        ns("other", json!({})),
+        pod("shop", "a", "n1", json!({"app": "web"})),
+        pod("shop", "b", "n1", json!({"app": "web"})),
+        pod("shop", "c", "n2", json!({"app": "web"})),
+        pod("other", "d", "n2", json!({})),
+        pod("other", "e", "n1", json!({})),
+        service("shop", "web"),
+        slice("shop", "web-abc"),
+        policy("shop", "deny-evil"),
+        gateway_kind("Gateway", "shop", "waypoint"),
+        gateway_kind("HTTPRoute", "shop", "route"),
+        gateway_kind("GRPCRoute", "shop", "grpc"),
+    ] {
+        api.apply(o).unwrap();
+    }
+    let store = Store::new();
+    // Pages of 2 pods, so the initial list needs continue tokens.
+    let options = Options::default().config(Kind::Pod, watcher::Config::default().page_size(2));
+    let source = KubeSource::spawn(api.client(), store.clone(), &Kind::ALL, &options);
+    (api, store, source)
+}
+
+#[tokio::test]
+async fn initial_list_fills_the_store_and_marks_every_kind_synced() {
+    let (api, store, _source) = full_cluster(Duration::from_secs(60)).await;
+    until_synced(&store, &Kind::ALL).await;
+    let o = store.read();
+    assert_eq!(o.count(Kind::Namespace), 2);
+    assert_eq!(o.count(Kind::Pod), 5);
+    assert_eq!(o.count(Kind::Service), 1);
+    assert_eq!(o.count(Kind::EndpointSlice), 1);
+    assert_eq!(o.count(Kind::AuthorizationPolicy), 1);
+    assert_eq!(o.count(Kind::Gateway), 1);
+    assert_eq!(o.count(Kind::HttpRoute), 1);
+    assert_eq!(o.count(Kind::GrpcRoute), 1);
+    assert!(o.namespaces.contains_key(&key("", "shop")));
+    assert_eq!(
+        o.authorization_policies[&key("shop", "deny-evil")]
+            .spec
+            .action
+            .as_deref(),
+        Some("DENY")
+    );
+    assert_eq!(pod_label(&o, "shop", "a", "app"), Some("web"));
+    drop(o);
+    // The pods came in three pages of at most 2.
+    let pages: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=true"))
+        .collect();
+    assert_eq!(pages.len(), 3, "{pages:#?}");
+    assert!(pages.iter().all(|p| p.contains("limit=2")), "{pages:#?}");
+    assert_eq!(
+        pages.iter().filter(|p| p.contains("continue=")).count(),
+        2,
+        "{pages:#?}"
+    );
+}
+
+#[tokio::test]
+async fn changes_propagate_and_bookmarks_do_not_disturb() {
+    let (api, store, _source) = full_cluster(Duration::from_millis(50)).await;
+    until_synced(&store, &Kind::ALL).await;
+
+    api.apply(pod("shop", "new", "n1", json!({"app": "web"})))
+        .unwrap();
+    until(&store, "pod shop/new added", |o| {
+        o.pods.contains_key(&key("shop", "new"))
+    })
+    .await;
+    api.apply(pod("shop", "new", "n1", json!({"app": "api"})))
+        .unwrap();
+    until(&store, "pod shop/new relabelled", |o| {
+        pod_label(o, "shop", "new", "app") == Some("api")
+    })
+    .await;
+    api.delete("v1", "Pod", "shop", "new").unwrap();
+    until(&store, "pod shop/new deleted", |o| {
+        !o.pods.contains_key(&key("shop", "new"))
+    })
+    .await;
+    api.delete(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        "shop",
+        "deny-evil",
+    )
+    .unwrap();
+    until(&store, "policy deleted", |o| {
+        o.authorization_policies.is_empty()
+    })
+    .await;
+    api.apply(ns("other", json!({"istio.io/dataplane-mode": "ambient"})))
+        .unwrap();
+    until(&store, "namespace other relabelled", |o| {
+        o.namespaces[&key("", "other")]
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key("istio.io/dataplane-mode"))
+    })
+    .await;
+
+    // Bookmarks (every 50 ms, and some on demand) change nothing in the store and cause no
+    // re-list: the next change is the only one the store sees.
+    let lists = api.lists_of("/api/v1/pods");
+    for _ in 0..5 {
+        api.bookmark_now();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // let several periodic ones flow
+    let generation = store.generation();
+    api.apply(pod("shop", "after-bookmarks", "n1", json!({})))
+        .unwrap();
+    until(&store, "pod after the bookmarks", |o| {
+        o.pods.contains_key(&key("shop", "after-bookmarks"))
+    })
+    .await;
+    assert_eq!(store.generation(), generation + 1, "one change, one bump");
+    assert_eq!(
+        api.lists_of("/api/v1/pods"),
+        lists,
+        "bookmarks caused a re-list"
+    );
+
+    // A bookmark moves the watcher's resourceVersion past changes of other kinds: when its
+    // connection is cut, the pod watch resumes from the bookmark's version (not from its
+    // last pod event's), so it survives a compaction that only bookmarks let it skip.
+    api.apply(service("shop", "other-kind")).unwrap();
+    let bookmark_rv = api.resource_version();
+    let start = tokio::time::Instant::now();
+    loop {
+        api.bookmark_now();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let seen = api.requests().len();
+        api.cut_watches();
+        let resumed = loop {
+            let watch = api.requests()[seen..]
+                .iter()
+                .find(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true"))
+                .cloned();
+            if let Some(w) = watch {
+                break w;
+            }
+            assert!(start.elapsed() < DEADLINE, "the pod watch never resumed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if resumed.contains(&format!("resourceVersion={bookmark_rv}&"))
+            || resumed.ends_with(&format!("resourceVersion={bookmark_rv}"))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the pod watch never resumed from the bookmark's version {bookmark_rv}: {resumed}"
+        );
+    }
+    assert_eq!(api.lists_of("/api/v1/pods"), lists, "no re-list was needed");
+}
+
+#[tokio::test]
+async fn expired_watch_relists_and_the_store_converges() {
+    let (api, store, _source) = full_cluster(Duration::from_secs(60)).await;
+    until_synced(&store, &Kind::ALL).await;
+    let lists = api.lists_of("/api/v1/pods");
+
+    // The API server goes away (watches cut, requests refused); meanwhile objects change
+    // and the history is compacted, so the watchers' resourceVersions are too old.
+    api.set_unavailable(true);
+    api.cut_watches();
+    api.delete("v1", "Pod", "shop", "b").unwrap();
+    api.apply(pod("shop", "a", "n1", json!({"app": "changed"})))
+        .unwrap();
+    api.apply(pod("shop", "z", "n2", json!({}))).unwrap();
+    api.delete("v1", "Service", "shop", "web").unwrap();
+    api.compact_all();
+    // Give the watchers time to hit the 503s (they back off, then retry).
+    let start = tokio::time::Instant::now();
+    while !api
+        .requests()
+        .iter()
+        .rev()
+        .take(50)
+        .any(|r| r.contains("watch=true"))
+    {
+        assert!(start.elapsed() < DEADLINE, "no watcher retried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.set_unavailable(false);
+
+    until(&store, "the store converged after the re-list", |o| {
+        !o.pods.contains_key(&key("shop", "b"))
+            && o.pods.contains_key(&key("shop", "z"))
+            && pod_label(o, "shop", "a", "app") == Some("changed")
+            && o.services.is_empty()
+    })
+    .await;
+    assert!(
+        api.lists_of("/api/v1/pods") > lists,
+        "pods were re-listed after 410 Gone"
+    );
+    assert_eq!(store.read().count(Kind::Pod), 5);
+    // And the watch is live again.
+    api.apply(pod("shop", "later", "n1", json!({}))).unwrap();
+    until(&store, "a pod after the re-list", |o| {
+        o.pods.contains_key(&key("shop", "later"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missing_crds_are_synced_empty_and_the_rest_works() {
+    let api = ApiServer::start().await;
+    api.apply(ns("shop", json!({}))).unwrap();
+    api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
+    let store = Store::new();
+    let _source = KubeSource::spawn(api.client(), store.clone(), &Kind::ALL, &Options::default());
+    until_synced(&store, &Kind::ALL).await;
+    {
+        let o = store.read();
+        assert_eq!(o.count(Kind::Pod), 1);
+        assert_eq!(o.count(Kind::AuthorizationPolicy), 0);
+        assert_eq!(o.count(Kind::Gateway), 0);
+    }
+    // The other kinds stay live.
+    api.apply(pod("shop", "b", "n1", json!({}))).unwrap();
+    until(&store, "pod b", |o| o.pods.contains_key(&key("shop", "b"))).await;
+    // Once the CRD is installed, its objects arrive (the watcher kept retrying).
+    api.install_istio_crds();
+    api.apply(policy("shop", "deny-evil")).unwrap();
+    until(&store, "the policy, after its CRD was installed", |o| {
+        o.authorization_policies
+            .contains_key(&key("shop", "deny-evil"))
+    })
+    .await;
+    assert_eq!(store.read().count(Kind::Gateway), 0);
+}
+
+#[tokio::test]
+async fn a_node_watch_sees_only_its_pods() {
+    let api = ApiServer::start().await;
+    api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
+    api.apply(pod("shop", "b", "n2", json!({}))).unwrap();
+    let store = Store::new();
+    let options = Options::default().pods_on_node("n1");
+    let _source = KubeSource::spawn(api.client(), store.clone(), &[Kind::Pod], &options);
+    until_synced(&store, &[Kind::Pod]).await;
+    assert_eq!(
+        store.read().pods.keys().cloned().collect::<Vec<_>>(),
+        [key("shop", "a")]
+    );
+    // Changes on n2 never show; a pod bound to n1 later appears (it enters the selection).
+    api.apply(pod("shop", "c", "n2", json!({}))).unwrap();
+    api.apply(pod("shop", "pending", "", json!({}))).unwrap();
+    api.apply(pod("shop", "pending", "n1", json!({}))).unwrap();
+    until(&store, "pod pending bound to n1", |o| {
+        o.pods.contains_key(&key("shop", "pending"))
+    })
+    .await;
+    api.delete("v1", "Pod", "shop", "b").unwrap();
+    api.delete("v1", "Pod", "shop", "a").unwrap();
+    until(&store, "pod a deleted", |o| {
+        !o.pods.contains_key(&key("shop", "a"))
+    })
+    .await;
+    assert_eq!(
+        store.read().pods.keys().cloned().collect::<Vec<_>>(),
+        [key("shop", "pending")]
+    );
+    // The watch asked the server for n1's pods only.
+    assert!(
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/pods"))
+            .all(|r| r.contains("fieldSelector=spec.nodeName%3Dn1")),
+        "{:#?}",
+        api.requests()
+    );
+}
+
+// The double itself, through kube's plain Api, so the tests above rest on a server that
+// answers like the real one.
+
+#[tokio::test]
+async fn double_pages_lists_on_a_snapshot_and_expires_old_versions() {
+    let api = ApiServer::start().await;
+    for name in ["a", "b", "c"] {
+        api.apply(pod("shop", name, "n1", json!({}))).unwrap();
+    }
+    let pods: Api<Pod> = Api::all(api.client());
+    let first = pods.list(&ListParams::default().limit(2)).await.unwrap();
+    assert_eq!(first.items.len(), 2);
+    let token = first.metadata.continue_.clone().expect("a continue token");
+    // A change after the first page does not leak into the second (same snapshot).
+    api.apply(pod("shop", "bb", "n1", json!({}))).unwrap();
+    let second = pods
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    let names: Vec<_> = second
+        .items
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["c"]);
+    assert_eq!(
+        second.metadata.resource_version,
+        first.metadata.resource_version
+    );
+    // Once the history is compacted, the token is too old.
+    api.compact_all();
+    let err = pods
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 410),
+        "{err}"
+    );
+
+    // A watch from a compacted version gets one 410 ERROR event and ends.
+    let mut stream = pods
+        .watch(&WatchParams::default(), "1")
+        .await
+        .unwrap()
+        .boxed();
+    match stream.next().await {
+        Some(Ok(WatchEvent::Error(s))) => {
+            assert_eq!(s.code, 410);
+            assert_eq!(s.reason, "Expired");
+        }
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+    assert!(
+        stream.next().await.is_none(),
+        "the watch must end after 410"
+    );
+
+    // A watch from the current version sees later changes, and timeoutSeconds ends it.
+    let rv = api.resource_version().to_string();
+    let mut stream = pods
+        .watch(&WatchParams::default().timeout(1), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    api.delete("v1", "Pod", "shop", "a").unwrap();
+    match stream.next().await {
+        Some(Ok(WatchEvent::Deleted(p))) => assert_eq!(p.metadata.name.as_deref(), Some("a")),
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+    // Only bookmarks until timeoutSeconds ends it.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = stream.next().await {
+            assert!(
+                matches!(event, Ok(WatchEvent::Bookmark(_))),
+                "unexpected {event:?}"
+            );
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "timeoutSeconds=1 must end the watch");
+
+    // Unknown resources are 404 with a Status.
+    let ap: Api<zmesh_controller::translate::AuthorizationPolicy> = Api::all(api.client());
+    let err = ap.list(&ListParams::default()).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 404),
+        "{err}"
+    );
+}
