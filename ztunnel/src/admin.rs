@@ -78,6 +78,9 @@ pub struct Admin {
     pub proxies: Arc<Proxies>,
     pub registry: Arc<Registry>,
     pub ready: Arc<AtomicBool>,
+    /// The xDS client, when config comes from the controller: readiness also waits for its
+    /// first config, and `/config_dump` shows its connection.
+    pub xds: Option<crate::xds::Xds>,
     pub log: LogControl,
     /// Cancelled by `/quitquitquit`: starts the drain, as SIGTERM does.
     pub quit: CancellationToken,
@@ -146,6 +149,7 @@ impl Admin {
             "workloads": st.workloads().iter().map(|w| &**w).collect::<Vec<_>>(),
             "services": st.services().map(|s| &**s).collect::<Vec<_>>(),
             "certificates": self.node.certs.summaries(),
+            "xds": self.xds.as_ref().map(|x| x.status()),
             "version": env!("CARGO_PKG_VERSION"),
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default()
@@ -168,11 +172,14 @@ impl Admin {
         }
     }
 
+    /// Proxies started (and, with xDS, the first config from the controller applied).
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.xds.as_ref().is_none_or(|x| x.is_ready())
+    }
+
     pub async fn readiness(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         match req.uri().path() {
-            "/healthz/ready" if self.ready.load(Ordering::Acquire) => {
-                text(StatusCode::OK, "ready\n")
-            }
+            "/healthz/ready" if self.is_ready() => text(StatusCode::OK, "ready\n"),
             "/healthz/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             _ => text(StatusCode::NOT_FOUND, "see /healthz/ready\n"),
         }

@@ -1,4 +1,5 @@
-//! Wiring: certificates, the local-config watch, listeners, the operator endpoints, and the
+//! Wiring: certificates (local CA or the controller's), the state source (the local-config
+//! watch or the xDS client), listeners, the operator endpoints, and the
 //! drain on SIGTERM.
 
 use std::path::{Path, PathBuf};
@@ -11,15 +12,21 @@ use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use zmesh_core::certs::{CertStore, LocalCaSource};
+use zmesh_core::certs::{CertStore, CertificateSource, LocalCaSource};
 use zmesh_core::socket::listen;
 use zmesh_core::state::{LocalConfig, State};
 use zmesh_core::tls::LocalCa;
 
 use crate::admin::{self, Admin, LogControl};
+use crate::ca_client::{RemoteCa, RemoteCaConfig};
 use crate::config::{Config, ProxyMode};
 use crate::metrics::Metrics;
 use crate::proxy::{Node, Proxy};
+use crate::xds::{Xds, XdsConfig};
+
+/// How long proxies wait at start for the controller's first config (their workload's trust
+/// domain comes from it); after that they start anyway and readiness keeps waiting.
+const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(5);
 
 /// Reads and validates the local-config file into a state snapshot.
 pub fn load_state(path: &Path) -> anyhow::Result<State> {
@@ -61,16 +68,32 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         None => State::default(),
     };
     let state = Arc::new(ArcSwap::from_pointee(state));
-    let (ca_cert, ca_key) = (
-        cfg.local_ca_cert.as_deref().expect("validated"),
-        cfg.local_ca_key.as_deref().expect("validated"),
-    );
-    let ca = LocalCa::load(ca_cert, ca_key)
-        .context("cannot load the local CA (LOCAL_CA_CERT, LOCAL_CA_KEY)")?;
-    let certs = CertStore::new(Arc::new(LocalCaSource {
-        ca,
-        ttl: cfg.cert_ttl,
-    }));
+    let source: Arc<dyn CertificateSource> = match cfg.ca_target() {
+        Some(target) => Arc::new(
+            RemoteCa::new(RemoteCaConfig {
+                target,
+                auth: cfg.auth_headers(),
+                // In shared mode ztunnel asks for its pods' certificates.
+                impersonate: cfg.proxy_mode == ProxyMode::Shared,
+                ttl: cfg.cert_ttl,
+                trust_domain: cfg.trust_domain.clone(),
+            })
+            .context("cannot set up the CA client (CA_ADDRESS, CA_ROOT_CA)")?,
+        ),
+        None => {
+            let (ca_cert, ca_key) = (
+                cfg.local_ca_cert.as_deref().expect("validated"),
+                cfg.local_ca_key.as_deref().expect("validated"),
+            );
+            let ca = LocalCa::load(ca_cert, ca_key)
+                .context("cannot load the local CA (LOCAL_CA_CERT, LOCAL_CA_KEY)")?;
+            Arc::new(LocalCaSource {
+                ca,
+                ttl: cfg.cert_ttl,
+            })
+        }
+    };
+    let certs = CertStore::new(source);
     let mut registry = Registry::default();
     let node = Arc::new(Node {
         cfg: cfg.clone(),
@@ -91,11 +114,28 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let quit = CancellationToken::new();
     let servers_stop = CancellationToken::new();
+    // The controller replaces the local file as the source of the state.
+    let xds = match cfg.xds_target() {
+        Some(target) => Some(
+            Xds::start(
+                XdsConfig {
+                    target,
+                    auth: cfg.auth_headers(),
+                    node: crate::xds::node(&cfg),
+                },
+                state.clone(),
+                servers_stop.clone(),
+            )
+            .context("cannot start the xDS client (XDS_ADDRESS, XDS_ROOT_CA)")?,
+        ),
+        None => None,
+    };
     let admin = Arc::new(Admin {
         node: node.clone(),
         proxies: proxies.clone(),
         registry: Arc::new(registry),
         ready: ready.clone(),
+        xds: xds.clone(),
         log,
         quit: quit.clone(),
     });
@@ -113,6 +153,15 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     }));
     if let Some(path) = cfg.local_xds_path.clone() {
         watch_local_config(path, state.clone(), servers_stop.clone())?;
+    }
+
+    if let Some(xds) = &xds
+        && !xds.wait_ready(FIRST_CONFIG_WAIT).await
+    {
+        tracing::warn!(
+            address = %cfg.xds_address,
+            "no config from the controller yet; starting anyway, not ready until it arrives"
+        );
     }
 
     let mut zds_task = None;

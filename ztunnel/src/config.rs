@@ -2,13 +2,20 @@
 //! (`--config` or `ZTUNNEL_CONFIG`), then overridden by the environment variables upstream
 //! ztunnel uses, validated once at start and shown at admin `/config_dump`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use zmesh_core::hbone::{H2Settings, PoolConfig};
+
+use crate::grpc::{AuthHeaders, AuthToken, Target};
+
+/// Where Kubernetes mounts the mesh root (`XDS_ROOT_CA`, `CA_ROOT_CA` default).
+pub const DEFAULT_ROOT_CA: &str = "./var/run/secrets/istio/root-cert.pem";
+/// Where Kubernetes mounts ztunnel's projected token (`AUTH_TOKEN` default).
+pub const DEFAULT_AUTH_TOKEN: &str = "./var/run/secrets/tokens/istio-token";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,15 +69,39 @@ pub struct Config {
     pub inpod_uds: PathBuf,
     /// Upstream ztunnel's local-config YAML, watched and reloaded on change (`LOCAL_XDS_PATH`).
     pub local_xds_path: Option<PathBuf>,
-    /// Controller (xDS) address; empty: no xDS, local config only (`XDS_ADDRESS`).
+    /// Controller (xDS) address, `https://host:port`; empty: no xDS, the local config file
+    /// only (`XDS_ADDRESS`).
     pub xds_address: String,
-    /// Remote CA address; empty: the local CA below signs certificates (`CA_ADDRESS`).
-    pub ca_address: String,
+    /// The root the controller's certificate must chain to (`XDS_ROOT_CA`).
+    pub xds_root_ca: PathBuf,
+    /// Name to verify in the controller's certificate instead of the address's host
+    /// (`ALT_XDS_HOSTNAME`).
+    pub alt_xds_hostname: Option<String>,
+    /// Remote CA address (`CA_ADDRESS`). Unset: the same as `xds_address` (upstream's
+    /// default); empty: the local CA below signs certificates. Resolved at load, so the
+    /// loaded config always has `Some`.
+    pub ca_address: Option<String>,
+    /// The root the CA's certificate must chain to (`CA_ROOT_CA`).
+    pub ca_root_ca: PathBuf,
+    /// (`ALT_CA_HOSTNAME`).
+    pub alt_ca_hostname: Option<String>,
+    /// ztunnel's credential for the controller: a file re-read on every call, or the token
+    /// itself (`AUTH_TOKEN`). A literal token is not shown at `/config_dump`.
+    #[serde(serialize_with = "redact_token")]
+    pub auth_token: String,
     pub local_ca_cert: Option<PathBuf>,
     pub local_ca_key: Option<PathBuf>,
     pub node_name: String,
     pub trust_domain: String,
     pub cluster_id: String,
+    /// ztunnel's own pod, for its xDS node identity (`POD_NAME`, `POD_NAMESPACE`,
+    /// `INSTANCE_IP`, `SERVICE_ACCOUNT`).
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub instance_ip: String,
+    pub service_account: String,
+    /// Extra xDS node metadata: every `ISTIO_META_<KEY>` variable, as `<KEY>`.
+    pub node_metadata: BTreeMap<String, String>,
     /// Data-plane worker threads (`ZTUNNEL_WORKER_THREADS`).
     pub worker_threads: usize,
     pub ports: Ports,
@@ -81,7 +112,8 @@ pub struct Config {
     /// How long open connections may finish after SIGTERM (`TERMINATION_GRACE_PERIOD_SECONDS`).
     #[serde(with = "humantime_serde")]
     pub drain_deadline: Duration,
-    /// Lifetime of workload certificates issued by the local CA.
+    /// Lifetime of workload certificates: what the local CA issues and what is asked of the
+    /// remote CA (`SECRET_TTL`).
     #[serde(with = "humantime_serde")]
     pub cert_ttl: Duration,
     #[serde(with = "humantime_serde")]
@@ -100,12 +132,22 @@ impl Default for Config {
             inpod_uds: PathBuf::from(zmesh_core::zds::DEFAULT_SOCKET_PATH),
             local_xds_path: None,
             xds_address: String::new(),
-            ca_address: String::new(),
+            xds_root_ca: PathBuf::from(DEFAULT_ROOT_CA),
+            alt_xds_hostname: None,
+            ca_address: None,
+            ca_root_ca: PathBuf::from(DEFAULT_ROOT_CA),
+            alt_ca_hostname: None,
+            auth_token: DEFAULT_AUTH_TOKEN.into(),
             local_ca_cert: None,
             local_ca_key: None,
             node_name: String::new(),
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
+            pod_name: String::new(),
+            pod_namespace: String::new(),
+            instance_ip: String::new(),
+            service_account: String::new(),
+            node_metadata: BTreeMap::new(),
             worker_threads: default_worker_threads(),
             ports: Ports::default(),
             bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -143,11 +185,36 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+fn redact_token<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    match AuthToken::from_env_value(v) {
+        AuthToken::File(p) => s.collect_str(&p.display()),
+        AuthToken::Literal(_) => s.serialize_str("<literal token, not shown>"),
+    }
+}
+
 fn env_err(var: &'static str, value: &str, reason: impl ToString) -> ConfigError {
     ConfigError::Env {
         var,
         value: value.to_owned(),
         reason: reason.to_string(),
+    }
+}
+
+/// A controller address must be `https://host:port`.
+fn check_address(var: &str, v: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| {
+        Err(ConfigError::Invalid(format!(
+            "{var}={v:?} is not a URL like https://istiod.istio-system.svc:15012: {why}"
+        )))
+    };
+    match v.parse::<http::Uri>() {
+        Err(e) => bad(&e.to_string()),
+        Ok(u) if u.scheme_str() != Some("https") => {
+            bad("the controller is only reached over TLS: use https://")
+        }
+        Ok(u) if u.host().is_none_or(str::is_empty) => bad("no host in it"),
+        Ok(u) if u.port_u16().is_none() => bad("no port in it (the controller listens on 15012)"),
+        Ok(_) => Ok(()),
     }
 }
 
@@ -163,6 +230,9 @@ impl Config {
             None => Config::default(),
         };
         cfg.apply_env(env)?;
+        if cfg.ca_address.is_none() {
+            cfg.ca_address = Some(cfg.xds_address.clone());
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -210,16 +280,59 @@ impl Config {
         if let Some(v) = get("LOCAL_CA_KEY") {
             self.local_ca_key = path(v);
         }
+        if let Some(v) = get("XDS_ROOT_CA")
+            && let Some(p) = path(v)
+        {
+            self.xds_root_ca = p;
+        }
+        if let Some(v) = get("CA_ROOT_CA")
+            && let Some(p) = path(v)
+        {
+            self.ca_root_ca = p;
+        }
+        if let Some(v) = get("CA_ADDRESS") {
+            self.ca_address = Some(v.to_owned());
+        }
+        let name = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+        if let Some(v) = get("ALT_XDS_HOSTNAME") {
+            self.alt_xds_hostname = name(v);
+        }
+        if let Some(v) = get("ALT_CA_HOSTNAME") {
+            self.alt_ca_hostname = name(v);
+        }
+        // Upstream also takes the cluster id from ISTIO_META_CLUSTER_ID.
+        if let Some(v) = get("ISTIO_META_CLUSTER_ID") {
+            self.cluster_id = v.to_owned();
+        }
         for (var, field) in [
             ("XDS_ADDRESS", &mut self.xds_address),
-            ("CA_ADDRESS", &mut self.ca_address),
             ("NODE_NAME", &mut self.node_name),
             ("TRUST_DOMAIN", &mut self.trust_domain),
             ("CLUSTER_ID", &mut self.cluster_id),
+            ("POD_NAME", &mut self.pod_name),
+            ("POD_NAMESPACE", &mut self.pod_namespace),
+            ("INSTANCE_IP", &mut self.instance_ip),
+            ("SERVICE_ACCOUNT", &mut self.service_account),
         ] {
             if let Some(v) = get(var) {
                 *field = v.to_owned();
             }
+        }
+        if let Some(v) = get("AUTH_TOKEN")
+            && !v.is_empty()
+        {
+            self.auth_token = v.to_owned();
+        }
+        for (k, v) in env {
+            if let Some(key) = k.strip_prefix("ISTIO_META_")
+                && !key.is_empty()
+            {
+                self.node_metadata.insert(key.to_owned(), v.clone());
+            }
+        }
+        if let Some(v) = get("SECRET_TTL") {
+            self.cert_ttl = humantime_serde::re::humantime::parse_duration(v)
+                .map_err(|e| env_err("SECRET_TTL", v, e))?;
         }
         if let Some(v) = get("ZTUNNEL_WORKER_THREADS") {
             self.worker_threads = v
@@ -245,25 +358,46 @@ impl Config {
             );
         }
         if !self.xds_address.is_empty() {
-            return invalid(format!(
-                "XDS_ADDRESS={:?}: this build has no xDS client yet; set XDS_ADDRESS= (empty) \
-                 and give the mesh config in LOCAL_XDS_PATH",
-                self.xds_address
-            ));
+            check_address("XDS_ADDRESS", &self.xds_address)?;
+            if let Some(p) = &self.local_xds_path {
+                return invalid(format!(
+                    "XDS_ADDRESS={:?} and LOCAL_XDS_PATH={} are both set; the config comes \
+                     from one of them: unset LOCAL_XDS_PATH to use the controller, or set \
+                     XDS_ADDRESS= (empty) to use the file",
+                    self.xds_address,
+                    p.display()
+                ));
+            }
         }
-        if !self.ca_address.is_empty() {
-            return invalid(format!(
-                "CA_ADDRESS={:?}: this build has no remote CA client yet; set CA_ADDRESS= \
-                 (empty) and LOCAL_CA_CERT/LOCAL_CA_KEY",
-                self.ca_address
-            ));
+        if self.ca_address().is_empty() {
+            if self.local_ca_cert.is_none() || self.local_ca_key.is_none() {
+                return invalid(
+                    "with CA_ADDRESS empty, the local CA signs certificates: set LOCAL_CA_CERT \
+                     and LOCAL_CA_KEY to the CA certificate and key PEM files"
+                        .into(),
+                );
+            }
+        } else {
+            check_address("CA_ADDRESS", self.ca_address())?;
+            if self.local_ca_cert.is_some() || self.local_ca_key.is_some() {
+                return invalid(format!(
+                    "CA_ADDRESS={:?} (the remote CA{}) signs certificates, yet LOCAL_CA_CERT/\
+                     LOCAL_CA_KEY are set: unset them, or set CA_ADDRESS= (empty) to sign \
+                     with the local CA",
+                    self.ca_address(),
+                    if self.xds_address == self.ca_address() {
+                        "; CA_ADDRESS defaults to XDS_ADDRESS"
+                    } else {
+                        ""
+                    }
+                ));
+            }
         }
-        if self.local_ca_cert.is_none() || self.local_ca_key.is_none() {
-            return invalid(
-                "with CA_ADDRESS empty, the local CA signs certificates: set LOCAL_CA_CERT and \
-                 LOCAL_CA_KEY to the CA certificate and key PEM files"
-                    .into(),
-            );
+        if !self.instance_ip.is_empty() && self.instance_ip.parse::<IpAddr>().is_err() {
+            return invalid(format!(
+                "INSTANCE_IP={:?} is not an IP address",
+                self.instance_ip
+            ));
         }
         if zmesh_core::identity::SpiffeId::new(&self.trust_domain, "ns", "sa").is_err() {
             return invalid(format!(
@@ -337,6 +471,43 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The remote CA's address; empty when the local CA signs.
+    pub fn ca_address(&self) -> &str {
+        self.ca_address
+            .as_deref()
+            .unwrap_or(self.xds_address.as_str())
+    }
+
+    /// The controller's xDS endpoint, when `XDS_ADDRESS` is set.
+    pub fn xds_target(&self) -> Option<Target> {
+        (!self.xds_address.is_empty()).then(|| Target {
+            var: "XDS_ADDRESS",
+            address: self.xds_address.clone(),
+            root_ca: self.xds_root_ca.clone(),
+            alt_hostname: self.alt_xds_hostname.clone(),
+            root_var: "XDS_ROOT_CA",
+        })
+    }
+
+    /// The remote CA's endpoint, when `CA_ADDRESS` is not empty.
+    pub fn ca_target(&self) -> Option<Target> {
+        (!self.ca_address().is_empty()).then(|| Target {
+            var: "CA_ADDRESS",
+            address: self.ca_address().to_owned(),
+            root_ca: self.ca_root_ca.clone(),
+            alt_hostname: self.alt_ca_hostname.clone(),
+            root_var: "CA_ROOT_CA",
+        })
+    }
+
+    /// The headers every call to the controller carries.
+    pub fn auth_headers(&self) -> AuthHeaders {
+        AuthHeaders {
+            token: AuthToken::from_env_value(&self.auth_token),
+            cluster_id: self.cluster_id.clone(),
+        }
     }
 
     /// Ports a connection may never be aimed at: they would loop back into ztunnel.
@@ -423,8 +594,11 @@ mod tests {
                 "PROXY_WORKLOAD_INFO",
             ),
             ("PROXY_MODE", "sidecar", "PROXY_MODE"),
-            ("XDS_ADDRESS", "https://istiod:15012", "XDS_ADDRESS"),
-            ("CA_ADDRESS", "https://istiod:15012", "CA_ADDRESS"),
+            ("XDS_ADDRESS", "http://istiod:15012", "https://"),
+            ("XDS_ADDRESS", "https://istiod", "no port"),
+            ("CA_ADDRESS", "https://istiod:15012", "unset them"),
+            ("INSTANCE_IP", "ten", "INSTANCE_IP"),
+            ("SECRET_TTL", "a day", "SECRET_TTL"),
             ("LOCAL_CA_KEY", "", "LOCAL_CA_KEY"),
             ("ZTUNNEL_WORKER_THREADS", "many", "ZTUNNEL_WORKER_THREADS"),
             ("TRUST_DOMAIN", "Bad Domain", "TRUST_DOMAIN"),
@@ -437,5 +611,99 @@ mod tests {
             let e = Config::load(None, &env(&[(k, v)])).unwrap_err().to_string();
             assert!(e.contains(needle), "{k}={v}: {e}");
         }
+    }
+
+    /// The controller: XDS_ADDRESS replaces the local file, CA_ADDRESS follows it unless set,
+    /// and the two sources of certificates exclude each other.
+    #[test]
+    fn controller_addresses() {
+        let remote = |pairs: &[(&str, &str)]| {
+            let mut e = env(pairs);
+            e.remove("LOCAL_CA_CERT");
+            e.remove("LOCAL_CA_KEY");
+            Config::load(None, &e)
+        };
+        let cfg = remote(&[
+            ("XDS_ADDRESS", "https://istiod.istio-system.svc:15012"),
+            ("POD_NAME", "ztunnel-abc"),
+            ("POD_NAMESPACE", "istio-system"),
+            ("INSTANCE_IP", "10.0.0.1"),
+            ("SERVICE_ACCOUNT", "ztunnel"),
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("ISTIO_META_CLUSTER_ID", "east"),
+            ("AUTH_TOKEN", "s3cret"),
+            ("SECRET_TTL", "12h"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.ca_address(), "https://istiod.istio-system.svc:15012");
+        let xds = cfg.xds_target().unwrap();
+        assert_eq!(xds.root_ca, PathBuf::from(DEFAULT_ROOT_CA));
+        assert_eq!(cfg.ca_target().unwrap().root_var, "CA_ROOT_CA");
+        assert_eq!(cfg.cluster_id, "east");
+        assert_eq!(cfg.node_metadata["DNS_CAPTURE"], "true");
+        assert_eq!(cfg.cert_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(
+            cfg.auth_headers().token,
+            AuthToken::Literal("s3cret".into())
+        );
+        // A literal token never reaches /config_dump.
+        let dump = serde_json::to_string(&cfg).unwrap();
+        assert!(!dump.contains("s3cret"), "{dump}");
+        // Defaults: no xDS, and the token file.
+        let cfg = Config::load(None, &env(&[])).unwrap();
+        assert!(cfg.xds_target().is_none() && cfg.ca_target().is_none());
+        assert_eq!(
+            cfg.auth_headers().token,
+            AuthToken::File(DEFAULT_AUTH_TOKEN.into())
+        );
+
+        // xDS from the controller, certificates from the local CA: CA_ADDRESS= (empty).
+        let cfg = Config::load(
+            None,
+            &env(&[
+                ("XDS_ADDRESS", "https://127.0.0.1:15012"),
+                ("CA_ADDRESS", ""),
+                ("XDS_ROOT_CA", "/root.pem"),
+                ("ALT_XDS_HOSTNAME", "istiod.istio-system.svc"),
+            ]),
+        )
+        .unwrap();
+        assert!(cfg.ca_target().is_none());
+        let t = cfg.xds_target().unwrap();
+        assert_eq!(t.root_ca, PathBuf::from("/root.pem"));
+        assert_eq!(t.alt_hostname.as_deref(), Some("istiod.istio-system.svc"));
+
+        // A remote CA with LOCAL_CA_* left set, the default CA_ADDRESS named in the error.
+        let e = Config::load(None, &env(&[("XDS_ADDRESS", "https://istiod:15012")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("LOCAL_CA_CERT") && e.contains("defaults to XDS_ADDRESS"),
+            "{e}"
+        );
+        // Both config sources.
+        let e = remote(&[
+            ("XDS_ADDRESS", "https://istiod:15012"),
+            ("LOCAL_XDS_PATH", "/etc/z.yaml"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unset LOCAL_XDS_PATH"), "{e}");
+        // No CA at all.
+        let e = remote(&[]).unwrap_err().to_string();
+        assert!(e.contains("LOCAL_CA_CERT"), "{e}");
+        // The typed file form takes the same fields.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("z.yaml");
+        std::fs::write(
+            &f,
+            "xds_address: https://istiod:15012\nca_address: ''\nxds_root_ca: /r.pem\n\
+             node_metadata:\n  FOO: bar\npod_name: z\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&f), &env(&[])).unwrap();
+        assert_eq!(cfg.xds_target().unwrap().root_ca, PathBuf::from("/r.pem"));
+        assert_eq!(cfg.node_metadata["FOO"], "bar");
+        assert!(cfg.ca_target().is_none());
     }
 }

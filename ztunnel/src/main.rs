@@ -6,11 +6,11 @@ mod admin;
 mod app;
 mod ca_client;
 mod config;
-#[allow(dead_code)] // used by the xDS and CA clients, which are being wired in
 mod grpc;
 mod inpod;
 mod metrics;
 mod proxy;
+mod xds;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
