@@ -20,6 +20,7 @@
 //!   and waypoints themselves are never bound to a waypoint.
 
 mod authorization_policy;
+mod authz;
 mod json;
 mod objects;
 mod service;
@@ -40,6 +41,7 @@ pub use authorization_policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, Condition, Operation, PolicyTargetReference,
     Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
 };
+pub use authz::{DRY_RUN_ANNOTATION, PolicyIssue, authorization_json, translate_policies};
 pub use json::{service_json, to_json, workload_json};
 pub use objects::{Kind, KubeObject, ObjectKey, Objects, TranslateError, key_of, parse_yaml};
 
@@ -65,6 +67,9 @@ pub struct MeshConfig {
     pub cluster_id: String,
     /// DNS suffix of Service hostnames, e.g. `cluster.local`.
     pub domain_suffix: String,
+    /// Istio's root namespace, e.g. `istio-system`: its AuthorizationPolicies without a
+    /// selector apply mesh-wide, and those with one select workloads in every namespace.
+    pub root_namespace: String,
 }
 
 impl Default for MeshConfig {
@@ -73,6 +78,7 @@ impl Default for MeshConfig {
             trust_domain: "cluster.local".to_owned(),
             cluster_id: "Kubernetes".to_owned(),
             domain_suffix: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
         }
     }
 }
@@ -87,6 +93,8 @@ pub struct Translated {
     /// Authorizations (`type.googleapis.com/istio.security.Authorization`) keyed by
     /// `<namespace>/<name>` of their AuthorizationPolicy.
     pub authorizations: BTreeMap<String, Authorization>,
+    /// AuthorizationPolicies that were not sent to ztunnel, or were sent narrowed.
+    pub issues: Vec<PolicyIssue>,
 }
 
 /// Translates `objects` into workload API resources. Never fails: objects that cannot be
@@ -123,10 +131,12 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
             workloads.insert(out.uid.clone(), out);
         }
     }
+    let (authorizations, issues) = authz::translate_policies(objects, mesh);
     Translated {
         workloads,
         services,
-        authorizations: BTreeMap::new(),
+        authorizations,
+        issues,
     }
 }
 
