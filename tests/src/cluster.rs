@@ -6,13 +6,15 @@
 //!
 //! ```text
 //!  sandbox root netns: br0 10.200.0.1/24 ── v-n1 ── v-n2        (node links: Cluster::node_link)
+//!    zmesh-controller on 10.200.0.1:15012: watches pods/, serves delta xDS and the CA
 //!                                            ║        ║
 //!  netns n1: eth0 10.200.0.2 ════════════════╝        ╚═══ netns n2: eth0 10.200.0.3
 //!    ip_forward=1; 10.244.2.0/24 via 10.200.0.3              (the same; 10.244.1.0/24 via .2)
 //!    zmesh-cni-agent (host network): pods dir, agent.sock, ZDS socket
 //!    cni0 10.244.1.1/24 (bridge plugin, pods' gateway)
 //!      ├── netns pod-ztunnel-n1  10.244.1.2  zmesh-system/ztunnel-n1: `ztunnel` in shared
-//!      │                                     mode, INPOD_UDS = the agent's ZDS socket
+//!      │                                     mode, INPOD_UDS = the agent's ZDS socket, config
+//!      │                                     and certificates from the controller
 //!      ├── netns pod-client      10.244.1.3  an enrolled pod: nft tables zmesh-*, and
 //!      │                                     ztunnel's 15001/15006/15008 listening inside it
 //!      └── netns pod-plain       10.244.1.4  an unenrolled pod: untouched
@@ -21,9 +23,11 @@
 //! Files, under the sandbox's directory:
 //!
 //! ```text
-//!  pods/ns-<ns>.yaml, pods/pod-<ns>-<name>.yaml   the "API server": watched by every agent
-//!  mesh.yaml                                      ztunnel local config, read by every ztunnel
-//!  cluster-root-ca.{pem,key}                      the mesh's CA
+//!  pods/ns-<ns>.yaml, pods/pod-<ns>-<name>.yaml,  the "API server": watched by every agent
+//!  pods/svc-<ns>-<name>.yaml                      and by the controller
+//!  cluster-root-ca.{pem,key}                      the mesh's CA (the controller signs with it)
+//!  controller/node-tokens, controller/token-<node> per-node credentials (controller, ztunnel)
+//!  controller.log
 //!  <node>/net.d/10-lab.conflist                   primary network; the agent chains zmesh-cni
 //!  <node>/bin/zmesh-cni                           installed there by the agent
 //!  <node>/run/{agent.sock,ztunnel.sock,pods.json} the agent's API, ZDS socket and state
@@ -54,8 +58,9 @@ use anyhow::{Context, Result, anyhow, bail};
 pub use self::node::{AGENT_TIMEOUT, NodeDirs, agent_ready_status};
 pub use self::objects::{DATAPLANE_MODE, MESH_NAMESPACE};
 use self::objects::{Objects, PodObject};
+use crate::controller::{self, CONTROLLER_PORT, ControllerSpec, NodeTokens};
 use crate::lab::Topology;
-use crate::mesh::{self, CaFiles, TRUST_DOMAIN};
+use crate::mesh::{self, CaFiles, TRUST_DOMAIN, ZtunnelPod};
 use crate::process::Process;
 use crate::runtime::{DEBIAN_CNI_BIN, PluginError, PodSandbox, Runtime};
 use crate::sandbox::Sandbox;
@@ -116,7 +121,9 @@ pub struct Cluster<'s> {
     topo: Topology<'s>,
     ca: CaFiles,
     pods_dir: PathBuf,
-    mesh_config: PathBuf,
+    controller_spec: ControllerSpec,
+    controller: Option<Process>,
+    tokens: NodeTokens,
     objects: Mutex<Objects>,
     nodes: Vec<Node<'s>>,
 }
@@ -164,6 +171,9 @@ impl<'s> Cluster<'s> {
         }
         let topo = Topology::build(sb, nodes)?;
         for (i, node) in nodes.iter().enumerate() {
+            // The controller, in the sandbox's root netns, answers ztunnel pods on every node.
+            let via = topo.host_ip(node).to_string();
+            sb.run(&["ip", "route", "add", &pod_cidr(i), "via", &via])?;
             sb.run_in(node, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
             for (j, other) in nodes.iter().enumerate().filter(|(j, _)| *j != i) {
                 let via = topo.host_ip(other).to_string();
@@ -172,15 +182,27 @@ impl<'s> Cluster<'s> {
         }
         let ca = mesh::write_ca(sb.dir(), "cluster-root")?;
         let pods_dir = sb.dir().join("pods");
-        let mesh_config = sb.dir().join("mesh.yaml");
-        let mut objects = Objects::new(&pods_dir, &mesh_config)?;
+        let mut objects = Objects::new(&pods_dir)?;
         objects.ensure_namespace(MESH_NAMESPACE)?;
+        let tokens = NodeTokens::generate(&sb.dir().join("controller"), nodes)?;
+        let controller_spec = ControllerSpec {
+            netns: None,
+            listen: std::net::SocketAddr::new(topo.bridge_ip().into(), CONTROLLER_PORT),
+            config_dir: pods_dir.clone(),
+            tokens: tokens.file.clone(),
+            ca_cert: ca.cert.clone(),
+            ca_key: ca.key.clone(),
+            debounce: Duration::from_millis(20),
+        };
+        let controller = controller::spawn(sb, &controller_spec)?;
         let mut cluster = Cluster {
             sb,
             topo,
             ca,
             pods_dir,
-            mesh_config,
+            controller_spec,
+            controller: Some(controller),
+            tokens,
             objects: Mutex::new(objects),
             nodes: Vec::new(),
         };
@@ -209,13 +231,7 @@ impl<'s> Cluster<'s> {
         let pod_name = format!("ztunnel-{name}");
         let ztunnel_pod =
             self.run_pod(&runtime, name, MESH_NAMESPACE, &pod_name, "ztunnel", labels)?;
-        let ztunnel = node::spawn_ztunnel(
-            self.sb,
-            &ztunnel_pod.netns,
-            &dirs,
-            &self.mesh_config,
-            &self.ca,
-        )?;
+        let ztunnel = self.spawn_ztunnel(name, &dirs, &ztunnel_pod)?;
         node::wait_agent_ready(&agent, &dirs)?;
         Ok(Node {
             name: name.to_owned(),
@@ -225,6 +241,24 @@ impl<'s> Cluster<'s> {
             ztunnel: Some(ztunnel),
             ztunnel_pod,
         })
+    }
+
+    /// Starts a ztunnel in `pod` (the node's ztunnel pod) against the controller, with the
+    /// node's credential.
+    fn spawn_ztunnel(&self, node: &str, dirs: &NodeDirs, pod: &Pod) -> Result<Ztunnel> {
+        node::spawn_ztunnel(
+            self.sb,
+            &pod.netns,
+            dirs,
+            &self.controller_spec.access(),
+            &ZtunnelPod {
+                node,
+                namespace: &pod.namespace,
+                name: &pod.name,
+                ip: pod.ip,
+                token: self.tokens.of(node)?,
+            },
+        )
     }
 
     fn objects(&self) -> MutexGuard<'_, Objects> {
@@ -416,9 +450,61 @@ impl<'s> Cluster<'s> {
         &self.pods_dir
     }
 
-    /// The shared ztunnel local config.
-    pub fn mesh_config(&self) -> &Path {
-        &self.mesh_config
+    /// The controller process (`None` while stopped).
+    pub fn controller(&self) -> Option<&Process> {
+        self.controller.as_ref()
+    }
+
+    /// The file holding a node's credential for the controller.
+    pub fn node_token(&self, node: &str) -> Result<&Path> {
+        self.tokens.of(node)
+    }
+
+    /// The controller's address and the root to verify it with.
+    pub fn controller_access(&self) -> controller::ControllerAccess {
+        self.controller_spec.access()
+    }
+
+    /// Stops the controller (SIGTERM). The ztunnels keep their last config and certificates.
+    pub fn stop_controller(&mut self) -> Result<()> {
+        if let Some(c) = self.controller.take() {
+            node::stop(&c, node::STOP_GRACE)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the controller again (same directory, CA and credentials) and waits until it
+    /// listens.
+    pub fn start_controller(&mut self) -> Result<()> {
+        if self.controller.is_some() {
+            bail!("the controller is already running");
+        }
+        self.controller = Some(controller::spawn(self.sb, &self.controller_spec)?);
+        Ok(())
+    }
+
+    /// Writes a Service (selector, cluster IP, (port, target port) pairs) into the "API
+    /// server" directory. Returns at once: the controller pushes it to the ztunnels shortly
+    /// after (poll for the effect).
+    pub fn put_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        vip: IpAddr,
+        ports: &[(u16, u16)],
+    ) -> Result<()> {
+        let selector = selector
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.objects()
+            .put_service(namespace, name, &selector, vip, ports)
+    }
+
+    /// Deletes a Service's object (the controller pushes the removal).
+    pub fn delete_service(&self, namespace: &str, name: &str) -> Result<()> {
+        self.objects().delete_service(namespace, name)
     }
 
     /// The mesh's CA.
@@ -495,17 +581,12 @@ impl<'s> Cluster<'s> {
     /// Starts a node's ztunnel again in its pod, and waits until it is ready (it has the
     /// agent's snapshot, so every enrolled pod's proxy is back) and the agent sees it.
     pub fn start_ztunnel(&mut self, node: &str) -> Result<()> {
-        let (sb, mesh_config) = (self.sb, self.mesh_config.clone());
-        let ca = &self.ca;
-        let n = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.name == node)
-            .ok_or_else(|| anyhow!("no node {node:?} in this cluster"))?;
+        let n = self.node(node)?;
         if n.ztunnel.is_some() {
             bail!("the ztunnel of {node} is already running");
         }
-        let zt = node::spawn_ztunnel(sb, &n.ztunnel_pod.netns, &n.dirs, &mesh_config, ca)?;
+        let zt = self.spawn_ztunnel(node, &n.dirs, &n.ztunnel_pod)?;
+        let n = self.node_mut(node)?;
         n.ztunnel = Some(zt);
         if let Some(agent) = &n.agent {
             node::wait_agent_ready(agent, &n.dirs)?;
@@ -537,7 +618,7 @@ impl<'s> Cluster<'s> {
         let labels = BTreeMap::from([("app".to_owned(), "ztunnel".to_owned())]);
         let name = format!("ztunnel-{node}-{generation}");
         let pod = self.run_pod(&n.runtime, node, MESH_NAMESPACE, &name, "ztunnel", labels)?;
-        let zt = node::spawn_ztunnel(self.sb, &pod.netns, &n.dirs, &self.mesh_config, &self.ca)?;
+        let zt = self.spawn_ztunnel(node, &n.dirs, &pod)?;
         let n = self.node_mut(node)?;
         n.ztunnel_pod = pod;
         n.ztunnel

@@ -29,6 +29,7 @@ pub mod apps;
 pub mod bench;
 pub mod capture;
 pub mod cluster;
+pub mod controller;
 pub mod http;
 pub mod lab;
 pub mod mesh;

@@ -25,9 +25,10 @@ struct Cli {
 enum Cmd {
     /// Check that this machine can run the lab: sandbox, bridge, transfer, capture, nftables.
     Check,
-    /// A two-node cluster (node agents, ztunnel pods in shared mode, pods through each node's
-    /// CNI runtime): an enrolled pair talks mutual TLS across the node link (no plaintext on
-    /// the wire), an unenrolled pair in plaintext. Needs the binaries (cargo build --workspace
+    /// A two-node cluster (the controller, node agents, ztunnel pods in shared mode fed by the
+    /// controller, pods through each node's CNI runtime): an enrolled pair talks mutual TLS
+    /// across the node link (no plaintext on the wire), an unenrolled pair in plaintext, and a
+    /// Service added as YAML starts answering on its VIP. Needs the binaries (cargo build --workspace
     /// --bins) and containernetworking-plugins.
     Demo {
         /// Keep the lab up until Enter, to explore it.
@@ -115,6 +116,12 @@ fn demo(wait: bool) -> Result<()> {
         cluster::pod_cidr(0),
         cluster::pod_cidr(1)
     );
+    println!(
+        "   controller pid {} at {} (delta xDS + CA), watching {}",
+        cluster.controller().map_or(0, |c| c.pid()),
+        cluster.controller_access().address,
+        cluster.pods_dir().display()
+    );
     for node in ["n1", "n2"] {
         let zt = cluster.ztunnel_pod(node)?;
         println!(
@@ -138,7 +145,7 @@ fn demo(wait: bool) -> Result<()> {
 
     cluster.set_namespace_label("shop", Some("ambient"))?;
     let client = cluster.create_pod("n1", "shop", "client", "client", &[])?;
-    let server = cluster.create_pod("n2", "shop", "echo", "echo", &[])?;
+    let server = cluster.create_pod("n2", "shop", "echo", "echo", &[("app", "echo")])?;
     let plain_client = cluster.create_pod("n1", "legacy", "plain-client", "default", &[])?;
     let plain_server = cluster.create_pod("n2", "legacy", "plain-echo", "default", &[])?;
     let apps = [
@@ -222,6 +229,24 @@ fn demo(wait: bool) -> Result<()> {
     {
         println!("7. n2 ztunnel access log:\n   {line}");
     }
+    let vip: SocketAddr = "10.96.0.20:80".parse()?;
+    cluster.put_service("shop", "echo", &[("app", "echo")], vip.ip(), &[(80, 8080)])?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let answer = loop {
+        match identify(&sb, &client.netns, vip) {
+            Ok(who) => break who,
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(e.context("the Service added as YAML never answered on its VIP"));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    };
+    ensure!(answer == "shop/echo", "the VIP reached {answer:?}");
+    println!(
+        "8. Service shop/echo written to {}: the controller pushed it, and {vip} from \
+         shop/client reaches {answer} through the mesh",
+        cluster.pods_dir().display()
+    );
     if wait {
         println!(
             "lab up; files in {}; press Enter to tear down",

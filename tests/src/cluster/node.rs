@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::bin_path;
+use crate::controller::ControllerAccess;
 use crate::http;
-use crate::mesh::CaFiles;
+use crate::mesh::ZtunnelPod;
 use crate::process::{Process, tail};
 use crate::sandbox::Sandbox;
 use crate::ztunnel::Ztunnel;
@@ -167,9 +168,14 @@ pub fn wait_agent_ready(agent: &Process, dirs: &NodeDirs) -> Result<()> {
     })
 }
 
-/// The environment of a shared-mode ztunnel fed by the node's agent.
-pub fn ztunnel_env(dirs: &NodeDirs, mesh_config: &Path, ca: &CaFiles) -> Vec<(String, String)> {
-    crate::mesh::shared_env(&dirs.zds_socket(), mesh_config, ca)
+/// The environment of a shared-mode ztunnel fed by the node's agent (pods) and the
+/// controller (config and certificates).
+pub fn ztunnel_env(
+    dirs: &NodeDirs,
+    controller: &ControllerAccess,
+    pod: &ZtunnelPod<'_>,
+) -> Vec<(String, String)> {
+    crate::mesh::shared_controller_env(&dirs.zds_socket(), controller, pod)
 }
 
 /// Stops a process: SIGTERM, SIGKILL after `grace`.
@@ -185,13 +191,13 @@ pub fn spawn_ztunnel(
     sb: &Sandbox,
     netns: &str,
     dirs: &NodeDirs,
-    mesh_config: &Path,
-    ca: &CaFiles,
+    controller: &ControllerAccess,
+    pod: &ZtunnelPod<'_>,
 ) -> Result<Ztunnel> {
     Ztunnel::spawn(
         sb,
         netns,
-        &ztunnel_env(dirs, mesh_config, ca),
+        &ztunnel_env(dirs, controller, pod),
         &bin_path("ztunnel"),
     )
 }

@@ -1,6 +1,6 @@
-//! The lab cluster's "API server": the Pod and Namespace objects as Kubernetes YAML in the
-//! shared pods directory (which every node agent watches), and the shared ztunnel local config
-//! (`mesh.yaml`) derived from the same objects, as the controller would derive xDS from them.
+//! The lab cluster's "API server": the Pod, Namespace and Service objects as Kubernetes YAML
+//! in the shared pods directory, which every node agent and the controller watch (the
+//! controller derives its xDS from them), and the workloads the ztunnels should end up with.
 //!
 //! One file per object (`ns-<namespace>.yaml`, `pod-<namespace>-<name>.yaml`), each written
 //! atomically (a hidden temporary file renamed over it), so an agent never reads half an
@@ -45,7 +45,6 @@ impl PodObject {
 #[derive(Debug)]
 pub(crate) struct Objects {
     pods_dir: PathBuf,
-    mesh_config: PathBuf,
     /// Namespace name -> its `istio.io/dataplane-mode` label, if any.
     namespaces: BTreeMap<String, Option<String>>,
     /// (namespace, name) -> pod.
@@ -53,18 +52,15 @@ pub(crate) struct Objects {
 }
 
 impl Objects {
-    /// An empty cluster writing into `pods_dir` (created) and `mesh_config`.
-    pub fn new(pods_dir: &Path, mesh_config: &Path) -> Result<Objects> {
+    /// An empty cluster writing into `pods_dir` (created).
+    pub fn new(pods_dir: &Path) -> Result<Objects> {
         std::fs::create_dir_all(pods_dir)
             .with_context(|| format!("creating {}", pods_dir.display()))?;
-        let objects = Objects {
+        Ok(Objects {
             pods_dir: pods_dir.to_owned(),
-            mesh_config: mesh_config.to_owned(),
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
-        };
-        objects.write_mesh_config()?;
-        Ok(objects)
+        })
     }
 
     /// Creates the namespace (unlabelled) unless it exists.
@@ -75,8 +71,7 @@ impl Objects {
         Ok(())
     }
 
-    /// Writes the namespace with `istio.io/dataplane-mode=<mode>` (or no label), and the mesh
-    /// config that follows from it.
+    /// Writes the namespace with `istio.io/dataplane-mode=<mode>` (or no label).
     pub fn set_namespace_mode(&mut self, ns: &str, mode: Option<&str>) -> Result<()> {
         self.namespaces
             .insert(ns.to_owned(), mode.map(str::to_owned));
@@ -86,8 +81,7 @@ impl Objects {
             "kind": "Namespace",
             "metadata": {"name": ns, "labels": labels},
         });
-        write_yaml(&self.pods_dir.join(format!("ns-{ns}.yaml")), &doc)?;
-        self.write_mesh_config()
+        write_yaml(&self.pods_dir.join(format!("ns-{ns}.yaml")), &doc)
     }
 
     /// Whether the agents enrol this pod (the rules of docs/CNI.md "Who decides enrolment").
@@ -105,12 +99,19 @@ impl Objects {
         }
     }
 
-    /// Writes (creates or replaces) the pod's object, and the mesh config if it has an IP.
+    /// Writes (creates or replaces) the pod's object.
     pub fn put_pod(&mut self, pod: PodObject) -> Result<()> {
         self.ensure_namespace(&pod.namespace)?;
         let mut status = json!({});
         if let Some(ip) = pod.ip {
-            status = json!({"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]});
+            // As kubelet reports a running pod whose containers are ready (the lab's apps
+            // have no readiness probes).
+            status = json!({
+                "phase": "Running",
+                "podIP": ip.to_string(),
+                "podIPs": [{"ip": ip.to_string()}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            });
         }
         let doc = json!({
             "apiVersion": "v1",
@@ -129,12 +130,8 @@ impl Objects {
             "status": status,
         });
         write_yaml(&self.pod_file(&pod.namespace, &pod.name), &doc)?;
-        let has_ip = pod.ip.is_some();
         self.pods
             .insert((pod.namespace.clone(), pod.name.clone()), pod);
-        if has_ip {
-            self.write_mesh_config()?;
-        }
         Ok(())
     }
 
@@ -143,26 +140,60 @@ impl Objects {
         self.pods.get(&(namespace.to_owned(), name.to_owned()))
     }
 
-    /// Deletes the pod's object and its workload entry.
+    /// Deletes the pod's object.
     pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
         self.pods.remove(&(namespace.to_owned(), name.to_owned()));
-        let file = self.pod_file(namespace, name);
-        if file.exists() {
-            std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
-        }
-        self.write_mesh_config()
+        remove(&self.pod_file(namespace, name))
+    }
+
+    /// Writes (creates or replaces) a Service: `selector` picks its pods, `vip` is its
+    /// cluster IP, `ports` are (port, target port).
+    pub fn put_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        selector: &BTreeMap<String, String>,
+        vip: IpAddr,
+        ports: &[(u16, u16)],
+    ) -> Result<()> {
+        let ports: Vec<_> = ports
+            .iter()
+            .map(|(port, target)| {
+                json!({"name": format!("p{port}"), "port": port, "targetPort": target, "protocol": "TCP"})
+            })
+            .collect();
+        let doc = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "selector": selector,
+                "clusterIP": vip.to_string(),
+                "clusterIPs": [vip.to_string()],
+                "ports": ports,
+            },
+        });
+        write_yaml(&self.service_file(namespace, name), &doc)
+    }
+
+    /// Deletes a Service's object.
+    pub fn delete_service(&self, namespace: &str, name: &str) -> Result<()> {
+        remove(&self.service_file(namespace, name))
+    }
+
+    fn service_file(&self, namespace: &str, name: &str) -> PathBuf {
+        self.pods_dir.join(format!("svc-{namespace}-{name}.yaml"))
     }
 
     fn pod_file(&self, namespace: &str, name: &str) -> PathBuf {
         self.pods_dir.join(format!("pod-{namespace}-{name}.yaml"))
     }
 
-    /// The ztunnel local config: one workload per pod with an IP (the mesh's own pods left
-    /// out), HBONE when enrolled, plain TCP otherwise.
+    /// The workloads every ztunnel should know, as a local config: one per pod with an IP,
+    /// HBONE when enrolled, plain TCP otherwise (the controller's translation of the objects).
     pub fn local_config(&self) -> LocalConfig {
         self.pods
             .values()
-            .filter(|p| p.namespace != MESH_NAMESPACE)
             .filter_map(|p| {
                 let ip = p.ip?;
                 let protocol = if self.enrolled(p) {
@@ -180,9 +211,14 @@ impl Objects {
             })
             .fold(LocalConfig::default(), LocalConfig::workload)
     }
+}
 
-    fn write_mesh_config(&self) -> Result<()> {
-        self.local_config().write(&self.mesh_config)
+fn remove(file: &Path) -> Result<()> {
+    match std::fs::remove_file(file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", file.display()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -204,10 +240,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn objects_and_mesh_config_follow_the_labels() {
+    fn objects_and_expected_workloads_follow_the_labels() {
         let dir = tempfile::tempdir().unwrap();
-        let mesh = dir.path().join("mesh.yaml");
-        let mut o = Objects::new(&dir.path().join("pods"), &mesh).unwrap();
+        let mut o = Objects::new(&dir.path().join("pods")).unwrap();
         o.set_namespace_mode("shop", Some("ambient")).unwrap();
         let pod = PodObject {
             namespace: "shop".into(),
@@ -220,10 +255,10 @@ mod tests {
         o.put_pod(pod.clone()).unwrap();
         let yaml = std::fs::read_to_string(dir.path().join("pods/pod-shop-web.yaml")).unwrap();
         assert!(yaml.contains("uid: uid-shop-web") && yaml.contains("podIP: 10.244.1.5"));
-        assert!(std::fs::read_to_string(&mesh).unwrap().contains("HBONE"));
+        assert!(o.local_config().to_yaml().contains("HBONE"));
         o.set_namespace_mode("shop", None).unwrap();
         assert!(!o.enrolled(&pod));
-        let text = std::fs::read_to_string(&mesh).unwrap();
+        let text = o.local_config().to_yaml();
         assert!(text.contains("TCP") && !text.contains("HBONE"), "{text}");
         let cfg = zmesh_core::state::LocalConfig::parse(&text).unwrap();
         assert_eq!(cfg.workloads.len(), 1);

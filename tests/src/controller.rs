@@ -1,0 +1,168 @@
+//! Runs the real `zmesh-controller` binary in the lab: the YAML-directory source (the lab's
+//! "API server" directory), the mesh CA from the lab's files, and one random credential per
+//! node (`<node> <token>` lines in its token file, each node's token in its own file), so one
+//! node's ztunnel cannot pass as another.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::bin_path;
+use crate::mesh::TRUST_DOMAIN;
+use crate::process::Process;
+use crate::sandbox::Sandbox;
+
+/// The gRPC port of the controller (xDS and CA), as istiod's.
+pub const CONTROLLER_PORT: u16 = 15012;
+
+/// How long the controller gets to listen after it is started.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a ztunnel needs to reach the controller.
+#[derive(Clone, Debug)]
+pub struct ControllerAccess {
+    /// `https://<ip>:15012`.
+    pub address: String,
+    /// The mesh root (the controller's serving certificate chains to it).
+    pub root: PathBuf,
+}
+
+/// The lab's per-node credentials.
+#[derive(Debug)]
+pub struct NodeTokens {
+    /// The controller's `--node-tokens` file.
+    pub file: PathBuf,
+    /// Node name -> the file holding its token (its ztunnel's `AUTH_TOKEN`).
+    pub per_node: Vec<(String, PathBuf)>,
+}
+
+impl NodeTokens {
+    /// Makes a random 32-byte token per node, under `dir`.
+    pub fn generate(dir: &Path, nodes: &[&str]) -> Result<NodeTokens> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut lines = String::new();
+        let mut per_node = Vec::new();
+        for node in nodes {
+            let mut bytes = [0u8; 32];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let path = dir.join(format!("token-{node}"));
+            write_private(&path, &token)?;
+            lines.push_str(&format!("{node} {token}\n"));
+            per_node.push(((*node).to_owned(), path));
+        }
+        let file = dir.join("node-tokens");
+        write_private(&file, &lines)?;
+        Ok(NodeTokens { file, per_node })
+    }
+
+    /// The token file of `node`.
+    pub fn of(&self, node: &str) -> Result<&Path> {
+        self.per_node
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, p)| p.as_path())
+            .with_context(|| format!("no token for node {node}"))
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// How to start the controller.
+#[derive(Debug, Clone)]
+pub struct ControllerSpec {
+    /// Network namespace to run in (`None`: the sandbox's root netns).
+    pub netns: Option<String>,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The watched YAML directory.
+    pub config_dir: PathBuf,
+    /// The `--node-tokens` file.
+    pub tokens: PathBuf,
+    /// The CA certificate PEM (also the root ztunnels verify the controller with).
+    pub ca_cert: PathBuf,
+    /// The CA key PEM.
+    pub ca_key: PathBuf,
+    /// Debounce, short in tests so pushes follow edits quickly.
+    pub debounce: Duration,
+}
+
+impl ControllerSpec {
+    /// What ztunnels need to reach this controller.
+    pub fn access(&self) -> ControllerAccess {
+        ControllerAccess {
+            address: format!("https://{}", self.listen),
+            root: self.ca_cert.clone(),
+        }
+    }
+}
+
+/// Starts the controller and waits until it accepts connections.
+pub fn spawn(sb: &Sandbox, spec: &ControllerSpec) -> Result<Process> {
+    let p = |p: &Path| p.display().to_string();
+    let args = vec![
+        "--config-dir".to_owned(),
+        p(&spec.config_dir),
+        "--listen".to_owned(),
+        spec.listen.to_string(),
+        "--ca-cert".to_owned(),
+        p(&spec.ca_cert),
+        "--ca-key".to_owned(),
+        p(&spec.ca_key),
+        "--serving-name".to_owned(),
+        spec.listen.ip().to_string(),
+        "--serving-name".to_owned(),
+        "istiod.istio-system.svc".to_owned(),
+        "--node-tokens".to_owned(),
+        p(&spec.tokens),
+        "--trust-domain".to_owned(),
+        TRUST_DOMAIN.to_owned(),
+        "--trusted-node-account".to_owned(),
+        "zmesh-system/ztunnel".to_owned(),
+        "--debounce".to_owned(),
+        format!("{}ms", spec.debounce.as_millis()),
+    ];
+    let mut cmd = sb.command(spec.netns.as_deref(), bin_path("zmesh-controller"), &args);
+    cmd.env("NO_COLOR", "1");
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("ZMESH_CONTROLLER_LOG").unwrap_or_else(|_| "info".to_owned()),
+    );
+    let proc = sb.spawn("controller", cmd)?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = proc.try_wait() {
+            bail!(
+                "the controller exited ({status}) before listening; log tail:\n{}",
+                crate::process::tail(&proc.log(), 30)
+            );
+        }
+        if proc
+            .log()
+            .contains("controller serving delta xDS and the CA")
+        {
+            return Ok(proc);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the controller did not listen within {START_TIMEOUT:?}; log tail:\n{}",
+                crate::process::tail(&proc.log(), 30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,152 @@
+//! The control plane end to end on the lab [`Cluster`]: the real `zmesh-controller` watches the
+//! cluster's YAML directory, pushes delta xDS to every node's ztunnel and signs their pods'
+//! certificates. Editing the directory changes traffic; the controller going away changes
+//! nothing for open or new connections; coming back, it converges. Needs root,
+//! containernetworking-plugins and `cargo build --workspace --bins`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use zmesh_tests::Sandbox;
+use zmesh_tests::apps::{EchoServer, connect, identify};
+use zmesh_tests::cluster::{Cluster, Pod};
+
+const ECHO_PORT: u16 = 8080;
+const AMBIENT: Option<&str> = Some("ambient");
+/// Generous: a push crosses a file watch, a debounce, gRPC and a config swap.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// Polls `f` every 100 ms until it holds, panicking after `deadline`.
+fn poll(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vip(last: u8) -> IpAddr {
+    IpAddr::from([10, 96, 0, last])
+}
+
+/// Who answers `WHO` at `dst` from `client`, or the error.
+fn who(cluster: &Cluster<'_>, client: &Pod, dst: SocketAddr) -> Result<String, String> {
+    identify(cluster.sandbox(), &client.netns, dst).map_err(|e| format!("{e:#}"))
+}
+
+/// `shop` enrolled; `client` on n1; `web-a` (app=web) on n2 with its echo app.
+fn shop(cluster: &Cluster<'_>) -> (Pod, Pod, EchoServer) {
+    cluster.set_namespace_label("shop", AMBIENT).unwrap();
+    let client = cluster
+        .create_pod("n1", "shop", "client", "client", &[])
+        .unwrap();
+    let web_a = cluster
+        .create_pod("n2", "shop", "web-a", "web", &[("app", "web")])
+        .unwrap();
+    let app = EchoServer::start(cluster.sandbox(), &web_a.netns, ECHO_PORT, "web-a").unwrap();
+    (client, web_a, app)
+}
+
+#[test]
+fn editing_the_yaml_directory_changes_traffic() {
+    let sb = Sandbox::new().unwrap();
+    let cluster = Cluster::up(&sb, &["n1", "n2"]).unwrap();
+    let (client, web_a, _app_a) = shop(&cluster);
+    let dst = SocketAddr::new(vip(50), 80);
+
+    // No Service yet: the VIP is nobody's; the connection fails.
+    assert!(who(&cluster, &client, dst).is_err());
+
+    // Add the Service: its VIP starts answering, through the mesh, from web-a.
+    cluster
+        .put_service(
+            "shop",
+            "web",
+            &[("app", "web")],
+            vip(50),
+            &[(80, ECHO_PORT)],
+        )
+        .unwrap();
+    poll("the Service to route to web-a", CONVERGE, || {
+        who(&cluster, &client, dst).as_deref() == Ok("web-a")
+    });
+
+    // A second backend pod appears, the first goes away: traffic follows.
+    let web_b = cluster
+        .create_pod("n1", "shop", "web-b", "web", &[("app", "web")])
+        .unwrap();
+    let _app_b = EchoServer::start(&sb, &web_b.netns, ECHO_PORT, "web-b").unwrap();
+    poll("web-b to be picked as an endpoint", CONVERGE, || {
+        who(&cluster, &client, dst).as_deref() == Ok("web-b")
+    });
+    cluster.delete_pod(&web_a).unwrap();
+    poll("only web-b to answer", CONVERGE, || {
+        (0..5).all(|_| who(&cluster, &client, dst).as_deref() == Ok("web-b"))
+    });
+
+    // Delete the Service: the VIP goes dark again.
+    cluster.delete_service("shop", "web").unwrap();
+    poll("the VIP to stop answering", CONVERGE, || {
+        who(&cluster, &client, dst).is_err()
+    });
+}
+
+/// Sends a line over `conn` and reads the echo.
+fn echo_line(conn: &mut std::net::TcpStream, line: &str) -> String {
+    conn.write_all(line.as_bytes()).unwrap();
+    let mut buf = vec![0u8; line.len()];
+    conn.read_exact(&mut buf).unwrap();
+    String::from_utf8(buf).unwrap()
+}
+
+#[test]
+fn without_the_controller_the_mesh_keeps_its_last_config_and_converges_when_it_is_back() {
+    let sb = Sandbox::new().unwrap();
+    let mut cluster = Cluster::up(&sb, &["n1", "n2"]).unwrap();
+    let (client, _web_a, _app) = shop(&cluster);
+    let dst = SocketAddr::new(vip(60), 80);
+    cluster
+        .put_service(
+            "shop",
+            "web",
+            &[("app", "web")],
+            vip(60),
+            &[(80, ECHO_PORT)],
+        )
+        .unwrap();
+    poll("the Service to route", CONVERGE, || {
+        who(&cluster, &client, dst).as_deref() == Ok("web-a")
+    });
+    let mut open = connect(&sb, &client.netns, dst).unwrap();
+    assert_eq!(echo_line(&mut open, "before\n"), "before\n");
+
+    cluster.stop_controller().unwrap();
+    // The open connection and new ones work on the last config.
+    assert_eq!(echo_line(&mut open, "during\n"), "during\n");
+    for _ in 0..3 {
+        assert_eq!(who(&cluster, &client, dst).as_deref(), Ok("web-a"));
+    }
+    // Changes made while it is away reach nobody...
+    cluster
+        .put_service(
+            "shop",
+            "web2",
+            &[("app", "web")],
+            vip(61),
+            &[(81, ECHO_PORT)],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(who(&cluster, &client, SocketAddr::new(vip(61), 81)).is_err());
+
+    // ...until it is back: then they converge, and nothing else was disturbed.
+    cluster.start_controller().unwrap();
+    poll(
+        "the new Service after the controller came back",
+        CONVERGE,
+        || who(&cluster, &client, SocketAddr::new(vip(61), 81)).as_deref() == Ok("web-a"),
+    );
+    assert_eq!(echo_line(&mut open, "after\n"), "after\n");
+    assert_eq!(who(&cluster, &client, dst).as_deref(), Ok("web-a"));
+}
