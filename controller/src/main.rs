@@ -57,6 +57,10 @@ struct Args {
     /// DNS suffix of Service hostnames.
     #[arg(long, default_value = "cluster.local")]
     domain_suffix: String,
+    /// The mesh's root namespace: its AuthorizationPolicies without a selector apply
+    /// mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
     /// Per-node credentials (`<node> <token>` lines): the lab's authentication.
     #[arg(long, conflicts_with = "token_review")]
     node_tokens: Option<PathBuf>,
@@ -114,7 +118,7 @@ fn config(args: Args) -> Result<ControllerConfig> {
             trust_domain: args.trust_domain.clone(),
             cluster_id: args.cluster_id.clone(),
             domain_suffix: args.domain_suffix,
-            ..MeshConfig::default()
+            root_namespace: args.root_namespace,
         },
         ca: CaConfig {
             trust_domain: args.trust_domain,

@@ -150,6 +150,12 @@ impl Reconciler {
             translate: translated_in,
             apply: apply_start.elapsed(),
         };
+        // Policies that are not enforced as written: say so once per change, as a policy
+        // status would (AUDIT/CUSTOM, L7-only rules narrowed, invalid values).
+        for issue in next.issues.iter().filter(|i| !self.last.issues.contains(i)) {
+            warn!(policy = %format!("{}/{}", issue.namespace, issue.name),
+                issue = %issue.message, "AuthorizationPolicy not enforced as written");
+        }
         self.last = next;
         self.cache.mark_ready();
         if changed + removed > 0 {

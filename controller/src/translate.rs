@@ -127,7 +127,9 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         let candidates = services_by_ns
             .get(namespace_of(&pod.metadata))
             .map_or(&[][..], Vec::as_slice);
-        if let Some(out) = workload::translate_pod(pod, ns_labels, candidates, &slice_ports, mesh) {
+        if let Some(out) =
+            workload::translate_pod(pod, ns_labels, candidates, &slice_ports, objects, mesh)
+        {
             workloads.insert(out.uid.clone(), out);
         }
     }

@@ -109,10 +109,6 @@ pub fn translate_policies(
 /// The selector-scoped policies (`<namespace>/<name>`, sorted) that apply to a Pod with
 /// `pod_labels` in `namespace`: those of its namespace and of the root namespace whose
 /// `matchLabels` it all carries, and that [`translate_policies`] sends to ztunnel.
-#[allow(
-    dead_code,
-    reason = "the workload translation (workload.rs) calls it to fill authorization_policies"
-)]
 pub(crate) fn selected_policies(
     pod_labels: Option<&BTreeMap<String, String>>,
     namespace: &str,

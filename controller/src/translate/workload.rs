@@ -29,6 +29,7 @@ pub(super) fn translate_pod<'a>(
     ns_labels: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
     services: &[&KubeService],
     slice_ports: &SlicePorts,
+    objects: &super::Objects,
     mesh: &MeshConfig,
 ) -> Option<Workload> {
     let name = pod.metadata.name.as_deref()?;
@@ -86,6 +87,7 @@ pub(super) fn translate_pod<'a>(
     }
 
     Some(Workload {
+        authorization_policies: super::authz::selected_policies(labels, namespace, objects, mesh),
         uid: format!("{}//Pod/{namespace}/{name}", mesh.cluster_id),
         name: name.to_owned(),
         namespace: namespace.to_owned(),
