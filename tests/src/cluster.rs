@@ -124,6 +124,8 @@ pub struct Cluster<'s> {
     controller_spec: ControllerSpec,
     controller: Option<Process>,
     tokens: NodeTokens,
+    /// Extra environment of every ztunnel (e.g. `SECRET_TTL`).
+    ztunnel_env: Vec<(String, String)>,
     objects: Mutex<Objects>,
     nodes: Vec<Node<'s>>,
 }
@@ -166,6 +168,15 @@ impl<'s> Cluster<'s> {
     /// Builds the cluster (see the module docs) and waits until every node's agent has chained
     /// its plugin, its ztunnel is ready and the agent sees it (`/v1/ready` is 200).
     pub fn up(sb: &'s Sandbox, nodes: &[&str]) -> Result<Cluster<'s>> {
+        Self::up_with(sb, nodes, &[])
+    }
+
+    /// [`Cluster::up`] with extra environment for every ztunnel (e.g. a short `SECRET_TTL`).
+    pub fn up_with(
+        sb: &'s Sandbox,
+        nodes: &[&str],
+        ztunnel_env: &[(&str, &str)],
+    ) -> Result<Cluster<'s>> {
         if nodes.len() > 200 {
             bail!("at most 200 nodes (one 10.244.x.0/24 each)");
         }
@@ -203,6 +214,10 @@ impl<'s> Cluster<'s> {
             controller_spec,
             controller: Some(controller),
             tokens,
+            ztunnel_env: ztunnel_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             objects: Mutex::new(objects),
             nodes: Vec::new(),
         };
@@ -258,6 +273,7 @@ impl<'s> Cluster<'s> {
                 ip: pod.ip,
                 token: self.tokens.of(node)?,
             },
+            &self.ztunnel_env,
         )
     }
 

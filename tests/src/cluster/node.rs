@@ -193,13 +193,11 @@ pub fn spawn_ztunnel(
     dirs: &NodeDirs,
     controller: &ControllerAccess,
     pod: &ZtunnelPod<'_>,
+    extra_env: &[(String, String)],
 ) -> Result<Ztunnel> {
-    Ztunnel::spawn(
-        sb,
-        netns,
-        &ztunnel_env(dirs, controller, pod),
-        &bin_path("ztunnel"),
-    )
+    let mut env = ztunnel_env(dirs, controller, pod);
+    env.extend_from_slice(extra_env);
+    Ztunnel::spawn(sb, netns, &env, &bin_path("ztunnel"))
 }
 
 /// How long a stopped agent gets to exit on SIGTERM before SIGKILL.
