@@ -28,6 +28,9 @@ struct Args {
     /// Read objects from the Kubernetes API (in-cluster config or KUBECONFIG).
     #[arg(long)]
     kube: bool,
+    /// Address of the monitoring port: /ready, /metrics, /debug/status (plain HTTP).
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    monitoring: SocketAddr,
     /// Address of the gRPC server (xDS and CA, over TLS).
     #[arg(long, env = "ZMESH_LISTEN", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
@@ -140,7 +143,9 @@ fn main() -> Result<()> {
         )
         .init();
     zmesh_core::tls::install_default_provider();
-    let cfg = config(Args::parse())?;
+    let args = Args::parse();
+    let monitoring = args.monitoring;
+    let cfg = config(args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -148,7 +153,9 @@ fn main() -> Result<()> {
     rt.block_on(async {
         let stop = CancellationToken::new();
         let running = start(cfg, stop.clone()).await?;
-        tracing::info!(addr = %running.addr, "ready");
+        let mon =
+            zmesh_controller::monitor::serve(monitoring, running.clone(), stop.clone()).await?;
+        tracing::info!(addr = %running.addr, monitoring = %mon, "started");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}

@@ -282,3 +282,49 @@ async fn ca_signs_only_for_pods_on_the_callers_node() {
         .await
         .unwrap();
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out[9..12].parse().unwrap();
+    (code, out)
+}
+
+#[tokio::test]
+async fn monitoring_port_reports_readiness_and_metrics() {
+    let c = controller().await;
+    let mon = zmesh_controller::monitor::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        c.running.clone(),
+        c.stop.clone(),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(mon, "/ready").await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "ready after the first translation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, metrics) = http_get(mon, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("zmesh_controller_objects{kind=\"Pod\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zmesh_controller_address_resources 2"),
+        "{metrics}"
+    );
+    let (code, status) = http_get(mon, "/debug/status").await;
+    assert_eq!(code, 200);
+    assert!(status.contains("\"ready\": true"), "{status}");
+    assert_eq!(http_get(mon, "/nope").await.0, 404);
+}

@@ -111,6 +111,11 @@ impl Cache {
         self.ready.send_replace(true);
     }
 
+    /// Is the cache ready (see [`Cache::not_ready`])?
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
     /// Waits until the cache is ready; false if it did not become ready within `limit`.
     pub async fn ready(&self, limit: std::time::Duration) -> bool {
         let mut rx = self.ready.subscribe();
