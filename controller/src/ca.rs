@@ -12,6 +12,7 @@
 
 mod auth;
 pub mod csr;
+mod tokenreview;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +27,14 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::{LocalCa, TlsError};
 
 pub use auth::{
-    Authenticator, Caller, NodeTokenAuthenticator, PodLocator, StaticPodLocator, constant_time_eq,
+    Authenticator, Caller, NodeTokenAuthenticator, PodLocator, StaticPodLocator, bearer_token,
+    constant_time_eq,
 };
 pub use csr::{CsrError, ValidCsr, validate_csr};
+pub use tokenreview::{
+    CA_AUDIENCE, DEFAULT_NODE_ACCOUNT, TokenReviewAuthenticator, TokenReviewConfig,
+    TokenReviewConfigError,
+};
 
 /// The metadata key (in the request's `metadata` Struct) naming the identity a node's ztunnel
 /// asks a certificate for.
@@ -177,14 +183,18 @@ impl WorkloadCa {
 
     /// Handles one request: authenticate, validate, authorize, sign.
     #[allow(clippy::result_large_err)] // tonic's Status is what the service returns anyway
-    pub fn handle(
+    pub async fn handle(
         &self,
         metadata: &MetadataMap,
         req: &IstioCertificateRequest,
     ) -> Result<IstioCertificateResponse, Status> {
-        let caller = self.authenticator.authenticate(metadata).inspect_err(|s| {
-            tracing::debug!(error = s.message(), "certificate request not authenticated");
-        })?;
+        let caller = self
+            .authenticator
+            .authenticate(metadata)
+            .await
+            .inspect_err(|s| {
+                tracing::debug!(error = s.message(), "certificate request not authenticated");
+            })?;
         self.check_cluster(metadata)?;
         self.sign_for(&caller, req).map_err(|e| {
             tracing::warn!(caller = %caller.identity, node = ?caller.node, error = %e,
@@ -283,6 +293,7 @@ impl IstioCertificateService for WorkloadCa {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         self.handle(request.metadata(), request.get_ref())
+            .await
             .map(Response::new)
     }
 }

@@ -254,7 +254,7 @@ pub async fn start(cfg: ControllerConfig, stop: CancellationToken) -> Result<Run
             let authenticator = authenticator.clone();
             let cluster = cluster.clone();
             Box::pin(async move {
-                authenticator.authenticate(&md)?;
+                authenticator.authenticate(&md).await?;
                 if let (Some(ours), Some(asked)) = (
                     cluster.as_deref(),
                     md.get("clusterid").and_then(|v| v.to_str().ok()),

@@ -450,6 +450,11 @@ impl ApiServer {
     pub fn add_token(&self, token: &str, info: TokenInfo) {
         self.shared.lock().tokens.insert(token.to_owned(), info);
     }
+
+    /// Makes `token` unknown again (revoked, or its pod deleted).
+    pub fn remove_token(&self, token: &str) {
+        self.shared.lock().tokens.remove(token);
+    }
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
@@ -615,7 +620,7 @@ fn watch(
     let mut st = shared.lock();
     let (labels, fields) = match st.selectors(ty, query) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return bad_request(&e),
     };
     let bookmarks = query
         .get("allowWatchBookmarks")
@@ -842,14 +847,13 @@ impl State {
         &self,
         ty: usize,
         query: &HashMap<String, String>,
-    ) -> Result<(Vec<LabelReq>, Vec<FieldReq>), Response<Body>> {
+    ) -> Result<(Vec<LabelReq>, Vec<FieldReq>), String> {
         let labels = parse_labels(query.get("labelSelector").map_or("", String::as_str))
-            .map_err(|e| bad_request(&format!("unable to parse requirement: {e}")))?;
+            .map_err(|e| format!("unable to parse requirement: {e}"))?;
         let fields = parse_fields(
             &self.types[ty],
             query.get("fieldSelector").map_or("", String::as_str),
-        )
-        .map_err(|e| bad_request(&e))?;
+        )?;
         Ok((labels, fields))
     }
 
@@ -886,7 +890,7 @@ impl State {
     ) -> Response<Body> {
         let (labels, fields) = match self.selectors(ty, query) {
             Ok(s) => s,
-            Err(r) => return r,
+            Err(e) => return bad_request(&e),
         };
         let t = &self.types[ty];
         // (snapshot version, list after this key)

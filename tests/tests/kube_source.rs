@@ -478,3 +478,203 @@ async fn double_pages_lists_on_a_snapshot_and_expires_old_versions() {
         "{err}"
     );
 }
+
+// The CA's TokenReview authenticator against the double.
+
+mod token_review {
+    use std::sync::Arc;
+
+    use tonic::Code;
+    use tonic::metadata::MetadataMap;
+    use zmesh_controller::ca::{
+        Authenticator, Caller, TokenReviewAuthenticator, TokenReviewConfig,
+    };
+    use zmesh_core::identity::SpiffeId;
+    use zmesh_tests::apiserver::TokenInfo;
+
+    use super::*;
+
+    fn md(token: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        m
+    }
+
+    fn id(ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", ns, sa).unwrap()
+    }
+
+    fn reviews(api: &ApiServer) -> usize {
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("POST /apis/authentication.k8s.io/v1/tokenreviews"))
+            .count()
+    }
+
+    fn ztunnel_pod(name: &str, node: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "istio-system", "uid": format!("uid-{name}")},
+               "spec": {"nodeName": node, "serviceAccountName": "ztunnel",
+                        "containers": [{"name": "z", "image": "z"}]}})
+    }
+
+    async fn setup(ttl: Duration) -> (ApiServer, Arc<dyn Authenticator>) {
+        let api = ApiServer::start().await;
+        let config = TokenReviewConfig {
+            cache_ttl: ttl,
+            review_timeout: Duration::from_secs(2),
+            ..TokenReviewConfig::default()
+        };
+        let auth = TokenReviewAuthenticator::new(api.client(), config).unwrap();
+        (api, Arc::new(auth))
+    }
+
+    async fn refused(auth: &Arc<dyn Authenticator>, token: &str, code: Code, needle: &str) {
+        let err = auth.authenticate(&md(token)).await.unwrap_err();
+        assert_eq!(err.code(), code, "{token}: {err:?}");
+        assert!(err.message().contains(needle), "{token}: {}", err.message());
+    }
+
+    #[tokio::test]
+    async fn workloads_get_their_service_account_and_no_node() {
+        let (api, auth) = setup(Duration::from_secs(60)).await;
+        api.add_token(
+            "w",
+            TokenInfo::service_account("shop", "web", &["istio-ca"])
+                .bound_to_pod("web-1", "u1")
+                .on_node("n1"),
+        );
+        let caller = auth.authenticate(&md("w")).await.unwrap();
+        // A workload's bound node is not trusted: only node accounts act for nodes.
+        assert_eq!(
+            caller,
+            Caller {
+                identity: id("shop", "web"),
+                node: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn the_node_comes_from_the_token_or_its_pod_never_from_the_caller() {
+        let (api, auth) = setup(Duration::from_secs(60)).await;
+        // The API server put the node into the token.
+        api.add_token(
+            "z1",
+            TokenInfo::service_account("istio-system", "ztunnel", &["istio-ca"])
+                .bound_to_pod("ztunnel-a", "uid-ztunnel-a")
+                .on_node("n1"),
+        );
+        let c = auth.authenticate(&md("z1")).await.unwrap();
+        assert_eq!(c.identity, id("istio-system", "ztunnel"));
+        assert_eq!(c.node.as_deref(), Some("n1"));
+
+        // Only the pod: its node is looked up.
+        api.apply(ztunnel_pod("ztunnel-b", "n2")).unwrap();
+        api.add_token(
+            "z2",
+            TokenInfo::service_account("istio-system", "ztunnel", &["istio-ca"])
+                .bound_to_pod("ztunnel-b", "uid-ztunnel-b"),
+        );
+        let mut asserted = md("z2");
+        asserted.insert("node-name", "n1".parse().unwrap()); // ignored
+        let c = auth.authenticate(&asserted).await.unwrap();
+        assert_eq!(c.node.as_deref(), Some("n2"));
+
+        // The pod was replaced by another of the same name: the token is not its.
+        api.add_token(
+            "z3",
+            TokenInfo::service_account("istio-system", "ztunnel", &["istio-ca"])
+                .bound_to_pod("ztunnel-b", "uid-of-an-older-pod"),
+        );
+        refused(&auth, "z3", Code::Unauthenticated, "now another one").await;
+        // The pod is gone.
+        api.add_token(
+            "z4",
+            TokenInfo::service_account("istio-system", "ztunnel", &["istio-ca"])
+                .bound_to_pod("ztunnel-gone", "u"),
+        );
+        refused(&auth, "z4", Code::Unauthenticated, "does not exist").await;
+        // A node account's token bound to nothing says nothing about the node.
+        api.add_token(
+            "z5",
+            TokenInfo::service_account("istio-system", "ztunnel", &["istio-ca"]),
+        );
+        refused(&auth, "z5", Code::Unauthenticated, "bound to no pod").await;
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_fail_closed() {
+        let (api, auth) = setup(Duration::from_secs(60)).await;
+        api.add_token(
+            "other-audience",
+            TokenInfo::service_account("shop", "web", &["https://kubernetes.default.svc"]),
+        );
+        api.add_token(
+            "user",
+            TokenInfo {
+                username: "alice".into(),
+                audiences: vec!["istio-ca".into()],
+                ..TokenInfo::default()
+            },
+        );
+        refused(
+            &auth,
+            "unknown",
+            Code::Unauthenticated,
+            "rejected the token",
+        )
+        .await;
+        refused(&auth, "other-audience", Code::Unauthenticated, "audience").await;
+        refused(
+            &auth,
+            "user",
+            Code::Unauthenticated,
+            "not a service account",
+        )
+        .await;
+        let err = auth.authenticate(&MetadataMap::new()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        // The API server cannot be asked: unavailable, not accepted.
+        api.add_token(
+            "w",
+            TokenInfo::service_account("shop", "web", &["istio-ca"]),
+        );
+        api.set_unavailable(true);
+        // (kube's client retries 503s for minutes; the authenticator gives up after its
+        // review timeout.)
+        let started = tokio::time::Instant::now();
+        refused(&auth, "w", Code::Unavailable, "cannot review").await;
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn accepted_tokens_are_cached_refusals_are_not() {
+        let (api, auth) = setup(Duration::from_secs(60)).await;
+        refused(&auth, "w", Code::Unauthenticated, "rejected").await;
+        api.add_token(
+            "w",
+            TokenInfo::service_account("shop", "web", &["istio-ca"]),
+        );
+        auth.authenticate(&md("w")).await.unwrap();
+        let asked = reviews(&api);
+        assert_eq!(asked, 2, "one refusal, one acceptance");
+        // Within the TTL the API server is not asked again, even when it would say no now.
+        api.remove_token("w");
+        for _ in 0..3 {
+            auth.authenticate(&md("w")).await.unwrap();
+        }
+        assert_eq!(reviews(&api), asked);
+
+        // Without a cache every call is reviewed.
+        let (api, auth) = setup(Duration::ZERO).await;
+        api.add_token(
+            "w",
+            TokenInfo::service_account("shop", "web", &["istio-ca"]),
+        );
+        auth.authenticate(&md("w")).await.unwrap();
+        api.remove_token("w");
+        refused(&auth, "w", Code::Unauthenticated, "rejected").await;
+        assert_eq!(reviews(&api), 2);
+    }
+}

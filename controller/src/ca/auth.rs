@@ -1,7 +1,8 @@
 //! Who is calling the CA, and may they have the identity they ask for.
 //!
-//! Authentication is pluggable ([`Authenticator`]): Kubernetes TokenReview later, and for the
-//! lab [`NodeTokenAuthenticator`], a per-node secret bearer token. Authorization of
+//! Authentication is pluggable ([`Authenticator`]): Kubernetes TokenReview
+//! ([`super::TokenReviewAuthenticator`]), and for the lab [`NodeTokenAuthenticator`], a
+//! per-node secret bearer token. Authorization of
 //! impersonation asks a [`PodLocator`] whether a pod with the requested identity runs on the
 //! caller's node.
 
@@ -22,10 +23,27 @@ pub struct Caller {
     pub node: Option<String>,
 }
 
-/// Establishes who is calling from the request's metadata (headers).
+/// Establishes who is calling from the request's metadata (headers). Asynchronous: an
+/// implementation may ask another service (Kubernetes TokenReview).
+#[tonic::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
-    /// Returns the caller, or `Unauthenticated` when the credential is missing or invalid.
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status>;
+    /// Returns the caller, or `Unauthenticated` when the credential is missing or invalid
+    /// (`Unavailable` when whoever checks credentials cannot be reached).
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status>;
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
+    let header = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("no authorization header (Bearer token)"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization header is not 'Bearer <token>'"))
 }
 
 /// Knows where pods run.
@@ -68,19 +86,10 @@ impl NodeTokenAuthenticator {
     }
 }
 
+#[tonic::async_trait]
 impl Authenticator for NodeTokenAuthenticator {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("no authorization header (Bearer token)"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization header is not 'Bearer <token>'")
-            })?;
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let token = bearer_token(metadata)?;
         // Compare against every token, in constant time per token, so that timing tells
         // nothing about which (or how much of a) token matched.
         let mut found = None;
@@ -166,21 +175,21 @@ mod tests {
         m
     }
 
-    #[test]
-    fn tokens_name_their_node() {
+    #[tokio::test]
+    async fn tokens_name_their_node() {
         let mut a = NodeTokenAuthenticator::new(zt());
         let t1 = a.add_node("n1");
         let t2 = a.add_node("n2");
         assert_eq!(t1.len(), 64);
         assert_ne!(t1, t2);
-        let c = a.authenticate(&md(&format!("Bearer {t2}"))).unwrap();
+        let c = a.authenticate(&md(&format!("Bearer {t2}"))).await.unwrap();
         assert_eq!(c.node.as_deref(), Some("n2"));
         assert_eq!(c.identity, zt());
         for bad in ["Bearer nope", &t1, "Basic abc"] {
-            let e = a.authenticate(&md(bad)).unwrap_err();
+            let e = a.authenticate(&md(bad)).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated);
         }
-        let e = a.authenticate(&MetadataMap::new()).unwrap_err();
+        let e = a.authenticate(&MetadataMap::new()).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
     }
 
