@@ -32,6 +32,7 @@
 pub mod cluster;
 pub mod dataplane;
 pub mod decision;
+pub mod kube_source;
 pub mod server;
 pub mod service;
 pub mod source;
@@ -40,6 +41,7 @@ pub mod state;
 pub use cluster::{Cluster, LoadError, Namespace, Pod};
 pub use dataplane::{Dataplane, DataplaneError, RulesAndZds};
 pub use decision::{Decision, SkipReason, enrolment};
+pub use kube_source::KubePodSource;
 pub use server::{ApiServer, ServerError};
 pub use service::{Agent, AgentConfig, AgentError};
 pub use source::{DirSource, PodSource, SourceError, StaticSource};

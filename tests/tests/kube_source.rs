@@ -678,3 +678,65 @@ mod token_review {
         assert_eq!(reviews(&api), 2);
     }
 }
+
+// The node agent's Kubernetes pod source against the double.
+
+mod agent {
+    use std::sync::Arc;
+
+    use zmesh_cni::agent::{Cluster, KubePodSource, PodSource};
+
+    use super::*;
+
+    async fn next(rx: &mut tokio::sync::watch::Receiver<Arc<Cluster>>, what: &str) -> Arc<Cluster> {
+        tokio::time::timeout(DEADLINE, rx.changed())
+            .await
+            .unwrap_or_else(|_| panic!("no new snapshot within {DEADLINE:?}: {what}"))
+            .unwrap();
+        rx.borrow_and_update().clone()
+    }
+
+    #[tokio::test]
+    async fn the_agent_sees_its_nodes_pods_and_every_namespace() {
+        let api = ApiServer::start().await;
+        api.apply(ns("shop", json!({}))).unwrap();
+        api.apply(pod("shop", "here", "n1", json!({"app": "web"})))
+            .unwrap();
+        api.apply(pod("shop", "there", "n2", json!({}))).unwrap();
+        let source = KubePodSource::start(api.client(), "n1").await;
+        let c = source.current();
+        let names: Vec<String> = c.pods().map(|p| p.key()).collect();
+        assert_eq!(names, ["shop/here"]);
+        let here = c.pod("shop", "here").unwrap();
+        assert_eq!(here.node_name, "n1");
+        assert_eq!(here.service_account, "sa");
+        assert_eq!(here.ips, ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]);
+        assert!(!here.uid.is_empty(), "the API server's uid is kept");
+        assert!(c.namespace("shop").is_some());
+
+        // A namespace enrolled: a new snapshot with the label.
+        let mut rx = source.subscribe();
+        api.apply(ns("shop", json!({"istio.io/dataplane-mode": "ambient"})))
+            .unwrap();
+        let c = next(&mut rx, "namespace labelled").await;
+        assert_eq!(
+            c.namespace("shop")
+                .unwrap()
+                .label("istio.io/dataplane-mode"),
+            Some("ambient")
+        );
+        // Pods elsewhere never appear; this node's come and go.
+        api.apply(pod("shop", "there-2", "n2", json!({}))).unwrap();
+        api.apply(pod("shop", "here-2", "n1", json!({}))).unwrap();
+        let mut c = next(&mut rx, "pod here-2").await;
+        while c.pod("shop", "here-2").is_none() {
+            c = next(&mut rx, "pod here-2").await;
+        }
+        assert!(c.pod("shop", "there-2").is_none());
+        api.delete("v1", "Pod", "shop", "here").unwrap();
+        while c.pod("shop", "here").is_some() {
+            c = next(&mut rx, "pod here deleted").await;
+        }
+        assert_eq!(c.pods().count(), 1);
+    }
+}

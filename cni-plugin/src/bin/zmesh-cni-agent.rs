@@ -1,5 +1,5 @@
-//! `zmesh-cni-agent`: the node agent. Reads pods and namespaces from a directory of
-//! Kubernetes YAML, serves the plugin API on `<run-dir>/agent.sock`, installs the redirection
+//! `zmesh-cni-agent`: the node agent. Reads pods and namespaces from the Kubernetes API
+//! (`--kube`) or from a directory of Kubernetes YAML (`--pods-dir`), serves the plugin API on `<run-dir>/agent.sock`, installs the redirection
 //! rules in enrolled pods and hands them to the local ztunnel over ZDS. Every flag has an
 //! environment override (`ZMESH_*`, `NODE_NAME`). See `zmesh_cni::agent`.
 
@@ -12,7 +12,9 @@ use tracing::info;
 use zmesh_cni::agent::server::SOCKET_FILE;
 use zmesh_cni::agent::source::DEFAULT_DEBOUNCE;
 use zmesh_cni::agent::state::STATE_FILE;
-use zmesh_cni::agent::{Agent, AgentConfig, ApiServer, DirSource, RulesAndZds, StateStore};
+use zmesh_cni::agent::{
+    Agent, AgentConfig, ApiServer, DirSource, KubePodSource, PodSource, RulesAndZds, StateStore,
+};
 use zmesh_cni::install;
 use zmesh_cni::rules::{Backend, HostConfig, RuleConfig};
 use zmesh_core::zds::{DEFAULT_SOCKET_PATH, ZdsServer};
@@ -21,9 +23,16 @@ use zmesh_core::zds::{DEFAULT_SOCKET_PATH, ZdsServer};
 #[derive(Debug, Parser)]
 #[command(name = "zmesh-cni-agent", version, about)]
 struct Config {
-    /// Directory of Kubernetes YAML (Pods, Namespaces) to read and watch (required to run).
-    #[arg(long, env = "ZMESH_PODS_DIR")]
+    /// Directory of Kubernetes YAML (Pods, Namespaces) to read and watch (this or `--kube`).
+    #[arg(long, env = "ZMESH_PODS_DIR", conflicts_with = "kube")]
     pods_dir: Option<PathBuf>,
+    /// Watch this node's pods and the namespaces through the Kubernetes API (this or
+    /// `--pods-dir`): in-cluster config, or `KUBECONFIG`, or `--kubeconfig`.
+    #[arg(long, env = "ZMESH_KUBE")]
+    kube: bool,
+    /// The kubeconfig file to use with `--kube` (default: in-cluster, then `KUBECONFIG`).
+    #[arg(long, env = "ZMESH_KUBECONFIG", requires = "kube")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name: pods scheduled elsewhere are never enrolled (required to run).
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node_name: String,
@@ -101,8 +110,8 @@ fn main() -> anyhow::Result<()> {
         "--node-name (or NODE_NAME) must be set"
     );
     anyhow::ensure!(
-        config.pods_dir.is_some(),
-        "--pods-dir (or ZMESH_PODS_DIR) must be set"
+        config.pods_dir.is_some() || config.kube,
+        "say where pods come from: --kube (the Kubernetes API) or --pods-dir (ZMESH_PODS_DIR)"
     );
     info!(?config, "starting the node agent");
     tokio::runtime::Runtime::new()
@@ -122,10 +131,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create the ZDS socket directory {}", dir.display()))?;
     }
     let state = Arc::new(StateStore::open(&config.run_dir.join(STATE_FILE))?);
-    let source = DirSource::start(
-        config.pods_dir.as_deref().expect("checked in main"),
-        DEFAULT_DEBOUNCE,
-    )?;
+    let source: Box<dyn PodSource> = match &config.pods_dir {
+        Some(dir) => Box::new(DirSource::start(dir, DEFAULT_DEBOUNCE)?),
+        None => {
+            let client = kube_client(config.kubeconfig.as_deref()).await?;
+            Box::new(KubePodSource::start(client, &config.node_name).await)
+        }
+    };
     let zds = ZdsServer::bind(&config.ztunnel_socket, {
         let state = state.clone();
         move || state.snapshot()
@@ -146,7 +158,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let agent = Arc::new(Agent::new(
         AgentConfig::new(&config.node_name),
-        &source,
+        &*source,
         dataplane,
         state,
     ));
@@ -185,6 +197,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     drop(api);
     zds.shutdown().await;
     Ok(())
+}
+
+/// A client of the Kubernetes API: from `kubeconfig` when given, else in-cluster config or
+/// `KUBECONFIG`.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("invalid kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: not in a cluster and no KUBECONFIG; pass \
+             --kubeconfig or use --pods-dir",
+        )?,
+    };
+    kube::Client::try_from(config).context("cannot build a Kubernetes client")
 }
 
 /// Installs the plugin binary, chains our entry into the primary CNI's configuration and
