@@ -39,13 +39,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
 mod parse;
+mod tokens;
+mod watch;
+
+pub use tokens::TokenInfo;
+use watch::watch;
 
 use parse::{
     FieldReq, LabelReq, decode_continue, encode_continue, now_rfc3339, parse_fields, parse_labels,
@@ -105,60 +110,6 @@ impl ResourceType {
         } else {
             format!("{}/{}", self.group, self.version)
         }
-    }
-}
-
-/// What the API server knows about a token (the `TokenReview` answer).
-#[derive(Debug, Clone, Default)]
-pub struct TokenInfo {
-    /// `user.username`.
-    pub username: String,
-    /// `user.uid`.
-    pub uid: String,
-    /// `user.groups`.
-    pub groups: Vec<String>,
-    /// The token's audiences.
-    pub audiences: Vec<String>,
-    /// `user.extra`.
-    pub extra: BTreeMap<String, Vec<String>>,
-}
-
-impl TokenInfo {
-    /// A service account's token for `audiences`, bound to nothing.
-    pub fn service_account(namespace: &str, name: &str, audiences: &[&str]) -> Self {
-        TokenInfo {
-            username: format!("system:serviceaccount:{namespace}:{name}"),
-            uid: format!("uid-sa-{namespace}-{name}"),
-            groups: vec![
-                "system:serviceaccounts".into(),
-                format!("system:serviceaccounts:{namespace}"),
-                "system:authenticated".into(),
-            ],
-            audiences: audiences.iter().map(|a| a.to_string()).collect(),
-            extra: BTreeMap::new(),
-        }
-    }
-
-    /// Bound to a pod (`authentication.kubernetes.io/pod-name` and `pod-uid`).
-    pub fn bound_to_pod(mut self, name: &str, uid: &str) -> Self {
-        self.extra.insert(
-            "authentication.kubernetes.io/pod-name".into(),
-            vec![name.into()],
-        );
-        self.extra.insert(
-            "authentication.kubernetes.io/pod-uid".into(),
-            vec![uid.into()],
-        );
-        self
-    }
-
-    /// With the node of the pod (`authentication.kubernetes.io/node-name`).
-    pub fn on_node(mut self, node: &str) -> Self {
-        self.extra.insert(
-            "authentication.kubernetes.io/node-name".into(),
-            vec![node.into()],
-        );
-        self
     }
 }
 
@@ -557,7 +508,7 @@ async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Respo
                 json!({}),
             );
         };
-        return shared.lock().token_review(&body.to_bytes());
+        return tokens::token_review(&shared.lock().tokens, &body.to_bytes());
     }
     let (namespace, plural, name) = match rest {
         ["namespaces", ns, plural] => (Some(*ns), *plural, None),
@@ -608,121 +559,6 @@ fn expired(message: &str) -> Value {
         "kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": message, "reason": "Expired", "code": 410,
     })
-}
-
-fn watch(
-    shared: &Arc<Shared>,
-    conn: u64,
-    ty: usize,
-    namespace: Option<&str>,
-    query: &HashMap<String, String>,
-) -> Response<Body> {
-    let mut st = shared.lock();
-    let (labels, fields) = match st.selectors(ty, query) {
-        Ok(s) => s,
-        Err(e) => return bad_request(&e),
-    };
-    let bookmarks = query
-        .get("allowWatchBookmarks")
-        .is_some_and(|v| v == "true");
-    let initial_events = query.get("sendInitialEvents").is_some_and(|v| v == "true");
-    let deadline = query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let w = Watch {
-        conn,
-        ty,
-        namespace: namespace.map(str::to_owned),
-        labels,
-        fields,
-        bookmarks,
-        tx,
-    };
-    let from = query
-        .get("resourceVersion")
-        .filter(|v| !v.is_empty() && *v != "0");
-    match from {
-        Some(v) => {
-            let Ok(from) = v.parse::<u64>() else {
-                return bad_request(&format!("invalid resource version {v:?}"));
-            };
-            if from < st.compacted {
-                let line = json!({"type": "ERROR", "object": expired(&format!(
-                    "too old resource version: {from} ({})", st.compacted + 1))});
-                let _ = w.tx.send(Bytes::from(format!("{line}\n")));
-            } else {
-                for ch in st.history.iter().filter(|c| c.rv > from) {
-                    w.send_change(ch);
-                }
-                st.watches.push(w);
-            }
-        }
-        None => {
-            let current: Vec<Value> = st
-                .objects
-                .iter()
-                .filter(|(k, _)| k.0 == ty)
-                .map(|(_, o)| o.clone())
-                .collect();
-            for o in current.iter().filter(|o| w.matches(o)) {
-                w.send("ADDED", o);
-            }
-            if initial_events && bookmarks {
-                let mut mark = st.bookmark_object(ty);
-                mark["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-                w.send("BOOKMARK", &mark);
-            }
-            st.watches.push(w);
-        }
-    }
-    let stream = futures::stream::unfold(rx, move |mut rx| async move {
-        let next = match deadline {
-            Some(d) => tokio::time::timeout_at(d, rx.recv()).await.ok().flatten(),
-            None => rx.recv().await,
-        };
-        next.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/json")
-        .body(BodyExt::boxed(StreamBody::new(stream)))
-        .expect("a valid response")
-}
-
-impl Watch {
-    fn matches(&self, o: &Value) -> bool {
-        let ns = o["metadata"]["namespace"].as_str().unwrap_or("");
-        self.namespace.as_deref().is_none_or(|n| n == ns)
-            && self.labels.iter().all(|r| r.matches(o))
-            && self.fields.iter().all(|r| r.matches(o))
-    }
-
-    fn send(&self, kind: &str, object: &Value) {
-        let line = json!({"type": kind, "object": object});
-        let _ = self.tx.send(Bytes::from(format!("{line}\n")));
-    }
-
-    fn send_change(&self, ch: &Change) {
-        if ch.key.0 != self.ty {
-            return;
-        }
-        let now = !ch.deleted && self.matches(&ch.object);
-        let before = ch.previous.as_ref().is_some_and(|p| self.matches(p));
-        match (before, now) {
-            (false, true) => self.send("ADDED", &ch.object),
-            (true, true) => self.send("MODIFIED", &ch.object),
-            (true, false) if ch.deleted => self.send("DELETED", &ch.object),
-            (true, false) => {
-                // Left the selection: DELETED with its last matching state, at this version.
-                let mut last = ch.previous.clone().unwrap_or_default();
-                last["metadata"]["resourceVersion"] = json!(ch.rv.to_string());
-                self.send("DELETED", &last);
-            }
-            (false, false) => {}
-        }
-    }
 }
 
 impl State {
@@ -992,51 +828,5 @@ impl State {
                 )
             }
         }
-    }
-
-    fn token_review(&self, body: &[u8]) -> Response<Body> {
-        let Ok(review) = serde_json::from_slice::<Value>(body) else {
-            return bad_request("the body is not a JSON TokenReview");
-        };
-        let token = review["spec"]["token"].as_str().unwrap_or("");
-        let wanted: Vec<String> = review["spec"]["audiences"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let wanted = if wanted.is_empty() {
-            vec!["https://kubernetes.default.svc.cluster.local".to_owned()]
-        } else {
-            wanted
-        };
-        let status = match self.tokens.get(token) {
-            None => json!({"user": {}, "error": "[invalid bearer token, token lookup failed]"}),
-            Some(info) => {
-                let both: Vec<&String> = wanted
-                    .iter()
-                    .filter(|a| info.audiences.contains(a))
-                    .collect();
-                if both.is_empty() {
-                    json!({"user": {}, "error": format!(
-                        "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",
-                        info.audiences, wanted)})
-                } else {
-                    json!({
-                        "authenticated": true,
-                        "user": {"username": info.username, "uid": info.uid,
-                                 "groups": info.groups, "extra": info.extra},
-                        "audiences": both,
-                    })
-                }
-            }
-        };
-        let answer = json!({
-            "kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
-            "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status,
-        });
-        full(StatusCode::CREATED, &answer)
     }
 }
