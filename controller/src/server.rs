@@ -26,7 +26,7 @@ use crate::ca::{Authenticator, CaConfig, NodeTokenAuthenticator, WorkloadCa};
 use crate::reconcile::{PassStats, Reconciler};
 use crate::source::files::FileSource;
 use crate::source::{Store, StorePods};
-use crate::translate::MeshConfig;
+use crate::translate::{Kind, MeshConfig};
 
 /// Where objects come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,11 +217,15 @@ pub async fn start(cfg: ControllerConfig, stop: CancellationToken) -> Result<Run
             });
         }
         SourceConfig::Kube => {
-            let _client = kube::Client::try_default().await.context(
-                "connecting to Kubernetes (in-cluster config or KUBECONFIG); use --config-dir \
-                 to run without a cluster",
-            )?;
-            anyhow::bail!("the Kubernetes source is being wired in; use --config-dir");
+            let client = kube_client().await?;
+            let store = store.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = crate::source::kube::run(client, store, &Kind::ALL) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
         }
     }
 
@@ -229,9 +233,16 @@ pub async fn start(cfg: ControllerConfig, stop: CancellationToken) -> Result<Run
         AuthConfig::NodeTokens(path) => {
             Arc::new(read_node_tokens(path, cfg.ztunnel_identity.clone())?)
         }
-        AuthConfig::TokenReview { .. } => {
-            anyhow::bail!("TokenReview authentication is not wired into this build yet")
-        }
+        AuthConfig::TokenReview {
+            trusted_node_accounts,
+        } => Arc::new(crate::ca::TokenReviewAuthenticator::new(
+            kube_client().await?,
+            crate::ca::TokenReviewConfig {
+                trust_domain: cfg.mesh.trust_domain.clone(),
+                trusted_node_accounts: trusted_node_accounts.clone(),
+                ..crate::ca::TokenReviewConfig::default()
+            },
+        )?),
     };
     let cache = Cache::not_ready();
     let reconciler =
@@ -308,6 +319,13 @@ pub async fn start(cfg: ControllerConfig, stop: CancellationToken) -> Result<Run
         ads,
         stats,
     })
+}
+
+async fn kube_client() -> Result<kube::Client> {
+    kube::Client::try_default().await.context(
+        "connecting to Kubernetes (in-cluster config or KUBECONFIG); use --config-dir to run \
+         without a cluster",
+    )
 }
 
 type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
