@@ -180,8 +180,27 @@ impl ResolvesServerCert for RotatingCert {
 }
 
 /// Starts the controller: the source, the reconciler and the gRPC server. Returns once the
-/// server is listening; everything stops when `stop` is cancelled.
+/// server is listening; everything stops when `stop` is cancelled. Kubernetes (for `--kube`
+/// and `--token-review`) is reached with the in-cluster config or `KUBECONFIG`.
 pub async fn start(cfg: ControllerConfig, stop: CancellationToken) -> Result<Running> {
+    start_with_client(cfg, None, stop).await
+}
+
+/// [`start`] with the Kubernetes client given (tests, embedding).
+pub async fn start_with_client(
+    cfg: ControllerConfig,
+    kube: Option<kube::Client>,
+    stop: CancellationToken,
+) -> Result<Running> {
+    let kube_client = || {
+        let given = kube.clone();
+        async move {
+            match given {
+                Some(c) => Ok(c),
+                None => kube_client().await,
+            }
+        }
+    };
     let ca = LocalCa::load(&cfg.ca_cert, &cfg.ca_key).with_context(|| {
         format!(
             "loading the CA from {} and {}",

@@ -1,0 +1,273 @@
+//! The controller in Kubernetes mode, end to end against the API-server double: objects come
+//! from list + watch, callers are authenticated with TokenReview, and a node's ztunnel
+//! (a projected service-account token bound to its pod on that node) gets certificates only for
+//! pods scheduled on its node. Real TLS, real tonic clients, the real kube-rs client over HTTP.
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use rcgen::{CertificateParams, KeyPair, SanType};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tonic::Request;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use xds_proto::envoy::config::core::v3::Node;
+use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use xds_proto::istio::v1::auth::IstioCertificateRequest;
+use xds_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use xds_proto::istio::workload::{Address, address};
+use zmesh_controller::ca::{CaConfig, impersonation};
+use zmesh_controller::reconcile::ADDRESS_TYPE;
+use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start_with_client};
+use zmesh_controller::translate::MeshConfig;
+use zmesh_core::identity::SpiffeId;
+use zmesh_core::tls::LocalCa;
+use zmesh_tests::apiserver::{ApiServer, TokenInfo};
+
+const ZTUNNEL_N1: &str = "token-of-ztunnel-on-n1";
+const STRANGER: &str = "token-of-some-app";
+
+fn pod(name: &str, node: &str, sa: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}")},
+        "spec": {"nodeName": node, "serviceAccountName": sa,
+                 "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                   "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+struct Setup {
+    api: ApiServer,
+    root_pem: String,
+    port: u16,
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn setup() -> Setup {
+    zmesh_core::tls::install_default_provider();
+    let api = ApiServer::start().await;
+    api.install_istio_crds();
+    api.install_gateway_api_crds();
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}}))
+        .unwrap();
+    api.apply(pod("a", "n1", "sa-a", "10.1.0.1")).unwrap();
+    api.apply(pod("b", "n2", "sa-b", "10.1.0.2")).unwrap();
+    api.apply(pod("ztunnel-n1", "n1", "ztunnel", "10.1.0.9"))
+        .unwrap();
+    api.add_token(
+        ZTUNNEL_N1,
+        TokenInfo::service_account("istio-system", "ztunnel", &["istio-ca"])
+            .bound_to_pod("ztunnel-n1", "uid-ztunnel-n1")
+            .on_node("n1"),
+    );
+    api.add_token(
+        STRANGER,
+        TokenInfo::service_account("shop", "sa-a", &["istio-ca"]).on_node("n1"),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = LocalCa::generate("k8s-mesh-root").unwrap();
+    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    std::fs::write(&cert, ca.cert_pem()).unwrap();
+    std::fs::write(&key, ca.key_pem()).unwrap();
+    let stop = CancellationToken::new();
+    let running = start_with_client(
+        ControllerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ca_cert: cert,
+            ca_key: key,
+            serving_names: vec!["istiod.istio-system.svc".into()],
+            serving_ttl: Duration::from_secs(3600),
+            mesh: MeshConfig::default(),
+            ca: CaConfig {
+                cluster_id: Some("Kubernetes".into()),
+                ..CaConfig::default()
+            },
+            source: SourceConfig::Kube,
+            auth: AuthConfig::TokenReview {
+                trusted_node_accounts: vec!["istio-system/ztunnel".into()],
+            },
+            ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
+            debounce: Duration::from_millis(10),
+        },
+        Some(api.client()),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    Setup {
+        api,
+        root_pem: ca.cert_pem().to_owned(),
+        port: running.addr.port(),
+        _dir: dir,
+        stop,
+    }
+}
+
+async fn channel(s: &Setup) -> Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&s.root_pem))
+        .domain_name("istiod.istio-system.svc");
+    Channel::from_shared(format!("https://127.0.0.1:{}", s.port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r.metadata_mut()
+        .insert("clusterid", "Kubernetes".parse().unwrap());
+    r
+}
+
+fn workloads(resp: &DeltaDiscoveryResponse) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = resp
+        .resources
+        .iter()
+        .filter_map(|r| {
+            match Address::decode(r.resource.as_ref()?.value.as_slice())
+                .ok()?
+                .r#type?
+            {
+                address::Type::Workload(w) => Some((w.name, w.addresses.first()?.clone())),
+                address::Type::Service(_) => None,
+            }
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn next(stream: &mut tonic::Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("a response in time")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn kubernetes_objects_reach_ztunnel_over_delta_xds() {
+    let s = setup().await;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel(&s).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "ztunnel~10.1.0.9~ztunnel-n1.istio-system~istio-system.svc.cluster.local".into(),
+            ..Node::default()
+        }),
+        type_url: ADDRESS_TYPE.into(),
+        ..DeltaDiscoveryRequest::default()
+    })
+    .await
+    .unwrap();
+    let reqs =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut stream = client
+        .delta_aggregated_resources(authed(reqs, ZTUNNEL_N1))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    let names: Vec<String> = workloads(&first).into_iter().map(|w| w.0).collect();
+    assert_eq!(names, vec!["a", "b", "ztunnel-n1"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE.into(),
+        response_nonce: first.nonce,
+        ..DeltaDiscoveryRequest::default()
+    })
+    .await
+    .unwrap();
+
+    // A watch event (pod b moves to a new IP) is pushed as exactly that workload.
+    s.api.apply(pod("b", "n2", "sa-b", "10.1.0.22")).unwrap();
+    let push = next(&mut stream).await;
+    assert_eq!(workloads(&push), vec![("b".to_owned(), vec![10, 1, 0, 22])]);
+
+    // A compaction plus a cut watch forces a re-list; a pod deleted meanwhile is removed.
+    s.api.compact_all();
+    s.api.cut_watches();
+    s.api.delete("v1", "Pod", "shop", "a").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = next(&mut stream).await;
+        if r.removed_resources
+            .iter()
+            .any(|n| n.ends_with("/Pod/shop/a"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "removal of pod a after the re-list"
+        );
+    }
+}
+
+fn csr(id: &str) -> String {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+#[tokio::test]
+async fn tokenreview_authenticated_ztunnel_gets_only_its_nodes_certificates() {
+    let s = setup().await;
+    let mut ca = IstioCertificateServiceClient::new(channel(&s).await);
+    let req = |id: &str| IstioCertificateRequest {
+        csr: csr(id),
+        validity_duration: 3600,
+        metadata: Some(impersonation(id)),
+    };
+    let on_n1 = "spiffe://cluster.local/ns/shop/sa/sa-a";
+    let on_n2 = "spiffe://cluster.local/ns/shop/sa/sa-b";
+    // The store fills from the watch; until then the CA knows no pod anywhere.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let issued = loop {
+        match ca.create_certificate(authed(req(on_n1), ZTUNNEL_N1)).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no certificate for a pod on n1: {e}"),
+        }
+    };
+    assert_eq!(issued.cert_chain.last().unwrap().trim(), s.root_pem.trim());
+
+    let err = ca
+        .create_certificate(authed(req(on_n2), ZTUNNEL_N1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("n1"), "{}", err.message());
+
+    // An app's own token may not impersonate anyone.
+    let err = ca
+        .create_certificate(authed(req(on_n2), STRANGER))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // An unknown token is not authenticated.
+    let err = ca
+        .create_certificate(authed(req(on_n1), "forged"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+}
