@@ -347,6 +347,36 @@ async fn missing_crds_are_synced_empty_and_the_rest_works() {
 }
 
 #[tokio::test]
+async fn an_unreadable_policy_keeps_its_kind_unsynced_until_fixed() {
+    let api = ApiServer::start().await;
+    api.install_istio_crds();
+    let mut bad = policy("shop", "deny-evil");
+    bad["spec"]["unknownField"] = json!(true);
+    api.apply(bad).unwrap();
+    api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
+    let store = Store::new();
+    let kinds = [Kind::Pod, Kind::AuthorizationPolicy];
+    let _source = KubeSource::spawn(api.client(), store.clone(), &kinds, &Options::default());
+    until_synced(&store, &[Kind::Pod]).await;
+    // The list was answered (twice: a retry) and still the kind is not synced: a controller
+    // never serves a policy set with a policy missing (fail closed).
+    let path = "/apis/security.istio.io/v1/authorizationpolicies";
+    let start = tokio::time::Instant::now();
+    while api.lists_of(path) < 2 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the policy list was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!store.is_synced(&[Kind::AuthorizationPolicy]));
+    // Fixed: the next retry lists it.
+    api.apply(policy("shop", "deny-evil")).unwrap();
+    until_synced(&store, &kinds).await;
+    assert_eq!(store.read().count(Kind::AuthorizationPolicy), 1);
+}
+
+#[tokio::test]
 async fn a_node_watch_sees_only_its_pods() {
     let api = ApiServer::start().await;
     api.apply(pod("shop", "a", "n1", json!({}))).unwrap();

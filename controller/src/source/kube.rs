@@ -263,6 +263,13 @@ fn is_not_found(e: &watcher::Error) -> bool {
 
 /// What an operator should check for a watcher error.
 fn hint(e: &watcher::Error) -> &'static str {
+    if let watcher::Error::InitialListFailed(kube::Error::SerdeError(_))
+    | watcher::Error::WatchFailed(kube::Error::SerdeError(_)) = e
+    {
+        return "an object of this kind does not parse as the controller reads it (a field it \
+                does not know, from a newer CRD version?); until it is fixed or deleted, this \
+                kind is not updated";
+    }
     let code = match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
