@@ -189,3 +189,87 @@ fn certificates_from_the_controller_rotate_without_dropping_connections() {
     );
     assert_eq!(echo_line(&mut open, "third\n"), "third\n");
 }
+
+/// Asks the lab controller's CA, with `node`'s credential, for a certificate of `identity`
+/// (impersonated, as a node's ztunnel does). Runs in the sandbox's root netns, where the
+/// controller listens.
+fn ask_ca(
+    cluster: &Cluster<'_>,
+    node: &str,
+    identity: &str,
+) -> Result<usize, (tonic::Code, String)> {
+    use xds_proto::istio::v1::auth::IstioCertificateRequest;
+    use xds_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+    let access = cluster.controller_access();
+    let token = std::fs::read_to_string(cluster.node_token(node).unwrap()).unwrap();
+    let root = std::fs::read_to_string(&access.root).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let identity = identity.to_owned();
+    cluster
+        .sandbox()
+        .in_root_netns(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(root))
+                    .domain_name("istiod.istio-system.svc");
+                let channel = tonic::transport::Channel::from_shared(access.address.clone())
+                    .unwrap()
+                    .tls_config(tls)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut req = tonic::Request::new(IstioCertificateRequest {
+                    csr,
+                    validity_duration: 3600,
+                    metadata: Some(zmesh_controller::ca::impersonation(&identity)),
+                });
+                req.metadata_mut().insert(
+                    "authorization",
+                    format!("Bearer {}", token.trim()).parse().unwrap(),
+                );
+                IstioCertificateServiceClient::new(channel)
+                    .create_certificate(req)
+                    .await
+                    .map(|r| r.into_inner().cert_chain.len())
+                    .map_err(|s| (s.code(), s.message().to_owned()))
+            })
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_nodes_credential_gets_certificates_only_for_its_own_pods() {
+    let sb = Sandbox::new().unwrap();
+    let cluster = Cluster::up(&sb, &["n1", "n2"]).unwrap();
+    let (client, web_a, _app) = shop(&cluster);
+    assert_eq!((client.node.as_str(), web_a.node.as_str()), ("n1", "n2"));
+    // n1's credential: yes for its pod, no for n2's, and the refusal says why.
+    assert!(ask_ca(&cluster, "n1", &client.spiffe_id()).is_ok_and(|n| n >= 2));
+    let (code, msg) = ask_ca(&cluster, "n1", &web_a.spiffe_id()).unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{msg}");
+    assert!(
+        msg.contains("no pod with that identity runs on n1"),
+        "{msg}"
+    );
+    // n2's credential: the other way round.
+    assert!(ask_ca(&cluster, "n2", &web_a.spiffe_id()).is_ok());
+    let (code, _) = ask_ca(&cluster, "n2", &client.spiffe_id()).unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied);
+    // In traffic: n1's ztunnel holds a certificate for its pod (it just used it), and none
+    // for web-a, which only n2's ztunnel holds.
+    assert_eq!(
+        who(&cluster, &client, web_a.addr(ECHO_PORT)).as_deref(),
+        Ok("web-a")
+    );
+    assert!(cert_not_before(&cluster, "n1", &client.spiffe_id()).is_some());
+    assert!(cert_not_before(&cluster, "n1", &web_a.spiffe_id()).is_none());
+    assert!(cert_not_before(&cluster, "n2", &web_a.spiffe_id()).is_some());
+}
