@@ -418,6 +418,24 @@ async fn a_node_watch_sees_only_its_pods() {
     );
 }
 
+#[tokio::test]
+async fn streaming_lists_fill_the_store_too() {
+    // kube's `StreamingList` strategy: one watch with sendInitialEvents=true, whose end the
+    // server marks with a bookmark annotated k8s.io/initial-events-end.
+    let api = ApiServer::start().await;
+    api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
+    api.apply(pod("shop", "b", "n2", json!({}))).unwrap();
+    let store = Store::new();
+    let options =
+        Options::default().config(Kind::Pod, watcher::Config::default().streaming_lists());
+    let _source = KubeSource::spawn(api.client(), store.clone(), &[Kind::Pod], &options);
+    until_synced(&store, &[Kind::Pod]).await;
+    assert_eq!(store.read().count(Kind::Pod), 2);
+    assert_eq!(api.lists_of("/api/v1/pods"), 0, "no LIST in streaming mode");
+    api.delete("v1", "Pod", "shop", "a").unwrap();
+    until(&store, "pod a deleted", |o| o.count(Kind::Pod) == 1).await;
+}
+
 // The double itself, through kube's plain Api, so the tests above rest on a server that
 // answers like the real one.
 
@@ -676,6 +694,81 @@ mod token_review {
         let started = tokio::time::Instant::now();
         refused(&auth, "w", Code::Unavailable, "cannot review").await;
         assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    /// The CA with everything from Kubernetes: callers by TokenReview, pod placement from
+    /// the store that the Kubernetes source fills.
+    #[tokio::test]
+    async fn a_node_gets_certificates_for_its_pods_only() {
+        use xds_proto::istio::v1::auth::IstioCertificateRequest;
+        use zmesh_controller::ca::{CaConfig, WorkloadCa, impersonation};
+        use zmesh_controller::source::StorePods;
+        use zmesh_core::tls::LocalCa;
+
+        let (api, auth) = setup(Duration::from_secs(60)).await;
+        let mut a = pod("default", "a", "n1", json!({}));
+        a["spec"]["serviceAccountName"] = json!("a");
+        let mut b = pod("default", "b", "n2", json!({}));
+        b["spec"]["serviceAccountName"] = json!("b");
+        api.apply(a).unwrap();
+        api.apply(b).unwrap();
+        api.add_token(
+            "ztunnel-n1",
+            TokenInfo::service_account("istio-system", "ztunnel", &["istio-ca"])
+                .bound_to_pod("ztunnel-x", "uid-x")
+                .on_node("n1"),
+        );
+        let store = Store::new();
+        let _source = KubeSource::spawn(
+            api.client(),
+            store.clone(),
+            &[Kind::Pod],
+            &Options::default(),
+        );
+        until_synced(&store, &[Kind::Pod]).await;
+        let ca = WorkloadCa::new(
+            LocalCa::generate("root").unwrap(),
+            CaConfig::default(),
+            auth,
+            Arc::new(StorePods::new(store)),
+        );
+        let request = |identity: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            IstioCertificateRequest {
+                csr: rcgen::CertificateParams::default()
+                    .serialize_request(&key)
+                    .unwrap()
+                    .pem()
+                    .unwrap(),
+                validity_duration: 3600,
+                metadata: Some(impersonation(identity)),
+            }
+        };
+        let chain = ca
+            .handle(
+                &md("ztunnel-n1"),
+                &request("spiffe://cluster.local/ns/default/sa/a"),
+            )
+            .await
+            .unwrap()
+            .cert_chain;
+        assert!(chain.len() >= 2, "leaf and root");
+        let err = ca
+            .handle(
+                &md("ztunnel-n1"),
+                &request("spiffe://cluster.local/ns/default/sa/b"),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        let err = ca
+            .handle(
+                &md("nobody"),
+                &request("spiffe://cluster.local/ns/default/sa/a"),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     }
 
     #[tokio::test]
