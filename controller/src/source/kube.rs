@@ -229,8 +229,9 @@ async fn follow<K>(
                 debug!(kind = kind_name, name = ?object.meta().name, "deleted");
                 store.remove(kind, &key_of(kind, object.meta()));
             }
+            // A list that fails restarts with `Init` (which drops the partial buffer); an
+            // error inside a streaming initial watch does not end it, so the buffer stays.
             Err(e) => {
-                listing = None;
                 if let Some(crd) = crd_name(kind)
                     && is_not_found(&e)
                 {
