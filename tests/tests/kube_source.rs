@@ -863,3 +863,102 @@ mod agent {
         assert_eq!(c.pods().count(), 1);
     }
 }
+
+/// The `zmesh-cni-agent` binary with `--kube --kubeconfig`: it lists this node's pods from
+/// the API server and only then serves the plugin API. (Needs the workspace binaries built:
+/// `cargo build --workspace --bins`.)
+#[tokio::test]
+async fn the_agent_binary_reads_pods_from_the_api_server() {
+    use std::process::{Command, Stdio};
+
+    let api = ApiServer::start().await;
+    api.apply(ns("shop", json!({}))).unwrap();
+    api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: double, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: test, user: {{}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: double, user: test}}}}]\n\
+             current-context: test\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    // Unavailable first: the agent must wait for its initial list before serving.
+    api.set_unavailable(true);
+    let child = Command::new(zmesh_tests::bin_path("zmesh-cni-agent"))
+        .arg("--kube")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--node-name")
+        .arg("n1")
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("--ztunnel-socket")
+        .arg(dir.path().join("ztunnel.sock"))
+        .arg("--no-probe-snat")
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let socket = run.join("agent.sock");
+    let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    let start = tokio::time::Instant::now();
+    while api.lists_of("/api/v1/pods") == 0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the agent never listed pods:\n{}",
+            agent_log()
+        );
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the agent exited:\n{}",
+            agent_log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!socket.exists(), "the agent served before its initial list");
+    api.set_unavailable(false);
+    while !socket.exists() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the agent never served its API:\n{}",
+            agent_log()
+        );
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the agent exited:\n{}",
+            agent_log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        agent_log().contains("listed this node's pods"),
+        "{}",
+        agent_log()
+    );
+    assert!(
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/pods"))
+            .all(|r| r.contains("fieldSelector=spec.nodeName%3Dn1")),
+        "{:#?}",
+        api.requests()
+    );
+}
