@@ -1,8 +1,10 @@
 //! The controller's Kubernetes source (`zmesh_controller::source::kube`) against the
 //! API-server double (`zmesh_tests::apiserver`), through the real kube-rs client over HTTP:
 //! the initial list, live changes, bookmarks, `410 Gone` and re-list, CRDs that are not
-//! installed, and a node's field-selected pod watch. Also checks of the double itself, so a
-//! passing source test means something.
+//! installed, an unreadable object, streaming lists, and a node's field-selected pod watch.
+//! Also checks of the double itself, so a passing source test means something; the CA's
+//! TokenReview authenticator (`token_review`); and the node agent's Kubernetes pod source and
+//! binary (`agent`, `the_agent_binary_...`).
 
 use std::time::Duration;
 
