@@ -202,7 +202,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// A client of the Kubernetes API: from `kubeconfig` when given, else in-cluster config or
 /// `KUBECONFIG`.
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
@@ -215,6 +215,9 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
              --kubeconfig or use --pods-dir",
         )?,
     };
+    // The watchers back off on errors themselves (0.8 s doubling to 30 s); kube's own retry of
+    // 429/503/504 (15 tries, doubling to minutes) would only delay their recovery.
+    config.default_retry = false;
     kube::Client::try_from(config).context("cannot build a Kubernetes client")
 }
 
