@@ -13,13 +13,14 @@
 //! - [`service`]: what ADD, DEL and a source change do ([`Agent`]);
 //! - [`server`]: the plugin API over the unix socket ([`ApiServer`]).
 //!
+//! Pods and namespaces come from a YAML directory (`--pods-dir`) or from the Kubernetes API
+//! (`--kube`, [`kube_source`]: the controller's watchers, this node's pods only).
+//!
 //! The binary wires them: source → state → ZDS server (snapshot from the state) → agent →
 //! API server, plus the reconciler that follows label changes.
 //!
 //! # Not yet
 //!
-//! - The pod source is a YAML directory only; the Kubernetes API watch comes behind
-//!   [`PodSource`].
 //! - The host-side probe SNAT ([`crate::rules::apply_host`], [`crate::rules::add_probe_pod`])
 //!   is not wired in: kubelet probes to enrolled pods reach ztunnel's inbound listener.
 //! - Running pods the agent never saw a CNI ADD for (started before it) are not enrolled when

@@ -341,10 +341,14 @@ pub async fn start_with_client(
 }
 
 async fn kube_client() -> Result<kube::Client> {
-    kube::Client::try_default().await.context(
-        "connecting to Kubernetes (in-cluster config or KUBECONFIG); use --config-dir to run \
+    let mut config = kube::Config::infer().await.context(
+        "finding the Kubernetes API (in-cluster config or KUBECONFIG); use --config-dir to run \
          without a cluster",
-    )
+    )?;
+    // The watchers and the CA have their own backoff and deadlines; kube's built-in retry of
+    // 429/503/504 (minutes in total) would only hide an outage under them.
+    config.default_retry = false;
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
