@@ -87,4 +87,5 @@ golden!(
     bad_values_deny,
     target_refs,
     empty_rules,
+    unknown_fields,
 );

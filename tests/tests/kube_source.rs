@@ -349,11 +349,29 @@ async fn missing_crds_are_synced_empty_and_the_rest_works() {
 }
 
 #[tokio::test]
+async fn a_policy_with_fields_outside_the_schema_still_loads() {
+    let api = ApiServer::start().await;
+    api.install_istio_crds();
+    let mut newer = policy("shop", "from-a-newer-istio");
+    newer["spec"]["someFutureField"] = json!({"x": 1});
+    api.apply(newer).unwrap();
+    let store = Store::new();
+    let kinds = [Kind::AuthorizationPolicy];
+    let _source = KubeSource::spawn(api.client(), store.clone(), &kinds, &Options::default());
+    until_synced(&store, &kinds).await;
+    let objects = store.read();
+    let p = &objects.authorization_policies[&key("shop", "from-a-newer-istio")];
+    assert!(p.spec.unknown.contains_key("someFutureField"));
+}
+
+#[tokio::test]
 async fn an_unreadable_policy_keeps_its_kind_unsynced_until_fixed() {
     let api = ApiServer::start().await;
     api.install_istio_crds();
+    // A field of the wrong type cannot be read at all (a field the schema does not know can:
+    // see the next test).
     let mut bad = policy("shop", "deny-evil");
-    bad["spec"]["unknownField"] = json!(true);
+    bad["spec"]["rules"] = json!("not a list");
     api.apply(bad).unwrap();
     api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
     let store = Store::new();

@@ -1,9 +1,11 @@
 //! Istio's `security.istio.io/v1` AuthorizationPolicy as a Kubernetes object (the CRD's
 //! schema, camelCase), so both the YAML directory and the Kubernetes watch read the same type.
 //!
-//! Unknown fields are refused when read from YAML: a misspelt field in a security policy must
-//! be an error that names it, never silently ignored (the API server's structural schema does
-//! the same for CRDs).
+//! Fields this type does not know (a misspelling, or a field of a newer Istio) are kept in
+//! `unknown` at the level they appear, never dropped: the translation reports each one by
+//! name and resolves it towards denying more (an ALLOW rule holding one is left out, a DENY
+//! ignores it), exactly as for L7-only fields. One such policy therefore never stops the
+//! others from loading, from a YAML file or from the Kubernetes watch.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -34,7 +36,7 @@ pub struct AuthorizationPolicy {
 
 /// `spec` of an AuthorizationPolicy.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     /// Workloads the policy applies to (absent: the whole namespace, or the mesh when the
     /// policy is in the root namespace).
@@ -55,20 +57,26 @@ pub struct AuthorizationPolicySpec {
     /// The external authorizer of a `CUSTOM` policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<serde_json::Value>,
+    /// Fields not in the schema, by name (see the module docs).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `spec.selector`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
     /// Labels a pod must all carry.
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
+    /// Fields not in the schema, by name (see the module docs).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `spec.targetRef(s)`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PolicyTargetReference {
     /// API group (`gateway.networking.k8s.io`, or empty for core).
     #[serde(default)]
@@ -85,7 +93,7 @@ pub struct PolicyTargetReference {
 /// One rule: every present part must match (`from` OR-ed within, `to` OR-ed within, `when`
 /// AND-ed).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Rule {
     /// Sources; any may match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -96,30 +104,39 @@ pub struct Rule {
     /// Extra conditions; all must match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub when: Vec<Condition>,
+    /// Fields not in the schema, by name (see the module docs).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `rules[].from[]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RuleFrom {
     /// The source.
     #[serde(default)]
     pub source: Source,
+    /// Fields not in the schema, by name (see the module docs).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `rules[].to[]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RuleTo {
     /// The operation.
     #[serde(default)]
     pub operation: Operation,
+    /// Fields not in the schema, by name (see the module docs).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `source` of a rule. L4 fields: principals, namespaces, serviceAccounts, ipBlocks (and their
 /// negations). `requestPrincipals` and `remoteIpBlocks` are L7-only.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<String>,
@@ -145,11 +162,14 @@ pub struct Source {
     pub remote_ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_remote_ip_blocks: Vec<String>,
+    /// Fields not in the schema, by name (see the module docs).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `operation` of a rule. L4 fields: ports (and notPorts). hosts, methods and paths are L7.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Operation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
@@ -167,17 +187,23 @@ pub struct Operation {
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_paths: Vec<String>,
+    /// Fields not in the schema, by name (see the module docs).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `rules[].when[]`: `key` (e.g. `source.ip`, `request.headers[x]`) with values / notValues.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Condition {
     pub key: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_values: Vec<String>,
+    /// Fields not in the schema, by name (see the module docs).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 impl kube::Resource for AuthorizationPolicy {

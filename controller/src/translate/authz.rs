@@ -255,8 +255,35 @@ fn translate_policy(
         }),
     };
 
+    // Fields outside the schema at the top or in the selector change what the policy is or
+    // whom it applies to in ways we cannot know: an ALLOW keeps no rules (denies all it
+    // applies to), a DENY is enforced as if they were absent (applies at least as widely).
+    let unknown_top: Vec<String> = spec
+        .unknown
+        .keys()
+        .map(|k| format!("spec.{k}"))
+        .chain(
+            spec.selector
+                .iter()
+                .flat_map(|s| s.unknown.keys().map(|k| format!("spec.selector.{k}"))),
+        )
+        .collect();
+    for field in &unknown_top {
+        let consequence = if action == xds::Action::Deny {
+            "this DENY is enforced without it (denies at least as much as written)"
+        } else {
+            "this ALLOW keeps no rules and denies all connections to the workloads it applies to"
+        };
+        issues.push(format!(
+            "{field} is not a field of security.istio.io/v1 AuthorizationPolicy (misspelt, or from a newer Istio); {consequence}"
+        ));
+    }
+
     let mut rules = Vec::new();
     for (index, rule) in spec.rules.iter().enumerate() {
+        if action == xds::Action::Allow && !unknown_top.is_empty() {
+            break;
+        }
         let mut cx = RuleCx {
             action,
             namespace,
@@ -276,7 +303,11 @@ fn translate_policy(
             rules.push(translated);
         }
     }
-    if action == xds::Action::Allow && !spec.rules.is_empty() && rules.is_empty() {
+    if action == xds::Action::Allow
+        && !spec.rules.is_empty()
+        && rules.is_empty()
+        && unknown_top.is_empty()
+    {
         issues.push(
             "no rule of this ALLOW can be enforced by ztunnel, so it keeps no rules and denies \
              all connections to the workloads it applies to (unless another ALLOW matches)"
@@ -337,6 +368,36 @@ impl RuleCx<'_> {
     }
 
     fn rule(&mut self, rule: &super::Rule) -> xds::Rule {
+        let r = self.rule;
+        let mut unknown: Vec<String> = rule
+            .unknown
+            .keys()
+            .map(|k| format!("rules[{r}].{k}"))
+            .collect();
+        for (i, from) in rule.from.iter().enumerate() {
+            unknown.extend(
+                from.unknown
+                    .keys()
+                    .map(|k| format!("rules[{r}].from[{i}].{k}")),
+            );
+            let source = from.source.unknown.keys();
+            unknown.extend(source.map(|k| format!("rules[{r}].from[{i}].source.{k}")));
+        }
+        for (i, to) in rule.to.iter().enumerate() {
+            unknown.extend(to.unknown.keys().map(|k| format!("rules[{r}].to[{i}].{k}")));
+            let operation = to.operation.unknown.keys();
+            unknown.extend(operation.map(|k| format!("rules[{r}].to[{i}].operation.{k}")));
+        }
+        for (i, when) in rule.when.iter().enumerate() {
+            unknown.extend(
+                when.unknown
+                    .keys()
+                    .map(|k| format!("rules[{r}].when[{i}].{k}")),
+            );
+        }
+        for path in unknown {
+            self.unknown_field(&path);
+        }
         let mut clauses = Vec::new();
         let from: Vec<xds::Match> = rule
             .from
@@ -542,6 +603,20 @@ impl RuleCx<'_> {
         self.issues.push(format!(
             "{path} is an L7 attribute ztunnel cannot enforce; {consequence}; use a waypoint \
              to enforce it"
+        ));
+    }
+
+    /// Reports a field outside the schema; resolved like an L7 attribute.
+    fn unknown_field(&mut self, path: &str) {
+        self.drop = true;
+        let consequence = if self.deny() {
+            "this DENY is enforced without it (denies more than written)"
+        } else {
+            "the rule is left out of this ALLOW (allows less than written)"
+        };
+        self.issues.push(format!(
+            "{path} is not a field of security.istio.io/v1 AuthorizationPolicy (misspelt, or \
+             from a newer Istio); {consequence}"
         ));
     }
 

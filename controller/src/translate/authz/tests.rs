@@ -117,6 +117,7 @@ fn selector(labels: &[(&str, &str)]) -> Option<WorkloadSelector> {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+        unknown: Default::default(),
     })
 }
 
@@ -257,7 +258,10 @@ fn translate_one(spec: AuthorizationPolicySpec) -> (Option<xds::Authorization>, 
 }
 
 fn from(source: Source) -> RuleFrom {
-    RuleFrom { source }
+    RuleFrom {
+        source,
+        unknown: Default::default(),
+    }
 }
 
 #[test]
@@ -277,15 +281,18 @@ fn deny_with_only_l7_entry_matches_everything_instead_of_nothing() {
                         ports: vec!["80".into()],
                         ..Operation::default()
                     },
+                    unknown: Default::default(),
                 },
                 RuleTo {
                     operation: Operation {
                         methods: vec!["POST".into()],
                         ..Operation::default()
                     },
+                    unknown: Default::default(),
                 },
             ],
             when: vec![],
+            unknown: Default::default(),
         }],
         ..AuthorizationPolicySpec::default()
     };
@@ -320,6 +327,7 @@ fn allow_rule_with_bad_negative_value_is_dropped_not_widened() {
                     key: "destination.port".into(),
                     values: vec!["8080".into()],
                     not_values: vec![],
+                    unknown: Default::default(),
                 }],
                 ..Rule::default()
             },
@@ -424,16 +432,28 @@ fn condition() -> impl Strategy<Value = Condition> {
             key: key.to_owned(),
             values,
             not_values,
+            unknown: Default::default(),
         })
 }
 
 fn rule() -> impl Strategy<Value = Rule> {
     (
         prop::collection::vec(source().prop_map(from), 0..3),
-        prop::collection::vec(operation().prop_map(|operation| RuleTo { operation }), 0..3),
+        prop::collection::vec(
+            operation().prop_map(|operation| RuleTo {
+                operation,
+                unknown: Default::default(),
+            }),
+            0..3,
+        ),
         prop::collection::vec(condition(), 0..3),
     )
-        .prop_map(|(from, to, when)| Rule { from, to, when })
+        .prop_map(|(from, to, when)| Rule {
+            from,
+            to,
+            when,
+            unknown: Default::default(),
+        })
 }
 
 /// One connection as ztunnel sees it: addresses, port, and the peer's `(namespace, sa)`.
