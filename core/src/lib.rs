@@ -7,6 +7,7 @@ pub mod certs;
 pub mod hbone;
 pub mod identity;
 pub mod netns;
+pub mod policy;
 pub mod socket;
 pub mod state;
 pub mod tls;

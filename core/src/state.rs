@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{IdentityError, SpiffeId};
+use crate::policy::{Connection, Decision, Policy, PolicySet};
 
 pub mod xds;
 
@@ -118,6 +119,10 @@ pub struct Workload {
     /// Services this workload backs: `"<namespace>/<hostname>"` -> service port -> target port.
     #[serde(default)]
     pub services: BTreeMap<String, PortMap>,
+    /// The `WORKLOAD_SELECTOR` AuthorizationPolicies that select this workload, by key
+    /// `"<namespace>/<name>"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<String>,
 }
 
 impl Workload {
@@ -162,10 +167,9 @@ pub struct LocalConfig {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
-    /// AuthorizationPolicies. Enforcement arrives with L4 authorization; until then a file
-    /// that carries any is refused rather than silently not enforced.
+    /// AuthorizationPolicies (L4), enforced on inbound connections.
     #[serde(default)]
-    pub policies: Vec<serde_yaml::Value>,
+    pub policies: Vec<Policy>,
 }
 
 /// Why a local-config file was refused. Nothing of it is applied then.
@@ -182,11 +186,8 @@ pub enum ConfigError {
     DuplicateIp(String, String, IpAddr),
     #[error("services {0} and {1} both claim VIP {2}")]
     DuplicateVip(String, String, NetworkAddress),
-    #[error(
-        "local config has {0} AuthorizationPolicies under `policies:`, but this ztunnel does \
-         not enforce policies yet; remove them rather than run without the protection they ask for"
-    )]
-    PoliciesUnsupported(usize),
+    #[error("AuthorizationPolicy {0} is listed twice under `policies:`; each key must be unique")]
+    DuplicatePolicy(String),
 }
 
 impl LocalConfig {
@@ -196,9 +197,6 @@ impl LocalConfig {
         } else {
             serde_yaml::from_str(yaml)?
         };
-        if !cfg.policies.is_empty() {
-            return Err(ConfigError::PoliciesUnsupported(cfg.policies.len()));
-        }
         Ok(cfg)
     }
 }
@@ -229,6 +227,7 @@ pub struct State {
     by_vip: HashMap<IpAddr, Arc<Service>>,
     /// Service key -> workloads backing it, in config order.
     endpoints: HashMap<String, Vec<Arc<Workload>>>,
+    policies: PolicySet,
 }
 
 impl State {
@@ -263,6 +262,13 @@ impl State {
             }
             st.services.insert(s.key(), s);
         }
+        let mut keys = std::collections::HashSet::new();
+        for p in &cfg.policies {
+            if !keys.insert(p.key()) {
+                return Err(ConfigError::DuplicatePolicy(p.key()));
+            }
+        }
+        st.policies = PolicySet::new(cfg.policies);
         Ok(st)
     }
 
@@ -311,6 +317,24 @@ impl State {
             st.services.insert(s.key(), s);
         }
         (st, conflicts)
+    }
+
+    /// This snapshot with `policies` in place of its AuthorizationPolicies (xDS delivers them
+    /// apart from workloads and services: `State::from_resources(..).0.with_policies(set)`).
+    pub fn with_policies(mut self, policies: PolicySet) -> State {
+        self.policies = policies;
+        self
+    }
+
+    /// The AuthorizationPolicies (cheap to clone).
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// Decides an inbound connection to `dst` with this snapshot's policies.
+    pub fn authorize(&self, dst: &Workload, conn: &Connection<'_>) -> Decision {
+        self.policies
+            .check(&dst.namespace, &dst.authorization_policies, conn)
     }
 
     pub fn workloads(&self) -> &[Arc<Workload>] {
@@ -552,9 +576,16 @@ services:
         let bad_sa = "workloads:\n- {name: a, namespace: n, serviceAccount: 'a b'}\n";
         let err = State::from_local(LocalConfig::parse(bad_sa).unwrap()).unwrap_err();
         assert!(err.to_string().contains("service account"), "{err}");
-        let pol = "policies:\n- {name: p, namespace: n}\n";
-        let err = LocalConfig::parse(pol).unwrap_err();
-        assert!(matches!(err, ConfigError::PoliciesUnsupported(1)), "{err}");
+        let pol =
+            "policies:\n- {name: p, namespace: n, scope: Global, action: Deny, rules: [[]]}\n";
+        let twice = format!("{pol}{}", &pol["policies:\n".len()..]);
+        let err = State::from_local(LocalConfig::parse(&twice).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::DuplicatePolicy(ref k) if k == "n/p"),
+            "{err}"
+        );
+        let st = State::from_local(LocalConfig::parse(pol).unwrap()).unwrap();
+        assert_eq!(st.policies().len(), 1);
     }
 
     proptest::proptest! {

@@ -31,6 +31,8 @@ pub struct ResourceError {
 }
 
 /// A converted `istio.workload.Address`.
+// Short-lived (one resource at a time, unpacked at once): boxing would only cost a move.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum AddressResource {
     Workload(Workload),
@@ -45,6 +47,21 @@ pub fn decode_address(name: &str, bytes: &[u8]) -> Result<AddressResource, Resou
         reason: format!("not an istio.workload.Address: {e}"),
     })?;
     convert_address(name, addr)
+}
+
+/// Decodes and converts the bytes of an `istio.security.Authorization` named `name` (its
+/// key, `<namespace>/<name>`).
+pub fn decode_authorization(
+    name: &str,
+    bytes: &[u8],
+) -> Result<crate::policy::Policy, ResourceError> {
+    let a =
+        xds_proto::istio::security::Authorization::decode(bytes).map_err(|e| ResourceError {
+            resource: name.to_owned(),
+            field: "(message)".into(),
+            reason: format!("not an istio.security.Authorization: {e}"),
+        })?;
+    crate::policy::Policy::try_from_proto(&a).map_err(|e| err(name, e.field, e.reason))
 }
 
 /// Converts an `istio.workload.Address` named `name`.
@@ -210,6 +227,7 @@ pub fn convert_workload(name: &str, w: pb::Workload) -> Result<Workload, Resourc
         workload_type,
         status,
         services,
+        authorization_policies: w.authorization_policies,
     };
     out.identity().map_err(|e| {
         err(
