@@ -72,6 +72,24 @@ where
     }
 }
 
+/// The AuthorizationPolicies as `/config_dump` shows them: name, namespace, scope, action,
+/// dry run and the number of rules (the rules themselves under `rules_detail`).
+fn policies_dump(set: &zmesh_core::policy::PolicySet) -> serde_json::Value {
+    set.policies()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "namespace": p.namespace,
+                "scope": p.scope,
+                "action": p.action,
+                "dry_run": p.dry_run,
+                "rules": p.rules.len(),
+                "rules_detail": p.rules,
+            })
+        })
+        .collect()
+}
+
 /// State shown and controlled by the admin endpoints.
 pub struct Admin {
     pub node: Arc<Node>,
@@ -148,6 +166,8 @@ impl Admin {
             "proxies": proxies,
             "workloads": st.workloads().iter().map(|w| &**w).collect::<Vec<_>>(),
             "services": st.services().map(|s| &**s).collect::<Vec<_>>(),
+            "policies": policies_dump(st.policies()),
+            "open_inbound_connections": self.node.conns.len(),
             "certificates": self.node.certs.summaries(),
             "xds": self.xds.as_ref().map(|x| x.status()),
             "version": env!("CARGO_PKG_VERSION"),

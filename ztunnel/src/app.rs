@@ -21,6 +21,7 @@ use crate::admin::{self, Admin, LogControl};
 use crate::ca_client::{RemoteCa, RemoteCaConfig};
 use crate::config::{Config, ProxyMode};
 use crate::metrics::Metrics;
+use crate::proxy::policy::{self, Publisher, recheck_on_change};
 use crate::proxy::{Node, Proxy};
 use crate::xds::{Xds, XdsConfig};
 
@@ -67,7 +68,15 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         Some(p) => load_state(p)?,
         None => State::default(),
     };
+    if !state.policies().is_empty() {
+        tracing::info!(
+            policies = state.policies().len(),
+            "AuthorizationPolicies from the local config enforced on inbound connections"
+        );
+    }
     let state = Arc::new(ArcSwap::from_pointee(state));
+    // Every new config goes through the publisher, which wakes the policy re-check.
+    let publisher = Publisher::new(state.clone());
     let source: Arc<dyn CertificateSource> = match cfg.ca_target() {
         Some(target) => Arc::new(
             RemoteCa::new(RemoteCaConfig {
@@ -100,6 +109,7 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         state: state.clone(),
         certs: certs.clone(),
         metrics: Metrics::register(&mut registry),
+        conns: Arc::new(policy::Registry::default()),
     });
     let proxies = Arc::new(Proxies::default());
 
@@ -123,7 +133,7 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
                     auth: cfg.auth_headers(),
                     node: crate::xds::node(&cfg),
                 },
-                state.clone(),
+                publisher.clone(),
                 servers_stop.clone(),
             )
             .context("cannot start the xDS client (XDS_ADDRESS, XDS_ROOT_CA)")?,
@@ -152,8 +162,13 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         a.clone().readiness(r)
     }));
     if let Some(path) = cfg.local_xds_path.clone() {
-        watch_local_config(path, state.clone(), servers_stop.clone())?;
+        watch_local_config(path, publisher.clone(), servers_stop.clone())?;
     }
+    tokio::spawn(recheck_on_change(
+        publisher.clone(),
+        node.conns.clone(),
+        servers_stop.clone(),
+    ));
 
     if let Some(xds) = &xds
         && !xds.wait_ready(FIRST_CONFIG_WAIT).await
@@ -238,7 +253,7 @@ async fn drain(proxies: &Proxies, deadline: Duration, why: &str) {
 /// good config stays in force.
 fn watch_local_config(
     path: PathBuf,
-    state: Arc<ArcSwap<State>>,
+    publisher: Publisher,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     use notify::{RecursiveMode, Watcher};
@@ -308,8 +323,15 @@ fn watch_local_config(
             };
             match parsed {
                 Ok(st) => {
-                    tracing::info!(path = %path.display(), workloads = st.workloads().len(), "local config reloaded");
-                    state.store(Arc::new(st));
+                    tracing::info!(
+                        path = %path.display(),
+                        workloads = st.workloads().len(),
+                        policies = st.policies().len(),
+                        "local config reloaded"
+                    );
+                    // The publisher compares the policies and, if they changed, open inbound
+                    // connections are re-checked.
+                    publisher.publish(st, None);
                 }
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = format!("{e:#}"), "local config change rejected; keeping the previous config");

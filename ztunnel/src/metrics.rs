@@ -2,6 +2,11 @@
 //! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`; and one access-log line
 //! (tracing target `access`) per connection.
+//!
+//! A connection refused by AuthorizationPolicy is counted, opened and closed, with
+//! `response_flags="DENY"` (as Istio's ztunnel does); one closed later because a policy change
+//! denies it is counted closed with `DENY`. Its access-log line names the deciding policy
+//! (`policy=<namespace>/<name>`), as does the line of a connection an ALLOW policy admitted.
 
 use std::time::Instant;
 
@@ -194,6 +199,8 @@ pub struct ConnectionRecord {
     src_addr: std::net::SocketAddr,
     dst_addr: std::net::SocketAddr,
     hbone_target: Option<std::net::SocketAddr>,
+    /// The AuthorizationPolicy that decided, for the access log.
+    policy: Option<String>,
     finished: bool,
 }
 
@@ -215,8 +222,14 @@ impl ConnectionRecord {
             src_addr,
             dst_addr,
             hbone_target,
+            policy: None,
             finished: false,
         }
+    }
+
+    /// Names the AuthorizationPolicy (`<namespace>/<name>`) that decided, for the access log.
+    pub fn set_policy(&mut self, policy: Option<String>) {
+        self.policy = policy;
     }
 
     /// Sets Istio's `response_flags` for the close (e.g. `CONNECT`, `DENY`, `TLS_FAILURE`).
@@ -255,6 +268,7 @@ impl ConnectionRecord {
                     bytes_sent = sent,
                     bytes_recv = received,
                     duration = %duration,
+                    policy = self.policy.as_deref(),
                     $($extra)*
                 )
             };

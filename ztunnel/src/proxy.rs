@@ -3,6 +3,7 @@
 
 mod copy;
 mod inbound;
+pub mod policy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use zmesh_core::state::{Protocol, Resolved, State, Workload};
 use crate::config::{Config, WorkloadInfo};
 use crate::metrics::{ConnectionRecord, Metrics, TrafficLabels, connection_failed};
 
-pub use copy::{Bytes, copy};
+pub use copy::{Bytes, copy, copy_until};
 pub use inbound::{serve_hbone, serve_plaintext};
 
 /// What every proxy of a node shares.
@@ -30,6 +31,8 @@ pub struct Node {
     pub state: Arc<ArcSwap<State>>,
     pub certs: Arc<CertStore>,
     pub metrics: Metrics,
+    /// Every open inbound connection, re-checked when the policies change.
+    pub conns: Arc<policy::Registry>,
 }
 
 /// Everything the listeners of one workload share.
@@ -39,6 +42,8 @@ pub struct Proxy {
     pub certs: Arc<CertStore>,
     pub pool: Arc<Pool>,
     pub metrics: Metrics,
+    /// Open inbound connections, for the policy re-check (shared by the node's proxies).
+    pub conns: Arc<policy::Registry>,
     pub workload: WorkloadInfo,
     /// `workload`'s key in [`State`], made once.
     pub workload_key: String,
@@ -82,6 +87,16 @@ pub enum ProxyError {
         bytes: Bytes,
         source: std::io::Error,
     },
+    #[error("denied by AuthorizationPolicy: {}", policy::describe(.policy.as_deref()))]
+    Denied { policy: Option<String> },
+    #[error(
+        "closed: after a policy change the connection is denied ({})",
+        policy::describe(.policy.as_deref())
+    )]
+    Revoked {
+        bytes: Bytes,
+        policy: Option<String>,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -94,6 +109,7 @@ impl ProxyError {
             ProxyError::Certificate(..) => "IDENTITY_ERROR",
             ProxyError::NoPort { .. } => "NR",
             ProxyError::NoEndpoints(_) => "UH",
+            ProxyError::Denied { .. } | ProxyError::Revoked { .. } => "DENY",
             ProxyError::Io(_) | ProxyError::Copy { .. } => "-",
             _ => "CONNECT",
         }
@@ -137,6 +153,7 @@ impl Proxy {
             certs: node.certs.clone(),
             pool: Pool::new(node.cfg.pool, node.cfg.h2, sockets.clone()),
             metrics: node.metrics.clone(),
+            conns: node.conns.clone(),
             workload,
             workload_key,
             identity,
@@ -370,9 +387,12 @@ pub fn finish(mut rec: ConnectionRecord, res: Result<Bytes, ProxyError>) {
         Ok(b) => rec.finish(b.sent, b.received, None),
         Err(e) => {
             let b = match &e {
-                ProxyError::Copy { bytes, .. } => *bytes,
+                ProxyError::Copy { bytes, .. } | ProxyError::Revoked { bytes, .. } => *bytes,
                 _ => Bytes::default(),
             };
+            if let ProxyError::Denied { policy } | ProxyError::Revoked { policy, .. } = &e {
+                rec.set_policy(policy.clone());
+            }
             rec.set_response_flag(e.response_flag());
             rec.finish(b.sent, b.received, Some(&e));
         }

@@ -6,9 +6,12 @@
 //! - Every response is ACKed, or NACKed with a message naming each bad resource and why,
 //!   while the good resources of that response are applied. Removals are applied.
 //! - A response that changes anything is published as one new `Arc<State>` into the
-//!   `ArcSwap<State>` the data path reads.
-//! - Authorization resources are NACKed: L4 policy is not enforced by this build, and saying
-//!   so beats accepting a policy that nothing enforces.
+//!   `ArcSwap<State>` the data path reads; one that changes the AuthorizationPolicies also
+//!   has the open inbound connections re-checked (see `proxy::policy`).
+//! - Authorization resources become the state's policies (`Policy::from_proto`); one that
+//!   does not convert is NACKed with its reason, its previous version (if any) staying.
+//! - Ready once the first response of each type was applied: no connection is served before
+//!   the policies are known.
 //! - The stream is re-opened after any failure with exponential backoff (10 ms doubling to
 //!   15 s, jittered, back to 10 ms after a stream that delivered config); the last good config
 //!   keeps serving meanwhile. Repeated failures are logged at warn once, then rate-limited.
@@ -22,8 +25,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
+use crate::grpc::{self, AuthHeaders, GrpcError, Target};
+use crate::proxy::policy::Publisher;
+pub use node::node;
 use serde::Serialize;
+use store::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -34,11 +40,6 @@ use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_clien
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use xds_proto::google::rpc::Status as RpcStatus;
 use xds_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
-use zmesh_core::state::State;
-
-use crate::grpc::{self, AuthHeaders, GrpcError, Target};
-pub use node::node;
-use store::Store;
 
 /// Largest response accepted (upstream ztunnel's limit).
 const MAX_MESSAGE_SIZE: usize = 200 * 1024 * 1024;
@@ -109,12 +110,14 @@ pub struct XdsStatus {
     pub failures: u64,
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
-    /// Whether the first Address response was applied (readiness waits for it).
+    /// Whether the first response of each type (Address and Authorization) was applied
+    /// (readiness waits for it).
     pub first_config_applied: bool,
     /// New `State` snapshots published (one per response that changed something).
     pub state_updates: u64,
     pub workloads: usize,
     pub services: usize,
+    pub policies: usize,
     pub types: BTreeMap<String, TypeStatus>,
 }
 
@@ -126,11 +129,11 @@ pub struct Xds {
 }
 
 impl Xds {
-    /// Starts the client; it runs until `stop` is cancelled and publishes into `state`.
+    /// Starts the client; it runs until `stop` is cancelled and publishes through `publisher`.
     /// Fails only on a bad target (address, root certificate), before anything is dialled.
     pub fn start(
         cfg: XdsConfig,
-        state: Arc<ArcSwap<State>>,
+        publisher: Publisher,
         stop: CancellationToken,
     ) -> Result<Xds, GrpcError> {
         let channel = grpc::channel(&cfg.target)?;
@@ -146,21 +149,22 @@ impl Xds {
             address: cfg.target.address,
             node: cfg.node,
             store: Store::default(),
-            state,
+            publisher,
             status: status.clone(),
             ready: ready_tx,
+            first_seen: HashSet::new(),
             conflicts: HashSet::new(),
         };
         tokio::spawn(client.run(stop));
         Ok(Xds { status, ready })
     }
 
-    /// Whether the first Address response has been applied.
+    /// Whether the first response of each type has been applied.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
     }
 
-    /// Waits until the first Address response is applied, at most `timeout`.
+    /// Waits until the first response of each type is applied, at most `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut rx = self.ready.clone();
         tokio::time::timeout(timeout, rx.wait_for(|r| *r))
@@ -184,9 +188,11 @@ struct Client {
     address: String,
     node: Node,
     store: Store,
-    state: Arc<ArcSwap<State>>,
+    publisher: Publisher,
     status: Arc<Mutex<XdsStatus>>,
     ready: watch::Sender<bool>,
+    /// The types a response was applied for (ready once it holds all of `TYPES`).
+    first_seen: HashSet<String>,
     /// IP/VIP conflicts already logged.
     conflicts: HashSet<String>,
 }
@@ -366,17 +372,24 @@ impl Client {
             tracing::info!(
                 workloads = state.workloads().len(),
                 services = state.services().count(),
+                policies = state.policies().len(),
                 type_url = %type_url, received, removals,
                 "xDS: config applied"
             );
-            self.state.store(Arc::new(state));
+            self.publisher
+                .publish(state, Some(type_url == AUTHORIZATION_TYPE_URL));
         }
         let nack = out.nack_message();
+        if TYPES.contains(&type_url.as_str()) {
+            self.first_seen.insert(type_url.clone());
+        }
+        let ready = TYPES.iter().all(|t| self.first_seen.contains(*t));
         {
             let (w, s) = self.store.counts();
             let mut st = lock(&self.status);
             st.workloads = w;
             st.services = s;
+            st.policies = self.store.policy_count();
             st.state_updates += u64::from(out.changed);
             let ts = st.types.entry(type_url.clone()).or_default();
             ts.resources_received += received;
@@ -392,17 +405,12 @@ impl Client {
                     ts.last_nack = Some((nonce.clone(), m.clone()));
                 }
             }
-            if type_url == ADDRESS_TYPE_URL {
-                st.first_config_applied = true;
-            }
+            st.first_config_applied = ready;
         }
-        if type_url == ADDRESS_TYPE_URL {
+        if ready && !*self.ready.borrow() {
             self.ready.send_replace(true);
         }
-        if let Some(m) = &nack
-            && type_url != AUTHORIZATION_TYPE_URL
-        {
-            // Authorization refusals are logged once per policy by the store.
+        if let Some(m) = &nack {
             tracing::warn!(type_url = %type_url, error = %m, "xDS: resources rejected (NACK); the rest applied");
         }
         DeltaDiscoveryRequest {

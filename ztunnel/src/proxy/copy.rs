@@ -90,6 +90,23 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    copy_until(client, upstream, buf, std::future::pending()).await
+}
+
+/// Like [`copy`], but abandons the copy as soon as `revoked` completes (a policy change denies
+/// the connection): then the error is [`ProxyError::Revoked`] with the counts so far and the
+/// deciding policy that `revoked` returned. The caller closes both sides.
+pub async fn copy_until<C, U, R>(
+    client: &mut C,
+    upstream: &mut U,
+    buf: usize,
+    revoked: R,
+) -> Result<Bytes, ProxyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    R: std::future::Future<Output = Option<String>>,
+{
     let mut c = Counting {
         inner: client,
         read: 0,
@@ -98,15 +115,22 @@ where
         inner: upstream,
         read: 0,
     };
-    let res = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, buf, buf).await;
+    let res = {
+        let copying = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, buf, buf);
+        tokio::select! {
+            r = copying => Ok(r),
+            policy = revoked => Err(policy),
+        }
+    };
     let bytes = Bytes {
         received: c.read,
         sent: u.read,
     };
     match res {
-        Ok(_) => Ok(bytes),
-        Err(e) if benign(&e) => Ok(bytes),
-        Err(source) => Err(ProxyError::Copy { bytes, source }),
+        Ok(Ok(_)) => Ok(bytes),
+        Ok(Err(e)) if benign(&e) => Ok(bytes),
+        Ok(Err(source)) => Err(ProxyError::Copy { bytes, source }),
+        Err(policy) => Err(ProxyError::Revoked { bytes, policy }),
     }
 }
 
@@ -139,6 +163,35 @@ mod tests {
                 sent: 70
             }
         );
+    }
+
+    #[tokio::test]
+    async fn revocation_stops_the_copy_and_keeps_the_counts() {
+        let (mut client, mut client_side) = tokio::io::duplex(1024);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(1024);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let proxy = tokio::spawn(async move {
+            let revoked = async move {
+                let _ = rx.await;
+                Some("default/deny".to_owned())
+            };
+            copy_until(&mut client_side, &mut upstream_side, 64, revoked).await
+        });
+        client.write_all(&[1; 10]).await.unwrap();
+        let mut got = [0u8; 10];
+        upstream.read_exact(&mut got).await.unwrap();
+        tx.send(()).unwrap();
+        match proxy.await.unwrap() {
+            Err(ProxyError::Revoked { bytes, policy }) => {
+                assert_eq!(bytes.received, 10);
+                assert_eq!(policy.as_deref(), Some("default/deny"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The proxy's ends are gone: both sides see the connection end.
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+        assert_eq!(upstream.read_to_end(&mut rest).await.unwrap(), 0);
     }
 
     #[test]

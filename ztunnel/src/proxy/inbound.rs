@@ -17,7 +17,8 @@ use tokio_rustls::TlsAcceptor;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::peer_identity;
 
-use super::{Proxy, ProxyError, accept_loop, copy, finish, refuse};
+use super::policy::{self, Peer};
+use super::{Proxy, ProxyError, accept_loop, copy_until, finish, refuse};
 use crate::metrics::{ConnectionRecord, TrafficLabels, connection_failed};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,6 +139,19 @@ impl Proxy {
                 ProxyError::Loop(target.port()).to_string(),
             );
         }
+        // The source is who connected, not what the client's `forwarded` header claims:
+        // that header is informational and any mesh workload could forge it.
+        let src_addr = peer;
+        // Registered before the config is read: a policy change published from here on
+        // re-checks this connection.
+        let registration = self.conns.register(
+            &self.workload_key,
+            Peer {
+                src_ip: src_addr.ip(),
+                src_identity: peer_id.as_ref().clone(),
+                dst: target,
+            },
+        );
         // One config snapshot for the whole decision.
         let state = self.state.load_full();
         let local = state.workload_by_key(&self.workload_key).cloned();
@@ -160,9 +174,6 @@ impl Proxy {
                 ),
             );
         }
-        // The source is who connected, not what the client's `forwarded` header claims:
-        // that header is informational and any mesh workload could forge it.
-        let src_addr = peer;
         let mut labels = TrafficLabels::new("destination");
         if let Some(w) = state.workload_by_ip(src_addr.ip()) {
             labels = labels.source(w);
@@ -183,8 +194,24 @@ impl Proxy {
         }
         labels.destination_principal = self.identity.to_string();
         labels.connection_security_policy = "mutual_tls";
+        // AuthorizationPolicy, before the app is connected.
+        let decision = policy::authorize(&state, Some(local_w), registration.peer());
+        policy::log_dry_run(&decision, registration.peer(), "inbound");
+        if !decision.allowed {
+            labels.response_flags = "DENY";
+            let rec =
+                ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
+            finish(
+                rec,
+                Err(ProxyError::Denied {
+                    policy: decision.policy,
+                }),
+            );
+            return status(StatusCode::UNAUTHORIZED);
+        }
         let mut rec =
             ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
+        rec.set_policy(decision.policy);
         // Answer 200 only once the workload accepted the connection.
         let mut upstream = match self.connect_as(target, src_addr).await {
             Ok(s) => s,
@@ -194,12 +221,26 @@ impl Proxy {
                 return status(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
+        // A policy change while connecting: the client is told, the app connection dropped.
+        if registration.is_revoked() {
+            let policy = registration.revoked().await;
+            finish(
+                rec,
+                Err(ProxyError::Revoked {
+                    bytes: Default::default(),
+                    policy,
+                }),
+            );
+            return status(StatusCode::UNAUTHORIZED);
+        }
         let buf = self.cfg.copy_buffer;
         self.spawn_connection(async move {
             let res = match hyper::upgrade::on(req).await {
                 Ok(up) => {
                     let mut tunnel = TokioIo::new(up);
-                    copy(&mut tunnel, &mut upstream, buf).await
+                    // On revocation the tunnel is dropped unfinished: the client gets a
+                    // stream reset, the app a close.
+                    copy_until(&mut tunnel, &mut upstream, buf, registration.revoked()).await
                 }
                 Err(e) => Err(ProxyError::Io(std::io::Error::other(e))),
             };
@@ -248,6 +289,16 @@ impl Proxy {
         let Some(orig) = self.captured_destination(&stream, peer, "inbound") else {
             return;
         };
+        // Registered before the config is read: a policy change published from here on
+        // re-checks this connection.
+        let registration = self.conns.register(
+            &self.workload_key,
+            Peer {
+                src_ip: peer.ip(),
+                src_identity: None,
+                dst: orig,
+            },
+        );
         // Only this workload is served here: the capture rule matches any destination, and
         // relaying elsewhere would let an outsider use the pod as a plaintext TCP relay.
         let state = self.state.load_full();
@@ -271,14 +322,43 @@ impl Proxy {
         if let Some(w) = &local {
             labels = labels.destination(w);
         }
-        let rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
+        // AuthorizationPolicy with no peer identity, before the app is connected; an unknown
+        // destination workload is denied.
+        let decision = policy::authorize(&state, local.as_deref(), registration.peer());
+        policy::log_dry_run(&decision, registration.peer(), "inbound");
+        if !decision.allowed {
+            refuse(&stream);
+            labels.response_flags = "DENY";
+            let rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
+            finish(
+                rec,
+                Err(ProxyError::Denied {
+                    policy: decision.policy,
+                }),
+            );
+            return;
+        }
+        let mut rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
+        rec.set_policy(decision.policy);
         let res = match zmesh_core::socket::connect(orig, None, &self.sockets).await {
-            Ok(mut upstream) => copy(&mut stream, &mut upstream, self.cfg.copy_buffer).await,
+            Ok(mut upstream) => {
+                copy_until(
+                    &mut stream,
+                    &mut upstream,
+                    self.cfg.copy_buffer,
+                    registration.revoked(),
+                )
+                .await
+            }
             Err(e) => {
                 refuse(&stream);
                 Err(ProxyError::Upstream(orig, e))
             }
         };
+        if matches!(res, Err(ProxyError::Revoked { .. })) {
+            // Closed by a policy change: a reset, not a clean end.
+            refuse(&stream);
+        }
         finish(rec, res);
     }
 }

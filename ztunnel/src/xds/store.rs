@@ -1,14 +1,17 @@
 //! What the xDS client holds: every accepted Address resource with its version, in arrival
-//! order, and the rule for each response: good resources applied, bad ones refused with a
-//! reason naming them, removals applied. Free of gRPC so it can be tested directly.
+//! order, every accepted Authorization resource (converted to a [`Policy`]) with its version,
+//! and the rule for each response: good resources applied, bad ones refused with a reason
+//! naming them (the previous good version, if any, stays), removals applied. Free of gRPC so
+//! it can be tested directly.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prost::Message;
 use xds_proto::envoy::service::discovery::v3::Resource;
 use xds_proto::istio::security::Authorization;
 use xds_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use zmesh_core::policy::{Policy, PolicySet};
 use zmesh_core::state::xds::{AddressResource, decode_address};
 use zmesh_core::state::{Service, State, Workload};
 
@@ -43,34 +46,38 @@ impl Outcome {
     }
 }
 
-/// The message every Authorization resource is refused with until L4 policy is enforced.
-pub fn authorization_refusal(namespace: &str, name: &str) -> String {
-    format!(
-        "AuthorizationPolicy enforcement is not implemented in this ztunnel build; policy \
-         {namespace}/{name} is NOT enforced"
-    )
-}
-
-/// The client's resources. Authorization resources are never held: they are refused.
+/// The client's resources.
 #[derive(Debug, Default)]
 pub struct Store {
     addresses: HashMap<String, Held>,
     next_seq: u64,
-    /// Authorization resources already logged as not enforced (by resource name), so each
-    /// policy is logged once, not on every resend or reconnect.
-    authz_logged: HashSet<String>,
+    /// Authorization resources by resource name: version and policy.
+    policies: BTreeMap<String, (String, Policy)>,
+    /// `policies` indexed, rebuilt only when they change (every `State` shares it).
+    policy_set: PolicySet,
 }
 
 impl Store {
     /// What the client has of `type_url`, for `initial_resource_versions` on (re)connect.
     pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
-        if type_url != ADDRESS_TYPE_URL {
-            return HashMap::new();
+        match type_url {
+            ADDRESS_TYPE_URL => self
+                .addresses
+                .iter()
+                .map(|(n, h)| (n.clone(), h.version.clone()))
+                .collect(),
+            AUTHORIZATION_TYPE_URL => self
+                .policies
+                .iter()
+                .map(|(n, (v, _))| (n.clone(), v.clone()))
+                .collect(),
+            _ => HashMap::new(),
         }
-        self.addresses
-            .iter()
-            .map(|(n, h)| (n.clone(), h.version.clone()))
-            .collect()
+    }
+
+    /// Number of policies held.
+    pub fn policy_count(&self) -> usize {
+        self.policies.len()
     }
 
     /// Number of workloads and services held.
@@ -146,25 +153,44 @@ impl Store {
     fn apply_authorizations(&mut self, resources: Vec<Resource>, removed: &[String]) -> Outcome {
         let mut out = Outcome::default();
         for name in removed {
-            self.authz_logged.remove(name);
+            out.changed |= self.policies.remove(name).is_some();
         }
         for r in resources {
-            let policy = r
-                .resource
-                .as_ref()
-                .and_then(|any| Authorization::decode(any.value.as_slice()).ok());
-            let msg = match &policy {
-                Some(p) => authorization_refusal(&p.namespace, &p.name),
-                None => format!(
-                    "resource {:?}: not a valid istio.security.Authorization; and \
-                     AuthorizationPolicy enforcement is not implemented in this ztunnel build",
-                    r.name
-                ),
+            let converted = match &r.resource {
+                None => Err(format!("resource {:?}: no resource in it", r.name)),
+                Some(any) if !any.type_url.is_empty() && any.type_url != AUTHORIZATION_TYPE_URL => {
+                    Err(format!(
+                        "resource {:?}: packed as {:?}, expected {AUTHORIZATION_TYPE_URL}",
+                        r.name, any.type_url
+                    ))
+                }
+                Some(any) => Authorization::decode(any.value.as_slice())
+                    .map_err(|e| {
+                        format!(
+                            "resource {:?}: not an istio.security.Authorization: {e}",
+                            r.name
+                        )
+                    })
+                    .and_then(|a| {
+                        Policy::from_proto(&a)
+                            .map_err(|e| format!("resource {:?}: policy not enforced: {e}", r.name))
+                    }),
             };
-            if self.authz_logged.insert(r.name.clone()) {
-                tracing::error!(resource = %r.name, "{msg}; the controller is told (NACK)");
+            match converted {
+                Ok(p) => {
+                    let same = self
+                        .policies
+                        .get(&r.name)
+                        .is_some_and(|(_, held)| *held == p);
+                    self.policies.insert(r.name, (r.version, p));
+                    out.changed |= !same;
+                }
+                // The previous good version (if any) stays enforced.
+                Err(e) => out.errors.push(e),
             }
-            out.errors.push(msg);
+        }
+        if out.changed {
+            self.policy_set = PolicySet::new(self.policies.values().map(|(_, p)| p.clone()));
         }
         out
     }
@@ -181,7 +207,8 @@ impl Store {
             Item::Service(s) => Some(s.clone()),
             Item::Workload(_) => None,
         });
-        State::from_resources(workloads, services)
+        let (st, conflicts) = State::from_resources(workloads, services);
+        (st.with_policies(self.policy_set.clone()), conflicts)
     }
 }
 
@@ -249,30 +276,95 @@ mod tests {
         assert!(s.state().0.workloads().is_empty());
     }
 
-    #[test]
-    fn authorization_is_refused_and_never_held() {
-        let mut s = Store::default();
-        let p = Authorization {
-            name: "deny-all".into(),
-            namespace: "prod".into(),
+    fn authorization(name: &str, namespace: &str, action: i32, rules: usize) -> Resource {
+        use xds_proto::istio::security as sec;
+        let m = sec::Match {
+            destination_ports: vec![8080],
             ..Default::default()
         };
-        let r = Resource {
-            name: "prod/deny-all".into(),
-            version: "1".into(),
+        let p = Authorization {
+            name: name.into(),
+            namespace: namespace.into(),
+            scope: sec::Scope::Namespace as i32,
+            action,
+            rules: (0..rules)
+                .map(|_| sec::Rule {
+                    clauses: vec![sec::Clause {
+                        matches: vec![m.clone()],
+                    }],
+                })
+                .collect(),
+            ..Default::default()
+        };
+        Resource {
+            name: format!("{namespace}/{name}"),
+            version: format!("v{rules}"),
             resource: Some(prost_types::Any {
                 type_url: AUTHORIZATION_TYPE_URL.into(),
                 value: p.encode_to_vec(),
             }),
             ..Default::default()
-        };
-        let out = s.apply(AUTHORIZATION_TYPE_URL, vec![r], &[]);
-        assert_eq!(
-            out.nack_message().unwrap(),
-            "AuthorizationPolicy enforcement is not implemented in this ztunnel build; \
-             policy prod/deny-all is NOT enforced"
+        }
+    }
+
+    #[test]
+    fn authorization_applied_bad_one_nacked_removals_applied() {
+        use xds_proto::istio::security as sec;
+        let mut s = Store::default();
+        let mut bad = authorization("bad", "prod", sec::Action::Deny as i32, 1);
+        bad.resource.as_mut().unwrap().value = vec![0xff, 0xff, 0xff];
+        let out = s.apply(
+            AUTHORIZATION_TYPE_URL,
+            vec![
+                authorization("deny-all", "prod", sec::Action::Deny as i32, 1),
+                bad,
+            ],
+            &[],
         );
-        assert!(!out.changed);
+        assert!(out.changed);
+        let nack = out.nack_message().unwrap();
+        assert!(nack.contains("\"prod/bad\""), "{nack}");
+        assert!(!nack.contains("deny-all"), "{nack}");
+        let (st, _) = s.state();
+        let keys: Vec<String> = st.policies().policies().map(|p| p.key()).collect();
+        assert_eq!(keys, vec!["prod/deny-all"]);
+        assert_eq!(s.versions(AUTHORIZATION_TYPE_URL)["prod/deny-all"], "v1");
+
+        // The same policy again: nothing changes (no re-check of open connections is due).
+        let out = s.apply(
+            AUTHORIZATION_TYPE_URL,
+            vec![authorization(
+                "deny-all",
+                "prod",
+                sec::Action::Deny as i32,
+                1,
+            )],
+            &[],
+        );
+        assert_eq!(out, Outcome::default());
+        // An updated one replaces it; an Address change keeps the policies.
+        let out = s.apply(
+            AUTHORIZATION_TYPE_URL,
+            vec![authorization(
+                "deny-all",
+                "prod",
+                sec::Action::Deny as i32,
+                2,
+            )],
+            &[],
+        );
+        assert!(out.changed && out.errors.is_empty());
+        s.apply(
+            ADDRESS_TYPE_URL,
+            vec![workload("w", vec![10, 0, 0, 1])],
+            &[],
+        );
+        let (st, _) = s.state();
+        assert_eq!(st.policies().get("prod/deny-all").unwrap().rules.len(), 2);
+
+        let out = s.apply(AUTHORIZATION_TYPE_URL, vec![], &["prod/deny-all".into()]);
+        assert!(out.changed);
+        assert!(s.state().0.policies().is_empty());
         assert!(s.versions(AUTHORIZATION_TYPE_URL).is_empty());
     }
 }

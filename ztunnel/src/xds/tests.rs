@@ -182,6 +182,7 @@ fn client(addr: SocketAddr, root: PathBuf) -> Proxy {
         node_name: "node-a".into(),
         ..Default::default()
     };
+    let publisher = crate::proxy::policy::Publisher::new(state.clone());
     let xds = Xds::start(
         XdsConfig {
             target: Target {
@@ -197,7 +198,7 @@ fn client(addr: SocketAddr, root: PathBuf) -> Proxy {
             },
             node: node(&cfg),
         },
-        state.clone(),
+        publisher,
         stop.clone(),
     )
     .unwrap();
@@ -346,42 +347,83 @@ async fn controller_away_keeps_state_and_reconnect_sends_only_changes() {
     assert_eq!(ctl.server.nack_count(), 0);
 }
 
+fn authorization(name: &str, port: u32) -> (String, Any) {
+    use xds_proto::istio::security as sec;
+    let policy = Authorization {
+        name: name.into(),
+        namespace: "prod".into(),
+        scope: sec::Scope::Namespace as i32,
+        action: sec::Action::Deny as i32,
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    destination_ports: vec![port],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    (
+        format!("prod/{name}"),
+        Any {
+            type_url: AUTHORIZATION_TYPE_URL.into(),
+            value: policy.encode_to_vec(),
+        },
+    )
+}
+
+fn policy_keys(p: &Proxy) -> Vec<String> {
+    p.state
+        .load()
+        .policies()
+        .policies()
+        .map(|p| p.key())
+        .collect()
+}
+
 #[tokio::test]
-async fn authorization_is_nacked_addresses_unaffected() {
+async fn authorization_applied_bad_one_nacked_removal_applied() {
     let pki = Pki::new();
     let cache = Cache::new();
     put(&cache, vec![workload("a", &[10, 0, 0, 1])], &[]);
-    let policy = Authorization {
-        name: "deny-all".into(),
-        namespace: "prod".into(),
-        ..Default::default()
-    };
+    let (_, mut bad) = authorization("bad", 1);
+    bad.value = vec![0xff, 0xff, 0xff];
     cache
         .apply(
             AUTHORIZATION_TYPE_URL,
-            vec![(
-                "prod/deny-all".into(),
-                Any {
-                    type_url: AUTHORIZATION_TYPE_URL.into(),
-                    value: policy.encode_to_vec(),
-                },
-            )],
+            vec![authorization("deny-all", 8080), ("prod/bad".into(), bad)],
             vec![],
         )
         .unwrap();
     let ctl = Controller::start(&pki, cache.clone(), "127.0.0.1:0".parse().unwrap());
     let p = client(ctl.addr, pki.root());
-    eventually("NACK of the policy", || ctl.server.nack_count() >= 1).await;
-    eventually("addresses applied", || has_ip(&p, [10, 0, 0, 1])).await;
+    eventually("NACK of the bad policy", || ctl.server.nack_count() >= 1).await;
+    eventually("the good policy applied", || {
+        policy_keys(&p) == ["prod/deny-all"]
+    })
+    .await;
+    assert!(has_ip(&p, [10, 0, 0, 1]), "addresses unaffected");
     let st = p.xds.status();
     let (_, msg) = st.types[AUTHORIZATION_TYPE_URL].last_nack.clone().unwrap();
-    assert_eq!(
-        msg,
-        "AuthorizationPolicy enforcement is not implemented in this ztunnel build; \
-         policy prod/deny-all is NOT enforced"
-    );
+    assert!(msg.contains("\"prod/bad\""), "{msg}");
+    assert!(!msg.contains("deny-all"), "{msg}");
     assert_eq!(st.types[ADDRESS_TYPE_URL].nacks, 0);
+    assert_eq!(st.policies, 1);
     assert!(p.xds.is_ready());
+
+    // An Address change keeps the policies; a policy removal is applied.
+    put(&cache, vec![workload("b", &[10, 0, 0, 2])], &[]);
+    eventually("b applied", || has_ip(&p, [10, 0, 0, 2])).await;
+    assert_eq!(policy_keys(&p), ["prod/deny-all"]);
+    cache
+        .apply(
+            AUTHORIZATION_TYPE_URL,
+            vec![authorization("other", 9090)],
+            vec!["prod/deny-all".into(), "prod/bad".into()],
+        )
+        .unwrap();
+    eventually("removal applied", || policy_keys(&p) == ["prod/other"]).await;
 }
 
 #[tokio::test]
