@@ -9,4 +9,5 @@ pub mod monitor;
 pub mod reconcile;
 pub mod server;
 pub mod source;
+pub mod status;
 pub mod translate;

@@ -15,6 +15,7 @@ use xds_proto::istio::workload::{Address, address};
 
 use crate::ads::Cache;
 use crate::source::Store;
+use crate::status::{StatusWriter, desired_updates};
 use crate::translate::{Kind, MeshConfig, Translated, translate};
 
 /// Type URL of workloads and services.
@@ -53,6 +54,8 @@ pub struct Reconciler {
     /// What the cache holds, as last translated (diffed against the next translation).
     last: Translated,
     stats: Arc<Mutex<PassStats>>,
+    /// Where policy status goes (Kubernetes source only).
+    status: Option<StatusWriter>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -73,12 +76,19 @@ impl Reconciler {
             debounce: DEFAULT_DEBOUNCE,
             last: Translated::default(),
             stats: Arc::default(),
+            status: None,
         }
     }
 
     /// Sets the debounce (quiet time before translating).
     pub fn with_debounce(mut self, debounce: Duration) -> Self {
         self.debounce = debounce;
+        self
+    }
+
+    /// Writes each AuthorizationPolicy's `ZtunnelAccepted` condition through `writer`.
+    pub fn with_status(mut self, writer: StatusWriter) -> Self {
+        self.status = Some(writer);
         self
     }
 
@@ -113,7 +123,11 @@ impl Reconciler {
         let start = Instant::now();
         let (generation, next) = {
             let objects = self.store.read();
-            (self.store.generation(), translate(&objects, &self.mesh))
+            let next = translate(&objects, &self.mesh);
+            if let Some(writer) = &self.status {
+                writer.write(&objects, desired_updates(&objects, &next));
+            }
+            (self.store.generation(), next)
         };
         let translated_in = start.elapsed();
         let apply_start = Instant::now();

@@ -264,8 +264,12 @@ pub async fn start_with_client(
         )?),
     };
     let cache = Cache::not_ready();
-    let reconciler =
+    let mut reconciler =
         Reconciler::new(store.clone(), cache.clone(), cfg.mesh.clone()).with_debounce(cfg.debounce);
+    if cfg.source == SourceConfig::Kube {
+        reconciler =
+            reconciler.with_status(crate::status::StatusWriter::spawn(kube_client().await?));
+    }
     let stats = reconciler.stats();
     {
         let stop = stop.clone();

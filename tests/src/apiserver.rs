@@ -510,6 +510,38 @@ async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Respo
         };
         return tokens::token_review(&shared.lock().tokens, &body.to_bytes());
     }
+    // The status subresource: a merge patch that may change `status` only, as the real API
+    // server applies it (spec, labels... in the patch are ignored; generation unchanged).
+    if let ["namespaces", ns, plural, name, "status"] = rest {
+        if parts.method != Method::PATCH {
+            return method_not_allowed();
+        }
+        let content_type = parts
+            .headers
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if content_type != "application/merge-patch+json" {
+            return status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                &format!(
+                    "the double applies application/merge-patch+json only, not {content_type:?}"
+                ),
+                json!({}),
+            );
+        }
+        let Ok(body) = body.collect().await else {
+            return bad_request("unreadable body");
+        };
+        let Ok(patch) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+            return bad_request("the body is not JSON");
+        };
+        return shared
+            .lock()
+            .patch_status(group, version, plural, ns, name, &patch);
+    }
     let (namespace, plural, name) = match rest {
         ["namespaces", ns, plural] => (Some(*ns), *plural, None),
         ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
@@ -812,6 +844,35 @@ impl State {
         full(StatusCode::OK, &body)
     }
 
+    fn patch_status(
+        &mut self,
+        group: &str,
+        version: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        patch: &Value,
+    ) -> Response<Body> {
+        let Some(ty) = self
+            .types
+            .iter()
+            .position(|t| t.group == group && t.version == version && t.plural == plural)
+        else {
+            return not_found();
+        };
+        let key = (ty, namespace.to_owned(), name.to_owned());
+        let Some(mut object) = self.objects.get(&key).cloned() else {
+            return self.get_one(ty, namespace, name);
+        };
+        let mut status = object.get("status").cloned().unwrap_or(Value::Null);
+        merge_patch(&mut status, patch.get("status").unwrap_or(&Value::Null));
+        object["status"] = status;
+        match self.apply(object) {
+            Ok(_) => self.get_one(ty, namespace, name),
+            Err(e) => bad_request(&e.to_string()),
+        }
+    }
+
     fn get_one(&self, ty: usize, namespace: &str, name: &str) -> Response<Body> {
         match self
             .objects
@@ -827,6 +888,26 @@ impl State {
                     json!({"name": name, "group": t.group, "kind": t.plural}),
                 )
             }
+        }
+    }
+}
+
+/// JSON Merge Patch (RFC 7386): objects merge key by key, `null` deletes, anything else
+/// replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let map = target.as_object_mut().expect("made an object above");
+    for (k, v) in fields {
+        if v.is_null() {
+            map.remove(k);
+        } else {
+            merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
         }
     }
 }

@@ -271,3 +271,99 @@ async fn tokenreview_authenticated_ztunnel_gets_only_its_nodes_certificates() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
 }
+
+fn policy(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+           "metadata": {"name": name, "namespace": "shop"}, "spec": spec})
+}
+
+fn condition(api: &ApiServer, name: &str) -> Option<Value> {
+    let p = api.get("security.istio.io/v1", "AuthorizationPolicy", "shop", name)?;
+    p["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "ZtunnelAccepted")
+        .cloned()
+}
+
+#[tokio::test]
+async fn policy_status_says_what_ztunnel_enforces() {
+    let s = setup().await;
+    s.api
+        .apply(policy(
+            "deny-ssh",
+            json!({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["22"]}}]}]}),
+        ))
+        .unwrap();
+    s.api
+        .apply(policy(
+            "audit-all",
+            json!({"action": "AUDIT", "rules": [{}]}),
+        ))
+        .unwrap();
+    s.api
+        .apply(policy(
+            "allow-get",
+            json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+        ))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ["deny-ssh", "audit-all", "allow-get"]
+        .iter()
+        .any(|n| condition(&s.api, n).is_none())
+    {
+        assert!(Instant::now() < deadline, "status conditions written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok = condition(&s.api, "deny-ssh").unwrap();
+    assert_eq!(
+        (ok["status"].as_str(), ok["reason"].as_str()),
+        (Some("True"), Some("Accepted"))
+    );
+    assert_eq!(ok["observedGeneration"], 1);
+    let audit = condition(&s.api, "audit-all").unwrap();
+    assert_eq!(audit["status"], "False");
+    assert!(
+        audit["message"].as_str().unwrap().contains("AUDIT"),
+        "{audit}"
+    );
+    let l7 = condition(&s.api, "allow-get").unwrap();
+    assert_eq!(
+        (l7["status"].as_str(), l7["reason"].as_str()),
+        (Some("True"), Some("UnsupportedValue"))
+    );
+    assert!(l7["message"].as_str().unwrap().contains("methods"), "{l7}");
+
+    // Writing a status comes back as a watch event; it must not cause another write.
+    let patches = || {
+        s.api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("PATCH"))
+            .count()
+    };
+    let settled = patches();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(patches(), settled, "status writes must not loop");
+    assert_eq!(settled, 3, "{:?}", s.api.requests());
+
+    // A spec change bumps the generation; the condition follows. (The double's `apply`
+    // replaces the whole object, status included, so the condition is written afresh.)
+    s.api
+        .apply(policy(
+            "allow-get",
+            json!({"rules": [{"from": [{"source": {"namespaces": ["shop"]}}]}]}),
+        ))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = condition(&s.api, "allow-get");
+        if c.as_ref()
+            .is_some_and(|c| c["reason"] == "Accepted" && c["observedGeneration"] == 2)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "condition after the fix: {c:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
