@@ -588,6 +588,106 @@ services:
         assert_eq!(st.policies().len(), 1);
     }
 
+    #[test]
+    fn local_policies_are_parsed_and_enforced() {
+        let cfg = r#"
+workloads:
+- name: server
+  namespace: shop
+  serviceAccount: server
+  workloadIps: ["10.0.0.2"]
+  protocol: HBONE
+  authorizationPolicies: ["shop/only-frontend"]
+- name: other
+  namespace: shop
+  workloadIps: ["10.0.0.3"]
+policies:
+- name: only-frontend
+  namespace: shop
+  scope: WorkloadSelector
+  action: Allow
+  rules:
+  - - - principals:
+        - !Exact cluster.local/ns/shop/sa/frontend
+        destinationPorts: [8080]
+- name: deny-evil
+  namespace: istio-system
+  scope: Global
+  action: Deny
+  dryRun: true
+  rules:
+  - - - namespaces: [!Prefix evil]
+"#;
+        let st = State::from_local(LocalConfig::parse(cfg).unwrap()).unwrap();
+        assert_eq!(st.policies().len(), 2);
+        let server = st
+            .find_workload("shop", "server", "server")
+            .unwrap()
+            .clone();
+        assert_eq!(server.authorization_policies, vec!["shop/only-frontend"]);
+        let other = st
+            .workload_by_ip("10.0.0.3".parse().unwrap())
+            .unwrap()
+            .clone();
+        assert!(other.authorization_policies.is_empty());
+        let frontend = SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
+        let evil = SpiffeId::new("cluster.local", "evil-ns", "frontend").unwrap();
+        let conn = |id, port| Connection {
+            src_ip: "10.0.0.9".parse().unwrap(),
+            src_identity: Some(id),
+            dst_ip: "10.0.0.2".parse().unwrap(),
+            dst_port: port,
+        };
+        let d = st.authorize(&server, &conn(&frontend, 8080));
+        assert!(d.allowed);
+        assert_eq!(d.policy.as_deref(), Some("shop/only-frontend"));
+        assert!(!d.dry_run[0].matched);
+        assert!(!st.authorize(&server, &conn(&frontend, 9090)).allowed);
+        let d = st.authorize(&server, &conn(&evil, 8080));
+        assert!(!d.allowed);
+        assert_eq!(d.policy, None);
+        assert!(
+            d.dry_run[0].matched,
+            "the dry-run DENY reports, does not decide"
+        );
+        // The selector policy does not apply to the other workload.
+        assert!(st.authorize(&other, &conn(&evil, 9090)).allowed);
+
+        // with_policies replaces them.
+        let st = st.with_policies(PolicySet::default());
+        assert!(st.policies().is_empty());
+        assert!(st.authorize(&server, &conn(&frontend, 9090)).allowed);
+    }
+
+    #[test]
+    fn bad_policies_are_refused_naming_the_field() {
+        for (yaml, needle) in [
+            (
+                "policies:\n- {name: p, namespace: n, scope: Global, action: Deny, rules: [[[{destinationPort: [1]}]]]}\n",
+                "unknown field `destinationPort`",
+            ),
+            (
+                "policies:\n- {name: p, namespace: n, scope: Global, action: Deny, rules: [], selector: {}}\n",
+                "unknown field `selector`",
+            ),
+            (
+                "policies:\n- {name: p, namespace: n, scope: Global, action: Deny, rules: [[[{principals: [{Exact: a}]}]]]}\n",
+                "principals",
+            ),
+            (
+                "policies:\n- {name: p, namespace: n, scope: Global, rules: []}\n",
+                "missing field `action`",
+            ),
+            (
+                "workloads:\n- {name: a, namespace: n, authorizationPolicy: []}\n",
+                "unknown field `authorizationPolicy`",
+            ),
+        ] {
+            let err = LocalConfig::parse(yaml).unwrap_err().to_string();
+            assert!(err.contains(needle), "{yaml}: {err}");
+        }
+    }
+
     proptest::proptest! {
         /// Outside input: whatever the file holds, parsing and indexing never panic, and a
         /// state is built only from input that parsed.

@@ -323,6 +323,7 @@ mod tests {
             )]
             .into(),
             waypoint: Some(pb::GatewayAddress::default()),
+            authorization_policies: vec!["default/allow-client".into()],
             ..Default::default()
         }
     }
@@ -382,6 +383,7 @@ mod tests {
             w.services["default/echo.default.svc.cluster.local"],
             PortMap::from([(80, 8080)])
         );
+        assert_eq!(w.authorization_policies, vec!["default/allow-client"]);
         // Defaults for the empty strings, NONE is plain TCP.
         let mut bare = workload();
         bare.trust_domain.clear();
@@ -393,6 +395,43 @@ mod tests {
             w.identity().unwrap().to_string(),
             "spiffe://cluster.local/ns/default/sa/default"
         );
+    }
+
+    #[test]
+    fn authorization_decodes_or_names_the_field() {
+        use xds_proto::istio::security as sec;
+        let a = sec::Authorization {
+            name: "deny-8080".into(),
+            namespace: "default".into(),
+            scope: sec::Scope::Namespace as i32,
+            action: sec::Action::Deny as i32,
+            rules: vec![sec::Rule {
+                clauses: vec![sec::Clause {
+                    matches: vec![sec::Match {
+                        destination_ports: vec![8080],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..Default::default()
+        };
+        let p = decode_authorization("default/deny-8080", &a.encode_to_vec()).unwrap();
+        assert_eq!(p.key(), "default/deny-8080");
+        assert_eq!(p.action, crate::policy::Action::Deny);
+        assert_eq!(p.rules[0].clauses[0].matches[0].destination_ports, [8080]);
+
+        let mut bad = a.clone();
+        bad.rules[0].clauses[0].matches[0].destination_ports = vec![65536];
+        let e = decode_authorization("default/deny-8080", &bad.encode_to_vec()).unwrap_err();
+        assert_eq!(e.resource, "default/deny-8080");
+        assert_eq!(
+            e.field,
+            "rules[0].clauses[0].matches[0].destination_ports[0]"
+        );
+        assert!(e.reason.contains("65536"), "{e}");
+
+        let e = decode_authorization("x", &[0xff, 0xff, 0xff]).unwrap_err();
+        assert_eq!(e.field, "(message)");
     }
 
     #[test]
