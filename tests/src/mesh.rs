@@ -51,6 +51,9 @@ pub struct WorkloadSpec {
     /// `"<namespace>/<hostname>"` -> service port -> target port.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// `<namespace>/<name>` of the `WorkloadSelector` policies that select this workload.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<String>,
 }
 
 impl WorkloadSpec {
@@ -65,7 +68,14 @@ impl WorkloadSpec {
             protocol: Protocol::Hbone,
             node: String::new(),
             services: BTreeMap::new(),
+            authorization_policies: Vec::new(),
         }
+    }
+
+    /// Lists policy `<namespace>/<name>` as selecting this workload (`WorkloadSelector` scope).
+    pub fn selected_by(mut self, policy: &str) -> Self {
+        self.authorization_policies.push(policy.to_owned());
+        self
     }
 
     /// Sets the namespace (and the uid that follows from it).
@@ -165,14 +175,176 @@ impl ServiceSpec {
     }
 }
 
+/// Which workloads a policy applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Scope {
+    /// Every workload in the mesh (a policy in the root namespace).
+    Global,
+    /// Every workload in the policy's namespace.
+    Namespace,
+    /// The workloads that list it (see [`WorkloadSpec::selected_by`]).
+    WorkloadSelector,
+}
+
+/// What a matching rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// A string match, rendered as upstream's YAML tags (`!Exact value`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+/// One match of a clause: every field given must match (upstream's `RbacMatch`, camelCase).
+/// Principals are SPIFFE ids without `spiffe://`; IPs are CIDRs (`10.0.0.1/32`).
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchSpec {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ips: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_source_ips: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_ips: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ips: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_ports: Vec<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ports: Vec<u16>,
+}
+
+impl MatchSpec {
+    /// Matches the exact principal `<td>/ns/<ns>/sa/<sa>` (no `spiffe://`).
+    pub fn principal(mut self, principal: &str) -> Self {
+        self.principals
+            .push(StringMatch::Exact(principal.to_owned()));
+        self
+    }
+
+    pub fn not_principal(mut self, principal: &str) -> Self {
+        self.not_principals
+            .push(StringMatch::Exact(principal.to_owned()));
+        self
+    }
+
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.namespaces.push(StringMatch::Exact(ns.to_owned()));
+        self
+    }
+
+    pub fn not_namespace(mut self, ns: &str) -> Self {
+        self.not_namespaces.push(StringMatch::Exact(ns.to_owned()));
+        self
+    }
+
+    /// A source CIDR, such as `10.0.0.0/8` or `10.0.0.5/32`.
+    pub fn source_ip(mut self, cidr: &str) -> Self {
+        self.source_ips.push(cidr.to_owned());
+        self
+    }
+
+    pub fn not_source_ip(mut self, cidr: &str) -> Self {
+        self.not_source_ips.push(cidr.to_owned());
+        self
+    }
+
+    pub fn port(mut self, port: u16) -> Self {
+        self.destination_ports.push(port);
+        self
+    }
+
+    pub fn not_port(mut self, port: u16) -> Self {
+        self.not_destination_ports.push(port);
+        self
+    }
+}
+
+/// An AuthorizationPolicy in upstream's local-config shape (`policies:`): `rules` is a list of
+/// rules, each a list of clauses (all must match), each a list of matches (any may match).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySpec {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub action: Action,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    pub rules: Vec<Vec<Vec<MatchSpec>>>,
+}
+
+impl PolicySpec {
+    /// A `Namespace`-scoped policy `name` in `namespace` with no rules (an ALLOW without rules
+    /// admits nothing; a DENY without rules denies nothing).
+    pub fn new(name: &str, namespace: &str, action: Action) -> PolicySpec {
+        PolicySpec {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            scope: Scope::Namespace,
+            action,
+            dry_run: false,
+            rules: Vec::new(),
+        }
+    }
+
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// Evaluated and logged, never enforced.
+    pub fn dry_run(mut self) -> Self {
+        self.dry_run = true;
+        self
+    }
+
+    /// Adds a rule of one clause holding one match.
+    pub fn when(self, m: MatchSpec) -> Self {
+        self.rule(vec![vec![m]])
+    }
+
+    /// Adds a rule: every clause must match; a clause matches when any of its matches does.
+    pub fn rule(mut self, clauses: Vec<Vec<MatchSpec>>) -> Self {
+        self.rules.push(clauses);
+        self
+    }
+
+    /// `<namespace>/<name>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// The whole local config file.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LocalConfig {
     pub workloads: Vec<WorkloadSpec>,
     pub services: Vec<ServiceSpec>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicySpec>,
 }
 
 impl LocalConfig {
+    pub fn policy(mut self, p: PolicySpec) -> Self {
+        self.policies.push(p);
+        self
+    }
+
     pub fn workload(mut self, w: WorkloadSpec) -> Self {
         self.workloads.push(w);
         self
@@ -336,6 +508,42 @@ mod tests {
         let cfg = zmesh_core::state::LocalConfig::parse(&sample().to_yaml()).unwrap();
         assert_eq!(cfg.workloads.len(), 2);
         assert_eq!(cfg.services.len(), 1);
+    }
+
+    /// Policies in upstream's shape (YAML tags, triple-nested rules) parse in the core, keys
+    /// and selector lists included.
+    #[test]
+    fn core_parses_the_policies_we_render() {
+        let cfg = sample()
+            .workload(WorkloadSpec::new("sel", "10.200.0.9").selected_by("default/p2"))
+            .policy(
+                PolicySpec::new("p1", "default", Action::Deny)
+                    .when(MatchSpec::default().principal("cluster.local/ns/default/sa/client"))
+                    .when(MatchSpec::default().source_ip("10.200.0.0/24").not_port(22)),
+            )
+            .policy(
+                PolicySpec::new("p2", "default", Action::Allow)
+                    .scope(Scope::WorkloadSelector)
+                    .dry_run()
+                    .rule(vec![
+                        vec![MatchSpec::default().namespace("other")],
+                        vec![MatchSpec::default().port(8080)],
+                    ]),
+            );
+        let yaml = cfg.to_yaml();
+        assert!(
+            yaml.contains("!Exact cluster.local/ns/default/sa/client"),
+            "{yaml}"
+        );
+        let parsed = zmesh_core::state::LocalConfig::parse(&yaml).unwrap();
+        assert_eq!(parsed.policies.len(), 2);
+        assert_eq!(parsed.policies[0].key(), "default/p1");
+        assert_eq!(parsed.policies[0].rules.len(), 2);
+        assert!(parsed.policies[1].dry_run);
+        assert_eq!(parsed.policies[1].rules[0].clauses.len(), 2);
+        let sel = parsed.workloads.iter().find(|w| w.name == "sel").unwrap();
+        assert_eq!(sel.authorization_policies, vec!["default/p2".to_string()]);
+        zmesh_core::state::State::from_local(parsed).unwrap();
     }
 
     #[test]

@@ -268,7 +268,7 @@ impl ConnectionRecord {
                     bytes_sent = sent,
                     bytes_recv = received,
                     duration = %duration,
-                    policy = self.policy.as_deref(),
+                    policy = self.policy.as_deref().map(tracing::field::display),
                     $($extra)*
                 )
             };

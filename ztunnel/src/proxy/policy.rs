@@ -287,7 +287,7 @@ fn revoke(e: &Entry, policy: Option<String>, workload: &str) -> bool {
         src.identity = identity.as_deref().unwrap_or("-"),
         dst.addr = %e.peer.dst,
         dst.workload = workload,
-        policy = policy.as_deref(),
+        policy = policy.as_deref().map(tracing::field::display),
         "policy change: closing a connection that is now denied ({})",
         describe(policy.as_deref())
     );
