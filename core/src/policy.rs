@@ -472,6 +472,35 @@ pub struct Decision {
     pub dry_run: Vec<DryRunVerdict>,
 }
 
+/// [`Decision`] by reference, as [`PolicySet::evaluate`] returns it: it allocates nothing
+/// unless dry-run policies apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict<'a> {
+    pub allowed: bool,
+    /// The deciding policy, as in [`Decision::policy`].
+    pub policy: Option<&'a Policy>,
+    /// The dry-run policies that apply, with whether they matched.
+    pub dry_run: Vec<(&'a Policy, bool)>,
+}
+
+impl Verdict<'_> {
+    pub fn to_decision(&self) -> Decision {
+        Decision {
+            allowed: self.allowed,
+            policy: self.policy.map(Policy::key),
+            dry_run: self
+                .dry_run
+                .iter()
+                .map(|&(p, matched)| DryRunVerdict {
+                    policy: p.key(),
+                    action: p.action,
+                    matched,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// What a dry-run policy would have done.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DryRunVerdict {
@@ -572,10 +601,22 @@ impl PolicySet {
         dst_policies: &[String],
         conn: &Connection<'_>,
     ) -> Decision {
+        self.evaluate(dst_namespace, dst_policies, conn)
+            .to_decision()
+    }
+
+    /// Like [`PolicySet::check`], naming policies by reference: no allocation (not even the
+    /// deciding policy's key) unless dry-run policies apply.
+    pub fn evaluate(
+        &self,
+        dst_namespace: &str,
+        dst_policies: &[String],
+        conn: &Connection<'_>,
+    ) -> Verdict<'_> {
         self.check_counted(dst_namespace, dst_policies, conn, &mut 0)
     }
 
-    /// [`PolicySet::check`], counting in `evaluated` the policies it matched against the
+    /// [`PolicySet::evaluate`], counting in `evaluated` the policies it matched against the
     /// connection (the index at work: unrelated policies are never evaluated).
     fn check_counted(
         &self,
@@ -583,7 +624,7 @@ impl PolicySet {
         dst_policies: &[String],
         conn: &Connection<'_>,
         evaluated: &mut usize,
-    ) -> Decision {
+    ) -> Verdict<'_> {
         let inner = &*self.inner;
         let ns = inner.by_namespace.get(dst_namespace);
         // The selector policies the workload names, each once.
@@ -605,12 +646,7 @@ impl PolicySet {
             .flat_map(|b| b.dry_run.iter().copied())
             .chain(selected.clone().filter(|(_, p)| p.dry_run).map(|(i, _)| i));
         for i in dry {
-            let p = &inner.policies[i];
-            dry_run.push(DryRunVerdict {
-                policy: p.key(),
-                action: p.action,
-                matched: matches(i),
-            });
+            dry_run.push((&inner.policies[i], matches(i)));
         }
 
         let enforced = selected.filter(|(_, p)| !p.dry_run);
@@ -622,9 +658,9 @@ impl PolicySet {
         );
         for i in deny {
             if matches(i) {
-                return Decision {
+                return Verdict {
                     allowed: false,
-                    policy: Some(inner.policies[i].key()),
+                    policy: Some(&inner.policies[i]),
                     dry_run,
                 };
             }
@@ -639,14 +675,14 @@ impl PolicySet {
         for i in allow {
             any_allow = true;
             if matches(i) {
-                return Decision {
+                return Verdict {
                     allowed: true,
-                    policy: Some(inner.policies[i].key()),
+                    policy: Some(&inner.policies[i]),
                     dry_run,
                 };
             }
         }
-        Decision {
+        Verdict {
             allowed: !any_allow,
             policy: None,
             dry_run,

@@ -539,8 +539,12 @@ fn index_skips_unrelated_policies() {
     let id = BASE.identity();
     let conn = BASE.with(id.as_ref());
     let (mut n_small, mut n_big) = (0, 0);
-    let d_small = small.check_counted("b", &listed, &conn, &mut n_small);
-    let d_big = big.check_counted("b", &listed, &conn, &mut n_big);
+    let d_small = small
+        .check_counted("b", &listed, &conn, &mut n_small)
+        .to_decision();
+    let d_big = big
+        .check_counted("b", &listed, &conn, &mut n_big)
+        .to_decision();
     assert_eq!(d_small, d_big);
     assert_eq!(verdict(&d_big), (true, Some("b/s3")));
     // All 3 DENYs, then the ALLOWs up to the matching one (the last).
@@ -552,14 +556,91 @@ fn index_skips_unrelated_policies() {
     assert_eq!((n_small, n_big), (2, 2));
 }
 
+/// Counts this thread's allocations (the whole test binary runs on it; one thread-local
+/// increment per allocation).
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ALLOCS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    struct Counting;
+
+    // SAFETY: every call is forwarded to `System` unchanged.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+            // SAFETY: the caller's contract is `System`'s.
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            // SAFETY: as above.
+            unsafe { System.dealloc(p, l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+            let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+            // SAFETY: as above.
+            unsafe { System.realloc(p, l, n) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    /// How many allocations `f` made on this thread.
+    pub fn allocations<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        let before = ALLOCS.with(Cell::get);
+        let out = f();
+        (out, ALLOCS.with(Cell::get) - before)
+    }
+}
+
 #[test]
-fn allow_decisions_without_dry_run_do_not_allocate_a_dry_run_list() {
-    let set = PolicySet::new([on_port("b", "p", Scope::Namespace, Action::Allow, 8080)]);
-    let d = decide(&set, "b", &[], BASE);
-    assert!(d.allowed);
-    assert_eq!(d.dry_run.capacity(), 0);
-    let d = decide(&set, "c", &[], BASE);
-    assert_eq!((d.allowed, d.policy, d.dry_run.capacity()), (true, None, 0));
+fn evaluation_without_dry_run_does_not_allocate() {
+    use Action::*;
+    use Scope::*;
+    let set = PolicySet::new([
+        on_port("istio-system", "g", Global, Deny, 1),
+        on_port("b", "allow", Namespace, Allow, 8080),
+        on_port("b", "deny", Namespace, Deny, 9090),
+        policy(
+            "{name: s, namespace: b, scope: WorkloadSelector, action: Allow, rules: [[[{principals: [!Prefix cluster.local/ns/a/], sourceIps: [10.0.0.0/8]}]]]}",
+        ),
+    ]);
+    let listed = vec!["b/s".to_string()];
+    let id = BASE.identity();
+    let conn = BASE.with(id.as_ref());
+    let at = |port| Connection {
+        dst_port: port,
+        ..conn
+    };
+    // Allowed by a matching ALLOW, by the selector's principal match, denied by a DENY, denied
+    // with none matching, allowed with no ALLOW applying.
+    type Case<'a> = (&'a str, &'a [String], Connection<'a>, bool, Option<&'a str>);
+    let cases: [Case<'_>; 5] = [
+        ("b", &[], at(8080), true, Some("b/allow")),
+        ("b", &listed, at(7000), true, Some("b/s")),
+        ("b", &listed, at(9090), false, Some("b/deny")),
+        ("b", &[], at(7000), false, None),
+        ("c", &[], at(7000), true, None),
+    ];
+    for (ns, listed, conn, allowed, key) in cases {
+        let (v, n) = counting::allocations(|| set.evaluate(ns, listed, &conn));
+        assert_eq!(n, 0, "{ns} {listed:?} port {}", conn.dst_port);
+        assert_eq!(
+            (v.allowed, v.policy.map(Policy::key).as_deref()),
+            (allowed, key)
+        );
+        // `check` allocates at most the deciding policy's key.
+        let (d, n) = counting::allocations(|| set.check(ns, listed, &conn));
+        assert_eq!(n, usize::from(key.is_some()), "{d:?}");
+        assert_eq!(d, v.to_decision());
+    }
+    // The counter does count.
+    let (_, n) = counting::allocations(|| set.check("b", &[], &at(8080)).policy.unwrap().len());
+    assert_eq!(n, 1);
 }
 
 #[test]
