@@ -162,6 +162,7 @@ fn put(cache: &Cache, items: Vec<(String, Any)>, removals: &[&str]) {
 struct Proxy {
     xds: Xds,
     state: Arc<ArcSwap<State>>,
+    publisher: crate::proxy::policy::Publisher,
     stop: CancellationToken,
 }
 
@@ -198,11 +199,16 @@ fn client(addr: SocketAddr, root: PathBuf) -> Proxy {
             },
             node: node(&cfg),
         },
-        publisher,
+        publisher.clone(),
         stop.clone(),
     )
     .unwrap();
-    Proxy { xds, state, stop }
+    Proxy {
+        xds,
+        state,
+        publisher,
+        stop,
+    }
 }
 
 /// Polls `f` until it holds, for up to 20 s.
@@ -424,6 +430,64 @@ async fn authorization_applied_bad_one_nacked_removal_applied() {
         )
         .unwrap();
     eventually("removal applied", || policy_keys(&p) == ["prod/other"]).await;
+}
+
+/// A policy pushed by the controller closes an open inbound connection it denies; an Address
+/// change alone does not re-check anything.
+#[tokio::test]
+async fn a_pushed_policy_closes_an_open_connection_it_denies() {
+    use crate::proxy::policy::{Peer, Registry, recheck_on_change};
+    let pki = Pki::new();
+    let cache = Cache::new();
+    // The proxied workload lives in namespace prod, where the policies are.
+    let (uid, mut any) = workload("server", &[10, 0, 0, 2]);
+    let mut w = match Address::decode(any.value.as_slice()).unwrap().r#type {
+        Some(address::Type::Workload(w)) => w,
+        other => panic!("{other:?}"),
+    };
+    w.namespace = "prod".into();
+    any.value = Address {
+        r#type: Some(address::Type::Workload(w)),
+    }
+    .encode_to_vec();
+    put(&cache, vec![(uid, any)], &[]);
+    let ctl = Controller::start(&pki, cache.clone(), "127.0.0.1:0".parse().unwrap());
+    let p = client(ctl.addr, pki.root());
+    eventually("first config", || has_ip(&p, [10, 0, 0, 2])).await;
+
+    let registry = Arc::new(Registry::default());
+    tokio::spawn(recheck_on_change(
+        p.publisher.clone(),
+        registry.clone(),
+        p.stop.clone(),
+    ));
+    let peer = |port: u16| Peer {
+        src_ip: "10.0.0.1".parse().unwrap(),
+        src_identity: None,
+        dst: SocketAddr::new("10.0.0.2".parse().unwrap(), port),
+    };
+    let key = zmesh_core::state::workload_key("prod", "server", "sa");
+    let on_8080 = registry.register(&key, peer(8080));
+    let on_9090 = registry.register(&key, peer(9090));
+
+    put(&cache, vec![workload("other", &[10, 0, 0, 3])], &[]);
+    eventually("address change applied", || has_ip(&p, [10, 0, 0, 3])).await;
+    // Denies port 8080 in prod.
+    cache
+        .apply(
+            AUTHORIZATION_TYPE_URL,
+            vec![authorization("deny-8080", 8080)],
+            vec![],
+        )
+        .unwrap();
+    let policy = tokio::time::timeout(Duration::from_secs(20), on_8080.revoked())
+        .await
+        .expect("the denied connection was closed");
+    assert_eq!(policy.as_deref(), Some("prod/deny-8080"));
+    assert!(
+        !on_9090.is_revoked(),
+        "the other connection is still allowed"
+    );
 }
 
 #[tokio::test]
