@@ -518,6 +518,17 @@ impl<'s> Cluster<'s> {
             .put_service(namespace, name, &selector, vip, ports)
     }
 
+    /// Writes Kubernetes YAML (e.g. AuthorizationPolicies) as `<stem>.yaml` into the "API
+    /// server" directory; the controller picks it up shortly after (poll for the effect).
+    pub fn apply_yaml(&self, stem: &str, text: &str) -> Result<()> {
+        self.objects().put_yaml(stem, text)
+    }
+
+    /// Deletes what [`Cluster::apply_yaml`] wrote under `stem`.
+    pub fn delete_yaml(&self, stem: &str) -> Result<()> {
+        self.objects().delete_yaml(stem)
+    }
+
     /// Deletes a Service's object (the controller pushes the removal).
     pub fn delete_service(&self, namespace: &str, name: &str) -> Result<()> {
         self.objects().delete_service(namespace, name)

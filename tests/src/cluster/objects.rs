@@ -181,6 +181,20 @@ impl Objects {
         remove(&self.service_file(namespace, name))
     }
 
+    /// Writes any Kubernetes YAML (one or more documents) as `<stem>.yaml` in the objects
+    /// directory, atomically, as `kubectl apply -f` of that file would.
+    pub fn put_yaml(&self, stem: &str, text: &str) -> Result<()> {
+        let path = self.pods_dir.join(format!("{stem}.yaml"));
+        let tmp = self.pods_dir.join(format!(".{stem}.yaml.tmp"));
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
+    }
+
+    /// Deletes `<stem>.yaml` (and so its objects).
+    pub fn delete_yaml(&self, stem: &str) -> Result<()> {
+        remove(&self.pods_dir.join(format!("{stem}.yaml")))
+    }
+
     fn service_file(&self, namespace: &str, name: &str) -> PathBuf {
         self.pods_dir.join(format!("svc-{namespace}-{name}.yaml"))
     }
