@@ -2,7 +2,10 @@
 //! local config: a principal denied (401 on the CONNECT, `response_flags="DENY"`, the policy in
 //! the access log), an ALLOW for one namespace, port rules, ipBlocks on plaintext traffic
 //! from outside the mesh (15006), a live policy edit closing connections already open, and a
-//! dry-run policy that only logs. Needs root and `cargo build --workspace --bins`.
+//! dry-run policy that only logs. And on the lab cluster (shared mode, config from the
+//! controller over xDS): a Kubernetes AuthorizationPolicy with a selector is enforced in the
+//! selected pods, closes their open connections it denies, and its removal lifts it. Needs
+//! root, containernetworking-plugins and `cargo build --workspace --bins`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 use zmesh_tests::Sandbox;
 use zmesh_tests::apps::{EchoServer, connect, identify};
 use zmesh_tests::bin_path;
+use zmesh_tests::cluster::Cluster;
 use zmesh_tests::lab::{Topology, redirect_outbound};
 use zmesh_tests::mesh::{
     self, Action, CaFiles, LocalConfig, MatchSpec, PolicySpec, Protocol, WorkloadSpec,
@@ -438,4 +442,58 @@ fn dry_run_allows_and_logs_what_it_would_have_done() {
     assert_eq!(p["action"], "Deny");
     assert_eq!(p["dry_run"], true);
     assert_eq!(p["rules"], 1);
+}
+
+#[test]
+fn a_selector_policy_from_the_controller_is_enforced_in_the_selected_pods() {
+    let sb = Sandbox::new().unwrap();
+    let cluster = Cluster::up(&sb, &["n1", "n2"]).unwrap();
+    cluster
+        .set_namespace_label("shop", Some("ambient"))
+        .unwrap();
+    let client = cluster
+        .create_pod("n1", "shop", "client", "client", &[])
+        .unwrap();
+    let web = cluster
+        .create_pod("n2", "shop", "web-a", "web", &[("app", "web")])
+        .unwrap();
+    let db = cluster
+        .create_pod("n2", "shop", "db-a", "db", &[("app", "db")])
+        .unwrap();
+    let _web_app = EchoServer::start(&sb, &web.netns, 8080, "web-a").unwrap();
+    let _db_app = EchoServer::start(&sb, &db.netns, 8080, "db-a").unwrap();
+    let who = |dst: SocketAddr| identify(&sb, &client.netns, dst);
+    poll("the client to reach web-a", Duration::from_secs(30), || {
+        (who(web.addr(8080)).ok().as_deref() == Some("web-a")).then_some(())
+    });
+    let mut open = connect(&sb, &client.netns, web.addr(8080)).unwrap();
+    assert_eq!(echo_line(&mut open, b"hello\n").unwrap(), b"hello\n");
+
+    // Only pods labelled app=web are selected; the client's identity is denied there.
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/shop/sa/client\"]\n";
+    cluster.apply_yaml("deny-client", policy).unwrap();
+    let zt = cluster.ztunnel("n2").unwrap();
+    log_with(zt, "policy change: closing");
+    assert!(closed_by_peer(&mut open), "the open connection stayed open");
+    let res = who(web.addr(8080));
+    assert!(refused(&res), "web-a still answers the client: {res:?}");
+    assert_eq!(who(db.addr(8080)).unwrap(), "db-a", "db is not selected");
+    metric_at_least(
+        zt,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("response_flags", "DENY"),
+            ("source_principal", &client.spiffe_id()),
+            ("destination_workload", "web-a"),
+        ],
+        1.0,
+    );
+    log_with(zt, "policy=shop/deny-client");
+
+    // Removed: web-a answers again.
+    cluster.delete_yaml("deny-client").unwrap();
+    poll("the policy's removal", Duration::from_secs(30), || {
+        (who(web.addr(8080)).ok().as_deref() == Some("web-a")).then_some(())
+    });
 }
