@@ -87,15 +87,12 @@ pub enum ProxyError {
         bytes: Bytes,
         source: std::io::Error,
     },
-    #[error("denied by AuthorizationPolicy: {}", policy::describe(.policy.as_deref()))]
-    Denied { policy: Option<String> },
-    #[error(
-        "closed: after a policy change the connection is denied ({})",
-        policy::describe(.policy.as_deref())
-    )]
+    #[error("denied by AuthorizationPolicy: {0}")]
+    Denied(policy::Denial),
+    #[error("closed by a policy change: {denial}")]
     Revoked {
         bytes: Bytes,
-        policy: Option<String>,
+        denial: policy::Denial,
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -109,7 +106,7 @@ impl ProxyError {
             ProxyError::Certificate(..) => "IDENTITY_ERROR",
             ProxyError::NoPort { .. } => "NR",
             ProxyError::NoEndpoints(_) => "UH",
-            ProxyError::Denied { .. } | ProxyError::Revoked { .. } => "DENY",
+            ProxyError::Denied(_) | ProxyError::Revoked { .. } => "DENY",
             ProxyError::Io(_) | ProxyError::Copy { .. } => "-",
             _ => "CONNECT",
         }
@@ -390,8 +387,8 @@ pub fn finish(mut rec: ConnectionRecord, res: Result<Bytes, ProxyError>) {
                 ProxyError::Copy { bytes, .. } | ProxyError::Revoked { bytes, .. } => *bytes,
                 _ => Bytes::default(),
             };
-            if let ProxyError::Denied { policy } | ProxyError::Revoked { policy, .. } = &e {
-                rec.set_policy(policy.clone());
+            if let ProxyError::Denied(d) | ProxyError::Revoked { denial: d, .. } = &e {
+                rec.set_policy(d.policy().map(str::to_owned));
             }
             rec.set_response_flag(e.response_flag());
             rec.finish(b.sent, b.received, Some(&e));

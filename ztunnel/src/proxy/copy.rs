@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ProxyError;
+use super::policy::Denial;
 
 /// Bytes of one proxied connection, in Istio's terms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,7 +96,7 @@ where
 
 /// Like [`copy`], but abandons the copy as soon as `revoked` completes (a policy change denies
 /// the connection): then the error is [`ProxyError::Revoked`] with the counts so far and the
-/// deciding policy that `revoked` returned. The caller closes both sides.
+/// denial that `revoked` returned. The caller closes both sides.
 pub async fn copy_until<C, U, R>(
     client: &mut C,
     upstream: &mut U,
@@ -105,7 +106,7 @@ pub async fn copy_until<C, U, R>(
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    R: std::future::Future<Output = Option<String>>,
+    R: std::future::Future<Output = Denial>,
 {
     let mut c = Counting {
         inner: client,
@@ -119,7 +120,7 @@ where
         let copying = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, buf, buf);
         tokio::select! {
             r = copying => Ok(r),
-            policy = revoked => Err(policy),
+            denial = revoked => Err(denial),
         }
     };
     let bytes = Bytes {
@@ -130,7 +131,7 @@ where
         Ok(Ok(_)) => Ok(bytes),
         Ok(Err(e)) if benign(&e) => Ok(bytes),
         Ok(Err(source)) => Err(ProxyError::Copy { bytes, source }),
-        Err(policy) => Err(ProxyError::Revoked { bytes, policy }),
+        Err(denial) => Err(ProxyError::Revoked { bytes, denial }),
     }
 }
 
@@ -173,7 +174,7 @@ mod tests {
         let proxy = tokio::spawn(async move {
             let revoked = async move {
                 let _ = rx.await;
-                Some("default/deny".to_owned())
+                Denial::Policy("default/deny".to_owned())
             };
             copy_until(&mut client_side, &mut upstream_side, 64, revoked).await
         });
@@ -182,9 +183,9 @@ mod tests {
         upstream.read_exact(&mut got).await.unwrap();
         tx.send(()).unwrap();
         match proxy.await.unwrap() {
-            Err(ProxyError::Revoked { bytes, policy }) => {
+            Err(ProxyError::Revoked { bytes, denial }) => {
                 assert_eq!(bytes.received, 10);
-                assert_eq!(policy.as_deref(), Some("default/deny"));
+                assert_eq!(denial.policy(), Some("default/deny"));
             }
             other => panic!("{other:?}"),
         }

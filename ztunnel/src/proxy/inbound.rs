@@ -195,23 +195,26 @@ impl Proxy {
         labels.destination_principal = self.identity.to_string();
         labels.connection_security_policy = "mutual_tls";
         // AuthorizationPolicy, before the app is connected.
-        let decision = policy::authorize(&state, Some(local_w), registration.peer());
-        policy::log_dry_run(&decision, registration.peer(), "inbound");
-        if !decision.allowed {
-            labels.response_flags = "DENY";
-            let rec =
-                ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
-            finish(
-                rec,
-                Err(ProxyError::Denied {
-                    policy: decision.policy,
-                }),
-            );
-            return status(StatusCode::UNAUTHORIZED);
-        }
+        let allowed_by =
+            match policy::authorize(&state, Some(local_w), registration.peer(), "inbound") {
+                Ok(p) => p,
+                Err(denial) => {
+                    labels.response_flags = "DENY";
+                    let rec = ConnectionRecord::open(
+                        &self.metrics,
+                        labels,
+                        "inbound",
+                        src_addr,
+                        target,
+                        None,
+                    );
+                    finish(rec, Err(ProxyError::Denied(denial)));
+                    return status(StatusCode::UNAUTHORIZED);
+                }
+            };
         let mut rec =
             ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
-        rec.set_policy(decision.policy);
+        rec.set_policy(allowed_by);
         // Answer 200 only once the workload accepted the connection.
         let mut upstream = match self.connect_as(target, src_addr).await {
             Ok(s) => s,
@@ -223,12 +226,12 @@ impl Proxy {
         };
         // A policy change while connecting: the client is told, the app connection dropped.
         if registration.is_revoked() {
-            let policy = registration.revoked().await;
+            let denial = registration.revoked().await;
             finish(
                 rec,
                 Err(ProxyError::Revoked {
                     bytes: Default::default(),
-                    policy,
+                    denial,
                 }),
             );
             return status(StatusCode::UNAUTHORIZED);
@@ -324,22 +327,20 @@ impl Proxy {
         }
         // AuthorizationPolicy with no peer identity, before the app is connected; an unknown
         // destination workload is denied.
-        let decision = policy::authorize(&state, local.as_deref(), registration.peer());
-        policy::log_dry_run(&decision, registration.peer(), "inbound");
-        if !decision.allowed {
-            refuse(&stream);
-            labels.response_flags = "DENY";
-            let rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
-            finish(
-                rec,
-                Err(ProxyError::Denied {
-                    policy: decision.policy,
-                }),
-            );
-            return;
-        }
+        let allowed_by =
+            match policy::authorize(&state, local.as_deref(), registration.peer(), "inbound") {
+                Ok(p) => p,
+                Err(denial) => {
+                    refuse(&stream);
+                    labels.response_flags = "DENY";
+                    let rec =
+                        ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
+                    finish(rec, Err(ProxyError::Denied(denial)));
+                    return;
+                }
+            };
         let mut rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
-        rec.set_policy(decision.policy);
+        rec.set_policy(allowed_by);
         let res = match zmesh_core::socket::connect(orig, None, &self.sockets).await {
             Ok(mut upstream) => {
                 copy_until(

@@ -24,11 +24,47 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::policy::{Action, Connection, Decision};
 use zmesh_core::state::{State, Workload};
 
-/// What a denial reports as its reason: the deciding policy, or why there is none.
-pub fn describe(policy: Option<&str>) -> String {
-    match policy {
-        Some(p) => format!("policy {p}"),
-        None => "no ALLOW policy matched, or the destination workload is unknown".to_owned(),
+/// Why a connection is denied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// This DENY policy (`<namespace>/<name>`) matched.
+    Policy(String),
+    /// ALLOW policies apply to the destination and none matched.
+    NoAllowMatched,
+    /// The destination workload is not in the config, so no policy can be evaluated.
+    UnknownDestination,
+}
+
+impl Denial {
+    /// The deciding policy, for the access log.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Denial::Policy(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The denial in `decision`, if it denies.
+    pub fn of(decision: &Decision) -> Option<Denial> {
+        match (&decision.policy, decision.allowed) {
+            (_, true) => None,
+            (Some(p), false) => Some(Denial::Policy(p.clone())),
+            (None, false) => Some(Denial::NoAllowMatched),
+        }
+    }
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denial::Policy(p) => write!(f, "DENY policy {p} matches"),
+            Denial::NoAllowMatched => {
+                f.write_str("ALLOW policies apply to the destination and none matches")
+            }
+            Denial::UnknownDestination => f.write_str(
+                "the destination workload is not in the mesh config (no policy can be evaluated)",
+            ),
+        }
     }
 }
 
@@ -91,21 +127,28 @@ impl Peer {
     }
 }
 
-/// Decides `peer` with `state`'s policies for the destination workload `dst`; an unknown
-/// destination is denied.
-pub fn authorize(state: &State, dst: Option<&Workload>, peer: &Peer) -> Decision {
-    match dst {
-        Some(w) => state.authorize(w, &peer.connection()),
-        None => Decision {
-            allowed: false,
-            policy: None,
-            dry_run: Vec::new(),
-        },
+/// Decides `peer` with `state`'s policies for the destination workload `dst` (an unknown
+/// destination is denied), and logs what dry-run policies would have done. `Ok` carries the
+/// ALLOW policy that admitted it, if one did.
+pub fn authorize(
+    state: &State,
+    dst: Option<&Workload>,
+    peer: &Peer,
+    direction: &'static str,
+) -> Result<Option<String>, Denial> {
+    let Some(w) = dst else {
+        return Err(Denial::UnknownDestination);
+    };
+    let decision = state.authorize(w, &peer.connection());
+    log_dry_run(&decision, peer, direction);
+    match Denial::of(&decision) {
+        Some(d) => Err(d),
+        None => Ok(decision.policy),
     }
 }
 
 /// Logs what each dry-run policy of `decision` would have done (info, target `policy`).
-pub fn log_dry_run(decision: &Decision, peer: &Peer, direction: &'static str) {
+fn log_dry_run(decision: &Decision, peer: &Peer, direction: &'static str) {
     for v in &decision.dry_run {
         // A matching DENY would deny; a matching ALLOW would allow; an ALLOW that does not
         // match would leave the connection without an ALLOW (denied, unless another allows);
@@ -136,8 +179,8 @@ pub fn log_dry_run(decision: &Decision, peer: &Peer, direction: &'static str) {
 struct Entry {
     peer: Peer,
     cancel: CancellationToken,
-    /// Why it was closed: the deciding policy (if any), set before `cancel`.
-    revoked_by: Mutex<Option<Option<String>>>,
+    /// Why it was closed, set before `cancel`.
+    revoked_by: Mutex<Option<Denial>>,
 }
 
 /// A destination workload's namespace and selector policies, as a re-check last saw them;
@@ -183,10 +226,12 @@ impl Registration {
         &self.entry.peer
     }
 
-    /// Completes when a policy change denies the connection, with the deciding policy.
-    pub async fn revoked(&self) -> Option<String> {
+    /// Completes when a policy change denies the connection, with why.
+    pub async fn revoked(&self) -> Denial {
         self.entry.cancel.cancelled().await;
-        lock(&self.entry.revoked_by).clone().flatten()
+        lock(&self.entry.revoked_by)
+            .clone()
+            .unwrap_or(Denial::UnknownDestination)
     }
 
     /// Whether a policy change already denied it.
@@ -261,21 +306,20 @@ impl Registry {
         let mut closed = 0;
         for (w, conns) in due {
             for e in conns {
-                let d = state.authorize(&w, &e.peer.connection());
-                if !d.allowed {
-                    closed += usize::from(revoke(&e, d.policy, &w.key()));
+                if let Some(d) = Denial::of(&state.authorize(&w, &e.peer.connection())) {
+                    closed += usize::from(revoke(&e, d, &w.key()));
                 }
             }
         }
         for e in unknown {
-            closed += usize::from(revoke(&e, None, "(no longer in the config)"));
+            closed += usize::from(revoke(&e, Denial::UnknownDestination, "-"));
         }
         closed
     }
 }
 
 /// Closes one connection; false if it already was.
-fn revoke(e: &Entry, policy: Option<String>, workload: &str) -> bool {
+fn revoke(e: &Entry, denial: Denial, workload: &str) -> bool {
     if e.cancel.is_cancelled() {
         return false;
     }
@@ -287,11 +331,10 @@ fn revoke(e: &Entry, policy: Option<String>, workload: &str) -> bool {
         src.identity = identity.as_deref().unwrap_or("-"),
         dst.addr = %e.peer.dst,
         dst.workload = workload,
-        policy = policy.as_deref().map(tracing::field::display),
-        "policy change: closing a connection that is now denied ({})",
-        describe(policy.as_deref())
+        policy = denial.policy().map(tracing::field::display),
+        "policy change: closing a connection that is now denied: {denial}"
     );
-    *lock(&e.revoked_by) = Some(policy);
+    *lock(&e.revoked_by) = Some(denial);
     e.cancel.cancel();
     true
 }
@@ -355,11 +398,18 @@ mod tests {
 
     #[test]
     fn unknown_destination_is_denied() {
-        let st = state(WORKLOADS);
-        let d = authorize(&st, None, &peer(Some("client")));
-        assert!(!d.allowed);
+        let st = state(&deny_client());
+        let client = peer(Some("client"));
+        assert_eq!(
+            authorize(&st, None, &peer(Some("other")), "inbound"),
+            Err(Denial::UnknownDestination)
+        );
         let w = st.workload_by_key(KEY).map(|w| &**w);
-        assert!(authorize(&st, w, &peer(Some("client"))).allowed);
+        assert_eq!(authorize(&st, w, &peer(Some("other")), "inbound"), Ok(None));
+        assert_eq!(
+            authorize(&st, w, &client, "inbound"),
+            Err(Denial::Policy("default/deny-client".into()))
+        );
     }
 
     #[test]
@@ -372,8 +422,8 @@ mod tests {
         assert_eq!(reg.recheck(&state(WORKLOADS), true), 0);
         assert_eq!(reg.recheck(&state(&deny_client()), true), 1);
         assert!(client.is_revoked() && !other.is_revoked() && !plaintext.is_revoked());
-        let policy = futures::executor::block_on(client.revoked());
-        assert_eq!(policy.as_deref(), Some("default/deny-client"));
+        let why = futures::executor::block_on(client.revoked());
+        assert_eq!(why, Denial::Policy("default/deny-client".into()));
         // Already closed: not counted twice.
         assert_eq!(reg.recheck(&state(&deny_client()), true), 0);
         drop((client, other, plaintext));
@@ -406,7 +456,10 @@ mod tests {
         let c = reg.register(KEY, peer(Some("client")));
         assert_eq!(reg.recheck(&state("workloads: []\n"), true), 1);
         assert!(c.is_revoked());
-        assert_eq!(futures::executor::block_on(c.revoked()), None);
+        assert_eq!(
+            futures::executor::block_on(c.revoked()),
+            Denial::UnknownDestination
+        );
     }
 
     #[tokio::test]
@@ -423,10 +476,10 @@ mod tests {
         // Same policies (none): nothing to close.
         publisher.publish(state(WORKLOADS), None);
         publisher.publish(state(&deny_client()), None);
-        let policy = tokio::time::timeout(std::time::Duration::from_secs(10), c.revoked())
+        let why = tokio::time::timeout(std::time::Duration::from_secs(10), c.revoked())
             .await
             .expect("the connection was closed");
-        assert_eq!(policy.as_deref(), Some("default/deny-client"));
+        assert_eq!(why.policy(), Some("default/deny-client"));
         stop.cancel();
     }
 }

@@ -483,7 +483,7 @@ async fn a_pushed_policy_closes_an_open_connection_it_denies() {
     let policy = tokio::time::timeout(Duration::from_secs(20), on_8080.revoked())
         .await
         .expect("the denied connection was closed");
-    assert_eq!(policy.as_deref(), Some("prod/deny-8080"));
+    assert_eq!(policy.policy(), Some("prod/deny-8080"));
     assert!(
         !on_9090.is_revoked(),
         "the other connection is still allowed"
