@@ -236,6 +236,65 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 1000 / hz))
 }
 
+/// The name of the selector policy [`policy_mix`] makes for the destination workload (list it
+/// with `WorkloadSpec::selected_by`).
+pub const MIX_SELECTOR_POLICY: &str = "default/allow-clients";
+
+/// `n` (at least 3) L4 policies as a mesh of many namespaces would have them, for benchmarks:
+/// three apply to a destination in namespace `default` and allow a client of `default` (a
+/// namespace DENY of another principal, a selector ALLOW from `default` on `ports`, a global
+/// DENY of a documentation IP block); the other `n - 3` live in 1000 other namespaces (ALLOW
+/// and DENY, namespace and selector scope, several matches each) and apply to nothing here.
+pub fn policy_mix(n: usize, ports: &[u16]) -> Vec<crate::mesh::PolicySpec> {
+    use crate::mesh::{Action, MatchSpec, PolicySpec, Scope};
+    let mut out = vec![
+        PolicySpec::new("deny-evil", "default", Action::Deny)
+            .when(MatchSpec::default().principal("cluster.local/ns/evil/sa/evil")),
+        PolicySpec::new("allow-clients", "default", Action::Allow)
+            .scope(Scope::WorkloadSelector)
+            .rule(vec![
+                vec![MatchSpec::default().namespace("default")],
+                ports
+                    .iter()
+                    .map(|p| MatchSpec::default().port(*p))
+                    .collect(),
+            ]),
+        PolicySpec::new("deny-doc-net", "istio-system", Action::Deny)
+            .scope(Scope::Global)
+            .when(MatchSpec::default().source_ip("203.0.113.0/24")),
+    ];
+    for i in 0..n.saturating_sub(3) {
+        let ns = format!("ns-{}", i % 1000);
+        let action = if i % 3 == 0 {
+            Action::Deny
+        } else {
+            Action::Allow
+        };
+        let scope = if i % 2 == 0 {
+            Scope::Namespace
+        } else {
+            Scope::WorkloadSelector
+        };
+        out.push(
+            PolicySpec::new(&format!("p-{i}"), &ns, action)
+                .scope(scope)
+                .rule(vec![
+                    vec![
+                        MatchSpec::default().principal(&format!("cluster.local/ns/{ns}/sa/a{i}")),
+                        MatchSpec::default().namespace(&format!("ns-{}", (i + 1) % 1000)),
+                    ],
+                    vec![MatchSpec::default().port(8000 + (i % 100) as u16)],
+                ])
+                .when(MatchSpec::default().source_ip(&format!(
+                    "10.{}.{}.0/24",
+                    i % 250,
+                    i / 250 % 250
+                ))),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +307,38 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert!(peak_rss_kib(std::process::id()).unwrap() > 0);
         assert!(cpu_time(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn the_policy_mix_allows_the_client_on_its_ports_only() {
+        use zmesh_core::identity::SpiffeId;
+        use zmesh_core::policy::{Connection, PolicySet};
+        let mut cfg = crate::mesh::LocalConfig::default();
+        for p in policy_mix(50, &[SINK_PORT]) {
+            cfg = cfg.policy(p);
+        }
+        let parsed = zmesh_core::state::LocalConfig::parse(&cfg.to_yaml()).unwrap();
+        let set = PolicySet::new(parsed.policies);
+        assert_eq!(set.len(), 50);
+        let client = SpiffeId::new("cluster.local", "default", "client").unwrap();
+        let conn = |port, src: &str| Connection {
+            src_ip: src.parse().unwrap(),
+            src_identity: Some(&client),
+            dst_ip: "10.0.0.1".parse().unwrap(),
+            dst_port: port,
+        };
+        let selected = [MIX_SELECTOR_POLICY.to_owned()];
+        assert!(
+            set.check("default", &selected, &conn(SINK_PORT, "10.0.0.2"))
+                .allowed
+        );
+        assert!(
+            !set.check("default", &selected, &conn(9, "10.0.0.2"))
+                .allowed
+        );
+        assert!(
+            !set.check("default", &selected, &conn(SINK_PORT, "203.0.113.9"))
+                .allowed
+        );
     }
 }

@@ -45,6 +45,10 @@ struct Args {
     /// ztunnel's log filter (RUST_LOG); ztunnel's default (`info`, access log on) when absent.
     #[arg(long)]
     log: Option<String>,
+    /// L4 AuthorizationPolicies in the mesh config (`bench::policy_mix`: three apply to the
+    /// server and allow the client, the rest are other namespaces'); 0 = none.
+    #[arg(long, default_value_t = 0)]
+    policies: usize,
     /// Where to write the markdown report (also printed).
     #[arg(long)]
     report: Option<std::path::PathBuf>,
@@ -98,10 +102,18 @@ fn main() -> Result<()> {
     let topo = Topology::build(&sb, &["server", "cmesh", "cdirect"])?;
     let (server_ip, mesh_ip) = (topo.host_ip("server"), topo.host_ip("cmesh"));
     let ca = mesh::write_ca(sb.dir(), "bench-root")?;
-    let server_w = WorkloadSpec::new("server", server_ip).service_account("server");
+    let mut server_w = WorkloadSpec::new("server", server_ip).service_account("server");
     let client_w = WorkloadSpec::new("client", mesh_ip).service_account("client");
     let xds = sb.dir().join("mesh.yaml");
-    LocalConfig::default()
+    let mut config = LocalConfig::default();
+    if args.policies > 0 {
+        anyhow::ensure!(args.policies >= 3, "--policies: 0, or at least 3");
+        server_w = server_w.selected_by(bench::MIX_SELECTOR_POLICY);
+        for p in bench::policy_mix(args.policies, &[SINK_PORT, ECHO_PORT]) {
+            config = config.policy(p);
+        }
+    }
+    config
         .workload(server_w.clone())
         .workload(client_w.clone())
         .write(&xds)?;
@@ -227,6 +239,12 @@ fn main() -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     ));
+    if args.policies > 0 {
+        out.push_str(&format!(
+            "L4 AuthorizationPolicies in the mesh: {} (3 apply to the server and allow the client)\n\n",
+            args.policies
+        ));
+    }
     out.push_str(
         "| measurement | direct TCP | HBONE (2 ztunnels) | HBONE vs direct |\n|---|---|---|---|\n",
     );
