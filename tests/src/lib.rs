@@ -30,6 +30,7 @@ pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod controller;
+pub mod ctlbench;
 pub mod http;
 pub mod lab;
 pub mod mesh;
