@@ -9,14 +9,8 @@
 //! reconciler translates everything and hands the cache only what changed, and every stream
 //! pushes the changed names.
 
-// The delta ADS clients and the driver of `zmesh-bench-controller` need tonic, xds-proto and
-// prost, which are only dev-dependencies of this crate so far. Until they are normal
-// dependencies these two modules are built (and tested) with the crate's tests only, and the
-// binary (`src/bin/zmesh-bench-controller.rs`: `fn main() { ctlbench::run::main() }`) waits.
-#[cfg(test)]
 pub mod client;
 pub mod cluster;
-#[cfg(test)]
 pub mod run;
 pub mod ztunnel_mem;
 
