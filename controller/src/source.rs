@@ -89,6 +89,20 @@ impl Store {
         self.write(|o| o.remove(kind, key));
     }
 
+    /// Upserts and removes many objects as one change (one notification).
+    pub fn apply(&self, upserts: Vec<KubeObject>, removals: Vec<(Kind, ObjectKey)>) {
+        self.write(|o| {
+            let changed = !upserts.is_empty() || !removals.is_empty();
+            for (kind, key) in &removals {
+                o.remove(*kind, key);
+            }
+            for object in upserts {
+                o.upsert(object);
+            }
+            changed
+        });
+    }
+
     /// Replaces every object of `kind` with `objects` (a complete list: the initial list, a
     /// re-list after `410 Gone`) and marks `kind` synced.
     pub fn replace(&self, kind: Kind, objects: Vec<KubeObject>) {
