@@ -5,9 +5,9 @@
 //! `docs/bench-controller-2026-11-23.md`.
 //!
 //! The in-process figures mirror what the controller does on a change: the directory source
-//! re-reads the directory (re-parsing only changed files, then rebuilding the object set), the
-//! reconciler translates everything and hands the cache only what changed, and every stream
-//! pushes the changed names.
+//! re-reads the directory (stats every file, parses only changed ones) and hands the store only
+//! the changed objects, the reconciler translates everything and hands the cache only what
+//! changed, and every stream pushes the changed names.
 
 pub mod client;
 pub mod cluster;
@@ -117,9 +117,10 @@ pub struct InProcess {
     /// The reconciler's first pass into an empty cache (translate + encode + apply).
     pub first_pass: PassStats,
     pub first_pass_total: Duration,
-    /// Re-reading the directory after one Pod file changed (what the file source does).
+    /// Re-reading the directory after one Pod file changed (`FileSource::sync`, what the
+    /// file source does on a change).
     pub reload_one_file: Duration,
-    /// `Store::replace_all` of the reloaded objects.
+    /// `Store::apply` of what changed.
     pub store_replace: Duration,
     /// The reconciler's pass after that change (full translate, diff, apply of one resource).
     pub one_pod_pass: PassStats,
@@ -186,10 +187,10 @@ pub fn in_process(cluster: &mut Cluster, mesh: &MeshConfig, repeat: usize) -> Re
     let i = cluster.pods.len() / 2;
     cluster.move_pod(i)?;
     let t = Instant::now();
-    let reloaded = src.load();
+    let delta = src.sync();
     let reload_one_file = t.elapsed();
     let t = Instant::now();
-    store.replace_all(reloaded);
+    store.apply(delta.upserts, delta.removals);
     let store_replace = t.elapsed();
     let one_pod_pass = reconciler.pass();
     if one_pod_pass.changed != 1 || one_pod_pass.removed != 0 {

@@ -488,7 +488,7 @@ fn render(
         ),
     );
     row(
-        "one Pod changed, in process: directory re-read / store replace / pass".into(),
+        "one Pod changed, in process: directory re-read / store update / pass".into(),
         format!(
             "{:.1} ms / {:.1} ms / {:.1} ms (translate {:.1} + diff/apply {:.1}; {} changed)",
             ms(ip.reload_one_file),
