@@ -44,7 +44,8 @@ pub struct Change {
 
 #[derive(Default)]
 struct Inner {
-    types: HashMap<String, HashMap<String, Entry>>,
+    /// Entries are shared with the streams that read them, so a read copies no resource.
+    types: HashMap<String, HashMap<String, Arc<Entry>>>,
     /// Incremented on every effective change; sent as `system_version_info` (debugging only).
     generation: u64,
 }
@@ -157,7 +158,7 @@ impl Cache {
                 if map.get(&name).is_some_and(|e| e.version == version) {
                     continue;
                 }
-                map.insert(name.clone(), Entry { version, resource });
+                map.insert(name.clone(), Arc::new(Entry { version, resource }));
                 changed.insert(name);
             }
             for name in removals {
@@ -180,8 +181,8 @@ impl Cache {
         Ok(names)
     }
 
-    /// The resource `name` of `type_url`, if cached.
-    pub fn get(&self, type_url: &str, name: &str) -> Option<Entry> {
+    /// The resource `name` of `type_url`, if cached (shared, not copied).
+    pub fn get(&self, type_url: &str, name: &str) -> Option<Arc<Entry>> {
         self.read().types.get(type_url)?.get(name).cloned()
     }
 

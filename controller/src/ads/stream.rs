@@ -332,8 +332,8 @@ impl StreamState {
                         ts.has.insert(name.clone(), entry.version.clone());
                         resources.push(Resource {
                             name,
-                            version: entry.version,
-                            resource: Some(entry.resource),
+                            version: entry.version.clone(),
+                            resource: Some(entry.resource.clone()),
                             ..Default::default()
                         });
                     }
@@ -444,7 +444,7 @@ mod tests {
     #[test]
     fn initial_versions_and_resubscribe_resend() {
         let c = cache();
-        let va = c.get(T, "a").unwrap().version;
+        let va = c.get(T, "a").unwrap().version.clone();
         let mut st = StreamState::new(1, allow_all());
         let mut r = req(&["a"], &[]);
         r.initial_resource_versions = HashMap::from([("a".to_string(), va)]);
