@@ -40,6 +40,7 @@ pub mod sandbox;
 pub mod ztunnel;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 pub use sandbox::Sandbox;
 
@@ -103,4 +104,23 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// Calls `f` every 100 ms until it returns `Some`, and returns that value; panics with
+/// "timed out waiting for `what`" once `deadline` has passed. For tests that wait for the
+/// mesh to converge.
+pub fn poll_some<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// [`poll_some`] for a condition: returns once `f` is true.
+pub fn poll(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    poll_some(what, deadline, || f().then_some(()))
 }

@@ -6,25 +6,16 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use zmesh_tests::Sandbox;
 use zmesh_tests::apps::{EchoServer, connect, identify};
 use zmesh_tests::cluster::{Cluster, Pod};
+use zmesh_tests::{Sandbox, poll};
 
 const ECHO_PORT: u16 = 8080;
 const AMBIENT: Option<&str> = Some("ambient");
 /// Generous: a push crosses a file watch, a debounce, gRPC and a config swap.
 const CONVERGE: Duration = Duration::from_secs(30);
-
-/// Polls `f` every 100 ms until it holds, panicking after `deadline`.
-fn poll(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn vip(last: u8) -> IpAddr {
     IpAddr::from([10, 96, 0, last])

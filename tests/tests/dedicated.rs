@@ -15,7 +15,7 @@ use zmesh_tests::capture::Capture;
 use zmesh_tests::lab::{Topology, redirect_outbound};
 use zmesh_tests::mesh::{self, CaFiles, LocalConfig, ServiceSpec, WorkloadSpec};
 use zmesh_tests::ztunnel::{Ztunnel, metric_value};
-use zmesh_tests::{Sandbox, bin_path, pattern, unique_marker};
+use zmesh_tests::{Sandbox, bin_path, pattern, poll_some, unique_marker};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
@@ -115,17 +115,6 @@ fn store_and_return(sb: &Sandbox, host: &str, port: u16) {
     });
 }
 
-fn poll<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn megabytes_both_ways_with_half_close_and_the_client_identity() {
     let sb = Sandbox::new().unwrap();
@@ -163,7 +152,7 @@ fn megabytes_both_ways_with_half_close_and_the_client_identity() {
         &[("reporter", "destination"), ("source_principal", CLIENT_ID)],
     );
     assert!(received >= (6 << 20) as f64, "received bytes {received}");
-    let log = poll("the access log line", Duration::from_secs(5), || {
+    let log = poll_some("the access log line", Duration::from_secs(5), || {
         let l = m.zt[1].log();
         l.contains("connection complete").then_some(l)
     });
@@ -171,7 +160,7 @@ fn megabytes_both_ways_with_half_close_and_the_client_identity() {
         log.contains(&format!("src.identity={CLIENT_ID}")),
         "access log:\n{log}"
     );
-    poll(
+    poll_some(
         "the client's access log line",
         Duration::from_secs(5),
         || {
@@ -264,12 +253,12 @@ fn a_ztunnel_of_another_root_is_refused() {
         before,
         "the app saw a connection from the rogue ztunnel"
     );
-    let rogue_log = poll("the rogue's failure", Duration::from_secs(5), || {
+    let rogue_log = poll_some("the rogue's failure", Duration::from_secs(5), || {
         let l = zt_rogue.log();
         l.contains("TLS").then_some(l)
     });
     assert!(rogue_log.contains("TLS handshake with"), "{rogue_log}");
-    let s1_log = poll("s1's failure", Duration::from_secs(5), || {
+    let s1_log = poll_some("s1's failure", Duration::from_secs(5), || {
         let l = m.zt[1].log();
         l.contains("TLS handshake failed").then_some(l)
     });
@@ -346,7 +335,7 @@ fn connections_aimed_at_ztunnel_ports_are_refused() {
         );
     }
     // The access log is written by a background thread: wait for the line.
-    poll(
+    poll_some(
         "the loop refusal in the log",
         Duration::from_secs(5),
         || {
@@ -371,7 +360,7 @@ fn local_config_is_reloaded_and_a_bad_edit_keeps_the_last_good_one() {
     let new_vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
     m.servers[1] = m.servers[1].clone().backs("solo", &[(80, 8080)]);
     m.write_config(&[ServiceSpec::new("solo", "10.96.0.20").port(80, 8080)]);
-    poll("the reload", Duration::from_secs(15), || {
+    poll_some("the reload", Duration::from_secs(15), || {
         m.zt[0]
             .config_dump()
             .ok()
@@ -403,7 +392,7 @@ fn local_config_is_reloaded_and_a_bad_edit_keeps_the_last_good_one() {
         "workloads:\n- name: x\n  namespace: default\n  workloadIPs: []\n",
     )
     .unwrap();
-    poll(
+    poll_some(
         "the rejection naming the field",
         Duration::from_secs(15),
         || {
@@ -428,7 +417,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
 
     let started = Instant::now();
     m.zt[1].process().signal(libc::SIGTERM).unwrap();
-    poll("readiness to drop", Duration::from_secs(5), || {
+    poll_some("readiness to drop", Duration::from_secs(5), || {
         zmesh_tests::http::get(
             &sb.netns(Some("s1")),
             "127.0.0.1:15021".parse().unwrap(),
@@ -585,7 +574,7 @@ fn plaintext_inbound_is_not_an_open_relay() {
         0,
         "s1's ztunnel relayed the outsider to s2"
     );
-    poll("the refusal in s1's log", Duration::from_secs(5), || {
+    poll_some("the refusal in s1's log", Duration::from_secs(5), || {
         m.zt[1]
             .log()
             .contains("is not this workload's address")

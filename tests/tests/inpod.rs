@@ -6,26 +6,17 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use zmesh_tests::apps::{EchoServer, connect, transfer};
 use zmesh_tests::capture::Capture;
 use zmesh_tests::cluster::{Cluster, Pod};
 use zmesh_tests::runtime::PluginError;
 use zmesh_tests::ztunnel::metric_value;
-use zmesh_tests::{Sandbox, pattern, unique_marker};
+use zmesh_tests::{Sandbox, pattern, poll, unique_marker};
 
 const ECHO_PORT: u16 = 8080;
 const AMBIENT: Option<&str> = Some("ambient");
-
-/// Polls `f` every 100 ms until it holds, panicking after `deadline`.
-fn poll(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Connections the ztunnel of `node` accepted over mutual TLS from `client`'s identity.
 fn mtls_from(cluster: &Cluster<'_>, node: &str, client: &Pod) -> f64 {

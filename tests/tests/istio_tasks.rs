@@ -6,24 +6,16 @@
 //! an allowed one works. Needs root, containernetworking-plugins and the binaries.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use zmesh_tests::Sandbox;
 use zmesh_tests::apps::{EchoServer, identify};
 use zmesh_tests::cluster::{Cluster, Pod};
+use zmesh_tests::{Sandbox, poll};
 
 const WEB_PORT: u16 = 8080;
 const TCP_PORT: u16 = 9000;
 /// A push crosses a file watch, a debounce, gRPC and a config swap: be generous.
 const CONVERGE: Duration = Duration::from_secs(30);
-
-fn poll(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + CONVERGE;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 struct Mesh<'s> {
     cluster: Cluster<'s>,
@@ -43,7 +35,7 @@ impl Mesh<'_> {
 
     /// Waits until every (client, port, expected) holds at once.
     fn expect(&self, what: &str, cases: &[(&Pod, u16, bool)]) {
-        poll(what, || {
+        poll(what, CONVERGE, || {
             cases
                 .iter()
                 .all(|(client, port, want)| self.reaches(client, *port) == *want)

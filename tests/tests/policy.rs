@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use zmesh_tests::Sandbox;
 use zmesh_tests::apps::{EchoServer, connect, identify};
-use zmesh_tests::bin_path;
 use zmesh_tests::cluster::Cluster;
 use zmesh_tests::lab::{Topology, redirect_outbound};
 use zmesh_tests::mesh::{
     self, Action, CaFiles, LocalConfig, MatchSpec, PolicySpec, Protocol, WorkloadSpec,
 };
 use zmesh_tests::ztunnel::{Ztunnel, metric_value};
+use zmesh_tests::{bin_path, poll_some};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 /// Principals in policies carry no `spiffe://`.
@@ -101,20 +101,9 @@ impl<'s> Mesh<'s> {
     }
 }
 
-fn poll<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Waits for `needle` in a ztunnel's log (written by a background thread) and returns the log.
 fn log_with(zt: &Ztunnel, needle: &str) -> String {
-    poll(
+    poll_some(
         &format!("{needle:?} in the log of ztunnel {}", zt.host()),
         Duration::from_secs(20),
         || {
@@ -319,7 +308,7 @@ fn ip_blocks_on_plaintext_from_an_unmeshed_client() {
     let deny = PolicySpec::new("deny-ext", "default", Action::Deny)
         .when(MatchSpec::default().source_ip(&format!("{}/32", m.topo.host_ip("ext"))));
     m.write_config(vec![deny]);
-    poll("the policy in s1's config", Duration::from_secs(20), || {
+    poll_some("the policy in s1's config", Duration::from_secs(20), || {
         m.s1().config_dump().ok().filter(|d| d.contains("deny-ext"))
     });
     m.capture_plaintext_inbound();
@@ -388,7 +377,7 @@ fn a_policy_edit_closes_open_connections_it_now_denies() {
     // The connection the new policies allow carries on.
     assert_eq!(echo_line(&mut from_other, b"still\n").unwrap(), b"still\n");
 
-    let log = poll("both closures in the log", Duration::from_secs(20), || {
+    let log = poll_some("both closures in the log", Duration::from_secs(20), || {
         let l = m.s1().log();
         (l.contains("policy=default/deny-client") && l.contains("policy=default/deny-ext"))
             .then_some(l)
@@ -463,7 +452,7 @@ fn a_selector_policy_from_the_controller_is_enforced_in_the_selected_pods() {
     let _web_app = EchoServer::start(&sb, &web.netns, 8080, "web-a").unwrap();
     let _db_app = EchoServer::start(&sb, &db.netns, 8080, "db-a").unwrap();
     let who = |dst: SocketAddr| identify(&sb, &client.netns, dst);
-    poll("the client to reach web-a", Duration::from_secs(30), || {
+    poll_some("the client to reach web-a", Duration::from_secs(30), || {
         (who(web.addr(8080)).ok().as_deref() == Some("web-a")).then_some(())
     });
     let mut open = connect(&sb, &client.netns, web.addr(8080)).unwrap();
@@ -493,7 +482,7 @@ fn a_selector_policy_from_the_controller_is_enforced_in_the_selected_pods() {
 
     // Removed: web-a answers again.
     cluster.delete_yaml("deny-client").unwrap();
-    poll("the policy's removal", Duration::from_secs(30), || {
+    poll_some("the policy's removal", Duration::from_secs(30), || {
         (who(web.addr(8080)).ok().as_deref() == Some("web-a")).then_some(())
     });
 }

@@ -14,15 +14,7 @@ use zmesh_tests::capture::Capture;
 use zmesh_tests::lab::{Topology, redirect_outbound};
 use zmesh_tests::mesh::{self, LocalConfig, WorkloadSpec};
 use zmesh_tests::ztunnel::{Ztunnel, metric_value};
-use zmesh_tests::{Sandbox, bin_path, pattern};
-
-fn poll(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use zmesh_tests::{Sandbox, bin_path, pattern, poll};
 
 fn listening(sb: &Sandbox, host: &str, port: u16) -> bool {
     sb.run_in(host, &["ss", "-Hltn", &format!("sport = :{port}")])
