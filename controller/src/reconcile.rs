@@ -248,48 +248,31 @@ spec: {selector: {app: x}, clusterIP: 10.96.0.1, ports: [{port: 80}]}
         let cache = Cache::new();
         let mut r = Reconciler::new(store.clone(), cache.clone(), MeshConfig::default());
         let mut changes = cache.subscribe();
-        store.replace_all(
-            Objects::from_yaml(&format!(
-                "{BASE}{}{}",
-                pod("p1", "10.0.0.1"),
-                pod("p2", "10.0.0.2")
-            ))
-            .unwrap(),
-        );
+        let set_pods = |pods: &[(&str, &str)]| {
+            let pods: String = pods.iter().map(|(name, ip)| pod(name, ip)).collect();
+            store.replace_all(Objects::from_yaml(&format!("{BASE}{pods}")).unwrap());
+        };
+        set_pods(&[("p1", "10.0.0.1"), ("p2", "10.0.0.2")]);
         let s = r.pass();
         assert_eq!((s.addresses, s.changed, s.removed), (3, 3, 0));
         let first = changes.try_recv().unwrap();
         assert_eq!(first.names.len(), 3);
 
         // Same objects again: nothing.
-        store.replace_all(
-            Objects::from_yaml(&format!(
-                "{BASE}{}{}",
-                pod("p1", "10.0.0.1"),
-                pod("p2", "10.0.0.2")
-            ))
-            .unwrap(),
-        );
+        set_pods(&[("p1", "10.0.0.1"), ("p2", "10.0.0.2")]);
         let s = r.pass();
         assert_eq!((s.changed, s.removed), (0, 0));
         assert!(changes.try_recv().is_err());
 
         // One pod changes its IP: exactly its workload is pushed.
-        store.replace_all(
-            Objects::from_yaml(&format!(
-                "{BASE}{}{}",
-                pod("p1", "10.0.0.1"),
-                pod("p2", "10.0.0.9")
-            ))
-            .unwrap(),
-        );
+        set_pods(&[("p1", "10.0.0.1"), ("p2", "10.0.0.9")]);
         let s = r.pass();
         assert_eq!((s.changed, s.removed), (1, 0));
         let change = changes.try_recv().unwrap();
         assert_eq!(change.names, vec!["Kubernetes//Pod/a/p2".to_owned()]);
 
         // A pod goes away: exactly its removal.
-        store.replace_all(Objects::from_yaml(&format!("{BASE}{}", pod("p1", "10.0.0.1"))).unwrap());
+        set_pods(&[("p1", "10.0.0.1")]);
         let s = r.pass();
         assert_eq!((s.changed, s.removed), (0, 1));
         assert_eq!(
