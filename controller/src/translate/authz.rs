@@ -595,11 +595,7 @@ impl RuleCx<'_> {
     /// Reports a field ztunnel cannot enforce.
     fn not_l4(&mut self, path: &str) {
         self.drop = true;
-        let consequence = if self.deny() {
-            "this DENY is enforced without it (denies more than written)"
-        } else {
-            "the rule is left out of this ALLOW (allows less than written)"
-        };
+        let consequence = self.without_it();
         self.issues.push(format!(
             "{path} is an L7 attribute ztunnel cannot enforce; {consequence}; use a waypoint \
              to enforce it"
@@ -609,11 +605,7 @@ impl RuleCx<'_> {
     /// Reports a field outside the schema; resolved like an L7 attribute.
     fn unknown_field(&mut self, path: &str) {
         self.drop = true;
-        let consequence = if self.deny() {
-            "this DENY is enforced without it (denies more than written)"
-        } else {
-            "the rule is left out of this ALLOW (allows less than written)"
-        };
+        let consequence = self.without_it();
         self.issues.push(format!(
             "{path} is not a field of security.istio.io/v1 AuthorizationPolicy (misspelt, or \
              from a newer Istio); {consequence}"
@@ -624,16 +616,24 @@ impl RuleCx<'_> {
     fn invalid(&mut self, path: &str, what: &str, side: Side) {
         self.drop = true;
         let consequence = match (self.deny(), side) {
-            (false, _) => "the rule is left out of this ALLOW (allows less than written)",
+            (false, _) | (true, Side::Entry) => self.without_it(),
             (true, Side::Positive) => {
                 "this DENY entry matches any value of that field (denies more than written)"
             }
             (true, Side::Negative) => {
                 "the value is left out, so this DENY excludes less (denies more than written)"
             }
-            (true, Side::Entry) => "this DENY is enforced without it (denies more than written)",
         };
         self.issues.push(format!("{path}: {what}; {consequence}"));
+    }
+
+    /// What leaving a field or entry out does to this policy.
+    fn without_it(&self) -> &'static str {
+        if self.deny() {
+            "this DENY is enforced without it (denies more than written)"
+        } else {
+            "the rule is left out of this ALLOW (allows less than written)"
+        }
     }
 }
 
