@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::bin_path;
 use crate::mesh::TRUST_DOMAIN;
@@ -16,6 +17,9 @@ use crate::sandbox::Sandbox;
 
 /// The gRPC port of the controller (xDS and CA), as istiod's.
 pub const CONTROLLER_PORT: u16 = 15012;
+
+/// A name in the controller's serving certificate, as istiod's.
+pub const SERVER_NAME: &str = "istiod.istio-system.svc";
 
 /// How long the controller gets to listen after it is started.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -111,6 +115,15 @@ impl ControllerSpec {
     }
 }
 
+/// A gRPC endpoint for a controller at `uri` (`https://...`) whose serving certificate for
+/// `server_name` chains to `root_pem`; connect it with `.connect().await`.
+pub fn endpoint(uri: String, root_pem: &str, server_name: &str) -> Result<Endpoint> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root_pem))
+        .domain_name(server_name);
+    Ok(Channel::from_shared(uri)?.tls_config(tls)?)
+}
+
 /// Starts the controller and waits until it accepts connections.
 pub fn spawn(sb: &Sandbox, spec: &ControllerSpec) -> Result<Process> {
     let p = |p: &Path| p.display().to_string();
@@ -126,7 +139,7 @@ pub fn spawn(sb: &Sandbox, spec: &ControllerSpec) -> Result<Process> {
         "--serving-name".to_owned(),
         spec.listen.ip().to_string(),
         "--serving-name".to_owned(),
-        "istiod.istio-system.svc".to_owned(),
+        SERVER_NAME.to_owned(),
         "--node-tokens".to_owned(),
         p(&spec.tokens),
         "--trust-domain".to_owned(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use zmesh_tests::apps::{EchoServer, connect, identify};
 use zmesh_tests::cluster::{Cluster, Pod};
+use zmesh_tests::controller;
 use zmesh_tests::{Sandbox, poll};
 
 const ECHO_PORT: u16 = 8080;
@@ -207,12 +208,7 @@ fn ask_ca(
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let tls = tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(root))
-                    .domain_name("istiod.istio-system.svc");
-                let channel = tonic::transport::Channel::from_shared(access.address.clone())
-                    .unwrap()
-                    .tls_config(tls)
+                let channel = controller::endpoint(access.address, &root, controller::SERVER_NAME)
                     .unwrap()
                     .connect()
                     .await

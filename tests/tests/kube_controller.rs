@@ -10,7 +10,7 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use xds_proto::envoy::config::core::v3::Node;
 use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
@@ -24,6 +24,7 @@ use zmesh_controller::translate::MeshConfig;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::LocalCa;
 use zmesh_tests::apiserver::{ApiServer, TokenInfo};
+use zmesh_tests::controller::{self, SERVER_NAME};
 
 const ZTUNNEL_N1: &str = "token-of-ztunnel-on-n1";
 const STRANGER: &str = "token-of-some-app";
@@ -85,7 +86,7 @@ async fn setup() -> Setup {
             listen: "127.0.0.1:0".parse().unwrap(),
             ca_cert: cert,
             ca_key: key,
-            serving_names: vec!["istiod.istio-system.svc".into()],
+            serving_names: vec![SERVER_NAME.into()],
             serving_ttl: Duration::from_secs(3600),
             mesh: MeshConfig::default(),
             ca: CaConfig {
@@ -114,12 +115,8 @@ async fn setup() -> Setup {
 }
 
 async fn channel(s: &Setup) -> Channel {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&s.root_pem))
-        .domain_name("istiod.istio-system.svc");
-    Channel::from_shared(format!("https://127.0.0.1:{}", s.port))
-        .unwrap()
-        .tls_config(tls)
+    let uri = format!("https://127.0.0.1:{}", s.port);
+    controller::endpoint(uri, &s.root_pem, SERVER_NAME)
         .unwrap()
         .connect()
         .await

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Request;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use xds_proto::envoy::config::core::v3::Node;
 use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
@@ -74,13 +74,13 @@ pub enum Report {
 /// A TLS channel to the controller; retried until `deadline` (the controller may still be
 /// starting).
 pub async fn connect(target: &Target, deadline: Instant) -> Result<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&target.root_pem))
-        .domain_name(target.server_name.clone());
-    let endpoint = Channel::from_shared(format!("https://{}", target.addr))?
-        .tls_config(tls)?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
+    let endpoint = crate::controller::endpoint(
+        format!("https://{}", target.addr),
+        &target.root_pem,
+        &target.server_name,
+    )?
+    .tcp_nodelay(true)
+    .connect_timeout(Duration::from_secs(5));
     loop {
         match endpoint.connect().await {
             Ok(ch) => return Ok(ch),
