@@ -106,7 +106,7 @@ pub enum CaError {
     CsrIdentityMismatch { csr: String, authorized: SpiffeId },
     #[error("caller identity {0} is not of this CA's trust domain {1}")]
     CallerWrongTrustDomain(SpiffeId, String),
-    #[error("request is for cluster {asked:?} but this CA serves cluster {ours:?}")]
+    #[error("request is for cluster {asked:?} but this controller serves cluster {ours:?}")]
     WrongCluster { asked: String, ours: String },
     #[error("signing failed: {0}")]
     Sign(#[from] TlsError),
@@ -206,13 +206,7 @@ impl WorkloadCa {
     fn check_cluster(&self, metadata: &MetadataMap) -> Result<(), CaError> {
         let asked = metadata.get("clusterid").and_then(|v| v.to_str().ok());
         tracing::debug!(clusterid = ?asked, "certificate request");
-        match (asked, &self.config.cluster_id) {
-            (Some(asked), Some(ours)) if asked != ours => Err(CaError::WrongCluster {
-                asked: asked.to_owned(),
-                ours: ours.clone(),
-            }),
-            _ => Ok(()),
-        }
+        check_cluster(self.config.cluster_id.as_deref(), metadata)
     }
 
     /// Validates and signs for an authenticated caller.
@@ -329,6 +323,19 @@ fn impersonated(
         });
     }
     Ok(Some(id))
+}
+
+/// Refuses a call whose `clusterid` header names another cluster than `ours` (a call without
+/// the header, or a controller without a cluster id, passes). ADS streams are checked the same.
+pub(crate) fn check_cluster(ours: Option<&str>, metadata: &MetadataMap) -> Result<(), CaError> {
+    let asked = metadata.get("clusterid").and_then(|v| v.to_str().ok());
+    match (asked, ours) {
+        (Some(asked), Some(ours)) if asked != ours => Err(CaError::WrongCluster {
+            asked: asked.to_owned(),
+            ours: ours.to_owned(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The `CERTIFICATE` blocks of a PEM text, each as its own PEM string, in order.

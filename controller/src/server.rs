@@ -289,16 +289,7 @@ pub async fn start_with_client(
             let cluster = cluster.clone();
             Box::pin(async move {
                 authenticator.authenticate(&md).await?;
-                if let (Some(ours), Some(asked)) = (
-                    cluster.as_deref(),
-                    md.get("clusterid").and_then(|v| v.to_str().ok()),
-                ) && ours != asked
-                {
-                    return Err(tonic::Status::permission_denied(format!(
-                        "request is for cluster {asked:?} but this controller serves {ours:?}"
-                    )));
-                }
-                Ok(())
+                crate::ca::check_cluster(cluster.as_deref(), &md).map_err(|e| e.status())
             })
         })
     };
