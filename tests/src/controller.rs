@@ -5,9 +5,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::bin_path;
@@ -156,26 +156,10 @@ pub fn spawn(sb: &Sandbox, spec: &ControllerSpec) -> Result<Process> {
         std::env::var("ZMESH_CONTROLLER_LOG").unwrap_or_else(|_| "info".to_owned()),
     );
     let proc = sb.spawn("controller", cmd)?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(status) = proc.try_wait() {
-            bail!(
-                "the controller exited ({status}) before listening; log tail:\n{}",
-                crate::process::tail(&proc.log(), 30)
-            );
-        }
-        if proc
+    proc.wait_until("the controller to listen", START_TIMEOUT, || {
+        Ok(proc
             .log()
-            .contains("controller serving delta xDS and the CA")
-        {
-            return Ok(proc);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the controller did not listen within {START_TIMEOUT:?}; log tail:\n{}",
-                crate::process::tail(&proc.log(), 30)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .contains("controller serving delta xDS and the CA"))
+    })?;
+    Ok(proc)
 }

@@ -6,7 +6,7 @@ use std::process::{Child, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 
 /// The program under a freshly spawned `nsenter --pid`: its forked child, once it exists
 /// (normally within a millisecond). Falls back to `nsenter`'s own pid.
@@ -120,6 +120,39 @@ impl Process {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Polls `ready` every 50 ms for up to `timeout`, failing early (with the log's tail) if
+    /// the process exits; on timeout the error names `what`, the last answer and the log's tail.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                bail!(
+                    "{} exited ({status}) while waiting for {what}; log tail:\n{}",
+                    self.name(),
+                    tail(&self.log(), 40)
+                );
+            }
+            let last = match ready() {
+                Ok(true) => return Ok(()),
+                Ok(false) => String::from("not yet"),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what} (last: {last}); {} log tail:\n{}",
+                    self.name(),
+                    tail(&self.log(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -5,12 +5,12 @@ use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use crate::http;
-use crate::sandbox::{Netns, Process, Sandbox, TERM_GRACE, tail};
+use crate::sandbox::{Netns, Process, Sandbox, TERM_GRACE};
 
 /// Admin port (config dump, log level), on 127.0.0.1.
 pub const ADMIN_PORT: u16 = 15000;
@@ -78,29 +78,14 @@ impl Ztunnel {
 
     /// Polls `/healthz/ready` until it answers 200.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.proc.try_wait() {
-                bail!(
-                    "ztunnel in {} exited ({status}) before it was ready; log tail:\n{}",
-                    self.host,
-                    tail(&self.log(), 40)
-                );
+        let what = format!("ztunnel in {} to be ready", self.host);
+        self.proc.wait_until(&what, timeout, || {
+            let r = http::get(&self.netns, local(READY_PORT), "/healthz/ready")?;
+            if r.status != 200 {
+                bail!("HTTP {}: {}", r.status, r.text().trim());
             }
-            let last = match http::get(&self.netns, local(READY_PORT), "/healthz/ready") {
-                Ok(r) if r.status == 200 => return Ok(()),
-                Ok(r) => format!("HTTP {}: {}", r.status, r.text().trim()),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() >= deadline {
-                bail!(
-                    "ztunnel in {} not ready after {timeout:?} (last: {last}); log tail:\n{}",
-                    self.host,
-                    tail(&self.log(), 40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(true)
+        })
     }
 
     /// The host whose netns it runs in.

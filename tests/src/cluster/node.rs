@@ -5,15 +5,15 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::bin_path;
 use crate::controller::ControllerAccess;
 use crate::http;
 use crate::mesh::ZtunnelPod;
-use crate::process::{Process, tail};
+use crate::process::Process;
 use crate::sandbox::Sandbox;
 use crate::ztunnel::Ztunnel;
 
@@ -114,40 +114,12 @@ pub fn spawn_agent(sb: &Sandbox, node: &str, dirs: &NodeDirs, pods_dir: &Path) -
     let mut cmd = sb.command(Some(node), bin_path("zmesh-cni-agent"), &args);
     cmd.env("NO_COLOR", "1");
     let agent = sb.spawn(&format!("agent-{node}"), cmd)?;
-    wait_for(
-        &agent,
+    agent.wait_until(
         "the agent to chain zmesh-cni into the conflist",
+        AGENT_TIMEOUT,
         || Ok(std::fs::read_to_string(dirs.conflist())?.contains("\"zmesh-cni\"")),
     )?;
     Ok(agent)
-}
-
-/// Polls `ready` every 50 ms for up to [`AGENT_TIMEOUT`], failing early (with the log's tail)
-/// if `proc` exits.
-pub fn wait_for(proc: &Process, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + AGENT_TIMEOUT;
-    loop {
-        if let Some(status) = proc.try_wait() {
-            bail!(
-                "{} exited ({status}) while waiting for {what}; log tail:\n{}",
-                proc.name(),
-                tail(&proc.log(), 40)
-            );
-        }
-        let last = match ready() {
-            Ok(true) => return Ok(()),
-            Ok(false) => String::from("not yet"),
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() >= deadline {
-            bail!(
-                "timed out waiting for {what} (last: {last}); {} log tail:\n{}",
-                proc.name(),
-                tail(&proc.log(), 40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `GET /v1/ready` on the agent's socket: the HTTP status.
@@ -163,7 +135,7 @@ pub fn agent_ready_status(socket: &Path) -> Result<u16> {
 
 /// Waits until the agent answers `GET /v1/ready` with 200 (a ztunnel is connected).
 pub fn wait_agent_ready(agent: &Process, dirs: &NodeDirs) -> Result<()> {
-    wait_for(agent, "the agent's /v1/ready to answer 200", || {
+    agent.wait_until("the agent's /v1/ready to answer 200", AGENT_TIMEOUT, || {
         Ok(agent_ready_status(&dirs.agent_socket())? == 200)
     })
 }

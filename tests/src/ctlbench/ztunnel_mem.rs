@@ -57,22 +57,9 @@ pub fn measure(
     cmd.env("NO_COLOR", "1").env("RUST_LOG", "warn");
     let controller = sb.spawn(&format!("controller-{label}"), cmd)?;
     // ztunnel gets a bounded time to become ready; start it once the controller serves.
-    let deadline = Instant::now() + CONTROLLER_READY;
-    loop {
-        if let Some(status) = controller.try_wait() {
-            bail!(
-                "the controller exited ({status}); log tail:\n{}",
-                crate::process::tail(&controller.log(), 20)
-            );
-        }
-        if crate::http::get(&sb.netns(None), monitoring, "/ready").is_ok_and(|r| r.status == 200) {
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!("the controller was not ready within {CONTROLLER_READY:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    controller.wait_until("the controller's /ready", CONTROLLER_READY, || {
+        Ok(crate::http::get(&sb.netns(None), monitoring, "/ready").is_ok_and(|r| r.status == 200))
+    })?;
     let node = "node-000";
     let token = creds.tokens.of(node)?;
     let p = |p: &Path| p.display().to_string();
