@@ -246,12 +246,9 @@ impl StreamState {
 
         // On the first request, `initial_resource_versions` says what the client really has,
         // so only later subscriptions force a resend.
-        let force = if first {
-            BTreeSet::new()
-        } else {
-            newly_named.clone()
-        };
-        let resp = self.diff(&type_url, candidates, &newly_named, &force, cache);
+        let nothing = BTreeSet::new();
+        let force = if first { &nothing } else { &newly_named };
+        let resp = self.diff(&type_url, candidates, &newly_named, force, cache);
         if resp.is_none() && first {
             return Ok(Some(self.response(
                 &type_url,
