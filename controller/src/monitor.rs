@@ -166,7 +166,9 @@ pub async fn serve(
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        debug!(error = %e, "monitoring accept failed");
+                        // E.g. out of file descriptors: back off instead of spinning.
+                        warn!(error = %e, "monitoring accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }
                 },
