@@ -940,34 +940,26 @@ async fn the_agent_binary_reads_pods_from_the_api_server() {
     let socket = run.join("agent.sock");
     let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
     let start = tokio::time::Instant::now();
-    while api.lists_of("/api/v1/pods") == 0 {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the agent never listed pods:\n{}",
-            agent_log()
-        );
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "the agent exited:\n{}",
-            agent_log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Waits until `done`, failing with the agent's log if it exits or `DEADLINE` passes.
+    let mut wait_agent = async |never: &str, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the agent never {never}:\n{}",
+                agent_log()
+            );
+            assert!(
+                child.0.try_wait().unwrap().is_none(),
+                "the agent exited:\n{}",
+                agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    wait_agent("listed pods", &|| api.lists_of("/api/v1/pods") > 0).await;
     assert!(!socket.exists(), "the agent served before its initial list");
     api.set_unavailable(false);
-    while !socket.exists() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the agent never served its API:\n{}",
-            agent_log()
-        );
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "the agent exited:\n{}",
-            agent_log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_agent("served its API", &|| socket.exists()).await;
     assert!(
         agent_log().contains("listed this node's pods"),
         "{}",
