@@ -97,14 +97,9 @@ pub fn build_profile() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Median and the `q` quantile (nearest rank) of `xs`.
+/// The `q` quantile (nearest rank) of `xs`: [`crate::bench::quantile`] on a copy.
 pub fn quantile(xs: &[Duration], q: f64) -> Duration {
-    if xs.is_empty() {
-        return Duration::ZERO;
-    }
-    let mut v = xs.to_vec();
-    v.sort_unstable();
-    v[((v.len() - 1) as f64 * q).round() as usize]
+    crate::bench::quantile(&mut xs.to_vec(), q)
 }
 
 /// What the in-process measurements found.
