@@ -39,7 +39,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod ztunnel;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use sandbox::Sandbox;
@@ -74,6 +74,19 @@ pub fn bin_path(name: &str) -> PathBuf {
         );
     }
     path
+}
+
+/// Writes `text` to `path` atomically: a hidden temporary file next to it (which the
+/// directory sources and loaders skip) renamed over it, so a watcher never reads half a file.
+pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a file path without a name")?;
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 /// A 1-in-2^64 unique ASCII marker (`zmesh-marker-<hex>`), for payloads that a capture must

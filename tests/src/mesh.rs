@@ -363,10 +363,7 @@ impl LocalConfig {
     /// Writes the YAML to `path` (atomically: a temporary file renamed over it, so a watching
     /// ztunnel never reads half a file).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("yaml.tmp");
-        std::fs::write(&tmp, self.to_yaml())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        crate::write_atomic(path, &self.to_yaml())
     }
 }
 

@@ -184,10 +184,7 @@ impl Objects {
     /// Writes any Kubernetes YAML (one or more documents) as `<stem>.yaml` in the objects
     /// directory, atomically, as `kubectl apply -f` of that file would.
     pub fn put_yaml(&self, stem: &str, text: &str) -> Result<()> {
-        let path = self.pods_dir.join(format!("{stem}.yaml"));
-        let tmp = self.pods_dir.join(format!(".{stem}.yaml.tmp"));
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
+        crate::write_atomic(&self.pods_dir.join(format!("{stem}.yaml")), text)
     }
 
     /// Deletes `<stem>.yaml` (and so its objects).
@@ -236,17 +233,10 @@ fn remove(file: &Path) -> Result<()> {
     }
 }
 
-/// Writes `doc` as YAML to `path`, atomically, through a hidden temporary file that the
-/// agents' loader skips.
+/// Writes `doc` as YAML to `path`, atomically ([`crate::write_atomic`]).
 fn write_yaml(path: &Path, doc: &serde_json::Value) -> Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("object file without a name")?;
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
     let text = serde_yaml::to_string(doc).context("rendering YAML")?;
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    crate::write_atomic(path, &text)
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::write_atomic;
+
 /// The mesh's root namespace (its policies without a selector apply mesh-wide).
 pub const ROOT_NAMESPACE: &str = "istio-system";
 /// First Pod IP (Pod `i` gets this plus `i`).
@@ -152,14 +154,6 @@ pub fn node_names(nodes: usize) -> Vec<String> {
     (0..nodes).map(node_name).collect()
 }
 
-/// Writes `text` to `dir/name` atomically: a hidden temporary file (the directory source skips
-/// hidden files) renamed over the target.
-pub fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming to {name}"))
-}
-
 impl Cluster {
     /// Generates the cluster into `dir` (created if missing).
     pub fn generate(spec: ClusterSpec, dir: &Path) -> Result<Cluster> {
@@ -288,7 +282,7 @@ impl Cluster {
         self.moved += 1;
         let pod = &mut self.pods[i];
         pod.ip = ip;
-        write_atomic(&self.dir, &pod.file_name(), &pod_yaml(pod))?;
+        write_atomic(&self.dir.join(pod.file_name()), &pod_yaml(pod))?;
         Ok(ip)
     }
 
@@ -303,7 +297,7 @@ impl Cluster {
             .filter(|p| p.namespace == ns)
             .map(policy_yaml)
             .collect();
-        write_atomic(&self.dir, &format!("authz-{ns}.yaml"), &text)
+        write_atomic(&self.dir.join(format!("authz-{ns}.yaml")), &text)
     }
 
     /// Address resources (Workloads + Services) the controller should serve.
