@@ -179,3 +179,21 @@ pub fn redirect_outbound(sandbox: &Sandbox, host: &str) -> Result<String> {
         })?;
     Ok(rules)
 }
+
+/// Dedicated-mode server-side capture in a host's netns: inbound TCP goes to ztunnel's
+/// plaintext listener (15006), except HBONE (15008) and ztunnel's own (marked) traffic.
+pub fn redirect_inbound(sandbox: &Sandbox, host: &str) -> Result<()> {
+    let rules = format!(
+        "table inet zmesh-in {{
+    chain prerouting {{
+        type nat hook prerouting priority -100;
+        meta l4proto tcp tcp dport != 15008 meta mark != {ZTUNNEL_MARK:#x} redirect to :15006
+    }}
+}}
+"
+    );
+    sandbox
+        .run_stdin(Some(host), &["nft", "-f", "-"], Some(&rules))
+        .with_context(|| format!("installing inbound redirection in {host}"))
+        .map(drop)
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use zmesh_tests::apps::{EchoServer, connect, identify, transfer};
 use zmesh_tests::capture::Capture;
-use zmesh_tests::lab::{Topology, redirect_outbound};
+use zmesh_tests::lab::{Topology, redirect_inbound, redirect_outbound};
 use zmesh_tests::mesh::{self, CaFiles, LocalConfig, ServiceSpec, WorkloadSpec};
 use zmesh_tests::ztunnel::{Ztunnel, metric_value};
 use zmesh_tests::{Sandbox, bin_path, pattern, poll_some, unique_marker};
@@ -458,9 +458,7 @@ fn plaintext_inbound_on_15006_and_passthrough_for_outsiders() {
     let _app = EchoServer::start(&sb, "s1", 8080, "s1").unwrap();
     let _ext = EchoServer::start(&sb, "ext", 8080, "ext").unwrap();
     // s1 captures inbound TCP to 15006, except HBONE and ztunnel's own (marked) traffic.
-    let rules = "table inet zmesh-in {\n  chain prerouting {\n    type nat hook prerouting priority -100;\n    meta l4proto tcp tcp dport != 15008 meta mark != 0x539 redirect to :15006\n  }\n}\n";
-    sb.run_stdin(Some("s1"), &["nft", "-f", "-"], Some(rules))
-        .unwrap();
+    redirect_inbound(&sb, "s1").unwrap();
 
     // A client outside the mesh reaches s1's app through ztunnel's plaintext listener.
     let payload = pattern(256 << 10, 9);
@@ -547,9 +545,7 @@ fn plaintext_inbound_is_not_an_open_relay() {
     let sb = Sandbox::new().unwrap();
     let m = Mesh::up(&sb, &["ext"]);
     let s2_app = EchoServer::start(&sb, "s2", 8080, "s2").unwrap();
-    let rules = "table inet zmesh-in {\n  chain prerouting {\n    type nat hook prerouting priority -100;\n    meta l4proto tcp tcp dport != 15008 meta mark != 0x539 redirect to :15006\n  }\n}\n";
-    sb.run_stdin(Some("s1"), &["nft", "-f", "-"], Some(rules))
-        .unwrap();
+    redirect_inbound(&sb, "s1").unwrap();
     // An outsider sends traffic for s2 to s1's MAC: s1's capture redirects it to 15006.
     let (s1_ip, s2_ip) = (m.topo.host_ip("s1"), m.topo.host_ip("s2"));
     sb.run_in(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use zmesh_tests::Sandbox;
 use zmesh_tests::apps::{EchoServer, connect, identify};
 use zmesh_tests::cluster::Cluster;
-use zmesh_tests::lab::{Topology, redirect_outbound};
+use zmesh_tests::lab::{Topology, redirect_inbound, redirect_outbound};
 use zmesh_tests::mesh::{
     self, Action, CaFiles, LocalConfig, MatchSpec, PolicySpec, Protocol, WorkloadSpec,
 };
@@ -94,10 +94,7 @@ impl<'s> Mesh<'s> {
 
     /// s1 captures inbound TCP to 15006, except HBONE and ztunnel's own (marked) traffic.
     fn capture_plaintext_inbound(&self) {
-        let rules = "table inet zmesh-in {\n  chain prerouting {\n    type nat hook prerouting priority -100;\n    meta l4proto tcp tcp dport != 15008 meta mark != 0x539 redirect to :15006\n  }\n}\n";
-        self.sb
-            .run_stdin(Some("s1"), &["nft", "-f", "-"], Some(rules))
-            .unwrap();
+        redirect_inbound(self.sb, "s1").unwrap();
     }
 }
 
