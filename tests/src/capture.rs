@@ -15,6 +15,7 @@
 
 use std::io;
 use std::mem::size_of;
+use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,12 +48,79 @@ pub struct Captured {
     pub frames: usize,
     /// Frames the kernel dropped because the socket's buffer was full.
     pub drops: u64,
+    /// Where each frame ends in `data`, in order (one entry per frame).
+    pub frame_ends: Vec<usize>,
+}
+
+/// The headers of one IPv4 TCP segment seen by a capture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSegment {
+    /// Source address and port.
+    pub src: SocketAddrV4,
+    /// Destination address and port.
+    pub dst: SocketAddrV4,
+    /// The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub flags: u8,
+    /// TCP payload bytes (a GSO frame may carry many segments' worth).
+    pub payload_len: usize,
+}
+
+impl TcpSegment {
+    /// A connection attempt: SYN without ACK.
+    pub fn is_syn(&self) -> bool {
+        self.flags & 0x12 == 0x02
+    }
+
+    /// A reset.
+    pub fn is_rst(&self) -> bool {
+        self.flags & 0x04 != 0
+    }
+}
+
+/// Parses an Ethernet frame carrying IPv4 TCP; `None` for anything else.
+fn tcp_segment(frame: &[u8]) -> Option<TcpSegment> {
+    const ETH: usize = 14;
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(ETH..)?;
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || *ip.get(9)? != 6 || ihl < 20 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+    let addr = |at: usize| -> Option<std::net::Ipv4Addr> {
+        let b: [u8; 4] = ip.get(at..at + 4)?.try_into().ok()?;
+        Some(b.into())
+    };
+    let tcp = ip.get(ihl..)?;
+    let port = |at: usize| Some(u16::from_be_bytes([*tcp.get(at)?, *tcp.get(at + 1)?]));
+    let doff = usize::from(tcp.get(12)? >> 4) * 4;
+    Some(TcpSegment {
+        src: SocketAddrV4::new(addr(12)?, port(0)?),
+        dst: SocketAddrV4::new(addr(16)?, port(2)?),
+        flags: *tcp.get(13)?,
+        payload_len: total.saturating_sub(ihl + doff),
+    })
 }
 
 impl Captured {
     /// Whether `needle` occurs in the captured bytes.
     pub fn contains(&self, needle: &[u8]) -> bool {
         contains(&self.data, needle)
+    }
+
+    /// Each frame's bytes, in arrival order.
+    pub fn frames(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.frame_ends.iter().copied());
+        starts
+            .zip(self.frame_ends.iter().copied())
+            .map(|(a, b)| &self.data[a..b])
+    }
+
+    /// The IPv4 TCP segments among the frames (headers only).
+    pub fn tcp_segments(&self) -> Vec<TcpSegment> {
+        self.frames().filter_map(tcp_segment).collect()
     }
 }
 
@@ -172,6 +240,7 @@ fn read_loop(fd: OwnedFd, stop: Arc<AtomicBool>) -> Result<Captured> {
         if n > 0 {
             out.data.extend_from_slice(&buf[..n as usize]);
             out.frames += 1;
+            out.frame_ends.push(out.data.len());
             continue;
         }
         let err = io::Error::last_os_error();
@@ -249,5 +318,36 @@ mod tests {
         assert!(!super::contains(b"abcdef", b"ce"));
         assert!(super::contains(b"", b""));
         assert!(!super::contains(b"ab", b"abc"));
+    }
+
+    #[test]
+    fn parses_ipv4_tcp_headers() {
+        let mut frame = vec![0u8; 12];
+        frame.extend([0x08, 0x00]); // IPv4
+        // IPv4: IHL 5, total 20 + 20 + 3, TCP, 10.0.0.1 -> 10.0.0.2.
+        frame.extend([
+            0x45, 0, 0, 43, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ]);
+        // TCP: 1234 -> 15008, data offset 5, SYN|ACK.
+        frame.extend([
+            0x04, 0xd2, 0x3a, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 0x12, 0, 0,
+        ]);
+        frame.extend([0, 0, 0, 0, b'a', b'b', b'c']);
+        let seg = super::tcp_segment(&frame).unwrap();
+        assert_eq!(seg.src.to_string(), "10.0.0.1:1234");
+        assert_eq!(seg.dst.to_string(), "10.0.0.2:15008");
+        assert_eq!(seg.payload_len, 3);
+        assert!(!seg.is_syn() && !seg.is_rst());
+        let mut arp = frame.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(super::tcp_segment(&arp).is_none());
+        let cap = super::Captured {
+            frame_ends: vec![frame.len(), frame.len() + arp.len()],
+            data: [frame, arp].concat(),
+            frames: 2,
+            drops: 0,
+        };
+        assert_eq!(cap.frames().count(), 2);
+        assert_eq!(cap.tcp_segments(), vec![seg]);
     }
 }

@@ -489,6 +489,15 @@ impl<'s> Cluster<'s> {
         Ok(())
     }
 
+    /// Kills the controller with SIGKILL, as a crash or an OOM kill does: no drain, its
+    /// streams end without a goodbye. The ztunnels keep their last config and certificates.
+    pub fn kill_controller(&mut self) -> Result<()> {
+        if let Some(c) = self.controller.take() {
+            c.kill().context("killing the controller")?;
+        }
+        Ok(())
+    }
+
     /// Starts the controller again (same directory, CA and credentials) and waits until it
     /// listens.
     pub fn start_controller(&mut self) -> Result<()> {
@@ -601,6 +610,16 @@ impl<'s> Cluster<'s> {
     pub fn stop_ztunnel(&mut self, node: &str) -> Result<()> {
         if let Some(zt) = self.node_mut(node)?.ztunnel.take() {
             zt.stop()?;
+        }
+        Ok(())
+    }
+
+    /// Kills a node's ztunnel with SIGKILL: no drain; its listeners in the pods vanish with
+    /// it, the pods' rules stay, so their traffic fails (closed) until a ztunnel is back.
+    pub fn kill_ztunnel(&mut self, node: &str) -> Result<()> {
+        if let Some(zt) = self.node_mut(node)?.ztunnel.take() {
+            zt.kill()
+                .with_context(|| format!("killing the ztunnel of {node}"))?;
         }
         Ok(())
     }

@@ -155,11 +155,16 @@ pub fn spawn(sb: &Sandbox, spec: &ControllerSpec) -> Result<Process> {
         "RUST_LOG",
         std::env::var("ZMESH_CONTROLLER_LOG").unwrap_or_else(|_| "info".to_owned()),
     );
+    // The log is appended across restarts: only this run's lines count.
+    let earlier = std::fs::metadata(sb.dir().join("controller.log")).map_or(0, |m| m.len());
     let proc = sb.spawn("controller", cmd)?;
     proc.wait_until("the controller to listen", START_TIMEOUT, || {
-        Ok(proc
-            .log()
-            .contains("controller serving delta xDS and the CA"))
+        let log = std::fs::read(proc.log_path())?;
+        let ours = log.get(earlier as usize..).unwrap_or_default();
+        Ok(crate::capture::contains(
+            ours,
+            b"controller serving delta xDS and the CA",
+        ))
     })?;
     Ok(proc)
 }
