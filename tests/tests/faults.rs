@@ -5,14 +5,14 @@
 //! containernetworking-plugins and `cargo build --workspace --bins`.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use zmesh_tests::apps::{EchoServer, connect, identify, transfer};
-use zmesh_tests::capture::{Capture, Captured};
+use zmesh_tests::capture::{Capture, Captured, TcpSegment};
 use zmesh_tests::cluster::{Cluster, Pod};
 use zmesh_tests::process::tail;
 use zmesh_tests::ztunnel::metric_value;
@@ -429,15 +429,30 @@ fn ztunnel_killed_in_shared_mode_fails_closed_and_resumes_when_back() {
         .iter()
         .map(|p| p.ip)
         .collect();
-    let touches_mesh_app = |s: &&zmesh_tests::capture::TcpSegment| {
-        let ends = [s.src, s.dst];
-        ends.iter()
-            .any(|a| a.port() == ECHO_PORT && mesh_ips.contains(&IpAddr::V4(*a.ip())))
+    // Not one segment of a mesh pod outside HBONE: none to or from its app port (not even a
+    // SYN), and no payload on any other port than 15008.
+    let plaintext = |s: &&TcpSegment| {
+        let mesh = |a: &SocketAddrV4| mesh_ips.contains(&IpAddr::V4(*a.ip()));
+        let hbone = s.src.port() == HBONE_PORT || s.dst.port() == HBONE_PORT;
+        let app = [s.src, s.dst]
+            .iter()
+            .any(|a| a.port() == ECHO_PORT && mesh(a));
+        app || ((mesh(&s.src) || mesh(&s.dst)) && s.payload_len > 0 && !hbone)
+    };
+    let leaked: Vec<&TcpSegment> = segments.iter().filter(plaintext).collect();
+    assert!(
+        leaked.is_empty(),
+        "mesh pods' plaintext on the wire: {leaked:?}"
+    );
+    let plain_dst = match plain_b.addr(ECHO_PORT) {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!("the lab is IPv4"),
     };
     assert!(
-        !segments.iter().any(|s| touches_mesh_app(&s)),
-        "a mesh pod's app port on the wire: {:?}",
-        segments.iter().filter(touches_mesh_app).collect::<Vec<_>>()
+        segments
+            .iter()
+            .any(|s| s.dst == plain_dst && s.payload_len > 0),
+        "the unenrolled pods' payload segments were not parsed"
     );
     // The capture saw the attempts: n2's HBONE connection attempts to echo-a, refused.
     let hbone_a = match echo_a.addr(HBONE_PORT) {
