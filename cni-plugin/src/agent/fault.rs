@@ -72,7 +72,7 @@ impl Faults {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Faults, FaultError> {
         let pause_add = match lookup(PAUSE_ADD_ENV) {
             None => None,
-            Some(v) => Some(AddPoint::parse(&v).ok_or_else(|| FaultError {
+            Some(v) => Some(AddPoint::parse(&v).ok_or(FaultError {
                 var: PAUSE_ADD_ENV,
                 expected: "after-rules or after-ack",
                 value: v,
