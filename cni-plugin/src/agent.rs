@@ -11,7 +11,8 @@
 //!   ztunnel the same pods ([`StateStore`]), and the source of the ZDS snapshot;
 //! - [`dataplane`]: rules + ZDS hand-over behind a trait ([`Dataplane`], real: [`RulesAndZds`]);
 //! - [`service`]: what ADD, DEL and a source change do ([`Agent`]);
-//! - [`server`]: the plugin API over the unix socket ([`ApiServer`]).
+//! - [`server`]: the plugin API over the unix socket ([`ApiServer`]);
+//! - [`fault`]: fault injection for the lab's fault tests (off unless asked for).
 //!
 //! Pods and namespaces come from a YAML directory (`--pods-dir`) or from the Kubernetes API
 //! (`--kube`, [`kube_source`]: the controller's watchers, this node's pods only).
@@ -33,6 +34,7 @@
 pub mod cluster;
 pub mod dataplane;
 pub mod decision;
+pub mod fault;
 pub mod kube_source;
 pub mod server;
 pub mod service;

@@ -52,8 +52,12 @@ pub struct AddRequest {
     pub ips: Vec<String>,
 }
 
-/// `200` answer to [`AddRequest`].
+/// `200` answer to [`AddRequest`]. The plugin reads it strictly (unknown fields,
+/// duplicate keys and trailing bytes are refused): the agent installs the plugin binary
+/// it ships, so the two speak the same contract, and an answer that is not exactly this
+/// one does not confirm the enrolment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddResponse {
     /// `true`: rules in place and ztunnel acknowledged the pod; `false`: not a mesh pod.
     pub enrolled: bool,
@@ -112,22 +116,77 @@ pub enum ClientError {
     Malformed(String),
 }
 
-/// An HTTP answer: status and (de-chunked) body.
+/// The most of a peer's text the plugin repeats in an error result or a log line.
+pub const MAX_ECHO: usize = 256;
+
+/// `text` cut to at most [`MAX_ECHO`] bytes (on a character boundary), marked when cut:
+/// whatever the agent sends, the plugin's answer and log line stay small.
+pub fn excerpt(text: &str) -> String {
+    if text.len() <= MAX_ECHO {
+        return text.to_owned();
+    }
+    let mut end = MAX_ECHO;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}
+
+/// An HTTP answer: status, `Content-Type` and (de-chunked) body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpResponse {
     /// Status code.
     pub status: u16,
+    /// The `Content-Type` header, if the answer had one.
+    pub content_type: Option<String>,
     /// Body bytes.
     pub body: Vec<u8>,
 }
 
 impl HttpResponse {
-    /// The `error` text of an [`ErrorResponse`] body, or the body itself as text.
+    /// The `error` text of an [`ErrorResponse`] body, or the body itself as text; at most
+    /// [`MAX_ECHO`] bytes of it.
     pub fn error_text(&self) -> String {
         match serde_json::from_slice::<ErrorResponse>(&self.body) {
-            Ok(e) => e.error,
-            Err(_) => String::from_utf8_lossy(&self.body).trim().to_owned(),
+            Ok(e) => excerpt(&e.error),
+            Err(_) => self.body_text(),
         }
+    }
+
+    /// The body as text (lossy), trimmed and at most [`MAX_ECHO`] bytes of it.
+    pub fn body_text(&self) -> String {
+        excerpt(String::from_utf8_lossy(&self.body).trim())
+    }
+
+    /// Whether the answer is labelled `application/json` (parameters such as `charset`
+    /// allowed, media type case-insensitive, RFC 9110 §8.3.1).
+    pub fn is_json(&self) -> bool {
+        self.content_type.as_deref().is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+        })
+    }
+
+    /// The body decoded strictly as a JSON `T`, or why not (for the operator): the
+    /// answer must be labelled `application/json` and hold exactly one `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        if !self.is_json() {
+            return Err(match &self.content_type {
+                Some(ct) => format!(
+                    "Content-Type is {:?}, expected application/json",
+                    excerpt(ct)
+                ),
+                None => "no Content-Type, expected application/json".to_owned(),
+            });
+        }
+        serde_json::from_slice(&self.body).map_err(|e| {
+            if self.body.is_empty() {
+                "empty body".to_owned()
+            } else {
+                format!("{e} in body {:?}", self.body_text())
+            }
+        })
     }
 }
 
@@ -272,6 +331,7 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>, Cli
         return parse_response(rest, eof);
     }
     let mut content_length = None;
+    let mut content_type = None;
     let mut chunked = false;
     for line in lines {
         let (name, value) = line
@@ -283,6 +343,8 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>, Cli
                 .parse::<usize>()
                 .map_err(|_| malformed(format!("bad Content-Length {value:?}")))?;
             content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("content-type") {
+            content_type = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value
                 .rsplit(',')
@@ -300,7 +362,11 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>, Cli
         eof.then(|| rest.to_vec())
     };
     match body {
-        Some(body) => Ok(Some(HttpResponse { status, body })),
+        Some(body) => Ok(Some(HttpResponse {
+            status,
+            content_type,
+            body,
+        })),
         None if eof => Err(malformed("connection closed before the end of the body")),
         None => Ok(None),
     }
@@ -387,6 +453,55 @@ mod tests {
         ] {
             assert!(parse_response(bad, false).is_err());
         }
+    }
+
+    #[test]
+    fn add_answers_are_read_strictly() {
+        let answer = |ct: Option<&str>, body: &str| HttpResponse {
+            status: 200,
+            content_type: ct.map(str::to_owned),
+            body: body.as_bytes().to_vec(),
+        };
+        for ct in ["application/json", "Application/JSON ; charset=utf-8"] {
+            let r = answer(Some(ct), r#"{"enrolled":true}"#);
+            assert_eq!(r.json::<AddResponse>(), Ok(AddResponse { enrolled: true }));
+        }
+        for (ct, body, why) in [
+            (None, r#"{"enrolled":true}"#, "no Content-Type"),
+            (Some("text/json"), r#"{"enrolled":true}"#, "text/json"),
+            (Some("application/jsonx"), r#"{"enrolled":true}"#, "jsonx"),
+            (Some("application/json"), "", "empty body"),
+            (
+                Some("application/json"),
+                r#"{"enrolled":1}"#,
+                "expected a boolean",
+            ),
+            (
+                Some("application/json"),
+                r#"{"enrolled":true,"x":1}"#,
+                "unknown field",
+            ),
+            (
+                Some("application/json"),
+                r#"{"enrolled":true,"enrolled":true}"#,
+                "duplicate",
+            ),
+            (
+                Some("application/json"),
+                r#"{"enrolled":true} x"#,
+                "trailing",
+            ),
+        ] {
+            let err = answer(ct, body).json::<AddResponse>().unwrap_err();
+            assert!(err.contains(why), "{ct:?} {body}: {err}");
+        }
+        let long = "é".repeat(1000);
+        let text = answer(Some("text/plain"), &long).error_text();
+        assert!(
+            text.len() < MAX_ECHO + 32 && text.ends_with("(2000 bytes)"),
+            "{text}"
+        );
+        assert_eq!(excerpt("short"), "short");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! | command | what it does |
 //! |---|---|
-//! | ADD | `POST /v1/cni/add`; `200` → echo `prevResult`; `503`/unreachable → code 11; `400` → code 7 |
+//! | ADD | `POST /v1/cni/add`; `200 {"enrolled": bool}` as JSON → echo `prevResult`; `400` → code 7; anything else (unreachable, `503`, a garbled or unexpected answer) → code 11 |
 //! | DEL | `POST /v1/cni/del`, best-effort: always succeeds (netns and agent may be gone) |
 //! | CHECK | `GET /v1/ready` must be `200` (code 11 otherwise), except for skipped pods |
 //! | STATUS | `GET /v1/ready`: `200` → success, otherwise code 50 |
@@ -169,11 +169,7 @@ fn exchange(
 ) -> Result<HttpResponse, ClientError> {
     let result = send(client);
     record.debug.push(match &result {
-        Ok(r) => format!(
-            "agent {what} -> {} {}",
-            r.status,
-            String::from_utf8_lossy(&r.body).trim()
-        ),
+        Ok(r) => format!("agent {what} -> {} {}", r.status, r.body_text()),
         Err(e) => format!("agent {what} -> {e}"),
     });
     result
@@ -217,27 +213,37 @@ fn add(
         c.post_json(ADD_PATH, &request, ADD_TIMEOUT)
     })
     .map_err(|e| unreachable(&client, &e))?;
+    // Fail closed: only a well-formed positive answer lets the pod start.
+    let bad_answer = |reason: String| CniError::AgentBadAnswer {
+        socket: client.socket().display().to_string(),
+        status: response.status,
+        reason,
+    };
     match response.status {
         200 => {
-            record.outcome = match serde_json::from_slice::<AddResponse>(&response.body) {
-                Ok(AddResponse { enrolled: true }) => "enrolled".into(),
-                Ok(AddResponse { enrolled: false }) => {
-                    "not enrolled (agent: not a mesh pod)".into()
-                }
-                Err(e) => {
-                    record.warning = true;
-                    format!("agent answered 200 with an unreadable body ({e})")
-                }
+            let answer = response.json::<AddResponse>().map_err(|reason| {
+                bad_answer(format!(
+                    "{reason}; expected exactly {{\"enrolled\": true|false}} as application/json"
+                ))
+            })?;
+            record.outcome = if answer.enrolled {
+                "enrolled".into()
+            } else {
+                "not enrolled (agent: not a mesh pod)".into()
             };
             Ok(result)
         }
         400 => Err(CniError::AgentRejected {
             reason: response.error_text(),
         }),
-        status => Err(CniError::AgentNotReady {
-            status,
+        503 => Err(CniError::AgentNotReady {
+            status: 503,
             reason: response.error_text(),
         }),
+        status => Err(bad_answer(format!(
+            "unexpected status {status} (the agent answers ADD with 200, 400 or 503): {}",
+            response.error_text()
+        ))),
     }
 }
 

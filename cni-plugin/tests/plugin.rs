@@ -6,6 +6,8 @@
 
 #[path = "plugin/agent.rs"]
 mod agent;
+#[path = "plugin/answers.rs"]
+mod answers;
 #[path = "plugin/harness.rs"]
 mod harness;
 

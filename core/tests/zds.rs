@@ -562,3 +562,25 @@ mod fuzz {
         }
     }
 }
+
+#[tokio::test]
+async fn the_mid_snapshot_fault_cuts_one_snapshot_once_and_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let options = ServerOptions {
+        fault_drop_mid_snapshot: Some(1),
+        ..Default::default()
+    };
+    let server = ZdsServer::bind_with(&path, options, || vec![add("a"), add("b")]).unwrap();
+    let mut events = spawn_client(&path, ack_all);
+    expect(&mut events, "Connected").await;
+    expect_add(&mut events, "a").await;
+    expect(&mut events, "Disconnected").await;
+    // The client reconnects and this time gets the whole snapshot.
+    expect(&mut events, "Connected").await;
+    expect_add(&mut events, "a").await;
+    expect_add(&mut events, "b").await;
+    expect(&mut events, "SnapshotSent").await;
+    within(server.wait_connected()).await;
+    assert_eq!(ServerOptions::default().fault_drop_mid_snapshot, None);
+}

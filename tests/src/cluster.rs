@@ -588,12 +588,18 @@ impl<'s> Cluster<'s> {
     /// Starts a node's agent again with the same directories, and waits until its plugin
     /// entry is chained and a ztunnel has reconnected to it.
     pub fn start_agent(&mut self, node: &str) -> Result<()> {
+        self.start_agent_with(node, &[])
+    }
+
+    /// [`Cluster::start_agent`] with extra environment for the agent (e.g. the fault
+    /// injection of `cni-plugin/src/agent/fault.rs`).
+    pub fn start_agent_with(&mut self, node: &str, env: &[(&str, &str)]) -> Result<()> {
         let (sb, pods_dir) = (self.sb, self.pods_dir.clone());
         let n = self.node_mut(node)?;
         if n.agent.is_some() {
             bail!("the agent of {node} is already running");
         }
-        let agent = node::spawn_agent(sb, node, &n.dirs, &pods_dir)?;
+        let agent = node::spawn_agent_with(sb, node, &n.dirs, &pods_dir, env)?;
         let ready = node::wait_agent_ready(&agent, &n.dirs);
         n.agent = Some(agent);
         ready

@@ -149,6 +149,7 @@ impl Dataplane for RulesAndZds {
     async fn enrol(&self, pod: &PodRecord, netns: &File) -> Result<(), DataplaneError> {
         self.blocking(pod, rules::apply).await?;
         self.probe_snat(pod, true).await?;
+        super::fault::pause_add(super::fault::AddPoint::AfterRules).await;
         self.zds
             .add(&pod.uid, pod.workload_info(), netns.as_fd())
             .await?;

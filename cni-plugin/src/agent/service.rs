@@ -217,6 +217,7 @@ impl<D: Dataplane> Agent<D> {
                 })?;
                 self.enrol(record, file).await?;
                 info!(pod = %pod.key(), uid, netns = req.netns, "enrolled");
+                super::fault::pause_add(super::fault::AddPoint::AfterAck).await;
                 Ok(AddResponse { enrolled: true })
             }
         }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use tracing::info;
+use zmesh_cni::agent::fault::Faults;
 use zmesh_cni::agent::server::SOCKET_FILE;
 use zmesh_cni::agent::source::DEFAULT_DEBOUNCE;
 use zmesh_cni::agent::state::STATE_FILE;
@@ -17,7 +18,7 @@ use zmesh_cni::agent::{
 };
 use zmesh_cni::install;
 use zmesh_cni::rules::{Backend, HostConfig, RuleConfig};
-use zmesh_core::zds::{DEFAULT_SOCKET_PATH, ZdsServer};
+use zmesh_core::zds::{DEFAULT_SOCKET_PATH, ServerOptions, ZdsServer};
 
 /// The node agent's configuration, validated once at start and logged.
 #[derive(Debug, Parser)]
@@ -113,13 +114,14 @@ fn main() -> anyhow::Result<()> {
         config.pods_dir.is_some() || config.kube,
         "say where pods come from: --kube (the Kubernetes API) or --pods-dir (ZMESH_PODS_DIR)"
     );
+    let faults = Faults::install_from_env()?;
     info!(?config, "starting the node agent");
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")?
-        .block_on(run(config))
+        .block_on(run(config, faults))
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, faults: Faults) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.run_dir).with_context(|| {
         format!(
             "cannot create the run directory {}",
@@ -138,7 +140,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Box::new(KubePodSource::start(client, &config.node_name).await)
         }
     };
-    let zds = ZdsServer::bind(&config.ztunnel_socket, {
+    let zds_options = ServerOptions {
+        fault_drop_mid_snapshot: faults.zds_drop_after,
+        ..ServerOptions::default()
+    };
+    let zds = ZdsServer::bind_with(&config.ztunnel_socket, zds_options, {
         let state = state.clone();
         move || state.snapshot()
     })?;

@@ -24,9 +24,12 @@ pub enum CniError {
         /// The declared version.
         version: &'static str,
     },
-    /// Code 1: `prevResult` is in a layout we cannot convert (before 0.3.0).
+    /// Code 1 (SPEC.md §5 "Error": incompatible CNI version): `prevResult` declares a
+    /// version we do not speak, or uses the layout before 0.3.0. It is never relabelled:
+    /// a result we cannot read could carry anything.
     #[error(
-        "prevResult version {declared} cannot be converted (results before 0.3.0 are not supported)"
+        "prevResult declares cniVersion {declared}, which zmesh-cni cannot read; check the \
+         output version of the plugin chained before zmesh-cni and the conflist's cniVersion"
     )]
     PrevResultVersion {
         /// The `cniVersion` declared inside `prevResult`.
@@ -83,6 +86,23 @@ pub enum CniError {
         /// The agent's `error` text, if any.
         reason: String,
     },
+    /// Code 11: the node agent answered ADD with something the contract does not allow
+    /// (a `200` whose body is not exactly `{"enrolled": bool}` as JSON, or an unexpected
+    /// status), so enrolment is not confirmed and the pod must not start.
+    #[error(
+        "zmesh node agent at {socket} answered ADD with HTTP {status} and no valid \
+         {{\"enrolled\": bool}}, so the pod's enrolment is not confirmed and it is not started; \
+         check that the agent and zmesh-cni come from the same zmesh release and read the \
+         agent's log; the container runtime will retry"
+    )]
+    AgentBadAnswer {
+        /// The configured `agent_socket`.
+        socket: String,
+        /// The HTTP status of the answer.
+        status: u16,
+        /// What is wrong with the answer (bounded excerpt of the body).
+        reason: String,
+    },
     /// Code 7: the node agent refused the request as malformed.
     #[error("zmesh node agent rejected the request as invalid")]
     AgentRejected {
@@ -110,7 +130,9 @@ impl CniError {
             Self::Io(_) => 5,
             Self::Decode { .. } => 6,
             Self::InvalidConfig(_) | Self::AgentRejected { .. } => 7,
-            Self::AgentUnreachable { .. } | Self::AgentNotReady { .. } => 11,
+            Self::AgentUnreachable { .. }
+            | Self::AgentNotReady { .. }
+            | Self::AgentBadAnswer { .. } => 11,
             Self::NotAvailable { .. } => 50,
         }
     }
@@ -122,17 +144,20 @@ impl CniError {
                 format!("config is {declared:?}, plugin supports {SUPPORTED_VERSIONS:?}")
             }
             Self::CommandNotAllowed { version, .. } => format!("config is {version:?}"),
+            Self::PrevResultVersion { .. } => {
+                format!("plugin reads results of versions {SUPPORTED_VERSIONS:?}")
+            }
             Self::InvalidEnv { reason, .. }
             | Self::Decode { reason, .. }
             | Self::AgentUnreachable { reason, .. }
             | Self::AgentNotReady { reason, .. }
             | Self::AgentRejected { reason }
+            | Self::AgentBadAnswer { reason, .. }
             | Self::NotAvailable { reason, .. } => reason.clone(),
             Self::Io(e) => e.to_string(),
-            Self::PrevResultVersion { .. }
-            | Self::MissingEnv { .. }
-            | Self::UnknownCommand(_)
-            | Self::InvalidConfig(_) => String::new(),
+            Self::MissingEnv { .. } | Self::UnknownCommand(_) | Self::InvalidConfig(_) => {
+                String::new()
+            }
         }
     }
 }

@@ -30,14 +30,6 @@ fn invalid(reason: String) -> CniError {
     }
 }
 
-/// Parses `a.b.c` (missing parts are 0) into (major, minor); `None` when malformed.
-fn major_minor(version: &str) -> Option<(u64, u64)> {
-    let mut parts = version.split('.');
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next().map_or(Some(0), |m| m.parse().ok())?;
-    Some((major, minor))
-}
-
 /// Parses `addr/prefix` as CNI writes addresses.
 pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (addr, prefix) = s.split_once('/')?;
@@ -50,13 +42,16 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 impl PrevResult {
     /// Validates the parts of the layout the plugin reads or rewrites: `ips` must be an
     /// array of objects with a CIDR `address`, `interfaces` and `routes` arrays of
-    /// objects, `dns` an object. Results before 0.3.0 (`ip4`/`ip6`) are refused (code 1).
+    /// objects, `dns` an object. A `cniVersion` that is not one of
+    /// [`SUPPORTED_VERSIONS`](super::SUPPORTED_VERSIONS) (exactly, like the configuration's)
+    /// and results before 0.3.0 (`ip4`/`ip6`) are refused with code 1 (SPEC.md §5 "Error");
+    /// an absent or empty one means the configuration's version, as the reference reads it.
     pub fn parse(map: Map<String, Value>) -> Result<Self, CniError> {
         if let Some(declared) = map.get("cniVersion") {
             let declared = declared
                 .as_str()
                 .ok_or_else(|| invalid("cniVersion is not a string".into()))?;
-            if major_minor(declared).is_some_and(|v| v < (0, 3)) {
+            if !declared.is_empty() && CniVersion::from_declared(declared).is_none() {
                 return Err(CniError::PrevResultVersion {
                     declared: declared.to_owned(),
                 });
@@ -232,6 +227,20 @@ mod tests {
         ] {
             assert_eq!(parse(bad.clone()).unwrap_err().code(), 6, "{bad}");
         }
+        for declared in [
+            "7.0.0",
+            "1.2.0",
+            "0.5.0",
+            "1.0",
+            "1.0.0-rc1",
+            " 1.0.0",
+            "0.1.0",
+        ] {
+            let err = parse(json!({"cniVersion": declared, "ips": []})).unwrap_err();
+            assert_eq!(err.code(), 1, "{declared}");
+            assert!(err.to_string().contains(declared), "{err}");
+        }
+        assert!(parse(json!({"cniVersion": "", "ips": []})).is_ok());
         assert_eq!(
             parse(json!({"cniVersion": "0.2.0", "ip4": {}}))
                 .unwrap_err()

@@ -178,12 +178,32 @@ pub struct FakeAgent {
     socket: PathBuf,
 }
 
-pub type Responder = dyn Fn(&Received) -> Option<(u16, String)> + Send + Sync;
+/// Maps a request to the raw bytes of the answer; `None` never answers.
+pub type Responder = dyn Fn(&Received) -> Option<Vec<u8>> + Send + Sync;
 
 impl FakeAgent {
+    /// An agent answering `(status, JSON body)` with a well-formed HTTP/1.1 head.
     pub fn start(
         socket: &Path,
         respond: impl Fn(&Received) -> Option<(u16, String)> + Send + Sync + 'static,
+    ) -> Self {
+        Self::raw(socket, move |req| {
+            let (status, body) = respond(req)?;
+            Some(
+                format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        })
+    }
+
+    /// An agent writing exactly the bytes `respond` returns, then closing the connection.
+    pub fn raw(
+        socket: &Path,
+        respond: impl Fn(&Received) -> Option<Vec<u8>> + Send + Sync + 'static,
     ) -> Self {
         let listener = UnixListener::bind(socket).expect("bind agent socket");
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -263,13 +283,9 @@ pub fn serve(conn: UnixStream, received: &Mutex<Vec<Received>>, respond: &Respon
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
     };
     received.lock().expect("lock").push(req.clone());
-    let Some((status, body)) = respond(&req) else {
+    let Some(answer) = respond(&req) else {
         thread::sleep(Duration::from_secs(60)); // a hung agent
         return;
     };
-    let answer = format!(
-        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = reader.get_mut().write_all(answer.as_bytes());
+    let _ = reader.get_mut().write_all(&answer);
 }

@@ -9,7 +9,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -48,6 +48,10 @@ pub struct ServerOptions {
     pub ack_timeout: Duration,
     /// Permissions of the socket file ([`SOCKET_MODE`]).
     pub socket_mode: u32,
+    /// Fault injection for tests, `None` (off) by default: `Some(n)` closes the connection
+    /// of the first snapshot that has more than `n` pods right after the `n`-th pod's ack,
+    /// before `SnapshotSent` (a ZDS socket dropped mid-snapshot). Later snapshots are whole.
+    pub fault_drop_mid_snapshot: Option<usize>,
 }
 
 impl Default for ServerOptions {
@@ -55,6 +59,7 @@ impl Default for ServerOptions {
         ServerOptions {
             ack_timeout: ACK_TIMEOUT,
             socket_mode: SOCKET_MODE,
+            fault_drop_mid_snapshot: None,
         }
     }
 }
@@ -76,6 +81,8 @@ struct Shared {
     count: watch::Sender<usize>,
     next_id: AtomicU64,
     options: ServerOptions,
+    /// Whether [`ServerOptions::fault_drop_mid_snapshot`] has fired.
+    fault_fired: AtomicBool,
     snapshot: Box<SnapshotFn>,
     path: PathBuf,
 }
@@ -140,6 +147,7 @@ impl ZdsServer {
             count: watch::Sender::new(0),
             next_id: AtomicU64::new(0),
             options,
+            fault_fired: AtomicBool::new(false),
             snapshot: Box::new(snapshot),
             path: listener.path().to_owned(),
         });
@@ -341,7 +349,19 @@ async fn send_snapshot(shared: &Shared, conn: &SeqpacketConn) -> Result<usize, Z
     let timeout = shared.options.ack_timeout;
     let entries = (shared.snapshot)();
     let n = entries.len();
-    for entry in entries {
+    let cut = shared
+        .options
+        .fault_drop_mid_snapshot
+        .filter(|&k| n > k && !shared.fault_fired.swap(true, Ordering::SeqCst));
+    for (i, entry) in entries.into_iter().enumerate() {
+        if cut == Some(i) {
+            warn!(
+                sent = i,
+                pods = n,
+                "fault injection: dropping the ZDS connection mid-snapshot"
+            );
+            return Err(ZdsError::Closed);
+        }
         let result = match entry {
             SnapshotEntry::Add { uid, info, netns } => {
                 exchange(

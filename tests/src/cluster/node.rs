@@ -90,6 +90,17 @@ pub fn write_primary_network(dirs: &NodeDirs, pod_cidr: &str) -> Result<()> {
 /// Starts the node agent in `node`'s netns and waits until it has chained `zmesh-cni` into
 /// the primary conflist.
 pub fn spawn_agent(sb: &Sandbox, node: &str, dirs: &NodeDirs, pods_dir: &Path) -> Result<Process> {
+    spawn_agent_with(sb, node, dirs, pods_dir, &[])
+}
+
+/// [`spawn_agent`] with extra environment (e.g. the agent's fault-injection variables).
+pub fn spawn_agent_with(
+    sb: &Sandbox,
+    node: &str,
+    dirs: &NodeDirs,
+    pods_dir: &Path,
+    env: &[(&str, &str)],
+) -> Result<Process> {
     let p = |p: &Path| p.display().to_string();
     let args = [
         "--pods-dir".to_owned(),
@@ -113,6 +124,7 @@ pub fn spawn_agent(sb: &Sandbox, node: &str, dirs: &NodeDirs, pods_dir: &Path) -
     ];
     let mut cmd = sb.command(Some(node), bin_path("zmesh-cni-agent"), &args);
     cmd.env("NO_COLOR", "1");
+    cmd.envs(env.iter().copied());
     let agent = sb.spawn(&format!("agent-{node}"), cmd)?;
     agent.wait_until(
         "the agent to chain zmesh-cni into the conflist",
