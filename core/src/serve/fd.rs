@@ -49,6 +49,16 @@ impl FdHeadroom {
         Self::with_threshold((limit as f64 * fraction) as u64)
     }
 
+    /// The process's budget, shared by all its listeners: made on first use with `fraction`
+    /// (later calls get the same budget, whatever fraction they pass).
+    pub fn process(fraction: f64) -> std::sync::Arc<FdHeadroom> {
+        static PROCESS: std::sync::OnceLock<std::sync::Arc<FdHeadroom>> =
+            std::sync::OnceLock::new();
+        PROCESS
+            .get_or_init(|| std::sync::Arc::new(FdHeadroom::new(fraction)))
+            .clone()
+    }
+
     /// A budget that stops accepts at `threshold` open descriptors.
     pub fn with_threshold(threshold: u64) -> FdHeadroom {
         Self::with_counter(threshold, open_fds)
