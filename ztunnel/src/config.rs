@@ -660,6 +660,19 @@ mod tests {
             ("cert_ttl: 100years\n", "cert_ttl"),
             ("pool:\n  max_streams: 500\n", "pool.max_streams"),
             ("copy_buffer: 10\n", "copy_buffer"),
+            (
+                "listeners:\n  hbone:\n    handshake_timeout: 0s\n",
+                "listeners.hbone.handshake_timeout",
+            ),
+            (
+                "listeners:\n  hbone:\n    idle_timeout: 60s\n",
+                "must exceed pool.idle_timeout",
+            ),
+            (
+                "listeners:\n  admin:\n    max_connections_per_peer: 0\n",
+                "listeners.admin.max_connections_per_peer",
+            ),
+            ("listeners:\n  fd_headroom: 1.5\n", "listeners.fd_headroom"),
         ] {
             std::fs::write(&f, yaml).unwrap();
             let e = Config::load(Some(&f), &env(&[])).unwrap_err().to_string();
