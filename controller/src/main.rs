@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use zmesh_controller::ca::CaConfig;
-use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start};
+use zmesh_controller::server::{
+    AuthConfig, ControllerConfig, ControllerLimits, SourceConfig, start,
+};
 use zmesh_controller::translate::MeshConfig;
 use zmesh_core::identity::SpiffeId;
 
@@ -82,6 +84,25 @@ struct Args {
     /// Quiet time after a change before it is translated and pushed.
     #[arg(long, default_value = "100ms", value_parser = duration)]
     debounce: Duration,
+    /// Connections the gRPC port holds at once.
+    #[arg(long, default_value_t = ControllerLimits::default().grpc.max_connections)]
+    max_connections: usize,
+    /// Connections the gRPC port holds at once from one address.
+    #[arg(long, default_value_t = ControllerLimits::default().grpc.max_connections_per_peer)]
+    max_connections_per_peer: usize,
+    /// Time a client has for the TLS handshake and its first HTTP/2 bytes (gRPC port), or for
+    /// a request head (monitoring port).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    handshake_timeout: Duration,
+    /// A gRPC connection with no call or stream in flight this long is closed (GOAWAY).
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    idle_timeout: Duration,
+    /// A monitoring connection with no request in flight this long is closed.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    monitoring_idle_timeout: Duration,
+    /// Listeners stop accepting at this fraction of the descriptor limit (RLIMIT_NOFILE).
+    #[arg(long, default_value_t = 0.9)]
+    fd_headroom: f64,
 }
 
 fn config(args: Args) -> Result<ControllerConfig> {
@@ -111,6 +132,19 @@ fn config(args: Args) -> Result<ControllerConfig> {
     if args.cert_ttl > args.max_cert_ttl {
         anyhow::bail!("--cert-ttl must not exceed --max-cert-ttl");
     }
+    if !(args.fd_headroom > 0.0 && args.fd_headroom <= 1.0) {
+        anyhow::bail!("--fd-headroom must be a fraction in (0, 1], like 0.9");
+    }
+    let mut limits = ControllerLimits {
+        fd_headroom: args.fd_headroom,
+        ..ControllerLimits::default()
+    };
+    limits.grpc.max_connections = args.max_connections;
+    limits.grpc.max_connections_per_peer = args.max_connections_per_peer;
+    limits.grpc.handshake_timeout = args.handshake_timeout;
+    limits.grpc.idle_timeout = args.idle_timeout;
+    limits.monitoring.handshake_timeout = args.handshake_timeout;
+    limits.monitoring.idle_timeout = args.monitoring_idle_timeout;
     Ok(ControllerConfig {
         listen: args.listen,
         ca_cert: args.ca_cert,
@@ -133,6 +167,7 @@ fn config(args: Args) -> Result<ControllerConfig> {
         auth,
         ztunnel_identity,
         debounce: args.debounce,
+        limits,
     })
 }
 

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -18,6 +17,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+use zmesh_core::serve::{Listener, serve_http1};
 
 use crate::server::Running;
 use crate::translate::Kind;
@@ -127,6 +128,12 @@ fn status(running: &Running) -> String {
             "apply_ms": stats.apply.as_secs_f64() * 1e3,
         },
         "streams": streams,
+        "limits": running.limits,
+        "listeners": {
+            "grpc": running.grpc_listener.stats(),
+            "open_descriptors": running.fds.last_count(),
+            "descriptor_threshold": running.fds.threshold(),
+        },
     });
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
@@ -156,35 +163,29 @@ pub async fn serve(
     running: Running,
     stop: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
+    let socket = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the monitoring port {addr}: {e}"))?;
-    let bound = listener.local_addr()?;
+    let bound = socket.local_addr()?;
+    // Plain HTTP on 0.0.0.0 by default: a request head within the deadline, idle connections
+    // closed, connections capped and shed before the process runs out of descriptors.
+    let limits = running.limits.monitoring;
+    let listener = Listener::new(socket, "monitoring", limits, running.fds.clone());
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // E.g. out of file descriptors: back off instead of spinning.
-                        warn!(error = %e, "monitoring accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+            let a = tokio::select! {
+                a = listener.accept() => a,
                 _ = stop.cancelled() => return,
             };
-            let running = running.clone();
+            let (running, stop) = (running.clone(), stop.clone());
             tokio::spawn(async move {
+                let _permit = a.permit;
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let resp = respond(&running, req.uri().path());
                     async move { Ok::<_, Infallible>(resp) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await
-                {
-                    debug!(%peer, error = %e, "monitoring connection");
+                if let Err(e) = serve_http1(a.stream, svc, &limits, &stop).await {
+                    debug!(peer = ?a.peer, error = %e, "monitoring connection");
                 }
             });
         }

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use zmesh_core::identity::SpiffeId;
+use zmesh_core::serve::{Activity, FdHeadroom, Limits, Listener, StatsHandle};
 use zmesh_core::tls::LocalCa;
 
 use crate::ads::{AdsServer, Cache, StreamAuth};
@@ -70,6 +71,41 @@ pub struct ControllerConfig {
     pub ztunnel_identity: SpiffeId,
     /// Quiet time before a change is translated and pushed.
     pub debounce: Duration,
+    /// The limits of the gRPC and monitoring ports.
+    pub limits: ControllerLimits,
+}
+
+/// The limits of the controller's ports against clients that hold connections (see
+/// `zmesh_core::serve`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ControllerLimits {
+    /// The gRPC port (15012): TLS handshake + HTTP/2 preface deadline, caps, idle timeout
+    /// (an ADS stream is never idle).
+    pub grpc: Limits,
+    /// The monitoring port (15014), plain HTTP/1.1.
+    pub monitoring: Limits,
+    /// Listeners stop accepting at this fraction of `RLIMIT_NOFILE`.
+    pub fd_headroom: f64,
+}
+
+impl Default for ControllerLimits {
+    fn default() -> Self {
+        ControllerLimits {
+            grpc: Limits {
+                max_connections: 8192,
+                max_connections_per_peer: 64,
+                handshake_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(300),
+            },
+            monitoring: Limits {
+                max_connections: 256,
+                max_connections_per_peer: 16,
+                handshake_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+            },
+            fd_headroom: 0.9,
+        }
+    }
 }
 
 /// Reads a `<node> <token>` file (blank lines and `#` comments allowed).
@@ -108,6 +144,12 @@ pub struct Running {
     pub store: Store,
     pub ads: AdsServer,
     pub stats: Arc<Mutex<PassStats>>,
+    /// The limits in force.
+    pub limits: ControllerLimits,
+    /// The process's descriptor budget, shared by its listeners.
+    pub fds: Arc<FdHeadroom>,
+    /// The gRPC listener's counters.
+    pub grpc_listener: StatsHandle,
 }
 
 impl std::fmt::Debug for Running {
@@ -301,37 +343,32 @@ pub async fn start_with_client(
         Arc::new(StorePods::new(store.clone())),
     );
 
-    let listener = TcpListener::bind(cfg.listen)
+    cfg.limits
+        .grpc
+        .validate("grpc")
+        .and_then(|()| cfg.limits.monitoring.validate("monitoring"))?;
+    let fds = Arc::new(FdHeadroom::new(cfg.limits.fd_headroom));
+    let socket = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    let incoming = tls_incoming(listener, acceptor, stop.clone());
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(ads.clone().into_service())
-        .add_service(
-            workload_ca
-                .into_server()
-                .max_decoding_message_size(1024 * 1024),
-        );
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, stop.cancelled())
-                .await
-            {
-                error!(error = %e, "the gRPC server stopped");
-            }
-        });
-    }
+    let addr = socket.local_addr()?;
+    let listener = Listener::new(socket, "grpc", cfg.limits.grpc, fds.clone());
+    let grpc_listener = listener.stats_handle();
+    let routes = tonic::service::Routes::new(ads.clone().into_service()).add_service(
+        workload_ca
+            .into_server()
+            .max_decoding_message_size(1024 * 1024),
+    );
+    tokio::spawn(serve_grpc(listener, acceptor, routes, stop.clone()));
     info!(%addr, "controller serving delta xDS and the CA over TLS");
     Ok(Running {
         addr,
         store,
         ads,
         stats,
+        limits: cfg.limits,
+        fds,
+        grpc_listener,
     })
 }
 
@@ -346,42 +383,71 @@ async fn kube_client() -> Result<kube::Client> {
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
-type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-/// Accepted TLS connections; each handshake runs on its own task (bounded in time) so a slow
-/// or silent client never holds up the others.
-fn tls_incoming(
-    listener: TcpListener,
+/// Accepts gRPC connections until `stop`, each served on its own task: TLS and the HTTP/2
+/// preface + SETTINGS within the handshake deadline, then hyper's HTTP/2 server over the tonic
+/// routes, with keepalive PINGs and a graceful GOAWAY once no call or stream has been in flight
+/// for the idle timeout.
+async fn serve_grpc(
+    listener: Listener<TcpListener>,
     acceptor: tokio_rustls::TlsAcceptor,
+    routes: tonic::service::Routes,
     stop: CancellationToken,
-) -> impl futures::Stream<Item = std::io::Result<TlsStream>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream>>(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => return,
+) {
+    let mut h2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    h2.timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let limits = *listener.limits();
+    loop {
+        let a = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => return,
+        };
+        let (acceptor, routes, stop, h2) =
+            (acceptor.clone(), routes.clone(), stop.clone(), h2.clone());
+        tokio::spawn(async move {
+            let _permit = a.permit;
+            let peer = a.peer;
+            let _ = a.stream.set_nodelay(true);
+            // What tonic's own server puts in each request (`Request::remote_addr`).
+            let info = tonic::transport::server::TcpConnectInfo {
+                local_addr: a.stream.local_addr().ok(),
+                remote_addr: peer,
             };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+            let tls = match zmesh_core::serve::tls_accept(
+                &acceptor,
+                a.stream,
+                a.deadline,
+                limits.handshake_timeout,
+            )
+            .await
+            {
+                Ok(tls) => tls,
+                Err(e) => {
+                    debug!(?peer, error = %e, "gRPC connection closed");
+                    return;
                 }
-            });
-        }
-    });
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+            };
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(info.clone());
+                    let mut routes = routes.clone();
+                    tonic::codegen::Service::call(&mut routes, req)
+                },
+            );
+            if let Err(e) = zmesh_core::serve::serve_h2(
+                tls,
+                &h2,
+                svc,
+                Activity::new(),
+                &limits,
+                a.deadline,
+                &stop,
+            )
+            .await
+            {
+                debug!(?peer, error = %e, "gRPC connection closed");
+            }
+        });
+    }
 }

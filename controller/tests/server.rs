@@ -88,6 +88,7 @@ async fn controller() -> Controller {
             auth: AuthConfig::NodeTokens(tokens),
             ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
             debounce: Duration::from_millis(10),
+            limits: Default::default(),
         },
         stop.clone(),
     )

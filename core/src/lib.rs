@@ -8,6 +8,7 @@ pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod policy;
+pub mod serve;
 pub mod socket;
 pub mod state;
 pub mod tls;

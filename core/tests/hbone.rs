@@ -411,3 +411,47 @@ async fn callers_queued_behind_a_failed_handshake_fail_together() {
         started.elapsed()
     );
 }
+
+/// A server whose first connection refuses every stream unprocessed (REFUSED_STREAM, as a
+/// connection being closed for idleness does) and whose later connections echo.
+async fn refusing_first_connection(cert: WorkloadCertificate) -> SocketAddr {
+    let (echo, _) = server(cert.clone()).await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+        let (tcp, _) = l.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(tls).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+        });
+        // Later connections: relayed to the echoing server.
+        loop {
+            let (mut tcp, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut up = tokio::net::TcpStream::connect(echo).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_stream_refused_by_a_closing_connection_is_retried_on_a_new_one() {
+    let ca = LocalCa::generate("root").unwrap();
+    let addr = refusing_first_connection(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let p = pool(100, Duration::from_secs(60));
+    let back = echo_through(&p, key, &client, b"retried").await.unwrap();
+    assert_eq!(back, b"retried");
+    assert_eq!(
+        p.stats().connections_opened,
+        2,
+        "the retry used a new connection"
+    );
+}

@@ -269,6 +269,11 @@ pub fn controller_args(
         monitoring.to_string(),
         "--debounce".into(),
         format!("{}ms", debounce.as_millis()),
+        // Every simulated ztunnel connects from the same loopback address.
+        "--max-connections-per-peer".into(),
+        "1000000".into(),
+        "--max-connections".into(),
+        "1000000".into(),
     ]
 }
 

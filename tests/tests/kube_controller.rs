@@ -99,6 +99,7 @@ async fn setup() -> Setup {
             },
             ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
             debounce: Duration::from_millis(10),
+            limits: Default::default(),
         },
         Some(api.client()),
         stop.clone(),

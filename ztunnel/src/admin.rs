@@ -12,12 +12,14 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use zmesh_core::serve::{FdHeadroom, Listener, serve_http1};
+
 use crate::app::Proxies;
+use crate::config::Listeners;
 use crate::proxy::Node;
 
 /// Changes the log filter at run time (`/logging?level=...`); returns the filter in force.
@@ -37,37 +39,40 @@ fn text(code: StatusCode, body: impl Into<String>) -> Response<Body> {
     reply(code, "text/plain; charset=utf-8", body.into())
 }
 
-/// Serves HTTP/1.1 with `handler` until `stop` is cancelled.
-pub async fn serve<H, F>(listener: TcpListener, stop: CancellationToken, handler: H)
-where
+/// Serves HTTP/1.1 with `handler` until `stop` is cancelled, with `limits` (a request head
+/// within the handshake timeout, idle connections closed, caps, descriptor headroom).
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    name: &'static str,
+    limits: Listeners,
+    stop: CancellationToken,
+    handler: H,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let admin = limits.admin;
+    let listener = Listener::new(
+        listener,
+        name,
+        admin,
+        FdHeadroom::process(limits.fd_headroom),
+    );
     loop {
-        let (stream, _) = tokio::select! {
+        let a = tokio::select! {
             _ = stop.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            a = listener.accept() => a,
         };
-        let h = handler.clone();
+        let (h, stop) = (handler.clone(), stop.clone());
         tokio::spawn(async move {
+            let _permit = a.permit;
             let svc = service_fn(move |req| {
                 let h = h.clone();
                 async move { Ok::<_, Infallible>(h(req).await) }
             });
-            // A client that never finishes its request must not hold a descriptor forever.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            if let Err(e) = serve_http1(a.stream, svc, &admin, &stop).await {
+                tracing::debug!(listener = name, peer = ?a.peer, error = %e, "connection ended");
+            }
         });
     }
 }

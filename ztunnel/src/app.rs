@@ -150,17 +150,29 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         quit: quit.clone(),
     });
     let a = admin.clone();
-    tokio::spawn(admin::serve(admin_l, servers_stop.clone(), move |r| {
-        a.clone().admin(r)
-    }));
+    tokio::spawn(admin::serve(
+        admin_l,
+        "admin",
+        cfg.listeners,
+        servers_stop.clone(),
+        move |r| a.clone().admin(r),
+    ));
     let a = admin.clone();
-    tokio::spawn(admin::serve(stats_l, servers_stop.clone(), move |r| {
-        a.clone().stats(r)
-    }));
+    tokio::spawn(admin::serve(
+        stats_l,
+        "stats",
+        cfg.listeners,
+        servers_stop.clone(),
+        move |r| a.clone().stats(r),
+    ));
     let a = admin.clone();
-    tokio::spawn(admin::serve(ready_l, servers_stop.clone(), move |r| {
-        a.clone().readiness(r)
-    }));
+    tokio::spawn(admin::serve(
+        ready_l,
+        "readiness",
+        cfg.listeners,
+        servers_stop.clone(),
+        move |r| a.clone().readiness(r),
+    ));
     if let Some(path) = cfg.local_xds_path.clone() {
         watch_local_config(path, publisher.clone(), servers_stop.clone())?;
     }

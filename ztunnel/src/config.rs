@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use zmesh_core::hbone::{H2Settings, PoolConfig};
+use zmesh_core::serve::Limits;
 
 use crate::grpc::{AuthHeaders, AuthToken, Target};
 
@@ -122,6 +123,55 @@ pub struct Config {
     pub copy_buffer: usize,
     pub h2: H2Settings,
     pub pool: PoolConfig,
+    /// The limits of each listener against clients that hold connections.
+    pub listeners: Listeners,
+}
+
+/// The limits of ztunnel's listeners (see `zmesh_core::serve`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct Listeners {
+    /// Inbound HBONE (15008): mTLS + HTTP/2 preface deadline, an idle timeout longer than the
+    /// client pool's (`pool.idle_timeout`) so that clients close idle pooled connections first.
+    pub hbone: Limits,
+    /// Outbound capture (15001): the app is the only peer; a proxied TCP connection is never
+    /// idle in the sense of the idle timeout.
+    pub outbound: Limits,
+    /// Inbound plaintext (15006).
+    pub inbound_plaintext: Limits,
+    /// Admin (15000), metrics (15020) and readiness (15021), HTTP/1.1.
+    pub admin: Limits,
+    /// Listeners stop accepting at this fraction of the descriptor limit (RLIMIT_NOFILE).
+    pub fd_headroom: f64,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        let base = Limits::default();
+        Listeners {
+            hbone: Limits {
+                idle_timeout: Duration::from_secs(600),
+                ..base
+            },
+            outbound: Limits {
+                max_connections: 65536,
+                max_connections_per_peer: 65536,
+                idle_timeout: Duration::ZERO,
+                ..base
+            },
+            inbound_plaintext: Limits {
+                idle_timeout: Duration::ZERO,
+                ..base
+            },
+            admin: Limits {
+                max_connections: 256,
+                max_connections_per_peer: 64,
+                idle_timeout: Duration::from_secs(60),
+                ..base
+            },
+            fd_headroom: 0.9,
+        }
+    }
 }
 
 impl Default for Config {
@@ -158,6 +208,7 @@ impl Default for Config {
             copy_buffer: 16 << 10,
             h2: H2Settings::default(),
             pool: PoolConfig::default(),
+            listeners: Listeners::default(),
         }
     }
 }
@@ -455,6 +506,33 @@ impl Config {
                 self.pool.max_streams, self.h2.server_max_streams
             ));
         }
+        let l = &self.listeners;
+        for (name, limits) in [
+            ("hbone", &l.hbone),
+            ("outbound", &l.outbound),
+            ("inbound_plaintext", &l.inbound_plaintext),
+            ("admin", &l.admin),
+        ] {
+            limits
+                .validate(&format!("listeners.{name}"))
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        if !(l.fd_headroom > 0.0 && l.fd_headroom <= 1.0) {
+            return invalid(format!(
+                "listeners.fd_headroom={} must be a fraction in (0, 1], like 0.9",
+                l.fd_headroom
+            ));
+        }
+        if !l.hbone.idle_timeout.is_zero()
+            && !self.pool.idle_timeout.is_zero()
+            && l.hbone.idle_timeout <= self.pool.idle_timeout
+        {
+            return invalid(format!(
+                "listeners.hbone.idle_timeout={:?} must exceed pool.idle_timeout={:?}: a client \
+                 should close its idle pooled connections before servers do",
+                l.hbone.idle_timeout, self.pool.idle_timeout
+            ));
+        }
         const MAX_WINDOW: u32 = (1 << 31) - 1;
         if self.h2.connection_window < self.h2.stream_window
             || self.h2.connection_window > MAX_WINDOW
@@ -582,6 +660,19 @@ mod tests {
             ("cert_ttl: 100years\n", "cert_ttl"),
             ("pool:\n  max_streams: 500\n", "pool.max_streams"),
             ("copy_buffer: 10\n", "copy_buffer"),
+            (
+                "listeners:\n  hbone:\n    handshake_timeout: 0s\n",
+                "listeners.hbone.handshake_timeout",
+            ),
+            (
+                "listeners:\n  hbone:\n    idle_timeout: 60s\n",
+                "must exceed pool.idle_timeout",
+            ),
+            (
+                "listeners:\n  admin:\n    max_connections_per_peer: 0\n",
+                "listeners.admin.max_connections_per_peer",
+            ),
+            ("listeners:\n  fd_headroom: 1.5\n", "listeners.fd_headroom"),
         ] {
             std::fs::write(&f, yaml).unwrap();
             let e = Config::load(Some(&f), &env(&[])).unwrap_err().to_string();

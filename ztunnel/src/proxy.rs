@@ -4,6 +4,8 @@
 mod copy;
 mod inbound;
 pub mod policy;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use zmesh_core::certs::CertStore;
 use zmesh_core::hbone::{Pool, PoolKey, SourceInfo};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::netns::Netns;
+use zmesh_core::serve::{FdHeadroom, Limits, Listener};
 use zmesh_core::socket::{SocketOptions, original_dst};
 use zmesh_core::state::{Protocol, Resolved, State, Workload};
 
@@ -227,9 +230,14 @@ impl Proxy {
 
     /// Accepts captured outbound connections until draining starts.
     pub async fn serve_outbound(self: Arc<Self>, listener: TcpListener) {
-        accept_loop(self, listener, |p, s, peer| async move {
-            p.outbound(s, peer).await
-        })
+        let limits = self.cfg.listeners.outbound;
+        accept_loop(
+            self,
+            "outbound",
+            limits,
+            listener,
+            |p, s, peer, _| async move { p.outbound(s, peer).await },
+        )
         .await
     }
 
@@ -401,27 +409,33 @@ pub fn refuse(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Accepts connections until the drain starts, serving each on a tracked task.
-pub async fn accept_loop<F, Fut>(proxy: Arc<Proxy>, listener: TcpListener, handle: F)
-where
-    F: Fn(Arc<Proxy>, TcpStream, SocketAddr) -> Fut,
+/// Accepts connections with `limits` (`zmesh_core::serve`: caps, descriptor headroom, backoff
+/// on accept errors) until the drain starts, serving each on a tracked task that holds the
+/// connection's place under the caps. The handler gets the handshake deadline.
+pub async fn accept_loop<F, Fut>(
+    proxy: Arc<Proxy>,
+    name: &'static str,
+    limits: Limits,
+    listener: TcpListener,
+    handle: F,
+) where
+    F: Fn(Arc<Proxy>, TcpStream, SocketAddr, tokio::time::Instant) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let fds = FdHeadroom::process(proxy.cfg.listeners.fd_headroom);
+    let listener = Listener::new(listener, name, limits, fds);
     loop {
-        let accepted = tokio::select! {
+        let a = tokio::select! {
             _ = proxy.drain.cancelled() => return,
             a = listener.accept() => a,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                proxy.spawn_connection(handle(proxy.clone(), stream, peer));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off briefly rather than spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+        let Some(peer) = a.peer else { continue };
+        let _ = a.stream.set_nodelay(true);
+        let serve = handle(proxy.clone(), a.stream, peer, a.deadline);
+        let permit = a.permit;
+        proxy.spawn_connection(async move {
+            let _permit = permit;
+            serve.await
+        });
     }
 }

@@ -19,10 +19,11 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+use zmesh_core::serve::{FdHeadroom, Limits, Listener, serve_http1};
 
 use super::dataplane::Dataplane;
 use super::service::Agent;
@@ -104,26 +105,31 @@ impl Drop for ApiServer {
     }
 }
 
+/// The limits of the API socket (`zmesh_core::serve`): only root can connect, but a stuck or
+/// buggy plugin must not pin the agent's descriptors either.
+fn limits() -> Limits {
+    Limits {
+        max_connections: 256,
+        max_connections_per_peer: 256,
+        handshake_timeout: std::time::Duration::from_secs(10),
+        idle_timeout: std::time::Duration::from_secs(30),
+    }
+}
+
 async fn accept_loop<D: Dataplane>(listener: UnixListener, agent: Arc<Agent<D>>) {
+    let limits = limits();
+    let listener = Listener::new(listener, "cni-api", limits, FdHeadroom::process(0.9));
+    let never = CancellationToken::new();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!("cannot accept a plugin connection: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let agent = agent.clone();
+        let a = listener.accept().await;
+        let (agent, never) = (agent.clone(), never.clone());
         tokio::spawn(async move {
+            let _permit = a.permit;
             let svc = service_fn(move |req| {
                 let agent = agent.clone();
                 async move { Ok::<_, Infallible>(handle(&agent, req).await) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            if let Err(e) = serve_http1(a.stream, svc, &limits, &never).await {
                 debug!("plugin connection ended: {e}");
             }
         });

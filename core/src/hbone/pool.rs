@@ -184,6 +184,28 @@ impl Pool {
         target: SocketAddr,
         src: &SourceInfo,
     ) -> Result<(Tunnel, StreamGuard), HboneError> {
+        // A pooled connection the server is closing (idle GOAWAY) may refuse a stream it never
+        // processed: that stream is retried once, on a new connection.
+        match self
+            .try_connect(key.clone(), cert, target, src, false)
+            .await
+        {
+            Err(HboneError::Request { source, .. }) if never_processed(&source) => {
+                tracing::debug!(peer = %key.dst, error = %source, "stream refused by a closing connection; retrying on a new one");
+                self.try_connect(key, cert, target, src, true).await
+            }
+            r => r,
+        }
+    }
+
+    async fn try_connect(
+        &self,
+        key: PoolKey,
+        cert: &WorkloadCertificate,
+        target: SocketAddr,
+        src: &SourceInfo,
+        fresh: bool,
+    ) -> Result<(Tunnel, StreamGuard), HboneError> {
         let peer = key.dst;
         let (mut sender, guard) = if self.cfg.idle_timeout.is_zero() {
             let sender = self.handshake(&key, cert).await?;
@@ -194,7 +216,7 @@ impl Pool {
             };
             (sender, guard)
         } else {
-            self.checkout(key, cert).await?
+            self.checkout(key, cert, fresh).await?
         };
         self.streams.fetch_add(1, Ordering::Relaxed);
         let failed = |source| HboneError::Request {
@@ -232,6 +254,7 @@ impl Pool {
         &self,
         key: PoolKey,
         cert: &WorkloadCertificate,
+        fresh: bool,
     ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
         let slot: Slot = {
             let mut slots = self.slots.lock().expect("pool lock");
@@ -259,7 +282,8 @@ impl Pool {
         let reusable = state
             .conns
             .iter()
-            .position(|c| c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max);
+            .position(|c| c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max)
+            .filter(|_| !fresh);
         let index = match reusable {
             Some(i) => i,
             None => match self.handshake(&key, cert).await {
@@ -348,4 +372,24 @@ impl Pool {
         });
         Ok(sender)
     }
+}
+
+/// Whether a failed CONNECT was refused before the server processed it (RFC 9113 §8.7: a
+/// stream above a GOAWAY's last stream id, or REFUSED_STREAM), so it is safe to send again.
+fn never_processed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        // The connection closed before the request was sent.
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = s.source();
+    }
+    false
 }

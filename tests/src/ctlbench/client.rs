@@ -432,6 +432,7 @@ mod tests {
                 ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel")
                     .unwrap(),
                 debounce: Duration::from_millis(10),
+                limits: Default::default(),
             },
             stop.clone(),
         )

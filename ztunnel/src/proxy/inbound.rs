@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -15,21 +14,27 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use zmesh_core::identity::SpiffeId;
+use zmesh_core::serve::{ActiveGuard, Activity, ServeError, serve_h2, tls_accept};
 use zmesh_core::tls::peer_identity;
 
 use super::policy::{self, Peer};
 use super::{Proxy, ProxyError, accept_loop, copy_until, finish, refuse};
 use crate::metrics::{ConnectionRecord, TrafficLabels, connection_failed};
 
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Accepts HBONE connections until draining starts.
 pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
-    accept_loop(proxy, listener, |p, s, peer| async move {
-        if let Err(e) = hbone_connection(p, s, peer).await {
-            connection_failed("inbound", peer, None, &e);
-        }
-    })
+    let limits = proxy.cfg.listeners.hbone;
+    accept_loop(
+        proxy,
+        "hbone",
+        limits,
+        listener,
+        |p, s, peer, _| async move {
+            if let Err(e) = hbone_connection(p, s, peer).await {
+                connection_failed("inbound", peer, None, &e);
+            }
+        },
+    )
     .await
 }
 
@@ -37,12 +42,10 @@ pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
 enum InboundError {
     #[error("no certificate to serve with: {0}")]
     Certificate(zmesh_core::certs::CertError),
-    #[error("TLS handshake failed: {0}")]
-    Tls(std::io::Error),
-    #[error("TLS handshake timed out")]
-    TlsTimeout,
-    #[error("HTTP/2 connection failed: {0}")]
-    H2(hyper::Error),
+    #[error("cannot read the local address: {0}")]
+    Local(std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 async fn hbone_connection(
@@ -50,20 +53,24 @@ async fn hbone_connection(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), InboundError> {
-    let local_addr = tcp.local_addr().map_err(InboundError::Tls)?;
+    let local_addr = tcp.local_addr().map_err(InboundError::Local)?;
     let cert = proxy
         .certs
         .get(&proxy.identity)
         .await
         .map_err(InboundError::Certificate)?;
+    let limits = proxy.cfg.listeners.hbone;
+    // One deadline for the TLS handshake and the HTTP/2 preface + SETTINGS, from the moment a
+    // certificate is at hand (a slow CA is not the client's fault).
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let acceptor = TlsAcceptor::from(cert.server_config());
-    let tls = tokio::time::timeout(
-        TLS_HANDSHAKE_TIMEOUT,
-        acceptor.accept(zmesh_core::socket::buffered(tcp)),
+    let tls = tls_accept(
+        &acceptor,
+        zmesh_core::socket::buffered(tcp),
+        deadline,
+        limits.handshake_timeout,
     )
-    .await
-    .map_err(|_| InboundError::TlsTimeout)?
-    .map_err(InboundError::Tls)?;
+    .await?;
     // The verifier admitted only a certificate with a SPIFFE id of our trust domain.
     let peer_id = tls
         .get_ref()
@@ -73,25 +80,27 @@ async fn hbone_connection(
         .and_then(peer_identity);
     let peer_id = Arc::new(peer_id);
     let p = proxy.clone();
+    // Tunnels count as in flight for as long as they live: a connection carrying one is never
+    // idle; one carrying none is closed (GOAWAY) after the idle timeout.
+    let activity = Activity::new();
+    let streams = activity.clone();
     let svc = service_fn(move |req| {
         let p = p.clone();
         let peer_id = peer_id.clone();
-        async move { Ok::<_, Infallible>(p.handle_connect(req, peer, local_addr, peer_id).await) }
+        let busy = streams.begin();
+        async move { Ok::<_, Infallible>(p.handle_connect(req, peer, local_addr, peer_id, busy).await) }
     });
-    let conn = proxy
-        .cfg
-        .h2
-        .server()
-        .serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r.map_err(InboundError::H2),
-        _ = proxy.drain.cancelled() => {
-            // GOAWAY: no new streams; open ones run to completion (bounded by the drain deadline).
-            conn.as_mut().graceful_shutdown();
-            conn.await.map_err(InboundError::H2)
-        }
-    }
+    serve_h2(
+        tls,
+        &proxy.cfg.h2.server(),
+        svc,
+        activity,
+        &limits,
+        deadline,
+        &proxy.drain,
+    )
+    .await?;
+    Ok(())
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
@@ -107,6 +116,7 @@ impl Proxy {
         peer: SocketAddr,
         local_addr: SocketAddr,
         peer_id: Arc<Option<SpiffeId>>,
+        busy: ActiveGuard,
     ) -> Response<Empty<Bytes>> {
         let reject = |code, why: String| {
             connection_failed(
@@ -238,6 +248,7 @@ impl Proxy {
         }
         let buf = self.cfg.copy_buffer;
         self.spawn_connection(async move {
+            let _busy = busy;
             let res = match hyper::upgrade::on(req).await {
                 Ok(up) => {
                     let mut tunnel = TokioIo::new(up);
@@ -281,9 +292,14 @@ impl Proxy {
 
 /// Accepts plaintext inbound connections (redirected to 15006) until draining starts.
 pub async fn serve_plaintext(proxy: Arc<Proxy>, listener: TcpListener) {
-    accept_loop(proxy, listener, |p, s, peer| async move {
-        p.plaintext(s, peer).await
-    })
+    let limits = proxy.cfg.listeners.inbound_plaintext;
+    accept_loop(
+        proxy,
+        "inbound_plaintext",
+        limits,
+        listener,
+        |p, s, peer, _| async move { p.plaintext(s, peer).await },
+    )
     .await
 }
 
