@@ -201,3 +201,75 @@ fn main() -> Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize as _;
+
+    /// The controller Deployment in `manifests/`.
+    fn deployment() -> serde_yaml::Value {
+        let text = include_str!("../../manifests/controller/deployment.yaml");
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .find(|d| d["kind"] == "Deployment")
+            .expect("manifests/controller/deployment.yaml has a Deployment")
+    }
+
+    #[test]
+    fn the_manifest_args_are_this_binarys_flags_and_match_its_ports_and_mounts() {
+        let deployment = deployment();
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let args: Vec<&str> = container["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let parsed = Args::try_parse_from(std::iter::once("zmesh-controller").chain(args))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let monitoring = parsed.monitoring;
+        let cfg = config(parsed).unwrap();
+        assert!(matches!(cfg.source, SourceConfig::Kube));
+        assert!(matches!(cfg.auth, AuthConfig::TokenReview { .. }));
+        assert_eq!(
+            cfg.ztunnel_identity.to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel",
+            "ztunnel's service account in manifests/ztunnel/daemonset.yaml"
+        );
+
+        let ports: Vec<u64> = container["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| p["containerPort"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            ports,
+            [u64::from(cfg.listen.port()), u64::from(monitoring.port())]
+        );
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                container[probe]["httpGet"]["port"].as_u64(),
+                Some(u64::from(monitoring.port())),
+                "{probe}"
+            );
+        }
+        assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+
+        // The CA files are in the mounted `cacerts` Secret.
+        let mount = container["volumeMounts"][0]["mountPath"].as_str().unwrap();
+        assert_eq!(container["volumeMounts"][0]["name"], "cacerts");
+        assert_eq!(pod["volumes"][0]["secret"]["secretName"], "cacerts");
+        assert!(cfg.ca_cert.starts_with(mount), "{}", cfg.ca_cert.display());
+        assert!(cfg.ca_key.starts_with(mount), "{}", cfg.ca_key.display());
+
+        // The Service in front of it is the name ztunnel dials and the certificate covers.
+        assert!(
+            cfg.serving_names
+                .iter()
+                .any(|n| n == "istiod.istio-system.svc")
+        );
+    }
+}

@@ -37,9 +37,11 @@ use xds_proto::istio::security::Authorization;
 use xds_proto::istio::workload::gateway_address::Destination;
 use xds_proto::istio::workload::{GatewayAddress, NamespacedHostname, Service, Workload};
 
+pub use authorization_policy::crd as authorization_policy_crd;
 pub use authorization_policy::{
-    AuthorizationPolicy, AuthorizationPolicySpec, Condition, Operation, PolicyTargetReference,
-    Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
+    AuthorizationPolicy, AuthorizationPolicyResource, AuthorizationPolicySpec, Condition,
+    OpaqueStatus, Operation, PolicyTargetReference, Rule, RuleFrom, RuleTo, Source,
+    WorkloadSelector,
 };
 pub use authz::{DRY_RUN_ANNOTATION, PolicyIssue, authorization_json, translate_policies};
 pub use json::{service_json, to_json, workload_json};

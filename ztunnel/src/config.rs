@@ -607,6 +607,9 @@ impl Config {
 }
 
 #[cfg(test)]
+mod manifest;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -293,3 +293,110 @@ fn uninstall(config: &Config) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+    use serde::Deserialize as _;
+    use serde_yaml::Value;
+
+    fn doc(text: &str, kind: &str) -> Value {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| Value::deserialize(d).unwrap())
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"))
+    }
+
+    /// The host path behind the container path `path` (a mount of a hostPath volume).
+    fn host_path(pod: &Value, container: &Value, path: &std::path::Path) -> String {
+        let mount = container["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"].as_str() == path.to_str())
+            .unwrap_or_else(|| panic!("{} is not a mount", path.display()));
+        let volume = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        volume["hostPath"]["path"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn the_manifest_flags_and_env_are_this_binarys_and_match_the_mounts() {
+        let ds = doc(
+            include_str!("../../../manifests/cni/daemonset.yaml"),
+            "DaemonSet",
+        );
+        let pod = &ds["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let args: Vec<&str> = container["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let config = Config::try_parse_from(std::iter::once("zmesh-cni-agent").chain(args))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.kube);
+
+        // Every variable the DaemonSet sets is one of the agent's.
+        let known: Vec<String> = Config::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        for e in container["env"].as_sequence().unwrap() {
+            let name = e["name"].as_str().unwrap();
+            assert!(known.iter().any(|k| k == name), "{name} is not read");
+        }
+
+        // The CNI directories are the node's.
+        let conf_dir = config.cni_conf_dir.as_deref().unwrap();
+        assert_eq!(host_path(pod, container, conf_dir), "/etc/cni/net.d");
+        assert_eq!(
+            host_path(pod, container, &config.cni_bin_dir),
+            "/opt/cni/bin"
+        );
+        // The plugin, on the host, reads the agent's socket path from its CNI entry: the run
+        // directory is mounted at its host path.
+        assert_eq!(
+            host_path(pod, container, &config.run_dir),
+            config.run_dir.to_str().unwrap()
+        );
+        // The ZDS socket is in the directory ztunnel mounts, where ztunnel looks for it.
+        let socket_dir = config.ztunnel_socket.parent().unwrap();
+        let ztunnel = doc(
+            include_str!("../../../manifests/ztunnel/daemonset.yaml"),
+            "DaemonSet",
+        );
+        let ztunnel_pod = &ztunnel["spec"]["template"]["spec"];
+        let ztunnel_container = &ztunnel_pod["containers"][0];
+        let inpod_uds = ztunnel_container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "INPOD_UDS")
+            .and_then(|e| e["value"].as_str())
+            .unwrap();
+        assert_eq!(std::path::Path::new(inpod_uds), config.ztunnel_socket);
+        assert_eq!(
+            host_path(pod, container, socket_dir),
+            host_path(ztunnel_pod, ztunnel_container, socket_dir)
+        );
+        // The mesh's own pods start without the agent (ztunnel must, before it can serve).
+        let namespace = ds["metadata"]["namespace"].as_str().unwrap();
+        assert!(config.exclude_namespaces.iter().any(|n| n == namespace));
+        // Pods' namespaces created after the agent started must be visible to it.
+        let netns = container["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == "/var/run/netns")
+            .unwrap();
+        assert_eq!(netns["mountPropagation"], "HostToContainer");
+    }
+}

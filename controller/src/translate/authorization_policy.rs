@@ -6,12 +6,22 @@
 //! name and resolves it towards denying more (an ALLOW rule holding one is left out, a DENY
 //! ignores it), exactly as for L7-only fields. One such policy therefore never stops the
 //! others from loading, from a YAML file or from the Kubernetes watch.
+//!
+//! The same types generate the CustomResourceDefinition zmesh installs (kube's
+//! `CustomResource` derive on [`AuthorizationPolicySpec`], schemas by schemars; see
+//! [`crd`]): a cluster without Istio gets the kind with exactly the fields zmesh reads. The
+//! `unknown` maps are left out of the schema, as Istio's CRD has no such fields either (the
+//! API server prunes or, with strict field validation, refuses them).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub mod crd;
 
 /// `security.istio.io/v1` `AuthorizationPolicy`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -34,9 +44,38 @@ pub struct AuthorizationPolicy {
     pub status: Option<serde_json::Value>,
 }
 
-/// `spec` of an AuthorizationPolicy.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Configuration for access control on workloads: the `spec` of an AuthorizationPolicy (see
+/// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>).
+///
+/// The derive also makes [`AuthorizationPolicyResource`], the typed root the CRD is generated
+/// from (see [`crd`]); the controller reads [`AuthorizationPolicy`] instead, which has this
+/// same spec and keeps the apiVersion and kind each object was read as.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, CustomResource, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[kube(
+    group = "security.istio.io",
+    version = "v1",
+    kind = "AuthorizationPolicy",
+    root = "AuthorizationPolicyResource",
+    namespaced,
+    status = "OpaqueStatus",
+    shortname = "ap",
+    category = "istio-io",
+    category = "security-istio-io",
+    printcolumn(
+        name = "Action",
+        type_ = "string",
+        json_path = ".spec.action",
+        description = "The operation to take."
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp",
+        description = "When the object was created."
+    ),
+    doc = "Istio's AuthorizationPolicy (security.istio.io), as zmesh reads it."
+)]
 pub struct AuthorizationPolicySpec {
     /// Workloads the policy applies to (absent: the whole namespace, or the mesh when the
     /// policy is in the root namespace).
@@ -53,17 +92,20 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Rule>,
     /// `ALLOW` (default), `DENY`, `AUDIT` or `CUSTOM`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["ALLOW", "DENY", "AUDIT", "CUSTOM"]))]
     pub action: Option<String>,
     /// The external authorizer of a `CUSTOM` policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crd::provider_schema")]
     pub provider: Option<serde_json::Value>,
     /// Fields not in the schema, by name (see the module docs).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `spec.selector`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
     /// Labels a pod must all carry.
@@ -71,11 +113,12 @@ pub struct WorkloadSelector {
     pub match_labels: BTreeMap<String, String>,
     /// Fields not in the schema, by name (see the module docs).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `spec.targetRef(s)`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyTargetReference {
     /// API group (`gateway.networking.k8s.io`, or empty for core).
@@ -92,7 +135,7 @@ pub struct PolicyTargetReference {
 
 /// One rule: every present part must match (`from` OR-ed within, `to` OR-ed within, `when`
 /// AND-ed).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Rule {
     /// Sources; any may match.
@@ -106,11 +149,12 @@ pub struct Rule {
     pub when: Vec<Condition>,
     /// Fields not in the schema, by name (see the module docs).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `rules[].from[]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuleFrom {
     /// The source.
@@ -118,11 +162,12 @@ pub struct RuleFrom {
     pub source: Source,
     /// Fields not in the schema, by name (see the module docs).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `rules[].to[]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuleTo {
     /// The operation.
@@ -130,12 +175,13 @@ pub struct RuleTo {
     pub operation: Operation,
     /// Fields not in the schema, by name (see the module docs).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `source` of a rule. L4 fields: principals, namespaces, serviceAccounts, ipBlocks (and their
 /// negations). `requestPrincipals` and `remoteIpBlocks` are L7-only.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -164,11 +210,12 @@ pub struct Source {
     pub not_remote_ip_blocks: Vec<String>,
     /// Fields not in the schema, by name (see the module docs).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `operation` of a rule. L4 fields: ports (and notPorts). hosts, methods and paths are L7.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Operation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -189,11 +236,12 @@ pub struct Operation {
     pub not_paths: Vec<String>,
     /// Fields not in the schema, by name (see the module docs).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `rules[].when[]`: `key` (e.g. `source.ip`, `request.headers[x]`) with values / notValues.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     pub key: String,
@@ -203,7 +251,26 @@ pub struct Condition {
     pub not_values: Vec<String>,
     /// Fields not in the schema, by name (see the module docs).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
     pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// The `status` of an AuthorizationPolicy: any object (Istio's CRD keeps unknown fields there;
+/// zmesh writes its `ZtunnelAccepted` condition into it, see `crate::status`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OpaqueStatus(pub serde_json::Value);
+
+impl JsonSchema for OpaqueStatus {
+    fn schema_name() -> Cow<'static, str> {
+        "OpaqueStatus".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true,
+        })
+    }
 }
 
 impl kube::Resource for AuthorizationPolicy {
