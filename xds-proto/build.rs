@@ -1,5 +1,5 @@
 //! Compiles `proto/**/*.proto` with protox (pure Rust, no `protoc` binary) and
-//! generates prost messages plus tonic clients and servers.
+//! generates prost messages, plus tonic clients and servers with the `grpc` feature.
 
 use std::path::PathBuf;
 
@@ -25,9 +25,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // protox resolves google/protobuf/*.proto from its built-in copies.
     let fds = protox::compile(PROTOS, [&root])?;
 
+    #[cfg(feature = "grpc")]
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    #[cfg(not(feature = "grpc"))]
+    prost_build::Config::new().compile_fds(fds)?;
     Ok(())
 }

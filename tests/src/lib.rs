@@ -22,7 +22,8 @@
 //! (and their children) when it exits; it also removes the sandbox's temporary directory.
 //!
 //! The `zmesh-lab` binary builds the same lab by hand for exploration (`zmesh-lab up`) and
-//! checks that a machine can run the lab (`zmesh-lab check`).
+//! checks that a machine can run the lab (`zmesh-lab check`: the tools of [`tools`], then a
+//! sandbox, a transfer, a capture and an nftables redirect).
 
 pub mod apiserver;
 pub mod apps;
@@ -37,6 +38,7 @@ pub mod mesh;
 pub mod process;
 pub mod runtime;
 pub mod sandbox;
+pub mod tools;
 pub mod ztunnel;
 
 use std::path::{Path, PathBuf};

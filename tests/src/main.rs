@@ -4,13 +4,16 @@
 
 use std::io::BufRead;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use zmesh_tests::apps::{EchoServer, identify, transfer};
 use zmesh_tests::capture::Capture;
 use zmesh_tests::cluster::{self, Cluster};
 use zmesh_tests::lab::{Topology, redirect_outbound};
+use zmesh_tests::runtime::DEBIAN_CNI_BIN;
+use zmesh_tests::tools;
 use zmesh_tests::ztunnel::metric_value;
 use zmesh_tests::{Sandbox, pattern, unique_marker};
 
@@ -23,8 +26,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Check that this machine can run the lab: sandbox, bridge, transfer, capture, nftables.
-    Check,
+    /// Check that this machine can run the lab: every tool it runs (naming the package of each
+    /// missing one; exits 1 if any is missing), then sandbox, bridge, transfer, capture, nftables.
+    Check {
+        /// Where the CNI plugins (bridge, host-local) are.
+        #[arg(long, default_value = DEBIAN_CNI_BIN)]
+        cni_bin_dir: PathBuf,
+    },
     /// A two-node cluster (the controller, node agents, ztunnel pods in shared mode fed by the
     /// controller, pods through each node's CNI runtime): an enrolled pair talks mutual TLS
     /// across the node link (no plaintext on the wire), an unenrolled pair in plaintext, and a
@@ -51,7 +59,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Check => check(),
+        Cmd::Check { cni_bin_dir } => check(&cni_bin_dir),
         Cmd::Demo { wait } => demo(wait),
         Cmd::Up {
             hosts,
@@ -61,7 +69,16 @@ fn main() -> Result<()> {
     }
 }
 
-fn check() -> Result<()> {
+fn check(cni_bin_dir: &Path) -> Result<()> {
+    let search = tools::Search::from_env(cni_bin_dir);
+    let report = tools::check(&tools::tools(), &search);
+    print!("{}", report.render(&search));
+    if !report.missing.is_empty() {
+        bail!(
+            "missing tools: install {} (scripts/setup does)",
+            report.missing_packages().join(" ")
+        );
+    }
     let sb = Sandbox::new()?;
     println!("sandbox: anchor pid {}, userns {}", sb.pid(), sb.userns());
     let topo = Topology::build(&sb, &["client", "server"])?;

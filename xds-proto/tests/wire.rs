@@ -563,6 +563,9 @@ fn type_urls() {
     );
 }
 
+// The services are generated with the `grpc` feature (on in any workspace build: ztunnel and
+// the controller enable it).
+#[cfg(feature = "grpc")]
 #[test]
 fn grpc_service_names_and_paths() {
     assert_eq!(

@@ -1,30 +1,28 @@
-//! The Kubernetes API as the agent's [`PodSource`]: the controller's watchers
-//! ([`zmesh_controller::source::kube`]) for Namespaces and for the Pods of this node only
-//! (`fieldSelector=spec.nodeName=<node>`), into a store whose every change is turned into a new
-//! [`Cluster`] snapshot.
+//! The Kubernetes API as the agent's [`PodSource`]: watchers ([`zmesh_k8s::watch`], the
+//! machinery the controller uses too) for Namespaces and for the Pods of this node only
+//! (`fieldSelector=spec.nodeName=<node>`), into a mirror whose every change is turned into a
+//! new [`Cluster`] snapshot.
 //!
 //! [`KubePodSource::start`] returns only once both kinds have had their initial list, so the
 //! agent never decides on a half-loaded cluster (a pod missing from the snapshot would be
 //! answered "unknown pod" and retried, but a missing namespace label would skip the pod). The
 //! watchers re-list after `410 Gone` and retry every error with backoff, logging the reason.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1 as k8s;
+use kube::Resource;
+use kube::api::Api;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
-use zmesh_controller::source::Store;
-use zmesh_controller::source::kube::{KubeSource, Options};
-use zmesh_controller::translate::{Kind, Objects};
+use zmesh_k8s::{ObjectKey, Sink, Watched, Watchers, object_key};
 
 use super::cluster::{Cluster, DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT, Namespace, Pod};
 use super::source::PodSource;
-
-/// The kinds the agent watches.
-pub const KINDS: [Kind; 2] = [Kind::Namespace, Kind::Pod];
 
 /// How often [`KubePodSource::start`] reports that it is still waiting for the initial list.
 const WAITING_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -32,7 +30,7 @@ const WAITING_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// A [`PodSource`] fed by the Kubernetes API. Stops watching when dropped.
 pub struct KubePodSource {
     tx: Arc<watch::Sender<Arc<Cluster>>>,
-    _watchers: KubeSource,
+    _watchers: Watchers,
     task: JoinHandle<()>,
 }
 
@@ -47,12 +45,37 @@ impl KubePodSource {
     /// had their initial list (waiting as long as that takes; the watchers log why it does
     /// not happen, and so does this every 10 s).
     pub async fn start(client: kube::Client, node: &str) -> KubePodSource {
-        let store = Store::new();
-        let options = Options::default().pods_on_node(node);
-        let watchers = KubeSource::spawn(client, store.clone(), &KINDS, &options);
-        let mut changes = store.subscribe();
+        let mirror = Mirror::default();
+        let mut watchers = Watchers::new();
+        watchers.watch(
+            Api::<k8s::Namespace>::all(client.clone()),
+            Default::default(),
+            Watched {
+                kind: "Namespace",
+                crd: None,
+            },
+            KindSink {
+                mirror: mirror.clone(),
+                part: |o| (&mut o.namespaces, &mut o.namespaces_listed),
+                namespaced: false,
+            },
+        );
+        watchers.watch(
+            Api::<k8s::Pod>::all(client),
+            zmesh_k8s::watch::pods_on_node(node),
+            Watched {
+                kind: "Pod",
+                crd: None,
+            },
+            KindSink {
+                mirror: mirror.clone(),
+                part: |o| (&mut o.pods, &mut o.pods_listed),
+                namespaced: true,
+            },
+        );
+        let mut changes = mirror.changes.subscribe();
         let started = tokio::time::Instant::now();
-        while !store.is_synced(&KINDS) {
+        while !mirror.read(|o| o.namespaces_listed && o.pods_listed) {
             if tokio::time::timeout(WAITING_LOG_INTERVAL, changes.changed())
                 .await
                 .is_err()
@@ -66,7 +89,7 @@ impl KubePodSource {
             }
         }
         changes.borrow_and_update();
-        let first = snapshot(&store.read());
+        let first = mirror.read(snapshot);
         info!(
             node,
             pods = first.pods().count(),
@@ -74,7 +97,7 @@ impl KubePodSource {
             "listed this node's pods and the namespaces from the Kubernetes API"
         );
         let tx = Arc::new(watch::Sender::new(Arc::new(first)));
-        let task = tokio::spawn(follow(store, changes, tx.clone()));
+        let task = tokio::spawn(follow(mirror, changes, tx.clone()));
         KubePodSource {
             tx,
             _watchers: watchers,
@@ -95,15 +118,88 @@ impl PodSource for KubePodSource {
     }
 }
 
-/// Publishes a new snapshot whenever the store changes it.
+/// The namespaces and this node's pods as the watchers last reported them.
+#[derive(Debug, Default)]
+struct Objects {
+    namespaces: BTreeMap<ObjectKey, k8s::Namespace>,
+    pods: BTreeMap<ObjectKey, k8s::Pod>,
+    /// Whether each kind has had its initial list.
+    namespaces_listed: bool,
+    pods_listed: bool,
+}
+
+/// [`Objects`] shared by the two watchers (writers) and [`follow`] (reader), with a counter
+/// bumped on every change.
+#[derive(Clone)]
+struct Mirror {
+    objects: Arc<Mutex<Objects>>,
+    changes: Arc<watch::Sender<u64>>,
+}
+
+impl Default for Mirror {
+    fn default() -> Self {
+        Mirror {
+            objects: Arc::default(),
+            changes: Arc::new(watch::Sender::new(0)),
+        }
+    }
+}
+
+impl Mirror {
+    fn read<T>(&self, f: impl FnOnce(&Objects) -> T) -> T {
+        f(&self.objects.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn write(&self, f: impl FnOnce(&mut Objects)) {
+        f(&mut self.objects.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changes.send_modify(|g| *g += 1);
+    }
+}
+
+/// The map and the listed flag of one kind in [`Objects`].
+type Part<K> = for<'a> fn(&'a mut Objects) -> (&'a mut BTreeMap<ObjectKey, K>, &'a mut bool);
+
+/// Writes one watcher's events into its part of the mirror.
+struct KindSink<K> {
+    mirror: Mirror,
+    part: Part<K>,
+    namespaced: bool,
+}
+
+impl<K: Resource + Send + 'static> Sink<K> for KindSink<K> {
+    fn replace(&mut self, objects: Vec<K>) {
+        let namespaced = self.namespaced;
+        self.mirror.write(|o| {
+            let (map, listed) = (self.part)(o);
+            *map = objects
+                .into_iter()
+                .map(|x| (object_key(x.meta(), namespaced), x))
+                .collect();
+            *listed = true;
+        });
+    }
+
+    fn upsert(&mut self, object: K) {
+        let key = object_key(object.meta(), self.namespaced);
+        self.mirror
+            .write(|o| drop((self.part)(o).0.insert(key, object)));
+    }
+
+    fn remove(&mut self, object: &K) {
+        let key = object_key(object.meta(), self.namespaced);
+        self.mirror.write(|o| drop((self.part)(o).0.remove(&key)));
+    }
+}
+
+/// Publishes a new snapshot whenever the mirror changes it.
 async fn follow(
-    store: Store,
+    mirror: Mirror,
     mut changes: watch::Receiver<u64>,
     tx: Arc<watch::Sender<Arc<Cluster>>>,
 ) {
     while changes.changed().await.is_ok() {
         changes.borrow_and_update();
-        let new = snapshot(&store.read());
+        let new = mirror.read(snapshot);
         tx.send_if_modified(|current| {
             if **current == new {
                 return false;
@@ -114,8 +210,8 @@ async fn follow(
     }
 }
 
-/// The agent's view of the store's objects.
-pub fn snapshot(objects: &Objects) -> Cluster {
+/// The agent's view of the mirrored objects.
+fn snapshot(objects: &Objects) -> Cluster {
     Cluster::new(
         objects.pods.values().map(pod),
         objects.namespaces.values().map(|ns| Namespace {

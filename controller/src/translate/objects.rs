@@ -42,7 +42,7 @@ pub enum TranslateError {
 
 /// Key of an object within its kind: `(namespace, name)`; the namespace is empty for
 /// cluster-scoped kinds (Namespace) and `default` when a namespaced document leaves it out.
-pub type ObjectKey = (String, String);
+pub use zmesh_k8s::ObjectKey;
 
 /// The Kubernetes objects the translation reads, per kind and keyed by [`ObjectKey`], so a
 /// source can upsert and delete single objects (the watch) or replace a kind wholesale (the
@@ -209,14 +209,7 @@ impl KubeObject {
 
 /// The key of an object of `kind` with metadata `meta`.
 pub fn key_of(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
-    let ns = if kind.namespaced() {
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned())
-    } else {
-        String::new()
-    };
-    (ns, meta.name.clone().unwrap_or_default())
+    zmesh_k8s::object_key(meta, kind.namespaced())
 }
 
 impl Objects {
