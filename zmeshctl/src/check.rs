@@ -90,7 +90,15 @@ pub async fn run(client: &Client, server: &str, pre: bool) -> Vec<Check> {
         }
     };
     checks.push(version(&info.major, &info.minor, &info.git_version));
-    checks.push(crds(client, "Gateway API CRDs installed", &GATEWAY_API_CRDS, GATEWAY_HINT).await);
+    checks.push(
+        crds(
+            client,
+            "Gateway API CRDs installed",
+            &GATEWAY_API_CRDS,
+            GATEWAY_HINT,
+        )
+        .await,
+    );
     if pre {
         return checks;
     }
@@ -107,7 +115,12 @@ pub async fn run(client: &Client, server: &str, pre: bool) -> Vec<Check> {
     let nodes: Result<Vec<String>, String> = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
-        .map(|l| l.items.into_iter().filter_map(|n| n.metadata.name).collect())
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter_map(|n| n.metadata.name)
+                .collect()
+        })
         .map_err(|e| e.to_string());
     for (daemonset, what) in [("zmesh-cni-agent", "node agent"), ("ztunnel", "ztunnel")] {
         checks.push(daemonset_ready(client, &nodes, daemonset, what).await);
@@ -162,7 +175,11 @@ async fn crds(client: &Client, name: &str, wanted: &[&str], hint: &str) -> Check
         }
     }
     if missing.is_empty() {
-        Check::pass(name, wanted.join(", "))
+        let short: Vec<&str> = wanted
+            .iter()
+            .map(|c| c.split_once('.').map_or(*c, |(plural, _)| plural))
+            .collect();
+        Check::pass(name, short.join(", "))
     } else {
         Check::fail(name, format!("missing: {}", missing.join(", ")), hint)
     }
@@ -274,7 +291,11 @@ async fn daemonset_ready(
     } else {
         Check::fail(
             name,
-            format!("{ready}/{} nodes; not on {}", nodes.len(), problems.join(", ")),
+            format!(
+                "{ready}/{} nodes; not on {}",
+                nodes.len(),
+                problems.join(", ")
+            ),
             format!(
                 "kubectl -n {NAMESPACE} get pods -l {} -o wide; then describe and read the \
                  logs of the pods named",

@@ -58,9 +58,7 @@ pub async fn set(client: &Client, name: &str, enrol: bool) -> Result<(), Error> 
              running and new, into ztunnel"
         );
     } else {
-        println!(
-            "namespace {name} unenrolled: the node agent releases its pods from ztunnel"
-        );
+        println!("namespace {name} unenrolled: the node agent releases its pods from ztunnel");
     }
     Ok(())
 }

@@ -65,7 +65,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         false,
     ),
     ("v1", "ServiceAccount", "serviceaccounts", true),
-    ("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", false),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRole",
+        "clusterroles",
+        false,
+    ),
     (
         "rbac.authorization.k8s.io/v1",
         "ClusterRoleBinding",
@@ -74,7 +79,12 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
     ),
     ("v1", "Service", "services", true),
     ("apps/v1", "Deployment", "deployments", true),
-    ("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", true),
+    (
+        "policy/v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        true,
+    ),
     ("apps/v1", "DaemonSet", "daemonsets", true),
     (
         "gateway.networking.k8s.io/v1",
@@ -196,12 +206,13 @@ pub fn objects(yaml: &str) -> Result<Vec<Object>, Error> {
             .types
             .clone()
             .ok_or_else(|| Error::Embedded("an object without apiVersion/kind".into()))?;
-        let (resource, namespaced) = resource(&types.api_version, &types.kind).ok_or_else(|| {
-            Error::Embedded(format!(
-                "kind {} {} is not in zmeshctl's table",
-                types.api_version, types.kind
-            ))
-        })?;
+        let (resource, namespaced) =
+            resource(&types.api_version, &types.kind).ok_or_else(|| {
+                Error::Embedded(format!(
+                    "kind {} {} is not in zmeshctl's table",
+                    types.api_version, types.kind
+                ))
+            })?;
         out.push(Object {
             resource,
             namespaced,
@@ -220,8 +231,16 @@ mod tests {
         assert_eq!(render(&Values::default()).unwrap(), RENDERED);
         let objects = objects(RENDERED).unwrap();
         let kinds: Vec<String> = objects.iter().map(|o| o.resource.kind.clone()).collect();
-        for kind in ["Namespace", "CustomResourceDefinition", "Deployment", "DaemonSet"] {
-            assert!(kinds.iter().any(|k| k == kind), "{kind} missing in {kinds:?}");
+        for kind in [
+            "Namespace",
+            "CustomResourceDefinition",
+            "Deployment",
+            "DaemonSet",
+        ] {
+            assert!(
+                kinds.iter().any(|k| k == kind),
+                "{kind} missing in {kinds:?}"
+            );
         }
         for o in &objects {
             assert_eq!(

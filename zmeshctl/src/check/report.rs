@@ -42,7 +42,10 @@ pub fn print(checks: &[Check], json: bool) -> bool {
     if ok {
         println!("{}", paint(green, "all checks passed"));
     } else {
-        println!("{}", paint(red, &format!("{failed} of {} checks failed", checks.len())));
+        println!(
+            "{}",
+            paint(red, &format!("{failed} of {} checks failed", checks.len()))
+        );
     }
     ok
 }
