@@ -76,7 +76,7 @@ pub async fn run(client: &Client, server: &str, pre: bool) -> Vec<Check> {
     let name = "Kubernetes API reachable";
     let info = match client.apiserver_version().await {
         Ok(info) => {
-            checks.push(Check::pass(name, format!("{server}")));
+            checks.push(Check::pass(name, server));
             info
         }
         Err(e) => {
