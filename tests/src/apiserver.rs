@@ -27,8 +27,12 @@
 //!   registered ([`ApiServer::add_token`]), with audiences intersected as the real
 //!   authenticator does.
 //!
+//! - writes of one object over HTTP (`write.rs`): `PATCH` as server-side apply or JSON merge
+//!   patch, `DELETE`; `GET /version` ([`ApiServer::set_version`]); a stored
+//!   CustomResourceDefinition serves its kind.
+//!
 //! Not done: authentication and authorization of the client (every request is allowed),
-//! writes over HTTP (`405`), discovery, protobuf.
+//! creates and collection writes over HTTP (`405`), discovery, protobuf.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -48,6 +52,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 mod parse;
 mod tokens;
 mod watch;
+mod write;
 
 pub use tokens::TokenInfo;
 use watch::watch;
@@ -183,6 +188,8 @@ struct State {
     requests: Vec<String>,
     /// Every request is answered `503` (the API server restarting).
     unavailable: bool,
+    /// `/version`'s major and minor (default 1.34).
+    version: Option<(String, String)>,
 }
 
 struct Change {
@@ -230,6 +237,36 @@ impl ApiServer {
                     "EndpointSlice",
                     "endpointslices",
                     true,
+                ),
+                ResourceType::new("apps", "v1", "Deployment", "deployments", true),
+                ResourceType::new("apps", "v1", "DaemonSet", "daemonsets", true),
+                ResourceType::new(
+                    "policy",
+                    "v1",
+                    "PodDisruptionBudget",
+                    "poddisruptionbudgets",
+                    true,
+                ),
+                ResourceType::new(
+                    "rbac.authorization.k8s.io",
+                    "v1",
+                    "ClusterRole",
+                    "clusterroles",
+                    false,
+                ),
+                ResourceType::new(
+                    "rbac.authorization.k8s.io",
+                    "v1",
+                    "ClusterRoleBinding",
+                    "clusterrolebindings",
+                    false,
+                ),
+                ResourceType::new(
+                    "apiextensions.k8s.io",
+                    "v1",
+                    "CustomResourceDefinition",
+                    "customresourcedefinitions",
+                    false,
                 ),
             ],
             ..State::default()
@@ -397,6 +434,11 @@ impl ApiServer {
         self.shared.lock().bookmark();
     }
 
+    /// What `GET /version` reports (e.g. `("1", "33")`; default 1.34).
+    pub fn set_version(&self, major: &str, minor: &str) {
+        self.shared.lock().version = Some((major.to_owned(), minor.to_owned()));
+    }
+
     /// Makes `token` known to `TokenReview`.
     pub fn add_token(&self, token: &str, info: TokenInfo) {
         self.shared.lock().tokens.insert(token.to_owned(), info);
@@ -490,6 +532,9 @@ async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Respo
             json!({}),
         );
     }
+    if path == "/version" && parts.method == Method::GET {
+        return write::version(&shared.lock());
+    }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segments.as_slice() {
         ["api", version, rest @ ..] => ("", *version, rest),
@@ -549,21 +594,39 @@ async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Respo
         [plural, name] => (None, *plural, Some(*name)),
         _ => return not_found(),
     };
-    let st = shared.lock();
-    let Some(ty) = st
-        .types
-        .iter()
-        .position(|t| t.group == group && t.version == version && t.plural == plural)
-    else {
-        return not_found();
+    // (A block, not drop(): the guard must not live across the body's await below.)
+    let ty = {
+        let st = shared.lock();
+        let Some(ty) = st
+            .types
+            .iter()
+            .position(|t| t.group == group && t.version == version && t.plural == plural)
+        else {
+            return not_found();
+        };
+        if namespace.is_some() && !st.types[ty].namespaced {
+            return not_found();
+        }
+        ty
     };
-    if namespace.is_some() && !st.types[ty].namespaced {
-        return not_found();
+    if let Some(name) = name
+        && (parts.method == Method::PATCH || parts.method == Method::DELETE)
+    {
+        let ns = namespace.unwrap_or("");
+        if parts.method == Method::DELETE {
+            return shared.lock().delete_one(ty, ns, name);
+        }
+        let Ok(body) = body.collect().await else {
+            return bad_request("unreadable body");
+        };
+        let body = body.to_bytes();
+        return shared
+            .lock()
+            .patch(ty, ns, name, &parts.headers, &query, &body);
     }
     if parts.method != Method::GET {
         return method_not_allowed();
     }
-    drop(st);
     match name {
         Some(name) => shared.lock().get_one(ty, namespace.unwrap_or(""), name),
         None if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
@@ -652,6 +715,9 @@ impl State {
         self.rv += 1;
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         self.objects.insert(key.clone(), object.clone());
+        if object["kind"] == "CustomResourceDefinition" {
+            self.serve_crd(&object);
+        }
         self.record(Change {
             rv: self.rv,
             key,
