@@ -37,6 +37,7 @@ pub mod mesh;
 pub mod process;
 pub mod runtime;
 pub mod sandbox;
+pub mod soak;
 pub mod ztunnel;
 
 use std::path::{Path, PathBuf};
