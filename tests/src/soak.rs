@@ -150,8 +150,10 @@ pub fn churn(
     let mut handles = Vec::new();
     for i in 0..workers.max(1) {
         let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
-        handles.push(
-            sb.spawn_thread_in_netns(Some(host), &format!("soak-churn-{i}"), move || {
+        handles.push(sb.spawn_thread_in_netns(
+            Some(host),
+            &format!("soak-churn-{i}"),
+            move || {
                 while !stop.load(Ordering::Relaxed) {
                     let ok = TcpStream::connect(dst).and_then(|mut s| {
                         s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -162,8 +164,8 @@ pub fn churn(
                         Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                     };
                 }
-            })?,
-        );
+            },
+        )?);
     }
     let t0 = Instant::now();
     let end = t0 + dur;

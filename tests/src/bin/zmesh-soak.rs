@@ -188,7 +188,10 @@ fn main() -> Result<()> {
         sb.run_in(host, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     }
     let exe = std::env::current_exe()?;
-    let echo_proc = sb.spawn("echo-server", sb.command(Some("server"), &exe, ["--echo-server"]))?;
+    let echo_proc = sb.spawn(
+        "echo-server",
+        sb.command(Some("server"), &exe, ["--echo-server"]),
+    )?;
     let echo = SocketAddr::new(server_ip.into(), ECHO_PORT);
     echo_proc.wait_until("the echo server", Duration::from_secs(10), || {
         Ok(sb
@@ -329,7 +332,9 @@ fn main() -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     ));
-    out.push_str("| idle connections | direct TCP | client ztunnel | server ztunnel |\n|---|---|---|---|\n");
+    out.push_str(
+        "| idle connections | direct TCP | client ztunnel | server ztunnel |\n|---|---|---|---|\n",
+    );
     out.push_str(&format!(
         "| time to open {n} (one 64 B exchange each) | {:.2} s | {:.2} s (through both) | |\n",
         t_direct.as_secs_f64(),
