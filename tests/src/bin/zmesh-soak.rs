@@ -289,7 +289,7 @@ fn main() -> Result<()> {
                 peak.1.rss_kib = peak.1.rss_kib.max(s.rss_kib);
                 peak.1.fds = peak.1.fds.max(s.fds);
                 samples.push((at, c, s));
-                if samples.len() % 12 == 0 {
+                if samples.len().is_multiple_of(12) {
                     eprintln!(
                         "  {:>4.0} s: client {} ({} fds), server {} ({} fds)",
                         at.as_secs_f64(),
