@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use zmesh_core::peer_text::PeerText;
 
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -208,7 +209,7 @@ impl AggregatedDiscoveryService for AdsServer {
             auth(request.metadata().clone())
                 .await
                 .inspect_err(|status| {
-                    warn!(?peer, reason = status.message(), "delta ADS stream refused");
+                    warn!(?peer, reason = %PeerText::new(status.message()), "delta ADS stream refused");
                 })?;
         }
         if !self.cache.ready(READY_WAIT).await {
@@ -274,7 +275,7 @@ impl StreamDriver {
                             }
                         }
                         Err(e) => {
-                            warn!(stream = self.id, "closing delta ADS stream: {e}");
+                            warn!(stream = self.id, "closing delta ADS stream: {}", PeerText::display(&e, 1024));
                             let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
                             break "invalid request";
                         }
@@ -305,7 +306,7 @@ impl StreamDriver {
             }
         };
         let node = self.state.node().map(|n| n.id.clone()).unwrap_or_default();
-        debug!(stream = self.id, node = %node, reason = end, "delta ADS stream closed");
+        debug!(stream = self.id, node = %PeerText::new(&node), reason = end, "delta ADS stream closed");
         lock(&self.streams).remove(&self.id);
     }
 

@@ -16,6 +16,7 @@ mod tokenreview;
 
 use std::sync::Arc;
 use std::time::Duration;
+use zmesh_core::peer_text::{PEER_TEXT_MAX, PeerText};
 
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -91,22 +92,22 @@ pub enum CaError {
     NegativeTtl(i64),
     #[error("metadata {IMPERSONATED_IDENTITY} is not a string")]
     ImpersonationNotString,
-    #[error("metadata {IMPERSONATED_IDENTITY} {value:?} is not a workload SPIFFE id: {reason}")]
+    #[error("metadata {IMPERSONATED_IDENTITY} {:?} is not a workload SPIFFE id: {}", PeerText::new(.value), PeerText::new(.reason))]
     ImpersonationNotSpiffe { value: String, reason: String },
-    #[error("impersonation asks for {asked} but this CA signs trust domain {trust_domain}")]
+    #[error("impersonation asks for {} but this CA signs trust domain {trust_domain}", PeerText::display(.asked, PEER_TEXT_MAX))]
     ImpersonationWrongTrustDomain {
         asked: SpiffeId,
         trust_domain: String,
     },
-    #[error("caller {caller} asked for {asked}, but only a node's ztunnel may impersonate")]
+    #[error("caller {caller} asked for {}, but only a node's ztunnel may impersonate", PeerText::display(.asked, PEER_TEXT_MAX))]
     NotANode { caller: String, asked: SpiffeId },
-    #[error("node {node} asked for {asked}, but no pod with that identity runs on {node}")]
+    #[error("node {node} asked for {}, but no pod with that identity runs on {node}", PeerText::display(.asked, PEER_TEXT_MAX))]
     NoPodOnNode { node: String, asked: SpiffeId },
-    #[error("CSR asks for {csr} but the caller is only authorized for {authorized}")]
+    #[error("CSR asks for {} but the caller is only authorized for {authorized}", PeerText::new(.csr))]
     CsrIdentityMismatch { csr: String, authorized: SpiffeId },
     #[error("caller identity {0} is not of this CA's trust domain {1}")]
     CallerWrongTrustDomain(SpiffeId, String),
-    #[error("request is for cluster {asked:?} but this controller serves cluster {ours:?}")]
+    #[error("request is for cluster {:?} but this controller serves cluster {ours:?}", PeerText::new(.asked))]
     WrongCluster { asked: String, ours: String },
     #[error("signing failed: {0}")]
     Sign(#[from] TlsError),
@@ -193,11 +194,12 @@ impl WorkloadCa {
             .authenticate(metadata)
             .await
             .inspect_err(|s| {
-                tracing::debug!(error = s.message(), "certificate request not authenticated");
+                tracing::debug!(error = %PeerText::new(s.message()), "certificate request not authenticated");
             })?;
         self.check_cluster(metadata)?;
         self.sign_for(&caller, req).map_err(|e| {
-            tracing::warn!(caller = %caller.identity, node = ?caller.node, error = %e,
+            tracing::warn!(caller = %caller.identity, node = ?caller.node,
+                error = %PeerText::display(&e, 1024),
                 "certificate request refused");
             e.status()
         })
@@ -205,7 +207,7 @@ impl WorkloadCa {
 
     fn check_cluster(&self, metadata: &MetadataMap) -> Result<(), CaError> {
         let asked = metadata.get("clusterid").and_then(|v| v.to_str().ok());
-        tracing::debug!(clusterid = ?asked, "certificate request");
+        tracing::debug!(clusterid = ?asked.map(PeerText::new), "certificate request");
         check_cluster(self.config.cluster_id.as_deref(), metadata)
     }
 
@@ -443,6 +445,32 @@ mod tests {
         };
         let err = ca.sign_for(&foreign, &req(None)).unwrap_err();
         assert!(matches!(err, CaError::CallerWrongTrustDomain(..)), "{err}");
+    }
+
+    /// A refused request is logged with its reason: the caller's own text in it (an
+    /// impersonated identity, a CSR's SAN, a cluster id) must not make a 20 KB log line.
+    #[test]
+    fn a_refusal_echoes_a_bounded_part_of_the_callers_text() {
+        let ca = ca();
+        let node = Caller {
+            identity: "spiffe://cluster.local/ns/x/sa/y".parse().unwrap(),
+            node: Some("n1".to_owned()),
+        };
+        let long = format!("not-an-id-{}", "x".repeat(20_000));
+        let err = ca.sign_for(&node, &req(Some(&long))).unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.len() < 1024 && shown.contains("truncated"),
+            "the refusal carries {} bytes of the caller's text",
+            shown.len()
+        );
+        let long_id = format!("spiffe://cluster.local/ns/{}/sa/b", "n".repeat(20_000));
+        let err = ca.sign_for(&node, &req(Some(&long_id))).unwrap_err();
+        assert!(
+            err.to_string().len() < 1024,
+            "{} bytes",
+            err.to_string().len()
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod hbone;
 pub mod identity;
 pub mod netns;
+pub mod peer_text;
 pub mod policy;
 pub mod serve;
 pub mod socket;

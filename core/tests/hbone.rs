@@ -32,6 +32,8 @@ struct Seen {
     peers: Vec<Option<SpiffeId>>,
     authorities: Vec<String>,
     headers: Vec<http::HeaderMap>,
+    /// TLS connections open now.
+    open: usize,
 }
 
 /// An HBONE server that echoes every tunnel (reading to EOF, then closing its side).
@@ -47,6 +49,7 @@ async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
             let (tcp, _) = l.accept().await.unwrap();
             let acceptor = acceptor.clone();
             let seen = s2.clone();
+            let conns = s2.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -80,10 +83,12 @@ async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
                         Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
                     }
                 });
+                conns.lock().unwrap().open += 1;
                 let _ = H2Settings::default()
                     .server()
                     .serve_connection(TokioIo::new(tls), svc)
                     .await;
+                conns.lock().unwrap().open -= 1;
             });
         }
     });
@@ -236,6 +241,31 @@ async fn idle_connections_are_evicted() {
         2,
         "idle connection was closed and replaced"
     );
+}
+
+/// After a load the pool gives its connections back: with the default settings a connection
+/// nobody uses is closed within seconds (the server sees it end), not kept for minutes.
+#[tokio::test]
+async fn an_unused_connection_is_closed_within_seconds_by_default() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, seen) = server(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let sockets = SocketOptions {
+        mark: None,
+        ..Default::default()
+    };
+    let p = Pool::new(PoolConfig::default(), H2Settings::default(), sockets);
+    echo_through(&p, key, &client, b"a").await.unwrap();
+    assert_eq!(seen.lock().unwrap().open, 1);
+    let t0 = std::time::Instant::now();
+    while seen.lock().unwrap().open > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the pooled connection is still open after 30 s unused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

@@ -38,6 +38,7 @@ pub mod mesh;
 pub mod process;
 pub mod runtime;
 pub mod sandbox;
+pub mod soak;
 pub mod tools;
 pub mod ztunnel;
 

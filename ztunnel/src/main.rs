@@ -15,6 +15,7 @@ mod xds;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -97,6 +98,37 @@ fn init_logging() -> (
     (control, guard)
 }
 
+// mimalloc's own collection entry point (part of the library the `mimalloc` crate links in;
+// the crate exposes it only with its `extended` feature).
+unsafe extern "C" {
+    fn mi_collect(force: bool);
+}
+
+/// How often each runtime thread offers mimalloc a chance to give freed memory back.
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Run by each runtime thread as it goes idle, at most once per [`COLLECT_EVERY`]: mimalloc
+/// returns freed pages to the OS only when it looks at its heap again, which a thread that
+/// has gone quiet after a load never does by itself, so RSS would stay at its peak.
+fn collect_freed_memory() {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let now = Instant::now();
+        if last
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= COLLECT_EVERY)
+        {
+            last.set(Some(now));
+            // SAFETY: mi_collect takes no pointers; it frees this thread's empty pages and
+            // purges (madvise) the arenas' expired free ranges.
+            unsafe { mi_collect(false) };
+        }
+    });
+}
+
 /// Busy nodes run out of descriptors at the default soft limit; take the hard limit.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -131,8 +163,17 @@ fn main() -> anyhow::Result<()> {
             let rt = builder
                 .thread_name("ztunnel-worker")
                 .enable_all()
+                .on_thread_park(collect_freed_memory)
                 .build()
                 .context("cannot start the runtime")?;
+            // A heartbeat, so that every idle thread parks again now and then after a load and
+            // gives its freed memory back (see `collect_freed_memory`).
+            rt.spawn(async {
+                let mut tick = tokio::time::interval(COLLECT_EVERY);
+                loop {
+                    tick.tick().await;
+                }
+            });
             rt.block_on(app::run(cfg, log))
         }
     }

@@ -134,6 +134,9 @@ impl TrafficLabels {
     }
 }
 
+/// The longest failure reason a `connection failed` line carries, in bytes.
+const MAX_ERROR_LOG: usize = 1024;
+
 /// Logs a connection that failed before it had a destination (WARN "connection failed").
 pub fn connection_failed(
     direction: &'static str,
@@ -142,6 +145,9 @@ pub fn connection_failed(
     error: &dyn std::fmt::Display,
 ) {
     let dst = dst.map(|d| d.to_string());
+    // Failure reasons can carry what a peer sent (a header, a TLS alert's text): bounded, so a
+    // peer cannot make each refused attempt cost a huge log line.
+    let error = zmesh_core::peer_text::PeerText::display(error, MAX_ERROR_LOG);
     tracing::warn!(
         target: "access",
         direction,

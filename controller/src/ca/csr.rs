@@ -12,6 +12,7 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::FromDer;
 use zmesh_core::identity::SpiffeId;
+use zmesh_core::peer_text::{PEER_TEXT_MAX, PeerText};
 
 /// The smallest RSA modulus we sign, in bits.
 pub const MIN_RSA_BITS: usize = 2048;
@@ -28,7 +29,7 @@ pub enum CsrError {
     TrailingBytes,
     #[error("CSR signature does not verify (the request was altered or not signed by its key)")]
     BadSignature,
-    #[error("CSR signature algorithm is not supported: {0}")]
+    #[error("CSR signature algorithm is not supported: {}", PeerText::new(.0))]
     UnsupportedSignature(String),
     #[error(
         "CSR key type {0} is not supported (supported: ECDSA P-256, ECDSA P-384, RSA >= 2048 bits)"
@@ -36,18 +37,18 @@ pub enum CsrError {
     UnsupportedKey(String),
     #[error("CSR RSA key has {0} bits; at least {MIN_RSA_BITS} are required")]
     WeakRsaKey(usize),
-    #[error("CSR asks for a {kind} SAN ({value}); only one SPIFFE URI SAN is allowed")]
+    #[error("CSR asks for a {kind} SAN ({}); only one SPIFFE URI SAN is allowed", PeerText::new(.value))]
     ForbiddenSan { kind: &'static str, value: String },
     #[error("CSR asks for {0} URI SANs; at most one SPIFFE id is allowed")]
     TooManyUris(usize),
-    #[error("CSR asks for {uri:?}, which is not a workload SPIFFE id: {reason}")]
+    #[error("CSR asks for {:?}, which is not a workload SPIFFE id: {}", PeerText::new(.uri), PeerText::new(.reason))]
     NotSpiffe { uri: String, reason: String },
-    #[error("CSR asks for {asked} but this CA signs trust domain {trust_domain}")]
+    #[error("CSR asks for {} but this CA signs trust domain {trust_domain}", PeerText::display(.asked, PEER_TEXT_MAX))]
     WrongTrustDomain {
         asked: SpiffeId,
         trust_domain: String,
     },
-    #[error("CSR extensions cannot be parsed: {0}")]
+    #[error("CSR extensions cannot be parsed: {}", PeerText::new(.0))]
     BadExtension(String),
 }
 

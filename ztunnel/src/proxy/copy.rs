@@ -7,8 +7,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ProxyError;
@@ -84,14 +85,128 @@ fn benign(e: &io::Error) -> bool {
     )
 }
 
+/// The smallest and the middle step of a direction's buffer. A direction starts at
+/// [`SMALL`], steps up each time a read fills its buffer (bulk: 1 KiB -> 16 KiB -> the
+/// configured maximum) and back down when reads come in far below its size.
+const SMALL: usize = 1 << 10;
+const MEDIUM: usize = 16 << 10;
+
+/// One direction of a proxied connection. It owns memory only while it moves bytes: the
+/// buffer is taken when the reader has something to read and given back as soon as the reader
+/// has nothing more and everything read was written, so an idle connection holds no buffer.
+struct Half {
+    /// Bytes read and not yet written; no allocation at all while idle.
+    buf: BytesMut,
+    /// Size of the next read.
+    size: usize,
+    max: usize,
+    read_done: bool,
+    done: bool,
+    need_flush: bool,
+}
+
+impl Half {
+    fn new(max: usize) -> Half {
+        Half {
+            buf: BytesMut::new(),
+            size: SMALL.min(max),
+            max,
+            read_done: false,
+            done: false,
+            need_flush: false,
+        }
+    }
+
+    /// Bytes of buffer this direction holds now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    fn adapt(&mut self, n: usize) {
+        if n >= self.size {
+            self.size = if self.size < MEDIUM { MEDIUM } else { self.max }.min(self.max);
+        } else if n < self.size / 16 {
+            self.size = if self.size > MEDIUM { MEDIUM } else { SMALL }.min(self.max);
+        }
+    }
+
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or one side waits.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if !self.buf.is_empty() {
+                let n = ready!(w.as_mut().poll_write(cx, &self.buf))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.buf.advance(n);
+                self.need_flush = true;
+                continue;
+            }
+            if self.read_done {
+                if self.need_flush {
+                    ready!(w.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                ready!(w.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            // Empty: take back the whole allocation (or a new one of today's size) and read at
+            // most today's size into it.
+            self.buf.clear();
+            self.buf.resize(self.size, 0);
+            let mut room = ReadBuf::new(&mut self.buf[..]);
+            let polled = r.as_mut().poll_read(cx, &mut room);
+            let n = room.filled().len();
+            self.buf.truncate(n);
+            match polled.map_ok(|()| n) {
+                Poll::Pending => {
+                    // Nothing to read and nothing unwritten: give the memory back while the
+                    // peer is quiet.
+                    self.buf = BytesMut::new();
+                    if self.need_flush {
+                        ready!(w.as_mut().poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => {
+                    self.read_done = true;
+                    self.buf = BytesMut::new();
+                }
+                Poll::Ready(Ok(n)) => self.adapt(n),
+            }
+        }
+    }
+}
+
 /// Copies between the client side and the upstream side until both are done, passing
-/// half-closes through. The counts are returned with the error, if any.
-pub async fn copy<C, U>(client: &mut C, upstream: &mut U, buf: usize) -> Result<Bytes, ProxyError>
+/// half-closes through. Each direction's buffer grows for bulk up to `max_buf` and is given
+/// back while the direction is idle. The counts are returned with the error, if any.
+pub async fn copy<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    max_buf: usize,
+) -> Result<Bytes, ProxyError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    copy_until(client, upstream, buf, std::future::pending()).await
+    copy_until(client, upstream, max_buf, std::future::pending()).await
 }
 
 /// Like [`copy`], but abandons the copy as soon as `revoked` completes (a policy change denies
@@ -100,7 +215,7 @@ where
 pub async fn copy_until<C, U, R>(
     client: &mut C,
     upstream: &mut U,
-    buf: usize,
+    max_buf: usize,
     revoked: R,
 ) -> Result<Bytes, ProxyError>
 where
@@ -117,7 +232,16 @@ where
         read: 0,
     };
     let res = {
-        let copying = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, buf, buf);
+        let (mut to_upstream, mut to_client) = (Half::new(max_buf), Half::new(max_buf));
+        let copying = std::future::poll_fn(|cx| {
+            let up = to_upstream.poll_copy(cx, Pin::new(&mut c), Pin::new(&mut u))?;
+            let down = to_client.poll_copy(cx, Pin::new(&mut u), Pin::new(&mut c))?;
+            if up.is_ready() && down.is_ready() {
+                Poll::Ready(Ok::<(), io::Error>(()))
+            } else {
+                Poll::Pending
+            }
+        });
         tokio::select! {
             r = copying => Ok(r),
             denial = revoked => Err(denial),
@@ -139,6 +263,103 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Records the size of every read buffer it is offered.
+    struct Offered<S> {
+        inner: S,
+        sizes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Offered<S> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.sizes.lock().unwrap().push(buf.remaining());
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Offered<S> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// An interactive connection reads into a small buffer; bulk grows it to the maximum.
+    #[tokio::test]
+    async fn reads_start_small_and_grow_for_bulk() {
+        const MAX: usize = 256 << 10;
+        let (mut client, client_side) = tokio::io::duplex(1 << 20);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(1 << 20);
+        let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut client_side = Offered {
+            inner: client_side,
+            sizes: sizes.clone(),
+        };
+        let proxy =
+            tokio::spawn(async move { copy(&mut client_side, &mut upstream_side, MAX).await });
+        client.write_all(&[1; 64]).await.unwrap();
+        let mut got = [0u8; 64];
+        upstream.read_exact(&mut got).await.unwrap();
+        let first = sizes.lock().unwrap()[0];
+        assert!(
+            first <= 1024,
+            "an interactive connection's first read was offered {first} bytes"
+        );
+        let bulk = 8usize << 20;
+        let writer = tokio::spawn(async move {
+            client.write_all(&vec![2u8; bulk]).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut n = 0;
+        let mut chunk = vec![0u8; 64 << 10];
+        while n < bulk {
+            n += upstream.read(&mut chunk).await.unwrap();
+        }
+        let max = sizes.lock().unwrap().iter().copied().max().unwrap();
+        assert_eq!(max, MAX, "bulk reads never grew to the maximum buffer");
+        drop(upstream);
+        drop(writer.await.unwrap());
+        let bytes = proxy.await.unwrap().unwrap();
+        assert_eq!(bytes.received, 64 + bulk as u64);
+    }
+    /// A direction holds a buffer only while it moves bytes: once the reader has nothing more
+    /// and everything read was written, the buffer is given back, even after bulk grew it.
+    #[tokio::test]
+    async fn an_idle_direction_holds_no_buffer() {
+        let (mut a, mut a_side) = tokio::io::duplex(1 << 20);
+        let (mut b_side, mut b) = tokio::io::duplex(1 << 20);
+        let mut half = Half::new(256 << 10);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(half.held(), 0);
+        a.write_all(&vec![7u8; 600 << 10]).await.unwrap();
+        let r = half.poll_copy(&mut cx, Pin::new(&mut a_side), Pin::new(&mut b_side));
+        assert!(r.is_pending());
+        assert_eq!(half.held(), 0, "an idle direction kept its buffer");
+        assert_eq!(half.size, 256 << 10, "bulk did not grow the reads");
+        let mut got = vec![0u8; 600 << 10];
+        b.read_exact(&mut got).await.unwrap();
+        // Small reads after the bulk bring the size back down.
+        a.write_all(&[1u8; 10]).await.unwrap();
+        let r = half.poll_copy(&mut cx, Pin::new(&mut a_side), Pin::new(&mut b_side));
+        assert!(r.is_pending());
+        assert_eq!(half.size, MEDIUM);
+        assert_eq!(half.held(), 0);
+    }
 
     #[tokio::test]
     async fn counts_each_direction_and_treats_a_reset_as_an_end() {

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{ActiveGuard, Activity, ServeError, serve_h2, tls_accept};
+use zmesh_core::peer_text::PeerText;
 use zmesh_core::tls::peer_identity;
 
 use super::policy::{self, Peer};
@@ -103,6 +104,26 @@ async fn hbone_connection(
     Ok(())
 }
 
+/// The `ip:port` a CONNECT asks for, or why it is refused (400). The reason is logged, so the
+/// peer's text in it is bounded ([`PeerText`]).
+fn connect_target<B>(req: &Request<B>) -> Result<SocketAddr, String> {
+    if req.method() != Method::CONNECT {
+        return Err(format!(
+            "method {} is not CONNECT",
+            PeerText::new(req.method().as_str())
+        ));
+    }
+    req.uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or_else(|| {
+            format!(
+                "authority {:?} is not ip:port",
+                PeerText::new(&req.uri().to_string())
+            )
+        })
+}
+
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
     *r.status_mut() = code;
@@ -127,21 +148,9 @@ impl Proxy {
             );
             status(code)
         };
-        if req.method() != Method::CONNECT {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                format!("method {} is not CONNECT", req.method()),
-            );
-        }
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                format!("authority {:?} is not ip:port", req.uri()),
-            );
+        let target = match connect_target(&req) {
+            Ok(t) => t,
+            Err(why) => return reject(StatusCode::BAD_REQUEST, why),
         };
         if self.cfg.illegal_ports().contains(&target.port()) {
             return reject(
@@ -377,5 +386,42 @@ impl Proxy {
             refuse(&stream);
         }
         finish(rec, res);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused CONNECT's reason goes into a log line: a peer's 20 KB authority or method
+    /// must not make a 20 KB line.
+    #[test]
+    fn a_refused_connect_names_a_bounded_authority() {
+        let long = format!("{}.example:80", "a".repeat(20_000));
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(long.as_str())
+            .body(())
+            .unwrap();
+        let why = connect_target(&req).unwrap_err();
+        assert!(
+            why.len() < 600 && why.contains("truncated, 20011 bytes"),
+            "the log line would carry {} bytes of the peer's authority",
+            why.len()
+        );
+        let method = Method::from_bytes("X".repeat(5000).as_bytes()).unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let why = connect_target(&req).unwrap_err();
+        assert!(why.len() < 600, "{} bytes", why.len());
+        let ok = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        assert_eq!(connect_target(&ok).unwrap(), "10.0.0.1:80".parse().unwrap());
     }
 }

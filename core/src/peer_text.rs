@@ -1,0 +1,130 @@
+//! Text that came from a peer (a CONNECT authority, a header, a CSR's SAN, a gRPC message),
+//! made safe to put in a log line or an error message: at most [`PEER_TEXT_MAX`] bytes with a
+//! marker saying how long it really was, and control characters escaped so that a peer cannot
+//! start a forged log line. Without the bound, anyone who can reach a port can make each of
+//! their refused requests cost a 20 KB log line.
+
+use std::fmt;
+
+/// How much of a peer's text a log line keeps.
+pub const PEER_TEXT_MAX: usize = 256;
+
+/// A bounded, escaped copy of a peer's text. Its `Display` is the text (control characters
+/// escaped) followed, when it was cut, by `...[truncated, N bytes]`; its `Debug` is the same,
+/// quoted.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PeerText {
+    kept: String,
+    /// Length of the whole text, in bytes.
+    total: usize,
+}
+
+impl PeerText {
+    /// Keeps at most [`PEER_TEXT_MAX`] bytes of `text`.
+    pub fn new(text: &str) -> Self {
+        Self::with_limit(text, PEER_TEXT_MAX)
+    }
+
+    /// Keeps at most `max` bytes of `text` (cut at a character boundary).
+    pub fn with_limit(text: &str, max: usize) -> Self {
+        let mut end = text.len().min(max);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        PeerText {
+            kept: text[..end].to_owned(),
+            total: text.len(),
+        }
+    }
+
+    /// Like [`PeerText::new`] for bytes that may not be UTF-8 (a header value): invalid
+    /// sequences are shown as U+FFFD.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let head = &bytes[..bytes.len().min(PEER_TEXT_MAX)];
+        let mut t = Self::new(&String::from_utf8_lossy(head));
+        t.total = bytes.len();
+        t
+    }
+
+    /// Bounds what `value` displays (an error whose message carries peer input) to `max` bytes.
+    pub fn display(value: &dyn fmt::Display, max: usize) -> Self {
+        Self::with_limit(&value.to_string(), max)
+    }
+
+    /// Whether part of the text was cut.
+    pub fn truncated(&self) -> bool {
+        self.kept.len() < self.total
+    }
+
+    fn write_escaped(&self, f: &mut fmt::Formatter<'_>, quote: bool) -> fmt::Result {
+        use fmt::Write;
+        if quote {
+            f.write_char('"')?;
+        }
+        for c in self.kept.chars() {
+            if c.is_control() || (quote && (c == '"' || c == '\\')) {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        if quote {
+            f.write_char('"')?;
+        }
+        if self.truncated() {
+            write!(f, "...[truncated, {} bytes]", self.total)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PeerText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_escaped(f, false)
+    }
+}
+
+impl fmt::Debug for PeerText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_escaped(f, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_text_is_kept_whole() {
+        let t = PeerText::new("10.0.0.1:80");
+        assert!(!t.truncated());
+        assert_eq!(t.to_string(), "10.0.0.1:80");
+        assert_eq!(format!("{t:?}"), "\"10.0.0.1:80\"");
+    }
+
+    #[test]
+    fn long_text_is_cut_with_a_marker() {
+        let long = "a".repeat(20_000);
+        let t = PeerText::new(&long);
+        assert!(t.truncated());
+        let shown = t.to_string();
+        assert!(shown.starts_with(&"a".repeat(PEER_TEXT_MAX)));
+        assert!(shown.ends_with("...[truncated, 20000 bytes]"), "{shown}");
+        assert!(shown.len() < PEER_TEXT_MAX + 40);
+    }
+
+    #[test]
+    fn cuts_at_a_character_boundary_and_escapes_controls() {
+        let t = PeerText::with_limit("é\nx", 1);
+        assert_eq!(t.to_string(), "...[truncated, 4 bytes]");
+        let t = PeerText::new("a\nfake=\"line\"");
+        assert_eq!(t.to_string(), "a\\nfake=\"line\"");
+        assert_eq!(format!("{t:?}"), "\"a\\nfake=\\\"line\\\"\"");
+        let t = PeerText::from_bytes(&[b'x'; 1000]);
+        assert!(t.to_string().ends_with("[truncated, 1000 bytes]"));
+        assert_eq!(
+            PeerText::display(&"0123456789", 4).to_string(),
+            "0123...[truncated, 10 bytes]"
+        );
+    }
+}
