@@ -11,4 +11,5 @@ pub mod policy;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod yaml;
 pub mod zds;
