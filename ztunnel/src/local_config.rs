@@ -73,14 +73,16 @@ pub fn watch(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let name = path.file_name().map(|n| n.to_owned());
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        // Only events about our file count, or a ConfigMap's `..data` symlink swap; other
-        // files in the directory (logs, say) must not cost a re-read each.
+        // Only changes count (not our own reads: those would wake us forever), and only
+        // about our file or a ConfigMap's `..data` symlink swap; other files in the
+        // directory (logs, say) must not cost a re-read each.
         let ours = ev.is_ok_and(|ev| {
-            ev.paths.iter().any(|p| {
-                p.file_name().is_some_and(|f| {
-                    Some(f) == name.as_deref() || f.to_string_lossy().starts_with("..")
+            is_change(&ev.kind)
+                && ev.paths.iter().any(|p| {
+                    p.file_name().is_some_and(|f| {
+                        Some(f) == name.as_deref() || f.to_string_lossy().starts_with("..")
+                    })
                 })
-            })
         });
         if ours {
             let _ = tx.send(());
@@ -106,12 +108,16 @@ pub fn watch(
             }
             // Let a burst of events (write, rename, chmod) settle, then wait until the content
             // holds still: a file rewritten in place is briefly empty or half written, and an
-            // empty file is a valid (empty) config that would wipe the state.
+            // empty file is a valid (empty) config that would wipe the state. Reads run on a
+            // blocking thread: a big file must not hold up the threads that carry traffic.
             let mut now = None;
             for _ in 0..50 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
-                let read = counters.read(&path);
+                let (c, p) = (counters.clone(), path.clone());
+                let read = tokio::task::spawn_blocking(move || c.read(&p))
+                    .await
+                    .unwrap_or(None);
                 if read == now {
                     break;
                 }
@@ -121,7 +127,18 @@ pub fn watch(
                 continue;
             }
             tracing::info!(path = %path.display(), bytes = now.as_ref().map(Vec::len), "local config changed; parsing it");
-            let parsed = parse(now.as_deref());
+            // Parsing and indexing a large config takes seconds: off the runtime's threads,
+            // then one pointer swap.
+            let (parsed, bytes) = match tokio::task::spawn_blocking(move || {
+                let parsed = parse(now.as_deref());
+                (parsed, now)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(e) => (Err(anyhow::anyhow!("the parser failed: {e}")), None),
+            };
+            now = bytes;
             match parsed {
                 Ok(st) => {
                     counters
@@ -150,6 +167,22 @@ pub fn watch(
         }
     });
     Ok(())
+}
+
+/// Does a watch event say something changed (not merely that someone read the file)?
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) | EventKind::Any => true,
+        // Timestamps and permissions alone (a `touch`, `chmod`) do not change the config.
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        // Closing a file written to ends an in-place rewrite; opening, reading and closing
+        // a file read are our own reads.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Other => false,
+    }
 }
 
 /// Parses a new version of the file (`None`: it cannot be read) into a state snapshot.
