@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use zmesh_core::certs::{CertStore, CertificateSource, LocalCaSource};
+use zmesh_core::identity::SpiffeId;
 use zmesh_core::socket::listen;
 use zmesh_core::state::State;
 use zmesh_core::tls::LocalCa;
@@ -186,14 +187,11 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
                 .expect("validated: dedicated mode has a workload");
             let proxy = Proxy::new(&node, workload.clone(), None)?;
             proxy.start()?;
-            // Ready once the workload's certificate is in hand: the first connection won't wait.
-            certs
-                .get(&proxy.identity)
-                .await
-                .with_context(|| format!("cannot obtain a certificate for {}", proxy.identity))?;
-            tracing::info!(identity = %proxy.identity, "ztunnel ready (dedicated mode)");
+            let identity = proxy.identity.clone();
             proxies.insert(format!("{}/{}", workload.namespace, workload.name), proxy);
-            ready.store(true, Ordering::Release);
+            // Ready once the workload's certificate is in hand: the first connection won't
+            // wait. A refusal keeps ztunnel up (xDS, admin, metrics), not ready, retrying.
+            tokio::spawn(first_certificate(certs.clone(), identity, ready.clone()));
         }
         ProxyMode::Shared => {
             let uds = cfg.inpod_uds.clone();
@@ -244,5 +242,26 @@ async fn drain(proxies: &Proxies, deadline: Duration, why: &str) {
             open,
             "drain deadline passed; closing the remaining connections"
         );
+    }
+}
+
+/// Fetches the dedicated workload's first certificate, retrying with backoff (1 s doubling to
+/// 30 s) while the CA refuses or cannot be reached, and marks ztunnel ready once it is in hand.
+async fn first_certificate(certs: Arc<CertStore>, identity: SpiffeId, ready: Arc<AtomicBool>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match certs.get(&identity).await {
+            Ok(_) => {
+                tracing::info!(%identity, "ztunnel ready (dedicated mode)");
+                ready.store(true, Ordering::Release);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(%identity, error = %e, retry_in = ?backoff,
+                    "no certificate for the workload; not ready, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
     }
 }
