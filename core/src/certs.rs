@@ -16,10 +16,19 @@ use crate::tls::{LocalCa, TlsError, WorkloadCertificate};
 pub enum CertError {
     #[error("the certificate authority refused or failed to sign for {id}: {reason}")]
     Ca { id: String, reason: String },
-    #[error(
-        "the certificate for {id} expired at {not_after} and the certificate authority has not renewed it (is the CA reachable? see the refresh warnings)"
-    )]
-    Expired { id: String, not_after: String },
+    #[error(transparent)]
+    Expired(Box<Expired>),
+}
+
+/// A certificate past its `not_after` that the CA has not renewed (boxed in [`CertError`] to
+/// keep the error small).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the certificate for {id} expired at {not_after} and the certificate authority has not renewed it (is the CA reachable? see the refresh warnings)"
+)]
+pub struct Expired {
+    pub id: String,
+    pub not_after: String,
 }
 
 /// Where certificates come from: the local CA today; the controller's CA is another source.
@@ -97,10 +106,10 @@ impl CertStore {
                 let cert = slot.lock().expect("cert lock").clone();
                 // Fail closed and say why, rather than handing a peer a certificate it refuses.
                 if cert.is_expired(SystemTime::now()) {
-                    return Err(CertError::Expired {
+                    return Err(CertError::Expired(Box::new(Expired {
                         id: id.to_string(),
                         not_after: rfc3339(cert.not_after()),
-                    });
+                    })));
                 }
                 Ok(cert)
             }
@@ -307,7 +316,7 @@ mod tests {
         // ...until it expires: then a clear error, never the expired certificate.
         tokio::time::sleep(left / 2 + Duration::from_millis(200)).await;
         let err = store.get(&id).await.unwrap_err();
-        assert!(matches!(err, CertError::Expired { .. }), "{err}");
+        assert!(matches!(err, CertError::Expired(_)), "{err}");
         assert!(err.to_string().contains("expired"), "{err}");
         // The CA returns: the retries (at most a second apart for this lifetime) recover.
         src.up.store(true, Ordering::SeqCst);

@@ -479,8 +479,10 @@ mod tests {
     }
 
     fn reason(e: CertError) -> String {
-        let CertError::Ca { reason, .. } = e;
-        reason
+        match e {
+            CertError::Ca { reason, .. } => reason,
+            other => panic!("not the CA's answer: {other}"),
+        }
     }
 
     fn serial(c: &WorkloadCertificate) -> Vec<u8> {
@@ -540,7 +542,9 @@ mod tests {
         let ctl = controller().await;
         let ca = client(ctl.addr, &ctl.root.file, &ctl.token_a, true);
         let err = ca.fetch(&pod("db")).await.unwrap_err();
-        let CertError::Ca { id, reason } = err;
+        let CertError::Ca { id, reason } = err else {
+            panic!("not the CA's answer: {err}");
+        };
         assert_eq!(id, "spiffe://cluster.local/ns/shop/sa/db");
         assert!(reason.contains("PermissionDenied"), "{reason}");
         assert!(
