@@ -5,8 +5,10 @@
 //!    header against ours (`PermissionDenied`);
 //! 2. validate the CSR ([`csr::validate_csr`]; `InvalidArgument`): signature, key type, SANs;
 //! 3. decide the identity (`PermissionDenied`): a node's ztunnel may impersonate identity X
-//!    (metadata `ImpersonatedIdentity`, as upstream ztunnel sends it) only if a pod with X runs
-//!    on its node ([`PodLocator`]); otherwise the caller gets its own identity;
+//!    (metadata `ImpersonatedIdentity`, as upstream ztunnel sends it in shared mode) only if a
+//!    pod with X runs on its node ([`PodLocator`]); a node's ztunnel without impersonation
+//!    (dedicated mode) may have the CSR's identity X under the same condition; otherwise the
+//!    caller gets its own identity;
 //! 4. sign a leaf for that identity over the CSR's key with the [`LocalCa`], for the requested
 //!    validity clamped to `[1 min, max]`, and answer `[leaf, intermediates..., root]` in PEM.
 
@@ -55,7 +57,7 @@ pub fn impersonation(identity: &str) -> prost_types::Struct {
     }
 }
 /// The shortest certificate lifetime we issue.
-pub const MIN_TTL: Duration = Duration::from_secs(60);
+pub const MIN_TTL: Duration = Duration::from_secs(10);
 /// The default (and default maximum) certificate lifetime.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -220,7 +222,18 @@ impl WorkloadCa {
         let td = &self.config.trust_domain;
         let ttl = self.ttl(req.validity_duration)?;
         let csr = validate_csr(&req.csr, td)?;
-        let identity = self.authorize(caller, impersonated(req, td)?)?;
+        let mut asked = impersonated(req, td)?;
+        // A dedicated-mode ztunnel (ours or upstream's) sends no impersonation: it asks for
+        // its workload's identity in the CSR, with its node's credential. The same rule as
+        // impersonation applies: only for a pod of that identity on the caller's node.
+        if asked.is_none()
+            && caller.node.is_some()
+            && let Some(in_csr) = &csr.identity
+            && *in_csr != caller.identity
+        {
+            asked = Some(in_csr.clone());
+        }
+        let identity = self.authorize(caller, asked)?;
         if let Some(asked) = csr.identity
             && asked != identity
         {
@@ -473,11 +486,63 @@ mod tests {
         );
     }
 
+    fn req_for(san: &str) -> IstioCertificateRequest {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(san.try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        IstioCertificateRequest {
+            csr,
+            validity_duration: 0,
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn a_dedicated_ztunnel_gets_the_csr_identity_only_for_a_pod_on_its_node() {
+        let ca = ca();
+        // A dedicated-mode ztunnel sends no impersonation; its token names its node.
+        let node = Caller {
+            identity: "spiffe://cluster.local/ns/x/sa/y".parse().unwrap(),
+            node: Some("n1".to_owned()),
+        };
+        ca.sign_for(&node, &req_for("spiffe://cluster.local/ns/a/sa/b"))
+            .unwrap();
+        // Not on its node: refused, and the reason names the node.
+        let err = ca
+            .sign_for(&node, &req_for("spiffe://cluster.local/ns/a/sa/c"))
+            .unwrap_err();
+        assert!(matches!(err, CaError::NoPodOnNode { .. }), "{err}");
+        assert_eq!(err.status().code(), tonic::Code::PermissionDenied);
+        // A pod of that identity elsewhere does not help.
+        let n2 = Caller {
+            node: Some("n2".to_owned()),
+            ..node.clone()
+        };
+        let err = ca
+            .sign_for(&n2, &req_for("spiffe://cluster.local/ns/a/sa/b"))
+            .unwrap_err();
+        assert!(matches!(err, CaError::NoPodOnNode { .. }), "{err}");
+        // Its own identity it still gets.
+        ca.sign_for(&node, &req_for("spiffe://cluster.local/ns/x/sa/y"))
+            .unwrap();
+        // A caller bound to no node gets only its own identity.
+        let workload = Caller {
+            identity: "spiffe://cluster.local/ns/a/sa/b".parse().unwrap(),
+            node: None,
+        };
+        let err = ca
+            .sign_for(&workload, &req_for("spiffe://cluster.local/ns/a/sa/c"))
+            .unwrap_err();
+        assert!(matches!(err, CaError::CsrIdentityMismatch { .. }), "{err}");
+    }
+
     #[test]
     fn ttl_is_clamped() {
         let ca = ca();
         assert_eq!(ca.ttl(0).unwrap(), DEFAULT_TTL);
         assert_eq!(ca.ttl(1).unwrap(), MIN_TTL);
+        assert_eq!(ca.ttl(20).unwrap(), Duration::from_secs(20));
         assert_eq!(ca.ttl(3600).unwrap(), Duration::from_secs(3600));
         assert_eq!(ca.ttl(i64::MAX).unwrap(), DEFAULT_TTL);
         assert!(matches!(ca.ttl(-1), Err(CaError::NegativeTtl(-1))));

@@ -16,6 +16,19 @@ use crate::tls::{LocalCa, TlsError, WorkloadCertificate};
 pub enum CertError {
     #[error("the certificate authority refused or failed to sign for {id}: {reason}")]
     Ca { id: String, reason: String },
+    #[error(transparent)]
+    Expired(Box<Expired>),
+}
+
+/// A certificate past its `not_after` that the CA has not renewed (boxed in [`CertError`] to
+/// keep the error small).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the certificate for {id} expired at {not_after} and the certificate authority has not renewed it (is the CA reachable? see the refresh warnings)"
+)]
+pub struct Expired {
+    pub id: String,
+    pub not_after: String,
 }
 
 /// Where certificates come from: the local CA today; the controller's CA is another source.
@@ -89,7 +102,17 @@ impl CertStore {
             })
             .await;
         match slot {
-            Ok(slot) => Ok(slot.lock().expect("cert lock").clone()),
+            Ok(slot) => {
+                let cert = slot.lock().expect("cert lock").clone();
+                // Fail closed and say why, rather than handing a peer a certificate it refuses.
+                if cert.is_expired(SystemTime::now()) {
+                    return Err(CertError::Expired(Box::new(Expired {
+                        id: id.to_string(),
+                        not_after: rfc3339(cert.not_after()),
+                    })));
+                }
+                Ok(cert)
+            }
             Err(e) => {
                 // Let the next caller try again rather than caching the failure, but only
                 // drop the cell that failed (another caller may have replaced it meanwhile).
@@ -147,13 +170,17 @@ impl CertStore {
                         backoff = Duration::from_secs(1);
                     }
                     Err(e) => {
-                        let expired = slot
-                            .lock()
-                            .expect("cert lock")
-                            .is_expired(SystemTime::now());
-                        tracing::warn!(identity = %id, error = %e, expired, retry_in = ?backoff, "certificate refresh failed; keeping the current one");
+                        let (expired, cap) = {
+                            let c = slot.lock().expect("cert lock");
+                            (c.is_expired(SystemTime::now()), retry_cap(&c))
+                        };
+                        if expired {
+                            tracing::error!(identity = %id, error = %e, retry_in = ?backoff, "certificate expired and its refresh failed; connections with this identity fail until the CA answers");
+                        } else {
+                            tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate refresh failed; keeping the current one");
+                        }
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(150));
+                        backoff = (backoff * 2).min(cap);
                     }
                 }
             }
@@ -167,6 +194,17 @@ impl CertStore {
             .and_then(|c| c.get())
             .is_some_and(|s| Arc::ptr_eq(s, slot))
     }
+}
+
+/// The longest wait between refresh attempts: an eighth of the certificate's remaining life
+/// at arrival (at least 1 s, at most 150 s as upstream ztunnel), so that a short-lived
+/// certificate is retried several times before it expires and soon after the CA returns.
+pub fn retry_cap(cert: &WorkloadCertificate) -> Duration {
+    let half = cert
+        .not_after()
+        .duration_since(cert.refresh_at())
+        .unwrap_or(Duration::ZERO);
+    (half / 4).clamp(Duration::from_secs(1), Duration::from_secs(150))
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -210,8 +248,8 @@ mod tests {
     async fn one_fetch_per_identity_and_refresh_at_half_life() {
         let src = Arc::new(Counting {
             ca: LocalCa::generate("t").unwrap(),
-            // Issued certificates start a minute in the past: 122 s of life, refresh at ~+1 s.
-            ttl: Duration::from_secs(2),
+            // Refresh half way through the 4 s left on arrival.
+            ttl: Duration::from_secs(4),
             calls: AtomicUsize::new(0),
             fail_after: 2,
         });
@@ -225,14 +263,71 @@ mod tests {
             1,
             "concurrent gets share one fetch"
         );
-        // Half life of a 122 s certificate is 61 s after not_before, i.e. ~1 s from now.
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let second = store.get(&id).await.unwrap();
         assert_ne!(first.chain(), second.chain(), "certificate was refreshed");
         assert!(src.calls.load(Ordering::SeqCst) >= 2);
-        // Further refreshes fail: the store keeps serving the last good certificate.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Further refreshes fail (the next at ~4.5 s): the store keeps serving the last good
+        // certificate until it expires (~6.5 s).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         assert_eq!(store.get(&id).await.unwrap().chain(), second.chain());
         assert_eq!(store.summaries().len(), 1);
+    }
+
+    struct Switch {
+        ca: LocalCa,
+        up: std::sync::atomic::AtomicBool,
+    }
+
+    impl CertificateSource for Switch {
+        fn fetch(
+            &self,
+            id: &SpiffeId,
+        ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, CertError>> + Send + '_>>
+        {
+            let res = if self.up.load(Ordering::SeqCst) {
+                Ok(self.ca.issue(id, Duration::from_secs(2)).unwrap())
+            } else {
+                Err(CertError::Ca {
+                    id: id.to_string(),
+                    reason: "unreachable".into(),
+                })
+            };
+            Box::pin(async move { res })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_certificate_is_an_error_until_the_ca_answers_again() {
+        let src = Arc::new(Switch {
+            ca: LocalCa::generate("t").unwrap(),
+            up: true.into(),
+        });
+        let store = CertStore::new(src.clone());
+        let id = SpiffeId::new("cluster.local", "ns", "a").unwrap();
+        let first = store.get(&id).await.unwrap();
+        // Back-dated by a minute, yet refreshed half way through what was left on arrival.
+        let left = first.not_after().duration_since(SystemTime::now()).unwrap();
+        assert!(first.refresh_at() > SystemTime::now() + left / 4);
+        src.up.store(false, Ordering::SeqCst);
+        // Past half life the CA is away: the old certificate is still served...
+        tokio::time::sleep(left / 2 + Duration::from_millis(300)).await;
+        assert_eq!(store.get(&id).await.unwrap().chain(), first.chain());
+        // ...until it expires: then a clear error, never the expired certificate.
+        tokio::time::sleep(left / 2 + Duration::from_millis(200)).await;
+        let err = store.get(&id).await.unwrap_err();
+        assert!(matches!(err, CertError::Expired(_)), "{err}");
+        assert!(err.to_string().contains("expired"), "{err}");
+        // The CA returns: the retries (at most a second apart for this lifetime) recover.
+        src.up.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let renewed = loop {
+            if let Ok(c) = store.get(&id).await {
+                break c;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never renewed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_ne!(renewed.chain(), first.chain());
     }
 }

@@ -13,4 +13,5 @@ pub mod serve;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod yaml;
 pub mod zds;

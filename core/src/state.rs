@@ -177,6 +177,8 @@ pub struct LocalConfig {
 pub enum ConfigError {
     #[error("local config is not valid: {0}")]
     Yaml(#[from] serde_yaml::Error),
+    #[error("local config refused before parsing: {0}")]
+    Limits(#[from] crate::yaml::YamlLimitError),
     #[error("workload {workload}: {source}")]
     Identity {
         workload: String,
@@ -195,6 +197,8 @@ impl LocalConfig {
         let cfg: LocalConfig = if yaml.trim().is_empty() {
             LocalConfig::default()
         } else {
+            // Bounded first: deep nesting costs the parser quadratic time.
+            crate::yaml::check_limits(yaml)?;
             serde_yaml::from_str(yaml)?
         };
         Ok(cfg)

@@ -85,6 +85,8 @@ pub struct WorkloadCertificate {
     /// Shared: the store hands out a clone of this struct on every connection.
     root_ders: Arc<[CertificateDer<'static>]>,
     not_before: SystemTime,
+    /// When this process built it from the CA's answer.
+    received: SystemTime,
     not_after: SystemTime,
     server_config: Arc<ServerConfig>,
 }
@@ -128,6 +130,7 @@ impl WorkloadCertificate {
             root_ders: root_ders.into(),
             not_before,
             not_after,
+            received: SystemTime::now(),
             server_config,
         })
     }
@@ -153,13 +156,16 @@ impl WorkloadCertificate {
         &self.root_ders
     }
 
-    /// The instant at which a refresh is due: half way through the validity period.
+    /// The instant at which a refresh is due: half way through the validity that was left
+    /// when it arrived. CAs back-date `not_before` (ours by a minute, for clock skew), so half
+    /// of the nominal period could already be over on arrival for a short lifetime.
     pub fn refresh_at(&self) -> SystemTime {
+        let start = self.not_before.max(self.received);
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(start)
             .unwrap_or(Duration::ZERO);
-        self.not_before + life / 2
+        start + life / 2
     }
 
     pub fn is_expired(&self, now: SystemTime) -> bool {

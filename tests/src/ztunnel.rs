@@ -48,6 +48,18 @@ impl Ztunnel {
         env: &[(K, V)],
         ztunnel_bin: &Path,
     ) -> Result<Ztunnel> {
+        let zt = Self::start(sandbox, host, env, ztunnel_bin)?;
+        zt.wait_ready(READY_TIMEOUT)?;
+        Ok(zt)
+    }
+
+    /// [`Ztunnel::spawn`] without waiting for readiness.
+    pub fn start<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+        sandbox: &Sandbox,
+        host: &str,
+        env: &[(K, V)],
+        ztunnel_bin: &Path,
+    ) -> Result<Ztunnel> {
         let mut cmd = sandbox.command(Some(host), ztunnel_bin, ["proxy"]);
         cmd.env_clear();
         for var in ["PATH", "RUST_LOG", "RUST_BACKTRACE"] {
@@ -72,8 +84,12 @@ impl Ztunnel {
             host: host.to_owned(),
             proc,
         };
-        zt.wait_ready(READY_TIMEOUT)?;
         Ok(zt)
+    }
+
+    /// The HTTP status of `/healthz/ready` (200 ready, 503 not ready).
+    pub fn ready_status(&self) -> Result<u16> {
+        Ok(http::get(&self.netns, local(READY_PORT), "/healthz/ready")?.status)
     }
 
     /// Polls `/healthz/ready` until it answers 200.

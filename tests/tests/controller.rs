@@ -157,9 +157,9 @@ fn cert_not_before(cluster: &Cluster<'_>, node: &str, identity: &str) -> Option<
 #[test]
 fn certificates_from_the_controller_rotate_without_dropping_connections() {
     let sb = Sandbox::new().unwrap();
-    // The CA issues from a minute in the past, so asking for 68 s gives 128 s of life and a
-    // refresh at half life comes about 4 s after each issue: rotations come quickly.
-    let cluster = Cluster::up_with(&sb, &["n1", "n2"], &[("SECRET_TTL", "68s")]).unwrap();
+    // 10 s certificates are refreshed half way through, about 5 s after each issue:
+    // rotations come quickly.
+    let cluster = Cluster::up_with(&sb, &["n1", "n2"], &[("SECRET_TTL", "10s")]).unwrap();
     let (client, web_a, _app) = shop(&cluster);
     let mut open = connect(&sb, &client.netns, web_a.addr(ECHO_PORT)).unwrap();
     assert_eq!(echo_line(&mut open, "first\n"), "first\n");

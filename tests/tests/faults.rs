@@ -210,9 +210,10 @@ fn old_service(cluster: &Cluster<'_>, client: &Pod) -> SocketAddr {
 #[test]
 fn the_controller_killed_under_traffic_loses_no_connection_and_resumes_when_back() {
     let sb = Sandbox::new().unwrap();
-    // Certificates asked for 68 s live 128 s (the CA back-dates a minute) and are refreshed
-    // about 4 s after each issue: rotations are attempted during the outage.
-    let mut cluster = Cluster::up_with(&sb, &["n1", "n2"], &[("SECRET_TTL", "68s")]).unwrap();
+    // Certificates asked for 90 s fall due for refresh half way through the life left when
+    // they arrive (about 45 s after issue), so a rotation is attempted during the outage,
+    // and they expire long after the controller is back.
+    let mut cluster = Cluster::up_with(&sb, &["n1", "n2"], &[("SECRET_TTL", "90s")]).unwrap();
     let (client, web_a, _app) = shop(&cluster);
     let svc = SocketAddr::new(vip(60), 80);
     let mut chatters: Vec<Chatter> = [("via-vip", svc), ("direct", web_a.addr(ECHO_PORT))]

@@ -2,7 +2,6 @@
 //! watch or the xDS client), listeners, the operator endpoints, and the
 //! drain on SIGTERM.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,13 +12,15 @@ use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use zmesh_core::certs::{CertStore, CertificateSource, LocalCaSource};
+use zmesh_core::identity::SpiffeId;
 use zmesh_core::socket::listen;
-use zmesh_core::state::{LocalConfig, State};
+use zmesh_core::state::State;
 use zmesh_core::tls::LocalCa;
 
 use crate::admin::{self, Admin, LogControl};
 use crate::ca_client::{RemoteCa, RemoteCaConfig};
 use crate::config::{Config, ProxyMode};
+use crate::local_config;
 use crate::metrics::Metrics;
 use crate::proxy::policy::{self, Publisher, recheck_on_change};
 use crate::proxy::{Node, Proxy};
@@ -28,14 +29,6 @@ use crate::xds::{Xds, XdsConfig};
 /// How long proxies wait at start for the controller's first config (their workload's trust
 /// domain comes from it); after that they start anyway and readiness keeps waiting.
 const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(5);
-
-/// Reads and validates the local-config file into a state snapshot.
-pub fn load_state(path: &Path) -> anyhow::Result<State> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read LOCAL_XDS_PATH {}", path.display()))?;
-    let cfg = LocalConfig::parse(&text).with_context(|| format!("in {}", path.display()))?;
-    State::from_local(cfg).with_context(|| format!("in {}", path.display()))
-}
 
 /// The proxies this ztunnel runs: one in dedicated mode, one per enrolled pod in shared mode.
 /// Keyed by pod uid (the workload's `<namespace>/<name>` in dedicated mode).
@@ -65,7 +58,7 @@ impl Proxies {
 pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let state = match &cfg.local_xds_path {
-        Some(p) => load_state(p)?,
+        Some(p) => local_config::load_state(p)?,
         None => State::default(),
     };
     if !state.policies().is_empty() {
@@ -104,6 +97,7 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     };
     let certs = CertStore::new(source);
     let mut registry = Registry::default();
+    let local_counters = local_config::Counters::register(&mut registry);
     let node = Arc::new(Node {
         cfg: cfg.clone(),
         state: state.clone(),
@@ -174,7 +168,12 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         move |r| a.clone().readiness(r),
     ));
     if let Some(path) = cfg.local_xds_path.clone() {
-        watch_local_config(path, publisher.clone(), servers_stop.clone())?;
+        local_config::watch(
+            path,
+            publisher.clone(),
+            servers_stop.clone(),
+            local_counters,
+        )?;
     }
     tokio::spawn(recheck_on_change(
         publisher.clone(),
@@ -200,14 +199,11 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
                 .expect("validated: dedicated mode has a workload");
             let proxy = Proxy::new(&node, workload.clone(), None)?;
             proxy.start()?;
-            // Ready once the workload's certificate is in hand: the first connection won't wait.
-            certs
-                .get(&proxy.identity)
-                .await
-                .with_context(|| format!("cannot obtain a certificate for {}", proxy.identity))?;
-            tracing::info!(identity = %proxy.identity, "ztunnel ready (dedicated mode)");
+            let identity = proxy.identity.clone();
             proxies.insert(format!("{}/{}", workload.namespace, workload.name), proxy);
-            ready.store(true, Ordering::Release);
+            // Ready once the workload's certificate is in hand: the first connection won't
+            // wait. A refusal keeps ztunnel up (xDS, admin, metrics), not ready, retrying.
+            tokio::spawn(first_certificate(certs.clone(), identity, ready.clone()));
         }
         ProxyMode::Shared => {
             let uds = cfg.inpod_uds.clone();
@@ -261,96 +257,23 @@ async fn drain(proxies: &Proxies, deadline: Duration, why: &str) {
     }
 }
 
-/// Reloads the local config when its file changes. A bad edit is logged and ignored: the last
-/// good config stays in force.
-fn watch_local_config(
-    path: PathBuf,
-    publisher: Publisher,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    use notify::{RecursiveMode, Watcher};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let name = path.file_name().map(|n| n.to_owned());
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        // Only events about our file count, or a ConfigMap's `..data` symlink swap; other
-        // files in the directory (logs, say) must not cost a re-read each.
-        let ours = ev.is_ok_and(|ev| {
-            ev.paths.iter().any(|p| {
-                p.file_name().is_some_and(|f| {
-                    Some(f) == name.as_deref() || f.to_string_lossy().starts_with("..")
-                })
-            })
-        });
-        if ours {
-            let _ = tx.send(());
+/// Fetches the dedicated workload's first certificate, retrying with backoff (1 s doubling to
+/// 30 s) while the CA refuses or cannot be reached, and marks ztunnel ready once it is in hand.
+async fn first_certificate(certs: Arc<CertStore>, identity: SpiffeId, ready: Arc<AtomicBool>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match certs.get(&identity).await {
+            Ok(_) => {
+                tracing::info!(%identity, "ztunnel ready (dedicated mode)");
+                ready.store(true, Ordering::Release);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(%identity, error = %e, retry_in = ?backoff,
+                    "no certificate for the workload; not ready, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
         }
-    })
-    .context("cannot watch LOCAL_XDS_PATH")?;
-    // Watch the directory: editors and Kubernetes ConfigMaps replace the file rather than
-    // writing it in place.
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    watcher
-        .watch(dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("cannot watch {}", dir.display()))?;
-    let mut last = std::fs::read(&path).ok();
-    tokio::spawn(async move {
-        let _watcher = watcher;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = rx.recv() => if r.is_none() { return },
-            }
-            // Let a burst of events (write, rename, chmod) settle, then wait until the content
-            // holds still: a file rewritten in place is briefly empty or half written, and an
-            // empty file is a valid (empty) config that would wipe the state.
-            let mut now = None;
-            for _ in 0..50 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while rx.try_recv().is_ok() {}
-                let read = std::fs::read(&path).ok();
-                if read == now {
-                    break;
-                }
-                now = read;
-            }
-            if now == last {
-                continue;
-            }
-            let parsed = match &now {
-                // Mid-rewrite, or deleted and not yet replaced: never a reason to forget every
-                // workload. Clearing the config is explicit (`workloads: []`).
-                Some(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Err(anyhow::anyhow!(
-                    "the file is empty (being rewritten?); write `workloads: []` to clear the config"
-                )),
-                Some(bytes) => std::str::from_utf8(bytes)
-                    .map_err(|e| anyhow::anyhow!("not UTF-8: {e}"))
-                    .and_then(|text| {
-                        let cfg = LocalConfig::parse(text)?;
-                        Ok(State::from_local(cfg)?)
-                    }),
-                None => Err(anyhow::anyhow!("the file cannot be read")),
-            };
-            match parsed {
-                Ok(st) => {
-                    tracing::info!(
-                        path = %path.display(),
-                        workloads = st.workloads().len(),
-                        policies = st.policies().len(),
-                        "local config reloaded"
-                    );
-                    // The publisher compares the policies and, if they changed, open inbound
-                    // connections are re-checked.
-                    publisher.publish(st, None);
-                }
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = format!("{e:#}"), "local config change rejected; keeping the previous config");
-                }
-            }
-            last = now;
-        }
-    });
-    Ok(())
+    }
 }

@@ -479,8 +479,10 @@ mod tests {
     }
 
     fn reason(e: CertError) -> String {
-        let CertError::Ca { reason, .. } = e;
-        reason
+        match e {
+            CertError::Ca { reason, .. } => reason,
+            other => panic!("not the CA's answer: {other}"),
+        }
     }
 
     fn serial(c: &WorkloadCertificate) -> Vec<u8> {
@@ -540,7 +542,9 @@ mod tests {
         let ctl = controller().await;
         let ca = client(ctl.addr, &ctl.root.file, &ctl.token_a, true);
         let err = ca.fetch(&pod("db")).await.unwrap_err();
-        let CertError::Ca { id, reason } = err;
+        let CertError::Ca { id, reason } = err else {
+            panic!("not the CA's answer: {err}");
+        };
         assert_eq!(id, "spiffe://cluster.local/ns/shop/sa/db");
         assert!(reason.contains("PermissionDenied"), "{reason}");
         assert!(
@@ -766,13 +770,13 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
-    /// The CA's shortest lifetime is a minute, issued from a minute ago: asking for 68 s gives
-    /// 128 s of life, whose half is reached three to four seconds after issue.
+    /// The CA's shortest lifetime is 10 s (issued from a minute ago): the store renews half
+    /// way through the 10 s left on arrival.
     #[tokio::test]
     async fn the_store_renews_at_half_life() {
         let ctl = controller().await;
         let mut ca = client(ctl.addr, &ctl.root.file, &ctl.token_a, true);
-        ca.ttl = Duration::from_secs(68);
+        ca.ttl = Duration::from_secs(10);
         let store = CertStore::new(Arc::new(ca));
         let first = store.get(&pod("web")).await.unwrap();
         let half = first.refresh_at();

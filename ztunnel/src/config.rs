@@ -484,11 +484,11 @@ impl Config {
                 self.copy_buffer
             ));
         }
-        if self.cert_ttl < Duration::from_secs(60)
+        if self.cert_ttl < Duration::from_secs(10)
             || self.cert_ttl > Duration::from_secs(366 * 24 * 3600)
         {
             return invalid(format!(
-                "cert_ttl={:?} must be between 1m and 366d",
+                "cert_ttl={:?} must be between 10s and 366d",
                 self.cert_ttl
             ));
         }

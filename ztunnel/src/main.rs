@@ -8,6 +8,7 @@ mod ca_client;
 mod config;
 mod grpc;
 mod inpod;
+mod local_config;
 mod metrics;
 mod proxy;
 mod xds;

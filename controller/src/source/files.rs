@@ -377,6 +377,25 @@ mod tests {
     }
 
     #[test]
+    fn a_deeply_nested_file_is_refused_naming_the_limit_and_the_last_good_content_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "pod.yaml", POD);
+        let mut src = FileSource::new(dir.path()).unwrap();
+        assert_eq!(src.load().pods.len(), 1);
+        // 100,000 levels cost the YAML parser minutes of CPU before it gave up.
+        let deep = format!(
+            "{POD}spec: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        write(dir.path(), "pod.yaml", &deep);
+        let o = src.load();
+        assert_eq!(o.pods.len(), 1, "the refused edit must not delete the pod");
+        let reason = &src.errors()[&dir.path().join("pod.yaml")];
+        assert!(reason.contains("nested more than 128 levels"), "{reason}");
+    }
+
+    #[test]
     fn a_file_never_good_contributes_nothing_and_others_load() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "a.yaml", NS);

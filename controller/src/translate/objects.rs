@@ -14,6 +14,9 @@ use super::AuthorizationPolicy;
 /// operator can find the offending object.
 #[derive(Debug, thiserror::Error)]
 pub enum TranslateError {
+    /// The file is too large or too deeply nested to parse (checked before parsing).
+    #[error("refused before parsing: {0}")]
+    Limits(#[from] zmesh_core::yaml::YamlLimitError),
     /// The document is not valid YAML.
     #[error("YAML document {index} is not valid YAML: {source}")]
     Yaml {
@@ -286,6 +289,8 @@ impl Objects {
 /// Parses multi-document YAML into the objects we read, in document order (see
 /// [`Objects::from_yaml`]).
 pub fn parse_yaml(text: &str) -> Result<Vec<KubeObject>, TranslateError> {
+    // Bounded first: deep nesting costs the parser quadratic time.
+    zmesh_core::yaml::check_limits(text)?;
     let mut out = Vec::new();
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml::Value::deserialize(doc)
