@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -117,28 +117,11 @@ impl Proxy {
             );
             status(code)
         };
-        if req.method() != Method::CONNECT {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                format!("method {} is not CONNECT", req.method()),
-            );
-        }
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                format!("authority {:?} is not ip:port", req.uri()),
-            );
+        let connect = match zmesh_core::hbone::parse_connect(&req, &self.cfg.illegal_ports()) {
+            Ok(c) => c,
+            Err(e) => return reject(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        if self.cfg.illegal_ports().contains(&target.port()) {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                ProxyError::Loop(target.port()).to_string(),
-            );
-        }
+        let target = connect.target;
         // The source is who connected, not what the client's `forwarded` header claims:
         // that header is informational and any mesh workload could forge it.
         let src_addr = peer;
@@ -183,11 +166,7 @@ impl Proxy {
             .as_ref()
             .map(|i| i.to_string())
             .unwrap_or_else(|| "unknown".into());
-        let host_hint = req
-            .headers()
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok())
-            .and_then(zmesh_core::hbone::forwarded_host);
+        let host_hint = connect.host_hint;
         labels = labels.destination(local_w);
         if let Some(svc) = state.inbound_service(local_w, host_hint.as_deref()) {
             labels = labels.service(svc);
