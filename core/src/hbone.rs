@@ -12,6 +12,8 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use crate::peer_text::PeerText;
+
 pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
 
 /// The HBONE port.
@@ -178,6 +180,53 @@ pub fn forwarded_host(value: &str) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Why a CONNECT request was refused before anything was connected (the server answers 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefused {
+    /// The method, as the peer sent it (bounded: it goes into log lines).
+    #[error("method {0} is not CONNECT")]
+    Method(PeerText),
+    /// The request target, as the peer sent it (bounded: it goes into log lines).
+    #[error("authority \"{0}\" is not ip:port")]
+    Authority(PeerText),
+    #[error("refused: destination port {0} is one of ztunnel's own ports (a loop)")]
+    Loop(u16),
+}
+
+/// What an accepted CONNECT asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectTarget {
+    /// The inner destination, `ip:port` from the request's authority.
+    pub target: SocketAddr,
+    /// The service hostname the client named in `forwarded` (a hint only).
+    pub host_hint: Option<String>,
+}
+
+/// The checks a server makes on an HBONE request before it looks at config: the method is
+/// CONNECT, the authority is `ip:port`, and the port is none of `illegal_ports` (ztunnel's own).
+pub fn parse_connect<B>(
+    req: &Request<B>,
+    illegal_ports: &[u16],
+) -> Result<ConnectTarget, ConnectRefused> {
+    if req.method() != Method::CONNECT {
+        return Err(ConnectRefused::Method(PeerText::new(req.method().as_str())));
+    }
+    let target = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or_else(|| ConnectRefused::Authority(PeerText::new(&req.uri().to_string())))?;
+    if illegal_ports.contains(&target.port()) {
+        return Err(ConnectRefused::Loop(target.port()));
+    }
+    let host_hint = req
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_host);
+    Ok(ConnectTarget { target, host_hint })
+}
+
 /// Why an HBONE connection or request failed, and whose fault it is.
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -269,6 +318,47 @@ mod tests {
         assert_eq!(
             forwarded_host(h["forwarded"].to_str().unwrap()).as_deref(),
             Some("echo.default.svc.cluster.local")
+        );
+    }
+
+    #[test]
+    fn connect_checks() {
+        let req = |method: Method, uri: &str, forwarded: Option<&str>| {
+            let mut b = Request::builder().method(method).uri(uri);
+            if let Some(f) = forwarded {
+                b = b.header("forwarded", f);
+            }
+            b.body(()).unwrap()
+        };
+        let ports = [15001, 15006, 15008];
+        let ok = parse_connect(
+            &req(
+                Method::CONNECT,
+                "10.0.0.2:8080",
+                Some("for=\"10.0.0.1:4000\";host=echo.default.svc.cluster.local"),
+            ),
+            &ports,
+        )
+        .unwrap();
+        assert_eq!(ok.target, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(
+            ok.host_hint.as_deref(),
+            Some("echo.default.svc.cluster.local")
+        );
+        let v6 = parse_connect(&req(Method::CONNECT, "[fd00::2]:80", None), &ports).unwrap();
+        assert_eq!(v6.target, "[fd00::2]:80".parse().unwrap());
+        assert_eq!(v6.host_hint, None);
+        assert_eq!(
+            parse_connect(&req(Method::GET, "10.0.0.2:8080", None), &ports),
+            Err(ConnectRefused::Method(PeerText::new("GET")))
+        );
+        assert_eq!(
+            parse_connect(&req(Method::CONNECT, "echo:80", None), &ports),
+            Err(ConnectRefused::Authority(PeerText::new("echo:80")))
+        );
+        assert_eq!(
+            parse_connect(&req(Method::CONNECT, "10.0.0.2:15008", None), &ports),
+            Err(ConnectRefused::Loop(15008))
         );
     }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -15,7 +15,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{ActiveGuard, Activity, ServeError, serve_h2, tls_accept};
-use zmesh_core::peer_text::PeerText;
 use zmesh_core::tls::peer_identity;
 
 use super::policy::{self, Peer};
@@ -104,26 +103,6 @@ async fn hbone_connection(
     Ok(())
 }
 
-/// The `ip:port` a CONNECT asks for, or why it is refused (400). The reason is logged, so the
-/// peer's text in it is bounded ([`PeerText`]).
-fn connect_target<B>(req: &Request<B>) -> Result<SocketAddr, String> {
-    if req.method() != Method::CONNECT {
-        return Err(format!(
-            "method {} is not CONNECT",
-            PeerText::new(req.method().as_str())
-        ));
-    }
-    req.uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        .ok_or_else(|| {
-            format!(
-                "authority {:?} is not ip:port",
-                PeerText::new(&req.uri().to_string())
-            )
-        })
-}
-
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
     *r.status_mut() = code;
@@ -148,16 +127,11 @@ impl Proxy {
             );
             status(code)
         };
-        let target = match connect_target(&req) {
-            Ok(t) => t,
-            Err(why) => return reject(StatusCode::BAD_REQUEST, why),
+        let connect = match zmesh_core::hbone::parse_connect(&req, &self.cfg.illegal_ports()) {
+            Ok(c) => c,
+            Err(e) => return reject(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        if self.cfg.illegal_ports().contains(&target.port()) {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                ProxyError::Loop(target.port()).to_string(),
-            );
-        }
+        let target = connect.target;
         // The source is who connected, not what the client's `forwarded` header claims:
         // that header is informational and any mesh workload could forge it.
         let src_addr = peer;
@@ -202,11 +176,7 @@ impl Proxy {
             .as_ref()
             .map(|i| i.to_string())
             .unwrap_or_else(|| "unknown".into());
-        let host_hint = req
-            .headers()
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok())
-            .and_then(zmesh_core::hbone::forwarded_host);
+        let host_hint = connect.host_hint;
         labels = labels.destination(local_w);
         if let Some(svc) = state.inbound_service(local_w, host_hint.as_deref()) {
             labels = labels.service(svc);
@@ -403,7 +373,7 @@ mod tests {
             .uri(long.as_str())
             .body(())
             .unwrap();
-        let why = connect_target(&req).unwrap_err();
+        let why = zmesh_core::hbone::parse_connect(&req, &[]).unwrap_err().to_string();
         assert!(
             why.len() < 600 && why.contains("truncated, 20011 bytes"),
             "the log line would carry {} bytes of the peer's authority",
@@ -415,13 +385,16 @@ mod tests {
             .uri("10.0.0.1:80")
             .body(())
             .unwrap();
-        let why = connect_target(&req).unwrap_err();
+        let why = zmesh_core::hbone::parse_connect(&req, &[]).unwrap_err().to_string();
         assert!(why.len() < 600, "{} bytes", why.len());
         let ok = Request::builder()
             .method(Method::CONNECT)
             .uri("10.0.0.1:80")
             .body(())
             .unwrap();
-        assert_eq!(connect_target(&ok).unwrap(), "10.0.0.1:80".parse().unwrap());
+        assert_eq!(
+            zmesh_core::hbone::parse_connect(&ok, &[]).unwrap().target,
+            "10.0.0.1:80".parse().unwrap()
+        );
     }
 }
