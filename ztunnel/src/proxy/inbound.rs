@@ -362,6 +362,7 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Method;
 
     /// A refused CONNECT's reason goes into a log line: a peer's 20 KB authority or method
     /// must not make a 20 KB line.
@@ -373,7 +374,9 @@ mod tests {
             .uri(long.as_str())
             .body(())
             .unwrap();
-        let why = zmesh_core::hbone::parse_connect(&req, &[]).unwrap_err().to_string();
+        let why = zmesh_core::hbone::parse_connect(&req, &[])
+            .unwrap_err()
+            .to_string();
         assert!(
             why.len() < 600 && why.contains("truncated, 20011 bytes"),
             "the log line would carry {} bytes of the peer's authority",
@@ -385,7 +388,9 @@ mod tests {
             .uri("10.0.0.1:80")
             .body(())
             .unwrap();
-        let why = zmesh_core::hbone::parse_connect(&req, &[]).unwrap_err().to_string();
+        let why = zmesh_core::hbone::parse_connect(&req, &[])
+            .unwrap_err()
+            .to_string();
         assert!(why.len() < 600, "{} bytes", why.len());
         let ok = Request::builder()
             .method(Method::CONNECT)
