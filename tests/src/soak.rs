@@ -233,10 +233,10 @@ mod tests {
     #[test]
     fn counts_established_rows_by_remote_port() {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue\n\
-            0: 0200000A:D431 0300000A:3AB0 01 00000000:00000000\n\
-            1: 0200000A:D432 0300000A:3AB0 06 00000000:00000000\n\
+            0: 0200000A:D431 0300000A:3AA0 01 00000000:00000000\n\
+            1: 0200000A:D432 0300000A:3AA0 06 00000000:00000000\n\
             2: 0200000A:D433 0300000A:138A 01 00000000:00000000\n\
-            3: 0200000A:3AB0 0300000A:D433 01 00000000:00000000\n";
+            3: 0200000A:3AA0 0300000A:D433 01 00000000:00000000\n";
         assert_eq!(count_established(table, 15008), 1);
         assert_eq!(count_established(table, 5002), 1);
         assert_eq!(count_established(table, 80), 0);

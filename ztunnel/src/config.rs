@@ -670,7 +670,7 @@ mod tests {
                 "listeners.hbone.handshake_timeout",
             ),
             (
-                "listeners:\n  hbone:\n    idle_timeout: 60s\n",
+                "listeners:\n  hbone:\n    idle_timeout: 4s\n",
                 "must exceed pool.idle_timeout",
             ),
             (
