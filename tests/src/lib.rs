@@ -35,6 +35,7 @@ pub mod ctlbench;
 pub mod http;
 pub mod lab;
 pub mod mesh;
+pub mod probe;
 pub mod process;
 pub mod runtime;
 pub mod sandbox;

@@ -6,13 +6,13 @@
 //! then connections fail closed with a clear error, and recover when the CA is back.
 //! Needs root, containernetworking-plugins and `cargo build --workspace --bins`.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use zmesh_tests::apps::{EchoServer, connect, identify};
+use zmesh_tests::apps::{connect, identify};
 use zmesh_tests::cluster::{Cluster, Pod};
 use zmesh_tests::mesh::TRUST_DOMAIN;
+use zmesh_tests::probe::{echo_line, shop};
 use zmesh_tests::ztunnel::Ztunnel;
 use zmesh_tests::{Sandbox, bin_path, poll, poll_some};
 
@@ -119,28 +119,12 @@ fn a_dedicated_ztunnel_gets_its_pods_certificate_and_stays_up_while_refused() {
     assert!(zt2.process().is_running());
 }
 
-fn echo_line(conn: &mut std::net::TcpStream, line: &str) -> String {
-    conn.write_all(line.as_bytes()).unwrap();
-    let mut buf = vec![0u8; line.len()];
-    conn.read_exact(&mut buf).unwrap();
-    String::from_utf8(buf).unwrap()
-}
-
 #[test]
 fn with_the_ca_away_the_old_certificate_serves_until_expiry_then_fails_closed_then_recovers() {
     let sb = Sandbox::new().unwrap();
     // 20 s certificates: refreshed at 10 s, so the test takes about half a minute.
     let mut cluster = Cluster::up_with(&sb, &["n1", "n2"], &[("SECRET_TTL", "20s")]).unwrap();
-    cluster
-        .set_namespace_label("shop", Some("ambient"))
-        .unwrap();
-    let client = cluster
-        .create_pod("n1", "shop", "client", "client", &[])
-        .unwrap();
-    let web = cluster
-        .create_pod("n2", "shop", "web-a", "web", &[("app", "web")])
-        .unwrap();
-    let app = EchoServer::start(&sb, &web.netns, ECHO_PORT, "web-a").unwrap();
+    let (client, web, app) = shop(&cluster);
     let dst: SocketAddr = web.addr(ECHO_PORT);
     let who = || identify(&sb, &client.netns, dst).map_err(|e| format!("{e:#}"));
     assert_eq!(who().as_deref(), Ok("web-a"));

@@ -4,41 +4,17 @@
 //! nothing for open or new connections; coming back, it converges. Needs root,
 //! containernetworking-plugins and `cargo build --workspace --bins`.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use zmesh_tests::apps::{EchoServer, connect, identify};
-use zmesh_tests::cluster::{Cluster, Pod};
+use zmesh_tests::apps::{EchoServer, connect};
+use zmesh_tests::cluster::Cluster;
 use zmesh_tests::controller;
+use zmesh_tests::probe::{ECHO_PORT, echo_line, put_web_service, shop, vip, who};
 use zmesh_tests::{Sandbox, poll};
 
-const ECHO_PORT: u16 = 8080;
-const AMBIENT: Option<&str> = Some("ambient");
 /// Generous: a push crosses a file watch, a debounce, gRPC and a config swap.
 const CONVERGE: Duration = Duration::from_secs(30);
-
-fn vip(last: u8) -> IpAddr {
-    IpAddr::from([10, 96, 0, last])
-}
-
-/// Who answers `WHO` at `dst` from `client`, or the error.
-fn who(cluster: &Cluster<'_>, client: &Pod, dst: SocketAddr) -> Result<String, String> {
-    identify(cluster.sandbox(), &client.netns, dst).map_err(|e| format!("{e:#}"))
-}
-
-/// `shop` enrolled; `client` on n1; `web-a` (app=web) on n2 with its echo app.
-fn shop(cluster: &Cluster<'_>) -> (Pod, Pod, EchoServer) {
-    cluster.set_namespace_label("shop", AMBIENT).unwrap();
-    let client = cluster
-        .create_pod("n1", "shop", "client", "client", &[])
-        .unwrap();
-    let web_a = cluster
-        .create_pod("n2", "shop", "web-a", "web", &[("app", "web")])
-        .unwrap();
-    let app = EchoServer::start(cluster.sandbox(), &web_a.netns, ECHO_PORT, "web-a").unwrap();
-    (client, web_a, app)
-}
 
 #[test]
 fn editing_the_yaml_directory_changes_traffic() {
@@ -51,15 +27,7 @@ fn editing_the_yaml_directory_changes_traffic() {
     assert!(who(&cluster, &client, dst).is_err());
 
     // Add the Service: its VIP starts answering, through the mesh, from web-a.
-    cluster
-        .put_service(
-            "shop",
-            "web",
-            &[("app", "web")],
-            vip(50),
-            &[(80, ECHO_PORT)],
-        )
-        .unwrap();
+    put_web_service(&cluster, "web", vip(50), 80).unwrap();
     poll("the Service to route to web-a", CONVERGE, || {
         who(&cluster, &client, dst).as_deref() == Ok("web-a")
     });
@@ -84,29 +52,13 @@ fn editing_the_yaml_directory_changes_traffic() {
     });
 }
 
-/// Sends a line over `conn` and reads the echo.
-fn echo_line(conn: &mut std::net::TcpStream, line: &str) -> String {
-    conn.write_all(line.as_bytes()).unwrap();
-    let mut buf = vec![0u8; line.len()];
-    conn.read_exact(&mut buf).unwrap();
-    String::from_utf8(buf).unwrap()
-}
-
 #[test]
 fn without_the_controller_the_mesh_keeps_its_last_config_and_converges_when_it_is_back() {
     let sb = Sandbox::new().unwrap();
     let mut cluster = Cluster::up(&sb, &["n1", "n2"]).unwrap();
     let (client, _web_a, _app) = shop(&cluster);
     let dst = SocketAddr::new(vip(60), 80);
-    cluster
-        .put_service(
-            "shop",
-            "web",
-            &[("app", "web")],
-            vip(60),
-            &[(80, ECHO_PORT)],
-        )
-        .unwrap();
+    put_web_service(&cluster, "web", vip(60), 80).unwrap();
     poll("the Service to route", CONVERGE, || {
         who(&cluster, &client, dst).as_deref() == Ok("web-a")
     });
@@ -120,15 +72,7 @@ fn without_the_controller_the_mesh_keeps_its_last_config_and_converges_when_it_i
         assert_eq!(who(&cluster, &client, dst).as_deref(), Ok("web-a"));
     }
     // Changes made while it is away reach nobody...
-    cluster
-        .put_service(
-            "shop",
-            "web2",
-            &[("app", "web")],
-            vip(61),
-            &[(81, ECHO_PORT)],
-        )
-        .unwrap();
+    put_web_service(&cluster, "web2", vip(61), 81).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     assert!(who(&cluster, &client, SocketAddr::new(vip(61), 81)).is_err());
 

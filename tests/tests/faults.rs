@@ -11,14 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use zmesh_tests::apps::{EchoServer, connect, identify, transfer};
+use zmesh_tests::apps::{EchoServer, connect, transfer};
 use zmesh_tests::capture::{Capture, Captured, TcpSegment};
 use zmesh_tests::cluster::{Cluster, Pod};
+use zmesh_tests::probe::{self, ECHO_PORT, echo_on, mtls_from, put_web_service, vip, who};
 use zmesh_tests::process::tail;
-use zmesh_tests::ztunnel::metric_value;
 use zmesh_tests::{Sandbox, pattern, poll, unique_marker};
 
-const ECHO_PORT: u16 = 8080;
 const HBONE_PORT: u16 = 15008;
 const AMBIENT: Option<&str> = Some("ambient");
 /// Generous: a push crosses a file watch, a debounce, gRPC and a config swap, on a loaded
@@ -27,15 +26,6 @@ const CONVERGE: Duration = Duration::from_secs(60);
 /// Long enough for HTTP/2 keepalive (a PING every 10 s on HBONE, 30 s on the controller
 /// channel, then 20 s / 10 s for the answer) to declare a silent peer dead, with margin.
 const KEEPALIVE_DEATH: Duration = Duration::from_secs(120);
-
-fn vip(last: u8) -> IpAddr {
-    IpAddr::from([10, 96, 0, last])
-}
-
-/// Who answers `WHO` at `dst` from `client`, or the error.
-fn who(cluster: &Cluster<'_>, client: &Pod, dst: SocketAddr) -> Result<String, String> {
-    identify(cluster.sandbox(), &client.netns, dst).map_err(|e| format!("{e:#}"))
-}
 
 /// The JSON of a node's ztunnel `/config_dump`.
 fn dump(cluster: &Cluster<'_>, node: &str) -> serde_json::Value {
@@ -72,28 +62,6 @@ fn pool_opened(cluster: &Cluster<'_>, pod: &Pod) -> u64 {
         ["connections_opened"]
         .as_u64()
         .unwrap()
-}
-
-/// Connections the ztunnel of `node` accepted over mutual TLS from `client`'s identity.
-fn mtls_from(cluster: &Cluster<'_>, node: &str, client: &Pod) -> f64 {
-    let text = cluster.ztunnel(node).unwrap().metrics().unwrap();
-    metric_value(
-        &text,
-        "istio_tcp_connections_opened_total",
-        &[
-            ("reporter", "destination"),
-            ("source_principal", &client.spiffe_id()),
-            ("connection_security_policy", "mutual_tls"),
-        ],
-    )
-}
-
-/// Writes `data` on an established connection and reads the echo back.
-fn echo_on(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    stream.write_all(data)?;
-    let mut got = vec![0; data.len()];
-    stream.read_exact(&mut got)?;
-    Ok(got)
 }
 
 /// An open connection that sends a numbered line and reads its echo every 20 ms on its own
@@ -164,23 +132,8 @@ impl Chatter {
 /// `shop` enrolled; `client` on n1; `web-a` (app=web) on n2 with its echo app; Service
 /// `web` at `vip(60):80` routing to it.
 fn shop(cluster: &Cluster<'_>) -> (Pod, Pod, EchoServer) {
-    cluster.set_namespace_label("shop", AMBIENT).unwrap();
-    let client = cluster
-        .create_pod("n1", "shop", "client", "client", &[])
-        .unwrap();
-    let web_a = cluster
-        .create_pod("n2", "shop", "web-a", "web", &[("app", "web")])
-        .unwrap();
-    let app = EchoServer::start(cluster.sandbox(), &web_a.netns, ECHO_PORT, "web-a").unwrap();
-    cluster
-        .put_service(
-            "shop",
-            "web",
-            &[("app", "web")],
-            vip(60),
-            &[(80, ECHO_PORT)],
-        )
-        .unwrap();
+    let (client, web_a, app) = probe::shop(cluster);
+    put_web_service(cluster, "web", vip(60), 80).unwrap();
     let dst = SocketAddr::new(vip(60), 80);
     poll("the Service to route to web-a", CONVERGE, || {
         who(cluster, &client, dst).as_deref() == Ok("web-a")
@@ -191,15 +144,7 @@ fn shop(cluster: &Cluster<'_>) -> (Pod, Pod, EchoServer) {
 /// Service `old` at `vip(62):82` (to web-a), routed from `client`: the fault tests delete
 /// it while a ztunnel cannot hear about it, and check the removal arrives afterwards.
 fn old_service(cluster: &Cluster<'_>, client: &Pod) -> SocketAddr {
-    cluster
-        .put_service(
-            "shop",
-            "old",
-            &[("app", "web")],
-            vip(62),
-            &[(82, ECHO_PORT)],
-        )
-        .unwrap();
+    put_web_service(cluster, "old", vip(62), 82).unwrap();
     let dst = SocketAddr::new(vip(62), 82);
     poll("Service old to route", CONVERGE, || {
         who(cluster, client, dst).as_deref() == Ok("web-a")
@@ -256,15 +201,7 @@ fn the_controller_killed_under_traffic_loses_no_connection_and_resumes_when_back
     assert_eq!(who(&cluster, &client, svc).as_deref(), Ok("web-a"));
     // A change made while the controller is down reaches nobody yet.
     let svc2 = SocketAddr::new(vip(61), 81);
-    cluster
-        .put_service(
-            "shop",
-            "web2",
-            &[("app", "web")],
-            vip(61),
-            &[(81, ECHO_PORT)],
-        )
-        .unwrap();
+    put_web_service(&cluster, "web2", vip(61), 81).unwrap();
     cluster.delete_service("shop", "old").unwrap();
     std::thread::sleep(Duration::from_secs(1));
     assert!(who(&cluster, &client, svc2).is_err());
@@ -613,15 +550,7 @@ fn the_controller_unreachable_ztunnel_serves_its_last_config_and_reconnects() {
     assert_eq!(who(&cluster, &client, svc).as_deref(), Ok("web-a"));
     // A change reaches n2, not n1.
     let svc2 = SocketAddr::new(vip(61), 81);
-    cluster
-        .put_service(
-            "shop",
-            "web2",
-            &[("app", "web")],
-            vip(61),
-            &[(81, ECHO_PORT)],
-        )
-        .unwrap();
+    put_web_service(&cluster, "web2", vip(61), 81).unwrap();
     cluster.delete_service("shop", "old").unwrap();
     poll(
         "n2 to get the new Service and lose the old one",

@@ -17,8 +17,8 @@ use std::time::Duration;
 use zmesh_tests::apps::{EchoServer, connect, transfer};
 use zmesh_tests::capture::Capture;
 use zmesh_tests::cluster::{Cluster, Pod};
+use zmesh_tests::probe::mtls_from;
 use zmesh_tests::runtime::PluginError;
-use zmesh_tests::ztunnel::metric_value;
 use zmesh_tests::{Sandbox, pattern, poll, unique_marker};
 
 const ECHO_PORT: u16 = 8080;
@@ -44,18 +44,7 @@ fn echo_server(cluster: &Cluster<'_>) -> (Pod, EchoServer) {
 /// and counted by n2's ztunnel as mutual TLS from the client's identity.
 fn over_hbone(cluster: &Cluster<'_>, client: &Pod, server: &Pod) {
     let sb = cluster.sandbox();
-    let mtls = || {
-        let text = cluster.ztunnel("n2").unwrap().metrics().unwrap();
-        metric_value(
-            &text,
-            "istio_tcp_connections_opened_total",
-            &[
-                ("reporter", "destination"),
-                ("source_principal", &client.spiffe_id()),
-                ("connection_security_policy", "mutual_tls"),
-            ],
-        )
-    };
+    let mtls = || mtls_from(cluster, "n2", client);
     let before = mtls();
     let marker = unique_marker();
     let mut payload = marker.clone().into_bytes();

@@ -4,33 +4,20 @@
 //! runtime (Debian's bridge + host-local, then `zmesh-cni`). Needs root,
 //! containernetworking-plugins and `cargo build --workspace --bins`.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::Read;
+use std::net::Shutdown;
 use std::time::Duration;
 
 use zmesh_tests::apps::{EchoServer, connect, transfer};
 use zmesh_tests::capture::Capture;
 use zmesh_tests::cluster::{Cluster, Pod};
+use zmesh_tests::probe::{echo_on, mtls_from};
 use zmesh_tests::runtime::PluginError;
 use zmesh_tests::ztunnel::metric_value;
 use zmesh_tests::{Sandbox, pattern, poll, unique_marker};
 
 const ECHO_PORT: u16 = 8080;
 const AMBIENT: Option<&str> = Some("ambient");
-
-/// Connections the ztunnel of `node` accepted over mutual TLS from `client`'s identity.
-fn mtls_from(cluster: &Cluster<'_>, node: &str, client: &Pod) -> f64 {
-    let text = cluster.ztunnel(node).unwrap().metrics().unwrap();
-    metric_value(
-        &text,
-        "istio_tcp_connections_opened_total",
-        &[
-            ("reporter", "destination"),
-            ("source_principal", &client.spiffe_id()),
-            ("connection_security_policy", "mutual_tls"),
-        ],
-    )
-}
 
 /// Sends `marker` + 64 KiB from `client` to `server`'s echo app while capturing on the node
 /// link of `client`'s node; checks the echo and returns whether the marker was on the wire.
@@ -239,14 +226,6 @@ fn enrolment_survives_agent_and_ztunnel_restarts() {
     still_captured(&cluster, &client, &server);
     cluster.restart_ztunnel("n2").unwrap();
     still_captured(&cluster, &client, &server);
-}
-
-/// Writes `data` on an established connection and reads the echo back.
-fn echo_on(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    stream.write_all(data)?;
-    let mut got = vec![0; data.len()];
-    stream.read_exact(&mut got)?;
-    Ok(got)
 }
 
 #[test]

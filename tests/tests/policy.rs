@@ -19,6 +19,7 @@ use zmesh_tests::lab::{Topology, redirect_inbound, redirect_outbound};
 use zmesh_tests::mesh::{
     self, Action, CaFiles, LocalConfig, MatchSpec, PolicySpec, Protocol, WorkloadSpec,
 };
+use zmesh_tests::probe;
 use zmesh_tests::ztunnel::{Ztunnel, metric_value};
 use zmesh_tests::{bin_path, poll_some};
 
@@ -434,19 +435,10 @@ fn dry_run_allows_and_logs_what_it_would_have_done() {
 fn a_selector_policy_from_the_controller_is_enforced_in_the_selected_pods() {
     let sb = Sandbox::new().unwrap();
     let cluster = Cluster::up(&sb, &["n1", "n2"]).unwrap();
-    cluster
-        .set_namespace_label("shop", Some("ambient"))
-        .unwrap();
-    let client = cluster
-        .create_pod("n1", "shop", "client", "client", &[])
-        .unwrap();
-    let web = cluster
-        .create_pod("n2", "shop", "web-a", "web", &[("app", "web")])
-        .unwrap();
+    let (client, web, _web_app) = probe::shop(&cluster);
     let db = cluster
         .create_pod("n2", "shop", "db-a", "db", &[("app", "db")])
         .unwrap();
-    let _web_app = EchoServer::start(&sb, &web.netns, 8080, "web-a").unwrap();
     let _db_app = EchoServer::start(&sb, &db.netns, 8080, "db-a").unwrap();
     let who = |dst: SocketAddr| identify(&sb, &client.netns, dst);
     poll_some("the client to reach web-a", Duration::from_secs(30), || {
