@@ -2,7 +2,8 @@
 //! namespace, so that the pod's TCP goes through the ztunnel listening in that namespace, and
 //! the host-side rules that let the kubelet's probes bypass it.
 //!
-//! The values are Istio ambient's (`shared/reference/cni.md` §2.5), so pods and tools move
+//! The values are Istio ambient's (istio/istio @ `86c9f01f`, `cni/pkg/config/config.go`
+//! and `cni/pkg/iptables/testdata/default.golden`), so pods and tools move
 //! between the two meshes unchanged: ztunnel marks its own sockets `0x539/0xfff`; ztunnel
 //! listens in the pod on 15001 (outbound), 15006 (inbound plaintext), 15008 (HBONE, never
 //! redirected) and 15053 (DNS); probes arrive from 169.254.7.127.

@@ -7,7 +7,8 @@
 //! go in, a [`Translated`] set of resources keyed by their xDS names comes out. The watch and
 //! the file source feed the same function, so a directory of YAML behaves like a cluster.
 //!
-//! Rules (Istio ambient semantics, see `shared/reference/ztunnel.md` §2d):
+//! Rules (Istio ambient semantics, see istio/ztunnel @ `62d82653`
+//! `proto/workload.proto`):
 //! - a Pod becomes a Workload when it has an IP, is not `hostNetwork` and not terminal;
 //!   it tunnels HBONE when enrolled (`istio.io/dataplane-mode=ambient` on its Namespace or
 //!   itself; `none` on the Pod opts out);

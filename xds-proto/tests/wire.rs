@@ -2,7 +2,8 @@
 //!
 //! Every field is encoded on its own and the protobuf key on the wire
 //! (`field_number << 3 | wire_type`) is checked against the numbers Istio and
-//! Envoy use (see /work/shared/reference/ztunnel.md §2c-2e and Envoy's
+//! Envoy use (istio/ztunnel @ `62d82653` `proto/workload.proto`,
+//! `proto/authorization.proto`, `proto/zds.proto`, `proto/citadel.proto`, and Envoy's
 //! discovery.proto / base.proto). A wrong field number here would make zmesh
 //! silently unable to talk to istiod, the Istio CNI agent or ztunnel.
 

@@ -1,5 +1,7 @@
 //! Istio `security.istio.io/v1` AuthorizationPolicy to `istio.security.Authorization`, the L4
-//! policy ztunnel enforces (Istio ambient semantics; `shared/reference/ztunnel.md` §2d).
+//! policy ztunnel enforces (Istio ambient semantics; istio/ztunnel @
+//! `62d82653` `proto/authorization.proto` and the AuthorizationPolicy reference,
+//! https://istio.io/latest/docs/reference/config/security/authorization-policy/).
 //!
 //! # Which policies ztunnel gets
 //! - `targetRef`/`targetRefs`: a waypoint (L7) policy, never sent to ztunnel. Only a target
