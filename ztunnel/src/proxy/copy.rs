@@ -165,14 +165,17 @@ impl Half {
                 return Poll::Ready(Ok(()));
             }
             // Empty: take back the whole allocation (or a new one of today's size) and read at
-            // most today's size into it.
+            // most today's size into its spare capacity (not zeroed first: a bulk read must
+            // not pay a memset of the whole buffer).
             self.buf.clear();
-            self.buf.resize(self.size, 0);
-            let mut room = ReadBuf::new(&mut self.buf[..]);
-            let polled = r.as_mut().poll_read(cx, &mut room);
-            let n = room.filled().len();
-            self.buf.truncate(n);
-            match polled.map_ok(|()| n) {
+            self.buf.reserve(self.size);
+            let polled = tokio_util::io::poll_read_buf(
+                r.as_mut(),
+                cx,
+                &mut bytes::BufMut::limit(&mut self.buf, self.size),
+            );
+            let n = self.buf.len();
+            match polled.map_ok(|_| n) {
                 Poll::Pending => {
                     // Nothing to read and nothing unwritten: give the memory back while the
                     // peer is quiet.
