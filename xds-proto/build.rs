@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "istio/security/authorization.proto",
     "istio/zds/zds.proto",
     "istio/ca/ca.proto",
+    "zmesh/waypoint/v1/waypoint.proto",
     "google/rpc/status.proto",
     "envoy/config/core/v3/base.proto",
     "envoy/service/discovery/v3/discovery.proto",

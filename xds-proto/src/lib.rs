@@ -9,6 +9,7 @@
 //! - [`istio::security`] — `Authorization` (ambient L4 policy)
 //! - [`istio::workload::zds`] — node agent to ztunnel messages
 //! - [`istio::v1::auth`] — Istio CA `IstioCertificateService`
+//! - [`zmesh::waypoint::v1`] — zmesh's own waypoint resources (`BoundService`)
 //! - [`envoy::service::discovery::v3`] — (delta) ADS messages and service
 //! - [`envoy::config::core::v3`] — `Node`
 //! - [`google::rpc`] — `Status`
@@ -28,6 +29,21 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 
 /// Type URL of `istio.security.Authorization` resources.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+
+/// Type URL of `zmesh.waypoint.v1.BoundService` resources (a Service bound to a waypoint).
+pub const BOUND_SERVICE_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.BoundService";
+
+/// zmesh's own packages (resources that are not part of Istio's API).
+pub mod zmesh {
+    /// `zmesh.waypoint`.
+    pub mod waypoint {
+        /// Package `zmesh.waypoint.v1`: what the controller serves to waypoints.
+        #[allow(clippy::all)] // generated code
+        pub mod v1 {
+            include_proto!("zmesh.waypoint.v1");
+        }
+    }
+}
 
 /// Istio packages.
 pub mod istio {
