@@ -64,7 +64,7 @@ const BRIDGE_CHAINED_TAIL: &str = r#"    {
       "agent_socket": "/var/run/zmesh/agent.sock",
       "exclude_namespaces": [
         "kube-system",
-        "zmesh-system"
+        "istio-system"
       ],
       "log_file": "/var/log/zmesh-cni.log",
       "log_level": "info"
@@ -91,7 +91,7 @@ fn entry() -> Value {
         "agent_socket": "/var/run/zmesh/agent.sock",
         "log_file": "/var/log/zmesh-cni.log",
         "log_level": "info",
-        "exclude_namespaces": ["kube-system", "zmesh-system"],
+        "exclude_namespaces": ["kube-system", "istio-system"],
     })
 }
 

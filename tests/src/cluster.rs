@@ -12,7 +12,7 @@
 //!    ip_forward=1; 10.244.2.0/24 via 10.200.0.3              (the same; 10.244.1.0/24 via .2)
 //!    zmesh-cni-agent (host network): pods dir, agent.sock, ZDS socket
 //!    cni0 10.244.1.1/24 (bridge plugin, pods' gateway)
-//!      ├── netns pod-ztunnel-n1  10.244.1.2  zmesh-system/ztunnel-n1: `ztunnel` in shared
+//!      ├── netns pod-ztunnel-n1  10.244.1.2  istio-system/ztunnel-n1: `ztunnel` in shared
 //!      │                                     mode, INPOD_UDS = the agent's ZDS socket, config
 //!      │                                     and certificates from the controller
 //!      ├── netns pod-client      10.244.1.3  an enrolled pod: nft tables zmesh-*, and

@@ -145,7 +145,7 @@ pub fn spawn(sb: &Sandbox, spec: &ControllerSpec) -> Result<Process> {
         "--trust-domain".to_owned(),
         TRUST_DOMAIN.to_owned(),
         "--trusted-node-account".to_owned(),
-        "zmesh-system/ztunnel".to_owned(),
+        "istio-system/ztunnel".to_owned(),
         "--debounce".to_owned(),
         format!("{}ms", spec.debounce.as_millis()),
     ];

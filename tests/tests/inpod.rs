@@ -1,6 +1,6 @@
 //! In-pod capture end to end, on a two-node [`Cluster`] built as a real cluster is: the node
 //! agents chain `zmesh-cni` into each node's primary CNI config, each node's ztunnel is a pod
-//! of `zmesh-system` running in shared mode, and app pods are created through the node's CNI
+//! of `istio-system` running in shared mode, and app pods are created through the node's CNI
 //! runtime (Debian's bridge + host-local, then `zmesh-cni`). Needs root,
 //! containernetworking-plugins and `cargo build --workspace --bins`.
 

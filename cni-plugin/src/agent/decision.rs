@@ -26,7 +26,7 @@ pub const MODE_AMBIENT: &str = "ambient";
 /// [`DATAPLANE_MODE_LABEL`] value that opts a pod out.
 pub const MODE_NONE: &str = "none";
 /// The namespace the mesh itself runs in; its pods are never enrolled.
-pub const MESH_NAMESPACE: &str = "zmesh-system";
+pub const MESH_NAMESPACE: &str = "istio-system";
 /// Values of the `app` label that mark the mesh's own pods.
 pub const MESH_APPS: [&str; 2] = ["ztunnel", "zmesh-cni-agent"];
 
@@ -166,7 +166,7 @@ mod tests {
             },
             Case {
                 what: "mesh namespace",
-                pod_ns: "zmesh-system",
+                pod_ns: "istio-system",
                 want: Skip(MeshPod),
                 ..base()
             },

@@ -89,7 +89,7 @@ struct Config {
         long,
         env = "ZMESH_EXCLUDE_NAMESPACES",
         value_delimiter = ',',
-        default_value = "kube-system,zmesh-system"
+        default_value = "kube-system,istio-system"
     )]
     exclude_namespaces: Vec<String>,
 }
@@ -390,6 +390,15 @@ mod tests {
         // The mesh's own pods start without the agent (ztunnel must, before it can serve).
         let namespace = ds["metadata"]["namespace"].as_str().unwrap();
         assert!(config.exclude_namespaces.iter().any(|n| n == namespace));
+        // Without the flag (the lab, a hand-run agent) the defaults are the manifest's, and the
+        // namespace the enrolment decision treats as the mesh's own is the one it runs in.
+        let defaults = Config::try_parse_from(["zmesh-cni-agent", "--kube"]).unwrap();
+        assert_eq!(defaults.exclude_namespaces, config.exclude_namespaces);
+        assert_eq!(
+            zmesh_cni::spec::DEFAULT_EXCLUDE_NAMESPACES,
+            config.exclude_namespaces.as_slice()
+        );
+        assert_eq!(zmesh_cni::agent::decision::MESH_NAMESPACE, namespace);
         // Pods' namespaces created after the agent started must be visible to it.
         let netns = container["volumeMounts"]
             .as_sequence()

@@ -13,7 +13,7 @@ pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/zmesh/agent.sock";
 /// Default `log_file`.
 pub const DEFAULT_LOG_FILE: &str = "/var/log/zmesh-cni.log";
 /// Default `exclude_namespaces`.
-pub const DEFAULT_EXCLUDE_NAMESPACES: [&str; 2] = ["kube-system", "zmesh-system"];
+pub const DEFAULT_EXCLUDE_NAMESPACES: [&str; 2] = ["kube-system", "istio-system"];
 
 /// One entry of `cni.dev/valid-attachments` (GC).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

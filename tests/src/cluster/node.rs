@@ -1,5 +1,5 @@
 //! One lab node's mesh daemons: the node agent (`zmesh-cni-agent`, in the node's netns, as a
-//! host-network DaemonSet pod runs) and its ztunnel (a pod of `zmesh-system`, set up by the
+//! host-network DaemonSet pod runs) and its ztunnel (a pod of `istio-system`, set up by the
 //! node's CNI runtime like any pod, running `ztunnel` in shared mode).
 
 use std::io::{Read, Write};

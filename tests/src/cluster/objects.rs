@@ -19,7 +19,7 @@ use crate::mesh::{LocalConfig, Protocol, WorkloadSpec};
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
 /// The namespace of the mesh's own pods (ztunnels); never enrolled, excluded from the plugin.
-pub const MESH_NAMESPACE: &str = "zmesh-system";
+pub const MESH_NAMESPACE: &str = "istio-system";
 
 /// A pod as the API server knows it.
 #[derive(Clone, Debug)]
