@@ -34,6 +34,7 @@ pub mod controller;
 pub mod ctlbench;
 pub mod http;
 pub mod lab;
+pub mod manifests;
 pub mod mesh;
 pub mod probe;
 pub mod process;
