@@ -60,6 +60,7 @@ pub use self::objects::{DATAPLANE_MODE, MESH_NAMESPACE};
 use self::objects::{Objects, PodObject};
 use crate::controller::{self, CONTROLLER_PORT, ControllerSpec, NodeTokens};
 use crate::lab::Topology;
+use crate::manifests::Manifests;
 use crate::mesh::{self, CaFiles, TRUST_DOMAIN, ZtunnelPod};
 use crate::process::Process;
 use crate::runtime::{DEBIAN_CNI_BIN, PluginError, PodSandbox, Runtime};
@@ -128,6 +129,8 @@ pub struct Cluster<'s> {
     ztunnel_env: Vec<(String, String)>,
     objects: Mutex<Objects>,
     nodes: Vec<Node<'s>>,
+    /// The install the components run as (flags, environment, capabilities).
+    manifests: Manifests,
 }
 
 impl std::fmt::Debug for Cluster<'_> {
@@ -177,6 +180,17 @@ impl<'s> Cluster<'s> {
         nodes: &[&str],
         ztunnel_env: &[(&str, &str)],
     ) -> Result<Cluster<'s>> {
+        Self::up_from(sb, nodes, ztunnel_env, Manifests::rendered()?)
+    }
+
+    /// [`Cluster::up_with`] running the components as `manifests` (instead of the checked-in
+    /// install) says: a test that takes a capability or a flag out sees its effect.
+    pub fn up_from(
+        sb: &'s Sandbox,
+        nodes: &[&str],
+        ztunnel_env: &[(&str, &str)],
+        manifests: Manifests,
+    ) -> Result<Cluster<'s>> {
         if nodes.len() > 200 {
             bail!("at most 200 nodes (one 10.244.x.0/24 each)");
         }
@@ -205,7 +219,7 @@ impl<'s> Cluster<'s> {
             ca_key: ca.key.clone(),
             debounce: Duration::from_millis(20),
         };
-        let controller = controller::spawn(sb, &controller_spec)?;
+        let controller = controller::spawn(sb, &manifests, &controller_spec)?;
         let mut cluster = Cluster {
             sb,
             topo,
@@ -220,6 +234,7 @@ impl<'s> Cluster<'s> {
                 .collect(),
             objects: Mutex::new(objects),
             nodes: Vec::new(),
+            manifests,
         };
         for (i, node) in nodes.iter().enumerate() {
             let n = cluster
@@ -234,7 +249,15 @@ impl<'s> Cluster<'s> {
     fn start_node(&self, name: &str, index: usize) -> Result<Node<'s>> {
         let dirs = NodeDirs::create(self.sb.dir(), name)?;
         node::write_primary_network(&dirs, &pod_cidr(index))?;
-        let agent = node::spawn_agent(self.sb, name, &dirs, &self.pods_dir)?;
+        let agent = node::spawn_agent(
+            self.sb,
+            &self.manifests,
+            name,
+            self.topo.host_ip(name).into(),
+            &dirs,
+            &self.pods_dir,
+            &[],
+        )?;
         let runtime = Runtime::new(
             self.sb,
             name,
@@ -263,6 +286,7 @@ impl<'s> Cluster<'s> {
     fn spawn_ztunnel(&self, node: &str, dirs: &NodeDirs, pod: &Pod) -> Result<Ztunnel> {
         node::spawn_ztunnel(
             self.sb,
+            &self.manifests,
             &pod.netns,
             dirs,
             &self.controller_spec.access(),
@@ -461,6 +485,11 @@ impl<'s> Cluster<'s> {
         self.topo.veth(node)
     }
 
+    /// The install the components run as.
+    pub fn manifests(&self) -> &Manifests {
+        &self.manifests
+    }
+
     /// The shared pods directory (the "API server").
     pub fn pods_dir(&self) -> &Path {
         &self.pods_dir
@@ -504,7 +533,11 @@ impl<'s> Cluster<'s> {
         if self.controller.is_some() {
             bail!("the controller is already running");
         }
-        self.controller = Some(controller::spawn(self.sb, &self.controller_spec)?);
+        self.controller = Some(controller::spawn(
+            self.sb,
+            &self.manifests,
+            &self.controller_spec,
+        )?);
         Ok(())
     }
 
@@ -594,12 +627,20 @@ impl<'s> Cluster<'s> {
     /// [`Cluster::start_agent`] with extra environment for the agent (e.g. the fault
     /// injection of `cni-plugin/src/agent/fault.rs`).
     pub fn start_agent_with(&mut self, node: &str, env: &[(&str, &str)]) -> Result<()> {
-        let (sb, pods_dir) = (self.sb, self.pods_dir.clone());
-        let n = self.node_mut(node)?;
+        let n = self.node(node)?;
         if n.agent.is_some() {
             bail!("the agent of {node} is already running");
         }
-        let agent = node::spawn_agent_with(sb, node, &n.dirs, &pods_dir, env)?;
+        let agent = node::spawn_agent(
+            self.sb,
+            &self.manifests,
+            node,
+            self.topo.host_ip(node).into(),
+            &n.dirs,
+            &self.pods_dir,
+            env,
+        )?;
+        let n = self.node_mut(node)?;
         let ready = node::wait_agent_ready(&agent, &n.dirs);
         n.agent = Some(agent);
         ready

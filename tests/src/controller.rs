@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::bin_path;
-use crate::mesh::TRUST_DOMAIN;
+use crate::manifests::lab::LabValues;
+use crate::manifests::{Component, Manifests, PodFacts};
 use crate::process::Process;
 use crate::sandbox::Sandbox;
 
@@ -124,37 +125,46 @@ pub fn endpoint(uri: String, root_pem: &str, server_name: &str) -> Result<Endpoi
     Ok(Channel::from_shared(uri)?.tls_config(tls)?)
 }
 
-/// Starts the controller and waits until it accepts connections.
-pub fn spawn(sb: &Sandbox, spec: &ControllerSpec) -> Result<Process> {
+/// Starts the controller as the install's Deployment runs it (its `args`, `env` and
+/// capabilities, with the lab's substitutions of [`crate::manifests::lab`]: the YAML
+/// directory for `--kube`, per-node tokens for `--token-review`, the lab's CA and address)
+/// and waits until it accepts connections.
+pub fn spawn(sb: &Sandbox, manifests: &Manifests, spec: &ControllerSpec) -> Result<Process> {
+    let container = manifests.container(Component::Controller)?;
     let p = |p: &Path| p.display().to_string();
-    let args = vec![
-        "--config-dir".to_owned(),
-        p(&spec.config_dir),
-        "--listen".to_owned(),
-        spec.listen.to_string(),
-        "--ca-cert".to_owned(),
-        p(&spec.ca_cert),
-        "--ca-key".to_owned(),
-        p(&spec.ca_key),
-        "--serving-name".to_owned(),
-        spec.listen.ip().to_string(),
-        "--serving-name".to_owned(),
-        SERVER_NAME.to_owned(),
-        "--node-tokens".to_owned(),
-        p(&spec.tokens),
-        "--trust-domain".to_owned(),
-        TRUST_DOMAIN.to_owned(),
-        "--trusted-node-account".to_owned(),
-        "istio-system/ztunnel".to_owned(),
-        "--debounce".to_owned(),
-        format!("{}ms", spec.debounce.as_millis()),
-    ];
-    let mut cmd = sb.command(spec.netns.as_deref(), bin_path("zmesh-controller"), &args);
-    cmd.env("NO_COLOR", "1");
-    cmd.env(
-        "RUST_LOG",
-        std::env::var("ZMESH_CONTROLLER_LOG").unwrap_or_else(|_| "info".to_owned()),
-    );
+    let mut values = LabValues::new(Component::Controller)
+        .arg(
+            "--kube",
+            vec!["--config-dir".to_owned(), p(&spec.config_dir)],
+        )
+        .arg(
+            "--token-review",
+            vec!["--node-tokens".to_owned(), p(&spec.tokens)],
+        )
+        .arg("--ca-cert", vec![format!("--ca-cert={}", p(&spec.ca_cert))])
+        .arg("--ca-key", vec![format!("--ca-key={}", p(&spec.ca_key))])
+        .arg("--listen", vec![format!("--listen={}", spec.listen)])
+        .add_arg("--serving-name", spec.listen.ip().to_string())
+        .add_arg("--serving-name", SERVER_NAME)
+        .add_arg("--debounce", format!("{}ms", spec.debounce.as_millis()))
+        .add_env("PATH", std::env::var("PATH").unwrap_or_default())
+        .add_env("NO_COLOR", "1");
+    if let Ok(level) = std::env::var("ZMESH_CONTROLLER_LOG") {
+        values = values.env("RUST_LOG", level);
+    }
+    let pod = PodFacts {
+        name: "zmesh-controller-0".to_owned(),
+        namespace: container.namespace.clone(),
+        node_name: String::new(),
+        service_account: container.service_account.clone(),
+        pod_ip: spec.listen.ip(),
+    };
+    let argv = values.argv(&container, &bin_path("zmesh-controller"))?;
+    let env = values.env_for(&container, &pod)?;
+    let (program, args) = argv.split_first().context("an empty command line")?;
+    let mut cmd = sb.command(spec.netns.as_deref(), program, args);
+    cmd.env_clear();
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     // The log is appended across restarts: only this run's lines count.
     let earlier = std::fs::metadata(sb.dir().join("controller.log")).map_or(0, |m| m.len());
     let proc = sb.spawn("controller", cmd)?;

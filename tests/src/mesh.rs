@@ -438,35 +438,6 @@ pub struct ZtunnelPod<'a> {
     pub token: &'a Path,
 }
 
-/// The environment of a shared-mode ztunnel fed over ZDS by the agent listening on `zds`,
-/// with its config (delta xDS) and certificates (CA) from the controller, as in a cluster.
-pub fn shared_controller_env(
-    zds: &Path,
-    controller: &crate::controller::ControllerAccess,
-    pod: &ZtunnelPod<'_>,
-) -> Vec<(String, String)> {
-    let p = |p: &Path| p.display().to_string();
-    [
-        ("PROXY_MODE", "shared".to_owned()),
-        ("INPOD_UDS", p(zds)),
-        ("XDS_ADDRESS", controller.address.clone()),
-        ("CA_ADDRESS", controller.address.clone()),
-        ("XDS_ROOT_CA", p(&controller.root)),
-        ("CA_ROOT_CA", p(&controller.root)),
-        ("AUTH_TOKEN", p(pod.token)),
-        ("CLUSTER_ID", "Kubernetes".to_owned()),
-        ("TRUST_DOMAIN", TRUST_DOMAIN.to_owned()),
-        ("NODE_NAME", pod.node.to_owned()),
-        ("POD_NAME", pod.name.to_owned()),
-        ("POD_NAMESPACE", pod.namespace.to_owned()),
-        ("INSTANCE_IP", pod.ip.to_string()),
-        ("SERVICE_ACCOUNT", "ztunnel".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,6 +53,32 @@ impl Ztunnel {
         Ok(zt)
     }
 
+    /// Starts `argv` (a ztunnel under a wrapper, e.g. `setpriv ... -- ztunnel proxy` as
+    /// [`crate::manifests::lab::LabValues::argv`] builds it from the install) in `host`'s
+    /// netns with exactly `env` (nothing inherited), and waits until it is ready, like
+    /// [`Ztunnel::spawn`].
+    pub fn spawn_argv(
+        sandbox: &Sandbox,
+        host: &str,
+        argv: &[String],
+        env: &[(String, String)],
+    ) -> Result<Ztunnel> {
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| anyhow::anyhow!("an empty command line for ztunnel"))?;
+        let mut cmd = sandbox.command(Some(host), program, args);
+        cmd.env_clear();
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        let proc = sandbox.spawn(&format!("ztunnel-{host}"), cmd)?;
+        let zt = Ztunnel {
+            netns: sandbox.netns(Some(host)),
+            host: host.to_owned(),
+            proc,
+        };
+        zt.wait_ready(READY_TIMEOUT)?;
+        Ok(zt)
+    }
+
     /// [`Ztunnel::spawn`] without waiting for readiness.
     pub fn start<K: AsRef<OsStr>, V: AsRef<OsStr>>(
         sandbox: &Sandbox,

@@ -3,6 +3,7 @@
 //! node's CNI runtime like any pod, running `ztunnel` in shared mode).
 
 use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,6 +13,8 @@ use anyhow::{Context, Result};
 use crate::bin_path;
 use crate::controller::ControllerAccess;
 use crate::http;
+use crate::manifests::lab::LabValues;
+use crate::manifests::{Component, Manifests, PodFacts};
 use crate::mesh::ZtunnelPod;
 use crate::process::Process;
 use crate::sandbox::Sandbox;
@@ -87,45 +90,78 @@ pub fn write_primary_network(dirs: &NodeDirs, pod_cidr: &str) -> Result<()> {
         .with_context(|| format!("writing {}", dirs.conflist().display()))
 }
 
-/// Starts the node agent in `node`'s netns and waits until it has chained `zmesh-cni` into
-/// the primary conflist.
-pub fn spawn_agent(sb: &Sandbox, node: &str, dirs: &NodeDirs, pods_dir: &Path) -> Result<Process> {
-    spawn_agent_with(sb, node, dirs, pods_dir, &[])
+/// The variables the lab adds to every component (the table's `PATH`, `NO_COLOR`): the
+/// host's `PATH` stands for the image's.
+fn common_env(v: LabValues) -> LabValues {
+    v.add_env("PATH", std::env::var("PATH").unwrap_or_default())
+        .add_env("NO_COLOR", "1")
 }
 
-/// [`spawn_agent`] with extra environment (e.g. the agent's fault-injection variables).
-pub fn spawn_agent_with(
+/// Starts `argv` (from [`LabValues::argv`]) in `netns` (`None`: the sandbox's root) with
+/// exactly `env`.
+pub fn spawn_component(
     sb: &Sandbox,
+    name: &str,
+    netns: Option<&str>,
+    argv: &[String],
+    env: &[(String, String)],
+) -> Result<Process> {
+    let (program, args) = argv.split_first().context("an empty command line")?;
+    let mut cmd = sb.command(netns, program, args);
+    cmd.env_clear();
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    sb.spawn(name, cmd)
+}
+
+/// Starts the node agent in `node`'s netns as the install's DaemonSet runs it (its `args`,
+/// `env` and capabilities, with the lab's substitutions of [`crate::manifests::lab`]) and
+/// waits until it has chained `zmesh-cni` into the primary conflist. `env` is the test's own
+/// (e.g. the agent's fault-injection variables).
+pub fn spawn_agent(
+    sb: &Sandbox,
+    manifests: &Manifests,
     node: &str,
+    node_ip: IpAddr,
     dirs: &NodeDirs,
     pods_dir: &Path,
     env: &[(&str, &str)],
 ) -> Result<Process> {
+    let spec = manifests.container(Component::Agent)?;
     let p = |p: &Path| p.display().to_string();
-    let args = [
-        "--pods-dir".to_owned(),
-        p(pods_dir),
-        "--node-name".to_owned(),
-        node.to_owned(),
-        "--run-dir".to_owned(),
-        p(&dirs.run_dir),
-        "--ztunnel-socket".to_owned(),
-        p(&dirs.zds_socket()),
-        "--rules-backend".to_owned(),
-        "nftables".to_owned(),
-        "--cni-conf-dir".to_owned(),
-        p(&dirs.conf_dir),
-        "--cni-bin-dir".to_owned(),
-        p(&dirs.bin_dir),
-        "--plugin-log-file".to_owned(),
-        p(&dirs.plugin_log),
-        "--log".to_owned(),
-        std::env::var("ZMESH_AGENT_LOG").unwrap_or_else(|_| "info".to_owned()),
-    ];
-    let mut cmd = sb.command(Some(node), bin_path("zmesh-cni-agent"), &args);
-    cmd.env("NO_COLOR", "1");
-    cmd.envs(env.iter().copied());
-    let agent = sb.spawn(&format!("agent-{node}"), cmd)?;
+    let mut values = LabValues::new(Component::Agent)
+        .arg("--kube", vec!["--pods-dir".to_owned(), p(pods_dir)])
+        .arg(
+            "--cni-conf-dir",
+            vec![format!("--cni-conf-dir={}", p(&dirs.conf_dir))],
+        )
+        .arg(
+            "--cni-bin-dir",
+            vec![format!("--cni-bin-dir={}", p(&dirs.bin_dir))],
+        )
+        .arg("--run-dir", vec![format!("--run-dir={}", p(&dirs.run_dir))])
+        .arg(
+            "--ztunnel-socket",
+            vec![format!("--ztunnel-socket={}", p(&dirs.zds_socket()))],
+        )
+        .add_arg("--plugin-log-file", p(&dirs.plugin_log));
+    values = common_env(values);
+    if let Ok(level) = std::env::var("ZMESH_AGENT_LOG") {
+        values = values.env("ZMESH_LOG", level);
+    }
+    for (k, v) in env {
+        values = values.add_env(k, *v);
+    }
+    // A host-network pod: its IP is the node's.
+    let pod = PodFacts {
+        name: format!("zmesh-cni-agent-{node}"),
+        namespace: spec.namespace.clone(),
+        node_name: node.to_owned(),
+        service_account: spec.service_account.clone(),
+        pod_ip: node_ip,
+    };
+    let argv = values.argv(&spec, &bin_path("zmesh-cni-agent"))?;
+    let env = values.env_for(&spec, &pod)?;
+    let agent = spawn_component(sb, &format!("agent-{node}"), Some(node), &argv, &env)?;
     agent.wait_until(
         "the agent to chain zmesh-cni into the conflist",
         AGENT_TIMEOUT,
@@ -152,16 +188,6 @@ pub fn wait_agent_ready(agent: &Process, dirs: &NodeDirs) -> Result<()> {
     })
 }
 
-/// The environment of a shared-mode ztunnel fed by the node's agent (pods) and the
-/// controller (config and certificates).
-pub fn ztunnel_env(
-    dirs: &NodeDirs,
-    controller: &ControllerAccess,
-    pod: &ZtunnelPod<'_>,
-) -> Vec<(String, String)> {
-    crate::mesh::shared_controller_env(&dirs.zds_socket(), controller, pod)
-}
-
 /// Stops a process: SIGTERM, SIGKILL after `grace`.
 pub fn stop(proc: &Process, grace: Duration) -> Result<()> {
     proc.terminate(grace)
@@ -169,19 +195,48 @@ pub fn stop(proc: &Process, grace: Duration) -> Result<()> {
         .map(drop)
 }
 
-/// Starts the node's ztunnel in `netns` (its pod's) and waits until it is ready (which it is
-/// only after the agent's snapshot).
+/// Starts the node's ztunnel in `netns` (its pod's) as the install's DaemonSet runs it
+/// (its `args`, `env` resolved for `pod`, and capabilities, with the lab's substitutions of
+/// [`crate::manifests::lab`]) and waits until it is ready (which it is only after the
+/// agent's snapshot). `extra_env` is the test's own.
 pub fn spawn_ztunnel(
     sb: &Sandbox,
+    manifests: &Manifests,
     netns: &str,
     dirs: &NodeDirs,
     controller: &ControllerAccess,
     pod: &ZtunnelPod<'_>,
     extra_env: &[(String, String)],
 ) -> Result<Ztunnel> {
-    let mut env = ztunnel_env(dirs, controller, pod);
-    env.extend_from_slice(extra_env);
-    Ztunnel::spawn(sb, netns, &env, &bin_path("ztunnel"))
+    let spec = manifests.container(Component::Ztunnel)?;
+    let p = |p: &Path| p.display().to_string();
+    let mut values = LabValues::new(Component::Ztunnel)
+        .env("INPOD_UDS", p(&dirs.zds_socket()))
+        .env("XDS_ADDRESS", controller.address.clone())
+        .env("XDS_ROOT_CA", p(&controller.root))
+        .env("CA_ROOT_CA", p(&controller.root))
+        .env("AUTH_TOKEN", p(pod.token))
+        .add_env(
+            "RUST_BACKTRACE",
+            std::env::var("RUST_BACKTRACE").unwrap_or_else(|_| "1".to_owned()),
+        );
+    values = common_env(values);
+    if let Ok(level) = std::env::var("RUST_LOG") {
+        values = values.env("RUST_LOG", level);
+    }
+    for (k, v) in extra_env {
+        values = values.add_env(k, v.clone());
+    }
+    let facts = PodFacts {
+        name: pod.name.to_owned(),
+        namespace: pod.namespace.to_owned(),
+        node_name: pod.node.to_owned(),
+        service_account: spec.service_account.clone(),
+        pod_ip: pod.ip,
+    };
+    let argv = values.argv(&spec, &bin_path("ztunnel"))?;
+    let env = values.env_for(&spec, &facts)?;
+    Ztunnel::spawn_argv(sb, netns, &argv, &env)
 }
 
 /// How long a stopped agent gets to exit on SIGTERM before SIGKILL.

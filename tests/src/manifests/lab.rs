@@ -92,6 +92,11 @@ pub const SUBSTITUTIONS: &[Substitution] = &[
     row(Controller, AddedEnv("NO_COLOR"), "plain log files"),
     row(
         Controller,
+        AddedEnv("PATH"),
+        "the host's (a container's comes from its image)",
+    ),
+    row(
+        Controller,
         RunAs,
         "uid and gid 0 with no capability: the sandbox's user namespace maps only root (`unshare --map-root-user`)",
     ),
@@ -194,6 +199,11 @@ pub const SUBSTITUTIONS: &[Substitution] = &[
     row(Agent, AddedEnv("NO_COLOR"), "plain log files"),
     row(
         Agent,
+        AddedEnv("PATH"),
+        "the host's (a container's comes from its image): the agent runs `nft`",
+    ),
+    row(
+        Agent,
         AddedEnv("*"),
         "a test's own variables (`Cluster::start_agent_with`: the agent's fault injection)",
     ),
@@ -208,6 +218,11 @@ fn listed(component: Component, wanted: impl Fn(Item) -> bool) -> bool {
     SUBSTITUTIONS
         .iter()
         .any(|s| s.component == component && wanted(s.item))
+}
+
+/// Whether the table replaces the flag or variable `name` of `component`'s container.
+pub fn substitutes(component: Component, name: &str) -> bool {
+    listed(component, |i| matches!(i, Arg(n) | Env(n) if n == name))
 }
 
 /// The lab's values for one container's substitutions; [`LabValues::args`] and
@@ -346,7 +361,8 @@ impl LabValues {
     /// the argv the lab starts (`setpriv` execs the program, so its pid is the program's).
     pub fn argv(&self, spec: &ContainerSpec, program: &std::path::Path) -> Result<Vec<String>> {
         let (uid, gid) = self.ids(spec)?;
-        let mut argv = spec.security.setpriv_args(uid, gid);
+        let mut argv = vec!["setpriv".to_owned()];
+        argv.extend(spec.security.setpriv_args(uid, gid));
         argv.push("--".to_owned());
         argv.push(program.display().to_string());
         argv.extend(self.args(spec)?);
