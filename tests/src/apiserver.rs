@@ -31,8 +31,10 @@
 //!   patch, `DELETE`; `GET /version` ([`ApiServer::set_version`]); a stored
 //!   CustomResourceDefinition serves its kind.
 //!
-//! Not done: authentication and authorization of the client (every request is allowed),
-//! creates and collection writes over HTTP (`405`), discovery, protobuf.
+//! - authentication by bearer token and RBAC for service accounts, with the install's rules
+//!   (`rbac.rs`; requests without a token are the tests' admin).
+//!
+//! Not done: creates and collection writes over HTTP (`405`), discovery, protobuf.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -50,10 +52,12 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
 mod parse;
+pub mod rbac;
 mod tokens;
 mod watch;
 mod write;
 
+pub use rbac::Rbac;
 pub use tokens::TokenInfo;
 use watch::watch;
 
@@ -190,6 +194,10 @@ struct State {
     unavailable: bool,
     /// `/version`'s major and minor (default 1.34).
     version: Option<(String, String)>,
+    /// Who may do what, for service-account tokens (`rbac.rs`).
+    rbac: Rbac,
+    /// The refusals (`rbac.rs`).
+    denied: Vec<String>,
 }
 
 struct Change {
@@ -269,6 +277,7 @@ impl ApiServer {
                     false,
                 ),
             ],
+            rbac: Rbac::install(),
             ..State::default()
         };
         let shared = Arc::new(Shared {
@@ -531,6 +540,9 @@ async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Respo
             "the API server is not available (test control)",
             json!({}),
         );
+    }
+    if let Some(denied) = rbac::check(&mut shared.lock(), &parts, &query) {
+        return denied;
     }
     if path == "/version" && parts.method == Method::GET {
         return write::version(&shared.lock());

@@ -25,6 +25,7 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::LocalCa;
 use zmesh_tests::apiserver::{ApiServer, TokenInfo};
 use zmesh_tests::controller::{self, SERVER_NAME};
+use zmesh_tests::manifests::Component;
 
 const ZTUNNEL_N1: &str = "token-of-ztunnel-on-n1";
 const STRANGER: &str = "token-of-some-app";
@@ -101,7 +102,8 @@ async fn setup() -> Setup {
             debounce: Duration::from_millis(10),
             limits: Default::default(),
         },
-        Some(api.client()),
+        // As the install's service account: the double enforces the install's RBAC.
+        Some(api.client_for(Component::Controller)),
         stop.clone(),
     )
     .await

@@ -16,7 +16,13 @@ use serde_json::{Value, json};
 use zmesh_controller::source::Store;
 use zmesh_controller::source::kube::{KubeSource, Options};
 use zmesh_controller::translate::{Kind, Objects};
-use zmesh_tests::apiserver::{ApiServer, Options as ApiOptions};
+use zmesh_tests::apiserver::{ApiServer, Options as ApiOptions, Rbac};
+use zmesh_tests::manifests::{Component, Manifests};
+
+/// The components run as the service accounts the install gives them, so the double's RBAC
+/// (the install's rules) applies to them.
+const CONTROLLER: Component = Component::Controller;
+const AGENT: Component = Component::Agent;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -128,7 +134,12 @@ async fn full_cluster(bookmarks: Duration) -> (ApiServer, Store, KubeSource) {
     let store = Store::new();
     // Pages of 2 pods, so the initial list needs continue tokens.
     let options = Options::default().config(Kind::Pod, watcher::Config::default().page_size(2));
-    let source = KubeSource::spawn(api.client(), store.clone(), &Kind::ALL, &options);
+    let source = KubeSource::spawn(
+        api.client_for(CONTROLLER),
+        store.clone(),
+        &Kind::ALL,
+        &options,
+    );
     (api, store, source)
 }
 
@@ -326,7 +337,12 @@ async fn missing_crds_are_synced_empty_and_the_rest_works() {
     api.apply(ns("shop", json!({}))).unwrap();
     api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
     let store = Store::new();
-    let _source = KubeSource::spawn(api.client(), store.clone(), &Kind::ALL, &Options::default());
+    let _source = KubeSource::spawn(
+        api.client_for(CONTROLLER),
+        store.clone(),
+        &Kind::ALL,
+        &Options::default(),
+    );
     until_synced(&store, &Kind::ALL).await;
     {
         let o = store.read();
@@ -357,7 +373,12 @@ async fn a_policy_with_fields_outside_the_schema_still_loads() {
     api.apply(newer).unwrap();
     let store = Store::new();
     let kinds = [Kind::AuthorizationPolicy];
-    let _source = KubeSource::spawn(api.client(), store.clone(), &kinds, &Options::default());
+    let _source = KubeSource::spawn(
+        api.client_for(CONTROLLER),
+        store.clone(),
+        &kinds,
+        &Options::default(),
+    );
     until_synced(&store, &kinds).await;
     let objects = store.read();
     let p = &objects.authorization_policies[&key("shop", "from-a-newer-istio")];
@@ -376,7 +397,12 @@ async fn an_unreadable_policy_keeps_its_kind_unsynced_until_fixed() {
     api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
     let store = Store::new();
     let kinds = [Kind::Pod, Kind::AuthorizationPolicy];
-    let _source = KubeSource::spawn(api.client(), store.clone(), &kinds, &Options::default());
+    let _source = KubeSource::spawn(
+        api.client_for(CONTROLLER),
+        store.clone(),
+        &kinds,
+        &Options::default(),
+    );
     until_synced(&store, &[Kind::Pod]).await;
     // The list was answered (twice: a retry) and still the kind is not synced: a controller
     // never serves a policy set with a policy missing (fail closed).
@@ -396,6 +422,86 @@ async fn an_unreadable_policy_keeps_its_kind_unsynced_until_fixed() {
     assert_eq!(store.read().count(Kind::AuthorizationPolicy), 1);
 }
 
+/// The install's RBAC with `verb` taken out of the controller's rule on `resource`.
+fn install_without(resource: &str, verb: &str) -> Rbac {
+    let mut m = Manifests::rendered().unwrap();
+    m.edit(|o| {
+        if o["kind"] != "ClusterRole" || o["metadata"]["name"] != "zmesh-controller" {
+            return;
+        }
+        for rule in o["rules"].as_array_mut().unwrap() {
+            if rule["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r == resource)
+            {
+                rule["verbs"].as_array_mut().unwrap().retain(|v| v != verb);
+            }
+        }
+    });
+    Rbac::from_manifests(&m)
+}
+
+/// A rule missing from the install fails the controller: without `watch` on pods its pod
+/// watch is refused as the real API server refuses it, so it never sees a change; without
+/// `list` it never syncs.
+#[tokio::test]
+async fn a_rule_missing_from_the_install_fails_the_controller() {
+    let api = ApiServer::start().await;
+    api.set_rbac(install_without("pods", "watch"));
+    api.apply(pod("shop", "a", "n1", json!({}))).unwrap();
+    let store = Store::new();
+    let _source = KubeSource::spawn(
+        api.client_for(CONTROLLER),
+        store.clone(),
+        &[Kind::Pod],
+        &Options::default(),
+    );
+    let refused = "pods is forbidden: User \"system:serviceaccount:istio-system:zmesh-controller\" \
+                   cannot watch resource \"pods\" in API group \"\" at the cluster scope";
+    let start = tokio::time::Instant::now();
+    while !api.denied().iter().any(|d| d == refused) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no refusal: {:#?}",
+            api.denied()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        api.denied()
+            .iter()
+            .all(|d| d.contains("cannot watch resource \"pods\"")),
+        "{:#?}",
+        api.denied()
+    );
+
+    let api = ApiServer::start().await;
+    api.set_rbac(install_without("pods", "list"));
+    let store = Store::new();
+    let _source = KubeSource::spawn(
+        api.client_for(CONTROLLER),
+        store.clone(),
+        &[Kind::Pod],
+        &Options::default(),
+    );
+    let start = tokio::time::Instant::now();
+    while !api
+        .denied()
+        .iter()
+        .any(|d| d.contains("cannot list resource \"pods\""))
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no refusal: {:#?}",
+            api.denied()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!store.is_synced(&[Kind::Pod]));
+}
+
 #[tokio::test]
 async fn a_node_watch_sees_only_its_pods() {
     let api = ApiServer::start().await;
@@ -403,7 +509,12 @@ async fn a_node_watch_sees_only_its_pods() {
     api.apply(pod("shop", "b", "n2", json!({}))).unwrap();
     let store = Store::new();
     let options = Options::default().pods_on_node("n1");
-    let _source = KubeSource::spawn(api.client(), store.clone(), &[Kind::Pod], &options);
+    let _source = KubeSource::spawn(
+        api.client_for(CONTROLLER),
+        store.clone(),
+        &[Kind::Pod],
+        &options,
+    );
     until_synced(&store, &[Kind::Pod]).await;
     assert_eq!(
         store.read().pods.keys().cloned().collect::<Vec<_>>(),
@@ -448,7 +559,12 @@ async fn streaming_lists_fill_the_store_too() {
     let store = Store::new();
     let options =
         Options::default().config(Kind::Pod, watcher::Config::default().streaming_lists());
-    let _source = KubeSource::spawn(api.client(), store.clone(), &[Kind::Pod], &options);
+    let _source = KubeSource::spawn(
+        api.client_for(CONTROLLER),
+        store.clone(),
+        &[Kind::Pod],
+        &options,
+    );
     until_synced(&store, &[Kind::Pod]).await;
     assert_eq!(store.read().count(Kind::Pod), 2);
     assert_eq!(api.lists_of("/api/v1/pods"), 0, "no LIST in streaming mode");
@@ -593,7 +709,7 @@ mod token_review {
             review_timeout: Duration::from_secs(2),
             ..TokenReviewConfig::default()
         };
-        let auth = TokenReviewAuthenticator::new(api.client(), config).unwrap();
+        let auth = TokenReviewAuthenticator::new(api.client_for(CONTROLLER), config).unwrap();
         (api, Arc::new(auth))
     }
 
@@ -740,7 +856,7 @@ mod token_review {
         );
         let store = Store::new();
         let _source = KubeSource::spawn(
-            api.client(),
+            api.client_for(CONTROLLER),
             store.clone(),
             &[Kind::Pod],
             &Options::default(),
@@ -846,7 +962,7 @@ mod agent {
         api.apply(pod("shop", "here", "n1", json!({"app": "web"})))
             .unwrap();
         api.apply(pod("shop", "there", "n2", json!({}))).unwrap();
-        let source = KubePodSource::start(api.client(), "n1").await;
+        let source = KubePodSource::start(api.client_for(AGENT), "n1").await;
         let c = source.current();
         let names: Vec<String> = c.pods().map(|p| p.key()).collect();
         assert_eq!(names, ["shop/here"]);
@@ -901,10 +1017,11 @@ async fn the_agent_binary_reads_pods_from_the_api_server() {
         format!(
             "apiVersion: v1\nkind: Config\n\
              clusters: [{{name: double, cluster: {{server: \"{}\"}}}}]\n\
-             users: [{{name: test, user: {{}}}}]\n\
+             users: [{{name: test, user: {{token: \"{}\"}}}}]\n\
              contexts: [{{name: test, context: {{cluster: double, user: test}}}}]\n\
              current-context: test\n",
-            api.url()
+            api.url(),
+            api.service_account_token("istio-system", "zmesh-cni-agent"),
         ),
     )
     .unwrap();
