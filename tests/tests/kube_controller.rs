@@ -23,9 +23,9 @@ use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start
 use zmesh_controller::translate::MeshConfig;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::LocalCa;
-use zmesh_tests::apiserver::{ApiServer, TokenInfo};
+use zmesh_tests::apiserver::{ApiServer, Rbac, TokenInfo};
 use zmesh_tests::controller::{self, SERVER_NAME};
-use zmesh_tests::manifests::Component;
+use zmesh_tests::manifests::{Component, Manifests};
 
 const ZTUNNEL_N1: &str = "token-of-ztunnel-on-n1";
 const STRANGER: &str = "token-of-some-app";
@@ -270,6 +270,44 @@ async fn tokenreview_authenticated_ztunnel_gets_only_its_nodes_certificates() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+}
+
+/// Without the install's `create tokenreviews` rule the controller cannot authenticate
+/// anyone: the CA fails closed, and the double's refusal is the real server's.
+#[tokio::test]
+async fn without_the_tokenreview_rule_the_ca_refuses_every_caller() {
+    let s = setup().await;
+    let mut manifests = Manifests::rendered().unwrap();
+    manifests.edit(|o| {
+        if o["kind"] == "ClusterRole" && o["metadata"]["name"] == "zmesh-controller" {
+            o["rules"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|r| r["resources"][0] != "tokenreviews");
+        }
+    });
+    s.api.set_rbac(Rbac::from_manifests(&manifests));
+    let mut ca = IstioCertificateServiceClient::new(channel(&s).await);
+    let id = "spiffe://cluster.local/ns/shop/sa/sa-a";
+    let req = IstioCertificateRequest {
+        csr: csr(id),
+        validity_duration: 3600,
+        metadata: Some(impersonation(id)),
+    };
+    let err = ca
+        .create_certificate(authed(req, ZTUNNEL_N1))
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    let refused = "tokenreviews.authentication.k8s.io is forbidden: User \
+                   \"system:serviceaccount:istio-system:zmesh-controller\" cannot create \
+                   resource \"tokenreviews\" in API group \"authentication.k8s.io\" at the \
+                   cluster scope";
+    assert!(
+        s.api.denied().iter().any(|d| d == refused),
+        "{err}; refusals: {:#?}",
+        s.api.denied()
+    );
 }
 
 fn policy(name: &str, spec: Value) -> Value {
