@@ -148,7 +148,8 @@ pub fn spawn(sb: &Sandbox, manifests: &Manifests, spec: &ControllerSpec) -> Resu
         .add_arg("--serving-name", SERVER_NAME)
         .add_arg("--debounce", format!("{}ms", spec.debounce.as_millis()))
         .add_env("PATH", std::env::var("PATH").unwrap_or_default())
-        .add_env("NO_COLOR", "1");
+        .add_env("NO_COLOR", "1")
+        .writable(sb.dir());
     if let Ok(level) = std::env::var("ZMESH_CONTROLLER_LOG") {
         values = values.env("RUST_LOG", level);
     }

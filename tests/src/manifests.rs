@@ -82,8 +82,8 @@ pub struct Security {
     pub capabilities: Vec<String>,
     /// `allowPrivilegeEscalation: false` (no_new_privs).
     pub no_new_privs: bool,
-    /// `readOnlyRootFilesystem` (not applied in the lab: its processes share the host's
-    /// file system; see [`lab::SUBSTITUTIONS`]).
+    /// `readOnlyRootFilesystem` (the lab remounts `/` read-only for the process; see
+    /// [`lab::SUBSTITUTIONS`]).
     pub read_only_root: bool,
 }
 

@@ -1,6 +1,7 @@
 //! The lab runs the components as the install (`manifests/rendered/zmesh.yaml`) says: each
 //! running process of a [`Cluster`] has exactly the capabilities its container adds (read from
-//! `/proc/<pid>/status`), and the flags and environment of its container; a capability taken
+//! `/proc/<pid>/status`), a read-only `/` where the container has `readOnlyRootFilesystem`,
+//! and the flags and environment of its container; a capability taken
 //! out of the YAML is missing in the lab, and the component fails where it needs it. Needs
 //! root, containernetworking-plugins, util-linux's `setpriv` and
 //! `cargo build --workspace --bins`.
@@ -26,6 +27,18 @@ fn cmdline_and_environ(pid: u32) -> (Vec<String>, Vec<String>) {
             .collect()
     };
     (split("cmdline"), split("environ"))
+}
+
+/// (mount point, per-mount options) of each line of `/proc/<pid>/mountinfo`, in order.
+fn mount_options(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[4].to_owned(), f[5].to_owned())
+        })
+        .collect()
 }
 
 #[test]
@@ -63,6 +76,30 @@ fn every_lab_process_has_exactly_its_containers_capabilities_flags_and_env() {
             status.contains("NoNewPrivs:\t1"),
             spec.security.no_new_privs,
             "{component:?}: NoNewPrivs"
+        );
+
+        // readOnlyRootFilesystem: `/` is read-only for it, the sandbox's directory (the
+        // lab's hostPath volumes) writable.
+        let mounts = mount_options(pid);
+        let opts = |at: &str| {
+            mounts
+                .iter()
+                .rev()
+                .find(|(m, _)| m == at)
+                .map(|(_, o)| o.clone())
+                .unwrap_or_else(|| panic!("{component:?}: no mount at {at}: {mounts:?}"))
+        };
+        assert_eq!(
+            opts("/").split(',').any(|o| o == "ro"),
+            spec.security.read_only_root,
+            "{component:?}: / is {}",
+            opts("/")
+        );
+        let dir = sb.dir().display().to_string();
+        assert!(
+            opts(&dir).split(',').any(|o| o == "rw"),
+            "{component:?}: {dir} is {}",
+            opts(&dir)
         );
 
         // The container's flags, except the substituted ones, are on the command line, and

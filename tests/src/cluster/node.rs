@@ -90,11 +90,13 @@ pub fn write_primary_network(dirs: &NodeDirs, pod_cidr: &str) -> Result<()> {
         .with_context(|| format!("writing {}", dirs.conflist().display()))
 }
 
-/// The variables the lab adds to every component (the table's `PATH`, `NO_COLOR`): the
-/// host's `PATH` stands for the image's.
-fn common_env(v: LabValues) -> LabValues {
+/// The variables the lab adds to every node component (the table's `PATH`, `NO_COLOR`; the
+/// host's `PATH` stands for the image's), and the sandbox's directory as the one writable
+/// under `readOnlyRootFilesystem`.
+fn common_env(sb: &Sandbox, v: LabValues) -> LabValues {
     v.add_env("PATH", std::env::var("PATH").unwrap_or_default())
         .add_env("NO_COLOR", "1")
+        .writable(sb.dir())
 }
 
 /// Starts `argv` (from [`LabValues::argv`]) in `netns` (`None`: the sandbox's root) with
@@ -144,7 +146,7 @@ pub fn spawn_agent(
             vec![format!("--ztunnel-socket={}", p(&dirs.zds_socket()))],
         )
         .add_arg("--plugin-log-file", p(&dirs.plugin_log));
-    values = common_env(values);
+    values = common_env(sb, values);
     if let Ok(level) = std::env::var("ZMESH_AGENT_LOG") {
         values = values.env("ZMESH_LOG", level);
     }
@@ -220,7 +222,7 @@ pub fn spawn_ztunnel(
             "RUST_BACKTRACE",
             std::env::var("RUST_BACKTRACE").unwrap_or_else(|_| "1".to_owned()),
         );
-    values = common_env(values);
+    values = common_env(sb, values);
     if let Ok(level) = std::env::var("RUST_LOG") {
         values = values.env("RUST_LOG", level);
     }

@@ -19,8 +19,8 @@ pub enum Item {
     AddedEnv(&'static str),
     /// `runAsUser` / `runAsGroup`.
     RunAs,
-    /// A field the lab does not apply.
-    NotApplied(&'static str),
+    /// `readOnlyRootFilesystem`: how the lab applies it.
+    ReadOnlyRoot,
 }
 
 /// One row of the table.
@@ -43,7 +43,11 @@ const fn row(component: Component, item: Item, why: &'static str) -> Substitutio
 }
 
 use Component::{Agent, Controller, Ztunnel};
-use Item::{AddedArg, AddedEnv, Arg, Env, NotApplied, RunAs};
+use Item::{AddedArg, AddedEnv, Arg, Env, ReadOnlyRoot, RunAs};
+
+const RO_ROOT: &str = "`/` remounted read-only in the process's own mount namespace \
+    (`unshare --mount --propagation slave`, as HostToContainer), except the sandbox's \
+    directory, where the lab keeps what the hostPath volumes hold";
 
 /// Every difference between the install and the lab's processes (`Cluster`,
 /// `tests/src/cluster.rs`). Anything else in the containers' `args`, `env` and
@@ -100,11 +104,7 @@ pub const SUBSTITUTIONS: &[Substitution] = &[
         RunAs,
         "uid and gid 0 with no capability: the sandbox's user namespace maps only root (`unshare --map-root-user`)",
     ),
-    row(
-        Controller,
-        NotApplied("readOnlyRootFilesystem"),
-        "the lab's processes share the host's file system",
-    ),
+    row(Controller, ReadOnlyRoot, RO_ROOT),
     row(
         Ztunnel,
         Env("INPOD_UDS"),
@@ -156,11 +156,7 @@ pub const SUBSTITUTIONS: &[Substitution] = &[
         RunAs,
         "gid 0 (uid 0 as written): the sandbox's user namespace maps only root",
     ),
-    row(
-        Ztunnel,
-        NotApplied("readOnlyRootFilesystem"),
-        "the lab's processes share the host's file system",
-    ),
+    row(Ztunnel, ReadOnlyRoot, RO_ROOT),
     row(
         Agent,
         Arg("--kube"),
@@ -207,11 +203,7 @@ pub const SUBSTITUTIONS: &[Substitution] = &[
         AddedEnv("*"),
         "a test's own variables (`Cluster::start_agent_with`: the agent's fault injection)",
     ),
-    row(
-        Agent,
-        NotApplied("readOnlyRootFilesystem"),
-        "the lab's processes share the host's file system",
-    ),
+    row(Agent, ReadOnlyRoot, RO_ROOT),
 ];
 
 fn listed(component: Component, wanted: impl Fn(Item) -> bool) -> bool {
@@ -234,6 +226,7 @@ pub struct LabValues {
     added_args: Vec<(&'static str, String)>,
     env: Vec<(String, String)>,
     added_env: Vec<(String, String)>,
+    writable: Option<std::path::PathBuf>,
 }
 
 impl LabValues {
@@ -245,7 +238,14 @@ impl LabValues {
             added_args: Vec::new(),
             env: Vec::new(),
             added_env: Vec::new(),
+            writable: None,
         }
+    }
+
+    /// The directory that stays writable under `readOnlyRootFilesystem` (the sandbox's).
+    pub fn writable(mut self, dir: &std::path::Path) -> Self {
+        self.writable = Some(dir.to_owned());
+        self
     }
 
     /// Replaces the manifest's flag `name` (`--name` or `--name=value`) with `with`.
@@ -358,10 +358,36 @@ impl LabValues {
     }
 
     /// `setpriv` with the container's capabilities and user, then `program` and its args:
-    /// the argv the lab starts (`setpriv` execs the program, so its pid is the program's).
+    /// the argv the lab starts (each wrapper execs the next, so its pid is the program's).
+    /// With `readOnlyRootFilesystem`, first `unshare --mount` and a remount of `/` read-only
+    /// with the [`LabValues::writable`] directory bound writable over it.
     pub fn argv(&self, spec: &ContainerSpec, program: &std::path::Path) -> Result<Vec<String>> {
         let (uid, gid) = self.ids(spec)?;
-        let mut argv = vec!["setpriv".to_owned()];
+        let mut argv = Vec::new();
+        if spec.security.read_only_root {
+            let Some(dir) = &self.writable else {
+                bail!(
+                    "{:?} has readOnlyRootFilesystem: the lab must name its writable directory \
+                     (LabValues::writable)",
+                    self.component
+                );
+            };
+            argv.extend(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "slave",
+                    "--",
+                    "sh",
+                    "-c",
+                    r#"mount --bind "$0" "$0" && mount -o remount,bind,ro / && exec "$@""#,
+                ]
+                .map(str::to_owned),
+            );
+            argv.push(dir.display().to_string());
+        }
+        argv.push("setpriv".to_owned());
         argv.extend(spec.security.setpriv_args(uid, gid));
         argv.push("--".to_owned());
         argv.push(program.display().to_string());
@@ -386,7 +412,7 @@ pub fn table() -> String {
             AddedEnv("*") => "added env (a test's)".to_owned(),
             AddedEnv(n) => format!("added env `{n}`"),
             RunAs => "runAsUser/runAsGroup".to_owned(),
-            NotApplied(n) => format!("`{n}` (not applied)"),
+            ReadOnlyRoot => "readOnlyRootFilesystem".to_owned(),
         };
         s.push_str(&format!("| {:?} | {item} | {} |\n", r.component, r.why));
     }
@@ -432,7 +458,11 @@ mod tests {
                     "{:?} runs as root already",
                     r.component
                 ),
-                NotApplied(_) => {}
+                ReadOnlyRoot => assert!(
+                    c.security.read_only_root,
+                    "{:?} is not readOnlyRootFilesystem",
+                    r.component
+                ),
             }
         }
     }
