@@ -31,6 +31,8 @@
 //!   patch, `DELETE`; `GET /version` ([`ApiServer::set_version`]); a stored
 //!   CustomResourceDefinition serves its kind.
 //!
+//! - the pod port-forward subresource over WebSocket (`portforward.rs`).
+//!
 //! Not done: authentication and authorization of the client (every request is allowed),
 //! creates and collection writes over HTTP (`405`), discovery, protobuf.
 
@@ -50,6 +52,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
 mod parse;
+mod portforward;
 mod tokens;
 mod watch;
 mod write;
@@ -190,6 +193,8 @@ struct State {
     unavailable: bool,
     /// `/version`'s major and minor (default 1.34).
     version: Option<(String, String)>,
+    /// Pods whose port-forwards go into a network namespace (`portforward.rs`).
+    pod_netns: HashMap<(String, String), std::path::PathBuf>,
 }
 
 struct Change {
@@ -469,6 +474,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await;
             conn_shared.lock().conns.remove(&id);
         });
@@ -531,6 +537,9 @@ async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Respo
             "the API server is not available (test control)",
             json!({}),
         );
+    }
+    if let Some(target) = portforward::target(&path) {
+        return portforward::serve(&shared, target, Request::from_parts(parts, body)).await;
     }
     if path == "/version" && parts.method == Method::GET {
         return write::version(&shared.lock());
