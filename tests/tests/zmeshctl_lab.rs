@@ -226,12 +226,23 @@ fn check_passes_on_a_healthy_lab_and_fails_the_agent_line_when_an_agent_stops() 
     )?;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let certs: Value = serde_json::from_str(&run.stdout)?;
+    let cert = certs
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["identity"] == app.spiffe_id()))
+        .unwrap_or_else(|| panic!("no certificate of {} in {certs}", app.spiffe_id()));
+    let serial = cert["serial"].as_str().unwrap_or("");
     assert!(
-        certs
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["identity"] == app.spiffe_id())),
-        "{certs}"
+        !serial.is_empty() && serial.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{cert}"
     );
+    let run = zmeshctl(kc.path(), &["ztunnel-config", "certificates", "ztunnel-n1"])?;
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&app.spiffe_id()))
+        .unwrap_or_else(|| panic!("no row for {} in\n{}", app.spiffe_id(), run.stdout));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..5], ["Leaf", "Available", "true", serial], "{row}");
 
     // A broken node: n2's agent stops.
     cluster.stop_agent("n2")?;

@@ -226,7 +226,11 @@ pub fn render(section: Section, dump: &Value, now: SystemTime) -> String {
                     "Leaf".into(),
                     if valid { "Available" } else { "Unavailable" }.into(),
                     valid.to_string(),
-                    c["serial"].as_str().unwrap_or("-").to_owned(),
+                    c["serial"]
+                        .as_str()
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or("-")
+                        .to_owned(),
                     s(&c["not_after"]),
                     s(&c["not_before"]),
                 ]);
@@ -269,7 +273,7 @@ mod tests {
                           "hostname": "web.shop.svc.cluster.local", "vips": ["/10.96.0.10"]}],
             "policies": [{"namespace": "shop", "name": "deny-all", "action": "Deny",
                           "scope": "Namespace", "dry_run": false}],
-            "certificates": [{"identity": "spiffe://cluster.local/ns/shop/sa/a",
+            "certificates": [{"identity": "spiffe://cluster.local/ns/shop/sa/a", "serial": "0a1b",
                               "not_before": "2026-01-01T00:00:00Z",
                               "not_after": "2026-01-02T00:00:00Z"}],
         });
