@@ -73,6 +73,9 @@ pub struct CertStore {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CertSummary {
     pub identity: String,
+    /// The leaf's serial number, lower-case hex (`istioctl ztunnel-config certificates`
+    /// shows it).
+    pub serial: String,
     pub not_before: String,
     pub not_after: String,
     pub refresh_at: String,
@@ -139,6 +142,7 @@ impl CertStore {
                 let c = slot.lock().expect("cert lock");
                 CertSummary {
                     identity: c.identity().to_string(),
+                    serial: c.serial_hex(),
                     not_before: rfc3339(c.not_before()),
                     not_after: rfc3339(c.not_after()),
                     refresh_at: rfc3339(c.refresh_at()),
@@ -271,7 +275,17 @@ mod tests {
         // certificate until it expires (~6.5 s).
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert_eq!(store.get(&id).await.unwrap().chain(), second.chain());
-        assert_eq!(store.summaries().len(), 1);
+        let summaries = store.summaries();
+        assert_eq!(summaries.len(), 1);
+        // The serial shown is the leaf's, in hex.
+        let (_, leaf) = x509_parser::parse_x509_certificate(second.chain()[0].as_ref()).unwrap();
+        let hex: String = leaf
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(!hex.is_empty());
+        assert_eq!(summaries[0].serial, hex);
     }
 
     struct Switch {

@@ -147,6 +147,17 @@ impl WorkloadCertificate {
         self.not_after
     }
 
+    /// The leaf's serial number in lower-case hex (empty if the leaf cannot be read, which
+    /// [`WorkloadCertificate::new`] already refused).
+    pub fn serial_hex(&self) -> String {
+        self.certified
+            .cert
+            .first()
+            .and_then(|der| x509_parser::parse_x509_certificate(der.as_ref()).ok())
+            .map(|(_, c)| c.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+            .unwrap_or_default()
+    }
+
     /// The leaf and intermediates, leaf first.
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.certified.cert

@@ -32,7 +32,8 @@
 //!   CustomResourceDefinition serves its kind.
 //!
 //! - authentication by bearer token and RBAC for service accounts, with the install's rules
-//!   (`rbac.rs`; requests without a token are the tests' admin).
+//!   (`rbac.rs`; requests without a token are the tests' admin);
+//! - the pod port-forward subresource over WebSocket (`portforward.rs`).
 //!
 //! Not done: creates and collection writes over HTTP (`405`), discovery, protobuf.
 
@@ -52,6 +53,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
 mod parse;
+mod portforward;
 pub mod rbac;
 mod tokens;
 mod watch;
@@ -198,6 +200,8 @@ struct State {
     rbac: Rbac,
     /// The refusals (`rbac.rs`).
     denied: Vec<String>,
+    /// Pods whose port-forwards go into a network namespace (`portforward.rs`).
+    pod_netns: HashMap<(String, String), std::path::PathBuf>,
 }
 
 struct Change {
@@ -478,6 +482,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await;
             conn_shared.lock().conns.remove(&id);
         });
@@ -543,6 +548,9 @@ async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Respo
     }
     if let Some(denied) = rbac::check(&mut shared.lock(), &parts, &query) {
         return denied;
+    }
+    if let Some(target) = portforward::target(&path) {
+        return portforward::serve(&shared, target, Request::from_parts(parts, body)).await;
     }
     if path == "/version" && parts.method == Method::GET {
         return write::version(&shared.lock());

@@ -84,10 +84,99 @@ fn install_gateway_api(server: &ApiServer) {
     }
 }
 
+/// A stand-in for a pod's HTTP port, on its own loopback address (the double forwards to
+/// `status.podIP`): answers `GET path` with `body` (JSON), anything else with 404.
+struct FakePort {
+    ip: String,
+}
+
+/// A loopback address no other test uses: 127.<pid>.<n>.1-ish, tried until a bind works.
+fn fake_port(port: u16, routes: Vec<(&'static str, Value)>) -> FakePort {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let pid = std::process::id();
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let ip = format!(
+            "127.{}.{}.{}",
+            1 + pid % 250,
+            1 + (n / 250) % 250,
+            1 + n % 250
+        );
+        let Ok(l) = std::net::TcpListener::bind((ip.as_str(), port)) else {
+            continue;
+        };
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = l.accept().await {
+                let routes = routes.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let (code, body) = match routes.iter().find(|(p, _)| *p == path) {
+                        Some((_, b)) => ("200 OK", b.to_string()),
+                        None => ("404 Not Found", "{}".to_owned()),
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {code}\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        return FakePort { ip };
+    }
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// What a ztunnel's `/config_dump` holds in these tests: two workloads, one service, and a
+/// certificate issued `age` ago for 24 hours.
+fn ztunnel_dump(node: &str, age: std::time::Duration, workloads: u64) -> Value {
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    json!({
+        "workloads": [
+            {"namespace": "demo", "name": format!("app-{node}"), "workloadIps": ["10.244.1.5"],
+             "node": node, "protocol": "HBONE", "status": "Healthy",
+             "services": {"demo/web.demo.svc.cluster.local": {"80": 8080}}},
+            {"namespace": "demo", "name": "other", "workloadIps": ["10.244.2.5"],
+             "node": "elsewhere", "protocol": "TCP", "status": "Healthy", "services": {}}],
+        "services": [{"namespace": "demo", "name": "web",
+                      "hostname": "web.demo.svc.cluster.local", "vips": ["/10.96.0.10"]}],
+        "policies": [],
+        "certificates": [{"identity": "spiffe://cluster.local/ns/demo/sa/app",
+                          "not_before": rfc3339(now - age), "not_after": rfc3339(now - age + day)}],
+        "xds": {"connected": true, "first_config_applied": true,
+                "workloads": workloads, "services": 1, "policies": 0},
+    })
+}
+
 /// Plays the kubelet and the workload controllers after an install: `nodes` exist, the
-/// controller Deployment is rolled out, and each DaemonSet has a pod on each node, Ready
-/// except the (DaemonSet, node) pairs in `not_ready`.
-fn roll_out(server: &ApiServer, nodes: &[&str], not_ready: &[(&str, &str)]) {
+/// controller Deployment is rolled out (one pod, its monitoring port serving `/debug/status`:
+/// 3 addresses, no policies), and each DaemonSet has a pod on each node, Ready except the
+/// (DaemonSet, node) pairs in `not_ready`; each ztunnel pod's admin port serves
+/// `dump(node)` as `/config_dump`.
+fn roll_out_with(
+    server: &ApiServer,
+    nodes: &[&str],
+    not_ready: &[(&str, &str)],
+    dump: &dyn Fn(&str) -> Value,
+) {
     for node in nodes {
         server
             .apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}))
@@ -99,6 +188,23 @@ fn roll_out(server: &ApiServer, nodes: &[&str], not_ready: &[(&str, &str)]) {
     d["status"] = json!({"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2,
                          "availableReplicas": 2});
     server.apply(d).expect("the Deployment's status");
+    let controller = fake_port(
+        15014,
+        vec![(
+            "/debug/status",
+            json!({"ready": true, "addresses": 3, "authorizations": 0}),
+        )],
+    );
+    server
+        .apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "zmesh-controller-0", "namespace": NS,
+                         "labels": {"app": "zmesh-controller"}},
+            "spec": {"nodeName": nodes[0], "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "podIP": controller.ip,
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .expect("the controller pod");
     for ds in ["zmesh-cni-agent", "ztunnel"] {
         assert!(
             server.get("apps/v1", "DaemonSet", NS, ds).is_some(),
@@ -110,18 +216,29 @@ fn roll_out(server: &ApiServer, nodes: &[&str], not_ready: &[(&str, &str)]) {
             } else {
                 "True"
             };
+            let ip = if ds == "ztunnel" {
+                fake_port(15000, vec![("/config_dump", dump(node))]).ip
+            } else {
+                "127.0.0.1".to_owned()
+            };
             server
                 .apply(json!({
                     "apiVersion": "v1", "kind": "Pod",
                     "metadata": {"name": format!("{ds}-{node}"), "namespace": NS,
                                  "labels": {"app": ds}},
                     "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
-                    "status": {"phase": "Running",
+                    "status": {"phase": "Running", "podIP": ip,
                                "conditions": [{"type": "Ready", "status": ready}]},
                 }))
                 .expect("a DaemonSet pod");
         }
     }
+}
+
+/// [`roll_out_with`] healthy ztunnels (fresh certificates, in sync).
+fn roll_out(server: &ApiServer, nodes: &[&str], not_ready: &[(&str, &str)]) {
+    let fresh = |n: &str| ztunnel_dump(n, std::time::Duration::from_secs(3600), 2);
+    roll_out_with(server, nodes, not_ready, &fresh);
 }
 
 #[tokio::test]
@@ -372,7 +489,7 @@ async fn check_passes_on_a_healthy_cluster_and_names_a_node_whose_agent_is_not_r
     let run = zmeshctl(kc.path(), &["check"]).await;
     assert_eq!(run.code, 0, "{}", run.stdout);
     let lines: Vec<&str> = run.stdout.lines().filter(|l| l.starts_with('✔')).collect();
-    assert_eq!(lines.len(), 7, "{}", run.stdout);
+    assert_eq!(lines.len(), 9, "{}", run.stdout);
     assert!(
         !run.stdout.contains('✘') && !run.stdout.contains("\x1b["),
         "{}",
@@ -381,6 +498,15 @@ async fn check_passes_on_a_healthy_cluster_and_names_a_node_whose_agent_is_not_r
     assert!(
         run.stdout
             .contains("✔ ztunnel ready on every node: 2/2 nodes")
+    );
+    assert!(
+        run.stdout.contains(
+            "✔ workload certificates valid: 2 certificates on 2 ztunnels, none near expiry"
+        ) && run
+            .stdout
+            .contains("✔ ztunnel xDS in sync with the controller: 2 ztunnels"),
+        "{}",
+        run.stdout
     );
     let run = zmeshctl(kc.path(), &["check", "-o", "json"]).await;
     assert_eq!(run.code, 0);
@@ -457,4 +583,308 @@ async fn pre_install_check_finds_an_old_release_and_missing_gateway_api() {
     let checks = checks_of(&run.stdout);
     assert_eq!(checks.len(), 1);
     assert_eq!(checks[0]["ok"], false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_fails_on_near_expiry_certificates_and_a_ztunnel_out_of_sync() {
+    let server = ApiServer::start().await;
+    install_gateway_api(&server);
+    let kc = kubeconfig(&server);
+    assert_eq!(zmeshctl(kc.path(), &["install"]).await.code, 0);
+    // node-b's ztunnel: a certificate with 2 of its 24 hours left (renewals failing) and one
+    // workload fewer than the controller serves.
+    let dump = |node: &str| {
+        let hours = if node == "node-b" { 22 } else { 1 };
+        let workloads = if node == "node-b" { 1 } else { 2 };
+        ztunnel_dump(
+            node,
+            std::time::Duration::from_secs(hours * 3600),
+            workloads,
+        )
+    };
+    roll_out_with(&server, &["node-a", "node-b"], &[], &dump);
+    let run = zmeshctl(kc.path(), &["check", "-o", "json"]).await;
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let checks = checks_of(&run.stdout);
+    let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] == false).collect();
+    assert_eq!(failed.len(), 2, "{}", run.stdout);
+    let certs = failed[0];
+    assert_eq!(certs["name"], "workload certificates valid");
+    let detail = certs["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("ztunnel-node-b: spiffe://cluster.local/ns/demo/sa/app expires in")
+            && detail.contains("% of its life left")
+            && !detail.contains("node-a"),
+        "{detail}"
+    );
+    assert!(
+        certs["hint"]
+            .as_str()
+            .unwrap()
+            .contains("renews at half-life")
+    );
+    let xds = failed[1];
+    assert_eq!(xds["name"], "ztunnel xDS in sync with the controller");
+    assert_eq!(
+        xds["detail"],
+        "ztunnel-node-b has 2 addresses and 0 policies, the controller serves 3 and 0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ztunnel_config_reads_the_admin_port_through_a_port_forward() {
+    let server = ApiServer::start().await;
+    install_gateway_api(&server);
+    let kc = kubeconfig(&server);
+    assert_eq!(zmeshctl(kc.path(), &["install"]).await.code, 0);
+    roll_out(&server, &["node-a", "node-b"], &[]);
+
+    let run = zmeshctl(
+        kc.path(),
+        &["ztunnel-config", "workloads", "--node", "node-b"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        [
+            "NAMESPACE",
+            "POD",
+            "NAME",
+            "ADDRESS",
+            "NODE",
+            "WAYPOINT",
+            "PROTOCOL"
+        ]
+    );
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        [
+            "demo",
+            "app-node-b",
+            "10.244.1.5",
+            "node-b",
+            "None",
+            "HBONE"
+        ]
+    );
+    assert!(
+        server.requests().iter().any(|r| r
+            == "GET /api/v1/namespaces/istio-system/pods/ztunnel-node-b/portforward?&ports=15000"),
+        "{:?}",
+        server.requests()
+    );
+
+    let run = zmeshctl(kc.path(), &["ztunnel-config", "services", "ztunnel-node-a"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        run.stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["demo", "web", "10.96.0.10", "None", "1/1"]
+    );
+    let run = zmeshctl(kc.path(), &["ztunnel-config", "certificates", "-o", "json"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let certs: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        certs[0]["identity"],
+        "spiffe://cluster.local/ns/demo/sa/app"
+    );
+    let run = zmeshctl(kc.path(), &["ztunnel-config", "certificates"]).await;
+    assert!(
+        run.stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains("Leaf   Available   true")
+    );
+
+    // No ztunnel on that node; a pod the forward cannot reach.
+    let run = zmeshctl(
+        kc.path(),
+        &["ztunnel-config", "workloads", "--node", "nope"],
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("no running ztunnel pod on node nope"),
+        "{}",
+        run.stderr
+    );
+    let run = zmeshctl(kc.path(), &["ztunnel-config", "policies", "ztunnel-gone"]).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("port-forward to istio-system/ztunnel-gone port 15000")
+            && run.stderr.contains("not found"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waypoints_are_applied_listed_bound_and_deleted() {
+    let server = ApiServer::start().await;
+    install_gateway_api(&server);
+    for (name, labels) in [
+        ("shop", json!({"istio.io/dataplane-mode": "ambient"})),
+        ("plain", json!({})),
+    ] {
+        server
+            .apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                          "metadata": {"name": name, "labels": labels}}))
+            .unwrap();
+    }
+    let kc = kubeconfig(&server);
+
+    let run = zmeshctl(
+        kc.path(),
+        &[
+            "waypoint",
+            "apply",
+            "-n",
+            "shop",
+            "--for",
+            "all",
+            "--enroll-namespace",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let gw = server
+        .get(
+            "gateway.networking.k8s.io/v1",
+            "Gateway",
+            "shop",
+            "waypoint",
+        )
+        .expect("the Gateway was created");
+    assert_eq!(gw["spec"]["gatewayClassName"], "istio-waypoint");
+    assert_eq!(
+        gw["spec"]["listeners"],
+        json!([{"name": "mesh", "port": 15008, "protocol": "HBONE"}])
+    );
+    assert_eq!(gw["metadata"]["labels"]["istio.io/waypoint-for"], "all");
+    let ns = server.get("v1", "Namespace", "", "shop").unwrap();
+    assert_eq!(
+        ns["metadata"]["labels"]["istio.io/use-waypoint"],
+        "waypoint"
+    );
+    assert_eq!(
+        ns["metadata"]["labels"]["istio.io/dataplane-mode"],
+        "ambient"
+    );
+
+    let run = zmeshctl(
+        kc.path(),
+        &["waypoint", "apply", "-n", "plain", "--name", "wp2"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("namespace plain is not enrolled"),
+        "{}",
+        run.stderr
+    );
+    // A Gateway of another class is not a waypoint.
+    server
+        .apply(
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                      "metadata": {"name": "ingress", "namespace": "plain"},
+                      "spec": {"gatewayClassName": "other", "listeners": []}}),
+        )
+        .unwrap();
+    let run = zmeshctl(kc.path(), &["waypoint", "list", "-A", "-o", "json"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let list: Value = serde_json::from_str(&run.stdout).unwrap();
+    let names: Vec<(&str, &str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["namespace"].as_str().unwrap(),
+                w["name"].as_str().unwrap(),
+                w["traffic_type"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [("plain", "wp2", "service"), ("shop", "waypoint", "all")]
+    );
+
+    // What binds to them: the namespace label, a Service and a pod label.
+    server
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+                      "metadata": {"name": "web", "namespace": "plain",
+                                   "labels": {"istio.io/use-waypoint": "wp2"}}}))
+        .unwrap();
+    server
+        .apply(json!({"apiVersion": "v1", "kind": "Pod",
+                      "metadata": {"name": "cart", "namespace": "shop",
+                                   "labels": {"istio.io/use-waypoint": "wp2",
+                                              "istio.io/use-waypoint-namespace": "plain"}},
+                      "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]}}))
+        .unwrap();
+    let run = zmeshctl(kc.path(), &["status", "-o", "json"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let status: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(status["namespaces"], json!(["shop"]));
+    assert_eq!(status["pods"][0]["name"], "cart");
+    assert_eq!(status["pods"][0]["mode"], "enrolled");
+    let bound = |i: usize| status["waypoints"][i]["bound"].clone();
+    assert_eq!(status["waypoints"][0]["name"], "wp2");
+    assert_eq!(bound(0), json!(["service/plain/web", "pod/shop/cart"]));
+    assert_eq!(bound(1), json!(["namespace/shop"]));
+    let run = zmeshctl(kc.path(), &["status"]).await;
+    assert!(
+        run.stdout.contains("Enrolled namespaces: shop"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("namespace/shop"), "{}", run.stdout);
+
+    // Delete: a name that is not a waypoint changes nothing; --all removes the rest.
+    let rv = server.resource_version();
+    let run = zmeshctl(kc.path(), &["waypoint", "delete", "-n", "plain", "ingress"]).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("waypoint plain/ingress not found"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(server.resource_version(), rv);
+    let run = zmeshctl(kc.path(), &["waypoint", "apply", "--name", "Bad_Name"]).await;
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("not a DNS-1123 label"),
+        "{}",
+        run.stderr
+    );
+    let run = zmeshctl(kc.path(), &["waypoint", "delete", "-n", "shop", "waypoint"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = zmeshctl(kc.path(), &["waypoint", "delete", "-n", "plain", "--all"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        server
+            .get("gateway.networking.k8s.io/v1", "Gateway", "plain", "wp2")
+            .is_none()
+    );
+    assert!(
+        server
+            .get(
+                "gateway.networking.k8s.io/v1",
+                "Gateway",
+                "plain",
+                "ingress"
+            )
+            .is_some()
+    );
+    let run = zmeshctl(kc.path(), &["waypoint", "list", "-A"]).await;
+    assert_eq!(run.stdout, "no waypoints\n");
 }

@@ -2,7 +2,9 @@
 //! `istioctl x precheck` report. Pre-install checks (`--pre`): the API is reachable, the
 //! Kubernetes release is recent enough, the Gateway API CRDs are installed. After an install,
 //! also: the AuthorizationPolicy CRD, the controller Deployment ready, and on every node a
-//! ready node-agent pod and a ready ztunnel pod.
+//! ready node-agent pod and a ready ztunnel pod; through port-forwards (`mesh.rs`), every
+//! ztunnel's workload certificates valid and not near expiry, and every ztunnel's xDS view in
+//! sync with the controller's.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +17,9 @@ use serde::Serialize;
 
 use crate::error::is_not_found;
 use crate::manifests::NAMESPACE;
+use crate::progress::Progress;
 
+mod mesh;
 mod report;
 
 pub use report::print;
@@ -72,6 +76,7 @@ impl Check {
 /// Runs the checks (only the pre-install ones with `pre`). Stops after the first when the
 /// API is unreachable, since every other check needs it.
 pub async fn run(client: &Client, server: &str, pre: bool) -> Vec<Check> {
+    let progress = Progress::start("checking the cluster");
     let mut checks = Vec::new();
     let name = "Kubernetes API reachable";
     let info = match client.apiserver_version().await {
@@ -125,6 +130,8 @@ pub async fn run(client: &Client, server: &str, pre: bool) -> Vec<Check> {
     for (daemonset, what) in [("zmesh-cni-agent", "node agent"), ("ztunnel", "ztunnel")] {
         checks.push(daemonset_ready(client, &nodes, daemonset, what).await);
     }
+    checks.extend(mesh::run(client, &|m| progress.set(m)).await);
+    progress.finish();
     checks
 }
 

@@ -41,6 +41,35 @@ pub enum Error {
          istio-system (its --exclude-namespaces), so ztunnel's own pods start uncaptured"
     )]
     NamespaceExcluded(String),
+    /// A port-forward to a pod failed or its answer was unusable.
+    #[error(
+        "port-forward to {target}: {reason} (check that the pod is running, \
+         `kubectl -n istio-system get pods -o wide`, and that your credentials may create \
+         pods/portforward)"
+    )]
+    Forward {
+        /// `namespace/pod port N`.
+        target: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No ztunnel pod to read.
+    #[error("{0}")]
+    NoZtunnel(String),
+    /// A waypoint name or option that Kubernetes would refuse.
+    #[error("{0}")]
+    BadWaypoint(String),
+    /// `waypoint delete` of a Gateway that does not exist.
+    #[error(
+        "waypoint {namespace}/{name} not found: `zmeshctl waypoint list -n {namespace}` shows \
+         the waypoints there"
+    )]
+    WaypointNotFound {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
     /// An API request failed.
     #[error("{what}: {source} (check that the cluster is reachable and your credentials allow it)")]
     Api {

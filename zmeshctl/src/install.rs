@@ -30,13 +30,16 @@ pub async fn install(client: &Client, objects: &[Object]) -> Result<(), Error> {
         }
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    let progress = crate::progress::Progress::start("applying");
     for o in objects {
+        progress.set(&format!("applying {}", o.describe()));
         api(client, o)
             .patch(o.name(), &params, &Patch::Apply(&o.object))
             .await
             .map_err(Error::api(format!("applying {}", o.describe())))?;
-        println!("applied {}", o.describe());
+        progress.suspend(|| println!("applied {}", o.describe()));
     }
+    progress.finish();
     Ok(())
 }
 

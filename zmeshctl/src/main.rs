@@ -1,6 +1,8 @@
 //! `zmeshctl`, zmesh's operator CLI, modelled on `linkerd` and `istioctl`: install and
 //! uninstall the mesh (the manifests built into the binary, server-side applied through the
-//! Kubernetes API), enrol namespaces, and check a cluster before and after an install.
+//! Kubernetes API), enrol namespaces, check a cluster before and after an install, show what
+//! is in the mesh (`status`), manage waypoints, and read a ztunnel's view (`ztunnel-config`,
+//! through a port-forward to its admin port).
 //!
 //! Exit codes: 0 success; 1 a check failed or a command could not do its work (the message
 //! says what to fix); 2 bad usage (flags, or values such as `--hub` that are malformed).
@@ -15,8 +17,14 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 mod check;
 mod enrol;
 mod error;
+mod forward;
 mod install;
 mod manifests;
+mod progress;
+mod status;
+mod table;
+mod waypoint;
+mod ztunnel_config;
 
 use error::Error;
 
@@ -88,6 +96,77 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Show the enrolled namespaces and their pods, and the waypoints with what uses them.
+    Status {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Manage waypoints (Gateways of class istio-waypoint).
+    #[command(subcommand)]
+    Waypoint(WaypointCommand),
+    /// Show one ztunnel's view (read from its admin port through a port-forward).
+    ZtunnelConfig {
+        /// What to show.
+        #[arg(value_enum)]
+        section: ztunnel_config::Section,
+        /// The ztunnel pod (`name` or `name.istio-system`); default: the one on --node, else
+        /// the first running ztunnel.
+        pod: Option<String>,
+        /// The node whose ztunnel to read.
+        #[arg(long, conflicts_with = "pod")]
+        node: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WaypointCommand {
+    /// Create or update a waypoint (server-side apply).
+    Apply {
+        /// The namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// The waypoint's name.
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// Which traffic it handles (label istio.io/waypoint-for).
+        #[arg(long = "for", value_enum, default_value_t = waypoint::TrafficType::Service)]
+        traffic: waypoint::TrafficType,
+        /// Also label the namespace istio.io/use-waypoint=<name>.
+        #[arg(long)]
+        enroll_namespace: bool,
+    },
+    /// List waypoints.
+    List {
+        /// The namespace.
+        #[arg(
+            short,
+            long,
+            default_value = "default",
+            conflicts_with = "all_namespaces"
+        )]
+        namespace: String,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Delete waypoints by name, or all of a namespace.
+    Delete {
+        /// The waypoints' names.
+        names: Vec<String>,
+        /// The namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Every waypoint of the namespace.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +236,51 @@ async fn run(cli: Cli) -> Result<bool, Error> {
             let checks = check::run(&client, &server, pre).await;
             return Ok(check::print(&checks, output == Output::Json));
         }
+        Command::Status { output } => {
+            let (client, _) = client(&cli.cluster).await?;
+            let s = status::read(&client).await?;
+            status::print(&s, output == Output::Json);
+        }
+        Command::Waypoint(w) => {
+            let (client, _) = client(&cli.cluster).await?;
+            match w {
+                WaypointCommand::Apply {
+                    namespace,
+                    name,
+                    traffic,
+                    enroll_namespace,
+                } => waypoint::apply(&client, &namespace, &name, traffic, enroll_namespace).await?,
+                WaypointCommand::List {
+                    namespace,
+                    all_namespaces,
+                    output,
+                } => {
+                    let ns = (!all_namespaces).then_some(namespace.as_str());
+                    waypoint::list(&client, ns, output == Output::Json).await?
+                }
+                WaypointCommand::Delete {
+                    names,
+                    namespace,
+                    all,
+                } => waypoint::delete(&client, &namespace, &names, all).await?,
+            }
+        }
+        Command::ZtunnelConfig {
+            section,
+            pod,
+            node,
+            output,
+        } => {
+            let (client, _) = client(&cli.cluster).await?;
+            ztunnel_config::run(
+                &client,
+                section,
+                pod.as_deref(),
+                node.as_deref(),
+                output == Output::Json,
+            )
+            .await?;
+        }
     }
     Ok(true)
 }
@@ -172,7 +296,7 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("zmeshctl: {e}");
             match e {
-                Error::BadHub(_) | Error::BadTag(_) => ExitCode::from(2),
+                Error::BadHub(_) | Error::BadTag(_) | Error::BadWaypoint(_) => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }

@@ -1,0 +1,271 @@
+//! The real `zmeshctl` against a real mesh: a two-node lab cluster (the controller, each
+//! node's agent and ztunnel as real processes in network namespaces), seen through the
+//! API-server double as Kubernetes would show it. The test installs with `zmeshctl install`,
+//! then plays the kubelet: a Node per lab node and a Pod per mesh process, in `istio-system`,
+//! with the DaemonSets' and Deployment's labels, its IP, and its Ready condition from the
+//! process's own readiness (ztunnel's `/healthz/ready`, the agent's `/v1/ready`, the
+//! controller's `/ready`), probed just before each check. The double forwards ports into the
+//! pods' network namespaces, as the kubelet does, so `check` and `ztunnel-config` read the
+//! real ztunnels' admin ports and the real controller's `/debug/status`.
+//!
+//! Then one node's agent is stopped: `check` must fail the agent line, name the node, give
+//! its hint and exit 1. Both outputs are written to `$ZMESH_CHECK_OUT_DIR` when set.
+//!
+//! Needs root and `cargo build --workspace --bins` first.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use zmesh_tests::apiserver::ApiServer;
+use zmesh_tests::bin_path;
+use zmesh_tests::cluster::Cluster;
+use zmesh_tests::sandbox::Sandbox;
+
+const NS: &str = "istio-system";
+const NODES: [&str; 2] = ["n1", "n2"];
+
+/// A kubeconfig for the double.
+fn kubeconfig(server: &ApiServer) -> Result<tempfile::NamedTempFile> {
+    let file = tempfile::NamedTempFile::new()?;
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {}\n\
+         users:\n- name: tester\n  user: {{}}\ncontexts:\n- name: double\n  context:\n    \
+         cluster: double\n    user: tester\ncurrent-context: double\n",
+        server.url()
+    );
+    std::fs::write(file.path(), text)?;
+    Ok(file)
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn zmeshctl(kubeconfig: &Path, args: &[&str]) -> Result<Run> {
+    let out = Command::new(bin_path("zmeshctl"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("NO_COLOR", "1")
+        .output()
+        .context("run zmeshctl")?;
+    let run = Run {
+        code: out.status.code().context("zmeshctl was killed")?,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "$ zmeshctl {}  (exit {})\n{}{}",
+        args.join(" "),
+        run.code,
+        run.stdout,
+        run.stderr
+    );
+    Ok(run)
+}
+
+/// The Gateway API CRDs, as the upstream install stores them.
+fn install_gateway_api(server: &ApiServer) -> Result<()> {
+    for (kind, plural, scope) in [
+        ("GatewayClass", "gatewayclasses", "Cluster"),
+        ("Gateway", "gateways", "Namespaced"),
+        ("HTTPRoute", "httproutes", "Namespaced"),
+        ("GRPCRoute", "grpcroutes", "Namespaced"),
+    ] {
+        server.apply(json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.gateway.networking.k8s.io")},
+            "spec": {"group": "gateway.networking.k8s.io", "scope": scope,
+                     "names": {"kind": kind, "plural": plural},
+                     "versions": [{"name": "v1", "served": true, "storage": true}]},
+        }))?;
+    }
+    Ok(())
+}
+
+fn pod(name: &str, app: &str, node: &str, ip: &str, ready: bool) -> Value {
+    let ready = if ready { "True" } else { "False" };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
+        "spec": {"nodeName": node, "containers": [{"name": app, "image": app}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                   "conditions": [{"type": "Ready", "status": ready}]},
+    })
+}
+
+/// Probes every mesh process of the lab and writes what the kubelet would: Nodes, Pods with
+/// their Ready condition, the controller Deployment's status (scaled to the one controller
+/// the lab runs).
+fn kubelet(api: &ApiServer, cluster: &Cluster<'_>, sb: &Sandbox) -> Result<()> {
+    for node in NODES {
+        api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}))?;
+        let node_ip = cluster.node_ip(node).to_string();
+        let agent_ready = cluster.agent_ready(node).is_ok_and(|s| s == 200);
+        api.apply(pod(
+            &format!("zmesh-cni-agent-{node}"),
+            "zmesh-cni-agent",
+            node,
+            &node_ip,
+            agent_ready,
+        ))?;
+        let zpod = cluster.ztunnel_pod(node)?;
+        let zready = cluster
+            .ztunnel(node)?
+            .ready_status()
+            .is_ok_and(|s| s == 200);
+        api.apply(pod(
+            &zpod.name,
+            "ztunnel",
+            node,
+            &zpod.ip.to_string(),
+            zready,
+        ))?;
+        api.set_pod_netns(NS, &zpod.name, &sb.netns_path(Some(&zpod.netns)));
+    }
+    // The controller runs in the sandbox's root netns, monitoring on 0.0.0.0:15014.
+    let root = sb.netns(None);
+    let ready = zmesh_tests::http::get(&root, "127.0.0.1:15014".parse()?, "/ready")
+        .is_ok_and(|r| r.status == 200);
+    let address = cluster.controller_access().address;
+    let ip = address
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .map_or(address.as_str(), |(ip, _)| ip);
+    api.apply(pod(
+        "zmesh-controller-0",
+        "zmesh-controller",
+        NODES[0],
+        ip,
+        ready,
+    ))?;
+    api.set_pod_netns(NS, "zmesh-controller-0", &sb.netns_path(None));
+    let mut d = api
+        .get("apps/v1", "Deployment", NS, "zmesh-controller")
+        .context("the controller Deployment was installed")?;
+    d["spec"]["replicas"] = json!(1);
+    let n = i32::from(ready);
+    d["status"] = json!({"replicas": 1, "readyReplicas": n, "updatedReplicas": 1,
+                         "availableReplicas": n});
+    api.apply(d)?;
+    Ok(())
+}
+
+fn save(name: &str, run: &Run) {
+    if let Some(dir) = std::env::var_os("ZMESH_CHECK_OUT_DIR") {
+        let text = format!("$ zmeshctl check\n{}(exit {})\n", run.stdout, run.code);
+        let _ = std::fs::write(Path::new(&dir).join(name), text);
+    }
+}
+
+#[test]
+fn check_passes_on_a_healthy_lab_and_fails_the_agent_line_when_an_agent_stops() -> Result<()> {
+    let sb = Sandbox::new()?;
+    let mut cluster = Cluster::up(&sb, &NODES)?;
+    cluster.set_namespace_label("demo", Some("ambient"))?;
+    let app = cluster.create_pod("n1", "demo", "app", "app", &[])?;
+    cluster.create_pod("n2", "demo", "peer", "peer", &[])?;
+    cluster.wait_mesh_synced()?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let api = rt.block_on(ApiServer::start());
+    install_gateway_api(&api)?;
+    let kc = kubeconfig(&api)?;
+    let run = zmeshctl(kc.path(), &["install"])?;
+    ensure!(run.code == 0, "install failed: {}", run.stderr);
+
+    // Healthy: every line passes (ztunnels may still be fetching certificates: poll).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let healthy = loop {
+        kubelet(&api, &cluster, &sb)?;
+        let run = zmeshctl(kc.path(), &["check"])?;
+        if run.code == 0 || std::time::Instant::now() > deadline {
+            break run;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    save("Z-check-healthy.txt", &healthy);
+    assert_eq!(healthy.code, 0, "{}", healthy.stdout);
+    assert!(!healthy.stdout.contains('✘'), "{}", healthy.stdout);
+    for line in [
+        "✔ node agent ready on every node: 2/2 nodes",
+        "✔ ztunnel ready on every node: 2/2 nodes",
+        "✔ workload certificates valid: ",
+        "✔ ztunnel xDS in sync with the controller: 2 ztunnels hold the ",
+        "all checks passed",
+    ] {
+        assert!(
+            healthy.stdout.contains(line),
+            "no {line:?} in\n{}",
+            healthy.stdout
+        );
+    }
+
+    // ztunnel-config reads the real ztunnel on n1 through the double's port-forward.
+    let run = zmeshctl(kc.path(), &["ztunnel-config", "workloads", "--node", "n1"])?;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("app"))
+        .unwrap_or_else(|| panic!("no row for pod app in\n{}", run.stdout));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        ["demo", "app", &app.ip.to_string(), "n1", "None", "HBONE"]
+    );
+    let run = zmeshctl(
+        kc.path(),
+        &["ztunnel-config", "certificates", "ztunnel-n1", "-o", "json"],
+    )?;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let certs: Value = serde_json::from_str(&run.stdout)?;
+    let cert = certs
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["identity"] == app.spiffe_id()))
+        .unwrap_or_else(|| panic!("no certificate of {} in {certs}", app.spiffe_id()));
+    let serial = cert["serial"].as_str().unwrap_or("");
+    assert!(
+        !serial.is_empty() && serial.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{cert}"
+    );
+    let run = zmeshctl(kc.path(), &["ztunnel-config", "certificates", "ztunnel-n1"])?;
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&app.spiffe_id()))
+        .unwrap_or_else(|| panic!("no row for {} in\n{}", app.spiffe_id(), run.stdout));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..5], ["Leaf", "Available", "true", serial], "{row}");
+
+    // A broken node: n2's agent stops.
+    cluster.stop_agent("n2")?;
+    kubelet(&api, &cluster, &sb)?;
+    let broken = zmeshctl(kc.path(), &["check"])?;
+    save("Z-check-broken.txt", &broken);
+    assert_eq!(broken.code, 1, "{}", broken.stdout);
+    assert!(
+        broken.stdout.contains(
+            "✘ node agent ready on every node: 1/2 nodes; not on n2 \
+             (pod zmesh-cni-agent-n2 not ready)\n    hint: kubectl -n istio-system get pods \
+             -l app=zmesh-cni-agent -o wide"
+        ),
+        "{}",
+        broken.stdout
+    );
+    let failed: Vec<&str> = broken
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('✘'))
+        .collect();
+    assert_eq!(failed.len(), 1, "{}", broken.stdout);
+    drop(api);
+    drop(rt);
+    Ok(())
+}
