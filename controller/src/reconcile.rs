@@ -127,6 +127,7 @@ impl Reconciler {
             let next = translate(&objects, &self.mesh);
             if let Some(writer) = &self.status {
                 writer.write(&objects, desired_updates(&objects, &next));
+                writer.write_gateways(&objects, &next.waypoints);
             }
             (self.store.generation(), next)
         };

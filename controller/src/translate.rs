@@ -49,7 +49,7 @@ pub use authorization_policy::{
 pub use authz::{DRY_RUN_ANNOTATION, PolicyIssue, authorization_json, translate_policies};
 pub use json::{service_json, to_json, workload_json};
 pub use objects::{Kind, KubeObject, ObjectKey, Objects, TranslateError, key_of, parse_yaml};
-pub use waypoint::{Target, Waypoint, WaypointFor, Waypoints};
+pub use waypoint::{Rejection, Target, Waypoint, WaypointFor, Waypoints};
 
 /// Label that enrols a Namespace or Pod in the mesh (`ambient`), or opts a Pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";

@@ -111,8 +111,23 @@ pub struct Waypoint {
 pub struct Waypoints {
     /// Valid waypoints keyed by (namespace, name).
     pub valid: BTreeMap<(String, String), Waypoint>,
-    /// Rejected Gateways of class `istio-waypoint`: (namespace, name) -> what to fix.
-    pub rejected: BTreeMap<(String, String), String>,
+    /// Rejected Gateways of class `istio-waypoint`: (namespace, name) -> why.
+    pub rejected: BTreeMap<(String, String), Rejection>,
+}
+
+/// Why a Gateway of class `istio-waypoint` is not a waypoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Gateway API reason of its `Accepted=False` condition: `ListenersNotValid` or `Invalid`.
+    pub reason: &'static str,
+    /// What to fix.
+    pub message: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 impl Waypoints {
@@ -128,13 +143,22 @@ impl Waypoints {
             }
             let namespace = namespace_of(&gw.metadata).to_owned();
             let labels = gw.metadata.labels.as_ref();
-            let verdict = check_listeners(gw).and_then(|()| {
-                WaypointFor::parse(
-                    labels
-                        .and_then(|l| l.get(WAYPOINT_FOR_LABEL))
-                        .map(String::as_str),
-                )
-            });
+            let verdict = check_listeners(gw)
+                .map_err(|message| Rejection {
+                    reason: "ListenersNotValid",
+                    message,
+                })
+                .and_then(|()| {
+                    WaypointFor::parse(
+                        labels
+                            .and_then(|l| l.get(WAYPOINT_FOR_LABEL))
+                            .map(String::as_str),
+                    )
+                    .map_err(|message| Rejection {
+                        reason: "Invalid",
+                        message,
+                    })
+                });
             match verdict {
                 Ok(traffic) => {
                     let vips = service_vips(objects, &namespace, &name);

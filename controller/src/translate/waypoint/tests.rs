@@ -261,7 +261,9 @@ fn gateway_validation() {
     for (listeners, says) in bad_listeners {
         let y = gateway("app", "wp", None, WAYPOINT_CLASS, listeners);
         let w = Waypoints::new(&Objects::from_yaml(&y).unwrap(), &MeshConfig::default());
-        let reason = &w.rejected[&("app".to_owned(), "wp".to_owned())];
+        let r = &w.rejected[&("app".to_owned(), "wp".to_owned())];
+        assert_eq!(r.reason, "ListenersNotValid");
+        let reason = &r.message;
         assert!(
             reason.contains("exactly one listener"),
             "{listeners}: {reason}"
@@ -271,7 +273,9 @@ fn gateway_validation() {
     }
     let y = gateway("app", "wp", Some("services"), WAYPOINT_CLASS, MESH);
     let w = Waypoints::new(&Objects::from_yaml(&y).unwrap(), &MeshConfig::default());
-    let reason = &w.rejected[&("app".to_owned(), "wp".to_owned())];
+    let r = &w.rejected[&("app".to_owned(), "wp".to_owned())];
+    assert_eq!(r.reason, "Invalid");
+    let reason = &r.message;
     assert!(
         reason.contains("istio.io/waypoint-for=\"services\""),
         "{reason}"
