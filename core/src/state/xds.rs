@@ -707,6 +707,66 @@ mod state_tests {
         }
     }
 
+    /// Issue 11: a Service's `waypoint` from xDS must survive conversion, so its VIP traffic
+    /// goes to the waypoint instead of silently straight to a pod.
+    #[test]
+    fn an_xds_waypoint_is_kept_and_routes_to_the_waypoint() {
+        let mut server = convert_workload("s", tests_workload("s", [10, 0, 0, 2])).unwrap();
+        server
+            .services
+            .insert("default/echo".into(), PortMap::from([(80, 8080)]));
+        let mut wp = convert_workload("wp", tests_workload("wp", [10, 0, 0, 9])).unwrap();
+        wp.services
+            .insert("default/wp".into(), PortMap::from([(15008, 15008)]));
+        let vip = |ip: [u8; 4]| pb::NetworkAddress {
+            network: String::new(),
+            address: ip.to_vec(),
+            length: None,
+        };
+        let port = |p| pb::Port {
+            service_port: p,
+            target_port: p,
+            app_protocol: 0,
+        };
+        let echo = pb::Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            hostname: "echo".into(),
+            addresses: vec![vip([10, 96, 0, 1])],
+            ports: vec![port(80)],
+            waypoint: Some(pb::GatewayAddress {
+                destination: Some(pb::gateway_address::Destination::Address(vip([
+                    10, 96, 0, 9,
+                ]))),
+                hbone_mtls_port: 15008,
+            }),
+            ..Default::default()
+        };
+        let wp_svc = pb::Service {
+            name: "wp".into(),
+            namespace: "default".into(),
+            hostname: "wp".into(),
+            addresses: vec![vip([10, 96, 0, 9])],
+            ports: vec![port(15008)],
+            ..Default::default()
+        };
+        let services = [
+            convert_service("default/echo", echo).unwrap(),
+            convert_service("default/wp", wp_svc).unwrap(),
+        ];
+        let (st, _) = State::from_resources(
+            [Arc::new(server), Arc::new(wp)],
+            services.into_iter().map(Arc::new),
+        );
+        match st.route("10.96.0.1:80".parse().unwrap(), None, |_| 0) {
+            Resolved::Waypoint(w) => {
+                assert_eq!(w.hbone, "10.0.0.9:15008".parse().unwrap());
+                assert_eq!(w.target, "10.96.0.1:80".parse().unwrap());
+            }
+            other => panic!("traffic to a bound Service must go to its waypoint: {other:?}"),
+        }
+    }
+
     fn tests_workload(uid: &str, ip: [u8; 4]) -> pb::Workload {
         pb::Workload {
             uid: uid.into(),
