@@ -12,6 +12,10 @@
 //! must change, so writing a status (which comes back as a watch event) never loops. The
 //! [`StatusWriter`] patches them through the status subresource (Kubernetes source only; a
 //! YAML directory is the user's, and is never written to: there the log says the same).
+//!
+//! Waypoint Gateways get their status the same way ([`gateway`]).
+
+pub mod gateway;
 
 use std::collections::BTreeMap;
 
@@ -161,6 +165,7 @@ pub fn patch_body(existing: Option<&Value>, update: &StatusUpdate, now: &str) ->
 #[derive(Clone)]
 pub struct StatusWriter {
     tx: mpsc::UnboundedSender<(StatusUpdate, Option<Value>)>,
+    gateways: mpsc::UnboundedSender<(gateway::GatewayUpdate, Value)>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -173,6 +178,8 @@ impl StatusWriter {
     /// Starts the writer task on `client`.
     pub fn spawn(client: kube::Client) -> StatusWriter {
         let (tx, mut rx) = mpsc::unbounded_channel::<(StatusUpdate, Option<Value>)>();
+        let (gateways, gw_rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_gateways(client.clone(), gw_rx));
         tokio::spawn(async move {
             while let Some((update, existing)) = rx.recv().await {
                 let api: Api<AuthorizationPolicy> =
@@ -191,7 +198,19 @@ impl StatusWriter {
                 }
             }
         });
-        StatusWriter { tx }
+        StatusWriter { tx, gateways }
+    }
+
+    /// Queues the waypoint Gateways whose status must change.
+    pub fn write_gateways(&self, objects: &Objects, waypoints: &crate::translate::Waypoints) {
+        for update in gateway::desired_gateway_updates(objects, waypoints) {
+            let existing = objects
+                .gateways
+                .get(&(update.namespace.clone(), update.name.clone()))
+                .map(|g| g.data["status"].clone())
+                .unwrap_or_default();
+            let _ = self.gateways.send((update, existing));
+        }
     }
 
     /// Queues the updates (each with the policy's current status, to merge into).
@@ -202,6 +221,29 @@ impl StatusWriter {
                 .get(&(update.namespace.clone(), update.name.clone()))
                 .and_then(|p| p.status.clone());
             let _ = self.tx.send((update, existing));
+        }
+    }
+}
+
+/// Patches each queued Gateway status through the status subresource.
+async fn write_gateways(
+    client: kube::Client,
+    mut rx: mpsc::UnboundedReceiver<(gateway::GatewayUpdate, Value)>,
+) {
+    let gvk = kube::api::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway");
+    let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, "gateways");
+    while let Some((update, existing)) = rx.recv().await {
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &update.namespace, &resource);
+        let body = gateway::gateway_patch(&existing, &update, &now_rfc3339());
+        let name = format!("{}/{}", update.namespace, update.name);
+        match api
+            .patch_status(&update.name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => debug!(gateway = %name, "waypoint Gateway status written"),
+            // The next pass retries: the object still shows the old status.
+            Err(e) => warn!(gateway = %name, error = %e, "writing the Gateway status failed"),
         }
     }
 }

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::identity::{IdentityError, SpiffeId};
 use crate::policy::{Connection, Decision, Policy, PolicySet};
 
+pub mod waypoint;
 pub mod xds;
+
+pub use waypoint::{GatewayAddress, GatewayDestination, NamespacedHostname, WaypointUpstream};
 
 /// How a workload accepts mesh traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +126,9 @@ pub struct Workload {
     /// `"<namespace>/<name>"`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
+    /// The waypoint traffic addressed to this workload's IP goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl Workload {
@@ -150,6 +156,9 @@ pub struct Service {
     pub ports: PortMap,
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// The waypoint traffic addressed to this service's VIPs goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl Service {
@@ -457,6 +466,17 @@ pub enum Resolved {
     /// A service with no healthy endpoint.
     NoEndpoints {
         service: String,
+    },
+    /// Traffic for what a waypoint fronts, to the waypoint.
+    Waypoint(WaypointUpstream),
+    /// Traffic for what a waypoint fronts while the waypoint cannot be reached: refused.
+    WaypointNotReady {
+        /// The Service (`<namespace>/<hostname>`) or address the traffic was for.
+        destination: String,
+        /// The waypoint's address.
+        waypoint: String,
+        /// Why it cannot be reached.
+        reason: &'static str,
     },
 }
 

@@ -54,6 +54,30 @@ pub struct WorkloadSpec {
     /// `<namespace>/<name>` of the `WorkloadSelector` policies that select this workload.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
+    /// The waypoint of traffic addressed to this workload's IP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointSpec>,
+    /// `Unhealthy` to take it out of load balancing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'static str>,
+}
+
+/// A waypoint's address (`waypoint:`): `{destination: "<network>/<ip>", hboneMtlsPort}`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointSpec {
+    pub destination: String,
+    pub hbone_mtls_port: u16,
+}
+
+impl WaypointSpec {
+    /// The waypoint whose Service VIP is `vip`, on HBONE port 15008.
+    pub fn vip(vip: impl ToString) -> WaypointSpec {
+        WaypointSpec {
+            destination: format!("/{}", vip.to_string()),
+            hbone_mtls_port: 15008,
+        }
+    }
 }
 
 impl WorkloadSpec {
@@ -69,7 +93,21 @@ impl WorkloadSpec {
             node: String::new(),
             services: BTreeMap::new(),
             authorization_policies: Vec::new(),
+            waypoint: None,
+            status: None,
         }
+    }
+
+    /// Sends traffic addressed to this workload's IP through `waypoint`.
+    pub fn waypoint(mut self, waypoint: WaypointSpec) -> Self {
+        self.waypoint = Some(waypoint);
+        self
+    }
+
+    /// Marks the workload unhealthy (no load balancing picks it).
+    pub fn unhealthy(mut self) -> Self {
+        self.status = Some("Unhealthy");
+        self
     }
 
     /// Lists policy `<namespace>/<name>` as selecting this workload (`WorkloadSelector` scope).
@@ -147,6 +185,9 @@ pub struct ServiceSpec {
     pub ports: BTreeMap<u16, u16>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
+    /// The waypoint of traffic addressed to this service's VIP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointSpec>,
 }
 
 impl ServiceSpec {
@@ -159,7 +200,14 @@ impl ServiceSpec {
             vips: vec![format!("/{}", vip.to_string())],
             ports: BTreeMap::new(),
             subject_alt_names: Vec::new(),
+            waypoint: None,
         }
+    }
+
+    /// Sends traffic addressed to this service's VIP through `waypoint`.
+    pub fn waypoint(mut self, waypoint: WaypointSpec) -> Self {
+        self.waypoint = Some(waypoint);
+        self
     }
 
     pub fn namespace(mut self, ns: &str) -> Self {

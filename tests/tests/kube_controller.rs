@@ -405,3 +405,95 @@ async fn policy_status_says_what_ztunnel_enforces() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+fn gateway(name: &str, listener: Value) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"gatewayClassName": "istio-waypoint", "listeners": [listener]}})
+}
+
+fn gateway_condition(api: &ApiServer, name: &str, kind: &str) -> Option<Value> {
+    let g = api.get("gateway.networking.k8s.io/v1", "Gateway", "shop", name)?;
+    g["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .cloned()
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn waypoint_gateway_status_follows_its_listeners_and_service() {
+    let s = setup().await;
+    let hbone = json!({"name": "mesh", "port": 15008, "protocol": "HBONE"});
+    s.api.apply(gateway("wp", hbone)).unwrap();
+    s.api
+        .apply(gateway(
+            "bad",
+            json!({"name": "web", "port": 80, "protocol": "HTTP"}),
+        ))
+        .unwrap();
+    wait_for("both Gateways' status", || {
+        gateway_condition(&s.api, "wp", "Programmed").is_some()
+            && gateway_condition(&s.api, "bad", "Accepted").is_some()
+    })
+    .await;
+    let accepted = gateway_condition(&s.api, "wp", "Accepted").unwrap();
+    assert_eq!(accepted["status"], "True", "{accepted}");
+    let programmed = gateway_condition(&s.api, "wp", "Programmed").unwrap();
+    assert_eq!(
+        (programmed["status"].as_str(), programmed["reason"].as_str()),
+        (Some("False"), Some("AddressNotAssigned"))
+    );
+    let bad = gateway_condition(&s.api, "bad", "Accepted").unwrap();
+    assert_eq!(
+        (bad["status"].as_str(), bad["reason"].as_str()),
+        (Some("False"), Some("ListenersNotValid"))
+    );
+    assert!(
+        bad["message"]
+            .as_str()
+            .unwrap()
+            .contains("exactly one listener"),
+        "{bad}"
+    );
+
+    // The waypoint's Service gets a VIP: Programmed, with the address.
+    s.api
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "wp", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.5.5", "clusterIPs": ["10.96.5.5"],
+                     "ports": [{"name": "mesh", "port": 15008}]}}))
+        .unwrap();
+    wait_for("Programmed=True", || {
+        gateway_condition(&s.api, "wp", "Programmed").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let wp = s
+        .api
+        .get("gateway.networking.k8s.io/v1", "Gateway", "shop", "wp")
+        .unwrap();
+    assert_eq!(
+        wp["status"]["addresses"],
+        json!([{"type": "IPAddress", "value": "10.96.5.5"}])
+    );
+
+    // Written statuses come back as watch events; they must not cause more writes.
+    let patches = || {
+        s.api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("PATCH") && r.contains("gateways"))
+            .count()
+    };
+    let settled = patches();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(patches(), settled, "status writes must not loop");
+}

@@ -7,6 +7,10 @@
 //! `response_flags="DENY"` (as Istio's ztunnel does); one closed later because a policy change
 //! denies it is counted closed with `DENY`. Its access-log line names the deciding policy
 //! (`policy=<namespace>/<name>`), as does the line of a connection an ALLOW policy admitted.
+//!
+//! A connection refused because the waypoint in front of its destination cannot be reached is
+//! counted in `zmesh_waypoint_unavailable_total{destination, waypoint}` (and closed with
+//! `response_flags="UH"`), so a missing waypoint is visible, never a silent bypass.
 
 use std::time::Instant;
 
@@ -165,6 +169,17 @@ pub struct Metrics {
     pub closed: Family<TrafficLabels, Counter>,
     pub sent: Family<TrafficLabels, Counter>,
     pub received: Family<TrafficLabels, Counter>,
+    /// Connections refused because their destination's waypoint cannot be reached.
+    pub waypoint_unavailable: Family<WaypointLabels, Counter>,
+}
+
+/// Labels of [`Metrics::waypoint_unavailable`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaypointLabels {
+    /// The Service (`<namespace>/<hostname>`) or address the connection was for.
+    pub destination: String,
+    /// The waypoint's address as published.
+    pub waypoint: String,
 }
 
 impl Metrics {
@@ -190,6 +205,11 @@ impl Metrics {
             "tcp_received_bytes",
             "The size of total bytes received during request in case of a TCP connection",
             m.received.clone(),
+        );
+        registry.sub_registry_with_prefix("zmesh").register(
+            "waypoint_unavailable",
+            "Connections refused because the waypoint in front of their destination cannot be reached",
+            m.waypoint_unavailable.clone(),
         );
         m
     }

@@ -23,7 +23,7 @@ use zmesh_core::socket::{SocketOptions, original_dst};
 use zmesh_core::state::{Protocol, Resolved, State, Workload};
 
 use crate::config::{Config, WorkloadInfo};
-use crate::metrics::{ConnectionRecord, Metrics, TrafficLabels, connection_failed};
+use crate::metrics::{ConnectionRecord, Metrics, TrafficLabels, WaypointLabels, connection_failed};
 
 pub use copy::{Bytes, copy, copy_until};
 pub use inbound::{serve_hbone, serve_plaintext};
@@ -75,6 +75,15 @@ pub enum ProxyError {
     NoPort { service: String, port: u16 },
     #[error("service {0} has no healthy endpoint")]
     NoEndpoints(String),
+    #[error(
+        "refused: {destination} is behind waypoint {waypoint}, which cannot be reached ({reason}); \
+         check the waypoint's Gateway, Service and pods (traffic is never sent around a waypoint)"
+    )]
+    WaypointNotReady {
+        destination: String,
+        waypoint: String,
+        reason: &'static str,
+    },
     #[error("no certificate for {0}: {1}")]
     Certificate(SpiffeId, zmesh_core::certs::CertError),
     #[error(transparent)]
@@ -108,7 +117,7 @@ impl ProxyError {
             ProxyError::Hbone(e) => e.response_flag(),
             ProxyError::Certificate(..) => "IDENTITY_ERROR",
             ProxyError::NoPort { .. } => "NR",
-            ProxyError::NoEndpoints(_) => "UH",
+            ProxyError::NoEndpoints(_) | ProxyError::WaypointNotReady { .. } => "UH",
             ProxyError::Denied(_) | ProxyError::Revoked { .. } => "DENY",
             ProxyError::Io(_) | ProxyError::Copy { .. } => "-",
             _ => "CONNECT",
@@ -271,7 +280,7 @@ impl Proxy {
         // One snapshot for the whole decision: a reload in between cannot mix two configs.
         let state = self.state.load_full();
         let local = state.workload_by_key(&self.workload_key).cloned();
-        let resolved = state.resolve(orig, |n| rand::random_range(0..n));
+        let resolved = state.route(orig, local.as_deref(), |n| rand::random_range(0..n));
         let mut labels = self.source_labels("source", local.as_deref());
         match resolved {
             Resolved::Upstream(up) => {
@@ -282,25 +291,7 @@ impl Proxy {
                 if up.workload.protocol == Protocol::Hbone {
                     labels.connection_security_policy = "mutual_tls";
                     let hbone = SocketAddr::new(up.address.ip(), self.cfg.ports.hbone);
-                    let src = SourceInfo {
-                        addr: Some(peer),
-                        service_host: up.service.as_ref().map(|s| s.hostname.clone()),
-                        cluster: self.cfg.cluster_id.clone(),
-                        namespace: self.workload.namespace.clone(),
-                        workload_name: self.workload.name.clone(),
-                        workload_type: local
-                            .as_ref()
-                            .map(|w| w.workload_type.clone())
-                            .unwrap_or_default(),
-                        canonical_name: local
-                            .as_ref()
-                            .map(|w| w.canonical_name.clone())
-                            .unwrap_or_default(),
-                        canonical_revision: local
-                            .as_ref()
-                            .map(|w| w.canonical_revision.clone())
-                            .unwrap_or_default(),
-                    };
+                    let src = self.source_info(peer, up.service.as_deref(), local.as_deref());
                     let key =
                         PoolKey::new(self.identity.clone(), up.identities, hbone, Some(peer.ip()));
                     let rec = ConnectionRecord::open(
@@ -344,6 +335,78 @@ impl Proxy {
                     ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
                 finish(rec, Err(ProxyError::NoEndpoints(service)));
             }
+            Resolved::Waypoint(wp) => {
+                // The waypoint is the peer; the destination labels stay the original's.
+                labels.connection_security_policy = "mutual_tls";
+                if let Some(s) = &wp.service {
+                    labels = labels.service(s);
+                } else if let Some(w) = state.workload_by_ip(wp.target.ip()) {
+                    labels = labels.destination(w);
+                }
+                let src = self.source_info(peer, wp.service.as_deref(), local.as_deref());
+                let key = PoolKey::new(
+                    self.identity.clone(),
+                    wp.identities,
+                    wp.hbone,
+                    Some(peer.ip()),
+                );
+                let rec = ConnectionRecord::open(
+                    &self.metrics,
+                    labels,
+                    "outbound",
+                    peer,
+                    wp.hbone,
+                    Some(wp.target),
+                );
+                // CONNECT names the original destination: the waypoint picks the endpoint.
+                let res = self.outbound_hbone(stream, key, wp.target, &src).await;
+                finish(rec, res);
+            }
+            Resolved::WaypointNotReady {
+                destination,
+                waypoint,
+                reason,
+            } => {
+                refuse(&stream);
+                self.metrics
+                    .waypoint_unavailable
+                    .get_or_create(&WaypointLabels {
+                        destination: destination.clone(),
+                        waypoint: waypoint.clone(),
+                    })
+                    .inc();
+                let rec =
+                    ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
+                finish(
+                    rec,
+                    Err(ProxyError::WaypointNotReady {
+                        destination,
+                        waypoint,
+                        reason,
+                    }),
+                );
+            }
+        }
+    }
+
+    /// What the HBONE request says about the source (headers `forwarded`, `baggage`).
+    fn source_info(
+        &self,
+        peer: SocketAddr,
+        service: Option<&zmesh_core::state::Service>,
+        local: Option<&Workload>,
+    ) -> SourceInfo {
+        SourceInfo {
+            addr: Some(peer),
+            service_host: service.map(|s| s.hostname.clone()),
+            cluster: self.cfg.cluster_id.clone(),
+            namespace: self.workload.namespace.clone(),
+            workload_name: self.workload.name.clone(),
+            workload_type: local.map(|w| w.workload_type.clone()).unwrap_or_default(),
+            canonical_name: local.map(|w| w.canonical_name.clone()).unwrap_or_default(),
+            canonical_revision: local
+                .map(|w| w.canonical_revision.clone())
+                .unwrap_or_default(),
         }
     }
 

@@ -2,9 +2,10 @@
 //! converted to the model, one resource at a time, so that a bad resource can be refused
 //! (NACKed, by name and field) while the good ones of the same response are applied.
 //!
-//! What the model does not carry yet is dropped here: a workload's or a service's `waypoint`
-//! and `network_gateway`, `application_tunnel`, `locality`, load-balancing preferences and
-//! extensions.
+//! What the model does not carry yet is dropped here: a workload's `network_gateway`,
+//! `application_tunnel`, `locality`, a service's weighted (canary) waypoints, load-balancing
+//! preferences and extensions. `waypoint` is kept (a bad one refuses the resource: traffic
+//! must never skip a waypoint because its address could not be read).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -12,7 +13,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use prost::Message;
 use xds_proto::istio::workload as pb;
 
-use super::{HealthStatus, NetworkAddress, PortMap, Protocol, Service, Workload};
+use super::{
+    GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress, PortMap,
+    Protocol, Service, Workload,
+};
 
 /// Trust domain of a workload that names none (Istio's default).
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -133,6 +137,58 @@ fn ports(res: &str, field: &str, list: &[pb::Port]) -> Result<PortMap, ResourceE
     Ok(out)
 }
 
+/// Converts a waypoint's `GatewayAddress` (`field` names it in errors).
+fn gateway(res: &str, field: &str, g: pb::GatewayAddress) -> Result<GatewayAddress, ResourceError> {
+    use pb::gateway_address::Destination;
+    let destination = match g.destination {
+        Some(Destination::Address(a)) => {
+            let address = ip_from_bytes(&a.address).ok_or_else(|| {
+                err(
+                    res,
+                    format!("{field}.address.address"),
+                    format!(
+                        "{} bytes; an address is 4 (IPv4) or 16 (IPv6) bytes",
+                        a.address.len()
+                    ),
+                )
+            })?;
+            GatewayDestination::Address(NetworkAddress {
+                network: a.network,
+                address,
+            })
+        }
+        Some(Destination::Hostname(h)) if !h.namespace.is_empty() && !h.hostname.is_empty() => {
+            GatewayDestination::Hostname(NamespacedHostname {
+                namespace: h.namespace,
+                hostname: h.hostname,
+            })
+        }
+        Some(Destination::Hostname(_)) => {
+            return Err(err(
+                res,
+                format!("{field}.hostname"),
+                "needs both namespace and hostname",
+            ));
+        }
+        None => {
+            return Err(err(
+                res,
+                format!("{field}.destination"),
+                "missing; a waypoint needs an address or a hostname",
+            ));
+        }
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port: port(
+            res,
+            format!("{field}.hbone_mtls_port"),
+            g.hbone_mtls_port,
+            false,
+        )?,
+    })
+}
+
 /// Converts a `Workload` named `name` (its uid).
 pub fn convert_workload(name: &str, w: pb::Workload) -> Result<Workload, ResourceError> {
     for (field, v) in [
@@ -209,8 +265,13 @@ pub fn convert_workload(name: &str, w: pb::Workload) -> Result<Workload, Resourc
             ports(name, &format!("{field}.ports"), &list.ports)?,
         );
     }
+    let waypoint = w
+        .waypoint
+        .map(|g| gateway(name, "waypoint", g))
+        .transpose()?;
     let or = |v: String, d: &str| if v.is_empty() { d.to_owned() } else { v };
     let out = Workload {
+        waypoint,
         uid: w.uid,
         name: w.name,
         namespace: w.namespace,
@@ -283,6 +344,10 @@ pub fn convert_service(name: &str, s: pb::Service) -> Result<Service, ResourceEr
         });
     }
     Ok(Service {
+        waypoint: s
+            .waypoint
+            .map(|g| gateway(name, "waypoint", g))
+            .transpose()?,
         ports: ports(name, "ports", &s.ports)?,
         name: s.name,
         namespace: s.namespace,
@@ -322,7 +387,16 @@ mod tests {
                 },
             )]
             .into(),
-            waypoint: Some(pb::GatewayAddress::default()),
+            waypoint: Some(pb::GatewayAddress {
+                destination: Some(pb::gateway_address::Destination::Address(
+                    pb::NetworkAddress {
+                        network: String::new(),
+                        address: vec![10, 96, 0, 99],
+                        length: None,
+                    },
+                )),
+                hbone_mtls_port: 15008,
+            }),
             authorization_policies: vec!["default/allow-client".into()],
             ..Default::default()
         }
@@ -384,6 +458,13 @@ mod tests {
             PortMap::from([(80, 8080)])
         );
         assert_eq!(w.authorization_policies, vec!["default/allow-client"]);
+        assert_eq!(
+            w.waypoint,
+            Some(GatewayAddress {
+                destination: GatewayDestination::Address("/10.96.0.99".parse().unwrap()),
+                hbone_mtls_port: 15008,
+            })
+        );
         // Defaults for the empty strings, NONE is plain TCP.
         let mut bare = workload();
         bare.trust_domain.clear();
@@ -498,6 +579,41 @@ mod tests {
                 "ports[0].service_port",
                 "70000",
             ),
+            (
+                |w| w.waypoint = Some(pb::GatewayAddress::default()),
+                "waypoint.destination",
+                "an address or a hostname",
+            ),
+            (
+                |w| w.waypoint.as_mut().unwrap().hbone_mtls_port = 0,
+                "waypoint.hbone_mtls_port",
+                "port 0",
+            ),
+            (
+                |w| {
+                    w.waypoint.as_mut().unwrap().destination = Some(
+                        pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+                            namespace: String::new(),
+                            hostname: "wp".into(),
+                        }),
+                    );
+                },
+                "waypoint.hostname",
+                "namespace and hostname",
+            ),
+            (
+                |w| {
+                    w.waypoint.as_mut().unwrap().destination = Some(
+                        pb::gateway_address::Destination::Address(pb::NetworkAddress {
+                            network: String::new(),
+                            address: vec![1, 2],
+                            length: None,
+                        }),
+                    );
+                },
+                "waypoint.address.address",
+                "2 bytes",
+            ),
         ];
         for (edit, field, reason) in cases {
             let mut w = workload();
@@ -576,6 +692,7 @@ mod state_tests {
             vips: vec!["/10.96.0.1".parse().unwrap()],
             ports: PortMap::from([(80, 0)]),
             subject_alt_names: vec![],
+            waypoint: None,
         };
         let (st, conflicts) = State::from_resources([Arc::new(a), Arc::new(b)], [Arc::new(svc)]);
         assert_eq!(conflicts.len(), 1, "{conflicts:?}");
@@ -587,6 +704,66 @@ mod state_tests {
         match st.resolve("10.96.0.1:80".parse().unwrap(), |_| 0) {
             Resolved::Upstream(u) => assert_eq!(u.address, "10.0.0.2:8080".parse().unwrap()),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Issue 11: a Service's `waypoint` from xDS must survive conversion, so its VIP traffic
+    /// goes to the waypoint instead of silently straight to a pod.
+    #[test]
+    fn an_xds_waypoint_is_kept_and_routes_to_the_waypoint() {
+        let mut server = convert_workload("s", tests_workload("s", [10, 0, 0, 2])).unwrap();
+        server
+            .services
+            .insert("default/echo".into(), PortMap::from([(80, 8080)]));
+        let mut wp = convert_workload("wp", tests_workload("wp", [10, 0, 0, 9])).unwrap();
+        wp.services
+            .insert("default/wp".into(), PortMap::from([(15008, 15008)]));
+        let vip = |ip: [u8; 4]| pb::NetworkAddress {
+            network: String::new(),
+            address: ip.to_vec(),
+            length: None,
+        };
+        let port = |p| pb::Port {
+            service_port: p,
+            target_port: p,
+            app_protocol: 0,
+        };
+        let echo = pb::Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            hostname: "echo".into(),
+            addresses: vec![vip([10, 96, 0, 1])],
+            ports: vec![port(80)],
+            waypoint: Some(pb::GatewayAddress {
+                destination: Some(pb::gateway_address::Destination::Address(vip([
+                    10, 96, 0, 9,
+                ]))),
+                hbone_mtls_port: 15008,
+            }),
+            ..Default::default()
+        };
+        let wp_svc = pb::Service {
+            name: "wp".into(),
+            namespace: "default".into(),
+            hostname: "wp".into(),
+            addresses: vec![vip([10, 96, 0, 9])],
+            ports: vec![port(15008)],
+            ..Default::default()
+        };
+        let services = [
+            convert_service("default/echo", echo).unwrap(),
+            convert_service("default/wp", wp_svc).unwrap(),
+        ];
+        let (st, _) = State::from_resources(
+            [Arc::new(server), Arc::new(wp)],
+            services.into_iter().map(Arc::new),
+        );
+        match st.route("10.96.0.1:80".parse().unwrap(), None, |_| 0) {
+            Resolved::Waypoint(w) => {
+                assert_eq!(w.hbone, "10.0.0.9:15008".parse().unwrap());
+                assert_eq!(w.target, "10.96.0.1:80".parse().unwrap());
+            }
+            other => panic!("traffic to a bound Service must go to its waypoint: {other:?}"),
         }
     }
 

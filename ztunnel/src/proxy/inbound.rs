@@ -1,5 +1,13 @@
 //! Inbound: HBONE on 15008 (mutual TLS, HTTP/2 CONNECT to the local workload) and plaintext
 //! on 15006 (clients outside the mesh; no peer identity).
+//!
+//! Waypoints: inbound only ever delivers to the local workload, so a tunnel from the
+//! workload's waypoint (its identity, from one of its endpoints: `State::from_waypoint`) is
+//! delivered and never sent back to the waypoint. A tunnel to a waypoint-bound workload that
+//! did not come through the waypoint is delivered too, as upstream ztunnel does (istio/ztunnel
+//! @ `62d82653` `src/proxy/inbound.rs`); it is logged at debug level. To make traversal
+//! mandatory, allow only the waypoint's identity with an AuthorizationPolicy (Istio's
+//! documented pattern).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -166,6 +174,14 @@ impl Proxy {
                     "target {target} is not this workload (connection arrived on {local_addr})"
                 ),
             );
+        }
+        if local_w.waypoint.is_some() {
+            let from_waypoint = peer_id
+                .as_ref()
+                .as_ref()
+                .is_some_and(|id| state.from_waypoint(local_w, id, src_addr.ip()));
+            tracing::debug!(%target, %src_addr, from_waypoint,
+                "tunnel to a waypoint-bound workload: delivered to the workload only");
         }
         let mut labels = TrafficLabels::new("destination");
         if let Some(w) = state.workload_by_ip(src_addr.ip()) {
