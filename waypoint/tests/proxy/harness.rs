@@ -362,6 +362,22 @@ async fn handle(
             }
             Ok(ok(full(n.to_string())))
         }
+        // A streamed response of `n` bytes, in 64 KiB frames.
+        p if p.starts_with("/bytes/") => {
+            let mut n: u64 = p["/bytes/".len()..].parse().unwrap();
+            let (tx, body) = channel_body();
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                while n > 0 {
+                    let k = n.min(chunk.len() as u64) as usize;
+                    if tx.send(Frame::data(chunk.slice(..k))).await.is_err() {
+                        return;
+                    }
+                    n -= k as u64;
+                }
+            });
+            Ok(ok(body))
+        }
         "/slow" => {
             release.notified().await;
             Ok(ok(full("slow")))

@@ -3,6 +3,7 @@
 //! waypoint, which proxies to fake node tunnels serving a test app.
 
 mod harness;
+mod large;
 
 use std::net::SocketAddr;
 use std::time::Duration;
