@@ -347,8 +347,10 @@ mod tests {
     fn metric_names_and_labels() {
         let mut reg = Registry::default();
         let m = std::sync::Arc::new(Metrics::new(&mut reg));
-        let mut labels = RequestLabels::default();
-        labels.response_code = "200".into();
+        let labels = RequestLabels {
+            response_code: "200".into(),
+            ..Default::default()
+        };
         drop(RequestRecord::new(
             m.clone(),
             labels,
