@@ -1,5 +1,5 @@
 //! Metrics (`/metrics`, `/stats/prometheus`) and readiness (`/healthz/ready`: the certificate
-//! is at hand) on one HTTP/1.1 listener (15020), on the shared accept path.
+//! is at hand and the config known) on one HTTP/1.1 listener (15020), on the shared accept path.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -47,14 +47,19 @@ async fn handle(wp: Arc<Waypoint>, req: Request<Incoming>) -> Response<Full<Byte
                 .summaries()
                 .iter()
                 .any(|c| c.identity == wp.cfg.identity.to_string());
-            if ready {
-                text(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                text(
+            let config = wp.config_ready.load(std::sync::atomic::Ordering::Acquire);
+            match (ready, config) {
+                (true, true) => text(StatusCode::OK, "text/plain", "ready\n".into()),
+                (false, _) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     "not ready: no certificate yet\n".into(),
-                )
+                ),
+                (true, false) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: no config from the controller yet\n".into(),
+                ),
             }
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

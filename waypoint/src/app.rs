@@ -15,6 +15,7 @@ use zmesh_core::hbone::{Pool, SourceInfo};
 use zmesh_core::tls::LocalCa;
 
 use crate::bound::{BoundError, Snapshot};
+use crate::ca::RemoteCa;
 use crate::config::Config;
 use crate::telemetry::Metrics;
 use crate::upstream::Upstreams;
@@ -28,6 +29,9 @@ pub struct Waypoint {
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
+    /// Whether the config is known (always with a local file; with xDS once both types
+    /// arrived): readiness waits for it.
+    pub config_ready: std::sync::atomic::AtomicBool,
     /// Cancelled to drain: listeners stop, connections shut down gracefully.
     pub drain: CancellationToken,
     /// Every connection's task.
@@ -43,6 +47,8 @@ pub enum StartError {
     NoCertificateSource,
     #[error(transparent)]
     Config(#[from] BoundError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("cannot listen on {0}: {1} (is another process using the port?)")]
     Listen(SocketAddr, std::io::Error),
 }
@@ -66,20 +72,29 @@ impl Running {
 }
 
 impl Waypoint {
-    /// Starts with the certificate source and config named by `cfg` (local CA, local file).
+    /// Starts with the certificate source and config named by `cfg`: the controller's CA or a
+    /// local one; the controller's delta ADS or a local file.
     pub async fn start(cfg: Config) -> Result<Running, StartError> {
-        let source: Arc<dyn CertificateSource> = match &cfg.local_ca {
-            Some((cert, key)) => Arc::new(LocalCaSource {
+        let source: Arc<dyn CertificateSource> = match (&cfg.local_ca, &cfg.ca) {
+            (Some((cert, key)), _) => Arc::new(LocalCaSource {
                 ca: LocalCa::load(cert, key)?,
                 ttl: cfg.cert_ttl,
             }),
-            None => return Err(StartError::NoCertificateSource),
+            (None, Some(target)) => Arc::new(RemoteCa::new(target, cfg.auth(), cfg.cert_ttl)?),
+            (None, None) => return Err(StartError::NoCertificateSource),
         };
         let snapshot = match &cfg.local_config {
             Some(p) => Snapshot::load(p)?,
             None => Snapshot::default(),
         };
-        Waypoint::start_with(cfg, source, snapshot).await
+        let xds = cfg.xds.clone();
+        let running = Waypoint::start_with(cfg, source, snapshot).await?;
+        if let Some(target) = xds {
+            let wp = running.waypoint.clone();
+            let node = crate::xds::node(&wp.cfg);
+            crate::xds::start(wp.clone(), &target, wp.cfg.auth(), node)?;
+        }
+        Ok(running)
     }
 
     /// Starts with a given certificate source and first snapshot (tests, embedders).
@@ -89,6 +104,7 @@ impl Waypoint {
         snapshot: Snapshot,
     ) -> Result<Running, StartError> {
         zmesh_core::tls::install_default_provider();
+        let from_xds = cfg.xds.is_some();
         let certs = CertStore::new(source);
         let pool = Pool::new(cfg.pool, cfg.h2, cfg.sockets.clone());
         let me = SourceInfo {
@@ -128,6 +144,7 @@ impl Waypoint {
             upstreams,
             metrics,
             registry,
+            config_ready: std::sync::atomic::AtomicBool::new(!from_xds),
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });

@@ -11,7 +11,13 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::Limits;
 use zmesh_core::socket::SocketOptions;
 
+use crate::control::{Auth, Target, Token};
 use crate::upstream::LbPolicy;
+
+/// Where Kubernetes mounts the mesh root (`XDS_ROOT_CA`, `CA_ROOT_CA` default).
+pub const DEFAULT_ROOT_CA: &str = "./var/run/secrets/istio/root-cert.pem";
+/// Where the projected `istio-ca` token is mounted (`AUTH_TOKEN` default).
+pub const DEFAULT_AUTH_TOKEN: &str = "./var/run/secrets/tokens/istio-token";
 
 /// Everything the waypoint needs to start.
 #[derive(Clone, Debug)]
@@ -32,6 +38,12 @@ pub struct Config {
     pub upstream_hbone_port: u16,
     /// The local config file (`LOCAL_XDS_PATH`): workloads, services and bound services.
     pub local_config: Option<PathBuf>,
+    /// The controller's delta ADS (`XDS_ADDRESS`, root `XDS_ROOT_CA`), instead of a file.
+    pub xds: Option<Target>,
+    /// The controller's CA (`CA_ADDRESS`, default `XDS_ADDRESS`; root `CA_ROOT_CA`).
+    pub ca: Option<Target>,
+    /// The credential for both (`AUTH_TOKEN`: a file re-read per call, or the token).
+    pub auth_token: String,
     /// The local CA that signs the waypoint's certificate (`LOCAL_CA_CERT`, `LOCAL_CA_KEY`).
     pub local_ca: Option<(PathBuf, PathBuf)>,
     /// Certificate lifetime asked for (`SECRET_TTL`, default 24h).
@@ -75,6 +87,14 @@ fn invalid(var: &'static str, value: &str, reason: impl ToString) -> ConfigError
 }
 
 impl Config {
+    /// The headers that authenticate calls to the controller.
+    pub fn auth(&self) -> Auth {
+        Auth {
+            token: Token::from_env_value(&self.auth_token),
+            cluster_id: self.cluster_id.clone(),
+        }
+    }
+
     /// A config for `identity` with defaults everywhere else.
     pub fn new(identity: SpiffeId) -> Config {
         Config {
@@ -85,6 +105,9 @@ impl Config {
             admin_addr: "[::]:15020".parse().expect("static address"),
             upstream_hbone_port: zmesh_core::hbone::HBONE_PORT,
             local_config: None,
+            xds: None,
+            ca: None,
+            auth_token: DEFAULT_AUTH_TOKEN.into(),
             local_ca: None,
             cert_ttl: Duration::from_secs(24 * 3600),
             lb: LbPolicy::RoundRobin,
@@ -173,17 +196,59 @@ impl Config {
                 .map_err(|e| invalid("TERMINATION_GRACE_PERIOD_SECONDS", v, e))?;
             cfg.drain_deadline = Duration::from_secs(s);
         }
-        if cfg.local_config.is_none() {
-            return Err(ConfigError::Missing(
-                "LOCAL_XDS_PATH is not set: the waypoint reads its workloads, services and \
-                 bound services from that file"
-                    .into(),
-            ));
+        if let Some(v) = get("AUTH_TOKEN") {
+            cfg.auth_token = v.to_owned();
         }
-        if cfg.local_ca.is_none() {
-            return Err(ConfigError::Missing(
-                "no certificate source: set LOCAL_CA_CERT and LOCAL_CA_KEY".into(),
-            ));
+        let xds_address = get("XDS_ADDRESS");
+        let xds_root = get("XDS_ROOT_CA").unwrap_or(DEFAULT_ROOT_CA);
+        cfg.xds = xds_address.map(|a| Target {
+            var: "XDS_ADDRESS",
+            address: a.to_owned(),
+            root_ca: xds_root.into(),
+            root_var: "XDS_ROOT_CA",
+        });
+        // CA_ADDRESS defaults to XDS_ADDRESS; set but empty means no remote CA.
+        let (ca_var, ca_address) = match env.get("CA_ADDRESS") {
+            Some(v) => ("CA_ADDRESS", Some(v.as_str()).filter(|v| !v.is_empty())),
+            None => ("XDS_ADDRESS", xds_address),
+        };
+        cfg.ca = ca_address.map(|a| Target {
+            var: ca_var,
+            address: a.to_owned(),
+            root_ca: get("CA_ROOT_CA").unwrap_or(xds_root).into(),
+            root_var: "CA_ROOT_CA",
+        });
+        match (&cfg.local_config, &cfg.xds) {
+            (None, None) => {
+                return Err(ConfigError::Missing(
+                    "no config source: set XDS_ADDRESS (the controller, e.g. \
+                     https://istiod.istio-system.svc:15012) or LOCAL_XDS_PATH (a local file)"
+                        .into(),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Missing(
+                    "both LOCAL_XDS_PATH and XDS_ADDRESS are set: choose one config source".into(),
+                ));
+            }
+            _ => {}
+        }
+        match (&cfg.local_ca, &cfg.ca) {
+            (None, None) => {
+                return Err(ConfigError::Missing(
+                    "no certificate source: set CA_ADDRESS (or XDS_ADDRESS) for the \
+                     controller's CA, or LOCAL_CA_CERT and LOCAL_CA_KEY"
+                        .into(),
+                ));
+            }
+            (Some(_), Some(t)) => {
+                return Err(ConfigError::Missing(format!(
+                    "{}={:?} (the remote CA) and LOCAL_CA_CERT/LOCAL_CA_KEY are both set: unset \
+                     one (CA_ADDRESS= with an empty value keeps XDS_ADDRESS for config only)",
+                    t.var, t.address
+                )));
+            }
+            _ => {}
         }
         Ok(cfg)
     }
@@ -207,6 +272,23 @@ mod tests {
         ("LOCAL_CA_CERT", "/ca.pem"),
         ("LOCAL_CA_KEY", "/ca.key"),
     ];
+
+    #[test]
+    fn controller_for_config_and_certificates() {
+        let e = env(&[
+            ("POD_NAMESPACE", "default"),
+            ("XDS_ADDRESS", "https://istiod:15012"),
+            ("AUTH_TOKEN", "/var/run/token"),
+        ]);
+        let c = Config::from_env(&e).unwrap();
+        let ca = c.ca.unwrap();
+        assert_eq!(
+            (ca.var, ca.address.as_str()),
+            ("XDS_ADDRESS", "https://istiod:15012")
+        );
+        assert_eq!(ca.root_ca, PathBuf::from(DEFAULT_ROOT_CA));
+        assert_eq!(c.auth_token, "/var/run/token");
+    }
 
     #[test]
     fn reads_env() {
@@ -235,6 +317,17 @@ mod tests {
         e.remove("POD_NAMESPACE");
         let err = Config::from_env(&e).unwrap_err().to_string();
         assert!(err.contains("POD_NAMESPACE"), "{err}");
+        let mut e = env(&BASE);
+        e.insert("XDS_ADDRESS".into(), "https://istiod:15012".into());
+        let err = Config::from_env(&e).unwrap_err().to_string();
+        assert!(err.contains("choose one"), "{err}");
+        e.remove("LOCAL_XDS_PATH");
+        let err = Config::from_env(&e).unwrap_err().to_string();
+        assert!(err.contains("LOCAL_CA_CERT"), "{err}");
+        e.insert("CA_ADDRESS".into(), String::new());
+        let c = Config::from_env(&e).unwrap();
+        assert_eq!(c.xds.unwrap().address, "https://istiod:15012");
+        assert!(c.ca.is_none());
         let mut e = env(&BASE);
         e.insert("WAYPOINT_HBONE_ADDR".into(), "15008".into());
         let err = Config::from_env(&e).unwrap_err().to_string();

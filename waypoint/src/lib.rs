@@ -7,12 +7,15 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod bound;
+pub mod ca;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod server;
 pub mod sniff;
 pub mod telemetry;
 pub mod upstream;
+pub mod xds;
 
 pub use app::{Running, Waypoint};
 pub use config::Config;
