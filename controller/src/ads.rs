@@ -23,12 +23,14 @@
 //! proxy gets it. The default sends everything.
 
 pub mod cache;
+pub mod scope;
 pub mod stream;
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use zmesh_core::identity::SpiffeId;
 use zmesh_core::peer_text::PeerText;
 
 use futures::Stream;
@@ -43,6 +45,7 @@ use xds_proto::envoy::service::discovery::v3::{
 };
 
 pub use cache::{Cache, Change, Entry};
+pub use scope::waypoint_scope;
 pub use stream::{Filter, Node, StreamState, allow_all};
 
 /// Maximum gRPC message size, both directions (ztunnel uses the same limit).
@@ -95,11 +98,12 @@ pub struct StreamInfo {
 type Registry = Arc<Mutex<HashMap<u64, StreamInfo>>>;
 
 /// Decides whether a stream may open, from its request metadata (the bearer token and
-/// `clusterid` headers); an `Err` status is returned to the client as is.
+/// `clusterid` headers), and returns who the caller is (the [`Filter`] sees it as
+/// [`Node::identity`]); an `Err` status is returned to the client as is.
 pub type StreamAuth = Arc<
     dyn Fn(
             tonic::metadata::MetadataMap,
-        ) -> Pin<Box<dyn std::future::Future<Output = Result<(), Status>> + Send>>
+        ) -> Pin<Box<dyn std::future::Future<Output = Result<SpiffeId, Status>> + Send>>
         + Send
         + Sync,
 >;
@@ -205,12 +209,11 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = request.remote_addr();
+        let mut identity = None;
         if let Some(auth) = &self.auth {
-            auth(request.metadata().clone())
-                .await
-                .inspect_err(|status| {
-                    warn!(?peer, reason = %PeerText::new(status.message()), "delta ADS stream refused");
-                })?;
+            identity = Some(auth(request.metadata().clone()).await.inspect_err(|status| {
+                warn!(?peer, reason = %PeerText::new(status.message()), "delta ADS stream refused");
+            })?);
         }
         if !self.cache.ready(READY_WAIT).await {
             return Err(Status::unavailable(
@@ -222,7 +225,7 @@ impl AggregatedDiscoveryService for AdsServer {
         // Subscribe before reading anything so no change between now and the first request
         // is missed.
         let changes = self.cache.subscribe();
-        let state = StreamState::new(id, self.filter.clone());
+        let state = StreamState::new(id, self.filter.clone()).with_peer(identity);
         lock(&self.streams).insert(
             id,
             StreamInfo {

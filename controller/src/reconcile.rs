@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use prost_types::Any;
 use tracing::{debug, info, warn};
+use xds_proto::BOUND_SERVICE_TYPE_URL;
 use xds_proto::istio::workload::{Address, address};
 
 use crate::ads::Cache;
@@ -154,6 +155,20 @@ impl Reconciler {
         removed += removals.len();
         if let Err(e) = self.cache.apply(AUTHORIZATION_TYPE, upserts, removals) {
             warn!(error = %e, "authorization resources not applied");
+        }
+        let (upserts, removals) = diff(&self.last.bound_services, &next.bound_services, |b| {
+            pack(BOUND_SERVICE_TYPE_URL, b)
+        });
+        changed += upserts.len();
+        removed += removals.len();
+        if let Err(e) = self.cache.apply(BOUND_SERVICE_TYPE_URL, upserts, removals) {
+            warn!(error = %e, "waypoint BoundService resources not applied");
+        }
+        for (key, reason) in &next.waypoints.rejected {
+            if self.last.waypoints.rejected.get(key) != Some(reason) {
+                warn!(gateway = %format!("{}/{}", key.0, key.1), %reason,
+                    "Gateway of class istio-waypoint rejected; nothing is bound to it");
+            }
         }
         let stats = PassStats {
             generation,

@@ -108,7 +108,10 @@ impl Default for ControllerLimits {
     }
 }
 
-/// Reads a `<node> <token>` file (blank lines and `#` comments allowed).
+/// Reads a `<node> <token> [<spiffe id>]` file (blank lines and `#` comments allowed). A line
+/// without an identity is a node's ztunnel (it authenticates as `ztunnel`); a line with one is
+/// another proxy on that node that authenticates as that identity (a waypoint: its Gateway's
+/// service account).
 pub fn read_node_tokens(path: &PathBuf, ztunnel: SpiffeId) -> Result<NodeTokenAuthenticator> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the node token file {}", path.display()))?;
@@ -119,15 +122,28 @@ pub fn read_node_tokens(path: &PathBuf, ztunnel: SpiffeId) -> Result<NodeTokenAu
             continue;
         }
         let mut parts = line.split_whitespace();
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some(node), Some(token), None) if token.len() >= 32 => auth.add_token(token, node),
-            (Some(_), Some(_), None) => anyhow::bail!(
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(node), Some(token), None, None) if token.len() >= 32 => {
+                auth.add_token(token, node)
+            }
+            (Some(node), Some(token), Some(id), None) if token.len() >= 32 => {
+                let identity: SpiffeId = id.parse().with_context(|| {
+                    format!(
+                        "{}:{}: the third field must be a SPIFFE id \
+                         (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)",
+                        path.display(),
+                        n + 1
+                    )
+                })?;
+                auth.add_proxy_token(token, node, identity);
+            }
+            (Some(_), Some(_), _, None) => anyhow::bail!(
                 "{}:{}: the token is shorter than 32 characters; use a random secret",
                 path.display(),
                 n + 1
             ),
             _ => anyhow::bail!(
-                "{}:{}: expected `<node-name> <token>`",
+                "{}:{}: expected `<node-name> <token> [<spiffe id>]`",
                 path.display(),
                 n + 1
             ),
@@ -330,12 +346,15 @@ pub async fn start_with_client(
             let authenticator = authenticator.clone();
             let cluster = cluster.clone();
             Box::pin(async move {
-                authenticator.authenticate(&md).await?;
-                crate::ca::check_cluster(cluster.as_deref(), &md).map_err(|e| e.status())
+                let caller = authenticator.authenticate(&md).await?;
+                crate::ca::check_cluster(cluster.as_deref(), &md).map_err(|e| e.status())?;
+                Ok(caller.identity)
             })
         })
     };
-    let ads = AdsServer::new(cache).with_auth(stream_auth);
+    let ads = AdsServer::new(cache)
+        .with_auth(stream_auth)
+        .with_filter(crate::ads::waypoint_scope(cfg.mesh.trust_domain.clone()));
     let workload_ca = WorkloadCa::new(
         ca,
         cfg.ca.clone(),

@@ -17,14 +17,16 @@
 //!   ports resolved against the Pod's container ports. Services without a selector take their
 //!   endpoints from EndpointSlices whose endpoints reference Pods (`targetRef`);
 //! - waypoints come from `istio.io/use-waypoint` (+ `istio.io/use-waypoint-namespace`) on the
-//!   Pod or Service, else on the Namespace; the value `none` opts out of a namespace waypoint,
-//!   and waypoints themselves are never bound to a waypoint.
+//!   Pod or Service, else on the Namespace, and are published only for a valid waypoint
+//!   Gateway that accepts that kind of traffic (rules in [`waypoint`]); each Service bound to a
+//!   waypoint also becomes a `zmesh.waypoint.v1.BoundService` for that waypoint.
 
 mod authorization_policy;
 mod authz;
 mod json;
 mod objects;
 mod service;
+pub mod waypoint;
 mod workload;
 
 #[cfg(test)]
@@ -35,8 +37,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use xds_proto::istio::security::Authorization;
-use xds_proto::istio::workload::gateway_address::Destination;
-use xds_proto::istio::workload::{GatewayAddress, NamespacedHostname, Service, Workload};
+use xds_proto::istio::workload::{Service, Workload};
+use xds_proto::zmesh::waypoint::v1::BoundService;
 
 pub use authorization_policy::crd as authorization_policy_crd;
 pub use authorization_policy::{
@@ -47,6 +49,7 @@ pub use authorization_policy::{
 pub use authz::{DRY_RUN_ANNOTATION, PolicyIssue, authorization_json, translate_policies};
 pub use json::{service_json, to_json, workload_json};
 pub use objects::{Kind, KubeObject, ObjectKey, Objects, TranslateError, key_of, parse_yaml};
+pub use waypoint::{Target, Waypoint, WaypointFor, Waypoints};
 
 /// Label that enrols a Namespace or Pod in the mesh (`ambient`), or opts a Pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -98,6 +101,11 @@ pub struct Translated {
     pub authorizations: BTreeMap<String, Authorization>,
     /// AuthorizationPolicies that were not sent to ztunnel, or were sent narrowed.
     pub issues: Vec<PolicyIssue>,
+    /// Services bound to a valid waypoint, keyed by `<namespace>/<hostname>`
+    /// (`type.googleapis.com/zmesh.waypoint.v1.BoundService`, served to that waypoint only).
+    pub bound_services: BTreeMap<String, BoundService>,
+    /// Every Gateway of class `istio-waypoint`, judged (for status and logs).
+    pub waypoints: Waypoints,
 }
 
 /// Translates `objects` into workload API resources. Never fails: objects that cannot be
@@ -109,11 +117,17 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
         .collect();
     let ns_labels = |ns: &str| namespaces.get(ns).copied();
+    let waypoints = Waypoints::new(objects, mesh);
 
     let mut services = BTreeMap::new();
+    let mut bound_services = BTreeMap::new();
     for svc in objects.services.values() {
-        if let Some(out) = service::translate_service(svc, ns_labels, mesh) {
+        if let Some(out) = service::translate_service(svc, ns_labels, &waypoints, mesh) {
             services.insert(format!("{}/{}", out.namespace, out.hostname), out);
+        }
+        let ns = namespace_of(&svc.metadata);
+        if let Some(out) = waypoint::bound_service(svc, &waypoints, ns_labels(ns), mesh) {
+            bound_services.insert(format!("{}/{}", out.namespace, out.hostname), out);
         }
     }
     let slice_ports = service::endpoint_slice_ports(objects, mesh);
@@ -130,9 +144,15 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         let candidates = services_by_ns
             .get(namespace_of(&pod.metadata))
             .map_or(&[][..], Vec::as_slice);
-        if let Some(out) =
-            workload::translate_pod(pod, ns_labels, candidates, &slice_ports, objects, mesh)
-        {
+        if let Some(out) = workload::translate_pod(
+            pod,
+            ns_labels,
+            candidates,
+            &slice_ports,
+            objects,
+            &waypoints,
+            mesh,
+        ) {
             workloads.insert(out.uid.clone(), out);
         }
     }
@@ -142,6 +162,8 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         services,
         authorizations,
         issues,
+        bound_services,
+        waypoints,
     }
 }
 
@@ -153,47 +175,4 @@ pub fn service_hostname(name: &str, namespace: &str, mesh: &MeshConfig) -> Strin
 /// An object's namespace; Kubernetes' `default` when the document leaves it out.
 fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
-}
-
-/// The waypoint an object is bound to: its own `istio.io/use-waypoint` label first (`none`
-/// opts out), else its namespace's. Waypoints themselves (labelled
-/// `gateway.istio.io/managed=istio.io-mesh-controller`) are never bound, or traffic would loop.
-fn waypoint(
-    own: Option<&BTreeMap<String, String>>,
-    namespace: &str,
-    ns_labels: Option<&BTreeMap<String, String>>,
-    mesh: &MeshConfig,
-) -> Option<GatewayAddress> {
-    if own
-        .and_then(|l| l.get(GATEWAY_MANAGED_LABEL))
-        .map(String::as_str)
-        == Some(WAYPOINT_MANAGED_VALUE)
-    {
-        return None;
-    }
-    let (name, ns) =
-        waypoint_label(own, namespace).or_else(|| waypoint_label(ns_labels, namespace))?;
-    if name.is_empty() || name == "none" {
-        return None;
-    }
-    Some(GatewayAddress {
-        hbone_mtls_port: HBONE_PORT,
-        destination: Some(Destination::Hostname(NamespacedHostname {
-            namespace: ns.to_owned(),
-            hostname: service_hostname(name, ns, mesh),
-        })),
-    })
-}
-
-/// The waypoint name and namespace named by one object's labels.
-fn waypoint_label<'a>(
-    labels: Option<&'a BTreeMap<String, String>>,
-    namespace: &'a str,
-) -> Option<(&'a str, &'a str)> {
-    let labels = labels?;
-    let name = labels.get(USE_WAYPOINT_LABEL)?;
-    let ns = labels
-        .get(USE_WAYPOINT_NAMESPACE_LABEL)
-        .map_or(namespace, String::as_str);
-    Some((name.as_str(), ns))
 }

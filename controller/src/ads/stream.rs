@@ -33,6 +33,8 @@ use xds_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 
+use zmesh_core::identity::SpiffeId;
+
 use super::AdsError;
 use super::cache::{Cache, Change};
 
@@ -66,6 +68,9 @@ pub struct Node {
     pub cluster_id: Option<String>,
     /// The whole metadata Struct (may be empty).
     pub metadata: prost_types::Struct,
+    /// The identity the stream's credentials authenticated (set by the server, never read from
+    /// the request); `None` when the server authenticates no one.
+    pub identity: Option<SpiffeId>,
 }
 
 impl Node {
@@ -83,6 +88,7 @@ impl Node {
             namespace: string("NAMESPACE"),
             cluster_id: string("CLUSTER_ID"),
             metadata,
+            identity: None,
         }
     }
 }
@@ -107,6 +113,7 @@ impl TypeState {
 /// The delta xDS state of one stream. See the module docs for the rules.
 pub struct StreamState {
     node: Option<Node>,
+    peer: Option<SpiffeId>,
     types: BTreeMap<String, TypeState>,
     filter: Filter,
     stream_id: u64,
@@ -130,12 +137,20 @@ impl StreamState {
     pub fn new(stream_id: u64, filter: Filter) -> Self {
         Self {
             node: None,
+            peer: None,
             types: BTreeMap::new(),
             filter,
             stream_id,
             next_nonce: 0,
             nacks: 0,
         }
+    }
+
+    /// Records the identity the stream authenticated as; the filter sees it in
+    /// [`Node::identity`].
+    pub fn with_peer(mut self, peer: Option<SpiffeId>) -> Self {
+        self.peer = peer;
+        self
     }
 
     /// The node identity, once a request carried one.
@@ -169,7 +184,10 @@ impl StreamState {
         if self.node.is_none()
             && let Some(n) = &req.node
         {
-            self.node = Some(Node::from_proto(n));
+            self.node = Some(Node {
+                identity: self.peer.clone(),
+                ..Node::from_proto(n)
+            });
         }
         if req.type_url.is_empty() {
             return Err(AdsError::MissingTypeUrl {
@@ -311,7 +329,10 @@ impl StreamState {
         force: &BTreeSet<String>,
         cache: &Cache,
     ) -> Option<DeltaDiscoveryResponse> {
-        let default_node = Node::default();
+        let default_node = Node {
+            identity: self.peer.clone(),
+            ..Node::default()
+        };
         let node = self.node.as_ref().unwrap_or(&default_node);
         let ts = self.types.get_mut(type_url)?;
         let mut resources = Vec::new();

@@ -58,7 +58,8 @@ pub trait PodLocator: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct NodeTokenAuthenticator {
     ztunnel_identity: SpiffeId,
-    tokens: Vec<(Vec<u8>, String)>,
+    /// (token, node, identity when not ztunnel's).
+    tokens: Vec<(Vec<u8>, String, Option<SpiffeId>)>,
 }
 
 impl NodeTokenAuthenticator {
@@ -80,9 +81,18 @@ impl NodeTokenAuthenticator {
 
     /// Registers a node with a token made elsewhere (e.g. read from the lab's files).
     pub fn add_token(&mut self, token: &str, node: &str) {
-        self.tokens.retain(|(_, n)| n != node);
+        self.tokens.retain(|(_, n, id)| n != node || id.is_some());
         self.tokens
-            .push((token.as_bytes().to_vec(), node.to_owned()));
+            .push((token.as_bytes().to_vec(), node.to_owned(), None));
+    }
+
+    /// Registers another proxy on `node` (a waypoint) that authenticates as `identity` with
+    /// `token`. It is not the node's ztunnel: the CA lets it have only its own identity.
+    pub fn add_proxy_token(&mut self, token: &str, node: &str, identity: SpiffeId) {
+        self.tokens
+            .retain(|(_, n, id)| n != node || id.as_ref() != Some(&identity));
+        self.tokens
+            .push((token.as_bytes().to_vec(), node.to_owned(), Some(identity)));
     }
 }
 
@@ -93,15 +103,22 @@ impl Authenticator for NodeTokenAuthenticator {
         // Compare against every token, in constant time per token, so that timing tells
         // nothing about which (or how much of a) token matched.
         let mut found = None;
-        for (known, node) in &self.tokens {
+        for (known, node, identity) in &self.tokens {
             if constant_time_eq(known, token.as_bytes()) {
-                found = Some(node);
+                found = Some((node, identity));
             }
         }
-        let node = found.ok_or_else(|| Status::unauthenticated("unknown node token"))?;
-        Ok(Caller {
-            identity: self.ztunnel_identity.clone(),
-            node: Some(node.clone()),
+        let (node, identity) =
+            found.ok_or_else(|| Status::unauthenticated("unknown node token"))?;
+        Ok(match identity {
+            None => Caller {
+                identity: self.ztunnel_identity.clone(),
+                node: Some(node.clone()),
+            },
+            Some(identity) => Caller {
+                identity: identity.clone(),
+                node: None,
+            },
         })
     }
 }

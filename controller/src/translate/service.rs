@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Pod, Service as KubeService, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use xds_proto::istio::workload::{NetworkAddress, Port, PortList, Service};
 
-use super::{MeshConfig, Objects, namespace_of, service_hostname, waypoint};
+use super::{MeshConfig, Objects, Target, Waypoints, namespace_of, service_hostname};
 
 /// Label on an EndpointSlice naming the Service it belongs to.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -21,6 +21,7 @@ pub(super) type SlicePorts = BTreeMap<(String, String), BTreeMap<String, Vec<Por
 pub(super) fn translate_service<'a>(
     svc: &KubeService,
     ns_labels: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
+    waypoints: &Waypoints,
     mesh: &MeshConfig,
 ) -> Option<Service> {
     let name = svc.metadata.name.as_deref()?;
@@ -59,11 +60,11 @@ pub(super) fn translate_service<'a>(
         hostname: service_hostname(name, namespace, mesh),
         addresses,
         ports,
-        waypoint: waypoint(
+        waypoint: waypoints.address(
             svc.metadata.labels.as_ref(),
             namespace,
             ns_labels(namespace),
-            mesh,
+            Target::Service,
         ),
         ..Service::default()
     })

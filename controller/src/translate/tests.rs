@@ -200,3 +200,33 @@ proptest! {
         let _ = to_json(&out);
     }
 }
+
+/// Issue 11: a `istio.io/use-waypoint` label naming a Gateway that does not exist (or is not a
+/// valid waypoint) must not publish a binding; one naming a valid waypoint does.
+#[test]
+fn a_binding_is_published_only_for_an_existing_waypoint_gateway() {
+    let text = "\
+apiVersion: v1
+kind: Service
+metadata: {name: ghosted, namespace: app, labels: {istio.io/use-waypoint: ghost}}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bound, namespace: app, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: app}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+";
+    let out = translate(&Objects::from_yaml(text).unwrap(), &MeshConfig::default());
+    let ghosted = &out.services["app/ghosted.app.svc.cluster.local"];
+    assert_eq!(
+        ghosted.waypoint, None,
+        "bound to a Gateway that does not exist"
+    );
+    let bound = &out.services["app/bound.app.svc.cluster.local"];
+    assert!(bound.waypoint.is_some(), "bound to the existing waypoint");
+}

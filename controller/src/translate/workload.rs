@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use xds_proto::istio::workload::{TunnelProtocol, Workload, WorkloadStatus, WorkloadType};
 
 use super::service::{SlicePorts, ip_bytes, pod_ports, port_list, selects};
-use super::{DATAPLANE_MODE_LABEL, MeshConfig, namespace_of, service_hostname, waypoint};
+use super::{DATAPLANE_MODE_LABEL, MeshConfig, Target, Waypoints, namespace_of, service_hostname};
 
 /// Labels giving a workload's canonical service name, most specific first.
 const CANONICAL_NAME_LABELS: [&str; 3] = [
@@ -30,6 +30,7 @@ pub(super) fn translate_pod<'a>(
     services: &[&KubeService],
     slice_ports: &SlicePorts,
     objects: &super::Objects,
+    waypoints: &Waypoints,
     mesh: &MeshConfig,
 ) -> Option<Workload> {
     let name = pod.metadata.name.as_deref()?;
@@ -104,7 +105,7 @@ pub(super) fn translate_pod<'a>(
             .filter(|sa| !sa.is_empty())
             .unwrap_or("default")
             .to_owned(),
-        waypoint: waypoint(labels, namespace, namespace_labels, mesh),
+        waypoint: waypoints.address(labels, namespace, namespace_labels, Target::Workload),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         canonical_name: first_label(&CANONICAL_NAME_LABELS)
             .unwrap_or(name)
