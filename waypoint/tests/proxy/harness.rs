@@ -115,7 +115,11 @@ impl Mesh {
     /// Endpoints named `names`; those in `dead` have no node tunnel (connects are refused).
     pub async fn new(names: &[&str], dead: &[&str]) -> Mesh {
         zmesh_core::tls::install_default_provider();
-        let ca = LocalCa::generate("waypoint-test").unwrap();
+        Mesh::with_ca(names, dead, LocalCa::generate("waypoint-test").unwrap()).await
+    }
+
+    /// Like [`Mesh::new`], with certificates from `ca` (the controller's root).
+    pub async fn with_ca(names: &[&str], dead: &[&str], ca: LocalCa) -> Mesh {
         let release = Arc::new(Notify::new());
         let ips: Vec<IpAddr> = (0..names.len()).map(endpoint_ip).collect();
         let (port, ls) = listeners(&ips).await;

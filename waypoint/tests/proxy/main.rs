@@ -2,6 +2,7 @@
 //! a client's HBONE (hand-built as upstream ztunnel sends it, and zmesh's own pool) to the
 //! waypoint, which proxies to fake node tunnels serving a test app.
 
+mod controller;
 mod harness;
 mod large;
 
