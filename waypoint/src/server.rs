@@ -13,13 +13,13 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
 use zmesh_core::serve::{
-    ActiveGuard, Activity, FdHeadroom, Listener, ServeError, serve_h2, tls_accept,
+    ActiveGuard, Activity, FdHeadroom, Listener, ServeError, Tracked, serve_h2, tls_accept,
 };
 use zmesh_core::tls::peer_identity;
 
@@ -286,14 +286,24 @@ async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Tunnel) {
         matches!(declared, PortProtocol::Http2 | PortProtocol::Grpc) || kind == Detected::Http2;
     let w = wp.clone();
     let d = ds.clone();
-    let svc = service_fn(move |req| {
-        let w = w.clone();
-        let d = d.clone();
-        async move { Ok::<_, Infallible>(proxy(w, d, req, up_h2).await) }
-    });
+    // Requests count as in flight until their response body ends; a connection with none for
+    // the HBONE idle timeout is shut down gracefully, so an idle keep-alive connection does not
+    // hold its tunnel (and the HBONE connection) forever.
+    let activity = Activity::new();
+    let svc = Tracked::new(
+        service_fn(move |req| {
+            let w = w.clone();
+            let d = d.clone();
+            async move { Ok::<_, Infallible>(proxy(w, d, req, up_h2).await) }
+        }),
+        activity.clone(),
+    );
+    let idle = wp.cfg.hbone_limits.idle_timeout;
     let result = match kind {
         Detected::Http1 => {
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(wp.cfg.hbone_limits.handshake_timeout)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
@@ -301,6 +311,10 @@ async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Tunnel) {
             tokio::select! {
                 r = conn.as_mut() => r,
                 _ = wp.drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = activity.idle(idle) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -312,6 +326,10 @@ async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Tunnel) {
             tokio::select! {
                 r = conn.as_mut() => r,
                 _ = wp.drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = activity.idle(idle) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

@@ -352,3 +352,34 @@ async fn every_endpoint_refusing_is_503_uf() {
     let (code, _) = admin_get(wp.admin_addr, "/healthz/ready").await;
     assert_eq!(code, StatusCode::OK);
 }
+
+/// An idle keep-alive connection inside a tunnel is closed after the HBONE idle timeout (so
+/// the tunnel, and the client's HBONE connection, can go), never while a request is open.
+#[tokio::test]
+async fn idle_connection_in_a_tunnel_is_closed() {
+    let mesh = Mesh::new(&["echo-a"], &[]).await;
+    let snapshot = zmesh_waypoint::bound::Snapshot::from_yaml(&mesh.yaml).unwrap();
+    let mut cfg = mesh.config(LbPolicy::RoundRobin);
+    cfg.hbone_limits.idle_timeout = Duration::from_secs(1);
+    // Longer than the wait below: only the idle timeout may close the connection.
+    cfg.hbone_limits.handshake_timeout = Duration::from_secs(120);
+    let source = std::sync::Arc::new(zmesh_core::certs::LocalCaSource {
+        ca: zmesh_core::tls::LocalCa::from_pem(mesh.ca.cert_pem(), mesh.ca.key_pem()).unwrap(),
+        ttl: Duration::from_secs(3600),
+    });
+    let wp = zmesh_waypoint::Waypoint::start_with(cfg, source, snapshot)
+        .await
+        .unwrap();
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    // A request slower than the idle timeout is not cut.
+    let slow = c.send_request(get("/slow"));
+    let release = mesh.release.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        release.notify_one();
+    });
+    let r = slow.await.unwrap();
+    assert_eq!(text(r).await, "slow");
+    assert!(!c.is_closed());
+    eventually("the idle connection closed", async || c.is_closed()).await;
+}
