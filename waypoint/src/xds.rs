@@ -257,3 +257,69 @@ async fn stream(
         tx.send(ack).await.map_err(|e| (delivered, e.to_string()))?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::Any;
+    use xds_proto::envoy::service::discovery::v3::Resource;
+    use xds_proto::zmesh::waypoint::v1 as pb;
+
+    fn bound(name: &str, port: u32) -> Resource {
+        let b = pb::BoundService {
+            name: "echo".into(),
+            namespace: "default".into(),
+            hostname: format!("{name}.default.svc.cluster.local"),
+            vips: vec![xds_proto::istio::workload::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, if name == "a" { 1 } else { 2 }],
+                length: None,
+            }],
+            ports: vec![pb::ServicePort {
+                port,
+                ..Default::default()
+            }],
+            waypoint: None,
+        };
+        Resource {
+            name: format!("default/{name}"),
+            version: "1".into(),
+            resource: Some(Any {
+                type_url: BOUND_SERVICE_TYPE_URL.into(),
+                value: b.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bad_resources_are_named_and_good_ones_applied() {
+        let mut store = Store::default();
+        let resp = DeltaDiscoveryResponse {
+            type_url: BOUND_SERVICE_TYPE_URL.into(),
+            resources: vec![bound("a", 80), bound("b", 0)],
+            nonce: "n1".into(),
+            ..Default::default()
+        };
+        let errors = store.apply(&resp);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("default/b") && errors[0].contains("ports[0].port"),
+            "{errors:?}"
+        );
+        let snap = store.snapshot().unwrap();
+        assert!(snap.binding("10.96.0.1:80".parse().unwrap()).is_some());
+        assert_eq!(
+            store.versions(BOUND_SERVICE_TYPE_URL),
+            HashMap::from([("default/a".to_owned(), "1".to_owned())])
+        );
+        // Removal.
+        let resp = DeltaDiscoveryResponse {
+            type_url: BOUND_SERVICE_TYPE_URL.into(),
+            removed_resources: vec!["default/a".into()],
+            ..Default::default()
+        };
+        assert!(store.apply(&resp).is_empty());
+        assert_eq!(store.snapshot().unwrap().bound_targets(), 0);
+    }
+}
