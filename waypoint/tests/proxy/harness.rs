@@ -27,6 +27,7 @@ use zmesh_waypoint::upstream::LbPolicy;
 use zmesh_waypoint::{Config, Running, Waypoint};
 
 pub type Body = BoxBody<Bytes, Infallible>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub const VIP: &str = "10.96.0.10";
 pub const HOST: &str = "echo.default.svc.cluster.local";
@@ -272,7 +273,21 @@ async fn app<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     release: Arc<Notify>,
 ) {
     let (kind, mut io) = detect(io, Duration::from_millis(300)).await.unwrap();
-    let svc = service_fn(move |req| handle(req, name.clone(), release.clone()));
+    let routes = crate::grpc_app::routes();
+    // gRPC services' paths go to tonic; everything else to `handle`.
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let (name, release, routes) = (name.clone(), release.clone(), routes.clone());
+        async move {
+            let p = req.uri().path();
+            if p.starts_with("/envoy.") || p.starts_with("/istio.") {
+                let r = tower::ServiceExt::oneshot(routes, req).await.unwrap();
+                Ok::<_, Infallible>(r.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+            } else {
+                let r = handle(req, name, release).await.unwrap();
+                Ok(r.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
+            }
+        }
+    });
     match kind {
         Detected::Http1 => {
             let _ = hyper::server::conn::http1::Builder::new()

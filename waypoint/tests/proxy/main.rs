@@ -3,6 +3,8 @@
 //! waypoint, which proxies to fake node tunnels serving a test app.
 
 mod controller;
+mod grpc_app;
+mod grpc_tonic;
 mod harness;
 mod large;
 
