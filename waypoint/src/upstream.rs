@@ -67,9 +67,20 @@ pub struct Endpoint {
 }
 
 /// The healthy endpoints of `binding` (in config order), with the target port resolved: the
-/// bound port's `targetPort`, else the workload's own mapping for the service port.
+/// bound port's `targetPort`, else the workload's own mapping for the service port; each may
+/// present its workload's identity or one of the service's `subjectAltNames`.
 pub fn endpoints(snap: &Snapshot, binding: &Binding) -> Vec<Endpoint> {
     let key = binding.service.key();
+    let sans: Vec<SpiffeId> = snap
+        .state
+        .service(&key)
+        .map(|s| {
+            s.subject_alt_names
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
     snap.state
         .endpoints(&key)
         .iter()
@@ -81,8 +92,11 @@ pub fn endpoints(snap: &Snapshot, binding: &Binding) -> Vec<Endpoint> {
                 p => p,
             };
             let port = if port == 0 { binding.port.port } else { port };
+            // The workload's identity, or one of the service's SANs (as ztunnel accepts).
+            let mut identities: Vec<SpiffeId> = w.identity().into_iter().collect();
+            identities.extend(sans.iter().cloned());
             Some(Endpoint {
-                identities: w.identity().into_iter().collect(),
+                identities,
                 workload: w.clone(),
                 addr: SocketAddr::new(ip, port),
             })

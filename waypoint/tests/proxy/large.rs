@@ -62,12 +62,13 @@ async fn body_of_100_mib_streams_with_bounded_memory() {
         ("WAYPOINT_HBONE_ADDR", hbone.to_string()),
         ("WAYPOINT_ADMIN_ADDR", admin.to_string()),
         ("WAYPOINT_UPSTREAM_HBONE_PORT", mesh.hbone_port.to_string()),
-        ("RUST_LOG", "warn".to_owned()),
+        ("RUST_LOG", "warn,access=info".to_owned()),
+        ("LOG_FORMAT", "json".to_owned()),
     ]
     .into();
     let child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
         .envs(env)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
@@ -139,4 +140,20 @@ async fn body_of_100_mib_streams_with_bounded_memory() {
         .find(|l| l.starts_with("istio_request_bytes_sum{"))
         .unwrap();
     assert!(sum.ends_with(&format!(" {SIZE}.0")), "{sum}");
+
+    // One JSON access-log line per request (LOG_FORMAT=json), read once the process exited.
+    let mut proc = proc;
+    proc.0.kill().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut proc.0.stdout.take().unwrap(), &mut out).unwrap();
+    let requests: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON log line"))
+        .filter(|v| v["target"] == "access" && v["fields"]["message"] == "request")
+        .collect();
+    assert_eq!(requests.len(), 2, "{out}");
+    assert_eq!(requests[0]["fields"]["method"], "POST");
+    assert_eq!(requests[0]["fields"]["response_code"], "200");
+    assert_eq!(requests[0]["fields"]["bytes_received"], SIZE);
+    assert_eq!(requests[1]["fields"]["bytes_sent"], SIZE);
 }
