@@ -379,6 +379,12 @@ impl State {
         }
     }
 
+    /// The workloads backing the service `"<namespace>/<hostname>"`, in config order (all of
+    /// them: the caller filters on health and ports).
+    pub fn endpoints(&self, service_key: &str) -> &[Arc<Workload>] {
+        self.endpoints.get(service_key).map_or(&[], Vec::as_slice)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
     }

@@ -73,6 +73,11 @@ pub struct Prefixed<S> {
 }
 
 impl<S> Prefixed<S> {
+    /// `inner` with `prefix` (bytes already read from it) put back in front.
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+
     /// The underlying stream.
     pub fn get_ref(&self) -> &S {
         &self.inner

@@ -1,0 +1,50 @@
+//! The `waypoint` binary: configuration from the environment, logging (text, or JSON with
+//! `LOG_FORMAT=json`; access-log lines have target `access`), drain on SIGTERM/SIGINT.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use zmesh_waypoint::{Config, Waypoint};
+
+/// zmesh waypoint: the L7 proxy for the Services bound to it (configured by environment
+/// variables: POD_NAMESPACE, SERVICE_ACCOUNT, LOCAL_XDS_PATH, LOCAL_CA_CERT, LOCAL_CA_KEY, ...).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init();
+    } else {
+        registry.with(tracing_subscriber::fmt::layer()).init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    Cli::parse();
+    init_logging();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let cfg = Config::from_env(&env)?;
+    let running = Waypoint::start(cfg)
+        .await
+        .context("starting the waypoint")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("draining");
+    running.drain().await;
+    Ok(())
+}

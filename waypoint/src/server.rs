@@ -1,0 +1,349 @@
+//! The HBONE listener on 15008: mutual TLS 1.3 (the peer must hold a SPIFFE id of our trust
+//! domain), HTTP/2 CONNECT whose `:authority` is the original service `VIP:port`. A target not
+//! bound to this waypoint is refused with 400, as upstream ztunnel answers a CONNECT for a
+//! target it does not serve (istio/ztunnel `src/proxy/inbound.rs`). An accepted tunnel is
+//! served by protocol: declared, else sniffed (HTTP/2 preface, HTTP/1 request line, TCP).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
+use zmesh_core::serve::{
+    ActiveGuard, Activity, FdHeadroom, Listener, ServeError, Tracked, serve_h2, tls_accept,
+};
+use zmesh_core::tls::peer_identity;
+
+use crate::app::Waypoint;
+use crate::bound::PortProtocol;
+use crate::http::{Downstream, proxy};
+use crate::sniff::{Detected, detect};
+use crate::telemetry::SourceMeta;
+use crate::upstream::{UpstreamError, endpoints};
+
+/// Ports a CONNECT may never target (the waypoint's own: a loop).
+pub const OWN_PORTS: [u16; 3] = [15008, 15020, 15021];
+
+/// Why an HBONE connection ended in error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("no certificate to serve with: {0}")]
+    Certificate(#[from] zmesh_core::certs::CertError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Accepts HBONE connections until draining starts (the shared accept path: caps, descriptor
+/// headroom, handshake deadline, idle timeout).
+pub async fn serve_hbone(wp: Arc<Waypoint>, listener: TcpListener) {
+    let fds = FdHeadroom::process(wp.cfg.fd_headroom);
+    let listener = Listener::new(listener, "hbone", wp.cfg.hbone_limits, fds);
+    loop {
+        let a = tokio::select! {
+            _ = wp.drain.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Some(peer) = a.peer else { continue };
+        let _ = a.stream.set_nodelay(true);
+        let permit = a.permit;
+        let w = wp.clone();
+        wp.tracker.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = hbone_connection(w, a.stream, peer).await {
+                tracing::info!(%peer, error = %e, "HBONE connection failed");
+            }
+        });
+    }
+}
+
+async fn hbone_connection(
+    wp: Arc<Waypoint>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ServerError> {
+    let cert = wp.certs.get(&wp.cfg.identity).await?;
+    let limits = wp.cfg.hbone_limits;
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    let acceptor = TlsAcceptor::from(cert.server_config());
+    let tls = tls_accept(
+        &acceptor,
+        zmesh_core::socket::buffered(tcp),
+        deadline,
+        limits.handshake_timeout,
+    )
+    .await?;
+    let principal = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(peer_identity)
+        .map(|i| i.to_string());
+    let activity = Activity::new();
+    let streams = activity.clone();
+    let w = wp.clone();
+    let svc = service_fn(move |req| {
+        let busy = streams.begin();
+        let w = w.clone();
+        let principal = principal.clone();
+        async move { Ok::<_, Infallible>(handle_connect(w, req, peer, principal, busy).await) }
+    });
+    serve_h2(
+        tls,
+        &wp.cfg.h2.server(),
+        svc,
+        activity,
+        &limits,
+        deadline,
+        &wp.drain,
+    )
+    .await?;
+    Ok(())
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+/// Answers a CONNECT with `code`, and says why in the access log.
+fn refuse(
+    peer: SocketAddr,
+    principal: Option<&str>,
+    code: StatusCode,
+    why: &str,
+) -> Response<Empty<Bytes>> {
+    tracing::info!(
+        target: "access",
+        reporter = "waypoint",
+        src.addr = %peer,
+        src.identity = principal.unwrap_or("-"),
+        response_code = code.as_u16(),
+        error = %why,
+        "CONNECT refused"
+    );
+    status(code)
+}
+
+async fn handle_connect(
+    wp: Arc<Waypoint>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    principal: Option<String>,
+    busy: ActiveGuard,
+) -> Response<Empty<Bytes>> {
+    let refused = |code: StatusCode, why: String| refuse(peer, principal.as_deref(), code, &why);
+    let connect = match parse_connect(&req, &OWN_PORTS) {
+        Ok(c) => c,
+        Err(e) => return refused(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let target = connect.target;
+    let snap = wp.snapshot.load_full();
+    let Some(binding) = snap.binding(target).cloned() else {
+        return refused(
+            StatusCode::BAD_REQUEST,
+            format!("{target} is not a service port bound to this waypoint"),
+        );
+    };
+    // The source's labels: the workload at the peer's address (ztunnel connects from the
+    // client pod's IP), else what the client's `baggage` says.
+    let source = match snap.state.workload_by_ip(peer.ip()) {
+        Some(w) => SourceMeta::from_workload(w),
+        None => req
+            .headers()
+            .get("baggage")
+            .and_then(|v| v.to_str().ok())
+            .map(SourceMeta::from_baggage)
+            .unwrap_or_default(),
+    };
+    let client = req
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for);
+    let ds = Arc::new(Downstream {
+        peer,
+        client,
+        principal,
+        source,
+        target,
+        binding,
+    });
+    // Opaque TCP: 200 only once an endpoint accepted (ztunnel's semantics for a tunnel).
+    let tcp_upstream = if ds.binding.port.protocol == PortProtocol::Tcp {
+        match connect_tcp(&wp, &ds).await {
+            Ok(u) => Some(u),
+            Err(e) => {
+                return refuse(
+                    peer,
+                    ds.principal.as_deref(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &e.to_string(),
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let w = wp.clone();
+    wp.tracker.spawn(async move {
+        let _busy = busy;
+        let io = match hyper::upgrade::on(req).await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "CONNECT not upgraded");
+                return;
+            }
+        };
+        match tcp_upstream {
+            Some(up) => copy_tcp(io, up, &ds).await,
+            None => serve_tunnel(w, ds, io).await,
+        }
+    });
+    status(StatusCode::OK)
+}
+
+/// An upstream tunnel for opaque TCP: the first endpoint that accepts, in LB order.
+async fn connect_tcp(
+    wp: &Waypoint,
+    ds: &Downstream,
+) -> Result<(Tunnel, StreamGuard, SocketAddr), UpstreamError> {
+    let snap = wp.snapshot.load_full();
+    let eps = endpoints(&snap, &ds.binding);
+    if eps.is_empty() {
+        return Err(UpstreamError::NoEndpoints(ds.binding.service.key()));
+    }
+    let mut last = None;
+    for ep in wp.upstreams.order(&ds.binding, eps) {
+        match wp
+            .upstreams
+            .tunnel(&ep, ds.client, &ds.binding.service.hostname)
+            .await
+        {
+            Ok((t, g)) => return Ok((t, g, ep.addr)),
+            Err(e) => {
+                tracing::warn!(endpoint = %ep.addr, error = %e, "upstream connect failed; trying another endpoint");
+                last = Some(e);
+            }
+        }
+    }
+    Err(UpstreamError::AllFailed(Box::new(
+        last.expect("at least one endpoint was tried"),
+    )))
+}
+
+async fn copy_tcp<S: AsyncRead + AsyncWrite + Unpin>(
+    mut down: S,
+    up: (Tunnel, StreamGuard, SocketAddr),
+    ds: &Downstream,
+) {
+    let (mut tunnel, _guard, addr) = up;
+    let r = tokio::io::copy_bidirectional(&mut down, &mut tunnel).await;
+    let (sent, received) = r.as_ref().map_or((0, 0), |&(a, b)| (b, a));
+    tracing::info!(
+        target: "access",
+        reporter = "waypoint",
+        src.addr = %ds.client.unwrap_or(ds.peer),
+        src.identity = ds.principal.as_deref().unwrap_or("-"),
+        dst.service = %ds.binding.service.hostname,
+        dst.addr = %addr,
+        protocol = "tcp",
+        bytes_sent = sent,
+        bytes_received = received,
+        error = r.err().map(|e| e.to_string()).as_deref().unwrap_or("-"),
+        "connection"
+    );
+}
+
+/// Serves one accepted tunnel by protocol.
+async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Tunnel) {
+    let declared = ds.binding.port.protocol;
+    let (detected, io) = match detect(io, wp.cfg.sniff_timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(peer = %ds.peer, error = %e, "tunnel closed before its first bytes");
+            return;
+        }
+    };
+    let kind = match (declared, detected) {
+        (_, Detected::Http2) => Detected::Http2,
+        // A declared HTTP port is HTTP: hyper answers what does not parse.
+        (PortProtocol::Http | PortProtocol::Http2 | PortProtocol::Grpc, _) => Detected::Http1,
+        (_, d) => d,
+    };
+    // Declared HTTP/2 and gRPC stay HTTP/2 upstream; otherwise the client's protocol.
+    let up_h2 =
+        matches!(declared, PortProtocol::Http2 | PortProtocol::Grpc) || kind == Detected::Http2;
+    let w = wp.clone();
+    let d = ds.clone();
+    // Requests count as in flight until their response body ends; a connection with none for
+    // the HBONE idle timeout is shut down gracefully, so an idle keep-alive connection does not
+    // hold its tunnel (and the HBONE connection) forever.
+    let activity = Activity::new();
+    let svc = Tracked::new(
+        service_fn(move |req| {
+            let w = w.clone();
+            let d = d.clone();
+            async move { Ok::<_, Infallible>(proxy(w, d, req, up_h2).await) }
+        }),
+        activity.clone(),
+    );
+    let idle = wp.cfg.hbone_limits.idle_timeout;
+    let result = match kind {
+        Detected::Http1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(wp.cfg.hbone_limits.handshake_timeout)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = wp.drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = activity.idle(idle) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Detected::Http2 => {
+            let conn = wp.cfg.h2.server().serve_connection(TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = wp.drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = activity.idle(idle) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Detected::Tcp => {
+            match connect_tcp(&wp, &ds).await {
+                Ok(up) => copy_tcp(io, up, &ds).await,
+                Err(e) => tracing::warn!(peer = %ds.peer, error = %e, "TCP tunnel: no upstream"),
+            }
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %ds.peer, error = %e, "tunnel connection ended with an error");
+    }
+}

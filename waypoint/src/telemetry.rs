@@ -1,0 +1,375 @@
+//! Request telemetry named and labelled like Istio's, with `reporter="waypoint"`, so existing
+//! dashboards work: `istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes` (label set of Istio's "Istio Standard Metrics"
+//! reference, https://istio.io/latest/docs/reference/config/metrics/), and one access-log line
+//! per request (tracing target `access`; JSON with `LOG_FORMAT=json`).
+//!
+//! A request is recorded once, when its response body ends (trailers included) or is dropped,
+//! so a streamed body is counted with its real size and duration.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use zmesh_core::state::Workload;
+
+/// Istio's request labels. Unknown values render as `unknown`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    pub response_code: String,
+    pub grpc_response_status: String,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+const UNKNOWN: &str = "unknown";
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() { UNKNOWN } else { s }.to_owned()
+}
+
+impl Default for RequestLabels {
+    fn default() -> Self {
+        let u = || UNKNOWN.to_owned();
+        RequestLabels {
+            reporter: "waypoint",
+            source_workload: u(),
+            source_canonical_service: u(),
+            source_canonical_revision: u(),
+            source_workload_namespace: u(),
+            source_principal: u(),
+            source_app: u(),
+            source_version: u(),
+            source_cluster: u(),
+            destination_service: u(),
+            destination_service_namespace: u(),
+            destination_service_name: u(),
+            destination_workload: u(),
+            destination_canonical_service: u(),
+            destination_canonical_revision: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_app: u(),
+            destination_version: u(),
+            destination_cluster: u(),
+            request_protocol: "http",
+            response_code: "0".into(),
+            grpc_response_status: String::new(),
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+}
+
+/// What is known of the client: from the workload model (by the HBONE peer's address), else
+/// from the CONNECT's `baggage` header (what upstream ztunnel sends).
+#[derive(Clone, Debug, Default)]
+pub struct SourceMeta {
+    pub workload: String,
+    pub namespace: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+}
+
+impl SourceMeta {
+    /// From the workload model.
+    pub fn from_workload(w: &Workload) -> SourceMeta {
+        SourceMeta {
+            workload: if w.workload_name.is_empty() {
+                w.name.clone()
+            } else {
+                w.workload_name.clone()
+            },
+            namespace: w.namespace.clone(),
+            canonical_service: w.canonical_name.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+            cluster: w.cluster_id.clone(),
+        }
+    }
+
+    /// From a `baggage` header: `k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`,
+    /// `service.name`, `service.version` (upstream ztunnel's `src/baggage.rs` keys).
+    pub fn from_baggage(value: &str) -> SourceMeta {
+        let mut m = SourceMeta::default();
+        for item in value.split(',') {
+            let Some((k, v)) = item.trim().split_once('=') else {
+                continue;
+            };
+            let v = v.trim().to_owned();
+            match k.trim() {
+                "k8s.cluster.name" => m.cluster = v,
+                "k8s.namespace.name" => m.namespace = v,
+                "service.name" => m.canonical_service = v,
+                "service.version" => m.canonical_revision = v,
+                k if k.starts_with("k8s.") && k.ends_with(".name") => m.workload = v,
+                _ => {}
+            }
+        }
+        m
+    }
+}
+
+impl RequestLabels {
+    /// Sets the `source_*` labels.
+    pub fn source(&mut self, m: &SourceMeta, principal: Option<String>) {
+        self.source_workload = or_unknown(&m.workload);
+        self.source_workload_namespace = or_unknown(&m.namespace);
+        self.source_canonical_service = or_unknown(&m.canonical_service);
+        self.source_app = or_unknown(&m.canonical_service);
+        self.source_canonical_revision = or_unknown(&m.canonical_revision);
+        self.source_version = or_unknown(&m.canonical_revision);
+        self.source_cluster = or_unknown(&m.cluster);
+        self.source_principal = principal.unwrap_or_else(|| UNKNOWN.into());
+    }
+
+    /// Sets the `destination_service*` labels.
+    pub fn service(&mut self, hostname: &str, name: &str, namespace: &str) {
+        self.destination_service = or_unknown(hostname);
+        self.destination_service_name = or_unknown(name);
+        self.destination_service_namespace = or_unknown(namespace);
+    }
+
+    /// Sets the `destination_*` workload labels from the endpoint picked.
+    pub fn destination(&mut self, w: &Workload) {
+        let m = SourceMeta::from_workload(w);
+        self.destination_workload = or_unknown(&m.workload);
+        self.destination_workload_namespace = or_unknown(&m.namespace);
+        self.destination_canonical_service = or_unknown(&m.canonical_service);
+        self.destination_app = or_unknown(&m.canonical_service);
+        self.destination_canonical_revision = or_unknown(&m.canonical_revision);
+        self.destination_version = or_unknown(&m.canonical_revision);
+        self.destination_cluster = or_unknown(&m.cluster);
+        self.destination_principal = w
+            .identity()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|_| UNKNOWN.into());
+    }
+}
+
+/// The request metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RequestLabels, Histogram>,
+    request_bytes: Family<RequestLabels, Histogram>,
+    response_bytes: Family<RequestLabels, Histogram>,
+}
+
+/// Istio's duration buckets (milliseconds).
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS.iter().copied())
+            }),
+            request_bytes: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    1.0, 10.0, 10,
+                ))
+            }),
+            response_bytes: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    1.0, 10.0, 10,
+                ))
+            }),
+        };
+        // prometheus-client appends `_total` to counters.
+        registry.register("istio_requests", "Requests handled", m.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            m.duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
+        );
+        m
+    }
+}
+
+/// One request, recorded (metrics + access log) when dropped or finished.
+pub struct RequestRecord {
+    metrics: std::sync::Arc<Metrics>,
+    pub labels: RequestLabels,
+    start: Instant,
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub src: SocketAddr,
+    pub upstream: Option<SocketAddr>,
+    pub request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub response_bytes: u64,
+    pub error: Option<String>,
+    done: bool,
+}
+
+impl RequestRecord {
+    /// Starts the record of a request.
+    pub fn new(
+        metrics: std::sync::Arc<Metrics>,
+        labels: RequestLabels,
+        src: SocketAddr,
+        method: &str,
+        path: &str,
+        authority: &str,
+    ) -> RequestRecord {
+        RequestRecord {
+            metrics,
+            labels,
+            start: Instant::now(),
+            method: zmesh_core::peer_text::PeerText::new(method).to_string(),
+            path: zmesh_core::peer_text::PeerText::new(path).to_string(),
+            authority: zmesh_core::peer_text::PeerText::new(authority).to_string(),
+            src,
+            upstream: None,
+            request_bytes: Default::default(),
+            response_bytes: 0,
+            error: None,
+            done: false,
+        }
+    }
+
+    /// Records it now (idempotent).
+    pub fn finish(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let req = self
+            .request_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let m = &self.metrics;
+        m.requests.get_or_create(&self.labels).inc();
+        m.duration.get_or_create(&self.labels).observe(ms);
+        m.request_bytes
+            .get_or_create(&self.labels)
+            .observe(req as f64);
+        m.response_bytes
+            .get_or_create(&self.labels)
+            .observe(self.response_bytes as f64);
+        let l = &self.labels;
+        tracing::info!(
+            target: "access",
+            reporter = "waypoint",
+            src.addr = %self.src,
+            src.workload = %l.source_workload,
+            src.namespace = %l.source_workload_namespace,
+            src.identity = %l.source_principal,
+            dst.service = %l.destination_service,
+            dst.workload = %l.destination_workload,
+            dst.addr = %self.upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            dst.identity = %l.destination_principal,
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            protocol = l.request_protocol,
+            response_code = %l.response_code,
+            grpc_status = %l.grpc_response_status,
+            response_flags = l.response_flags,
+            duration_ms = format_args!("{ms:.1}"),
+            bytes_received = req,
+            bytes_sent = self.response_bytes,
+            error = self.error.as_deref().unwrap_or("-"),
+            "request"
+        );
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baggage() {
+        let m = SourceMeta::from_baggage(
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=client,service.name=client,service.version=v1",
+        );
+        assert_eq!(
+            (
+                m.cluster.as_str(),
+                m.namespace.as_str(),
+                m.workload.as_str(),
+                m.canonical_service.as_str(),
+                m.canonical_revision.as_str()
+            ),
+            ("Kubernetes", "default", "client", "client", "v1")
+        );
+        assert_eq!(SourceMeta::from_baggage("junk,=,a=").workload, "");
+    }
+
+    #[test]
+    fn metric_names_and_labels() {
+        let mut reg = Registry::default();
+        let m = std::sync::Arc::new(Metrics::new(&mut reg));
+        let labels = RequestLabels {
+            response_code: "200".into(),
+            ..Default::default()
+        };
+        drop(RequestRecord::new(
+            m.clone(),
+            labels,
+            "10.0.0.1:1".parse().unwrap(),
+            "GET",
+            "/",
+            "echo",
+        ));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        for name in [
+            "istio_requests_total{",
+            "istio_request_duration_milliseconds_bucket{",
+            "istio_request_bytes_bucket{",
+            "istio_response_bytes_bucket{",
+        ] {
+            assert!(out.contains(name), "{name} missing:\n{out}");
+        }
+        assert!(out.contains("reporter=\"waypoint\""), "{out}");
+        assert!(out.contains("response_code=\"200\""), "{out}");
+    }
+}

@@ -1,0 +1,350 @@
+//! The waypoint's upstream side: the endpoints of a bound service port, load balancing (round
+//! robin, or least-request by power of two choices), and connections to the chosen pod — a new
+//! HBONE tunnel through the shared pool, under the waypoint's own identity and verifying the
+//! destination's, carrying HTTP/1.1 (a keep-alive pool per endpoint), HTTP/2 (one multiplexed
+//! connection per endpoint) or raw bytes. A failed connect is retried on another endpoint.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::TokioIo;
+use zmesh_core::certs::CertStore;
+use zmesh_core::hbone::{H2Settings, HboneError, Pool, PoolKey, SourceInfo, Tunnel};
+use zmesh_core::identity::SpiffeId;
+use zmesh_core::state::{HealthStatus, Workload};
+
+use crate::body::CountedBody;
+use crate::bound::{Binding, Snapshot};
+
+/// How long a pooled HTTP/1.1 connection may take to become ready for its next request.
+const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long an HTTP/1.1 connection is kept for reuse.
+const IDLE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+/// The request body sent upstream: the client's, streamed and counted.
+pub type UpBody = CountedBody<Incoming>;
+
+/// How an endpoint is chosen among a service port's healthy endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LbPolicy {
+    /// In turn, per service port.
+    #[default]
+    RoundRobin,
+    /// Of two endpoints picked at random, the one with fewer requests in flight (P2C).
+    LeastRequest,
+}
+
+impl std::str::FromStr for LbPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" | "ROUND_ROBIN" => Ok(LbPolicy::RoundRobin),
+            "least-request" | "LEAST_REQUEST" => Ok(LbPolicy::LeastRequest),
+            _ => Err(format!(
+                "{s:?} is not a load-balancing policy: use round-robin or least-request"
+            )),
+        }
+    }
+}
+
+/// One endpoint of a service port.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    /// `podIP:targetPort`: the inner CONNECT authority.
+    pub addr: SocketAddr,
+    /// The identities the endpoint's HBONE server may present.
+    pub identities: Vec<SpiffeId>,
+}
+
+/// The healthy endpoints of `binding` (in config order), with the target port resolved: the
+/// bound port's `targetPort`, else the workload's own mapping for the service port; each may
+/// present its workload's identity or one of the service's `subjectAltNames`.
+pub fn endpoints(snap: &Snapshot, binding: &Binding) -> Vec<Endpoint> {
+    let key = binding.service.key();
+    let sans: Vec<SpiffeId> = snap
+        .state
+        .service(&key)
+        .map(|s| {
+            s.subject_alt_names
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    snap.state
+        .endpoints(&key)
+        .iter()
+        .filter(|w| w.status == HealthStatus::Healthy)
+        .filter_map(|w| {
+            let ip = *w.workload_ips.first()?;
+            let port = match binding.port.target_port {
+                0 => *w.services.get(&key)?.get(&binding.port.port)?,
+                p => p,
+            };
+            let port = if port == 0 { binding.port.port } else { port };
+            // The workload's identity, or one of the service's SANs (as ztunnel accepts).
+            let mut identities: Vec<SpiffeId> = w.identity().into_iter().collect();
+            identities.extend(sans.iter().cloned());
+            Some(Endpoint {
+                identities,
+                workload: w.clone(),
+                addr: SocketAddr::new(ip, port),
+            })
+        })
+        .collect()
+}
+
+/// Why an upstream could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("service {0} has no healthy endpoint (check its pods and their readiness)")]
+    NoEndpoints(String),
+    #[error("no certificate for the waypoint's identity: {0}")]
+    Certificate(#[from] zmesh_core::certs::CertError),
+    #[error("HBONE to {0} failed: {1}")]
+    Hbone(SocketAddr, HboneError),
+    #[error("HTTP handshake with {0} (inside the tunnel) failed: {1}")]
+    Handshake(SocketAddr, hyper::Error),
+    #[error("every endpoint failed; last: {0}")]
+    AllFailed(Box<UpstreamError>),
+}
+
+/// Per-endpoint connections and load.
+#[derive(Default)]
+struct EndpointConns {
+    h1_idle: Mutex<Vec<(http1::SendRequest<UpBody>, std::time::Instant)>>,
+    h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a request against its endpoint until dropped (least-request).
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An HTTP/1.1 connection checked out for one request; give it back with
+/// [`Upstreams::give_back`] once the response body ended.
+pub struct H1Checkout {
+    pub sender: http1::SendRequest<UpBody>,
+    pub addr: SocketAddr,
+}
+
+/// A sender for one request.
+pub enum Sender {
+    Http1(H1Checkout),
+    Http2(http2::SendRequest<UpBody>),
+}
+
+/// The upstream side, shared by every connection of the waypoint.
+pub struct Upstreams {
+    pool: Arc<Pool>,
+    certs: Arc<CertStore>,
+    identity: SpiffeId,
+    h2: H2Settings,
+    lb: LbPolicy,
+    /// What the waypoint says about itself on its CONNECTs (`baggage`).
+    me: SourceInfo,
+    hbone_port: u16,
+    conns: Mutex<HashMap<SocketAddr, Arc<EndpointConns>>>,
+    rr: Mutex<HashMap<(String, u16), usize>>,
+}
+
+impl Upstreams {
+    /// `hbone_port`: where endpoints' node tunnels accept HBONE (15008).
+    pub fn new(
+        pool: Arc<Pool>,
+        certs: Arc<CertStore>,
+        identity: SpiffeId,
+        h2: H2Settings,
+        lb: LbPolicy,
+        me: SourceInfo,
+        hbone_port: u16,
+    ) -> Upstreams {
+        Upstreams {
+            pool,
+            certs,
+            identity,
+            h2,
+            lb,
+            me,
+            hbone_port,
+            conns: Mutex::default(),
+            rr: Mutex::default(),
+        }
+    }
+
+    fn conns(&self, addr: SocketAddr) -> Arc<EndpointConns> {
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .entry(addr)
+            .or_default()
+            .clone()
+    }
+
+    /// The endpoints in the order to try them: the load balancer's pick first, then the
+    /// others (each tried at most once when connects fail).
+    pub fn order(&self, binding: &Binding, mut eps: Vec<Endpoint>) -> Vec<Endpoint> {
+        let n = eps.len();
+        if n < 2 {
+            return eps;
+        }
+        let first = match self.lb {
+            LbPolicy::RoundRobin => {
+                let mut rr = self.rr.lock().expect("rr lock");
+                let c = rr
+                    .entry((binding.service.key(), binding.port.port))
+                    .or_default();
+                let i = *c % n;
+                *c = c.wrapping_add(1);
+                i
+            }
+            LbPolicy::LeastRequest => {
+                let a = rand::random_range(0..n);
+                let b = (a + rand::random_range(1..n)) % n;
+                let load = |i: usize| self.conns(eps[i].addr).in_flight.load(Ordering::Acquire);
+                if load(b) < load(a) { b } else { a }
+            }
+        };
+        eps.rotate_left(first);
+        eps
+    }
+
+    /// Counts a request on `addr` until the guard is dropped.
+    pub fn begin(&self, addr: SocketAddr) -> InFlight {
+        let c = self.conns(addr).in_flight.clone();
+        c.fetch_add(1, Ordering::AcqRel);
+        InFlight(c)
+    }
+
+    /// Opens a tunnel to `ep` (a new HBONE stream to `podIP:15008`, `:authority` =
+    /// `podIP:targetPort`), under the waypoint's identity.
+    pub async fn tunnel(
+        &self,
+        ep: &Endpoint,
+        client: Option<SocketAddr>,
+        host: &str,
+    ) -> Result<(Tunnel, zmesh_core::hbone::StreamGuard), UpstreamError> {
+        let cert = self.certs.get(&self.identity).await?;
+        let key = PoolKey::new(
+            self.identity.clone(),
+            ep.identities.clone(),
+            SocketAddr::new(ep.addr.ip(), self.hbone_port),
+            None,
+        );
+        let mut src = self.me.clone();
+        src.addr = client;
+        src.service_host = Some(host.to_owned());
+        self.pool
+            .connect(key, &cert, ep.addr, &src)
+            .await
+            .map_err(|e| UpstreamError::Hbone(ep.addr, e))
+    }
+
+    /// A sender to `ep` for `h2` or HTTP/1.1: a pooled connection when one is ready, else a
+    /// new tunnel and handshake.
+    pub async fn sender(
+        &self,
+        ep: &Endpoint,
+        h2: bool,
+        client: Option<SocketAddr>,
+        host: &str,
+    ) -> Result<Sender, UpstreamError> {
+        let conns = self.conns(ep.addr);
+        if h2 {
+            if let Some(s) = conns.h2.lock().expect("h2 lock").as_ref()
+                && !s.is_closed()
+            {
+                return Ok(Sender::Http2(s.clone()));
+            }
+            let (tunnel, guard) = self.tunnel(ep, client, host).await?;
+            let (sender, conn) = self
+                .h2
+                .client()
+                .handshake(TokioIo::new(tunnel))
+                .await
+                .map_err(|e| UpstreamError::Handshake(ep.addr, e))?;
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            *conns.h2.lock().expect("h2 lock") = Some(sender.clone());
+            return Ok(Sender::Http2(sender));
+        }
+        // Connections are put back as soon as their response ended; one becomes ready once
+        // its connection task has seen that end (promptly), or fails if it closed meanwhile.
+        loop {
+            let idle = conns.h1_idle.lock().expect("h1 lock").pop();
+            let Some((mut s, since)) = idle else { break };
+            if s.is_closed() || since.elapsed() > IDLE_TTL {
+                continue;
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, s.ready()).await {
+                return Ok(Sender::Http1(H1Checkout {
+                    sender: s,
+                    addr: ep.addr,
+                }));
+            }
+        }
+        let (tunnel, guard) = self.tunnel(ep, client, host).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tunnel))
+            .await
+            .map_err(|e| UpstreamError::Handshake(ep.addr, e))?;
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(Sender::Http1(H1Checkout {
+            sender,
+            addr: ep.addr,
+        }))
+    }
+
+    /// Puts an HTTP/1.1 connection back in its endpoint's keep-alive pool (its response
+    /// ended, so it can take another request once its connection task catches up).
+    pub fn give_back(&self, c: H1Checkout) {
+        if c.sender.is_closed() {
+            return;
+        }
+        let conns = self.conns(c.addr);
+        let mut idle = conns.h1_idle.lock().expect("h1 lock");
+        // Unused ones are closed after a while (dropping the sender ends the connection and
+        // its tunnel), and only so many are kept.
+        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() <= IDLE_TTL);
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push((c.sender, std::time::Instant::now()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lb_names() {
+        assert_eq!("round-robin".parse(), Ok(LbPolicy::RoundRobin));
+        assert_eq!("LEAST_REQUEST".parse(), Ok(LbPolicy::LeastRequest));
+        let e = "random".parse::<LbPolicy>().unwrap_err();
+        assert!(e.contains("round-robin or least-request"), "{e}");
+    }
+}
