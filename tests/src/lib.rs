@@ -32,6 +32,7 @@ pub mod capture;
 pub mod cluster;
 pub mod controller;
 pub mod ctlbench;
+pub mod echo;
 pub mod http;
 pub mod lab;
 pub mod manifests;
