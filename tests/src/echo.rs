@@ -95,7 +95,12 @@ pub fn fields(
     let mut headers: Vec<(String, String)> = req
         .headers
         .iter()
-        .map(|(k, v)| (canonical(k.as_str()), String::from_utf8_lossy(v.as_bytes()).into()))
+        .map(|(k, v)| {
+            (
+                canonical(k.as_str()),
+                String::from_utf8_lossy(v.as_bytes()).into(),
+            )
+        })
         .collect();
     headers.sort();
     for (k, v) in headers {
@@ -133,7 +138,10 @@ pub fn grpc_frame(msg: &EchoMessage) -> Bytes {
 pub fn grpc_unframe(mut data: &[u8]) -> Result<EchoMessage> {
     anyhow::ensure!(data.len() >= 5, "gRPC body shorter than a frame header");
     let compressed = data.get_u8();
-    anyhow::ensure!(compressed == 0, "compressed gRPC messages are not supported");
+    anyhow::ensure!(
+        compressed == 0,
+        "compressed gRPC messages are not supported"
+    );
     let len = data.get_u32() as usize;
     anyhow::ensure!(data.len() >= len, "truncated gRPC message");
     Ok(prost::Message::decode(&data[..len])?)
@@ -223,9 +231,7 @@ async fn serve_http(
                     let svc = hyper::service::service_fn(move |req| {
                         handle(cfg.clone(), port, peer, None, req)
                     });
-                    let _ = builder
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                 }
                 Some(acceptor) => {
                     let Ok(tls) = acceptor.accept(stream).await else {
@@ -308,7 +314,10 @@ pub async fn run(cfg: EchoConfig) -> Result<()> {
     for &port in &cfg.tcp_ports {
         tasks.spawn(serve_tcp(bind(port).await?));
     }
-    anyhow::ensure!(!tasks.is_empty(), "no port to serve: give --port, --tls-port, --grpc or --tcp");
+    anyhow::ensure!(
+        !tasks.is_empty(),
+        "no port to serve: give --port, --tls-port, --grpc or --tcp"
+    );
     eprintln!("zmesh-echo {} listening: {cfg:?}", cfg.hostname);
     tasks.join_next().await;
     Ok(())

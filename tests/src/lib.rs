@@ -33,6 +33,7 @@ pub mod cluster;
 pub mod controller;
 pub mod ctlbench;
 pub mod echo;
+pub mod gamma;
 pub mod http;
 pub mod lab;
 pub mod manifests;

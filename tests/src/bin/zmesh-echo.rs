@@ -6,7 +6,10 @@ use clap::Parser;
 use zmesh_tests::echo::{EchoConfig, run};
 
 #[derive(Parser)]
-#[command(name = "zmesh-echo", about = "echo app answering like Istio's echo server")]
+#[command(
+    name = "zmesh-echo",
+    about = "echo app answering like Istio's echo server"
+)]
 struct Cli {
     /// `Hostname=` in responses (the pod's name).
     #[arg(long, env = "HOSTNAME", default_value = "")]
