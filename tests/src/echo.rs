@@ -78,7 +78,7 @@ pub fn fields(
     put("ServiceVersion", &cfg.version);
     put("ServicePort", &port.to_string());
     put("StatusCode", "200");
-    put("URL", &req.uri.path_and_query().map_or("/", |p| p.as_str()));
+    put("URL", req.uri.path_and_query().map_or("/", |p| p.as_str()));
     let host = req
         .headers
         .get(http::header::HOST)
