@@ -579,25 +579,46 @@ impl<'c, 's> World<'c, 's> {
         crate::write_atomic(&self.hosts, &text)
     }
 
-    /// `get pods`: namespace, name, IP, node, labels, enrolment and app of every pod.
-    pub fn pods_json(&self) -> Value {
-        self.pods
-            .values()
-            .map(|p| {
-                json!({
-                    "namespace": p.pod.namespace,
-                    "name": p.pod.name,
-                    "ip": p.pod.ip.to_string(),
-                    "ips": [p.pod.ip.to_string()],
-                    "node": p.pod.node,
-                    "serviceAccount": p.pod.service_account,
-                    "labels": p.labels,
-                    "enrolled": self.cluster.is_enrolled(&p.pod.namespace, &p.pod.name),
-                    "app": p.app.as_ref().map(|_| "zmesh-echo"),
-                    "netns": p.pod.netns,
-                })
-            })
+    /// The nodes' ztunnel pods (`istio-system/ztunnel-<node>`).
+    fn ztunnel_pods(&self) -> Vec<&'c Pod> {
+        self.cluster
+            .nodes()
+            .filter_map(|n| self.cluster.ztunnel_pod(n).ok())
             .collect()
+    }
+
+    /// `get pods`: namespace, name, IP, node, labels, enrolment and app of every pod, the
+    /// nodes' ztunnel pods included.
+    pub fn pods_json(&self) -> Value {
+        let ztunnels = self.ztunnel_pods().into_iter().map(|p| {
+            json!({
+                "namespace": p.namespace,
+                "name": p.name,
+                "ip": p.ip.to_string(),
+                "ips": [p.ip.to_string()],
+                "node": p.node,
+                "serviceAccount": p.service_account,
+                "labels": {"app": "ztunnel"},
+                "enrolled": false,
+                "app": "ztunnel",
+                "netns": p.netns,
+            })
+        });
+        let apps = self.pods.values().map(|p| {
+            json!({
+                "namespace": p.pod.namespace,
+                "name": p.pod.name,
+                "ip": p.pod.ip.to_string(),
+                "ips": [p.pod.ip.to_string()],
+                "node": p.pod.node,
+                "serviceAccount": p.pod.service_account,
+                "labels": p.labels,
+                "enrolled": self.cluster.is_enrolled(&p.pod.namespace, &p.pod.name),
+                "app": p.app.as_ref().map(|_| "zmesh-echo"),
+                "netns": p.pod.netns,
+            })
+        });
+        ztunnels.chain(apps).collect()
     }
 
     /// `get services`: namespace, name, cluster IPs, ports and selector of every Service.
@@ -622,6 +643,12 @@ impl<'c, 's> World<'c, 's> {
         self.pods
             .get(&(namespace.to_owned(), name.to_owned()))
             .map(|p| p.pod.netns.clone())
+            .or_else(|| {
+                self.ztunnel_pods()
+                    .into_iter()
+                    .find(|p| p.namespace == namespace && p.name == name)
+                    .map(|p| p.netns.clone())
+            })
             .ok_or_else(|| {
                 anyhow!("no pod {namespace}/{name}; `zmesh-lab get pods -o wide` lists them")
             })

@@ -176,7 +176,14 @@ fn gamma_world_is_driven_from_another_shell() {
     assert_eq!(names(MESH, "echo-v2-").len(), 1, "{pods:#?}");
     let consumer = names(CONSUMER, "echo-v1-");
     assert_eq!(consumer.len(), 1, "{pods:#?}");
-    for p in &pods {
+    for node in ["n1", "n2"] {
+        assert!(
+            pods.iter()
+                .any(|p| p["namespace"] == "istio-system" && p["name"] == format!("ztunnel-{node}")),
+            "no ztunnel pod of {node}: {pods:#?}"
+        );
+    }
+    for p in pods.iter().filter(|p| p["namespace"] != "istio-system") {
         let ip: std::net::Ipv4Addr = p["ip"].as_str().unwrap().parse().unwrap();
         assert_eq!(ip.octets()[..2], [10, 244], "{p}");
         assert!(p["node"] == "n1" || p["node"] == "n2", "{p}");
@@ -235,6 +242,35 @@ fn gamma_world_is_driven_from_another_shell() {
     assert!(
         field(&body, "RequestHeader").contains(&format!("Host:echo.{MESH}").as_str()),
         "{body}"
+    );
+
+    // It went through the mesh: the backend's ztunnel counted an inbound connection from
+    // the consumer's identity (mutual TLS).
+    let node = pods
+        .iter()
+        .find(|p| p["name"] == hostname[0])
+        .and_then(|p| p["node"].as_str())
+        .unwrap()
+        .to_owned();
+    let metrics = lab.ok(
+        &[
+            "exec",
+            &format!("istio-system/ztunnel-{node}"),
+            "--",
+            "curl",
+            "-sS",
+            "http://127.0.0.1:15020/metrics",
+        ],
+        None,
+    );
+    let principal = format!("source_principal=\"spiffe://cluster.local/ns/{CONSUMER}/sa/default\"");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&principal)),
+        "ztunnel-{node} saw no connection from {principal}:\n{metrics}"
     );
 
     // exec passes arguments without a shell and returns the command's exit code.
