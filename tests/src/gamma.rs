@@ -218,7 +218,9 @@ impl<'c, 's> World<'c, 's> {
 
     /// The hook that runs the waypoint: when a `waypoint` binary sits next to the other
     /// binaries, creates the waypoint's pod in the mesh namespace (labels
-    /// `gateway.networking.k8s.io/gateway-name=namespace`, `gateway.istio.io/managed`), its
+    /// `gateway.networking.k8s.io/gateway-name=namespace`, `gateway.istio.io/managed`, and
+    /// `istio.io/dataplane-mode=none`: the waypoint terminates HBONE on 15008 itself, so no
+    /// in-pod ztunnel may take that port), its
     /// Service `namespace` (port 15008), starts `waypoint` in the pod's netns with the
     /// controller's address, root and the node's credential in its environment
     /// (`XDS_ADDRESS`, `XDS_ROOT_CA`, `CA_ROOT_CA`, `AUTH_TOKEN`, `POD_NAME`,
@@ -231,17 +233,38 @@ impl<'c, 's> World<'c, 's> {
         };
         let name = fixture::WAYPOINT_NAME;
         let ns = fixture::MESH_NS;
+        let sfx = suffix(&[ns, name, "waypoint"]);
         let pod_yaml = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}-{sfx}\n  namespace: {ns}\n  \
-             labels:\n    gateway.networking.k8s.io/gateway-name: {name}\n    \
-             gateway.istio.io/managed: istio.io-mesh-controller\nspec:\n  \
-             serviceAccountName: {name}\n  containers:\n  - name: istio-proxy\n    image: \
-             zmesh-lab/waypoint\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  \
-             namespace: {ns}\n  labels:\n    gateway.istio.io/managed: \
-             istio.io-mesh-controller\nspec:\n  selector:\n    \
-             gateway.networking.k8s.io/gateway-name: {name}\n  ports:\n  - name: mesh\n    \
-             port: 15008\n    targetPort: 15008\n",
-            sfx = suffix(&[ns, name, "waypoint"])
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}-{sfx}
+  namespace: {ns}
+  labels:
+    gateway.networking.k8s.io/gateway-name: {name}
+    gateway.istio.io/managed: istio.io-mesh-controller
+    istio.io/dataplane-mode: none
+spec:
+  serviceAccountName: {name}
+  containers:
+  - name: istio-proxy
+    image: zmesh-lab/waypoint
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels:
+    gateway.istio.io/managed: istio.io-mesh-controller
+spec:
+  selector:
+    gateway.networking.k8s.io/gateway-name: {name}
+  ports:
+  - name: mesh
+    port: 15008
+    targetPort: 15008
+"#
         );
         self.apply(&pod_yaml)
             .context("creating the waypoint's pod and Service")?;

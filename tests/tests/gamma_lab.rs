@@ -28,11 +28,12 @@ struct RunningLab {
 }
 
 impl RunningLab {
-    fn start(dir: &Path) -> RunningLab {
+    fn start(dir: &Path, env: &[(&str, &Path)]) -> RunningLab {
         let socket = dir.join("lab.sock");
         let log = dir.join("lab.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(LAB)
+            .envs(env.iter().copied())
             .arg("--socket")
             .arg(&socket)
             .args(["up", "--world", "gamma"])
@@ -159,7 +160,7 @@ spec:
 #[test]
 fn gamma_world_is_driven_from_another_shell() {
     let dir = tempfile::tempdir().unwrap();
-    let mut lab = RunningLab::start(dir.path());
+    let mut lab = RunningLab::start(dir.path(), &[]);
     lab.wait_up();
 
     // get pods: the fixture's echo pods, each with an IP and a node, enrolled.
@@ -347,4 +348,88 @@ fn gamma_world_is_driven_from_another_shell() {
     assert!(status.success(), "{status}:\n{}", lab.log());
     assert!(lab.log().contains("lab torn down"));
     assert!(!lab.socket.exists());
+}
+
+/// The waypoint hook: with a `waypoint` binary among the binaries (here a stand-in script that
+/// records its environment), the lab creates the waypoint's pod and Service in the mesh
+/// namespace, runs the binary there with the controller's address and the pod's identity, and
+/// labels the namespace `istio.io/use-waypoint=namespace`.
+#[test]
+fn the_waypoint_hook_runs_a_waypoint_binary_when_there_is_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let bins = dir.path().join("bin");
+    std::fs::create_dir(&bins).unwrap();
+    let built = Path::new(LAB).parent().unwrap();
+    for entry in std::fs::read_dir(built).unwrap() {
+        let path = entry.unwrap().path();
+        let is_exe = path.is_file()
+            && std::os::unix::fs::PermissionsExt::mode(&path.metadata().unwrap().permissions())
+                & 0o111
+                != 0;
+        if is_exe && path.file_name().unwrap() != "waypoint" {
+            std::os::unix::fs::symlink(&path, bins.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let env_out = dir.path().join("waypoint.env");
+    let script = bins.join("waypoint");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nenv > {}.tmp\nmv {0}.tmp {0}\nexec sleep 600\n",
+            env_out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let mut lab = RunningLab::start(dir.path(), &[("ZMESH_BIN_DIR", &bins)]);
+    lab.wait_up();
+    let pods = lab.items("pods");
+    let waypoint = pods
+        .iter()
+        .find(|p| {
+            p["namespace"] == MESH
+                && p["labels"]["gateway.networking.k8s.io/gateway-name"] == "namespace"
+        })
+        .unwrap_or_else(|| panic!("no waypoint pod: {pods:#?}"));
+    assert_eq!(waypoint["enrolled"], false, "{waypoint}");
+    let services = lab.items("services");
+    let svc = services
+        .iter()
+        .find(|s| s["namespace"] == MESH && s["name"] == "namespace")
+        .unwrap_or_else(|| panic!("no waypoint Service: {services:#?}"));
+    assert_eq!(svc["ports"][0]["port"], 15008, "{svc}");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !env_out.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the waypoint binary never ran:\n{}",
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let env = std::fs::read_to_string(&env_out).unwrap();
+    for want in [
+        format!("POD_NAME={}", waypoint["name"].as_str().unwrap()),
+        format!("POD_NAMESPACE={MESH}"),
+        format!("INSTANCE_IP={}", waypoint["ip"].as_str().unwrap()),
+        "SERVICE_ACCOUNT=namespace".to_owned(),
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} not in:\n{env}");
+    }
+    assert!(
+        env.lines().any(|l| l.starts_with("XDS_ADDRESS=https://")),
+        "{env}"
+    );
+    let log = lab.log();
+    assert!(log.contains("waypoint: running"), "{log}");
+    let files = log
+        .split("files in ")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .unwrap();
+    let ns =
+        std::fs::read_to_string(Path::new(files).join(format!("pods/ns-{MESH}.yaml"))).unwrap();
+    assert!(ns.contains("istio.io/use-waypoint: namespace"), "{ns}");
 }
