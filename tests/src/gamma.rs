@@ -122,6 +122,19 @@ fn parse(text: &str) -> Result<Vec<Doc>> {
                 .unwrap_or("default")
                 .to_owned(),
         };
+        ensure!(
+            !kind.is_empty() && kind.chars().all(|c| c.is_ascii_alphanumeric()),
+            "document {}: kind {kind:?} is not a Kubernetes kind",
+            i + 1
+        );
+        for (what, v) in [("metadata.name", &name), ("metadata.namespace", &namespace)] {
+            ensure!(
+                is_dns_name(v) || (what == "metadata.namespace" && v.is_empty()),
+                "document {} ({kind}): {what} {v:?} is not a valid name (lowercase letters, \
+                 digits, '-' and '.', at most 253 characters)",
+                i + 1
+            );
+        }
         docs.push(Doc {
             kind,
             namespace,
@@ -131,6 +144,16 @@ fn parse(text: &str) -> Result<Vec<Doc>> {
     }
     ensure!(!docs.is_empty(), "no Kubernetes object in the input");
     Ok(docs)
+}
+
+/// A Kubernetes object name (DNS subdomain): what the lab also uses in file and netns names.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
 }
 
 /// String labels at `v` (a `labels` map).
@@ -675,5 +698,40 @@ spec:
             .ok_or_else(|| {
                 anyhow!("no pod {namespace}/{name}; `zmesh-lab get pods -o wide` lists them")
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_refuses_documents_the_lab_cannot_name() {
+        let ok = parse("kind: Service\nmetadata: {name: a, namespace: b}\n---\n").unwrap();
+        assert_eq!((ok.len(), ok[0].namespace.as_str()), (1, "b"));
+        let default = parse("kind: Pod\nmetadata: {name: p}\n").unwrap();
+        assert_eq!(default[0].namespace, "default");
+        for (bad, why) in [
+            ("kind: Pod\nmetadata: {name: ../x}\n", "not a valid name"),
+            (
+                "kind: Pod\nmetadata: {name: x, namespace: A}\n",
+                "not a valid name",
+            ),
+            ("kind: a/b\nmetadata: {name: x}\n", "not a Kubernetes kind"),
+            ("kind: Pod\n", "no `metadata.name`"),
+            ("metadata: {name: x}\n", "no `kind`"),
+            ("---\n", "no Kubernetes object"),
+            ("kind: [\n", "not valid YAML"),
+        ] {
+            let e = parse(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(why), "{bad:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn suffixes_are_stable_and_distinct() {
+        assert_eq!(suffix(&["a", "b"]), suffix(&["a", "b"]));
+        assert_ne!(suffix(&["a", "b"]), suffix(&["b", "a"]));
+        assert_eq!(suffix(&["x"]).len(), 5);
     }
 }
