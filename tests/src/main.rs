@@ -54,7 +54,7 @@ enum Cmd {
     /// Ctrl-C or SIGTERM.
     Up {
         /// A prepared world instead of bare hosts: `gamma`.
-        #[arg(long, value_parser = ["gamma"])]
+        #[arg(long, value_parser = ["gamma"], conflicts_with_all = ["hosts", "echo", "redirect"])]
         world: Option<String>,
         /// Host names (one netns each), in address order from 10.200.0.2.
         #[arg(long, value_delimiter = ',', default_value = "client,server")]
