@@ -429,6 +429,13 @@ impl<'s> Cluster<'s> {
         self.wait_mesh_synced()
     }
 
+    /// Sets (`Some`) or removes (`None`) any label of a namespace (created if new), e.g.
+    /// `istio.io/use-waypoint`; the controller follows the change.
+    pub fn label_namespace(&self, namespace: &str, key: &str, value: Option<&str>) -> Result<()> {
+        self.objects().set_namespace_label(namespace, key, value)?;
+        self.wait_mesh_synced()
+    }
+
     /// Waits until every running ztunnel has loaded the current mesh config (the same
     /// workload addresses and protocols in its `/config_dump`), as a test would wait for an
     /// xDS push: a connection to a pod its ztunnel does not know yet is passed through in

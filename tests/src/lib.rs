@@ -32,6 +32,8 @@ pub mod capture;
 pub mod cluster;
 pub mod controller;
 pub mod ctlbench;
+pub mod echo;
+pub mod gamma;
 pub mod hbone_peer;
 pub mod http;
 pub mod lab;

@@ -13,13 +13,17 @@ use zmesh_tests::capture::Capture;
 use zmesh_tests::cluster::{self, Cluster};
 use zmesh_tests::lab::{Topology, redirect_outbound};
 use zmesh_tests::runtime::DEBIAN_CNI_BIN;
-use zmesh_tests::tools;
 use zmesh_tests::ztunnel::metric_value;
 use zmesh_tests::{Sandbox, pattern, unique_marker};
+use zmesh_tests::{gamma, tools};
 
 #[derive(Parser)]
 #[command(name = "zmesh-lab", about = "zmesh network-namespace lab")]
 struct Cli {
+    /// The running lab's control socket (`up --world gamma` listens there; apply, delete,
+    /// get and exec talk to it).
+    #[arg(long, global = true, env = "ZMESH_LAB_SOCKET", default_value = gamma::control::DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -44,7 +48,14 @@ enum Cmd {
         wait: bool,
     },
     /// Build a lab and keep it until Enter (or EOF, or Ctrl-C), printing how to enter it.
+    /// With `--world gamma`: the Gateway API mesh conformance world (a two-node cluster with
+    /// the fixture's namespaces, Services and echo pods, enrolled in ambient, and the waypoint
+    /// Gateway), driven from other shells with apply, delete, get and exec; it stays up until
+    /// Ctrl-C or SIGTERM.
     Up {
+        /// A prepared world instead of bare hosts: `gamma`.
+        #[arg(long, value_parser = ["gamma"], conflicts_with_all = ["hosts", "echo", "redirect"])]
+        world: Option<String>,
         /// Host names (one netns each), in address order from 10.200.0.2.
         #[arg(long, value_delimiter = ',', default_value = "client,server")]
         hosts: Vec<String>,
@@ -55,17 +66,83 @@ enum Cmd {
         #[arg(long)]
         redirect: Vec<String>,
     },
+    /// Apply Kubernetes YAML to the running lab (Pods and Deployments become lab pods).
+    Apply {
+        /// The YAML file; `-` reads stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete the objects a Kubernetes YAML names from the running lab.
+    Delete {
+        /// The YAML file; `-` reads stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// List the running lab's pods or services.
+    Get {
+        /// `pods` or `services`.
+        #[arg(value_parser = ["pods", "pod", "po", "services", "service", "svc"])]
+        what: String,
+        /// Only this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// `json` or `wide`.
+        #[arg(short = 'o', long, default_value = "wide")]
+        output: String,
+    },
+    /// Run CMD in a pod's network namespace (no shell; the exit code is CMD's).
+    Exec {
+        /// NAMESPACE/POD.
+        pod: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// (internal) What `exec` runs inside the sandbox.
+    #[command(hide = true)]
+    PodExec {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        hosts: PathBuf,
+        #[arg(long)]
+        hostname: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let socket = cli.socket.as_path();
+    match cli.command {
         Cmd::Check { cni_bin_dir } => check(&cni_bin_dir),
         Cmd::Demo { wait } => demo(wait),
+        Cmd::Up { world: Some(_), .. } => gamma::cli::up(socket),
         Cmd::Up {
+            world: None,
             hosts,
             echo,
             redirect,
         } => up(&hosts, &echo, &redirect),
+        Cmd::Apply { file } => gamma::cli::apply(socket, "apply", &file),
+        Cmd::Delete { file } => gamma::cli::apply(socket, "delete", &file),
+        Cmd::Get {
+            what,
+            namespace,
+            output,
+        } => gamma::cli::get(socket, &what, namespace.as_deref(), &output),
+        Cmd::Exec { pod, cmd } => std::process::exit(gamma::cli::exec(socket, &pod, &cmd)?),
+        Cmd::PodExec {
+            netns,
+            hosts,
+            hostname,
+            cmd,
+        } => {
+            let e = gamma::control::pod_exec(&netns, &hosts, &hostname, &cmd);
+            eprintln!("zmesh-lab exec: {e:#}");
+            std::process::exit(127)
+        }
     }
 }
 

@@ -45,8 +45,8 @@ impl PodObject {
 #[derive(Debug)]
 pub(crate) struct Objects {
     pods_dir: PathBuf,
-    /// Namespace name -> its `istio.io/dataplane-mode` label, if any.
-    namespaces: BTreeMap<String, Option<String>>,
+    /// Namespace name -> its labels.
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// (namespace, name) -> pod.
     pods: BTreeMap<(String, String), PodObject>,
 }
@@ -71,11 +71,21 @@ impl Objects {
         Ok(())
     }
 
-    /// Writes the namespace with `istio.io/dataplane-mode=<mode>` (or no label).
+    /// Writes the namespace with `istio.io/dataplane-mode=<mode>` (or without that label),
+    /// keeping its other labels.
     pub fn set_namespace_mode(&mut self, ns: &str, mode: Option<&str>) -> Result<()> {
-        self.namespaces
-            .insert(ns.to_owned(), mode.map(str::to_owned));
-        let labels: BTreeMap<&str, &str> = mode.map(|m| (DATAPLANE_MODE, m)).into_iter().collect();
+        self.set_namespace_label(ns, DATAPLANE_MODE, mode)
+    }
+
+    /// Writes the namespace (created if new) with label `key=value`, or without `key` for
+    /// `None`, keeping its other labels.
+    pub fn set_namespace_label(&mut self, ns: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let labels = self.namespaces.entry(ns.to_owned()).or_default();
+        match value {
+            Some(v) => labels.insert(key.to_owned(), v.to_owned()),
+            None => labels.remove(key),
+        };
+        let labels = labels.clone();
         let doc = json!({
             "apiVersion": "v1",
             "kind": "Namespace",
@@ -95,7 +105,8 @@ impl Objects {
             _ => self
                 .namespaces
                 .get(&pod.namespace)
-                .is_some_and(|m| m.as_deref() == Some("ambient")),
+                .and_then(|l| l.get(DATAPLANE_MODE))
+                .is_some_and(|m| m == "ambient"),
         }
     }
 

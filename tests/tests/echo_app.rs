@@ -1,0 +1,127 @@
+//! `zmesh-echo`, the gamma world's echo app, on loopback: it answers like Istio's echo server
+//! on every listener the fixture's Services target (HTTP/1.1 and h2c on 8080's stand-in, HTTPS
+//! with ALPN, gRPC `proto.EchoTestService/Echo`, TCP echo). Needs no root.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use zmesh_tests::echo::grpc_echo;
+
+struct Echo(Child);
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn curl(args: &[&str]) -> String {
+    let out: Output = Command::new("curl")
+        .args(["-sS", "-m", "20"])
+        .args(args)
+        .output()
+        .expect("curl (scripts/tools.txt)");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn has(body: &str, line: &str) {
+    assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
+}
+
+#[test]
+fn echo_answers_like_istio_echo_on_every_protocol() {
+    let [http, tls, grpc, tcp] = [free_port(), free_port(), free_port(), free_port()];
+    let _echo = Echo(
+        Command::new(env!("CARGO_BIN_EXE_zmesh-echo"))
+            .args([
+                "--hostname",
+                "echo-v1-abcde",
+                "--namespace",
+                "ns",
+                "--version",
+                "v1",
+            ])
+            .args(["--port", &http.to_string(), "--tls-port", &tls.to_string()])
+            .args(["--grpc", &grpc.to_string(), "--tcp", &tcp.to_string()])
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", tcp)).is_err() {
+        assert!(Instant::now() < deadline, "zmesh-echo never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let body = curl(&[
+        "-H",
+        "X-Test: yes",
+        &format!("http://127.0.0.1:{http}/p?q=1"),
+    ]);
+    for line in [
+        "ServiceVersion=v1",
+        &format!("ServicePort={http}"),
+        "StatusCode=200",
+        "URL=/p?q=1",
+        &format!("Host=127.0.0.1:{http}"),
+        "Method=GET",
+        "Proto=HTTP/1.1",
+        "IP=127.0.0.1",
+        "RequestHeader=X-Test:yes",
+        "Hostname=echo-v1-abcde",
+        "Namespace=ns",
+    ] {
+        has(&body, line);
+    }
+    assert!(!body.contains("Alpn="), "{body}");
+
+    let body = curl(&[
+        "--http2-prior-knowledge",
+        "-X",
+        "POST",
+        &format!("http://127.0.0.1:{http}/"),
+    ]);
+    has(&body, "Proto=HTTP/2.0");
+    has(&body, "Method=POST");
+
+    let body = curl(&["-k", "--http2", &format!("https://127.0.0.1:{tls}/")]);
+    has(&body, "Alpn=h2");
+    has(&body, &format!("ServicePort={tls}"));
+    let body = curl(&["-k", "--http1.1", &format!("https://127.0.0.1:{tls}/")]);
+    has(&body, "Alpn=http/1.1");
+
+    let reply = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", grpc))
+            .await
+            .unwrap();
+        grpc_echo(s, &format!("echo:{grpc}"), "hello")
+            .await
+            .unwrap()
+    });
+    has(&reply, "Hostname=echo-v1-abcde");
+    has(&reply, &format!("ServicePort={grpc}"));
+    has(&reply, "Echo=hello");
+
+    let mut s = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    s.write_all(b"ping over tcp").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"ping over tcp");
+}
