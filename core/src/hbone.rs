@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::peer_text::PeerText;
 
-pub use pool::{Pool, PoolConfig, PoolKey, PoolStats};
+pub use pool::{Pool, PoolConfig, PoolKey, PoolStats, StreamGuard};
 
 /// The HBONE port.
 pub const HBONE_PORT: u16 = 15008;

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zmesh_core::certs::CertStore;
-use zmesh_core::hbone::{Pool, PoolKey, SourceInfo};
+use zmesh_core::hbone::{Pool, PoolKey, SourceInfo, StreamGuard, Tunnel};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::netns::Netns;
 use zmesh_core::serve::{FdHeadroom, Limits, Listener};
@@ -268,82 +268,71 @@ impl Proxy {
         let Some(orig) = self.captured_destination(&stream, peer, "outbound") else {
             return;
         };
-        // One snapshot for the whole decision: a reload in between cannot mix two configs.
-        let state = self.state.load_full();
-        let local = state.workload_by_key(&self.workload_key).cloned();
+        let (rec, route) = self.outbound_route(orig, peer);
+        let res = match route {
+            Route::Hbone { key, target, src } => {
+                self.outbound_hbone(stream, key, target, src).await
+            }
+            Route::Tcp(dst) => self.outbound_tcp(stream, dst).await,
+            Route::Refused(e) => {
+                refuse(&stream);
+                Err(e)
+            }
+        };
+        finish(rec, res);
+    }
+
+    /// Decides where a captured connection goes, from one config snapshot (a reload in
+    /// between cannot mix two configs). Synchronous on purpose: the snapshot, the workload
+    /// records and the labels' sources are dropped here, not held for the connection's life.
+    fn outbound_route(&self, orig: SocketAddr, peer: SocketAddr) -> (ConnectionRecord, Route) {
+        let state = self.state.load();
+        let local = state.workload_by_key(&self.workload_key);
         let resolved = state.resolve(orig, |n| rand::random_range(0..n));
-        let mut labels = self.source_labels("source", local.as_deref());
+        let mut labels = self.source_labels("source", local.map(|w| &**w));
+        let open = |labels, dst, hbone| {
+            ConnectionRecord::open(&self.metrics, labels, "outbound", peer, dst, hbone)
+        };
         match resolved {
             Resolved::Upstream(up) => {
                 labels = labels.destination(&up.workload);
                 if let Some(s) = &up.service {
                     labels = labels.service(s);
                 }
-                if up.workload.protocol == Protocol::Hbone {
-                    labels.connection_security_policy = "mutual_tls";
-                    let hbone = SocketAddr::new(up.address.ip(), self.cfg.ports.hbone);
-                    let src = SourceInfo {
-                        addr: Some(peer),
-                        service_host: up.service.as_ref().map(|s| s.hostname.clone()),
-                        cluster: self.cfg.cluster_id.clone(),
-                        namespace: self.workload.namespace.clone(),
-                        workload_name: self.workload.name.clone(),
-                        workload_type: local
-                            .as_ref()
-                            .map(|w| w.workload_type.clone())
-                            .unwrap_or_default(),
-                        canonical_name: local
-                            .as_ref()
-                            .map(|w| w.canonical_name.clone())
-                            .unwrap_or_default(),
-                        canonical_revision: local
-                            .as_ref()
-                            .map(|w| w.canonical_revision.clone())
-                            .unwrap_or_default(),
-                    };
-                    let key =
-                        PoolKey::new(self.identity.clone(), up.identities, hbone, Some(peer.ip()));
-                    let rec = ConnectionRecord::open(
-                        &self.metrics,
-                        labels,
-                        "outbound",
-                        peer,
-                        hbone,
-                        Some(up.address),
-                    );
-                    let res = self.outbound_hbone(stream, key, up.address, &src).await;
-                    finish(rec, res);
-                } else {
-                    let rec = ConnectionRecord::open(
-                        &self.metrics,
-                        labels,
-                        "outbound",
-                        peer,
-                        up.address,
-                        None,
-                    );
-                    let res = self.outbound_tcp(stream, up.address).await;
-                    finish(rec, res);
+                if up.workload.protocol != Protocol::Hbone {
+                    return (open(labels, up.address, None), Route::Tcp(up.address));
                 }
+                labels.connection_security_policy = "mutual_tls";
+                let hbone = SocketAddr::new(up.address.ip(), self.cfg.ports.hbone);
+                let field = |f: fn(&Workload) -> &String| local.map(|w| f(w).clone());
+                let src = SourceInfo {
+                    addr: Some(peer),
+                    service_host: up.service.as_ref().map(|s| s.hostname.clone()),
+                    cluster: self.cfg.cluster_id.clone(),
+                    namespace: self.workload.namespace.clone(),
+                    workload_name: self.workload.name.clone(),
+                    workload_type: field(|w| &w.workload_type).unwrap_or_default(),
+                    canonical_name: field(|w| &w.canonical_name).unwrap_or_default(),
+                    canonical_revision: field(|w| &w.canonical_revision).unwrap_or_default(),
+                };
+                let key =
+                    PoolKey::new(self.identity.clone(), up.identities, hbone, Some(peer.ip()));
+                let route = Route::Hbone {
+                    key,
+                    target: up.address,
+                    src,
+                };
+                (open(labels, hbone, Some(up.address)), route)
             }
-            Resolved::Passthrough => {
-                let rec =
-                    ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
-                let res = self.outbound_tcp(stream, orig).await;
-                finish(rec, res);
-            }
-            Resolved::NoPort { service, port } => {
-                refuse(&stream);
-                let rec =
-                    ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
-                finish(rec, Err(ProxyError::NoPort { service, port }));
-            }
-            Resolved::NoEndpoints { service } => {
-                refuse(&stream);
-                let rec =
-                    ConnectionRecord::open(&self.metrics, labels, "outbound", peer, orig, None);
-                finish(rec, Err(ProxyError::NoEndpoints(service)));
-            }
+            Resolved::Passthrough => (open(labels, orig, None), Route::Tcp(orig)),
+            Resolved::NoPort { service, port } => (
+                open(labels, orig, None),
+                Route::Refused(ProxyError::NoPort { service, port }),
+            ),
+            Resolved::NoEndpoints { service } => (
+                open(labels, orig, None),
+                Route::Refused(ProxyError::NoEndpoints(service)),
+            ),
         }
     }
 
@@ -352,22 +341,34 @@ impl Proxy {
         mut stream: TcpStream,
         key: PoolKey,
         target: SocketAddr,
-        src: &SourceInfo,
+        src: SourceInfo,
     ) -> Result<Bytes, ProxyError> {
+        // Boxed: the certificate lookup, the pool checkout and the TLS and HTTP/2 handshakes
+        // are large futures that live only until the tunnel is up. Inlined, their space would
+        // be part of every connection's task for as long as the connection lives.
+        let opened = Box::pin(self.open_tunnel(key, target, src)).await;
+        let (mut tunnel, _guard) = match opened {
+            Ok(t) => t,
+            Err(e) => {
+                refuse(&stream);
+                return Err(e);
+            }
+        };
+        copy(&mut stream, &mut tunnel, self.cfg.copy_buffer).await
+    }
+
+    async fn open_tunnel(
+        &self,
+        key: PoolKey,
+        target: SocketAddr,
+        src: SourceInfo,
+    ) -> Result<(Tunnel, StreamGuard), ProxyError> {
         let cert = self
             .certs
             .get(&self.identity)
             .await
             .map_err(|e| ProxyError::Certificate(self.identity.clone(), e))?;
-        let result = self.pool.connect(key, &cert, target, src).await;
-        let (mut tunnel, _guard) = match result {
-            Ok(t) => t,
-            Err(e) => {
-                refuse(&stream);
-                return Err(e.into());
-            }
-        };
-        copy(&mut stream, &mut tunnel, self.cfg.copy_buffer).await
+        Ok(self.pool.connect(key, &cert, target, &src).await?)
     }
 
     async fn outbound_tcp(
@@ -375,7 +376,9 @@ impl Proxy {
         mut stream: TcpStream,
         dst: SocketAddr,
     ) -> Result<Bytes, ProxyError> {
-        let mut upstream = match zmesh_core::socket::connect(dst, None, &self.sockets).await {
+        // Boxed for the same reason as the HBONE connect path.
+        let connected = Box::pin(zmesh_core::socket::connect(dst, None, &self.sockets)).await;
+        let mut upstream = match connected {
             Ok(s) => s,
             Err(e) => {
                 refuse(&stream);
@@ -384,6 +387,20 @@ impl Proxy {
         };
         copy(&mut stream, &mut upstream, self.cfg.copy_buffer).await
     }
+}
+
+/// Where a captured outbound connection goes.
+enum Route {
+    /// Through an HBONE tunnel to `key.dst`, for `target`.
+    Hbone {
+        key: PoolKey,
+        target: SocketAddr,
+        src: SourceInfo,
+    },
+    /// Plain TCP (a destination outside the mesh, or passthrough).
+    Tcp(SocketAddr),
+    /// Refused, with why.
+    Refused(ProxyError),
 }
 
 /// Records the end of a connection from the outcome of serving it.
