@@ -123,9 +123,11 @@ fn collect_freed_memory() {
             .is_none_or(|t| now.duration_since(t) >= COLLECT_EVERY)
         {
             last.set(Some(now));
-            // SAFETY: mi_collect takes no pointers; it frees this thread's empty pages and
-            // purges (madvise) the arenas' expired free ranges.
-            unsafe { mi_collect(false) };
+            // SAFETY: mi_collect takes no pointers. Forced: it also purges (madvise) free
+            // ranges at once rather than after mimalloc's purge delay, and on the main thread
+            // (the single-threaded runtime) reclaims the pages of threads that exited, so a
+            // thread that parks after a load gives back all it can, not only what has aged.
+            unsafe { mi_collect(true) };
         }
     });
 }
