@@ -290,7 +290,7 @@ fn top_mappings(smaps: &str, n: usize) -> Vec<Mapping> {
             m.rss_kib = v;
         }
     }
-    maps.sort_by(|a, b| b.rss_kib.cmp(&a.rss_kib));
+    maps.sort_by_key(|m| std::cmp::Reverse(m.rss_kib));
     maps.truncate(n);
     maps
 }

@@ -271,7 +271,7 @@ impl Proxy {
         let (rec, route) = self.outbound_route(orig, peer);
         let res = match route {
             Route::Hbone { key, target, src } => {
-                self.outbound_hbone(stream, key, target, src).await
+                self.outbound_hbone(stream, key, target, *src).await
             }
             Route::Tcp(dst) => self.outbound_tcp(stream, dst).await,
             Route::Refused(e) => {
@@ -320,7 +320,7 @@ impl Proxy {
                 let route = Route::Hbone {
                     key,
                     target: up.address,
-                    src,
+                    src: Box::new(src),
                 };
                 (open(labels, hbone, Some(up.address)), route)
             }
@@ -395,7 +395,7 @@ enum Route {
     Hbone {
         key: PoolKey,
         target: SocketAddr,
-        src: SourceInfo,
+        src: Box<SourceInfo>,
     },
     /// Plain TCP (a destination outside the mesh, or passthrough).
     Tcp(SocketAddr),
