@@ -103,6 +103,20 @@ fn init_logging() -> (
 // the crate exposes it only with its `extended` feature).
 unsafe extern "C" {
     fn mi_collect(force: bool);
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_purge_delay` in mimalloc v2's `mimalloc.h` (`enum mi_option_e`).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+/// Freed pages go back to the OS as soon as they are free (mimalloc's purge delay 0; its
+/// default, 10 ms, defers the purge to a later allocation). Measured with `zmesh-soak`: with
+/// the default, a server ztunnel kept 7-8 MiB of freed pages resident after 10,000 tunnels
+/// closed (not back near its baseline within 30 s, though no allocation was live); with 0, it
+/// is back within 7 s, like the client.
+fn purge_freed_pages_at_once() {
+    // SAFETY: sets a global option before any thread of ours allocates much; takes no pointers.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
 }
 
 /// How often each runtime thread offers mimalloc a chance to give freed memory back.
@@ -123,9 +137,11 @@ fn collect_freed_memory() {
             .is_none_or(|t| now.duration_since(t) >= COLLECT_EVERY)
         {
             last.set(Some(now));
-            // SAFETY: mi_collect takes no pointers; it frees this thread's empty pages and
-            // purges (madvise) the arenas' expired free ranges.
-            unsafe { mi_collect(false) };
+            // SAFETY: mi_collect takes no pointers. Forced: it also purges (madvise) free
+            // ranges at once rather than after mimalloc's purge delay, and on the main thread
+            // (the single-threaded runtime) reclaims the pages of threads that exited, so a
+            // thread that parks after a load gives back all it can, not only what has aged.
+            unsafe { mi_collect(true) };
         }
     });
 }
@@ -148,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Proxy { config } => {
+            purge_freed_pages_at_once();
             let (log, _log_guard) = init_logging();
             zmesh_core::tls::install_default_provider();
             raise_fd_limit();

@@ -12,6 +12,8 @@
 //! counted in `zmesh_waypoint_unavailable_total{destination, waypoint}` (and closed with
 //! `response_flags="UH"`), so a missing waypoint is visible, never a silent bypass.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -171,6 +173,8 @@ pub struct Metrics {
     pub received: Family<TrafficLabels, Counter>,
     /// Connections refused because their destination's waypoint cannot be reached.
     pub waypoint_unavailable: Family<WaypointLabels, Counter>,
+    /// The label sets of open connections, one copy each (see [`Metrics::intern`]).
+    interned: Arc<Mutex<HashSet<Arc<TrafficLabels>>>>,
 }
 
 /// Labels of [`Metrics::waypoint_unavailable`].
@@ -213,21 +217,60 @@ impl Metrics {
         );
         m
     }
+
+    /// One shared copy of `labels`: the connections between the same two workloads have the
+    /// same ~20 label values, and each open connection holds a pointer to them instead of its
+    /// own strings (about 1 KiB per connection). Released by [`Metrics::release`].
+    fn intern(&self, labels: TrafficLabels) -> Arc<TrafficLabels> {
+        let mut set = lock(&self.interned);
+        if let Some(shared) = set.get(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels);
+        set.insert(shared.clone());
+        shared
+    }
+
+    /// Gives back a connection's reference to interned labels; the set forgets them with
+    /// their last connection, and its table shrinks after a burst of connections ends.
+    fn release(&self, labels: Arc<TrafficLabels>) {
+        let mut set = lock(&self.interned);
+        // Under the lock, as every clone from the set is made: 2 = the set's and this one.
+        if Arc::strong_count(&labels) == 2 {
+            set.remove(&*labels);
+            if set.capacity() > 2 * set.len() + 16 {
+                set.shrink_to_fit();
+            }
+        }
+        drop(labels);
+    }
+
+    /// Label sets held for open connections now (for tests).
+    #[cfg(test)]
+    fn interned_len(&self) -> usize {
+        lock(&self.interned).len()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One connection's telemetry: counts it opened now, and closed (with bytes and the access
 /// log line) when `finish` is called or, failing that, when dropped.
 pub struct ConnectionRecord {
     metrics: Metrics,
-    labels: TrafficLabels,
+    /// Shared with the other open connections that have the same labels; `None` once closed.
+    labels: Option<Arc<TrafficLabels>>,
+    /// Istio's `response_flags` for the close, when it differs from the labels' own.
+    response_flag: Option<&'static str>,
     start: Instant,
     direction: &'static str,
     src_addr: std::net::SocketAddr,
     dst_addr: std::net::SocketAddr,
     hbone_target: Option<std::net::SocketAddr>,
     /// The AuthorizationPolicy that decided, for the access log.
-    policy: Option<String>,
-    finished: bool,
+    policy: Option<Box<str>>,
 }
 
 impl ConnectionRecord {
@@ -242,35 +285,44 @@ impl ConnectionRecord {
         metrics.opened.get_or_create(&labels).inc();
         ConnectionRecord {
             metrics: metrics.clone(),
-            labels,
+            labels: Some(metrics.intern(labels)),
+            response_flag: None,
             start: Instant::now(),
             direction,
             src_addr,
             dst_addr,
             hbone_target,
             policy: None,
-            finished: false,
         }
     }
 
     /// Names the AuthorizationPolicy (`<namespace>/<name>`) that decided, for the access log.
     pub fn set_policy(&mut self, policy: Option<String>) {
-        self.policy = policy;
+        self.policy = policy.map(String::into_boxed_str);
     }
 
     /// Sets Istio's `response_flags` for the close (e.g. `CONNECT`, `DENY`, `TLS_FAILURE`).
     pub fn set_response_flag(&mut self, flag: &'static str) {
-        self.labels.response_flags = flag;
+        self.response_flag = Some(flag);
     }
 
     /// Records the close: `sent` is bytes towards the destination, `received` bytes back.
     pub fn finish(mut self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
-        self.finished = true;
         self.close(sent, received, error);
     }
 
-    fn close(&self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
-        let l = &self.labels;
+    fn close(&mut self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
+        let Some(shared) = self.labels.take() else {
+            return;
+        };
+        let changed = self
+            .response_flag
+            .filter(|f| *f != shared.response_flags)
+            .map(|f| TrafficLabels {
+                response_flags: f,
+                ..(*shared).clone()
+            });
+        let l = changed.as_ref().unwrap_or(&shared);
         self.metrics.closed.get_or_create(l).inc();
         self.metrics.sent.get_or_create(l).inc_by(sent);
         self.metrics.received.get_or_create(l).inc_by(received);
@@ -303,14 +355,14 @@ impl ConnectionRecord {
             None => line!(info, "connection complete"),
             Some(e) => line!(error, error = %e, "connection complete"),
         }
+        drop(changed);
+        self.metrics.release(shared);
     }
 }
 
 impl Drop for ConnectionRecord {
     fn drop(&mut self) {
-        if !self.finished {
-            self.close(0, 0, Some(&"connection dropped before completion"));
-        }
+        self.close(0, 0, Some(&"connection dropped before completion"));
     }
 }
 
@@ -354,6 +406,61 @@ mod tests {
         );
         assert!(
             out.contains("istio_tcp_received_bytes_total{") && out.contains("} 42"),
+            "{out}"
+        );
+    }
+
+    /// Open connections with the same labels share one copy of them (issue 9: ~20 strings
+    /// per connection), forgotten with the last; a close with its own response flag is
+    /// counted under that flag.
+    #[test]
+    fn open_connections_share_their_labels() {
+        let m = Metrics::register(&mut Registry::default());
+        let w: Workload =
+            serde_yaml::from_str("{name: client, namespace: default, serviceAccount: sa}").unwrap();
+        let open = || {
+            ConnectionRecord::open(
+                &m,
+                TrafficLabels::new("source").source(&w),
+                "outbound",
+                "10.0.0.1:1".parse().unwrap(),
+                "10.0.0.2:15008".parse().unwrap(),
+                None,
+            )
+        };
+        let (a, mut b) = (open(), open());
+        assert!(
+            Arc::ptr_eq(a.labels.as_ref().unwrap(), b.labels.as_ref().unwrap()),
+            "two connections with the same labels hold two copies"
+        );
+        assert_eq!(m.interned_len(), 1);
+        a.finish(1, 2, None);
+        assert_eq!(m.interned_len(), 1, "still used by the other connection");
+        b.set_response_flag("CONNECT");
+        drop(b);
+        assert_eq!(
+            m.interned_len(),
+            0,
+            "labels kept after their last connection"
+        );
+        let mut out = String::new();
+        let mut reg = Registry::default();
+        let m2 = Metrics::register(&mut reg);
+        let mut c = ConnectionRecord::open(
+            &m2,
+            TrafficLabels::new("source"),
+            "outbound",
+            "10.0.0.1:1".parse().unwrap(),
+            "10.0.0.2:15008".parse().unwrap(),
+            None,
+        );
+        c.set_response_flag("CONNECT");
+        c.finish(0, 0, Some(&"refused"));
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("istio_tcp_connections_closed_total{")
+                    && l.contains("response_flags=\"CONNECT\"")),
             "{out}"
         );
     }

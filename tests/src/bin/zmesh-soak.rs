@@ -132,6 +132,23 @@ impl Pair {
         Ok((c, s))
     }
 
+    /// Where each ztunnel's resident memory is (its largest mappings), for the log.
+    fn print_mappings(&self, when: &str) {
+        for (who, zt) in [("client", &self.client), ("server", &self.server)] {
+            let Ok(maps) = soak::largest_mappings(zt.pid(), 4) else {
+                continue;
+            };
+            let maps: Vec<String> = maps
+                .iter()
+                .map(|m| format!("{} ({}) {}", m.name, mib(m.size_kib), mib(m.rss_kib)))
+                .collect();
+            eprintln!(
+                "  {when}: {who} ztunnel's largest resident mappings: {}",
+                maps.join(", ")
+            );
+        }
+    }
+
     fn pooled(&self) -> usize {
         soak::established_to_port(self.client.pid(), 15008).unwrap_or(usize::MAX)
     }
@@ -258,6 +275,7 @@ fn main() -> Result<()> {
     );
     drop(conns);
     let idle_settled = pair.settle(settle)?;
+    pair.print_mappings("after the idle connections closed");
 
     // 2. Churn, direct then through the mesh.
     let direct_dur = Duration::from_secs(args.direct_churn_seconds);
@@ -303,6 +321,7 @@ fn main() -> Result<()> {
         },
     )?;
     let churn_settled = pair.settle(settle)?;
+    pair.print_mappings("after the churn");
 
     // 3. Exit after SIGTERM with nothing left to drain.
     let exit_time = |zt: &Ztunnel| -> Result<Option<Duration>> {

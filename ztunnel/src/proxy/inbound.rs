@@ -242,9 +242,12 @@ impl Proxy {
             return status(StatusCode::UNAUTHORIZED);
         }
         let buf = self.cfg.copy_buffer;
+        // Only the upgrade handle goes into the tunnel's task: the request (its headers, and
+        // the space its type takes in the task) is dropped now, not kept for the tunnel's life.
+        let upgrade = hyper::upgrade::on(req);
         self.spawn_connection(async move {
             let _busy = busy;
-            let res = match hyper::upgrade::on(req).await {
+            let res = match upgrade.await {
                 Ok(up) => {
                     let mut tunnel = TokioIo::new(up);
                     // On revocation the tunnel is dropped unfinished: the client gets a

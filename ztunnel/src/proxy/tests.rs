@@ -31,7 +31,8 @@ struct Server {
     server_id: SpiffeId,
 }
 
-async fn server(tune: impl FnOnce(&mut Config)) -> Server {
+/// A proxy for the workload `default/server` (127.0.0.1), and the CA its certificates come from.
+fn proxy(tune: impl FnOnce(&mut Config)) -> (Arc<Proxy>, LocalCa) {
     zmesh_core::tls::install_default_provider();
     let mut cfg = Config {
         workload: Some(WorkloadInfo {
@@ -62,6 +63,11 @@ async fn server(tune: impl FnOnce(&mut Config)) -> Server {
         conns: Arc::default(),
     };
     let proxy = Proxy::new(&node, cfg.workload.clone().unwrap(), None).unwrap();
+    (proxy, ca)
+}
+
+async fn server(tune: impl FnOnce(&mut Config)) -> Server {
+    let (proxy, ca) = proxy(tune);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hbone = listener.local_addr().unwrap();
     tokio::spawn(serve_hbone(proxy, listener));
@@ -173,4 +179,21 @@ async fn an_hbone_connection_without_streams_is_closed_after_the_idle_timeout() 
         .await
         .expect("an HBONE connection with no streams was kept past the idle timeout");
     assert!(ended.unwrap().is_ok(), "closed with a GOAWAY, not reset");
+}
+
+/// Every open connection's task is allocated at the size of its future, for the connection's
+/// whole life: the connect path (pool checkout, TLS and HTTP/2 handshakes, about 8 KiB of
+/// future) must not be part of it (issue 9: idle connections cost 24-54 KiB on the client).
+#[tokio::test]
+async fn an_outbound_connection_task_does_not_carry_the_handshake() {
+    let (proxy, _ca) = proxy(|_| {});
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let captured = TcpStream::connect(addr).await.unwrap();
+    let task = proxy.clone().outbound(captured, addr);
+    let size = std::mem::size_of_val(&task);
+    assert!(
+        size <= 4096,
+        "an outbound connection's task holds a {size}-byte future for its whole life"
+    );
 }
