@@ -4,6 +4,8 @@
 //! later the waypoint and controller) are thin wiring around these pieces.
 
 pub mod certs;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod netns;

@@ -48,7 +48,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] BoundError),
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] zmesh_core::grpc::GrpcError),
     #[error("cannot listen on {0}: {1} (is another process using the port?)")]
     Listen(SocketAddr, std::io::Error),
 }

@@ -21,14 +21,14 @@ use zmesh_core::certs::{CertError, CertificateSource};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::{WorkloadCertificate, certs_from_pem, provider, uri_sans};
 
-use crate::control::{Auth, ControlError, Target, channel, describe};
+use zmesh_core::grpc::{AuthHeaders, GrpcError, Target, channel, describe};
 
 /// How long one CreateCertificate call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The controller's CA as a certificate source.
 pub struct RemoteCa {
-    client: IstioCertificateServiceClient<InterceptedService<Channel, Auth>>,
+    client: IstioCertificateServiceClient<InterceptedService<Channel, AuthHeaders>>,
     address: String,
     root_ca: PathBuf,
     ttl: Duration,
@@ -36,7 +36,7 @@ pub struct RemoteCa {
 
 impl RemoteCa {
     /// Nothing is dialled until the first fetch.
-    pub fn new(target: &Target, auth: Auth, ttl: Duration) -> Result<RemoteCa, ControlError> {
+    pub fn new(target: &Target, auth: AuthHeaders, ttl: Duration) -> Result<RemoteCa, GrpcError> {
         Ok(RemoteCa {
             client: IstioCertificateServiceClient::with_interceptor(channel(target)?, auth),
             address: target.address.clone(),

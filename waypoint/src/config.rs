@@ -11,8 +11,8 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::Limits;
 use zmesh_core::socket::SocketOptions;
 
-use crate::control::{Auth, Target, Token};
 use crate::upstream::LbPolicy;
+use zmesh_core::grpc::{AuthHeaders, AuthToken, Target};
 
 /// Where Kubernetes mounts the mesh root (`XDS_ROOT_CA`, `CA_ROOT_CA` default).
 pub const DEFAULT_ROOT_CA: &str = "./var/run/secrets/istio/root-cert.pem";
@@ -88,9 +88,9 @@ fn invalid(var: &'static str, value: &str, reason: impl ToString) -> ConfigError
 
 impl Config {
     /// The headers that authenticate calls to the controller.
-    pub fn auth(&self) -> Auth {
-        Auth {
-            token: Token::from_env_value(&self.auth_token),
+    pub fn auth(&self) -> AuthHeaders {
+        AuthHeaders {
+            token: AuthToken::from_env_value(&self.auth_token),
             cluster_id: self.cluster_id.clone(),
         }
     }
@@ -205,6 +205,7 @@ impl Config {
             var: "XDS_ADDRESS",
             address: a.to_owned(),
             root_ca: xds_root.into(),
+            alt_hostname: get("ALT_XDS_HOSTNAME").map(str::to_owned),
             root_var: "XDS_ROOT_CA",
         });
         // CA_ADDRESS defaults to XDS_ADDRESS; set but empty means no remote CA.
@@ -216,6 +217,7 @@ impl Config {
             var: ca_var,
             address: a.to_owned(),
             root_ca: get("CA_ROOT_CA").unwrap_or(xds_root).into(),
+            alt_hostname: get("ALT_CA_HOSTNAME").map(str::to_owned),
             root_var: "CA_ROOT_CA",
         });
         match (&cfg.local_config, &cfg.xds) {

@@ -9,7 +9,6 @@ pub mod body;
 pub mod bound;
 pub mod ca;
 pub mod config;
-pub mod control;
 pub mod http;
 pub mod server;
 pub mod sniff;

@@ -27,7 +27,7 @@ use zmesh_core::state::{Service, State, Workload};
 
 use crate::app::Waypoint;
 use crate::bound::{BoundService, Snapshot};
-use crate::control::{Auth, ControlError, Target, channel, describe};
+use zmesh_core::grpc::{AuthHeaders, GrpcError, Target, channel, describe};
 
 const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL];
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -35,7 +35,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// Largest response accepted (upstream ztunnel's limit).
 const MAX_MESSAGE_SIZE: usize = 200 * 1024 * 1024;
 
-type Rpc = AggregatedDiscoveryServiceClient<InterceptedService<Channel, Auth>>;
+type Rpc = AggregatedDiscoveryServiceClient<InterceptedService<Channel, AuthHeaders>>;
 
 /// What the client holds, by resource name, with versions.
 #[derive(Default)]
@@ -163,9 +163,9 @@ pub fn node(cfg: &crate::config::Config) -> Node {
 pub fn start(
     wp: Arc<Waypoint>,
     target: &Target,
-    auth: Auth,
+    auth: AuthHeaders,
     node: Node,
-) -> Result<(), ControlError> {
+) -> Result<(), GrpcError> {
     let rpc = AggregatedDiscoveryServiceClient::with_interceptor(channel(target)?, auth)
         .max_decoding_message_size(MAX_MESSAGE_SIZE);
     let address = target.address.clone();

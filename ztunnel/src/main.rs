@@ -6,12 +6,14 @@ mod admin;
 mod app;
 mod ca_client;
 mod config;
-mod grpc;
 mod inpod;
 mod local_config;
 mod metrics;
 mod proxy;
 mod xds;
+
+// The gRPC channel to the controller lives in zmesh-core (the waypoint uses it too).
+use zmesh_core::grpc;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 use zmesh_controller::ca::CaConfig;
 use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start};
 use zmesh_controller::translate::MeshConfig;
+use zmesh_core::grpc::Target;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::LocalCa;
 use zmesh_waypoint::Waypoint;
-use zmesh_waypoint::control::Target;
 use zmesh_waypoint::upstream::LbPolicy;
 
 use crate::harness::*;
@@ -104,6 +104,7 @@ async fn config_and_certificate_from_the_controller() {
         var,
         address: format!("https://{}", controller.addr),
         root_ca: root.clone(),
+        alt_hostname: None,
         root_var: "XDS_ROOT_CA",
     };
     cfg.xds = Some(target("XDS_ADDRESS"));

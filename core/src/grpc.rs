@@ -1,7 +1,7 @@
-//! The gRPC connection to the controller, shared by the xDS client and the CA client: TLS
-//! verified against the mesh root (`XDS_ROOT_CA` / `CA_ROOT_CA`), HTTP/2 keepalive, and the
-//! `authorization: Bearer <token>` + `clusterid` headers on every call, the way upstream
-//! ztunnel talks to istiod.
+//! The gRPC connection to the controller, shared by ztunnel's and the waypoint's xDS and CA
+//! clients (feature `grpc`): TLS verified against the mesh root (`XDS_ROOT_CA` /
+//! `CA_ROOT_CA`), HTTP/2 keepalive, and the `authorization: Bearer <token>` + `clusterid`
+//! headers on every call, the way upstream ztunnel talks to istiod.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -157,6 +157,21 @@ impl tonic::service::Interceptor for AuthHeaders {
         }
         Ok(req)
     }
+}
+
+/// A gRPC status with the causes a transport error hides (TLS, refused, DNS), for logs.
+pub fn describe(s: &Status) -> String {
+    let mut out = format!("{:?}: {}", s.code(), s.message());
+    let mut src = std::error::Error::source(s);
+    while let Some(e) = src {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = e.source();
+    }
+    out
 }
 
 #[cfg(test)]
