@@ -191,6 +191,18 @@ impl<'s> Cluster<'s> {
         ztunnel_env: &[(&str, &str)],
         manifests: Manifests,
     ) -> Result<Cluster<'s>> {
+        Self::up_with_identities(sb, nodes, ztunnel_env, manifests, &[])
+    }
+
+    /// [`Cluster::up_from`] that also gives the controller a credential for each `(node,
+    /// spiffe id)` of `identities` (e.g. a waypoint's), see [`Cluster::identity_token`].
+    pub fn up_with_identities(
+        sb: &'s Sandbox,
+        nodes: &[&str],
+        ztunnel_env: &[(&str, &str)],
+        manifests: Manifests,
+        identities: &[(&str, &str)],
+    ) -> Result<Cluster<'s>> {
         if nodes.len() > 200 {
             bail!("at most 200 nodes (one 10.244.x.0/24 each)");
         }
@@ -209,7 +221,7 @@ impl<'s> Cluster<'s> {
         let pods_dir = sb.dir().join("pods");
         let mut objects = Objects::new(&pods_dir)?;
         objects.ensure_namespace(MESH_NAMESPACE)?;
-        let tokens = NodeTokens::generate(&sb.dir().join("controller"), nodes)?;
+        let tokens = NodeTokens::generate_with(&sb.dir().join("controller"), nodes, identities)?;
         let controller_spec = ControllerSpec {
             netns: None,
             listen: std::net::SocketAddr::new(topo.bridge_ip().into(), CONTROLLER_PORT),
@@ -510,6 +522,12 @@ impl<'s> Cluster<'s> {
     /// The file holding a node's credential for the controller.
     pub fn node_token(&self, node: &str) -> Result<&Path> {
         self.tokens.of(node)
+    }
+
+    /// The file holding the credential of a workload identity given to
+    /// [`Cluster::up_with_identities`].
+    pub fn identity_token(&self, id: &str) -> Result<&Path> {
+        self.tokens.of_identity(id)
     }
 
     /// The controller's address and the root to verify it with.

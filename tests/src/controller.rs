@@ -41,26 +41,50 @@ pub struct NodeTokens {
     pub file: PathBuf,
     /// Node name -> the file holding its token (its ztunnel's `AUTH_TOKEN`).
     pub per_node: Vec<(String, PathBuf)>,
+    /// SPIFFE id -> the file holding the token of a workload that authenticates as itself.
+    pub per_identity: Vec<(String, PathBuf)>,
 }
 
 impl NodeTokens {
     /// Makes a random 32-byte token per node, under `dir`.
     pub fn generate(dir: &Path, nodes: &[&str]) -> Result<NodeTokens> {
+        Self::generate_with(dir, nodes, &[])
+    }
+
+    /// [`NodeTokens::generate`], plus a token for each `(node, spiffe id)` of `identities`: a
+    /// workload that authenticates as itself (a waypoint, whose Gateway's service account is
+    /// its identity), as a projected service-account token does on a real cluster. The
+    /// controller reads the file once, at start, so these are minted up front.
+    pub fn generate_with(
+        dir: &Path,
+        nodes: &[&str],
+        identities: &[(&str, &str)],
+    ) -> Result<NodeTokens> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut lines = String::new();
         let mut per_node = Vec::new();
         for node in nodes {
-            let mut bytes = [0u8; 32];
-            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let token = random_token()?;
             let path = dir.join(format!("token-{node}"));
             write_private(&path, &token)?;
             lines.push_str(&format!("{node} {token}\n"));
             per_node.push(((*node).to_owned(), path));
         }
+        let mut per_identity = Vec::new();
+        for (i, (node, id)) in identities.iter().enumerate() {
+            let token = random_token()?;
+            let path = dir.join(format!("token-identity-{i}"));
+            write_private(&path, &token)?;
+            lines.push_str(&format!("{node} {token} {id}\n"));
+            per_identity.push(((*id).to_owned(), path));
+        }
         let file = dir.join("node-tokens");
         write_private(&file, &lines)?;
-        Ok(NodeTokens { file, per_node })
+        Ok(NodeTokens {
+            file,
+            per_node,
+            per_identity,
+        })
     }
 
     /// The token file of `node`.
@@ -71,6 +95,21 @@ impl NodeTokens {
             .map(|(_, p)| p.as_path())
             .with_context(|| format!("no token for node {node}"))
     }
+
+    /// The token file of a workload identity minted by [`NodeTokens::generate_with`].
+    pub fn of_identity(&self, id: &str) -> Result<&Path> {
+        self.per_identity
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, p)| p.as_path())
+            .with_context(|| format!("no token for identity {id}"))
+    }
+}
+
+fn random_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {

@@ -303,7 +303,14 @@ spec:
         cmd.env("XDS_ADDRESS", &access.address)
             .env("XDS_ROOT_CA", &access.root)
             .env("CA_ROOT_CA", &access.root)
-            .env("AUTH_TOKEN", self.cluster.node_token(&pod.node)?)
+            // Its own credential (the controller sends a waypoint the Services bound to the
+            // Gateway it authenticates as), else the node's (then it gets no Services).
+            .env(
+                "AUTH_TOKEN",
+                self.cluster
+                    .identity_token(&waypoint_identity())
+                    .or_else(|_| self.cluster.node_token(&pod.node))?,
+            )
             .env("POD_NAME", &pod.name)
             .env("POD_NAMESPACE", &pod.namespace)
             .env("INSTANCE_IP", pod.ip.to_string())
@@ -699,6 +706,17 @@ spec:
                 anyhow!("no pod {namespace}/{name}; `zmesh-lab get pods -o wide` lists them")
             })
     }
+}
+
+/// The SPIFFE identity of the world's waypoint: its Gateway's service account (Istio names
+/// the waypoint's service account after the Gateway).
+pub fn waypoint_identity() -> String {
+    format!(
+        "spiffe://{}/ns/{}/sa/{}",
+        crate::mesh::TRUST_DOMAIN,
+        fixture::MESH_NS,
+        fixture::WAYPOINT_NAME
+    )
 }
 
 #[cfg(test)]

@@ -188,7 +188,9 @@ fn gamma_world_is_driven_from_another_shell() {
         let ip: std::net::Ipv4Addr = p["ip"].as_str().unwrap().parse().unwrap();
         assert_eq!(ip.octets()[..2], [10, 244], "{p}");
         assert!(p["node"] == "n1" || p["node"] == "n2", "{p}");
-        assert_eq!(p["enrolled"], true, "{p}");
+        // Every pod is enrolled but the waypoint's, which opts out (it owns 15008 itself).
+        let waypoint = p["labels"]["gateway.istio.io/managed"] == "istio.io-mesh-controller";
+        assert_eq!(p["enrolled"], !waypoint, "{p}");
     }
 
     // get services: the fixture's ports, target ports and app protocols.
@@ -245,8 +247,36 @@ fn gamma_world_is_driven_from_another_shell() {
         "{body}"
     );
 
-    // It went through the mesh: the backend's ztunnel counted an inbound connection from
-    // the consumer's identity (mutual TLS).
+    // It went through the mesh and the waypoint bound to the mesh namespace: the waypoint
+    // counted the request from the consumer's identity (its HBONE peer, mutual TLS), and the
+    // backend's ztunnel counted an inbound connection from the waypoint's identity (the
+    // waypoint opens its own tunnel to the pod, as Istio's does).
+    let waypoint_pod = pods
+        .iter()
+        .find(|p| p["labels"]["gateway.istio.io/managed"] == "istio.io-mesh-controller")
+        .unwrap_or_else(|| panic!("no waypoint pod: {pods:#?}"));
+    let waypoint_metrics = lab.ok(
+        &[
+            "exec",
+            &format!("{MESH}/{}", waypoint_pod["name"].as_str().unwrap()),
+            "--",
+            "curl",
+            "-sS",
+            "http://127.0.0.1:15020/metrics",
+        ],
+        None,
+    );
+    let consumer_principal =
+        format!("source_principal=\"spiffe://cluster.local/ns/{CONSUMER}/sa/default\"");
+    assert!(
+        waypoint_metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"waypoint\"")
+                && l.contains(&consumer_principal)
+                && l.contains("response_code=\"200\"")),
+        "the waypoint counted no request from {consumer_principal}:\n{waypoint_metrics}"
+    );
     let node = pods
         .iter()
         .find(|p| p["name"] == hostname[0])
@@ -264,14 +294,14 @@ fn gamma_world_is_driven_from_another_shell() {
         ],
         None,
     );
-    let principal = format!("source_principal=\"spiffe://cluster.local/ns/{CONSUMER}/sa/default\"");
+    let principal = format!("source_principal=\"spiffe://cluster.local/ns/{MESH}/sa/namespace\"");
     assert!(
         metrics
             .lines()
             .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
                 && l.contains("reporter=\"destination\"")
                 && l.contains(&principal)),
-        "ztunnel-{node} saw no connection from {principal}:\n{metrics}"
+        "ztunnel-{node} saw no connection from the waypoint ({principal}):\n{metrics}"
     );
 
     // exec passes arguments without a shell and returns the command's exit code.

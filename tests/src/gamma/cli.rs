@@ -22,7 +22,15 @@ pub fn up(socket: &Path) -> Result<()> {
     // Bound first, so a second lab on the same socket fails before building anything.
     let server = ControlServer::bind(socket)?;
     let sb = Sandbox::new()?;
-    let cluster = Cluster::up(&sb, &NODES)?;
+    // The waypoint authenticates as its Gateway's service account, as on a cluster.
+    let waypoint_id = super::waypoint_identity();
+    let cluster = Cluster::up_with_identities(
+        &sb,
+        &NODES,
+        &[],
+        crate::manifests::Manifests::rendered()?,
+        &[(NODES[0], &waypoint_id)],
+    )?;
     let mut world = World::gamma(&cluster)?;
     print_summary(&world, socket);
     server.serve(&mut world)?;
