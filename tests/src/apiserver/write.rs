@@ -14,7 +14,8 @@ use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use super::parse::now_rfc3339;
-use super::{Body, ResourceType, State, bad_request, full, merge_patch, status};
+use super::store::merge_patch;
+use super::{Body, ResourceType, State, bad_request, full, status};
 
 /// `GET /version`, as `kubectl version` reads it.
 pub(super) fn version(st: &State) -> http::Response<Body> {
