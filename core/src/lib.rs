@@ -14,6 +14,7 @@ pub mod policy;
 pub mod serve;
 pub mod socket;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod yaml;
 pub mod zds;

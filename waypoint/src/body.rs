@@ -125,7 +125,7 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Err(e))) => {
                 if let Some(fin) = self.finish.as_mut() {
                     fin.record.error = Some(e.to_string());
-                    fin.record.labels.response_flags = "UPE";
+                    fin.record.labels.traffic.response_flags = "UPE";
                 }
                 self.end(false);
             }

@@ -99,7 +99,7 @@ fn local(
     flags: &'static str,
 ) -> Response<ResponseBody> {
     record.labels.response_code = code.as_u16().to_string();
-    record.labels.response_flags = flags;
+    record.labels.traffic.response_flags = flags;
     let mut r = Response::new(ResponseBody::empty(Some(Finish {
         record,
         in_flight: None,
@@ -136,7 +136,7 @@ pub async fn proxy(
     let mut labels = RequestLabels::default();
     labels.source(&ds.source, ds.principal.clone());
     labels.service(&svc.hostname, &svc.name, &svc.namespace);
-    labels.request_protocol = if is_grpc(req.headers()) {
+    labels.traffic.request_protocol = if is_grpc(req.headers()) {
         "grpc"
     } else {
         "http"

@@ -16,72 +16,26 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use zmesh_core::state::Workload;
+use zmesh_core::telemetry::{TrafficLabels, UNKNOWN, or_unknown};
 
-/// Istio's request labels. Unknown values render as `unknown`.
+/// Istio's request labels: the traffic labels ztunnel also reports, plus the response's codes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: &'static str,
+    #[prometheus(flatten)]
+    pub traffic: TrafficLabels,
     pub response_code: String,
     pub grpc_response_status: String,
-    pub response_flags: &'static str,
-    pub connection_security_policy: &'static str,
-}
-
-const UNKNOWN: &str = "unknown";
-
-fn or_unknown(s: &str) -> String {
-    if s.is_empty() { UNKNOWN } else { s }.to_owned()
 }
 
 impl Default for RequestLabels {
     fn default() -> Self {
-        let u = || UNKNOWN.to_owned();
+        let mut traffic = TrafficLabels::new("waypoint");
+        traffic.request_protocol = "http";
+        traffic.connection_security_policy = "mutual_tls";
         RequestLabels {
-            reporter: "waypoint",
-            source_workload: u(),
-            source_canonical_service: u(),
-            source_canonical_revision: u(),
-            source_workload_namespace: u(),
-            source_principal: u(),
-            source_app: u(),
-            source_version: u(),
-            source_cluster: u(),
-            destination_service: u(),
-            destination_service_namespace: u(),
-            destination_service_name: u(),
-            destination_workload: u(),
-            destination_canonical_service: u(),
-            destination_canonical_revision: u(),
-            destination_workload_namespace: u(),
-            destination_principal: u(),
-            destination_app: u(),
-            destination_version: u(),
-            destination_cluster: u(),
-            request_protocol: "http",
+            traffic,
             response_code: "0".into(),
             grpc_response_status: String::new(),
-            response_flags: "-",
-            connection_security_policy: "mutual_tls",
         }
     }
 }
@@ -138,34 +92,37 @@ impl SourceMeta {
 impl RequestLabels {
     /// Sets the `source_*` labels.
     pub fn source(&mut self, m: &SourceMeta, principal: Option<String>) {
-        self.source_workload = or_unknown(&m.workload);
-        self.source_workload_namespace = or_unknown(&m.namespace);
-        self.source_canonical_service = or_unknown(&m.canonical_service);
-        self.source_app = or_unknown(&m.canonical_service);
-        self.source_canonical_revision = or_unknown(&m.canonical_revision);
-        self.source_version = or_unknown(&m.canonical_revision);
-        self.source_cluster = or_unknown(&m.cluster);
-        self.source_principal = principal.unwrap_or_else(|| UNKNOWN.into());
+        let t = &mut self.traffic;
+        t.source_workload = or_unknown(&m.workload);
+        t.source_workload_namespace = or_unknown(&m.namespace);
+        t.source_canonical_service = or_unknown(&m.canonical_service);
+        t.source_app = or_unknown(&m.canonical_service);
+        t.source_canonical_revision = or_unknown(&m.canonical_revision);
+        t.source_version = or_unknown(&m.canonical_revision);
+        t.source_cluster = or_unknown(&m.cluster);
+        t.source_principal = principal.unwrap_or_else(|| UNKNOWN.into());
     }
 
     /// Sets the `destination_service*` labels.
     pub fn service(&mut self, hostname: &str, name: &str, namespace: &str) {
-        self.destination_service = or_unknown(hostname);
-        self.destination_service_name = or_unknown(name);
-        self.destination_service_namespace = or_unknown(namespace);
+        let t = &mut self.traffic;
+        t.destination_service = or_unknown(hostname);
+        t.destination_service_name = or_unknown(name);
+        t.destination_service_namespace = or_unknown(namespace);
     }
 
     /// Sets the `destination_*` workload labels from the endpoint picked.
     pub fn destination(&mut self, w: &Workload) {
         let m = SourceMeta::from_workload(w);
-        self.destination_workload = or_unknown(&m.workload);
-        self.destination_workload_namespace = or_unknown(&m.namespace);
-        self.destination_canonical_service = or_unknown(&m.canonical_service);
-        self.destination_app = or_unknown(&m.canonical_service);
-        self.destination_canonical_revision = or_unknown(&m.canonical_revision);
-        self.destination_version = or_unknown(&m.canonical_revision);
-        self.destination_cluster = or_unknown(&m.cluster);
-        self.destination_principal = w
+        let t = &mut self.traffic;
+        t.destination_workload = or_unknown(&m.workload);
+        t.destination_workload_namespace = or_unknown(&m.namespace);
+        t.destination_canonical_service = or_unknown(&m.canonical_service);
+        t.destination_app = or_unknown(&m.canonical_service);
+        t.destination_canonical_revision = or_unknown(&m.canonical_revision);
+        t.destination_version = or_unknown(&m.canonical_revision);
+        t.destination_cluster = or_unknown(&m.cluster);
+        t.destination_principal = w
             .identity()
             .map(|i| i.to_string())
             .unwrap_or_else(|_| UNKNOWN.into());
@@ -287,25 +244,25 @@ impl RequestRecord {
         m.response_bytes
             .get_or_create(&self.labels)
             .observe(self.response_bytes as f64);
-        let l = &self.labels;
+        let (l, t) = (&self.labels, &self.labels.traffic);
         tracing::info!(
             target: "access",
             reporter = "waypoint",
             src.addr = %self.src,
-            src.workload = %l.source_workload,
-            src.namespace = %l.source_workload_namespace,
-            src.identity = %l.source_principal,
-            dst.service = %l.destination_service,
-            dst.workload = %l.destination_workload,
+            src.workload = %t.source_workload,
+            src.namespace = %t.source_workload_namespace,
+            src.identity = %t.source_principal,
+            dst.service = %t.destination_service,
+            dst.workload = %t.destination_workload,
             dst.addr = %self.upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-            dst.identity = %l.destination_principal,
+            dst.identity = %t.destination_principal,
             method = %self.method,
             authority = %self.authority,
             path = %self.path,
-            protocol = l.request_protocol,
+            protocol = t.request_protocol,
             response_code = %l.response_code,
             grpc_status = %l.grpc_response_status,
-            response_flags = l.response_flags,
+            response_flags = t.response_flags,
             duration_ms = format_args!("{ms:.1}"),
             bytes_received = req,
             bytes_sent = self.response_bytes,

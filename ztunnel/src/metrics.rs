@@ -20,125 +20,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use zmesh_core::state::{Service, Workload};
 
-/// Istio's traffic labels. Unknown values render as `unknown`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TrafficLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: &'static str,
-    pub response_flags: &'static str,
-    pub connection_security_policy: &'static str,
-}
-
-const UNKNOWN: &str = "unknown";
-
-fn or_unknown(s: &str) -> String {
-    if s.is_empty() { UNKNOWN } else { s }.to_owned()
-}
-
-impl TrafficLabels {
-    pub fn new(reporter: &'static str) -> Self {
-        let u = || UNKNOWN.to_owned();
-        TrafficLabels {
-            reporter,
-            source_workload: u(),
-            source_canonical_service: u(),
-            source_canonical_revision: u(),
-            source_workload_namespace: u(),
-            source_principal: u(),
-            source_app: u(),
-            source_version: u(),
-            source_cluster: u(),
-            destination_service: u(),
-            destination_service_namespace: u(),
-            destination_service_name: u(),
-            destination_workload: u(),
-            destination_canonical_service: u(),
-            destination_canonical_revision: u(),
-            destination_workload_namespace: u(),
-            destination_principal: u(),
-            destination_app: u(),
-            destination_version: u(),
-            destination_cluster: u(),
-            request_protocol: "tcp",
-            response_flags: "-",
-            connection_security_policy: UNKNOWN,
-        }
-    }
-
-    pub fn source(mut self, w: &Workload) -> Self {
-        let canonical = if w.canonical_name.is_empty() {
-            &w.name
-        } else {
-            &w.canonical_name
-        };
-        self.source_workload = or_unknown(if w.workload_name.is_empty() {
-            &w.name
-        } else {
-            &w.workload_name
-        });
-        self.source_canonical_service = or_unknown(canonical);
-        self.source_canonical_revision = or_unknown(&w.canonical_revision);
-        self.source_workload_namespace = or_unknown(&w.namespace);
-        self.source_app = or_unknown(canonical);
-        self.source_version = or_unknown(&w.canonical_revision);
-        self.source_cluster = or_unknown(&w.cluster_id);
-        if let Ok(id) = w.identity() {
-            self.source_principal = id.to_string();
-        }
-        self
-    }
-
-    pub fn destination(mut self, w: &Workload) -> Self {
-        let canonical = if w.canonical_name.is_empty() {
-            &w.name
-        } else {
-            &w.canonical_name
-        };
-        self.destination_workload = or_unknown(if w.workload_name.is_empty() {
-            &w.name
-        } else {
-            &w.workload_name
-        });
-        self.destination_canonical_service = or_unknown(canonical);
-        self.destination_canonical_revision = or_unknown(&w.canonical_revision);
-        self.destination_workload_namespace = or_unknown(&w.namespace);
-        self.destination_app = or_unknown(canonical);
-        self.destination_version = or_unknown(&w.canonical_revision);
-        self.destination_cluster = or_unknown(&w.cluster_id);
-        if let Ok(id) = w.identity() {
-            self.destination_principal = id.to_string();
-        }
-        self
-    }
-
-    pub fn service(mut self, s: &Service) -> Self {
-        self.destination_service = or_unknown(&s.hostname);
-        self.destination_service_namespace = or_unknown(&s.namespace);
-        self.destination_service_name = or_unknown(&s.name);
-        self
-    }
-}
+pub use zmesh_core::telemetry::TrafficLabels;
 
 /// The longest failure reason a `connection failed` line carries, in bytes.
 const MAX_ERROR_LOG: usize = 1024;
@@ -369,6 +252,7 @@ impl Drop for ConnectionRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zmesh_core::state::Workload;
 
     #[test]
     fn exposition_uses_istio_names_and_labels() {
