@@ -12,6 +12,8 @@
 //! - [`dataplane`]: rules + ZDS hand-over behind a trait ([`Dataplane`], real: [`RulesAndZds`]);
 //! - [`service`]: what ADD, DEL and a source change do ([`Agent`]);
 //! - [`server`]: the plugin API over the unix socket ([`ApiServer`]);
+//! - [`health`]: `GET /readyz` on TCP (default 8000) for the readiness probe and
+//!   `zmeshctl check`: the plugin chained in the conflist the runtime loads, a ztunnel connected;
 //! - [`fault`]: fault injection for the lab's fault tests (off unless asked for).
 //!
 //! Pods and namespaces come from a YAML directory (`--pods-dir`) or from the Kubernetes API
@@ -35,6 +37,7 @@ pub mod cluster;
 pub mod dataplane;
 pub mod decision;
 pub mod fault;
+pub mod health;
 pub mod kube_source;
 pub mod server;
 pub mod service;
@@ -44,6 +47,7 @@ pub mod state;
 pub use cluster::{Cluster, LoadError, Namespace, Pod};
 pub use dataplane::{Dataplane, DataplaneError, RulesAndZds};
 pub use decision::{Decision, SkipReason, enrolment};
+pub use health::{HealthServer, HealthSource};
 pub use kube_source::KubePodSource;
 pub use server::{ApiServer, ServerError};
 pub use service::{Agent, AgentConfig, AgentError};

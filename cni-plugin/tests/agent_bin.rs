@@ -1,7 +1,8 @@
 //! The `zmesh-cni-agent` binary end to end, without root: it serves the plugin API on
 //! `<run-dir>/agent.sock`, is ready only while a ztunnel is connected over ZDS, answers a
-//! non-mesh pod without touching it and records it in the state file, and refuses to start
-//! on an invalid pods directory, naming the file.
+//! non-mesh pod without touching it and records it in the state file, refuses to start
+//! on an invalid pods directory, naming the file, and answers `GET /readyz` from its chain and
+//! its ztunnel.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,8 +33,10 @@ fn command(pods: &Path, run: &Path, zds: &Path) -> Command {
         .arg(run)
         .arg("--ztunnel-socket")
         .arg(zds)
-        // These tests run on the host: no host-side rules (the lab tests cover them).
+        // These tests run on the host: no host-side rules (the lab tests cover them), and
+        // the health endpoint on a free loopback port rather than the node's 8000.
         .arg("--no-probe-snat")
+        .arg("--health-addr=127.0.0.1:0")
         .env("NODE_NAME", "n1")
         .env("ZMESH_LOG", "debug")
         .stdin(Stdio::null());
@@ -111,6 +114,104 @@ fn serves_the_plugin_api_and_follows_ztunnel() {
     ztunnel.abort();
     drop(rt);
     wait_until("unreadiness", || ready(&client) == Some(503));
+}
+
+/// `GET /readyz` on `addr`: the status and the JSON body.
+fn readyz(addr: &str) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+#[test]
+fn readyz_reports_the_chain_it_installed_and_its_ztunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pods, run) = (dir.path().join("pods"), dir.path().join("run"));
+    let (conf, bin) = (dir.path().join("net.d"), dir.path().join("bin"));
+    for d in [&pods, &conf, &bin] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::write(pods.join("pods.yaml"), PODS).unwrap();
+    let list = r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"}]}"#;
+    std::fs::write(conf.join("10-k8s.conflist"), list).unwrap();
+    let plugin = dir.path().join("plugin-build");
+    std::fs::write(&plugin, b"binary").unwrap();
+    let zds: PathBuf = dir.path().join("zt").join("ztunnel.sock");
+    let log = dir.path().join("agent.log");
+    let _agent = AgentProcess(
+        command(&pods, &run, &zds)
+            .arg("--cni-conf-dir")
+            .arg(&conf)
+            .arg("--cni-bin-dir")
+            .arg(&bin)
+            .arg("--plugin-binary")
+            .arg(&plugin)
+            .arg("--plugin-log-file")
+            .arg(dir.path().join("plugin.log"))
+            .env("NO_COLOR", "1")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // The port it picked, from its log line `serving GET /readyz addr=127.0.0.1:<port>`.
+    let mut addr = String::new();
+    wait_until("the health endpoint's address in the log", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let Some(line) = text.lines().find(|l| l.contains("serving GET /readyz")) else {
+            return false;
+        };
+        let at = line.find("127.0.0.1:").unwrap();
+        let port: String = line[at + 10..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        addr = format!("127.0.0.1:{port}");
+        true
+    });
+    // Chained (the agent installed it) but no ztunnel yet: 503, for that reason only.
+    wait_until("the entry to be chained", || {
+        readyz(&addr).is_some_and(|(_, h)| h["chain"]["chained"] == true)
+    });
+    let (status, h) = readyz(&addr).unwrap();
+    assert_eq!(status, 503, "{h}");
+    assert_eq!(h["ztunnel_connected"], false, "{h}");
+    let reasons = h["reasons"].as_array().unwrap();
+    assert_eq!(reasons.len(), 1, "{h}");
+    assert!(
+        reasons[0]
+            .as_str()
+            .unwrap()
+            .starts_with("ztunnel not connected"),
+        "{h}"
+    );
+    assert_eq!(
+        h["chain"]["primary"].as_str(),
+        conf.join("10-k8s.conflist").to_str()
+    );
+
+    // A ztunnel connects: 200.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _ztunnel = rt.spawn(async move {
+        let mut client = ZdsClient::new(zds);
+        loop {
+            if client.next().await.is_request() {
+                client.reply(Ok(())).await;
+            }
+        }
+    });
+    wait_until("readiness", || {
+        readyz(&addr).is_some_and(|(status, _)| status == 200)
+    });
+    let (_, h) = readyz(&addr).unwrap();
+    assert_eq!(h["ready"], true, "{h}");
+    assert_eq!(h["reasons"], serde_json::json!([]), "{h}");
 }
 
 #[test]

@@ -1040,6 +1040,7 @@ async fn the_agent_binary_reads_pods_from_the_api_server() {
         .arg("--ztunnel-socket")
         .arg(dir.path().join("ztunnel.sock"))
         .arg("--no-probe-snat")
+        .arg("--health-addr=127.0.0.1:0")
         .env_remove("KUBECONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

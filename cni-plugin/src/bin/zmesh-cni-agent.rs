@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tracing::info;
 use zmesh_cni::agent::fault::Faults;
+use zmesh_cni::agent::health::{self, ChainSource, HealthServer, HealthSource};
 use zmesh_cni::agent::server::SOCKET_FILE;
 use zmesh_cni::agent::source::DEFAULT_DEBOUNCE;
 use zmesh_cni::agent::state::STATE_FILE;
@@ -54,6 +55,11 @@ struct Config {
     /// Redirect pods' DNS to ztunnel's DNS proxy (15053).
     #[arg(long, env = "ZMESH_DNS_CAPTURE")]
     dns_capture: bool,
+    /// Where `GET /readyz` is served over TCP (the DaemonSet's readinessProbe, `zmeshctl
+    /// check`): 200 while the plugin is chained into the conflist the runtime loads and a
+    /// ztunnel is connected, else 503 with the reasons. Port 0 picks a free port (logged).
+    #[arg(long, env = "ZMESH_HEALTH_ADDR", default_value = health::DEFAULT_ADDR)]
+    health_addr: std::net::SocketAddr,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "ZMESH_LOG", default_value = "info")]
     log: String,
@@ -170,11 +176,28 @@ async fn run(config: Config, faults: Faults) -> anyhow::Result<()> {
     ));
     let api = ApiServer::bind(&config.run_dir.join(SOCKET_FILE), agent.clone())?;
     let reconciler = tokio::spawn(agent.clone().run_reconciler());
+    let repairs = install::RepairStats::new();
+    let health = HealthServer::bind(
+        config.health_addr,
+        HealthSource {
+            chain: config.cni_conf_dir.as_ref().map(|conf_dir| ChainSource {
+                conf_dir: conf_dir.clone(),
+                bin_dir: config.cni_bin_dir.clone(),
+                repairs: repairs.clone(),
+            }),
+            ztunnel_connected: {
+                let agent = agent.clone();
+                Arc::new(move || agent.ready())
+            },
+        },
+    )
+    .await?;
+    info!(addr = %health.local_addr(), "serving GET {}", health::READYZ_PATH);
     // Installed only once the API answers: from then on a pod's ADD reaches us (and fails,
     // to be retried, until a ztunnel connects), never an agent that is not there yet.
     let (stop_install, stop_rx) = tokio::sync::watch::channel(false);
     let installer = match &config.cni_conf_dir {
-        Some(conf_dir) => Some(install(&config, conf_dir, api.path(), stop_rx)?),
+        Some(conf_dir) => Some(install(&config, conf_dir, api.path(), repairs, stop_rx)?),
         None => {
             info!("no --cni-conf-dir: not installing the CNI plugin");
             None
@@ -200,6 +223,7 @@ async fn run(config: Config, faults: Faults) -> anyhow::Result<()> {
     if let Some(task) = installer {
         let _ = task.await;
     }
+    drop(health);
     drop(api);
     zds.shutdown().await;
     Ok(())
@@ -233,6 +257,7 @@ fn install(
     config: &Config,
     conf_dir: &std::path::Path,
     agent_socket: &std::path::Path,
+    stats: install::RepairStats,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let plugin = match &config.plugin_binary {
@@ -259,7 +284,6 @@ fn install(
     });
     let conf_dir = conf_dir.to_owned();
     Ok(tokio::spawn(async move {
-        let stats = install::RepairStats::new();
         if let Err(e) = install::watch_and_repair(
             conf_dir.clone(),
             entry,
@@ -342,6 +366,22 @@ mod tests {
         let config = Config::try_parse_from(std::iter::once("zmesh-cni-agent").chain(args))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(config.kube);
+
+        // The readiness probe asks the agent's health endpoint, on its port.
+        let probe = &container["readinessProbe"]["httpGet"];
+        assert_eq!(probe["path"].as_str(), Some(health::READYZ_PATH));
+        assert_eq!(
+            probe["port"].as_u64(),
+            Some(u64::from(config.health_addr.port()))
+        );
+        assert!(config.health_addr.ip().is_unspecified());
+        assert!(
+            container["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|p| p["containerPort"] == probe["port"] && p["name"] == "http-health")
+        );
 
         // Every variable the DaemonSet sets is one of the agent's.
         let known: Vec<String> = Config::command()

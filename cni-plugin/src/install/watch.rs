@@ -10,8 +10,8 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
@@ -55,6 +55,8 @@ struct Counters {
     repairs: AtomicU64,
     fight_warnings: AtomicU64,
     errors: AtomicU64,
+    /// Why the last check could not chain our entry (cleared by the next success).
+    last_error: Mutex<Option<String>>,
 }
 
 impl RepairStats {
@@ -76,6 +78,20 @@ impl RepairStats {
     /// Checks that failed for another reason than "no primary config yet".
     pub fn errors(&self) -> u64 {
         self.0.errors.load(Ordering::Relaxed)
+    }
+
+    /// Why the last check could not chain our entry (it could not write the file, the file
+    /// does not parse, ...); `None` after a check that succeeded or found no config at all.
+    pub fn last_error(&self) -> Option<String> {
+        self.0
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        *self.0.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 }
 
@@ -156,12 +172,17 @@ async fn check(conf_dir: &Path, entry: &Value, stats: &RepairStats) -> Option<Ch
         }
     };
     match result {
-        Ok(change) => Some(change),
+        Ok(change) => {
+            stats.set_last_error(None);
+            Some(change)
+        }
         Err(error @ InstallError::NoPrimary { .. }) => {
+            stats.set_last_error(None);
             tracing::info!(%error, "waiting for the primary CNI config");
             None
         }
         Err(error) => {
+            stats.set_last_error(Some(error.to_string()));
             stats.0.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, "cannot chain zmesh-cni; retrying on the next change");
             None
