@@ -85,13 +85,13 @@ fn install_gateway_api(server: &ApiServer) {
 }
 
 /// A stand-in for a pod's HTTP port, on its own loopback address (the double forwards to
-/// `status.podIP`): answers `GET path` with `body` (JSON), anything else with 404.
+/// `status.podIP`): answers `GET path` with `status` and `body` (JSON), anything else with 404.
 struct FakePort {
     ip: String,
 }
 
 /// A loopback address no other test uses: 127.<pid>.<n>.1-ish, tried until a bind works.
-fn fake_port(port: u16, routes: Vec<(&'static str, Value)>) -> FakePort {
+fn fake_port(port: u16, routes: Vec<(&'static str, u16, Value)>) -> FakePort {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(1);
     let pid = std::process::id();
@@ -123,9 +123,9 @@ fn fake_port(port: u16, routes: Vec<(&'static str, Value)>) -> FakePort {
                     }
                     let head = String::from_utf8_lossy(&head).into_owned();
                     let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-                    let (code, body) = match routes.iter().find(|(p, _)| *p == path) {
-                        Some((_, b)) => ("200 OK", b.to_string()),
-                        None => ("404 Not Found", "{}".to_owned()),
+                    let (code, body) = match routes.iter().find(|(p, _, _)| *p == path) {
+                        Some((_, status, b)) => (format!("{status} Whatever"), b.to_string()),
+                        None => ("404 Not Found".to_owned(), "{}".to_owned()),
                     };
                     let resp = format!(
                         "HTTP/1.1 {code}\r\ncontent-type: application/json\r\n\
@@ -138,6 +138,38 @@ fn fake_port(port: u16, routes: Vec<(&'static str, Value)>) -> FakePort {
         });
         return FakePort { ip };
     }
+}
+
+/// What an agent's `GET /readyz` answers (cni-plugin/src/agent/health.rs): chained into the
+/// primary conflist or not (then the reason), a ztunnel connected or not.
+fn agent_health(chained: bool, ztunnel: bool) -> Value {
+    let conflist = "/host/etc/cni/net.d/10-calico.conflist";
+    let detail = if chained {
+        format!("chained in {conflist}")
+    } else {
+        "zmesh-cni missing from 10-calico.conflist, the file the container runtime loads from \
+         /host/etc/cni/net.d"
+            .to_owned()
+    };
+    let mut reasons = Vec::new();
+    if !chained {
+        reasons.push(detail.clone());
+    }
+    if !ztunnel {
+        reasons.push("ztunnel not connected: ...".to_owned());
+    }
+    json!({"ready": reasons.is_empty(),
+           "chain": {"chained": chained, "primary": conflist, "detail": detail},
+           "ztunnel_connected": ztunnel, "reasons": reasons})
+}
+
+/// An agent's health port answering [`agent_health`] (200 when ready, else 503).
+fn agent_port(chained: bool, ztunnel: bool) -> FakePort {
+    let status = if chained && ztunnel { 200 } else { 503 };
+    fake_port(
+        8000,
+        vec![("/readyz", status, agent_health(chained, ztunnel))],
+    )
 }
 
 fn rfc3339(t: std::time::SystemTime) -> String {
@@ -192,6 +224,7 @@ fn roll_out_with(
         15014,
         vec![(
             "/debug/status",
+            200,
             json!({"ready": true, "addresses": 3, "authorizations": 0}),
         )],
     );
@@ -217,9 +250,11 @@ fn roll_out_with(
                 "True"
             };
             let ip = if ds == "ztunnel" {
-                fake_port(15000, vec![("/config_dump", dump(node))]).ip
+                fake_port(15000, vec![("/config_dump", 200, dump(node))]).ip
             } else {
-                "127.0.0.1".to_owned()
+                // A not-ready agent here is one whose ztunnel is away; it is still chained.
+                let ztunnel = !not_ready.contains(&(ds, node));
+                agent_port(true, ztunnel).ip
             };
             server
                 .apply(json!({
@@ -489,7 +524,13 @@ async fn check_passes_on_a_healthy_cluster_and_names_a_node_whose_agent_is_not_r
     let run = zmeshctl(kc.path(), &["check"]).await;
     assert_eq!(run.code, 0, "{}", run.stdout);
     let lines: Vec<&str> = run.stdout.lines().filter(|l| l.starts_with('✔')).collect();
-    assert_eq!(lines.len(), 9, "{}", run.stdout);
+    assert_eq!(lines.len(), 10, "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("✔ CNI plugin chained on every node: 2/2 nodes, in 10-calico.conflist\n"),
+        "{}",
+        run.stdout
+    );
     assert!(
         !run.stdout.contains('✘') && !run.stdout.contains("\x1b["),
         "{}",
@@ -537,6 +578,40 @@ async fn check_passes_on_a_healthy_cluster_and_names_a_node_whose_agent_is_not_r
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(failed, ["node agent ready on every node"]);
+
+    // node-b's agent runs, but another CNI rewrote the conflist without our entry and the
+    // agent could not put it back: its readiness says why, and check repeats it.
+    roll_out(&server, &["node-a", "node-b"], &[]);
+    let mut pod = server
+        .get("v1", "Pod", NS, "zmesh-cni-agent-node-b")
+        .unwrap();
+    pod["status"]["podIP"] = json!(agent_port(false, true).ip);
+    pod["status"]["conditions"][0]["status"] = json!("False");
+    server.apply(pod).unwrap();
+    let run = zmeshctl(kc.path(), &["check"]).await;
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stdout.contains(
+            "✘ CNI plugin chained on every node: 1/2 nodes; not on node-b (zmesh-cni missing \
+             from 10-calico.conflist, the file the container runtime loads from \
+             /host/etc/cni/net.d)\n    hint: "
+        ),
+        "{}",
+        run.stdout
+    );
+    let run = zmeshctl(kc.path(), &["check", "-o", "json"]).await;
+    let failed: Vec<String> = checks_of(&run.stdout)
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "node agent ready on every node",
+            "CNI plugin chained on every node"
+        ]
+    );
 
     // A node with no ztunnel pod at all.
     roll_out(&server, &["node-a", "node-b", "node-c"], &[]);

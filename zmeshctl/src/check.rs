@@ -2,9 +2,9 @@
 //! `istioctl x precheck` report. Pre-install checks (`--pre`): the API is reachable, the
 //! Kubernetes release is recent enough, the Gateway API CRDs are installed. After an install,
 //! also: the AuthorizationPolicy CRD, the controller Deployment ready, and on every node a
-//! ready node-agent pod and a ready ztunnel pod; through port-forwards (`mesh.rs`), every
-//! ztunnel's workload certificates valid and not near expiry, and every ztunnel's xDS view in
-//! sync with the controller's.
+//! ready node-agent pod, the CNI plugin chained (the agent's `/readyz`, `chained.rs`) and a
+//! ready ztunnel pod; through port-forwards (`mesh.rs`), every ztunnel's workload certificates
+//! valid and not near expiry, and every ztunnel's xDS view in sync with the controller's.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +19,7 @@ use crate::error::is_not_found;
 use crate::manifests::NAMESPACE;
 use crate::progress::Progress;
 
+mod chained;
 mod mesh;
 mod report;
 
@@ -127,9 +128,10 @@ pub async fn run(client: &Client, server: &str, pre: bool) -> Vec<Check> {
                 .collect()
         })
         .map_err(|e| e.to_string());
-    for (daemonset, what) in [("zmesh-cni-agent", "node agent"), ("ztunnel", "ztunnel")] {
-        checks.push(daemonset_ready(client, &nodes, daemonset, what).await);
-    }
+    checks.push(daemonset_ready(client, &nodes, "zmesh-cni-agent", "node agent").await);
+    progress.set("asking each node's agent whether the CNI plugin is chained");
+    checks.push(chained::run(client, &nodes).await);
+    checks.push(daemonset_ready(client, &nodes, "ztunnel", "ztunnel").await);
     checks.extend(mesh::run(client, &|m| progress.set(m)).await);
     progress.finish();
     checks
