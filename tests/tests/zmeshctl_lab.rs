@@ -3,13 +3,17 @@
 //! API-server double as Kubernetes would show it. The test installs with `zmeshctl install`,
 //! then plays the kubelet: a Node per lab node and a Pod per mesh process, in `istio-system`,
 //! with the DaemonSets' and Deployment's labels, its IP, and its Ready condition from the
-//! process's own readiness (ztunnel's `/healthz/ready`, the agent's `/v1/ready`, the
+//! process's own readiness (ztunnel's `/healthz/ready`, the agent's `/readyz` on 8000, the
 //! controller's `/ready`), probed just before each check. The double forwards ports into the
 //! pods' network namespaces, as the kubelet does, so `check` and `ztunnel-config` read the
-//! real ztunnels' admin ports and the real controller's `/debug/status`.
+//! real ztunnels' admin ports, the real agents' `/readyz` and the real controller's
+//! `/debug/status`.
 //!
-//! Then one node's agent is stopped: `check` must fail the agent line, name the node, give
-//! its hint and exit 1. Both outputs are written to `$ZMESH_CHECK_OUT_DIR` when set.
+//! Then n2's conflist loses our entry (the primary CNI rewrites it) while the agent cannot
+//! write the conf dir: `check` must report n2 not chained with the agent's reason and exit 1;
+//! once the directory is writable again the agent puts the entry back and `check` passes.
+//! Last, n2's agent is stopped: `check` must fail the agent line, name the node, give its hint
+//! and exit 1. The outputs are written to `$ZMESH_CHECK_OUT_DIR` when set.
 //!
 //! Needs root and `cargo build --workspace --bins` first.
 
@@ -103,15 +107,24 @@ fn pod(name: &str, app: &str, node: &str, ip: &str, ready: bool) -> Value {
 fn kubelet(api: &ApiServer, cluster: &Cluster<'_>, sb: &Sandbox) -> Result<()> {
     for node in NODES {
         api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}))?;
-        let node_ip = cluster.node_ip(node).to_string();
-        let agent_ready = cluster.agent_ready(node).is_ok_and(|s| s == 200);
+        let node_ip = cluster.node_ip(node);
+        // The DaemonSet's readinessProbe: GET /readyz on 8000 at the pod IP (the node's).
+        let agent_ready = zmesh_tests::http::get(
+            &sb.netns(Some(node)),
+            std::net::SocketAddr::new(node_ip.into(), 8000),
+            "/readyz",
+        )
+        .is_ok_and(|r| r.status == 200);
+        let agent_pod = format!("zmesh-cni-agent-{node}");
         api.apply(pod(
-            &format!("zmesh-cni-agent-{node}"),
+            &agent_pod,
             "zmesh-cni-agent",
             node,
-            &node_ip,
+            &node_ip.to_string(),
             agent_ready,
         ))?;
+        // Host network: the agent's ports are in the node's netns.
+        api.set_pod_netns(NS, &agent_pod, &sb.netns_path(Some(node)));
         let zpod = cluster.ztunnel_pod(node)?;
         let zready = cluster
             .ztunnel(node)?
@@ -154,6 +167,26 @@ fn kubelet(api: &ApiServer, cluster: &Cluster<'_>, sb: &Sandbox) -> Result<()> {
     Ok(())
 }
 
+/// Runs `kubelet` and `check` until `done` holds for the run or `secs` pass; the last run.
+fn check_until(
+    api: &ApiServer,
+    cluster: &Cluster<'_>,
+    sb: &Sandbox,
+    kc: &Path,
+    secs: u64,
+    done: impl Fn(&Run) -> bool,
+) -> Result<Run> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        kubelet(api, cluster, sb)?;
+        let run = zmeshctl(kc, &["check"])?;
+        if done(&run) || std::time::Instant::now() > deadline {
+            return Ok(run);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 fn save(name: &str, run: &Run) {
     if let Some(dir) = std::env::var_os("ZMESH_CHECK_OUT_DIR") {
         let text = format!("$ zmeshctl check\n{}(exit {})\n", run.stdout, run.code);
@@ -161,8 +194,14 @@ fn save(name: &str, run: &Run) {
     }
 }
 
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
+}
+
 #[test]
-fn check_passes_on_a_healthy_lab_and_fails_the_agent_line_when_an_agent_stops() -> Result<()> {
+fn check_passes_on_a_healthy_lab_names_an_unchained_node_and_a_stopped_agent() -> Result<()> {
     let sb = Sandbox::new()?;
     let mut cluster = Cluster::up(&sb, &NODES)?;
     cluster.set_namespace_label("demo", Some("ambient"))?;
@@ -181,20 +220,13 @@ fn check_passes_on_a_healthy_lab_and_fails_the_agent_line_when_an_agent_stops() 
     ensure!(run.code == 0, "install failed: {}", run.stderr);
 
     // Healthy: every line passes (ztunnels may still be fetching certificates: poll).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let healthy = loop {
-        kubelet(&api, &cluster, &sb)?;
-        let run = zmeshctl(kc.path(), &["check"])?;
-        if run.code == 0 || std::time::Instant::now() > deadline {
-            break run;
-        }
-        std::thread::sleep(std::time::Duration::from_secs(1));
-    };
+    let healthy = check_until(&api, &cluster, &sb, kc.path(), 60, |r| r.code == 0)?;
     save("Z-check-healthy.txt", &healthy);
     assert_eq!(healthy.code, 0, "{}", healthy.stdout);
     assert!(!healthy.stdout.contains('✘'), "{}", healthy.stdout);
     for line in [
         "✔ node agent ready on every node: 2/2 nodes",
+        "✔ CNI plugin chained on every node: 2/2 nodes, in 10-lab.conflist\n",
         "✔ ztunnel ready on every node: 2/2 nodes",
         "✔ workload certificates valid: ",
         "✔ ztunnel xDS in sync with the controller: 2 ztunnels hold the ",
@@ -244,6 +276,55 @@ fn check_passes_on_a_healthy_lab_and_fails_the_agent_line_when_an_agent_stops() 
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(cells[1..5], ["Leaf", "Available", "true", serial], "{row}");
 
+    // n2's primary CNI rewrites its conflist without our entry, and the agent cannot put it
+    // back: the conf dir is not writable for it (it runs as the DaemonSet does, as root
+    // without CAP_DAC_OVERRIDE; the test, as real root, still writes).
+    let dirs = cluster.dirs("n2")?.clone();
+    let conflist = dirs.conflist();
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(&conflist)?)?;
+    doc["plugins"]
+        .as_array_mut()
+        .context("plugins")?
+        .retain(|p| p["type"] != "zmesh-cni");
+    set_mode(&dirs.conf_dir, 0o555)?;
+    std::fs::write(&conflist, serde_json::to_vec_pretty(&doc)?)?;
+    let unchained = check_until(&api, &cluster, &sb, kc.path(), 60, |r| {
+        r.stdout.contains("the agent cannot put it back")
+    })?;
+    save("Z-check-unchained.txt", &unchained);
+    assert_eq!(unchained.code, 1, "{}", unchained.stdout);
+    let line = unchained
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("✘ CNI plugin chained on every node: "))
+        .unwrap_or_else(|| panic!("no failed chain line in\n{}", unchained.stdout));
+    let reason = format!(
+        "✘ CNI plugin chained on every node: 1/2 nodes; not on n2 (zmesh-cni missing from \
+         10-lab.conflist, the file the container runtime loads from {}; the agent cannot put \
+         it back: cannot write ",
+        dirs.conf_dir.display()
+    );
+    assert!(line.starts_with(&reason), "{line}");
+    assert!(line.contains("Permission denied"), "{line}");
+    // The kubelet's probe fails too: the agent line names n2 as well; nothing else fails.
+    let failed: Vec<&str> = unchained
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('✘'))
+        .collect();
+    assert_eq!(failed.len(), 2, "{}", unchained.stdout);
+    assert!(
+        failed[0].starts_with("✘ node agent ready on every node: 1/2 nodes; not on n2"),
+        "{}",
+        unchained.stdout
+    );
+
+    // Writable again: the agent sees the change and chains itself back; check passes.
+    set_mode(&dirs.conf_dir, 0o755)?;
+    let repaired = check_until(&api, &cluster, &sb, kc.path(), 60, |r| r.code == 0)?;
+    assert_eq!(repaired.code, 0, "{}", repaired.stdout);
+    assert!(std::fs::read_to_string(&conflist)?.contains("\"zmesh-cni\""));
+
     // A broken node: n2's agent stops.
     cluster.stop_agent("n2")?;
     kubelet(&api, &cluster, &sb)?;
@@ -259,12 +340,21 @@ fn check_passes_on_a_healthy_lab_and_fails_the_agent_line_when_an_agent_stops() 
         "{}",
         broken.stdout
     );
+    // Its health port is gone too: the chain line cannot tell, and says so.
+    assert!(
+        broken.stdout.contains(
+            "✘ CNI plugin chained on every node: 1/2 nodes; not on n2 (cannot ask its agent \
+             zmesh-cni-agent-n2: port 8000: "
+        ),
+        "{}",
+        broken.stdout
+    );
     let failed: Vec<&str> = broken
         .stdout
         .lines()
         .filter(|l| l.starts_with('✘'))
         .collect();
-    assert_eq!(failed.len(), 1, "{}", broken.stdout);
+    assert_eq!(failed.len(), 2, "{}", broken.stdout);
     drop(api);
     drop(rt);
     Ok(())

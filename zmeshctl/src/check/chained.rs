@@ -125,8 +125,8 @@ pub fn summarize(verdicts: &[(String, Result<Option<String>, String>)]) -> Check
         NAME,
         format!("{chained}/{total} nodes; not on {}", problems.join(", ")),
         format!(
-            "pods on those nodes start without the mesh's plugin. The agent chains zmesh-cni \
-             into the first config in /etc/cni/net.d and puts it back whenever another CNI \
+            "pods created on a node that is not chained are not captured by the mesh. The agent \
+             chains zmesh-cni into the first config in /etc/cni/net.d and puts it back whenever another CNI \
              rewrites it: read its log (kubectl -n {NAMESPACE} logs <agent pod>) for why it \
              cannot (a read-only /etc/cni/net.d; another installer removing foreign entries, \
              e.g. Cilium's cni.exclusive=true; no primary CNI config yet: install the \
