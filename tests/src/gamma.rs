@@ -24,7 +24,9 @@
 //! The waypoint: [`World::start_waypoint`] is the hook that runs the `waypoint` binary as the
 //! pod of the mesh namespace's waypoint Gateway when that binary is next to the other binaries;
 //! only then is the namespace labelled `istio.io/use-waypoint`, so before the waypoint exists the
-//! world is an L4 mesh through ztunnel.
+//! world is an L4 mesh through ztunnel. [`World::stop_waypoint`] and
+//! [`World::restart_waypoint`] (`zmesh-lab waypoint stop|start`) take it down and bring it back
+//! while the namespace stays bound, as a crashed and restarted waypoint pod would.
 
 pub mod cli;
 pub mod control;
@@ -291,15 +293,27 @@ spec:
         );
         self.apply(&pod_yaml)
             .context("creating the waypoint's pod and Service")?;
-        let pod = self
-            .pods
+        let pod = self.waypoint_pod()?;
+        self.waypoint = Some(self.spawn_waypoint(&bin, &pod)?);
+        self.cluster.label_namespace(ns, USE_WAYPOINT, Some(name))?;
+        Ok(true)
+    }
+
+    /// The waypoint's pod.
+    fn waypoint_pod(&self) -> Result<Pod> {
+        let prefix = format!("{}-", fixture::WAYPOINT_NAME);
+        self.pods
             .values()
-            .find(|p| p.pod.namespace == ns && p.pod.name.starts_with(&format!("{name}-")))
+            .find(|p| p.pod.namespace == fixture::MESH_NS && p.pod.name.starts_with(&prefix))
             .map(|p| p.pod.clone())
-            .context("the waypoint pod vanished")?;
+            .context("the gamma world has no waypoint pod (it needs the `waypoint` binary next to zmesh-lab: cargo build --workspace --bins)")
+    }
+
+    /// Runs `bin` as the waypoint in `pod` (see [`World::start_waypoint`]).
+    fn spawn_waypoint(&self, bin: &Path, pod: &Pod) -> Result<Process> {
         let access = self.cluster.controller_access();
         let sb = self.cluster.sandbox();
-        let mut cmd = sb.command(Some(&pod.netns), &bin, std::iter::empty::<&str>());
+        let mut cmd = sb.command(Some(&pod.netns), bin, std::iter::empty::<&str>());
         cmd.env("XDS_ADDRESS", &access.address)
             .env("XDS_ROOT_CA", &access.root)
             .env("CA_ROOT_CA", &access.root)
@@ -316,9 +330,64 @@ spec:
             .env("INSTANCE_IP", pod.ip.to_string())
             .env("SERVICE_ACCOUNT", &pod.service_account)
             .env("NODE_NAME", &pod.node);
-        self.waypoint = Some(sb.spawn(&format!("waypoint-{}", pod.name), cmd)?);
-        self.cluster.label_namespace(ns, USE_WAYPOINT, Some(name))?;
-        Ok(true)
+        sb.spawn(&format!("waypoint-{}", pod.name), cmd)
+    }
+
+    /// `zmesh-lab waypoint stop`: stops the waypoint's process, and its pod turns not ready
+    /// (as kubelet reports a pod whose container exited). The namespace stays bound, so
+    /// traffic for its Services is refused, never sent around the waypoint.
+    pub fn stop_waypoint(&mut self) -> Result<String> {
+        let pod = self.waypoint_pod()?;
+        let proc = self
+            .waypoint
+            .take()
+            .filter(Process::is_running)
+            .context("the waypoint is not running (`zmesh-lab waypoint start` runs it)")?;
+        let _ = proc.terminate(Duration::from_secs(5));
+        self.cluster
+            .set_pod_ready(&pod.namespace, &pod.name, false)?;
+        Ok(format!(
+            "waypoint {}/{} stopped; the pod is not ready",
+            pod.namespace, pod.name
+        ))
+    }
+
+    /// `zmesh-lab waypoint start`: runs the waypoint's process again in its pod; once its
+    /// readiness endpoint answers (what kubelet probes, `:15020/healthz/ready`), the pod is
+    /// ready again.
+    pub fn restart_waypoint(&mut self) -> Result<String> {
+        if self.waypoint.as_ref().is_some_and(Process::is_running) {
+            bail!("the waypoint is already running (`zmesh-lab waypoint stop` stops it)");
+        }
+        let pod = self.waypoint_pod()?;
+        let bin = sibling_binary("waypoint")
+            .context("no `waypoint` binary next to zmesh-lab: cargo build --workspace --bins")?;
+        let proc = self.spawn_waypoint(&bin, &pod)?;
+        let deadline = Instant::now() + APP_READY;
+        let probe = [
+            "curl",
+            "-sf",
+            "-o",
+            "/dev/null",
+            "-m",
+            "2",
+            "http://127.0.0.1:15020/healthz/ready",
+        ];
+        while self.cluster.sandbox().run_in(&pod.netns, &probe).is_err() {
+            if !proc.is_running() || Instant::now() > deadline {
+                let log = crate::process::tail(&proc.log(), 20);
+                let _ = proc.terminate(Duration::from_secs(2));
+                bail!("the waypoint did not become ready; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.waypoint = Some(proc);
+        self.cluster
+            .set_pod_ready(&pod.namespace, &pod.name, true)?;
+        Ok(format!(
+            "waypoint {}/{} started; the pod is ready",
+            pod.namespace, pod.name
+        ))
     }
 
     /// Applies Kubernetes YAML (see the module docs); returns one line per object.
