@@ -9,7 +9,6 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
@@ -41,15 +40,12 @@ pub fn upgrade(req: Request<Incoming>) -> Response<Body> {
         let Ok(io) = upgraded.await else { return };
         let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, None).await;
         while let Some(Ok(msg)) = ws.next().await {
-            match msg {
-                Message::Text(_) | Message::Binary(_) => {
-                    if ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-                Message::Close(_) => break,
-                // Pings are answered by the protocol layer.
-                _ => {}
+            if msg.is_close() {
+                break;
+            }
+            // Pings are answered by the protocol layer; data messages go back as they came.
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                return;
             }
         }
         let _ = ws.close(None).await;
