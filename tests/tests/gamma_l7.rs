@@ -503,29 +503,13 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    // The ztunnels' logs (`ztunnel-*.log` among the lab's files).
-    let files = w.lab.files();
-    let ztunnel_log: String = std::fs::read_dir(&files)
-        .unwrap_or_else(|e| panic!("{}: {e}", files.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("ztunnel") && n.ends_with(".log"))
-        })
-        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-        .collect();
+    let ztunnel_log = ztunnel_logs(&w.lab.files());
     assert!(
         ztunnel_log
             .lines()
             .any(|l| l.contains("behind waypoint") && l.contains("has no healthy endpoint")),
         "ztunnel's log does not say why it refused:\n{}",
-        ztunnel_log
-            .lines()
-            .rev()
-            .take(20)
-            .collect::<Vec<_>>()
-            .join("\n")
+        tail(&ztunnel_log)
     );
 
     // Started again: ready, in the path, counting.
@@ -535,4 +519,63 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
         let ok = w.curl(&[&http("/back")]).status.success();
         (ok && w.counted(&[]) >= 1.0).then_some(())
     });
+
+    // Crashed: its process killed while the pod is still reported ready (before kubelet's
+    // probe notices). ztunnel cannot reach it: refused, counted and said all the same.
+    let refused_before = unavailable(&w.ztunnel_metrics());
+    w.lab
+        .exec_ok(&w.waypoint, &["sh", "-c", "kill -9 $(pidof waypoint)"]);
+    let failure = poll("ztunnel refusing for the crashed waypoint", || {
+        let out = w.curl(&[&http("/crashed")]);
+        let refused = unavailable(&w.ztunnel_metrics()) > refused_before;
+        if out.status.success() || !refused {
+            eprintln!(
+                "crashed waypoint: curl {} ({}), unavailable counted: {refused}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        (!out.status.success() && refused).then_some(out)
+    });
+    assert!(
+        failure.stdout.is_empty(),
+        "something answered while the waypoint was crashed: {}",
+        String::from_utf8_lossy(&failure.stdout)
+    );
+    let ztunnel_log = ztunnel_logs(&w.lab.files());
+    assert!(
+        ztunnel_log.lines().any(|l| l.contains("behind waypoint")
+            && l.contains("cannot be reached")
+            && !l.contains("healthy endpoint")),
+        "ztunnel's log does not say it could not reach the waypoint:\n{}",
+        tail(&ztunnel_log)
+    );
+    let out = w.lab.ok(&["waypoint", "start"], None);
+    assert!(out.contains("started"), "{out}");
+    poll(
+        "requests through the waypoint started after its crash",
+        || {
+            let ok = w.curl(&[&http("/after-crash")]).status.success();
+            (ok && w.counted(&[]) >= 1.0).then_some(())
+        },
+    );
+}
+
+/// The ztunnels' logs (`ztunnel-*.log` among the lab's files).
+fn ztunnel_logs(files: &Path) -> String {
+    std::fs::read_dir(files)
+        .unwrap_or_else(|e| panic!("{}: {e}", files.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("ztunnel") && n.ends_with(".log"))
+        })
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect()
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
