@@ -185,6 +185,8 @@ struct World {
     waypoint: String,
     /// The consumer's node.
     node: String,
+    /// An echo pod's IP in the mesh namespace.
+    echo_ip: String,
 }
 
 impl World {
@@ -223,6 +225,46 @@ impl World {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// POSTs `BIG` bytes to `url` (streamed from `head`, chunked on HTTP/1.1) with curl's
+    /// `proto` flag; returns the echo's answer and curl's seconds.
+    fn upload(&self, proto: &str, url: &str) -> (String, f64) {
+        let out = self.lab.exec_ok(
+            &self.from,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "head -c {BIG} /dev/zero | curl -sS -m 300 {proto} -X POST -T - \
+                     -w 'Seconds=%{{time_total}}\n' {url}"
+                ),
+            ],
+        );
+        let secs = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Seconds=")?.parse().ok())
+            .unwrap_or_else(|| panic!("no time in curl's output:\n{out}"));
+        (out, secs)
+    }
+
+    /// GETs `url` with curl's `proto` flag; returns the size, status and seconds.
+    fn download(&self, proto: &str, url: &str) -> (u64, u16, f64) {
+        let out = self.curl_ok(&[
+            proto,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{http_code} %{time_total}",
+            url,
+        ]);
+        let f: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(f.len(), 3, "{out}");
+        (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        )
     }
 
     /// `VmRSS` and `VmHWM` of the waypoint process, in bytes.
@@ -278,20 +320,25 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
             .unwrap_or_else(|| panic!("pod missing: {pods:#?}"))
     };
     let consumer = find(&|p| p["namespace"] == CONSUMER);
+    let echo = find(&|p| p["namespace"] == MESH && p["app"] == "zmesh-echo");
     let waypoint = find(&|p| p["labels"]["gateway.istio.io/managed"] == "istio.io-mesh-controller");
     let w = World {
         from: format!("{CONSUMER}/{}", consumer["name"].as_str().unwrap()),
         waypoint: format!("{MESH}/{}", waypoint["name"].as_str().unwrap()),
         node: consumer["node"].as_str().unwrap().to_owned(),
+        echo_ip: echo["ip"].as_str().unwrap().to_owned(),
         lab,
     };
 
+    let t0 = Instant::now();
+    let mark = |step: &str| eprintln!("[{:>6.1?}] {step} done", t0.elapsed());
     // The mesh is up and the waypoint in the path once one request is counted there.
     poll("a first request through the waypoint", || {
         let ok = w.curl(&[&http("/ready")]).status.success();
         (ok && w.counted(&[]) >= 1.0).then_some(())
     });
 
+    mark("up");
     // HTTP/1.1 keep-alive: two requests on one connection (curl reuses it: 0 new connects).
     let before = w.counted(&[("request_protocol", "http"), ("response_code", "200")]);
     let out = w.curl_ok(&[
@@ -311,6 +358,7 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
     let after = w.counted(&[("request_protocol", "http"), ("response_code", "200")]);
     assert_eq!(after - before, 2.0, "both keep-alive requests counted");
 
+    mark("http/1.1 keep-alive");
     // HTTP/2 with prior knowledge (h2c), HTTP/2 end to end.
     let body = w.curl_ok(&["--http2-prior-knowledge", &http("/h2")]);
     has(&body, "Proto=HTTP/2.0");
@@ -320,6 +368,7 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
         1.0
     );
 
+    mark("http/2");
     // gRPC unary and bidirectional streaming, trailers through: grpc-status and ours.
     let grpc_ok = [
         ("request_protocol", "grpc"),
@@ -380,7 +429,17 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
         "unary and stream counted"
     );
 
-    // A WebSocket: upgraded through the waypoint, messages echoed both ways.
+    mark("grpc");
+    // A WebSocket: upgraded through the waypoint, messages echoed both ways; recorded (as
+    // Envoy records an upgrade) when the connection ends, its bytes and duration included.
+    let ws_bytes = |name: &str| {
+        let labels = [("reporter", "waypoint"), ("response_code", "101")];
+        sum(&w.waypoint_metrics(), name, &labels)
+    };
+    let (up_before, down_before) = (
+        ws_bytes("istio_request_bytes_sum"),
+        ws_bytes("istio_response_bytes_sum"),
+    );
     let before = w.counted(&[("response_code", "101")]);
     let report = w.lab.exec_ok(
         &w.from,
@@ -397,43 +456,36 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
     for line in ["Status=101", "Received=hello", "Received=again"] {
         has(&report, line);
     }
-    assert_eq!(w.counted(&[("response_code", "101")]) - before, 1.0);
+    poll("the WebSocket recorded once closed", || {
+        (w.counted(&[("response_code", "101")]) - before == 1.0).then_some(())
+    });
+    // Two text messages each way ("hello", "again"), framed: at least their 10 bytes.
+    let up = ws_bytes("istio_request_bytes_sum") - up_before;
+    let down = ws_bytes("istio_response_bytes_sum") - down_before;
+    assert!(
+        up >= 10.0 && down >= 10.0,
+        "the WebSocket's bytes were not recorded: {up} up, {down} down"
+    );
 
-    // 100 MiB up (HTTP/1.1, chunked) and down (HTTP/1.1 and HTTP/2), the waypoint's memory
+    mark("websocket");
+    // 100 MiB up and down, each over HTTP/1.1 (chunked up) and HTTP/2, the waypoint's memory
     // bounded: its peak (VmHWM) stays within PEAK_GROWTH_BOUND of its resident size before.
     let (rss_before, hwm_before) = w.waypoint_memory();
     let m = w.waypoint_metrics();
     let up_before = sum(&m, "istio_request_bytes_sum", &[("reporter", "waypoint")]);
     let down_before = sum(&m, "istio_response_bytes_sum", &[("reporter", "waypoint")]);
     let before = w.counted(&[("response_code", "200")]);
-    let body = w.lab.exec_ok(
-        &w.from,
-        &[
-            "sh",
-            "-c",
-            &format!(
-                "head -c {BIG} /dev/zero | curl -sS -m 300 -X POST -T - {}",
-                http("/upload")
-            ),
-        ],
-    );
-    has(&body, &format!("BodyLength={BIG}"));
-    let down = http(&format!("/download?size={BIG}"));
     for proto in ["--http1.1", "--http2-prior-knowledge"] {
-        let out = w.curl_ok(&[
-            proto,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{size_download} %{http_code}",
-            &down,
-        ]);
-        assert_eq!(out, format!("{BIG} 200"), "{proto}");
+        let (body, secs) = w.upload(proto, &http("/upload"));
+        has(&body, &format!("BodyLength={BIG}"));
+        let (size, code, down_secs) = w.download(proto, &http(&format!("/download?size={BIG}")));
+        assert_eq!((size, code), (BIG, 200), "{proto}");
+        eprintln!("100 MiB via the waypoint {proto}: up {secs:.2} s, down {down_secs:.2} s");
     }
     let (_, hwm_after) = w.waypoint_memory();
     let growth = hwm_after.saturating_sub(rss_before);
     eprintln!(
-        "waypoint memory: VmRSS before {} KiB, VmHWM before {} KiB, VmHWM after 3 x 100 MiB {} KiB \
+        "waypoint memory: VmRSS before {} KiB, VmHWM before {} KiB, VmHWM after 4 x 100 MiB {} KiB \
          (peak growth {} KiB, bound {} KiB)",
         rss_before >> 10,
         hwm_before >> 10,
@@ -448,10 +500,28 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
     let m = w.waypoint_metrics();
     let up = sum(&m, "istio_request_bytes_sum", &[("reporter", "waypoint")]) - up_before;
     let down = sum(&m, "istio_response_bytes_sum", &[("reporter", "waypoint")]) - down_before;
-    assert!(up >= BIG as f64, "request bytes counted: {up}");
+    assert!(up >= 2.0 * BIG as f64, "request bytes counted: {up}");
     assert!(down >= 2.0 * BIG as f64, "response bytes counted: {down}");
-    assert_eq!(w.counted(&[("response_code", "200")]) - before, 3.0);
+    assert_eq!(w.counted(&[("response_code", "200")]) - before, 4.0);
 
+    // For comparison, the same transfers to an echo pod's own address: through ztunnel only
+    // (the waypoint takes Service traffic: `istio.io/waypoint-for` defaults to `service`).
+    let before = w.counted(&[]);
+    let pod = format!("http://{}:8080", w.echo_ip);
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let (body, secs) = w.upload(proto, &format!("{pod}/upload"));
+        has(&body, &format!("BodyLength={BIG}"));
+        let (size, code, down_secs) = w.download(proto, &format!("{pod}/download?size={BIG}"));
+        assert_eq!((size, code), (BIG, 200), "{proto}");
+        eprintln!("100 MiB via ztunnel only {proto}: up {secs:.2} s, down {down_secs:.2} s");
+    }
+    assert_eq!(
+        w.counted(&[]),
+        before,
+        "pod-addressed traffic went to the waypoint"
+    );
+
+    mark("100 MiB");
     // Unbound (`istio.io/use-waypoint: none`): requests still work, straight through
     // ztunnel; the waypoint's count stops.
     w.bind("none");
@@ -471,6 +541,7 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
         "the unbound waypoint saw no request"
     );
 
+    mark("unbound");
     // Bound again: back through the waypoint.
     w.bind("namespace");
     poll("the waypoint back in the path", || {
@@ -479,6 +550,7 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
         (ok && w.counted(&[]) > before).then_some(())
     });
 
+    mark("rebound");
     // Bound but not ready: refused by ztunnel, not answered by the echo pod around it.
     let unavailable = |m: &str| sum(m, "zmesh_waypoint_unavailable_total", &[]);
     let refused_before = unavailable(&w.ztunnel_metrics());
@@ -512,6 +584,7 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
         tail(&ztunnel_log)
     );
 
+    mark("stopped");
     // Started again: ready, in the path, counting.
     let out = w.lab.ok(&["waypoint", "start"], None);
     assert!(out.contains("started"), "{out}");
@@ -520,6 +593,7 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
         (ok && w.counted(&[]) >= 1.0).then_some(())
     });
 
+    mark("started");
     // Crashed: its process killed while the pod is still reported ready (before kubelet's
     // probe notices). ztunnel cannot reach it: refused, counted and said all the same.
     let refused_before = unavailable(&w.ztunnel_metrics());
@@ -559,6 +633,7 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
             (ok && w.counted(&[]) >= 1.0).then_some(())
         },
     );
+    mark("crashed and started");
 }
 
 /// The ztunnels' logs (`ztunnel-*.log` among the lab's files).
