@@ -359,13 +359,28 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
     assert_eq!(after - before, 2.0, "both keep-alive requests counted");
 
     mark("http/1.1 keep-alive");
-    // HTTP/2 with prior knowledge (h2c), HTTP/2 end to end.
+    // HTTP/2 with prior knowledge (h2c), HTTP/2 end to end; a response trailer comes through
+    // (curl prints HTTP/2 trailers with the headers).
     let body = w.curl_ok(&["--http2-prior-knowledge", &http("/h2")]);
     has(&body, "Proto=HTTP/2.0");
     has(&body, "URL=/h2");
+    let head = w.curl_ok(&[
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        "x-echo-trailer: t-h2",
+        &http("/h2-trailer"),
+    ]);
+    assert!(
+        head.lines().any(|l| l.trim() == "x-echo-trailer: t-h2"),
+        "no trailer through the waypoint:\n{head}"
+    );
     assert_eq!(
         w.counted(&[("request_protocol", "http"), ("response_code", "200")]) - after,
-        1.0
+        2.0
     );
 
     mark("http/2");
