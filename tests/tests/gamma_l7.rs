@@ -592,10 +592,10 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
     }
     let ztunnel_log = ztunnel_logs(&w.lab.files());
     assert!(
-        ztunnel_log
-            .lines()
-            .any(|l| l.contains("behind waypoint") && l.contains("has no healthy endpoint")),
-        "ztunnel's log does not say why it refused:\n{}",
+        ztunnel_log.lines().any(|l| l.contains("behind waypoint")
+            && l.contains("has no healthy endpoint")
+            && l.contains(&format!("dst.service=echo.{MESH}.svc.cluster.local"))),
+        "ztunnel's log does not say why it refused (and for which Service):\n{}",
         tail(&ztunnel_log)
     );
 

@@ -379,6 +379,11 @@ impl Proxy {
                 waypoint,
                 reason,
             } => {
+                // The refusal names the Service it was for (`destination` is its key when the
+                // traffic was addressed to one).
+                if let Some(s) = state.service(&destination) {
+                    labels = labels.service(s);
+                }
                 self.metrics
                     .waypoint_unavailable
                     .get_or_create(&WaypointLabels {
