@@ -393,6 +393,7 @@ impl<'s> Cluster<'s> {
             service_account: service_account.to_owned(),
             labels,
             ip: None,
+            ready: true,
         };
         self.objects().put_pod(object.clone())?;
         let sandbox = PodSandbox::new(namespace, name);
@@ -431,6 +432,19 @@ impl<'s> Cluster<'s> {
         self.objects().delete_pod(&pod.namespace, &pod.name)?;
         self.wait_mesh_synced()?;
         del
+    }
+
+    /// Sets the pod's `Ready` condition, as kubelet reports it when a container stops or
+    /// passes its readiness probe again; the controller publishes the workload unhealthy or
+    /// healthy accordingly.
+    pub fn set_pod_ready(&self, namespace: &str, name: &str, ready: bool) -> Result<()> {
+        let mut objects = self.objects();
+        let mut pod = objects
+            .pod(namespace, name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no pod {namespace}/{name} in this cluster"))?;
+        pod.ready = ready;
+        objects.put_pod(pod)
     }
 
     /// Sets (`Some("ambient")`, `Some("none")`) or removes the namespace's

@@ -12,6 +12,19 @@
 //!   message = 1}` -> `EchoResponse{string message = 1}`) on every `--grpc` port; the reply's
 //!   message is the same lines plus `Echo=<request message>`.
 //! - plain TCP echo (every byte back, half-close after the client's) on every `--tcp` port.
+//!
+//! What the mesh's L7 tests need beyond that ([`grpc`], [`ws`]), Istio's way where Istio's echo
+//! has it:
+//! - a WebSocket on every HTTP port: a request with `Upgrade: websocket` is upgraded and every
+//!   text or binary message is sent back (as Istio echo's HTTP handler does);
+//! - request bodies are never held whole: a plain HTTP request's body is counted as it arrives
+//!   and its size answered as `BodyLength=<bytes>` (when not empty), and `?size=<bytes>` makes
+//!   the response body exactly that many filler bytes, streamed (both ours: Istio's echo has
+//!   no sink or source);
+//! - a request header `x-echo-trailer: <value>` comes back as a response trailer of the same
+//!   name (ours), on gRPC and HTTP/2 responses;
+//! - gRPC `proto.EchoTestService/EchoStream` (ours, not in Istio's `echo.proto`): a
+//!   bidirectional stream answering each `EchoRequest` as it arrives, then `grpc-status: 0`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,8 +41,18 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod client;
+pub mod grpc;
+pub mod ws;
+
 /// The gRPC method path the echo app serves.
 pub const GRPC_ECHO_PATH: &str = "/proto.EchoTestService/Echo";
+
+/// The request header whose value comes back as a response trailer of the same name.
+pub const TRAILER_HEADER: &str = "x-echo-trailer";
+
+/// The largest `?size=` served (1 TiB): a bound, not a buffer (the body is streamed).
+const MAX_SIZE: u64 = 1 << 40;
 
 /// Who the echo app says it is, and where it listens.
 #[derive(Clone, Debug, Default)]
@@ -58,7 +81,8 @@ pub struct EchoMessage {
     pub message: String,
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+/// A response body of the echo app.
+pub type Body = BoxBody<Bytes, Infallible>;
 
 /// The `Key=Value` body for one request, as Istio's echo server writes it.
 pub fn fields(
@@ -164,52 +188,113 @@ async fn handle(
     alpn: Option<String>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if ws::is_websocket(&req) {
+        return Ok(ws::upgrade(req));
+    }
     let (parts, body) = req.into_parts();
-    let Ok(collected) = body.collect().await else {
-        return Ok(text(StatusCode::BAD_REQUEST, "unreadable body\n".into()));
-    };
-    let lines = fields(&cfg, port, peer, alpn.as_deref(), &parts);
+    let mut lines = fields(&cfg, port, peer, alpn.as_deref(), &parts);
+    let trailer = parts.headers.get(TRAILER_HEADER).cloned();
     let is_grpc = parts
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !is_grpc {
-        return Ok(text(StatusCode::OK, lines));
+    if is_grpc {
+        return Ok(grpc::serve(&parts, body, lines, trailer).await);
     }
-    let mut trailers = HeaderMap::new();
-    let mut frames = Vec::new();
-    if parts.uri.path() != GRPC_ECHO_PATH {
-        trailers.insert("grpc-status", HeaderValue::from_static("12"));
-        trailers.insert(
-            "grpc-message",
-            HeaderValue::from_static("only proto.EchoTestService/Echo is served"),
-        );
-    } else {
-        match grpc_unframe(&collected.to_bytes()) {
-            Ok(req) => {
-                let reply = EchoMessage {
-                    message: format!("{lines}Echo={}\n", req.message),
-                };
-                frames.push(Ok(Frame::data(grpc_frame(&reply))));
-                trailers.insert("grpc-status", HeaderValue::from_static("0"));
-            }
-            Err(_) => {
-                trailers.insert("grpc-status", HeaderValue::from_static("3"));
-                trailers.insert(
-                    "grpc-message",
-                    HeaderValue::from_static("the request is not an EchoRequest"),
-                );
-            }
+    let Ok(length) = count(body).await else {
+        return Ok(text(StatusCode::BAD_REQUEST, "unreadable body\n".into()));
+    };
+    if length > 0 {
+        lines.push_str(&format!("BodyLength={length}\n"));
+    }
+    let size = match requested_size(&parts.uri) {
+        Ok(s) => s,
+        Err(e) => return Ok(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+    };
+    let mut frames: Vec<Bytes> = Vec::new();
+    let body = match size {
+        Some(n) => filler(n, trailer),
+        None if trailer.is_some() => {
+            frames.push(Bytes::from(lines));
+            with_trailer(futures::stream::iter(frames), trailer)
         }
-    }
-    frames.push(Ok(Frame::trailers(trailers)));
-    let body = StreamBody::new(futures::stream::iter(frames)).boxed();
+        None => return Ok(text(StatusCode::OK, lines)),
+    };
     let mut resp = Response::new(body);
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
+        HeaderValue::from_static(if size.is_some() {
+            "application/octet-stream"
+        } else {
+            "text/plain"
+        }),
     );
+    if let Some(n) = size {
+        resp.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
     Ok(resp)
+}
+
+/// Reads a body to its end without keeping it; returns its length.
+async fn count(mut body: Incoming) -> Result<u64, hyper::Error> {
+    let mut n = 0u64;
+    while let Some(f) = body.frame().await {
+        if let Some(d) = f?.data_ref() {
+            n += d.len() as u64;
+        }
+    }
+    Ok(n)
+}
+
+/// `?size=<bytes>`, if the query asks for a body of that size.
+fn requested_size(uri: &http::Uri) -> Result<Option<u64>, String> {
+    let Some(v) = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("size="))
+    else {
+        return Ok(None);
+    };
+    match v.parse::<u64>() {
+        Ok(n) if n <= MAX_SIZE => Ok(Some(n)),
+        _ => Err(format!(
+            "size={v:?}: give the response size in bytes, at most {MAX_SIZE}"
+        )),
+    }
+}
+
+/// 64 KiB of filler, shared by every streamed body.
+static FILLER: [u8; 64 << 10] = [b'x'; 64 << 10];
+
+/// A body of exactly `n` filler bytes, streamed in 64 KiB frames.
+fn filler(n: u64, trailer: Option<HeaderValue>) -> Body {
+    let chunks = futures::stream::unfold(n, |left| async move {
+        (left > 0).then(|| {
+            let take = left.min(FILLER.len() as u64);
+            (Bytes::from_static(&FILLER[..take as usize]), left - take)
+        })
+    });
+    with_trailer(chunks, trailer)
+}
+
+/// `data` as a body, ended by the `x-echo-trailer` trailer when there is one.
+fn with_trailer(
+    data: impl futures::Stream<Item = Bytes> + Send + Sync + 'static,
+    trailer: Option<HeaderValue>,
+) -> Body {
+    use futures::StreamExt;
+    let trailers = trailer.map(|v| {
+        let mut t = HeaderMap::new();
+        t.insert(TRAILER_HEADER, v);
+        Frame::trailers(t)
+    });
+    let frames = data
+        .map(Frame::data)
+        .chain(futures::stream::iter(trailers))
+        .map(Ok);
+    BodyExt::boxed(StreamBody::new(frames))
 }
 
 /// Serves HTTP (1.1 or h2c, or over TLS when `tls` is set) on `listener`.
@@ -231,7 +316,9 @@ async fn serve_http(
                     let svc = hyper::service::service_fn(move |req| {
                         handle(cfg.clone(), port, peer, None, req)
                     });
-                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
                 }
                 Some(acceptor) => {
                     let Ok(tls) = acceptor.accept(stream).await else {
@@ -245,7 +332,9 @@ async fn serve_http(
                     let svc = hyper::service::service_fn(move |req| {
                         handle(cfg.clone(), port, peer, alpn.clone(), req)
                     });
-                    let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                        .await;
                 }
             }
         });

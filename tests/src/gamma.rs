@@ -24,11 +24,14 @@
 //! The waypoint: [`World::start_waypoint`] is the hook that runs the `waypoint` binary as the
 //! pod of the mesh namespace's waypoint Gateway when that binary is next to the other binaries;
 //! only then is the namespace labelled `istio.io/use-waypoint`, so before the waypoint exists the
-//! world is an L4 mesh through ztunnel.
+//! world is an L4 mesh through ztunnel. [`World::stop_waypoint`] and
+//! [`World::restart_waypoint`] (`zmesh-lab waypoint stop|start`) take it down and bring it back
+//! while the namespace stays bound, as a crashed and restarted waypoint pod would.
 
 pub mod cli;
 pub mod control;
 pub mod fixture;
+mod waypoint;
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -291,15 +294,27 @@ spec:
         );
         self.apply(&pod_yaml)
             .context("creating the waypoint's pod and Service")?;
-        let pod = self
-            .pods
+        let pod = self.waypoint_pod()?;
+        self.waypoint = Some(self.spawn_waypoint(&bin, &pod)?);
+        self.cluster.label_namespace(ns, USE_WAYPOINT, Some(name))?;
+        Ok(true)
+    }
+
+    /// The waypoint's pod.
+    fn waypoint_pod(&self) -> Result<Pod> {
+        let prefix = format!("{}-", fixture::WAYPOINT_NAME);
+        self.pods
             .values()
-            .find(|p| p.pod.namespace == ns && p.pod.name.starts_with(&format!("{name}-")))
+            .find(|p| p.pod.namespace == fixture::MESH_NS && p.pod.name.starts_with(&prefix))
             .map(|p| p.pod.clone())
-            .context("the waypoint pod vanished")?;
+            .context("the gamma world has no waypoint pod (it needs the `waypoint` binary next to zmesh-lab: cargo build --workspace --bins)")
+    }
+
+    /// Runs `bin` as the waypoint in `pod` (see [`World::start_waypoint`]).
+    fn spawn_waypoint(&self, bin: &Path, pod: &Pod) -> Result<Process> {
         let access = self.cluster.controller_access();
         let sb = self.cluster.sandbox();
-        let mut cmd = sb.command(Some(&pod.netns), &bin, std::iter::empty::<&str>());
+        let mut cmd = sb.command(Some(&pod.netns), bin, std::iter::empty::<&str>());
         cmd.env("XDS_ADDRESS", &access.address)
             .env("XDS_ROOT_CA", &access.root)
             .env("CA_ROOT_CA", &access.root)
@@ -316,9 +331,7 @@ spec:
             .env("INSTANCE_IP", pod.ip.to_string())
             .env("SERVICE_ACCOUNT", &pod.service_account)
             .env("NODE_NAME", &pod.node);
-        self.waypoint = Some(sb.spawn(&format!("waypoint-{}", pod.name), cmd)?);
-        self.cluster.label_namespace(ns, USE_WAYPOINT, Some(name))?;
-        Ok(true)
+        sb.spawn(&format!("waypoint-{}", pod.name), cmd)
     }
 
     /// Applies Kubernetes YAML (see the module docs); returns one line per object.

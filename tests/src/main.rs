@@ -98,6 +98,14 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Stop or start the gamma world's waypoint (`stop`: its process ends and its pod is not
+    /// ready, so traffic bound to it is refused; `start`: it runs again, and its pod is ready
+    /// once its readiness endpoint answers).
+    Waypoint {
+        /// `stop` or `start`.
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+    },
     /// (internal) What `exec` runs inside the sandbox.
     #[command(hide = true)]
     PodExec {
@@ -132,6 +140,7 @@ fn main() -> Result<()> {
             namespace,
             output,
         } => gamma::cli::get(socket, &what, namespace.as_deref(), &output),
+        Cmd::Waypoint { action } => gamma::cli::waypoint(socket, &action),
         Cmd::Exec { pod, cmd } => std::process::exit(gamma::cli::exec(socket, &pod, &cmd)?),
         Cmd::PodExec {
             netns,

@@ -1,13 +1,14 @@
 //! `zmesh-echo`, the gamma world's echo app, on loopback: it answers like Istio's echo server
 //! on every listener the fixture's Services target (HTTP/1.1 and h2c on 8080's stand-in, HTTPS
-//! with ALPN, gRPC `proto.EchoTestService/Echo`, TCP echo). Needs no root.
+//! with ALPN, gRPC `proto.EchoTestService/Echo`, TCP echo), and what the mesh's L7 tests use
+//! (streamed bodies, a trailer, gRPC streaming, a WebSocket). Needs no root.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use zmesh_tests::echo::grpc_echo;
+use zmesh_tests::echo::{client, grpc_echo};
 
 struct Echo(Child);
 
@@ -116,6 +117,79 @@ fn echo_answers_like_istio_echo_on_every_protocol() {
     has(&reply, "Hostname=echo-v1-abcde");
     has(&reply, &format!("ServicePort={grpc}"));
     has(&reply, "Echo=hello");
+
+    // Ours, for the mesh's L7 tests: bodies counted and generated as streams, a trailer
+    // echoed from a request header, gRPC streaming, a WebSocket.
+    let big = 8 << 20;
+    let got = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{http_code}",
+        &format!("http://127.0.0.1:{http}/?size={big}"),
+    ]);
+    assert_eq!(got, format!("{big} 200"));
+    let body = curl(&[
+        "--data-binary",
+        "0123456789",
+        &format!("http://127.0.0.1:{http}/up"),
+    ]);
+    has(&body, "BodyLength=10");
+    assert!(!curl(&[&format!("http://127.0.0.1:{http}/")]).contains("BodyLength="));
+    let head = curl(&[
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        "x-echo-trailer: t1",
+        &format!("http://127.0.0.1:{http}/"),
+    ]);
+    assert!(
+        head.lines().any(|l| l.trim() == "x-echo-trailer: t1"),
+        "{head}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("http://127.0.0.1:{grpc}");
+    let msgs = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let report = rt
+        .block_on(client::grpc(&url, false, &msgs(&["u"]), Some("t2")))
+        .unwrap();
+    for line in [
+        "Echo=u",
+        "Replies=1",
+        "Trailer=grpc-status:0",
+        "Trailer=x-echo-trailer:t2",
+    ] {
+        has(&report, line);
+    }
+    let report = rt
+        .block_on(client::grpc(
+            &url,
+            true,
+            &msgs(&["a", "b", "c"]),
+            Some("t3"),
+        ))
+        .unwrap();
+    let echoed: Vec<&str> = report.lines().filter(|l| l.starts_with("Echo=")).collect();
+    assert_eq!(echoed, ["Echo=a", "Echo=b", "Echo=c"], "{report}");
+    for line in [
+        "Replies=3",
+        "Trailer=grpc-status:0",
+        "Trailer=x-echo-trailer:t3",
+    ] {
+        has(&report, line);
+    }
+    let report = rt
+        .block_on(client::websocket(
+            &format!("ws://127.0.0.1:{http}/ws"),
+            &msgs(&["hello", "again"]),
+        ))
+        .unwrap();
+    for line in ["Status=101", "Received=hello", "Received=again"] {
+        has(&report, line);
+    }
 
     let mut s = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
     s.write_all(b"ping over tcp").unwrap();

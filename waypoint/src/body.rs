@@ -77,7 +77,8 @@ impl ResponseBody {
         }
     }
 
-    /// An empty body (local answers, upgrades); the record is finished now.
+    /// An empty body (local answers; an upgrade, whose record ends with its connection); the
+    /// record given, if any, is finished now.
     pub fn empty(finish: Option<Finish>) -> Self {
         if let Some(mut f) = finish {
             f.record.finish();

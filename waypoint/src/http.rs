@@ -237,26 +237,35 @@ pub async fn proxy(
         let up = hyper::upgrade::on(&mut resp);
         let (parts, _) = resp.into_parts();
         let peer = ep.addr;
+        // The upgraded connection is part of the request, as Envoy records an upgrade: the
+        // record (bytes both ways, duration) is made when the connection ends.
         tokio::spawn(async move {
             let _in_flight = in_flight;
+            let mut record = record;
             match tokio::try_join!(down, up) {
                 Ok((d, u)) => {
                     let r =
                         tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u))
                             .await;
-                    tracing::debug!(upstream = %peer, result = ?r, "upgraded connection ended");
+                    match r {
+                        Ok((to_upstream, to_client)) => {
+                            record
+                                .request_bytes
+                                .fetch_add(to_upstream, std::sync::atomic::Ordering::Relaxed);
+                            record.response_bytes += to_client;
+                        }
+                        Err(e) => record.error = Some(format!("upgraded connection: {e}")),
+                    }
+                    tracing::debug!(upstream = %peer, "upgraded connection ended");
                 }
-                Err(e) => tracing::debug!(upstream = %peer, error = %e, "upgrade failed"),
+                Err(e) => {
+                    tracing::debug!(upstream = %peer, error = %e, "upgrade failed");
+                    record.error = Some(format!("upgrade failed: {e}"));
+                }
             }
+            record.finish();
         });
-        return Response::from_parts(
-            parts,
-            ResponseBody::empty(Some(Finish {
-                record,
-                in_flight: None,
-                h1: None,
-            })),
-        );
+        return Response::from_parts(parts, ResponseBody::empty(None));
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);

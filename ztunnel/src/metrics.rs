@@ -9,8 +9,10 @@
 //! (`policy=<namespace>/<name>`), as does the line of a connection an ALLOW policy admitted.
 //!
 //! A connection refused because the waypoint in front of its destination cannot be reached is
-//! counted in `zmesh_waypoint_unavailable_total{destination, waypoint}` (and closed with
-//! `response_flags="UH"`), so a missing waypoint is visible, never a silent bypass.
+//! counted in `zmesh_waypoint_unavailable_total{destination, waypoint}`, so a missing waypoint
+//! is visible, never a silent bypass: whether the waypoint has no healthy endpoint (closed with
+//! `response_flags="UH"`) or is published ready but its tunnel cannot be opened, e.g. its
+//! process died before its readiness probe noticed (closed with the tunnel's failure flag).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -84,6 +84,18 @@ pub enum ProxyError {
         waypoint: String,
         reason: &'static str,
     },
+    /// The waypoint is published ready but its tunnel could not be opened (its process is
+    /// gone, or it refused): as [`ProxyError::WaypointNotReady`], never a bypass.
+    #[error(
+        "refused: {destination} is behind waypoint {waypoint}, which cannot be reached \
+         ({source}); check the waypoint's pods and their logs (traffic is never sent around a \
+         waypoint)"
+    )]
+    WaypointUnreachable {
+        destination: String,
+        waypoint: String,
+        source: Box<ProxyError>,
+    },
     #[error("no certificate for {0}: {1}")]
     Certificate(SpiffeId, zmesh_core::certs::CertError),
     #[error(transparent)]
@@ -115,6 +127,7 @@ impl ProxyError {
     pub fn response_flag(&self) -> &'static str {
         match self {
             ProxyError::Hbone(e) => e.response_flag(),
+            ProxyError::WaypointUnreachable { source, .. } => source.response_flag(),
             ProxyError::Certificate(..) => "IDENTITY_ERROR",
             ProxyError::NoPort { .. } => "NR",
             ProxyError::NoEndpoints(_) | ProxyError::WaypointNotReady { .. } => "UH",
@@ -279,8 +292,14 @@ impl Proxy {
         };
         let (rec, route) = self.outbound_route(orig, peer);
         let res = match route {
-            Route::Hbone { key, target, src } => {
-                self.outbound_hbone(stream, key, target, *src).await
+            Route::Hbone {
+                key,
+                target,
+                src,
+                waypoint,
+            } => {
+                self.outbound_hbone(stream, key, target, *src, waypoint.as_deref())
+                    .await
             }
             Route::Tcp(dst) => self.outbound_tcp(stream, dst).await,
             Route::Refused(e) => {
@@ -320,6 +339,7 @@ impl Proxy {
                     key,
                     target: up.address,
                     src: Box::new(src),
+                    waypoint: None,
                 };
                 (open(labels, hbone, Some(up.address)), route)
             }
@@ -339,10 +359,18 @@ impl Proxy {
                     Some(peer.ip()),
                 );
                 // CONNECT names the original destination: the waypoint picks the endpoint.
+                let waypoint = WaypointLabels {
+                    destination: wp
+                        .service
+                        .as_ref()
+                        .map_or_else(|| wp.target.to_string(), |s| s.key()),
+                    waypoint: wp.waypoint.to_string(),
+                };
                 let route = Route::Hbone {
                     key,
                     target: wp.target,
                     src: Box::new(src),
+                    waypoint: Some(Box::new(waypoint)),
                 };
                 (open(labels, wp.hbone, Some(wp.target)), route)
             }
@@ -351,6 +379,11 @@ impl Proxy {
                 waypoint,
                 reason,
             } => {
+                // The refusal names the Service it was for (`destination` is its key when the
+                // traffic was addressed to one).
+                if let Some(s) = state.service(&destination) {
+                    labels = labels.service(s);
+                }
                 self.metrics
                     .waypoint_unavailable
                     .get_or_create(&WaypointLabels {
@@ -398,12 +431,15 @@ impl Proxy {
         }
     }
 
+    /// `waypoint`: the waypoint the tunnel goes to, if it does; failing to open it is then
+    /// counted and reported as the waypoint's unavailability.
     async fn outbound_hbone(
         &self,
         mut stream: TcpStream,
         key: PoolKey,
         target: SocketAddr,
         src: SourceInfo,
+        waypoint: Option<&WaypointLabels>,
     ) -> Result<Bytes, ProxyError> {
         // Boxed: the certificate lookup, the pool checkout and the TLS and HTTP/2 handshakes
         // are large futures that live only until the tunnel is up. Inlined, their space would
@@ -413,7 +449,13 @@ impl Proxy {
             Ok(t) => t,
             Err(e) => {
                 refuse(&stream);
-                return Err(e);
+                let Some(w) = waypoint else { return Err(e) };
+                self.metrics.waypoint_unavailable.get_or_create(w).inc();
+                return Err(ProxyError::WaypointUnreachable {
+                    destination: w.destination.clone(),
+                    waypoint: w.waypoint.clone(),
+                    source: Box::new(e),
+                });
             }
         };
         copy(&mut stream, &mut tunnel, self.cfg.copy_buffer).await
@@ -453,11 +495,13 @@ impl Proxy {
 
 /// Where a captured outbound connection goes.
 enum Route {
-    /// Through an HBONE tunnel to `key.dst`, for `target`.
+    /// Through an HBONE tunnel to `key.dst`, for `target`; `waypoint` when `key.dst` is the
+    /// waypoint in front of `target`.
     Hbone {
         key: PoolKey,
         target: SocketAddr,
         src: Box<SourceInfo>,
+        waypoint: Option<Box<WaypointLabels>>,
     },
     /// Plain TCP (a destination outside the mesh, or passthrough).
     Tcp(SocketAddr),

@@ -31,6 +31,9 @@ pub(crate) struct PodObject {
     pub labels: BTreeMap<String, String>,
     /// `status.podIP`, once the runtime has set the pod up.
     pub ip: Option<IpAddr>,
+    /// The `Ready` condition, as kubelet reports it (its containers run and pass their
+    /// readiness probes); only meaningful once the pod has an IP.
+    pub ready: bool,
 }
 
 impl PodObject {
@@ -115,13 +118,14 @@ impl Objects {
         self.ensure_namespace(&pod.namespace)?;
         let mut status = json!({});
         if let Some(ip) = pod.ip {
-            // As kubelet reports a running pod whose containers are ready (the lab's apps
-            // have no readiness probes).
+            // As kubelet reports a running pod (the lab's apps have no readiness probes, so
+            // they are ready unless the lab said otherwise, see `Cluster::set_pod_ready`).
+            let ready = if pod.ready { "True" } else { "False" };
             status = json!({
                 "phase": "Running",
                 "podIP": ip.to_string(),
                 "podIPs": [{"ip": ip.to_string()}],
-                "conditions": [{"type": "Ready", "status": "True"}],
+                "conditions": [{"type": "Ready", "status": ready}],
             });
         }
         let doc = json!({
@@ -266,6 +270,7 @@ mod tests {
             service_account: "web".into(),
             labels: BTreeMap::new(),
             ip: Some("10.244.1.5".parse().unwrap()),
+            ready: true,
         };
         o.put_pod(pod.clone()).unwrap();
         let yaml = std::fs::read_to_string(dir.path().join("pods/pod-shop-web.yaml")).unwrap();

@@ -102,6 +102,13 @@ pub fn apply(socket: &Path, op: &str, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `zmesh-lab waypoint stop|start`: prints what changed.
+pub fn waypoint(socket: &Path, action: &str) -> Result<()> {
+    let answer = control::request(socket, &json!({"op": "waypoint", "action": action}))?;
+    println!("{}", answer["line"].as_str().unwrap_or_default());
+    Ok(())
+}
+
 /// `zmesh-lab get pods|services [-n NS] -o json|wide`.
 pub fn get(socket: &Path, what: &str, namespace: Option<&str>, output: &str) -> Result<()> {
     if !matches!(output, "json" | "wide") {

@@ -1,10 +1,12 @@
-//! The running lab's control socket, and the client side of `zmesh-lab apply|delete|get|exec`.
+//! The running lab's control socket, and the client side of `zmesh-lab
+//! apply|delete|get|exec|waypoint`.
 //!
 //! The lab listens on a Unix socket (`--socket`, default [`DEFAULT_SOCKET`], mode 0600: only
 //! root drives it). A client connects, writes one JSON request and half-closes; the lab
 //! answers one JSON object and closes: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
 //! Requests: `{"op": "apply"|"delete", "yaml": TEXT}`, `{"op": "get", "what":
-//! "pods"|"services"}`, `{"op": "exec", "pod": "NS/NAME"}`. The lab serves them one at a time
+//! "pods"|"services"}`, `{"op": "exec", "pod": "NS/NAME"}`, `{"op": "waypoint", "action":
+//! "stop"|"start"}`. The lab serves them one at a time
 //! on its main thread (the thread that owns the sandbox), between checks for SIGINT/SIGTERM.
 //!
 //! `exec` does not stream through the lab: the lab answers where the pod is (the sandbox's
@@ -151,6 +153,11 @@ fn handle(req: &Value, world: &mut World<'_, '_>) -> Result<Value> {
             "pods" | "pod" | "po" => Ok(json!({"items": world.pods_json()})),
             "services" | "service" | "svc" => Ok(json!({"items": world.services_json()})),
             other => bail!("cannot get {other:?}: pods or services"),
+        },
+        "waypoint" => match text("action")? {
+            "stop" => Ok(json!({"line": world.stop_waypoint()?})),
+            "start" => Ok(json!({"line": world.restart_waypoint()?})),
+            other => bail!("cannot {other:?} the waypoint: stop or start"),
         },
         "exec" => {
             let (ns, name) = split_pod(text("pod")?)?;
