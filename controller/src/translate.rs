@@ -19,12 +19,15 @@
 //! - waypoints come from `istio.io/use-waypoint` (+ `istio.io/use-waypoint-namespace`) on the
 //!   Pod or Service, else on the Namespace, and are published only for a valid waypoint
 //!   Gateway that accepts that kind of traffic (rules in [`waypoint`]); each Service bound to a
-//!   waypoint also becomes a `zmesh.waypoint.v1.BoundService` for that waypoint.
+//!   waypoint also becomes a `zmesh.waypoint.v1.BoundService` for that waypoint;
+//! - HTTPRoutes and GRPCRoutes whose parent is such a Service become its route table, in the
+//!   precedence order Gateway API defines (rules in [`route`]).
 
 mod authorization_policy;
 mod authz;
 mod json;
 mod objects;
+pub mod route;
 mod service;
 pub mod waypoint;
 mod workload;
@@ -49,6 +52,7 @@ pub use authorization_policy::{
 pub use authz::{DRY_RUN_ANNOTATION, PolicyIssue, authorization_json, translate_policies};
 pub use json::{service_json, to_json, workload_json};
 pub use objects::{Kind, KubeObject, ObjectKey, Objects, TranslateError, key_of, parse_yaml};
+pub use route::{RouteId, RouteKind, Routes, translate_routes};
 pub use waypoint::{Rejection, Target, Waypoint, WaypointFor, Waypoints};
 
 /// Label that enrols a Namespace or Pod in the mesh (`ambient`), or opts a Pod out (`none`).
@@ -106,6 +110,9 @@ pub struct Translated {
     pub bound_services: BTreeMap<String, BoundService>,
     /// Every Gateway of class `istio-waypoint`, judged (for status and logs).
     pub waypoints: Waypoints,
+    /// HTTPRoutes and GRPCRoutes on Services (GAMMA): the route table of each Service bound
+    /// to a waypoint, and every route's status (rules in [`route`]).
+    pub routes: Routes,
 }
 
 /// Translates `objects` into workload API resources. Never fails: objects that cannot be
@@ -157,6 +164,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         }
     }
     let (authorizations, issues) = authz::translate_policies(objects, mesh);
+    let routes = route::translate_routes(objects, &bound_services, mesh);
     Translated {
         workloads,
         services,
@@ -164,6 +172,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         issues,
         bound_services,
         waypoints,
+        routes,
     }
 }
 

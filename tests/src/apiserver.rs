@@ -330,12 +330,14 @@ impl ApiServer {
         );
     }
 
-    /// `gateway.networking.k8s.io/v1` Gateway, HTTPRoute and GRPCRoute.
+    /// `gateway.networking.k8s.io/v1` Gateway, HTTPRoute and GRPCRoute, and `v1beta1`
+    /// ReferenceGrant.
     pub fn install_gateway_api_crds(&self) {
         let g = "gateway.networking.k8s.io";
         self.install_crd(g, "v1", "Gateway", "gateways");
         self.install_crd(g, "v1", "HTTPRoute", "httproutes");
         self.install_crd(g, "v1", "GRPCRoute", "grpcroutes");
+        self.install_crd(g, "v1beta1", "ReferenceGrant", "referencegrants");
     }
 
     /// Creates or replaces an object (by `apiVersion`, `kind`, namespace and name) and returns

@@ -95,6 +95,7 @@ pub fn crd_name(kind: Kind) -> Option<&'static str> {
         Kind::Gateway => Some("gateways.gateway.networking.k8s.io"),
         Kind::HttpRoute => Some("httproutes.gateway.networking.k8s.io"),
         Kind::GrpcRoute => Some("grpcroutes.gateway.networking.k8s.io"),
+        Kind::ReferenceGrant => Some("referencegrants.gateway.networking.k8s.io"),
         Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => None,
     }
 }
@@ -175,10 +176,11 @@ fn watch_kind(
             let api = Api::<AuthorizationPolicy>::all(client);
             watchers.watch(api, config, watched, sink);
         }
-        Kind::Gateway | Kind::HttpRoute | Kind::GrpcRoute => {
+        Kind::Gateway | Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant => {
             let (plural, wrap): (&str, fn(DynamicObject) -> KubeObject) = match kind {
                 Kind::Gateway => ("gateways", KubeObject::Gateway),
                 Kind::HttpRoute => ("httproutes", KubeObject::HttpRoute),
+                Kind::ReferenceGrant => ("referencegrants", KubeObject::ReferenceGrant),
                 _ => ("grpcroutes", KubeObject::GrpcRoute),
             };
             let sink = StoreSink { store, kind, wrap };
@@ -187,10 +189,12 @@ fn watch_kind(
     }
 }
 
-/// An `Api` for a `gateway.networking.k8s.io/v1` kind, read as `DynamicObject`s.
+/// An `Api` for a `gateway.networking.k8s.io` kind (at the version [`Kind::api`] names),
+/// read as `DynamicObject`s.
 fn gateway_api(client: Client, kind: Kind, plural: &str) -> Api<DynamicObject> {
-    let (_, kind_name) = kind.api();
-    let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind_name);
+    let (api_version, kind_name) = kind.api();
+    let version = api_version.rsplit('/').next().unwrap_or("v1");
+    let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", version, kind_name);
     Api::all_with(client, &ApiResource::from_gvk_with_plural(&gvk, plural))
 }
 
@@ -220,7 +224,8 @@ mod tests {
                 Kind::AuthorizationPolicy,
                 Kind::Gateway,
                 Kind::HttpRoute,
-                Kind::GrpcRoute
+                Kind::GrpcRoute,
+                Kind::ReferenceGrant
             ]
         );
     }

@@ -64,10 +64,12 @@ pub struct Objects {
     pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
     /// `gateway.networking.k8s.io/v1` Gateways (kept for waypoints; not translated yet).
     pub gateways: BTreeMap<ObjectKey, DynamicObject>,
-    /// `gateway.networking.k8s.io/v1` HTTPRoutes (kept for waypoints; not translated yet).
+    /// `gateway.networking.k8s.io/v1` HTTPRoutes (mesh routes, see `translate::route`).
     pub http_routes: BTreeMap<ObjectKey, DynamicObject>,
-    /// `gateway.networking.k8s.io/v1` GRPCRoutes (kept for waypoints; not translated yet).
+    /// `gateway.networking.k8s.io/v1` GRPCRoutes (mesh routes, see `translate::route`).
     pub grpc_routes: BTreeMap<ObjectKey, DynamicObject>,
+    /// `gateway.networking.k8s.io/v1beta1` ReferenceGrants (cross-namespace backendRefs).
+    pub reference_grants: BTreeMap<ObjectKey, DynamicObject>,
 }
 
 /// The kinds a source delivers.
@@ -81,11 +83,12 @@ pub enum Kind {
     Gateway,
     HttpRoute,
     GrpcRoute,
+    ReferenceGrant,
 }
 
 impl Kind {
     /// Every kind, in the order sources start them.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -94,6 +97,7 @@ impl Kind {
         Kind::Gateway,
         Kind::HttpRoute,
         Kind::GrpcRoute,
+        Kind::ReferenceGrant,
     ];
 
     /// `(apiVersion group/version, kind)` as in YAML (the preferred version).
@@ -107,6 +111,7 @@ impl Kind {
             Kind::Gateway => ("gateway.networking.k8s.io/v1", "Gateway"),
             Kind::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRoute"),
             Kind::GrpcRoute => ("gateway.networking.k8s.io/v1", "GRPCRoute"),
+            Kind::ReferenceGrant => ("gateway.networking.k8s.io/v1beta1", "ReferenceGrant"),
         }
     }
 
@@ -127,6 +132,10 @@ impl Kind {
                 Kind::HttpRoute
             }
             ("gateway.networking.k8s.io/v1", "GRPCRoute") => Kind::GrpcRoute,
+            (
+                "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
+                "ReferenceGrant",
+            ) => Kind::ReferenceGrant,
             _ => return None,
         })
     }
@@ -150,6 +159,7 @@ pub enum KubeObject {
     Gateway(DynamicObject),
     HttpRoute(DynamicObject),
     GrpcRoute(DynamicObject),
+    ReferenceGrant(DynamicObject),
 }
 
 impl KubeObject {
@@ -164,6 +174,7 @@ impl KubeObject {
             KubeObject::Gateway(_) => Kind::Gateway,
             KubeObject::HttpRoute(_) => Kind::HttpRoute,
             KubeObject::GrpcRoute(_) => Kind::GrpcRoute,
+            KubeObject::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -175,9 +186,10 @@ impl KubeObject {
             KubeObject::Service(o) => &o.metadata,
             KubeObject::EndpointSlice(o) => &o.metadata,
             KubeObject::AuthorizationPolicy(o) => &o.metadata,
-            KubeObject::Gateway(o) | KubeObject::HttpRoute(o) | KubeObject::GrpcRoute(o) => {
-                &o.metadata
-            }
+            KubeObject::Gateway(o)
+            | KubeObject::HttpRoute(o)
+            | KubeObject::GrpcRoute(o)
+            | KubeObject::ReferenceGrant(o) => &o.metadata,
         }
     }
 
@@ -206,6 +218,7 @@ impl KubeObject {
             Kind::Gateway => KubeObject::Gateway(serde_yaml::from_value(value)?),
             Kind::HttpRoute => KubeObject::HttpRoute(serde_yaml::from_value(value)?),
             Kind::GrpcRoute => KubeObject::GrpcRoute(serde_yaml::from_value(value)?),
+            Kind::ReferenceGrant => KubeObject::ReferenceGrant(serde_yaml::from_value(value)?),
         }))
     }
 }
@@ -240,6 +253,7 @@ impl Objects {
             KubeObject::Gateway(o) => drop(self.gateways.insert(key, o)),
             KubeObject::HttpRoute(o) => drop(self.http_routes.insert(key, o)),
             KubeObject::GrpcRoute(o) => drop(self.grpc_routes.insert(key, o)),
+            KubeObject::ReferenceGrant(o) => drop(self.reference_grants.insert(key, o)),
         }
     }
 
@@ -254,6 +268,7 @@ impl Objects {
             Kind::Gateway => self.gateways.remove(key).is_some(),
             Kind::HttpRoute => self.http_routes.remove(key).is_some(),
             Kind::GrpcRoute => self.grpc_routes.remove(key).is_some(),
+            Kind::ReferenceGrant => self.reference_grants.remove(key).is_some(),
         }
     }
 
@@ -268,6 +283,7 @@ impl Objects {
             Kind::Gateway => self.gateways.clear(),
             Kind::HttpRoute => self.http_routes.clear(),
             Kind::GrpcRoute => self.grpc_routes.clear(),
+            Kind::ReferenceGrant => self.reference_grants.clear(),
         }
     }
 
@@ -282,6 +298,7 @@ impl Objects {
             Kind::Gateway => self.gateways.len(),
             Kind::HttpRoute => self.http_routes.len(),
             Kind::GrpcRoute => self.grpc_routes.len(),
+            Kind::ReferenceGrant => self.reference_grants.len(),
         }
     }
 }

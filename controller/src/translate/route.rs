@@ -1,0 +1,596 @@
+//! Gateway API routes in the mesh (GAMMA, GEP-1426): HTTPRoutes and GRPCRoutes whose
+//! `parentRefs` name a Service, turned into the ordered route table the Service's waypoint
+//! applies, plus the status each route should carry.
+//!
+//! Rules (<https://gateway-api.sigs.k8s.io/mesh/> and the HTTPRoute/GRPCRoute reference):
+//! - a parentRef with `group: ""` (or `core`) and `kind: Service` attaches the route to that
+//!   Service (namespace: the parentRef's, else the route's), to one port when `port` is set,
+//!   else to all of them. Other parentRefs (Gateways) are not ours and get no status from us;
+//! - a route in the Service's namespace is a *producer* route (every client); one in another
+//!   namespace is a *consumer* route: it applies only to clients in the route's namespace, and
+//!   for them it comes before the producer routes (my reading of GEP-1426 "consumer routes");
+//! - only a Service bound to a valid waypoint gets routes (they are served to that waypoint
+//!   alone); a route on any other Service is not accepted for it (`NoMatchingParent`, the
+//!   message names the missing `istio.io/use-waypoint` binding);
+//! - a route zmesh cannot apply as written (unknown field, bad regular expression,
+//!   unsupported filter, malformed duration) is refused whole: `Accepted=False`
+//!   (`UnsupportedValue`) on every Service parent, a log line, nothing served;
+//! - backendRefs name Services (`group: ""`, `kind: Service`, with a port); another kind is
+//!   `InvalidKind`, a missing Service or port `BackendNotFound`, a Service in another
+//!   namespace without a ReferenceGrant there `RefNotPermitted`. Such a backend stays in the
+//!   table as unresolved, so its share of the traffic gets a 500 (the spec's rule), and the
+//!   route's `ResolvedRefs` is `False` with that reason;
+//! - precedence (HTTPRoute): Exact path, then the longest PathPrefix, then RegularExpression
+//!   (implementation-specific; Istio's order), then a method match, then more header matches,
+//!   then more query param matches; ties go to the oldest route (`creationTimestamp`), then
+//!   `namespace/name` alphabetically, then rule order, then match order. GRPCRoute: more
+//!   characters in the service, then in the method, then more header matches, then the same
+//!   tie-breakers. Hostnames do not take part: in a mesh the Service is the frontend.
+
+mod compile;
+mod model;
+pub mod spec;
+
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::DynamicObject;
+use xds_proto::zmesh::waypoint::v1::BoundService;
+
+pub use compile::duration;
+pub use model::*;
+use spec::{BackendObjectRef, GrpcRouteSpec, HttpBackendRef, HttpRouteSpec, ParentRef};
+
+use super::{MeshConfig, Objects, namespace_of, service_hostname};
+
+/// A rule compiled, with the (OR-ed) matches that lead to it.
+struct CompiledRule {
+    matches: Vec<Match>,
+    rule: Arc<Rule>,
+}
+
+/// One route read: its rules, or why it is refused; and its first unresolved reference.
+struct Compiled {
+    rules: Result<Vec<CompiledRule>, String>,
+    unresolved: Option<Unresolved>,
+}
+
+/// Translates every HTTPRoute and GRPCRoute in `objects` against the Services bound to a
+/// waypoint (`bound`, keyed `<namespace>/<hostname>`).
+pub fn translate_routes(
+    objects: &Objects,
+    bound: &BTreeMap<String, BoundService>,
+    mesh: &MeshConfig,
+) -> Routes {
+    let mut out = Routes::default();
+    let mut order: BTreeMap<String, Vec<(SortKey, Entry)>> = BTreeMap::new();
+    let all = objects
+        .http_routes
+        .values()
+        .map(|r| (RouteKind::Http, r))
+        .chain(objects.grpc_routes.values().map(|r| (RouteKind::Grpc, r)));
+    for (kind, route) in all {
+        let Some(name) = route.metadata.name.clone() else {
+            continue;
+        };
+        let id = RouteId {
+            kind,
+            namespace: namespace_of(&route.metadata).to_owned(),
+            name,
+        };
+        let parents = service_parents(route);
+        if parents.is_empty() {
+            continue; // a route for Gateways only: not ours
+        }
+        let compiled = compile(&id, route, objects, mesh);
+        if let Err(why) = &compiled.rules {
+            out.refused.insert(id.clone(), why.clone());
+        }
+        let resolved_refs = match &compiled.unresolved {
+            None => condition(true, "ResolvedRefs", "every reference resolved".to_owned()),
+            Some(u) => condition(false, u.reason, u.message.clone()),
+        };
+        let mut statuses = Vec::new();
+        for parent in parents {
+            let accepted = attach(&id, route, &parent, &compiled, bound, mesh, &mut order);
+            statuses.push(ParentStatus {
+                parent,
+                accepted,
+                resolved_refs: resolved_refs.clone(),
+            });
+        }
+        out.statuses.insert(
+            id,
+            RouteStatus {
+                generation: route.metadata.generation,
+                parents: statuses,
+            },
+        );
+    }
+    for (key, mut entries) in order {
+        let Some(svc) = bound.get(&key) else {
+            continue;
+        };
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let (grpc, http): (Vec<Entry>, Vec<Entry>) = entries
+            .into_iter()
+            .map(|(_, e)| e)
+            .partition(|e| e.route.kind == RouteKind::Grpc);
+        let waypoint = svc.waypoint.clone().unwrap_or_default();
+        out.services.insert(
+            key,
+            ServiceRoutes {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                hostname: svc.hostname.clone(),
+                waypoint: (waypoint.namespace, waypoint.name),
+                http,
+                grpc,
+            },
+        );
+    }
+    out
+}
+
+fn condition(status: bool, reason: &'static str, message: String) -> RouteCondition {
+    RouteCondition {
+        status,
+        reason,
+        message,
+    }
+}
+
+/// The parentRefs that name a Service, read one by one from the raw object (so a route whose
+/// spec is refused still gets a status on each of its Service parents).
+fn service_parents(route: &DynamicObject) -> Vec<ParentRef> {
+    route.data["spec"]["parentRefs"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| serde_json::from_value::<ParentRef>(p.clone()).ok())
+        .filter(|p| {
+            matches!(p.group.as_deref(), Some("" | "core")) && p.kind.as_deref() == Some("Service")
+        })
+        .collect()
+}
+
+/// Decides one Service parent, adding the route's entries to that Service's table when
+/// accepted.
+fn attach(
+    id: &RouteId,
+    route: &DynamicObject,
+    parent: &ParentRef,
+    compiled: &Compiled,
+    bound: &BTreeMap<String, BoundService>,
+    mesh: &MeshConfig,
+    order: &mut BTreeMap<String, Vec<(SortKey, Entry)>>,
+) -> RouteCondition {
+    let svc_ns = parent
+        .namespace
+        .clone()
+        .unwrap_or_else(|| id.namespace.clone());
+    let svc_name = format!("{svc_ns}/{}", parent.name);
+    let rules = match &compiled.rules {
+        Ok(rules) => rules,
+        Err(why) => return condition(false, "UnsupportedValue", format!("refused: {why}")),
+    };
+    if parent.section_name.is_some() {
+        return condition(
+            false,
+            "UnsupportedValue",
+            "sectionName has no meaning for a Service parent; use `port` to pick a port".into(),
+        );
+    }
+    let key = format!("{svc_ns}/{}", service_hostname(&parent.name, &svc_ns, mesh));
+    let Some(svc) = bound.get(&key) else {
+        return condition(
+            false,
+            "NoMatchingParent",
+            format!(
+                "Service {svc_name} does not exist or is not bound to a waypoint (label \
+                 istio.io/use-waypoint on it or its namespace); only a waypoint applies routes"
+            ),
+        );
+    };
+    let port = match parent.port {
+        None => None,
+        Some(p) => match u32::try_from(p)
+            .ok()
+            .filter(|p| svc.ports.iter().any(|sp| sp.port == *p))
+        {
+            Some(p) => Some(p as u16),
+            None => {
+                return condition(
+                    false,
+                    "NoMatchingParent",
+                    format!("Service {svc_name} has no port {p}"),
+                );
+            }
+        },
+    };
+    let consumer_namespace = (id.namespace != svc_ns).then(|| id.namespace.clone());
+    let created = route.metadata.creation_timestamp.clone();
+    let list = order.entry(key).or_default();
+    for (rule_index, rule) in rules.iter().enumerate() {
+        for (match_index, matched) in rule.matches.iter().enumerate() {
+            let key = SortKey {
+                producer: consumer_namespace.is_none(),
+                specificity: specificity(matched),
+                created: (created.is_none(), created.clone()),
+                route: (id.namespace.clone(), id.name.clone()),
+                rule: rule_index,
+                matched: match_index,
+            };
+            list.push((
+                key,
+                Entry {
+                    route: id.clone(),
+                    rule_index,
+                    port,
+                    consumer_namespace: consumer_namespace.clone(),
+                    matched: matched.clone(),
+                    rule: rule.rule.clone(),
+                },
+            ));
+        }
+    }
+    let kind = if consumer_namespace.is_some() {
+        "consumer"
+    } else {
+        "producer"
+    };
+    condition(
+        true,
+        "Accepted",
+        format!(
+            "{kind} route on Service {svc_name}, applied by waypoint {}/{}",
+            svc.waypoint.as_ref().map_or("", |w| w.namespace.as_str()),
+            svc.waypoint.as_ref().map_or("", |w| w.name.as_str()),
+        ),
+    )
+}
+
+/// Sort key of an entry: smaller comes first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SortKey {
+    /// Consumer routes (false) before producer routes (true).
+    producer: bool,
+    specificity: Specificity,
+    /// Oldest first; routes without a timestamp last.
+    created: (bool, Option<Time>),
+    route: (String, String),
+    rule: usize,
+    matched: usize,
+}
+
+/// The spec's precedence criteria, ordered so that the more specific match is smaller.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Specificity {
+    Http {
+        path_kind: PathKind,
+        path_len: Reverse<usize>,
+        method: Reverse<bool>,
+        headers: Reverse<usize>,
+        query: Reverse<usize>,
+    },
+    Grpc {
+        service_len: Reverse<usize>,
+        method_len: Reverse<usize>,
+        headers: Reverse<usize>,
+    },
+}
+
+fn specificity(m: &Match) -> Specificity {
+    match m {
+        Match::Http {
+            path_kind,
+            path,
+            headers,
+            query,
+            method,
+        } => Specificity::Http {
+            path_kind: *path_kind,
+            path_len: Reverse(path.len()),
+            method: Reverse(method.is_some()),
+            headers: Reverse(headers.len()),
+            query: Reverse(query.len()),
+        },
+        Match::Grpc { method, headers } => {
+            let len = |s: Option<&String>| s.map_or(0, String::len);
+            Specificity::Grpc {
+                service_len: Reverse(len(method.as_ref().and_then(|m| m.service.as_ref()))),
+                method_len: Reverse(len(method.as_ref().and_then(|m| m.method.as_ref()))),
+                headers: Reverse(headers.len()),
+            }
+        }
+    }
+}
+
+/// Reads and checks one route; backends are resolved (unresolved ones kept, see the module
+/// docs).
+fn compile(id: &RouteId, route: &DynamicObject, objects: &Objects, mesh: &MeshConfig) -> Compiled {
+    let mut unresolved = None;
+    let rules = match id.kind {
+        RouteKind::Http => serde_json::from_value::<HttpRouteSpec>(route.data["spec"].clone())
+            .map_err(|e| format!("spec: {e}"))
+            .and_then(|spec| {
+                spec.rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let at = format!("rules[{i}]");
+                        let matches = compile::http_matches(&at, r.matches.as_deref())?;
+                        let (request_timeout, backend_timeout) =
+                            compile::timeouts(&at, r.timeouts.as_ref())?;
+                        let retry = compile::retry(&at, r.retry.as_ref())?;
+                        let rule = rule(
+                            id,
+                            i,
+                            r.name.as_deref(),
+                            &at,
+                            &r.filters,
+                            &r.backend_refs,
+                            objects,
+                            mesh,
+                            &mut unresolved,
+                        )?;
+                        check_prefix_rewrite(&at, &matches, &rule)?;
+                        Ok(CompiledRule {
+                            matches,
+                            rule: Arc::new(Rule {
+                                request_timeout,
+                                backend_timeout,
+                                retry,
+                                ..rule
+                            }),
+                        })
+                    })
+                    .collect()
+            }),
+        RouteKind::Grpc => serde_json::from_value::<GrpcRouteSpec>(route.data["spec"].clone())
+            .map_err(|e| format!("spec: {e}"))
+            .and_then(|spec| {
+                spec.rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let at = format!("rules[{i}]");
+                        let matches = compile::grpc_matches(&at, &r.matches)?;
+                        let rule = rule(
+                            id,
+                            i,
+                            r.name.as_deref(),
+                            &at,
+                            &r.filters,
+                            &r.backend_refs,
+                            objects,
+                            mesh,
+                            &mut unresolved,
+                        )?;
+                        Ok(CompiledRule {
+                            matches,
+                            rule: Arc::new(rule),
+                        })
+                    })
+                    .collect()
+            }),
+    };
+    Compiled { rules, unresolved }
+}
+
+/// `ReplacePrefixMatch` replaces what a PathPrefix match matched: every match of the rule
+/// must be a PathPrefix one (Gateway API `HTTPPathModifier`).
+fn check_prefix_rewrite(at: &str, matches: &[Match], rule: &Rule) -> Result<(), String> {
+    let filters = rule
+        .filters
+        .iter()
+        .chain(rule.backends.iter().flat_map(|b| &b.filters));
+    let prefix_rewrite = filters.into_iter().any(|f| {
+        matches!(
+            f,
+            Filter::Redirect {
+                path: Some(PathRewrite::Prefix(_)),
+                ..
+            } | Filter::Rewrite {
+                path: Some(PathRewrite::Prefix(_)),
+                ..
+            }
+        )
+    });
+    let all_prefix = matches.iter().all(|m| {
+        matches!(
+            m,
+            Match::Http {
+                path_kind: PathKind::Prefix,
+                ..
+            }
+        )
+    });
+    if prefix_rewrite && !all_prefix {
+        return Err(format!(
+            "{at}: a ReplacePrefixMatch path modifier needs every match of the rule to be a \
+             PathPrefix match"
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rule(
+    id: &RouteId,
+    index: usize,
+    name: Option<&str>,
+    at: &str,
+    filters: &[spec::HttpFilter],
+    backend_refs: &[HttpBackendRef],
+    objects: &Objects,
+    mesh: &MeshConfig,
+    unresolved: &mut Option<Unresolved>,
+) -> Result<Rule, String> {
+    let mut filters = compile::filters(at, id.kind, filters)?;
+    resolve_mirrors(id, &mut filters, objects, mesh, unresolved);
+    let mut backends = Vec::new();
+    for (j, b) in backend_refs.iter().enumerate() {
+        let at = format!("{at}.backendRefs[{j}]");
+        let weight = match b.weight {
+            None => 1,
+            Some(w) => u32::try_from(w).map_err(|_| format!("{at}.weight {w} is negative"))?,
+        };
+        let mut bfilters = compile::filters(&at, id.kind, &b.filters)?;
+        if bfilters
+            .iter()
+            .any(|f| matches!(f, Filter::Redirect { .. }))
+        {
+            return Err(format!(
+                "{at}.filters: RequestRedirect is not allowed on a backendRef"
+            ));
+        }
+        resolve_mirrors(id, &mut bfilters, objects, mesh, unresolved);
+        let object_ref = BackendObjectRef {
+            group: b.group.clone(),
+            kind: b.kind.clone(),
+            name: b.name.clone(),
+            namespace: b.namespace.clone(),
+            port: b.port,
+        };
+        let target = resolve_backend(id, &object_ref, objects, mesh);
+        if let Err(u) = &target
+            && unresolved.is_none()
+        {
+            *unresolved = Some(u.clone());
+        }
+        backends.push(Backend {
+            weight,
+            target,
+            filters: bfilters,
+        });
+    }
+    let rule_id = match name {
+        Some(n) => format!("{}/{}/{}/{n}", id.kind.as_str(), id.namespace, id.name),
+        None => format!("{}/{}/{}/{index}", id.kind.as_str(), id.namespace, id.name),
+    };
+    Ok(Rule {
+        id: rule_id,
+        filters,
+        backends,
+        request_timeout: None,
+        backend_timeout: None,
+        retry: None,
+    })
+}
+
+fn resolve_mirrors(
+    id: &RouteId,
+    filters: &mut [Filter],
+    objects: &Objects,
+    mesh: &MeshConfig,
+    unresolved: &mut Option<Unresolved>,
+) {
+    for f in filters {
+        if let Filter::Mirror {
+            backend, target, ..
+        } = f
+        {
+            match resolve_backend(id, backend, objects, mesh) {
+                Ok(t) => *target = Some(t),
+                Err(u) => {
+                    if unresolved.is_none() {
+                        *unresolved = Some(u);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves a backend reference of route `id` to a Service port.
+pub fn resolve_backend(
+    id: &RouteId,
+    r: &BackendObjectRef,
+    objects: &Objects,
+    mesh: &MeshConfig,
+) -> Result<ServiceTarget, Unresolved> {
+    let group = r.group.as_deref().unwrap_or("");
+    let kind = r.kind.as_deref().unwrap_or("Service");
+    if !matches!(group, "" | "core") || kind != "Service" {
+        return Err(Unresolved {
+            reason: "InvalidKind",
+            message: format!(
+                "backendRef {:?} has group {group:?} kind {kind:?}; zmesh routes only to \
+                 Services (group \"\", kind Service)",
+                r.name
+            ),
+        });
+    }
+    let namespace = r.namespace.clone().unwrap_or_else(|| id.namespace.clone());
+    let full = format!("{namespace}/{}", r.name);
+    if namespace != id.namespace && !granted(objects, id, &namespace, &r.name) {
+        return Err(Unresolved {
+            reason: "RefNotPermitted",
+            message: format!(
+                "backendRef Service {full} is in another namespace and no ReferenceGrant in \
+                 {namespace:?} allows {} from {:?} to reference it",
+                id.kind.as_str(),
+                id.namespace
+            ),
+        });
+    }
+    let Some(svc) = objects.services.get(&(namespace.clone(), r.name.clone())) else {
+        return Err(Unresolved {
+            reason: "BackendNotFound",
+            message: format!("backendRef Service {full} does not exist"),
+        });
+    };
+    let Some(port) = r.port else {
+        return Err(Unresolved {
+            reason: "BackendNotFound",
+            message: format!("backendRef Service {full} needs a `port`"),
+        });
+    };
+    let has_port = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .is_some_and(|ports| ports.iter().any(|p| p.port == port));
+    if !has_port {
+        return Err(Unresolved {
+            reason: "BackendNotFound",
+            message: format!("backendRef Service {full} has no port {port}"),
+        });
+    }
+    Ok(ServiceTarget {
+        hostname: service_hostname(&r.name, &namespace, mesh),
+        namespace,
+        name: r.name.clone(),
+        port: port as u16,
+    })
+}
+
+/// Does a ReferenceGrant in `namespace` let route `id` reference Service `name` there?
+/// A grant whose spec does not parse grants nothing.
+fn granted(objects: &Objects, id: &RouteId, namespace: &str, name: &str) -> bool {
+    objects
+        .reference_grants
+        .range((namespace.to_owned(), String::new())..)
+        .take_while(|((ns, _), _)| ns == namespace)
+        .filter_map(|(_, g)| {
+            serde_json::from_value::<spec::ReferenceGrantSpec>(g.data["spec"].clone()).ok()
+        })
+        .any(|g| {
+            g.from.iter().any(|f| {
+                f.group == "gateway.networking.k8s.io"
+                    && f.kind == id.kind.as_str()
+                    && f.namespace == id.namespace
+            }) && g.to.iter().any(|t| {
+                matches!(t.group.as_str(), "" | "core")
+                    && t.kind == "Service"
+                    && t.name.as_deref().is_none_or(|n| n == name)
+            })
+        })
+}
