@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "istio/zds/zds.proto",
     "istio/ca/ca.proto",
     "zmesh/waypoint/v1/waypoint.proto",
+    "zmesh/waypoint/v1/route.proto",
     "google/rpc/status.proto",
     "envoy/config/core/v3/base.proto",
     "envoy/service/discovery/v3/discovery.proto",

@@ -10,6 +10,7 @@ pub mod bound;
 pub mod ca;
 pub mod config;
 pub mod http;
+pub mod route;
 pub mod server;
 pub mod sniff;
 pub mod telemetry;

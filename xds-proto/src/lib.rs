@@ -9,7 +9,7 @@
 //! - [`istio::security`] — `Authorization` (ambient L4 policy)
 //! - [`istio::workload::zds`] — node agent to ztunnel messages
 //! - [`istio::v1::auth`] — Istio CA `IstioCertificateService`
-//! - [`zmesh::waypoint::v1`] — zmesh's own waypoint resources (`BoundService`)
+//! - [`zmesh::waypoint::v1`] — zmesh's own waypoint resources (`BoundService`, `ServiceRoutes`)
 //! - [`envoy::service::discovery::v3`] — (delta) ADS messages and service
 //! - [`envoy::config::core::v3`] — `Node`
 //! - [`google::rpc`] — `Status`
@@ -32,6 +32,10 @@ pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Aut
 
 /// Type URL of `zmesh.waypoint.v1.BoundService` resources (a Service bound to a waypoint).
 pub const BOUND_SERVICE_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.BoundService";
+
+/// Type URL of `zmesh.waypoint.v1.ServiceRoutes` resources (the HTTPRoute/GRPCRoute rules
+/// attached to one Service, resolved and sorted by the controller).
+pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.ServiceRoutes";
 
 /// zmesh's own packages (resources that are not part of Istio's API).
 pub mod zmesh {
