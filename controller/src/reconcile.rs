@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use prost_types::Any;
 use tracing::{debug, info, warn};
-use xds_proto::BOUND_SERVICE_TYPE_URL;
 use xds_proto::istio::workload::{Address, address};
+use xds_proto::{BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 
 use crate::ads::Cache;
 use crate::source::Store;
 use crate::status::{StatusWriter, desired_updates};
+use crate::translate::route::service_routes;
 use crate::translate::{Kind, MeshConfig, Translated, translate};
 
 /// Type URL of workloads and services.
@@ -128,6 +129,7 @@ impl Reconciler {
             if let Some(writer) = &self.status {
                 writer.write(&objects, desired_updates(&objects, &next));
                 writer.write_gateways(&objects, &next.waypoints);
+                writer.write_routes(&objects, &next.routes);
             }
             (self.store.generation(), next)
         };
@@ -164,6 +166,15 @@ impl Reconciler {
         removed += removals.len();
         if let Err(e) = self.cache.apply(BOUND_SERVICE_TYPE_URL, upserts, removals) {
             warn!(error = %e, "waypoint BoundService resources not applied");
+        }
+        let (c, r) = self.apply_routes(&next);
+        changed += c;
+        removed += r;
+        for (route, why) in &next.routes.refused {
+            if self.last.routes.refused.get(route) != Some(why) {
+                warn!(%route, reason = %why,
+                    "route refused whole: nothing of it is applied (see its status)");
+            }
         }
         for (key, reason) in &next.waypoints.rejected {
             if self.last.waypoints.rejected.get(key) != Some(reason) {
@@ -214,6 +225,34 @@ fn pack(type_url: &str, m: &impl Message) -> Any {
     Any {
         type_url: type_url.to_owned(),
         value: m.encode_to_vec(),
+    }
+}
+
+impl Reconciler {
+    /// Serves each bound Service's route table (`ServiceRoutes`) and removes those gone.
+    /// A table whose waypoint changed is removed first, then served again, so the old
+    /// waypoint's stream drops it and the new one's gets it (the scope follows the
+    /// `BoundService`, applied before). Returns (changed, removed).
+    fn apply_routes(&self, next: &Translated) -> (usize, usize) {
+        let (old, new) = (&self.last.routes.services, &next.routes.services);
+        let moved: Vec<String> = new
+            .iter()
+            .filter(|(k, v)| old.get(*k).is_some_and(|o| o.waypoint != v.waypoint))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !moved.is_empty()
+            && let Err(e) = self.cache.apply(SERVICE_ROUTES_TYPE_URL, Vec::new(), moved)
+        {
+            warn!(error = %e, "waypoint ServiceRoutes resources not moved");
+        }
+        let (upserts, removals) = diff(old, new, |s| {
+            pack(SERVICE_ROUTES_TYPE_URL, &service_routes(s))
+        });
+        let counts = (upserts.len(), removals.len());
+        if let Err(e) = self.cache.apply(SERVICE_ROUTES_TYPE_URL, upserts, removals) {
+            warn!(error = %e, "waypoint ServiceRoutes resources not applied");
+        }
+        counts
     }
 }
 

@@ -352,9 +352,10 @@ pub async fn start_with_client(
             })
         })
     };
+    let scope = crate::ads::waypoint_scope(cfg.mesh.trust_domain.clone(), cache.clone());
     let ads = AdsServer::new(cache)
         .with_auth(stream_auth)
-        .with_filter(crate::ads::waypoint_scope(cfg.mesh.trust_domain.clone()));
+        .with_filter(scope);
     let workload_ca = WorkloadCa::new(
         ca,
         cfg.ca.clone(),

@@ -16,6 +16,7 @@
 //! Waypoint Gateways get their status the same way ([`gateway`]).
 
 pub mod gateway;
+pub mod route;
 
 use std::collections::BTreeMap;
 
@@ -166,6 +167,7 @@ pub fn patch_body(existing: Option<&Value>, update: &StatusUpdate, now: &str) ->
 pub struct StatusWriter {
     tx: mpsc::UnboundedSender<(StatusUpdate, Option<Value>)>,
     gateways: mpsc::UnboundedSender<(gateway::GatewayUpdate, Value)>,
+    routes: mpsc::UnboundedSender<(route::RouteUpdate, Value)>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -180,6 +182,8 @@ impl StatusWriter {
         let (tx, mut rx) = mpsc::unbounded_channel::<(StatusUpdate, Option<Value>)>();
         let (gateways, gw_rx) = mpsc::unbounded_channel();
         tokio::spawn(write_gateways(client.clone(), gw_rx));
+        let (routes, route_rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_routes(client.clone(), route_rx));
         tokio::spawn(async move {
             while let Some((update, existing)) = rx.recv().await {
                 let api: Api<AuthorizationPolicy> =
@@ -198,7 +202,26 @@ impl StatusWriter {
                 }
             }
         });
-        StatusWriter { tx, gateways }
+        StatusWriter {
+            tx,
+            gateways,
+            routes,
+        }
+    }
+
+    /// Queues the mesh routes (HTTPRoute, GRPCRoute) whose status must change.
+    pub fn write_routes(&self, objects: &Objects, routes: &crate::translate::Routes) {
+        for update in route::desired_route_updates(objects, routes) {
+            let map = match update.id.kind {
+                crate::translate::RouteKind::Http => &objects.http_routes,
+                crate::translate::RouteKind::Grpc => &objects.grpc_routes,
+            };
+            let existing = map
+                .get(&(update.id.namespace.clone(), update.id.name.clone()))
+                .map(|r| r.data["status"].clone())
+                .unwrap_or_default();
+            let _ = self.routes.send((update, existing));
+        }
     }
 
     /// Queues the waypoint Gateways whose status must change.
@@ -244,6 +267,36 @@ async fn write_gateways(
             Ok(_) => debug!(gateway = %name, "waypoint Gateway status written"),
             // The next pass retries: the object still shows the old status.
             Err(e) => warn!(gateway = %name, error = %e, "writing the Gateway status failed"),
+        }
+    }
+}
+
+/// Patches each queued route status through the status subresource.
+async fn write_routes(
+    client: kube::Client,
+    mut rx: mpsc::UnboundedReceiver<(route::RouteUpdate, Value)>,
+) {
+    while let Some((update, existing)) = rx.recv().await {
+        let (kind, plural) = match update.id.kind {
+            crate::translate::RouteKind::Http => ("HTTPRoute", "httproutes"),
+            crate::translate::RouteKind::Grpc => ("GRPCRoute", "grpcroutes"),
+        };
+        let gvk = kube::api::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind);
+        let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, plural);
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &update.id.namespace, &resource);
+        let body = route::route_patch(&existing, &update, &now_rfc3339());
+        match api
+            .patch_status(
+                &update.id.name,
+                &PatchParams::default(),
+                &Patch::Merge(&body),
+            )
+            .await
+        {
+            Ok(_) => debug!(route = %update.id, "route status written"),
+            // The next pass retries: the object still shows the old status.
+            Err(e) => warn!(route = %update.id, error = %e, "writing the route status failed"),
         }
     }
 }

@@ -30,6 +30,7 @@
 mod compile;
 mod model;
 pub mod spec;
+mod wire;
 
 #[cfg(test)]
 mod tests;
@@ -45,6 +46,7 @@ use xds_proto::zmesh::waypoint::v1::BoundService;
 pub use compile::duration;
 pub use model::*;
 use spec::{BackendObjectRef, GrpcRouteSpec, HttpBackendRef, HttpRouteSpec, ParentRef};
+pub use wire::service_routes;
 
 use super::{MeshConfig, Objects, namespace_of, service_hostname};
 
@@ -232,6 +234,7 @@ fn attach(
                 Entry {
                     route: id.clone(),
                     rule_index,
+                    match_index,
                     port,
                     consumer_namespace: consumer_namespace.clone(),
                     matched: matched.clone(),
@@ -477,6 +480,7 @@ fn rule(
     };
     Ok(Rule {
         id: rule_id,
+        name: name.map(str::to_owned),
         filters,
         backends,
         request_timeout: None,

@@ -219,6 +219,8 @@ pub struct RetryPolicy {
 pub struct Rule {
     /// `<kind>/<namespace>/<name>/<rule index>` (or `.../<rule name>`), for logs and metrics.
     pub id: String,
+    /// The rule's `name` (GEP-995), if set.
+    pub name: Option<String>,
     /// Filters.
     pub filters: Vec<Filter>,
     /// Weighted backends (none: every request answers 500, unless a redirect answers).
@@ -238,6 +240,8 @@ pub struct Entry {
     pub route: RouteId,
     /// The rule's index in the route.
     pub rule_index: usize,
+    /// The match's index in the rule (0 when the rule has none).
+    pub match_index: usize,
     /// Only this Service port (every port when `None`).
     pub port: Option<u16>,
     /// A consumer route: only clients in this namespace.
