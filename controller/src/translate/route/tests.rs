@@ -461,3 +461,82 @@ fn durations_follow_gep_2257() {
         assert!(duration("d", bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn the_wire_keeps_the_order_and_says_everything() {
+    use xds_proto::zmesh::waypoint::v1 as pb;
+    let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, \
+                namespace: shop}\nspec: {parentRefs: [{group: '', kind: Service, name: echo, \
+                port: 80}], rules: [{name: health, matches: [{method: {service: \
+                grpc.health.v1.Health}}], backendRefs: [{name: echo-v1, port: 80}]}]}\n---\n";
+    let http = http_route(
+        "shop",
+        "h",
+        "2026-01-01T00:00:00Z",
+        &format!(
+            "{{{PARENT}, rules: [{{matches: [{{path: {{type: PathPrefix, value: /old}}}}], \
+             filters: [{{type: RequestRedirect, requestRedirect: {{scheme: https, port: 8443, \
+             statusCode: 301, path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}}}}}]}}, \
+             {{backendRefs: [{{name: echo-v2, port: 80, weight: 0}}], timeouts: {{request: \
+             1500ms}}, retry: {{codes: [502], attempts: 2}}}}]}}"
+        ),
+    );
+    let r = routes(&format!("{grpc}{http}"));
+    let wire = service_routes(&r.services[ECHO]);
+    assert_eq!(
+        (wire.namespace.as_str(), wire.name.as_str()),
+        ("shop", "echo")
+    );
+    let refs: Vec<(String, u32)> = wire
+        .rules
+        .iter()
+        .map(|r| {
+            let r = r.route.as_ref().unwrap();
+            (r.name.clone(), r.rule_index)
+        })
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            ("g".to_owned(), 0),
+            ("h".to_owned(), 0),
+            ("h".to_owned(), 1)
+        ],
+        "gRPC first, then HTTP in precedence order"
+    );
+    let g = &wire.rules[0];
+    assert_eq!(g.port, 80);
+    assert_eq!(g.route.as_ref().unwrap().rule_name, "health");
+    let m = g.r#match.as_ref().unwrap();
+    assert_eq!(
+        m.headers[0].name, "content-type",
+        "gRPC rules take gRPC only"
+    );
+    assert_eq!(m.grpc.as_ref().unwrap().service, "grpc.health.v1.Health");
+    let redirect = &wire.rules[1].filters[0];
+    let Some(pb::filter::Kind::RequestRedirect(rd)) = &redirect.kind else {
+        panic!("{redirect:?}")
+    };
+    assert_eq!(
+        (rd.scheme.as_str(), rd.port, rd.status_code),
+        ("https", 8443, 301)
+    );
+    assert_eq!(
+        rd.path.as_ref().unwrap().kind,
+        Some(pb::path_modifier::Kind::ReplacePrefixMatch("/new".into()))
+    );
+    let last = &wire.rules[2];
+    assert_eq!(last.port, 0);
+    assert_eq!(last.backends[0].weight, 0);
+    let t = last.timeouts.as_ref().unwrap();
+    assert_eq!(
+        t.request,
+        Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 500_000_000
+        })
+    );
+    assert!(t.backend_request.is_none());
+    assert_eq!(last.retry.as_ref().unwrap().codes, [502]);
+    assert_eq!(last.retry.as_ref().unwrap().attempts, 2);
+}

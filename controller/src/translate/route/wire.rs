@@ -1,7 +1,9 @@
 //! The route model on the wire: [`ServiceRoutes`] as `zmesh.waypoint.v1.ServiceRoutes`
 //! (`xds-proto/proto/zmesh/waypoint/v1/route.proto`), one `RouteRule` per entry, in the
 //! table's order (the waypoint takes the first match and never re-sorts). GRPCRoute entries
-//! come first: a gRPC request is matched by service/method before any HTTPRoute path rule.
+//! come first: a gRPC request is matched by service/method before any HTTPRoute path rule;
+//! each carries a `content-type` match ([`GRPC_CONTENT_TYPE`]) so it applies to gRPC requests
+//! only and never takes plain HTTP meant for an HTTPRoute on the same Service.
 
 use xds_proto::zmesh::waypoint::v1 as pb;
 
@@ -9,6 +11,10 @@ use super::{
     Backend, Entry, Filter, HeaderOps, Match, PathKind, PathRewrite, RouteKind, ServiceRoutes,
     ServiceTarget, ValueCond, ValueKind,
 };
+
+/// The `content-type` of gRPC requests (`application/grpc`, `+proto`, `;charset=...`),
+/// anchored as every wire regex is.
+pub const GRPC_CONTENT_TYPE: &str = "application/grpc([+;].*)?";
 
 /// The resource a waypoint receives for one Service.
 pub fn service_routes(s: &ServiceRoutes) -> pb::ServiceRoutes {
@@ -103,7 +109,13 @@ fn matched(m: &Match) -> pb::RouteMatch {
         },
         Match::Grpc { method, headers } => pb::RouteMatch {
             path: None,
-            headers: headers.iter().map(header).collect(),
+            headers: std::iter::once(pb::HeaderMatch {
+                r#type: pb::MatchType::RegularExpression as i32,
+                name: "content-type".to_owned(),
+                value: GRPC_CONTENT_TYPE.to_owned(),
+            })
+            .chain(headers.iter().map(header))
+            .collect(),
             query_params: Vec::new(),
             method: String::new(),
             grpc: method.as_ref().map(|m| pb::GrpcMethodMatch {
