@@ -9,6 +9,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use xds_proto::zmesh::waypoint::v1 as pb;
 use zmesh_core::state::xds::ResourceError;
+
+use crate::route::ServiceRoutes;
 use zmesh_core::state::{LocalConfig, NetworkAddress, Service, State, Workload};
 
 /// The application protocol of a bound Service port (Istio's protocol selection, done by the
@@ -195,6 +197,8 @@ pub struct Snapshot {
     /// Workloads and services (endpoints, identities, labels).
     pub state: State,
     by_target: HashMap<SocketAddr, Binding>,
+    /// Compiled routes by parent Service key (`<namespace>/<hostname>`).
+    routes: HashMap<String, Arc<ServiceRoutes>>,
 }
 
 impl Snapshot {
@@ -218,7 +222,22 @@ impl Snapshot {
                 }
             }
         }
-        Ok(Snapshot { state, by_target })
+        Ok(Snapshot {
+            state,
+            by_target,
+            routes: HashMap::new(),
+        })
+    }
+
+    /// This snapshot with `routes` (compiled, keyed by their parent Service).
+    pub fn with_routes(mut self, routes: impl IntoIterator<Item = Arc<ServiceRoutes>>) -> Snapshot {
+        self.routes = routes.into_iter().map(|r| (r.key.clone(), r)).collect();
+        self
+    }
+
+    /// The routes attached to the Service `key`, if any.
+    pub fn routes(&self, key: &str) -> Option<&ServiceRoutes> {
+        self.routes.get(key).map(|r| r.as_ref())
     }
 
     /// Parses and checks a local config file's text.
