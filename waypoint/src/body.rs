@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::telemetry::RequestRecord;
@@ -51,6 +52,98 @@ impl<B: Body<Data = Bytes>> Body for CountedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request body sent upstream: the client's, streamed; or one kept whole so it can be sent
+/// again (retries, mirrors).
+pub enum ReqBody {
+    Stream(Incoming),
+    Kept {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+}
+
+/// A request body read whole (at most [`KEEP_LIMIT`] bytes).
+#[derive(Clone, Debug, Default)]
+pub struct KeptBody {
+    pub data: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+/// The largest request body kept for retries and mirrors: a body is kept only when it is
+/// empty or declares its length (`content-length`) up to this; others are streamed once.
+pub const KEEP_LIMIT: u64 = 64 << 10;
+
+impl KeptBody {
+    /// A fresh body with the kept bytes.
+    pub fn body(&self) -> ReqBody {
+        ReqBody::Kept {
+            data: (!self.data.is_empty()).then(|| self.data.clone()),
+            trailers: self.trailers.clone(),
+        }
+    }
+
+    /// Reads `body` whole when its length is known to be at most [`KEEP_LIMIT`]; otherwise
+    /// gives it back untouched.
+    pub async fn keep(body: Incoming) -> Result<KeptBody, Incoming> {
+        let small =
+            body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= KEEP_LIMIT);
+        if !small {
+            return Err(body);
+        }
+        use http_body_util::BodyExt;
+        match body.collect().await {
+            Ok(c) => {
+                let trailers = c.trailers().cloned();
+                Ok(KeptBody {
+                    data: c.to_bytes(),
+                    trailers,
+                })
+            }
+            // The client went away mid-body: what is kept is empty (the attempt fails upstream).
+            Err(e) => {
+                tracing::debug!(error = %e, "request body ended early");
+                Ok(KeptBody::default())
+            }
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Kept { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Stream(b) => b.is_end_stream(),
+            ReqBody::Kept { data, trailers } => data.is_none() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Stream(b) => b.size_hint(),
+            ReqBody::Kept { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
     }
 }
 

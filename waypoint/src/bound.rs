@@ -9,6 +9,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use xds_proto::zmesh::waypoint::v1 as pb;
 use zmesh_core::state::xds::ResourceError;
+
+use crate::route::ServiceRoutes;
+use crate::route::local::LocalRoutes;
 use zmesh_core::state::{LocalConfig, NetworkAddress, Service, State, Workload};
 
 /// The application protocol of a bound Service port (Istio's protocol selection, done by the
@@ -152,7 +155,7 @@ impl BoundService {
 }
 
 /// The waypoint's local config file (`LOCAL_XDS_PATH`): upstream ztunnel's `workloads` and
-/// `services` plus `boundServices`, for running without a controller.
+/// `services` plus `boundServices` and `serviceRoutes`, for running without a controller.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalFile {
@@ -162,6 +165,10 @@ pub struct LocalFile {
     pub services: Vec<Service>,
     #[serde(default)]
     pub bound_services: Vec<BoundService>,
+    /// Routes per Service (`zmesh.waypoint.v1.ServiceRoutes` in YAML, see
+    /// [`crate::route::local`]).
+    #[serde(default, skip_serializing)]
+    pub service_routes: Vec<LocalRoutes>,
 }
 
 /// Why a configuration was refused (nothing of it is applied).
@@ -180,6 +187,8 @@ pub enum BoundError {
          service only"
     )]
     Duplicate(String, String, SocketAddr),
+    #[error("local config: {0}")]
+    Routes(#[from] crate::route::RouteError),
 }
 
 /// One bound VIP:port: the service and the port's settings.
@@ -195,6 +204,8 @@ pub struct Snapshot {
     /// Workloads and services (endpoints, identities, labels).
     pub state: State,
     by_target: HashMap<SocketAddr, Binding>,
+    /// Compiled routes by parent Service key (`<namespace>/<hostname>`).
+    routes: HashMap<String, Arc<ServiceRoutes>>,
 }
 
 impl Snapshot {
@@ -218,7 +229,22 @@ impl Snapshot {
                 }
             }
         }
-        Ok(Snapshot { state, by_target })
+        Ok(Snapshot {
+            state,
+            by_target,
+            routes: HashMap::new(),
+        })
+    }
+
+    /// This snapshot with `routes` (compiled, keyed by their parent Service).
+    pub fn with_routes(mut self, routes: impl IntoIterator<Item = Arc<ServiceRoutes>>) -> Snapshot {
+        self.routes = routes.into_iter().map(|r| (r.key.clone(), r)).collect();
+        self
+    }
+
+    /// The routes attached to the Service `key`, if any.
+    pub fn routes(&self, key: &str) -> Option<&ServiceRoutes> {
+        self.routes.get(key).map(|r| r.as_ref())
     }
 
     /// Parses and checks a local config file's text.
@@ -234,7 +260,22 @@ impl Snapshot {
             services: file.services,
             policies: Vec::new(),
         })?;
-        Snapshot::new(state, file.bound_services.into_iter().map(Arc::new))
+        let mut routes = Vec::with_capacity(file.service_routes.len());
+        for r in file.service_routes {
+            let key = r.key();
+            let proto = r
+                .into_proto()
+                .map_err(|reason| crate::route::RouteError::Invalid {
+                    resource: key.clone(),
+                    field: "serviceRoutes".into(),
+                    reason,
+                })?;
+            routes.push(Arc::new(crate::route::compile(&key, &proto)?));
+        }
+        Ok(
+            Snapshot::new(state, file.bound_services.into_iter().map(Arc::new))?
+                .with_routes(routes),
+        )
     }
 
     /// Reads a local config file.
@@ -288,6 +329,38 @@ boundServices:
         assert_eq!(b.port.protocol, PortProtocol::Unspecified);
         assert!(s.binding("10.96.0.10:81".parse().unwrap()).is_none());
         assert_eq!(s.state.endpoints(&b.service.key()).len(), 1);
+    }
+
+    #[test]
+    fn local_routes() {
+        let yaml = format!(
+            "{YAML}serviceRoutes:\n- namespace: default\n  hostname: echo.default.svc.cluster.local\n  \
+             rules:\n  - route: {{name: r}}\n    match: {{path: {{type: PathPrefix, value: /api}}}}\n    \
+             filters: [{{urlRewrite: {{path: {{replacePrefixMatch: /v2}}}}}}]\n    \
+             backends: [{{service: {{namespace: default, hostname: echo.default.svc.cluster.local, port: 80}}}}]\n    \
+             timeouts: {{request: 2s}}\n    retry: {{codes: [503], attempts: 2, backoff: 25ms}}\n"
+        );
+        let s = Snapshot::from_yaml(&yaml).unwrap();
+        let r = s.routes("default/echo.default.svc.cluster.local").unwrap();
+        assert_eq!(r.rules.len(), 1);
+        assert_eq!(r.rules[0].backends[0].weight, 1, "weight defaults to 1");
+        assert_eq!(
+            r.rules[0].timeouts.request,
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(r.rules[0].retry.as_ref().unwrap().attempts, 2);
+        let bad = yaml.replace(
+            "type: PathPrefix, value: /api",
+            "type: RegularExpression, value: '(x'",
+        );
+        let e = Snapshot::from_yaml(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad regular expression"), "{e}");
+        let two = yaml.replace(
+            "{urlRewrite:",
+            "{requestHeaderModifier: {remove: [x]}, urlRewrite:",
+        );
+        let e = Snapshot::from_yaml(&two).unwrap_err().to_string();
+        assert!(e.contains("rules[0]: a filter needs exactly one of"), "{e}");
     }
 
     #[test]

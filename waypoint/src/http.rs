@@ -1,7 +1,9 @@
 //! The L7 proxy on a tunnel: hyper serves HTTP/1.1 (keep-alive, upgrades) or HTTP/2 to the
 //! client; each request goes to an endpoint of the bound service in the same protocol (or
 //! HTTP/2 on ports declared `http2`/`grpc`), bodies and trailers streamed frame by frame.
-//! With no route configured every request goes to the service, as a plain L7 proxy.
+//! With no route configured every request goes to the service, as a plain L7 proxy; with
+//! routes ([`crate::route`]) the first matching rule's filters, backend, timeouts and retries
+//! apply (`http/attempt.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,10 +14,16 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::app::Waypoint;
-use crate::body::{CountedBody, Finish, ResponseBody};
+use crate::body::{Finish, ResponseBody};
+use crate::body::{KeptBody, ReqBody};
 use crate::bound::Binding;
+use crate::route::filter::{Filter, HeaderModifier};
+use crate::route::matching::RequestView;
+use crate::route::{Decision, Retry, Rule, Timeouts};
 use crate::telemetry::{RequestLabels, RequestRecord, SourceMeta};
-use crate::upstream::{Sender, endpoints};
+use attempt::{Failed, Outgoing, Sent, Target};
+
+mod attempt;
 
 /// Who is on the other end of a tunnel, and which service port it asked for.
 #[derive(Debug)]
@@ -109,6 +117,118 @@ fn local(
     r
 }
 
+/// What routing decided to do with a request.
+struct Plan {
+    /// The Service it goes to.
+    binding: Binding,
+    /// The authority (Host) sent upstream.
+    authority: String,
+    /// Path and query sent upstream.
+    path: String,
+    mirrors: Vec<Binding>,
+    response_headers: Vec<HeaderModifier>,
+    timeouts: Timeouts,
+    retry: Option<Retry>,
+}
+
+/// Applies a rule's filters, then a backend's; `Err` is a local answer (redirect, 500).
+fn plan(
+    rule: &Rule,
+    req: &mut http::request::Parts,
+    authority: &str,
+    path: &str,
+    svc_port: u16,
+) -> Result<Plan, (StatusCode, &'static str, String, Option<String>)> {
+    let (mut p, q) = path
+        .split_once('?')
+        .map_or((path.to_owned(), None), |(a, b)| {
+            (a.to_owned(), Some(b.to_owned()))
+        });
+    let mut host = authority.to_owned();
+    let mut mirrors = Vec::new();
+    let mut response_headers = Vec::new();
+    let mut apply = |filters: &[Filter],
+                     req: &mut http::request::Parts|
+     -> Result<(), (StatusCode, &'static str, String, Option<String>)> {
+        for f in filters {
+            match f {
+                Filter::RequestHeaders(m) => m.apply(&mut req.headers),
+                Filter::ResponseHeaders(m) => response_headers.push(m.clone()),
+                Filter::Redirect(r) => {
+                    let scheme = req.uri.scheme_str().unwrap_or("http");
+                    let loc = r.location(
+                        scheme,
+                        &host,
+                        svc_port,
+                        &p,
+                        q.as_deref(),
+                        rule.matched_prefix(),
+                    );
+                    return Err((r.status, "-", String::new(), Some(loc)));
+                }
+                Filter::Rewrite(rw) => {
+                    if let Some(h) = &rw.hostname {
+                        host = h.clone();
+                    }
+                    if let Some(m) = &rw.path {
+                        p = m.apply(&p, rule.matched_prefix());
+                    }
+                }
+                Filter::Mirror(m) => {
+                    if m.draw()
+                        && let Some(t) = &m.target
+                    {
+                        mirrors.push(t.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    apply(&rule.filters, req)?;
+    let Some(backend) = rule.pick() else {
+        return Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "NC",
+            format!("{}: no backend with a weight above 0", rule.name),
+            None,
+        ));
+    };
+    let binding = match &backend.target {
+        Ok(b) => b.clone(),
+        Err(why) => {
+            return Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "NC",
+                format!("{}: backend did not resolve: {why}", rule.name),
+                None,
+            ));
+        }
+    };
+    apply(&backend.filters, req)?;
+    let path = match q {
+        Some(q) => format!("{p}?{q}"),
+        None => p,
+    };
+    Ok(Plan {
+        binding,
+        authority: host,
+        path,
+        mirrors,
+        response_headers,
+        timeouts: rule.timeouts,
+        retry: rule.retry.clone(),
+    })
+}
+
+/// The namespace of a SPIFFE id (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+fn namespace_of(principal: Option<&str>) -> Option<&str> {
+    let rest = principal?.strip_prefix("spiffe://")?;
+    let mut it = rest.split('/');
+    it.next()?;
+    (it.next()? == "ns").then(|| it.next()).flatten()
+}
+
 /// Proxies one request. `up_h2`: speak HTTP/2 to the endpoint.
 pub async fn proxy(
     wp: Arc<Waypoint>,
@@ -152,76 +272,166 @@ pub async fn proxy(
     );
     // HTTP/1.1 upgrades (WebSocket): both sides are upgraded, then bytes are copied.
     let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
 
+    // Routing: the first applying rule that matches, or the Service itself.
     let snap = wp.snapshot.load_full();
-    let eps = endpoints(&snap, &ds.binding);
-    if eps.is_empty() {
-        record.error = Some(format!("service {} has no healthy endpoint", svc.key()));
-        return local(record, StatusCode::SERVICE_UNAVAILABLE, "UH");
-    }
-    // A failed connect is retried on each other endpoint once.
-    let mut chosen = None;
-    for ep in wp.upstreams.order(&ds.binding, eps) {
-        match wp
-            .upstreams
-            .sender(&ep, up_h2, ds.client, &svc.hostname)
-            .await
-        {
-            Ok(s) => {
-                chosen = Some((ep, s));
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(endpoint = %ep.addr, service = %svc.key(), error = %e, "upstream connect failed; trying another endpoint");
-                record.error = Some(e.to_string());
+    let decision = match snap.routes(&svc.key()) {
+        None => Decision::NoRoute,
+        Some(routes) => {
+            let (p, q) = path
+                .split_once('?')
+                .map_or((path.as_str(), None), |(a, b)| (a, Some(b)));
+            let view = RequestView {
+                method: &parts.method,
+                path: p,
+                query: q,
+                headers: &parts.headers,
+            };
+            routes.select(
+                ds.binding.port.port,
+                namespace_of(ds.principal.as_deref()),
+                &view,
+            )
+        }
+    };
+    let plan = match decision {
+        Decision::NoRoute => Plan {
+            binding: ds.binding.clone(),
+            authority: authority.clone(),
+            path: path.clone(),
+            mirrors: Vec::new(),
+            response_headers: Vec::new(),
+            timeouts: Timeouts::default(),
+            retry: None,
+        },
+        Decision::NotFound => {
+            record.error = Some(format!("no route rule of {} matches", svc.key()));
+            return local(record, StatusCode::NOT_FOUND, "NR");
+        }
+        Decision::Rule(rule) => {
+            match plan(rule, &mut parts, &authority, &path, ds.binding.port.port) {
+                Ok(p) => p,
+                Err((code, flags, why, location)) => {
+                    if !why.is_empty() {
+                        tracing::warn!(service = %svc.key(), error = %why, "route answered {code}");
+                        record.error = Some(why);
+                    }
+                    let mut r = local(record, code, flags);
+                    if let Some(l) = location.and_then(|l| HeaderValue::try_from(l).ok()) {
+                        r.headers_mut().insert(header::LOCATION, l);
+                    }
+                    return r;
+                }
             }
         }
-    }
-    let Some((ep, sender)) = chosen else {
-        return local(record, StatusCode::SERVICE_UNAVAILABLE, "UF");
     };
-    record.error = None;
-    record.upstream = Some(ep.addr);
-    record.labels.destination(&ep.workload);
-    let in_flight = wp.upstreams.begin(ep.addr);
+    drop(snap);
+    let target = &plan.binding;
+    if !Arc::ptr_eq(&target.service, svc) {
+        let t = &target.service;
+        record.labels.service(&t.hostname, &t.name, &t.namespace);
+    }
+    let authority = plan.authority;
+    let path = plan.path;
 
-    let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, down_upgrade.is_some());
     let uri = if up_h2 {
         parts.headers.remove(header::HOST);
         Uri::try_from(format!("http://{authority}{path}"))
     } else {
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::try_from(authority.as_str())
-        {
-            parts.headers.insert(header::HOST, v);
+        match HeaderValue::try_from(authority.as_str()) {
+            Ok(v) => {
+                parts.headers.insert(header::HOST, v);
+            }
+            Err(_) => {
+                record.error = Some(format!("{authority:?} is not a valid Host"));
+                return local(record, StatusCode::BAD_REQUEST, "DPE");
+            }
         }
         Uri::try_from(path.as_str())
     };
-    match uri {
-        Ok(u) => parts.uri = u,
+    let uri = match uri {
+        Ok(u) => u,
         Err(e) => {
             record.error = Some(format!("cannot rebuild the request URI: {e}"));
             return local(record, StatusCode::BAD_REQUEST, "DPE");
         }
-    }
-    if up_h2 {
-        parts.version = http::Version::HTTP_2;
-    } else {
-        parts.version = http::Version::HTTP_11;
-    }
-    let up_req = Request::from_parts(parts, CountedBody::new(body, record.request_bytes.clone()));
-    let sent = match sender {
-        Sender::Http1(mut c) => c.sender.send_request(up_req).await.map(|r| (r, Some(c))),
-        Sender::Http2(mut s) => s.send_request(up_req).await.map(|r| (r, None)),
     };
-    let (mut resp, h1) = match sent {
-        Ok(r) => r,
-        Err(e) => {
-            record.error = Some(format!("upstream {}: {e}", ep.addr));
-            return local(record, StatusCode::SERVICE_UNAVAILABLE, "UC");
+    let out = Outgoing {
+        method: parts.method,
+        uri,
+        version: if up_h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        },
+        headers: parts.headers,
+    };
+    // The body is kept (read whole) only when a retry or a mirror needs it again.
+    let wants_copy =
+        plan.retry.as_ref().is_some_and(|r| r.attempts > 0) || !plan.mirrors.is_empty();
+    let body = if wants_copy {
+        KeptBody::keep(body).await.map_err(ReqBody::Stream)
+    } else {
+        Err(ReqBody::Stream(body))
+    };
+    match &body {
+        Ok(kept) => {
+            for m in plan.mirrors {
+                let out = Outgoing {
+                    method: out.method.clone(),
+                    uri: out.uri.clone(),
+                    version: out.version,
+                    headers: out.headers.clone(),
+                };
+                attempt::mirror(wp.clone(), m, up_h2, out, kept.clone());
+            }
+        }
+        Err(_) if !plan.mirrors.is_empty() => {
+            tracing::debug!(service = %svc.key(), "request body too large or of unknown length to copy: not mirrored");
+        }
+        Err(_) => {}
+    }
+    let t = Target {
+        binding: target,
+        up_h2,
+        client: ds.client,
+    };
+    let sending = attempt::send(
+        &wp,
+        &t,
+        &out,
+        body,
+        plan.retry.as_ref(),
+        plan.timeouts.backend_request,
+        &record.request_bytes,
+    );
+    let sent = match plan.timeouts.request {
+        Some(d) => tokio::time::timeout(d, sending).await.unwrap_or_else(|_| {
+            Err(Failed {
+                code: StatusCode::GATEWAY_TIMEOUT,
+                flags: "UT",
+                why: format!("no response within the request timeout {d:?}"),
+            })
+        }),
+        None => sending.await,
+    };
+    let Sent {
+        mut resp,
+        ep,
+        h1,
+        in_flight,
+    } = match sent {
+        Ok(s) => s,
+        Err(f) => {
+            record.error = Some(f.why);
+            return local(record, f.code, f.flags);
         }
     };
+    record.error = None;
+    record.upstream = Some(ep.addr);
+    record.labels.destination(&ep.workload);
     record.labels.response_code = resp.status().as_u16().to_string();
     if let Some(s) = resp
         .headers()
@@ -269,6 +479,9 @@ pub async fn proxy(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    for m in &plan.response_headers {
+        m.apply(&mut parts.headers);
+    }
     let finish = Finish {
         record,
         in_flight: Some(in_flight),
@@ -280,6 +493,16 @@ pub async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caller_namespace() {
+        assert_eq!(
+            namespace_of(Some("spiffe://td/ns/client-ns/sa/x")),
+            Some("client-ns")
+        );
+        assert_eq!(namespace_of(Some("spiffe://td/sa/x")), None);
+        assert_eq!(namespace_of(None), None);
+    }
 
     #[test]
     fn hop_by_hop() {

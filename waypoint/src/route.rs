@@ -11,6 +11,7 @@
 
 mod compile;
 pub mod filter;
+pub mod local;
 pub mod matching;
 
 use std::collections::HashSet;

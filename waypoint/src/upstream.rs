@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use zmesh_core::certs::CertStore;
@@ -17,7 +16,7 @@ use zmesh_core::hbone::{H2Settings, HboneError, Pool, PoolKey, SourceInfo, Tunne
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::state::{HealthStatus, Workload};
 
-use crate::body::CountedBody;
+use crate::body::{CountedBody, ReqBody};
 use crate::bound::{Binding, Snapshot};
 
 /// How long a pooled HTTP/1.1 connection may take to become ready for its next request.
@@ -29,8 +28,8 @@ const IDLE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
-/// The request body sent upstream: the client's, streamed and counted.
-pub type UpBody = CountedBody<Incoming>;
+/// The request body sent upstream: the client's (streamed, or kept for retries), counted.
+pub type UpBody = CountedBody<ReqBody>;
 
 /// How an endpoint is chosen among a service port's healthy endpoints.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

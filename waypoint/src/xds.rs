@@ -1,12 +1,14 @@
 //! The waypoint's delta ADS client: one `DeltaAggregatedResources` stream to the controller,
 //! subscribed (wildcard) to `istio.workload.Address` (the endpoints of the services it fronts,
 //! as ztunnel) and `zmesh.waypoint.v1.BoundService` (which services it fronts; the controller
-//! sends only those bound to the Gateway the caller's credential names).
+//! sends only those bound to the Gateway the caller's credential names), and
+//! `zmesh.waypoint.v1.ServiceRoutes` (the HTTPRoute/GRPCRoute rules of those services, compiled
+//! by [`crate::route::compile`]; not needed for readiness).
 //!
 //! On every (re)connect each type's first request carries `initial_resource_versions`, so only
 //! changes are sent. Each response is applied resource by resource and ACKed, or NACKed naming
 //! each bad resource (the good ones still applied), then published as one new [`Snapshot`].
-//! Ready once both types were applied once. After a failure the stream is re-opened with
+//! Ready once Address and BoundService were applied once. After a failure the stream is re-opened with
 //! backoff (10 ms doubling to 15 s); the last good snapshot keeps serving meanwhile.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -21,15 +23,23 @@ use xds_proto::envoy::config::core::v3::Node;
 use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use xds_proto::google::rpc::Status as RpcStatus;
-use xds_proto::{ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL};
+use xds_proto::{ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use zmesh_core::state::xds::{AddressResource, decode_address};
 use zmesh_core::state::{Service, State, Workload};
 
 use crate::app::Waypoint;
 use crate::bound::{BoundService, Snapshot};
+use crate::route::ServiceRoutes;
 use zmesh_core::grpc::{AuthHeaders, GrpcError, Target, channel, describe};
 
-const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL];
+const TYPES: [&str; 3] = [
+    ADDRESS_TYPE_URL,
+    BOUND_SERVICE_TYPE_URL,
+    SERVICE_ROUTES_TYPE_URL,
+];
+/// The types that must have been applied once for the waypoint to be ready (a Service
+/// without routes is served as a plain L7 proxy, so routes are not waited for).
+const READY_TYPES: [&str; 2] = [ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL];
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// Largest response accepted (upstream ztunnel's limit).
@@ -43,6 +53,7 @@ struct Store {
     workloads: BTreeMap<String, (String, Arc<Workload>)>,
     services: BTreeMap<String, (String, Arc<Service>)>,
     bound: BTreeMap<String, (String, Arc<BoundService>)>,
+    routes: BTreeMap<String, (String, Arc<ServiceRoutes>)>,
 }
 
 impl Store {
@@ -55,6 +66,12 @@ impl Store {
             out.extend(v(&self.workloads));
             out.extend(
                 self.services
+                    .iter()
+                    .map(|(k, (ver, _))| (k.clone(), ver.clone())),
+            );
+        } else if type_url == SERVICE_ROUTES_TYPE_URL {
+            out.extend(
+                self.routes
                     .iter()
                     .map(|(k, (ver, _))| (k.clone(), ver.clone())),
             );
@@ -72,6 +89,9 @@ impl Store {
     fn apply(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
         let mut errors = Vec::new();
         let address = r.type_url == ADDRESS_TYPE_URL;
+        if r.type_url == SERVICE_ROUTES_TYPE_URL {
+            return self.apply_routes(r);
+        }
         for name in &r.removed_resources {
             if address {
                 self.workloads.remove(name);
@@ -117,6 +137,37 @@ impl Store {
         errors
     }
 
+    /// Applies a `ServiceRoutes` response: a resource that does not compile is refused whole
+    /// (the previous version of it, if any, keeps serving).
+    fn apply_routes(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
+        let mut errors = Vec::new();
+        for name in &r.removed_resources {
+            self.routes.remove(name);
+        }
+        for res in &r.resources {
+            let decoded = res
+                .resource
+                .as_ref()
+                .ok_or_else(|| format!("resource {:?}: no body", res.name))
+                .and_then(|any| {
+                    xds_proto::zmesh::waypoint::v1::ServiceRoutes::decode(&any.value[..])
+                        .map_err(|e| format!("resource {:?}: not a ServiceRoutes: {e}", res.name))
+                })
+                .and_then(|s| crate::route::compile(&res.name, &s).map_err(|e| e.to_string()));
+            match decoded {
+                Ok(routes) => {
+                    self.routes
+                        .insert(res.name.clone(), (res.version.clone(), Arc::new(routes)));
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %res.name, error = %e, "routes refused whole; the previous version (if any) keeps serving");
+                    errors.push(e);
+                }
+            }
+        }
+        errors
+    }
+
     fn snapshot(&self) -> Result<Snapshot, String> {
         let (state, conflicts) = State::from_resources(
             self.workloads.values().map(|(_, w)| w.clone()),
@@ -125,7 +176,9 @@ impl Store {
         for c in conflicts {
             tracing::warn!(conflict = %c, "xDS: address conflict");
         }
-        Snapshot::new(state, self.bound.values().map(|(_, b)| b.clone())).map_err(|e| e.to_string())
+        Snapshot::new(state, self.bound.values().map(|(_, b)| b.clone()))
+            .map(|s| s.with_routes(self.routes.values().map(|(_, r)| r.clone())))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -236,7 +289,7 @@ async fn stream(
             Err(e) => errors.push(e),
         }
         seen.insert(resp.type_url.clone());
-        if TYPES.iter().all(|t| seen.contains(*t)) {
+        if READY_TYPES.iter().all(|t| seen.contains(*t)) {
             wp.config_ready
                 .store(true, std::sync::atomic::Ordering::Release);
         }
@@ -321,5 +374,56 @@ mod tests {
         };
         assert!(store.apply(&resp).is_empty());
         assert_eq!(store.snapshot().unwrap().bound_targets(), 0);
+    }
+
+    fn routes(version: &str, regex: &str) -> Resource {
+        let r = pb::ServiceRoutes {
+            namespace: "default".into(),
+            name: "echo".into(),
+            hostname: "a.default.svc.cluster.local".into(),
+            rules: vec![pb::RouteRule {
+                r#match: Some(pb::RouteMatch {
+                    path: Some(pb::PathMatch {
+                        r#type: pb::MatchType::RegularExpression as i32,
+                        value: regex.into(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+        };
+        Resource {
+            name: "default/a.default.svc.cluster.local".into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: SERVICE_ROUTES_TYPE_URL.into(),
+                value: r.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn routes_that_do_not_compile_are_refused_and_the_last_good_ones_kept() {
+        let mut store = Store::default();
+        let resp = |r: Resource| DeltaDiscoveryResponse {
+            type_url: SERVICE_ROUTES_TYPE_URL.into(),
+            resources: vec![r],
+            ..Default::default()
+        };
+        assert!(store.apply(&resp(routes("1", "/v[0-9]+"))).is_empty());
+        let errors = store.apply(&resp(routes("2", "/v[0-9")));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("bad regular expression"), "{errors:?}");
+        assert_eq!(
+            store.versions(SERVICE_ROUTES_TYPE_URL),
+            HashMap::from([(
+                "default/a.default.svc.cluster.local".to_owned(),
+                "1".to_owned()
+            )])
+        );
+        let snap = store.snapshot().unwrap();
+        let r = snap.routes("default/a.default.svc.cluster.local").unwrap();
+        assert_eq!(r.rules.len(), 1);
     }
 }

@@ -175,7 +175,7 @@ fn rule(cx: &Ctx<'_>, label: String, r: &pb::RouteRule) -> Result<Rule, RouteErr
         });
     }
     let total_weight = backends.iter().map(|b| u64::from(b.weight)).sum();
-    let t = r.timeouts.clone().unwrap_or_default();
+    let t = r.timeouts.unwrap_or_default();
     let timeouts = Timeouts {
         request: cx.duration("timeouts.request", &t.request)?,
         backend_request: cx.duration("timeouts.backend_request", &t.backend_request)?,

@@ -82,7 +82,7 @@ impl Redirect {
     ) -> String {
         let scheme = self.scheme.as_deref().unwrap_or(scheme);
         let host = self.hostname.as_deref().unwrap_or_else(|| strip_port(host));
-        let port = self.port.unwrap_or_else(|| match self.scheme.as_deref() {
+        let port = self.port.unwrap_or(match self.scheme.as_deref() {
             Some("http") => 80,
             Some("https") => 443,
             _ => svc_port,

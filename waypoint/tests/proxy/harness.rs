@@ -27,6 +27,10 @@ use zmesh_waypoint::upstream::LbPolicy;
 use zmesh_waypoint::{Config, Running, Waypoint};
 
 pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Tokens `/flaky/<token>` already answered (503 the first time).
+static FLAKY: Mutex<std::collections::BTreeSet<String>> =
+    Mutex::new(std::collections::BTreeSet::new());
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub const VIP: &str = "10.96.0.10";
@@ -173,6 +177,15 @@ impl Mesh {
     /// Starts the waypoint in process.
     pub async fn waypoint(&self, lb: LbPolicy) -> Running {
         let snapshot = zmesh_waypoint::bound::Snapshot::from_yaml(&self.yaml).unwrap();
+        self.waypoint_with(lb, snapshot).await
+    }
+
+    /// Starts the waypoint in process with `snapshot` (e.g. one with routes).
+    pub async fn waypoint_with(
+        &self,
+        lb: LbPolicy,
+        snapshot: zmesh_waypoint::bound::Snapshot,
+    ) -> Running {
         let source = Arc::new(LocalCaSource {
             ca: LocalCa::from_pem(self.ca.cert_pem(), self.ca.key_pem()).unwrap(),
             ttl: Duration::from_secs(3600),
@@ -431,10 +444,42 @@ async fn handle(
                 .body(body)
                 .unwrap())
         }
-        _ => Ok(Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(full(Bytes::new()))
-            .unwrap()),
+        // Answers 503 the first time a token is seen, then 200 (retries).
+        p if p.starts_with("/flaky/") => {
+            let first = FLAKY.lock().unwrap().insert(p.to_owned());
+            Ok(Response::builder()
+                .status(if first {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                })
+                .header("x-backend", name.as_str())
+                .body(full(Bytes::new()))
+                .unwrap())
+        }
+        // Anything else: 404 saying what arrived (routes' rewrites and header filters).
+        _ => {
+            let seen = |h: &str| {
+                req.headers()
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| seen("host"));
+            Ok(Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .header("x-backend", name.as_str())
+                .header("x-seen-path", req.uri().path_and_query().unwrap().as_str())
+                .header("x-seen-host", host)
+                .header("x-seen-added", seen("x-added"))
+                .body(full(Bytes::new()))
+                .unwrap())
+        }
     }
 }
 

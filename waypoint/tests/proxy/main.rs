@@ -7,6 +7,7 @@ mod grpc_app;
 mod grpc_tonic;
 mod harness;
 mod large;
+mod routes;
 
 use std::net::SocketAddr;
 use std::time::Duration;

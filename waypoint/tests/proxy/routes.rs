@@ -1,0 +1,244 @@
+//! Routes end to end: HTTPRoute rules (as the controller sends them in `ServiceRoutes`) on the
+//! waypoint, over real HBONE, to the fake node tunnels' app. `echo-v1` backs the bound
+//! Service `echo`; `echo-v2` backs a second Service `echo-v2`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use prost_types::Duration as PbDuration;
+use xds_proto::zmesh::waypoint::v1 as pb;
+use zmesh_waypoint::bound::Snapshot;
+use zmesh_waypoint::upstream::LbPolicy;
+
+use crate::harness::*;
+
+const V2: &str = "echo-v2.default.svc.cluster.local";
+
+fn backend(host: &str, weight: u32) -> pb::Backend {
+    pb::Backend {
+        weight,
+        target: Some(pb::backend::Target::Service(pb::BackendService {
+            namespace: "default".into(),
+            name: host.split('.').next().unwrap().into(),
+            hostname: host.into(),
+            port: 80,
+        })),
+        filters: Vec::new(),
+    }
+}
+
+fn prefix(p: &str) -> Option<pb::RouteMatch> {
+    Some(pb::RouteMatch {
+        path: Some(pb::PathMatch {
+            r#type: pb::MatchType::PathPrefix as i32,
+            value: p.into(),
+        }),
+        ..Default::default()
+    })
+}
+
+fn rule(m: Option<pb::RouteMatch>, backends: Vec<pb::Backend>) -> pb::RouteRule {
+    pb::RouteRule {
+        route: Some(pb::RouteRef {
+            kind: pb::RouteKind::HttpRoute as i32,
+            namespace: "default".into(),
+            name: "r".into(),
+            ..Default::default()
+        }),
+        r#match: m,
+        backends,
+        ..Default::default()
+    }
+}
+
+fn filter(kind: pb::filter::Kind) -> pb::Filter {
+    pb::Filter { kind: Some(kind) }
+}
+
+/// A mesh with `echo-v1` (Service `echo`) and `echo-v2` (Service `echo-v2`), and a waypoint
+/// with `rules` on `echo`.
+async fn mesh(rules: Vec<pb::RouteRule>) -> (Mesh, zmesh_waypoint::Running) {
+    let mut mesh = Mesh::new(&["echo-v1", "echo-v2"], &[]).await;
+    mesh.yaml = mesh.yaml.replace(
+        &format!("workloadName: echo-v2\n  services:\n    default/{HOST}"),
+        &format!("workloadName: echo-v2\n  services:\n    default/{V2}"),
+    );
+    let routes = pb::ServiceRoutes {
+        namespace: "default".into(),
+        name: "echo".into(),
+        hostname: HOST.into(),
+        rules,
+    };
+    let compiled = zmesh_waypoint::route::compile("default/echo", &routes).unwrap();
+    let snap = Snapshot::from_yaml(&mesh.yaml)
+        .unwrap()
+        .with_routes([Arc::new(compiled)]);
+    let wp = mesh.waypoint_with(LbPolicy::RoundRobin, snap).await;
+    (mesh, wp)
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path)
+        .header("host", HOST)
+        .body(full(Bytes::new()))
+        .unwrap()
+}
+
+fn header(r: &http::Response<hyper::body::Incoming>, h: &str) -> String {
+    r.headers()
+        .get(h)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn header_match_picks_v2_and_weight_zero_never_gets_traffic() {
+    let mut by_header = rule(prefix("/"), vec![backend(V2, 1)]);
+    by_header
+        .r#match
+        .as_mut()
+        .unwrap()
+        .headers
+        .push(pb::HeaderMatch {
+            r#type: pb::MatchType::Exact as i32,
+            name: "x-version".into(),
+            value: "v2".into(),
+        });
+    // Everything else: v1 weight 0, v2 weight 100 -> all to v2 ... except /v1, always v1.
+    let weighted = rule(prefix("/w"), vec![backend(HOST, 0), backend(V2, 100)]);
+    let v1 = rule(prefix("/"), vec![backend(HOST, 1)]);
+    let (mesh, wp) = mesh(vec![by_header, weighted, v1]).await;
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    for _ in 0..3 {
+        let r = c.send_request(get("/hello")).await.unwrap();
+        assert_eq!(header(&r, "x-backend"), "echo-v1");
+        let mut req = get("/hello");
+        req.headers_mut().insert("x-version", "v2".parse().unwrap());
+        let r = c.send_request(req).await.unwrap();
+        assert_eq!(header(&r, "x-backend"), "echo-v2");
+    }
+    for _ in 0..20 {
+        let r = c.send_request(get("/w/x")).await.unwrap();
+        assert_eq!(header(&r, "x-backend"), "echo-v2");
+    }
+}
+
+#[tokio::test]
+async fn redirect_rewrite_and_header_filters() {
+    let mut redirect = rule(prefix("/old"), vec![]);
+    redirect
+        .filters
+        .push(filter(pb::filter::Kind::RequestRedirect(
+            pb::RequestRedirect {
+                scheme: "https".into(),
+                path: Some(pb::PathModifier {
+                    kind: Some(pb::path_modifier::Kind::ReplacePrefixMatch("/new".into())),
+                }),
+                status_code: 301,
+                ..Default::default()
+            },
+        )));
+    let mut rewrite = rule(prefix("/api"), vec![backend(HOST, 1)]);
+    rewrite
+        .filters
+        .push(filter(pb::filter::Kind::UrlRewrite(pb::UrlRewrite {
+            hostname: "rewritten.example".into(),
+            path: Some(pb::PathModifier {
+                kind: Some(pb::path_modifier::Kind::ReplacePrefixMatch("/v2".into())),
+            }),
+        })));
+    rewrite
+        .filters
+        .push(filter(pb::filter::Kind::RequestHeaderModifier(
+            pb::HeaderModifier {
+                add: vec![pb::Header {
+                    name: "x-added".into(),
+                    value: "yes".into(),
+                }],
+                ..Default::default()
+            },
+        )));
+    rewrite
+        .filters
+        .push(filter(pb::filter::Kind::ResponseHeaderModifier(
+            pb::HeaderModifier {
+                set: vec![pb::Header {
+                    name: "x-resp".into(),
+                    value: "set".into(),
+                }],
+                remove: vec!["x-seen-added".into()],
+                ..Default::default()
+            },
+        )));
+    let (mesh, wp) = mesh(vec![redirect, rewrite]).await;
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+
+    let r = c.send_request(get("/old/page?x=1")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(
+        header(&r, "location"),
+        format!("https://{HOST}/new/page?x=1")
+    );
+    assert!(mesh.connects().is_empty(), "a redirect reaches no backend");
+
+    let r = c.send_request(get("/api/items?q=2")).await.unwrap();
+    assert_eq!(header(&r, "x-backend"), "echo-v1");
+    assert_eq!(header(&r, "x-seen-path"), "/v2/items?q=2");
+    assert_eq!(header(&r, "x-seen-host"), "rewritten.example");
+    assert_eq!(header(&r, "x-resp"), "set");
+    assert!(
+        r.headers().get("x-seen-added").is_none(),
+        "removed from the response"
+    );
+
+    // No rule matches: 404 from the waypoint itself (no backend header).
+    let r = c.send_request(get("/elsewhere")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(header(&r, "x-backend"), "");
+}
+
+#[tokio::test]
+async fn unresolved_backend_is_500_timeout_504_and_retry_on_503() {
+    let mut unresolved = rule(prefix("/unresolved"), vec![backend(HOST, 1)]);
+    unresolved.backends[0].target = Some(pb::backend::Target::Unresolved(
+        "Service other/x: no ReferenceGrant allows it".into(),
+    ));
+    let mut slow = rule(prefix("/slow"), vec![backend(HOST, 1)]);
+    slow.timeouts = Some(pb::Timeouts {
+        request: Some(PbDuration {
+            seconds: 0,
+            nanos: 300_000_000,
+        }),
+        backend_request: None,
+    });
+    let mut retried = rule(prefix("/flaky/retried"), vec![backend(HOST, 1)]);
+    retried.retry = Some(pb::Retry {
+        codes: vec![503],
+        attempts: 2,
+        backoff: Some(PbDuration {
+            seconds: 0,
+            nanos: 10_000_000,
+        }),
+    });
+    let plain = rule(prefix("/"), vec![backend(HOST, 1)]);
+    let (mesh, wp) = mesh(vec![unresolved, slow, retried, plain]).await;
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+
+    let r = c.send_request(get("/unresolved")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+
+    let started = std::time::Instant::now();
+    let r = c.send_request(get("/slow")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    mesh.release.notify_waiters();
+
+    // Without a retry the first 503 is the answer; with one, the second attempt's 200.
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c.send_request(get("/flaky/plain")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let r = c.send_request(get("/flaky/retried")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
