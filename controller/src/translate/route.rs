@@ -5,10 +5,12 @@
 //! Rules (<https://gateway-api.sigs.k8s.io/mesh/> and the HTTPRoute/GRPCRoute reference):
 //! - a parentRef with `group: ""` (or `core`) and `kind: Service` attaches the route to that
 //!   Service (namespace: the parentRef's, else the route's), to one port when `port` is set,
-//!   else to all of them. Other parentRefs (Gateways) are not ours and get no status from us;
+//!   else to all of them (`kind: Service` with another group is not accepted: the message
+//!   says to write `group: ""`). Other parentRefs (Gateways) are not ours and get no status;
 //! - a route in the Service's namespace is a *producer* route (every client); one in another
-//!   namespace is a *consumer* route: it applies only to clients in the route's namespace, and
-//!   for them it comes before the producer routes (my reading of GEP-1426 "consumer routes");
+//!   namespace is a *consumer* route: it applies only to clients in the route's namespace,
+//!   and for them it replaces the producer routes (GEP-1426; the waypoint applies only the
+//!   consumer rules when one exists for the caller's namespace);
 //! - only a Service bound to a valid waypoint gets routes (they are served to that waypoint
 //!   alone); a route on any other Service is not accepted for it (`NoMatchingParent`, the
 //!   message names the missing `istio.io/use-waypoint` binding);
@@ -147,8 +149,9 @@ fn condition(status: bool, reason: &'static str, message: String) -> RouteCondit
     }
 }
 
-/// The parentRefs that name a Service, read one by one from the raw object (so a route whose
-/// spec is refused still gets a status on each of its Service parents).
+/// The parentRefs of kind Service, read one by one from the raw object (so a route whose
+/// spec is refused still gets a status on each of its Service parents). One with a group
+/// other than core is reported, not attached (see [`attach`]).
 fn service_parents(route: &DynamicObject) -> Vec<ParentRef> {
     route.data["spec"]["parentRefs"]
         .as_array()
@@ -156,9 +159,7 @@ fn service_parents(route: &DynamicObject) -> Vec<ParentRef> {
         .unwrap_or_default()
         .iter()
         .filter_map(|p| serde_json::from_value::<ParentRef>(p.clone()).ok())
-        .filter(|p| {
-            matches!(p.group.as_deref(), Some("" | "core")) && p.kind.as_deref() == Some("Service")
-        })
+        .filter(|p| p.kind.as_deref() == Some("Service"))
         .collect()
 }
 
@@ -178,6 +179,17 @@ fn attach(
         .clone()
         .unwrap_or_else(|| id.namespace.clone());
     let svc_name = format!("{svc_ns}/{}", parent.name);
+    if !matches!(parent.group.as_deref(), Some("" | "core")) {
+        return condition(
+            false,
+            "UnsupportedValue",
+            format!(
+                "parentRef kind Service needs `group: \"\"` (the core group); it has {:?} \
+                 (Gateway API's default is gateway.networking.k8s.io)",
+                parent.group.as_deref().unwrap_or("")
+            ),
+        );
+    }
     let rules = match &compiled.rules {
         Ok(rules) => rules,
         Err(why) => return condition(false, "UnsupportedValue", format!("refused: {why}")),

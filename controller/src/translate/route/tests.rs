@@ -376,12 +376,18 @@ fn parents_not_bound_missing_or_with_a_wrong_port_are_not_accepted() {
     let spec = "{parentRefs: [{group: '', kind: Service, name: other, namespace: far}, \
                 {group: '', kind: Service, name: echo, port: 9999}, \
                 {group: '', kind: Service, name: echo, port: 8080}, \
-                {name: some-gateway}], \
+                {name: some-gateway}, {kind: Service, name: echo}], \
                 rules: [{backendRefs: [{name: echo-v1, port: 80}]}]}";
     let r = routes(&http_route("shop", "r", "2026-01-01T00:00:00Z", spec));
     let s = &r.statuses[&id(RouteKind::Http, "shop", "r")];
     assert_eq!(s.generation, Some(4));
-    assert_eq!(s.parents.len(), 3, "the Gateway parent is not ours");
+    assert_eq!(s.parents.len(), 4, "the Gateway parent is not ours");
+    assert_eq!(s.parents[3].accepted.reason, "UnsupportedValue");
+    assert!(
+        s.parents[3].accepted.message.contains("group: \"\""),
+        "{}",
+        s.parents[3].accepted.message
+    );
     assert_eq!(s.parents[0].accepted.reason, "NoMatchingParent");
     assert!(
         s.parents[0]
