@@ -313,3 +313,25 @@ async fn grpc_method_match_on_the_grpc_port() {
     let r = c1.send_request(get("/hello")).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// RequestMirror: the client's answer comes from echo-v1; a copy reaches echo-v2 (its node
+/// tunnel sees a CONNECT), its response ignored.
+#[tokio::test]
+async fn mirror_copies_to_another_service() {
+    let mut m = rule(prefix("/"), vec![backend(HOST, 1)]);
+    m.filters
+        .push(filter(pb::filter::Kind::RequestMirror(pb::RequestMirror {
+            backend: Some(backend(V2, 1)),
+            numerator: 0,
+            denominator: 0,
+        })));
+    let (mesh, wp) = mesh(vec![m]).await;
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c.send_request(get("/hello")).await.unwrap();
+    assert_eq!(header(&r, "x-backend"), "echo-v1");
+    let v2 = mesh.nodes[1].ip;
+    eventually("the mirror reaches echo-v2", async || {
+        mesh.connects().iter().any(|(ip, _)| *ip == v2)
+    })
+    .await;
+}
