@@ -14,7 +14,7 @@ pub mod filter;
 pub mod local;
 pub mod matching;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +125,17 @@ pub struct ServiceRoutes {
     consumers: HashSet<(String, u16)>,
     /// Ports with producer rules (0: every port).
     producer_ports: HashSet<u16>,
+    /// Rules whose Exact or PathPrefix path fixes the request path's first segment, by that
+    /// segment (indexes in precedence order): only these and `any_path` can match a path.
+    by_segment: HashMap<String, Vec<u32>>,
+    /// The other rules (regex path, no path, prefix `/`), in precedence order.
+    any_path: Vec<u32>,
+}
+
+/// The first segment of a path: `a` for `/a/b`, `/a` or `/a?x`; empty for `/`.
+fn first_segment(path: &str) -> &str {
+    let p = path.strip_prefix('/').unwrap_or(path);
+    p.split(['/', '?']).next().unwrap_or("")
 }
 
 impl ServiceRoutes {
@@ -132,7 +143,21 @@ impl ServiceRoutes {
     pub fn new(key: String, rules: Vec<Rule>) -> ServiceRoutes {
         let mut consumers = HashSet::new();
         let mut producer_ports = HashSet::new();
-        for r in &rules {
+        let mut by_segment: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut any_path = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            match &r.matcher.path {
+                Some(PathMatch::Exact(p)) => by_segment
+                    .entry(first_segment(p).to_owned())
+                    .or_default()
+                    .push(i),
+                Some(PathMatch::Prefix(p)) if !p.is_empty() => by_segment
+                    .entry(first_segment(p).to_owned())
+                    .or_default()
+                    .push(i),
+                _ => any_path.push(i),
+            }
             match &r.consumer_namespace {
                 Some(ns) => {
                     consumers.insert((ns.clone(), r.port));
@@ -147,6 +172,8 @@ impl ServiceRoutes {
             rules,
             consumers,
             producer_ports,
+            by_segment,
+            any_path,
         }
     }
 
@@ -171,23 +198,27 @@ impl ServiceRoutes {
         {
             return Decision::NoRoute;
         }
-        let mut applied = false;
-        for r in &self.rules {
-            if r.port != 0 && r.port != port {
-                continue;
-            }
-            if r.consumer_namespace.as_deref() != consumer {
-                continue;
-            }
-            applied = true;
-            if r.matcher.matches(req) {
+        // Some rule applies (checked above): a request no rule matches gets 404. Only the
+        // rules that can match this path's first segment are looked at, in precedence order.
+        let keyed = self
+            .by_segment
+            .get(first_segment(req.path))
+            .map_or(&[][..], Vec::as_slice);
+        let (mut a, mut b) = (keyed.iter().peekable(), self.any_path.iter().peekable());
+        loop {
+            let i = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x < y => a.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, None) => return Decision::NotFound,
+            };
+            let r = &self.rules[*i.expect("peeked") as usize];
+            if (r.port == 0 || r.port == port)
+                && r.consumer_namespace.as_deref() == consumer
+                && r.matcher.matches(req)
+            {
                 return Decision::Rule(r);
             }
-        }
-        if applied {
-            Decision::NotFound
-        } else {
-            Decision::NoRoute
         }
     }
 }

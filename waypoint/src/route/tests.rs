@@ -218,3 +218,32 @@ fn a_bad_resource_is_refused_whole_naming_the_field() {
     unknown.filters.push(pb::Filter { kind: None });
     assert!(compile("default/echo", &routes(vec![unknown])).is_err());
 }
+
+#[test]
+fn first_segment_index_keeps_precedence() {
+    assert_eq!(super::first_segment("/a/b"), "a");
+    assert_eq!(super::first_segment("/a"), "a");
+    assert_eq!(super::first_segment("/"), "");
+    // A regex rule (unindexed) between two indexed ones keeps its place in the order.
+    let r = compile(
+        "default/echo",
+        &routes(vec![
+            rule("p1", path(pb::MatchType::PathPrefix, "/a/b"), vec![]),
+            rule(
+                "re",
+                path(pb::MatchType::RegularExpression, "/a/.*"),
+                vec![],
+            ),
+            rule("p2", path(pb::MatchType::PathPrefix, "/a"), vec![]),
+            rule("root", path(pb::MatchType::PathPrefix, "/"), vec![]),
+            rule("ex", path(pb::MatchType::Exact, "/"), vec![]),
+        ]),
+    )
+    .unwrap();
+    let h = HeaderMap::new();
+    assert_eq!(pick(&r, 80, None, "/a/b/c", &h), Some("default/p1"));
+    assert_eq!(pick(&r, 80, None, "/a/x", &h), Some("default/re"));
+    assert_eq!(pick(&r, 80, None, "/a", &h), Some("default/p2"));
+    assert_eq!(pick(&r, 80, None, "/ab", &h), Some("default/root"));
+    assert_eq!(pick(&r, 80, None, "/", &h), Some("default/root"));
+}

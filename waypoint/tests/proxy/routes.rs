@@ -242,3 +242,96 @@ async fn unresolved_backend_is_500_timeout_504_and_retry_on_503() {
     let r = c.send_request(get("/flaky/retried")).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// A GRPCRoute rule on the gRPC port: `test.Echo/Chat` to echo-v2, with a retry; a streamed
+/// request (no declared length) still goes through once, the body not kept.
+#[tokio::test]
+async fn grpc_method_match_on_the_grpc_port() {
+    let mut chat = rule(None, vec![backend(V2, 1)]);
+    chat.route.as_mut().unwrap().kind = pb::RouteKind::GrpcRoute as i32;
+    chat.port = 81;
+    chat.r#match = Some(pb::RouteMatch {
+        grpc: Some(pb::GrpcMethodMatch {
+            r#type: pb::MatchType::Exact as i32,
+            service: "test.Echo".into(),
+            method: "Chat".into(),
+        }),
+        ..Default::default()
+    });
+    chat.backends[0].target = Some(pb::backend::Target::Service(pb::BackendService {
+        namespace: "default".into(),
+        name: "echo-v2".into(),
+        hostname: V2.into(),
+        port: 81,
+    }));
+    chat.retry = Some(pb::Retry {
+        codes: vec![503],
+        attempts: 1,
+        backoff: None,
+    });
+    let mut unary = chat.clone();
+    unary
+        .r#match
+        .as_mut()
+        .unwrap()
+        .grpc
+        .as_mut()
+        .unwrap()
+        .method = "Unary".into();
+    unary.backends[0].target = Some(pb::backend::Target::Service(pb::BackendService {
+        namespace: "default".into(),
+        name: "echo".into(),
+        hostname: HOST.into(),
+        port: 81,
+    }));
+    let (mesh, wp) = mesh(vec![chat, unary]).await;
+    let mut c = h2(mesh.tunnel(wp.hbone_addr, 81).await.unwrap()).await;
+    let grpc = |path: &str, body: Body| {
+        Request::post(format!("http://{HOST}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap()
+    };
+    let r = c
+        .send_request(grpc("/test.Echo/Unary", full(grpc_frame(b"hi"))))
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "x-backend"), "echo-v1");
+    let (tx, body) = channel_body();
+    let r = c.send_request(grpc("/test.Echo/Chat", body)).await.unwrap();
+    assert_eq!(header(&r, "x-backend"), "echo-v2");
+    tx.send(hyper::body::Frame::data(grpc_frame(b"m")))
+        .await
+        .unwrap();
+    drop(tx);
+    use http_body_util::BodyExt;
+    let all = r.into_body().collect().await.unwrap();
+    assert_eq!(all.trailers().expect("trailers")["grpc-status"], "0");
+    // Port 80 has no rule for gRPC methods: no rule applies there, plain proxying.
+    let mut c1 = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c1.send_request(get("/hello")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+/// RequestMirror: the client's answer comes from echo-v1; a copy reaches echo-v2 (its node
+/// tunnel sees a CONNECT), its response ignored.
+#[tokio::test]
+async fn mirror_copies_to_another_service() {
+    let mut m = rule(prefix("/"), vec![backend(HOST, 1)]);
+    m.filters
+        .push(filter(pb::filter::Kind::RequestMirror(pb::RequestMirror {
+            backend: Some(backend(V2, 1)),
+            numerator: 0,
+            denominator: 0,
+        })));
+    let (mesh, wp) = mesh(vec![m]).await;
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c.send_request(get("/hello")).await.unwrap();
+    assert_eq!(header(&r, "x-backend"), "echo-v1");
+    let v2 = mesh.nodes[1].ip;
+    eventually("the mirror reaches echo-v2", async || {
+        mesh.connects().iter().any(|(ip, _)| *ip == v2)
+    })
+    .await;
+}
