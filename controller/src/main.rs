@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use zmesh_controller::ca::CaConfig;
+use zmesh_controller::deploy::WaypointTemplate;
 use zmesh_controller::server::{
     AuthConfig, ControllerConfig, ControllerLimits, SourceConfig, start,
 };
@@ -103,6 +104,13 @@ struct Args {
     /// Listeners stop accepting at this fraction of the descriptor limit (RLIMIT_NOFILE).
     #[arg(long, default_value_t = 0.9)]
     fd_headroom: f64,
+    /// The image of the waypoints' Deployments (--kube: the controller creates one per
+    /// waypoint Gateway).
+    #[arg(long, env = "ZMESH_WAYPOINT_IMAGE", default_value_t = zmesh_controller::deploy::default_image())]
+    waypoint_image: String,
+    /// The controller's address as waypoints reach it (their XDS_ADDRESS).
+    #[arg(long, default_value = "https://istiod.istio-system.svc:15012")]
+    waypoint_xds_address: String,
 }
 
 fn config(args: Args) -> Result<ControllerConfig> {
@@ -168,6 +176,11 @@ fn config(args: Args) -> Result<ControllerConfig> {
         ztunnel_identity,
         debounce: args.debounce,
         limits,
+        waypoint: WaypointTemplate {
+            image: args.waypoint_image,
+            xds_address: args.waypoint_xds_address,
+            ..WaypointTemplate::default()
+        },
     })
 }
 
