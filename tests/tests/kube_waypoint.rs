@@ -374,3 +374,35 @@ async fn a_missing_grant_is_reported_on_the_gateway_until_it_is_fixed() {
     })
     .await;
 }
+
+/// The double's create, as kube-rs sees the real server's: `201` with a cluster IP, `409
+/// AlreadyExists` the second time, and RBAC's `create` for a service account.
+#[tokio::test]
+async fn the_double_creates_like_the_real_server() {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, PostParams};
+    let api = ApiServer::start().await;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "echo", "namespace": "shop"},
+        "spec": {"ports": [{"port": 80}]}}))
+    .unwrap();
+    let services: Api<Service> = Api::namespaced(api.client(), "shop");
+    let created = services.create(&PostParams::default(), &svc).await.unwrap();
+    let spec = created.spec.unwrap();
+    let ip = spec.cluster_ip.unwrap();
+    assert!(ip.starts_with("10.96."), "{ip}");
+    assert_eq!(spec.cluster_ips, Some(vec![ip]));
+    match services.create(&PostParams::default(), &svc).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!((s.code, s.reason.as_str()), (409, "AlreadyExists"));
+            assert_eq!(s.message, "services \"echo\" already exists");
+        }
+        other => panic!("a second create: {other:?}"),
+    }
+    // The node agent's service account may not create anything.
+    let agent: Api<Service> = Api::namespaced(api.client_for(Component::Agent), "shop");
+    match agent.create(&PostParams::default(), &svc).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("the agent's create: {other:?}"),
+    }
+}
