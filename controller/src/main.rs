@@ -278,6 +278,31 @@ mod tests {
         assert!(cfg.ca_cert.starts_with(mount), "{}", cfg.ca_cert.display());
         assert!(cfg.ca_key.starts_with(mount), "{}", cfg.ca_key.display());
 
+        // The waypoints' image: the install's hub and tag (kustomization.yaml names the
+        // controller's), and the flag's default.
+        let kustomization: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../manifests/kustomization.yaml")).unwrap();
+        let controller_image = kustomization["images"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "zmesh-controller")
+            .expect("kustomization.yaml sets the zmesh-controller image");
+        let expected = format!(
+            "{}:{}",
+            controller_image["newName"]
+                .as_str()
+                .unwrap()
+                .replace("zmesh-controller", "zmesh-waypoint"),
+            controller_image["newTag"].as_str().unwrap()
+        );
+        assert_eq!(cfg.waypoint.image, expected);
+        assert_eq!(zmesh_controller::deploy::default_image(), expected);
+        assert_eq!(
+            cfg.waypoint.xds_address, "https://istiod.istio-system.svc:15012",
+            "the Service below, on the gRPC port"
+        );
+
         // The Service in front of it is the name ztunnel dials and the certificate covers.
         assert!(
             cfg.serving_names
