@@ -1,5 +1,6 @@
 //! Kubernetes mode only: every accepted waypoint Gateway (class `istio-waypoint`, see
-//! `translate::waypoint`) gets its ServiceAccount, Deployment and Service ([`objects`]), as
+//! `translate::waypoint`) gets its ServiceAccount, Deployment and Service ([`objects`]), and
+//! its namespace the mesh root's ConfigMap `istio-ca-root-cert` its pod mounts, as
 //! istiod's gateway deployment controller makes them: server-side apply with our field
 //! manager and `force` (we own these objects' fields), re-applied whenever what they should
 //! be changes (the Gateway's listener name, its `spec.infrastructure` labels, the controller's
@@ -12,10 +13,9 @@
 //! status shows (`Programmed=False`, `status/gateway.rs`) with what to fix; it is retried on
 //! the next change and every [`RETRY_AFTER`] until it succeeds.
 //!
-//! Not done (istiod does them): watching the created objects to undo others' edits (an apply
-//! only follows a change of what they should be, or a controller restart), and publishing the
-//! mesh root ConfigMap `istio-ca-root-cert` into the waypoint's namespace (istiod writes it in
-//! every namespace; with zmesh it must be created there, as in `istio-system`).
+//! Not done (istiod does it): watching the created objects to undo others' edits (an apply
+//! only follows a change of what they should be, or a controller restart); the root
+//! ConfigMap is published only where a waypoint is (istiod: in every namespace).
 
 pub mod objects;
 
@@ -28,7 +28,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-pub use objects::{GatewayInfo, WaypointTemplate, default_image, waypoint_objects};
+pub use objects::{
+    GatewayInfo, WaypointTemplate, default_image, root_cert_config_map, waypoint_objects,
+};
 
 use crate::source::Store;
 use crate::translate::{MeshConfig, Objects, Waypoints};
@@ -114,7 +116,7 @@ impl DeployError {
 #[derive(Default)]
 struct Shared {
     /// The objects last queued per Gateway (a failed apply is forgotten, so it is retried).
-    queued: BTreeMap<Key, [Value; 3]>,
+    queued: BTreeMap<Key, Vec<Value>>,
     failures: BTreeMap<Key, DeployError>,
 }
 
@@ -123,8 +125,10 @@ struct Shared {
 pub struct WaypointDeployer {
     template: WaypointTemplate,
     mesh: MeshConfig,
+    /// The mesh root, PEM.
+    root_pem: String,
     shared: Arc<Mutex<Shared>>,
-    tx: mpsc::UnboundedSender<(Key, [Value; 3])>,
+    tx: mpsc::UnboundedSender<(Key, Vec<Value>)>,
 }
 
 impl std::fmt::Debug for WaypointDeployer {
@@ -136,12 +140,14 @@ impl std::fmt::Debug for WaypointDeployer {
 }
 
 impl WaypointDeployer {
-    /// Starts the apply task on `client`. An outcome that changes a Gateway's status bumps
-    /// `store`, so the reconciler writes it.
+    /// Starts the apply task on `client`; `root_pem` is the mesh root the waypoints verify
+    /// the controller with. An outcome that changes a Gateway's status bumps `store`, so the
+    /// reconciler writes it.
     pub fn spawn(
         client: kube::Client,
         template: WaypointTemplate,
         mesh: MeshConfig,
+        root_pem: String,
         store: Store,
     ) -> WaypointDeployer {
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -150,6 +156,7 @@ impl WaypointDeployer {
         WaypointDeployer {
             template,
             mesh,
+            root_pem,
             shared,
             tx,
         }
@@ -175,7 +182,8 @@ impl WaypointDeployer {
             else {
                 continue;
             };
-            let want = waypoint_objects(&info, &self.template, &self.mesh);
+            let mut want = vec![root_cert_config_map(&info.namespace, &self.root_pem)];
+            want.extend(waypoint_objects(&info, &self.template, &self.mesh));
             if shared.queued.get(key) != Some(&want) {
                 shared.queued.insert(key.clone(), want.clone());
                 let _ = self.tx.send((key.clone(), want));
@@ -191,7 +199,7 @@ impl WaypointDeployer {
 
 async fn run(
     client: kube::Client,
-    mut rx: mpsc::UnboundedReceiver<(Key, [Value; 3])>,
+    mut rx: mpsc::UnboundedReceiver<(Key, Vec<Value>)>,
     shared: Arc<Mutex<Shared>>,
     store: Store,
 ) {
@@ -240,6 +248,7 @@ async fn apply_all(client: &kube::Client, objects: &[Value]) -> Result<(), Deplo
         };
         let kind = object["kind"].as_str().unwrap_or_default();
         let plural = match kind {
+            "ConfigMap" => "configmaps",
             "ServiceAccount" => "serviceaccounts",
             "Deployment" => "deployments",
             _ => "services",

@@ -335,6 +335,7 @@ pub async fn start_with_client(
                 client,
                 cfg.waypoint.clone(),
                 cfg.mesh.clone(),
+                crate::ca::der_to_pem("CERTIFICATE", ca.root()),
                 store.clone(),
             ));
     }

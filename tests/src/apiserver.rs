@@ -249,6 +249,7 @@ impl ApiServer {
                 ResourceType::new("", "v1", "Pod", "pods", true),
                 ResourceType::new("", "v1", "Service", "services", true),
                 ResourceType::new("", "v1", "ServiceAccount", "serviceaccounts", true),
+                ResourceType::new("", "v1", "ConfigMap", "configmaps", true),
                 ResourceType::new(
                     "discovery.k8s.io",
                     "v1",

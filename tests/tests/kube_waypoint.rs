@@ -18,6 +18,7 @@ use zmesh_tests::manifests::{Component, Manifests};
 
 struct Setup {
     api: ApiServer,
+    root_pem: String,
     _dir: tempfile::TempDir,
     stop: CancellationToken,
 }
@@ -76,6 +77,7 @@ async fn setup_with(rbac: Rbac) -> Setup {
     .unwrap();
     Setup {
         api,
+        root_pem: ca.cert_pem().to_owned(),
         _dir: dir,
         stop,
     }
@@ -149,6 +151,19 @@ async fn a_waypoint_gateway_gets_its_service_account_deployment_and_service() {
             .collect();
         assert_eq!(managers, ["zmesh-controller"], "server-side applied: {o}");
     }
+    // The mesh root its pod mounts, in its namespace.
+    let root = wait_for("the root ConfigMap", || {
+        s.api.get("v1", "ConfigMap", "shop", "istio-ca-root-cert")
+    })
+    .await;
+    assert_eq!(
+        root["data"]["root-cert.pem"].as_str().map(str::trim),
+        Some(s.root_pem.trim())
+    );
+    assert!(
+        root["metadata"]["ownerReferences"].is_null(),
+        "shared: {root}"
+    );
     let pod = &deployment["spec"]["template"];
     assert_eq!(pod["metadata"]["labels"]["istio.io/dataplane-mode"], "none");
     assert_eq!(pod["spec"]["serviceAccountName"], "wp");

@@ -27,6 +27,8 @@ pub const STATUS_PORT: u16 = 15021;
 /// uses, and the waypoint's defaults).
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 const ROOT_DIR: &str = "/var/run/secrets/istio";
+/// The ConfigMap holding the mesh root, Istio's name.
+pub const ROOT_CONFIG_MAP: &str = "istio-ca-root-cert";
 
 /// What every waypoint's Deployment shares (from the controller's flags; the trust domain
 /// and cluster id are the mesh's).
@@ -97,6 +99,23 @@ impl GatewayInfo {
             annotations: strings(&infra["annotations"]),
         })
     }
+}
+
+/// The ConfigMap `istio-ca-root-cert` (key `root-cert.pem`: the mesh root) in `namespace`,
+/// which the waypoint's pod mounts to verify the controller: istiod publishes it in every
+/// namespace (label `istio.io/config`); zmesh in each namespace with a waypoint. Not owned by
+/// a Gateway: other waypoints of the namespace (and workloads) use it too.
+pub fn root_cert_config_map(namespace: &str, root_pem: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": ROOT_CONFIG_MAP,
+            "namespace": namespace,
+            "labels": {"istio.io/config": "true"},
+        },
+        "data": {"root-cert.pem": root_pem},
+    })
 }
 
 /// The ServiceAccount, Deployment and Service of a waypoint, in that order (the order they
@@ -275,7 +294,7 @@ fn deployment(gw: &GatewayInfo, t: &WaypointTemplate, mesh: &MeshConfig) -> Valu
                         }]}},
                         // The mesh root, to verify the controller (Istio's ConfigMap name).
                         {"name": "istio-ca-root-cert",
-                         "configMap": {"name": "istio-ca-root-cert"}},
+                         "configMap": {"name": ROOT_CONFIG_MAP}},
                     ],
                 },
             },

@@ -503,6 +503,31 @@ mod tests {
             false
         ));
         assert!(!ok(CONTROLLER, Method::GET, "/api/v1/secrets", false));
+        // A waypoint's objects, and of ConfigMaps only the mesh root's.
+        assert!(ok(
+            CONTROLLER,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/shop/deployments/wp",
+            false
+        ));
+        assert!(ok(
+            CONTROLLER,
+            Method::PATCH,
+            "/api/v1/namespaces/shop/configmaps/istio-ca-root-cert",
+            false
+        ));
+        assert!(!ok(
+            CONTROLLER,
+            Method::PATCH,
+            "/api/v1/namespaces/shop/configmaps/other",
+            false
+        ));
+        assert!(!ok(
+            CONTROLLER,
+            Method::DELETE,
+            "/apis/apps/v1/namespaces/shop/deployments/wp",
+            false
+        ));
         assert!(!ok(
             CONTROLLER,
             Method::GET,
