@@ -219,7 +219,12 @@ async fn run(
                     s.failures.remove(&key).is_some()
                 }
                 Err(e) => {
-                    warn!(%gateway, error = %e, "creating the waypoint failed");
+                    // Once per new error; its retries every RETRY_AFTER only at debug.
+                    if s.failures.get(&key) != Some(&e) {
+                        warn!(%gateway, error = %e, "creating the waypoint failed");
+                    } else {
+                        debug!(%gateway, error = %e, "creating the waypoint failed again");
+                    }
                     if s.queued.get(&key) == Some(&want) {
                         s.queued.remove(&key);
                     }
