@@ -200,7 +200,8 @@ fn run_tool(
             (capture(sb, host, "wrk", &a)?, None)
         }
         Tool::H2load => {
-            let log = sb.dir().join("h2load.log");
+            // Not next to the config files (see `main`).
+            let log = sb.dir().join("h2load-requests.log");
             let a = [
                 "-t".to_owned(),
                 "1".into(),
@@ -414,8 +415,12 @@ fn main() -> Result<()> {
         server_ip: topo.host_ip("server"),
         wp_ip: topo.host_ip("wp"),
     };
-    let ca = mesh::write_ca(sb.dir(), "bench-root")?;
-    let (zt_yaml, wp_yaml, client_w, server_w) = write_configs(sb.dir(), &topo)?;
+    // The config files in a directory of their own: ztunnel watches its file's directory, and
+    // would wake up for every line the processes' logs (in `sb.dir()`) get.
+    let conf_dir = sb.dir().join("config");
+    std::fs::create_dir_all(&conf_dir)?;
+    let ca = mesh::write_ca(&conf_dir, "bench-root")?;
+    let (zt_yaml, wp_yaml, client_w, server_w) = write_configs(&conf_dir, &topo)?;
     redirect_outbound(&sb, "cmesh")?;
 
     let backend = spawn_nginx(
