@@ -436,9 +436,16 @@ time for request:       26us     11.15ms       232us       645us    97.34%
         let msg = missing_tools(&search).unwrap();
         assert!(msg.contains("wrk, h2load, nginx, curl"), "{msg}");
         assert!(
-            msg.ends_with("apt-get install curl nginx-light nghttp2-client wrk"),
+            msg.ends_with("apt-get install curl nghttp2-client nginx-light wrk"),
             "{msg}"
         );
+        use std::os::unix::fs::PermissionsExt;
+        for t in tools() {
+            let p = dir.path().join(&t.name);
+            std::fs::write(&p, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        assert_eq!(missing_tools(&search), None);
     }
 
     #[test]
