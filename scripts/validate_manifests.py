@@ -14,6 +14,10 @@
    GatewayClass against the upstream fields written out below (the Gateway API CRD files are
    not in any package registry this project can use).
 
+5. The objects the controller creates for a waypoint Gateway (generated into
+   controller/tests/golden/waypoint/objects.yaml by controller/tests/waypoint_objects.rs) are
+   valid built-in objects, strictly, as in 2.
+
 Prints one line per check and exits non-zero on the first class of failure found.
 """
 
@@ -258,6 +262,20 @@ def check_gateway_classes(custom):
         raise Failed(f"no schema to validate these custom resources against: {others}")
 
 
+def check_waypoint_objects():
+    path = os.path.join(ROOT, "controller", "tests", "golden", "waypoint", "objects.yaml")
+    docs = [d for d in load_all(path) if d]
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = "/".join(str(p) for p in e.path)
+            raise Failed(f"the controller's waypoint {ident(doc)} is invalid for Kubernetes {KUBE_VERSION} at {where or '.'}: {e.message} (controller/src/deploy/objects.rs)")
+    if sorted(d["kind"] for d in docs) != ["Deployment", "Service", "ServiceAccount"]:
+        raise Failed(f"{path}: expected a ServiceAccount, a Deployment and a Service")
+    ok(f"{len(docs)} objects the controller creates for a waypoint valid against Kubernetes {KUBE_VERSION} (strict)")
+
+
 def main():
     try:
         docs = check_kustomize()
@@ -266,6 +284,7 @@ def main():
         schemas = check_crd(crds)
         check_policies(schemas)
         check_gateway_classes(custom)
+        check_waypoint_objects()
     except Failed as e:
         sys.stdout.flush()
         print(f"FAIL  {e}", file=sys.stderr)

@@ -5,6 +5,7 @@
 
 pub mod ads;
 pub mod ca;
+pub mod deploy;
 pub mod monitor;
 pub mod reconcile;
 pub mod server;

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use zmesh_controller::ca::CaConfig;
+use zmesh_controller::deploy::WaypointTemplate;
 use zmesh_controller::server::{
     AuthConfig, ControllerConfig, ControllerLimits, SourceConfig, start,
 };
@@ -103,6 +104,13 @@ struct Args {
     /// Listeners stop accepting at this fraction of the descriptor limit (RLIMIT_NOFILE).
     #[arg(long, default_value_t = 0.9)]
     fd_headroom: f64,
+    /// The image of the waypoints' Deployments (--kube: the controller creates one per
+    /// waypoint Gateway).
+    #[arg(long, env = "ZMESH_WAYPOINT_IMAGE", default_value_t = zmesh_controller::deploy::default_image())]
+    waypoint_image: String,
+    /// The controller's address as waypoints reach it (their XDS_ADDRESS).
+    #[arg(long, default_value = "https://istiod.istio-system.svc:15012")]
+    waypoint_xds_address: String,
 }
 
 fn config(args: Args) -> Result<ControllerConfig> {
@@ -168,6 +176,11 @@ fn config(args: Args) -> Result<ControllerConfig> {
         ztunnel_identity,
         debounce: args.debounce,
         limits,
+        waypoint: WaypointTemplate {
+            image: args.waypoint_image,
+            xds_address: args.waypoint_xds_address,
+            ..WaypointTemplate::default()
+        },
     })
 }
 
@@ -264,6 +277,31 @@ mod tests {
         assert_eq!(pod["volumes"][0]["secret"]["secretName"], "cacerts");
         assert!(cfg.ca_cert.starts_with(mount), "{}", cfg.ca_cert.display());
         assert!(cfg.ca_key.starts_with(mount), "{}", cfg.ca_key.display());
+
+        // The waypoints' image: the install's hub and tag (kustomization.yaml names the
+        // controller's), and the flag's default.
+        let kustomization: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../manifests/kustomization.yaml")).unwrap();
+        let controller_image = kustomization["images"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "zmesh-controller")
+            .expect("kustomization.yaml sets the zmesh-controller image");
+        let expected = format!(
+            "{}:{}",
+            controller_image["newName"]
+                .as_str()
+                .unwrap()
+                .replace("zmesh-controller", "zmesh-waypoint"),
+            controller_image["newTag"].as_str().unwrap()
+        );
+        assert_eq!(cfg.waypoint.image, expected);
+        assert_eq!(zmesh_controller::deploy::default_image(), expected);
+        assert_eq!(
+            cfg.waypoint.xds_address, "https://istiod.istio-system.svc:15012",
+            "the Service below, on the gRPC port"
+        );
 
         // The Service in front of it is the name ztunnel dials and the certificate covers.
         assert!(

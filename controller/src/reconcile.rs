@@ -15,6 +15,7 @@ use xds_proto::istio::workload::{Address, address};
 use xds_proto::{BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 
 use crate::ads::Cache;
+use crate::deploy::WaypointDeployer;
 use crate::source::Store;
 use crate::status::{StatusWriter, desired_updates};
 use crate::translate::route::service_routes;
@@ -58,6 +59,8 @@ pub struct Reconciler {
     stats: Arc<Mutex<PassStats>>,
     /// Where policy status goes (Kubernetes source only).
     status: Option<StatusWriter>,
+    /// What creates waypoints' objects (Kubernetes source only).
+    deployer: Option<WaypointDeployer>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -79,6 +82,7 @@ impl Reconciler {
             last: Translated::default(),
             stats: Arc::default(),
             status: None,
+            deployer: None,
         }
     }
 
@@ -91,6 +95,13 @@ impl Reconciler {
     /// Writes each AuthorizationPolicy's `ZtunnelAccepted` condition through `writer`.
     pub fn with_status(mut self, writer: StatusWriter) -> Self {
         self.status = Some(writer);
+        self
+    }
+
+    /// Creates each valid waypoint's ServiceAccount, Deployment and Service through
+    /// `deployer`; its failures go to the Gateways' status.
+    pub fn with_deployer(mut self, deployer: WaypointDeployer) -> Self {
+        self.deployer = Some(deployer);
         self
     }
 
@@ -126,9 +137,17 @@ impl Reconciler {
         let (generation, next) = {
             let objects = self.store.read();
             let next = translate(&objects, &self.mesh);
+            if let Some(deployer) = &self.deployer {
+                deployer.sync(&objects, &next.waypoints);
+            }
             if let Some(writer) = &self.status {
                 writer.write(&objects, desired_updates(&objects, &next));
-                writer.write_gateways(&objects, &next.waypoints);
+                let failures = self
+                    .deployer
+                    .as_ref()
+                    .map(WaypointDeployer::failures)
+                    .unwrap_or_default();
+                writer.write_gateways(&objects, &next.waypoints, &failures);
                 writer.write_routes(&objects, &next.routes);
             }
             (self.store.generation(), next)

@@ -24,6 +24,7 @@ use zmesh_core::tls::LocalCa;
 
 use crate::ads::{AdsServer, Cache, StreamAuth};
 use crate::ca::{Authenticator, CaConfig, NodeTokenAuthenticator, WorkloadCa};
+use crate::deploy::{WaypointDeployer, WaypointTemplate};
 use crate::reconcile::{PassStats, Reconciler};
 use crate::source::files::FileSource;
 use crate::source::{Store, StorePods};
@@ -73,6 +74,8 @@ pub struct ControllerConfig {
     pub debounce: Duration,
     /// The limits of the gRPC and monitoring ports.
     pub limits: ControllerLimits,
+    /// What the waypoints' Deployments run (Kubernetes source only: `crate::deploy`).
+    pub waypoint: WaypointTemplate,
 }
 
 /// The limits of the controller's ports against clients that hold connections (see
@@ -325,8 +328,16 @@ pub async fn start_with_client(
     let mut reconciler =
         Reconciler::new(store.clone(), cache.clone(), cfg.mesh.clone()).with_debounce(cfg.debounce);
     if cfg.source == SourceConfig::Kube {
-        reconciler =
-            reconciler.with_status(crate::status::StatusWriter::spawn(kube_client().await?));
+        let client = kube_client().await?;
+        reconciler = reconciler
+            .with_status(crate::status::StatusWriter::spawn(client.clone()))
+            .with_deployer(WaypointDeployer::spawn(
+                client,
+                cfg.waypoint.clone(),
+                cfg.mesh.clone(),
+                crate::ca::der_to_pem("CERTIFICATE", ca.root()),
+                store.clone(),
+            ));
     }
     let stats = reconciler.stats();
     {

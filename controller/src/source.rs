@@ -76,6 +76,12 @@ impl Store {
         }
     }
 
+    /// Counts a change without changing any object, so the reconciler runs a pass (an
+    /// outcome outside the store that a status shows, e.g. a waypoint's failed apply).
+    pub fn touch(&self) {
+        self.inner.generation.send_modify(|g| *g += 1);
+    }
+
     /// Inserts or replaces one object (a watch `Apply`).
     pub fn upsert(&self, object: KubeObject) {
         self.write(|o| {

@@ -224,9 +224,15 @@ impl StatusWriter {
         }
     }
 
-    /// Queues the waypoint Gateways whose status must change.
-    pub fn write_gateways(&self, objects: &Objects, waypoints: &crate::translate::Waypoints) {
-        for update in gateway::desired_gateway_updates(objects, waypoints) {
+    /// Queues the waypoint Gateways whose status must change (`failures`: the waypoints
+    /// whose objects could not be applied, `crate::deploy`).
+    pub fn write_gateways(
+        &self,
+        objects: &Objects,
+        waypoints: &crate::translate::Waypoints,
+        failures: &BTreeMap<(String, String), crate::deploy::DeployError>,
+    ) {
+        for update in gateway::desired_gateway_updates(objects, waypoints, failures) {
             let existing = objects
                 .gateways
                 .get(&(update.namespace.clone(), update.name.clone()))

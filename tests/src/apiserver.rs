@@ -35,7 +35,10 @@
 //!   (`rbac.rs`; requests without a token are the tests' admin);
 //! - the pod port-forward subresource over WebSocket (`portforward.rs`).
 //!
-//! Not done: creates and collection writes over HTTP (`405`), discovery, protobuf.
+//! - `POST` creates of one object, with a cluster IP for a new Service (`write.rs`); deleting
+//!   an object deletes its dependents (`ownerReferences`), as the garbage collector does.
+//!
+//! Not done: `PUT`, collection deletes (`405`), discovery, protobuf, field ownership.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -201,6 +204,8 @@ struct State {
     rbac: Rbac,
     /// The refusals (`rbac.rs`).
     denied: Vec<String>,
+    /// The last cluster IP handed out (`write.rs`).
+    next_ip: u32,
     /// Pods whose port-forwards go into a network namespace (`portforward.rs`).
     pod_netns: HashMap<(String, String), std::path::PathBuf>,
 }
@@ -244,6 +249,7 @@ impl ApiServer {
                 ResourceType::new("", "v1", "Pod", "pods", true),
                 ResourceType::new("", "v1", "Service", "services", true),
                 ResourceType::new("", "v1", "ServiceAccount", "serviceaccounts", true),
+                ResourceType::new("", "v1", "ConfigMap", "configmaps", true),
                 ResourceType::new(
                     "discovery.k8s.io",
                     "v1",
@@ -348,7 +354,8 @@ impl ApiServer {
         self.shared.lock().apply(object)
     }
 
-    /// Deletes an object; its new (last) `resourceVersion`, or `None` when there was none.
+    /// Deletes an object, and the objects it owns (`ownerReferences`, as the garbage collector
+    /// would); its deletion's `resourceVersion`, or `None` when there was none.
     pub fn delete(
         &self,
         api_version: &str,
@@ -647,6 +654,15 @@ async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Respo
             .lock()
             .patch(ty, ns, name, &parts.headers, &query, &body);
     }
+    if name.is_none() && parts.method == Method::POST {
+        let Some(ns) = namespace.or((!shared.lock().types[ty].namespaced).then_some("")) else {
+            return method_not_allowed();
+        };
+        let Ok(body) = body.collect().await else {
+            return bad_request("unreadable body");
+        };
+        return shared.lock().create(ty, ns, &body.to_bytes());
+    }
     if parts.method != Method::GET {
         return method_not_allowed();
     }
@@ -663,7 +679,7 @@ fn method_not_allowed() -> Response<Body> {
     status(
         StatusCode::METHOD_NOT_ALLOWED,
         "MethodNotAllowed",
-        "the double serves reads only; change objects through its Rust API",
+        "the double does not serve this method here (see tests/src/apiserver.rs)",
         json!({}),
     )
 }

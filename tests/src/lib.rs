@@ -36,6 +36,7 @@ pub mod echo;
 pub mod gamma;
 pub mod hbone_peer;
 pub mod http;
+pub mod l7bench;
 pub mod lab;
 pub mod manifests;
 pub mod mesh;

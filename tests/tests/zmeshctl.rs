@@ -198,18 +198,23 @@ async fn install_dry_run_is_the_rendered_manifests_and_hub_tag_change_only_image
         if o == n {
             continue;
         }
+        // The images, and the controller's flag naming the waypoints' image.
         assert!(
-            o.trim_start().starts_with("image: "),
+            o.trim_start().starts_with("image: ")
+                || o.trim_start().starts_with("- --waypoint-image="),
             "a non-image line changed: {o:?} -> {n:?}"
         );
         images.push(n.trim().to_owned());
     }
     images.sort();
-    assert_eq!(
-        images,
-        ["zmesh-cni", "zmesh-controller", "zmesh-ztunnel"]
-            .map(|i| format!("image: registry.example:5000/mesh/{i}:1.2.3"))
+    let mut expected: Vec<String> = ["zmesh-cni", "zmesh-controller", "zmesh-ztunnel"]
+        .map(|i| format!("image: registry.example:5000/mesh/{i}:1.2.3"))
+        .to_vec();
+    expected.insert(
+        0,
+        "- --waypoint-image=registry.example:5000/mesh/zmesh-waypoint:1.2.3".to_owned(),
     );
+    assert_eq!(images, expected);
 
     let run = zmeshctl(nowhere, &["install", "--dry-run", "--tag", "1.2:3"]).await;
     assert_eq!(run.code, 2);

@@ -1,7 +1,7 @@
 //! The install manifests, built into the binary (`manifests/rendered/zmesh.yaml`, which
 //! `scripts/render-manifests` makes from the kustomization), and their rendering with the
-//! install options. Only the `image:` fields change with `--hub` and `--tag`, the way
-//! `kustomize edit set image` changes them; everything else is the checked-in file byte for
+//! install options. Only the `image:` fields (and the controller's `--waypoint-image`) change
+//! with `--hub` and `--tag`, the way `kustomize edit set image` changes them; everything else is the checked-in file byte for
 //! byte, so `zmeshctl install --dry-run` is `kubectl kustomize manifests/`.
 
 use serde::Deserialize;
@@ -176,6 +176,14 @@ pub fn render(values: &Values) -> Result<String, Error> {
                 .iter()
                 .find(|n| i == format!("{default_hub}/{n}:{default_tag}"))
         });
+        // The controller's flag naming the waypoints' image follows the same hub and tag.
+        let waypoint = format!("- --waypoint-image={default_hub}/zmesh-waypoint:{default_tag}");
+        if body.trim_start() == waypoint {
+            out.push_str(&format!(
+                "{indent}- --waypoint-image={hub}/zmesh-waypoint:{tag}\n"
+            ));
+            continue;
+        }
         match (image, name) {
             (Some(_), Some(name)) => {
                 out.push_str(&format!("{indent}image: {hub}/{name}:{tag}\n"));
@@ -276,5 +284,19 @@ mod tests {
             };
             assert!(render(&values).is_ok(), "{hub:?}");
         }
+    }
+
+    #[test]
+    fn the_waypoint_image_follows_hub_and_tag() {
+        let values = Values {
+            hub: Some("reg.example/m".into()),
+            tag: Some("9.9.9".into()),
+        };
+        let yaml = render(&values).unwrap();
+        assert!(
+            yaml.contains("- --waypoint-image=reg.example/m/zmesh-waypoint:9.9.9\n"),
+            "{yaml}"
+        );
+        assert!(RENDERED.contains("- --waypoint-image="));
     }
 }

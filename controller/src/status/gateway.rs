@@ -1,15 +1,23 @@
 //! Status of waypoint Gateways (class `istio-waypoint`), as Gateway API defines it and istiod
 //! writes it: `Accepted` (`True`/`Accepted`, or `False` with `ListenersNotValid`/`Invalid`
 //! and what to fix), `Programmed` (`True` once the waypoint's Service has a cluster IP,
-//! `False`/`AddressNotAssigned` until then, `False`/`Invalid` when not accepted) and
+//! `False`/`AddressNotAssigned` until then, `False`/`Invalid` when not accepted, and
+//! `False` with the [`DeployError`]'s reason and message while the controller cannot create
+//! the waypoint's objects) and
 //! `addresses` (the Service's cluster IPs, type `IPAddress`).
 //!
 //! As for policies, only Gateways whose status must change are written, so the write (which
 //! comes back as a watch event) never loops.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value, json};
 
+use crate::deploy::DeployError;
 use crate::translate::{Objects, Waypoints};
+
+/// Waypoints whose objects could not be applied, by (namespace, name).
+pub type Failures = BTreeMap<(String, String), DeployError>;
 
 /// One Gateway condition (without its transition time).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +39,11 @@ pub struct GatewayUpdate {
 }
 
 /// The status every Gateway of class `istio-waypoint` should carry.
-pub fn gateway_statuses(objects: &Objects, waypoints: &Waypoints) -> Vec<GatewayUpdate> {
+pub fn gateway_statuses(
+    objects: &Objects,
+    waypoints: &Waypoints,
+    failures: &Failures,
+) -> Vec<GatewayUpdate> {
     let mut out = Vec::new();
     for (key, gw) in &objects.gateways {
         let generation = gw.metadata.generation;
@@ -45,7 +57,9 @@ pub fn gateway_statuses(objects: &Objects, waypoints: &Waypoints) -> Vec<Gateway
             )
         } else if let Some(w) = waypoints.valid.get(key) {
             let addresses: Vec<String> = w.vips.iter().map(ToString::to_string).collect();
-            let programmed = if addresses.is_empty() {
+            let programmed = if let Some(e) = failures.get(key) {
+                cond("Programmed", "False", e.reason(), e.to_string())
+            } else if addresses.is_empty() {
                 cond(
                     "Programmed",
                     "False",
@@ -100,8 +114,12 @@ fn cond(
 }
 
 /// The updates needed: Gateways whose current status differs from what it should be.
-pub fn desired_gateway_updates(objects: &Objects, waypoints: &Waypoints) -> Vec<GatewayUpdate> {
-    gateway_statuses(objects, waypoints)
+pub fn desired_gateway_updates(
+    objects: &Objects,
+    waypoints: &Waypoints,
+    failures: &Failures,
+) -> Vec<GatewayUpdate> {
+    gateway_statuses(objects, waypoints, failures)
         .into_iter()
         .filter(|u| {
             let current = objects
@@ -209,7 +227,7 @@ spec: {gatewayClassName: istio, listeners: [{name: web, port: 80, protocol: HTTP
     fn accepted_programmed_and_addresses() {
         let objects = Objects::from_yaml(GATEWAYS).unwrap();
         let t = translate(&objects, &MeshConfig::default());
-        let u = gateway_statuses(&objects, &t.waypoints);
+        let u = gateway_statuses(&objects, &t.waypoints, &Failures::new());
         assert_eq!(u.len(), 3, "the `istio` class Gateway is not ours");
         let ready = find(&u, "ready");
         assert_eq!(ready.addresses, ["10.96.0.7"]);
@@ -231,10 +249,43 @@ spec: {gatewayClassName: istio, listeners: [{name: web, port: 80, protocol: HTTP
     }
 
     #[test]
+    fn a_failed_deployment_is_programmed_false_with_what_to_fix() {
+        let objects = Objects::from_yaml(GATEWAYS).unwrap();
+        let t = translate(&objects, &MeshConfig::default());
+        let mut failures = Failures::new();
+        failures.insert(
+            ("a".to_owned(), "ready".to_owned()),
+            DeployError::Forbidden {
+                kind: "Deployment".into(),
+                name: "a/ready".into(),
+                message: "forbidden".into(),
+            },
+        );
+        let u = gateway_statuses(&objects, &t.waypoints, &failures);
+        let ready = find(&u, "ready");
+        assert_eq!(
+            (ready.conditions[0].status, ready.conditions[1].status),
+            ("True", "False")
+        );
+        assert_eq!(ready.conditions[1].reason, "NoResources");
+        assert!(
+            ready.conditions[1]
+                .message
+                .contains("manifests/controller/rbac.yaml"),
+            "{}",
+            ready.conditions[1].message
+        );
+        assert_eq!(
+            find(&u, "pending").conditions[1].reason,
+            "AddressNotAssigned"
+        );
+    }
+
+    #[test]
     fn only_changes_are_written_and_transition_times_kept() {
         let mut objects = Objects::from_yaml(GATEWAYS).unwrap();
         let t = translate(&objects, &MeshConfig::default());
-        let updates = desired_gateway_updates(&objects, &t.waypoints);
+        let updates = desired_gateway_updates(&objects, &t.waypoints, &Failures::new());
         assert_eq!(updates.len(), 3);
         for u in &updates {
             let gw = objects
@@ -244,7 +295,7 @@ spec: {gatewayClassName: istio, listeners: [{name: web, port: 80, protocol: HTTP
             let body = gateway_patch(&gw.data["status"], u, "2026-01-01T00:00:00Z");
             gw.data["status"] = body["status"].clone();
         }
-        assert!(desired_gateway_updates(&objects, &t.waypoints).is_empty());
+        assert!(desired_gateway_updates(&objects, &t.waypoints, &Failures::new()).is_empty());
         let ready = &objects.gateways[&("a".to_owned(), "ready".to_owned())];
         let mut u = find(&updates, "ready").clone();
         u.conditions[1].message = "changed".into();

@@ -306,9 +306,22 @@ pub(super) fn check(
     if !info.username.starts_with("system:serviceaccount:") {
         return None;
     }
-    let a = attributes(&parts.method, parts.uri.path(), query)?;
+    let mut a = attributes(&parts.method, parts.uri.path(), query)?;
     if st.rbac.allows(&info.username, &info.groups, &a) {
-        return None;
+        // An apply that would create its object must be allowed to `create` too (upstream's
+        // `k8s.io/apiserver/pkg/endpoints/handlers/patch.go` authorizes the create).
+        let apply = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/apply-patch"));
+        if !(a.verb == "patch" && apply && st.exists_at(parts.uri.path()) == Some(false)) {
+            return None;
+        }
+        a.verb = "create".into();
+        if st.rbac.allows(&info.username, &info.groups, &a) {
+            return None;
+        }
     }
     let message = forbidden_message(&info.username, &a);
     st.denied.push(message.clone());
@@ -490,6 +503,31 @@ mod tests {
             false
         ));
         assert!(!ok(CONTROLLER, Method::GET, "/api/v1/secrets", false));
+        // A waypoint's objects, and of ConfigMaps only the mesh root's.
+        assert!(ok(
+            CONTROLLER,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/shop/deployments/wp",
+            false
+        ));
+        assert!(ok(
+            CONTROLLER,
+            Method::PATCH,
+            "/api/v1/namespaces/shop/configmaps/istio-ca-root-cert",
+            false
+        ));
+        assert!(!ok(
+            CONTROLLER,
+            Method::PATCH,
+            "/api/v1/namespaces/shop/configmaps/other",
+            false
+        ));
+        assert!(!ok(
+            CONTROLLER,
+            Method::DELETE,
+            "/apis/apps/v1/namespaces/shop/deployments/wp",
+            false
+        ));
         assert!(!ok(
             CONTROLLER,
             Method::GET,

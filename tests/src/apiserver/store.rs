@@ -88,8 +88,32 @@ impl State {
         } else {
             ""
         };
-        let key = (ty, ns.to_owned(), name.to_owned());
+        self.delete_key((ty, ns.to_owned(), name.to_owned()))
+    }
+
+    /// Deletes the object at `key`, then (as the garbage collector does, in the background
+    /// on a real cluster) every object whose `ownerReferences` name it by uid.
+    fn delete_key(&mut self, key: Key) -> Option<u64> {
         let previous = self.objects.remove(&key)?;
+        let rv = self.record_delete(key, previous.clone());
+        let uid = previous["metadata"]["uid"].clone();
+        let dependents: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| !uid.is_null() && r["uid"] == uid))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dependents {
+            self.delete_key(k);
+        }
+        Some(rv)
+    }
+
+    fn record_delete(&mut self, key: Key, previous: Value) -> u64 {
         self.rv += 1;
         let mut object = previous.clone();
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
@@ -100,7 +124,7 @@ impl State {
             previous: Some(previous),
             deleted: true,
         });
-        Some(self.rv)
+        self.rv
     }
 
     pub(super) fn record(&mut self, change: Change) {

@@ -3,12 +3,20 @@
 //! merge patch (`application/merge-patch+json`), `DELETE` of one object, `GET /version`, and
 //! a CustomResourceDefinition starting to serve its kind once stored.
 //!
+//! `POST` of one object to its collection creates it (`201`, or `409 AlreadyExists`). A
+//! Service created over HTTP (`POST`, or an apply that creates it) without a cluster IP gets
+//! one. An apply that creates its object needs RBAC's `create` as well as `patch`, as on the
+//! real server (`rbac.rs`).
+//!
 //! Simplified: server-side apply merges the applied configuration into the stored object key
 //! by key (lists replaced whole) and records the manager in `managedFields`, but keeps no
 //! per-field ownership, so it never removes fields a manager stopped applying and never
-//! reports a conflict; `status` in an applied or patched object is ignored (the main
-//! resource does not write it); `DELETE` removes at once (no finalizers, no garbage
-//! collection of dependents).
+//! reports a conflict (`409` without `force`: `force` is accepted and changes nothing);
+//! `status` in an applied or patched object is ignored (the main resource does not write it);
+//! `DELETE` removes at once (no finalizers), and with it, at once, the objects whose
+//! `ownerReferences` name it by uid (the garbage collector's background deletion; no
+//! `blockOwnerDeletion`, no orphaning). No discovery (`/api`, `/apis`): nothing zmesh calls
+//! needs it (typed and `ApiResource` requests).
 
 use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
@@ -83,6 +91,9 @@ impl State {
                 }
                 let mut object = existing.clone().unwrap_or_else(|| json!({}));
                 merge_patch(&mut object, &applied);
+                if existing.is_none() {
+                    self.allocate_cluster_ip(&mut object);
+                }
                 // A no-op apply changes nothing, not even the manager's time.
                 let unchanged = existing
                     .as_ref()
@@ -122,6 +133,110 @@ impl State {
             Ok(_) => self.get_one(ty, namespace, name),
             Err(e) => bad_request(&e.to_string()),
         }
+    }
+
+    /// `POST` of a new object to the collection of type `ty`: `201` with the stored object,
+    /// `409 AlreadyExists`, or `400` when the body does not name this type, the URL's
+    /// namespace and a name (`generateName` is not done).
+    pub(super) fn create(
+        &mut self,
+        ty: usize,
+        namespace: &str,
+        body: &[u8],
+    ) -> http::Response<Body> {
+        let t = self.types[ty].clone();
+        let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+            return bad_request("the body is not a JSON object");
+        };
+        let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
+            return bad_request(
+                "metadata.name: Required value (the double does not generate names)",
+            );
+        };
+        if let Err(e) = check_identity(&t, namespace, &name, &object) {
+            return bad_request(&e);
+        }
+        let key = (ty, namespace.to_owned(), name.clone());
+        if self.objects.contains_key(&key) {
+            let qualified = if t.group.is_empty() {
+                t.plural.clone()
+            } else {
+                format!("{}.{}", t.plural, t.group)
+            };
+            return status(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                &format!("{qualified} {name:?} already exists"),
+                json!({"name": name, "group": t.group, "kind": t.plural}),
+            );
+        }
+        if let Some(m) = object.as_object_mut() {
+            m.remove("status");
+        }
+        if t.namespaced {
+            object["metadata"]["namespace"] = json!(namespace);
+        }
+        self.allocate_cluster_ip(&mut object);
+        match self.apply(object) {
+            Ok(_) => {
+                let stored = self.objects.get(&key).cloned().unwrap_or_default();
+                full(StatusCode::CREATED, &stored)
+            }
+            Err(e) => bad_request(&e.to_string()),
+        }
+    }
+
+    /// A new Service without `spec.clusterIP` gets one, as the real server's allocator gives
+    /// it (from `10.96.128.0/17` here, never one already in use; not for `ExternalName`).
+    /// Only objects created over HTTP: the tests' [`super::ApiServer::apply`] stores what it
+    /// is given.
+    fn allocate_cluster_ip(&mut self, object: &mut Value) {
+        if object["kind"] != "Service"
+            || object["spec"]["type"] == "ExternalName"
+            || object["spec"]["clusterIP"]
+                .as_str()
+                .is_some_and(|ip| !ip.is_empty())
+        {
+            return;
+        }
+        let in_use: std::collections::HashSet<String> = self
+            .objects
+            .values()
+            .filter_map(|o| o["spec"]["clusterIP"].as_str().map(str::to_owned))
+            .collect();
+        let ip = loop {
+            self.next_ip += 1;
+            let n = self.next_ip;
+            let ip = format!("10.96.{}.{}", 128 + (n / 254) % 128, 1 + n % 254);
+            if !in_use.contains(&ip) {
+                break ip;
+            }
+        };
+        object["spec"]["clusterIP"] = json!(ip);
+        object["spec"]["clusterIPs"] = json!([ip]);
+    }
+
+    /// Whether the object a single-object URL names exists (`None` for any other URL).
+    pub(super) fn exists_at(&self, path: &str) -> Option<bool> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, version, rest) = match segments.as_slice() {
+            ["api", version, rest @ ..] => ("", *version, rest),
+            ["apis", group, version, rest @ ..] => (*group, *version, rest),
+            _ => return None,
+        };
+        let (ns, plural, name) = match rest {
+            ["namespaces", ns, plural, name] => (*ns, *plural, *name),
+            [plural, name] => ("", *plural, *name),
+            _ => return None,
+        };
+        let ty = self
+            .types
+            .iter()
+            .position(|t| t.group == group && t.version == version && t.plural == plural)?;
+        Some(
+            self.objects
+                .contains_key(&(ty, ns.to_owned(), name.to_owned())),
+        )
     }
 
     /// `DELETE` of the object `name` of type `ty`: its last state, or `404`.

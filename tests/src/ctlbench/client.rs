@@ -433,6 +433,7 @@ mod tests {
                     .unwrap(),
                 debounce: Duration::from_millis(10),
                 limits: Default::default(),
+                waypoint: Default::default(),
             },
             stop.clone(),
         )

@@ -87,6 +87,7 @@ async fn config_and_certificate_from_the_controller() {
             ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
             debounce: Duration::from_millis(10),
             limits: Default::default(),
+            waypoint: Default::default(),
         },
         stop.clone(),
     )
