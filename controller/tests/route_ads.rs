@@ -130,6 +130,7 @@ async fn controller() -> Controller {
             ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
             debounce: Duration::from_millis(10),
             limits: Default::default(),
+            waypoint: Default::default(),
         },
         stop.clone(),
     )

@@ -61,6 +61,7 @@ async fn setup() -> Setup {
             ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
             debounce: Duration::from_millis(10),
             limits: Default::default(),
+            waypoint: Default::default(),
         },
         // As the install's service account: the double enforces the install's RBAC.
         Some(api.client_for(Component::Controller)),
