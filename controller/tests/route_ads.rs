@@ -3,28 +3,13 @@
 //! to, follows the Service when it moves to another waypoint, and is removed when its routes
 //! go away. Ztunnels and other waypoints never see it.
 
-use std::time::Duration;
+#[path = "support/waypoint_ads.rs"]
+mod support;
 
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tonic::Request;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use support::{Client, WP_A, WP_B, WP_BAD, ZTUNNEL, controller, names};
 use xds_proto::SERVICE_ROUTES_TYPE_URL;
-use xds_proto::envoy::config::core::v3::Node;
-use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use xds_proto::zmesh::waypoint::v1::{ServiceRoutes, backend};
-use zmesh_controller::ca::CaConfig;
-use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start};
-use zmesh_controller::translate::MeshConfig;
-use zmesh_core::identity::SpiffeId;
-use zmesh_core::tls::LocalCa;
-
-const ZTUNNEL: &str = "zt-0123456789abcdef0123456789abcdef";
-const WP_A: &str = "wa-0123456789abcdef0123456789abcdef";
-const WP_B: &str = "wb-0123456789abcdef0123456789abcdef";
-const WP_BAD: &str = "wx-0123456789abcdef0123456789abcdef";
 
 const S1: &str = "app/s1.app.svc.cluster.local";
 const S2: &str = "app/s2.app.svc.cluster.local";
@@ -79,145 +64,13 @@ fn objects(s1_waypoint: &str, with_r1: bool) -> String {
     y
 }
 
-struct Controller {
-    addr: std::net::SocketAddr,
-    root_pem: String,
-    dir: tempfile::TempDir,
-    stop: CancellationToken,
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn controller() -> Controller {
-    zmesh_core::tls::install_default_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = LocalCa::generate("mesh-root").unwrap();
-    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
-    std::fs::write(&cert, ca.cert_pem()).unwrap();
-    std::fs::write(&key, ca.key_pem()).unwrap();
-    let cfg_dir = dir.path().join("objects");
-    std::fs::create_dir(&cfg_dir).unwrap();
-    std::fs::write(cfg_dir.join("a.yaml"), objects("wp-a", true)).unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::write(
-        &tokens,
-        format!(
-            "n1 {ZTUNNEL}\nn1 {WP_A} spiffe://cluster.local/ns/app/sa/wp-a\n\
-             n1 {WP_B} spiffe://cluster.local/ns/app/sa/wp-b\n\
-             n1 {WP_BAD} spiffe://cluster.local/ns/app/sa/bad\n"
-        ),
-    )
-    .unwrap();
-    let stop = CancellationToken::new();
-    let running = start(
-        ControllerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ca_cert: cert,
-            ca_key: key,
-            serving_names: vec!["127.0.0.1".into()],
-            serving_ttl: Duration::from_secs(3600),
-            mesh: MeshConfig::default(),
-            ca: CaConfig {
-                cluster_id: Some("Kubernetes".into()),
-                ..CaConfig::default()
-            },
-            source: SourceConfig::Dir(cfg_dir),
-            auth: AuthConfig::NodeTokens(tokens),
-            ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
-            debounce: Duration::from_millis(10),
-            limits: Default::default(),
-            waypoint: Default::default(),
-        },
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    Controller {
-        addr: running.addr,
-        root_pem: ca.cert_pem().to_owned(),
-        dir,
-        stop,
-    }
-}
-
-struct Client {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    stream: tonic::Streaming<DeltaDiscoveryResponse>,
-}
-
-impl Client {
-    /// Opens a stream with `token` and subscribes to the wildcard of ServiceRoutes.
-    async fn subscribe(c: &Controller, token: &str) -> Client {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&c.root_pem))
-            .domain_name("127.0.0.1");
-        let channel = Channel::from_shared(format!("https://{}", c.addr))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let (tx, rx) = mpsc::channel(8);
-        tx.send(DeltaDiscoveryRequest {
-            node: Some(Node {
-                id: "waypoint~10.0.0.9~wp.app~app.svc.cluster.local".into(),
-                ..Node::default()
-            }),
-            type_url: SERVICE_ROUTES_TYPE_URL.into(),
-            ..DeltaDiscoveryRequest::default()
-        })
-        .await
-        .unwrap();
-        let out =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-        let mut req = Request::new(out);
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        req.metadata_mut()
-            .insert("clusterid", "Kubernetes".parse().unwrap());
-        let stream = AggregatedDiscoveryServiceClient::new(channel)
-            .delta_aggregated_resources(req)
-            .await
-            .unwrap()
-            .into_inner();
-        Client { tx, stream }
-    }
-
-    /// The next response, ACKed.
-    async fn recv(&mut self) -> DeltaDiscoveryResponse {
-        let r = tokio::time::timeout(Duration::from_secs(20), self.stream.message())
-            .await
-            .expect("a response in time")
-            .unwrap()
-            .unwrap();
-        self.tx
-            .send(DeltaDiscoveryRequest {
-                type_url: SERVICE_ROUTES_TYPE_URL.into(),
-                response_nonce: r.nonce.clone(),
-                ..DeltaDiscoveryRequest::default()
-            })
-            .await
-            .unwrap();
-        r
-    }
-}
-
-fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
-    r.resources.iter().map(|r| r.name.as_str()).collect()
-}
-
 #[tokio::test]
 async fn routes_go_only_to_the_waypoint_of_their_service() {
-    let c = controller().await;
-    let mut a = Client::subscribe(&c, WP_A).await;
-    let mut b = Client::subscribe(&c, WP_B).await;
-    let mut zt = Client::subscribe(&c, ZTUNNEL).await;
-    let mut bad = Client::subscribe(&c, WP_BAD).await;
+    let c = controller(objects("wp-a", true)).await;
+    let mut a = Client::subscribe(&c, WP_A, SERVICE_ROUTES_TYPE_URL).await;
+    let mut b = Client::subscribe(&c, WP_B, SERVICE_ROUTES_TYPE_URL).await;
+    let mut zt = Client::subscribe(&c, ZTUNNEL, SERVICE_ROUTES_TYPE_URL).await;
+    let mut bad = Client::subscribe(&c, WP_BAD, SERVICE_ROUTES_TYPE_URL).await;
 
     let first_a = a.recv().await;
     assert_eq!(names(&first_a), [S1]);
