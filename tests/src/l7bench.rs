@@ -413,11 +413,11 @@ time for request:       26us     11.15ms       232us       645us    97.34%
 
     #[test]
     fn nginx_configs_name_the_ports_and_the_upstream() {
-        let dir = Path::new("/tmp/sb");
+        let dir = Path::new("/run/zmesh-bench");
         let b = backend_conf(dir, 2, 8080, 8081, "hello");
         assert!(b.contains("listen 8080 reuseport; location / { return 200 \"hello\\n\"; }"));
         assert!(b.contains("listen 8081 http2 reuseport;"));
-        assert!(b.contains("pid /tmp/sb/backend.pid;"));
+        assert!(b.contains("pid /run/zmesh-bench/backend.pid;"));
         assert!(b.contains("worker_processes 2;"));
         let p = proxy_conf(dir, 1, 8090, 8091, "10.200.0.3:8080");
         assert!(p.contains("upstream backend { server 10.200.0.3:8080; keepalive 256;"));
