@@ -16,6 +16,8 @@ use crate::manifests::{Component, Manifests, PodFacts};
 use crate::process::Process;
 use crate::sandbox::Sandbox;
 
+pub mod in_process;
+
 /// The gRPC port of the controller (xDS and CA), as istiod's.
 pub const CONTROLLER_PORT: u16 = 15012;
 

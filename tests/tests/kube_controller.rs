@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use rcgen::{CertificateParams, KeyPair, SanType};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tonic::transport::Channel;
 use xds_proto::envoy::config::core::v3::Node;
@@ -17,15 +16,12 @@ use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDisco
 use xds_proto::istio::v1::auth::IstioCertificateRequest;
 use xds_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use xds_proto::istio::workload::{Address, address};
-use zmesh_controller::ca::{CaConfig, impersonation};
+use zmesh_controller::ca::impersonation;
 use zmesh_controller::reconcile::ADDRESS_TYPE;
-use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start_with_client};
-use zmesh_controller::translate::MeshConfig;
-use zmesh_core::identity::SpiffeId;
-use zmesh_core::tls::LocalCa;
 use zmesh_tests::apiserver::{ApiServer, Rbac, TokenInfo};
+use zmesh_tests::controller::in_process::{self, KubeController};
 use zmesh_tests::controller::{self, SERVER_NAME};
-use zmesh_tests::manifests::{Component, Manifests};
+use zmesh_tests::manifests::Manifests;
 
 const ZTUNNEL_N1: &str = "token-of-ztunnel-on-n1";
 const STRANGER: &str = "token-of-some-app";
@@ -41,16 +37,7 @@ fn pod(name: &str, node: &str, sa: &str, ip: &str) -> Value {
 
 struct Setup {
     api: ApiServer,
-    root_pem: String,
-    port: u16,
-    _dir: tempfile::TempDir,
-    stop: CancellationToken,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    ctl: KubeController,
 }
 
 async fn setup() -> Setup {
@@ -76,51 +63,13 @@ async fn setup() -> Setup {
         TokenInfo::service_account("shop", "sa-a", &["istio-ca"]).on_node("n1"),
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let ca = LocalCa::generate("k8s-mesh-root").unwrap();
-    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
-    std::fs::write(&cert, ca.cert_pem()).unwrap();
-    std::fs::write(&key, ca.key_pem()).unwrap();
-    let stop = CancellationToken::new();
-    let running = start_with_client(
-        ControllerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ca_cert: cert,
-            ca_key: key,
-            serving_names: vec![SERVER_NAME.into()],
-            serving_ttl: Duration::from_secs(3600),
-            mesh: MeshConfig::default(),
-            ca: CaConfig {
-                cluster_id: Some("Kubernetes".into()),
-                ..CaConfig::default()
-            },
-            source: SourceConfig::Kube,
-            auth: AuthConfig::TokenReview {
-                trusted_node_accounts: vec!["istio-system/ztunnel".into()],
-            },
-            ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
-            debounce: Duration::from_millis(10),
-            limits: Default::default(),
-            waypoint: Default::default(),
-        },
-        // As the install's service account: the double enforces the install's RBAC.
-        Some(api.client_for(Component::Controller)),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    Setup {
-        api,
-        root_pem: ca.cert_pem().to_owned(),
-        port: running.addr.port(),
-        _dir: dir,
-        stop,
-    }
+    let ctl = in_process::start_kube(&api).await;
+    Setup { api, ctl }
 }
 
 async fn channel(s: &Setup) -> Channel {
-    let uri = format!("https://127.0.0.1:{}", s.port);
-    controller::endpoint(uri, &s.root_pem, SERVER_NAME)
+    let uri = format!("https://127.0.0.1:{}", s.ctl.addr.port());
+    controller::endpoint(uri, &s.ctl.root_pem, SERVER_NAME)
         .unwrap()
         .connect()
         .await
@@ -250,7 +199,10 @@ async fn tokenreview_authenticated_ztunnel_gets_only_its_nodes_certificates() {
             Err(e) => panic!("no certificate for a pod on n1: {e}"),
         }
     };
-    assert_eq!(issued.cert_chain.last().unwrap().trim(), s.root_pem.trim());
+    assert_eq!(
+        issued.cert_chain.last().unwrap().trim(),
+        s.ctl.root_pem.trim()
+    );
 
     let err = ca
         .create_certificate(authed(req(on_n2), ZTUNNEL_N1))

@@ -7,28 +7,15 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use zmesh_controller::ca::CaConfig;
-use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start_with_client};
-use zmesh_controller::translate::MeshConfig;
-use zmesh_core::identity::SpiffeId;
-use zmesh_core::tls::LocalCa;
 use zmesh_tests::apiserver::ApiServer;
-use zmesh_tests::controller::SERVER_NAME;
-use zmesh_tests::manifests::Component;
+use zmesh_tests::controller::in_process::{self, KubeController};
 
 const ROUTES: &str = "gateway.networking.k8s.io/v1";
 
 struct Setup {
     api: ApiServer,
-    _dir: tempfile::TempDir,
-    stop: CancellationToken,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    /// Kept running for the test; stopped when the test ends.
+    _ctl: KubeController,
 }
 
 async fn setup() -> Setup {
@@ -36,44 +23,8 @@ async fn setup() -> Setup {
     let api = ApiServer::start().await;
     api.install_istio_crds();
     api.install_gateway_api_crds();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = LocalCa::generate("k8s-mesh-root").unwrap();
-    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
-    std::fs::write(&cert, ca.cert_pem()).unwrap();
-    std::fs::write(&key, ca.key_pem()).unwrap();
-    let stop = CancellationToken::new();
-    start_with_client(
-        ControllerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ca_cert: cert,
-            ca_key: key,
-            serving_names: vec![SERVER_NAME.into()],
-            serving_ttl: Duration::from_secs(3600),
-            mesh: MeshConfig::default(),
-            ca: CaConfig {
-                cluster_id: Some("Kubernetes".into()),
-                ..CaConfig::default()
-            },
-            source: SourceConfig::Kube,
-            auth: AuthConfig::TokenReview {
-                trusted_node_accounts: vec!["istio-system/ztunnel".into()],
-            },
-            ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
-            debounce: Duration::from_millis(10),
-            limits: Default::default(),
-            waypoint: Default::default(),
-        },
-        // As the install's service account: the double enforces the install's RBAC.
-        Some(api.client_for(Component::Controller)),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    Setup {
-        api,
-        _dir: dir,
-        stop,
-    }
+    let ctl = in_process::start_kube(&api).await;
+    Setup { api, _ctl: ctl }
 }
 
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {

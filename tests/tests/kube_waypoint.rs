@@ -6,27 +6,13 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use zmesh_controller::ca::CaConfig;
-use zmesh_controller::server::{AuthConfig, ControllerConfig, SourceConfig, start_with_client};
-use zmesh_controller::translate::MeshConfig;
-use zmesh_core::identity::SpiffeId;
-use zmesh_core::tls::LocalCa;
 use zmesh_tests::apiserver::{ApiServer, Rbac};
-use zmesh_tests::controller::SERVER_NAME;
+use zmesh_tests::controller::in_process::{self, KubeController};
 use zmesh_tests::manifests::{Component, Manifests};
 
 struct Setup {
     api: ApiServer,
-    root_pem: String,
-    _dir: tempfile::TempDir,
-    stop: CancellationToken,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    ctl: KubeController,
 }
 
 async fn setup() -> Setup {
@@ -43,44 +29,8 @@ async fn setup_with(rbac: Rbac) -> Setup {
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}}))
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = LocalCa::generate("k8s-mesh-root").unwrap();
-    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
-    std::fs::write(&cert, ca.cert_pem()).unwrap();
-    std::fs::write(&key, ca.key_pem()).unwrap();
-    let stop = CancellationToken::new();
-    start_with_client(
-        ControllerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ca_cert: cert,
-            ca_key: key,
-            serving_names: vec![SERVER_NAME.into()],
-            serving_ttl: Duration::from_secs(3600),
-            mesh: MeshConfig::default(),
-            ca: CaConfig {
-                cluster_id: Some("Kubernetes".into()),
-                ..CaConfig::default()
-            },
-            source: SourceConfig::Kube,
-            auth: AuthConfig::TokenReview {
-                trusted_node_accounts: vec!["istio-system/ztunnel".into()],
-            },
-            ztunnel_identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
-            debounce: Duration::from_millis(10),
-            limits: Default::default(),
-            waypoint: Default::default(),
-        },
-        Some(api.client_for(Component::Controller)),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    Setup {
-        api,
-        root_pem: ca.cert_pem().to_owned(),
-        _dir: dir,
-        stop,
-    }
+    let ctl = in_process::start_kube(&api).await;
+    Setup { api, ctl }
 }
 
 fn gateway(name: &str, class: &str, listener: Value) -> Value {
@@ -158,7 +108,7 @@ async fn a_waypoint_gateway_gets_its_service_account_deployment_and_service() {
     .await;
     assert_eq!(
         root["data"]["root-cert.pem"].as_str().map(str::trim),
-        Some(s.root_pem.trim())
+        Some(s.ctl.root_pem.trim())
     );
     assert!(
         root["metadata"]["ownerReferences"].is_null(),
