@@ -108,11 +108,10 @@ impl State {
         if source.is_some_and(|s| endpoints.iter().any(|e| same_workload(e, s))) {
             return self.resolve(dst, pick);
         }
-        let healthy: Vec<&Arc<Workload>> = endpoints
-            .iter()
-            .filter(|w| w.status == HealthStatus::Healthy && !w.workload_ips.is_empty())
-            .collect();
-        if healthy.is_empty() {
+        let healthy =
+            |w: &&Arc<Workload>| w.status == HealthStatus::Healthy && !w.workload_ips.is_empty();
+        let n = endpoints.iter().filter(healthy).count();
+        if n == 0 {
             return Resolved::WaypointNotReady {
                 destination: service.map_or_else(|| dst.to_string(), |s| s.key()),
                 waypoint: waypoint.to_string(),
@@ -123,7 +122,9 @@ impl State {
                 },
             };
         }
-        let w = healthy[pick(healthy.len()) % healthy.len()];
+        let Some(w) = endpoints.iter().filter(healthy).nth(pick(n) % n) else {
+            unreachable!("{n} healthy endpoints were counted in the same snapshot");
+        };
         let mut identities: Vec<SpiffeId> = w.identity().into_iter().collect();
         if let Some(s) = self.waypoint_service(waypoint) {
             identities.extend(
@@ -154,15 +155,15 @@ impl State {
 
     /// Every workload that is the waypoint: the endpoints of its Service, or the workload at
     /// its address.
-    fn waypoint_endpoints(&self, waypoint: &GatewayAddress) -> Vec<Arc<Workload>> {
+    fn waypoint_endpoints(&self, waypoint: &GatewayAddress) -> &[Arc<Workload>] {
         if let Some(svc) = self.waypoint_service(waypoint) {
-            return self.endpoints.get(&svc.key()).cloned().unwrap_or_default();
+            return self.endpoints(&svc.key());
         }
         match &waypoint.destination {
             GatewayDestination::Address(a) => {
-                self.by_ip.get(&a.address).cloned().into_iter().collect()
+                self.by_ip.get(&a.address).map_or(&[], std::slice::from_ref)
             }
-            GatewayDestination::Hostname(_) => Vec::new(),
+            GatewayDestination::Hostname(_) => &[],
         }
     }
 

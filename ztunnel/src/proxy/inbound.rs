@@ -175,7 +175,8 @@ impl Proxy {
                 ),
             );
         }
-        if local_w.waypoint.is_some() {
+        // Log only: not worked out unless the debug line is enabled.
+        if local_w.waypoint.is_some() && tracing::enabled!(tracing::Level::DEBUG) {
             let from_waypoint = peer_id
                 .as_ref()
                 .as_ref()
