@@ -379,13 +379,7 @@ pub async fn proxy(
     match &body {
         Ok(kept) => {
             for m in plan.mirrors {
-                let out = Outgoing {
-                    method: out.method.clone(),
-                    uri: out.uri.clone(),
-                    version: out.version,
-                    headers: out.headers.clone(),
-                };
-                attempt::mirror(wp.clone(), m, up_h2, out, kept.clone());
+                attempt::mirror(wp.clone(), m, up_h2, out.clone(), kept.clone());
             }
         }
         Err(_) if !plan.mirrors.is_empty() => {
@@ -401,7 +395,7 @@ pub async fn proxy(
     let sending = attempt::send(
         &wp,
         &t,
-        &out,
+        out,
         body,
         plan.retry.as_ref(),
         plan.timeouts.backend_request,

@@ -17,7 +17,9 @@ use crate::bound::Binding;
 use crate::route::Retry;
 use crate::upstream::{Endpoint, H1Checkout, InFlight, Sender, endpoints};
 
-/// The request as sent upstream, rebuilt for each attempt.
+/// The request as sent upstream: moved into the last attempt, cloned only for an attempt that
+/// may be followed by a retry (and for mirrors).
+#[derive(Clone)]
 pub struct Outgoing {
     pub method: Method,
     pub uri: Uri,
@@ -26,12 +28,12 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn request(&self, body: ReqBody, bytes: &Arc<AtomicU64>) -> Request<CountedBody<ReqBody>> {
+    fn request(self, body: ReqBody, bytes: &Arc<AtomicU64>) -> Request<CountedBody<ReqBody>> {
         let mut r = Request::new(CountedBody::new(body, bytes.clone()));
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
+        *r.method_mut() = self.method;
+        *r.uri_mut() = self.uri;
         *r.version_mut() = self.version;
-        *r.headers_mut() = self.headers.clone();
+        *r.headers_mut() = self.headers;
         r
     }
 }
@@ -62,7 +64,7 @@ pub struct Target<'a> {
 async fn once(
     wp: &Waypoint,
     t: &Target<'_>,
-    out: &Outgoing,
+    out: Outgoing,
     body: ReqBody,
     bytes: &Arc<AtomicU64>,
 ) -> Result<Sent, Failed> {
@@ -127,7 +129,7 @@ async fn once(
 pub async fn send(
     wp: &Waypoint,
     t: &Target<'_>,
-    out: &Outgoing,
+    out: Outgoing,
     mut body: Result<KeptBody, ReqBody>,
     retry: Option<&Retry>,
     per_try: Option<Duration>,
@@ -138,7 +140,17 @@ pub async fn send(
         _ => 0,
     };
     let mut attempt = 0;
+    let mut out = Some(out);
     loop {
+        // The last attempt takes the request; one that may be retried sends a copy.
+        let this_out = if attempt >= retries {
+            out.take()
+        } else {
+            out.clone()
+        }
+        .expect("the request is taken by the last attempt only");
+        // `istio_request_bytes` counts the body once: what the last attempt sent.
+        bytes.store(0, std::sync::atomic::Ordering::Relaxed);
         let this = match &mut body {
             Ok(k) => k.body(),
             Err(b) => std::mem::replace(
@@ -150,7 +162,7 @@ pub async fn send(
             ),
         };
         let r = match per_try {
-            Some(d) => tokio::time::timeout(d, once(wp, t, out, this, bytes))
+            Some(d) => tokio::time::timeout(d, once(wp, t, this_out, this, bytes))
                 .await
                 .unwrap_or_else(|_| {
                     Err(Failed {
@@ -159,7 +171,7 @@ pub async fn send(
                         why: format!("no response within the backend request timeout {d:?}"),
                     })
                 }),
-            None => once(wp, t, out, this, bytes).await,
+            None => once(wp, t, this_out, this, bytes).await,
         };
         let retriable = match &r {
             Ok(s) => retry.is_some_and(|rt| rt.codes.contains(&s.resp.status())),
@@ -207,7 +219,7 @@ pub fn mirror(wp: Arc<Waypoint>, binding: Binding, up_h2: bool, mut out: Outgoin
             up_h2,
             client: None,
         };
-        match once(&wp, &t, &out, body.body(), &bytes).await {
+        match once(&wp, &t, out, body.body(), &bytes).await {
             Ok(s) => {
                 use http_body_util::BodyExt;
                 let _ = s.resp.into_body().collect().await;
