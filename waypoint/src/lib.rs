@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authn;
 pub mod body;
 pub mod bound;
 pub mod ca;
