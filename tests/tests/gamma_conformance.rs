@@ -536,7 +536,7 @@ fn the_mesh_conformance_suite_passes_through_the_waypoint_and_fails_without_it()
     }
 
     let mut table =
-        format!("| test | through the waypoint | waypoint unbound |\n| --- | --- | --- |\n");
+        String::from("| test | through the waypoint | waypoint unbound |\n| --- | --- | --- |\n");
     let mut wrong = Vec::new();
     for ((t, b), u) in tests.iter().zip(&bound).zip(&unbound) {
         let want_unbound = t.passes_without_waypoint.is_some();
