@@ -72,7 +72,7 @@ pub enum ReqBody {
     /// every copy when the client's body fails.
     Tee {
         inner: Incoming,
-        copies: Vec<(mpsc::Sender<Frame<Bytes>>, AbortHandle)>,
+        copies: Copies,
     },
     /// A mirror's copy of a [`ReqBody::Tee`], ended when the original ends.
     Copy(mpsc::Receiver<Frame<Bytes>>),
@@ -80,6 +80,20 @@ pub enum ReqBody {
 
 /// How many frames a mirror's copy may lag behind the original before it is given up.
 pub const TEE_FRAMES: usize = 64;
+
+/// The mirrors' copies of a [`ReqBody::Tee`]: each a channel to the mirror's body and the
+/// mirror's task. Dropped before the original body ended (the attempt failed, the client went
+/// away), the mirrors still running are aborted: a copy is sent whole or not at all.
+#[derive(Default)]
+pub struct Copies(pub Vec<(mpsc::Sender<Frame<Bytes>>, AbortHandle)>);
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        for (_, abort) in self.0.drain(..) {
+            abort.abort();
+        }
+    }
+}
 
 /// A copy of a data or trailers frame.
 fn copy_frame(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
@@ -147,7 +161,7 @@ impl Body for ReqBody {
             ReqBody::Tee { inner, copies } => {
                 let r = Pin::new(inner).poll_frame(cx);
                 match &r {
-                    Poll::Ready(Some(Ok(f))) => copies.retain(|(tx, abort)| {
+                    Poll::Ready(Some(Ok(f))) => copies.0.retain(|(tx, abort)| {
                         let Some(c) = copy_frame(f) else {
                             return true;
                         };
@@ -162,12 +176,12 @@ impl Body for ReqBody {
                         }
                     }),
                     Poll::Ready(Some(Err(_))) => {
-                        for (_, abort) in copies.drain(..) {
+                        for (_, abort) in copies.0.drain(..) {
                             abort.abort();
                         }
                     }
-                    // The end: dropping the senders ends the copies.
-                    Poll::Ready(None) => copies.clear(),
+                    // The end: dropping the senders (not aborting) ends the copies whole.
+                    Poll::Ready(None) => copies.0.clear(),
                     Poll::Pending => {}
                 }
                 r
@@ -300,5 +314,41 @@ impl Drop for ResponseBody {
         // unless nothing was left to read.
         let clean = self.inner.as_ref().is_some_and(|b| b.is_end_stream());
         self.end(clean);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A teed body dropped before its end aborts the mirrors still sending (a copy is never
+    /// ended early as if it were whole); its copy ends only when the senders go.
+    #[tokio::test]
+    async fn copies_dropped_early_abort_their_mirrors() {
+        let (tx, rx) = mpsc::channel(TEE_FRAMES);
+        let mirror = tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            ReqBody::Copy(rx).collect().await.map(|c| c.to_bytes())
+        });
+        tx.send(Frame::data(Bytes::from_static(b"half")))
+            .await
+            .unwrap();
+        drop(Copies(vec![(tx, mirror.abort_handle())]));
+        assert!(mirror.await.unwrap_err().is_cancelled());
+
+        let (tx, rx) = mpsc::channel(TEE_FRAMES);
+        let mirror = tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            ReqBody::Copy(rx).collect().await.map(|c| c.to_bytes())
+        });
+        let mut copies = Copies(vec![(tx.clone(), mirror.abort_handle())]);
+        tx.send(Frame::data(Bytes::from_static(b"whole")))
+            .await
+            .unwrap();
+        drop(tx);
+        // The original's end: the senders dropped, not aborted.
+        copies.0.clear();
+        drop(copies);
+        assert_eq!(mirror.await.unwrap().unwrap(), Bytes::from_static(b"whole"));
     }
 }

@@ -386,16 +386,17 @@ pub async fn proxy(
         // Too large or of unknown length (a gRPC call) to keep: each mirror gets a copy of the
         // frames as they stream to the backend.
         Err(ReqBody::Stream(inner)) if !plan.mirrors.is_empty() => {
-            let copies = plan
-                .mirrors
-                .into_iter()
-                .map(|m| {
-                    let (tx, rx) = tokio::sync::mpsc::channel(crate::body::TEE_FRAMES);
-                    let abort =
-                        attempt::mirror(wp.clone(), m, up_h2, out.clone(), ReqBody::Copy(rx));
-                    (tx, abort)
-                })
-                .collect();
+            let copies = crate::body::Copies(
+                plan.mirrors
+                    .into_iter()
+                    .map(|m| {
+                        let (tx, rx) = tokio::sync::mpsc::channel(crate::body::TEE_FRAMES);
+                        let abort =
+                            attempt::mirror(wp.clone(), m, up_h2, out.clone(), ReqBody::Copy(rx));
+                        (tx, abort)
+                    })
+                    .collect(),
+            );
             Err(ReqBody::Tee { inner, copies })
         }
         other => other,
