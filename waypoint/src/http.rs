@@ -376,17 +376,31 @@ pub async fn proxy(
     } else {
         Err(ReqBody::Stream(body))
     };
-    match &body {
+    let body = match body {
         Ok(kept) => {
             for m in plan.mirrors {
-                attempt::mirror(wp.clone(), m, up_h2, out.clone(), kept.clone());
+                attempt::mirror(wp.clone(), m, up_h2, out.clone(), kept.body());
             }
+            Ok(kept)
         }
-        Err(_) if !plan.mirrors.is_empty() => {
-            tracing::debug!(service = %svc.key(), "request body too large or of unknown length to copy: not mirrored");
+        // Too large or of unknown length (a gRPC call) to keep: each mirror gets a copy of the
+        // frames as they stream to the backend.
+        Err(ReqBody::Stream(inner)) if !plan.mirrors.is_empty() => {
+            let copies = crate::body::Copies(
+                plan.mirrors
+                    .into_iter()
+                    .map(|m| {
+                        let (tx, rx) = tokio::sync::mpsc::channel(crate::body::TEE_FRAMES);
+                        let abort =
+                            attempt::mirror(wp.clone(), m, up_h2, out.clone(), ReqBody::Copy(rx));
+                        (tx, abort)
+                    })
+                    .collect(),
+            );
+            Err(ReqBody::Tee { inner, copies })
         }
-        Err(_) => {}
-    }
+        other => other,
+    };
     let t = Target {
         binding: target,
         up_h2,
