@@ -211,6 +211,11 @@ async fn end_to_end() {
 }
 
 fn main() {
+    // A subscriber as the binary has one (warn: no access log), so that the libraries' spans
+    // cost here what they cost there (with none, `tracing`'s `log` fallback runs for each).
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .init();
     if std::env::var("ROUTE_BENCH_ONLY").as_deref() != Ok("e2e") {
         micro();
     }

@@ -41,14 +41,15 @@ pub struct Downstream {
 }
 
 /// Connection-specific headers (RFC 9110 §7.6.1), never forwarded; `te: trailers` is kept.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "http2-settings",
+/// Typed names: removing by `&str` parsed each name again for every request.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
@@ -70,8 +71,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for n in named {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
-        if upgrade && (n == "connection" || n == "upgrade") {
+    for n in &HOP_BY_HOP {
+        if upgrade && (n == header::CONNECTION || n == header::UPGRADE) {
             continue;
         }
         h.remove(n);
@@ -439,7 +440,7 @@ pub async fn proxy(
     };
     record.error = None;
     record.upstream = Some(ep.addr);
-    record.labels.destination(&ep.workload);
+    record.labels.destination(&ep);
     record.labels.response_code = resp.status().as_u16().to_string();
     if let Some(s) = resp
         .headers()

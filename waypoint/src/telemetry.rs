@@ -112,20 +112,22 @@ impl RequestLabels {
     }
 
     /// Sets the `destination_*` workload labels from the endpoint picked.
-    pub fn destination(&mut self, w: &Workload) {
-        let m = SourceMeta::from_workload(w);
+    pub fn destination(&mut self, ep: &crate::upstream::Endpoint) {
+        let w = &ep.workload;
         let t = &mut self.traffic;
-        t.destination_workload = or_unknown(&m.workload);
-        t.destination_workload_namespace = or_unknown(&m.namespace);
-        t.destination_canonical_service = or_unknown(&m.canonical_service);
-        t.destination_app = or_unknown(&m.canonical_service);
-        t.destination_canonical_revision = or_unknown(&m.canonical_revision);
-        t.destination_version = or_unknown(&m.canonical_revision);
-        t.destination_cluster = or_unknown(&m.cluster);
-        t.destination_principal = w
-            .identity()
-            .map(|i| i.to_string())
-            .unwrap_or_else(|_| UNKNOWN.into());
+        let workload = if w.workload_name.is_empty() {
+            &w.name
+        } else {
+            &w.workload_name
+        };
+        t.destination_workload = or_unknown(workload);
+        t.destination_workload_namespace = or_unknown(&w.namespace);
+        t.destination_canonical_service = or_unknown(&w.canonical_name);
+        t.destination_app = or_unknown(&w.canonical_name);
+        t.destination_canonical_revision = or_unknown(&w.canonical_revision);
+        t.destination_version = or_unknown(&w.canonical_revision);
+        t.destination_cluster = or_unknown(&w.cluster_id);
+        t.destination_principal = ep.principal.to_string();
     }
 }
 

@@ -81,7 +81,7 @@ async fn once(
     }
     let mut chosen = None;
     let mut why = String::new();
-    for ep in wp.upstreams.order(t.binding, eps) {
+    for ep in wp.upstreams.order(t.binding, &eps) {
         match wp
             .upstreams
             .sender(&ep, t.up_h2, t.client, &svc.hostname)
