@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use xds_proto::zmesh::waypoint::v1 as pb;
 use zmesh_core::state::xds::ResourceError;
 
+use crate::authz::{Policies, Policy};
 use crate::route::ServiceRoutes;
 use crate::route::local::LocalRoutes;
 use zmesh_core::state::{LocalConfig, NetworkAddress, Service, State, Workload};
@@ -206,6 +207,8 @@ pub struct Snapshot {
     by_target: HashMap<SocketAddr, Binding>,
     /// Compiled routes by parent Service key (`<namespace>/<hostname>`).
     routes: HashMap<String, Arc<ServiceRoutes>>,
+    /// Compiled L7 AuthorizationPolicies.
+    policies: Policies,
 }
 
 impl Snapshot {
@@ -233,6 +236,7 @@ impl Snapshot {
             state,
             by_target,
             routes: HashMap::new(),
+            policies: Policies::default(),
         })
     }
 
@@ -240,6 +244,17 @@ impl Snapshot {
     pub fn with_routes(mut self, routes: impl IntoIterator<Item = Arc<ServiceRoutes>>) -> Snapshot {
         self.routes = routes.into_iter().map(|r| (r.key.clone(), r)).collect();
         self
+    }
+
+    /// This snapshot with the L7 AuthorizationPolicies `policies`.
+    pub fn with_policies(mut self, policies: impl IntoIterator<Item = Arc<Policy>>) -> Snapshot {
+        self.policies = Policies::new(policies);
+        self
+    }
+
+    /// The L7 AuthorizationPolicies.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
     }
 
     /// The routes attached to the Service `key`, if any.

@@ -197,6 +197,8 @@ pub struct RequestRecord {
     pub request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub response_bytes: u64,
     pub error: Option<String>,
+    /// The AuthorizationPolicy that decided (`<namespace>/<name>:rules[<i>]`), if any.
+    pub policy: Option<String>,
     done: bool,
 }
 
@@ -222,6 +224,7 @@ impl RequestRecord {
             request_bytes: Default::default(),
             response_bytes: 0,
             error: None,
+            policy: None,
             done: false,
         }
     }
@@ -267,6 +270,7 @@ impl RequestRecord {
             bytes_received = req,
             bytes_sent = self.response_bytes,
             error = self.error.as_deref().unwrap_or("-"),
+            policy = self.policy.as_deref().unwrap_or("-"),
             "request"
         );
     }

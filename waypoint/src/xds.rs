@@ -3,7 +3,11 @@
 //! as ztunnel) and `zmesh.waypoint.v1.BoundService` (which services it fronts; the controller
 //! sends only those bound to the Gateway the caller's credential names), and
 //! `zmesh.waypoint.v1.ServiceRoutes` (the HTTPRoute/GRPCRoute rules of those services, compiled
-//! by [`crate::route::compile`]; not needed for readiness).
+//! by [`crate::route::compile`]; not needed for readiness) and `zmesh.waypoint.v1.WaypointPolicy`
+//! (the L7 AuthorizationPolicies this waypoint enforces, compiled by
+//! [`crate::authz::Policy::compile`]; also not waited for: until the first response the
+//! waypoint is not ready anyway, as readiness needs the Address and BoundService types, which
+//! the controller sends in the same pass).
 //!
 //! On every (re)connect each type's first request carries `initial_resource_versions`, so only
 //! changes are sent. Each response is applied resource by resource and ACKed, or NACKed naming
@@ -23,19 +27,23 @@ use xds_proto::envoy::config::core::v3::Node;
 use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use xds_proto::google::rpc::Status as RpcStatus;
-use xds_proto::{ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use xds_proto::{
+    ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL, WAYPOINT_POLICY_TYPE_URL,
+};
 use zmesh_core::state::xds::{AddressResource, decode_address};
 use zmesh_core::state::{Service, State, Workload};
 
 use crate::app::Waypoint;
+use crate::authz::Policy;
 use crate::bound::{BoundService, Snapshot};
 use crate::route::ServiceRoutes;
 use zmesh_core::grpc::{AuthHeaders, GrpcError, Target, channel, describe};
 
-const TYPES: [&str; 3] = [
+const TYPES: [&str; 4] = [
     ADDRESS_TYPE_URL,
     BOUND_SERVICE_TYPE_URL,
     SERVICE_ROUTES_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
 ];
 /// The types that must have been applied once for the waypoint to be ready (a Service
 /// without routes is served as a plain L7 proxy, so routes are not waited for).
@@ -54,6 +62,7 @@ struct Store {
     services: BTreeMap<String, (String, Arc<Service>)>,
     bound: BTreeMap<String, (String, Arc<BoundService>)>,
     routes: BTreeMap<String, (String, Arc<ServiceRoutes>)>,
+    policies: BTreeMap<String, (String, Arc<Policy>)>,
 }
 
 impl Store {
@@ -66,6 +75,12 @@ impl Store {
             out.extend(v(&self.workloads));
             out.extend(
                 self.services
+                    .iter()
+                    .map(|(k, (ver, _))| (k.clone(), ver.clone())),
+            );
+        } else if type_url == WAYPOINT_POLICY_TYPE_URL {
+            out.extend(
+                self.policies
                     .iter()
                     .map(|(k, (ver, _))| (k.clone(), ver.clone())),
             );
@@ -91,6 +106,9 @@ impl Store {
         let address = r.type_url == ADDRESS_TYPE_URL;
         if r.type_url == SERVICE_ROUTES_TYPE_URL {
             return self.apply_routes(r);
+        }
+        if r.type_url == WAYPOINT_POLICY_TYPE_URL {
+            return self.apply_policies(r);
         }
         for name in &r.removed_resources {
             if address {
@@ -168,6 +186,37 @@ impl Store {
         errors
     }
 
+    /// Applies a `WaypointPolicy` response: a policy that does not compile is refused whole
+    /// (the previous version of it, if any, keeps being enforced: never a silent allow).
+    fn apply_policies(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
+        let mut errors = Vec::new();
+        for name in &r.removed_resources {
+            self.policies.remove(name);
+        }
+        for res in &r.resources {
+            let decoded = res
+                .resource
+                .as_ref()
+                .ok_or_else(|| format!("resource {:?}: no body", res.name))
+                .and_then(|any| {
+                    xds_proto::zmesh::waypoint::v1::WaypointPolicy::decode(&any.value[..])
+                        .map_err(|e| format!("resource {:?}: not a WaypointPolicy: {e}", res.name))
+                })
+                .and_then(|p| Policy::compile(&res.name, &p).map_err(|e| e.to_string()));
+            match decoded {
+                Ok(p) => {
+                    self.policies
+                        .insert(res.name.clone(), (res.version.clone(), Arc::new(p)));
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %res.name, error = %e, "AuthorizationPolicy refused whole; the previous version (if any) keeps being enforced");
+                    errors.push(e);
+                }
+            }
+        }
+        errors
+    }
+
     fn snapshot(&self) -> Result<Snapshot, String> {
         let (state, conflicts) = State::from_resources(
             self.workloads.values().map(|(_, w)| w.clone()),
@@ -177,7 +226,10 @@ impl Store {
             tracing::warn!(conflict = %c, "xDS: address conflict");
         }
         Snapshot::new(state, self.bound.values().map(|(_, b)| b.clone()))
-            .map(|s| s.with_routes(self.routes.values().map(|(_, r)| r.clone())))
+            .map(|s| {
+                s.with_routes(self.routes.values().map(|(_, r)| r.clone()))
+                    .with_policies(self.policies.values().map(|(_, p)| p.clone()))
+            })
             .map_err(|e| e.to_string())
     }
 }
