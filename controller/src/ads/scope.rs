@@ -7,14 +7,15 @@
 //! the Services bound to that Gateway, and every other stream (ztunnels included) gets none.
 //! A Service's routes (`zmesh.waypoint.v1.ServiceRoutes`, same resource name) go exactly where
 //! its `BoundService` goes: the scope reads the cached `BoundService` of that name (a route
-//! table without one is served to nobody).
+//! table without one is served to nobody). A waypoint's L7 AuthorizationPolicy
+//! (`zmesh.waypoint.v1.WaypointPolicy`) goes only to the waypoint it names.
 //! Istio's workload API resources (`Address`, `Authorization`) go to every authenticated
 //! stream, waypoints included (a waypoint needs the endpoints of the Services it fronts).
 
 use prost::Message;
 use prost_types::Any;
-use xds_proto::zmesh::waypoint::v1::BoundService;
-use xds_proto::{BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use xds_proto::zmesh::waypoint::v1::{BoundService, WaypointPolicy};
+use xds_proto::{BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL, WAYPOINT_POLICY_TYPE_URL};
 use zmesh_core::identity::SpiffeId;
 
 use super::Node;
@@ -38,6 +39,18 @@ pub fn waypoint_scope(
             SERVICE_ROUTES_TYPE_URL => cache
                 .get(BOUND_SERVICE_TYPE_URL, name)
                 .and_then(|e| BoundService::decode(e.resource.value.as_slice()).ok()),
+            WAYPOINT_POLICY_TYPE_URL => {
+                let gw = WaypointPolicy::decode(resource.value.as_slice())
+                    .ok()
+                    .and_then(|p| p.waypoint);
+                return match (&node.identity, gw) {
+                    (Some(identity), Some(gw)) => {
+                        waypoint_identity(&trust_domain, &gw.namespace, &gw.name).as_ref()
+                            == Some(identity)
+                    }
+                    _ => false,
+                };
+            }
             _ => return true,
         };
         let (Some(identity), Some(bound)) = (&node.identity, bound) else {
