@@ -478,4 +478,72 @@ mod tests {
         let r = snap.routes("default/a.default.svc.cluster.local").unwrap();
         assert_eq!(r.rules.len(), 1);
     }
+    fn waypoint_policy(version: &str, path: &str) -> Resource {
+        let p = pb::WaypointPolicy {
+            waypoint: None,
+            namespace: "default".into(),
+            name: "deny-admin".into(),
+            all_services: true,
+            services: vec![],
+            action: pb::PolicyAction::Deny as i32,
+            dry_run: false,
+            rules: vec![pb::PolicyRule {
+                to: vec![pb::PolicyOperation {
+                    paths: vec![path.into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        Resource {
+            name: "default/waypoint/default/deny-admin".into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+                value: p.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn policies_that_do_not_compile_are_refused_and_the_last_good_ones_kept() {
+        let mut store = Store::default();
+        let resp = |r: Resource| DeltaDiscoveryResponse {
+            type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+            resources: vec![r],
+            ..Default::default()
+        };
+        assert!(
+            store
+                .apply(&resp(waypoint_policy("1", "/admin")))
+                .is_empty()
+        );
+        let errors = store.apply(&resp(waypoint_policy("2", "/admin/{**}/{*}")));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("rules[0].to[0].operation.paths[0]"),
+            "{errors:?}"
+        );
+        assert_eq!(
+            store.versions(WAYPOINT_POLICY_TYPE_URL),
+            HashMap::from([(
+                "default/waypoint/default/deny-admin".to_owned(),
+                "1".to_owned()
+            )])
+        );
+        let snap = store.snapshot().unwrap();
+        assert_eq!(
+            snap.policies().len(),
+            1,
+            "the last good version is enforced"
+        );
+        let resp = DeltaDiscoveryResponse {
+            type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+            removed_resources: vec!["default/waypoint/default/deny-admin".into()],
+            ..Default::default()
+        };
+        assert!(store.apply(&resp).is_empty());
+        assert!(store.snapshot().unwrap().policies().is_empty());
+    }
 }

@@ -105,6 +105,12 @@ fn parse_values(key: &Key, vs: &[String]) -> Result<Values, String> {
         Key::DestinationPort => {
             Values::Ports(vs.iter().map(|v| port(v)).collect::<Result<_, _>>()?)
         }
+        // Principals are compared without `spiffe://`, as in `principals` and at ztunnel.
+        Key::SourcePrincipal => Values::Strings(
+            vs.iter()
+                .map(|v| string_match(v.strip_prefix("spiffe://").unwrap_or(v)))
+                .collect::<Result<_, _>>()?,
+        ),
         _ => Values::Strings(
             vs.iter()
                 .map(|v| string_match(v))

@@ -8,6 +8,7 @@ use zmesh_core::identity::SpiffeId;
 
 use super::*;
 
+mod l4_parity;
 mod reference;
 
 const SVC: &str = "default/echo.default.svc.cluster.local";
