@@ -46,6 +46,7 @@ use zmesh_core::policy::{IpNet, StringMatch};
 use crate::authn::RequestAuth;
 
 pub mod condition;
+pub mod local;
 pub mod matcher;
 mod stage;
 #[cfg(test)]

@@ -270,7 +270,7 @@ impl RequestRecord {
             bytes_received = req,
             bytes_sent = self.response_bytes,
             error = self.error.as_deref().unwrap_or("-"),
-            policy = self.policy.as_deref().unwrap_or("-"),
+            policy = %self.policy.as_deref().unwrap_or("-"),
             "request"
         );
     }

@@ -4,9 +4,11 @@
 //! https://istio.io/latest/docs/reference/config/security/authorization-policy/).
 //!
 //! # Which policies ztunnel gets
-//! - `targetRef`/`targetRefs`: a waypoint (L7) policy, never sent to ztunnel. Only a target
-//!   kind Istio does not define for AuthorizationPolicy, or a target in another namespace, is
-//!   reported.
+//! - `targetRef`/`targetRefs`: a waypoint (L7) policy (`waypoint_authz`), not sent to ztunnel,
+//!   except when it targets a Service no waypoint serves: then ztunnel enforces it on the
+//!   Service's pods as a `WORKLOAD_SELECTOR` policy ([`translate_policies_with`]), so a
+//!   missing waypoint never widens access. A target kind Istio does not define for
+//!   AuthorizationPolicy, or a target in another namespace, is reported.
 //! - `selector` → scope `WORKLOAD_SELECTOR`; the policy is named in the
 //!   `authorization_policies` of every Workload whose Pod carries all `matchLabels` (see
 //!   [`selected_policies`]), in the policy's namespace, or in every namespace when the policy
