@@ -61,3 +61,66 @@ pub fn waypoint_scope(
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use xds_proto::zmesh::waypoint::v1::GatewayRef;
+
+    use super::*;
+
+    fn node(identity: Option<&str>) -> Node {
+        Node {
+            id: "waypoint~x.ns".into(),
+            cluster: String::new(),
+            node_name: None,
+            namespace: None,
+            cluster_id: None,
+            metadata: Default::default(),
+            identity: identity.map(|i| i.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_waypoint_policy_goes_only_to_the_waypoint_it_names() {
+        let scope = waypoint_scope("cluster.local".into(), Cache::new());
+        let p = WaypointPolicy {
+            waypoint: Some(GatewayRef {
+                namespace: "app".into(),
+                name: "waypoint".into(),
+            }),
+            namespace: "app".into(),
+            name: "deny".into(),
+            all_services: true,
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+            value: p.encode_to_vec(),
+        };
+        let sees = |id: Option<&str>| {
+            scope(
+                &node(id),
+                WAYPOINT_POLICY_TYPE_URL,
+                "app/waypoint/app/deny",
+                &any,
+            )
+        };
+        assert!(sees(Some("spiffe://cluster.local/ns/app/sa/waypoint")));
+        assert!(!sees(Some("spiffe://cluster.local/ns/app/sa/other")));
+        assert!(!sees(Some(
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
+        )));
+        assert!(!sees(None));
+        let no_gateway = Any {
+            type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+            value: WaypointPolicy::default().encode_to_vec(),
+        };
+        assert!(!scope(
+            &node(Some("spiffe://cluster.local/ns/app/sa/waypoint")),
+            WAYPOINT_POLICY_TYPE_URL,
+            "x",
+            &no_gateway
+        ));
+    }
+}
