@@ -34,6 +34,14 @@
 //! as sent; `paths` the path after Istio's default `BASE` normalization, without the query
 //! ([`matcher::normalize_path`]), with Istio's `{*}`/`{**}` templates. When any policy applies
 //! the normalized path is also what is sent upstream, as in Istio.
+//!
+//! # Opaque TCP through the waypoint
+//! A connection the waypoint does not see as HTTP (a port declared TCP, or sniffed as not
+//! HTTP) is decided once, when it arrives, by [`Policies::evaluate_tcp`], as Istio's network
+//! RBAC filter decides it: a rule with an HTTP-only part (`requestPrincipals`, `hosts`,
+//! `methods`, `paths` and their `not*`, a `when` on `request.*`) never matches in an ALLOW or
+//! AUDIT (it cannot be checked, so it allows nothing) and matches on its other parts in a DENY
+//! (so it denies at least as much). A denied connection is refused.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -54,7 +62,7 @@ mod tests;
 
 pub use condition::Condition;
 pub use matcher::PathMatch;
-pub use stage::{FORBIDDEN_BODY, stage};
+pub use stage::{FORBIDDEN_BODY, check_tcp, stage};
 
 /// Why a `WaypointPolicy` was refused (nothing of it is applied).
 #[derive(Debug, thiserror::Error)]
@@ -156,33 +164,65 @@ fn field<T>(positive: &[T], negative: &[T], pred: impl Fn(&T) -> bool) -> bool {
 
 impl Source {
     pub fn matches(&self, a: &Attributes<'_>) -> bool {
+        self.matches_at(a, true)
+    }
+
+    /// Whether it has an HTTP-only field.
+    fn has_http(&self) -> bool {
+        !self.request_principals.is_empty() || !self.not_request_principals.is_empty()
+    }
+
+    /// `http`: false for opaque TCP, where HTTP-only fields are skipped (module docs).
+    fn matches_at(&self, a: &Attributes<'_>, http: bool) -> bool {
         let principal = a.peer.map(SpiffeId::principal);
         let rp = a.auth.map(|r| r.principal.as_str());
         field(&self.principals, &self.not_principals, |m| {
             principal.as_deref().is_some_and(|p| m.matches(p))
-        }) && field(
-            &self.request_principals,
-            &self.not_request_principals,
-            |m| rp.is_some_and(|p| m.matches(p)),
-        ) && field(&self.namespaces, &self.not_namespaces, |m| {
-            a.peer.is_some_and(|p| m.matches(p.namespace()))
-        }) && field(&self.ip_blocks, &self.not_ip_blocks, |n| {
-            n.contains(a.source_ip)
-        }) && field(&self.remote_ip_blocks, &self.not_remote_ip_blocks, |n| {
-            n.contains(a.source_ip)
-        }) && field(
-            &self.service_accounts,
-            &self.not_service_accounts,
-            |(ns, sa)| {
-                a.peer
-                    .is_some_and(|p| p.namespace() == ns && p.service_account() == sa)
-            },
-        )
+        }) && (!http
+            || field(
+                &self.request_principals,
+                &self.not_request_principals,
+                |m| rp.is_some_and(|p| m.matches(p)),
+            ))
+            && field(&self.namespaces, &self.not_namespaces, |m| {
+                a.peer.is_some_and(|p| m.matches(p.namespace()))
+            })
+            && field(&self.ip_blocks, &self.not_ip_blocks, |n| {
+                n.contains(a.source_ip)
+            })
+            && field(&self.remote_ip_blocks, &self.not_remote_ip_blocks, |n| {
+                n.contains(a.source_ip)
+            })
+            && field(
+                &self.service_accounts,
+                &self.not_service_accounts,
+                |(ns, sa)| {
+                    a.peer
+                        .is_some_and(|p| p.namespace() == ns && p.service_account() == sa)
+                },
+            )
     }
 }
 
 impl Operation {
     pub fn matches(&self, a: &Attributes<'_>) -> bool {
+        self.matches_at(a, true)
+    }
+
+    /// Whether it has an HTTP-only field (all but ports).
+    fn has_http(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+
+    fn matches_at(&self, a: &Attributes<'_>, http: bool) -> bool {
+        if !http {
+            return field(&self.ports, &self.not_ports, |p| *p == a.destination_port);
+        }
         let host = a.host.to_ascii_lowercase();
         field(&self.hosts, &self.not_hosts, |m| m.matches(&host))
             && field(&self.ports, &self.not_ports, |p| *p == a.destination_port)
@@ -193,9 +233,23 @@ impl Operation {
 
 impl Rule {
     pub fn matches(&self, a: &Attributes<'_>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(a)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a)))
-            && self.when.iter().all(|c| c.matches(a))
+        self.matches_at(a, true)
+    }
+
+    /// Whether any part of it can only be checked on an HTTP request.
+    pub fn has_http(&self) -> bool {
+        self.from.iter().any(Source::has_http)
+            || self.to.iter().any(Operation::has_http)
+            || self.when.iter().any(Condition::is_http)
+    }
+
+    fn matches_at(&self, a: &Attributes<'_>, http: bool) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches_at(a, http)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches_at(a, http)))
+            && self
+                .when
+                .iter()
+                .all(|c| (!http && c.is_http()) || c.matches(a))
     }
 }
 
@@ -208,6 +262,15 @@ impl Policy {
     /// The index of the first matching rule, if any.
     pub fn matching_rule(&self, a: &Attributes<'_>) -> Option<usize> {
         self.rules.iter().position(|r| r.matches(a))
+    }
+
+    /// [`Policy::matching_rule`] for opaque TCP (module docs): HTTP-only parts never match in
+    /// an ALLOW or AUDIT rule and are skipped in a DENY rule.
+    pub fn matching_rule_tcp(&self, a: &Attributes<'_>) -> Option<usize> {
+        self.rules.iter().position(|r| match self.action {
+            Action::Deny => r.matches_at(a, false),
+            Action::Allow | Action::Audit => !r.has_http() && r.matches_at(a, false),
+        })
     }
 
     /// Whether it applies to requests to the Service `key`.
@@ -395,6 +458,20 @@ impl Policies {
 
     /// Decides a request to the Service `key` (see the module docs).
     pub fn evaluate(&self, key: &str, a: &Attributes<'_>) -> Verdict<'_> {
+        self.decide(key, a, Policy::matching_rule)
+    }
+
+    /// Decides an opaque TCP connection to the Service `key` (module docs).
+    pub fn evaluate_tcp(&self, key: &str, a: &Attributes<'_>) -> Verdict<'_> {
+        self.decide(key, a, Policy::matching_rule_tcp)
+    }
+
+    fn decide(
+        &self,
+        key: &str,
+        a: &Attributes<'_>,
+        matching_rule: fn(&Policy, &Attributes<'_>) -> Option<usize>,
+    ) -> Verdict<'_> {
         let applying = || self.policies.iter().filter(|p| p.applies_to(key));
         let mut v = Verdict {
             allowed: true,
@@ -406,16 +483,16 @@ impl Policies {
         for p in applying() {
             v.any = true;
             if p.dry_run {
-                v.dry_run.push((p, p.matching_rule(a)));
+                v.dry_run.push((p, matching_rule(p, a)));
             } else if p.action == Action::Audit
-                && let Some(r) = p.matching_rule(a)
+                && let Some(r) = matching_rule(p, a)
             {
                 v.audit.push((p, r));
             }
         }
         let enforced = || applying().filter(|p| !p.dry_run);
         for p in enforced().filter(|p| p.action == Action::Deny) {
-            if let Some(r) = p.matching_rule(a) {
+            if let Some(r) = matching_rule(p, a) {
                 v.allowed = false;
                 v.policy = Some((p, r));
                 return v;
@@ -424,7 +501,7 @@ impl Policies {
         let mut any_allow = false;
         for p in enforced().filter(|p| p.action == Action::Allow) {
             any_allow = true;
-            if let Some(r) = p.matching_rule(a) {
+            if let Some(r) = matching_rule(p, a) {
                 v.policy = Some((p, r));
                 return v;
             }

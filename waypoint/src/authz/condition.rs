@@ -120,6 +120,18 @@ fn parse_values(key: &Key, vs: &[String]) -> Result<Values, String> {
 }
 
 impl Condition {
+    /// Whether its key is an attribute of an HTTP request (`request.*`).
+    pub fn is_http(&self) -> bool {
+        matches!(
+            self.key,
+            Key::Header(_)
+                | Key::AuthPrincipal
+                | Key::AuthAudiences
+                | Key::AuthPresenter
+                | Key::AuthClaims(_)
+        )
+    }
+
     /// Compiles one `when` entry: a known key and at least one value or notValue.
     pub fn compile(key: &str, values: &[String], not_values: &[String]) -> Result<Self, String> {
         let key = parse_key(key)?;

@@ -92,6 +92,38 @@ pub fn stage(
     ))
 }
 
+/// Authorizes an opaque TCP connection (module docs of [`super`]); `Err` says why it is
+/// refused (logged by the caller, the deciding policy named).
+pub fn check_tcp(snap: &Snapshot, ds: &Downstream) -> Result<(), String> {
+    let key = ds.binding.service.key();
+    let policies = snap.policies();
+    if !policies.any_for(&key) {
+        return Ok(());
+    }
+    let peer = ds.principal.as_deref().and_then(|p| p.parse().ok());
+    let headers = http::HeaderMap::new();
+    let attrs = Attributes {
+        source_ip: ds.client.unwrap_or(ds.peer).ip(),
+        peer: peer.as_ref(),
+        destination_ip: ds.target.ip(),
+        destination_port: ds.binding.port.port,
+        method: "",
+        host: "",
+        path: "",
+        headers: &headers,
+        auth: None,
+    };
+    let v = policies.evaluate_tcp(&key, &attrs);
+    let decided = v.policy.map(|(p, r)| format!("{}:rules[{r}]", p.key()));
+    if v.allowed {
+        return Ok(());
+    }
+    Err(match decided {
+        Some(p) => format!("TCP connection denied by AuthorizationPolicy {p}"),
+        None => "TCP connection denied: no ALLOW AuthorizationPolicy matches".to_owned(),
+    })
+}
+
 /// AUDIT matches and dry-run outcomes, one log line each (target `access`, like the request
 /// line).
 fn log_shadow(v: &Verdict<'_>, record: &RequestRecord) {

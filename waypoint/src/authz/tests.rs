@@ -416,6 +416,66 @@ fn refusals_name_the_field() {
     );
 }
 
+#[test]
+fn opaque_tcp_as_network_rbac() {
+    let r = Req::default();
+    let tcp = |ps: &Policies| ps.evaluate_tcp(SVC, &r.attrs()).allowed;
+    // An ALLOW rule with an HTTP-only part allows nothing over TCP; one without does.
+    let get = to(pb::PolicyOperation {
+        methods: s(&["GET"]),
+        ..Default::default()
+    });
+    let ps = set(&[policy(
+        "allow-get",
+        pb::PolicyAction::Allow,
+        vec![get.clone()],
+    )]);
+    assert!(ps.evaluate(SVC, &r.attrs()).allowed);
+    assert!(!tcp(&ps));
+    let ns = from(pb::PolicySource {
+        namespaces: s(&["client"]),
+        ..Default::default()
+    });
+    let ps = set(&[policy(
+        "allow",
+        pb::PolicyAction::Allow,
+        vec![get.clone(), ns],
+    )]);
+    let v = ps.evaluate_tcp(SVC, &r.attrs());
+    assert!(v.allowed && v.policy.unwrap().1 == 1, "{v:?}");
+    // A DENY rule is checked on its other parts: it denies at least as much.
+    let deny = pb::PolicyRule {
+        from: vec![pb::PolicySource {
+            namespaces: s(&["client"]),
+            request_principals: s(&["*"]),
+            ..Default::default()
+        }],
+        to: vec![pb::PolicyOperation {
+            paths: s(&["/admin"]),
+            ..Default::default()
+        }],
+        when: vec![pb::PolicyCondition {
+            key: "request.headers[x-a]".into(),
+            values: s(&["1"]),
+            not_values: vec![],
+        }],
+    };
+    let ps = set(&[policy("deny", pb::PolicyAction::Deny, vec![deny])]);
+    assert!(
+        ps.evaluate(SVC, &r.attrs()).allowed,
+        "no JWT, no header: no match"
+    );
+    assert!(!tcp(&ps));
+    let other = Req {
+        peer: Some(SpiffeId::new("cluster.local", "other", "x").unwrap()),
+        ..Default::default()
+    };
+    assert!(
+        ps.evaluate_tcp(SVC, &other.attrs()).allowed,
+        "its L4 part still applies"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
