@@ -30,6 +30,7 @@ mod objects;
 pub mod route;
 mod service;
 pub mod waypoint;
+pub mod waypoint_authz;
 mod workload;
 
 #[cfg(test)]
@@ -113,6 +114,9 @@ pub struct Translated {
     /// HTTPRoutes and GRPCRoutes on Services (GAMMA): the route table of each Service bound
     /// to a waypoint, and every route's status (rules in [`route`]).
     pub routes: Routes,
+    /// AuthorizationPolicies attached with targetRefs: the waypoints' L7 policies
+    /// (`type.googleapis.com/zmesh.waypoint.v1.WaypointPolicy`) and where each is enforced.
+    pub waypoint_authz: waypoint_authz::WaypointAuthz,
 }
 
 /// Translates `objects` into workload API resources. Never fails: objects that cannot be
@@ -137,6 +141,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
             bound_services.insert(format!("{}/{}", out.namespace, out.hostname), out);
         }
     }
+    let waypoint_authz = waypoint_authz::translate(objects, mesh, &waypoints, &bound_services);
     let slice_ports = service::endpoint_slice_ports(objects, mesh);
     let mut services_by_ns: BTreeMap<&str, Vec<&KubeService>> = BTreeMap::new();
     for svc in objects.services.values() {
@@ -158,12 +163,14 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
             &slice_ports,
             objects,
             &waypoints,
+            &waypoint_authz.ztunnel_fallback,
             mesh,
         ) {
             workloads.insert(out.uid.clone(), out);
         }
     }
-    let (authorizations, issues) = authz::translate_policies(objects, mesh);
+    let (authorizations, issues) =
+        authz::translate_policies_with(objects, mesh, &waypoint_authz.ztunnel_fallback);
     let routes = route::translate_routes(objects, &bound_services, mesh);
     Translated {
         workloads,
@@ -173,6 +180,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         bound_services,
         waypoints,
         routes,
+        waypoint_authz,
     }
 }
 

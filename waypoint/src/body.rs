@@ -226,6 +226,8 @@ pub struct Finish {
 /// The response body sent to the client: the upstream's (or none, for a local answer).
 pub struct ResponseBody {
     inner: Option<Incoming>,
+    /// A local answer's text, sent once.
+    text: Option<Bytes>,
     finish: Option<Finish>,
 }
 
@@ -234,6 +236,16 @@ impl ResponseBody {
     pub fn upstream(inner: Incoming, finish: Finish) -> Self {
         ResponseBody {
             inner: Some(inner),
+            text: None,
+            finish: Some(finish),
+        }
+    }
+
+    /// A local answer's fixed text (e.g. `RBAC: access denied`); recorded when sent.
+    pub fn text(text: &'static str, finish: Finish) -> Self {
+        ResponseBody {
+            inner: None,
+            text: Some(Bytes::from_static(text.as_bytes())),
             finish: Some(finish),
         }
     }
@@ -246,6 +258,7 @@ impl ResponseBody {
         }
         ResponseBody {
             inner: None,
+            text: None,
             finish: None,
         }
     }
@@ -269,6 +282,13 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let Some(inner) = self.inner.as_mut() else {
+            if let Some(t) = self.text.take() {
+                if let Some(fin) = self.finish.as_mut() {
+                    fin.record.response_bytes += t.len() as u64;
+                }
+                return Poll::Ready(Some(Ok(Frame::data(t))));
+            }
+            self.end(true);
             return Poll::Ready(None);
         };
         let r = Pin::new(inner).poll_frame(cx);
@@ -298,13 +318,14 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.text.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        self.inner.as_ref().map_or_else(
+            || SizeHint::with_exact(self.text.as_ref().map_or(0, |t| t.len() as u64)),
+            |b| b.size_hint(),
+        )
     }
 }
 

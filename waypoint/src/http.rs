@@ -249,7 +249,7 @@ pub async fn proxy(
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| format!("{}:{}", svc.hostname, ds.binding.port.port));
-    let path = req
+    let mut path = req
         .uri()
         .path_and_query()
         .map_or("/", |p| p.as_str())
@@ -263,7 +263,7 @@ pub async fn proxy(
         "http"
     };
     let src = ds.client.unwrap_or(ds.peer);
-    let mut record = RequestRecord::new(
+    let record = RequestRecord::new(
         wp.metrics.clone(),
         labels,
         src,
@@ -275,8 +275,14 @@ pub async fn proxy(
     let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
-    // Routing: the first applying rule that matches, or the Service itself.
     let snap = wp.snapshot.load_full();
+    // Authorization (after authentication, before routing): DENY, then ALLOW; 403 if denied.
+    let mut record = match crate::authz::stage(&snap, &ds, &parts, &mut path, record) {
+        Ok(r) => r,
+        Err(answer) => return answer,
+    };
+
+    // Routing: the first applying rule that matches, or the Service itself.
     let decision = match snap.routes(&svc.key()) {
         None => Decision::NoRoute,
         Some(routes) => {
