@@ -86,29 +86,38 @@ impl KeptBody {
     }
 
     /// Reads `body` whole when its length is known to be at most [`KEEP_LIMIT`]; otherwise
-    /// gives it back untouched.
-    pub async fn keep(body: Incoming) -> Result<KeptBody, Incoming> {
+    /// gives it back untouched ([`Keep::Streamed`]). A body that ends in an error (the client
+    /// reset the stream or closed the connection mid-body) is [`Keep::Aborted`]: the request
+    /// must fail, never go upstream (or be retried, or mirrored) with what arrived of it.
+    pub async fn keep(body: Incoming) -> Keep {
         let small =
             body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= KEEP_LIMIT);
         if !small {
-            return Err(body);
+            return Keep::Streamed(body);
         }
         use http_body_util::BodyExt;
         match body.collect().await {
             Ok(c) => {
                 let trailers = c.trailers().cloned();
-                Ok(KeptBody {
+                Keep::Whole(KeptBody {
                     data: c.to_bytes(),
                     trailers,
                 })
             }
-            // The client went away mid-body: what is kept is empty (the attempt fails upstream).
-            Err(e) => {
-                tracing::debug!(error = %e, "request body ended early");
-                Ok(KeptBody::default())
-            }
+            Err(e) => Keep::Aborted(e),
         }
     }
+}
+
+/// What [`KeptBody::keep`] made of a request body.
+#[derive(Debug)]
+pub enum Keep {
+    /// Read whole: it can be sent again.
+    Whole(KeptBody),
+    /// Too large or of unknown length: streamed once, untouched.
+    Streamed(Incoming),
+    /// The client went away before the body ended (the error hyper saw).
+    Aborted(hyper::Error),
 }
 
 impl Body for ReqBody {

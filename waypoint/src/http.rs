@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::app::Waypoint;
 use crate::body::{Finish, ResponseBody};
-use crate::body::{KeptBody, ReqBody};
+use crate::body::{Keep, KeptBody, ReqBody};
 use crate::bound::Binding;
 use crate::route::filter::{Filter, HeaderModifier};
 use crate::route::matching::RequestView;
@@ -270,6 +270,9 @@ pub async fn proxy(
         &path,
         &authority,
     );
+    // Until an answer is chosen, the request ends only when the client goes away (hyper drops
+    // this future: the stream was reset or the connection closed): Envoy's `DC`, code 0.
+    record.labels.traffic.response_flags = "DC";
     // HTTP/1.1 upgrades (WebSocket): both sides are upgraded, then bytes are copied.
     let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -372,7 +375,21 @@ pub async fn proxy(
     let wants_copy =
         plan.retry.as_ref().is_some_and(|r| r.attempts > 0) || !plan.mirrors.is_empty();
     let body = if wants_copy {
-        KeptBody::keep(body).await.map_err(ReqBody::Stream)
+        match KeptBody::keep(body).await {
+            Keep::Whole(k) => Ok(k),
+            Keep::Streamed(b) => Err(ReqBody::Stream(b)),
+            Keep::Aborted(e) => {
+                // The client reset the stream or closed the connection mid-body: nothing goes
+                // upstream (a truncated body must never be sent, retried or mirrored).
+                tracing::info!(service = %svc.key(), error = %e, "client ended the request body early; request dropped");
+                record.error = Some(format!("client ended the request body early: {e}"));
+                // Recorded as Envoy does for a client gone before the answer: code 0, `DC`.
+                drop(record);
+                let mut r = Response::new(ResponseBody::empty(None));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return r;
+            }
+        }
     } else {
         Err(ReqBody::Stream(body))
     };
@@ -424,6 +441,7 @@ pub async fn proxy(
         }
     };
     record.error = None;
+    record.labels.traffic.response_flags = "-";
     record.upstream = Some(ep.addr);
     record.labels.destination(&ep.workload);
     record.labels.response_code = resp.status().as_u16().to_string();
