@@ -5,10 +5,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 use crate::telemetry::RequestRecord;
 use crate::upstream::{H1Checkout, InFlight, Upstreams};
@@ -164,18 +166,40 @@ pub struct Finish {
     pub h1: Option<(Arc<Upstreams>, H1Checkout)>,
 }
 
+/// Why a response body sent to the client ended in an error (hyper then resets the HTTP/2
+/// stream or closes the HTTP/1.1 connection: the client sees an incomplete response).
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    /// The upstream's body failed (reset, connection lost).
+    #[error("upstream response body: {0}")]
+    Upstream(#[from] hyper::Error),
+    /// The route's timeout (`timeouts.request`, or `timeouts.backendRequest` of the attempt
+    /// that answered) ran out before the response ended.
+    #[error("response not complete within the route's timeout {0:?}")]
+    Timeout(Duration),
+}
+
 /// The response body sent to the client: the upstream's (or none, for a local answer).
 pub struct ResponseBody {
     inner: Option<Incoming>,
     finish: Option<Finish>,
+    /// Ends the body with [`ResponseBodyError::Timeout`] when it fires: the route's timeouts
+    /// cover the whole response (Gateway API `HTTPRouteTimeouts`), not only its head.
+    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
 }
 
 impl ResponseBody {
-    /// The upstream's body, recorded when it ends.
-    pub fn upstream(inner: Incoming, finish: Finish) -> Self {
+    /// The upstream's body, recorded when it ends; cut at `deadline` (the instant, and the
+    /// timeout it comes from, for the record) when one applies.
+    pub fn upstream(
+        inner: Incoming,
+        finish: Finish,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Self {
         ResponseBody {
             inner: Some(inner),
             finish: Some(finish),
+            deadline: deadline.map(|(at, d)| (Box::pin(tokio::time::sleep_until(at)), d)),
         }
     }
 
@@ -188,6 +212,7 @@ impl ResponseBody {
         ResponseBody {
             inner: None,
             finish: None,
+            deadline: None,
         }
     }
 
@@ -203,12 +228,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -233,9 +258,25 @@ impl Body for ResponseBody {
                 self.end(false);
             }
             Poll::Ready(None) => self.end(true),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Some((sleep, d)) = self.deadline.as_mut()
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    let d = *d;
+                    if let Some(fin) = self.finish.as_mut() {
+                        fin.record.error =
+                            Some(format!("response not complete within the timeout {d:?}"));
+                        fin.record.labels.traffic.response_flags = "UT";
+                    }
+                    // The upstream's stream or connection is dropped with it (never reused).
+                    self.inner = None;
+                    self.deadline = None;
+                    self.end(false);
+                    return Poll::Ready(Some(Err(ResponseBodyError::Timeout(d))));
+                }
+            }
         }
-        r
+        r.map_err(ResponseBodyError::Upstream)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -236,6 +236,9 @@ pub async fn proxy(
     mut req: Request<Incoming>,
     up_h2: bool,
 ) -> Response<ResponseBody> {
+    // The route's request timeout runs from here (Gateway API HTTPRouteTimeouts.request: "as
+    // close to the whole request-response transaction as possible").
+    let received = tokio::time::Instant::now();
     let svc = &ds.binding.service;
     let authority = req
         .uri()
@@ -418,18 +421,22 @@ pub async fn proxy(
         plan.timeouts.backend_request,
         &record.request_bytes,
     );
-    let sent = match plan.timeouts.request {
-        Some(d) => tokio::time::timeout(d, sending).await.unwrap_or_else(|_| {
-            Err(Failed {
-                code: StatusCode::GATEWAY_TIMEOUT,
-                flags: "UT",
-                why: format!("no response within the request timeout {d:?}"),
-            })
-        }),
+    let request_deadline = plan.timeouts.request.map(|d| (received + d, d));
+    let sent = match request_deadline {
+        Some((at, d)) => tokio::time::timeout_at(at, sending)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failed {
+                    code: StatusCode::GATEWAY_TIMEOUT,
+                    flags: "UT",
+                    why: format!("no response within the request timeout {d:?}"),
+                })
+            }),
         None => sending.await,
     };
     let Sent {
         mut resp,
+        deadline,
         ep,
         h1,
         in_flight,
@@ -499,7 +506,14 @@ pub async fn proxy(
         in_flight: Some(in_flight),
         h1: h1.map(|c| (wp.upstreams.clone(), c)),
     };
-    Response::from_parts(parts, ResponseBody::upstream(body, finish))
+    // Both timeouts cover the response body (HTTPRouteTimeouts: `request` until the gateway
+    // has responded, `backendRequest` "to when the full response has been received"): the
+    // earlier of the two ends a body still streaming.
+    let deadline = match (request_deadline, deadline) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    };
+    Response::from_parts(parts, ResponseBody::upstream(body, finish, deadline))
 }
 
 #[cfg(test)]

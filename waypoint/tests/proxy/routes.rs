@@ -443,3 +443,79 @@ async fn client_ending_a_kept_body_early_over_h2_sends_nothing_upstream() {
         .unwrap();
     assert_eq!(resp.await.unwrap().status(), StatusCode::OK);
 }
+
+fn stall_rule(path: &str, request_ms: i32, backend_ms: i32) -> pb::RouteRule {
+    let ms = |n: i32| {
+        (n > 0).then_some(PbDuration {
+            seconds: (n / 1000).into(),
+            nanos: (n % 1000) * 1_000_000,
+        })
+    };
+    let mut r = rule(prefix(path), vec![backend(HOST, 1)]);
+    r.timeouts = Some(pb::Timeouts {
+        request: ms(request_ms),
+        backend_request: ms(backend_ms),
+    });
+    r
+}
+
+/// Reads a body until it ends; `Err` when it ends in an error (the response cut short).
+async fn body_outcome(r: http::Response<hyper::body::Incoming>) -> Result<Bytes, String> {
+    use http_body_util::BodyExt;
+    tokio::time::timeout(Duration::from_secs(20), r.into_body().collect())
+        .await
+        .expect("the response body is still open 20 s later: the route's timeout did not end it")
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string())
+}
+
+/// HTTPRouteTimeouts cover the whole response: a backend that sends its head and a first
+/// chunk, then stalls, is cut at `timeouts.request` (HTTP/1.1: the connection closed) and at
+/// `timeouts.backendRequest` (HTTP/2: the stream reset, the connection kept), counted `UT`
+/// with the status the client saw. A body that completes in time is not cut.
+#[tokio::test]
+async fn timeouts_cover_the_response_body() {
+    let (mesh, wp) = mesh(vec![
+        stall_rule("/stall/request", 300, 0),
+        stall_rule("/stall/backend", 0, 300),
+        stall_rule("/", 60_000, 0),
+    ])
+    .await;
+
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c.send_request(get("/stall/request")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the head arrives in time");
+    let cut = body_outcome(r).await;
+    assert!(cut.is_err(), "HTTP/1.1 body not cut: {cut:?}");
+
+    let mut c = h2(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c
+        .send_request(
+            Request::get(format!("http://{HOST}/stall/backend"))
+                .body(full(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cut = body_outcome(r).await;
+    assert!(cut.is_err(), "HTTP/2 body not cut: {cut:?}");
+    // The connection lives on; a body that ends in time is whole.
+    let r = c
+        .send_request(
+            Request::get(format!("http://{HOST}/hello"))
+                .body(full(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let whole = body_outcome(r).await.unwrap();
+    assert!(whole.starts_with(b"hello from echo-v1"), "{whole:?}");
+
+    eventually("both cut responses counted UT", async || {
+        let m = admin_get(wp.admin_addr, "/metrics").await.1;
+        requests_total(&m, &["response_code=\"200\"", "response_flags=\"UT\""]) == 2
+    })
+    .await;
+    mesh.release.notify_waiters();
+}
