@@ -40,8 +40,11 @@
 //!   reasons (HTTPRoute/GRPCRoute reference, `Hostnames`; Gateway `allowedRoutes`), and a
 //!   Service parent has no listener. Who may attach to a Service is GEP-1426's namespace rule
 //!   above (a route elsewhere only ever affects its own namespace's clients). A parentRef to
-//!   a Gateway (the waypoint's included) is not a mesh attachment here and gets no status
-//!   from this controller.
+//!   a waypoint Gateway (GEP-1426 allows a Gateway as a mesh parent, "if an implementation
+//!   wishes to do so"; zmesh does not): its one listener is HBONE and allows no route kinds,
+//!   so that parent gets `Accepted=False` with `NotAllowedByListeners` (the Gateway API reason
+//!   for a Gateway with no listener whose `allowedRoutes` permit the route) and what to write
+//!   instead. Parents naming other Gateways are not ours and get no status.
 
 mod compile;
 mod model;
@@ -64,6 +67,7 @@ pub use model::*;
 use spec::{BackendObjectRef, GrpcRouteSpec, HttpBackendRef, HttpRouteSpec, ParentRef};
 pub use wire::service_routes;
 
+use super::waypoint::WAYPOINT_CLASS;
 use super::{MeshConfig, Objects, namespace_of, service_hostname};
 
 /// A rule compiled, with the (OR-ed) matches that lead to it.
@@ -104,8 +108,9 @@ pub fn translate_routes(
             name,
         };
         let parents = service_parents(route);
-        if parents.is_empty() {
-            continue; // a route for Gateways only: not ours
+        let waypoints = waypoint_parents(route, &id.namespace, objects);
+        if parents.is_empty() && waypoints.is_empty() {
+            continue; // a route for other Gateways only: not ours
         }
         let compiled = compile(&id, route, objects, mesh);
         if let Err(why) = &compiled.rules {
@@ -126,6 +131,23 @@ pub fn translate_routes(
                 mesh,
                 &mut order,
                 &mut grpc_ports,
+            );
+            statuses.push(ParentStatus {
+                parent,
+                accepted,
+                resolved_refs: resolved_refs.clone(),
+            });
+        }
+        for parent in waypoints {
+            let ns = parent.namespace.as_deref().unwrap_or(&id.namespace);
+            let accepted = condition(
+                false,
+                "NotAllowedByListeners",
+                format!(
+                    "Gateway {ns}/{} is a waypoint: its one listener (HBONE) allows no route                      kinds; attach the route to the Services it is for (parentRef group: \"\", \
+                     kind: Service), GEP-1426",
+                    parent.name
+                ),
             );
             statuses.push(ParentStatus {
                 parent,
@@ -185,6 +207,30 @@ fn service_parents(route: &DynamicObject) -> Vec<ParentRef> {
         .iter()
         .filter_map(|p| serde_json::from_value::<ParentRef>(p.clone()).ok())
         .filter(|p| p.kind.as_deref() == Some("Service"))
+        .collect()
+}
+
+/// The parentRefs naming a waypoint Gateway (class `istio-waypoint`, group
+/// `gateway.networking.k8s.io`, the default, and kind `Gateway`, the default). Routes do not
+/// attach to it (see the module doc), and the parent says so rather than nothing.
+fn waypoint_parents(route: &DynamicObject, route_ns: &str, objects: &Objects) -> Vec<ParentRef> {
+    route.data["spec"]["parentRefs"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| serde_json::from_value::<ParentRef>(p.clone()).ok())
+        .filter(|p| {
+            matches!(p.kind.as_deref(), None | Some("Gateway"))
+                && matches!(p.group.as_deref(), None | Some("gateway.networking.k8s.io"))
+        })
+        .filter(|p| {
+            let ns = p.namespace.as_deref().unwrap_or(route_ns);
+            objects
+                .gateways
+                .get(&(ns.to_owned(), p.name.clone()))
+                .is_some_and(|g| g.data["spec"]["gatewayClassName"] == WAYPOINT_CLASS)
+        })
         .collect()
 }
 

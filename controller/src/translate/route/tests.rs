@@ -641,3 +641,41 @@ fn hostnames_are_ignored_on_a_service_parent() {
     let c = &r.statuses[&id(RouteKind::Http, "shop", "h")].parents[0].accepted;
     assert!(!c.message.contains("hostnames"), "{}", c.message);
 }
+
+/// A parentRef to the waypoint Gateway: zmesh attaches routes to Services only, and the
+/// waypoint's HBONE listener allows no route kinds, so that parent says
+/// `NotAllowedByListeners` and what to write instead; another Gateway is not ours.
+#[test]
+fn a_waypoint_gateway_parent_is_not_allowed_by_its_listener() {
+    let spec = "{parentRefs: [{name: wp}, {name: ingress}, {group: '', kind: Service, name: \
+                echo}], rules: [{backendRefs: [{name: echo-v1, port: 80}]}]}";
+    let r = routes(&http_route("shop", "r", "2026-01-01T00:00:00Z", spec));
+    let s = &r.statuses[&id(RouteKind::Http, "shop", "r")];
+    let parents: Vec<(&str, bool, &str)> = s
+        .parents
+        .iter()
+        .map(|p| (p.parent.name.as_str(), p.accepted.status, p.accepted.reason))
+        .collect();
+    assert_eq!(
+        parents,
+        [
+            ("echo", true, "Accepted"),
+            ("wp", false, "NotAllowedByListeners")
+        ]
+    );
+    assert!(
+        s.parents[1].accepted.message.contains("kind: Service"),
+        "{}",
+        s.parents[1].accepted.message
+    );
+    // A route whose only parent is the waypoint Gateway gets that status too, and no table.
+    let r = routes(&http_route(
+        "shop",
+        "only-wp",
+        "2026-01-01T00:00:00Z",
+        "{parentRefs: [{name: wp}], rules: [{backendRefs: [{name: echo-v1, port: 80}]}]}",
+    ));
+    let s = &r.statuses[&id(RouteKind::Http, "shop", "only-wp")];
+    assert_eq!(s.parents[0].accepted.reason, "NotAllowedByListeners");
+    assert!(r.services.is_empty(), "{:?}", r.services.keys());
+}
