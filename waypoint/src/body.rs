@@ -298,3 +298,65 @@ impl Drop for ResponseBody {
         self.end(clean);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use http::{Request, Response};
+    use http_body_util::Empty;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// What `keep` makes of the body of one HTTP/1.1 request written raw, then the client's
+    /// write side closed (half-close kept by the server, so the handler keeps running and
+    /// sees the body's end or its error).
+    async fn keep_of(raw: &str) -> Keep {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = oneshot::channel();
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let tx = tx.clone();
+            async move {
+                let k = KeptBody::keep(req.into_body()).await;
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(k);
+                }
+                Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .half_close(true)
+                .serve_connection(TokioIo::new(server), svc),
+        );
+        client.write_all(raw.as_bytes()).await.unwrap();
+        client.shutdown().await.unwrap();
+        let k = rx.await.expect("the handler ran");
+        drop(client);
+        k
+    }
+
+    #[tokio::test]
+    async fn keep_reads_whole_streams_large_and_fails_an_aborted_body() {
+        let head =
+            |len: usize| format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+        match keep_of(&format!("{}0123456789", head(10))).await {
+            Keep::Whole(k) => assert_eq!(k.data, "0123456789"),
+            other => panic!("{other:?}"),
+        }
+        match keep_of(&format!("{}0123456789", head(1000))).await {
+            Keep::Aborted(_) => {}
+            other => panic!("a body 990 bytes short was kept as {other:?}"),
+        }
+        match keep_of(&head(KEEP_LIMIT as usize + 1)).await {
+            Keep::Streamed(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
