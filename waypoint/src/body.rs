@@ -159,6 +159,8 @@ pub struct Finish {
 pub struct ResponseBody {
     inner: Option<Incoming>,
     finish: Option<Finish>,
+    /// A local answer's text, sent once.
+    text: Option<Bytes>,
 }
 
 impl ResponseBody {
@@ -167,6 +169,18 @@ impl ResponseBody {
         ResponseBody {
             inner: Some(inner),
             finish: Some(finish),
+            text: None,
+        }
+    }
+
+    /// A local answer with a text body; `record` counts it and is finished now.
+    pub fn text(text: Bytes, mut record: RequestRecord) -> Self {
+        record.response_bytes += text.len() as u64;
+        record.finish();
+        ResponseBody {
+            inner: None,
+            finish: None,
+            text: Some(text),
         }
     }
 
@@ -179,6 +193,7 @@ impl ResponseBody {
         ResponseBody {
             inner: None,
             finish: None,
+            text: None,
         }
     }
 
@@ -200,6 +215,9 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(t) = self.text.take() {
+            return Poll::Ready(Some(Ok(Frame::data(t))));
+        }
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -230,10 +248,13 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.text.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(t) = &self.text {
+            return SizeHint::with_exact(t.len() as u64);
+        }
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())

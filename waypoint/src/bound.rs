@@ -206,6 +206,8 @@ pub struct Snapshot {
     by_target: HashMap<SocketAddr, Binding>,
     /// Compiled routes by parent Service key (`<namespace>/<hostname>`).
     routes: HashMap<String, Arc<ServiceRoutes>>,
+    /// Compiled request authentication rules by Service key.
+    authn: HashMap<String, Arc<crate::authn::ServiceAuthn>>,
 }
 
 impl Snapshot {
@@ -233,6 +235,7 @@ impl Snapshot {
             state,
             by_target,
             routes: HashMap::new(),
+            authn: HashMap::new(),
         })
     }
 
@@ -240,6 +243,20 @@ impl Snapshot {
     pub fn with_routes(mut self, routes: impl IntoIterator<Item = Arc<ServiceRoutes>>) -> Snapshot {
         self.routes = routes.into_iter().map(|r| (r.key.clone(), r)).collect();
         self
+    }
+
+    /// This snapshot with request authentication rules (compiled, keyed by their Service).
+    pub fn with_authn(
+        mut self,
+        authn: impl IntoIterator<Item = Arc<crate::authn::ServiceAuthn>>,
+    ) -> Snapshot {
+        self.authn = authn.into_iter().map(|a| (a.key.clone(), a)).collect();
+        self
+    }
+
+    /// The request authentication rules of the Service `key`, if any.
+    pub fn authn(&self, key: &str) -> Option<Arc<crate::authn::ServiceAuthn>> {
+        self.authn.get(key).filter(|a| !a.rules.is_empty()).cloned()
     }
 
     /// The routes attached to the Service `key`, if any.

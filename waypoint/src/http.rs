@@ -274,6 +274,14 @@ pub async fn proxy(
     let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
+    // Authentication (RequestAuthentication): an invalid token is 401; a valid one's
+    // outcome goes into the extensions for authorization.
+    match crate::authn::authenticate(&wp, &svc.key(), &authority, &mut parts).await {
+        Ok(Some(auth)) => drop(parts.extensions.insert(auth)),
+        Ok(None) => {}
+        Err(denied) => return denied.respond(record),
+    }
+
     // Routing: the first applying rule that matches, or the Service itself.
     let snap = wp.snapshot.load_full();
     let decision = match snap.routes(&svc.key()) {

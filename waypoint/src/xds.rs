@@ -3,7 +3,9 @@
 //! as ztunnel) and `zmesh.waypoint.v1.BoundService` (which services it fronts; the controller
 //! sends only those bound to the Gateway the caller's credential names), and
 //! `zmesh.waypoint.v1.ServiceRoutes` (the HTTPRoute/GRPCRoute rules of those services, compiled
-//! by [`crate::route::compile`]; not needed for readiness).
+//! by [`crate::route::compile`]; not needed for readiness), and
+//! `zmesh.waypoint.v1.ServiceAuthn` (their RequestAuthentication JWT rules, compiled by
+//! [`crate::authn::compile`]; not needed for readiness).
 //!
 //! On every (re)connect each type's first request carries `initial_resource_versions`, so only
 //! changes are sent. Each response is applied resource by resource and ACKed, or NACKed naming
@@ -23,19 +25,23 @@ use xds_proto::envoy::config::core::v3::Node;
 use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use xds_proto::google::rpc::Status as RpcStatus;
-use xds_proto::{ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use xds_proto::{
+    ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+};
 use zmesh_core::state::xds::{AddressResource, decode_address};
 use zmesh_core::state::{Service, State, Workload};
 
 use crate::app::Waypoint;
+use crate::authn::ServiceAuthn;
 use crate::bound::{BoundService, Snapshot};
 use crate::route::ServiceRoutes;
 use zmesh_core::grpc::{AuthHeaders, GrpcError, Target, channel, describe};
 
-const TYPES: [&str; 3] = [
+const TYPES: [&str; 4] = [
     ADDRESS_TYPE_URL,
     BOUND_SERVICE_TYPE_URL,
     SERVICE_ROUTES_TYPE_URL,
+    SERVICE_AUTHN_TYPE_URL,
 ];
 /// The types that must have been applied once for the waypoint to be ready (a Service
 /// without routes is served as a plain L7 proxy, so routes are not waited for).
@@ -54,6 +60,7 @@ struct Store {
     services: BTreeMap<String, (String, Arc<Service>)>,
     bound: BTreeMap<String, (String, Arc<BoundService>)>,
     routes: BTreeMap<String, (String, Arc<ServiceRoutes>)>,
+    authn: BTreeMap<String, (String, Arc<ServiceAuthn>)>,
 }
 
 impl Store {
@@ -75,6 +82,12 @@ impl Store {
                     .iter()
                     .map(|(k, (ver, _))| (k.clone(), ver.clone())),
             );
+        } else if type_url == SERVICE_AUTHN_TYPE_URL {
+            out.extend(
+                self.authn
+                    .iter()
+                    .map(|(k, (ver, _))| (k.clone(), ver.clone())),
+            );
         } else {
             out.extend(
                 self.bound
@@ -91,6 +104,9 @@ impl Store {
         let address = r.type_url == ADDRESS_TYPE_URL;
         if r.type_url == SERVICE_ROUTES_TYPE_URL {
             return self.apply_routes(r);
+        }
+        if r.type_url == SERVICE_AUTHN_TYPE_URL {
+            return self.apply_authn(r);
         }
         for name in &r.removed_resources {
             if address {
@@ -168,6 +184,37 @@ impl Store {
         errors
     }
 
+    /// Applies a `ServiceAuthn` response: a resource that does not compile is refused whole
+    /// (the previous version of it, if any, keeps applying).
+    fn apply_authn(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
+        let mut errors = Vec::new();
+        for name in &r.removed_resources {
+            self.authn.remove(name);
+        }
+        for res in &r.resources {
+            let decoded = res
+                .resource
+                .as_ref()
+                .ok_or_else(|| format!("resource {:?}: no body", res.name))
+                .and_then(|any| {
+                    xds_proto::zmesh::waypoint::v1::ServiceAuthn::decode(&any.value[..])
+                        .map_err(|e| format!("resource {:?}: not a ServiceAuthn: {e}", res.name))
+                })
+                .and_then(|s| crate::authn::compile(&res.name, &s).map_err(|e| e.to_string()));
+            match decoded {
+                Ok(a) => {
+                    self.authn
+                        .insert(res.name.clone(), (res.version.clone(), Arc::new(a)));
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %res.name, error = %e, "authentication rules refused whole; the previous version (if any) keeps applying");
+                    errors.push(e);
+                }
+            }
+        }
+        errors
+    }
+
     fn snapshot(&self) -> Result<Snapshot, String> {
         let (state, conflicts) = State::from_resources(
             self.workloads.values().map(|(_, w)| w.clone()),
@@ -178,6 +225,7 @@ impl Store {
         }
         Snapshot::new(state, self.bound.values().map(|(_, b)| b.clone()))
             .map(|s| s.with_routes(self.routes.values().map(|(_, r)| r.clone())))
+            .map(|s| s.with_authn(self.authn.values().map(|(_, a)| a.clone())))
             .map_err(|e| e.to_string())
     }
 }

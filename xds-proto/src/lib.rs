@@ -9,7 +9,7 @@
 //! - [`istio::security`] — `Authorization` (ambient L4 policy)
 //! - [`istio::workload::zds`] — node agent to ztunnel messages
 //! - [`istio::v1::auth`] — Istio CA `IstioCertificateService`
-//! - [`zmesh::waypoint::v1`] — zmesh's own waypoint resources (`BoundService`, `ServiceRoutes`)
+//! - [`zmesh::waypoint::v1`] — zmesh's own waypoint resources (`BoundService`, `ServiceRoutes`, `ServiceAuthn`)
 //! - [`envoy::service::discovery::v3`] — (delta) ADS messages and service
 //! - [`envoy::config::core::v3`] — `Node`
 //! - [`google::rpc`] — `Status`
@@ -36,6 +36,10 @@ pub const BOUND_SERVICE_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.
 /// Type URL of `zmesh.waypoint.v1.ServiceRoutes` resources (the HTTPRoute/GRPCRoute rules
 /// attached to one Service, resolved and sorted by the controller).
 pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.ServiceRoutes";
+
+/// Type URL of `zmesh.waypoint.v1.ServiceAuthn` resources (the RequestAuthentication JWT
+/// rules attached to one Service).
+pub const SERVICE_AUTHN_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.ServiceAuthn";
 
 /// zmesh's own packages (resources that are not part of Istio's API).
 pub mod zmesh {
