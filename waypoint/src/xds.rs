@@ -474,4 +474,55 @@ mod tests {
         let r = snap.routes("default/a.default.svc.cluster.local").unwrap();
         assert_eq!(r.rules.len(), 1);
     }
+    fn authn(version: &str, jwks_uri: &str) -> Resource {
+        let a = pb::ServiceAuthn {
+            namespace: "default".into(),
+            name: "echo".into(),
+            hostname: "a.default.svc.cluster.local".into(),
+            rules: vec![pb::JwtRule {
+                issuer: "issuer@example.com".into(),
+                jwks_uri: jwks_uri.into(),
+                ..Default::default()
+            }],
+        };
+        Resource {
+            name: "default/a.default.svc.cluster.local".into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: SERVICE_AUTHN_TYPE_URL.into(),
+                value: a.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn authn_that_does_not_compile_is_refused_and_the_last_good_kept() {
+        let mut store = Store::default();
+        let resp = |r: Resource| DeltaDiscoveryResponse {
+            type_url: SERVICE_AUTHN_TYPE_URL.into(),
+            resources: vec![r],
+            ..Default::default()
+        };
+        assert!(
+            store
+                .apply(&resp(authn("1", "https://idp.example.com/jwks.json")))
+                .is_empty()
+        );
+        let errors = store.apply(&resp(authn("2", "file:///jwks.json")));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("rules[0].jwks_uri"), "{errors:?}");
+        assert_eq!(
+            store.versions(SERVICE_AUTHN_TYPE_URL),
+            HashMap::from([(
+                "default/a.default.svc.cluster.local".to_owned(),
+                "1".to_owned()
+            )])
+        );
+        let snap = store.snapshot().unwrap();
+        let a = snap.authn("default/a.default.svc.cluster.local").unwrap();
+        assert!(
+            matches!(&a.rules[0].keys, crate::authn::Keys::Remote { uri, .. } if uri == "https://idp.example.com/jwks.json")
+        );
+    }
 }

@@ -41,7 +41,9 @@ impl Failure {
     /// Envoy's text for this failure (`jwt_authn`'s status strings).
     pub fn message(&self) -> &'static str {
         match self {
-            Failure::Malformed(_) => "Jwt is not in the form of Header.Payload.Signature",
+            Failure::Malformed(_) => {
+                "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+            }
             Failure::UnknownIssuer(_) => "Jwt issuer is not configured",
             Failure::Expired => "Jwt is expired",
             Failure::NotYetValid => "Jwt not yet valid",
