@@ -83,14 +83,15 @@ pub struct Denied {
     pub failure: Failure,
     /// The request's URL without its query (`www-authenticate`'s realm).
     pub realm: String,
+    /// A gRPC request: answered as Envoy answers gRPC locally (HTTP 200, `grpc-status: 16`
+    /// UNAUTHENTICATED, the reason in `grpc-message`, no body).
+    pub grpc: bool,
 }
 
 impl Denied {
     /// The 401 Envoy's `jwt_authn` answers (its body and `www-authenticate`), recorded with
     /// the response flag `UAEX` (denied by an authentication filter) and the reason.
     pub fn respond(self, mut record: RequestRecord) -> http::Response<ResponseBody> {
-        let code = http::StatusCode::UNAUTHORIZED;
-        record.labels.response_code = code.as_u16().to_string();
         record.labels.traffic.response_flags = "UAEX";
         record.error = Some(format!(
             "jwt_authn_access_denied{{{}}}: {}",
@@ -98,6 +99,25 @@ impl Denied {
             self.failure
         ));
         let body = self.failure.message();
+        if self.grpc {
+            record.labels.response_code = "200".into();
+            record.labels.grpc_response_status = "16".into();
+            let mut r = http::Response::new(ResponseBody::empty(Some(crate::body::Finish {
+                record,
+                in_flight: None,
+                h1: None,
+            })));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from_static("16"));
+            h.insert("grpc-message", HeaderValue::from_static(body));
+            return r;
+        }
+        let code = http::StatusCode::UNAUTHORIZED;
+        record.labels.response_code = code.as_u16().to_string();
         let mut r = http::Response::new(ResponseBody::text(body.into(), record));
         *r.status_mut() = code;
         let challenge = format!("Bearer realm=\"{}\", error=\"invalid_token\"", self.realm);
@@ -127,5 +147,10 @@ pub async fn authenticate(
         .map_err(|failure| Denied {
             failure,
             realm: format!("http://{authority}{}", parts.uri.path()),
+            grpc: parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc")),
         })
 }

@@ -410,6 +410,7 @@ async fn a_refusal_is_envoys_401_and_is_counted() {
     let d = Denied {
         failure: Failure::Expired,
         realm: "http://httpbin.foo:8000/headers".into(),
+        grpc: false,
     };
     let r = d.respond(record);
     assert_eq!(r.status(), http::StatusCode::UNAUTHORIZED);
@@ -429,5 +430,36 @@ async fn a_refusal_is_envoys_401_and_is_counted() {
     assert!(
         line.contains(r#"response_code="401""#) && line.contains(r#"response_flags="UAEX""#),
         "{line}"
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_refusal_is_unauthenticated_in_grpc_terms() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(crate::telemetry::Metrics::new(&mut registry));
+    let record = crate::telemetry::RequestRecord::new(
+        metrics,
+        crate::telemetry::RequestLabels::default(),
+        "10.0.0.1:1234".parse().unwrap(),
+        "POST",
+        "/echo.Echo/Call",
+        "echo:7070",
+    );
+    let d = Denied {
+        failure: Failure::Signature,
+        realm: "http://echo:7070/echo.Echo/Call".into(),
+        grpc: true,
+    };
+    let r = d.respond(record);
+    assert_eq!(r.status(), http::StatusCode::OK);
+    assert_eq!(r.headers()["grpc-status"], "16");
+    assert_eq!(r.headers()["grpc-message"], "Jwt verification fails");
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains(r#"grpc_response_status="16""#)
+            && l.contains(r#"response_flags="UAEX""#)),
+        "{text}"
     );
 }
