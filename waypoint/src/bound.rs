@@ -254,6 +254,17 @@ impl Snapshot {
         self
     }
 
+    /// Every `jwksUri` the request authentication rules name.
+    pub fn jwks_uris(&self) -> impl Iterator<Item = &str> {
+        self.authn
+            .values()
+            .flat_map(|a| &a.rules)
+            .filter_map(|r| match &r.keys {
+                crate::authn::Keys::Remote { uri, .. } => Some(uri.as_str()),
+                crate::authn::Keys::Inline(_) => None,
+            })
+    }
+
     /// The request authentication rules of the Service `key`, if any.
     pub fn authn(&self, key: &str) -> Option<Arc<crate::authn::ServiceAuthn>> {
         self.authn.get(key).filter(|a| !a.rules.is_empty()).cloned()

@@ -331,6 +331,7 @@ async fn stream(
         let mut errors = store.apply(&resp);
         match store.snapshot() {
             Ok(s) => {
+                wp.jwks.retain(s.jwks_uris());
                 wp.snapshot.store(Arc::new(s));
                 delivered = true;
             }

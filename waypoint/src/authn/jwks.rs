@@ -204,11 +204,37 @@ impl JwksCache {
         Ok(keys)
     }
 
+    /// Forgets every URI not in `in_use` (no rule of the current config names it): their
+    /// refreshers stop.
+    pub fn retain<'a>(&self, in_use: impl IntoIterator<Item = &'a str>) {
+        let keep: std::collections::HashSet<&str> = in_use.into_iter().collect();
+        let mut m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|uri, _| keep.contains(uri.as_str()));
+    }
+
+    /// How many URIs are known.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no URI is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     async fn refresher(self: Arc<Self>, uri: String, timeout: Duration, remote: Arc<Remote>) {
         loop {
             tokio::select! {
                 _ = self.drain.cancelled() => return,
                 _ = tokio::time::sleep(self.refresh) => {}
+            }
+            let current = {
+                let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+                m.get(&uri).is_some_and(|r| Arc::ptr_eq(r, &remote))
+            };
+            if !current {
+                tracing::debug!(%uri, "JWKS no longer used: refresh stopped");
+                return;
             }
             match self.fetch(&uri, timeout).await {
                 Ok(k) => {

@@ -372,6 +372,12 @@ async fn jwks_uri_is_fetched_rotated_on_refresh_and_kept_on_failure() {
     *body.lock().unwrap() = None;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(check(&new).await.unwrap().is_some());
+    // No rule names the URI any more: it is forgotten (and its refresher stops); a rule
+    // naming it again needs a fresh fetch, which now fails.
+    assert_eq!(cache.len(), 1);
+    cache.retain([]);
+    assert!(cache.is_empty());
+    assert!(matches!(check(&new).await, Err(Failure::Jwks(_))));
 }
 
 #[tokio::test]
