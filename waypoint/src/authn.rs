@@ -18,7 +18,7 @@
 
 pub mod jwks;
 mod rules;
-mod verify;
+pub mod verify;
 
 #[cfg(test)]
 mod tests;
