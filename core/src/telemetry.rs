@@ -6,8 +6,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 
 use crate::state::{Service, Workload};
 
-/// Istio's traffic labels. Unknown values render as `unknown`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Istio's traffic labels. Unknown values render as `unknown` ([`TrafficLabels::new`]);
+/// `Default` is every label empty, a placeholder that allocates nothing.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
     pub reporter: &'static str,
     pub source_workload: String,

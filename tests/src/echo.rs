@@ -23,6 +23,8 @@
 //!   no sink or source);
 //! - a request header `x-echo-trailer: <value>` comes back as a response trailer of the same
 //!   name (ours), on gRPC and HTTP/2 responses;
+//! - the Gateway API conformance backends' `?delay=` and retry simulation
+//!   (`?responseCode=&succeedAfter=&uuid=`), and a request log on demand ([`simulate`]);
 //! - gRPC `proto.EchoTestService/EchoStream` (ours, not in Istio's `echo.proto`): a
 //!   bidirectional stream answering each `EchoRequest` as it arrives, then `grpc-status: 0`.
 
@@ -43,6 +45,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub mod client;
 pub mod grpc;
+pub mod simulate;
 pub mod ws;
 
 /// The gRPC method path the echo app serves.
@@ -126,7 +129,8 @@ pub fn fields(
             )
         })
         .collect();
-    headers.sort();
+    // By name only: a stable sort keeps the values of one header in the order they came.
+    headers.sort_by(|a, b| a.0.cmp(&b.0));
     for (k, v) in headers {
         put("RequestHeader", &format!("{k}:{v}"));
     }
@@ -192,6 +196,19 @@ async fn handle(
         return Ok(ws::upgrade(req));
     }
     let (parts, body) = req.into_parts();
+    if let Some(id) = parts.headers.get(simulate::LOG_HEADER) {
+        eprintln!(
+            "logged {} {} {}",
+            String::from_utf8_lossy(id.as_bytes()),
+            parts.method,
+            parts.uri.path()
+        );
+    }
+    match simulate::delay(&parts.uri) {
+        Ok(Some(d)) => tokio::time::sleep(d).await,
+        Ok(None) => {}
+        Err(e) => return Ok(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+    }
     let mut lines = fields(&cfg, port, peer, alpn.as_deref(), &parts);
     let trailer = parts.headers.get(TRAILER_HEADER).cloned();
     let is_grpc = parts
@@ -200,6 +217,11 @@ async fn handle(
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if is_grpc {
         return Ok(grpc::serve(&parts, body, lines, trailer).await);
+    }
+    match simulate::failure(&parts.uri) {
+        Ok(Some(code)) => return Ok(text(code, format!("StatusCode={}\n", code.as_u16()))),
+        Ok(None) => {}
+        Err(e) => return Ok(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
     }
     let Ok(length) = count(body).await else {
         return Ok(text(StatusCode::BAD_REQUEST, "unreadable body\n".into()));

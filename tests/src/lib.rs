@@ -30,6 +30,7 @@ pub mod apps;
 pub mod bench;
 pub mod capture;
 pub mod cluster;
+pub mod conformance;
 pub mod controller;
 pub mod ctlbench;
 pub mod echo;

@@ -154,10 +154,17 @@ fn echo_answers_like_istio_echo_on_every_protocol() {
     let url = format!("http://127.0.0.1:{grpc}");
     let msgs = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let report = rt
-        .block_on(client::grpc(&url, false, &msgs(&["u"]), Some("t2")))
+        .block_on(client::grpc(
+            &url,
+            false,
+            &msgs(&["u"]),
+            Some("t2"),
+            &msgs(&["x-extra: one"]),
+        ))
         .unwrap();
     for line in [
         "Echo=u",
+        "RequestHeader=X-Extra:one",
         "Replies=1",
         "Trailer=grpc-status:0",
         "Trailer=x-echo-trailer:t2",
@@ -170,6 +177,7 @@ fn echo_answers_like_istio_echo_on_every_protocol() {
             true,
             &msgs(&["a", "b", "c"]),
             Some("t3"),
+            &[],
         ))
         .unwrap();
     let echoed: Vec<&str> = report.lines().filter(|l| l.starts_with("Echo=")).collect();

@@ -7,7 +7,9 @@
 //!    rules (the request matching the last), and a plain TCP HTTP/1.1 baseline (the same
 //!    client and server code, no waypoint) in the same run.
 //!
-//! `ROUTE_BENCH_REQUESTS` sets the end-to-end request count (default 3000).
+//! `ROUTE_BENCH_REQUESTS` sets the end-to-end request count (default 3000);
+//! `ROUTE_BENCH_ONLY=e2e` skips the micro-benchmark (e.g. to profile the request path under
+//! `valgrind --tool=callgrind`).
 
 #[allow(dead_code)]
 #[path = "../tests/proxy/grpc_app.rs"]
@@ -209,7 +211,14 @@ async fn end_to_end() {
 }
 
 fn main() {
-    micro();
+    // A subscriber as the binary has one (warn: no access log), so that the libraries' spans
+    // cost here what they cost there (with none, `tracing`'s `log` fallback runs for each).
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .init();
+    if std::env::var("ROUTE_BENCH_ONLY").as_deref() != Ok("e2e") {
+        micro();
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

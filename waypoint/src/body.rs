@@ -9,6 +9,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 
 use crate::telemetry::RequestRecord;
 use crate::upstream::{H1Checkout, InFlight, Upstreams};
@@ -56,13 +58,48 @@ impl<B: Body<Data = Bytes>> Body for CountedBody<B> {
 }
 
 /// A request body sent upstream: the client's, streamed; or one kept whole so it can be sent
-/// again (retries, mirrors).
+/// again (retries, mirrors); or the client's streamed while mirrors get a copy of each frame
+/// (a body that could not be kept: too large or of unknown length, as a gRPC call's).
 pub enum ReqBody {
     Stream(Incoming),
     Kept {
         data: Option<Bytes>,
         trailers: Option<HeaderMap>,
     },
+    /// The client's body; each frame also goes to every copy. A copy that falls
+    /// [`TEE_FRAMES`] frames behind (a slow mirror) has its mirror aborted (a mirror never
+    /// slows the original, and never sends a truncated body as if it were whole); so does
+    /// every copy when the client's body fails.
+    Tee {
+        inner: Incoming,
+        copies: Copies,
+    },
+    /// A mirror's copy of a [`ReqBody::Tee`], ended when the original ends.
+    Copy(mpsc::Receiver<Frame<Bytes>>),
+}
+
+/// How many frames a mirror's copy may lag behind the original before it is given up.
+pub const TEE_FRAMES: usize = 64;
+
+/// The mirrors' copies of a [`ReqBody::Tee`]: each a channel to the mirror's body and the
+/// mirror's task. Dropped before the original body ended (the attempt failed, the client went
+/// away), the mirrors still running are aborted: a copy is sent whole or not at all.
+#[derive(Default)]
+pub struct Copies(pub Vec<(mpsc::Sender<Frame<Bytes>>, AbortHandle)>);
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        for (_, abort) in self.0.drain(..) {
+            abort.abort();
+        }
+    }
+}
+
+/// A copy of a data or trailers frame.
+fn copy_frame(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    f.data_ref()
+        .map(|d| Frame::data(d.clone()))
+        .or_else(|| f.trailers_ref().map(|t| Frame::trailers(t.clone())))
 }
 
 /// A request body read whole (at most [`KEEP_LIMIT`] bytes).
@@ -121,6 +158,35 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Tee { inner, copies } => {
+                let r = Pin::new(inner).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(f))) => copies.0.retain(|(tx, abort)| {
+                        let Some(c) = copy_frame(f) else {
+                            return true;
+                        };
+                        match tx.try_send(c) {
+                            Ok(()) => true,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                abort.abort();
+                                false
+                            }
+                            // The mirror is done (it failed or answered early).
+                            Err(mpsc::error::TrySendError::Closed(_)) => false,
+                        }
+                    }),
+                    Poll::Ready(Some(Err(_))) => {
+                        for (_, abort) in copies.0.drain(..) {
+                            abort.abort();
+                        }
+                    }
+                    // The end: dropping the senders (not aborting) ends the copies whole.
+                    Poll::Ready(None) => copies.0.clear(),
+                    Poll::Pending => {}
+                }
+                r
+            }
+            ReqBody::Copy(rx) => rx.poll_recv(cx).map(|f| f.map(Ok)),
             ReqBody::Kept { data, trailers } => Poll::Ready(
                 data.take()
                     .map(Frame::data)
@@ -132,14 +198,16 @@ impl Body for ReqBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ReqBody::Stream(b) => b.is_end_stream(),
+            ReqBody::Stream(b) | ReqBody::Tee { inner: b, .. } => b.is_end_stream(),
+            ReqBody::Copy(_) => false,
             ReqBody::Kept { data, trailers } => data.is_none() && trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ReqBody::Stream(b) => b.size_hint(),
+            ReqBody::Stream(b) | ReqBody::Tee { inner: b, .. } => b.size_hint(),
+            ReqBody::Copy(_) => SizeHint::default(),
             ReqBody::Kept { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -267,5 +335,41 @@ impl Drop for ResponseBody {
         // unless nothing was left to read.
         let clean = self.inner.as_ref().is_some_and(|b| b.is_end_stream());
         self.end(clean);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A teed body dropped before its end aborts the mirrors still sending (a copy is never
+    /// ended early as if it were whole); its copy ends only when the senders go.
+    #[tokio::test]
+    async fn copies_dropped_early_abort_their_mirrors() {
+        let (tx, rx) = mpsc::channel(TEE_FRAMES);
+        let mirror = tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            ReqBody::Copy(rx).collect().await.map(|c| c.to_bytes())
+        });
+        tx.send(Frame::data(Bytes::from_static(b"half")))
+            .await
+            .unwrap();
+        drop(Copies(vec![(tx, mirror.abort_handle())]));
+        assert!(mirror.await.unwrap_err().is_cancelled());
+
+        let (tx, rx) = mpsc::channel(TEE_FRAMES);
+        let mirror = tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            ReqBody::Copy(rx).collect().await.map(|c| c.to_bytes())
+        });
+        let mut copies = Copies(vec![(tx.clone(), mirror.abort_handle())]);
+        tx.send(Frame::data(Bytes::from_static(b"whole")))
+            .await
+            .unwrap();
+        drop(tx);
+        // The original's end: the senders dropped, not aborted.
+        copies.0.clear();
+        drop(copies);
+        assert_eq!(mirror.await.unwrap().unwrap(), Bytes::from_static(b"whole"));
     }
 }

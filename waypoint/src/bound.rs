@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use xds_proto::zmesh::waypoint::v1 as pb;
@@ -198,6 +198,9 @@ pub struct Binding {
     pub port: BoundPort,
 }
 
+/// The endpoints of a (service key, port, targetPort), as [`crate::upstream::endpoints`] built them.
+pub(crate) type EndpointMemo = HashMap<(String, u16, u16), Arc<[crate::upstream::Endpoint]>>;
+
 /// An immutable view of everything the data path needs.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -208,6 +211,9 @@ pub struct Snapshot {
     routes: HashMap<String, Arc<ServiceRoutes>>,
     /// Compiled request authentication rules by Service key.
     authn: HashMap<String, Arc<crate::authn::ServiceAuthn>>,
+    /// The endpoints of each (service key, port, targetPort) asked for, built on first use
+    /// ([`crate::upstream::endpoints`]); a new snapshot starts empty.
+    endpoints: Mutex<EndpointMemo>,
 }
 
 impl Snapshot {
@@ -236,6 +242,7 @@ impl Snapshot {
             by_target,
             routes: HashMap::new(),
             authn: HashMap::new(),
+            endpoints: Mutex::default(),
         })
     }
 
@@ -268,6 +275,11 @@ impl Snapshot {
     /// The request authentication rules of the Service `key`, if any.
     pub fn authn(&self, key: &str) -> Option<Arc<crate::authn::ServiceAuthn>> {
         self.authn.get(key).filter(|a| !a.rules.is_empty()).cloned()
+    }
+
+    /// The memo of [`crate::upstream::endpoints`].
+    pub(crate) fn endpoints_memo(&self) -> std::sync::MutexGuard<'_, EndpointMemo> {
+        self.endpoints.lock().expect("endpoints memo lock")
     }
 
     /// The routes attached to the Service `key`, if any.
@@ -357,6 +369,35 @@ boundServices:
         assert_eq!(b.port.protocol, PortProtocol::Unspecified);
         assert!(s.binding("10.96.0.10:81".parse().unwrap()).is_none());
         assert_eq!(s.state.endpoints(&b.service.key()).len(), 1);
+    }
+
+    /// Endpoints are built once per snapshot and service port, and a new snapshot (a config
+    /// change) builds them anew.
+    #[test]
+    fn endpoints_are_memoised_per_snapshot() {
+        let s = Snapshot::from_yaml(YAML).unwrap();
+        let b = s.binding("10.96.0.10:80".parse().unwrap()).unwrap();
+        let first = crate::upstream::endpoints(&s, b);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].addr, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(
+            &*first[0].principal,
+            "spiffe://cluster.local/ns/default/sa/echo"
+        );
+        assert!(Arc::ptr_eq(&first, &crate::upstream::endpoints(&s, b)));
+        let other = s.binding("10.96.0.10:9000".parse().unwrap()).unwrap();
+        // Port 9000 has no targetPort and the workload maps only 80: no endpoint (its own
+        // entry, not port 80's).
+        assert!(crate::upstream::endpoints(&s, other).is_empty());
+
+        let two = YAML.replace(
+            "boundServices:",
+            "- name: echo-2\n  namespace: default\n  serviceAccount: echo\n  workloadIps: [10.0.0.3]\n  \
+             protocol: HBONE\n  services:\n    default/echo.default.svc.cluster.local: {80: 8080}\nboundServices:",
+        );
+        let s2 = Snapshot::from_yaml(&two).unwrap();
+        let b2 = s2.binding("10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(crate::upstream::endpoints(&s2, b2).len(), 2);
     }
 
     #[test]

@@ -41,14 +41,15 @@ pub struct Downstream {
 }
 
 /// Connection-specific headers (RFC 9110 §7.6.1), never forwarded; `te: trailers` is kept.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "http2-settings",
+/// Typed names: removing by `&str` parsed each name again for every request.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
@@ -70,8 +71,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for n in named {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
-        if upgrade && (n == "connection" || n == "upgrade") {
+    for n in &HOP_BY_HOP {
+        if upgrade && (n == header::CONNECTION || n == header::UPGRADE) {
             continue;
         }
         h.remove(n);
@@ -384,17 +385,31 @@ pub async fn proxy(
     } else {
         Err(ReqBody::Stream(body))
     };
-    match &body {
+    let body = match body {
         Ok(kept) => {
             for m in plan.mirrors {
-                attempt::mirror(wp.clone(), m, up_h2, out.clone(), kept.clone());
+                attempt::mirror(wp.clone(), m, up_h2, out.clone(), kept.body());
             }
+            Ok(kept)
         }
-        Err(_) if !plan.mirrors.is_empty() => {
-            tracing::debug!(service = %svc.key(), "request body too large or of unknown length to copy: not mirrored");
+        // Too large or of unknown length (a gRPC call) to keep: each mirror gets a copy of the
+        // frames as they stream to the backend.
+        Err(ReqBody::Stream(inner)) if !plan.mirrors.is_empty() => {
+            let copies = crate::body::Copies(
+                plan.mirrors
+                    .into_iter()
+                    .map(|m| {
+                        let (tx, rx) = tokio::sync::mpsc::channel(crate::body::TEE_FRAMES);
+                        let abort =
+                            attempt::mirror(wp.clone(), m, up_h2, out.clone(), ReqBody::Copy(rx));
+                        (tx, abort)
+                    })
+                    .collect(),
+            );
+            Err(ReqBody::Tee { inner, copies })
         }
-        Err(_) => {}
-    }
+        other => other,
+    };
     let t = Target {
         binding: target,
         up_h2,
@@ -433,7 +448,7 @@ pub async fn proxy(
     };
     record.error = None;
     record.upstream = Some(ep.addr);
-    record.labels.destination(&ep.workload);
+    record.labels.destination(&ep);
     record.labels.response_code = resp.status().as_u16().to_string();
     if let Some(s) = resp
         .headers()

@@ -224,7 +224,7 @@ async fn connect_tcp(
         return Err(UpstreamError::NoEndpoints(ds.binding.service.key()));
     }
     let mut last = None;
-    for ep in wp.upstreams.order(&ds.binding, eps) {
+    for ep in wp.upstreams.order(&ds.binding, &eps) {
         match wp
             .upstreams
             .tunnel(&ep, ds.client, &ds.binding.service.hostname)

@@ -15,6 +15,7 @@ use zmesh_core::certs::CertStore;
 use zmesh_core::hbone::{H2Settings, HboneError, Pool, PoolKey, SourceInfo, Tunnel};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::state::{HealthStatus, Workload};
+use zmesh_core::telemetry::UNKNOWN;
 
 use crate::body::{CountedBody, ReqBody};
 use crate::bound::{Binding, Snapshot};
@@ -55,24 +56,38 @@ impl std::str::FromStr for LbPolicy {
     }
 }
 
-/// One endpoint of a service port.
+/// One endpoint of a service port. Cheap to clone (shared parts).
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     pub workload: Arc<Workload>,
     /// `podIP:targetPort`: the inner CONNECT authority.
     pub addr: SocketAddr,
     /// The identities the endpoint's HBONE server may present.
-    pub identities: Vec<SpiffeId>,
+    pub identities: Arc<[SpiffeId]>,
+    /// The workload's own identity as text (`destination_principal`), or `unknown`.
+    pub principal: Arc<str>,
 }
 
 /// The healthy endpoints of `binding` (in config order), with the target port resolved: the
 /// bound port's `targetPort`, else the workload's own mapping for the service port; each may
-/// present its workload's identity or one of the service's `subjectAltNames`.
-pub fn endpoints(snap: &Snapshot, binding: &Binding) -> Vec<Endpoint> {
+/// present its workload's identity or one of the service's `subjectAltNames`. Built once per
+/// snapshot and service port (memoised in the snapshot: parsing identities per request cost
+/// more than the rest of the endpoint choice).
+pub fn endpoints(snap: &Snapshot, binding: &Binding) -> Arc<[Endpoint]> {
     let key = binding.service.key();
+    let memo_key = (key, binding.port.port, binding.port.target_port);
+    if let Some(eps) = snap.endpoints_memo().get(&memo_key) {
+        return eps.clone();
+    }
+    let eps = build_endpoints(snap, &memo_key.0, binding);
+    snap.endpoints_memo().insert(memo_key, eps.clone());
+    eps
+}
+
+fn build_endpoints(snap: &Snapshot, key: &str, binding: &Binding) -> Arc<[Endpoint]> {
     let sans: Vec<SpiffeId> = snap
         .state
-        .service(&key)
+        .service(key)
         .map(|s| {
             s.subject_alt_names
                 .iter()
@@ -81,21 +96,25 @@ pub fn endpoints(snap: &Snapshot, binding: &Binding) -> Vec<Endpoint> {
         })
         .unwrap_or_default();
     snap.state
-        .endpoints(&key)
+        .endpoints(key)
         .iter()
         .filter(|w| w.status == HealthStatus::Healthy)
         .filter_map(|w| {
             let ip = *w.workload_ips.first()?;
             let port = match binding.port.target_port {
-                0 => *w.services.get(&key)?.get(&binding.port.port)?,
+                0 => *w.services.get(key)?.get(&binding.port.port)?,
                 p => p,
             };
             let port = if port == 0 { binding.port.port } else { port };
             // The workload's identity, or one of the service's SANs (as ztunnel accepts).
-            let mut identities: Vec<SpiffeId> = w.identity().into_iter().collect();
-            identities.extend(sans.iter().cloned());
+            let own = w.identity().ok();
+            let principal: Arc<str> = own
+                .as_ref()
+                .map_or_else(|| UNKNOWN.into(), |i| i.to_string().into());
+            let identities: Arc<[SpiffeId]> = own.into_iter().chain(sans.iter().cloned()).collect();
             Some(Endpoint {
                 identities,
+                principal,
                 workload: w.clone(),
                 addr: SocketAddr::new(ip, port),
             })
@@ -197,10 +216,10 @@ impl Upstreams {
 
     /// The endpoints in the order to try them: the load balancer's pick first, then the
     /// others (each tried at most once when connects fail).
-    pub fn order(&self, binding: &Binding, mut eps: Vec<Endpoint>) -> Vec<Endpoint> {
+    pub fn order(&self, binding: &Binding, eps: &[Endpoint]) -> Vec<Endpoint> {
         let n = eps.len();
         if n < 2 {
-            return eps;
+            return eps.to_vec();
         }
         let first = match self.lb {
             LbPolicy::RoundRobin => {
@@ -219,6 +238,7 @@ impl Upstreams {
                 if load(b) < load(a) { b } else { a }
             }
         };
+        let mut eps = eps.to_vec();
         eps.rotate_left(first);
         eps
     }
@@ -241,7 +261,7 @@ impl Upstreams {
         let cert = self.certs.get(&self.identity).await?;
         let key = PoolKey::new(
             self.identity.clone(),
-            ep.identities.clone(),
+            ep.identities.to_vec(),
             SocketAddr::new(ep.addr.ip(), self.hbone_port),
             None,
         );

@@ -217,7 +217,7 @@ impl Pool {
     ) -> Result<(Tunnel, StreamGuard), HboneError> {
         let peer = key.dst;
         let (mut sender, guard) = if self.cfg.idle_timeout.is_zero() {
-            let sender = self.handshake(&key, cert).await?;
+            let sender = Box::pin(self.handshake(&key, cert)).await?;
             let guard = StreamGuard {
                 streams: Arc::new(AtomicUsize::new(1)),
                 last_used: Arc::new(AtomicU64::new(0)),
@@ -293,9 +293,12 @@ impl Pool {
             .iter()
             .position(|c| c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max)
             .filter(|_| !fresh);
+        // The handshake is boxed (here and above): a new connection's TLS and HTTP/2 handshakes
+        // are kilobytes of future state that every caller would otherwise carry (and copy with
+        // each move of its future) for the common case of a pooled connection.
         let index = match reusable {
             Some(i) => i,
-            None => match self.handshake(&key, cert).await {
+            None => match Box::pin(self.handshake(&key, cert)).await {
                 Ok(sender) => {
                     state.last_failure = None;
                     state.conns.push(Conn {

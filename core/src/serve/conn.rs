@@ -144,28 +144,45 @@ impl<S> Tracked<S> {
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pin_project_lite::pin_project! {
+    /// [`Tracked`]'s response future: the inner service's future, unboxed and not moved into
+    /// an `async` block (which would hold it twice: a proxy's request future is kilobytes, and
+    /// every byte of it is copied when the future moves).
+    pub struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<ActiveGuard>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(resp.map(|inner| TrackedBody { inner, guard })))
+    }
+}
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Send + 'static,
     B: Body,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let guard = self.activity.begin();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
-            Ok(resp.map(|inner| TrackedBody {
-                inner,
-                guard: Some(guard),
-            }))
-        })
+        TrackedFuture {
+            guard: Some(self.activity.begin()),
+            inner: self.inner.call(req),
+        }
     }
 }
 

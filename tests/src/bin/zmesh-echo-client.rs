@@ -5,6 +5,7 @@
 //! ```text
 //! zmesh-echo-client grpc http://echo.gateway-conformance-mesh:7070 --message hi --trailer t1
 //! zmesh-echo-client grpc --stream http://echo.gateway-conformance-mesh:7070 -m a -m b -m c
+//! zmesh-echo-client grpc http://echo.gateway-conformance-mesh:7070 -m hi -H x-test-case:set --count 10
 //! zmesh-echo-client ws ws://echo.gateway-conformance-mesh:80/ -m hello
 //! ```
 
@@ -37,6 +38,12 @@ enum Cmd {
         /// Sent as `x-echo-trailer`, which the echo app returns as a trailer.
         #[arg(long)]
         trailer: Option<String>,
+        /// A request header, `name:value`; repeatable.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Make this many calls, one after another, each on its own connection.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
     },
     /// A WebSocket: each message sent and its echo awaited.
     Ws {
@@ -56,7 +63,17 @@ async fn main() -> Result<()> {
             stream,
             messages,
             trailer,
-        } => client::grpc(&url, stream, &messages, trailer.as_deref()).await?,
+            headers,
+            count,
+        } => {
+            let mut out = String::new();
+            for _ in 0..count {
+                out.push_str(
+                    &client::grpc(&url, stream, &messages, trailer.as_deref(), &headers).await?,
+                );
+            }
+            out
+        }
         Cmd::Ws { url, messages } => client::websocket(&url, &messages).await?,
     };
     print!("{report}");

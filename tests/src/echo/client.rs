@@ -58,14 +58,27 @@ fn trailer_lines(out: &mut String, t: Option<&HeaderMap>) {
 
 /// One gRPC call to `url` (`http://host:port`, h2c) over `GRPC_ECHO_PATH` (unary) or
 /// `GRPC_STREAM_PATH` (`messages` sent one at a time, each reply awaited before the next is
-/// sent). `trailer`: the `x-echo-trailer` header to send. The report: each reply's lines,
-/// `Replies=<n>`, then one `Trailer=name:value` per trailer.
+/// sent). `trailer`: the `x-echo-trailer` header to send; `headers`: more request headers, each
+/// `name:value`. The report: each reply's lines, `Replies=<n>`, then one `Trailer=name:value`
+/// per trailer.
 pub async fn grpc(
     url: &str,
     stream: bool,
     messages: &[String],
     trailer: Option<&str>,
+    headers: &[String],
 ) -> Result<String> {
+    let mut extra = Vec::new();
+    for h in headers {
+        let (k, v) = h
+            .split_once(':')
+            .with_context(|| format!("header {h:?}: write it as name:value"))?;
+        let name = http::HeaderName::from_bytes(k.trim().as_bytes())
+            .with_context(|| format!("header {h:?}: {k:?} is not a header name"))?;
+        let value = http::HeaderValue::from_str(v.trim())
+            .with_context(|| format!("header {h:?}: the value is not a header value"))?;
+        extra.push((name, value));
+    }
     ensure!(!messages.is_empty(), "give at least one --message");
     ensure!(
         stream || messages.len() == 1,
@@ -91,6 +104,9 @@ pub async fn grpc(
         .header("te", "trailers");
     if let Some(t) = trailer {
         req = req.header(TRAILER_HEADER, t);
+    }
+    for (k, v) in extra {
+        req = req.header(k, v);
     }
     let req = req.body(ChannelBody(rx))?;
     let frame = |m: &String| Frame::data(grpc_frame(&EchoMessage { message: m.clone() }));

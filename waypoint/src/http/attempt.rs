@@ -1,7 +1,7 @@
 //! Sending a request to a Service: endpoints in load-balancing order (a failed connect moves
 //! on to the next endpoint), per-attempt timeout (`backendRequest`), retries on the listed
 //! status codes and on connection errors with backoff (only when the body was kept), and
-//! fire-and-forget mirrors.
+//! fire-and-forget mirrors (a kept body sent again, or a copy streamed alongside the original).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use tokio::task::AbortHandle;
 
 use crate::app::Waypoint;
 use crate::body::{CountedBody, KeptBody, ReqBody};
@@ -80,7 +81,7 @@ async fn once(
     }
     let mut chosen = None;
     let mut why = String::new();
-    for ep in wp.upstreams.order(t.binding, eps) {
+    for ep in wp.upstreams.order(t.binding, &eps) {
         match wp
             .upstreams
             .sender(&ep, t.up_h2, t.client, &svc.hostname)
@@ -196,8 +197,14 @@ pub async fn send(
 }
 
 /// Sends a copy of the request to `binding`, its response read and dropped (fire and forget).
-pub fn mirror(wp: Arc<Waypoint>, binding: Binding, up_h2: bool, mut out: Outgoing, body: KeptBody) {
-    tokio::spawn(async move {
+pub fn mirror(
+    wp: Arc<Waypoint>,
+    binding: Binding,
+    up_h2: bool,
+    mut out: Outgoing,
+    body: ReqBody,
+) -> AbortHandle {
+    let task = tokio::spawn(async move {
         let bytes = Arc::default();
         if let Ok(a) = http::uri::Authority::try_from(format!(
             "{}:{}",
@@ -219,7 +226,7 @@ pub fn mirror(wp: Arc<Waypoint>, binding: Binding, up_h2: bool, mut out: Outgoin
             up_h2,
             client: None,
         };
-        match once(&wp, &t, out, body.body(), &bytes).await {
+        match once(&wp, &t, out, body, &bytes).await {
             Ok(s) => {
                 use http_body_util::BodyExt;
                 let _ = s.resp.into_body().collect().await;
@@ -229,4 +236,5 @@ pub fn mirror(wp: Arc<Waypoint>, binding: Binding, up_h2: bool, mut out: Outgoin
             }
         }
     });
+    task.abort_handle()
 }

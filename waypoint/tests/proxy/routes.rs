@@ -335,3 +335,39 @@ async fn mirror_copies_to_another_service() {
     })
     .await;
 }
+
+/// RequestMirror of a request whose body has no declared length (a gRPC call, a chunked
+/// upload): the copy still reaches echo-v2, streamed alongside the original, and the client's
+/// answer still comes from echo-v1 (found by the GAMMA conformance run:
+/// `MeshGRPCRouteRequestMirror`).
+#[tokio::test]
+async fn mirror_copies_a_body_of_unknown_length() {
+    let mut m = rule(prefix("/"), vec![backend(HOST, 1)]);
+    m.filters
+        .push(filter(pb::filter::Kind::RequestMirror(pb::RequestMirror {
+            backend: Some(backend(V2, 1)),
+            numerator: 0,
+            denominator: 0,
+        })));
+    let (mesh, wp) = mesh(vec![m]).await;
+    let mut c = h2(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let (tx, body) = channel_body();
+    let req = Request::post(format!("http://{HOST}/upload"))
+        .body(body)
+        .unwrap();
+    let sending = tokio::spawn(async move { c.send_request(req).await });
+    tx.send(hyper::body::Frame::data(Bytes::from_static(b"part one")))
+        .await
+        .unwrap();
+    tx.send(hyper::body::Frame::data(Bytes::from_static(b"part two")))
+        .await
+        .unwrap();
+    drop(tx);
+    let r = sending.await.unwrap().unwrap();
+    assert_eq!(header(&r, "x-backend"), "echo-v1");
+    let v2 = mesh.nodes[1].ip;
+    eventually("the mirror reaches echo-v2", async || {
+        mesh.connects().iter().any(|(ip, _)| *ip == v2)
+    })
+    .await;
+}
