@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "zmesh/waypoint/v1/waypoint.proto",
     "zmesh/waypoint/v1/route.proto",
     "zmesh/waypoint/v1/authn.proto",
+    "zmesh/waypoint/v1/authz.proto",
     "google/rpc/status.proto",
     "envoy/config/core/v3/base.proto",
     "envoy/service/discovery/v3/discovery.proto",

@@ -12,7 +12,10 @@ use prost::Message;
 use prost_types::Any;
 use tracing::{debug, info, warn};
 use xds_proto::istio::workload::{Address, address};
-use xds_proto::{BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use xds_proto::{
+    BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
+};
 
 use crate::ads::Cache;
 use crate::deploy::WaypointDeployer;
@@ -196,6 +199,28 @@ impl Reconciler {
             if !self.last.request_authn.issues.contains(issue) {
                 warn!(policy = %format!("{}/{}", issue.namespace, issue.name),
                     issue = %issue.message, "RequestAuthentication not applied as written");
+            }
+        }
+        // Waypoint L7 policies: the name carries the waypoint, so a policy whose waypoint
+        // changed is removed from the old one and added to the new one.
+        let (old_wp, new_wp) = (&self.last.waypoint_authz, &next.waypoint_authz);
+        let (upserts, removals) = diff(&old_wp.resources, &new_wp.resources, |p| {
+            pack(WAYPOINT_POLICY_TYPE_URL, p)
+        });
+        changed += upserts.len();
+        removed += removals.len();
+        if let Err(e) = self
+            .cache
+            .apply(WAYPOINT_POLICY_TYPE_URL, upserts, removals)
+        {
+            warn!(error = %e, "waypoint WaypointPolicy resources not applied");
+        }
+        for ((ns, name), place) in &new_wp.placements {
+            let key = (ns.clone(), name.clone());
+            if old_wp.placements.get(&key) != Some(place) && !place.messages.is_empty() {
+                warn!(policy = %format!("{ns}/{name}"), waypoints = ?place.waypoints,
+                    ztunnel = place.ztunnel, issues = %place.messages.join("; "),
+                    "AuthorizationPolicy (targetRefs) not enforced as written");
             }
         }
         for (route, why) in &next.routes.refused {

@@ -7,6 +7,11 @@
 //! - `False` / `UnsupportedValue`: not sent (AUDIT, CUSTOM, an unknown action): the message
 //!   says so.
 //!
+//! and a `WaypointAccepted` condition on every targetRefs policy, whose message starts with
+//! where it is enforced (`enforced at: waypoint (<ns>/<gateway>)`, `ztunnel (no waypoint)`,
+//! `both (...)`, or `nowhere`, then status `False`) and lists what is not honoured (reason
+//! `UnsupportedValue`), see `translate::waypoint_authz`.
+//!
 //! [`desired_updates`] compares what the translation says with the condition the object
 //! already carries (as last seen by the watch) and returns only the policies whose condition
 //! must change, so writing a status (which comes back as a watch event) never loops. The
@@ -29,10 +34,15 @@ use crate::translate::{AuthorizationPolicy, Objects, PolicyIssue, Translated};
 
 /// The condition type istiod uses for ztunnel's view of a policy.
 pub const CONDITION_TYPE: &str = "ZtunnelAccepted";
+/// The condition type istiod uses for a waypoint (targetRefs) policy.
+pub const WAYPOINT_CONDITION_TYPE: &str = "WaypointAccepted";
 
-/// One policy's `ZtunnelAccepted` condition (without its transition time).
+/// One policy's `ZtunnelAccepted` (or, for a targetRefs policy, `WaypointAccepted`)
+/// condition (without its transition time).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
+    /// [`CONDITION_TYPE`] or [`WAYPOINT_CONDITION_TYPE`].
+    pub kind: &'static str,
     /// `"True"` or `"False"`.
     pub status: &'static str,
     /// `Accepted` or `UnsupportedValue`.
@@ -64,7 +74,11 @@ pub fn conditions(
     let mut out = BTreeMap::new();
     for (key, policy) in &objects.authorization_policies {
         if policy.spec.target_ref.is_some() || !policy.spec.target_refs.is_empty() {
-            continue; // a waypoint's policy: its status is the waypoint's business
+            if let Some(place) = translated.waypoint_authz.placements.get(key) {
+                let l4 = issues.get(key).map(Vec::as_slice).unwrap_or_default();
+                out.insert(key.clone(), waypoint_condition(policy, place, l4));
+            }
+            continue;
         }
         let sent = translated
             .authorizations
@@ -73,18 +87,21 @@ pub fn conditions(
         let messages: Vec<&str> = found.iter().map(|i| i.message.as_str()).collect();
         let condition = match (sent, messages.is_empty()) {
             (true, true) => Condition {
+                kind: CONDITION_TYPE,
                 status: "True",
                 reason: "Accepted",
                 message: "attached to ztunnel".to_owned(),
                 observed_generation: policy.metadata.generation,
             },
             (true, false) => Condition {
+                kind: CONDITION_TYPE,
                 status: "True",
                 reason: "UnsupportedValue",
                 message: format!("attached to ztunnel, narrowed: {}", messages.join("; ")),
                 observed_generation: policy.metadata.generation,
             },
             (false, _) => Condition {
+                kind: CONDITION_TYPE,
                 status: "False",
                 reason: "UnsupportedValue",
                 message: if messages.is_empty() {
@@ -100,12 +117,52 @@ pub fn conditions(
     out
 }
 
-/// The `ZtunnelAccepted` condition a policy object carries now, if any.
-fn current(policy: &AuthorizationPolicy) -> Option<&Value> {
+/// A targetRefs policy's `WaypointAccepted`: where it is enforced (`waypoint`, `ztunnel`,
+/// `both`, or nowhere: status `False`) and what of it is not honoured.
+fn waypoint_condition(
+    policy: &AuthorizationPolicy,
+    place: &crate::translate::waypoint_authz::Placement,
+    l4: &[&PolicyIssue],
+) -> Condition {
+    let at = match (place.waypoints.is_empty(), place.ztunnel) {
+        (false, false) => format!("enforced at: waypoint ({})", place.waypoints.join(", ")),
+        (true, true) => "enforced at: ztunnel (no waypoint)".to_owned(),
+        (false, true) => format!(
+            "enforced at: both (waypoint {}; ztunnel for targets with no waypoint)",
+            place.waypoints.join(", ")
+        ),
+        (true, false) => "enforced at: nowhere".to_owned(),
+    };
+    let notes: Vec<&str> = place
+        .messages
+        .iter()
+        .map(String::as_str)
+        .chain(l4.iter().map(|i| i.message.as_str()))
+        .collect();
+    let enforced = !place.waypoints.is_empty() || place.ztunnel;
+    Condition {
+        kind: WAYPOINT_CONDITION_TYPE,
+        status: if enforced { "True" } else { "False" },
+        reason: if notes.is_empty() {
+            "Accepted"
+        } else {
+            "UnsupportedValue"
+        },
+        message: if notes.is_empty() {
+            at
+        } else {
+            format!("{at}; {}", notes.join("; "))
+        },
+        observed_generation: policy.metadata.generation,
+    }
+}
+
+/// The condition of type `kind` a policy object carries now, if any.
+fn current<'a>(policy: &'a AuthorizationPolicy, kind: &str) -> Option<&'a Value> {
     policy.status.as_ref()?["conditions"]
         .as_array()?
         .iter()
-        .find(|c| c["type"] == CONDITION_TYPE)
+        .find(|c| c["type"] == kind)
 }
 
 fn same(existing: &Value, want: &Condition) -> bool {
@@ -121,7 +178,7 @@ pub fn desired_updates(objects: &Objects, translated: &Translated) -> Vec<Status
         .into_iter()
         .filter(|(key, want)| {
             let policy = &objects.authorization_policies[key];
-            !current(policy).is_some_and(|c| same(c, want))
+            !current(policy, want.kind).is_some_and(|c| same(c, want))
         })
         .map(|((namespace, name), condition)| StatusUpdate {
             namespace,
@@ -138,7 +195,8 @@ pub fn patch_body(existing: Option<&Value>, update: &StatusUpdate, now: &str) ->
         .and_then(|s| s["conditions"].as_array())
         .cloned()
         .unwrap_or_default();
-    let previous = conditions.iter().position(|c| c["type"] == CONDITION_TYPE);
+    let kind = update.condition.kind;
+    let previous = conditions.iter().position(|c| c["type"] == kind);
     let transition = previous
         .map(|i| &conditions[i])
         .filter(|c| c["status"] == update.condition.status)
@@ -146,7 +204,7 @@ pub fn patch_body(existing: Option<&Value>, update: &StatusUpdate, now: &str) ->
         .unwrap_or(now)
         .to_owned();
     let mut condition = json!({
-        "type": CONDITION_TYPE,
+        "type": kind,
         "status": update.condition.status,
         "reason": update.condition.reason,
         "message": update.condition.message,
@@ -374,7 +432,16 @@ spec: {targetRefs: [{kind: Service, group: '', name: s}], rules: [{}]}
             "{}",
             c[&k("audit")].message
         );
-        assert!(!c.contains_key(&k("waypoint")));
+        // A targetRefs policy gets `WaypointAccepted`; Service `s` does not exist.
+        let w = &c[&k("waypoint")];
+        assert_eq!((w.kind, w.status), ("WaypointAccepted", "False"));
+        assert!(
+            w.message.starts_with("enforced at: nowhere")
+                && w.message.contains("targetRef Service \"s\""),
+            "{}",
+            w.message
+        );
+        assert_eq!(c[&k("ok")].kind, "ZtunnelAccepted");
     }
 
     #[test]
@@ -382,7 +449,7 @@ spec: {targetRefs: [{kind: Service, group: '', name: s}], rules: [{}]}
         let mut objects = Objects::from_yaml(POLICIES).unwrap();
         let t = translate(&objects, &MeshConfig::default());
         let updates = desired_updates(&objects, &t);
-        assert_eq!(updates.len(), 3);
+        assert_eq!(updates.len(), 4);
         // Apply the patches as the API server would, then nothing is left to write.
         for u in &updates {
             let p = objects

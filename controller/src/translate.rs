@@ -33,6 +33,7 @@ pub mod request_authentication;
 pub mod route;
 mod service;
 pub mod waypoint;
+pub mod waypoint_authz;
 mod workload;
 
 #[cfg(test)]
@@ -121,6 +122,9 @@ pub struct Translated {
     /// RequestAuthentications attached to bound Services (`zmesh.waypoint.v1.ServiceAuthn`,
     /// served where the Service's `BoundService` goes), and the policies not applied.
     pub request_authn: RequestAuthn,
+    /// AuthorizationPolicies attached with targetRefs: the waypoints' L7 policies
+    /// (`type.googleapis.com/zmesh.waypoint.v1.WaypointPolicy`) and where each is enforced.
+    pub waypoint_authz: waypoint_authz::WaypointAuthz,
 }
 
 /// Translates `objects` into workload API resources. Never fails: objects that cannot be
@@ -145,6 +149,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
             bound_services.insert(format!("{}/{}", out.namespace, out.hostname), out);
         }
     }
+    let waypoint_authz = waypoint_authz::translate(objects, mesh, &waypoints, &bound_services);
     let slice_ports = service::endpoint_slice_ports(objects, mesh);
     let mut services_by_ns: BTreeMap<&str, Vec<&KubeService>> = BTreeMap::new();
     for svc in objects.services.values() {
@@ -166,12 +171,14 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
             &slice_ports,
             objects,
             &waypoints,
+            &waypoint_authz.ztunnel_fallback,
             mesh,
         ) {
             workloads.insert(out.uid.clone(), out);
         }
     }
-    let (authorizations, issues) = authz::translate_policies(objects, mesh);
+    let (authorizations, issues) =
+        authz::translate_policies_with(objects, mesh, &waypoint_authz.ztunnel_fallback);
     let routes = route::translate_routes(objects, &bound_services, mesh);
     let request_authn = translate_request_authn(&objects.request_authentications, &bound_services);
     Translated {
@@ -183,6 +190,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         waypoints,
         routes,
         request_authn,
+        waypoint_authz,
     }
 }
 

@@ -9,6 +9,8 @@
 //!   `request_protocol`, `response_code` and `grpc_response_status`;
 //! - binding the namespace to `none` takes the waypoint out of the path: requests still work,
 //!   the waypoint's count stops;
+//! - consumer and producer HTTPRoutes (`gamma_l7/routes.rs`): each client namespace gets the
+//!   routes GEP-1426 gives it;
 //! - a bound waypoint that is not ready (`zmesh-lab waypoint stop`) makes ztunnel refuse the
 //!   traffic (never answered by the echo pod directly), saying why in its log and counting it in
 //!   `zmesh_waypoint_unavailable_total`; `zmesh-lab waypoint start` brings it back.
@@ -21,6 +23,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "gamma_l7/routes.rs"]
+mod routes;
 
 const LAB: &str = env!("CARGO_BIN_EXE_zmesh-lab");
 const CLIENT: &str = env!("CARGO_BIN_EXE_zmesh-echo-client");
@@ -566,6 +571,11 @@ fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
     });
 
     mark("rebound");
+    // Consumer and producer routes, from the consumer namespace and the mesh namespace.
+    let producer_pod = format!("{MESH}/{}", echo["name"].as_str().unwrap());
+    routes::consumer_and_producer_routes(&w, &producer_pod);
+
+    mark("consumer and producer routes");
     // Bound but not ready: refused by ztunnel, not answered by the echo pod around it.
     let unavailable = |m: &str| sum(m, "zmesh_waypoint_unavailable_total", &[]);
     let refused_before = unavailable(&w.ztunnel_metrics());

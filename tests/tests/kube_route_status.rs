@@ -185,3 +185,59 @@ async fn route_status_per_service_parent() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(patches(), settled, "status writes must not loop");
 }
+
+/// GEP-1426 route types and a waypoint Gateway parent, written to the API: an HTTPRoute on a
+/// Service port a GRPCRoute takes is `Conflicted` until the GRPCRoute goes; its parentRef to
+/// the waypoint Gateway is `NotAllowedByListeners`.
+#[tokio::test]
+async fn conflicted_and_waypoint_gateway_parents() {
+    let s = setup().await;
+    let api = &s.api;
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"istio.io/use-waypoint": "wp"}}}))
+        .unwrap();
+    api.apply(json!({"apiVersion": ROUTES, "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": "shop"},
+        "spec": {"gatewayClassName": "istio-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}))
+        .unwrap();
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.1.1", "ports": [{"name": "grpc", "port": 7070}]}}))
+        .unwrap();
+    let echo = json!({"group": "", "kind": "Service", "name": "echo"});
+    let backends = json!([{"name": "echo", "port": 7070}]);
+    api.apply(json!({"apiVersion": ROUTES, "kind": "GRPCRoute",
+        "metadata": {"name": "g", "namespace": "shop"},
+        "spec": {"parentRefs": [echo], "rules": [{"backendRefs": backends}]}}))
+        .unwrap();
+    api.apply(json!({"apiVersion": ROUTES, "kind": "HTTPRoute",
+        "metadata": {"name": "h", "namespace": "shop"},
+        "spec": {"parentRefs": [echo, {"name": "wp"}],
+                 "rules": [{"backendRefs": backends}]}}))
+        .unwrap();
+    wait_for("both routes' status on every parent", || {
+        parent_status(api, "HTTPRoute", "shop", "h", "echo").is_some()
+            && parent_status(api, "HTTPRoute", "shop", "h", "wp").is_some()
+            && parent_status(api, "GRPCRoute", "shop", "g", "echo").is_some()
+    })
+    .await;
+    let h = parent_status(api, "HTTPRoute", "shop", "h", "echo").unwrap();
+    assert_eq!(reason(&h, "Accepted"), pair("False", "Conflicted"), "{h}");
+    let wp = parent_status(api, "HTTPRoute", "shop", "h", "wp").unwrap();
+    assert_eq!(
+        reason(&wp, "Accepted"),
+        pair("False", "NotAllowedByListeners"),
+        "{wp}"
+    );
+    let g = parent_status(api, "GRPCRoute", "shop", "g", "echo").unwrap();
+    assert_eq!(reason(&g, "Accepted"), pair("True", "Accepted"), "{g}");
+
+    // The GRPCRoute goes: the HTTPRoute takes the port.
+    api.delete(ROUTES, "GRPCRoute", "shop", "g").unwrap();
+    wait_for("the HTTPRoute accepted once the GRPCRoute is gone", || {
+        parent_status(api, "HTTPRoute", "shop", "h", "echo")
+            .is_some_and(|p| reason(&p, "Accepted") == pair("True", "Accepted"))
+    })
+    .await;
+}

@@ -118,7 +118,14 @@ impl Denied {
         }
         let code = http::StatusCode::UNAUTHORIZED;
         record.labels.response_code = code.as_u16().to_string();
-        let mut r = http::Response::new(ResponseBody::text(body.into(), record));
+        let mut r = http::Response::new(ResponseBody::text(
+            body,
+            crate::body::Finish {
+                record,
+                in_flight: None,
+                h1: None,
+            },
+        ));
         *r.status_mut() = code;
         let challenge = format!("Bearer realm=\"{}\", error=\"invalid_token\"", self.realm);
         if let Ok(v) = HeaderValue::try_from(challenge) {

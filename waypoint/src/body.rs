@@ -5,12 +5,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
+use tokio::time::{Instant, Sleep};
 
 use crate::telemetry::RequestRecord;
 use crate::upstream::{H1Checkout, InFlight, Upstreams};
@@ -123,29 +125,38 @@ impl KeptBody {
     }
 
     /// Reads `body` whole when its length is known to be at most [`KEEP_LIMIT`]; otherwise
-    /// gives it back untouched.
-    pub async fn keep(body: Incoming) -> Result<KeptBody, Incoming> {
+    /// gives it back untouched ([`Keep::Streamed`]). A body that ends in an error (the client
+    /// reset the stream or closed the connection mid-body) is [`Keep::Aborted`]: the request
+    /// must fail, never go upstream (or be retried, or mirrored) with what arrived of it.
+    pub async fn keep(body: Incoming) -> Keep {
         let small =
             body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= KEEP_LIMIT);
         if !small {
-            return Err(body);
+            return Keep::Streamed(body);
         }
         use http_body_util::BodyExt;
         match body.collect().await {
             Ok(c) => {
                 let trailers = c.trailers().cloned();
-                Ok(KeptBody {
+                Keep::Whole(KeptBody {
                     data: c.to_bytes(),
                     trailers,
                 })
             }
-            // The client went away mid-body: what is kept is empty (the attempt fails upstream).
-            Err(e) => {
-                tracing::debug!(error = %e, "request body ended early");
-                Ok(KeptBody::default())
-            }
+            Err(e) => Keep::Aborted(e),
         }
     }
+}
+
+/// What [`KeptBody::keep`] made of a request body.
+#[derive(Debug)]
+pub enum Keep {
+    /// Read whole: it can be sent again.
+    Whole(KeptBody),
+    /// Too large or of unknown length: streamed once, untouched.
+    Streamed(Incoming),
+    /// The client went away before the body ended (the error hyper saw).
+    Aborted(hyper::Error),
 }
 
 impl Body for ReqBody {
@@ -223,32 +234,53 @@ pub struct Finish {
     pub h1: Option<(Arc<Upstreams>, H1Checkout)>,
 }
 
+/// Why a response body sent to the client ended in an error (hyper then resets the HTTP/2
+/// stream or closes the HTTP/1.1 connection: the client sees an incomplete response).
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    /// The upstream's body failed (reset, connection lost).
+    #[error("upstream response body: {0}")]
+    Upstream(#[from] hyper::Error),
+    /// The route's timeout (`timeouts.request`, or `timeouts.backendRequest` of the attempt
+    /// that answered) ran out before the response ended.
+    #[error("response not complete within the route's timeout {0:?}")]
+    Timeout(Duration),
+}
+
 /// The response body sent to the client: the upstream's (or none, for a local answer).
 pub struct ResponseBody {
     inner: Option<Incoming>,
-    finish: Option<Finish>,
     /// A local answer's text, sent once.
     text: Option<Bytes>,
+    finish: Option<Finish>,
+    /// Ends the body with [`ResponseBodyError::Timeout`] when it fires: the route's timeouts
+    /// cover the whole response (Gateway API `HTTPRouteTimeouts`), not only its head.
+    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
 }
 
 impl ResponseBody {
-    /// The upstream's body, recorded when it ends.
-    pub fn upstream(inner: Incoming, finish: Finish) -> Self {
+    /// The upstream's body, recorded when it ends; cut at `deadline` (the instant, and the
+    /// timeout it comes from, for the record) when one applies.
+    pub fn upstream(
+        inner: Incoming,
+        finish: Finish,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Self {
         ResponseBody {
             inner: Some(inner),
-            finish: Some(finish),
             text: None,
+            finish: Some(finish),
+            deadline: deadline.map(|(at, d)| (Box::pin(tokio::time::sleep_until(at)), d)),
         }
     }
 
-    /// A local answer with a text body; `record` counts it and is finished now.
-    pub fn text(text: Bytes, mut record: RequestRecord) -> Self {
-        record.response_bytes += text.len() as u64;
-        record.finish();
+    /// A local answer's fixed text (e.g. `RBAC: access denied`); recorded when sent.
+    pub fn text(text: &'static str, finish: Finish) -> Self {
         ResponseBody {
             inner: None,
-            finish: None,
-            text: Some(text),
+            text: Some(Bytes::from_static(text.as_bytes())),
+            finish: Some(finish),
+            deadline: None,
         }
     }
 
@@ -260,8 +292,9 @@ impl ResponseBody {
         }
         ResponseBody {
             inner: None,
-            finish: None,
             text: None,
+            finish: None,
+            deadline: None,
         }
     }
 
@@ -277,16 +310,20 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(t) = self.text.take() {
-            return Poll::Ready(Some(Ok(Frame::data(t))));
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         let Some(inner) = self.inner.as_mut() else {
+            if let Some(t) = self.text.take() {
+                if let Some(fin) = self.finish.as_mut() {
+                    fin.record.response_bytes += t.len() as u64;
+                }
+                return Poll::Ready(Some(Ok(Frame::data(t))));
+            }
+            self.end(true);
             return Poll::Ready(None);
         };
         let r = Pin::new(inner).poll_frame(cx);
@@ -310,9 +347,25 @@ impl Body for ResponseBody {
                 self.end(false);
             }
             Poll::Ready(None) => self.end(true),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Some((sleep, d)) = self.deadline.as_mut()
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    let d = *d;
+                    if let Some(fin) = self.finish.as_mut() {
+                        fin.record.error =
+                            Some(format!("response not complete within the timeout {d:?}"));
+                        fin.record.labels.traffic.response_flags = "UT";
+                    }
+                    // The upstream's stream or connection is dropped with it (never reused).
+                    self.inner = None;
+                    self.deadline = None;
+                    self.end(false);
+                    return Poll::Ready(Some(Err(ResponseBodyError::Timeout(d))));
+                }
+            }
         }
-        r
+        r.map_err(ResponseBodyError::Upstream)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -320,12 +373,10 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if let Some(t) = &self.text {
-            return SizeHint::with_exact(t.len() as u64);
-        }
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        self.inner.as_ref().map_or_else(
+            || SizeHint::with_exact(self.text.as_ref().map_or(0, |t| t.len() as u64)),
+            |b| b.size_hint(),
+        )
     }
 }
 
@@ -340,6 +391,16 @@ impl Drop for ResponseBody {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use http::{Request, Response};
+    use http_body_util::Empty;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::oneshot;
+
     use super::*;
 
     /// A teed body dropped before its end aborts the mirrors still sending (a copy is never
@@ -371,5 +432,52 @@ mod tests {
         copies.0.clear();
         drop(copies);
         assert_eq!(mirror.await.unwrap().unwrap(), Bytes::from_static(b"whole"));
+    }
+
+    /// What `keep` makes of the body of one HTTP/1.1 request written raw, then the client's
+    /// write side closed (half-close kept by the server, so the handler keeps running and
+    /// sees the body's end or its error).
+    async fn keep_of(raw: &str) -> Keep {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = oneshot::channel();
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let tx = tx.clone();
+            async move {
+                let k = KeptBody::keep(req.into_body()).await;
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(k);
+                }
+                Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .half_close(true)
+                .serve_connection(TokioIo::new(server), svc),
+        );
+        client.write_all(raw.as_bytes()).await.unwrap();
+        client.shutdown().await.unwrap();
+        let k = rx.await.expect("the handler ran");
+        drop(client);
+        k
+    }
+
+    #[tokio::test]
+    async fn keep_reads_whole_streams_large_and_fails_an_aborted_body() {
+        let head =
+            |len: usize| format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+        match keep_of(&format!("{}0123456789", head(10))).await {
+            Keep::Whole(k) => assert_eq!(k.data, "0123456789"),
+            other => panic!("{other:?}"),
+        }
+        match keep_of(&format!("{}0123456789", head(1000))).await {
+            Keep::Aborted(_) => {}
+            other => panic!("a body 990 bytes short was kept as {other:?}"),
+        }
+        match keep_of(&head(KEEP_LIMIT as usize + 1)).await {
+            Keep::Streamed(_) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

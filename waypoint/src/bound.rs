@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use xds_proto::zmesh::waypoint::v1 as pb;
 use zmesh_core::state::xds::ResourceError;
 
+use crate::authz::local::LocalPolicy;
+use crate::authz::{Policies, Policy};
 use crate::route::ServiceRoutes;
 use crate::route::local::LocalRoutes;
 use zmesh_core::state::{LocalConfig, NetworkAddress, Service, State, Workload};
@@ -155,7 +157,8 @@ impl BoundService {
 }
 
 /// The waypoint's local config file (`LOCAL_XDS_PATH`): upstream ztunnel's `workloads` and
-/// `services` plus `boundServices` and `serviceRoutes`, for running without a controller.
+/// `services` plus `boundServices`, `serviceRoutes` and `authorizationPolicies`, for running
+/// without a controller.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalFile {
@@ -169,6 +172,10 @@ pub struct LocalFile {
     /// [`crate::route::local`]).
     #[serde(default, skip_serializing)]
     pub service_routes: Vec<LocalRoutes>,
+    /// L7 AuthorizationPolicies (`zmesh.waypoint.v1.WaypointPolicy` in YAML, see
+    /// [`crate::authz::local`]).
+    #[serde(default, skip_serializing)]
+    pub authorization_policies: Vec<LocalPolicy>,
 }
 
 /// Why a configuration was refused (nothing of it is applied).
@@ -189,6 +196,8 @@ pub enum BoundError {
     Duplicate(String, String, SocketAddr),
     #[error("local config: {0}")]
     Routes(#[from] crate::route::RouteError),
+    #[error("local config: {0}")]
+    Policy(#[from] crate::authz::AuthzError),
 }
 
 /// One bound VIP:port: the service and the port's settings.
@@ -214,6 +223,8 @@ pub struct Snapshot {
     /// The endpoints of each (service key, port, targetPort) asked for, built on first use
     /// ([`crate::upstream::endpoints`]); a new snapshot starts empty.
     endpoints: Mutex<EndpointMemo>,
+    /// Compiled L7 AuthorizationPolicies.
+    policies: Policies,
 }
 
 impl Snapshot {
@@ -243,6 +254,7 @@ impl Snapshot {
             routes: HashMap::new(),
             authn: HashMap::new(),
             endpoints: Mutex::default(),
+            policies: Policies::default(),
         })
     }
 
@@ -282,6 +294,17 @@ impl Snapshot {
         self.endpoints.lock().expect("endpoints memo lock")
     }
 
+    /// This snapshot with the L7 AuthorizationPolicies `policies`.
+    pub fn with_policies(mut self, policies: impl IntoIterator<Item = Arc<Policy>>) -> Snapshot {
+        self.policies = Policies::new(policies);
+        self
+    }
+
+    /// The L7 AuthorizationPolicies.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
     /// The routes attached to the Service `key`, if any.
     pub fn routes(&self, key: &str) -> Option<&ServiceRoutes> {
         self.routes.get(key).map(|r| r.as_ref())
@@ -312,9 +335,20 @@ impl Snapshot {
                 })?;
             routes.push(Arc::new(crate::route::compile(&key, &proto)?));
         }
+        let mut policies = Vec::with_capacity(file.authorization_policies.len());
+        for p in file.authorization_policies {
+            let key = p.key();
+            let proto = p.into_proto().map_err(|reason| crate::authz::AuthzError {
+                resource: key.clone(),
+                field: "action".into(),
+                reason,
+            })?;
+            policies.push(Arc::new(Policy::compile(&key, &proto)?));
+        }
         Ok(
             Snapshot::new(state, file.bound_services.into_iter().map(Arc::new))?
-                .with_routes(routes),
+                .with_routes(routes)
+                .with_policies(policies),
         )
     }
 
@@ -430,6 +464,29 @@ boundServices:
         );
         let e = Snapshot::from_yaml(&two).unwrap_err().to_string();
         assert!(e.contains("rules[0]: a filter needs exactly one of"), "{e}");
+    }
+
+    #[test]
+    fn local_policies() {
+        let yaml = format!(
+            "{YAML}authorizationPolicies:\n- namespace: default\n  name: deny-admin\n  \
+             services: [default/echo.default.svc.cluster.local]\n  action: DENY\n  \
+             rules: [{{to: [{{operation: {{paths: ['/admin/{{**}}']}}}}]}}]\n"
+        );
+        let s = Snapshot::from_yaml(&yaml).unwrap();
+        assert_eq!(s.policies().len(), 1);
+        assert!(
+            s.policies()
+                .any_for("default/echo.default.svc.cluster.local")
+        );
+        let e = Snapshot::from_yaml(&yaml.replace("action: DENY", "action: CUSTOM"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CUSTOM is not supported"), "{e}");
+        let e = Snapshot::from_yaml(&yaml.replace("/admin/{**}", "/admin/{**}/{*}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rules[0].to[0].operation.paths[0]"), "{e}");
     }
 
     #[test]

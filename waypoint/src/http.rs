@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::app::Waypoint;
 use crate::body::{Finish, ResponseBody};
-use crate::body::{KeptBody, ReqBody};
+use crate::body::{Keep, KeptBody, ReqBody};
 use crate::bound::Binding;
 use crate::route::filter::{Filter, HeaderModifier};
 use crate::route::matching::RequestView;
@@ -237,6 +237,9 @@ pub async fn proxy(
     mut req: Request<Incoming>,
     up_h2: bool,
 ) -> Response<ResponseBody> {
+    // The route's request timeout runs from here (Gateway API HTTPRouteTimeouts.request: "as
+    // close to the whole request-response transaction as possible").
+    let received = tokio::time::Instant::now();
     let svc = &ds.binding.service;
     let authority = req
         .uri()
@@ -249,7 +252,7 @@ pub async fn proxy(
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| format!("{}:{}", svc.hostname, ds.binding.port.port));
-    let path = req
+    let mut path = req
         .uri()
         .path_and_query()
         .map_or("/", |p| p.as_str())
@@ -271,6 +274,9 @@ pub async fn proxy(
         &path,
         &authority,
     );
+    // Until an answer is chosen, the request ends only when the client goes away (hyper drops
+    // this future: the stream was reset or the connection closed): Envoy's `DC`, code 0.
+    record.labels.traffic.response_flags = "DC";
     // HTTP/1.1 upgrades (WebSocket): both sides are upgraded, then bytes are copied.
     let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -282,9 +288,14 @@ pub async fn proxy(
         Ok(None) => {}
         Err(denied) => return denied.respond(record),
     }
+    let snap = wp.snapshot.load_full();
+    // Authorization (after authentication, before routing): DENY, then ALLOW; 403 if denied.
+    let mut record = match crate::authz::stage(&snap, &ds, &parts, &mut path, record) {
+        Ok(r) => r,
+        Err(answer) => return answer,
+    };
 
     // Routing: the first applying rule that matches, or the Service itself.
-    let snap = wp.snapshot.load_full();
     let decision = match snap.routes(&svc.key()) {
         None => Decision::NoRoute,
         Some(routes) => {
@@ -381,7 +392,21 @@ pub async fn proxy(
     let wants_copy =
         plan.retry.as_ref().is_some_and(|r| r.attempts > 0) || !plan.mirrors.is_empty();
     let body = if wants_copy {
-        KeptBody::keep(body).await.map_err(ReqBody::Stream)
+        match KeptBody::keep(body).await {
+            Keep::Whole(k) => Ok(k),
+            Keep::Streamed(b) => Err(ReqBody::Stream(b)),
+            Keep::Aborted(e) => {
+                // The client reset the stream or closed the connection mid-body: nothing goes
+                // upstream (a truncated body must never be sent, retried or mirrored).
+                tracing::info!(service = %svc.key(), error = %e, "client ended the request body early; request dropped");
+                record.error = Some(format!("client ended the request body early: {e}"));
+                // Recorded as Envoy does for a client gone before the answer: code 0, `DC`.
+                drop(record);
+                let mut r = Response::new(ResponseBody::empty(None));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return r;
+            }
+        }
     } else {
         Err(ReqBody::Stream(body))
     };
@@ -424,18 +449,22 @@ pub async fn proxy(
         plan.timeouts.backend_request,
         &record.request_bytes,
     );
-    let sent = match plan.timeouts.request {
-        Some(d) => tokio::time::timeout(d, sending).await.unwrap_or_else(|_| {
-            Err(Failed {
-                code: StatusCode::GATEWAY_TIMEOUT,
-                flags: "UT",
-                why: format!("no response within the request timeout {d:?}"),
-            })
-        }),
+    let request_deadline = plan.timeouts.request.map(|d| (received + d, d));
+    let sent = match request_deadline {
+        Some((at, d)) => tokio::time::timeout_at(at, sending)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failed {
+                    code: StatusCode::GATEWAY_TIMEOUT,
+                    flags: "UT",
+                    why: format!("no response within the request timeout {d:?}"),
+                })
+            }),
         None => sending.await,
     };
     let Sent {
         mut resp,
+        deadline,
         ep,
         h1,
         in_flight,
@@ -447,6 +476,7 @@ pub async fn proxy(
         }
     };
     record.error = None;
+    record.labels.traffic.response_flags = "-";
     record.upstream = Some(ep.addr);
     record.labels.destination(&ep);
     record.labels.response_code = resp.status().as_u16().to_string();
@@ -504,7 +534,14 @@ pub async fn proxy(
         in_flight: Some(in_flight),
         h1: h1.map(|c| (wp.upstreams.clone(), c)),
     };
-    Response::from_parts(parts, ResponseBody::upstream(body, finish))
+    // Both timeouts cover the response body (HTTPRouteTimeouts: `request` until the gateway
+    // has responded, `backendRequest` "to when the full response has been received"): the
+    // earlier of the two ends a body still streaming.
+    let deadline = match (request_deadline, deadline) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    };
+    Response::from_parts(parts, ResponseBody::upstream(body, finish, deadline))
 }
 
 #[cfg(test)]

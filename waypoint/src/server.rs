@@ -179,8 +179,12 @@ async fn handle_connect(
         target,
         binding,
     });
-    // Opaque TCP: 200 only once an endpoint accepted (ztunnel's semantics for a tunnel).
+    // Opaque TCP: authorized first (L7 policies as Istio's network RBAC decides them), then
+    // 200 only once an endpoint accepted (ztunnel's semantics for a tunnel).
     let tcp_upstream = if ds.binding.port.protocol == PortProtocol::Tcp {
+        if let Err(why) = crate::authz::check_tcp(&snap, &ds) {
+            return refuse(peer, ds.principal.as_deref(), StatusCode::FORBIDDEN, &why);
+        }
         match connect_tcp(&wp, &ds).await {
             Ok(u) => Some(u),
             Err(e) => {
@@ -336,6 +340,11 @@ async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Tunnel) {
             }
         }
         Detected::Tcp => {
+            if let Err(why) = crate::authz::check_tcp(&wp.snapshot.load(), &ds) {
+                tracing::warn!(target: "access", peer = %ds.peer, src.identity = ds.principal.as_deref().unwrap_or("-"),
+                    dst.service = %ds.binding.service.hostname, error = %why, "connection refused");
+                return;
+            }
             match connect_tcp(&wp, &ds).await {
                 Ok(up) => copy_tcp(io, up, &ds).await,
                 Err(e) => tracing::warn!(peer = %ds.peer, error = %e, "TCP tunnel: no upstream"),

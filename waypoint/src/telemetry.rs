@@ -239,6 +239,8 @@ pub struct RequestRecord {
     pub request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub response_bytes: u64,
     pub error: Option<String>,
+    /// The AuthorizationPolicy that decided (`<namespace>/<name>:rules[<i>]`), if any.
+    pub policy: Option<String>,
     done: bool,
 }
 
@@ -264,6 +266,7 @@ impl RequestRecord {
             request_bytes: Default::default(),
             response_bytes: 0,
             error: None,
+            policy: None,
             done: false,
         }
     }
@@ -315,6 +318,7 @@ impl RequestRecord {
             bytes_received = req,
             bytes_sent = self.response_bytes,
             error = self.error.as_deref().unwrap_or("-"),
+            policy = %self.policy.as_deref().unwrap_or("-"),
             "request"
         );
         self.labels = key.labels;

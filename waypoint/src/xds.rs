@@ -3,9 +3,13 @@
 //! as ztunnel) and `zmesh.waypoint.v1.BoundService` (which services it fronts; the controller
 //! sends only those bound to the Gateway the caller's credential names), and
 //! `zmesh.waypoint.v1.ServiceRoutes` (the HTTPRoute/GRPCRoute rules of those services, compiled
-//! by [`crate::route::compile`]; not needed for readiness), and
-//! `zmesh.waypoint.v1.ServiceAuthn` (their RequestAuthentication JWT rules, compiled by
-//! [`crate::authn::compile`]; not needed for readiness).
+//! by [`crate::route::compile`]; not needed for readiness) and `zmesh.waypoint.v1.WaypointPolicy`
+//! (the L7 AuthorizationPolicies this waypoint enforces, compiled by
+//! [`crate::authz::Policy::compile`]; also not waited for: until the first response the
+//! waypoint is not ready anyway, as readiness needs the Address and BoundService types, which
+//! the controller sends in the same pass), and `zmesh.waypoint.v1.ServiceAuthn` (the
+//! RequestAuthentication JWT rules of those services, compiled by [`crate::authn::compile`];
+//! not waited for either).
 //!
 //! On every (re)connect each type's first request carries `initial_resource_versions`, so only
 //! changes are sent. Each response is applied resource by resource and ACKed, or NACKed naming
@@ -27,20 +31,23 @@ use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDisco
 use xds_proto::google::rpc::Status as RpcStatus;
 use xds_proto::{
     ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
 };
 use zmesh_core::state::xds::{AddressResource, decode_address};
 use zmesh_core::state::{Service, State, Workload};
 
 use crate::app::Waypoint;
 use crate::authn::ServiceAuthn;
+use crate::authz::Policy;
 use crate::bound::{BoundService, Snapshot};
 use crate::route::ServiceRoutes;
 use zmesh_core::grpc::{AuthHeaders, GrpcError, Target, channel, describe};
 
-const TYPES: [&str; 4] = [
+const TYPES: [&str; 5] = [
     ADDRESS_TYPE_URL,
     BOUND_SERVICE_TYPE_URL,
     SERVICE_ROUTES_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
     SERVICE_AUTHN_TYPE_URL,
 ];
 /// The types that must have been applied once for the waypoint to be ready (a Service
@@ -60,6 +67,7 @@ struct Store {
     services: BTreeMap<String, (String, Arc<Service>)>,
     bound: BTreeMap<String, (String, Arc<BoundService>)>,
     routes: BTreeMap<String, (String, Arc<ServiceRoutes>)>,
+    policies: BTreeMap<String, (String, Arc<Policy>)>,
     authn: BTreeMap<String, (String, Arc<ServiceAuthn>)>,
 }
 
@@ -76,15 +84,21 @@ impl Store {
                     .iter()
                     .map(|(k, (ver, _))| (k.clone(), ver.clone())),
             );
-        } else if type_url == SERVICE_ROUTES_TYPE_URL {
+        } else if type_url == WAYPOINT_POLICY_TYPE_URL {
             out.extend(
-                self.routes
+                self.policies
                     .iter()
                     .map(|(k, (ver, _))| (k.clone(), ver.clone())),
             );
         } else if type_url == SERVICE_AUTHN_TYPE_URL {
             out.extend(
                 self.authn
+                    .iter()
+                    .map(|(k, (ver, _))| (k.clone(), ver.clone())),
+            );
+        } else if type_url == SERVICE_ROUTES_TYPE_URL {
+            out.extend(
+                self.routes
                     .iter()
                     .map(|(k, (ver, _))| (k.clone(), ver.clone())),
             );
@@ -107,6 +121,9 @@ impl Store {
         }
         if r.type_url == SERVICE_AUTHN_TYPE_URL {
             return self.apply_authn(r);
+        }
+        if r.type_url == WAYPOINT_POLICY_TYPE_URL {
+            return self.apply_policies(r);
         }
         for name in &r.removed_resources {
             if address {
@@ -184,6 +201,37 @@ impl Store {
         errors
     }
 
+    /// Applies a `WaypointPolicy` response: a policy that does not compile is refused whole
+    /// (the previous version of it, if any, keeps being enforced: never a silent allow).
+    fn apply_policies(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
+        let mut errors = Vec::new();
+        for name in &r.removed_resources {
+            self.policies.remove(name);
+        }
+        for res in &r.resources {
+            let decoded = res
+                .resource
+                .as_ref()
+                .ok_or_else(|| format!("resource {:?}: no body", res.name))
+                .and_then(|any| {
+                    xds_proto::zmesh::waypoint::v1::WaypointPolicy::decode(&any.value[..])
+                        .map_err(|e| format!("resource {:?}: not a WaypointPolicy: {e}", res.name))
+                })
+                .and_then(|p| Policy::compile(&res.name, &p).map_err(|e| e.to_string()));
+            match decoded {
+                Ok(p) => {
+                    self.policies
+                        .insert(res.name.clone(), (res.version.clone(), Arc::new(p)));
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %res.name, error = %e, "AuthorizationPolicy refused whole; the previous version (if any) keeps being enforced");
+                    errors.push(e);
+                }
+            }
+        }
+        errors
+    }
+
     /// Applies a `ServiceAuthn` response: a resource that does not compile is refused whole
     /// (the previous version of it, if any, keeps applying).
     fn apply_authn(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
@@ -224,8 +272,11 @@ impl Store {
             tracing::warn!(conflict = %c, "xDS: address conflict");
         }
         Snapshot::new(state, self.bound.values().map(|(_, b)| b.clone()))
-            .map(|s| s.with_routes(self.routes.values().map(|(_, r)| r.clone())))
-            .map(|s| s.with_authn(self.authn.values().map(|(_, a)| a.clone())))
+            .map(|s| {
+                s.with_routes(self.routes.values().map(|(_, r)| r.clone()))
+                    .with_policies(self.policies.values().map(|(_, p)| p.clone()))
+                    .with_authn(self.authn.values().map(|(_, a)| a.clone()))
+            })
             .map_err(|e| e.to_string())
     }
 }
@@ -474,6 +525,74 @@ mod tests {
         let snap = store.snapshot().unwrap();
         let r = snap.routes("default/a.default.svc.cluster.local").unwrap();
         assert_eq!(r.rules.len(), 1);
+    }
+    fn waypoint_policy(version: &str, path: &str) -> Resource {
+        let p = pb::WaypointPolicy {
+            waypoint: None,
+            namespace: "default".into(),
+            name: "deny-admin".into(),
+            all_services: true,
+            services: vec![],
+            action: pb::PolicyAction::Deny as i32,
+            dry_run: false,
+            rules: vec![pb::PolicyRule {
+                to: vec![pb::PolicyOperation {
+                    paths: vec![path.into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        Resource {
+            name: "default/waypoint/default/deny-admin".into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+                value: p.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn policies_that_do_not_compile_are_refused_and_the_last_good_ones_kept() {
+        let mut store = Store::default();
+        let resp = |r: Resource| DeltaDiscoveryResponse {
+            type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+            resources: vec![r],
+            ..Default::default()
+        };
+        assert!(
+            store
+                .apply(&resp(waypoint_policy("1", "/admin")))
+                .is_empty()
+        );
+        let errors = store.apply(&resp(waypoint_policy("2", "/admin/{**}/{*}")));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("rules[0].to[0].operation.paths[0]"),
+            "{errors:?}"
+        );
+        assert_eq!(
+            store.versions(WAYPOINT_POLICY_TYPE_URL),
+            HashMap::from([(
+                "default/waypoint/default/deny-admin".to_owned(),
+                "1".to_owned()
+            )])
+        );
+        let snap = store.snapshot().unwrap();
+        assert_eq!(
+            snap.policies().len(),
+            1,
+            "the last good version is enforced"
+        );
+        let resp = DeltaDiscoveryResponse {
+            type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+            removed_resources: vec!["default/waypoint/default/deny-admin".into()],
+            ..Default::default()
+        };
+        assert!(store.apply(&resp).is_empty());
+        assert!(store.snapshot().unwrap().policies().is_empty());
     }
     fn authn(version: &str, jwks_uri: &str) -> Resource {
         let a = pb::ServiceAuthn {

@@ -9,7 +9,8 @@
 //! - [`istio::security`] — `Authorization` (ambient L4 policy)
 //! - [`istio::workload::zds`] — node agent to ztunnel messages
 //! - [`istio::v1::auth`] — Istio CA `IstioCertificateService`
-//! - [`zmesh::waypoint::v1`] — zmesh's own waypoint resources (`BoundService`, `ServiceRoutes`, `ServiceAuthn`)
+//! - [`zmesh::waypoint::v1`] — zmesh's own waypoint resources (`BoundService`, `ServiceRoutes`,
+//!   `ServiceAuthn`, `WaypointPolicy`)
 //! - [`envoy::service::discovery::v3`] — (delta) ADS messages and service
 //! - [`envoy::config::core::v3`] — `Node`
 //! - [`google::rpc`] — `Status`
@@ -40,6 +41,9 @@ pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1
 /// Type URL of `zmesh.waypoint.v1.ServiceAuthn` resources (the RequestAuthentication JWT
 /// rules attached to one Service).
 pub const SERVICE_AUTHN_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.ServiceAuthn";
+/// Type URL of `zmesh.waypoint.v1.WaypointPolicy` resources (an AuthorizationPolicy one
+/// waypoint enforces at L7, attached and validated by the controller).
+pub const WAYPOINT_POLICY_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.WaypointPolicy";
 
 /// zmesh's own packages (resources that are not part of Istio's API).
 pub mod zmesh {

@@ -8,14 +8,19 @@
 //! A Service's routes (`zmesh.waypoint.v1.ServiceRoutes`, same resource name) go exactly where
 //! its `BoundService` goes: the scope reads the cached `BoundService` of that name (a route
 //! table without one is served to nobody). A Service's JWT rules
-//! (`zmesh.waypoint.v1.ServiceAuthn`, same resource name) follow the same rule.
+//! (`zmesh.waypoint.v1.ServiceAuthn`, same resource name) follow the same rule. A waypoint's
+//! L7 AuthorizationPolicy (`zmesh.waypoint.v1.WaypointPolicy`) goes only to the waypoint it
+//! names.
 //! Istio's workload API resources (`Address`, `Authorization`) go to every authenticated
 //! stream, waypoints included (a waypoint needs the endpoints of the Services it fronts).
 
 use prost::Message;
 use prost_types::Any;
-use xds_proto::zmesh::waypoint::v1::BoundService;
-use xds_proto::{BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use xds_proto::zmesh::waypoint::v1::{BoundService, WaypointPolicy};
+use xds_proto::{
+    BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
+};
 use zmesh_core::identity::SpiffeId;
 
 use super::Node;
@@ -39,6 +44,18 @@ pub fn waypoint_scope(
             SERVICE_ROUTES_TYPE_URL | SERVICE_AUTHN_TYPE_URL => cache
                 .get(BOUND_SERVICE_TYPE_URL, name)
                 .and_then(|e| BoundService::decode(e.resource.value.as_slice()).ok()),
+            WAYPOINT_POLICY_TYPE_URL => {
+                let gw = WaypointPolicy::decode(resource.value.as_slice())
+                    .ok()
+                    .and_then(|p| p.waypoint);
+                return match (&node.identity, gw) {
+                    (Some(identity), Some(gw)) => {
+                        waypoint_identity(&trust_domain, &gw.namespace, &gw.name).as_ref()
+                            == Some(identity)
+                    }
+                    _ => false,
+                };
+            }
             _ => return true,
         };
         let (Some(identity), Some(bound)) = (&node.identity, bound) else {
@@ -47,5 +64,68 @@ pub fn waypoint_scope(
         bound.waypoint.is_some_and(|gw| {
             waypoint_identity(&trust_domain, &gw.namespace, &gw.name).as_ref() == Some(identity)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use xds_proto::zmesh::waypoint::v1::GatewayRef;
+
+    use super::*;
+
+    fn node(identity: Option<&str>) -> Node {
+        Node {
+            id: "waypoint~x.ns".into(),
+            cluster: String::new(),
+            node_name: None,
+            namespace: None,
+            cluster_id: None,
+            metadata: Default::default(),
+            identity: identity.map(|i| i.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_waypoint_policy_goes_only_to_the_waypoint_it_names() {
+        let scope = waypoint_scope("cluster.local".into(), Cache::new());
+        let p = WaypointPolicy {
+            waypoint: Some(GatewayRef {
+                namespace: "app".into(),
+                name: "waypoint".into(),
+            }),
+            namespace: "app".into(),
+            name: "deny".into(),
+            all_services: true,
+            ..Default::default()
+        };
+        let any = Any {
+            type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+            value: p.encode_to_vec(),
+        };
+        let sees = |id: Option<&str>| {
+            scope(
+                &node(id),
+                WAYPOINT_POLICY_TYPE_URL,
+                "app/waypoint/app/deny",
+                &any,
+            )
+        };
+        assert!(sees(Some("spiffe://cluster.local/ns/app/sa/waypoint")));
+        assert!(!sees(Some("spiffe://cluster.local/ns/app/sa/other")));
+        assert!(!sees(Some(
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
+        )));
+        assert!(!sees(None));
+        let no_gateway = Any {
+            type_url: WAYPOINT_POLICY_TYPE_URL.into(),
+            value: WaypointPolicy::default().encode_to_vec(),
+        };
+        assert!(!scope(
+            &node(Some("spiffe://cluster.local/ns/app/sa/waypoint")),
+            WAYPOINT_POLICY_TYPE_URL,
+            "x",
+            &no_gateway
+        ));
     }
 }

@@ -1,8 +1,9 @@
 //! Status of mesh routes (HTTPRoute, GRPCRoute on Services), as Gateway API defines it
 //! (<https://gateway-api.sigs.k8s.io/reference/spec/#routeparentstatus>): one entry in
-//! `status.parents` per Service parentRef, with `controllerName` [`CONTROLLER_NAME`] and two
-//! conditions, `Accepted` (`Accepted`, or `False` with `NoMatchingParent` /
-//! `UnsupportedValue` and what to fix) and `ResolvedRefs` (`ResolvedRefs`, or `False` with
+//! `status.parents` per Service parentRef (and per parentRef naming a waypoint Gateway), with
+//! `controllerName` [`CONTROLLER_NAME`] and two conditions, `Accepted` (`Accepted`, or
+//! `False` with `NoMatchingParent` / `UnsupportedValue` / `Conflicted` /
+//! `NotAllowedByListeners` and what to fix) and `ResolvedRefs` (`ResolvedRefs`, or `False` with
 //! `BackendNotFound` / `RefNotPermitted` / `InvalidKind`), each with the route's
 //! `observedGeneration`.
 //!

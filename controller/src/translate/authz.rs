@@ -4,9 +4,11 @@
 //! https://istio.io/latest/docs/reference/config/security/authorization-policy/).
 //!
 //! # Which policies ztunnel gets
-//! - `targetRef`/`targetRefs`: a waypoint (L7) policy, never sent to ztunnel. Only a target
-//!   kind Istio does not define for AuthorizationPolicy, or a target in another namespace, is
-//!   reported.
+//! - `targetRef`/`targetRefs`: a waypoint (L7) policy (`waypoint_authz`), not sent to ztunnel,
+//!   except when it targets a Service no waypoint serves: then ztunnel enforces it on the
+//!   Service's pods as a `WORKLOAD_SELECTOR` policy ([`translate_policies_with`]), so a
+//!   missing waypoint never widens access. A target kind Istio does not define for
+//!   AuthorizationPolicy, or a target in another namespace, is reported.
 //! - `selector` → scope `WORKLOAD_SELECTOR`; the policy is named in the
 //!   `authorization_policies` of every Workload whose Pod carries all `matchLabels` (see
 //!   [`selected_policies`]), in the policy's namespace, or in every namespace when the policy
@@ -59,6 +61,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use xds_proto::istio::security::{self as xds, string_match::MatchType};
 
+use super::waypoint_authz::Fallback;
 use super::{AuthorizationPolicy, Condition, MeshConfig, Objects, Operation, Source};
 
 /// Annotation that puts a policy in dry-run mode (ztunnel logs its decision, enforces nothing).
@@ -92,11 +95,32 @@ pub fn translate_policies(
     objects: &Objects,
     mesh: &MeshConfig,
 ) -> (BTreeMap<String, xds::Authorization>, Vec<PolicyIssue>) {
+    translate_policies_with(objects, mesh, &Fallback::new())
+}
+
+/// [`translate_policies`], plus the targetRef policies ztunnel enforces in place of a missing
+/// waypoint (`fallback`, see `waypoint_authz`): those become `WORKLOAD_SELECTOR` policies.
+pub(crate) fn translate_policies_with(
+    objects: &Objects,
+    mesh: &MeshConfig,
+    fallback: &Fallback,
+) -> (BTreeMap<String, xds::Authorization>, Vec<PolicyIssue>) {
     let mut out = BTreeMap::new();
     let mut issues = Vec::new();
     for ((namespace, name), policy) in &objects.authorization_policies {
         let mut messages = Vec::new();
-        if let Some(auth) = translate_policy(namespace, name, policy, mesh, &mut messages) {
+        let key = (namespace.clone(), name.clone());
+        let translated = if fallback.contains_key(&key) {
+            // Validity and the L4 reduction as for a selector policy (module docs).
+            let mut as_selector = policy.clone();
+            as_selector.spec.target_ref = None;
+            as_selector.spec.target_refs.clear();
+            as_selector.spec.selector = Some(Default::default());
+            translate_policy(namespace, name, &as_selector, mesh, &mut messages)
+        } else {
+            translate_policy(namespace, name, policy, mesh, &mut messages)
+        };
+        if let Some(auth) = translated {
             out.insert(format!("{namespace}/{name}"), auth);
         }
         issues.extend(messages.into_iter().map(|message| PolicyIssue {
@@ -111,12 +135,34 @@ pub fn translate_policies(
 /// The selector-scoped policies (`<namespace>/<name>`, sorted) that apply to a Pod with
 /// `pod_labels` in `namespace`: those of its namespace and of the root namespace whose
 /// `matchLabels` it all carries, and that [`translate_policies`] sends to ztunnel.
+#[cfg(test)]
 pub(crate) fn selected_policies(
     pod_labels: Option<&BTreeMap<String, String>>,
     namespace: &str,
     objects: &Objects,
     mesh: &MeshConfig,
 ) -> Vec<String> {
+    selected_policies_with(pod_labels, namespace, objects, mesh, &Fallback::new())
+}
+
+/// [`selected_policies`], plus the targetRef policies of `namespace` ztunnel enforces for a
+/// Service with no waypoint whose selector the pod matches (`fallback`).
+pub(crate) fn selected_policies_with(
+    pod_labels: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+    objects: &Objects,
+    mesh: &MeshConfig,
+    fallback: &Fallback,
+) -> Vec<String> {
+    let carries = |sel: &BTreeMap<String, String>| {
+        sel.iter()
+            .all(|(k, v)| pod_labels.and_then(|l| l.get(k)) == Some(v))
+    };
+    let mut fell_back: Vec<String> = fallback
+        .iter()
+        .filter(|((ns, _), sels)| ns == namespace && sels.iter().any(carries))
+        .map(|((ns, name), _)| format!("{ns}/{name}"))
+        .collect();
     let mut namespaces = vec![namespace];
     if mesh.root_namespace != namespace {
         namespaces.push(&mesh.root_namespace);
@@ -143,6 +189,7 @@ pub(crate) fn selected_policies(
             }
         }
     }
+    out.append(&mut fell_back);
     out.sort();
     out
 }
@@ -328,7 +375,7 @@ fn translate_policy(
 }
 
 /// Go's `strconv.ParseBool`, which istiod uses for annotations.
-fn parse_bool(value: &str) -> Option<bool> {
+pub(super) fn parse_bool(value: &str) -> Option<bool> {
     match value {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),

@@ -27,7 +27,24 @@
 //!   then more query param matches; ties go to the oldest route (`creationTimestamp`), then
 //!   `namespace/name` alphabetically, then rule order, then match order. GRPCRoute: more
 //!   characters in the service, then in the method, then more header matches, then the same
-//!   tie-breakers. Hostnames do not take part: in a mesh the Service is the frontend.
+//!   tie-breakers. Hostnames do not take part: in a mesh the Service is the frontend;
+//! - `spec.hostnames` is ignored on a Service parent (GEP-1426 "`hostnames` field": GAMMA
+//!   implementations "SHOULD NOT infer any functionality from the `hostnames` field"); the
+//!   `Accepted` message says so when a route has some (a Host header match does the job);
+//! - route types on one Service port (GEP-1426 "Route types"): a GRPCRoute takes precedence
+//!   over an HTTPRoute of the same group (producer, or one namespace's consumer routes) on
+//!   the same Service port. The HTTPRoute is not applied there: `Accepted=False`
+//!   (`Conflicted`) when that leaves it no port, else applied on its other ports with the
+//!   message naming the ports it lost. Never both on one port;
+//! - `allowedRoutes` and `NotAllowedByListeners` do not apply: they are Listener fields and
+//!   reasons (HTTPRoute/GRPCRoute reference, `Hostnames`; Gateway `allowedRoutes`), and a
+//!   Service parent has no listener. Who may attach to a Service is GEP-1426's namespace rule
+//!   above (a route elsewhere only ever affects its own namespace's clients). A parentRef to
+//!   a waypoint Gateway (GEP-1426 allows a Gateway as a mesh parent, "if an implementation
+//!   wishes to do so"; zmesh does not): its one listener is HBONE and allows no route kinds,
+//!   so that parent gets `Accepted=False` with `NotAllowedByListeners` (the Gateway API reason
+//!   for a Gateway with no listener whose `allowedRoutes` permit the route) and what to write
+//!   instead. Parents naming other Gateways are not ours and get no status.
 
 mod compile;
 mod model;
@@ -50,6 +67,7 @@ pub use model::*;
 use spec::{BackendObjectRef, GrpcRouteSpec, HttpBackendRef, HttpRouteSpec, ParentRef};
 pub use wire::service_routes;
 
+use super::waypoint::WAYPOINT_CLASS;
 use super::{MeshConfig, Objects, namespace_of, service_hostname};
 
 /// A rule compiled, with the (OR-ed) matches that lead to it.
@@ -73,11 +91,13 @@ pub fn translate_routes(
 ) -> Routes {
     let mut out = Routes::default();
     let mut order: BTreeMap<String, Vec<(SortKey, Entry)>> = BTreeMap::new();
+    // GRPCRoutes first: on a Service port they take, HTTPRoutes of the same group conflict.
+    let mut grpc_ports = GrpcPorts::new();
     let all = objects
-        .http_routes
+        .grpc_routes
         .values()
-        .map(|r| (RouteKind::Http, r))
-        .chain(objects.grpc_routes.values().map(|r| (RouteKind::Grpc, r)));
+        .map(|r| (RouteKind::Grpc, r))
+        .chain(objects.http_routes.values().map(|r| (RouteKind::Http, r)));
     for (kind, route) in all {
         let Some(name) = route.metadata.name.clone() else {
             continue;
@@ -88,8 +108,9 @@ pub fn translate_routes(
             name,
         };
         let parents = service_parents(route);
-        if parents.is_empty() {
-            continue; // a route for Gateways only: not ours
+        let waypoints = waypoint_parents(route, &id.namespace, objects);
+        if parents.is_empty() && waypoints.is_empty() {
+            continue; // a route for other Gateways only: not ours
         }
         let compiled = compile(&id, route, objects, mesh);
         if let Err(why) = &compiled.rules {
@@ -101,7 +122,33 @@ pub fn translate_routes(
         };
         let mut statuses = Vec::new();
         for parent in parents {
-            let accepted = attach(&id, route, &parent, &compiled, bound, mesh, &mut order);
+            let accepted = attach(
+                &id,
+                route,
+                &parent,
+                &compiled,
+                bound,
+                mesh,
+                &mut order,
+                &mut grpc_ports,
+            );
+            statuses.push(ParentStatus {
+                parent,
+                accepted,
+                resolved_refs: resolved_refs.clone(),
+            });
+        }
+        for parent in waypoints {
+            let ns = parent.namespace.as_deref().unwrap_or(&id.namespace);
+            let accepted = condition(
+                false,
+                "NotAllowedByListeners",
+                format!(
+                    "Gateway {ns}/{} is a waypoint: its one listener (HBONE) allows no route                      kinds; attach the route to the Services it is for (parentRef group: \"\", \
+                     kind: Service), GEP-1426",
+                    parent.name
+                ),
+            );
             statuses.push(ParentStatus {
                 parent,
                 accepted,
@@ -163,8 +210,38 @@ fn service_parents(route: &DynamicObject) -> Vec<ParentRef> {
         .collect()
 }
 
+/// The parentRefs naming a waypoint Gateway (class `istio-waypoint`, group
+/// `gateway.networking.k8s.io`, the default, and kind `Gateway`, the default). Routes do not
+/// attach to it (see the module doc), and the parent says so rather than nothing.
+fn waypoint_parents(route: &DynamicObject, route_ns: &str, objects: &Objects) -> Vec<ParentRef> {
+    route.data["spec"]["parentRefs"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| serde_json::from_value::<ParentRef>(p.clone()).ok())
+        .filter(|p| {
+            matches!(p.kind.as_deref(), None | Some("Gateway"))
+                && matches!(p.group.as_deref(), None | Some("gateway.networking.k8s.io"))
+        })
+        .filter(|p| {
+            let ns = p.namespace.as_deref().unwrap_or(route_ns);
+            objects
+                .gateways
+                .get(&(ns.to_owned(), p.name.clone()))
+                .is_some_and(|g| g.data["spec"]["gatewayClassName"] == WAYPOINT_CLASS)
+        })
+        .collect()
+}
+
+/// The Service ports GRPCRoutes took, per Service table key and route group (`None`: the
+/// producer routes; `Some(ns)`: the consumer routes of `ns`), each with the first GRPCRoute
+/// that took it.
+type GrpcPorts = BTreeMap<(String, Option<String>), BTreeMap<u16, RouteId>>;
+
 /// Decides one Service parent, adding the route's entries to that Service's table when
 /// accepted.
+#[allow(clippy::too_many_arguments)]
 fn attach(
     id: &RouteId,
     route: &DynamicObject,
@@ -173,6 +250,7 @@ fn attach(
     bound: &BTreeMap<String, BoundService>,
     mesh: &MeshConfig,
     order: &mut BTreeMap<String, Vec<(SortKey, Entry)>>,
+    grpc_ports: &mut GrpcPorts,
 ) -> RouteCondition {
     let svc_ns = parent
         .namespace
@@ -229,8 +307,106 @@ fn attach(
         },
     };
     let consumer_namespace = (id.namespace != svc_ns).then(|| id.namespace.clone());
+    // Route types on one Service port (GEP-1426 "Route types": "If multiple routes with
+    // different types both bind to the same Service and Port pair, only a single route type
+    // should be applied. The rejected routes should be ignored and have the
+    // `RouteConditionAccepted` status set to the (new) reason `RouteReasonConflicted`", with
+    // GRPCRoute first in the order of specificity). The GRPCRoute reference's listener rule
+    // (oldest route wins on intersecting hostnames) is for Gateway listeners: a Service parent
+    // has none, and in a mesh hostnames are not used (see `ignored_hostnames`). Conflicts are
+    // within one group of routes (producer, or one namespace's consumer routes: GEP-1426
+    // "Multiple routes for a Service", merging happens only within a group).
+    let svc_ports: Vec<u16> = match port {
+        Some(p) => vec![p],
+        None => svc
+            .ports
+            .iter()
+            .filter_map(|p| u16::try_from(p.port).ok())
+            .collect(),
+    };
+    let taken = grpc_ports
+        .entry((key.clone(), consumer_namespace.clone()))
+        .or_default();
+    let mut conflicted = Vec::new();
+    let ports: Vec<Option<u16>> = match id.kind {
+        RouteKind::Grpc => {
+            for p in &svc_ports {
+                taken.entry(*p).or_insert_with(|| id.clone());
+            }
+            vec![port]
+        }
+        RouteKind::Http => {
+            let (lost, kept): (Vec<u16>, Vec<u16>) =
+                svc_ports.iter().partition(|p| taken.contains_key(p));
+            conflicted = lost
+                .iter()
+                .map(|p| format!("port {p} ({})", taken[p]))
+                .collect();
+            if kept.is_empty() {
+                return condition(
+                    false,
+                    "Conflicted",
+                    format!(
+                        "a GRPCRoute takes precedence over an HTTPRoute on the same Service                          port (GEP-1426): Service {svc_name} {}; this route is not applied",
+                        conflicted.join(", ")
+                    ),
+                );
+            }
+            if conflicted.is_empty() {
+                vec![port]
+            } else {
+                kept.into_iter().map(Some).collect()
+            }
+        }
+    };
     let created = route.metadata.creation_timestamp.clone();
     let list = order.entry(key).or_default();
+    for port in ports {
+        attach_rules(id, rules, port, &consumer_namespace, &created, list);
+    }
+    let kind = if consumer_namespace.is_some() {
+        "consumer"
+    } else {
+        "producer"
+    };
+    let not_on = if conflicted.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; not on {}: a GRPCRoute takes precedence there (GEP-1426)",
+            conflicted.join(", ")
+        )
+    };
+    // GEP-1426 "`hostnames` field": "GAMMA implementations SHOULD NOT infer any
+    // functionality from the `hostnames` field on `xRoute`s"; the status says so.
+    let hostnames = if route.data["spec"]["hostnames"]
+        .as_array()
+        .is_some_and(|h| !h.is_empty())
+    {
+        "; spec.hostnames is ignored for a Service parent (GEP-1426: match the Host header          with a header match instead)"
+    } else {
+        ""
+    };
+    condition(
+        true,
+        "Accepted",
+        format!(
+            "{kind} route on Service {svc_name}, applied by waypoint {}/{}{not_on}{hostnames}",
+            svc.waypoint.as_ref().map_or("", |w| w.namespace.as_str()),
+            svc.waypoint.as_ref().map_or("", |w| w.name.as_str()),
+        ),
+    )
+}
+
+/// Adds the entries of `rules` (one per match) on `port` (`None`: every port).
+fn attach_rules(
+    id: &RouteId,
+    rules: &[CompiledRule],
+    port: Option<u16>,
+    consumer_namespace: &Option<String>,
+    created: &Option<Time>,
+    list: &mut Vec<(SortKey, Entry)>,
+) {
     for (rule_index, rule) in rules.iter().enumerate() {
         for (match_index, matched) in rule.matches.iter().enumerate() {
             let key = SortKey {
@@ -255,20 +431,6 @@ fn attach(
             ));
         }
     }
-    let kind = if consumer_namespace.is_some() {
-        "consumer"
-    } else {
-        "producer"
-    };
-    condition(
-        true,
-        "Accepted",
-        format!(
-            "{kind} route on Service {svc_name}, applied by waypoint {}/{}",
-            svc.waypoint.as_ref().map_or("", |w| w.namespace.as_str()),
-            svc.waypoint.as_ref().map_or("", |w| w.name.as_str()),
-        ),
-    )
 }
 
 /// Sort key of an entry: smaller comes first.

@@ -24,6 +24,7 @@ const CANONICAL_REVISION_LABELS: [&str; 3] = [
 
 /// Translates one Pod, given the Services of its namespace; `None` when it is not a workload (no name or IP, host network,
 /// Succeeded or Failed).
+#[allow(clippy::too_many_arguments)] // each is a distinct input of the translation
 pub(super) fn translate_pod<'a>(
     pod: &Pod,
     ns_labels: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
@@ -31,6 +32,7 @@ pub(super) fn translate_pod<'a>(
     slice_ports: &SlicePorts,
     objects: &super::Objects,
     waypoints: &Waypoints,
+    fallback: &super::waypoint_authz::Fallback,
     mesh: &MeshConfig,
 ) -> Option<Workload> {
     let name = pod.metadata.name.as_deref()?;
@@ -88,7 +90,9 @@ pub(super) fn translate_pod<'a>(
     }
 
     Some(Workload {
-        authorization_policies: super::authz::selected_policies(labels, namespace, objects, mesh),
+        authorization_policies: super::authz::selected_policies_with(
+            labels, namespace, objects, mesh, fallback,
+        ),
         uid: format!("{}//Pod/{namespace}/{name}", mesh.cluster_id),
         name: name.to_owned(),
         namespace: namespace.to_owned(),

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::task::AbortHandle;
@@ -42,6 +44,9 @@ impl Outgoing {
 /// A response from an endpoint, with what must live as long as its body.
 pub struct Sent {
     pub resp: Response<Incoming>,
+    /// When this attempt's `backendRequest` timeout ends (and the timeout), if one applies:
+    /// it covers the response body too ("to when the full response has been received").
+    pub deadline: Option<(Instant, Duration)>,
     pub ep: Endpoint,
     pub h1: Option<H1Checkout>,
     pub in_flight: InFlight,
@@ -113,6 +118,7 @@ async fn once(
     match sent {
         Ok((resp, h1)) => Ok(Sent {
             resp,
+            deadline: None,
             ep,
             h1,
             in_flight,
@@ -163,15 +169,22 @@ pub async fn send(
             ),
         };
         let r = match per_try {
-            Some(d) => tokio::time::timeout(d, once(wp, t, this_out, this, bytes))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Failed {
-                        code: StatusCode::GATEWAY_TIMEOUT,
-                        flags: "UT",
-                        why: format!("no response within the backend request timeout {d:?}"),
+            Some(d) => {
+                let until = Instant::now() + d;
+                tokio::time::timeout_at(until, once(wp, t, this_out, this, bytes))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Failed {
+                            code: StatusCode::GATEWAY_TIMEOUT,
+                            flags: "UT",
+                            why: format!("no response within the backend request timeout {d:?}"),
+                        })
                     })
-                }),
+                    .map(|s| Sent {
+                        deadline: Some((until, d)),
+                        ..s
+                    })
+            }
             None => once(wp, t, this_out, this, bytes).await,
         };
         let retriable = match &r {

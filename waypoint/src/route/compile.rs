@@ -177,8 +177,13 @@ fn rule(cx: &Ctx<'_>, label: String, r: &pb::RouteRule) -> Result<Rule, RouteErr
     let total_weight = backends.iter().map(|b| u64::from(b.weight)).sum();
     let t = r.timeouts.unwrap_or_default();
     let timeouts = Timeouts {
-        request: cx.duration("timeouts.request", &t.request)?,
-        backend_request: cx.duration("timeouts.backend_request", &t.backend_request)?,
+        // A zero duration disables the timeout (HTTPRouteTimeouts).
+        request: cx
+            .duration("timeouts.request", &t.request)?
+            .filter(|d| !d.is_zero()),
+        backend_request: cx
+            .duration("timeouts.backend_request", &t.backend_request)?
+            .filter(|d| !d.is_zero()),
     };
     let retry = match &r.retry {
         None => None,

@@ -46,8 +46,16 @@ fn objects() -> String {
     y
 }
 
-#[tokio::test]
-async fn config_and_certificate_from_the_controller() {
+/// A controller serving `yaml` (in process, over TLS) and a waypoint configured by it.
+struct World {
+    _dir: tempfile::TempDir,
+    _stop: tokio_util::sync::DropGuard,
+    _controller: zmesh_controller::server::Running,
+    mesh: Mesh,
+    wp: zmesh_waypoint::Running,
+}
+
+async fn world(yaml: String) -> World {
     zmesh_core::tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
     let ca = LocalCa::generate("mesh-root").unwrap();
@@ -61,7 +69,7 @@ async fn config_and_certificate_from_the_controller() {
     std::fs::write(&root, ca.cert_pem()).unwrap();
     let objects_dir = dir.path().join("objects");
     std::fs::create_dir(&objects_dir).unwrap();
-    std::fs::write(objects_dir.join("a.yaml"), objects()).unwrap();
+    std::fs::write(objects_dir.join("a.yaml"), yaml).unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(
         &tokens,
@@ -117,6 +125,18 @@ async fn config_and_certificate_from_the_controller() {
     })
     .await;
 
+    World {
+        _dir: dir,
+        _stop: _stop_on_drop,
+        _controller: controller,
+        mesh,
+        wp,
+    }
+}
+
+#[tokio::test]
+async fn config_and_certificate_from_the_controller() {
+    let World { mesh, wp, .. } = world(objects()).await;
     let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
     let mut backends = Vec::new();
     for _ in 0..4 {
@@ -147,4 +167,82 @@ async fn config_and_certificate_from_the_controller() {
             .unwrap_err()
             .contains("400")
     );
+}
+
+/// L7 AuthorizationPolicies from the controller, enforced by the waypoint: a DENY on the
+/// Service (targetRefs Service), an ALLOW on the whole waypoint (targetRefs Gateway) for the
+/// client's identity and GET only; a denied request gets Istio's 403 and is counted with flag
+/// `RBAC`.
+#[tokio::test]
+async fn authorization_policies_from_the_controller() {
+    let policies = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: deny-admin, namespace: default}\n\
+         spec: {action: DENY, targetRefs: [{kind: Service, group: '', name: echo}], \
+         rules: [{to: [{operation: {paths: [/admin, '/admin/{**}']}}]}]}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: allow-get, namespace: default}\n\
+         spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], \
+         rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/client]}}], \
+         to: [{operation: {methods: [GET]}}]}]}\n";
+    let World { mesh, wp, .. } = world(format!("{}{policies}", objects())).await;
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let mut send = async |method: &str, path: &str| {
+        let r = c
+            .send_request(
+                Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header("host", HOST)
+                    .body(full(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = r.status();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, ct, text(r).await)
+    };
+    // The policies arrive after readiness (they are not waited for).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, _) = send("GET", "/admin/x").await;
+        if status == StatusCode::FORBIDDEN {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the DENY never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, ct, body) = send("GET", "/admin/x").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body, "RBAC: access denied");
+    assert_eq!(ct.as_deref(), Some("text/plain"));
+    // BASE normalization: `/public/../admin` is `/admin`.
+    assert_eq!(
+        send("GET", "/public/../admin").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(send("GET", "/hello").await.0, StatusCode::OK);
+    // The ALLOW applies and does not match a POST: denied.
+    let (status, _, body) = send("POST", "/hello").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied")
+    );
+    let (_, metrics) = admin_get(wp.admin_addr, "/metrics").await;
+    let denied: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"403\"")
+                && l.contains("response_flags=\"RBAC\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(denied >= 3.0, "{denied} denials counted:\n{metrics}");
 }

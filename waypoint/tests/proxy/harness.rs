@@ -414,6 +414,16 @@ async fn handle(
             release.notified().await;
             Ok(ok(full("slow")))
         }
+        // The head and a first chunk at once, the rest of the body only when released.
+        p if p.starts_with("/stall") => {
+            let (tx, body) = channel_body();
+            tokio::spawn(async move {
+                let _ = tx.send(Frame::data(Bytes::from_static(b"first"))).await;
+                release.notified().await;
+                let _ = tx.send(Frame::data(Bytes::from_static(b"rest"))).await;
+            });
+            Ok(ok(body))
+        }
         // Bidirectional streaming: each request message echoed as it arrives; trailers at
         // the end of the request.
         "/test.Echo/Chat" | "/test.Echo/Unary" => {

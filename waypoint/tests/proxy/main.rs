@@ -285,6 +285,38 @@ async fn tcp_ports_copy_bytes() {
     assert_eq!(seen, ["127.0.0.11:8082", "127.0.0.11:8083"]);
 }
 
+/// L7 policies on opaque TCP (Istio's network RBAC): an ALLOW whose only rule needs HTTP
+/// (`methods`) allows no TCP connection, so the declared-TCP port's CONNECT is refused with
+/// 403 and the sniffed one is closed without reaching the endpoint; HTTP on port 80 is allowed.
+#[tokio::test]
+async fn l7_policies_on_tcp_ports_as_network_rbac() {
+    let mesh = Mesh::new(&["echo-a"], &[]).await;
+    let yaml = format!(
+        "{}authorizationPolicies:\n- namespace: default\n  name: allow-get\n  allServices: true\n  \
+         rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]\n",
+        mesh.yaml
+    );
+    let snapshot = zmesh_waypoint::bound::Snapshot::from_yaml(&yaml).unwrap();
+    let wp = mesh.waypoint_with(LbPolicy::RoundRobin, snapshot).await;
+    let e = mesh.tunnel(wp.hbone_addr, 83).await.unwrap_err();
+    assert!(e.contains("403"), "{e}");
+    let mut t = mesh.tunnel(wp.hbone_addr, 82).await.unwrap();
+    t.write_all(b"\x16\x03\x01 not http").await.unwrap();
+    let mut back = Vec::new();
+    let n = t.read_to_end(&mut back).await.unwrap_or(0);
+    assert_eq!(n, 0, "the sniffed TCP connection is closed unanswered");
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c.send_request(get("/hello")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    text(r).await;
+    let seen: Vec<String> = mesh.connects().into_iter().map(|c| c.1.authority).collect();
+    assert_eq!(
+        seen,
+        ["127.0.0.11:8080"],
+        "only the HTTP request reached the endpoint"
+    );
+}
+
 /// An endpoint whose node refuses connections: each request is retried on the other.
 #[tokio::test]
 async fn failed_connect_is_retried_on_another_endpoint() {

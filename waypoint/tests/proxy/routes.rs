@@ -371,3 +371,187 @@ async fn mirror_copies_a_body_of_unknown_length() {
     })
     .await;
 }
+
+/// A rule with a retry keeps the request body (read whole before the first attempt). A client
+/// that goes away mid-body (here: the declared 1000 bytes, 10 sent, then the connection
+/// closed) fails the request: nothing goes upstream (no truncated body sent as complete, no
+/// retry, no mirror), and the request is counted with `DC` (downstream connection
+/// termination, code 0 as Envoy records it).
+#[tokio::test]
+async fn client_aborting_a_kept_body_sends_nothing_upstream() {
+    use tokio::io::AsyncWriteExt;
+    let mut r = rule(prefix("/"), vec![backend(HOST, 1)]);
+    r.retry = Some(pb::Retry {
+        codes: vec![503],
+        attempts: 1,
+        backoff: None,
+    });
+    r.filters
+        .push(filter(pb::filter::Kind::RequestMirror(pb::RequestMirror {
+            backend: Some(backend(V2, 1)),
+            numerator: 0,
+            denominator: 0,
+        })));
+    let (mesh, wp) = mesh(vec![r]).await;
+    let mut t = mesh.tunnel(wp.hbone_addr, 80).await.unwrap();
+    t.write_all(
+        format!("POST /count HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 1000\r\n\r\n0123456789")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    t.shutdown().await.unwrap();
+    drop(t);
+    let metrics = async || admin_get(wp.admin_addr, "/metrics").await.1;
+    eventually("the request counted or sent upstream", async || {
+        requests_total(&metrics().await, &[]) == 1 || !mesh.connects().is_empty()
+    })
+    .await;
+    let m = metrics().await;
+    assert_eq!(
+        requests_total(&m, &["response_code=\"0\"", "response_flags=\"DC\""]),
+        1,
+        "{}",
+        m.lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        mesh.connects().is_empty(),
+        "nothing goes upstream: {:?}",
+        mesh.connects()
+    );
+}
+
+/// The same over HTTP/2, the connection kept: a client that resets its stream mid-body
+/// (`RST_STREAM CANCEL`), and one that ends its stream 990 bytes short of its
+/// `content-length` (a malformed request: hyper's body ends in an error while the request is
+/// still being handled). Nothing goes upstream, both are counted `DC`, and the next request
+/// on the connection is served.
+#[tokio::test]
+async fn client_ending_a_kept_body_early_over_h2_sends_nothing_upstream() {
+    let mut r = rule(prefix("/"), vec![backend(HOST, 1)]);
+    r.retry = Some(pb::Retry {
+        codes: vec![503],
+        attempts: 1,
+        backoff: None,
+    });
+    let (mesh, wp) = mesh(vec![r]).await;
+    let t = mesh.tunnel(wp.hbone_addr, 80).await.unwrap();
+    let (client, conn) = h2::client::handshake(t).await.unwrap();
+    tokio::spawn(conn);
+    let metrics = async || admin_get(wp.admin_addr, "/metrics").await.1;
+    let post = || {
+        Request::post(format!("http://{HOST}/count"))
+            .header("content-length", "1000")
+            .body(())
+            .unwrap()
+    };
+    for (n, reset) in [(1, false), (2, true)] {
+        let mut client = client.clone().ready().await.unwrap();
+        let (_resp, mut send) = client.send_request(post(), false).unwrap();
+        send.send_data(Bytes::from_static(b"0123456789"), !reset)
+            .unwrap();
+        if reset {
+            send.send_reset(h2::Reason::CANCEL);
+        }
+        eventually("the request counted or sent upstream", async || {
+            requests_total(&metrics().await, &[]) == n || !mesh.connects().is_empty()
+        })
+        .await;
+        let m = metrics().await;
+        assert_eq!(
+            requests_total(&m, &["response_code=\"0\"", "response_flags=\"DC\""]),
+            n,
+            "reset: {reset}\n{m}"
+        );
+        assert!(mesh.connects().is_empty(), "{:?}", mesh.connects());
+    }
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client
+        .send_request(
+            Request::get(format!("http://{HOST}/hello"))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::OK);
+}
+
+fn stall_rule(path: &str, request_ms: i32, backend_ms: i32) -> pb::RouteRule {
+    let ms = |n: i32| {
+        (n > 0).then_some(PbDuration {
+            seconds: (n / 1000).into(),
+            nanos: (n % 1000) * 1_000_000,
+        })
+    };
+    let mut r = rule(prefix(path), vec![backend(HOST, 1)]);
+    r.timeouts = Some(pb::Timeouts {
+        request: ms(request_ms),
+        backend_request: ms(backend_ms),
+    });
+    r
+}
+
+/// Reads a body until it ends; `Err` when it ends in an error (the response cut short).
+async fn body_outcome(r: http::Response<hyper::body::Incoming>) -> Result<Bytes, String> {
+    use http_body_util::BodyExt;
+    tokio::time::timeout(Duration::from_secs(20), r.into_body().collect())
+        .await
+        .expect("the response body is still open 20 s later: the route's timeout did not end it")
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string())
+}
+
+/// HTTPRouteTimeouts cover the whole response: a backend that sends its head and a first
+/// chunk, then stalls, is cut at `timeouts.request` (HTTP/1.1: the connection closed) and at
+/// `timeouts.backendRequest` (HTTP/2: the stream reset, the connection kept), counted `UT`
+/// with the status the client saw. A body that completes in time is not cut.
+#[tokio::test]
+async fn timeouts_cover_the_response_body() {
+    let (mesh, wp) = mesh(vec![
+        stall_rule("/stall/request", 300, 0),
+        stall_rule("/stall/backend", 0, 300),
+        stall_rule("/", 60_000, 0),
+    ])
+    .await;
+
+    let mut c = h1(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c.send_request(get("/stall/request")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the head arrives in time");
+    let cut = body_outcome(r).await;
+    assert!(cut.is_err(), "HTTP/1.1 body not cut: {cut:?}");
+
+    let mut c = h2(mesh.tunnel(wp.hbone_addr, 80).await.unwrap()).await;
+    let r = c
+        .send_request(
+            Request::get(format!("http://{HOST}/stall/backend"))
+                .body(full(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cut = body_outcome(r).await;
+    assert!(cut.is_err(), "HTTP/2 body not cut: {cut:?}");
+    // The connection lives on; a body that ends in time is whole.
+    let r = c
+        .send_request(
+            Request::get(format!("http://{HOST}/hello"))
+                .body(full(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let whole = body_outcome(r).await.unwrap();
+    assert!(whole.starts_with(b"hello from echo-v1"), "{whole:?}");
+
+    eventually("both cut responses counted UT", async || {
+        let m = admin_get(wp.admin_addr, "/metrics").await.1;
+        requests_total(&m, &["response_code=\"200\"", "response_flags=\"UT\""]) == 2
+    })
+    .await;
+    mesh.release.notify_waiters();
+}

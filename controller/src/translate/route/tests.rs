@@ -532,7 +532,9 @@ fn the_wire_keeps_the_order_and_says_everything() {
         Some(pb::path_modifier::Kind::ReplacePrefixMatch("/new".into()))
     );
     let last = &wire.rules[2];
-    assert_eq!(last.port, 0);
+    // The GRPCRoute takes port 80 (GEP-1426 route types): the HTTPRoute is on 8080 only.
+    assert_eq!(last.port, 8080);
+    assert_eq!(wire.rules[1].port, 8080);
     assert_eq!(last.backends[0].weight, 0);
     let t = last.timeouts.as_ref().unwrap();
     assert_eq!(
@@ -545,4 +547,135 @@ fn the_wire_keeps_the_order_and_says_everything() {
     assert!(t.backend_request.is_none());
     assert_eq!(last.retry.as_ref().unwrap().codes, [502]);
     assert_eq!(last.retry.as_ref().unwrap().attempts, 2);
+}
+
+/// GEP-1426 "Route types": on one Service port, a GRPCRoute takes precedence over an
+/// HTTPRoute; the HTTPRoute is not applied there and its parent says `Conflicted`. Only
+/// routes of one group conflict (a consumer HTTPRoute is not beaten by a producer
+/// GRPCRoute), and a refused GRPCRoute takes no port.
+#[test]
+fn grpc_route_beats_http_route_on_the_same_service_port() {
+    let grpc = |name: &str, port: &str, extra: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: {name}, \
+             namespace: shop, creationTimestamp: '2026-06-01T00:00:00Z'}}\nspec: {{parentRefs: \
+             [{{group: '', kind: Service, name: echo, {port}}}], rules: [{{{extra}backendRefs: \
+             [{{name: echo-v1, port: 80}}]}}]}}\n---\n"
+        )
+    };
+    let be = "backendRefs: [{name: echo-v1, port: 80}]";
+    let on = |port: &str| {
+        format!(
+            "{{parentRefs: [{{group: '', kind: Service, name: echo, namespace: shop{port}}}], \
+             rules: [{{{be}}}]}}"
+        )
+    };
+    let yaml = [
+        grpc("g", "port: 80", ""),
+        // Refused (an unknown field): takes nothing.
+        grpc("bad", "port: 8080", "bogus: 1, "),
+        // Older than the GRPCRoute: age does not matter between route types in a mesh.
+        http_route("shop", "on-80", "2020-01-01T00:00:00Z", &on(", port: 80")),
+        http_route("shop", "all-ports", "2020-01-01T00:00:00Z", &on("")),
+        http_route(
+            "client",
+            "consumer",
+            "2020-01-01T00:00:00Z",
+            &on(", port: 80"),
+        ),
+    ]
+    .concat();
+    let r = routes(&yaml);
+    let accepted =
+        |kind, ns: &str, name: &str| r.statuses[&id(kind, ns, name)].parents[0].accepted.clone();
+    let c = accepted(RouteKind::Http, "shop", "on-80");
+    assert_eq!((c.status, c.reason), (false, "Conflicted"), "{c:?}");
+    assert!(c.message.contains("GRPCRoute shop/g"), "{}", c.message);
+    let c = accepted(RouteKind::Http, "shop", "all-ports");
+    assert_eq!((c.status, c.reason), (true, "Accepted"), "{c:?}");
+    assert!(c.message.contains("not on port 80"), "{}", c.message);
+    assert!(accepted(RouteKind::Http, "client", "consumer").status);
+    assert!(accepted(RouteKind::Grpc, "shop", "g").status);
+    assert!(!accepted(RouteKind::Grpc, "shop", "bad").status);
+    // What is served: the GRPCRoute on 80; `all-ports` on 8080 only; the consumer's on 80.
+    let t = &r.services[ECHO];
+    let grpc: Vec<(&str, Option<u16>)> = t
+        .grpc
+        .iter()
+        .map(|e| (e.route.name.as_str(), e.port))
+        .collect();
+    assert_eq!(grpc, [("g", Some(80))]);
+    let http: Vec<(&str, Option<u16>)> = t
+        .http
+        .iter()
+        .map(|e| (e.route.name.as_str(), e.port))
+        .collect();
+    assert_eq!(http, [("consumer", Some(80)), ("all-ports", Some(8080))]);
+}
+
+/// GEP-1426 "`hostnames` field": "GAMMA implementations SHOULD NOT infer any functionality
+/// from the `hostnames` field". A route on a Service applies whatever its hostnames say, and
+/// its status says they were ignored.
+#[test]
+fn hostnames_are_ignored_on_a_service_parent() {
+    let spec = format!(
+        "{{{PARENT}, hostnames: [elsewhere.example.com], rules: [{{backendRefs: [{{name: \
+         echo-v1, port: 80}}]}}]}}"
+    );
+    let r = routes(&http_route("shop", "h", "2026-01-01T00:00:00Z", &spec));
+    let c = &r.statuses[&id(RouteKind::Http, "shop", "h")].parents[0].accepted;
+    assert!(c.status, "{c:?}");
+    assert!(
+        c.message.contains("spec.hostnames is ignored"),
+        "{}",
+        c.message
+    );
+    assert_eq!(r.services[ECHO].http.len(), 1);
+    // Without hostnames, no such note.
+    let r = routes(&http_route(
+        "shop",
+        "h",
+        "2026-01-01T00:00:00Z",
+        &format!("{{{PARENT}, rules: [{{backendRefs: [{{name: echo-v1, port: 80}}]}}]}}"),
+    ));
+    let c = &r.statuses[&id(RouteKind::Http, "shop", "h")].parents[0].accepted;
+    assert!(!c.message.contains("hostnames"), "{}", c.message);
+}
+
+/// A parentRef to the waypoint Gateway: zmesh attaches routes to Services only, and the
+/// waypoint's HBONE listener allows no route kinds, so that parent says
+/// `NotAllowedByListeners` and what to write instead; another Gateway is not ours.
+#[test]
+fn a_waypoint_gateway_parent_is_not_allowed_by_its_listener() {
+    let spec = "{parentRefs: [{name: wp}, {name: ingress}, {group: '', kind: Service, name: \
+                echo}], rules: [{backendRefs: [{name: echo-v1, port: 80}]}]}";
+    let r = routes(&http_route("shop", "r", "2026-01-01T00:00:00Z", spec));
+    let s = &r.statuses[&id(RouteKind::Http, "shop", "r")];
+    let parents: Vec<(&str, bool, &str)> = s
+        .parents
+        .iter()
+        .map(|p| (p.parent.name.as_str(), p.accepted.status, p.accepted.reason))
+        .collect();
+    assert_eq!(
+        parents,
+        [
+            ("echo", true, "Accepted"),
+            ("wp", false, "NotAllowedByListeners")
+        ]
+    );
+    assert!(
+        s.parents[1].accepted.message.contains("kind: Service"),
+        "{}",
+        s.parents[1].accepted.message
+    );
+    // A route whose only parent is the waypoint Gateway gets that status too, and no table.
+    let r = routes(&http_route(
+        "shop",
+        "only-wp",
+        "2026-01-01T00:00:00Z",
+        "{parentRefs: [{name: wp}], rules: [{backendRefs: [{name: echo-v1, port: 80}]}]}",
+    ));
+    let s = &r.statuses[&id(RouteKind::Http, "shop", "only-wp")];
+    assert_eq!(s.parents[0].accepted.reason, "NotAllowedByListeners");
+    assert!(r.services.is_empty(), "{:?}", r.services.keys());
 }
