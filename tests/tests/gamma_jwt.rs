@@ -19,6 +19,10 @@
 //!
 //! Beyond the task: `outputPayloadToHeader` puts the validated payload (base64url) on the
 //! request the backend receives.
+//!
+//! Then the task's authorization steps, with its "require-jwt" AuthorizationPolicy on the
+//! waypoint: without a token 403, with the token 200; with the `request.auth.claims[groups]`
+//! condition only the group token is 200.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -385,4 +389,32 @@ fn authz_jwt_task_authentication_through_the_waypoint() {
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload.trim()).unwrap()).unwrap();
     assert_eq!(claims["iss"], ISSUER);
     assert_eq!(claims["groups"], json!(["group1", "group2"]));
+
+    // The task's "require-jwt" AuthorizationPolicy (on the waypoint): only the request
+    // principal `testing@secure.istio.io/testing@secure.istio.io` is allowed.
+    let require_jwt = |when: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: \
+             require-jwt\n  namespace: {MESH}\nspec:\n  targetRefs:\n  - kind: Gateway\n    \
+             group: gateway.networking.k8s.io\n    name: {WAYPOINT}\n  action: ALLOW\n  rules:\n  \
+             - from:\n    - source:\n        requestPrincipals: [\"{ISSUER}/{ISSUER}\"]\n{when}"
+        )
+    };
+    lab.ok(&["apply", "-f", "-"], Some(&require_jwt("")));
+    poll("require-jwt at the waypoint", || {
+        (curl(&[]).0 == 403).then_some(())
+    });
+    assert_eq!(curl(&[&format!("Authorization: Bearer {token}")]).0, 200);
+    // "request.auth.claims[groups]" must contain group1: the group token only.
+    lab.ok(
+        &["apply", "-f", "-"],
+        Some(&require_jwt(
+            "    when:\n    - key: request.auth.claims[groups]\n      values: [\"group1\"]\n",
+        )),
+    );
+    poll("the groups condition at the waypoint", || {
+        (curl(&[&format!("Authorization: Bearer {token}")]).0 == 403).then_some(())
+    });
+    assert_eq!(curl(&[&format!("Authorization: Bearer {group}")]).0, 200);
+    assert_eq!(curl(&[]).0, 403);
 }
