@@ -36,6 +36,8 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 MANIFESTS = os.path.join(ROOT, "manifests")
 RENDERED = os.path.join(MANIFESTS, "rendered", "zmesh.yaml")
 CRD_NAME = "authorizationpolicies.security.istio.io"
+# Istio's other security CRD zmesh installs (checked the same way, no golden inputs).
+OTHER_CRDS = ["requestauthentications.security.istio.io"]
 
 # Golden inputs the CRD must refuse, by (file, policy name): what the translation tolerates
 # from a YAML directory but the API server refuses, as with Istio's CRD: an action in lower
@@ -175,7 +177,7 @@ def structural_problems(schema, path):
     return problems
 
 
-def check_crd(crds):
+def check_crd(crds, CRD_NAME=CRD_NAME):  # noqa: N803 (the checked CRD's name)
     crd = next((c for c in crds if c["metadata"]["name"] == CRD_NAME), None)
     if crd is None:
         raise Failed(f"the CRD {CRD_NAME} is not in manifests/")
@@ -282,6 +284,8 @@ def main():
         crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
         custom = check_builtin(docs, crds)
         schemas = check_crd(crds)
+        for name in OTHER_CRDS:
+            check_crd(crds, name)
         check_policies(schemas)
         check_gateway_classes(custom)
         check_waypoint_objects()

@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "istio/ca/ca.proto",
     "zmesh/waypoint/v1/waypoint.proto",
     "zmesh/waypoint/v1/route.proto",
+    "zmesh/waypoint/v1/authn.proto",
     "zmesh/waypoint/v1/authz.proto",
     "google/rpc/status.proto",
     "envoy/config/core/v3/base.proto",

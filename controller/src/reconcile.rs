@@ -12,7 +12,10 @@ use prost::Message;
 use prost_types::Any;
 use tracing::{debug, info, warn};
 use xds_proto::istio::workload::{Address, address};
-use xds_proto::{BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL, WAYPOINT_POLICY_TYPE_URL};
+use xds_proto::{
+    BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
+};
 
 use crate::ads::Cache;
 use crate::deploy::WaypointDeployer;
@@ -189,6 +192,15 @@ impl Reconciler {
         let (c, r) = self.apply_routes(&next);
         changed += c;
         removed += r;
+        let (c, r) = self.apply_authn(&next);
+        changed += c;
+        removed += r;
+        for issue in &next.request_authn.issues {
+            if !self.last.request_authn.issues.contains(issue) {
+                warn!(policy = %format!("{}/{}", issue.namespace, issue.name),
+                    issue = %issue.message, "RequestAuthentication not applied as written");
+            }
+        }
         // Waypoint L7 policies: the name carries the waypoint, so a policy whose waypoint
         // changed is removed from the old one and added to the new one.
         let (old_wp, new_wp) = (&self.last.waypoint_authz, &next.waypoint_authz);
@@ -292,6 +304,49 @@ impl Reconciler {
         let counts = (upserts.len(), removals.len());
         if let Err(e) = self.cache.apply(SERVICE_ROUTES_TYPE_URL, upserts, removals) {
             warn!(error = %e, "waypoint ServiceRoutes resources not applied");
+        }
+        counts
+    }
+}
+
+impl Reconciler {
+    /// Serves each bound Service's JWT rules (`ServiceAuthn`) and removes those gone; like
+    /// [`Self::apply_routes`], a resource whose Service moved to another waypoint is removed
+    /// first, then served again. Returns (changed, removed).
+    fn apply_authn(&self, next: &Translated) -> (usize, usize) {
+        let (old, new) = (
+            &self.last.request_authn.services,
+            &next.request_authn.services,
+        );
+        let waypoint =
+            |t: &Translated, k: &str| t.bound_services.get(k).map(|b| b.waypoint.clone());
+        let moved: Vec<String> = new
+            .keys()
+            .filter(|k| old.contains_key(*k) && waypoint(&self.last, k) != waypoint(next, k))
+            .cloned()
+            .collect();
+        if !moved.is_empty()
+            && let Err(e) = self
+                .cache
+                .apply(SERVICE_AUTHN_TYPE_URL, Vec::new(), moved.clone())
+        {
+            warn!(error = %e, "waypoint ServiceAuthn resources not moved");
+        }
+        let (mut upserts, removals) = diff(old, new, |s| pack(SERVICE_AUTHN_TYPE_URL, s));
+        // The content of a moved one did not change: it is served again all the same.
+        upserts.extend(
+            moved
+                .into_iter()
+                .filter(|k| !upserts.iter().any(|(u, _)| u == k))
+                .map(|k| {
+                    let any = pack(SERVICE_AUTHN_TYPE_URL, &new[&k]);
+                    (k, any)
+                })
+                .collect::<Vec<_>>(),
+        );
+        let counts = (upserts.len(), removals.len());
+        if let Err(e) = self.cache.apply(SERVICE_AUTHN_TYPE_URL, upserts, removals) {
+            warn!(error = %e, "waypoint ServiceAuthn resources not applied");
         }
         counts
     }

@@ -21,12 +21,15 @@
 //!   Gateway that accepts that kind of traffic (rules in [`waypoint`]); each Service bound to a
 //!   waypoint also becomes a `zmesh.waypoint.v1.BoundService` for that waypoint;
 //! - HTTPRoutes and GRPCRoutes whose parent is such a Service become its route table, in the
-//!   precedence order Gateway API defines (rules in [`route`]).
+//!   precedence order Gateway API defines (rules in [`route`]);
+//! - RequestAuthentications attached to such a Service (or its waypoint) become its JWT
+//!   rules (rules in [`request_authentication`]).
 
 mod authorization_policy;
 mod authz;
 mod json;
 mod objects;
+pub mod request_authentication;
 pub mod route;
 mod service;
 pub mod waypoint;
@@ -53,6 +56,8 @@ pub use authorization_policy::{
 pub use authz::{DRY_RUN_ANNOTATION, PolicyIssue, authorization_json, translate_policies};
 pub use json::{service_json, to_json, workload_json};
 pub use objects::{Kind, KubeObject, ObjectKey, Objects, TranslateError, key_of, parse_yaml};
+pub use request_authentication::crd as request_authentication_crd;
+pub use request_authentication::{AuthnIssue, RequestAuthn, translate_request_authn};
 pub use route::{RouteId, RouteKind, Routes, translate_routes};
 pub use waypoint::{Rejection, Target, Waypoint, WaypointFor, Waypoints};
 
@@ -114,6 +119,9 @@ pub struct Translated {
     /// HTTPRoutes and GRPCRoutes on Services (GAMMA): the route table of each Service bound
     /// to a waypoint, and every route's status (rules in [`route`]).
     pub routes: Routes,
+    /// RequestAuthentications attached to bound Services (`zmesh.waypoint.v1.ServiceAuthn`,
+    /// served where the Service's `BoundService` goes), and the policies not applied.
+    pub request_authn: RequestAuthn,
     /// AuthorizationPolicies attached with targetRefs: the waypoints' L7 policies
     /// (`type.googleapis.com/zmesh.waypoint.v1.WaypointPolicy`) and where each is enforced.
     pub waypoint_authz: waypoint_authz::WaypointAuthz,
@@ -172,6 +180,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
     let (authorizations, issues) =
         authz::translate_policies_with(objects, mesh, &waypoint_authz.ztunnel_fallback);
     let routes = route::translate_routes(objects, &bound_services, mesh);
+    let request_authn = translate_request_authn(&objects.request_authentications, &bound_services);
     Translated {
         workloads,
         services,
@@ -180,6 +189,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         bound_services,
         waypoints,
         routes,
+        request_authn,
         waypoint_authz,
     }
 }

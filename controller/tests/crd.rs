@@ -59,3 +59,29 @@ fn schema_has_no_defaults_and_does_not_require_spec() {
         "{schema}"
     );
 }
+
+#[test]
+fn checked_in_request_authentication_crd_equals_the_generated_one() {
+    use zmesh_controller::translate::request_authentication_crd as ra;
+    let path = repo_file(ra::CRD_FILE);
+    let generated = ra::crd_yaml();
+    if std::env::var_os("ZMESH_UPDATE_MANIFESTS").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    assert!(
+        checked_in == generated,
+        "{} differs from what controller/src/translate/request_authentication.rs generates; \
+         regenerate it with ZMESH_UPDATE_MANIFESTS=1 cargo test -p zmesh-controller --test crd",
+        path.display()
+    );
+    let crd = ra::crd();
+    let versions: Vec<(&str, bool, bool)> = crd
+        .spec
+        .versions
+        .iter()
+        .map(|v| (v.name.as_str(), v.served, v.storage))
+        .collect();
+    assert_eq!(versions, [("v1", true, false), ("v1beta1", true, true)]);
+}

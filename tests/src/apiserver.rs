@@ -326,13 +326,19 @@ impl ApiServer {
         }
     }
 
-    /// `security.istio.io/v1` AuthorizationPolicy.
+    /// `security.istio.io/v1` AuthorizationPolicy and RequestAuthentication.
     pub fn install_istio_crds(&self) {
         self.install_crd(
             "security.istio.io",
             "v1",
             "AuthorizationPolicy",
             "authorizationpolicies",
+        );
+        self.install_crd(
+            "security.istio.io",
+            "v1",
+            "RequestAuthentication",
+            "requestauthentications",
         );
     }
 

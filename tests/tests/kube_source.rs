@@ -128,6 +128,11 @@ async fn full_cluster(bookmarks: Duration) -> (ApiServer, Store, KubeSource) {
         gateway_kind("Gateway", "shop", "waypoint"),
         gateway_kind("HTTPRoute", "shop", "route"),
         gateway_kind("GRPCRoute", "shop", "grpc"),
+        json!({"apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+            "metadata": {"name": "jwt", "namespace": "shop"},
+            "spec": {"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io",
+                "name": "waypoint"}], "jwtRules": [{"issuer": "me@example.com",
+                "jwksUri": "https://idp.example.com/jwks.json"}]}}),
     ] {
         api.apply(o).unwrap();
     }
@@ -156,6 +161,11 @@ async fn initial_list_fills_the_store_and_marks_every_kind_synced() {
     assert_eq!(o.count(Kind::Gateway), 1);
     assert_eq!(o.count(Kind::HttpRoute), 1);
     assert_eq!(o.count(Kind::GrpcRoute), 1);
+    assert_eq!(o.count(Kind::RequestAuthentication), 1);
+    assert_eq!(
+        o.request_authentications[&key("shop", "jwt")].data["spec"]["jwtRules"][0]["issuer"],
+        "me@example.com"
+    );
     assert!(o.namespaces.contains_key(&key("", "shop")));
     assert_eq!(
         o.authorization_policies[&key("shop", "deny-evil")]

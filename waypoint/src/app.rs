@@ -29,6 +29,8 @@ pub struct Waypoint {
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
+    /// JWKS fetched from `jwksUri`s (request authentication), kept across configs.
+    pub jwks: Arc<crate::authn::JwksCache>,
     /// Whether the config is known (always with a local file; with xDS once both types
     /// arrived): readiness waits for it.
     pub config_ready: std::sync::atomic::AtomicBool,
@@ -137,6 +139,11 @@ impl Waypoint {
         let admin_addr = admin
             .local_addr()
             .map_err(|e| StartError::Listen(cfg.admin_addr, e))?;
+        let drain = CancellationToken::new();
+        let jwks = Arc::new(crate::authn::JwksCache::new(
+            crate::authn::jwks::DEFAULT_REFRESH,
+            drain.clone(),
+        ));
         let wp = Arc::new(Waypoint {
             cfg,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -144,8 +151,9 @@ impl Waypoint {
             upstreams,
             metrics,
             registry,
+            jwks,
             config_ready: std::sync::atomic::AtomicBool::new(!from_xds),
-            drain: CancellationToken::new(),
+            drain,
             tracker: TaskTracker::new(),
         });
         // The first certificate now: readiness waits for it.

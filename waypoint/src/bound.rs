@@ -218,6 +218,8 @@ pub struct Snapshot {
     by_target: HashMap<SocketAddr, Binding>,
     /// Compiled routes by parent Service key (`<namespace>/<hostname>`).
     routes: HashMap<String, Arc<ServiceRoutes>>,
+    /// Compiled request authentication rules by Service key.
+    authn: HashMap<String, Arc<crate::authn::ServiceAuthn>>,
     /// The endpoints of each (service key, port, targetPort) asked for, built on first use
     /// ([`crate::upstream::endpoints`]); a new snapshot starts empty.
     endpoints: Mutex<EndpointMemo>,
@@ -250,6 +252,7 @@ impl Snapshot {
             state,
             by_target,
             routes: HashMap::new(),
+            authn: HashMap::new(),
             endpoints: Mutex::default(),
             policies: Policies::default(),
         })
@@ -259,6 +262,31 @@ impl Snapshot {
     pub fn with_routes(mut self, routes: impl IntoIterator<Item = Arc<ServiceRoutes>>) -> Snapshot {
         self.routes = routes.into_iter().map(|r| (r.key.clone(), r)).collect();
         self
+    }
+
+    /// This snapshot with request authentication rules (compiled, keyed by their Service).
+    pub fn with_authn(
+        mut self,
+        authn: impl IntoIterator<Item = Arc<crate::authn::ServiceAuthn>>,
+    ) -> Snapshot {
+        self.authn = authn.into_iter().map(|a| (a.key.clone(), a)).collect();
+        self
+    }
+
+    /// Every `jwksUri` the request authentication rules name.
+    pub fn jwks_uris(&self) -> impl Iterator<Item = &str> {
+        self.authn
+            .values()
+            .flat_map(|a| &a.rules)
+            .filter_map(|r| match &r.keys {
+                crate::authn::Keys::Remote { uri, .. } => Some(uri.as_str()),
+                crate::authn::Keys::Inline(_) => None,
+            })
+    }
+
+    /// The request authentication rules of the Service `key`, if any.
+    pub fn authn(&self, key: &str) -> Option<Arc<crate::authn::ServiceAuthn>> {
+        self.authn.get(key).filter(|a| !a.rules.is_empty()).cloned()
     }
 
     /// The memo of [`crate::upstream::endpoints`].

@@ -281,6 +281,13 @@ pub async fn proxy(
     let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
+    // Authentication (RequestAuthentication): an invalid token is 401; a valid one's
+    // outcome goes into the extensions for authorization.
+    match crate::authn::authenticate(&wp, &svc.key(), &authority, &mut parts).await {
+        Ok(Some(auth)) => drop(parts.extensions.insert(auth)),
+        Ok(None) => {}
+        Err(denied) => return denied.respond(record),
+    }
     let snap = wp.snapshot.load_full();
     // Authorization (after authentication, before routing): DENY, then ALLOW; 403 if denied.
     let mut record = match crate::authz::stage(&snap, &ds, &parts, &mut path, record) {

@@ -7,7 +7,9 @@
 //! (the L7 AuthorizationPolicies this waypoint enforces, compiled by
 //! [`crate::authz::Policy::compile`]; also not waited for: until the first response the
 //! waypoint is not ready anyway, as readiness needs the Address and BoundService types, which
-//! the controller sends in the same pass).
+//! the controller sends in the same pass), and `zmesh.waypoint.v1.ServiceAuthn` (the
+//! RequestAuthentication JWT rules of those services, compiled by [`crate::authn::compile`];
+//! not waited for either).
 //!
 //! On every (re)connect each type's first request carries `initial_resource_versions`, so only
 //! changes are sent. Each response is applied resource by resource and ACKed, or NACKed naming
@@ -28,22 +30,25 @@ use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_clien
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use xds_proto::google::rpc::Status as RpcStatus;
 use xds_proto::{
-    ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL, WAYPOINT_POLICY_TYPE_URL,
+    ADDRESS_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
 };
 use zmesh_core::state::xds::{AddressResource, decode_address};
 use zmesh_core::state::{Service, State, Workload};
 
 use crate::app::Waypoint;
+use crate::authn::ServiceAuthn;
 use crate::authz::Policy;
 use crate::bound::{BoundService, Snapshot};
 use crate::route::ServiceRoutes;
 use zmesh_core::grpc::{AuthHeaders, GrpcError, Target, channel, describe};
 
-const TYPES: [&str; 4] = [
+const TYPES: [&str; 5] = [
     ADDRESS_TYPE_URL,
     BOUND_SERVICE_TYPE_URL,
     SERVICE_ROUTES_TYPE_URL,
     WAYPOINT_POLICY_TYPE_URL,
+    SERVICE_AUTHN_TYPE_URL,
 ];
 /// The types that must have been applied once for the waypoint to be ready (a Service
 /// without routes is served as a plain L7 proxy, so routes are not waited for).
@@ -63,6 +68,7 @@ struct Store {
     bound: BTreeMap<String, (String, Arc<BoundService>)>,
     routes: BTreeMap<String, (String, Arc<ServiceRoutes>)>,
     policies: BTreeMap<String, (String, Arc<Policy>)>,
+    authn: BTreeMap<String, (String, Arc<ServiceAuthn>)>,
 }
 
 impl Store {
@@ -81,6 +87,12 @@ impl Store {
         } else if type_url == WAYPOINT_POLICY_TYPE_URL {
             out.extend(
                 self.policies
+                    .iter()
+                    .map(|(k, (ver, _))| (k.clone(), ver.clone())),
+            );
+        } else if type_url == SERVICE_AUTHN_TYPE_URL {
+            out.extend(
+                self.authn
                     .iter()
                     .map(|(k, (ver, _))| (k.clone(), ver.clone())),
             );
@@ -106,6 +118,9 @@ impl Store {
         let address = r.type_url == ADDRESS_TYPE_URL;
         if r.type_url == SERVICE_ROUTES_TYPE_URL {
             return self.apply_routes(r);
+        }
+        if r.type_url == SERVICE_AUTHN_TYPE_URL {
+            return self.apply_authn(r);
         }
         if r.type_url == WAYPOINT_POLICY_TYPE_URL {
             return self.apply_policies(r);
@@ -217,6 +232,37 @@ impl Store {
         errors
     }
 
+    /// Applies a `ServiceAuthn` response: a resource that does not compile is refused whole
+    /// (the previous version of it, if any, keeps applying).
+    fn apply_authn(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
+        let mut errors = Vec::new();
+        for name in &r.removed_resources {
+            self.authn.remove(name);
+        }
+        for res in &r.resources {
+            let decoded = res
+                .resource
+                .as_ref()
+                .ok_or_else(|| format!("resource {:?}: no body", res.name))
+                .and_then(|any| {
+                    xds_proto::zmesh::waypoint::v1::ServiceAuthn::decode(&any.value[..])
+                        .map_err(|e| format!("resource {:?}: not a ServiceAuthn: {e}", res.name))
+                })
+                .and_then(|s| crate::authn::compile(&res.name, &s).map_err(|e| e.to_string()));
+            match decoded {
+                Ok(a) => {
+                    self.authn
+                        .insert(res.name.clone(), (res.version.clone(), Arc::new(a)));
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %res.name, error = %e, "authentication rules refused whole; the previous version (if any) keeps applying");
+                    errors.push(e);
+                }
+            }
+        }
+        errors
+    }
+
     fn snapshot(&self) -> Result<Snapshot, String> {
         let (state, conflicts) = State::from_resources(
             self.workloads.values().map(|(_, w)| w.clone()),
@@ -229,6 +275,7 @@ impl Store {
             .map(|s| {
                 s.with_routes(self.routes.values().map(|(_, r)| r.clone()))
                     .with_policies(self.policies.values().map(|(_, p)| p.clone()))
+                    .with_authn(self.authn.values().map(|(_, a)| a.clone()))
             })
             .map_err(|e| e.to_string())
     }
@@ -335,6 +382,7 @@ async fn stream(
         let mut errors = store.apply(&resp);
         match store.snapshot() {
             Ok(s) => {
+                wp.jwks.retain(s.jwks_uris());
                 wp.snapshot.store(Arc::new(s));
                 delivered = true;
             }
@@ -545,5 +593,56 @@ mod tests {
         };
         assert!(store.apply(&resp).is_empty());
         assert!(store.snapshot().unwrap().policies().is_empty());
+    }
+    fn authn(version: &str, jwks_uri: &str) -> Resource {
+        let a = pb::ServiceAuthn {
+            namespace: "default".into(),
+            name: "echo".into(),
+            hostname: "a.default.svc.cluster.local".into(),
+            rules: vec![pb::JwtRule {
+                issuer: "issuer@example.com".into(),
+                jwks_uri: jwks_uri.into(),
+                ..Default::default()
+            }],
+        };
+        Resource {
+            name: "default/a.default.svc.cluster.local".into(),
+            version: version.into(),
+            resource: Some(Any {
+                type_url: SERVICE_AUTHN_TYPE_URL.into(),
+                value: a.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn authn_that_does_not_compile_is_refused_and_the_last_good_kept() {
+        let mut store = Store::default();
+        let resp = |r: Resource| DeltaDiscoveryResponse {
+            type_url: SERVICE_AUTHN_TYPE_URL.into(),
+            resources: vec![r],
+            ..Default::default()
+        };
+        assert!(
+            store
+                .apply(&resp(authn("1", "https://idp.example.com/jwks.json")))
+                .is_empty()
+        );
+        let errors = store.apply(&resp(authn("2", "file:///jwks.json")));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("rules[0].jwks_uri"), "{errors:?}");
+        assert_eq!(
+            store.versions(SERVICE_AUTHN_TYPE_URL),
+            HashMap::from([(
+                "default/a.default.svc.cluster.local".to_owned(),
+                "1".to_owned()
+            )])
+        );
+        let snap = store.snapshot().unwrap();
+        let a = snap.authn("default/a.default.svc.cluster.local").unwrap();
+        assert!(
+            matches!(&a.rules[0].keys, crate::authn::Keys::Remote { uri, .. } if uri == "https://idp.example.com/jwks.json")
+        );
     }
 }

@@ -10,7 +10,7 @@
 //! - [`istio::workload::zds`] — node agent to ztunnel messages
 //! - [`istio::v1::auth`] — Istio CA `IstioCertificateService`
 //! - [`zmesh::waypoint::v1`] — zmesh's own waypoint resources (`BoundService`, `ServiceRoutes`,
-//!   `WaypointPolicy`)
+//!   `ServiceAuthn`, `WaypointPolicy`)
 //! - [`envoy::service::discovery::v3`] — (delta) ADS messages and service
 //! - [`envoy::config::core::v3`] — `Node`
 //! - [`google::rpc`] — `Status`
@@ -38,6 +38,9 @@ pub const BOUND_SERVICE_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.
 /// attached to one Service, resolved and sorted by the controller).
 pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.ServiceRoutes";
 
+/// Type URL of `zmesh.waypoint.v1.ServiceAuthn` resources (the RequestAuthentication JWT
+/// rules attached to one Service).
+pub const SERVICE_AUTHN_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.ServiceAuthn";
 /// Type URL of `zmesh.waypoint.v1.WaypointPolicy` resources (an AuthorizationPolicy one
 /// waypoint enforces at L7, attached and validated by the controller).
 pub const WAYPOINT_POLICY_TYPE_URL: &str = "type.googleapis.com/zmesh.waypoint.v1.WaypointPolicy";

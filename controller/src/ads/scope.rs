@@ -7,15 +7,20 @@
 //! the Services bound to that Gateway, and every other stream (ztunnels included) gets none.
 //! A Service's routes (`zmesh.waypoint.v1.ServiceRoutes`, same resource name) go exactly where
 //! its `BoundService` goes: the scope reads the cached `BoundService` of that name (a route
-//! table without one is served to nobody). A waypoint's L7 AuthorizationPolicy
-//! (`zmesh.waypoint.v1.WaypointPolicy`) goes only to the waypoint it names.
+//! table without one is served to nobody). A Service's JWT rules
+//! (`zmesh.waypoint.v1.ServiceAuthn`, same resource name) follow the same rule. A waypoint's
+//! L7 AuthorizationPolicy (`zmesh.waypoint.v1.WaypointPolicy`) goes only to the waypoint it
+//! names.
 //! Istio's workload API resources (`Address`, `Authorization`) go to every authenticated
 //! stream, waypoints included (a waypoint needs the endpoints of the Services it fronts).
 
 use prost::Message;
 use prost_types::Any;
 use xds_proto::zmesh::waypoint::v1::{BoundService, WaypointPolicy};
-use xds_proto::{BOUND_SERVICE_TYPE_URL, SERVICE_ROUTES_TYPE_URL, WAYPOINT_POLICY_TYPE_URL};
+use xds_proto::{
+    BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
+};
 use zmesh_core::identity::SpiffeId;
 
 use super::Node;
@@ -27,7 +32,7 @@ pub fn waypoint_identity(trust_domain: &str, namespace: &str, name: &str) -> Opt
 }
 
 /// The controller's filter: `BoundService` resources only to their waypoint's identity (in
-/// `trust_domain`), `ServiceRoutes` only where the `BoundService` of the same name (in
+/// `trust_domain`), `ServiceRoutes` and `ServiceAuthn` only where the `BoundService` of the same name (in
 /// `cache`) goes, everything else to everyone.
 pub fn waypoint_scope(
     trust_domain: String,
@@ -36,7 +41,7 @@ pub fn waypoint_scope(
     move |node, type_url, name, resource| {
         let bound = match type_url {
             BOUND_SERVICE_TYPE_URL => BoundService::decode(resource.value.as_slice()).ok(),
-            SERVICE_ROUTES_TYPE_URL => cache
+            SERVICE_ROUTES_TYPE_URL | SERVICE_AUTHN_TYPE_URL => cache
                 .get(BOUND_SERVICE_TYPE_URL, name)
                 .and_then(|e| BoundService::decode(e.resource.value.as_slice()).ok()),
             WAYPOINT_POLICY_TYPE_URL => {

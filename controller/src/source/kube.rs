@@ -96,6 +96,7 @@ pub fn crd_name(kind: Kind) -> Option<&'static str> {
         Kind::HttpRoute => Some("httproutes.gateway.networking.k8s.io"),
         Kind::GrpcRoute => Some("grpcroutes.gateway.networking.k8s.io"),
         Kind::ReferenceGrant => Some("referencegrants.gateway.networking.k8s.io"),
+        Kind::RequestAuthentication => Some("requestauthentications.security.istio.io"),
         Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => None,
     }
 }
@@ -186,6 +187,16 @@ fn watch_kind(
             let sink = StoreSink { store, kind, wrap };
             watchers.watch(gateway_api(client, kind, plural), config, watched, sink);
         }
+        Kind::RequestAuthentication => {
+            let sink = StoreSink {
+                store,
+                kind,
+                wrap: KubeObject::RequestAuthentication,
+            };
+            let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "RequestAuthentication");
+            let ar = ApiResource::from_gvk_with_plural(&gvk, "requestauthentications");
+            watchers.watch(Api::all_with(client, &ar), config, watched, sink);
+        }
     }
 }
 
@@ -225,7 +236,8 @@ mod tests {
                 Kind::Gateway,
                 Kind::HttpRoute,
                 Kind::GrpcRoute,
-                Kind::ReferenceGrant
+                Kind::ReferenceGrant,
+                Kind::RequestAuthentication
             ]
         );
     }

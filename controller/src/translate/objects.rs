@@ -70,6 +70,9 @@ pub struct Objects {
     pub grpc_routes: BTreeMap<ObjectKey, DynamicObject>,
     /// `gateway.networking.k8s.io/v1beta1` ReferenceGrants (cross-namespace backendRefs).
     pub reference_grants: BTreeMap<ObjectKey, DynamicObject>,
+    /// `security.istio.io/v1` (or `v1beta1`) RequestAuthentications (their spec is read
+    /// strictly by `translate::request_authentication`).
+    pub request_authentications: BTreeMap<ObjectKey, DynamicObject>,
 }
 
 /// The kinds a source delivers.
@@ -84,11 +87,12 @@ pub enum Kind {
     HttpRoute,
     GrpcRoute,
     ReferenceGrant,
+    RequestAuthentication,
 }
 
 impl Kind {
     /// Every kind, in the order sources start them.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -98,6 +102,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::ReferenceGrant,
+        Kind::RequestAuthentication,
     ];
 
     /// `(apiVersion group/version, kind)` as in YAML (the preferred version).
@@ -112,6 +117,7 @@ impl Kind {
             Kind::HttpRoute => ("gateway.networking.k8s.io/v1", "HTTPRoute"),
             Kind::GrpcRoute => ("gateway.networking.k8s.io/v1", "GRPCRoute"),
             Kind::ReferenceGrant => ("gateway.networking.k8s.io/v1beta1", "ReferenceGrant"),
+            Kind::RequestAuthentication => ("security.istio.io/v1", "RequestAuthentication"),
         }
     }
 
@@ -136,6 +142,9 @@ impl Kind {
                 "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
                 "ReferenceGrant",
             ) => Kind::ReferenceGrant,
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "RequestAuthentication") => {
+                Kind::RequestAuthentication
+            }
             _ => return None,
         })
     }
@@ -160,6 +169,7 @@ pub enum KubeObject {
     HttpRoute(DynamicObject),
     GrpcRoute(DynamicObject),
     ReferenceGrant(DynamicObject),
+    RequestAuthentication(DynamicObject),
 }
 
 impl KubeObject {
@@ -175,6 +185,7 @@ impl KubeObject {
             KubeObject::HttpRoute(_) => Kind::HttpRoute,
             KubeObject::GrpcRoute(_) => Kind::GrpcRoute,
             KubeObject::ReferenceGrant(_) => Kind::ReferenceGrant,
+            KubeObject::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -189,7 +200,8 @@ impl KubeObject {
             KubeObject::Gateway(o)
             | KubeObject::HttpRoute(o)
             | KubeObject::GrpcRoute(o)
-            | KubeObject::ReferenceGrant(o) => &o.metadata,
+            | KubeObject::ReferenceGrant(o)
+            | KubeObject::RequestAuthentication(o) => &o.metadata,
         }
     }
 
@@ -219,6 +231,9 @@ impl KubeObject {
             Kind::HttpRoute => KubeObject::HttpRoute(serde_yaml::from_value(value)?),
             Kind::GrpcRoute => KubeObject::GrpcRoute(serde_yaml::from_value(value)?),
             Kind::ReferenceGrant => KubeObject::ReferenceGrant(serde_yaml::from_value(value)?),
+            Kind::RequestAuthentication => {
+                KubeObject::RequestAuthentication(serde_yaml::from_value(value)?)
+            }
         }))
     }
 }
@@ -254,6 +269,9 @@ impl Objects {
             KubeObject::HttpRoute(o) => drop(self.http_routes.insert(key, o)),
             KubeObject::GrpcRoute(o) => drop(self.grpc_routes.insert(key, o)),
             KubeObject::ReferenceGrant(o) => drop(self.reference_grants.insert(key, o)),
+            KubeObject::RequestAuthentication(o) => {
+                drop(self.request_authentications.insert(key, o))
+            }
         }
     }
 
@@ -269,6 +287,7 @@ impl Objects {
             Kind::HttpRoute => self.http_routes.remove(key).is_some(),
             Kind::GrpcRoute => self.grpc_routes.remove(key).is_some(),
             Kind::ReferenceGrant => self.reference_grants.remove(key).is_some(),
+            Kind::RequestAuthentication => self.request_authentications.remove(key).is_some(),
         }
     }
 
@@ -284,6 +303,7 @@ impl Objects {
             Kind::HttpRoute => self.http_routes.clear(),
             Kind::GrpcRoute => self.grpc_routes.clear(),
             Kind::ReferenceGrant => self.reference_grants.clear(),
+            Kind::RequestAuthentication => self.request_authentications.clear(),
         }
     }
 
@@ -299,6 +319,7 @@ impl Objects {
             Kind::HttpRoute => self.http_routes.len(),
             Kind::GrpcRoute => self.grpc_routes.len(),
             Kind::ReferenceGrant => self.reference_grants.len(),
+            Kind::RequestAuthentication => self.request_authentications.len(),
         }
     }
 }

@@ -54,7 +54,7 @@ pub fn crd() -> CustomResourceDefinition {
 /// (schemars writes one for each `#[serde(default)]` field, and the API server would then
 /// store objects other than those applied) and no `nullable` (a `null` is pruned, i.e. read
 /// as absent, which is what the types do with it).
-fn as_read(schema: &mut JSONSchemaProps) {
+pub(crate) fn as_read(schema: &mut JSONSchemaProps) {
     schema.default = None;
     schema.nullable = None;
     let children = schema.properties.iter_mut().flat_map(|p| p.values_mut());

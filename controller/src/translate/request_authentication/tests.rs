@@ -1,0 +1,190 @@
+use super::*;
+use crate::translate::Objects;
+
+const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"a","y":"b","kid":"k"}]}"#;
+
+fn bound(ns: &str, name: &str, waypoint: &str) -> (String, pb::BoundService) {
+    let hostname = format!("{name}.{ns}.svc.cluster.local");
+    (
+        format!("{ns}/{hostname}"),
+        pb::BoundService {
+            name: name.into(),
+            namespace: ns.into(),
+            hostname,
+            waypoint: Some(pb::GatewayRef {
+                namespace: ns.into(),
+                name: waypoint.into(),
+            }),
+            ..Default::default()
+        },
+    )
+}
+
+fn services() -> BTreeMap<String, pb::BoundService> {
+    [
+        bound("foo", "httpbin", "waypoint"),
+        bound("foo", "echo", "waypoint"),
+        bound("foo", "other", "second"),
+        bound("bar", "httpbin", "waypoint"),
+    ]
+    .into()
+}
+
+fn run(yaml: &str) -> RequestAuthn {
+    let objects = Objects::from_yaml(yaml).unwrap();
+    translate_request_authn(&objects.request_authentications, &services())
+}
+
+fn policy(name: &str, target: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: {name}\n  namespace: foo\nspec:\n{target}\n  jwtRules:\n{rules}\n---\n"
+    )
+}
+
+const TO_WAYPOINT: &str =
+    "  targetRefs:\n  - kind: Gateway\n    group: gateway.networking.k8s.io\n    name: waypoint";
+const TO_HTTPBIN: &str = "  targetRefs:\n  - kind: Service\n    group: \"\"\n    name: httpbin";
+
+fn rule(issuer: &str) -> String {
+    format!("  - issuer: {issuer}\n    jwks: '{JWKS}'\n")
+}
+
+#[test]
+fn targets_attach_to_the_bound_services_of_the_waypoint_or_the_service() {
+    let out = run(&format!(
+        "{}{}",
+        policy("a", TO_WAYPOINT, &rule("one@example.com")),
+        policy(
+            "b",
+            TO_HTTPBIN,
+            "  - issuer: two@example.com\n    jwksUri: https://idp.example.com/jwks.json\n    \
+             audiences: [httpbin]\n    fromHeaders:\n    - name: x-jwt\n      prefix: 'Token '\n    \
+             fromParams: [tok]\n    outputPayloadToHeader: x-jwt-payload\n    \
+             forwardOriginalToken: true\n    outputClaimToHeaders:\n    - header: x-sub\n      \
+             claim: sub\n    timeout: 1.5s\n"
+        )
+    ));
+    assert!(out.issues.is_empty(), "{:?}", out.issues);
+    let keys: Vec<_> = out.services.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [
+            "foo/echo.foo.svc.cluster.local",
+            "foo/httpbin.foo.svc.cluster.local"
+        ]
+    );
+    let echo = &out.services["foo/echo.foo.svc.cluster.local"];
+    assert_eq!(echo.rules.len(), 1);
+    assert_eq!(echo.rules[0].issuer, "one@example.com");
+    assert_eq!(echo.rules[0].jwks, JWKS);
+    let httpbin = &out.services["foo/httpbin.foo.svc.cluster.local"];
+    let issuers: Vec<_> = httpbin.rules.iter().map(|r| r.issuer.as_str()).collect();
+    assert_eq!(issuers, ["one@example.com", "two@example.com"]);
+    let r = &httpbin.rules[1];
+    assert_eq!(r.policy, "foo/b");
+    assert_eq!(r.jwks_uri, "https://idp.example.com/jwks.json");
+    assert_eq!(r.audiences, ["httpbin"]);
+    assert_eq!(r.from_headers[0].name, "x-jwt");
+    assert_eq!(r.from_headers[0].prefix, "Token ");
+    assert_eq!(r.from_params, ["tok"]);
+    assert!(r.forward_original_token);
+    assert_eq!(r.output_payload_to_header, "x-jwt-payload");
+    assert_eq!(r.output_claim_to_headers[0].claim, "sub");
+    assert_eq!(
+        r.timeout,
+        Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 500_000_000
+        })
+    );
+}
+
+#[test]
+fn selector_policies_do_not_apply_in_ambient_and_say_so() {
+    let out = run(&policy(
+        "sel",
+        "  selector:\n    matchLabels:\n      app: httpbin",
+        &rule("one@example.com"),
+    ));
+    assert!(out.services.is_empty());
+    assert_eq!(out.issues.len(), 1);
+    assert!(
+        out.issues[0]
+            .message
+            .contains("ztunnel, which cannot validate JWTs"),
+        "{}",
+        out.issues[0]
+    );
+}
+
+#[test]
+fn a_policy_with_one_bad_rule_is_refused_whole_with_the_field_named() {
+    let cases = [
+        ("  - issuer: ''\n    jwks: '{}'\n", "jwtRules[1].issuer"),
+        (
+            "  - issuer: x\n    jwks: '{}'\n    jwksUri: https://a/b\n",
+            "exactly one of jwks and jwksUri",
+        ),
+        ("  - issuer: x\n", "OpenID discovery"),
+        (
+            "  - issuer: x\n    jwksUri: ftp://a/b\n",
+            "jwtRules[1].jwksUri",
+        ),
+        ("  - issuer: x\n    jwks: '{\"keys\": []}'\n", "has no key"),
+        (
+            "  - issuer: x\n    jwks: 'nope'\n",
+            "jwtRules[1].jwks: not JSON",
+        ),
+        (
+            "  - issuer: x\n    jwksUri: https://a/b\n    fromCookies: [session]\n",
+            "fromCookies",
+        ),
+        (
+            "  - issuer: x\n    jwksUri: https://a/b\n    fromHeaders:\n    - name: 'bad name'\n",
+            "fromHeaders[0].name",
+        ),
+        (
+            "  - issuer: x\n    jwksUri: https://a/b\n    timeout: 5m\n",
+            "jwtRules[1].timeout",
+        ),
+        (
+            "  - issuer: x\n    jwksUri: https://a/b\n    jwksURI: https://a/b\n",
+            "unknown field `jwksURI`",
+        ),
+    ];
+    for (bad, expect) in cases {
+        let out = run(&policy(
+            "p",
+            TO_WAYPOINT,
+            &format!("{}{bad}", rule("good@example.com")),
+        ));
+        assert!(
+            out.services.is_empty(),
+            "{bad}: nothing of the policy applies"
+        );
+        assert_eq!(out.issues.len(), 1, "{bad}: {:?}", out.issues);
+        let m = &out.issues[0].message;
+        assert!(m.starts_with("refused") && m.contains(expect), "{bad}: {m}");
+    }
+}
+
+#[test]
+fn unsupported_or_empty_targets_are_reported() {
+    let out = run(&format!(
+        "{}{}",
+        policy(
+            "class",
+            "  targetRefs:\n  - kind: GatewayClass\n    group: gateway.networking.k8s.io\n    name: istio-waypoint",
+            &rule("one@example.com"),
+        ),
+        policy(
+            "nobody",
+            "  targetRefs:\n  - kind: Service\n    group: \"\"\n    name: unbound",
+            &rule("one@example.com"),
+        )
+    ));
+    assert!(out.services.is_empty());
+    let messages: Vec<_> = out.issues.iter().map(|i| i.message.as_str()).collect();
+    assert!(messages[0].contains("GatewayClass"), "{messages:?}");
+    assert!(messages[1].contains("no Service bound"), "{messages:?}");
+}
