@@ -41,6 +41,10 @@ use crate::authn::ServiceAuthn;
 use crate::authz::Policy;
 use crate::bound::{BoundService, Snapshot};
 use crate::route::ServiceRoutes;
+use xds_proto::zmesh::waypoint::v1::{
+    ServiceAuthn as ServiceAuthnProto, ServiceRoutes as ServiceRoutesProto,
+    WaypointPolicy as WaypointPolicyProto,
+};
 use zmesh_core::grpc::{AuthHeaders, GrpcError, Target, channel, describe};
 
 const TYPES: [&str; 5] = [
@@ -117,13 +121,32 @@ impl Store {
         let mut errors = Vec::new();
         let address = r.type_url == ADDRESS_TYPE_URL;
         if r.type_url == SERVICE_ROUTES_TYPE_URL {
-            return self.apply_routes(r);
+            return apply_compiled(
+                &mut self.routes,
+                r,
+                "ServiceRoutes",
+                |name, m: ServiceRoutesProto| {
+                    crate::route::compile(name, &m).map_err(|e| e.to_string())
+                },
+            );
         }
         if r.type_url == SERVICE_AUTHN_TYPE_URL {
-            return self.apply_authn(r);
+            return apply_compiled(
+                &mut self.authn,
+                r,
+                "ServiceAuthn",
+                |name, m: ServiceAuthnProto| {
+                    crate::authn::compile(name, &m).map_err(|e| e.to_string())
+                },
+            );
         }
         if r.type_url == WAYPOINT_POLICY_TYPE_URL {
-            return self.apply_policies(r);
+            return apply_compiled(
+                &mut self.policies,
+                r,
+                "WaypointPolicy",
+                |name, m: WaypointPolicyProto| Policy::compile(name, &m).map_err(|e| e.to_string()),
+            );
         }
         for name in &r.removed_resources {
             if address {
@@ -170,99 +193,6 @@ impl Store {
         errors
     }
 
-    /// Applies a `ServiceRoutes` response: a resource that does not compile is refused whole
-    /// (the previous version of it, if any, keeps serving).
-    fn apply_routes(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
-        let mut errors = Vec::new();
-        for name in &r.removed_resources {
-            self.routes.remove(name);
-        }
-        for res in &r.resources {
-            let decoded = res
-                .resource
-                .as_ref()
-                .ok_or_else(|| format!("resource {:?}: no body", res.name))
-                .and_then(|any| {
-                    xds_proto::zmesh::waypoint::v1::ServiceRoutes::decode(&any.value[..])
-                        .map_err(|e| format!("resource {:?}: not a ServiceRoutes: {e}", res.name))
-                })
-                .and_then(|s| crate::route::compile(&res.name, &s).map_err(|e| e.to_string()));
-            match decoded {
-                Ok(routes) => {
-                    self.routes
-                        .insert(res.name.clone(), (res.version.clone(), Arc::new(routes)));
-                }
-                Err(e) => {
-                    tracing::warn!(resource = %res.name, error = %e, "routes refused whole; the previous version (if any) keeps serving");
-                    errors.push(e);
-                }
-            }
-        }
-        errors
-    }
-
-    /// Applies a `WaypointPolicy` response: a policy that does not compile is refused whole
-    /// (the previous version of it, if any, keeps being enforced: never a silent allow).
-    fn apply_policies(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
-        let mut errors = Vec::new();
-        for name in &r.removed_resources {
-            self.policies.remove(name);
-        }
-        for res in &r.resources {
-            let decoded = res
-                .resource
-                .as_ref()
-                .ok_or_else(|| format!("resource {:?}: no body", res.name))
-                .and_then(|any| {
-                    xds_proto::zmesh::waypoint::v1::WaypointPolicy::decode(&any.value[..])
-                        .map_err(|e| format!("resource {:?}: not a WaypointPolicy: {e}", res.name))
-                })
-                .and_then(|p| Policy::compile(&res.name, &p).map_err(|e| e.to_string()));
-            match decoded {
-                Ok(p) => {
-                    self.policies
-                        .insert(res.name.clone(), (res.version.clone(), Arc::new(p)));
-                }
-                Err(e) => {
-                    tracing::warn!(resource = %res.name, error = %e, "AuthorizationPolicy refused whole; the previous version (if any) keeps being enforced");
-                    errors.push(e);
-                }
-            }
-        }
-        errors
-    }
-
-    /// Applies a `ServiceAuthn` response: a resource that does not compile is refused whole
-    /// (the previous version of it, if any, keeps applying).
-    fn apply_authn(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
-        let mut errors = Vec::new();
-        for name in &r.removed_resources {
-            self.authn.remove(name);
-        }
-        for res in &r.resources {
-            let decoded = res
-                .resource
-                .as_ref()
-                .ok_or_else(|| format!("resource {:?}: no body", res.name))
-                .and_then(|any| {
-                    xds_proto::zmesh::waypoint::v1::ServiceAuthn::decode(&any.value[..])
-                        .map_err(|e| format!("resource {:?}: not a ServiceAuthn: {e}", res.name))
-                })
-                .and_then(|s| crate::authn::compile(&res.name, &s).map_err(|e| e.to_string()));
-            match decoded {
-                Ok(a) => {
-                    self.authn
-                        .insert(res.name.clone(), (res.version.clone(), Arc::new(a)));
-                }
-                Err(e) => {
-                    tracing::warn!(resource = %res.name, error = %e, "authentication rules refused whole; the previous version (if any) keeps applying");
-                    errors.push(e);
-                }
-            }
-        }
-        errors
-    }
-
     fn snapshot(&self) -> Result<Snapshot, String> {
         let (state, conflicts) = State::from_resources(
             self.workloads.values().map(|(_, w)| w.clone()),
@@ -279,6 +209,43 @@ impl Store {
             })
             .map_err(|e| e.to_string())
     }
+}
+
+/// Applies a response of one compiled kind (`ServiceRoutes`, `WaypointPolicy`, `ServiceAuthn`)
+/// to `map`: removals, then each resource decoded as `M` and compiled. A resource that does not
+/// decode or compile is refused whole and named in the NACK; its previous version, if any,
+/// keeps applying (a policy is never dropped into a silent allow).
+fn apply_compiled<M: Message + Default, T>(
+    map: &mut BTreeMap<String, (String, Arc<T>)>,
+    r: &DeltaDiscoveryResponse,
+    kind: &str,
+    compile: impl Fn(&str, M) -> Result<T, String>,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    for name in &r.removed_resources {
+        map.remove(name);
+    }
+    for res in &r.resources {
+        let compiled = res
+            .resource
+            .as_ref()
+            .ok_or_else(|| format!("resource {:?}: no body", res.name))
+            .and_then(|any| {
+                M::decode(&any.value[..])
+                    .map_err(|e| format!("resource {:?}: not a {kind}: {e}", res.name))
+            })
+            .and_then(|m| compile(&res.name, m));
+        match compiled {
+            Ok(t) => {
+                map.insert(res.name.clone(), (res.version.clone(), Arc::new(t)));
+            }
+            Err(e) => {
+                tracing::warn!(resource = %res.name, kind, error = %e, "resource refused whole; its previous version (if any) keeps applying");
+                errors.push(e);
+            }
+        }
+    }
+    errors
 }
 
 /// The node this waypoint announces: `waypoint~<pod>.<namespace>`, its cluster, and its
