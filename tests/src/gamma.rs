@@ -30,6 +30,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod driver;
 pub mod fixture;
 mod waypoint;
 

@@ -11,13 +11,12 @@
 //! printed.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use zmesh_tests::conformance::{self, Client, Protocol, Test, check, script};
+use zmesh_tests::gamma::driver::RunningLab;
 
 const LAB: &str = env!("CARGO_BIN_EXE_zmesh-lab");
 const CLIENT: &str = env!("CARGO_BIN_EXE_zmesh-echo-client");
@@ -34,101 +33,6 @@ const UNBOUND_ROUNDS: u32 = 10;
 const WEIGHT_TRIES: u32 = 3;
 /// One request's time limit.
 const REQUEST_SECS: u32 = 10;
-
-/// The lab process; SIGKILLed on drop (its sandbox dies with it).
-struct RunningLab {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for RunningLab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl RunningLab {
-    fn start(dir: &Path) -> RunningLab {
-        let socket = dir.join("lab.sock");
-        let log = dir.join("lab.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["up", "--world", "gamma"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut lab = RunningLab { child, socket, log };
-        let deadline = Instant::now() + UP_DEADLINE;
-        loop {
-            if let Some(status) = lab.child.try_wait().unwrap() {
-                panic!("the lab exited ({status}) before answering:\n{}", lab.log());
-            }
-            if lab
-                .cli(&["get", "pods", "-o", "json"], None)
-                .status
-                .success()
-            {
-                return lab;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the lab never answered:\n{}",
-                lab.log()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The directory of the lab's files (its processes' logs among them).
-    fn files(&self) -> PathBuf {
-        let log = self.log();
-        let dir = log
-            .split("files in ")
-            .nth(1)
-            .and_then(|r| r.lines().next())
-            .unwrap_or_else(|| panic!("the lab did not say where its files are:\n{log}"));
-        PathBuf::from(dir.trim())
-    }
-
-    fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(input);
-        child.wait_with_output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.cli(args, stdin);
-        assert!(
-            out.status.success(),
-            "zmesh-lab {args:?} failed ({}): {}\nstdout: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout),
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
 
 /// A test's result in one run.
 #[derive(Debug, Clone)]
@@ -503,7 +407,7 @@ fn the_mesh_conformance_suite_passes_through_the_waypoint_and_fails_without_it()
     let tests: Vec<Test> = mesh.into_iter().chain(service).collect();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut w = World::new(RunningLab::start(dir.path()));
+    let mut w = World::new(RunningLab::start(Path::new(LAB), dir.path(), UP_DEADLINE));
     let t0 = Instant::now();
     w.await_waypoint(true);
     eprintln!("[{:>6.1?}] waypoint in the path", t0.elapsed());

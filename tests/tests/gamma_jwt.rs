@@ -24,15 +24,14 @@
 //! waypoint: without a token 403, with the token 200; with the `request.auth.claims[groups]`
 //! condition only the group token is 200.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
+use zmesh_tests::gamma::driver::RunningLab;
 
 const LAB: &str = env!("CARGO_BIN_EXE_zmesh-lab");
 const MESH: &str = "gateway-conformance-mesh";
@@ -44,94 +43,6 @@ const ISSUER: &str = "testing@secure.istio.io";
 const UP_DEADLINE: Duration = Duration::from_secs(300);
 /// A config change reaching the waypoint; the JWKS server starting.
 const PUSH_DEADLINE: Duration = Duration::from_secs(90);
-
-/// The lab process; SIGKILLed on drop (its sandbox, the JWKS server included, dies with it).
-struct Lab {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Lab {
-    fn start(dir: &Path) -> Lab {
-        let socket = dir.join("lab.sock");
-        let log = dir.join("lab.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["up", "--world", "gamma"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut lab = Lab { child, socket, log };
-        let deadline = Instant::now() + UP_DEADLINE;
-        while !lab
-            .cli(&["get", "pods", "-o", "json"], None)
-            .status
-            .success()
-        {
-            if let Some(status) = lab.child.try_wait().unwrap() {
-                panic!("the lab exited ({status}):\n{}", lab.log());
-            }
-            assert!(Instant::now() < deadline, "no lab:\n{}", lab.log());
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        lab
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `zmesh-lab --socket S ARGS...` with `stdin`, as from another shell.
-    fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(input);
-        child.wait_with_output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.cli(args, stdin);
-        assert!(
-            out.status.success(),
-            "zmesh-lab {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn exec(&self, pod: &str, args: &[&str]) -> Output {
-        let mut all = vec!["exec", pod, "--"];
-        all.extend_from_slice(args);
-        self.cli(&all, None)
-    }
-
-    fn pods(&self) -> Vec<Value> {
-        let v: Value =
-            serde_json::from_str(&self.ok(&["get", "pods", "-o", "json"], None)).unwrap();
-        v["items"].as_array().unwrap().clone()
-    }
-}
 
 /// Polls `f` until it returns `Some`, failing with `what` after `PUSH_DEADLINE`.
 fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -218,8 +129,8 @@ fn counted(metrics: &str, want: &[(&str, &str)]) -> f64 {
 #[test]
 fn authz_jwt_task_authentication_through_the_waypoint() {
     let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path());
-    let pods = lab.pods();
+    let lab = RunningLab::start(Path::new(LAB), dir.path(), UP_DEADLINE);
+    let pods = lab_pods(&lab);
     let name_of = |pred: &dyn Fn(&Value) -> bool| -> String {
         let p = pods
             .iter()
@@ -287,8 +198,7 @@ fn authz_jwt_task_authentication_through_the_waypoint() {
              containers:\n  - name: jwks\n    image: python\n",
         ),
     );
-    let jwks_ip = lab
-        .pods()
+    let jwks_ip = lab_pods(&lab)
         .into_iter()
         .find(|p| p["name"] == "jwks")
         .and_then(|p| p["ip"].as_str().map(str::to_owned))
@@ -417,4 +327,9 @@ fn authz_jwt_task_authentication_through_the_waypoint() {
     });
     assert_eq!(curl(&[&format!("Authorization: Bearer {group}")]).0, 200);
     assert_eq!(curl(&[]).0, 403);
+}
+
+fn lab_pods(lab: &RunningLab) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&lab.ok(&["get", "pods", "-o", "json"], None)).unwrap();
+    v["items"].as_array().unwrap().clone()
 }

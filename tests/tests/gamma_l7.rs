@@ -17,12 +17,12 @@
 //!
 //! One lab serves every step, in order.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use zmesh_tests::gamma::driver::RunningLab;
 
 #[path = "gamma_l7/routes.rs"]
 mod routes;
@@ -40,117 +40,6 @@ const BIG: u64 = 100 << 20;
 /// The bound on the waypoint's peak memory growth while 100 MiB cross it (generous: the
 /// waypoint streams bodies frame by frame, so its growth is flow-control windows and buffers).
 const PEAK_GROWTH_BOUND: u64 = 64 << 20;
-
-/// The lab process; SIGKILLed on drop (its sandbox dies with it).
-struct RunningLab {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for RunningLab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl RunningLab {
-    fn start(dir: &Path) -> RunningLab {
-        let socket = dir.join("lab.sock");
-        let log = dir.join("lab.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["up", "--world", "gamma"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut lab = RunningLab { child, socket, log };
-        let deadline = Instant::now() + UP_DEADLINE;
-        loop {
-            if let Some(status) = lab.child.try_wait().unwrap() {
-                panic!("the lab exited ({status}) before answering:\n{}", lab.log());
-            }
-            if lab
-                .cli(&["get", "pods", "-o", "json"], None)
-                .status
-                .success()
-            {
-                return lab;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the lab never answered:\n{}",
-                lab.log()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The directory of the lab's files (its processes' logs among them).
-    fn files(&self) -> PathBuf {
-        let log = self.log();
-        let dir = log
-            .split("files in ")
-            .nth(1)
-            .and_then(|r| r.lines().next())
-            .unwrap_or_else(|| panic!("the lab did not say where its files are:\n{log}"));
-        PathBuf::from(dir.trim())
-    }
-
-    /// `zmesh-lab --socket S ARGS...` with `stdin`, as from another shell.
-    fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(input);
-        child.wait_with_output().unwrap()
-    }
-
-    /// `cli` that must succeed; returns stdout.
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.cli(args, stdin);
-        assert!(
-            out.status.success(),
-            "zmesh-lab {args:?} failed ({}): {}\nstdout: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout),
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// `exec POD -- ARGS...`.
-    fn exec(&self, pod: &str, args: &[&str]) -> Output {
-        let mut all = vec!["exec", pod, "--"];
-        all.extend_from_slice(args);
-        self.cli(&all, None)
-    }
-
-    /// `exec` that must succeed; returns stdout.
-    fn exec_ok(&self, pod: &str, args: &[&str]) -> String {
-        let mut all = vec!["exec", pod, "--"];
-        all.extend_from_slice(args);
-        self.ok(&all, None)
-    }
-}
 
 /// The sum of the samples of `name` whose labels include every `k="v"` of `want`.
 fn sum(metrics: &str, name: &str, want: &[(&str, &str)]) -> f64 {
@@ -315,7 +204,7 @@ fn http(path: &str) -> String {
 #[test]
 fn every_protocol_goes_through_the_waypoint_and_only_while_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let lab = RunningLab::start(dir.path());
+    let lab = RunningLab::start(Path::new(LAB), dir.path(), UP_DEADLINE);
     let v: Value = serde_json::from_str(&lab.ok(&["get", "pods", "-o", "json"], None)).unwrap();
     let pods = v["items"].as_array().unwrap().clone();
     let find = |pred: &dyn Fn(&Value) -> bool| -> Value {

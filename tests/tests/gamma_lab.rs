@@ -5,12 +5,11 @@
 //! Istio echo's `Key=Value` body), `apply -f -` and `delete -f -` of a Service. Finally SIGTERM
 //! tears the lab down and removes the socket.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use zmesh_tests::gamma::driver::RunningLab;
 
 const LAB: &str = env!("CARGO_BIN_EXE_zmesh-lab");
 const MESH: &str = "gateway-conformance-mesh";
@@ -19,123 +18,6 @@ const CONSUMER: &str = "gateway-conformance-mesh-consumer";
 const UP_DEADLINE: Duration = Duration::from_secs(300);
 /// A Service's VIP reaching every ztunnel after it was written.
 const PUSH_DEADLINE: Duration = Duration::from_secs(60);
-
-/// The lab process; SIGKILLed on drop if the test did not stop it (its sandbox dies with it).
-struct RunningLab {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl RunningLab {
-    fn start(dir: &Path, env: &[(&str, &Path)]) -> RunningLab {
-        let socket = dir.join("lab.sock");
-        let log = dir.join("lab.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(LAB)
-            .envs(env.iter().copied())
-            .arg("--socket")
-            .arg(&socket)
-            .args(["up", "--world", "gamma"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        RunningLab { child, socket, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Runs `zmesh-lab --socket S ARGS...` with `stdin`, as from another shell.
-    fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(input);
-        child.wait_with_output().unwrap()
-    }
-
-    /// `cli` that must succeed; returns stdout.
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.cli(args, stdin);
-        assert!(
-            out.status.success(),
-            "zmesh-lab {args:?} failed ({}): {}\nlab log:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn items(&self, what: &str) -> Vec<Value> {
-        let v: Value = serde_json::from_str(&self.ok(&["get", what, "-o", "json"], None)).unwrap();
-        v["items"].as_array().unwrap().clone()
-    }
-
-    /// Waits until the lab answers `get pods`, failing early if it exits.
-    fn wait_up(&mut self) {
-        let deadline = Instant::now() + UP_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the lab exited ({status}) before answering:\n{}",
-                    self.log()
-                );
-            }
-            if self
-                .cli(&["get", "pods", "-o", "json"], None)
-                .status
-                .success()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the lab never answered:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    /// Polls `exec POD -- curl URL` until it succeeds; returns the body.
-    fn curl(&self, pod: &str, url: &str) -> String {
-        let deadline = Instant::now() + PUSH_DEADLINE;
-        loop {
-            let out = self.cli(&["exec", pod, "--", "curl", "-sS", "-m", "10", url], None);
-            if out.status.success() {
-                return String::from_utf8(out.stdout).unwrap();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "curl {url} from {pod} kept failing: {}\nlab log:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-impl Drop for RunningLab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn field<'a>(body: &'a str, key: &str) -> Vec<&'a str> {
     body.lines()
@@ -160,11 +42,11 @@ spec:
 #[test]
 fn gamma_world_is_driven_from_another_shell() {
     let dir = tempfile::tempdir().unwrap();
-    let mut lab = RunningLab::start(dir.path(), &[]);
-    lab.wait_up();
+    let mut lab = RunningLab::spawn(Path::new(LAB), dir.path(), &[]);
+    lab.wait_answering(UP_DEADLINE);
 
     // get pods: the fixture's echo pods, each with an IP and a node, enrolled.
-    let pods = lab.items("pods");
+    let pods = items(&lab, "pods");
     let names = |ns: &str, prefix: &str| -> Vec<String> {
         pods.iter()
             .filter(|p| p["namespace"] == ns)
@@ -194,7 +76,7 @@ fn gamma_world_is_driven_from_another_shell() {
     }
 
     // get services: the fixture's ports, target ports and app protocols.
-    let services = lab.items("services");
+    let services = items(&lab, "services");
     for name in ["echo", "echo-v1", "echo-v2"] {
         let svc = services
             .iter()
@@ -232,7 +114,7 @@ fn gamma_world_is_driven_from_another_shell() {
 
     // exec: curl from the consumer's pod to the mesh Service, by name; an echo pod answers.
     let from = format!("{CONSUMER}/{}", consumer[0]);
-    let body = lab.curl(&from, &format!("http://echo.{MESH}:80/hello?x=1"));
+    let body = curl(&lab, &from, &format!("http://echo.{MESH}:80/hello?x=1"));
     let hostname = field(&body, "Hostname");
     let backends = [names(MESH, "echo-v1-"), names(MESH, "echo-v2-")].concat();
     assert!(
@@ -326,7 +208,7 @@ fn gamma_world_is_driven_from_another_shell() {
     // apply -f -: a new Service gets a cluster IP, resolves by name and routes to echo-v2.
     let out = lab.ok(&["apply", "-f", "-"], Some(EXTRA));
     assert_eq!(out.trim(), format!("service {MESH}/extra created"));
-    let services = lab.items("services");
+    let services = items(&lab, "services");
     let extra = services
         .iter()
         .find(|s| s["name"] == "extra")
@@ -335,11 +217,15 @@ fn gamma_world_is_driven_from_another_shell() {
         extra["clusterIP"].as_str().unwrap().starts_with("10.96."),
         "{extra}"
     );
-    let body = lab.curl(&from, &format!("http://extra.{MESH}.svc.cluster.local:81/"));
+    let body = curl(
+        &lab,
+        &from,
+        &format!("http://extra.{MESH}.svc.cluster.local:81/"),
+    );
     assert_eq!(field(&body, "Hostname"), names(MESH, "echo-v2-"), "{body}");
 
     // Bad input: a clear error, nothing changed.
-    let before = lab.items("services");
+    let before = items(&lab, "services");
     let out = lab.cli(&["apply", "-f", "-"], Some("kind: Service\n"));
     assert!(!out.status.success());
     assert!(
@@ -347,25 +233,25 @@ fn gamma_world_is_driven_from_another_shell() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(lab.items("services"), before);
+    assert_eq!(items(&lab, "services"), before);
 
     // delete -f -: gone from `get services`; deleting it again says it is not there.
     let out = lab.ok(&["delete", "-f", "-"], Some(EXTRA));
     assert_eq!(out.trim(), format!("service {MESH}/extra deleted"));
-    assert!(!lab.items("services").iter().any(|s| s["name"] == "extra"));
+    assert!(!items(&lab, "services").iter().any(|s| s["name"] == "extra"));
     let out = lab.cli(&["delete", "-f", "-"], Some(EXTRA));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 
     // SIGTERM: the lab tears down, exits 0 and removes its socket.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(lab.child.id() as i32),
+        nix::unistd::Pid::from_raw(lab.child().id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        if let Some(s) = lab.child.try_wait().unwrap() {
+        if let Some(s) = lab.child().try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -377,7 +263,7 @@ fn gamma_world_is_driven_from_another_shell() {
     };
     assert!(status.success(), "{status}:\n{}", lab.log());
     assert!(lab.log().contains("lab torn down"));
-    assert!(!lab.socket.exists());
+    assert!(!lab.socket().exists());
 }
 
 /// The waypoint hook: with a `waypoint` binary among the binaries (here a stand-in script that
@@ -412,9 +298,9 @@ fn the_waypoint_hook_runs_a_waypoint_binary_when_there_is_one() {
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
-    let mut lab = RunningLab::start(dir.path(), &[("ZMESH_BIN_DIR", &bins)]);
-    lab.wait_up();
-    let pods = lab.items("pods");
+    let mut lab = RunningLab::spawn(Path::new(LAB), dir.path(), &[("ZMESH_BIN_DIR", &bins)]);
+    lab.wait_answering(UP_DEADLINE);
+    let pods = items(&lab, "pods");
     let waypoint = pods
         .iter()
         .find(|p| {
@@ -423,7 +309,7 @@ fn the_waypoint_hook_runs_a_waypoint_binary_when_there_is_one() {
         })
         .unwrap_or_else(|| panic!("no waypoint pod: {pods:#?}"));
     assert_eq!(waypoint["enrolled"], false, "{waypoint}");
-    let services = lab.items("services");
+    let services = items(&lab, "services");
     let svc = services
         .iter()
         .find(|s| s["namespace"] == MESH && s["name"] == "namespace")
@@ -462,4 +348,27 @@ fn the_waypoint_hook_runs_a_waypoint_binary_when_there_is_one() {
     let ns =
         std::fs::read_to_string(Path::new(files).join(format!("pods/ns-{MESH}.yaml"))).unwrap();
     assert!(ns.contains("istio.io/use-waypoint: namespace"), "{ns}");
+}
+
+fn items(lab: &RunningLab, what: &str) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&lab.ok(&["get", what, "-o", "json"], None)).unwrap();
+    v["items"].as_array().unwrap().clone()
+}
+
+/// Polls `exec POD -- curl URL` until it succeeds; returns the body.
+fn curl(lab: &RunningLab, pod: &str, url: &str) -> String {
+    let deadline = Instant::now() + PUSH_DEADLINE;
+    loop {
+        let out = lab.cli(&["exec", pod, "--", "curl", "-sS", "-m", "10", url], None);
+        if out.status.success() {
+            return String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "curl {url} from {pod} kept failing: {}\nlab log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -5,12 +5,11 @@
 //! another "shell", as a user drives it; one lab serves every step, in order.
 //! Needs root and `cargo build --workspace --bins`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use zmesh_tests::gamma::driver::RunningLab;
 
 const LAB: &str = env!("CARGO_BIN_EXE_zmesh-lab");
 const MESH: &str = "gateway-conformance-mesh";
@@ -19,110 +18,6 @@ const CONSUMER: &str = "gateway-conformance-mesh-consumer";
 const UP_DEADLINE: Duration = Duration::from_secs(300);
 /// A policy change reaching the waypoint.
 const PUSH_DEADLINE: Duration = Duration::from_secs(90);
-
-/// The lab process; SIGKILLed on drop (its sandbox dies with it).
-struct RunningLab {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for RunningLab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl RunningLab {
-    fn start(dir: &Path) -> RunningLab {
-        let socket = dir.join("lab.sock");
-        let log = dir.join("lab.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["up", "--world", "gamma"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut lab = RunningLab { child, socket, log };
-        let deadline = Instant::now() + UP_DEADLINE;
-        loop {
-            if let Some(status) = lab.child.try_wait().unwrap() {
-                panic!("the lab exited ({status}) before answering:\n{}", lab.log());
-            }
-            if lab
-                .cli(&["get", "pods", "-o", "json"], None)
-                .status
-                .success()
-            {
-                return lab;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the lab never answered:\n{}",
-                lab.log()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The waypoint's log (`waypoint-*.log` among the lab's files).
-    fn waypoint_log(&self) -> String {
-        let log = self.log();
-        let dir = log
-            .split("files in ")
-            .nth(1)
-            .and_then(|r| r.lines().next())
-            .unwrap_or_else(|| panic!("the lab did not say where its files are:\n{log}"));
-        std::fs::read_dir(dir.trim())
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("waypoint") && n.ends_with(".log"))
-            })
-            .map(|p| plain(&std::fs::read_to_string(p).unwrap_or_default()))
-            .collect()
-    }
-
-    /// `zmesh-lab --socket S ARGS...` with `stdin`, as from another shell.
-    fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(LAB)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(input);
-        child.wait_with_output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.cli(args, stdin);
-        assert!(
-            out.status.success(),
-            "zmesh-lab {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
 
 struct World {
     lab: RunningLab,
@@ -181,7 +76,7 @@ impl World {
             assert!(
                 Instant::now() < deadline,
                 "{method} {path} still answers {a:?}, not {code}; waypoint log:\n{}",
-                tail(&self.lab.waypoint_log())
+                tail(&plain(&self.lab.process_logs("waypoint")))
             );
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -237,7 +132,7 @@ const DENIED: &str = "RBAC: access denied";
 #[test]
 fn istio_l7_authorization_tasks_through_the_waypoint() {
     let dir = tempfile::tempdir().unwrap();
-    let lab = RunningLab::start(dir.path());
+    let lab = RunningLab::start(Path::new(LAB), dir.path(), UP_DEADLINE);
     let v: Value = serde_json::from_str(&lab.ok(&["get", "pods", "-o", "json"], None)).unwrap();
     let consumer = v["items"]
         .as_array()
@@ -321,7 +216,7 @@ fn istio_l7_authorization_tasks_through_the_waypoint() {
             200,
             "dry-run never denies"
         );
-        let log = w.lab.waypoint_log();
+        let log = plain(&w.lab.process_logs("waypoint"));
         if log.contains("dry-run AuthorizationPolicy") && log.contains("deny-path-headers") {
             break;
         }
@@ -368,7 +263,7 @@ fn istio_l7_authorization_tasks_through_the_waypoint() {
     );
     w.apply(&other);
     w.until("GET", "/", &[], 403);
-    let log = w.lab.waypoint_log();
+    let log = plain(&w.lab.process_logs("waypoint"));
     assert!(
         log.lines()
             .any(|l| l.contains(&format!("policy={MESH}/echo-viewer-l7:rules[0]"))),
