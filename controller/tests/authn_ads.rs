@@ -7,28 +7,14 @@
 mod support;
 
 use prost::Message;
-use support::{Client, WP_A, WP_B, WP_BAD, ZTUNNEL, controller, names};
+use support::{
+    Client, WP_A, WP_B, WP_BAD, ZTUNNEL, controller, http_service, names, waypoint_gateway,
+};
 use xds_proto::SERVICE_AUTHN_TYPE_URL;
 use xds_proto::zmesh::waypoint::v1::ServiceAuthn;
 
 const S1: &str = "app/s1.app.svc.cluster.local";
 const S2: &str = "app/s2.app.svc.cluster.local";
-
-fn gateway(name: &str) -> String {
-    format!(
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
-         metadata: {{name: {name}, namespace: app}}\n\
-         spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, \
-         protocol: HBONE}}]}}\n"
-    )
-}
-
-fn service(name: &str, labels: &str, ip: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: app, labels: \
-         {{{labels}}}}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n"
-    )
-}
 
 /// A RequestAuthentication on Gateway `wp-a` and one on Gateway `wp-b`.
 fn policy(name: &str, gateway: &str, issuer: &str) -> String {
@@ -47,14 +33,14 @@ fn objects(s1_waypoint: &str, with_a: bool) -> String {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: app, labels: \
          {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp-b}}\n",
     );
-    y += &gateway("wp-a");
-    y += &gateway("wp-b");
-    y += &service(
+    y += &waypoint_gateway("wp-a");
+    y += &waypoint_gateway("wp-b");
+    y += &http_service(
         "s1",
         &format!("istio.io/use-waypoint: {s1_waypoint}"),
         "10.96.0.1",
     );
-    y += &service("s2", "", "10.96.0.2");
+    y += &http_service("s2", "", "10.96.0.2");
     if with_a {
         y += &policy("on-a", "wp-a", "a@example.com");
     }

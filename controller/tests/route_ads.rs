@@ -7,28 +7,14 @@
 mod support;
 
 use prost::Message;
-use support::{Client, WP_A, WP_B, WP_BAD, ZTUNNEL, controller, names};
+use support::{
+    Client, WP_A, WP_B, WP_BAD, ZTUNNEL, controller, http_service, names, waypoint_gateway,
+};
 use xds_proto::SERVICE_ROUTES_TYPE_URL;
 use xds_proto::zmesh::waypoint::v1::{ServiceRoutes, backend};
 
 const S1: &str = "app/s1.app.svc.cluster.local";
 const S2: &str = "app/s2.app.svc.cluster.local";
-
-fn gateway(name: &str) -> String {
-    format!(
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
-         metadata: {{name: {name}, namespace: app}}\n\
-         spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, \
-         protocol: HBONE}}]}}\n"
-    )
-}
-
-fn service(name: &str, labels: &str, ip: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: app, labels: \
-         {{{labels}}}}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n"
-    )
-}
 
 fn route(name: &str, parent: &str) -> String {
     format!(
@@ -47,15 +33,15 @@ fn objects(s1_waypoint: &str, with_r1: bool) -> String {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: app, labels: \
          {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp-b}}\n",
     );
-    y += &gateway("wp-a");
-    y += &gateway("wp-b");
-    y += &service(
+    y += &waypoint_gateway("wp-a");
+    y += &waypoint_gateway("wp-b");
+    y += &http_service(
         "s1",
         &format!("istio.io/use-waypoint: {s1_waypoint}"),
         "10.96.0.1",
     );
-    y += &service("s2", "", "10.96.0.2");
-    y += &service("s3", "istio.io/use-waypoint: none", "10.96.0.3");
+    y += &http_service("s2", "", "10.96.0.2");
+    y += &http_service("s3", "istio.io/use-waypoint: none", "10.96.0.3");
     if with_r1 {
         y += &route("r1", "s1");
     }

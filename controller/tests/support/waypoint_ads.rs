@@ -168,3 +168,24 @@ impl Client {
 pub fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
     r.resources.iter().map(|r| r.name.as_str()).collect()
 }
+
+/// Gateway `name` in namespace `app`: a waypoint (class `istio-waypoint`, one HBONE listener
+/// on 15008).
+#[allow(dead_code)] // not every test including this module uses it
+pub fn waypoint_gateway(name: &str) -> String {
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+         metadata: {{name: {name}, namespace: app}}\n\
+         spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, \
+         protocol: HBONE}}]}}\n"
+    )
+}
+
+/// Service `name` in namespace `app` with `labels`, cluster IP `ip` and one port, `http` 80.
+#[allow(dead_code)] // not every test including this module uses it
+pub fn http_service(name: &str, labels: &str, ip: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: app, labels: \
+         {{{labels}}}}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n"
+    )
+}
