@@ -19,7 +19,11 @@
 //!   (`UnsupportedValue`) on every Service parent, a log line, nothing served;
 //! - backendRefs name Services (`group: ""`, `kind: Service`, with a port); another kind is
 //!   `InvalidKind`, a missing Service or port `BackendNotFound`, a Service in another
-//!   namespace without a ReferenceGrant there `RefNotPermitted`. Such a backend stays in the
+//!   namespace without a ReferenceGrant there `RefNotPermitted` — except the route's own
+//!   parent Service: GEP-1426 ("Namespace boundaries") needs no ReferenceGrant for mesh routes
+//!   that reach no broader scope, and a route sending to its parent Service sends clients
+//!   where they were going anyway, while another Service could be reached through the
+//!   waypoint's identity by clients its policy refuses. Such a backend stays in the
 //!   table as unresolved, so its share of the traffic gets a 500 (the spec's rule), and the
 //!   route's `ResolvedRefs` is `False` with that reason;
 //! - precedence (HTTPRoute): Exact path, then the longest PathPrefix, then RegularExpression
@@ -493,6 +497,16 @@ fn specificity(m: &Match) -> Specificity {
 /// docs).
 fn compile(id: &RouteId, route: &DynamicObject, objects: &Objects, mesh: &MeshConfig) -> Compiled {
     let mut unresolved = None;
+    let refs = Refs {
+        id,
+        objects,
+        mesh,
+        frontends: service_parents(route)
+            .into_iter()
+            .filter(|p| matches!(p.group.as_deref(), Some("" | "core")))
+            .map(|p| (p.namespace.unwrap_or_else(|| id.namespace.clone()), p.name))
+            .collect(),
+    };
     let rules = match id.kind {
         RouteKind::Http => serde_json::from_value::<HttpRouteSpec>(route.data["spec"].clone())
             .map_err(|e| format!("spec: {e}"))
@@ -507,14 +521,12 @@ fn compile(id: &RouteId, route: &DynamicObject, objects: &Objects, mesh: &MeshCo
                             compile::timeouts(&at, r.timeouts.as_ref())?;
                         let retry = compile::retry(&at, r.retry.as_ref())?;
                         let rule = rule(
-                            id,
+                            &refs,
                             i,
                             r.name.as_deref(),
                             &at,
                             &r.filters,
                             &r.backend_refs,
-                            objects,
-                            mesh,
                             &mut unresolved,
                         )?;
                         check_prefix_rewrite(&at, &matches, &rule)?;
@@ -540,14 +552,12 @@ fn compile(id: &RouteId, route: &DynamicObject, objects: &Objects, mesh: &MeshCo
                         let at = format!("rules[{i}]");
                         let matches = compile::grpc_matches(&at, &r.matches)?;
                         let rule = rule(
-                            id,
+                            &refs,
                             i,
                             r.name.as_deref(),
                             &at,
                             &r.filters,
                             &r.backend_refs,
-                            objects,
-                            mesh,
                             &mut unresolved,
                         )?;
                         Ok(CompiledRule {
@@ -598,20 +608,27 @@ fn check_prefix_rewrite(at: &str, matches: &[Match], rule: &Rule) -> Result<(), 
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What resolving route `id`'s backendRefs needs: the objects, the mesh, and the route's
+/// own parent Services (namespace, name), which it may name as backends without a grant.
+struct Refs<'a> {
+    id: &'a RouteId,
+    objects: &'a Objects,
+    mesh: &'a MeshConfig,
+    frontends: Vec<(String, String)>,
+}
+
 fn rule(
-    id: &RouteId,
+    refs: &Refs<'_>,
     index: usize,
     name: Option<&str>,
     at: &str,
     filters: &[spec::HttpFilter],
     backend_refs: &[HttpBackendRef],
-    objects: &Objects,
-    mesh: &MeshConfig,
     unresolved: &mut Option<Unresolved>,
 ) -> Result<Rule, String> {
+    let id = refs.id;
     let mut filters = compile::filters(at, id.kind, filters)?;
-    resolve_mirrors(id, &mut filters, objects, mesh, unresolved);
+    resolve_mirrors(refs, &mut filters, unresolved);
     let mut backends = Vec::new();
     for (j, b) in backend_refs.iter().enumerate() {
         let at = format!("{at}.backendRefs[{j}]");
@@ -628,7 +645,7 @@ fn rule(
                 "{at}.filters: RequestRedirect is not allowed on a backendRef"
             ));
         }
-        resolve_mirrors(id, &mut bfilters, objects, mesh, unresolved);
+        resolve_mirrors(refs, &mut bfilters, unresolved);
         let object_ref = BackendObjectRef {
             group: b.group.clone(),
             kind: b.kind.clone(),
@@ -636,7 +653,7 @@ fn rule(
             namespace: b.namespace.clone(),
             port: b.port,
         };
-        let target = resolve_backend(id, &object_ref, objects, mesh);
+        let target = resolve_backend(refs, &object_ref);
         if let Err(u) = &target
             && unresolved.is_none()
         {
@@ -663,19 +680,13 @@ fn rule(
     })
 }
 
-fn resolve_mirrors(
-    id: &RouteId,
-    filters: &mut [Filter],
-    objects: &Objects,
-    mesh: &MeshConfig,
-    unresolved: &mut Option<Unresolved>,
-) {
+fn resolve_mirrors(refs: &Refs<'_>, filters: &mut [Filter], unresolved: &mut Option<Unresolved>) {
     for f in filters {
         if let Filter::Mirror {
             backend, target, ..
         } = f
         {
-            match resolve_backend(id, backend, objects, mesh) {
+            match resolve_backend(refs, backend) {
                 Ok(t) => *target = Some(t),
                 Err(u) => {
                     if unresolved.is_none() {
@@ -687,13 +698,9 @@ fn resolve_mirrors(
     }
 }
 
-/// Resolves a backend reference of route `id` to a Service port.
-pub fn resolve_backend(
-    id: &RouteId,
-    r: &BackendObjectRef,
-    objects: &Objects,
-    mesh: &MeshConfig,
-) -> Result<ServiceTarget, Unresolved> {
+/// Resolves a backend reference of route `refs.id` to a Service port.
+fn resolve_backend(refs: &Refs<'_>, r: &BackendObjectRef) -> Result<ServiceTarget, Unresolved> {
+    let (id, objects, mesh) = (refs.id, refs.objects, refs.mesh);
     let group = r.group.as_deref().unwrap_or("");
     let kind = r.kind.as_deref().unwrap_or("Service");
     if !matches!(group, "" | "core") || kind != "Service" {
@@ -708,7 +715,11 @@ pub fn resolve_backend(
     }
     let namespace = r.namespace.clone().unwrap_or_else(|| id.namespace.clone());
     let full = format!("{namespace}/{}", r.name);
-    if namespace != id.namespace && !granted(objects, id, &namespace, &r.name) {
+    let own_parent = refs
+        .frontends
+        .iter()
+        .any(|(ns, name)| *ns == namespace && *name == r.name);
+    if namespace != id.namespace && !own_parent && !granted(objects, id, &namespace, &r.name) {
         return Err(Unresolved {
             reason: "RefNotPermitted",
             message: format!(

@@ -223,6 +223,33 @@ fn grpc_precedence_and_consumer_routes() {
     );
 }
 
+/// GEP-1426 "Namespace boundaries": mesh routes need no ReferenceGrant where they reach no
+/// broader scope. A consumer route whose backendRef is its own parent Service sends its
+/// namespace's clients where they were going anyway (upstream's MeshConsumerRoute manifest
+/// has no grant); another Service of that namespace still needs one (see below).
+#[test]
+fn consumer_route_to_its_own_parent_needs_no_reference_grant() {
+    let route = http_route(
+        "client",
+        "r",
+        "2026-01-01T00:00:00Z",
+        &format!(
+            "{{{PARENT}, rules: [{{backendRefs: [{{name: echo, namespace: shop, port: 80}}, \
+             {{name: echo-v2, namespace: shop, port: 80}}]}}]}}"
+        ),
+    );
+    let r = routes(&route);
+    let backends = &r.services[ECHO].http[0].rule.backends;
+    assert_eq!(
+        backends[0].target.as_ref().map(|t| t.hostname.as_str()),
+        Ok("echo.shop.svc.cluster.local"),
+    );
+    assert_eq!(
+        backends[1].target.as_ref().unwrap_err().reason,
+        "RefNotPermitted"
+    );
+}
+
 #[test]
 fn reference_grant_permits_cross_namespace_backends() {
     let route = http_route(
