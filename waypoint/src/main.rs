@@ -10,12 +10,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use zmesh_waypoint::{Config, Waypoint};
 
-/// mimalloc v2, as ztunnel (see its `main.rs` for why v2): a profile of the waypoint under
-/// wrk (`docs/bench-waypoint-2026-12-05.md`) had glibc's malloc and free at about 11% of its
-/// CPU; every request allocates its headers, labels and futures.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// zmesh waypoint: the L7 proxy for the Services bound to it (configured by environment
 /// variables: POD_NAMESPACE, SERVICE_ACCOUNT, LOCAL_XDS_PATH, LOCAL_CA_CERT, LOCAL_CA_KEY, ...).
 #[derive(Parser, Debug)]
