@@ -25,7 +25,14 @@ pub const SERVED_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
 /// The CRD zmesh installs: `v1` and `v1beta1` served, `v1beta1` stored.
 pub fn crd() -> CustomResourceDefinition {
-    let mut v1 = AuthorizationPolicyResource::crd();
+    istio_security_crd::<AuthorizationPolicyResource>()
+}
+
+/// The CRD of an Istio `security.istio.io` kind from its Rust type `K`, as Istio ships them:
+/// every [`SERVED_VERSIONS`] with one schema, stored as [`STORAGE_VERSION`], the schema as zmesh
+/// reads objects ([`as_read`]).
+pub(crate) fn istio_security_crd<K: CustomResourceExt>() -> CustomResourceDefinition {
+    let mut v1 = K::crd();
     for version in &mut v1.spec.versions {
         if let Some(schema) = version
             .schema
@@ -33,8 +40,9 @@ pub fn crd() -> CustomResourceDefinition {
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
             as_read(schema);
-            // Like Istio's: an object without `spec` is valid (read as an empty spec: an ALLOW
-            // that matches nothing), and the root has no title (the derive names its Rust type).
+            // Like Istio's: an object without `spec` is valid (read as an empty spec; for an
+            // AuthorizationPolicy an ALLOW that matches nothing), and the root has no title (the
+            // derive names its Rust type).
             schema.required = None;
             schema.title = None;
         }
