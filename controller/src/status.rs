@@ -195,29 +195,52 @@ pub fn patch_body(existing: Option<&Value>, update: &StatusUpdate, now: &str) ->
         .and_then(|s| s["conditions"].as_array())
         .cloned()
         .unwrap_or_default();
-    let kind = update.condition.kind;
-    let previous = conditions.iter().position(|c| c["type"] == kind);
-    let transition = previous
-        .map(|i| &conditions[i])
-        .filter(|c| c["status"] == update.condition.status)
-        .and_then(|c| c["lastTransitionTime"].as_str())
-        .unwrap_or(now)
-        .to_owned();
-    let mut condition = json!({
-        "type": kind,
-        "status": update.condition.status,
-        "reason": update.condition.reason,
-        "message": update.condition.message,
-        "lastTransitionTime": transition,
-    });
-    if let Some(g) = update.condition.observed_generation {
-        condition["observedGeneration"] = json!(g);
-    }
+    let c = &update.condition;
+    let previous = conditions.iter().position(|e| e["type"] == c.kind);
+    let condition = condition_json(
+        &conditions,
+        c.kind,
+        c.status,
+        c.reason,
+        &c.message,
+        c.observed_generation,
+        now,
+    );
     match previous {
         Some(i) => conditions[i] = condition,
         None => conditions.push(condition),
     }
     json!({"status": {"conditions": conditions}})
+}
+
+/// One condition as the API server stores it. Its `lastTransitionTime` is kept from the
+/// condition of the same type in `previous` when that one has the same status, else `now`.
+/// (AuthorizationPolicy, Gateway and route status all write conditions this way.)
+pub(crate) fn condition_json(
+    previous: &[Value],
+    kind: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &str,
+) -> Value {
+    let transition = previous
+        .iter()
+        .find(|e| e["type"] == kind && e["status"] == status)
+        .and_then(|e| e["lastTransitionTime"].as_str())
+        .unwrap_or(now);
+    let mut v = json!({
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": transition,
+    });
+    if let Some(g) = generation {
+        v["observedGeneration"] = json!(g);
+    }
+    v
 }
 
 /// Writes policy statuses through the Kubernetes API, one patch per changed policy.

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
+use super::condition_json;
 use crate::deploy::DeployError;
 use crate::translate::{Objects, Waypoints};
 
@@ -154,29 +155,22 @@ fn same(current: &Value, want: &GatewayUpdate) -> bool {
 /// The merge patch that sets the status, keeping each condition's transition time when its
 /// status did not flip.
 pub fn gateway_patch(existing: &Value, update: &GatewayUpdate, now: &str) -> Value {
-    let previous = existing["conditions"].as_array();
+    let previous = existing["conditions"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
     let conditions: Vec<Value> = update
         .conditions
         .iter()
         .map(|c| {
-            let transition = previous
-                .and_then(|list| {
-                    list.iter()
-                        .find(|e| e["type"] == c.kind && e["status"] == c.status)
-                })
-                .and_then(|e| e["lastTransitionTime"].as_str())
-                .unwrap_or(now);
-            let mut v = json!({
-                "type": c.kind,
-                "status": c.status,
-                "reason": c.reason,
-                "message": c.message,
-                "lastTransitionTime": transition,
-            });
-            if let Some(g) = update.generation {
-                v["observedGeneration"] = json!(g);
-            }
-            v
+            condition_json(
+                previous,
+                c.kind,
+                c.status,
+                c.reason,
+                &c.message,
+                update.generation,
+                now,
+            )
         })
         .collect();
     let addresses: Vec<Value> = update

@@ -13,6 +13,7 @@
 
 use serde_json::{Value, json};
 
+use super::condition_json;
 use crate::translate::route::{ParentStatus, RouteCondition, RouteId, RouteKind, Routes};
 use crate::translate::{Objects, route::spec::ParentRef};
 
@@ -137,31 +138,23 @@ pub fn route_patch(existing: &Value, update: &RouteUpdate, now: &str) -> Value {
         let previous = current
             .iter()
             .find(|c| c["controllerName"] == CONTROLLER_NAME && c["parentRef"] == parent)
-            .and_then(|c| c["conditions"].as_array());
+            .and_then(|c| c["conditions"].as_array())
+            .map_or(&[][..], Vec::as_slice);
         let conditions: Vec<Value> = [
             ("Accepted", &p.accepted),
             ("ResolvedRefs", &p.resolved_refs),
         ]
         .iter()
         .map(|(kind, c)| {
-            let transition = previous
-                .and_then(|list| {
-                    list.iter()
-                        .find(|e| e["type"] == *kind && e["status"] == status(c))
-                })
-                .and_then(|e| e["lastTransitionTime"].as_str())
-                .unwrap_or(now);
-            let mut v = json!({
-                "type": kind,
-                "status": status(c),
-                "reason": c.reason,
-                "message": c.message,
-                "lastTransitionTime": transition,
-            });
-            if let Some(g) = update.generation {
-                v["observedGeneration"] = json!(g);
-            }
-            v
+            condition_json(
+                previous,
+                kind,
+                status(c),
+                c.reason,
+                &c.message,
+                update.generation,
+                now,
+            )
         })
         .collect();
         parents.push(json!({
