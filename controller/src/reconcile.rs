@@ -283,41 +283,41 @@ fn pack(type_url: &str, m: &impl Message) -> Any {
 
 impl Reconciler {
     /// Serves each bound Service's route table (`ServiceRoutes`) and removes those gone.
-    /// A table whose waypoint changed is removed first, then served again, so the old
-    /// waypoint's stream drops it and the new one's gets it (the scope follows the
-    /// `BoundService`, applied before). Returns (changed, removed).
+    /// Returns (changed, removed).
     fn apply_routes(&self, next: &Translated) -> (usize, usize) {
-        let (old, new) = (&self.last.routes.services, &next.routes.services);
-        let moved: Vec<String> = new
-            .iter()
-            .filter(|(k, v)| old.get(*k).is_some_and(|o| o.waypoint != v.waypoint))
-            .map(|(k, _)| k.clone())
-            .collect();
-        if !moved.is_empty()
-            && let Err(e) = self.cache.apply(SERVICE_ROUTES_TYPE_URL, Vec::new(), moved)
-        {
-            warn!(error = %e, "waypoint ServiceRoutes resources not moved");
-        }
-        let (upserts, removals) = diff(old, new, |s| {
-            pack(SERVICE_ROUTES_TYPE_URL, &service_routes(s))
-        });
-        let counts = (upserts.len(), removals.len());
-        if let Err(e) = self.cache.apply(SERVICE_ROUTES_TYPE_URL, upserts, removals) {
-            warn!(error = %e, "waypoint ServiceRoutes resources not applied");
-        }
-        counts
+        self.apply_per_service(
+            SERVICE_ROUTES_TYPE_URL,
+            &self.last.routes.services,
+            &next.routes.services,
+            next,
+            |s| pack(SERVICE_ROUTES_TYPE_URL, &service_routes(s)),
+        )
     }
-}
 
-impl Reconciler {
-    /// Serves each bound Service's JWT rules (`ServiceAuthn`) and removes those gone; like
-    /// [`Self::apply_routes`], a resource whose Service moved to another waypoint is removed
-    /// first, then served again. Returns (changed, removed).
+    /// Serves each bound Service's JWT rules (`ServiceAuthn`) and removes those gone.
+    /// Returns (changed, removed).
     fn apply_authn(&self, next: &Translated) -> (usize, usize) {
-        let (old, new) = (
+        self.apply_per_service(
+            SERVICE_AUTHN_TYPE_URL,
             &self.last.request_authn.services,
             &next.request_authn.services,
-        );
+            next,
+            |s| pack(SERVICE_AUTHN_TYPE_URL, s),
+        )
+    }
+
+    /// Serves a per-bound-Service waypoint resource (keyed like `bound_services`) and removes
+    /// those gone. One whose Service moved to another waypoint is removed first, then served
+    /// again, so the old waypoint's stream drops it and the new one's gets it (the scope
+    /// follows the `BoundService`, applied before). Returns (changed, removed).
+    fn apply_per_service<T: PartialEq>(
+        &self,
+        type_url: &str,
+        old: &BTreeMap<String, T>,
+        new: &BTreeMap<String, T>,
+        next: &Translated,
+        pack: impl Fn(&T) -> Any,
+    ) -> (usize, usize) {
         let waypoint =
             |t: &Translated, k: &str| t.bound_services.get(k).map(|b| b.waypoint.clone());
         let moved: Vec<String> = new
@@ -326,27 +326,24 @@ impl Reconciler {
             .cloned()
             .collect();
         if !moved.is_empty()
-            && let Err(e) = self
-                .cache
-                .apply(SERVICE_AUTHN_TYPE_URL, Vec::new(), moved.clone())
+            && let Err(e) = self.cache.apply(type_url, Vec::new(), moved.clone())
         {
-            warn!(error = %e, "waypoint ServiceAuthn resources not moved");
+            warn!(error = %e, type_url, "waypoint resources not moved");
         }
-        let (mut upserts, removals) = diff(old, new, |s| pack(SERVICE_AUTHN_TYPE_URL, s));
-        // The content of a moved one did not change: it is served again all the same.
-        upserts.extend(
-            moved
-                .into_iter()
-                .filter(|k| !upserts.iter().any(|(u, _)| u == k))
-                .map(|k| {
-                    let any = pack(SERVICE_AUTHN_TYPE_URL, &new[&k]);
-                    (k, any)
-                })
-                .collect::<Vec<_>>(),
-        );
+        let (mut upserts, removals) = diff(old, new, &pack);
+        // The content of a moved one may not have changed: it is served again all the same.
+        let again: Vec<(String, Any)> = moved
+            .into_iter()
+            .filter(|k| !upserts.iter().any(|(u, _)| u == k))
+            .map(|k| {
+                let any = pack(&new[&k]);
+                (k, any)
+            })
+            .collect();
+        upserts.extend(again);
         let counts = (upserts.len(), removals.len());
-        if let Err(e) = self.cache.apply(SERVICE_AUTHN_TYPE_URL, upserts, removals) {
-            warn!(error = %e, "waypoint ServiceAuthn resources not applied");
+        if let Err(e) = self.cache.apply(type_url, upserts, removals) {
+            warn!(error = %e, type_url, "waypoint resources not applied");
         }
         counts
     }

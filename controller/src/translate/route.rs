@@ -148,7 +148,8 @@ pub fn translate_routes(
                 false,
                 "NotAllowedByListeners",
                 format!(
-                    "Gateway {ns}/{} is a waypoint: its one listener (HBONE) allows no route                      kinds; attach the route to the Services it is for (parentRef group: \"\", \
+                    "Gateway {ns}/{} is a waypoint: its one listener (HBONE) allows no route \
+                     kinds; attach the route to the Services it is for (parentRef group: \"\", \
                      kind: Service), GEP-1426",
                     parent.name
                 ),
