@@ -33,6 +33,7 @@ pub use verify::Failure;
 
 use crate::app::Waypoint;
 use crate::body::ResponseBody;
+use crate::bound::Snapshot;
 use crate::telemetry::RequestRecord;
 
 /// A validated token's identity and claims.
@@ -142,11 +143,12 @@ impl Denied {
 /// headers already changed as its rule says), `Err` for a token that must be refused.
 pub async fn authenticate(
     wp: &Waypoint,
+    snap: &Snapshot,
     service: &str,
     authority: &str,
     parts: &mut http::request::Parts,
 ) -> Result<Option<RequestAuth>, Denied> {
-    let Some(authn) = wp.snapshot.load().authn(service) else {
+    let Some(authn) = snap.authn(service) else {
         return Ok(None);
     };
     verify::authenticate(&authn, &wp.jwks, parts)
@@ -154,10 +156,6 @@ pub async fn authenticate(
         .map_err(|failure| Denied {
             failure,
             realm: format!("http://{authority}{}", parts.uri.path()),
-            grpc: parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.starts_with("application/grpc")),
+            grpc: crate::http::is_grpc(&parts.headers),
         })
 }

@@ -423,8 +423,6 @@ pub struct Verdict<'a> {
     pub audit: Vec<(&'a Policy, usize)>,
     /// Dry-run policies that apply, with their matching rule if any.
     pub dry_run: Vec<(&'a Policy, Option<usize>)>,
-    /// Whether any policy applied at all.
-    pub any: bool,
 }
 
 /// Every policy this waypoint holds, compiled. Cheap to clone.
@@ -478,10 +476,8 @@ impl Policies {
             policy: None,
             audit: Vec::new(),
             dry_run: Vec::new(),
-            any: false,
         };
         for p in applying() {
-            v.any = true;
             if p.dry_run {
                 v.dry_run.push((p, matching_rule(p, a)));
             } else if p.action == Action::Audit

@@ -95,7 +95,8 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
-fn is_grpc(h: &HeaderMap) -> bool {
+/// Whether the request is gRPC (by its content type).
+pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
@@ -281,14 +282,15 @@ pub async fn proxy(
     let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
+    // One config for the whole request: authentication, authorization and routing.
+    let snap = wp.snapshot.load_full();
     // Authentication (RequestAuthentication): an invalid token is 401; a valid one's
     // outcome goes into the extensions for authorization.
-    match crate::authn::authenticate(&wp, &svc.key(), &authority, &mut parts).await {
+    match crate::authn::authenticate(&wp, &snap, &svc.key(), &authority, &mut parts).await {
         Ok(Some(auth)) => drop(parts.extensions.insert(auth)),
         Ok(None) => {}
         Err(denied) => return denied.respond(record),
     }
-    let snap = wp.snapshot.load_full();
     // Authorization (after authentication, before routing): DENY, then ALLOW; 403 if denied.
     let mut record = match crate::authz::stage(&snap, &ds, &parts, &mut path, record) {
         Ok(r) => r,
