@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use zmesh_core::identity::SpiffeId;
 
 use crate::app::Waypoint;
 use crate::body::{Finish, ResponseBody};
@@ -34,6 +35,8 @@ pub struct Downstream {
     pub client: Option<SocketAddr>,
     /// The peer's SPIFFE id, from its certificate.
     pub principal: Option<String>,
+    /// [`Downstream::principal`] parsed (once per tunnel, not per request).
+    pub peer_id: Option<SpiffeId>,
     pub source: SourceMeta,
     /// The CONNECT target, `VIP:port`.
     pub target: SocketAddr,
@@ -224,13 +227,6 @@ fn plan(
 }
 
 /// The namespace of a SPIFFE id (`spiffe://<td>/ns/<ns>/sa/<sa>`).
-fn namespace_of(principal: Option<&str>) -> Option<&str> {
-    let rest = principal?.strip_prefix("spiffe://")?;
-    let mut it = rest.split('/');
-    it.next()?;
-    (it.next()? == "ns").then(|| it.next()).flatten()
-}
-
 /// Proxies one request. `up_h2`: speak HTTP/2 to the endpoint.
 pub async fn proxy(
     wp: Arc<Waypoint>,
@@ -312,7 +308,7 @@ pub async fn proxy(
             };
             routes.select(
                 ds.binding.port.port,
-                namespace_of(ds.principal.as_deref()),
+                ds.peer_id.as_ref().map(SpiffeId::namespace),
                 &view,
             )
         }
@@ -549,16 +545,6 @@ pub async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn caller_namespace() {
-        assert_eq!(
-            namespace_of(Some("spiffe://td/ns/client-ns/sa/x")),
-            Some("client-ns")
-        );
-        assert_eq!(namespace_of(Some("spiffe://td/sa/x")), None);
-        assert_eq!(namespace_of(None), None);
-    }
 
     #[test]
     fn hop_by_hop() {

@@ -171,10 +171,12 @@ async fn handle_connect(
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .and_then(forwarded_for);
+    let peer_id = principal.as_deref().and_then(|p| p.parse().ok());
     let ds = Arc::new(Downstream {
         peer,
         client,
         principal,
+        peer_id,
         source,
         target,
         binding,

@@ -43,7 +43,6 @@ pub fn stage(
             return Err(answer(record, StatusCode::BAD_REQUEST, "DPE", None));
         }
     };
-    let peer = ds.principal.as_deref().and_then(|p| p.parse().ok());
     let host = parts
         .uri
         .authority()
@@ -57,7 +56,7 @@ pub fn stage(
         .unwrap_or("");
     let attrs = Attributes {
         source_ip: ds.client.unwrap_or(ds.peer).ip(),
-        peer: peer.as_ref(),
+        peer: ds.peer_id.as_ref(),
         destination_ip: ds.target.ip(),
         destination_port: ds.binding.port.port,
         method: parts.method.as_str(),
@@ -100,11 +99,10 @@ pub fn check_tcp(snap: &Snapshot, ds: &Downstream) -> Result<(), String> {
     if !policies.any_for(&key) {
         return Ok(());
     }
-    let peer = ds.principal.as_deref().and_then(|p| p.parse().ok());
     let headers = http::HeaderMap::new();
     let attrs = Attributes {
         source_ip: ds.client.unwrap_or(ds.peer).ip(),
-        peer: peer.as_ref(),
+        peer: ds.peer_id.as_ref(),
         destination_ip: ds.target.ip(),
         destination_port: ds.binding.port.port,
         method: "",
