@@ -280,21 +280,22 @@ pub async fn proxy(
 
     // One config for the whole request: authentication, authorization and routing.
     let snap = wp.snapshot.load_full();
+    let key = svc.key();
     // Authentication (RequestAuthentication): an invalid token is 401; a valid one's
     // outcome goes into the extensions for authorization.
-    match crate::authn::authenticate(&wp, &snap, &svc.key(), &authority, &mut parts).await {
+    match crate::authn::authenticate(&wp, &snap, &key, &authority, &mut parts).await {
         Ok(Some(auth)) => drop(parts.extensions.insert(auth)),
         Ok(None) => {}
         Err(denied) => return denied.respond(record),
     }
     // Authorization (after authentication, before routing): DENY, then ALLOW; 403 if denied.
-    let mut record = match crate::authz::stage(&snap, &ds, &parts, &mut path, record) {
+    let mut record = match crate::authz::stage(&snap, &ds, &key, &parts, &mut path, record) {
         Ok(r) => r,
         Err(answer) => return answer,
     };
 
     // Routing: the first applying rule that matches, or the Service itself.
-    let decision = match snap.routes(&svc.key()) {
+    let decision = match snap.routes(&key) {
         None => Decision::NoRoute,
         Some(routes) => {
             let (p, q) = path
@@ -324,7 +325,7 @@ pub async fn proxy(
             retry: None,
         },
         Decision::NotFound => {
-            record.error = Some(format!("no route rule of {} matches", svc.key()));
+            record.error = Some(format!("no route rule of {key} matches"));
             return local(record, StatusCode::NOT_FOUND, "NR");
         }
         Decision::Rule(rule) => {
@@ -332,7 +333,7 @@ pub async fn proxy(
                 Ok(p) => p,
                 Err((code, flags, why, location)) => {
                     if !why.is_empty() {
-                        tracing::warn!(service = %svc.key(), error = %why, "route answered {code}");
+                        tracing::warn!(service = %key, error = %why, "route answered {code}");
                         record.error = Some(why);
                     }
                     let mut r = local(record, code, flags);
@@ -396,7 +397,7 @@ pub async fn proxy(
             Keep::Aborted(e) => {
                 // The client reset the stream or closed the connection mid-body: nothing goes
                 // upstream (a truncated body must never be sent, retried or mirrored).
-                tracing::info!(service = %svc.key(), error = %e, "client ended the request body early; request dropped");
+                tracing::info!(service = %key, error = %e, "client ended the request body early; request dropped");
                 record.error = Some(format!("client ended the request body early: {e}"));
                 // Recorded as Envoy does for a client gone before the answer: code 0, `DC`.
                 drop(record);

@@ -23,13 +23,13 @@ pub const FORBIDDEN_BODY: &str = "RBAC: access denied";
 pub fn stage(
     snap: &Snapshot,
     ds: &Downstream,
+    key: &str,
     parts: &http::request::Parts,
     path: &mut String,
     mut record: RequestRecord,
 ) -> Result<RequestRecord, Response<ResponseBody>> {
-    let key = ds.binding.service.key();
     let policies = snap.policies();
-    if !policies.any_for(&key) {
+    if !policies.any_for(key) {
         return Ok(record);
     }
     let (p, q) = match path.split_once('?') {
@@ -65,7 +65,7 @@ pub fn stage(
         headers: &parts.headers,
         auth: parts.extensions.get::<RequestAuth>(),
     };
-    let verdict = policies.evaluate(&key, &attrs);
+    let verdict = policies.evaluate(key, &attrs);
     log_shadow(&verdict, &record);
     let decided = verdict
         .policy
