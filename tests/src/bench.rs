@@ -13,6 +13,8 @@ use anyhow::{Context, Result};
 
 use crate::Sandbox;
 
+pub mod ceiling;
+
 /// Port of the sink (reads and discards) and of the 64-byte echo server.
 pub const SINK_PORT: u16 = 5001;
 pub const ECHO_PORT: u16 = 5002;
@@ -78,8 +80,25 @@ pub fn start_servers(sb: &Sandbox, host: &str) -> Result<Servers> {
     Ok(Servers { sunk })
 }
 
+/// What a throughput run measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Throughput {
+    pub bytes_per_sec: f64,
+    /// Busy CPU time of the whole machine (all processes, kernel included) per byte moved.
+    pub cpu_ns_per_byte: f64,
+    /// CPU time of the metered processes (the proxies) per byte moved: unlike the machine's,
+    /// not moved by other load on the machine.
+    pub metered_ns_per_byte: f64,
+}
+
+/// CPU time (user + system) the processes `pids` have used so far, together.
+pub fn cpu_of(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|p| cpu_time(*p)).sum()
+}
+
 /// Bytes per second into the sink over `dur`, from `streams` parallel connections opened in
-/// `client`'s netns. The first second is warm-up and not counted.
+/// `client`'s netns, and the machine's CPU time per byte. The first second is warm-up and not
+/// counted.
 pub fn throughput(
     sb: &Sandbox,
     client: &str,
@@ -87,7 +106,8 @@ pub fn throughput(
     streams: usize,
     dur: Duration,
     servers: &Servers,
-) -> Result<f64> {
+    meter: &[u32],
+) -> Result<Throughput> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for i in 0..streams {
@@ -106,25 +126,42 @@ pub fn throughput(
         )?);
     }
     std::thread::sleep(Duration::from_secs(1));
-    let (b0, t0) = (servers.sunk.load(Ordering::Relaxed), Instant::now());
+    let (b0, t0, c0, m0) = (
+        servers.sunk.load(Ordering::Relaxed),
+        Instant::now(),
+        ceiling::cpu_busy()?,
+        cpu_of(meter),
+    );
     std::thread::sleep(dur);
-    let (b1, t1) = (servers.sunk.load(Ordering::Relaxed), Instant::now());
+    let (b1, t1, c1, m1) = (
+        servers.sunk.load(Ordering::Relaxed),
+        Instant::now(),
+        ceiling::cpu_busy()?,
+        cpu_of(meter),
+    );
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join()
             .map_err(|_| anyhow::anyhow!("throughput thread panicked"))???;
     }
-    Ok((b1 - b0) as f64 / (t1 - t0).as_secs_f64())
+    let bytes = (b1 - b0).max(1) as f64;
+    Ok(Throughput {
+        bytes_per_sec: bytes / (t1 - t0).as_secs_f64(),
+        cpu_ns_per_byte: (c1 - c0).as_nanos() as f64 / bytes,
+        metered_ns_per_byte: (m1 - m0).as_nanos() as f64 / bytes,
+    })
 }
 
-/// Round-trip times of 64-byte request/response on one connection, for `dur`.
+/// Round-trip times of 64-byte request/response on one connection, for `dur`, and the CPU
+/// time the metered processes used per round trip.
 pub fn latency(
     sb: &Sandbox,
     client: &str,
     dst: SocketAddr,
     dur: Duration,
-) -> Result<Vec<Duration>> {
-    sb.in_netns(client, || -> Result<Vec<Duration>> {
+    meter: &[u32],
+) -> Result<(Vec<Duration>, Duration)> {
+    sb.in_netns(client, || -> Result<(Vec<Duration>, Duration)> {
         let mut s = TcpStream::connect(dst)?;
         s.set_nodelay(true)?;
         let mut buf = [7u8; MSG];
@@ -134,6 +171,7 @@ pub fn latency(
             s.read_exact(&mut buf)?;
         }
         let mut rtts = Vec::with_capacity(200_000);
+        let m0 = cpu_of(meter);
         let end = Instant::now() + dur;
         while Instant::now() < end {
             let t = Instant::now();
@@ -141,19 +179,22 @@ pub fn latency(
             s.read_exact(&mut buf)?;
             rtts.push(t.elapsed());
         }
-        Ok(rtts)
+        let per = (cpu_of(meter) - m0) / rtts.len().max(1) as u32;
+        Ok((rtts, per))
     })?
 }
 
 /// Completed connect + 64-byte request/response + close cycles per second, from `workers`
-/// concurrent clients, over `dur` (after one second of warm-up).
+/// concurrent clients, over `dur` (after one second of warm-up), and the CPU time the metered
+/// processes used per cycle.
 pub fn connection_rate(
     sb: &Sandbox,
     client: &str,
     dst: SocketAddr,
     workers: usize,
     dur: Duration,
-) -> Result<f64> {
+    meter: &[u32],
+) -> Result<(f64, Duration)> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -180,9 +221,9 @@ pub fn connection_rate(
         );
     }
     std::thread::sleep(Duration::from_secs(1));
-    let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    let (n0, t0, m0) = (done.load(Ordering::Relaxed), Instant::now(), cpu_of(meter));
     std::thread::sleep(dur);
-    let (n1, t1) = (done.load(Ordering::Relaxed), Instant::now());
+    let (n1, t1, m1) = (done.load(Ordering::Relaxed), Instant::now(), cpu_of(meter));
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join()
@@ -192,7 +233,8 @@ pub fn connection_rate(
     if errs > 0 {
         eprintln!("  note: {errs} connection attempts failed during the run");
     }
-    Ok((n1 - n0) as f64 / (t1 - t0).as_secs_f64())
+    let per = (m1 - m0) / (n1 - n0).max(1) as u32;
+    Ok(((n1 - n0) as f64 / (t1 - t0).as_secs_f64(), per))
 }
 
 /// The `q`-quantile (0..=1) of a set of durations.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use zmesh_tests::bench::{self, ECHO_PORT, SINK_PORT};
+use zmesh_tests::bench::{self, ECHO_PORT, SINK_PORT, ceiling};
 use zmesh_tests::lab::{Topology, redirect_outbound};
 use zmesh_tests::mesh::{self, LocalConfig, WorkloadSpec};
 use zmesh_tests::ztunnel::Ztunnel;
@@ -49,9 +49,24 @@ struct Args {
     /// server and allow the client, the rest are other namespaces'); 0 = none.
     #[arg(long, default_value_t = 0)]
     policies: usize,
+    /// Extra environment for both ztunnels, `KEY=VALUE` (repeatable), e.g. to compare
+    /// allocator settings in one build.
+    #[arg(long = "ztunnel-env", value_parser = parse_env)]
+    ztunnel_env: Vec<(String, String)>,
+    /// The ztunnel binary to run (default: the one beside this benchmark), e.g. to compare two
+    /// builds in the same run of the machine.
+    #[arg(long)]
+    ztunnel_bin: Option<std::path::PathBuf>,
     /// Where to write the markdown report (also printed).
     #[arg(long)]
     report: Option<std::path::PathBuf>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 struct Row {
@@ -61,6 +76,8 @@ struct Row {
     unit: &'static str,
     /// Ratio mesh/direct, or for latency the added time.
     note: String,
+    /// CPU time both ztunnels used per unit of work (byte, round trip, connection).
+    cpu: String,
 }
 
 /// What every ztunnel of the run shares.
@@ -80,19 +97,95 @@ impl Launch<'_> {
         if let Some(n) = self.args.workers {
             env.push(("ZTUNNEL_WORKER_THREADS".into(), n.to_string()));
         }
+        env.extend(self.args.ztunnel_env.iter().cloned());
         if let Some(c) = config.or(self.args.ztunnel_config.as_deref()) {
             env.push(("ZTUNNEL_CONFIG".into(), c.display().to_string()));
         }
-        Ztunnel::spawn(self.sb, host, &env, &bin_path("ztunnel"))
+        let bin = self
+            .args
+            .ztunnel_bin
+            .clone()
+            .unwrap_or_else(|| bin_path("ztunnel"));
+        Ztunnel::spawn(self.sb, host, &env, &bin)
     }
 }
 
-fn runs<F: FnMut() -> Result<f64>>(n: usize, mut f: F) -> Result<(f64, Vec<f64>)> {
+/// Like [`runs`], for throughput: the run with the median rate, and all of them.
+fn tput_runs<F: FnMut() -> Result<bench::Throughput>>(
+    n: usize,
+    mut f: F,
+) -> Result<(bench::Throughput, Vec<bench::Throughput>)> {
     let mut xs = Vec::new();
     for _ in 0..n {
         xs.push(f()?);
     }
-    Ok((bench::median(xs.clone()), xs))
+    let mut sorted = xs.clone();
+    sorted.sort_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec));
+    Ok((sorted[sorted.len() / 2], xs))
+}
+
+/// The ceiling section of the report (see `zmesh_tests::bench::ceiling`): for each stream
+/// count, the hop cost measured on the direct run, the AES-GCM rates, the ceiling, and how
+/// close HBONE came to it.
+fn ceiling_report(
+    rows: &[(usize, bench::Throughput, bench::Throughput)],
+    aead: &[(&str, f64, f64)],
+    cores: usize,
+    workers: usize,
+) -> String {
+    let gbit = |b: f64| b * 8.0 / 1e9;
+    let mut out = format!(
+        "\n## Throughput ceiling ({cores} cores, {workers} ztunnel worker(s))\n\n\
+         One AES-GCM pass over 16 KiB records, one core:\n\n\
+         | suite | seal | open |\n|---|---|---|\n"
+    );
+    for (name, seal, open) in aead {
+        out.push_str(&format!(
+            "| {name} | {seal:.3} ns/B ({:.2} GB/s) | {open:.3} ns/B ({:.2} GB/s) |\n",
+            1.0 / seal,
+            1.0 / open.max(1e-9)
+        ));
+    }
+    out.push_str(
+        "\n| streams | hop cost (direct run) | HBONE CPU per byte | suite | ceiling | ceiling vs direct | HBONE vs ceiling |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for (streams, d, m) in rows {
+        for (name, seal, open) in aead {
+            let c = ceiling::Ceiling {
+                cores: cores as f64,
+                hop: d.cpu_ns_per_byte,
+                seal: *seal,
+                open: *open,
+            };
+            let top = c.bytes_per_sec(workers);
+            out.push_str(&format!(
+                "| {streams} | {:.3} ns/B | {:.3} ns/B | {name} | {:.2} Gbit/s | {:.2}x | {:.0}% |\n",
+                d.cpu_ns_per_byte,
+                m.cpu_ns_per_byte,
+                gbit(top),
+                top / d.bytes_per_sec,
+                100.0 * m.bytes_per_sec / top
+            ));
+        }
+    }
+    out
+}
+
+/// Connection-rate runs: the median rate, and the median CPU per connection in microseconds.
+fn crr_runs<F: FnMut() -> Result<(f64, Duration)>>(n: usize, mut f: F) -> Result<(f64, f64)> {
+    let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (r, c) = f()?;
+        rates.push(r);
+        cpus.push(c.as_secs_f64() * 1e6);
+    }
+    Ok((bench::median(rates), bench::median(cpus)))
+}
+
+/// The process ids of both ztunnels, whose CPU time the mesh runs meter.
+fn zt_pids(zt: &(Ztunnel, Ztunnel)) -> [u32; 2] {
+    [zt.0.pid(), zt.1.pid()]
 }
 
 fn main() -> Result<()> {
@@ -131,8 +224,11 @@ fn main() -> Result<()> {
         args: &args,
     };
     let servers = bench::start_servers(&sb, "server")?;
-    let zt_server = launch.ztunnel("server", &server_w, None)?;
-    let mut zt_client = launch.ztunnel("cmesh", &client_w, None)?;
+    // (server, client)
+    let mut zt = (
+        launch.ztunnel("server", &server_w, None)?,
+        launch.ztunnel("cmesh", &client_w, None)?,
+    );
 
     let sink = SocketAddr::new(server_ip.into(), SINK_PORT);
     let echo = SocketAddr::new(server_ip.into(), ECHO_PORT);
@@ -140,48 +236,68 @@ fn main() -> Result<()> {
     let gbit = |b: f64| b * 8.0 / 1e9;
     let want = |what: &str| args.only.is_empty() || args.only.iter().any(|o| o == what);
 
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // ztunnel's own default when --workers is absent (a quarter of the cores, at least one).
+    let workers = args.workers.unwrap_or((cores / 4).max(1));
+    let mut ceiling_rows = Vec::new();
     for streams in [1usize, 4].into_iter().filter(|_| want("throughput")) {
         eprintln!("throughput, {streams} stream(s)...");
-        let (d, dr) = runs(args.repeat, || {
-            bench::throughput(&sb, "cdirect", sink, streams, dur, &servers)
+        let (d, dr) = tput_runs(args.repeat, || {
+            bench::throughput(&sb, "cdirect", sink, streams, dur, &servers, &[])
         })?;
-        let (m, mr) = runs(args.repeat, || {
-            bench::throughput(&sb, "cmesh", sink, streams, dur, &servers)
+        let (m, mr) = tput_runs(args.repeat, || {
+            bench::throughput(&sb, "cmesh", sink, streams, dur, &servers, &zt_pids(&zt))
         })?;
         eprintln!(
             "  direct {:?} Gbit/s, hbone {:?} Gbit/s",
-            dr.iter().map(|x| gbit(*x)).collect::<Vec<_>>(),
-            mr.iter().map(|x| gbit(*x)).collect::<Vec<_>>()
+            dr.iter().map(|x| gbit(x.bytes_per_sec)).collect::<Vec<_>>(),
+            mr.iter().map(|x| gbit(x.bytes_per_sec)).collect::<Vec<_>>()
         );
         rows.push(Row {
             name: format!("throughput, {streams} stream(s)"),
-            direct: gbit(d),
-            mesh: gbit(m),
+            direct: gbit(d.bytes_per_sec),
+            mesh: gbit(m.bytes_per_sec),
             unit: "Gbit/s",
-            note: format!("{:.2}x", m / d),
+            note: format!("{:.2}x", m.bytes_per_sec / d.bytes_per_sec),
+            cpu: format!("{:.3} ns/B", m.metered_ns_per_byte),
         });
+        ceiling_rows.push((streams, d, m));
     }
+    let ceiling = if ceiling_rows.is_empty() {
+        None
+    } else {
+        eprintln!("AES-GCM rates (one core)...");
+        let mut aead = Vec::new();
+        for (name, alg) in ceiling::suites() {
+            let (seal, open) = ceiling::aead_ns_per_byte(alg, Duration::from_secs(1))?;
+            aead.push((name, seal, open));
+        }
+        Some(ceiling_report(&ceiling_rows, &aead, cores, workers))
+    };
 
     if want("latency") {
         eprintln!("latency, 64-byte request/response...");
-        let lat = |host: &str| -> Result<(f64, f64)> {
+        let lat = |host: &str, meter: &[u32]| -> Result<(f64, f64, f64)> {
             let mut p50s = Vec::new();
             let mut p99s = Vec::new();
+            let mut cpus = Vec::new();
             for _ in 0..args.repeat {
-                let mut rtts = bench::latency(&sb, host, echo, dur)?;
+                let (mut rtts, cpu) = bench::latency(&sb, host, echo, dur, meter)?;
                 p50s.push(bench::quantile(&mut rtts, 0.50).as_secs_f64() * 1e6);
                 p99s.push(bench::quantile(&mut rtts, 0.99).as_secs_f64() * 1e6);
+                cpus.push(cpu.as_secs_f64() * 1e6);
             }
-            Ok((bench::median(p50s), bench::median(p99s)))
+            Ok((bench::median(p50s), bench::median(p99s), bench::median(cpus)))
         };
-        let (d50, d99) = lat("cdirect")?;
-        let (m50, m99) = lat("cmesh")?;
+        let (d50, d99, _) = lat("cdirect", &[])?;
+        let (m50, m99, mcpu) = lat("cmesh", &zt_pids(&zt))?;
         rows.push(Row {
             name: "latency p50".into(),
             direct: d50,
             mesh: m50,
             unit: "us",
             note: format!("+{:.0} us", m50 - d50),
+            cpu: format!("{mcpu:.1} us per round trip"),
         });
         rows.push(Row {
             name: "latency p99".into(),
@@ -189,6 +305,7 @@ fn main() -> Result<()> {
             mesh: m99,
             unit: "us",
             note: format!("+{:.0} us", m99 - d99),
+            cpu: String::new(),
         });
     }
 
@@ -196,11 +313,11 @@ fn main() -> Result<()> {
     if want("crr") {
         eprintln!("connection rate, pool warm...");
         let w = args.crr_workers;
-        let (cd, _) = runs(args.repeat, || {
-            bench::connection_rate(&sb, "cdirect", echo, w, dur)
+        let (cd, _) = crr_runs(args.repeat, || {
+            bench::connection_rate(&sb, "cdirect", echo, w, dur, &[])
         })?;
-        let (cm, _) = runs(args.repeat, || {
-            bench::connection_rate(&sb, "cmesh", echo, w, dur)
+        let (cm, cm_cpu) = crr_runs(args.repeat, || {
+            bench::connection_rate(&sb, "cmesh", echo, w, dur, &zt_pids(&zt))
         })?;
         rows.push(Row {
             name: format!("connect+request+close, pool warm ({w} clients)"),
@@ -208,18 +325,19 @@ fn main() -> Result<()> {
             mesh: cm,
             unit: "conn/s",
             note: format!("{:.2}x", cm / cd),
+            cpu: format!("{cm_cpu:.1} us per connection"),
         });
 
         // Pool disabled: each connection pays TCP + TLS 1.3 + HTTP/2 handshakes, exactly what a
         // new source per connection costs (the pool key includes the source).
         eprintln!("connection rate, no pooling (new handshake per connection)...");
-        rss_client_warm = bench::peak_rss_kib(zt_client.pid());
-        zt_client.stop()?;
+        rss_client_warm = bench::peak_rss_kib(zt.1.pid());
+        zt.1.stop()?;
         let cold_cfg = sb.dir().join("cold.yaml");
         std::fs::write(&cold_cfg, "pool:\n  idle_timeout: 0s\n")?;
-        zt_client = launch.ztunnel("cmesh", &client_w, Some(&cold_cfg))?;
-        let (cc, _) = runs(args.repeat, || {
-            bench::connection_rate(&sb, "cmesh", echo, w, dur)
+        zt.1 = launch.ztunnel("cmesh", &client_w, Some(&cold_cfg))?;
+        let (cc, cc_cpu) = crr_runs(args.repeat, || {
+            bench::connection_rate(&sb, "cmesh", echo, w, dur, &zt_pids(&zt))
         })?;
         rows.push(Row {
             name: format!("connect+request+close, every connection new ({w} clients)"),
@@ -227,6 +345,7 @@ fn main() -> Result<()> {
             mesh: cc,
             unit: "conn/s",
             note: format!("{:.2}x", cc / cd),
+            cpu: format!("{cc_cpu:.1} us per connection"),
         });
     }
 
@@ -246,12 +365,12 @@ fn main() -> Result<()> {
         ));
     }
     out.push_str(
-        "| measurement | direct TCP | HBONE (2 ztunnels) | HBONE vs direct |\n|---|---|---|---|\n",
+        "| measurement | direct TCP | HBONE (2 ztunnels) | HBONE vs direct | ztunnel CPU (both) |\n|---|---|---|---|---|\n",
     );
     for r in &rows {
         out.push_str(&format!(
-            "| {} | {:.2} {} | {:.2} {} | {} |\n",
-            r.name, r.direct, r.unit, r.mesh, r.unit, r.note
+            "| {} | {:.2} {} | {:.2} {} | {} | {} |\n",
+            r.name, r.direct, r.unit, r.mesh, r.unit, r.note, r.cpu
         ));
     }
     let kib = |k: Option<u64>| {
@@ -260,10 +379,13 @@ fn main() -> Result<()> {
     };
     out.push_str(&format!(
         "\nPeak RSS: server ztunnel {}, client ztunnel {} (warm-pool run), client ztunnel {} (no-pool run)\n",
-        kib(bench::peak_rss_kib(zt_server.pid())),
+        kib(bench::peak_rss_kib(zt.0.pid())),
         kib(rss_client_warm),
-        kib(bench::peak_rss_kib(zt_client.pid())),
+        kib(bench::peak_rss_kib(zt.1.pid())),
     ));
+    if let Some(c) = &ceiling {
+        out.push_str(c);
+    }
     println!("{out}");
     if let Some(p) = args.report {
         std::fs::write(&p, &out).with_context(|| format!("writing {}", p.display()))?;
