@@ -3,24 +3,28 @@
 //! connection pool. The server side lives with each proxy, which decides what a CONNECT may reach.
 
 mod pool;
+mod tunnel;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::peer_text::PeerText;
 
 pub use pool::{Pool, PoolConfig, PoolKey, PoolStats, StreamGuard};
+pub use tunnel::{H2Tunnel, keepalive};
 
 /// The HBONE port.
 pub const HBONE_PORT: u16 = 15008;
 
-/// A tunnel: the byte stream of one CONNECT, after the 200.
-pub type Tunnel = TokioIo<hyper::upgrade::Upgraded>;
+/// A tunnel: the byte stream of one CONNECT, after the 200, on h2's stream handles (what the
+/// pool opens and ztunnel's inbound serves).
+pub type Tunnel = H2Tunnel;
+
+/// A CONNECT accepted by a hyper server (the waypoint's), after the 200.
+pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 
 /// HTTP/2 settings, tuned for throughput: large windows so one stream can fill a fast link,
 /// the connection window a multiple of the stream window so one slow stream cannot stall others.
@@ -64,6 +68,30 @@ impl H2Settings {
             .keep_alive_interval(self.keepalive_interval)
             .keep_alive_timeout(self.keepalive_timeout)
             .auto_date_header(false);
+        b
+    }
+
+    /// The HBONE client's HTTP/2 settings, for h2 itself (the pool's connections).
+    pub fn h2_client(&self) -> h2::client::Builder {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_send_buffer_size(self.stream_window as usize)
+            .max_header_list_size(16 << 10)
+            .enable_push(false);
+        b
+    }
+
+    /// The HBONE server's HTTP/2 settings, for h2 itself (ztunnel's inbound).
+    pub fn h2_server(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_concurrent_streams(self.server_max_streams)
+            .max_send_buffer_size(self.max_frame_size as usize)
+            .max_header_list_size(64 << 10);
         b
     }
 
@@ -138,8 +166,8 @@ pub fn traceparent() -> String {
 /// Builds the CONNECT request for `target` (the inner `ip:port`). Header values come from
 /// config (workload names, revisions, service hostnames); one that is not a valid header value
 /// is left out rather than failing the connection.
-pub fn connect_request(target: SocketAddr, src: &SourceInfo) -> Request<Empty<Bytes>> {
-    let mut req = Request::new(Empty::new());
+pub fn connect_request<B: Default>(target: SocketAddr, src: &SourceInfo) -> Request<B> {
+    let mut req = Request::new(B::default());
     *req.method_mut() = Method::CONNECT;
     *req.uri_mut() = http::Uri::from_maybe_shared(target.to_string())
         .expect("ip:port is a valid authority-form URI");
@@ -240,12 +268,19 @@ pub enum HboneError {
     #[error("peer {0} did not negotiate ALPN h2")]
     Alpn(SocketAddr),
     #[error("HTTP/2 handshake with {0} failed: {1}")]
-    H2Handshake(SocketAddr, hyper::Error),
+    H2Handshake(SocketAddr, h2::Error),
     #[error("CONNECT to {target} via {peer} failed: {source}")]
     Request {
         peer: SocketAddr,
         target: SocketAddr,
-        source: hyper::Error,
+        source: h2::Error,
+    },
+    /// The pooled connection closed before the CONNECT was sent (safe to send again).
+    #[error("CONNECT to {target} via {peer} not sent: the connection closed ({source})")]
+    Closed {
+        peer: SocketAddr,
+        target: SocketAddr,
+        source: h2::Error,
     },
     #[error("CONNECT to {target} via {peer} was answered {status}")]
     Status {
@@ -267,9 +302,10 @@ impl HboneError {
             HboneError::Tls(..) | HboneError::Alpn(_) => "TLS_FAILURE",
             HboneError::H2Handshake(..) => "H2_HANDSHAKE_FAILURE",
             HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => "DENY",
-            HboneError::Request { .. } | HboneError::Status { .. } | HboneError::PeerFailed(..) => {
-                "CONNECT"
-            }
+            HboneError::Request { .. }
+            | HboneError::Closed { .. }
+            | HboneError::Status { .. }
+            | HboneError::PeerFailed(..) => "CONNECT",
             HboneError::Local(_) => "IDENTITY_ERROR",
         }
     }
@@ -291,7 +327,7 @@ mod tests {
             canonical_revision: "v1".into(),
             ..Default::default()
         };
-        let req = connect_request("10.0.0.2:8080".parse().unwrap(), &src);
+        let req = connect_request::<()>("10.0.0.2:8080".parse().unwrap(), &src);
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.2:8080");
         let h = req.headers();
@@ -380,7 +416,7 @@ mod tests {
                 workload_name: name,
                 ..Default::default()
             };
-            let req = connect_request("10.0.0.2:80".parse().unwrap(), &src);
+            let req = connect_request::<()>("10.0.0.2:80".parse().unwrap(), &src);
             proptest::prop_assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.2:80");
             proptest::prop_assert!(req.headers().contains_key("traceparent"));
         }

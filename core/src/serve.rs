@@ -16,6 +16,7 @@
 mod conn;
 mod fd;
 mod preface;
+mod streams;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -29,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub use conn::{ActiveGuard, Activity, Tracked, TrackedBody, serve_h2, serve_http1};
 pub use fd::{FdHeadroom, open_fds};
 pub use preface::{PREFACE, PrefaceError, Prefixed, read_h2_start};
+pub use streams::serve_h2_streams;
 
 /// The limits of one listener. In config files: `max_connections`, `max_connections_per_peer`,
 /// `handshake_timeout` and `idle_timeout` (durations like `10s`).
@@ -100,6 +102,9 @@ pub enum ServeError {
     /// The HTTP connection failed.
     #[error("HTTP connection failed: {0}")]
     Http(#[from] hyper::Error),
+    /// The HTTP/2 connection failed (an HBONE server on h2 itself).
+    #[error("HTTP/2 connection failed: {0}")]
+    H2(#[from] h2::Error),
 }
 
 /// Accepts TLS on `stream`, finishing by `deadline`.

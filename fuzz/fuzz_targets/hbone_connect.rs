@@ -105,7 +105,7 @@ fn client(c: &Client) {
         canonical_name: c.canonical_name.clone(),
         canonical_revision: c.canonical_revision.clone(),
     };
-    let req = connect_request(c.target, &src);
+    let req = connect_request::<()>(c.target, &src);
     assert_eq!(req.method(), Method::CONNECT);
     let headers = req.headers();
     if let Some(f) = headers.get("forwarded") {

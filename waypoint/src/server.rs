@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
+use zmesh_core::hbone::{StreamGuard, Tunnel, Upgraded, forwarded_for, parse_connect};
 use zmesh_core::serve::{
     ActiveGuard, Activity, FdHeadroom, Listener, ServeError, Tracked, serve_h2, tls_accept,
 };
@@ -272,7 +272,7 @@ async fn copy_tcp<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Serves one accepted tunnel by protocol.
-async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Tunnel) {
+async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Upgraded) {
     let declared = ds.binding.port.protocol;
     let (detected, io) = match detect(io, wp.cfg.sniff_timeout).await {
         Ok(d) => d,

@@ -6,19 +6,17 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::StatusCode;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::{H2Settings, HboneError, SourceInfo, Tunnel, connect_request};
+use super::{H2Settings, HboneError, SourceInfo, Tunnel, connect_request, tunnel::keepalive};
 use crate::identity::SpiffeId;
 use crate::socket::SocketOptions;
 use crate::tls::WorkloadCertificate;
@@ -77,7 +75,10 @@ impl Default for PoolConfig {
 }
 
 struct Conn {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set once the connection's task ended (the peer closed it, it failed, or its keepalive
+    /// went unanswered): no new stream is opened on it.
+    closed: Arc<AtomicBool>,
     streams: Arc<AtomicUsize>,
     /// Milliseconds since the pool's epoch of the last time a stream ended or began.
     last_used: Arc<AtomicU64>,
@@ -176,7 +177,7 @@ impl Pool {
                 return true;
             };
             state.conns.retain(|c| {
-                !c.sender.is_closed()
+                !c.closed.load(Ordering::Acquire)
                     && (c.streams.load(Ordering::Acquire) > 0
                         || now.saturating_sub(c.last_used.load(Ordering::Relaxed)) < idle_ms)
             });
@@ -199,6 +200,10 @@ impl Pool {
             .try_connect(key.clone(), cert, target, src, false)
             .await
         {
+            Err(HboneError::Closed { source, .. }) => {
+                tracing::debug!(peer = %key.dst, error = %source, "pooled connection closed before the CONNECT was sent; retrying on a new one");
+                self.try_connect(key, cert, target, src, true).await
+            }
             Err(HboneError::Request { source, .. }) if never_processed(&source) => {
                 tracing::debug!(peer = %key.dst, error = %source, "stream refused by a closing connection; retrying on a new one");
                 self.try_connect(key, cert, target, src, true).await
@@ -216,8 +221,8 @@ impl Pool {
         fresh: bool,
     ) -> Result<(Tunnel, StreamGuard), HboneError> {
         let peer = key.dst;
-        let (mut sender, guard) = if self.cfg.idle_timeout.is_zero() {
-            let sender = Box::pin(self.handshake(&key, cert)).await?;
+        let (sender, guard) = if self.cfg.idle_timeout.is_zero() {
+            let (sender, _closed) = Box::pin(self.handshake(&key, cert)).await?;
             let guard = StreamGuard {
                 streams: Arc::new(AtomicUsize::new(1)),
                 last_used: Arc::new(AtomicU64::new(0)),
@@ -235,11 +240,17 @@ impl Pool {
         };
         // The peer answers once it reached the workload (its own connect is bounded too);
         // a peer that never answers must not hold the client forever.
+        let not_sent = |source| HboneError::Closed {
+            peer,
+            target,
+            source,
+        };
         let exchange = async {
-            let res = sender
-                .send_request(connect_request(target, src))
-                .await
-                .map_err(failed)?;
+            let mut sender = sender.ready().await.map_err(not_sent)?;
+            let (res, send) = sender
+                .send_request(connect_request(target, src), false)
+                .map_err(not_sent)?;
+            let res = res.await.map_err(failed)?;
             if res.status() != StatusCode::OK {
                 return Err(HboneError::Status {
                     peer,
@@ -247,16 +258,16 @@ impl Pool {
                     status: res.status(),
                 });
             }
-            hyper::upgrade::on(res).await.map_err(failed)
+            Ok(Tunnel::new(send, res.into_body()))
         };
         let wait = self.sockets.connect_timeout * 2;
-        let upgraded = tokio::time::timeout(wait, exchange).await.map_err(|_| {
+        let tunnel = tokio::time::timeout(wait, exchange).await.map_err(|_| {
             HboneError::PeerFailed(
                 peer,
                 format!("no answer to CONNECT {target} within {wait:?}"),
             )
         })??;
-        Ok((TokioIo::new(upgraded), guard))
+        Ok((tunnel, guard))
     }
 
     async fn checkout(
@@ -264,7 +275,7 @@ impl Pool {
         key: PoolKey,
         cert: &WorkloadCertificate,
         fresh: bool,
-    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), HboneError> {
         let slot: Slot = {
             let mut slots = self.slots.lock().expect("pool lock");
             slots.entry(key.clone()).or_default().clone()
@@ -286,12 +297,12 @@ impl Pool {
         {
             return Err(HboneError::PeerFailed(peer, reason.clone()));
         }
-        state.conns.retain(|c| !c.sender.is_closed());
+        state.conns.retain(|c| !c.closed.load(Ordering::Acquire));
         let max = self.cfg.max_streams.max(1);
         let reusable = state
             .conns
             .iter()
-            .position(|c| c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max)
+            .position(|c| c.streams.load(Ordering::Acquire) < max)
             .filter(|_| !fresh);
         // The handshake is boxed (here and above): a new connection's TLS and HTTP/2 handshakes
         // are kilobytes of future state that every caller would otherwise carry (and copy with
@@ -299,10 +310,11 @@ impl Pool {
         let index = match reusable {
             Some(i) => i,
             None => match Box::pin(self.handshake(&key, cert)).await {
-                Ok(sender) => {
+                Ok((sender, closed)) => {
                     state.last_failure = None;
                     state.conns.push(Conn {
                         sender,
+                        closed,
                         streams: Arc::new(AtomicUsize::new(0)),
                         last_used: Arc::new(AtomicU64::new(self.now_ms())),
                     });
@@ -338,7 +350,7 @@ impl Pool {
         &self,
         key: &PoolKey,
         cert: &WorkloadCertificate,
-    ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), HboneError> {
         let peer = key.dst;
         let tcp = crate::socket::connect(peer, key.src_ip, &self.sockets)
             .await
@@ -357,12 +369,12 @@ impl Pool {
                 return Err(HboneError::Alpn(peer));
             }
             self.h2
-                .client()
-                .handshake(TokioIo::new(tls))
+                .h2_client()
+                .handshake(tls)
                 .await
                 .map_err(|e| HboneError::H2Handshake(peer, e))
         };
-        let (sender, conn) = tokio::time::timeout(self.sockets.connect_timeout, handshake)
+        let (sender, mut conn) = tokio::time::timeout(self.sockets.connect_timeout, handshake)
             .await
             .map_err(|_| {
                 HboneError::Tls(
@@ -377,31 +389,33 @@ impl Pool {
                 )
             })??;
         self.opened.fetch_add(1, Ordering::Relaxed);
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
+        let alive = keepalive(
+            conn.ping_pong(),
+            self.h2.keepalive_interval,
+            self.h2.keepalive_timeout,
+        );
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "HBONE connection ended");
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+                    }
+                }
+                _ = alive => {
+                    tracing::debug!(%peer, "HBONE connection closed: its keepalive went unanswered");
+                }
             }
+            ended.store(true, Ordering::Release);
         });
-        Ok(sender)
+        Ok((sender, closed))
     }
 }
 
 /// Whether a failed CONNECT was refused before the server processed it (RFC 9113 §8.7: a
 /// stream above a GOAWAY's last stream id, or REFUSED_STREAM), so it is safe to send again.
-fn never_processed(e: &hyper::Error) -> bool {
-    if e.is_canceled() {
-        // The connection closed before the request was sent.
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away()
-                    && h2.is_remote()
-                    && h2.reason() == Some(h2::Reason::NO_ERROR));
-        }
-        source = s.source();
-    }
-    false
+fn never_processed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM)
+        || (e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
 }

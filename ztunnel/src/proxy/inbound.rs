@@ -9,20 +9,18 @@
 //! mandatory, allow only the waypoint's identity with an AuthorizationPolicy (Istio's
 //! documented pattern).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use zmesh_core::hbone::Tunnel;
 use zmesh_core::identity::SpiffeId;
-use zmesh_core::serve::{ActiveGuard, Activity, ServeError, serve_h2, tls_accept};
+use zmesh_core::serve::{ActiveGuard, ServeError, serve_h2_streams, tls_accept};
 use zmesh_core::tls::peer_identity;
 
 use super::policy::{self, Peer};
@@ -88,56 +86,64 @@ async fn hbone_connection(
         .and_then(peer_identity);
     let peer_id = Arc::new(peer_id);
     let p = proxy.clone();
-    // Tunnels count as in flight for as long as they live: a connection carrying one is never
-    // idle; one carrying none is closed (GOAWAY) after the idle timeout.
-    let activity = Activity::new();
-    let streams = activity.clone();
-    let svc = service_fn(move |req| {
-        let p = p.clone();
-        let peer_id = peer_id.clone();
-        let busy = streams.begin();
-        async move { Ok::<_, Infallible>(p.handle_connect(req, peer, local_addr, peer_id, busy).await) }
-    });
-    serve_h2(
+    // Each CONNECT is served on a task of its own (tracked for the drain), from the answer to
+    // the end of its tunnel. Tunnels count as in flight for as long as they live (`busy`): a
+    // connection carrying one is never idle; one carrying none is closed (GOAWAY) after the
+    // idle timeout.
+    serve_h2_streams(
         tls,
-        &proxy.cfg.h2.server(),
-        svc,
-        activity,
+        &proxy.cfg.h2,
         &limits,
         deadline,
         &proxy.drain,
+        move |req, respond, busy| {
+            let conn = p.clone();
+            let peer_id = peer_id.clone();
+            p.spawn_connection(async move {
+                conn.handle_connect(req, respond, peer, local_addr, peer_id, busy)
+                    .await
+            });
+        },
     )
     .await?;
     Ok(())
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = code;
     r
+}
+
+/// Answers a CONNECT with `code` and no tunnel.
+fn answer(mut respond: SendResponse<Bytes>, code: StatusCode) {
+    // An error means the peer is gone already: nothing is left to tell.
+    let _ = respond.send_response(status(code), true);
 }
 
 impl Proxy {
     async fn handle_connect(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
         peer: SocketAddr,
         local_addr: SocketAddr,
         peer_id: Arc<Option<SpiffeId>>,
         busy: ActiveGuard,
-    ) -> Response<Empty<Bytes>> {
-        let reject = |code, why: String| {
+    ) {
+        let _busy = busy;
+        let reject = |respond, code, why: String| {
             connection_failed(
                 "inbound",
                 peer,
                 None,
                 &format!("CONNECT refused with {code}: {why}"),
             );
-            status(code)
+            answer(respond, code)
         };
         let connect = match zmesh_core::hbone::parse_connect(&req, &self.cfg.illegal_ports()) {
             Ok(c) => c,
-            Err(e) => return reject(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => return reject(respond, StatusCode::BAD_REQUEST, e.to_string()),
         };
         let target = connect.target;
         // The source is who connected, not what the client's `forwarded` header claims:
@@ -160,6 +166,7 @@ impl Proxy {
         // (the one this connection arrived on, in its own network namespace).
         let Some(local_w) = local.as_ref() else {
             return reject(
+                respond,
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "this proxy's workload {} is not in the mesh config",
@@ -169,6 +176,7 @@ impl Proxy {
         };
         if target.ip() != local_addr.ip() && !local_w.workload_ips.contains(&target.ip()) {
             return reject(
+                respond,
                 StatusCode::BAD_REQUEST,
                 format!(
                     "target {target} is not this workload (connection arrived on {local_addr})"
@@ -215,7 +223,7 @@ impl Proxy {
                         None,
                     );
                     finish(rec, Err(ProxyError::Denied(denial)));
-                    return status(StatusCode::UNAUTHORIZED);
+                    return answer(respond, StatusCode::UNAUTHORIZED);
                 }
             };
         let mut rec =
@@ -227,7 +235,7 @@ impl Proxy {
             Err(e) => {
                 rec.set_response_flag("CONNECT");
                 rec.finish(0, 0, Some(&ProxyError::Upstream(target, e)));
-                return status(StatusCode::SERVICE_UNAVAILABLE);
+                return answer(respond, StatusCode::SERVICE_UNAVAILABLE);
             }
         };
         // A policy change while connecting: the client is told, the app connection dropped.
@@ -240,26 +248,30 @@ impl Proxy {
                     denial,
                 }),
             );
-            return status(StatusCode::UNAUTHORIZED);
+            return answer(respond, StatusCode::UNAUTHORIZED);
         }
-        let buf = self.cfg.copy_buffer;
-        // Only the upgrade handle goes into the tunnel's task: the request (its headers, and
-        // the space its type takes in the task) is dropped now, not kept for the tunnel's life.
-        let upgrade = hyper::upgrade::on(req);
-        self.spawn_connection(async move {
-            let _busy = busy;
-            let res = match upgrade.await {
-                Ok(up) => {
-                    let mut tunnel = TokioIo::new(up);
-                    // On revocation the tunnel is dropped unfinished: the client gets a
-                    // stream reset, the app a close.
-                    copy_until(&mut tunnel, &mut upstream, buf, registration.revoked()).await
-                }
-                Err(e) => Err(ProxyError::Io(std::io::Error::other(e))),
-            };
-            finish(rec, res);
-        });
-        status(StatusCode::OK)
+        // What the decision needed is let go now, not kept for the tunnel's life: the config
+        // snapshot (a later config must not keep this one alive) and the request's headers.
+        drop(local);
+        drop(state);
+        let recv = req.into_body();
+        let mut respond = respond;
+        let res = match respond.send_response(status(StatusCode::OK), false) {
+            Ok(send) => {
+                let mut tunnel = Tunnel::new(send, recv);
+                // On revocation the tunnel is dropped unfinished: the client gets a stream
+                // reset, the app a close.
+                copy_until(
+                    &mut tunnel,
+                    &mut upstream,
+                    self.cfg.copy_buffer,
+                    registration.revoked(),
+                )
+                .await
+            }
+            Err(e) => Err(ProxyError::Io(std::io::Error::other(e))),
+        };
+        finish(rec, res);
     }
 }
 
