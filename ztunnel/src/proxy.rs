@@ -25,7 +25,7 @@ use zmesh_core::state::{Protocol, Resolved, State, Workload};
 use crate::config::{Config, WorkloadInfo};
 use crate::metrics::{ConnectionRecord, Metrics, TrafficLabels, WaypointLabels, connection_failed};
 
-pub use copy::{Bytes, copy, copy_until};
+pub use copy::{Bytes, copy, copy_until, release_spare_buffers};
 pub use inbound::{serve_hbone, serve_plaintext};
 
 /// What every proxy of a node shares.

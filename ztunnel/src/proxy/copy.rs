@@ -91,6 +91,49 @@ fn benign(e: &io::Error) -> bool {
 const SMALL: usize = 1 << 10;
 const MEDIUM: usize = 16 << 10;
 
+/// Bulk buffers a thread keeps for its next bulk read, at most.
+const SPARES: usize = 4;
+
+thread_local! {
+    /// Bulk buffers given back by directions that went quiet, for the next bulk read on this
+    /// thread. A bulk transfer alternates between reading and waiting thousands of times a
+    /// second; allocating its buffer afresh each time would map new memory (a page fault per
+    /// 4 KiB) and the allocator would give it back to the OS again, each time.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Lets go of this thread's spare bulk buffers (run when the thread goes quiet, so a load's
+/// buffers do not stay resident after it).
+pub fn release_spare_buffers() {
+    SPARE.with(|s| s.borrow_mut().clear());
+}
+
+/// A buffer of at least `size` bytes for a bulk read: a spare one if this thread has it.
+fn take_buffer(size: usize) -> BytesMut {
+    SPARE
+        .with(|s| {
+            let mut s = s.borrow_mut();
+            let i = s.iter().position(|b| b.capacity() >= size)?;
+            Some(s.swap_remove(i))
+        })
+        .unwrap_or_else(|| BytesMut::with_capacity(size))
+}
+
+/// Gives a direction's buffer back: a bulk one is kept for the thread's next bulk read.
+fn give_back(mut buf: BytesMut) {
+    buf.clear();
+    // Back to the start of its allocation (it was read into and written from).
+    if !buf.try_reclaim(MEDIUM) {
+        return;
+    }
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARES {
+            s.push(buf);
+        }
+    });
+}
+
 /// One direction of a proxied connection. It owns memory only while it moves bytes: the
 /// buffer is taken when the reader has something to read and given back as soon as the reader
 /// has nothing more and everything read was written, so an idle connection holds no buffer.
@@ -168,7 +211,14 @@ impl Half {
             // most today's size into its spare capacity (not zeroed first: a bulk read must
             // not pay a memset of the whole buffer).
             self.buf.clear();
-            self.buf.reserve(self.size);
+            if !self.buf.try_reclaim(self.size) {
+                if self.size >= MEDIUM {
+                    give_back(std::mem::take(&mut self.buf));
+                    self.buf = take_buffer(self.size);
+                } else {
+                    self.buf.reserve(self.size);
+                }
+            }
             let polled = tokio_util::io::poll_read_buf(
                 r.as_mut(),
                 cx,
@@ -179,7 +229,7 @@ impl Half {
                 Poll::Pending => {
                     // Nothing to read and nothing unwritten: give the memory back while the
                     // peer is quiet.
-                    self.buf = BytesMut::new();
+                    give_back(std::mem::take(&mut self.buf));
                     if self.need_flush {
                         ready!(w.as_mut().poll_flush(cx))?;
                         self.need_flush = false;
@@ -189,7 +239,7 @@ impl Half {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(0)) => {
                     self.read_done = true;
-                    self.buf = BytesMut::new();
+                    give_back(std::mem::take(&mut self.buf));
                 }
                 Poll::Ready(Ok(n)) => self.adapt(n),
             }
@@ -362,6 +412,57 @@ mod tests {
         assert!(r.is_pending());
         assert_eq!(half.size, MEDIUM);
         assert_eq!(half.held(), 0);
+    }
+
+    /// A bulk direction that goes quiet leaves its buffer to the thread's spares (at most
+    /// `SPARES`, never small ones); the next bulk read takes a spare instead of a fresh
+    /// allocation; the spares go when the thread releases them.
+    #[tokio::test]
+    async fn quiet_bulk_buffers_are_reused_and_bounded() {
+        let spares = || SPARE.with(|s| s.borrow().iter().map(|b| b.capacity()).collect::<Vec<_>>());
+        release_spare_buffers();
+        give_back(BytesMut::with_capacity(SMALL));
+        assert!(spares().is_empty(), "a small buffer was kept");
+        for _ in 0..SPARES + 2 {
+            give_back(BytesMut::with_capacity(256 << 10));
+        }
+        assert_eq!(spares().len(), SPARES, "the spares are not bounded");
+        release_spare_buffers();
+        assert!(spares().is_empty());
+
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let (mut a, mut a_side) = tokio::io::duplex(1 << 20);
+        let (mut b_side, _b) = tokio::io::duplex(4 << 20);
+        a.write_all(&vec![7u8; 600 << 10]).await.unwrap();
+        let mut quiet = Half::new(256 << 10);
+        let r = quiet.poll_copy(&mut cx, Pin::new(&mut a_side), Pin::new(&mut b_side));
+        assert!(r.is_pending());
+        assert_eq!(quiet.held(), 0, "a quiet direction kept its buffer");
+        let before = spares();
+        assert!(
+            before.contains(&(256 << 10)),
+            "the bulk buffer was not kept: {before:?}"
+        );
+        // A bulk read whose writer is blocked holds its buffer: the spare one.
+        let (mut c, mut c_side) = tokio::io::duplex(1 << 20);
+        let (mut d_side, _d) = tokio::io::duplex(1 << 10);
+        let mut bulk = Half::new(256 << 10);
+        bulk.size = 256 << 10;
+        c.write_all(&vec![8u8; 300 << 10]).await.unwrap();
+        let r = bulk.poll_copy(&mut cx, Pin::new(&mut c_side), Pin::new(&mut d_side));
+        assert!(r.is_pending());
+        assert!(
+            bulk.held() > MEDIUM,
+            "the blocked bulk read holds no buffer"
+        );
+        assert_eq!(
+            spares().len(),
+            before.len() - 1,
+            "the bulk read allocated instead of taking the spare"
+        );
+        release_spare_buffers();
+        assert!(spares().is_empty());
     }
 
     #[tokio::test]
