@@ -287,7 +287,11 @@ fn main() -> Result<()> {
                 p99s.push(bench::quantile(&mut rtts, 0.99).as_secs_f64() * 1e6);
                 cpus.push(cpu.as_secs_f64() * 1e6);
             }
-            Ok((bench::median(p50s), bench::median(p99s), bench::median(cpus)))
+            Ok((
+                bench::median(p50s),
+                bench::median(p99s),
+                bench::median(cpus),
+            ))
         };
         let (d50, d99, _) = lat("cdirect", &[])?;
         let (m50, m99, mcpu) = lat("cmesh", &zt_pids(&zt))?;
