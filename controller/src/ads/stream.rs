@@ -29,14 +29,13 @@ use std::sync::Arc;
 use prost_types::Any;
 use tracing::{debug, warn};
 use xds_proto::envoy::config::core::v3 as core;
-use xds_proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use xds_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use zmesh_core::identity::SpiffeId;
 
 use super::AdsError;
-use super::cache::{Cache, Change};
+use super::cache::{Cache, Change, version_id};
+use super::reply::Reply;
 
 /// The wildcard resource name.
 pub const WILDCARD: &str = "*";
@@ -97,9 +96,11 @@ impl Node {
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the client has (or was last sent): name → version.
-    has: HashMap<String, String>,
+    names: BTreeSet<Arc<str>>,
+    /// What the client has (or was last sent): name → version id (see
+    /// [`version_id`](super::cache::version_id)); names are shared with the cache where they
+    /// came from it, so a stream holds no copy of the cache's names or version strings.
+    has: HashMap<Arc<str>, u64>,
     /// Nonces of responses not yet ACKed/NACKed, oldest first.
     pending: VecDeque<String>,
 }
@@ -180,7 +181,7 @@ impl StreamState {
         &mut self,
         req: DeltaDiscoveryRequest,
         cache: &Cache,
-    ) -> Result<Option<DeltaDiscoveryResponse>, AdsError> {
+    ) -> Result<Option<Reply>, AdsError> {
         if self.node.is_none()
             && let Some(n) = &req.node
         {
@@ -223,28 +224,35 @@ impl StreamState {
         }
 
         // Subscription changes.
-        let mut candidates: BTreeSet<String> = BTreeSet::new();
-        let mut newly_named: BTreeSet<String> = BTreeSet::new();
+        let mut candidates: BTreeSet<Arc<str>> = BTreeSet::new();
+        let mut newly_named: BTreeSet<Arc<str>> = BTreeSet::new();
         if first {
             if req.resource_names_subscribe.is_empty() {
                 ts.wildcard = true;
             }
-            ts.has = req.initial_resource_versions;
+            ts.has = req
+                .initial_resource_versions
+                .into_iter()
+                .map(|(name, version)| (Arc::from(name), version_id(&version)))
+                .collect();
             candidates.extend(ts.has.keys().cloned());
         }
         for name in req.resource_names_subscribe {
             if name == WILDCARD {
                 if !ts.wildcard {
                     ts.wildcard = true;
-                    candidates.extend(cache.names(&type_url));
+                    candidates.extend(cache.shared_names(&type_url));
                 }
-            } else if ts.names.insert(name.clone()) || first {
+                continue;
+            }
+            let name: Arc<str> = Arc::from(name);
+            if ts.names.insert(name.clone()) || first {
                 newly_named.insert(name.clone());
                 candidates.insert(name);
             }
         }
         if ts.wildcard && first {
-            candidates.extend(cache.names(&type_url));
+            candidates.extend(cache.shared_names(&type_url));
         }
         for name in req.resource_names_unsubscribe {
             if name == WILDCARD {
@@ -253,11 +261,12 @@ impl StreamState {
                 let names = &ts.names;
                 ts.has.retain(|n, _| names.contains(n));
             } else {
-                ts.names.remove(&name);
-                newly_named.remove(&name);
-                candidates.remove(&name);
+                let name = name.as_str();
+                ts.names.remove(name);
+                newly_named.remove(name);
+                candidates.remove(name);
                 if !ts.wildcard {
-                    ts.has.remove(&name);
+                    ts.has.remove(name);
                 }
             }
         }
@@ -279,15 +288,11 @@ impl StreamState {
     }
 
     /// The response for a cache change (only names this stream is subscribed to or has).
-    pub fn handle_change(
-        &mut self,
-        change: &Change,
-        cache: &Cache,
-    ) -> Option<DeltaDiscoveryResponse> {
+    pub fn handle_change(&mut self, change: &Change, cache: &Cache) -> Option<Reply> {
         if !self.types.contains_key(&change.type_url) {
             return None;
         }
-        let names = change.names.iter().cloned().collect();
+        let names = change.names.iter().map(|n| Arc::from(n.as_str())).collect();
         self.diff(
             &change.type_url,
             names,
@@ -298,15 +303,15 @@ impl StreamState {
     }
 
     /// Responses that bring every type up to date with the cache (after missed notifications).
-    pub fn resync(&mut self, cache: &Cache) -> Vec<DeltaDiscoveryResponse> {
+    pub fn resync(&mut self, cache: &Cache) -> Vec<Reply> {
         let type_urls = self.type_urls();
         let mut out = Vec::new();
         for type_url in type_urls {
             let ts = &self.types[&type_url];
-            let mut names: BTreeSet<String> = ts.has.keys().cloned().collect();
+            let mut names: BTreeSet<Arc<str>> = ts.has.keys().cloned().collect();
             names.extend(ts.names.iter().cloned());
             if ts.wildcard {
-                names.extend(cache.names(&type_url));
+                names.extend(cache.shared_names(&type_url));
             }
             out.extend(self.diff(&type_url, names, &BTreeSet::new(), &BTreeSet::new(), cache));
         }
@@ -324,11 +329,11 @@ impl StreamState {
     fn diff(
         &mut self,
         type_url: &str,
-        candidates: BTreeSet<String>,
-        newly_named: &BTreeSet<String>,
-        force: &BTreeSet<String>,
+        candidates: BTreeSet<Arc<str>>,
+        newly_named: &BTreeSet<Arc<str>>,
+        force: &BTreeSet<Arc<str>>,
         cache: &Cache,
-    ) -> Option<DeltaDiscoveryResponse> {
+    ) -> Option<Reply> {
         let default_node = Node {
             identity: self.peer.clone(),
             ..Node::default()
@@ -337,28 +342,24 @@ impl StreamState {
         let ts = self.types.get_mut(type_url)?;
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        for name in candidates {
+        // One read of the cache for all names; the filter runs outside it (it may read the
+        // cache itself).
+        let entries = cache.get_many(type_url, &candidates);
+        for (name, entry) in candidates.into_iter().zip(entries) {
             let interested = ts.interested(&name);
-            let visible = cache
-                .get(type_url, &name)
-                .filter(|e| (self.filter)(node, type_url, &name, &e.resource));
+            let visible = entry.filter(|e| (self.filter)(node, type_url, &name, &e.resource));
             match visible {
                 Some(entry) if interested => {
                     // Newly requested names are sent even if the client was sent this version
                     // before (Envoy: "the server must resend any newly requested resources").
-                    if ts.has.get(&name) != Some(&entry.version) || force.contains(&name) {
-                        ts.has.insert(name.clone(), entry.version.clone());
-                        resources.push(Resource {
-                            name,
-                            version: entry.version.clone(),
-                            resource: Some(entry.resource.clone()),
-                            ..Default::default()
-                        });
+                    if ts.has.get(&name) != Some(&entry.version_id) || force.contains(&name) {
+                        ts.has.insert(entry.name.clone(), entry.version_id);
+                        resources.push(entry);
                     }
                 }
                 _ => {
                     if ts.has.remove(&name).is_some() || newly_named.contains(&name) {
-                        removed.push(name);
+                        removed.push(name.to_string());
                     }
                 }
             }
@@ -372,10 +373,10 @@ impl StreamState {
     fn response(
         &mut self,
         type_url: &str,
-        resources: Vec<Resource>,
+        resources: Vec<Arc<super::cache::Entry>>,
         removed_resources: Vec<String>,
         cache: &Cache,
-    ) -> DeltaDiscoveryResponse {
+    ) -> Reply {
         self.next_nonce += 1;
         let nonce = format!("{:x}-{}", self.stream_id, self.next_nonce);
         if let Some(ts) = self.types.get_mut(type_url) {
@@ -384,13 +385,12 @@ impl StreamState {
             }
             ts.pending.push_back(nonce.clone());
         }
-        DeltaDiscoveryResponse {
+        Reply {
             system_version_info: cache.generation().to_string(),
             resources,
             type_url: type_url.to_owned(),
             nonce,
             removed_resources,
-            control_plane: None,
         }
     }
 }
@@ -426,8 +426,8 @@ mod tests {
         }
     }
 
-    fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
-        r.resources.iter().map(|r| r.name.as_str()).collect()
+    fn names(r: &Reply) -> Vec<&str> {
+        r.resources.iter().map(|r| &*r.name).collect()
     }
 
     #[test]
