@@ -17,7 +17,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use prost::Message;
@@ -126,7 +126,11 @@ pub struct Cache {
     /// not answer before, so no proxy mistakes a controller that is still loading for an
     /// empty cluster.
     ready: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Per type, its entries sorted by name, as of a generation ([`Cache::sorted_entries`]).
+    sorted: Arc<Mutex<SortedEntries>>,
 }
+
+type SortedEntries = HashMap<String, (u64, Arc<[Arc<Entry>]>)>;
 
 impl Default for Cache {
     fn default() -> Self {
@@ -168,6 +172,7 @@ impl Cache {
             inner: Arc::new(RwLock::new(Inner::default())),
             changes,
             ready: Arc::new(tokio::sync::watch::Sender::new(true)),
+            sorted: Arc::default(),
         }
     }
 
@@ -274,14 +279,25 @@ impl Cache {
         names
     }
 
-    /// All resource names of `type_url`, shared with the cache (unsorted).
-    pub(crate) fn shared_names(&self, type_url: &str) -> Vec<Arc<str>> {
+    /// Every entry of `type_url`, sorted by name: built once per cache generation and shared
+    /// by every stream that needs the whole type (a wildcard subscription, a resync).
+    pub(crate) fn sorted_entries(&self, type_url: &str) -> Arc<[Arc<Entry>]> {
         let inner = self.read();
-        inner
+        let mut memo = self.sorted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((generation, entries)) = memo.get(type_url)
+            && *generation == inner.generation
+        {
+            return entries.clone();
+        }
+        let mut entries: Vec<Arc<Entry>> = inner
             .types
             .get(type_url)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let entries: Arc<[Arc<Entry>]> = entries.into();
+        memo.insert(type_url.to_owned(), (inner.generation, entries.clone()));
+        entries
     }
 
     /// The entries of `names` (in order; `None` where absent), under one read of the cache.
@@ -363,6 +379,30 @@ mod tests {
         assert_eq!(decoded.resources[0].name, "a");
         assert_eq!(decoded.resources[0].version, version_of(&any(b"1")));
         assert_eq!(version_id(&e.version), e.version_id);
+    }
+
+    #[test]
+    fn the_sorted_entries_follow_every_change() {
+        let c = Cache::new();
+        let names = |c: &Cache| -> Vec<String> {
+            c.sorted_entries("t")
+                .iter()
+                .map(|e| e.name.to_string())
+                .collect()
+        };
+        assert!(names(&c).is_empty());
+        c.apply(
+            "t",
+            vec![("b".into(), any(b"1")), ("a".into(), any(b"2"))],
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(names(&c), ["a", "b"]);
+        c.apply("t", vec![("c".into(), any(b"3"))], vec!["a".into()])
+            .unwrap();
+        assert_eq!(names(&c), ["b", "c"]);
+        c.apply("t", vec![("b".into(), any(b"4"))], vec![]).unwrap();
+        assert_eq!(c.sorted_entries("t")[0].resource.value, b"4");
     }
 
     #[test]

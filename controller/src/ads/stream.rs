@@ -23,7 +23,7 @@
 //! - Every response has a fresh nonce; `system_version_info` (debugging only) is the cache's
 //!   generation counter.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use prost_types::Any;
@@ -34,7 +34,7 @@ use xds_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use zmesh_core::identity::SpiffeId;
 
 use super::AdsError;
-use super::cache::{Cache, Change, version_id};
+use super::cache::{Cache, Change, Entry, version_id};
 use super::reply::Reply;
 
 /// The wildcard resource name.
@@ -108,6 +108,41 @@ struct TypeState {
 impl TypeState {
     fn interested(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
+    }
+}
+
+/// The names a diff compares: some names, and (with `all`) every cached resource of the type,
+/// less the names unsubscribed in the same request.
+#[derive(Default)]
+struct Candidates {
+    names: Vec<Arc<str>>,
+    all: bool,
+    dropped: HashSet<Arc<str>>,
+}
+
+impl Candidates {
+    /// Each candidate once, sorted by name, with its cache entry (`None`: not cached). Every
+    /// cached resource comes from the cache's shared sorted list, so a wildcard subscription
+    /// looks nothing up by name; other names are looked up under one read of the cache.
+    fn resolve(mut self, cache: &Cache, type_url: &str) -> Vec<(Arc<str>, Option<Arc<Entry>>)> {
+        self.names.sort_unstable();
+        self.names.dedup();
+        let all = self.all.then(|| cache.sorted_entries(type_url));
+        if let Some(all) = &all {
+            self.names
+                .retain(|n| all.binary_search_by(|e| (*e.name).cmp(&**n)).is_err());
+        }
+        let entries = cache.get_many(type_url, &self.names);
+        let mut out: Vec<_> = self.names.into_iter().zip(entries).collect();
+        if let Some(all) = all {
+            out.extend(all.iter().map(|e| (e.name.clone(), Some(e.clone()))));
+            // Two sorted runs: merged in linear time.
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        if !self.dropped.is_empty() {
+            out.retain(|(n, _)| !self.dropped.contains(n));
+        }
+        out
     }
 }
 
@@ -224,7 +259,7 @@ impl StreamState {
         }
 
         // Subscription changes.
-        let mut candidates: BTreeSet<Arc<str>> = BTreeSet::new();
+        let mut candidates = Candidates::default();
         let mut newly_named: BTreeSet<Arc<str>> = BTreeSet::new();
         if first {
             if req.resource_names_subscribe.is_empty() {
@@ -235,24 +270,24 @@ impl StreamState {
                 .into_iter()
                 .map(|(name, version)| (Arc::from(name), version_id(&version)))
                 .collect();
-            candidates.extend(ts.has.keys().cloned());
+            candidates.names.extend(ts.has.keys().cloned());
         }
         for name in req.resource_names_subscribe {
             if name == WILDCARD {
                 if !ts.wildcard {
                     ts.wildcard = true;
-                    candidates.extend(cache.shared_names(&type_url));
+                    candidates.all = true;
                 }
                 continue;
             }
             let name: Arc<str> = Arc::from(name);
             if ts.names.insert(name.clone()) || first {
                 newly_named.insert(name.clone());
-                candidates.insert(name);
+                candidates.names.push(name);
             }
         }
         if ts.wildcard && first {
-            candidates.extend(cache.shared_names(&type_url));
+            candidates.all = true;
         }
         for name in req.resource_names_unsubscribe {
             if name == WILDCARD {
@@ -261,13 +296,12 @@ impl StreamState {
                 let names = &ts.names;
                 ts.has.retain(|n, _| names.contains(n));
             } else {
-                let name = name.as_str();
-                ts.names.remove(name);
-                newly_named.remove(name);
-                candidates.remove(name);
+                ts.names.remove(name.as_str());
+                newly_named.remove(name.as_str());
                 if !ts.wildcard {
-                    ts.has.remove(name);
+                    ts.has.remove(name.as_str());
                 }
+                candidates.dropped.insert(Arc::from(name));
             }
         }
 
@@ -275,6 +309,7 @@ impl StreamState {
         // so only later subscriptions force a resend.
         let nothing = BTreeSet::new();
         let force = if first { &nothing } else { &newly_named };
+        let candidates = candidates.resolve(cache, &type_url);
         let resp = self.diff(&type_url, candidates, &newly_named, force, cache);
         if resp.is_none() && first {
             return Ok(Some(self.response(
@@ -292,10 +327,13 @@ impl StreamState {
         if !self.types.contains_key(&change.type_url) {
             return None;
         }
-        let names = change.names.iter().map(|n| Arc::from(n.as_str())).collect();
+        let candidates = Candidates {
+            names: change.names.iter().map(|n| Arc::from(n.as_str())).collect(),
+            ..Candidates::default()
+        };
         self.diff(
             &change.type_url,
-            names,
+            candidates.resolve(cache, &change.type_url),
             &BTreeSet::new(),
             &BTreeSet::new(),
             cache,
@@ -308,12 +346,20 @@ impl StreamState {
         let mut out = Vec::new();
         for type_url in type_urls {
             let ts = &self.types[&type_url];
-            let mut names: BTreeSet<Arc<str>> = ts.has.keys().cloned().collect();
-            names.extend(ts.names.iter().cloned());
-            if ts.wildcard {
-                names.extend(cache.shared_names(&type_url));
-            }
-            out.extend(self.diff(&type_url, names, &BTreeSet::new(), &BTreeSet::new(), cache));
+            let mut candidates = Candidates {
+                names: ts.has.keys().cloned().collect(),
+                all: ts.wildcard,
+                ..Candidates::default()
+            };
+            candidates.names.extend(ts.names.iter().cloned());
+            let candidates = candidates.resolve(cache, &type_url);
+            out.extend(self.diff(
+                &type_url,
+                candidates,
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+                cache,
+            ));
         }
         out
     }
@@ -329,7 +375,7 @@ impl StreamState {
     fn diff(
         &mut self,
         type_url: &str,
-        candidates: BTreeSet<Arc<str>>,
+        candidates: Vec<(Arc<str>, Option<Arc<Entry>>)>,
         newly_named: &BTreeSet<Arc<str>>,
         force: &BTreeSet<Arc<str>>,
         cache: &Cache,
@@ -342,10 +388,7 @@ impl StreamState {
         let ts = self.types.get_mut(type_url)?;
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        // One read of the cache for all names; the filter runs outside it (it may read the
-        // cache itself).
-        let entries = cache.get_many(type_url, &candidates);
-        for (name, entry) in candidates.into_iter().zip(entries) {
+        for (name, entry) in candidates {
             let interested = ts.interested(&name);
             let visible = entry.filter(|e| (self.filter)(node, type_url, &name, &e.resource));
             match visible {
@@ -373,7 +416,7 @@ impl StreamState {
     fn response(
         &mut self,
         type_url: &str,
-        resources: Vec<Arc<super::cache::Entry>>,
+        resources: Vec<Arc<Entry>>,
         removed_resources: Vec<String>,
         cache: &Cache,
     ) -> Reply {
