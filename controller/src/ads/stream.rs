@@ -135,9 +135,12 @@ impl Candidates {
         let entries = cache.get_many(type_url, &self.names);
         let mut out: Vec<_> = self.names.into_iter().zip(entries).collect();
         if let Some(all) = all {
+            let merge = !out.is_empty();
             out.extend(all.iter().map(|e| (e.name.clone(), Some(e.clone()))));
-            // Two sorted runs: merged in linear time.
-            out.sort_by(|a, b| a.0.cmp(&b.0));
+            if merge {
+                // Two sorted runs: merged in linear time.
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+            }
         }
         if !self.dropped.is_empty() {
             out.retain(|(n, _)| !self.dropped.contains(n));
@@ -386,6 +389,8 @@ impl StreamState {
         };
         let node = self.node.as_ref().unwrap_or(&default_node);
         let ts = self.types.get_mut(type_url)?;
+        ts.has
+            .reserve(candidates.len().saturating_sub(ts.has.len()));
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         for (name, entry) in candidates {
@@ -395,8 +400,9 @@ impl StreamState {
                 Some(entry) if interested => {
                     // Newly requested names are sent even if the client was sent this version
                     // before (Envoy: "the server must resend any newly requested resources").
-                    if ts.has.get(&name) != Some(&entry.version_id) || force.contains(&name) {
-                        ts.has.insert(entry.name.clone(), entry.version_id);
+                    // One hash of the name: record the version, look at what was there.
+                    let had = ts.has.insert(entry.name.clone(), entry.version_id);
+                    if had != Some(entry.version_id) || force.contains(&name) {
                         resources.push(entry);
                     }
                 }
