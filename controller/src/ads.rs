@@ -6,6 +6,9 @@
 //! to. State-of-the-world ADS (`StreamAggregatedResources`) is answered with `UNIMPLEMENTED`:
 //! ztunnel, like zmesh's own proxies, only speaks delta.
 //!
+//! Every resource is encoded once per version, in the cache ([`Entry::encoded`]); streams
+//! hold shared references to the entries and write those bytes ([`grpc`], [`reply`]).
+//!
 //! ```no_run
 //! # async fn serve() -> anyhow::Result<()> {
 //! use zmesh_controller::ads::{AdsServer, Cache};
@@ -23,6 +26,8 @@
 //! proxy gets it. The default sends everything.
 
 pub mod cache;
+pub mod grpc;
+pub mod reply;
 pub mod scope;
 pub mod stream;
 
@@ -33,18 +38,14 @@ use std::sync::{Arc, Mutex};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::peer_text::PeerText;
 
-use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status, Streaming};
 use tracing::{debug, info, warn};
-use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use xds_proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use xds_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 pub use cache::{Cache, Change, Entry};
+pub use grpc::AdsService;
+pub use reply::Reply;
 pub use scope::waypoint_scope;
 pub use stream::{Filter, Node, StreamState, allow_all};
 
@@ -108,7 +109,7 @@ pub type StreamAuth = Arc<
         + Sync,
 >;
 
-/// The delta ADS gRPC service. Cheap to clone: clones share the cache, filter and the registry
+/// The delta ADS server. Cheap to clone: clones share the cache, filter and the registry
 /// of connected streams.
 #[derive(Clone)]
 pub struct AdsServer {
@@ -156,12 +157,10 @@ impl AdsServer {
         self
     }
 
-    /// The tonic service with [`MAX_MESSAGE_SIZE`] limits, ready for `Server::serve` (or
+    /// The gRPC service with [`MAX_MESSAGE_SIZE`] limits, ready for `Server::serve` (or
     /// `Server::add_service` when tonic's `router` feature is enabled).
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    pub fn into_service(self) -> AdsService {
+        AdsService::new(self)
     }
 
     /// The cache this server serves.
@@ -186,28 +185,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Response stream type of both RPCs.
-pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "zmesh serves only delta xDS (DeltaAggregatedResources); \
-             state-of-the-world ADS is not supported",
-        ))
-    }
-
-    async fn delta_aggregated_resources(
+impl AdsServer {
+    /// Opens one delta stream: authenticates it, waits for a ready cache, and starts the task
+    /// that answers its requests and pushes cache changes; returns what that task sends.
+    pub(crate) async fn open(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+    ) -> Result<mpsc::Receiver<Result<Reply, Status>>, Status> {
         let peer = request.remote_addr();
         let mut identity = None;
         if let Some(auth) = &self.auth {
@@ -243,10 +227,7 @@ impl AggregatedDiscoveryService for AdsServer {
         };
         debug!(stream = id, ?peer, "delta ADS stream opened");
         tokio::spawn(driver.run(requests, changes, tx));
-        let out = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        Ok(Response::new(Box::pin(out)))
+        Ok(rx)
     }
 }
 
@@ -258,7 +239,7 @@ struct StreamDriver {
     streams: Registry,
 }
 
-type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+type Tx = mpsc::Sender<Result<Reply, Status>>;
 
 impl StreamDriver {
     async fn run(
@@ -325,7 +306,7 @@ impl StreamDriver {
 }
 
 /// Sends every response; false when the client is gone.
-async fn send_all(tx: &Tx, resps: impl IntoIterator<Item = DeltaDiscoveryResponse>) -> bool {
+async fn send_all(tx: &Tx, resps: impl IntoIterator<Item = Reply>) -> bool {
     for r in resps {
         if tx.send(Ok(r)).await.is_err() {
             return false;

@@ -10,7 +10,7 @@ pub mod files;
 pub mod kube;
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use tokio::sync::watch;
 
@@ -29,6 +29,37 @@ struct Inner {
     synced: RwLock<BTreeSet<Kind>>,
     /// Bumped on every effective change and on every newly synced kind.
     generation: watch::Sender<u64>,
+    /// What changed since the last [`Store::read_changes`] (updated under the objects' write
+    /// lock, so a reader holding the read lock sees a journal that matches the objects).
+    changes: Mutex<Changes>,
+}
+
+/// Beyond this many keys, the journal just says "everything" ([`Changes::All`]).
+const MAX_JOURNAL: usize = 4096;
+
+/// Which objects changed since the last [`Store::read_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Exactly these objects were upserted or removed (nothing else changed).
+    Keys(BTreeSet<(Kind, ObjectKey)>),
+    /// Anything may have changed (a replace, a touch, or too many keys to track).
+    All,
+}
+
+impl Changes {
+    fn add(&mut self, keys: impl IntoIterator<Item = (Kind, ObjectKey)>) {
+        if let Changes::Keys(set) = self {
+            set.extend(keys);
+            if set.len() > MAX_JOURNAL {
+                *self = Changes::All;
+            }
+        }
+    }
+
+    /// Were only Pods upserted or removed?
+    pub fn only_pods(&self) -> bool {
+        matches!(self, Changes::Keys(set) if set.iter().all(|(kind, _)| *kind == Kind::Pod))
+    }
 }
 
 impl Default for Store {
@@ -53,6 +84,7 @@ impl Store {
                 objects: RwLock::default(),
                 synced: RwLock::default(),
                 generation: watch::Sender::new(0),
+                changes: Mutex::new(Changes::All),
             }),
         }
     }
@@ -62,14 +94,32 @@ impl Store {
         self.inner.objects.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self, f: impl FnOnce(&mut Objects) -> bool) {
+    /// Read access to the objects together with what changed since the previous call (which
+    /// starts a new journal). For the one reader that translates incrementally.
+    pub fn read_changes(&self) -> (RwLockReadGuard<'_, Objects>, Changes) {
+        let objects = self.read();
+        let mut journal = self.inner.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let changes = std::mem::replace(&mut *journal, Changes::Keys(BTreeSet::new()));
+        (objects, changes)
+    }
+
+    /// Runs `f` on the objects; `keys` are what it touches (`None`: anything).
+    fn write(&self, keys: Option<Vec<(Kind, ObjectKey)>>, f: impl FnOnce(&mut Objects) -> bool) {
         let changed = {
             let mut objects = self
                 .inner
                 .objects
                 .write()
                 .unwrap_or_else(|e| e.into_inner());
-            f(&mut objects)
+            let changed = f(&mut objects);
+            if changed {
+                let mut journal = self.inner.changes.lock().unwrap_or_else(|e| e.into_inner());
+                match keys {
+                    Some(keys) => journal.add(keys),
+                    None => *journal = Changes::All,
+                }
+            }
+            changed
         };
         if changed {
             self.inner.generation.send_modify(|g| *g += 1);
@@ -79,12 +129,14 @@ impl Store {
     /// Counts a change without changing any object, so the reconciler runs a pass (an
     /// outcome outside the store that a status shows, e.g. a waypoint's failed apply).
     pub fn touch(&self) {
+        *self.inner.changes.lock().unwrap_or_else(|e| e.into_inner()) = Changes::All;
         self.inner.generation.send_modify(|g| *g += 1);
     }
 
     /// Inserts or replaces one object (a watch `Apply`).
     pub fn upsert(&self, object: KubeObject) {
-        self.write(|o| {
+        let key = vec![(object.kind(), object.key())];
+        self.write(Some(key), |o| {
             o.upsert(object);
             true
         });
@@ -92,12 +144,16 @@ impl Store {
 
     /// Removes one object (a watch `Delete`); nothing happens if it was not there.
     pub fn remove(&self, kind: Kind, key: &ObjectKey) {
-        self.write(|o| o.remove(kind, key));
+        self.write(Some(vec![(kind, key.clone())]), |o| o.remove(kind, key));
     }
 
     /// Upserts and removes many objects as one change (one notification).
     pub fn apply(&self, upserts: Vec<KubeObject>, removals: Vec<(Kind, ObjectKey)>) {
-        self.write(|o| {
+        let keys = (upserts.len() + removals.len() <= MAX_JOURNAL).then(|| {
+            let upserted = upserts.iter().map(|o| (o.kind(), o.key()));
+            removals.iter().cloned().chain(upserted).collect()
+        });
+        self.write(keys, |o| {
             let changed = !upserts.is_empty() || !removals.is_empty();
             for (kind, key) in &removals {
                 o.remove(*kind, key);
@@ -112,7 +168,7 @@ impl Store {
     /// Replaces every object of `kind` with `objects` (a complete list: the initial list, a
     /// re-list after `410 Gone`) and marks `kind` synced.
     pub fn replace(&self, kind: Kind, objects: Vec<KubeObject>) {
-        self.write(|o| {
+        self.write(None, |o| {
             o.clear(kind);
             for object in objects.into_iter().filter(|x| x.kind() == kind) {
                 o.upsert(object);
@@ -124,7 +180,7 @@ impl Store {
 
     /// Replaces everything with `objects` and marks every kind synced (the YAML directory).
     pub fn replace_all(&self, objects: Objects) {
-        self.write(|o| {
+        self.write(None, |o| {
             *o = objects;
             true
         });

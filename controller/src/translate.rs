@@ -151,13 +151,7 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
     }
     let waypoint_authz = waypoint_authz::translate(objects, mesh, &waypoints, &bound_services);
     let slice_ports = service::endpoint_slice_ports(objects, mesh);
-    let mut services_by_ns: BTreeMap<&str, Vec<&KubeService>> = BTreeMap::new();
-    for svc in objects.services.values() {
-        services_by_ns
-            .entry(namespace_of(&svc.metadata))
-            .or_default()
-            .push(svc);
-    }
+    let services_by_ns = services_by_namespace(objects);
 
     let mut workloads = BTreeMap::new();
     for pod in objects.pods.values() {
@@ -192,6 +186,64 @@ pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
         request_authn,
         waypoint_authz,
     }
+}
+
+/// Re-translates only the Pods `pods` (present or removed) after a change that touched
+/// nothing but Pods, given `previous`, the translation of the objects before that change.
+///
+/// Pods feed only the workloads: every other part of the translation reads no Pod, so it is
+/// still `previous`'s. Returns, per Pod, its workload uid and its new Workload (`None`: no
+/// longer a workload). Applying these to `previous.workloads` gives exactly
+/// `translate(objects, mesh).workloads` (see the reconciler's tests).
+pub fn translate_pods<'k>(
+    objects: &Objects,
+    mesh: &MeshConfig,
+    previous: &Translated,
+    pods: impl IntoIterator<Item = &'k ObjectKey>,
+) -> Vec<(String, Option<Workload>)> {
+    let namespaces: BTreeMap<&str, &BTreeMap<String, String>> = objects
+        .namespaces
+        .values()
+        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
+        .collect();
+    let ns_labels = |ns: &str| namespaces.get(ns).copied();
+    let slice_ports = service::endpoint_slice_ports(objects, mesh);
+    let services_by_ns = services_by_namespace(objects);
+    let mut out = Vec::new();
+    for key in pods {
+        let (namespace, name) = key;
+        let uid = workload::pod_uid(namespace, name, mesh);
+        let workload = objects.pods.get(key).and_then(|pod| {
+            let candidates = services_by_ns
+                .get(namespace_of(&pod.metadata))
+                .map_or(&[][..], Vec::as_slice);
+            workload::translate_pod(
+                pod,
+                ns_labels,
+                candidates,
+                &slice_ports,
+                objects,
+                &previous.waypoints,
+                &previous.waypoint_authz.ztunnel_fallback,
+                mesh,
+            )
+        });
+        debug_assert!(workload.as_ref().is_none_or(|w| w.uid == uid));
+        out.push((uid, workload));
+    }
+    out
+}
+
+/// The Services of each namespace, in key order (a Pod's candidate Services).
+fn services_by_namespace(objects: &Objects) -> BTreeMap<&str, Vec<&KubeService>> {
+    let mut services_by_ns: BTreeMap<&str, Vec<&KubeService>> = BTreeMap::new();
+    for svc in objects.services.values() {
+        services_by_ns
+            .entry(namespace_of(&svc.metadata))
+            .or_default()
+            .push(svc);
+    }
+    services_by_ns
 }
 
 /// The DNS name of Service `name` in `namespace`.

@@ -4,6 +4,10 @@
 //! assigned by the cache from a hash of the encoded resource, so upserting an unchanged resource
 //! is a no-op: nothing is recorded as changed and no stream pushes anything.
 //!
+//! Each entry is encoded once, when its version is stored, as the `resources` field of a
+//! `DeltaDiscoveryResponse` ([`Entry::encoded`]); every stream sends those shared bytes, so a
+//! push to many streams neither copies nor re-encodes a resource per stream.
+//!
 //! Every effective change is broadcast as a [`Change`] (type URL + the names that changed, both
 //! upserts and removals). Streams re-read the cache for exactly those names. **Debouncing is the
 //! caller's business**: every call to [`Cache::apply`] that changes something is one
@@ -13,10 +17,13 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use bytes::Bytes;
+use prost::Message;
 use prost_types::Any;
 use tokio::sync::broadcast;
+use xds_proto::envoy::service::discovery::v3::Resource;
 
 use super::AdsError;
 
@@ -24,14 +31,74 @@ use super::AdsError;
 /// everything it is subscribed to (see [`broadcast::error::RecvError::Lagged`]).
 const CHANGE_CHANNEL_CAPACITY: usize = 1024;
 
-/// One cached resource: its cache-assigned version and the resource itself.
+/// Field number of `resources` in `envoy.service.discovery.v3.DeltaDiscoveryResponse`.
+pub(crate) const RESOURCES_FIELD: u32 = 2;
+
+/// One cached resource: its name, its cache-assigned version, the resource itself, and its
+/// encoding as sent to every stream.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
+    /// The resource name (shared with the cache's index and the streams' bookkeeping).
+    pub name: Arc<str>,
     /// Version string (hex hash of the encoded resource).
     pub version: String,
+    /// The version as a number (what streams remember; see [`version_id`]).
+    pub version_id: u64,
     /// The resource, packed as `google.protobuf.Any`.
     pub resource: Any,
+    /// `Resource { name, version, resource }` encoded as one `resources` field (tag and length
+    /// included) of a `DeltaDiscoveryResponse`: appended as is to every response carrying it.
+    pub encoded: Bytes,
 }
+
+impl Entry {
+    fn new(name: Arc<str>, resource: Any) -> Entry {
+        let version_id = version_hash(&resource);
+        let version = format!("{version_id:016x}");
+        let proto = Resource {
+            name: name.to_string(),
+            version: version.clone(),
+            resource: Some(resource),
+            ..Default::default()
+        };
+        let mut buf = Vec::with_capacity(proto.encoded_len() + 8);
+        prost::encoding::message::encode(RESOURCES_FIELD, &proto, &mut buf);
+        Entry {
+            name,
+            version,
+            version_id,
+            resource: proto.resource.unwrap_or_default(),
+            encoded: Bytes::from(buf),
+        }
+    }
+
+    /// The entry as the protobuf `Resource` it is sent as (copies it; for tests and tools).
+    pub fn to_proto(&self) -> Resource {
+        Resource {
+            name: self.name.to_string(),
+            version: self.version.clone(),
+            resource: Some(self.resource.clone()),
+            ..Default::default()
+        }
+    }
+}
+
+/// The numeric form of a version string: cache versions are 16 lowercase hex digits, read back
+/// exactly; anything else (a version another server gave the client) is [`UNKNOWN_VERSION`],
+/// which no cache entry has.
+pub fn version_id(version: &str) -> u64 {
+    let ours = version.len() == 16
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !ours {
+        return UNKNOWN_VERSION;
+    }
+    u64::from_str_radix(version, 16).unwrap_or(UNKNOWN_VERSION)
+}
+
+/// The version id no cache entry has (see [`version_id`]).
+pub const UNKNOWN_VERSION: u64 = u64::MAX;
 
 /// What one effective [`Cache::apply`] changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +112,7 @@ pub struct Change {
 #[derive(Default)]
 struct Inner {
     /// Entries are shared with the streams that read them, so a read copies no resource.
-    types: HashMap<String, HashMap<String, Arc<Entry>>>,
+    types: HashMap<String, HashMap<Arc<str>, Arc<Entry>>>,
     /// Incremented on every effective change; sent as `system_version_info` (debugging only).
     generation: u64,
 }
@@ -59,7 +126,11 @@ pub struct Cache {
     /// not answer before, so no proxy mistakes a controller that is still loading for an
     /// empty cluster.
     ready: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Per type, its entries sorted by name, as of a generation ([`Cache::sorted_entries`]).
+    sorted: Arc<Mutex<SortedEntries>>,
 }
+
+type SortedEntries = HashMap<String, (u64, Arc<[Arc<Entry>]>)>;
 
 impl Default for Cache {
     fn default() -> Self {
@@ -82,10 +153,15 @@ impl std::fmt::Debug for Cache {
 /// `DefaultHasher::new()` uses fixed keys, so the version is stable for a given build, which
 /// lets a client that reconnects to a restarted controller skip unchanged resources.
 pub fn version_of(resource: &Any) -> String {
+    format!("{:016x}", version_hash(resource))
+}
+
+/// The hash behind [`version_of`]; never [`UNKNOWN_VERSION`].
+fn version_hash(resource: &Any) -> u64 {
     let mut h = DefaultHasher::new();
     resource.type_url.hash(&mut h);
     resource.value.hash(&mut h);
-    format!("{:016x}", h.finish())
+    h.finish().min(UNKNOWN_VERSION - 1)
 }
 
 impl Cache {
@@ -96,6 +172,7 @@ impl Cache {
             inner: Arc::new(RwLock::new(Inner::default())),
             changes,
             ready: Arc::new(tokio::sync::watch::Sender::new(true)),
+            sorted: Arc::default(),
         }
     }
 
@@ -154,15 +231,19 @@ impl Cache {
             let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
             let map = inner.types.entry(type_url.to_owned()).or_default();
             for (name, resource) in upserts {
-                let version = version_of(&resource);
-                if map.get(&name).is_some_and(|e| e.version == version) {
+                let version = version_hash(&resource);
+                if map
+                    .get(name.as_str())
+                    .is_some_and(|e| e.version_id == version)
+                {
                     continue;
                 }
-                map.insert(name.clone(), Arc::new(Entry { version, resource }));
+                let key: Arc<str> = Arc::from(name.as_str());
+                map.insert(key.clone(), Arc::new(Entry::new(key, resource)));
                 changed.insert(name);
             }
             for name in removals {
-                if map.remove(&name).is_some() {
+                if map.remove(name.as_str()).is_some() {
                     changed.insert(name);
                 }
             }
@@ -192,10 +273,45 @@ impl Cache {
         let mut names: Vec<String> = inner
             .types
             .get(type_url)
-            .map(|m| m.keys().cloned().collect())
+            .map(|m| m.keys().map(|k| k.to_string()).collect())
             .unwrap_or_default();
         names.sort();
         names
+    }
+
+    /// Every entry of `type_url`, sorted by name: built once per cache generation and shared
+    /// by every stream that needs the whole type (a wildcard subscription, a resync).
+    pub(crate) fn sorted_entries(&self, type_url: &str) -> Arc<[Arc<Entry>]> {
+        let inner = self.read();
+        let mut memo = self.sorted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((generation, entries)) = memo.get(type_url)
+            && *generation == inner.generation
+        {
+            return entries.clone();
+        }
+        let mut entries: Vec<Arc<Entry>> = inner
+            .types
+            .get(type_url)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let entries: Arc<[Arc<Entry>]> = entries.into();
+        memo.insert(type_url.to_owned(), (inner.generation, entries.clone()));
+        entries
+    }
+
+    /// The entries of `names` (in order; `None` where absent), under one read of the cache.
+    pub(crate) fn get_many<'a>(
+        &self,
+        type_url: &str,
+        names: impl IntoIterator<Item = &'a Arc<str>>,
+    ) -> Vec<Option<Arc<Entry>>> {
+        let inner = self.read();
+        let map = inner.types.get(type_url);
+        names
+            .into_iter()
+            .map(|n| map.and_then(|m| m.get(&**n)).cloned())
+            .collect()
     }
 
     /// Counter of effective changes since the cache was created.
@@ -249,5 +365,51 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("other"), "{err}");
         assert!(c.names("other").is_empty());
+    }
+
+    #[test]
+    fn entry_encoding_is_the_resource_as_a_response_field() {
+        use prost::Message;
+        use xds_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+        let c = Cache::new();
+        c.apply("t", vec![("a".into(), any(b"1"))], vec![]).unwrap();
+        let e = c.get("t", "a").unwrap();
+        let decoded = DeltaDiscoveryResponse::decode(e.encoded.clone()).unwrap();
+        assert_eq!(decoded.resources, [e.to_proto()]);
+        assert_eq!(decoded.resources[0].name, "a");
+        assert_eq!(decoded.resources[0].version, version_of(&any(b"1")));
+        assert_eq!(version_id(&e.version), e.version_id);
+    }
+
+    #[test]
+    fn the_sorted_entries_follow_every_change() {
+        let c = Cache::new();
+        let names = |c: &Cache| -> Vec<String> {
+            c.sorted_entries("t")
+                .iter()
+                .map(|e| e.name.to_string())
+                .collect()
+        };
+        assert!(names(&c).is_empty());
+        c.apply(
+            "t",
+            vec![("b".into(), any(b"1")), ("a".into(), any(b"2"))],
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(names(&c), ["a", "b"]);
+        c.apply("t", vec![("c".into(), any(b"3"))], vec!["a".into()])
+            .unwrap();
+        assert_eq!(names(&c), ["b", "c"]);
+        c.apply("t", vec![("b".into(), any(b"4"))], vec![]).unwrap();
+        assert_eq!(c.sorted_entries("t")[0].resource.value, b"4");
+    }
+
+    #[test]
+    fn foreign_versions_never_match_an_entry() {
+        assert_eq!(version_id("1"), UNKNOWN_VERSION);
+        assert_eq!(version_id("00000000000000AB"), UNKNOWN_VERSION);
+        assert_eq!(version_id("00000000000000ab"), 0xab);
+        assert_eq!(version_id("ffffffffffffffff"), UNKNOWN_VERSION);
     }
 }

@@ -23,20 +23,19 @@
 //! - Every response has a fresh nonce; `system_version_info` (debugging only) is the cache's
 //!   generation counter.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use prost_types::Any;
 use tracing::{debug, warn};
 use xds_proto::envoy::config::core::v3 as core;
-use xds_proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use xds_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use zmesh_core::identity::SpiffeId;
 
 use super::AdsError;
-use super::cache::{Cache, Change};
+use super::cache::{Cache, Change, Entry, version_id};
+use super::reply::Reply;
 
 /// The wildcard resource name.
 pub const WILDCARD: &str = "*";
@@ -97,9 +96,11 @@ impl Node {
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the client has (or was last sent): name → version.
-    has: HashMap<String, String>,
+    names: BTreeSet<Arc<str>>,
+    /// What the client has (or was last sent): name → version id (see
+    /// [`version_id`](super::cache::version_id)); names are shared with the cache where they
+    /// came from it, so a stream holds no copy of the cache's names or version strings.
+    has: HashMap<Arc<str>, u64>,
     /// Nonces of responses not yet ACKed/NACKed, oldest first.
     pending: VecDeque<String>,
 }
@@ -107,6 +108,44 @@ struct TypeState {
 impl TypeState {
     fn interested(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
+    }
+}
+
+/// The names a diff compares: some names, and (with `all`) every cached resource of the type,
+/// less the names unsubscribed in the same request.
+#[derive(Default)]
+struct Candidates {
+    names: Vec<Arc<str>>,
+    all: bool,
+    dropped: HashSet<Arc<str>>,
+}
+
+impl Candidates {
+    /// Each candidate once, sorted by name, with its cache entry (`None`: not cached). Every
+    /// cached resource comes from the cache's shared sorted list, so a wildcard subscription
+    /// looks nothing up by name; other names are looked up under one read of the cache.
+    fn resolve(mut self, cache: &Cache, type_url: &str) -> Vec<(Arc<str>, Option<Arc<Entry>>)> {
+        self.names.sort_unstable();
+        self.names.dedup();
+        let all = self.all.then(|| cache.sorted_entries(type_url));
+        if let Some(all) = &all {
+            self.names
+                .retain(|n| all.binary_search_by(|e| (*e.name).cmp(&**n)).is_err());
+        }
+        let entries = cache.get_many(type_url, &self.names);
+        let mut out: Vec<_> = self.names.into_iter().zip(entries).collect();
+        if let Some(all) = all {
+            let merge = !out.is_empty();
+            out.extend(all.iter().map(|e| (e.name.clone(), Some(e.clone()))));
+            if merge {
+                // Two sorted runs: merged in linear time.
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+        }
+        if !self.dropped.is_empty() {
+            out.retain(|(n, _)| !self.dropped.contains(n));
+        }
+        out
     }
 }
 
@@ -180,7 +219,7 @@ impl StreamState {
         &mut self,
         req: DeltaDiscoveryRequest,
         cache: &Cache,
-    ) -> Result<Option<DeltaDiscoveryResponse>, AdsError> {
+    ) -> Result<Option<Reply>, AdsError> {
         if self.node.is_none()
             && let Some(n) = &req.node
         {
@@ -223,28 +262,35 @@ impl StreamState {
         }
 
         // Subscription changes.
-        let mut candidates: BTreeSet<String> = BTreeSet::new();
-        let mut newly_named: BTreeSet<String> = BTreeSet::new();
+        let mut candidates = Candidates::default();
+        let mut newly_named: BTreeSet<Arc<str>> = BTreeSet::new();
         if first {
             if req.resource_names_subscribe.is_empty() {
                 ts.wildcard = true;
             }
-            ts.has = req.initial_resource_versions;
-            candidates.extend(ts.has.keys().cloned());
+            ts.has = req
+                .initial_resource_versions
+                .into_iter()
+                .map(|(name, version)| (Arc::from(name), version_id(&version)))
+                .collect();
+            candidates.names.extend(ts.has.keys().cloned());
         }
         for name in req.resource_names_subscribe {
             if name == WILDCARD {
                 if !ts.wildcard {
                     ts.wildcard = true;
-                    candidates.extend(cache.names(&type_url));
+                    candidates.all = true;
                 }
-            } else if ts.names.insert(name.clone()) || first {
+                continue;
+            }
+            let name: Arc<str> = Arc::from(name);
+            if ts.names.insert(name.clone()) || first {
                 newly_named.insert(name.clone());
-                candidates.insert(name);
+                candidates.names.push(name);
             }
         }
         if ts.wildcard && first {
-            candidates.extend(cache.names(&type_url));
+            candidates.all = true;
         }
         for name in req.resource_names_unsubscribe {
             if name == WILDCARD {
@@ -253,12 +299,12 @@ impl StreamState {
                 let names = &ts.names;
                 ts.has.retain(|n, _| names.contains(n));
             } else {
-                ts.names.remove(&name);
-                newly_named.remove(&name);
-                candidates.remove(&name);
+                ts.names.remove(name.as_str());
+                newly_named.remove(name.as_str());
                 if !ts.wildcard {
-                    ts.has.remove(&name);
+                    ts.has.remove(name.as_str());
                 }
+                candidates.dropped.insert(Arc::from(name));
             }
         }
 
@@ -266,6 +312,7 @@ impl StreamState {
         // so only later subscriptions force a resend.
         let nothing = BTreeSet::new();
         let force = if first { &nothing } else { &newly_named };
+        let candidates = candidates.resolve(cache, &type_url);
         let resp = self.diff(&type_url, candidates, &newly_named, force, cache);
         if resp.is_none() && first {
             return Ok(Some(self.response(
@@ -279,18 +326,17 @@ impl StreamState {
     }
 
     /// The response for a cache change (only names this stream is subscribed to or has).
-    pub fn handle_change(
-        &mut self,
-        change: &Change,
-        cache: &Cache,
-    ) -> Option<DeltaDiscoveryResponse> {
+    pub fn handle_change(&mut self, change: &Change, cache: &Cache) -> Option<Reply> {
         if !self.types.contains_key(&change.type_url) {
             return None;
         }
-        let names = change.names.iter().cloned().collect();
+        let candidates = Candidates {
+            names: change.names.iter().map(|n| Arc::from(n.as_str())).collect(),
+            ..Candidates::default()
+        };
         self.diff(
             &change.type_url,
-            names,
+            candidates.resolve(cache, &change.type_url),
             &BTreeSet::new(),
             &BTreeSet::new(),
             cache,
@@ -298,17 +344,25 @@ impl StreamState {
     }
 
     /// Responses that bring every type up to date with the cache (after missed notifications).
-    pub fn resync(&mut self, cache: &Cache) -> Vec<DeltaDiscoveryResponse> {
+    pub fn resync(&mut self, cache: &Cache) -> Vec<Reply> {
         let type_urls = self.type_urls();
         let mut out = Vec::new();
         for type_url in type_urls {
             let ts = &self.types[&type_url];
-            let mut names: BTreeSet<String> = ts.has.keys().cloned().collect();
-            names.extend(ts.names.iter().cloned());
-            if ts.wildcard {
-                names.extend(cache.names(&type_url));
-            }
-            out.extend(self.diff(&type_url, names, &BTreeSet::new(), &BTreeSet::new(), cache));
+            let mut candidates = Candidates {
+                names: ts.has.keys().cloned().collect(),
+                all: ts.wildcard,
+                ..Candidates::default()
+            };
+            candidates.names.extend(ts.names.iter().cloned());
+            let candidates = candidates.resolve(cache, &type_url);
+            out.extend(self.diff(
+                &type_url,
+                candidates,
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+                cache,
+            ));
         }
         out
     }
@@ -324,41 +378,37 @@ impl StreamState {
     fn diff(
         &mut self,
         type_url: &str,
-        candidates: BTreeSet<String>,
-        newly_named: &BTreeSet<String>,
-        force: &BTreeSet<String>,
+        candidates: Vec<(Arc<str>, Option<Arc<Entry>>)>,
+        newly_named: &BTreeSet<Arc<str>>,
+        force: &BTreeSet<Arc<str>>,
         cache: &Cache,
-    ) -> Option<DeltaDiscoveryResponse> {
+    ) -> Option<Reply> {
         let default_node = Node {
             identity: self.peer.clone(),
             ..Node::default()
         };
         let node = self.node.as_ref().unwrap_or(&default_node);
         let ts = self.types.get_mut(type_url)?;
+        ts.has
+            .reserve(candidates.len().saturating_sub(ts.has.len()));
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        for name in candidates {
+        for (name, entry) in candidates {
             let interested = ts.interested(&name);
-            let visible = cache
-                .get(type_url, &name)
-                .filter(|e| (self.filter)(node, type_url, &name, &e.resource));
+            let visible = entry.filter(|e| (self.filter)(node, type_url, &name, &e.resource));
             match visible {
                 Some(entry) if interested => {
                     // Newly requested names are sent even if the client was sent this version
                     // before (Envoy: "the server must resend any newly requested resources").
-                    if ts.has.get(&name) != Some(&entry.version) || force.contains(&name) {
-                        ts.has.insert(name.clone(), entry.version.clone());
-                        resources.push(Resource {
-                            name,
-                            version: entry.version.clone(),
-                            resource: Some(entry.resource.clone()),
-                            ..Default::default()
-                        });
+                    // One hash of the name: record the version, look at what was there.
+                    let had = ts.has.insert(entry.name.clone(), entry.version_id);
+                    if had != Some(entry.version_id) || force.contains(&name) {
+                        resources.push(entry);
                     }
                 }
                 _ => {
                     if ts.has.remove(&name).is_some() || newly_named.contains(&name) {
-                        removed.push(name);
+                        removed.push(name.to_string());
                     }
                 }
             }
@@ -372,10 +422,10 @@ impl StreamState {
     fn response(
         &mut self,
         type_url: &str,
-        resources: Vec<Resource>,
+        resources: Vec<Arc<Entry>>,
         removed_resources: Vec<String>,
         cache: &Cache,
-    ) -> DeltaDiscoveryResponse {
+    ) -> Reply {
         self.next_nonce += 1;
         let nonce = format!("{:x}-{}", self.stream_id, self.next_nonce);
         if let Some(ts) = self.types.get_mut(type_url) {
@@ -384,13 +434,12 @@ impl StreamState {
             }
             ts.pending.push_back(nonce.clone());
         }
-        DeltaDiscoveryResponse {
+        Reply {
             system_version_info: cache.generation().to_string(),
             resources,
             type_url: type_url.to_owned(),
             nonce,
             removed_resources,
-            control_plane: None,
         }
     }
 }
@@ -426,8 +475,8 @@ mod tests {
         }
     }
 
-    fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
-        r.resources.iter().map(|r| r.name.as_str()).collect()
+    fn names(r: &Reply) -> Vec<&str> {
+        r.resources.iter().map(|r| &*r.name).collect()
     }
 
     #[test]

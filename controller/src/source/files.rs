@@ -12,11 +12,13 @@
 //! store receives only the objects of changed files ([`Delta`]), so one edited file in a
 //! directory of 10k costs about as much as in a directory of ten. Only create, modify and
 //! remove events of object files trigger a re-read (the source's own reads never do), and the
-//! re-read runs on a blocking thread, off the async workers.
+//! re-read runs on a blocking thread, off the async workers. A change notification names its
+//! files, and only those are looked at ([`FileSource::sync_paths`]); the periodic rescan, and
+//! a notification without names (or an overflowed watch), stat every file.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
@@ -159,6 +161,34 @@ impl FileSource {
         self.delta(&changed)
     }
 
+    /// Re-reads only `paths` (the files a change notification named), as [`FileSource::sync`]
+    /// would treat them: a changed file is parsed, a file that is gone (or is no longer a
+    /// regular file) deletes its objects, other files are not looked at. A path outside the
+    /// directory re-reads the whole directory.
+    pub fn sync_paths(&mut self, paths: &BTreeSet<PathBuf>) -> Delta {
+        if paths.iter().any(|p| p.parent() != Some(self.dir.as_path())) {
+            return self.sync();
+        }
+        let mut changed: HashSet<PathBuf> = HashSet::new();
+        for path in paths.iter().filter(|p| is_object_file(p)) {
+            if path.is_file() {
+                if self.read_file(path) {
+                    changed.insert(path.clone());
+                }
+            } else {
+                self.bad.remove(path);
+                if self.files.remove(path).is_some() {
+                    info!(file = %path.display(), "config file removed; its objects are deleted");
+                    changed.insert(path.clone());
+                }
+            }
+        }
+        if changed.is_empty() {
+            return Delta::default();
+        }
+        self.delta(&changed)
+    }
+
     /// Recomputes which file provides each object; objects whose provider changed or whose
     /// file changed are upserted, objects no file provides any more are removed.
     fn delta(&mut self, changed: &HashSet<PathBuf>) -> Delta {
@@ -263,11 +293,14 @@ impl FileSource {
     pub async fn run(self, store: Store) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev
-                && relevant(&ev)
-            {
-                let _ = tx.send(());
-            }
+            let touched = match ev {
+                Ok(ev) if ev.need_rescan() => Touched::All,
+                Ok(ev) if relevant(&ev) => Touched::of(ev.paths),
+                Ok(_) => return,
+                // The watcher lost track: re-read everything.
+                Err(_) => Touched::All,
+            };
+            let _ = tx.send(touched);
         })?;
         watcher.watch(&self.dir, RecursiveMode::NonRecursive)?;
         let (mut src, objects) = tokio::task::spawn_blocking(move || {
@@ -280,36 +313,68 @@ impl FileSource {
             services = objects.services.len(), "config directory loaded");
         store.replace_all(objects);
         loop {
-            tokio::select! {
+            let touched = tokio::select! {
                 got = rx.recv() => {
-                    if got.is_none() {
+                    let Some(mut touched) = got else {
                         anyhow::bail!("the directory watcher stopped");
-                    }
+                    };
                     // Settle: wait until no event for SETTLE.
                     loop {
                         match tokio::time::timeout(SETTLE, rx.recv()).await {
-                            Ok(Some(())) => continue,
+                            Ok(Some(more)) => touched.merge(more),
                             Ok(None) => anyhow::bail!("the directory watcher stopped"),
                             Err(_) => break,
                         }
                     }
+                    touched
                 }
-                _ = tokio::time::sleep(RESCAN) => {}
-            }
-            let (back, delta) = tokio::task::spawn_blocking(move || {
-                let delta = src.sync();
-                (src, delta)
+                _ = tokio::time::sleep(RESCAN) => Touched::All,
+            };
+            let (back, delta, took) = tokio::task::spawn_blocking(move || {
+                let start = Instant::now();
+                let delta = match &touched {
+                    Touched::All => src.sync(),
+                    Touched::Paths(paths) => src.sync_paths(paths),
+                };
+                (src, delta, start.elapsed())
             })
             .await?;
             src = back;
             if !delta.is_empty() {
-                debug!(
-                    upserts = delta.upserts.len(),
-                    removals = delta.removals.len(),
+                let (upserts, removals) = (delta.upserts.len(), delta.removals.len());
+                store.apply(delta.upserts, delta.removals);
+                info!(
+                    upserts,
+                    removals,
+                    read_ms = took.as_secs_f64() * 1e3,
                     "config directory changed"
                 );
-                store.apply(delta.upserts, delta.removals);
             }
+        }
+    }
+}
+
+/// What change notifications named since the last read.
+#[derive(Debug)]
+enum Touched {
+    /// These files (only object files are kept).
+    Paths(BTreeSet<PathBuf>),
+    /// Unknown: stat every file.
+    All,
+}
+
+impl Touched {
+    fn of(paths: Vec<PathBuf>) -> Touched {
+        if paths.is_empty() {
+            return Touched::All;
+        }
+        Touched::Paths(paths.into_iter().filter(|p| is_object_file(p)).collect())
+    }
+
+    fn merge(&mut self, other: Touched) {
+        match (&mut *self, other) {
+            (Touched::Paths(mine), Touched::Paths(more)) => mine.extend(more),
+            (_, _) => *self = Touched::All,
         }
     }
 }
@@ -485,6 +550,96 @@ mod tests {
             d.removals,
             vec![(Kind::Pod, ("a".to_owned(), "p".to_owned()))]
         );
+    }
+
+    /// The objects, errors and deltas of a source, comparable.
+    fn state(src: &FileSource) -> String {
+        format!("{:?} {:?}", src.objects(), src.errors())
+    }
+
+    fn sorted(d: Delta) -> (Vec<String>, Vec<(Kind, ObjectKey)>) {
+        let mut upserts: Vec<String> = d.upserts.iter().map(|o| format!("{o:?}")).collect();
+        let mut removals = d.removals;
+        upserts.sort();
+        removals.sort();
+        (upserts, removals)
+    }
+
+    #[test]
+    fn reading_the_named_files_equals_reading_the_directory() {
+        let pod = |name: &str, label: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: \
+                 {{v: '{label}'}}}}\n"
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ns.yaml", NS);
+        write(dir.path(), "a.yaml", &pod("p", "a1"));
+        write(dir.path(), "c.yaml", &pod("q", "c1"));
+        let mut named = FileSource::new(dir.path()).unwrap();
+        let mut full = FileSource::new(dir.path()).unwrap();
+        named.sync();
+        full.sync();
+        // Each step: what is done to the directory, and the one file a notification names.
+        type Step = (&'static str, &'static str, Box<dyn Fn(&Path)>);
+        let steps: Vec<Step> = vec![
+            (
+                "edit",
+                "a.yaml",
+                Box::new(move |d: &Path| write(d, "a.yaml", &pod("p", "a2"))),
+            ),
+            (
+                "create a duplicate that wins",
+                "b.yaml",
+                Box::new(move |d: &Path| write(d, "b.yaml", &pod("p", "b1"))),
+            ),
+            (
+                "bad edit",
+                "b.yaml",
+                Box::new(|d: &Path| write(d, "b.yaml", "kind: [")),
+            ),
+            (
+                "fix it",
+                "b.yaml",
+                Box::new(move |d: &Path| write(d, "b.yaml", &pod("q", "b2"))),
+            ),
+            (
+                "remove a file",
+                "c.yaml",
+                Box::new(|d: &Path| std::fs::remove_file(d.join("c.yaml")).unwrap()),
+            ),
+            (
+                "remove the winner",
+                "b.yaml",
+                Box::new(|d: &Path| std::fs::remove_file(d.join("b.yaml")).unwrap()),
+            ),
+            (
+                "a directory with an object file's name",
+                "x.yaml",
+                Box::new(|d: &Path| std::fs::create_dir(d.join("x.yaml")).unwrap()),
+            ),
+            (
+                "not an object file",
+                "notes.txt",
+                Box::new(|d: &Path| write(d, "notes.txt", "x")),
+            ),
+        ];
+        for (what, file, step) in steps {
+            // A file's mtime may not move within one clock tick: wait so every edit shows.
+            std::thread::sleep(Duration::from_millis(20));
+            step(dir.path());
+            let paths = BTreeSet::from([dir.path().join(file)]);
+            let (a, b) = (named.sync_paths(&paths), full.sync());
+            assert_eq!(sorted(a), sorted(b), "{what}: the deltas differ");
+            assert_eq!(state(&named), state(&full), "{what}");
+        }
+        // A path outside the directory (the directory itself) re-reads everything.
+        write(dir.path(), "d.yaml", &pod("r", "d1"));
+        let outside = BTreeSet::from([dir.path().to_owned()]);
+        let d = named.sync_paths(&outside);
+        assert_eq!(d.upserts.len(), 1);
+        assert!(full.sync().upserts.len() == 1 && state(&named) == state(&full));
     }
 
     #[test]

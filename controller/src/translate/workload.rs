@@ -22,6 +22,11 @@ const CANONICAL_REVISION_LABELS: [&str; 3] = [
     "version",
 ];
 
+/// The workload uid of Pod `name` in `namespace`: `<cluster>//Pod/<namespace>/<name>`.
+pub(super) fn pod_uid(namespace: &str, name: &str, mesh: &MeshConfig) -> String {
+    format!("{}//Pod/{namespace}/{name}", mesh.cluster_id)
+}
+
 /// Translates one Pod, given the Services of its namespace; `None` when it is not a workload (no name or IP, host network,
 /// Succeeded or Failed).
 #[allow(clippy::too_many_arguments)] // each is a distinct input of the translation
@@ -93,7 +98,7 @@ pub(super) fn translate_pod<'a>(
         authorization_policies: super::authz::selected_policies_with(
             labels, namespace, objects, mesh, fallback,
         ),
-        uid: format!("{}//Pod/{namespace}/{name}", mesh.cluster_id),
+        uid: pod_uid(namespace, name, mesh),
         name: name.to_owned(),
         namespace: namespace.to_owned(),
         addresses,

@@ -104,6 +104,60 @@ struct Changes {
     other: usize,
     /// The controller's `translate_ms` log lines of those passes.
     translate_ms: Vec<f64>,
+    /// Per change, where the time went (from the controller's log; see [`Split`]).
+    split: Vec<Split>,
+}
+
+/// One change's latency, split at the controller's log lines: the write → the directory
+/// source has updated the store ("config directory changed": inotify, the source's settle
+/// and its directory read, `read_ms`) → the reconciler's pass starts (its debounce) → the last
+/// client has the change (the pass: translate, diff, cache, and the push).
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    /// Write → store updated (settle + directory read).
+    to_store: Duration,
+    /// Of which the directory read (stat pass, parse of the changed file, delta).
+    read: Duration,
+    /// Store updated → the pass starts.
+    debounce: Duration,
+    /// The pass: translate + diff + cache apply.
+    pass: Duration,
+    /// Pass start → the last client has the change (the pass and the push).
+    after_debounce: Duration,
+}
+
+/// A log line's timestamp (the default `tracing` format starts with RFC 3339 time).
+fn log_time(line: &str) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339_weak(line.split_whitespace().next()?).ok()
+}
+
+/// The number after `key=` in a log line.
+fn log_field(line: &str, key: &str) -> Option<f64> {
+    let v = line.split(&format!("{key}=")).nth(1)?;
+    v.split_whitespace().next()?.parse().ok()
+}
+
+/// Splits one change's latency using the controller's log lines written since the change.
+fn split(lines: &[&str], written: std::time::SystemTime, all: Duration) -> Option<Split> {
+    let dir = lines
+        .iter()
+        .find(|l| l.contains("config directory changed"))?;
+    let pushed = lines.iter().find(|l| l.contains("config pushed"))?;
+    let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
+    let read = ms(log_field(dir, "read_ms")?);
+    let store_at = log_time(dir)?;
+    let pass = ms(log_field(pushed, "translate_ms")? + log_field(pushed, "apply_ms")?);
+    let pass_start = log_time(pushed)?.checked_sub(pass)?;
+    let to_store = store_at.duration_since(written).ok()?;
+    let debounce = pass_start.duration_since(store_at).ok()?;
+    let after_debounce = all.checked_sub(pass_start.duration_since(written).ok()?)?;
+    Some(Split {
+        to_store,
+        read,
+        debounce,
+        pass,
+        after_debounce,
+    })
 }
 
 impl Changes {
@@ -115,6 +169,7 @@ impl Changes {
             wrong: 0,
             other: 0,
             translate_ms: Vec::new(),
+            split: Vec::new(),
         }
     }
 
@@ -242,16 +297,21 @@ async fn serve_and_measure(
     eprintln!("controller: {} one-Pod changes...", args.changes);
     for _ in 0..args.changes {
         let logged = ctl.translate_ms().len();
+        let log_lines = ctl.log_text().lines().count();
         let i = rng.below(cluster.pods.len());
-        let since = Instant::now();
+        let (since, written) = (Instant::now(), std::time::SystemTime::now());
         let ip = cluster.move_pod(i)?;
         let uid = cluster.pods[i].workload_uid();
         let seen = fleet
             .wait_change(ADDRESS_TYPE, &uid, since, |(_, got)| *got == Some(ip), long)
             .await?;
+        let all = seen.latencies.iter().copied().max().unwrap_or_default();
         pod.add(seen);
         pod.translate_ms
             .extend(ctl.translate_ms().into_iter().skip(logged));
+        let text = ctl.log_text();
+        let new: Vec<&str> = text.lines().skip(log_lines).collect();
+        pod.split.extend(split(&new, written, all));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let mut policy = Changes::new();
@@ -259,14 +319,19 @@ async fn serve_and_measure(
     eprintln!("controller: {policy_changes} one-policy changes...");
     for _ in 0..policy_changes {
         let logged = ctl.translate_ms().len();
+        let log_lines = ctl.log_text().lines().count();
         let j = rng.below(cluster.policies.len());
-        let since = Instant::now();
+        let (since, written) = (Instant::now(), std::time::SystemTime::now());
         cluster.edit_policy(j)?;
         let name = cluster.policies[j].resource_name();
         let seen = fleet
             .wait_change(AUTHORIZATION_TYPE, &name, since, |_| true, long)
             .await?;
+        let all = seen.latencies.iter().copied().max().unwrap_or_default();
         policy.add(seen);
+        let text = ctl.log_text();
+        let new: Vec<&str> = text.lines().skip(log_lines).collect();
+        policy.split.extend(split(&new, written, all));
         policy
             .translate_ms
             .extend(ctl.translate_ms().into_iter().skip(logged));
@@ -597,6 +662,39 @@ fn render(
                 },
             ),
         );
+        if !c.split.is_empty() {
+            let med = |f: fn(&Split) -> Duration| {
+                ms(quantile(&c.split.iter().map(f).collect::<Vec<_>>(), 0.5))
+            };
+            let p99 = |f: fn(&Split) -> Duration| {
+                ms(quantile(&c.split.iter().map(f).collect::<Vec<_>>(), 0.99))
+            };
+            row(
+                format!(
+                    "… split (median of {}): write → store updated (inotify + settle + directory \
+                     read) / of which directory read / debounce / pass",
+                    c.split.len()
+                ),
+                format!(
+                    "{:.0} ms / {:.1} ms / {:.0} ms / {:.1} ms",
+                    med(|s| s.to_store),
+                    med(|s| s.read),
+                    med(|s| s.debounce),
+                    med(|s| s.pass)
+                ),
+            );
+            row(
+                format!(
+                    "**… after the debounce: pass start → all {} clients have it**",
+                    args.clients
+                ),
+                format!(
+                    "**median {:.1} ms**, p99 {:.1} ms",
+                    med(|s| s.after_debounce),
+                    p99(|s| s.after_debounce)
+                ),
+            );
+        }
     }
     if let Some((small_spec, (small, full))) = zt {
         let per = (full.mem.rss_kib as f64 - small.mem.rss_kib as f64)
