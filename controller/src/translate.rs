@@ -127,14 +127,19 @@ pub struct Translated {
     pub waypoint_authz: waypoint_authz::WaypointAuthz,
 }
 
-/// Translates `objects` into workload API resources. Never fails: objects that cannot be
-/// represented (no IP, unparsable addresses, ...) are left out.
-pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
-    let namespaces: BTreeMap<&str, &BTreeMap<String, String>> = objects
+/// Each Namespace's labels, by name (Namespaces without labels are left out).
+fn namespace_labels(objects: &Objects) -> BTreeMap<&str, &BTreeMap<String, String>> {
+    objects
         .namespaces
         .values()
         .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
-        .collect();
+        .collect()
+}
+
+/// Translates `objects` into workload API resources. Never fails: objects that cannot be
+/// represented (no IP, unparsable addresses, ...) are left out.
+pub fn translate(objects: &Objects, mesh: &MeshConfig) -> Translated {
+    let namespaces = namespace_labels(objects);
     let ns_labels = |ns: &str| namespaces.get(ns).copied();
     let waypoints = Waypoints::new(objects, mesh);
 
@@ -201,11 +206,7 @@ pub fn translate_pods<'k>(
     previous: &Translated,
     pods: impl IntoIterator<Item = &'k ObjectKey>,
 ) -> Vec<(String, Option<Workload>)> {
-    let namespaces: BTreeMap<&str, &BTreeMap<String, String>> = objects
-        .namespaces
-        .values()
-        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
-        .collect();
+    let namespaces = namespace_labels(objects);
     let ns_labels = |ns: &str| namespaces.get(ns).copied();
     let slice_ports = service::endpoint_slice_ports(objects, mesh);
     let services_by_ns = services_by_namespace(objects);

@@ -151,9 +151,13 @@ mod tests {
         assert_eq!(c.mesh_cost(), 3.75);
         assert!((c.all_cores() - 2.0 / 3.75 * 1e9).abs() < 1.0);
         assert!((c.one_worker() - 1e9 / 1.5).abs() < 1.0);
-        // One worker per proxy: the single thread (1/1.5) binds before the cores (2/3.75).
-        assert_eq!(c.bytes_per_sec(1), c.one_worker());
-        assert_eq!(c.bytes_per_sec(2), c.all_cores());
+        // Cheap crypto: the cores bind before one worker does.
+        assert_eq!(c.bytes_per_sec(1), c.all_cores());
+        // Crypto as dear as a hop: one single-threaded proxy binds first (1/3 < 2/5.25).
+        let slow = Ceiling { open: 2.0, ..c };
+        assert!((slow.one_worker() - 1e9 / 3.0).abs() < 1.0);
+        assert_eq!(slow.bytes_per_sec(1), slow.one_worker());
+        assert_eq!(slow.bytes_per_sec(2), slow.all_cores());
     }
 
     #[test]
