@@ -114,6 +114,10 @@ impl AsyncRead for H2Tunnel {
         let n = me.rbuf.len().min(buf.remaining());
         buf.put_slice(&me.rbuf[..n]);
         me.rbuf.advance(n);
+        if me.rbuf.is_empty() {
+            // An empty view still holds h2's whole read chunk alive: let it go while idle.
+            me.rbuf = Bytes::new();
+        }
         // Read by the application: the peer may send that much more.
         let _ = recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))

@@ -109,6 +109,15 @@ async fn hbone_connection(
     Ok(())
 }
 
+/// An admitted CONNECT: what its tunnel needs, and the handle to answer it with.
+struct Admitted {
+    upstream: TcpStream,
+    rec: ConnectionRecord,
+    registration: policy::Registration,
+    recv: RecvStream,
+    respond: SendResponse<Bytes>,
+}
+
 fn status(code: StatusCode) -> Response<()> {
     let mut r = Response::new(());
     *r.status_mut() = code;
@@ -122,6 +131,7 @@ fn answer(mut respond: SendResponse<Bytes>, code: StatusCode) {
 }
 
 impl Proxy {
+    /// Serves one CONNECT from the decision to the tunnel's end.
     async fn handle_connect(
         self: Arc<Self>,
         req: Request<RecvStream>,
@@ -132,6 +142,48 @@ impl Proxy {
         busy: ActiveGuard,
     ) {
         let _busy = busy;
+        // Boxed: the decision's state (the config snapshot, the labels, the app connect) is
+        // freed once it is made. Inlined, its space would stay part of the task for as long
+        // as the tunnel lives (measured: 5.4 -> 8.7 KiB per idle connection).
+        let admitted = Box::pin(self.admit(req, respond, peer, local_addr, peer_id)).await;
+        let Some(Admitted {
+            mut upstream,
+            rec,
+            registration,
+            recv,
+            mut respond,
+        }) = admitted
+        else {
+            return;
+        };
+        let res = match respond.send_response(status(StatusCode::OK), false) {
+            Ok(send) => {
+                let mut tunnel = Tunnel::new(send, recv);
+                // On revocation the tunnel is dropped unfinished: the client gets a stream
+                // reset, the app a close.
+                copy_until(
+                    &mut tunnel,
+                    &mut upstream,
+                    self.cfg.copy_buffer,
+                    registration.revoked(),
+                )
+                .await
+            }
+            Err(e) => Err(ProxyError::Io(std::io::Error::other(e))),
+        };
+        finish(rec, res);
+    }
+
+    /// Decides a CONNECT: checks it, asks the policies and connects to the app. A refusal is
+    /// answered (and recorded) here; an admitted CONNECT is answered by the caller.
+    async fn admit(
+        &self,
+        req: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        peer: SocketAddr,
+        local_addr: SocketAddr,
+        peer_id: Arc<Option<SpiffeId>>,
+    ) -> Option<Admitted> {
         let reject = |respond, code, why: String| {
             connection_failed(
                 "inbound",
@@ -143,7 +195,10 @@ impl Proxy {
         };
         let connect = match zmesh_core::hbone::parse_connect(&req, &self.cfg.illegal_ports()) {
             Ok(c) => c,
-            Err(e) => return reject(respond, StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => {
+                reject(respond, StatusCode::BAD_REQUEST, e.to_string());
+                return None;
+            }
         };
         let target = connect.target;
         // The source is who connected, not what the client's `forwarded` header claims:
@@ -165,7 +220,7 @@ impl Proxy {
         // Fail closed: only a workload the mesh knows is served, and only at its own address
         // (the one this connection arrived on, in its own network namespace).
         let Some(local_w) = local.as_ref() else {
-            return reject(
+            reject(
                 respond,
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -173,15 +228,17 @@ impl Proxy {
                     self.workload_key
                 ),
             );
+            return None;
         };
         if target.ip() != local_addr.ip() && !local_w.workload_ips.contains(&target.ip()) {
-            return reject(
+            reject(
                 respond,
                 StatusCode::BAD_REQUEST,
                 format!(
                     "target {target} is not this workload (connection arrived on {local_addr})"
                 ),
             );
+            return None;
         }
         // Log only: not worked out unless the debug line is enabled.
         if local_w.waypoint.is_some() && tracing::enabled!(tracing::Level::DEBUG) {
@@ -223,19 +280,21 @@ impl Proxy {
                         None,
                     );
                     finish(rec, Err(ProxyError::Denied(denial)));
-                    return answer(respond, StatusCode::UNAUTHORIZED);
+                    answer(respond, StatusCode::UNAUTHORIZED);
+                    return None;
                 }
             };
         let mut rec =
             ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
         rec.set_policy(allowed_by);
         // Answer 200 only once the workload accepted the connection.
-        let mut upstream = match self.connect_as(target, src_addr).await {
+        let upstream = match self.connect_as(target, src_addr).await {
             Ok(s) => s,
             Err(e) => {
                 rec.set_response_flag("CONNECT");
                 rec.finish(0, 0, Some(&ProxyError::Upstream(target, e)));
-                return answer(respond, StatusCode::SERVICE_UNAVAILABLE);
+                answer(respond, StatusCode::SERVICE_UNAVAILABLE);
+                return None;
             }
         };
         // A policy change while connecting: the client is told, the app connection dropped.
@@ -248,30 +307,18 @@ impl Proxy {
                     denial,
                 }),
             );
-            return answer(respond, StatusCode::UNAUTHORIZED);
+            answer(respond, StatusCode::UNAUTHORIZED);
+            return None;
         }
-        // What the decision needed is let go now, not kept for the tunnel's life: the config
-        // snapshot (a later config must not keep this one alive) and the request's headers.
-        drop(local);
-        drop(state);
-        let recv = req.into_body();
-        let mut respond = respond;
-        let res = match respond.send_response(status(StatusCode::OK), false) {
-            Ok(send) => {
-                let mut tunnel = Tunnel::new(send, recv);
-                // On revocation the tunnel is dropped unfinished: the client gets a stream
-                // reset, the app a close.
-                copy_until(
-                    &mut tunnel,
-                    &mut upstream,
-                    self.cfg.copy_buffer,
-                    registration.revoked(),
-                )
-                .await
-            }
-            Err(e) => Err(ProxyError::Io(std::io::Error::other(e))),
-        };
-        finish(rec, res);
+        // Only the body stream goes on: the config snapshot and the request's headers are
+        // dropped with this future.
+        Some(Admitted {
+            upstream,
+            rec,
+            registration,
+            recv: req.into_body(),
+            respond,
+        })
     }
 }
 
