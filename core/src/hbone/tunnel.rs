@@ -53,11 +53,6 @@ impl H2Tunnel {
         }
     }
 
-    /// Bytes of buffer this tunnel holds now (for memory tests).
-    pub fn held(&self) -> usize {
-        self.wbuf.capacity() + self.rbuf.len()
-    }
-
     /// The error a write gets once the peer reset the stream, or the connection went away.
     fn poll_send_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         match ready!(self.send.poll_reset(cx)) {

@@ -242,11 +242,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let io = match tokio::time::timeout_at(deadline, read_h2_start(io)).await {
-        Ok(Ok(io)) => io,
-        Ok(Err(e)) => return Err(ServeError::Preface(e)),
-        Err(_) => return Err(ServeError::FirstBytesTimeout(limits.handshake_timeout)),
-    };
+    let io = h2_start(io, limits, deadline).await?;
     let conn = builder.serve_connection(TokioIo::new(io), Tracked::new(svc, activity.clone()));
     tokio::pin!(conn);
     let idle = tokio::select! {
@@ -258,9 +254,27 @@ where
     if idle {
         // Nothing in flight: the GOAWAY exchange is all that is left.
         tracing::debug!(idle = ?limits.idle_timeout, "closing an idle HTTP/2 connection");
-        return bounded(conn, limits.handshake_timeout.max(Duration::from_secs(1))).await;
+        return bounded(conn, goaway_grace(limits)).await;
     }
     conn.await.map_err(ServeError::Http)
+}
+
+/// Reads an HTTP/2 connection's preface and first SETTINGS by `deadline` (both HTTP/2 servers).
+pub(super) async fn h2_start<I: AsyncRead + Unpin>(
+    io: I,
+    limits: &Limits,
+    deadline: tokio::time::Instant,
+) -> Result<super::Prefixed<I>, ServeError> {
+    match tokio::time::timeout_at(deadline, read_h2_start(io)).await {
+        Ok(Ok(io)) => Ok(io),
+        Ok(Err(e)) => Err(ServeError::Preface(e)),
+        Err(_) => Err(ServeError::FirstBytesTimeout(limits.handshake_timeout)),
+    }
+}
+
+/// How long an idle connection's GOAWAY exchange may take before the connection is dropped.
+pub(super) fn goaway_grace(limits: &Limits) -> Duration {
+    limits.handshake_timeout.max(Duration::from_secs(1))
 }
 
 /// Waits for a connection shutting down, at most `limit`.

@@ -6,8 +6,6 @@
 //! handshake deadline, a GOAWAY after `idle_timeout` with no stream open, a GOAWAY when `stop`
 //! is cancelled (open streams finish), and a keepalive PING that a dead peer fails.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
@@ -15,7 +13,8 @@ use http::Request;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::{ActiveGuard, Activity, Limits, ServeError, preface::read_h2_start};
+use super::conn::{goaway_grace, h2_start};
+use super::{ActiveGuard, Activity, Limits, ServeError};
 use crate::hbone::{H2Settings, keepalive};
 
 /// Serves one HTTP/2 connection until it ends: every stream the peer opens goes to `handle`
@@ -33,11 +32,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: FnMut(Request<RecvStream>, SendResponse<Bytes>, ActiveGuard),
 {
-    let io = match tokio::time::timeout_at(deadline, read_h2_start(io)).await {
-        Ok(Ok(io)) => io,
-        Ok(Err(e)) => return Err(ServeError::Preface(e)),
-        Err(_) => return Err(ServeError::FirstBytesTimeout(limits.handshake_timeout)),
-    };
+    let io = h2_start(io, limits, deadline).await?;
     let mut conn = match tokio::time::timeout_at(deadline, settings.h2_server().handshake(io)).await
     {
         Ok(Ok(c)) => c,
@@ -56,11 +51,8 @@ where
     tokio::pin!(idle);
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
-    // Set once a GOAWAY went out for idleness: the exchange that is left is bounded.
-    let mut closing: Option<tokio::time::Instant> = None;
     let mut draining = false;
     loop {
-        let close_by = closing.unwrap_or_else(far_future);
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => handle(req, respond, activity.begin()),
@@ -68,29 +60,29 @@ where
                 Some(Err(e)) => return Err(ServeError::H2(e)),
                 None => return Ok(()),
             },
-            _ = &mut stopped, if !draining && closing.is_none() => {
+            _ = &mut stopped, if !draining => {
+                // Open streams finish; accept() ends once they did.
                 draining = true;
                 conn.graceful_shutdown();
             }
-            _ = &mut idle, if !draining && closing.is_none() => {
+            _ = &mut idle, if !draining => {
+                // Nothing in flight: the GOAWAY exchange is all that is left, bounded.
                 tracing::debug!(idle = ?limits.idle_timeout, "closing an idle HTTP/2 connection");
                 conn.graceful_shutdown();
-                closing = Some(
-                    tokio::time::Instant::now()
-                        + limits.handshake_timeout.max(Duration::from_secs(1)),
-                );
+                let rest = async {
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        handle(req, respond, activity.begin());
+                    }
+                };
+                let _ = tokio::time::timeout(goaway_grace(limits), rest).await;
+                return Ok(());
             }
-            _ = tokio::time::sleep_until(close_by), if closing.is_some() => return Ok(()),
             _ = &mut alive => {
                 tracing::debug!("closing an HTTP/2 connection whose peer stopped answering pings");
                 return Ok(());
             }
         }
     }
-}
-
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
 }
 
 /// How a peer normally goes away: it closed the TCP connection, or said GOAWAY NO_ERROR.
