@@ -272,10 +272,16 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()??
-        .max(1) as u64;
-    Some(Duration::from_millis(ticks * 1000 / hz))
+    Some(Duration::from_millis(ticks * 1000 / clock_ticks()))
+}
+
+/// The kernel's clock ticks per second (`/proc` CPU times are counted in them).
+pub fn clock_ticks() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as u64
 }
 
 /// The name of the selector policy [`policy_mix`] makes for the destination workload (list it

@@ -294,8 +294,7 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
 /// Samples each group of processes while `run` runs: CPU before and after, VmRSS every
 /// 100 ms, VmHWM at the end; one [`Usage`] per group (zeros for an empty group).
 pub fn measure<T>(groups: &[Vec<u32>], run: impl FnOnce() -> T) -> (T, Vec<Usage>) {
-    let cpu =
-        |pids: &[u32]| -> Duration { pids.iter().filter_map(|p| crate::bench::cpu_time(*p)).sum() };
+    let cpu = crate::bench::cpu_of;
     let before: Vec<Duration> = groups.iter().map(|g| cpu(g)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {

@@ -35,12 +35,9 @@ pub fn cpu_busy() -> Result<Duration> {
     anyhow::ensure!(f.len() >= 8, "/proc/stat: unexpected first line {line:?}");
     // user nice system idle iowait irq softirq steal
     let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100)
-        .max(1) as u64;
-    Ok(Duration::from_micros(busy * 1_000_000 / hz))
+    Ok(Duration::from_micros(
+        busy * 1_000_000 / super::clock_ticks(),
+    ))
 }
 
 /// Nanoseconds of one core per byte to seal and to open `RECORD`-sized records with `alg`,
