@@ -9,17 +9,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use zmesh_core::hbone::{StreamGuard, Tunnel, Upgraded, forwarded_for, parse_connect};
+use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
 use zmesh_core::serve::{
-    ActiveGuard, Activity, FdHeadroom, Listener, ServeError, Tracked, serve_h2, tls_accept,
+    ActiveGuard, Activity, FdHeadroom, Listener, ServeError, Tracked, serve_h2_streams, tls_accept,
 };
 use zmesh_core::tls::peer_identity;
 
@@ -88,41 +88,41 @@ async fn hbone_connection(
         .and_then(|c| c.first())
         .and_then(peer_identity)
         .map(|i| i.to_string());
-    let activity = Activity::new();
-    let streams = activity.clone();
     let w = wp.clone();
-    let svc = service_fn(move |req| {
-        let busy = streams.begin();
-        let w = w.clone();
-        let principal = principal.clone();
-        async move { Ok::<_, Infallible>(handle_connect(w, req, peer, principal, busy).await) }
-    });
-    serve_h2(
+    // Each CONNECT is served on a task of its own, from the decision to its tunnel's end; the
+    // tunnel runs on h2's stream handles (`hbone::H2Tunnel`), not on hyper's upgrade, so its
+    // bytes move with no task in between. Tunnels count as in flight while they live.
+    serve_h2_streams(
         tls,
-        &wp.cfg.h2.server(),
-        svc,
-        activity,
+        &wp.cfg.h2,
         &limits,
         deadline,
         &wp.drain,
+        move |req, respond, busy| {
+            let conn = w.clone();
+            let principal = principal.clone();
+            w.tracker
+                .spawn(handle_connect(conn, req, respond, peer, principal, busy));
+        },
     )
     .await?;
     Ok(())
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = code;
     r
 }
 
-/// Answers a CONNECT with `code`, and says why in the access log.
+/// Answers a CONNECT with `code` and no tunnel, and says why in the access log.
 fn refuse(
+    mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
     principal: Option<&str>,
     code: StatusCode,
     why: &str,
-) -> Response<Empty<Bytes>> {
+) {
     tracing::info!(
         target: "access",
         reporter = "waypoint",
@@ -132,28 +132,83 @@ fn refuse(
         error = %why,
         "CONNECT refused"
     );
-    status(code)
+    // An error means the peer is gone already: nothing is left to tell.
+    let _ = respond.send_response(status(code), true);
 }
 
 async fn handle_connect(
     wp: Arc<Waypoint>,
-    req: Request<Incoming>,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
     peer: SocketAddr,
     principal: Option<String>,
     busy: ActiveGuard,
-) -> Response<Empty<Bytes>> {
-    let refused = |code: StatusCode, why: String| refuse(peer, principal.as_deref(), code, &why);
+) {
+    let _busy = busy;
+    // Boxed: the decision's state (the snapshot, the labels, an upstream connect) is freed once
+    // it is made instead of staying part of the task for as long as the tunnel lives.
+    let Some((req, respond, ds, tcp_upstream)) =
+        Box::pin(admit(&wp, req, respond, peer, principal)).await
+    else {
+        return;
+    };
+    let mut respond = respond;
+    let send = match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "CONNECT not answered: the peer is gone");
+            return;
+        }
+    };
+    let io = Tunnel::new(send, req.into_body());
+    match tcp_upstream {
+        Some(up) => copy_tcp(io, up, &ds).await,
+        None => serve_tunnel(wp, ds, io).await,
+    }
+}
+
+/// An admitted CONNECT: its request, the handle to answer it with, what the waypoint knows of
+/// its source and target, and (for opaque TCP) the upstream tunnel already open.
+type Admitted = (
+    Request<RecvStream>,
+    SendResponse<Bytes>,
+    Arc<Downstream>,
+    Option<(Tunnel, StreamGuard, SocketAddr)>,
+);
+
+/// Decides a CONNECT: a refusal is answered (and logged) here and gives `None`.
+async fn admit(
+    wp: &Arc<Waypoint>,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    principal: Option<String>,
+) -> Option<Admitted> {
     let connect = match parse_connect(&req, &OWN_PORTS) {
         Ok(c) => c,
-        Err(e) => return refused(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            refuse(
+                respond,
+                peer,
+                principal.as_deref(),
+                StatusCode::BAD_REQUEST,
+                &e.to_string(),
+            );
+            return None;
+        }
     };
     let target = connect.target;
     let snap = wp.snapshot.load_full();
     let Some(binding) = snap.binding(target).cloned() else {
-        return refused(
+        let why = format!("{target} is not a service port bound to this waypoint");
+        refuse(
+            respond,
+            peer,
+            principal.as_deref(),
             StatusCode::BAD_REQUEST,
-            format!("{target} is not a service port bound to this waypoint"),
+            &why,
         );
+        return None;
     };
     // The source's labels: the workload at the peer's address (ztunnel connects from the
     // client pod's IP), else what the client's `baggage` says.
@@ -185,38 +240,28 @@ async fn handle_connect(
     // 200 only once an endpoint accepted (ztunnel's semantics for a tunnel).
     let tcp_upstream = if ds.binding.port.protocol == PortProtocol::Tcp {
         if let Err(why) = crate::authz::check_tcp(&snap, &ds) {
-            return refuse(peer, ds.principal.as_deref(), StatusCode::FORBIDDEN, &why);
+            refuse(
+                respond,
+                peer,
+                ds.principal.as_deref(),
+                StatusCode::FORBIDDEN,
+                &why,
+            );
+            return None;
         }
-        match connect_tcp(&wp, &ds).await {
+        match connect_tcp(wp, &ds).await {
             Ok(u) => Some(u),
             Err(e) => {
-                return refuse(
-                    peer,
-                    ds.principal.as_deref(),
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &e.to_string(),
-                );
+                let why = e.to_string();
+                let code = StatusCode::SERVICE_UNAVAILABLE;
+                refuse(respond, peer, ds.principal.as_deref(), code, &why);
+                return None;
             }
         }
     } else {
         None
     };
-    let w = wp.clone();
-    wp.tracker.spawn(async move {
-        let _busy = busy;
-        let io = match hyper::upgrade::on(req).await {
-            Ok(u) => TokioIo::new(u),
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "CONNECT not upgraded");
-                return;
-            }
-        };
-        match tcp_upstream {
-            Some(up) => copy_tcp(io, up, &ds).await,
-            None => serve_tunnel(w, ds, io).await,
-        }
-    });
-    status(StatusCode::OK)
+    Some((req, respond, ds, tcp_upstream))
 }
 
 /// An upstream tunnel for opaque TCP: the first endpoint that accepts, in LB order.
@@ -272,7 +317,7 @@ async fn copy_tcp<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Serves one accepted tunnel by protocol.
-async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Upgraded) {
+async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Tunnel) {
     let declared = ds.binding.port.protocol;
     let (detected, io) = match detect(io, wp.cfg.sniff_timeout).await {
         Ok(d) => d,
