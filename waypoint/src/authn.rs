@@ -151,7 +151,9 @@ pub async fn authenticate(
     let Some(authn) = snap.authn(service) else {
         return Ok(None);
     };
-    verify::authenticate(&authn, &wp.jwks, parts)
+    // Boxed: verifying (and perhaps fetching a JWKS) is for services with a
+    // RequestAuthentication only; inlined, its state would size every request's future.
+    Box::pin(verify::authenticate(&authn, &wp.jwks, parts))
         .await
         .map_err(|failure| Denied {
             failure,

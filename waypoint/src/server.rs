@@ -345,7 +345,10 @@ async fn serve_tunnel(wp: Arc<Waypoint>, ds: Arc<Downstream>, io: Tunnel) {
         service_fn(move |req| {
             let w = w.clone();
             let d = d.clone();
-            async move { Ok::<_, Infallible>(proxy(w, d, req, up_h2).await) }
+            // Boxed once here: hyper moves the service's future into its dispatcher, and a
+            // future moves by copying all of it.
+            let f = Box::pin(proxy(w, d, req, up_h2));
+            async move { Ok::<_, Infallible>(f.await) }
         }),
         activity.clone(),
     );
