@@ -310,7 +310,7 @@ impl Upstreams {
         }
         // Boxed: a new connection (certificate, HBONE tunnel, TLS and HTTP handshakes) is the
         // rare path. Inlined, its state would size every request's future, and a future is
-        // copied whole each time it moves (measured: 14 of its 8 KiB went with the boxing).
+        // copied whole each time it moves (debug build: the send future went 4.9 -> 2.9 KiB).
         Box::pin(self.connect(ep, h2, client, host, &conns)).await
     }
 
