@@ -512,7 +512,7 @@ enum Route {
 /// Records the end of a connection from the outcome of serving it.
 pub fn finish(mut rec: ConnectionRecord, res: Result<Bytes, ProxyError>) {
     match res {
-        Ok(b) => rec.finish(b.sent, b.received, None),
+        Ok(b) => rec.finish(b, None),
         Err(e) => {
             let b = match &e {
                 ProxyError::Copy { bytes, .. } | ProxyError::Revoked { bytes, .. } => *bytes,
@@ -522,7 +522,7 @@ pub fn finish(mut rec: ConnectionRecord, res: Result<Bytes, ProxyError>) {
                 rec.set_policy(d.policy().map(str::to_owned));
             }
             rec.set_response_flag(e.response_flag());
-            rec.finish(b.sent, b.received, Some(&e));
+            rec.finish(b, Some(&e));
         }
     }
 }

@@ -292,7 +292,7 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => {
                 rec.set_response_flag("CONNECT");
-                rec.finish(0, 0, Some(&ProxyError::Upstream(target, e)));
+                rec.finish(Default::default(), Some(&ProxyError::Upstream(target, e)));
                 answer(respond, StatusCode::SERVICE_UNAVAILABLE);
                 return None;
             }
