@@ -2,6 +2,7 @@
 //! on 15008 and inbound plaintext on 15006 (`inbound.rs`). All three share a [`Proxy`].
 
 mod copy;
+mod decide;
 mod inbound;
 pub mod policy;
 #[cfg(test)]
