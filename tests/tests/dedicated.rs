@@ -577,3 +577,132 @@ fn plaintext_inbound_is_not_an_open_relay() {
             .then_some(())
     });
 }
+
+/// A server that reads to EOF and answers with the count it read (8 bytes, big endian): an
+/// upload, with a small fixed answer, as iperf3's data connection is.
+fn upload_sink(sb: &Sandbox, host: &str, port: u16) {
+    let l = sb
+        .in_netns(host, || TcpListener::bind(("0.0.0.0", port)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let n = std::io::copy(&mut s, &mut std::io::sink()).unwrap_or(0);
+                let _ = s.write_all(&n.to_be_bytes());
+            });
+        }
+    });
+}
+
+/// The value of `key=` in an access-log line, as a number.
+fn log_number(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// Waits for the `connection complete` line of `direction` that names `needle`, and returns
+/// its `(bytes_sent, bytes_recv)`.
+fn logged_bytes(zt: &Ztunnel, direction: &str, needle: &str) -> (u64, u64) {
+    poll_some(
+        &format!("the {direction} access-log line for {needle}"),
+        Duration::from_secs(20),
+        || {
+            let log = zt.log();
+            let line = log.lines().find(|l| {
+                l.contains("connection complete")
+                    && l.contains(&format!("direction=\"{direction}\""))
+                    && l.contains(needle)
+            })?;
+            Some((
+                log_number(line, "bytes_sent").expect(line),
+                log_number(line, "bytes_recv").expect(line),
+            ))
+        },
+    )
+}
+
+/// Waits until a connection matching `labels` has closed, and returns its
+/// `(istio_tcp_sent_bytes_total, istio_tcp_received_bytes_total)`.
+fn counted_bytes(zt: &Ztunnel, labels: &[(&str, &str)]) -> (u64, u64) {
+    poll_some(
+        "the closed connection's counters",
+        Duration::from_secs(20),
+        || {
+            let text = zt.metrics().unwrap();
+            (metric_value(&text, "istio_tcp_connections_closed_total", labels) >= 1.0).then(|| {
+                (
+                    metric_value(&text, "istio_tcp_sent_bytes_total", labels) as u64,
+                    metric_value(&text, "istio_tcp_received_bytes_total", labels) as u64,
+                )
+            })
+        },
+    )
+}
+
+/// Issue 14: byte directions as upstream ztunnel has them. The `istio_tcp_*` counters keep
+/// Envoy's direction for both reporters (`received` = from the client towards the server,
+/// `sent` = back), and the access log flips only on the source side: the outbound line's
+/// `bytes_sent` is what the client uploaded, the inbound line's `bytes_recv` is. Checked for an
+/// upload of N bytes answered by 8, through HBONE (both ztunnels) and through plaintext
+/// inbound.
+#[test]
+fn an_upload_is_counted_in_upstreams_directions_by_both_reporters() {
+    const UP: u64 = 3 << 20;
+    const BACK: u64 = 8;
+    let sb = Sandbox::new().unwrap();
+    let m = Mesh::up(&sb, &["ext"]);
+    upload_sink(&sb, "s1", 9001);
+    let dst = m.ip("s1", 9001).to_string();
+
+    let back = transfer(&sb, "client", m.ip("s1", 9001), &pattern(UP as usize, 3)).unwrap();
+    assert_eq!(back, UP.to_be_bytes(), "the server did not read the upload");
+    let source = [("reporter", "source"), ("destination_workload", "s1")];
+    assert_eq!(
+        counted_bytes(&m.zt[0], &source),
+        (BACK, UP),
+        "source reporter: (sent, received)"
+    );
+    let destination = [("reporter", "destination"), ("source_workload", "client")];
+    assert_eq!(
+        counted_bytes(&m.zt[1], &destination),
+        (BACK, UP),
+        "destination reporter: (sent, received)"
+    );
+    assert_eq!(
+        logged_bytes(&m.zt[0], "outbound", &format!("dst.hbone_addr=\"{dst}\"")),
+        (UP, BACK),
+        "outbound access log: (bytes_sent, bytes_recv)"
+    );
+    assert_eq!(
+        logged_bytes(&m.zt[1], "inbound", &format!("dst.addr={dst}")),
+        (BACK, UP),
+        "inbound access log: (bytes_sent, bytes_recv)"
+    );
+
+    // Plaintext inbound: a client outside the mesh, captured on s1.
+    redirect_inbound(&sb, "s1").unwrap();
+    let back = transfer(&sb, "ext", m.ip("s1", 9001), &pattern(UP as usize, 4)).unwrap();
+    assert_eq!(back, UP.to_be_bytes());
+    let outsider = [
+        ("reporter", "destination"),
+        ("source_workload", "unknown"),
+        ("destination_workload", "s1"),
+    ];
+    assert_eq!(
+        counted_bytes(&m.zt[1], &outsider),
+        (BACK, UP),
+        "plaintext inbound: (sent, received)"
+    );
+    let ext = m.topo.host_ip("ext").to_string();
+    assert_eq!(
+        logged_bytes(&m.zt[1], "inbound", &format!("src.addr={ext}:")),
+        (BACK, UP),
+        "plaintext inbound access log: (bytes_sent, bytes_recv)"
+    );
+}

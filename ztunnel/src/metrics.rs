@@ -3,6 +3,15 @@
 //! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`; and one access-log line
 //! (tracing target `access`) per connection.
 //!
+//! Byte directions are upstream ztunnel's (istio/ztunnel `src/copy.rs` `copy_bidirectional`
+//! counts the client-to-server half with `increment_recv` and the other with
+//! `increment_send`; `src/proxy/metrics.rs` `ConnectionResult::record_internal` logs them):
+//! the counters keep Envoy's meaning for both reporters, `received` = from the client towards
+//! the server, `sent` = back to the client. The access log flips the source side only
+//! (istio/istio#32399): an outbound line's `bytes_sent` is what the client sent, an inbound
+//! line's `bytes_sent` is what went back to the client. An upload of N bytes is thus
+//! `received` N for both reporters, `bytes_sent=N` outbound and `bytes_recv=N` inbound.
+//!
 //! A connection refused by AuthorizationPolicy is counted, opened and closed, with
 //! `response_flags="DENY"` (as Istio's ztunnel does); one closed later because a policy change
 //! denies it is counted closed with `DENY`. Its access-log line names the deciding policy
@@ -24,6 +33,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 pub use zmesh_core::telemetry::TrafficLabels;
+
+use crate::proxy::Bytes;
 
 /// The longest failure reason a `connection failed` line carries, in bytes.
 const MAX_ERROR_LOG: usize = 1024;
@@ -191,12 +202,12 @@ impl ConnectionRecord {
         self.response_flag = Some(flag);
     }
 
-    /// Records the close: `sent` is bytes towards the destination, `received` bytes back.
-    pub fn finish(mut self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
-        self.close(sent, received, error);
+    /// Records the close with the connection's bytes (their directions: [`Bytes`]).
+    pub fn finish(mut self, bytes: Bytes, error: Option<&dyn std::fmt::Display>) {
+        self.close(bytes, error);
     }
 
-    fn close(&mut self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
+    fn close(&mut self, bytes: Bytes, error: Option<&dyn std::fmt::Display>) {
         let Some(shared) = self.labels.take() else {
             return;
         };
@@ -209,8 +220,12 @@ impl ConnectionRecord {
             });
         let l = changed.as_ref().unwrap_or(&shared);
         self.metrics.closed.get_or_create(l).inc();
-        self.metrics.sent.get_or_create(l).inc_by(sent);
-        self.metrics.received.get_or_create(l).inc_by(received);
+        self.metrics.sent.get_or_create(l).inc_by(bytes.sent);
+        self.metrics
+            .received
+            .get_or_create(l)
+            .inc_by(bytes.received);
+        let (log_sent, log_recv) = log_bytes(l.reporter, bytes);
         let duration = format!("{}ms", self.start.elapsed().as_millis());
         let hbone = self.hbone_target.map(|a| a.to_string());
         macro_rules! line {
@@ -228,8 +243,8 @@ impl ConnectionRecord {
                     dst.workload = %l.destination_workload,
                     dst.namespace = %l.destination_workload_namespace,
                     dst.identity = %l.destination_principal,
-                    bytes_sent = sent,
-                    bytes_recv = received,
+                    bytes_sent = log_sent,
+                    bytes_recv = log_recv,
                     duration = %duration,
                     policy = self.policy.as_deref().map(tracing::field::display),
                     $($extra)*
@@ -247,7 +262,20 @@ impl ConnectionRecord {
 
 impl Drop for ConnectionRecord {
     fn drop(&mut self) {
-        self.close(0, 0, Some(&"connection dropped before completion"));
+        self.close(
+            Bytes::default(),
+            Some(&"connection dropped before completion"),
+        );
+    }
+}
+
+/// The access log's `(bytes_sent, bytes_recv)` for a `reporter`: as the counters on the
+/// destination side, flipped on the source side (see the module's documentation).
+fn log_bytes(reporter: &str, bytes: Bytes) -> (u64, u64) {
+    if reporter == "source" {
+        (bytes.received, bytes.sent)
+    } else {
+        (bytes.sent, bytes.received)
     }
 }
 
@@ -273,7 +301,13 @@ mod tests {
             "10.0.0.2:15008".parse().unwrap(),
             None,
         );
-        rec.finish(100, 42, None);
+        rec.finish(
+            Bytes {
+                sent: 100,
+                received: 42,
+            },
+            None,
+        );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
         for needle in [
@@ -320,7 +354,13 @@ mod tests {
             "two connections with the same labels hold two copies"
         );
         assert_eq!(m.interned_len(), 1);
-        a.finish(1, 2, None);
+        a.finish(
+            Bytes {
+                sent: 1,
+                received: 2,
+            },
+            None,
+        );
         assert_eq!(m.interned_len(), 1, "still used by the other connection");
         b.set_response_flag("CONNECT");
         drop(b);
@@ -341,7 +381,7 @@ mod tests {
             None,
         );
         c.set_response_flag("CONNECT");
-        c.finish(0, 0, Some(&"refused"));
+        c.finish(Bytes::default(), Some(&"refused"));
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
         assert!(
             out.lines()
@@ -349,5 +389,75 @@ mod tests {
                     && l.contains("response_flags=\"CONNECT\"")),
             "{out}"
         );
+    }
+
+    /// A tracing writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Issue 14: an upload of 1000 bytes answered by 7, as upstream ztunnel counts it: the
+    /// counters say `received` 1000 for both reporters; the access log says `bytes_sent=1000`
+    /// on the source (outbound) side and `bytes_recv=1000` on the destination (inbound) side.
+    #[test]
+    fn byte_directions_are_upstreams_in_counters_and_access_log() {
+        let upload = Bytes {
+            received: 1000,
+            sent: 7,
+        };
+        for (reporter, direction, logged) in [
+            ("source", "outbound", "bytes_sent=1000 bytes_recv=7"),
+            ("destination", "inbound", "bytes_sent=7 bytes_recv=1000"),
+        ] {
+            let mut reg = Registry::default();
+            let m = Metrics::register(&mut reg);
+            let out = Captured::default();
+            let writer = out.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                ConnectionRecord::open(
+                    &m,
+                    TrafficLabels::new(reporter),
+                    direction,
+                    "10.0.0.1:1".parse().unwrap(),
+                    "10.0.0.2:80".parse().unwrap(),
+                    None,
+                )
+                .finish(upload, None);
+            });
+            let log = String::from_utf8(lock(&out.0).clone()).unwrap();
+            assert!(
+                log.contains("connection complete") && log.contains(logged),
+                "{reporter}: the access log should say {logged}:\n{log}"
+            );
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+            let value = |name: &str| {
+                text.lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.rsplit_once(' '))
+                    .map(|(_, v)| v.to_owned())
+            };
+            assert_eq!(
+                (
+                    value("istio_tcp_received_bytes_total{").as_deref(),
+                    value("istio_tcp_sent_bytes_total{").as_deref()
+                ),
+                (Some("1000"), Some("7")),
+                "{reporter}: counters\n{text}"
+            );
+        }
     }
 }

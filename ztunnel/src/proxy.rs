@@ -2,6 +2,7 @@
 //! on 15008 and inbound plaintext on 15006 (`inbound.rs`). All three share a [`Proxy`].
 
 mod copy;
+mod decide;
 mod inbound;
 pub mod policy;
 #[cfg(test)]
@@ -512,7 +513,7 @@ enum Route {
 /// Records the end of a connection from the outcome of serving it.
 pub fn finish(mut rec: ConnectionRecord, res: Result<Bytes, ProxyError>) {
     match res {
-        Ok(b) => rec.finish(b.sent, b.received, None),
+        Ok(b) => rec.finish(b, None),
         Err(e) => {
             let b = match &e {
                 ProxyError::Copy { bytes, .. } | ProxyError::Revoked { bytes, .. } => *bytes,
@@ -522,7 +523,7 @@ pub fn finish(mut rec: ConnectionRecord, res: Result<Bytes, ProxyError>) {
                 rec.set_policy(d.policy().map(str::to_owned));
             }
             rec.set_response_flag(e.response_flag());
-            rec.finish(b.sent, b.received, Some(&e));
+            rec.finish(b, Some(&e));
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Copying a proxied connection both ways, with byte counts that survive errors.
 //!
 //! Istio's meaning of the byte metrics (Envoy's): `received` is what the downstream (the
-//! client) sent towards the destination, `sent` is what went back to it. A connection that
+//! client: the app outbound, the tunnel or the plaintext peer inbound) sent towards the
+//! destination, `sent` is what went back to it. The counters keep it for both reporters; the
+//! source side's access log flips it (`crate::metrics`). A connection that
 //! ends with a reset or a broken pipe is an ordinary end for TCP proxying: its bytes are
 //! counted and it is not logged as an error.
 

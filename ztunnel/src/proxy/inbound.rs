@@ -23,6 +23,7 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{ActiveGuard, ServeError, serve_h2_streams, tls_accept};
 use zmesh_core::tls::peer_identity;
 
+use super::decide::{InboundFacts, Outcome, decide, log_dry_run};
 use super::policy::{self, Peer};
 use super::{Proxy, ProxyError, accept_loop, copy_until, finish, refuse};
 use crate::metrics::{ConnectionRecord, TrafficLabels, connection_failed};
@@ -214,32 +215,44 @@ impl Proxy {
                 dst: target,
             },
         );
-        // One config snapshot for the whole decision.
+        // One config snapshot for the whole decision (`decide`: only this workload, at its own
+        // address, if the mesh knows it, and as its policies say).
         let state = self.state.load_full();
-        let local = state.workload_by_key(&self.workload_key).cloned();
-        // Fail closed: only a workload the mesh knows is served, and only at its own address
-        // (the one this connection arrived on, in its own network namespace).
-        let Some(local_w) = local.as_ref() else {
-            reject(
-                respond,
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "this proxy's workload {} is not in the mesh config",
-                    self.workload_key
-                ),
-            );
-            return None;
+        let facts = InboundFacts {
+            workload_key: &self.workload_key,
+            arrived_on: Some(local_addr.ip()),
+            peer: registration.peer(),
         };
-        if target.ip() != local_addr.ip() && !local_w.workload_ips.contains(&target.ip()) {
-            reject(
-                respond,
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "target {target} is not this workload (connection arrived on {local_addr})"
-                ),
-            );
-            return None;
-        }
+        let decision = decide(&facts, &state);
+        log_dry_run(&decision, registration.peer(), "inbound");
+        let (local_w, allowed_by) = match decision.outcome {
+            Outcome::Admit { workload, policy } => (workload, Ok(policy)),
+            Outcome::Deny {
+                workload: Some(workload),
+                denial,
+            } => (workload, Err(denial)),
+            Outcome::Deny { workload: None, .. } => {
+                reject(
+                    respond,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "this proxy's workload {} is not in the mesh config",
+                        self.workload_key
+                    ),
+                );
+                return None;
+            }
+            Outcome::NotLocal => {
+                reject(
+                    respond,
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "target {target} is not this workload (connection arrived on {local_addr})"
+                    ),
+                );
+                return None;
+            }
+        };
         // Log only: not worked out unless the debug line is enabled.
         if local_w.waypoint.is_some() && tracing::enabled!(tracing::Level::DEBUG) {
             let from_waypoint = peer_id
@@ -266,24 +279,23 @@ impl Proxy {
         labels.destination_principal = self.identity.to_string();
         labels.connection_security_policy = "mutual_tls";
         // AuthorizationPolicy, before the app is connected.
-        let allowed_by =
-            match policy::authorize(&state, Some(local_w), registration.peer(), "inbound") {
-                Ok(p) => p,
-                Err(denial) => {
-                    labels.response_flags = "DENY";
-                    let rec = ConnectionRecord::open(
-                        &self.metrics,
-                        labels,
-                        "inbound",
-                        src_addr,
-                        target,
-                        None,
-                    );
-                    finish(rec, Err(ProxyError::Denied(denial)));
-                    answer(respond, StatusCode::UNAUTHORIZED);
-                    return None;
-                }
-            };
+        let allowed_by = match allowed_by {
+            Ok(p) => p,
+            Err(denial) => {
+                labels.response_flags = "DENY";
+                let rec = ConnectionRecord::open(
+                    &self.metrics,
+                    labels,
+                    "inbound",
+                    src_addr,
+                    target,
+                    None,
+                );
+                finish(rec, Err(ProxyError::Denied(denial)));
+                answer(respond, StatusCode::UNAUTHORIZED);
+                return None;
+            }
+        };
         let mut rec =
             ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
         rec.set_policy(allowed_by);
@@ -292,7 +304,7 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => {
                 rec.set_response_flag("CONNECT");
-                rec.finish(0, 0, Some(&ProxyError::Upstream(target, e)));
+                rec.finish(Default::default(), Some(&ProxyError::Upstream(target, e)));
                 answer(respond, StatusCode::SERVICE_UNAVAILABLE);
                 return None;
             }
@@ -376,43 +388,50 @@ impl Proxy {
                 dst: orig,
             },
         );
-        // Only this workload is served here: the capture rule matches any destination, and
-        // relaying elsewhere would let an outsider use the pod as a plaintext TCP relay.
-        let state = self.state.load_full();
-        let local = state.workload_by_key(&self.workload_key).cloned();
-        let local_ip = stream.local_addr().map(|a| a.ip()).ok();
-        let ours = Some(orig.ip()) == local_ip
-            || local
-                .as_ref()
-                .is_some_and(|w| w.workload_ips.contains(&orig.ip()));
-        if !ours {
-            refuse(&stream);
-            connection_failed("inbound", peer, Some(orig), &ProxyError::NotLocal(orig));
-            return;
-        }
-        let mut labels = TrafficLabels::new("destination");
-        if let Some(w) = state.workload_by_ip(peer.ip()) {
-            labels = labels.source(w);
-            // A plaintext peer proves no identity, whatever its address claims.
-            labels.source_principal = "unknown".into();
-        }
-        if let Some(w) = &local {
-            labels = labels.destination(w);
-        }
-        // AuthorizationPolicy with no peer identity, before the app is connected; an unknown
-        // destination workload is denied.
-        let allowed_by =
-            match policy::authorize(&state, local.as_deref(), registration.peer(), "inbound") {
-                Ok(p) => p,
-                Err(denial) => {
+        // One config snapshot for the decision (`decide`), dropped once it is made. Only this
+        // workload is served here: the capture rule matches any destination, and relaying
+        // elsewhere would let an outsider use the pod as a plaintext TCP relay. An unknown
+        // destination workload is denied; policies see no peer identity.
+        let (mut labels, allowed_by) = {
+            let state = self.state.load_full();
+            let facts = InboundFacts {
+                workload_key: &self.workload_key,
+                arrived_on: stream.local_addr().map(|a| a.ip()).ok(),
+                peer: registration.peer(),
+            };
+            let decision = decide(&facts, &state);
+            log_dry_run(&decision, registration.peer(), "inbound");
+            let (local, allowed_by) = match decision.outcome {
+                Outcome::Admit { workload, policy } => (Some(workload), Ok(policy)),
+                Outcome::Deny { workload, denial } => (workload, Err(denial)),
+                Outcome::NotLocal => {
                     refuse(&stream);
-                    labels.response_flags = "DENY";
-                    let rec =
-                        ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
-                    finish(rec, Err(ProxyError::Denied(denial)));
+                    connection_failed("inbound", peer, Some(orig), &ProxyError::NotLocal(orig));
                     return;
                 }
             };
+            let mut labels = TrafficLabels::new("destination");
+            if let Some(w) = state.workload_by_ip(peer.ip()) {
+                labels = labels.source(w);
+                // A plaintext peer proves no identity, whatever its address claims.
+                labels.source_principal = "unknown".into();
+            }
+            if let Some(w) = local {
+                labels = labels.destination(w);
+            }
+            (labels, allowed_by)
+        };
+        let allowed_by = match allowed_by {
+            Ok(p) => p,
+            Err(denial) => {
+                refuse(&stream);
+                labels.response_flags = "DENY";
+                let rec =
+                    ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
+                finish(rec, Err(ProxyError::Denied(denial)));
+                return;
+            }
+        };
         let mut rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
         rec.set_policy(allowed_by);
         let res = match zmesh_core::socket::connect(orig, None, &self.sockets).await {

@@ -1,9 +1,7 @@
 //! L4 AuthorizationPolicy on inbound connections.
 //!
-//! - [`authorize`]: the decision when a connection arrives (HBONE after TLS and the CONNECT
-//!   checks, plaintext after the destination check), before the app is connected. An unknown
-//!   destination workload is denied (fail closed). Dry-run policies never decide; what they
-//!   would have done is logged (target `policy`).
+//! - [`Denial`]: why a connection is denied. The decision when a connection arrives, before
+//!   the app is connected, is `super::decide` (shared by HBONE and plaintext inbound).
 //! - [`Registry`]: every open inbound connection is registered for its lifetime (source,
 //!   identity, destination, the proxied workload) with a cancellation handle. When a new
 //!   config is published ([`Publisher`]) with other policies, every registered connection is
@@ -21,7 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use zmesh_core::identity::SpiffeId;
-use zmesh_core::policy::{Action, Connection, Decision};
+use zmesh_core::policy::{Connection, Decision};
 use zmesh_core::state::{State, Workload};
 
 /// Why a connection is denied.
@@ -117,60 +115,14 @@ pub struct Peer {
 }
 
 impl Peer {
-    fn connection(&self) -> Connection<'_> {
+    /// What policy evaluation reads of it.
+    pub(super) fn connection(&self) -> Connection<'_> {
         Connection {
             src_ip: self.src_ip,
             src_identity: self.src_identity.as_ref(),
             dst_ip: self.dst.ip(),
             dst_port: self.dst.port(),
         }
-    }
-}
-
-/// Decides `peer` with `state`'s policies for the destination workload `dst` (an unknown
-/// destination is denied), and logs what dry-run policies would have done. `Ok` carries the
-/// ALLOW policy that admitted it, if one did.
-pub fn authorize(
-    state: &State,
-    dst: Option<&Workload>,
-    peer: &Peer,
-    direction: &'static str,
-) -> Result<Option<String>, Denial> {
-    let Some(w) = dst else {
-        return Err(Denial::UnknownDestination);
-    };
-    let decision = state.authorize(w, &peer.connection());
-    log_dry_run(&decision, peer, direction);
-    match Denial::of(&decision) {
-        Some(d) => Err(d),
-        None => Ok(decision.policy),
-    }
-}
-
-/// Logs what each dry-run policy of `decision` would have done (info, target `policy`).
-fn log_dry_run(decision: &Decision, peer: &Peer, direction: &'static str) {
-    for v in &decision.dry_run {
-        // A matching DENY would deny; a matching ALLOW would allow; an ALLOW that does not
-        // match would leave the connection without an ALLOW (denied, unless another allows);
-        // a DENY that does not match would not deny.
-        let would = match (v.action, v.matched) {
-            (Action::Deny, true) | (Action::Allow, false) => "deny",
-            (Action::Allow, true) | (Action::Deny, false) => "allow",
-        };
-        let identity = peer.src_identity.as_ref().map(|i| i.to_string());
-        tracing::info!(
-            target: "policy",
-            direction,
-            src.addr = %peer.src_ip,
-            src.identity = identity.as_deref().unwrap_or("-"),
-            dst.addr = %peer.dst,
-            policy = %v.policy,
-            action = ?v.action,
-            matched = v.matched,
-            enforced = if decision.allowed { "allow" } else { "deny" },
-            "dry-run policy {} would {would}",
-            v.policy
-        );
     }
 }
 
@@ -394,22 +346,6 @@ mod tests {
             src_identity: sa.map(|sa| SpiffeId::new("cluster.local", "default", sa).unwrap()),
             dst: "10.0.0.2:8080".parse().unwrap(),
         }
-    }
-
-    #[test]
-    fn unknown_destination_is_denied() {
-        let st = state(&deny_client());
-        let client = peer(Some("client"));
-        assert_eq!(
-            authorize(&st, None, &peer(Some("other")), "inbound"),
-            Err(Denial::UnknownDestination)
-        );
-        let w = st.workload_by_key(KEY).map(|w| &**w);
-        assert_eq!(authorize(&st, w, &peer(Some("other")), "inbound"), Ok(None));
-        assert_eq!(
-            authorize(&st, w, &client, "inbound"),
-            Err(Denial::Policy("default/deny-client".into()))
-        );
     }
 
     #[test]
