@@ -22,37 +22,15 @@ use crate::ca_client::{RemoteCa, RemoteCaConfig};
 use crate::config::{Config, ProxyMode};
 use crate::local_config;
 use crate::metrics::Metrics;
-use crate::proxy::policy::{self, Publisher, recheck_on_change};
+use crate::proxy::policy::{self, recheck_on_change};
 use crate::proxy::{Node, Proxy};
+use crate::registry::Proxies;
+use crate::state::Publisher;
 use crate::xds::{Xds, XdsConfig};
 
 /// How long proxies wait at start for the controller's first config (their workload's trust
 /// domain comes from it); after that they start anyway and readiness keeps waiting.
 const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(5);
-
-/// The proxies this ztunnel runs: one in dedicated mode, one per enrolled pod in shared mode.
-/// Keyed by pod uid (the workload's `<namespace>/<name>` in dedicated mode).
-#[derive(Default)]
-pub struct Proxies(std::sync::Mutex<std::collections::BTreeMap<String, Arc<Proxy>>>);
-
-impl Proxies {
-    pub fn insert(&self, key: String, proxy: Arc<Proxy>) -> Option<Arc<Proxy>> {
-        self.0.lock().expect("proxies lock").insert(key, proxy)
-    }
-
-    pub fn remove(&self, key: &str) -> Option<Arc<Proxy>> {
-        self.0.lock().expect("proxies lock").remove(key)
-    }
-
-    pub fn get(&self, key: &str) -> Option<Arc<Proxy>> {
-        self.0.lock().expect("proxies lock").get(key).cloned()
-    }
-
-    pub fn snapshot(&self) -> Vec<(String, Arc<Proxy>)> {
-        let map = self.0.lock().expect("proxies lock");
-        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    }
-}
 
 /// Runs ztunnel until it has drained after SIGTERM, SIGINT or `/quitquitquit`.
 pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use zmesh_core::netns::Netns;
 use zmesh_core::zds::{Event, WorkloadInfo as ZdsWorkload, ZdsClient};
 
-use crate::app::Proxies;
 use crate::config::WorkloadInfo;
 use crate::proxy::{Node, Proxy};
+use crate::registry::Proxies;
 
 /// Serves ZDS until the process ends.
 pub async fn run(node: Arc<Node>, proxies: Arc<Proxies>, ready: Arc<AtomicBool>, uds: PathBuf) {

@@ -10,6 +10,8 @@ mod inpod;
 mod local_config;
 mod metrics;
 mod proxy;
+mod registry;
+mod state;
 mod xds;
 
 // The gRPC channel to the controller lives in zmesh-core (the waypoint uses it too).
