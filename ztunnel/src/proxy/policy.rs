@@ -242,6 +242,11 @@ impl Registry {
         lock(&self.groups).values().map(|g| g.conns.len()).sum()
     }
 
+    /// Whether no connection is registered now.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.groups).is_empty()
+    }
+
     /// Checks open connections against `state`: all of them when `policies_changed`, else
     /// only those of a workload whose namespace or selector policies changed since the last
     /// re-check. Closes (cancels) those now denied, logging each; returns how many.
@@ -390,7 +395,7 @@ mod tests {
         // Already closed: not counted twice.
         assert_eq!(reg.recheck(&state(&deny_client()), true), 0);
         drop((client, other, plaintext));
-        assert_eq!(reg.len(), 0);
+        assert!(reg.is_empty());
     }
 
     #[test]
