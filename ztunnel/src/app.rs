@@ -69,11 +69,6 @@ impl Running {
         self.quit.cancelled().await
     }
 
-    /// Whether ztunnel reports ready (what `/healthz/ready` answers).
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
     /// Not ready, no new connections, open ones drained (up to the drain deadline); then the
     /// operator endpoints and the config sources stop. `why` is logged.
     pub async fn shutdown(mut self, why: &str) {
@@ -106,6 +101,7 @@ impl Drop for Running {
 /// dedicated workload's, or the ZDS client that makes one per pod). If it fails, whatever it
 /// had started is stopped again.
 pub async fn start(cfg: Config, log: LogControl) -> anyhow::Result<Running> {
+    zmesh_core::tls::install_default_provider();
     let cfg = Arc::new(cfg);
     let state = match &cfg.local_xds_path {
         Some(p) => local_config::load_state(p)?,
