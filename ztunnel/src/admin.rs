@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use zmesh_core::serve::{FdHeadroom, Listener, serve_http1};
 
-use crate::app::Proxies;
 use crate::config::Listeners;
 use crate::proxy::Node;
+use crate::registry::Proxies;
 
 /// Changes the log filter at run time (`/logging?level=...`); returns the filter in force.
 pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;

@@ -2,6 +2,7 @@
 //! watch or the xDS client), listeners, the operator endpoints, and the
 //! drain on SIGTERM.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,40 +23,85 @@ use crate::ca_client::{RemoteCa, RemoteCaConfig};
 use crate::config::{Config, ProxyMode};
 use crate::local_config;
 use crate::metrics::Metrics;
-use crate::proxy::policy::{self, Publisher, recheck_on_change};
+use crate::proxy::policy::{self, recheck_on_change};
 use crate::proxy::{Node, Proxy};
+use crate::registry::Proxies;
+use crate::state::Publisher;
 use crate::xds::{Xds, XdsConfig};
 
 /// How long proxies wait at start for the controller's first config (their workload's trust
 /// domain comes from it); after that they start anyway and readiness keeps waiting.
 const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(5);
 
-/// The proxies this ztunnel runs: one in dedicated mode, one per enrolled pod in shared mode.
-/// Keyed by pod uid (the workload's `<namespace>/<name>` in dedicated mode).
-#[derive(Default)]
-pub struct Proxies(std::sync::Mutex<std::collections::BTreeMap<String, Arc<Proxy>>>);
+/// Runs ztunnel until it has drained after SIGTERM, SIGINT or `/quitquitquit`.
+pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
+    let running = start(cfg, log).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = running.quit_requested() => "/quitquitquit",
+    };
+    running.shutdown(why).await;
+    Ok(())
+}
 
-impl Proxies {
-    pub fn insert(&self, key: String, proxy: Arc<Proxy>) -> Option<Arc<Proxy>> {
-        self.0.lock().expect("proxies lock").insert(key, proxy)
+/// A started ztunnel: its listeners serve until [`Running::shutdown`].
+pub struct Running {
+    cfg: Arc<Config>,
+    proxies: Arc<Proxies>,
+    ready: Arc<AtomicBool>,
+    quit: CancellationToken,
+    servers_stop: CancellationToken,
+    zds_task: Option<tokio::task::JoinHandle<()>>,
+    /// Where the admin endpoints listen (`/config_dump`, `/quitquitquit`, ...).
+    pub admin_addr: SocketAddr,
+    /// Where Prometheus metrics are served (`/metrics`).
+    pub stats_addr: SocketAddr,
+    /// Where readiness is served (`/healthz/ready`).
+    pub readiness_addr: SocketAddr,
+}
+
+impl Running {
+    /// Completes when `/quitquitquit` was asked for.
+    pub async fn quit_requested(&self) {
+        self.quit.cancelled().await
     }
 
-    pub fn remove(&self, key: &str) -> Option<Arc<Proxy>> {
-        self.0.lock().expect("proxies lock").remove(key)
-    }
-
-    pub fn get(&self, key: &str) -> Option<Arc<Proxy>> {
-        self.0.lock().expect("proxies lock").get(key).cloned()
-    }
-
-    pub fn snapshot(&self) -> Vec<(String, Arc<Proxy>)> {
-        let map = self.0.lock().expect("proxies lock");
-        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    /// Not ready, no new connections, open ones drained (up to the drain deadline); then the
+    /// operator endpoints and the config sources stop. `why` is logged.
+    pub async fn shutdown(mut self, why: &str) {
+        self.ready.store(false, Ordering::Release);
+        // No pod may be added once the drain has taken its list of proxies.
+        if let Some(task) = self.zds_task.take() {
+            task.abort();
+        }
+        drain(&self.proxies, self.cfg.drain_deadline, why).await;
+        self.servers_stop.cancel();
     }
 }
 
-/// Runs ztunnel until it has drained after SIGTERM, SIGINT or `/quitquitquit`.
-pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
+impl Drop for Running {
+    /// Dropped without [`Running::shutdown`] (a test that failed): everything stops at once,
+    /// open connections included.
+    fn drop(&mut self) {
+        if let Some(task) = self.zds_task.take() {
+            task.abort();
+        }
+        for (_, p) in self.proxies.snapshot() {
+            p.drain.cancel();
+            p.force.cancel();
+        }
+        self.servers_stop.cancel();
+    }
+}
+
+/// Starts ztunnel: certificates, the state source, the operator endpoints and the proxies (the
+/// dedicated workload's, or the ZDS client that makes one per pod). If it fails, whatever it
+/// had started is stopped again.
+pub async fn start(cfg: Config, log: LogControl) -> anyhow::Result<Running> {
+    zmesh_core::tls::install_default_provider();
     let cfg = Arc::new(cfg);
     let state = match &cfg.local_xds_path {
         Some(p) => local_config::load_state(p)?,
@@ -118,6 +164,13 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let quit = CancellationToken::new();
     let servers_stop = CancellationToken::new();
+    // Until start succeeds: an error stops what was started so far.
+    let started = servers_stop.clone().drop_guard();
+    let (admin_addr, stats_addr, readiness_addr) = (
+        admin_l.local_addr()?,
+        stats_l.local_addr()?,
+        ready_l.local_addr()?,
+    );
     // The controller replaces the local file as the source of the state.
     let xds = match cfg.xds_target() {
         Some(target) => Some(
@@ -216,21 +269,18 @@ pub async fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
         }
     }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let why = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = quit.cancelled() => "/quitquitquit",
-    };
-    ready.store(false, Ordering::Release);
-    // No pod may be added once the drain has taken its list of proxies.
-    if let Some(task) = zds_task {
-        task.abort();
-    }
-    drain(&proxies, cfg.drain_deadline, why).await;
-    servers_stop.cancel();
-    Ok(())
+    started.disarm();
+    Ok(Running {
+        cfg,
+        proxies,
+        ready,
+        quit,
+        servers_stop,
+        zds_task,
+        admin_addr,
+        stats_addr,
+        readiness_addr,
+    })
 }
 
 /// Stops accepting everywhere, then lets open connections finish until the deadline.

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use zmesh_core::netns::Netns;
 use zmesh_core::zds::{Event, WorkloadInfo as ZdsWorkload, ZdsClient};
 
-use crate::app::Proxies;
 use crate::config::WorkloadInfo;
 use crate::proxy::{Node, Proxy};
+use crate::registry::Proxies;
 
 /// Serves ZDS until the process ends.
 pub async fn run(node: Arc<Node>, proxies: Arc<Proxies>, ready: Arc<AtomicBool>, uds: PathBuf) {
@@ -73,7 +73,7 @@ pub async fn run(node: Arc<Node>, proxies: Arc<Proxies>, ready: Arc<AtomicBool>,
 }
 
 async fn add(
-    node: &Node,
+    node: &Arc<Node>,
     proxies: &Proxies,
     uid: &str,
     info: ZdsWorkload,
@@ -99,7 +99,7 @@ async fn add(
     // Fetch the certificate now so the pod's first connection does not wait for it; a failure
     // is retried on first use.
     tokio::spawn(async move {
-        if let Err(e) = proxy.certs.get(&proxy.identity).await {
+        if let Err(e) = proxy.node.certs.get(&proxy.identity).await {
             tracing::warn!(identity = %proxy.identity, error = %e, "certificate prefetch failed");
         }
     });

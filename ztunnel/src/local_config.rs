@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use zmesh_core::state::{LocalConfig, State};
 
-use crate::proxy::policy::Publisher;
+use crate::state::Publisher;
 
 /// Reads and validates the local-config file into a state snapshot.
 pub fn load_state(path: &Path) -> anyhow::Result<State> {

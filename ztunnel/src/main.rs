@@ -2,19 +2,6 @@
 //! over HBONE (HTTP/2 CONNECT over mutual TLS 1.3 with SPIFFE identities), wire- and
 //! configuration-compatible with Istio's ztunnel. Started as `ztunnel proxy`.
 
-mod admin;
-mod app;
-mod ca_client;
-mod config;
-mod inpod;
-mod local_config;
-mod metrics;
-mod proxy;
-mod xds;
-
-// The gRPC channel to the controller lives in zmesh-core (the waypoint uses it too).
-use zmesh_core::grpc;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +12,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
+use ztunnel::{admin, app, config, proxy};
 
 /// Proxies allocate and free large buffers per connection; glibc maps and unmaps them each
 /// time (page faults on the data path). mimalloc keeps them.

@@ -41,13 +41,10 @@ pub struct Node {
 
 /// Everything the listeners of one workload share.
 pub struct Proxy {
-    pub cfg: Arc<Config>,
-    pub state: Arc<ArcSwap<State>>,
-    pub certs: Arc<CertStore>,
+    /// What every proxy of the node shares (config, state, certificates, metrics, the
+    /// registry of open inbound connections).
+    pub node: Arc<Node>,
     pub pool: Arc<Pool>,
-    pub metrics: Metrics,
-    /// Open inbound connections, for the policy re-check (shared by the node's proxies).
-    pub conns: Arc<policy::Registry>,
     pub workload: WorkloadInfo,
     /// `workload`'s key in [`State`], made once.
     pub workload_key: String,
@@ -143,7 +140,7 @@ impl Proxy {
     /// A proxy for `workload` whose sockets are created in `netns` (ztunnel's own when
     /// `None`). Its identity comes from the workload's service account and trust domain.
     pub fn new(
-        node: &Node,
+        node: &Arc<Node>,
         workload: WorkloadInfo,
         netns: Option<Netns>,
     ) -> Result<Arc<Proxy>, ProxyError> {
@@ -171,12 +168,8 @@ impl Proxy {
             ..SocketOptions::default()
         };
         Ok(Arc::new(Proxy {
-            cfg: node.cfg.clone(),
-            state: node.state.clone(),
-            certs: node.certs.clone(),
+            node: node.clone(),
             pool: Pool::new(node.cfg.pool, node.cfg.h2, sockets.clone()),
-            metrics: node.metrics.clone(),
-            conns: node.conns.clone(),
             workload,
             workload_key,
             identity,
@@ -190,12 +183,12 @@ impl Proxy {
     /// Binds 15001, 15008 and 15006 (inside the proxy's netns, with SO_REUSEPORT so a new
     /// ztunnel can bind beside a draining one) and serves them until the drain starts.
     pub fn start(self: &Arc<Self>) -> Result<(), ProxyError> {
-        let ports = self.cfg.ports;
+        let ports = self.node.cfg.ports;
         let bind = |port| {
             zmesh_core::socket::listen(
-                self.cfg.bind(port),
+                self.node.cfg.bind(port),
                 true,
-                self.cfg.mark(),
+                self.node.cfg.mark(),
                 self.sockets.netns.as_ref(),
             )
             .map_err(|e| ProxyError::Bind(port, e))
@@ -253,7 +246,7 @@ impl Proxy {
 
     /// Accepts captured outbound connections until draining starts.
     pub async fn serve_outbound(self: Arc<Self>, listener: TcpListener) {
-        let limits = self.cfg.listeners.outbound;
+        let limits = self.node.cfg.listeners.outbound;
         accept_loop(
             self,
             "outbound",
@@ -279,7 +272,7 @@ impl Proxy {
                 return None;
             }
         };
-        if self.cfg.illegal_ports().contains(&orig.port()) {
+        if self.node.cfg.illegal_ports().contains(&orig.port()) {
             refuse(stream);
             connection_failed(direction, peer, Some(orig), &ProxyError::Loop(orig.port()));
             return None;
@@ -315,12 +308,12 @@ impl Proxy {
     /// between cannot mix two configs). Synchronous on purpose: the snapshot, the workload
     /// records and the labels' sources are dropped here, not held for the connection's life.
     fn outbound_route(&self, orig: SocketAddr, peer: SocketAddr) -> (ConnectionRecord, Route) {
-        let state = self.state.load();
+        let state = self.node.state.load();
         let local = state.workload_by_key(&self.workload_key);
         let resolved = state.route(orig, local.map(|w| &**w), |n| rand::random_range(0..n));
         let mut labels = self.source_labels("source", local.map(|w| &**w));
         let open = |labels, dst, hbone| {
-            ConnectionRecord::open(&self.metrics, labels, "outbound", peer, dst, hbone)
+            ConnectionRecord::open(&self.node.metrics, labels, "outbound", peer, dst, hbone)
         };
         match resolved {
             Resolved::Upstream(up) => {
@@ -332,7 +325,7 @@ impl Proxy {
                     return (open(labels, up.address, None), Route::Tcp(up.address));
                 }
                 labels.connection_security_policy = "mutual_tls";
-                let hbone = SocketAddr::new(up.address.ip(), self.cfg.ports.hbone);
+                let hbone = SocketAddr::new(up.address.ip(), self.node.cfg.ports.hbone);
                 let src = self.source_info(peer, up.service.as_deref(), local.map(|w| &**w));
                 let key =
                     PoolKey::new(self.identity.clone(), up.identities, hbone, Some(peer.ip()));
@@ -385,7 +378,8 @@ impl Proxy {
                 if let Some(s) = state.service(&destination) {
                     labels = labels.service(s);
                 }
-                self.metrics
+                self.node
+                    .metrics
                     .waypoint_unavailable
                     .get_or_create(&WaypointLabels {
                         destination: destination.clone(),
@@ -421,7 +415,7 @@ impl Proxy {
         SourceInfo {
             addr: Some(peer),
             service_host: service.map(|s| s.hostname.clone()),
-            cluster: self.cfg.cluster_id.clone(),
+            cluster: self.node.cfg.cluster_id.clone(),
             namespace: self.workload.namespace.clone(),
             workload_name: self.workload.name.clone(),
             workload_type: local.map(|w| w.workload_type.clone()).unwrap_or_default(),
@@ -451,7 +445,11 @@ impl Proxy {
             Err(e) => {
                 refuse(&stream);
                 let Some(w) = waypoint else { return Err(e) };
-                self.metrics.waypoint_unavailable.get_or_create(w).inc();
+                self.node
+                    .metrics
+                    .waypoint_unavailable
+                    .get_or_create(w)
+                    .inc();
                 return Err(ProxyError::WaypointUnreachable {
                     destination: w.destination.clone(),
                     waypoint: w.waypoint.clone(),
@@ -459,7 +457,7 @@ impl Proxy {
                 });
             }
         };
-        copy(&mut stream, &mut tunnel, self.cfg.copy_buffer).await
+        copy(&mut stream, &mut tunnel, self.node.cfg.copy_buffer).await
     }
 
     async fn open_tunnel(
@@ -469,6 +467,7 @@ impl Proxy {
         src: SourceInfo,
     ) -> Result<(Tunnel, StreamGuard), ProxyError> {
         let cert = self
+            .node
             .certs
             .get(&self.identity)
             .await
@@ -490,7 +489,7 @@ impl Proxy {
                 return Err(ProxyError::Upstream(dst, e));
             }
         };
-        copy(&mut stream, &mut upstream, self.cfg.copy_buffer).await
+        copy(&mut stream, &mut upstream, self.node.cfg.copy_buffer).await
     }
 }
 
@@ -546,7 +545,7 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(Arc<Proxy>, TcpStream, SocketAddr, tokio::time::Instant) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let fds = FdHeadroom::process(proxy.cfg.listeners.fd_headroom);
+    let fds = FdHeadroom::process(proxy.node.cfg.listeners.fd_headroom);
     let listener = Listener::new(listener, name, limits, fds);
     loop {
         let a = tokio::select! {

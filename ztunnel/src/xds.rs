@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::grpc::{self, AuthHeaders, GrpcError, Target};
-use crate::proxy::policy::Publisher;
+use crate::state::Publisher;
 pub use node::node;
 use serde::Serialize;
 use store::Store;

@@ -30,7 +30,7 @@ use crate::metrics::{ConnectionRecord, TrafficLabels, connection_failed};
 
 /// Accepts HBONE connections until draining starts.
 pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
-    let limits = proxy.cfg.listeners.hbone;
+    let limits = proxy.node.cfg.listeners.hbone;
     accept_loop(
         proxy,
         "hbone",
@@ -62,11 +62,12 @@ async fn hbone_connection(
 ) -> Result<(), InboundError> {
     let local_addr = tcp.local_addr().map_err(InboundError::Local)?;
     let cert = proxy
+        .node
         .certs
         .get(&proxy.identity)
         .await
         .map_err(InboundError::Certificate)?;
-    let limits = proxy.cfg.listeners.hbone;
+    let limits = proxy.node.cfg.listeners.hbone;
     // One deadline for the TLS handshake and the HTTP/2 preface + SETTINGS, from the moment a
     // certificate is at hand (a slow CA is not the client's fault).
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
@@ -93,7 +94,7 @@ async fn hbone_connection(
     // idle timeout.
     serve_h2_streams(
         tls,
-        &proxy.cfg.h2,
+        &proxy.node.cfg.h2,
         &limits,
         deadline,
         &proxy.drain,
@@ -165,7 +166,7 @@ impl Proxy {
                 copy_until(
                     &mut tunnel,
                     &mut upstream,
-                    self.cfg.copy_buffer,
+                    self.node.cfg.copy_buffer,
                     registration.revoked(),
                 )
                 .await
@@ -194,7 +195,7 @@ impl Proxy {
             );
             answer(respond, code)
         };
-        let connect = match zmesh_core::hbone::parse_connect(&req, &self.cfg.illegal_ports()) {
+        let connect = match zmesh_core::hbone::parse_connect(&req, &self.node.cfg.illegal_ports()) {
             Ok(c) => c,
             Err(e) => {
                 reject(respond, StatusCode::BAD_REQUEST, e.to_string());
@@ -207,7 +208,7 @@ impl Proxy {
         let src_addr = peer;
         // Registered before the config is read: a policy change published from here on
         // re-checks this connection.
-        let registration = self.conns.register(
+        let registration = self.node.conns.register(
             &self.workload_key,
             Peer {
                 src_ip: src_addr.ip(),
@@ -217,7 +218,7 @@ impl Proxy {
         );
         // One config snapshot for the whole decision (`decide`: only this workload, at its own
         // address, if the mesh knows it, and as its policies say).
-        let state = self.state.load_full();
+        let state = self.node.state.load_full();
         let facts = InboundFacts {
             workload_key: &self.workload_key,
             arrived_on: Some(local_addr.ip()),
@@ -284,7 +285,7 @@ impl Proxy {
             Err(denial) => {
                 labels.response_flags = "DENY";
                 let rec = ConnectionRecord::open(
-                    &self.metrics,
+                    &self.node.metrics,
                     labels,
                     "inbound",
                     src_addr,
@@ -297,7 +298,7 @@ impl Proxy {
             }
         };
         let mut rec =
-            ConnectionRecord::open(&self.metrics, labels, "inbound", src_addr, target, None);
+            ConnectionRecord::open(&self.node.metrics, labels, "inbound", src_addr, target, None);
         rec.set_policy(allowed_by);
         // Answer 200 only once the workload accepted the connection.
         let upstream = match self.connect_as(target, src_addr).await {
@@ -362,7 +363,7 @@ impl Proxy {
 
 /// Accepts plaintext inbound connections (redirected to 15006) until draining starts.
 pub async fn serve_plaintext(proxy: Arc<Proxy>, listener: TcpListener) {
-    let limits = proxy.cfg.listeners.inbound_plaintext;
+    let limits = proxy.node.cfg.listeners.inbound_plaintext;
     accept_loop(
         proxy,
         "inbound_plaintext",
@@ -380,7 +381,7 @@ impl Proxy {
         };
         // Registered before the config is read: a policy change published from here on
         // re-checks this connection.
-        let registration = self.conns.register(
+        let registration = self.node.conns.register(
             &self.workload_key,
             Peer {
                 src_ip: peer.ip(),
@@ -393,7 +394,7 @@ impl Proxy {
         // elsewhere would let an outsider use the pod as a plaintext TCP relay. An unknown
         // destination workload is denied; policies see no peer identity.
         let (mut labels, allowed_by) = {
-            let state = self.state.load_full();
+            let state = self.node.state.load_full();
             let facts = InboundFacts {
                 workload_key: &self.workload_key,
                 arrived_on: stream.local_addr().map(|a| a.ip()).ok(),
@@ -427,19 +428,19 @@ impl Proxy {
                 refuse(&stream);
                 labels.response_flags = "DENY";
                 let rec =
-                    ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
+                    ConnectionRecord::open(&self.node.metrics, labels, "inbound", peer, orig, None);
                 finish(rec, Err(ProxyError::Denied(denial)));
                 return;
             }
         };
-        let mut rec = ConnectionRecord::open(&self.metrics, labels, "inbound", peer, orig, None);
+        let mut rec = ConnectionRecord::open(&self.node.metrics, labels, "inbound", peer, orig, None);
         rec.set_policy(allowed_by);
         let res = match zmesh_core::socket::connect(orig, None, &self.sockets).await {
             Ok(mut upstream) => {
                 copy_until(
                     &mut stream,
                     &mut upstream,
-                    self.cfg.copy_buffer,
+                    self.node.cfg.copy_buffer,
                     registration.revoked(),
                 )
                 .await

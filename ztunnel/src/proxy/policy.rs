@@ -4,7 +4,7 @@
 //!   the app is connected, is `super::decide` (shared by HBONE and plaintext inbound).
 //! - [`Registry`]: every open inbound connection is registered for its lifetime (source,
 //!   identity, destination, the proxied workload) with a cancellation handle. When a new
-//!   config is published ([`Publisher`]) with other policies, every registered connection is
+//!   config is published (`crate::state::Publisher`) with other policies, every registered connection is
 //!   checked again against them and those now denied are closed; when only workloads changed,
 //!   only the connections of a workload whose namespace or selector policies changed are.
 //!   Registration happens before the connection's own decision reads the config, so a change
@@ -15,12 +15,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::policy::{Connection, Decision};
 use zmesh_core::state::{State, Workload};
+
+use crate::state::Publisher;
 
 /// Why a connection is denied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,44 +63,6 @@ impl std::fmt::Display for Denial {
                 "the destination workload is not in the mesh config (no policy can be evaluated)",
             ),
         }
-    }
-}
-
-/// The data path's config and a wake-up for the policy re-check: every new `State` goes
-/// through [`Publisher::publish`].
-#[derive(Clone)]
-pub struct Publisher {
-    state: Arc<ArcSwap<State>>,
-    changed: Arc<Notify>,
-    /// Bumped (after the store) whenever a published state's policies differ from the last.
-    policy_generation: Arc<AtomicU64>,
-}
-
-impl Publisher {
-    pub fn new(state: Arc<ArcSwap<State>>) -> Publisher {
-        Publisher {
-            state,
-            changed: Arc::new(Notify::new()),
-            policy_generation: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// Swaps in `st`. `policies_changed` says whether its policies differ from the current
-    /// state's; `None` lets this compare them (a local-config reload; xDS knows).
-    pub fn publish(&self, st: State, policies_changed: Option<bool>) {
-        let changed = policies_changed.unwrap_or_else(|| {
-            !self
-                .state
-                .load()
-                .policies()
-                .policies()
-                .eq(st.policies().policies())
-        });
-        self.state.store(Arc::new(st));
-        if changed {
-            self.policy_generation.fetch_add(1, Ordering::SeqCst);
-        }
-        self.changed.notify_one();
     }
 }
 
@@ -232,6 +194,11 @@ impl Registry {
         lock(&self.groups).values().map(|g| g.conns.len()).sum()
     }
 
+    /// Whether no connection is registered now.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.groups).is_empty()
+    }
+
     /// Checks open connections against `state`: all of them when `policies_changed`, else
     /// only those of a workload whose namespace or selector policies changed since the last
     /// re-check. Closes (cancels) those now denied, logging each; returns how many.
@@ -300,11 +267,11 @@ pub async fn recheck_on_change(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = publisher.changed.notified() => {}
+            _ = publisher.changed() => {}
         }
         // The generation is bumped after the store: a bump seen here comes with its state.
-        let generation = publisher.policy_generation.load(Ordering::SeqCst);
-        let state = publisher.state.load_full();
+        let generation = publisher.policy_generation();
+        let state = publisher.current();
         let policies_changed = registry
             .policy_generation
             .swap(generation, Ordering::SeqCst)
@@ -325,6 +292,7 @@ pub async fn recheck_on_change(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arc_swap::ArcSwap;
     use zmesh_core::state::LocalConfig;
 
     fn state(yaml: &str) -> State {
@@ -363,7 +331,7 @@ mod tests {
         // Already closed: not counted twice.
         assert_eq!(reg.recheck(&state(&deny_client()), true), 0);
         drop((client, other, plaintext));
-        assert_eq!(reg.len(), 0);
+        assert!(reg.is_empty());
     }
 
     #[test]

@@ -55,13 +55,13 @@ fn proxy(tune: impl FnOnce(&mut Config)) -> (Arc<Proxy>, LocalCa) {
         ca: LocalCa::from_pem(ca.cert_pem(), ca.key_pem()).unwrap(),
         ttl: Duration::from_secs(3600),
     }));
-    let node = Node {
+    let node = Arc::new(Node {
         cfg: Arc::new(cfg.clone()),
         state: Arc::new(ArcSwap::from_pointee(state)),
         certs,
         metrics: Metrics::register(&mut Registry::default()),
         conns: Arc::default(),
-    };
+    });
     let proxy = Proxy::new(&node, cfg.workload.clone().unwrap(), None).unwrap();
     (proxy, ca)
 }

@@ -162,7 +162,7 @@ fn put(cache: &Cache, items: Vec<(String, Any)>, removals: &[&str]) {
 struct Proxy {
     xds: Xds,
     state: Arc<ArcSwap<State>>,
-    publisher: crate::proxy::policy::Publisher,
+    publisher: crate::state::Publisher,
     stop: CancellationToken,
 }
 
@@ -183,7 +183,7 @@ fn client(addr: SocketAddr, root: PathBuf) -> Proxy {
         node_name: "node-a".into(),
         ..Default::default()
     };
-    let publisher = crate::proxy::policy::Publisher::new(state.clone());
+    let publisher = crate::state::Publisher::new(state.clone());
     let xds = Xds::start(
         XdsConfig {
             target: Target {
