@@ -363,12 +363,17 @@ impl Upstreams {
             return;
         }
         let conns = self.conns(c.addr);
+        // One clock read for the whole list (not one per idle connection: the pool holds as
+        // many as there are client connections, and this runs for every request).
+        let now = std::time::Instant::now();
         let mut idle = conns.h1_idle.lock().expect("h1 lock");
         // Unused ones are closed after a while (dropping the sender ends the connection and
         // its tunnel), and only so many are kept.
-        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() <= IDLE_TTL);
+        idle.retain(|(s, since)| {
+            !s.is_closed() && now.saturating_duration_since(*since) <= IDLE_TTL
+        });
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push((c.sender, std::time::Instant::now()));
+            idle.push((c.sender, now));
         }
     }
 }

@@ -297,8 +297,14 @@ impl Proxy {
                 return None;
             }
         };
-        let mut rec =
-            ConnectionRecord::open(&self.node.metrics, labels, "inbound", src_addr, target, None);
+        let mut rec = ConnectionRecord::open(
+            &self.node.metrics,
+            labels,
+            "inbound",
+            src_addr,
+            target,
+            None,
+        );
         rec.set_policy(allowed_by);
         // Answer 200 only once the workload accepted the connection.
         let upstream = match self.connect_as(target, src_addr).await {
@@ -433,7 +439,8 @@ impl Proxy {
                 return;
             }
         };
-        let mut rec = ConnectionRecord::open(&self.node.metrics, labels, "inbound", peer, orig, None);
+        let mut rec =
+            ConnectionRecord::open(&self.node.metrics, labels, "inbound", peer, orig, None);
         rec.set_policy(allowed_by);
         let res = match zmesh_core::socket::connect(orig, None, &self.sockets).await {
             Ok(mut upstream) => {
