@@ -35,6 +35,25 @@ pub struct TrafficLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// Where a proxy's log lines go: stdout through a writer thread (`thread_name`). The data path
+/// formats a line and queues it, never waiting on a write(2) per connection or request; lines
+/// are batched (64 KiB) while they arrive faster than they are written, and under overload
+/// dropped rather than stalling traffic. Keep the guard for the process's life: dropped at
+/// exit, it flushes what is queued.
+pub fn log_writer(
+    thread_name: &str,
+) -> (
+    tracing_appender::non_blocking::NonBlocking,
+    tracing_appender::non_blocking::WorkerGuard,
+) {
+    tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .thread_name(thread_name)
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stdout(),
+        ))
+}
+
 /// What an unknown label value renders as.
 pub const UNKNOWN: &str = "unknown";
 

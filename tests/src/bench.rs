@@ -390,3 +390,11 @@ mod tests {
         );
     }
 }
+
+/// A `KEY=VALUE` command-line argument (the benchmarks' `--ztunnel-env` / `--waypoint-env`).
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}

@@ -23,23 +23,35 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version)]
 struct Cli {}
 
-fn init_logging() {
+/// Logs (one access-log line per request) go to stdout through a writer thread
+/// (`zmesh_core::telemetry::log_writer`), not written from the request's task. The guard
+/// flushes what is queued when dropped at exit.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = zmesh_core::telemetry::log_writer("waypoint-log");
     let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry
-            .with(tracing_subscriber::fmt::layer().json())
+            .with(tracing_subscriber::fmt::layer().json().with_writer(writer))
             .init();
     } else {
-        registry.with(tracing_subscriber::fmt::layer()).init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(writer),
+            )
+            .init();
     }
+    guard
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     Cli::parse();
-    init_logging();
+    let _log = init_logging();
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg = Config::from_env(&env)?;
     let running = Waypoint::start(cfg)

@@ -46,10 +46,8 @@ enum Command {
     Version,
 }
 
-/// Logs go to stdout through a writer thread: the data path formats a line and queues it,
-/// never waiting on a write(2) per connection. Lines are batched while they arrive faster
-/// than they are written; under overload, lines are dropped rather than stalling traffic.
-/// The guard flushes what is queued when dropped at exit.
+/// Logs go to stdout through a writer thread (`zmesh_core::telemetry::log_writer`); the guard
+/// flushes what is queued when dropped at exit.
 fn init_logging() -> (
     admin::LogControl,
     tracing_appender::non_blocking::WorkerGuard,
@@ -59,12 +57,7 @@ fn init_logging() -> (
     let (filter, handle) = reload::Layer::new(filter);
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .thread_name("ztunnel-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stdout(),
-        ));
+    let (writer, guard) = zmesh_core::telemetry::log_writer("ztunnel-log");
     let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry

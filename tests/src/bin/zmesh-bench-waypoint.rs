@@ -80,6 +80,10 @@ struct Args {
     /// ztunnel's log filter (RUST_LOG); its default when absent.
     #[arg(long)]
     ztunnel_log: Option<String>,
+    /// Extra environment for the waypoint, `KEY=VALUE` (repeatable), e.g.
+    /// `TOKIO_WORKER_THREADS=1`.
+    #[arg(long = "waypoint-env", value_parser = bench::parse_env)]
+    waypoint_env: Vec<(String, String)>,
     /// Run only these load tools (wrk, h2load); both when absent.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -310,6 +314,7 @@ fn spawn_waypoint(sb: &Sandbox, args: &Args, config: &Path, ca: &mesh::CaFiles) 
         Some(l) => cmd.env("RUST_LOG", l),
         None => cmd.env_remove("RUST_LOG"),
     };
+    cmd.envs(args.waypoint_env.iter().cloned());
     sb.spawn("waypoint", cmd)
 }
 
@@ -542,7 +547,7 @@ fn main() -> Result<()> {
         "zmesh-bench-waypoint: {} s runs, median of {}, {} cores, load average {} before / {} after\n\
          {}; {}; {}\n\
          wrk: {} connections, {} thread(s); h2load: {} clients x {} streams, 1 thread; \
-         nginx: {} worker(s) (backend and proxy); waypoint log: {}\n\n",
+         nginx: {} worker(s) (backend and proxy); waypoint log: {}{}\n\n",
         args.seconds,
         args.repeat,
         default_workers(),
@@ -559,6 +564,10 @@ fn main() -> Result<()> {
         args.waypoint_log
             .as_deref()
             .unwrap_or("default (info, access log on)"),
+        args.waypoint_env
+            .iter()
+            .map(|(k, v)| format!("; waypoint env {k}={v}"))
+            .collect::<String>(),
     );
     out.push_str(&report);
     out.push_str(

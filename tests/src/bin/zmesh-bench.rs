@@ -51,7 +51,7 @@ struct Args {
     policies: usize,
     /// Extra environment for both ztunnels, `KEY=VALUE` (repeatable), e.g. to compare
     /// allocator settings in one build.
-    #[arg(long = "ztunnel-env", value_parser = parse_env)]
+    #[arg(long = "ztunnel-env", value_parser = bench::parse_env)]
     ztunnel_env: Vec<(String, String)>,
     /// The ztunnel binary to run (default: the one beside this benchmark), e.g. to compare two
     /// builds in the same run of the machine.
@@ -60,13 +60,6 @@ struct Args {
     /// Where to write the markdown report (also printed).
     #[arg(long)]
     report: Option<std::path::PathBuf>,
-}
-
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
-    }
 }
 
 struct Row {
