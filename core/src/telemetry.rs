@@ -2,34 +2,40 @@
 //! request histograms at the waypoint): one label set for both, built from the workload model.
 //! Unknown values render as `unknown`, as Istio's do.
 
+use std::sync::{Arc, LazyLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 
 use crate::state::{Service, Workload};
 
 /// Istio's traffic labels. Unknown values render as `unknown` ([`TrafficLabels::new`]);
-/// `Default` is every label empty, a placeholder that allocates nothing.
+/// `Default` is every label empty, a placeholder.
+///
+/// Values are shared strings ([`Label`]): a label set is built from parts made once (per
+/// workload, per endpoint, per connection) and cloned per connection or request without
+/// copying or allocating a string.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
+    pub source_workload: Label,
+    pub source_canonical_service: Label,
+    pub source_canonical_revision: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub source_app: Label,
+    pub source_version: Label,
+    pub source_cluster: Label,
+    pub destination_service: Label,
+    pub destination_service_namespace: Label,
+    pub destination_service_name: Label,
+    pub destination_workload: Label,
+    pub destination_canonical_service: Label,
+    pub destination_canonical_revision: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
+    pub destination_cluster: Label,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
@@ -57,15 +63,29 @@ pub fn log_writer(
 /// What an unknown label value renders as.
 pub const UNKNOWN: &str = "unknown";
 
+/// A label value: a shared string, cheap to clone.
+pub type Label = Arc<str>;
+
+static UNKNOWN_LABEL: LazyLock<Label> = LazyLock::new(|| Label::from(UNKNOWN));
+
+/// [`UNKNOWN`] as a label value (shared: no allocation).
+pub fn unknown() -> Label {
+    UNKNOWN_LABEL.clone()
+}
+
 /// `s`, or [`UNKNOWN`] when it is empty.
-pub fn or_unknown(s: &str) -> String {
-    if s.is_empty() { UNKNOWN } else { s }.to_owned()
+pub fn or_unknown(s: &str) -> Label {
+    if s.is_empty() {
+        unknown()
+    } else {
+        Label::from(s)
+    }
 }
 
 impl TrafficLabels {
     /// Every label unknown, for `reporter`, over TCP.
     pub fn new(reporter: &'static str) -> Self {
-        let u = || UNKNOWN.to_owned();
+        let u = unknown;
         TrafficLabels {
             reporter,
             source_workload: u(),
@@ -112,7 +132,7 @@ impl TrafficLabels {
         self.source_version = or_unknown(&w.canonical_revision);
         self.source_cluster = or_unknown(&w.cluster_id);
         if let Ok(id) = w.identity() {
-            self.source_principal = id.to_string();
+            self.source_principal = id.to_string().into();
         }
         self
     }
@@ -136,7 +156,7 @@ impl TrafficLabels {
         self.destination_version = or_unknown(&w.canonical_revision);
         self.destination_cluster = or_unknown(&w.cluster_id);
         if let Ok(id) = w.identity() {
-            self.destination_principal = id.to_string();
+            self.destination_principal = id.to_string().into();
         }
         self
     }

@@ -101,7 +101,7 @@ impl Denied {
         ));
         let body = self.failure.message();
         if self.grpc {
-            record.labels.response_code = "200".into();
+            record.labels.response_code = 200;
             record.labels.grpc_response_status = "16".into();
             let mut r = http::Response::new(ResponseBody::empty(Some(crate::body::Finish {
                 record,
@@ -118,7 +118,7 @@ impl Denied {
             return r;
         }
         let code = http::StatusCode::UNAUTHORIZED;
-        record.labels.response_code = code.as_u16().to_string();
+        record.labels.response_code = code.as_u16();
         let mut r = http::Response::new(ResponseBody::text(
             body,
             crate::body::Finish {

@@ -415,7 +415,7 @@ boundServices:
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].addr, "10.0.0.2:8080".parse().unwrap());
         assert_eq!(
-            &*first[0].principal,
+            &*first[0].meta.principal,
             "spiffe://cluster.local/ns/default/sa/echo"
         );
         assert!(Arc::ptr_eq(&first, &crate::upstream::endpoints(&s, b)));

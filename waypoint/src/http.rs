@@ -21,7 +21,7 @@ use crate::bound::Binding;
 use crate::route::filter::{Filter, HeaderModifier};
 use crate::route::matching::RequestView;
 use crate::route::{Decision, Retry, Rule, Timeouts};
-use crate::telemetry::{RequestLabels, RequestRecord, SourceMeta};
+use crate::telemetry::{RequestLabels, RequestRecord, WorkloadMeta};
 use attempt::{Failed, Outgoing, Sent, Target};
 
 mod attempt;
@@ -37,7 +37,7 @@ pub struct Downstream {
     pub principal: Option<String>,
     /// [`Downstream::principal`] parsed (once per tunnel, not per request).
     pub peer_id: Option<SpiffeId>,
-    pub source: SourceMeta,
+    pub source: WorkloadMeta,
     /// The CONNECT target, `VIP:port`.
     pub target: SocketAddr,
     pub binding: Binding,
@@ -111,7 +111,7 @@ fn local(
     code: StatusCode,
     flags: &'static str,
 ) -> Response<ResponseBody> {
-    record.labels.response_code = code.as_u16().to_string();
+    record.labels.response_code = code.as_u16();
     record.labels.traffic.response_flags = flags;
     let mut r = Response::new(ResponseBody::empty(Some(Finish {
         record,
@@ -255,7 +255,7 @@ pub async fn proxy(
         .map_or("/", |p| p.as_str())
         .to_owned();
     let mut labels = RequestLabels::default();
-    labels.source(&ds.source, ds.principal.clone());
+    labels.source(&ds.source);
     labels.service(&svc.hostname, &svc.name, &svc.namespace);
     labels.traffic.request_protocol = if is_grpc(req.headers()) {
         "grpc"
@@ -478,7 +478,7 @@ pub async fn proxy(
     record.labels.traffic.response_flags = "-";
     record.upstream = Some(ep.addr);
     record.labels.destination(&ep);
-    record.labels.response_code = resp.status().as_u16().to_string();
+    record.labels.response_code = resp.status().as_u16();
     if let Some(s) = resp
         .headers()
         .get("grpc-status")

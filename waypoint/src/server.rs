@@ -27,7 +27,7 @@ use crate::app::Waypoint;
 use crate::bound::PortProtocol;
 use crate::http::{Downstream, proxy};
 use crate::sniff::{Detected, detect};
-use crate::telemetry::SourceMeta;
+use crate::telemetry::WorkloadMeta;
 use crate::upstream::{UpstreamError, endpoints};
 
 /// Ports a CONNECT may never target (the waypoint's own: a loop).
@@ -212,15 +212,18 @@ async fn admit(
     };
     // The source's labels: the workload at the peer's address (ztunnel connects from the
     // client pod's IP), else what the client's `baggage` says.
-    let source = match snap.state.workload_by_ip(peer.ip()) {
-        Some(w) => SourceMeta::from_workload(w),
+    let mut source = match snap.state.workload_by_ip(peer.ip()) {
+        Some(w) => WorkloadMeta::from_workload(w),
         None => req
             .headers()
             .get("baggage")
             .and_then(|v| v.to_str().ok())
-            .map(SourceMeta::from_baggage)
+            .map(WorkloadMeta::from_baggage)
             .unwrap_or_default(),
     };
+    if let Some(p) = &principal {
+        source.principal = p.as_str().into();
+    }
     let client = req
         .headers()
         .get("forwarded")

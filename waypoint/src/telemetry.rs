@@ -16,14 +16,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use zmesh_core::state::Workload;
-use zmesh_core::telemetry::{TrafficLabels, UNKNOWN, or_unknown};
+use zmesh_core::telemetry::{Label, TrafficLabels, or_unknown, unknown};
 
 /// Istio's request labels: the traffic labels ztunnel also reports, plus the response's codes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     #[prometheus(flatten)]
     pub traffic: TrafficLabels,
-    pub response_code: String,
+    pub response_code: u16,
     pub grpc_response_status: String,
 }
 
@@ -34,48 +34,66 @@ impl Default for RequestLabels {
         traffic.connection_security_policy = "mutual_tls";
         RequestLabels {
             traffic,
-            response_code: "0".into(),
+            response_code: 0,
             grpc_response_status: String::new(),
         }
     }
 }
 
-/// What is known of the client: from the workload model (by the HBONE peer's address), else
-/// from the CONNECT's `baggage` header (what upstream ztunnel sends).
-#[derive(Clone, Debug, Default)]
-pub struct SourceMeta {
-    pub workload: String,
-    pub namespace: String,
-    pub canonical_service: String,
-    pub canonical_revision: String,
-    pub cluster: String,
+/// What is known of a workload, as label values (`unknown` when not known): the client's, from
+/// the workload model (by the HBONE peer's address) or else the CONNECT's `baggage` header
+/// (what upstream ztunnel sends), made once per tunnel; an endpoint's, made with the endpoints.
+/// Requests' labels share them.
+#[derive(Clone, Debug)]
+pub struct WorkloadMeta {
+    pub workload: Label,
+    pub namespace: Label,
+    pub canonical_service: Label,
+    pub canonical_revision: Label,
+    pub cluster: Label,
+    /// The SPIFFE id: the client's from its certificate, an endpoint's from the workload.
+    pub principal: Label,
 }
 
-impl SourceMeta {
+impl Default for WorkloadMeta {
+    fn default() -> Self {
+        WorkloadMeta {
+            workload: unknown(),
+            namespace: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: unknown(),
+            cluster: unknown(),
+            principal: unknown(),
+        }
+    }
+}
+
+impl WorkloadMeta {
     /// From the workload model.
-    pub fn from_workload(w: &Workload) -> SourceMeta {
-        SourceMeta {
-            workload: if w.workload_name.is_empty() {
-                w.name.clone()
+    pub fn from_workload(w: &Workload) -> WorkloadMeta {
+        WorkloadMeta {
+            workload: or_unknown(if w.workload_name.is_empty() {
+                &w.name
             } else {
-                w.workload_name.clone()
-            },
-            namespace: w.namespace.clone(),
-            canonical_service: w.canonical_name.clone(),
-            canonical_revision: w.canonical_revision.clone(),
-            cluster: w.cluster_id.clone(),
+                &w.workload_name
+            }),
+            namespace: or_unknown(&w.namespace),
+            canonical_service: or_unknown(&w.canonical_name),
+            canonical_revision: or_unknown(&w.canonical_revision),
+            cluster: or_unknown(&w.cluster_id),
+            principal: unknown(),
         }
     }
 
     /// From a `baggage` header: `k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`,
     /// `service.name`, `service.version` (upstream ztunnel's `src/baggage.rs` keys).
-    pub fn from_baggage(value: &str) -> SourceMeta {
-        let mut m = SourceMeta::default();
+    pub fn from_baggage(value: &str) -> WorkloadMeta {
+        let mut m = WorkloadMeta::default();
         for item in value.split(',') {
             let Some((k, v)) = item.trim().split_once('=') else {
                 continue;
             };
-            let v = v.trim().to_owned();
+            let v = or_unknown(v.trim());
             match k.trim() {
                 "k8s.cluster.name" => m.cluster = v,
                 "k8s.namespace.name" => m.namespace = v,
@@ -90,17 +108,17 @@ impl SourceMeta {
 }
 
 impl RequestLabels {
-    /// Sets the `source_*` labels.
-    pub fn source(&mut self, m: &SourceMeta, principal: Option<String>) {
+    /// Sets the `source_*` labels (shared values: no string is copied).
+    pub fn source(&mut self, m: &WorkloadMeta) {
         let t = &mut self.traffic;
-        t.source_workload = or_unknown(&m.workload);
-        t.source_workload_namespace = or_unknown(&m.namespace);
-        t.source_canonical_service = or_unknown(&m.canonical_service);
-        t.source_app = or_unknown(&m.canonical_service);
-        t.source_canonical_revision = or_unknown(&m.canonical_revision);
-        t.source_version = or_unknown(&m.canonical_revision);
-        t.source_cluster = or_unknown(&m.cluster);
-        t.source_principal = principal.unwrap_or_else(|| UNKNOWN.into());
+        t.source_workload = m.workload.clone();
+        t.source_workload_namespace = m.namespace.clone();
+        t.source_canonical_service = m.canonical_service.clone();
+        t.source_app = m.canonical_service.clone();
+        t.source_canonical_revision = m.canonical_revision.clone();
+        t.source_version = m.canonical_revision.clone();
+        t.source_cluster = m.cluster.clone();
+        t.source_principal = m.principal.clone();
     }
 
     /// Sets the `destination_service*` labels.
@@ -111,23 +129,17 @@ impl RequestLabels {
         t.destination_service_namespace = or_unknown(namespace);
     }
 
-    /// Sets the `destination_*` workload labels from the endpoint picked.
+    /// Sets the `destination_*` workload labels from the endpoint picked (shared values).
     pub fn destination(&mut self, ep: &crate::upstream::Endpoint) {
-        let w = &ep.workload;
-        let t = &mut self.traffic;
-        let workload = if w.workload_name.is_empty() {
-            &w.name
-        } else {
-            &w.workload_name
-        };
-        t.destination_workload = or_unknown(workload);
-        t.destination_workload_namespace = or_unknown(&w.namespace);
-        t.destination_canonical_service = or_unknown(&w.canonical_name);
-        t.destination_app = or_unknown(&w.canonical_name);
-        t.destination_canonical_revision = or_unknown(&w.canonical_revision);
-        t.destination_version = or_unknown(&w.canonical_revision);
-        t.destination_cluster = or_unknown(&w.cluster_id);
-        t.destination_principal = ep.principal.to_string();
+        let (m, t) = (&ep.meta, &mut self.traffic);
+        t.destination_workload = m.workload.clone();
+        t.destination_workload_namespace = m.namespace.clone();
+        t.destination_canonical_service = m.canonical_service.clone();
+        t.destination_app = m.canonical_service.clone();
+        t.destination_canonical_revision = m.canonical_revision.clone();
+        t.destination_version = m.canonical_revision.clone();
+        t.destination_cluster = m.cluster.clone();
+        t.destination_principal = m.principal.clone();
     }
 }
 
@@ -280,14 +292,9 @@ impl RequestRecord {
         let req = self
             .request_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
-        // The labels move into the series key (hashed once) and back afterwards; the blank
-        // placeholder in between allocates nothing.
-        let blank = RequestLabels {
-            traffic: TrafficLabels::default(),
-            response_code: String::new(),
-            grpc_response_status: String::new(),
-        };
-        let key = SeriesKey::new(std::mem::replace(&mut self.labels, blank));
+        // The series key hashes the labels once for the four metrics; cloning them copies
+        // no string (shared values).
+        let key = SeriesKey::new(self.labels.clone());
         let m = &self.metrics;
         m.requests.get_or_create(&key).inc();
         m.duration.get_or_create(&key).observe(ms);
@@ -321,7 +328,6 @@ impl RequestRecord {
             policy = %self.policy.as_deref().unwrap_or("-"),
             "request"
         );
-        self.labels = key.labels;
     }
 }
 
@@ -337,20 +343,24 @@ mod tests {
 
     #[test]
     fn baggage() {
-        let m = SourceMeta::from_baggage(
+        let m = WorkloadMeta::from_baggage(
             "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=client,service.name=client,service.version=v1",
         );
         assert_eq!(
             (
-                m.cluster.as_str(),
-                m.namespace.as_str(),
-                m.workload.as_str(),
-                m.canonical_service.as_str(),
-                m.canonical_revision.as_str()
+                &*m.cluster,
+                &*m.namespace,
+                &*m.workload,
+                &*m.canonical_service,
+                &*m.canonical_revision
             ),
             ("Kubernetes", "default", "client", "client", "v1")
         );
-        assert_eq!(SourceMeta::from_baggage("junk,=,a=").workload, "");
+        // Nothing usable: every value is `unknown`.
+        assert_eq!(
+            &*WorkloadMeta::from_baggage("junk,=,a=").workload,
+            "unknown"
+        );
     }
 
     #[test]
@@ -358,7 +368,7 @@ mod tests {
         let mut reg = Registry::default();
         let m = std::sync::Arc::new(Metrics::new(&mut reg));
         let labels = RequestLabels {
-            response_code: "200".into(),
+            response_code: 200,
             ..Default::default()
         };
         drop(RequestRecord::new(
@@ -389,9 +399,9 @@ mod tests {
     fn equal_labels_share_a_series() {
         let mut reg = Registry::default();
         let m = std::sync::Arc::new(Metrics::new(&mut reg));
-        for code in ["200", "200", "503"] {
+        for code in [200u16, 200, 503] {
             let labels = RequestLabels {
-                response_code: code.into(),
+                response_code: code,
                 ..Default::default()
             };
             let src = "10.0.0.1:1".parse().unwrap();

@@ -15,10 +15,10 @@ use zmesh_core::certs::CertStore;
 use zmesh_core::hbone::{H2Settings, HboneError, Pool, PoolKey, SourceInfo, Tunnel};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::state::{HealthStatus, Workload};
-use zmesh_core::telemetry::UNKNOWN;
 
 use crate::body::{CountedBody, ReqBody};
 use crate::bound::{Binding, Snapshot};
+use crate::telemetry::WorkloadMeta;
 
 /// How long a pooled HTTP/1.1 connection may take to become ready for its next request.
 const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -64,8 +64,9 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// The identities the endpoint's HBONE server may present.
     pub identities: Arc<[SpiffeId]>,
-    /// The workload's own identity as text (`destination_principal`), or `unknown`.
-    pub principal: Arc<str>,
+    /// Its `destination_*` label values (the principal: the workload's own identity, or
+    /// `unknown`), made once with the endpoints.
+    pub meta: Arc<WorkloadMeta>,
 }
 
 /// The healthy endpoints of `binding` (in config order), with the target port resolved: the
@@ -108,13 +109,14 @@ fn build_endpoints(snap: &Snapshot, key: &str, binding: &Binding) -> Arc<[Endpoi
             let port = if port == 0 { binding.port.port } else { port };
             // The workload's identity, or one of the service's SANs (as ztunnel accepts).
             let own = w.identity().ok();
-            let principal: Arc<str> = own
-                .as_ref()
-                .map_or_else(|| UNKNOWN.into(), |i| i.to_string().into());
+            let mut meta = WorkloadMeta::from_workload(w);
+            if let Some(id) = &own {
+                meta.principal = id.to_string().into();
+            }
             let identities: Arc<[SpiffeId]> = own.into_iter().chain(sans.iter().cloned()).collect();
             Some(Endpoint {
                 identities,
-                principal,
+                meta: Arc::new(meta),
                 workload: w.clone(),
                 addr: SocketAddr::new(ip, port),
             })

@@ -240,7 +240,7 @@ impl Proxy {
             Some(w) => labels.source(w),
             None => labels,
         };
-        labels.source_principal = self.identity.to_string();
+        labels.source_principal = self.identity.to_string().into();
         labels
     }
 

@@ -165,7 +165,7 @@ fn answer(
     flags: &'static str,
     body: Option<&'static str>,
 ) -> Response<ResponseBody> {
-    record.labels.response_code = code.as_u16().to_string();
+    record.labels.response_code = code.as_u16();
     record.labels.traffic.response_flags = flags;
     let finish = Finish {
         record,

@@ -27,6 +27,7 @@ use super::decide::{InboundFacts, Outcome, decide, log_dry_run};
 use super::policy::{self, Peer};
 use super::{Proxy, ProxyError, accept_loop, copy_until, finish, refuse};
 use crate::metrics::{ConnectionRecord, TrafficLabels, connection_failed};
+use zmesh_core::telemetry::unknown;
 
 /// Accepts HBONE connections until draining starts.
 pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
@@ -270,14 +271,13 @@ impl Proxy {
         labels.source_principal = peer_id
             .as_ref()
             .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "unknown".into());
+            .map_or_else(unknown, |i| i.to_string().into());
         let host_hint = connect.host_hint;
         labels = labels.destination(local_w);
         if let Some(svc) = state.inbound_service(local_w, host_hint.as_deref()) {
             labels = labels.service(svc);
         }
-        labels.destination_principal = self.identity.to_string();
+        labels.destination_principal = self.identity.to_string().into();
         labels.connection_security_policy = "mutual_tls";
         // AuthorizationPolicy, before the app is connected.
         let allowed_by = match allowed_by {
@@ -421,7 +421,7 @@ impl Proxy {
             if let Some(w) = state.workload_by_ip(peer.ip()) {
                 labels = labels.source(w);
                 // A plaintext peer proves no identity, whatever its address claims.
-                labels.source_principal = "unknown".into();
+                labels.source_principal = unknown();
             }
             if let Some(w) = local {
                 labels = labels.destination(w);
