@@ -60,6 +60,29 @@ pub fn log_writer(
         ))
 }
 
+/// The log-line formatter both proxies use, writing to `writer`: JSON with `LOG_FORMAT=json`,
+/// else text (with colours only on a terminal).
+pub fn fmt_layer<S>(
+    writer: tracing_appender::non_blocking::NonBlocking,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(writer)
+            .boxed()
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .boxed()
+    }
+}
+
 /// What an unknown label value renders as.
 pub const UNKNOWN: &str = "unknown";
 

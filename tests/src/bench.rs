@@ -343,6 +343,14 @@ pub fn policy_mix(n: usize, ports: &[u16]) -> Vec<crate::mesh::PolicySpec> {
     out
 }
 
+/// A `KEY=VALUE` command-line argument (the benchmarks' `--ztunnel-env` / `--waypoint-env`).
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,13 +396,5 @@ mod tests {
             !set.check("default", &selected, &conn(SINK_PORT, "203.0.113.9"))
                 .allowed
         );
-    }
-}
-
-/// A `KEY=VALUE` command-line argument (the benchmarks' `--ztunnel-env` / `--waypoint-env`).
-pub fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
 }

@@ -5,7 +5,7 @@
 //! Needs root and `cargo build --workspace --bins`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -94,23 +94,27 @@ impl<'s> Mesh<'s> {
     }
 }
 
-/// A server that reads to EOF *before* answering, then sends everything back and closes:
-/// a client gets its answer only if its half-close crossed both ztunnels.
-fn store_and_return(sb: &Sandbox, host: &str, port: u16) {
+/// A TCP server on `host:port` that runs `serve` for each connection, on a thread of its own.
+fn serve_each(sb: &Sandbox, host: &str, port: u16, serve: fn(TcpStream)) {
     let l = sb
         .in_netns(host, || TcpListener::bind(("0.0.0.0", port)))
         .unwrap()
         .unwrap();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut all = Vec::new();
-                if s.read_to_end(&mut all).is_ok() {
-                    all.reverse();
-                    let _ = s.write_all(&all);
-                }
-            });
+            std::thread::spawn(move || serve(s));
+        }
+    });
+}
+
+/// A server that reads to EOF *before* answering, then sends everything back and closes:
+/// a client gets its answer only if its half-close crossed both ztunnels.
+fn store_and_return(sb: &Sandbox, host: &str, port: u16) {
+    serve_each(sb, host, port, |mut s| {
+        let mut all = Vec::new();
+        if s.read_to_end(&mut all).is_ok() {
+            all.reverse();
+            let _ = s.write_all(&all);
         }
     });
 }
@@ -581,18 +585,9 @@ fn plaintext_inbound_is_not_an_open_relay() {
 /// A server that reads to EOF and answers with the count it read (8 bytes, big endian): an
 /// upload, with a small fixed answer, as iperf3's data connection is.
 fn upload_sink(sb: &Sandbox, host: &str, port: u16) {
-    let l = sb
-        .in_netns(host, || TcpListener::bind(("0.0.0.0", port)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let n = std::io::copy(&mut s, &mut std::io::sink()).unwrap_or(0);
-                let _ = s.write_all(&n.to_be_bytes());
-            });
-        }
+    serve_each(sb, host, port, |mut s| {
+        let n = std::io::copy(&mut s, &mut std::io::sink()).unwrap_or(0);
+        let _ = s.write_all(&n.to_be_bytes());
     });
 }
 

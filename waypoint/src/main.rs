@@ -28,23 +28,11 @@ struct Cli {}
 /// flushes what is queued when dropped at exit.
 fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let (writer, guard) = zmesh_core::telemetry::log_writer("waypoint-log");
-    let registry = tracing_subscriber::registry().with(filter);
-    if json {
-        registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(writer))
-            .init();
-    } else {
-        registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(ansi)
-                    .with_writer(writer),
-            )
-            .init();
-    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(zmesh_core::telemetry::fmt_layer(writer))
+        .init();
     guard
 }
 

@@ -55,23 +55,11 @@ fn init_logging() -> (
     let default = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     let filter = EnvFilter::try_new(&default).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let (writer, guard) = zmesh_core::telemetry::log_writer("ztunnel-log");
-    let registry = tracing_subscriber::registry().with(filter);
-    if json {
-        registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(writer))
-            .init();
-    } else {
-        registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(ansi)
-                    .with_writer(writer),
-            )
-            .init();
-    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(zmesh_core::telemetry::fmt_layer(writer))
+        .init();
     let current = Arc::new(std::sync::Mutex::new(default.clone()));
     let control: admin::LogControl = Arc::new(move |level: Option<&str>| {
         let mut cur = current.lock().expect("log level lock");
