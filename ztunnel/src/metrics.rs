@@ -34,7 +34,14 @@ use prometheus_client::registry::Registry;
 
 pub use zmesh_core::telemetry::TrafficLabels;
 
-use crate::proxy::Bytes;
+/// Bytes of one proxied connection, in Istio's terms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bytes {
+    /// From the client towards the destination (request direction).
+    pub received: u64,
+    /// From the destination back to the client (response direction).
+    pub sent: u64,
+}
 
 /// The longest failure reason a `connection failed` line carries, in bytes.
 const MAX_ERROR_LOG: usize = 1024;

@@ -24,9 +24,11 @@ use zmesh_core::socket::{SocketOptions, original_dst};
 use zmesh_core::state::{Protocol, Resolved, State, Workload};
 
 use crate::config::{Config, WorkloadInfo};
-use crate::metrics::{ConnectionRecord, Metrics, TrafficLabels, WaypointLabels, connection_failed};
+use crate::metrics::{
+    Bytes, ConnectionRecord, Metrics, TrafficLabels, WaypointLabels, connection_failed,
+};
 
-pub use copy::{Bytes, copy, copy_until, release_spare_buffers};
+pub use copy::{copy, copy_until, release_spare_buffers};
 pub use inbound::{serve_hbone, serve_plaintext};
 
 /// What every proxy of a node shares.
@@ -49,6 +51,8 @@ pub struct Proxy {
     /// `workload`'s key in [`State`], made once.
     pub workload_key: String,
     pub identity: SpiffeId,
+    /// [`Proxy::identity`] as a metrics label value, made once (not per connection).
+    pub identity_label: zmesh_core::telemetry::Label,
     /// Cancelled when draining starts: listeners stop accepting.
     pub drain: CancellationToken,
     /// Tracks every open connection, so a drain can wait for them.
@@ -172,6 +176,7 @@ impl Proxy {
             pool: Pool::new(node.cfg.pool, node.cfg.h2, sockets.clone()),
             workload,
             workload_key,
+            identity_label: identity.to_string().into(),
             identity,
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -240,7 +245,7 @@ impl Proxy {
             Some(w) => labels.source(w),
             None => labels,
         };
-        labels.source_principal = self.identity.to_string().into();
+        labels.source_principal = self.identity_label.clone();
         labels
     }
 

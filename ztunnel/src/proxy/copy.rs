@@ -16,15 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ProxyError;
 use super::policy::Denial;
-
-/// Bytes of one proxied connection, in Istio's terms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Bytes {
-    /// From the client towards the destination (request direction).
-    pub received: u64,
-    /// From the destination back to the client (response direction).
-    pub sent: u64,
-}
+use crate::metrics::Bytes;
 
 /// Counts what is read through it; everything else passes straight through.
 struct Counting<'a, S: ?Sized> {

@@ -277,7 +277,7 @@ impl Proxy {
         if let Some(svc) = state.inbound_service(local_w, host_hint.as_deref()) {
             labels = labels.service(svc);
         }
-        labels.destination_principal = self.identity.to_string().into();
+        labels.destination_principal = self.identity_label.clone();
         labels.connection_security_policy = "mutual_tls";
         // AuthorizationPolicy, before the app is connected.
         let allowed_by = match allowed_by {
