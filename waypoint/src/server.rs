@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
+use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{
     ActiveGuard, Activity, FdHeadroom, Listener, ServeError, Tracked, serve_h2_streams, tls_accept,
 };
@@ -81,13 +82,18 @@ async fn hbone_connection(
         limits.handshake_timeout,
     )
     .await?;
-    let principal = tls
+    // The verifier admitted only a SPIFFE id of our trust domain; read once per connection.
+    let id = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(peer_identity)
-        .map(|i| i.to_string());
+        .and_then(peer_identity);
+    let principal = Arc::new(PeerPrincipal {
+        text: id.as_ref().map(|i| i.to_string()),
+        label: id.as_ref().map(|i| i.to_string().into()),
+        id,
+    });
     let w = wp.clone();
     // Each CONNECT is served on a task of its own, from the decision to its tunnel's end; the
     // tunnel runs on h2's stream handles (`hbone::H2Tunnel`), not on hyper's upgrade, so its
@@ -107,6 +113,14 @@ async fn hbone_connection(
     )
     .await?;
     Ok(())
+}
+
+/// The HBONE peer's identity, as the CONNECTs of its connection need it: parsed, as text (the
+/// access log, authorization) and as a label value.
+struct PeerPrincipal {
+    id: Option<SpiffeId>,
+    text: Option<String>,
+    label: Option<zmesh_core::telemetry::Label>,
 }
 
 fn status(code: StatusCode) -> Response<()> {
@@ -141,7 +155,7 @@ async fn handle_connect(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     peer: SocketAddr,
-    principal: Option<String>,
+    principal: Arc<PeerPrincipal>,
     busy: ActiveGuard,
 ) {
     let _busy = busy;
@@ -182,8 +196,9 @@ async fn admit(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     peer: SocketAddr,
-    principal: Option<String>,
+    who: Arc<PeerPrincipal>,
 ) -> Option<Admitted> {
+    let principal = who.text.clone();
     let connect = match parse_connect(&req, &OWN_PORTS) {
         Ok(c) => c,
         Err(e) => {
@@ -221,15 +236,15 @@ async fn admit(
             .map(WorkloadMeta::from_baggage)
             .unwrap_or_default(),
     };
-    if let Some(p) = &principal {
-        source.principal = p.as_str().into();
+    if let Some(label) = &who.label {
+        source.principal = label.clone();
     }
     let client = req
         .headers()
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .and_then(forwarded_for);
-    let peer_id = principal.as_deref().and_then(|p| p.parse().ok());
+    let peer_id = who.id.clone();
     let ds = Arc::new(Downstream {
         peer,
         client,
