@@ -40,9 +40,8 @@ pub(crate) const RESOURCES_FIELD: u32 = 2;
 pub struct Entry {
     /// The resource name (shared with the cache's index and the streams' bookkeeping).
     pub name: Arc<str>,
-    /// Version string (hex hash of the encoded resource).
-    pub version: String,
-    /// The version as a number (what streams remember; see [`version_id`]).
+    /// The version as a number (what streams remember; see [`version_id`]); its text is
+    /// [`Entry::version`].
     pub version_id: u64,
     /// The resource, packed as `google.protobuf.Any`.
     pub resource: Any,
@@ -54,10 +53,9 @@ pub struct Entry {
 impl Entry {
     fn new(name: Arc<str>, resource: Any) -> Entry {
         let version_id = version_hash(&resource);
-        let version = format!("{version_id:016x}");
         let proto = Resource {
             name: name.to_string(),
-            version: version.clone(),
+            version: version_text(version_id),
             resource: Some(resource),
             ..Default::default()
         };
@@ -65,18 +63,22 @@ impl Entry {
         prost::encoding::message::encode(RESOURCES_FIELD, &proto, &mut buf);
         Entry {
             name,
-            version,
             version_id,
             resource: proto.resource.unwrap_or_default(),
             encoded: Bytes::from(buf),
         }
     }
 
+    /// The version string sent with the resource (hex hash of the encoded resource).
+    pub fn version(&self) -> String {
+        version_text(self.version_id)
+    }
+
     /// The entry as the protobuf `Resource` it is sent as (copies it; for tests and tools).
     pub fn to_proto(&self) -> Resource {
         Resource {
             name: self.name.to_string(),
-            version: self.version.clone(),
+            version: self.version(),
             resource: Some(self.resource.clone()),
             ..Default::default()
         }
@@ -153,7 +155,12 @@ impl std::fmt::Debug for Cache {
 /// `DefaultHasher::new()` uses fixed keys, so the version is stable for a given build, which
 /// lets a client that reconnects to a restarted controller skip unchanged resources.
 pub fn version_of(resource: &Any) -> String {
-    format!("{:016x}", version_hash(resource))
+    version_text(version_hash(resource))
+}
+
+/// A version id as its string: 16 lowercase hex digits (what [`version_id`] reads back).
+fn version_text(id: u64) -> String {
+    format!("{id:016x}")
 }
 
 /// The hash behind [`version_of`]; never [`UNKNOWN_VERSION`].
@@ -378,7 +385,7 @@ mod tests {
         assert_eq!(decoded.resources, [e.to_proto()]);
         assert_eq!(decoded.resources[0].name, "a");
         assert_eq!(decoded.resources[0].version, version_of(&any(b"1")));
-        assert_eq!(version_id(&e.version), e.version_id);
+        assert_eq!(version_id(&e.version()), e.version_id);
     }
 
     #[test]

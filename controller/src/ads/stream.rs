@@ -511,7 +511,7 @@ mod tests {
     #[test]
     fn initial_versions_and_resubscribe_resend() {
         let c = cache();
-        let va = c.get(T, "a").unwrap().version.clone();
+        let va = c.get(T, "a").unwrap().version();
         let mut st = StreamState::new(1, allow_all());
         let mut r = req(&["a"], &[]);
         r.initial_resource_versions = HashMap::from([("a".to_string(), va)]);
