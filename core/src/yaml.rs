@@ -1,17 +1,23 @@
 //! Bounds on YAML input before it reaches the parser.
 //!
 //! The YAML parser (libyaml, under `serde_yaml`) spends time quadratic in the nesting depth of
-//! a document (every flow level keeps a pending "simple key" that is re-checked on each
-//! token): 100,000 nested `[` cost more than half a minute of CPU, on the thread that applies
-//! the config. [`check_limits`] refuses such input first, in one linear pass: documents larger
-//! than [`MAX_BYTES`] or nested deeper than [`MAX_DEPTH`] levels. Both ztunnel's local config
-//! and the controller's YAML directory use it.
+//! a document (every open flow level keeps a pending "simple key" that is re-checked on each
+//! token), and `serde_yaml` collects a whole document's events before it looks at their depth:
+//! 100,000 nested `[` cost more than half a minute of CPU, on the thread that applies the
+//! config. [`check_limits`] refuses such input first: documents larger than [`MAX_BYTES`], or
+//! nested deeper than [`MAX_DEPTH`] levels. Both ztunnel's local config and the controller's
+//! YAML directory use it.
 //!
-//! The depth is counted from the text, as the parser nests nodes: each flow bracket (`[`, `{`)
-//! outside quotes, comments and block scalars is a level, and each block level is a step of
-//! indentation or a `- ` or `key: ` that opens a nested node on the same line. `serde_yaml`
-//! itself refuses documents deeper than 128 levels (after parsing them whole), so the same
-//! limit here refuses nothing it would accept.
+//! The depth is the parser's own: the check pulls libyaml's events one at a time (the same
+//! parser `serde_yaml` runs, so tags, anchors, quotes, comments and block scalars are read
+//! exactly as the real parse reads them) and stops at the first collection that opens past the
+//! limit. Up to that point every open level is within the limit, so the check costs time linear
+//! in the input. `serde_yaml` itself refuses documents deeper than 128 levels (after parsing
+//! them whole), so the same limit here refuses nothing it would accept. A document libyaml
+//! cannot parse passes the check; the parse that follows reports the error.
+
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 /// The deepest nesting accepted: `serde_yaml`'s own recursion limit.
 pub const MAX_DEPTH: usize = 128;
@@ -45,170 +51,115 @@ pub fn check(text: &str, max_bytes: usize, max_depth: usize) -> Result<(), YamlL
             limit: max_bytes,
         });
     }
-    let mut s = Scanner {
-        max_depth,
-        ..Scanner::default()
-    };
-    for (i, line) in text.lines().enumerate() {
-        s.line(line, i + 1)?;
+    let mut events = Events::new(text);
+    let mut depth = 0usize;
+    while let Some((event, line)) = events.next() {
+        match event {
+            Event::Open => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(YamlLimitError::TooDeep {
+                        limit: max_depth,
+                        line,
+                    });
+                }
+            }
+            Event::Close => depth = depth.saturating_sub(1),
+            Event::Other => {}
+        }
     }
     Ok(())
 }
 
-#[derive(Default)]
-struct Scanner {
-    max_depth: usize,
-    /// Indentation columns of the open block levels.
-    indents: Vec<usize>,
-    /// Open flow brackets.
-    flow: usize,
-    /// Inside a quoted scalar that continues on the next line: its quote character.
-    quote: Option<u8>,
-    /// Inside a block scalar (`|` or `>`): lines indented more than this belong to it.
-    block_scalar: Option<usize>,
+/// What the depth check needs of a libyaml event.
+enum Event {
+    /// A sequence or mapping starts.
+    Open,
+    /// A sequence or mapping ends.
+    Close,
+    Other,
 }
 
-impl Scanner {
-    fn too_deep(&self, extra: usize, line: usize) -> Result<(), YamlLimitError> {
-        if self.indents.len() + self.flow + extra > self.max_depth {
-            return Err(YamlLimitError::TooDeep {
-                limit: self.max_depth,
-                line,
-            });
-        }
-        Ok(())
-    }
+/// libyaml's event stream over a borrowed text.
+struct Events<'a> {
+    /// Boxed: libyaml's parser is large, and it stays at one address while it runs.
+    parser: Box<MaybeUninit<unsafe_libyaml::yaml_parser_t>>,
+    /// Whether `parser` was initialised (and so must be deleted).
+    live: bool,
+    _text: PhantomData<&'a str>,
+}
 
-    fn line(&mut self, line: &str, no: usize) -> Result<(), YamlLimitError> {
-        let b = line.as_bytes();
-        let indent = b.iter().take_while(|c| **c == b' ').count();
-        let blank = b[indent..].iter().all(|c| c.is_ascii_whitespace());
-        if let Some(parent) = self.block_scalar {
-            if blank || indent > parent {
-                return Ok(());
-            }
-            self.block_scalar = None;
-        }
-        if blank {
-            return Ok(());
-        }
-        let mut i = indent;
-        if self.quote.is_none() && self.flow == 0 {
-            if indent == 0
-                && (b.starts_with(b"---") || b.starts_with(b"..."))
-                && b.get(3).is_none_or(|c| c.is_ascii_whitespace())
-            {
-                // A new document (or its end) starts at the top again.
-                self.indents.clear();
-                return Ok(());
-            }
-            if b[i] == b'#' {
-                return Ok(());
-            }
-            // A sequence may sit at its parent key's indentation: a line starting with `- `
-            // counts as half a column deeper, so it nests under that key.
-            let dash = b[i] == b'-' && b.get(i + 1).is_none_or(|c| *c == b' ');
-            let level = 2 * indent + usize::from(dash);
-            while self.indents.last().is_some_and(|&top| top >= level) {
-                self.indents.pop();
-            }
-            self.indents.push(level);
-            self.too_deep(0, no)?;
-        }
-        // Levels opened on this line after its first `- ` or `key: ` (that one is the line's
-        // own level, counted by its indentation).
-        let mut inline = 0;
-        let mut first_indicator = true;
-        // Block context: does the next token start a node (line start, after `- ` or `: `)?
-        let mut expect_node = true;
-        let mut after_space = true;
-        let mut last_token = None;
-        while i < b.len() {
-            let c = b[i];
-            if let Some(q) = self.quote {
-                if c == b'\\' && q == b'"' {
-                    i += 2;
-                    continue;
-                }
-                if c == q {
-                    if q == b'\'' && b.get(i + 1) == Some(&b'\'') {
-                        i += 2;
-                        continue;
-                    }
-                    self.quote = None;
-                }
-                i += 1;
-                continue;
-            }
-            if c == b' ' || c == b'\t' {
-                after_space = true;
-                i += 1;
-                continue;
-            }
-            if c == b'#' && after_space {
-                break;
-            }
-            let indicator_follows = b.get(i + 1).is_none_or(|n| *n == b' ' || *n == b'\t');
-            let starts = if self.flow > 0 {
-                flow_sep(b, i)
+impl<'a> Events<'a> {
+    fn new(text: &'a str) -> Self {
+        let mut parser = Box::new(MaybeUninit::<unsafe_libyaml::yaml_parser_t>::uninit());
+        let p = parser.as_mut_ptr();
+        // SAFETY: `yaml_parser_initialize` initialises the struct `p` points to (it fails only
+        // when it cannot allocate its buffers, and then leaves nothing to free). The input is
+        // `text`, borrowed for the life of `Events`, read through the pointer and length given.
+        let live = unsafe {
+            if unsafe_libyaml::yaml_parser_initialize(p).fail {
+                false
             } else {
-                expect_node
-            };
-            match c {
-                b'"' | b'\'' if starts => {
-                    self.quote = Some(c);
-                    last_token = Some(i);
-                    expect_node = false;
-                }
-                b'[' | b'{' if starts || self.flow > 0 => {
-                    self.flow += 1;
-                    expect_node = false;
-                    self.too_deep(inline, no)?;
-                }
-                b']' | b'}' if self.flow > 0 => self.flow -= 1,
-                b'-' | b':'
-                    if self.flow == 0 && indicator_follows && (c == b':' || expect_node) =>
-                {
-                    if !first_indicator {
-                        inline += 1;
-                    }
-                    first_indicator = false;
-                    expect_node = true;
-                    self.too_deep(inline, no)?;
-                }
-                _ => {
-                    if self.flow == 0 && expect_node {
-                        last_token = Some(i);
-                    }
-                    expect_node = false;
-                }
+                unsafe_libyaml::yaml_parser_set_encoding(p, unsafe_libyaml::YAML_UTF8_ENCODING);
+                unsafe_libyaml::yaml_parser_set_input_string(p, text.as_ptr(), text.len() as u64);
+                true
             }
-            after_space = false;
-            i += 1;
+        };
+        Events {
+            parser,
+            live,
+            _text: PhantomData,
         }
-        // `key: |` or `- >-`: the more indented lines that follow are text.
-        if self.flow == 0
-            && self.quote.is_none()
-            && let Some(t) = last_token
-            && matches!(b[t], b'|' | b'>')
-            && b[t + 1..]
-                .iter()
-                .take_while(|c| !c.is_ascii_whitespace())
-                .all(|c| matches!(c, b'-' | b'+' | b'0'..=b'9'))
-        {
-            self.block_scalar = Some(indent);
+    }
+
+    /// The next event and the line (1-based) it starts on; `None` at the end of the stream or
+    /// at the first parse error.
+    fn next(&mut self) -> Option<(Event, usize)> {
+        if !self.live {
+            return None;
         }
-        Ok(())
+        let p = self.parser.as_mut_ptr();
+        let mut event = MaybeUninit::<unsafe_libyaml::yaml_event_t>::uninit();
+        // SAFETY: `p` is an initialised parser (`live`). `yaml_parser_parse` fills `event` when
+        // it succeeds; only then is the event read and, once read, deleted. After an error the
+        // parser is not used again (`live` is cleared).
+        unsafe {
+            if unsafe_libyaml::yaml_parser_parse(p, event.as_mut_ptr()).fail {
+                self.stop();
+                return None;
+            }
+            let e = event.as_mut_ptr();
+            let kind = (*e).type_;
+            let line = (*e).start_mark.line as usize + 1;
+            unsafe_libyaml::yaml_event_delete(e);
+            let event = match kind {
+                unsafe_libyaml::YAML_SEQUENCE_START_EVENT
+                | unsafe_libyaml::YAML_MAPPING_START_EVENT => Event::Open,
+                unsafe_libyaml::YAML_SEQUENCE_END_EVENT
+                | unsafe_libyaml::YAML_MAPPING_END_EVENT => Event::Close,
+                unsafe_libyaml::YAML_STREAM_END_EVENT => {
+                    self.stop();
+                    return None;
+                }
+                _ => Event::Other,
+            };
+            Some((event, line))
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.live {
+            self.live = false;
+            // SAFETY: the parser was initialised and is deleted once (`live` is now false).
+            unsafe { unsafe_libyaml::yaml_parser_delete(self.parser.as_mut_ptr()) }
+        }
     }
 }
 
-/// Is the byte before `i` (spaces skipped) one after which a flow token starts?
-fn flow_sep(b: &[u8], i: usize) -> bool {
-    b[..i]
-        .iter()
-        .rev()
-        .find(|c| **c != b' ')
-        .is_none_or(|c| matches!(c, b'[' | b'{' | b',' | b':'))
+impl Drop for Events<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 #[cfg(test)]
@@ -276,6 +227,53 @@ workloads: []
             assert!(depth_ok(three, 3), "{three}");
             assert!(!depth_ok(three, 2), "{three}");
         }
+    }
+
+    #[test]
+    fn depth_is_counted_through_tags_anchors_and_explicit_keys() {
+        // A tag, an anchor or an explicit key `? ` before a quoted scalar, in flow: the quote's
+        // brackets are text, and what follows the scalar is still counted. (A check that
+        // missed the quote after `!Prefix ` took a later quote for an opening one and skipped
+        // 65,000 levels: fuzz/regressions/local_config/tag-before-quote.)
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        for prefix in [
+            "{!Prefix \"a: [\\\"x\\\"]\": ",
+            "{&anchor \"]]]]\": ",
+            "{? \"]]]]\": ",
+            "{!!str \"\\\"]]\": ",
+        ] {
+            let doc = format!("{prefix}{deep}}}");
+            assert!(
+                matches!(check_limits(&doc), Err(YamlLimitError::TooDeep { .. })),
+                "{doc:.60}"
+            );
+            let shallow = format!("{prefix}[[1]]}}");
+            assert!(depth_ok(&shallow, 3), "{shallow}");
+            assert!(!depth_ok(&shallow, 2), "{shallow}");
+        }
+    }
+
+    #[test]
+    fn a_million_levels_are_refused() {
+        // The check stops at the first level past the limit, so a million levels cost no more
+        // than the first 129 (libyaml's look-ahead is bounded by its 1024-character simple
+        // keys); parsing all of them would take hours.
+        let doc = format!("a: {}", "[".repeat(1_000_000));
+        assert_eq!(
+            check_limits(&doc),
+            Err(YamlLimitError::TooDeep {
+                limit: MAX_DEPTH,
+                line: 1
+            })
+        );
+    }
+
+    #[test]
+    fn unparsable_input_is_left_to_the_parser() {
+        // The check refuses only what is too large or too deep; a syntax error is reported by
+        // the parse that follows, with its position.
+        assert!(check_limits("a: [1, 2\nb: }").is_ok());
+        assert!(serde_yaml::from_str::<serde_yaml::Value>("a: [1, 2\nb: }").is_err());
     }
 
     #[test]
