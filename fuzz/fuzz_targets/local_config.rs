@@ -103,7 +103,15 @@ fn scalar(out: &mut String, s: &Scalar) {
     }
 }
 
+/// The most text a tree prints (1 MiB). Nested `Nest`s multiply their depths, and printing
+/// tens of megabytes in an instrumented build takes longer than the run's `-timeout`; the
+/// parser's limits refuse a document far smaller than this (128 levels).
+const MAX_PRINTED: usize = 1 << 20;
+
 fn node(out: &mut String, n: &Node) {
+    if out.len() > MAX_PRINTED {
+        return;
+    }
     match n {
         Node::Scalar(s) => scalar(out, s),
         Node::Seq(items) => {
@@ -137,11 +145,13 @@ fn node(out: &mut String, n: &Node) {
                 Some(k) => (format!("{{{}: ", key_name(*k)), "}"),
                 None => ("[".to_owned(), "]"),
             };
-            for _ in 0..*depth {
+            let room = MAX_PRINTED.saturating_sub(out.len()) / (open.len() + close.len());
+            let depth = usize::from(*depth).min(room);
+            for _ in 0..depth {
                 out.push_str(&open);
             }
             node(out, inner);
-            for _ in 0..*depth {
+            for _ in 0..depth {
                 out.push_str(close);
             }
         }
