@@ -11,6 +11,7 @@ pub mod identity;
 pub mod netns;
 pub mod peer_text;
 pub mod policy;
+pub mod process;
 pub mod serve;
 pub mod socket;
 pub mod state;

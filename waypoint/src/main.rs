@@ -39,6 +39,8 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     Cli::parse();
+    zmesh_core::process::disable_transparent_huge_pages();
+    zmesh_core::process::raise_fd_limit();
     let _log = init_logging();
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg = Config::from_env(&env)?;

@@ -139,16 +139,6 @@ fn collect_freed_memory() {
     });
 }
 
-/// Busy nodes run out of descriptors at the default soft limit; take the hard limit.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-    {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -158,9 +148,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Proxy { config } => {
             set_purge_delay();
+            zmesh_core::process::disable_transparent_huge_pages();
             let (log, _log_guard) = init_logging();
             zmesh_core::tls::install_default_provider();
-            raise_fd_limit();
+            zmesh_core::process::raise_fd_limit();
             let env: HashMap<String, String> = std::env::vars().collect();
             let cfg = config::Config::load(config.as_deref(), &env)?;
             // One worker: a current-thread runtime, with no cross-thread wake-ups on the path.
