@@ -2,9 +2,13 @@
 //! request histograms at the waypoint): one label set for both, built from the workload model.
 //! Unknown values render as `unknown`, as Istio's do.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::registry::Registry;
+use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::state::{Service, Workload};
 
@@ -58,13 +62,50 @@ pub fn log_writer(
     tracing_appender::non_blocking::NonBlocking,
     tracing_appender::non_blocking::WorkerGuard,
 ) {
-    tracing_appender::non_blocking::NonBlockingBuilder::default()
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .thread_name(thread_name)
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .finish(std::io::BufWriter::with_capacity(
             64 << 10,
             std::io::stdout(),
-        ))
+        ));
+    let _ = PROCESS_LOG_DROPS.set(writer.error_counter());
+    (writer, guard)
+}
+
+/// The drop count of the process's log writer (the first [`log_writer`] made).
+static PROCESS_LOG_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// `zmesh_log_lines_dropped_total`: log lines (access-log lines included) the log writer
+/// dropped because [`LOG_QUEUE_LINES`] were already waiting (stdout slow or stalled). Read at
+/// each scrape, from the given writer's count or (`None`) the process's [`log_writer`]'s.
+#[derive(Debug)]
+pub struct DroppedLogLines(Option<ErrorCounter>);
+
+impl DroppedLogLines {
+    /// Registers the process's count in `registry` (0 while no [`log_writer`] was made, as in
+    /// tests).
+    pub fn register(registry: &mut Registry) {
+        registry.register_collector(Box::new(DroppedLogLines(None)));
+    }
+}
+
+impl Collector for DroppedLogLines {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let dropped = self
+            .0
+            .as_ref()
+            .or_else(|| PROCESS_LOG_DROPS.get())
+            .map_or(0, |c| c.dropped_lines() as u64);
+        let counter = ConstCounter::new(dropped);
+        let metric = encoder.encode_descriptor(
+            "zmesh_log_lines_dropped",
+            "Log lines (access log included) dropped because the log writer's queue was full",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
 }
 
 /// The log-line formatter both proxies use, writing to `writer`: JSON with `LOG_FORMAT=json`,
@@ -197,5 +238,69 @@ impl TrafficLabels {
         self.destination_service_namespace = or_unknown(&s.namespace);
         self.destination_service_name = or_unknown(&s.name);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Condvar, Mutex};
+
+    use super::*;
+
+    /// A writer whose writes wait until the test opens it (a stalled stdout).
+    #[derive(Clone, Default)]
+    struct Stalled(Arc<(Mutex<bool>, Condvar)>);
+
+    impl Stalled {
+        fn open(&self) {
+            *self.0.0.lock().unwrap() = true;
+            self.0.1.notify_all();
+        }
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, cv) = &*self.0;
+            let _open = cv.wait_while(open.lock().unwrap(), |o| !*o).unwrap();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn scrape(c: DroppedLogLines) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(c));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn lines_dropped_behind_a_stalled_writer_are_counted_in_the_metric() {
+        let stalled = Stalled::default();
+        let (mut writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .buffered_lines_limit(2)
+            .finish(stalled.clone());
+        let metric = DroppedLogLines(Some(writer.error_counter()));
+        assert!(
+            scrape(DroppedLogLines(Some(writer.error_counter())))
+                .contains("zmesh_log_lines_dropped_total 0\n")
+        );
+        // The writer thread holds one line in its stalled write, the queue two more; the
+        // rest are dropped, never blocking the caller.
+        for i in 0..20 {
+            writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        let dropped = writer.error_counter().dropped_lines();
+        assert!((17..=18).contains(&dropped), "dropped {dropped} of 20");
+        assert!(
+            scrape(metric).contains(&format!("zmesh_log_lines_dropped_total {dropped}\n")),
+            "the scrape shows the writer's count"
+        );
+        stalled.open();
+        drop(guard);
     }
 }

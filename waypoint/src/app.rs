@@ -127,6 +127,7 @@ impl Waypoint {
         ));
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
+        zmesh_core::telemetry::DroppedLogLines::register(&mut registry);
         let hbone = TcpListener::bind(cfg.hbone_addr)
             .await
             .map_err(|e| StartError::Listen(cfg.hbone_addr, e))?;

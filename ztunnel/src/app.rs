@@ -143,6 +143,7 @@ pub async fn start(cfg: Config, log: LogControl) -> anyhow::Result<Running> {
     };
     let certs = CertStore::new(source);
     let mut registry = Registry::default();
+    zmesh_core::telemetry::DroppedLogLines::register(&mut registry);
     let local_counters = local_config::Counters::register(&mut registry);
     let node = Arc::new(Node {
         cfg: cfg.clone(),

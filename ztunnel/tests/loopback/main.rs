@@ -32,6 +32,8 @@ async fn a_mesh_client_reaches_the_app_over_hbone_and_the_connection_is_counted(
         1,
         "{m}"
     );
+    // Registered with the proxy's metrics (this process made no log writer: nothing dropped).
+    assert!(m.contains("\nzmesh_log_lines_dropped_total 0\n"), "{m}");
     tunnel.shutdown().await.unwrap();
     let mut rest = Vec::new();
     tokio::time::timeout(WAIT, tunnel.read_to_end(&mut rest))
