@@ -15,10 +15,11 @@ pub fn raise_fd_limit() {
 /// mimalloc reserves a 1 GiB arena and, when the kernel allows THP (`madvise` or `always` in
 /// `/sys/kernel/mm/transparent_hugepage/enabled`), asks for huge pages on it: the first small
 /// allocations in each 2 MiB of it then make 2 MiB resident. Measured on an idle ztunnel with
-/// 10 known workloads: 21 MiB RSS, 8 MiB of it huge pages, against 14 MiB with THP off. A
-/// proxy's working set is buffers and small records, not large arrays that would gain from
-/// fewer TLB misses; `zmesh-bench` measured no throughput or latency change (see
-/// docs/bench-2026-12-06.md).
+/// 10 known workloads: 21 MiB RSS, 8 MiB of it huge pages, against 12 MiB with THP off (with
+/// the smaller log queue). A proxy's working set is buffers and small records, not large arrays
+/// that would gain from fewer TLB misses; `zmesh-bench` measured no speed change beyond the
+/// machine's run-to-run spread, and a quarter less peak RSS under load
+/// (docs/bench-2026-12-06.md).
 pub fn disable_transparent_huge_pages() {
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
         tracing::debug!("cannot turn transparent huge pages off: {e}");
