@@ -1,4 +1,4 @@
-//! Process set-up both proxies do at start, before their runtime allocates much.
+//! Process set-up both proxies do first in `main`, before they start their runtime.
 
 /// Busy nodes run out of descriptors at the default soft limit; take the hard limit.
 pub fn raise_fd_limit() {
@@ -20,8 +20,10 @@ pub fn raise_fd_limit() {
 /// that would gain from fewer TLB misses; `zmesh-bench` measured no speed change beyond the
 /// machine's run-to-run spread, and a quarter less peak RSS under load
 /// (docs/bench-2026-12-06.md).
-pub fn disable_transparent_huge_pages() {
-    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
-        tracing::debug!("cannot turn transparent huge pages off: {e}");
-    }
+///
+/// It applies to pages touched from then on: call it before the runtime starts. The huge page
+/// (at most one, 2 MiB) that mimalloc's own start-up touched before `main` may stay. The
+/// caller logs a failure once logging is set up (this runs before it).
+pub fn disable_transparent_huge_pages() -> nix::Result<()> {
+    nix::sys::prctl::set_thp_disable(true)
 }

@@ -137,7 +137,8 @@ impl<'a> Events<'a> {
                 | unsafe_libyaml::YAML_MAPPING_START_EVENT => Event::Open,
                 unsafe_libyaml::YAML_SEQUENCE_END_EVENT
                 | unsafe_libyaml::YAML_MAPPING_END_EVENT => Event::Close,
-                unsafe_libyaml::YAML_STREAM_END_EVENT => {
+                // libyaml never succeeds without an event; were it to, stop rather than loop.
+                unsafe_libyaml::YAML_STREAM_END_EVENT | unsafe_libyaml::YAML_NO_EVENT => {
                     self.stop();
                     return None;
                 }

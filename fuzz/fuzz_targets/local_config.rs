@@ -103,7 +103,7 @@ fn scalar(out: &mut String, s: &Scalar) {
     }
 }
 
-/// The most text a tree prints (1 MiB). Nested `Nest`s multiply their depths, and printing
+/// The most text a tree prints (1 MiB). Nested `Nest`s add up their depths, and printing
 /// tens of megabytes in an instrumented build takes longer than the run's `-timeout`; the
 /// parser's limits refuse a document far smaller than this (128 levels).
 const MAX_PRINTED: usize = 1 << 20;

@@ -36,12 +36,24 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     Cli::parse();
-    zmesh_core::process::disable_transparent_huge_pages();
+    // Before the runtime's threads allocate (see `zmesh_core::process`).
+    let thp = zmesh_core::process::disable_transparent_huge_pages();
     zmesh_core::process::raise_fd_limit();
     let _log = init_logging();
+    if let Err(e) = thp {
+        tracing::warn!("cannot turn transparent huge pages off: {e}");
+    }
+    // One worker per core, or `TOKIO_WORKER_THREADS`.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg = Config::from_env(&env)?;
     let running = Waypoint::start(cfg)

@@ -148,8 +148,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Proxy { config } => {
             set_purge_delay();
-            zmesh_core::process::disable_transparent_huge_pages();
+            let thp = zmesh_core::process::disable_transparent_huge_pages();
             let (log, _log_guard) = init_logging();
+            if let Err(e) = thp {
+                tracing::warn!("cannot turn transparent huge pages off: {e}");
+            }
             zmesh_core::tls::install_default_provider();
             zmesh_core::process::raise_fd_limit();
             let env: HashMap<String, String> = std::env::vars().collect();
