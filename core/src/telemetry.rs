@@ -153,6 +153,79 @@ pub fn or_unknown(s: &str) -> Label {
     }
 }
 
+/// What is known of a workload, as label values (`unknown` when not known): from the workload
+/// model ([`WorkloadMeta::from_workload`]) or another source (the waypoint reads a client's
+/// from the CONNECT's `baggage`). Made once per workload, connection or endpoint set and shared
+/// by the label sets built from it.
+#[derive(Clone, Debug)]
+pub struct WorkloadMeta {
+    pub workload: Label,
+    pub namespace: Label,
+    /// Also the `app` label.
+    pub canonical_service: Label,
+    /// Also the `version` label.
+    pub canonical_revision: Label,
+    pub cluster: Label,
+    /// The SPIFFE id.
+    pub principal: Label,
+}
+
+impl Default for WorkloadMeta {
+    fn default() -> Self {
+        WorkloadMeta {
+            workload: unknown(),
+            namespace: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: unknown(),
+            cluster: unknown(),
+            principal: unknown(),
+        }
+    }
+}
+
+impl WorkloadMeta {
+    /// Istio's labels of `w`: its workload name (else its name), its canonical service (else
+    /// its name), and its identity as the principal.
+    pub fn from_workload(w: &Workload) -> WorkloadMeta {
+        let or_name = |s: &str| or_unknown(if s.is_empty() { &w.name } else { s });
+        WorkloadMeta {
+            workload: or_name(&w.workload_name),
+            namespace: or_unknown(&w.namespace),
+            canonical_service: or_name(&w.canonical_name),
+            canonical_revision: or_unknown(&w.canonical_revision),
+            cluster: or_unknown(&w.cluster_id),
+            principal: w
+                .identity()
+                .map_or_else(|_| unknown(), |id| id.to_string().into()),
+        }
+    }
+}
+
+/// The label slots of one side of a [`TrafficLabels`] (`source_*` or `destination_*`).
+struct Side<'a> {
+    workload: &'a mut Label,
+    namespace: &'a mut Label,
+    canonical_service: &'a mut Label,
+    app: &'a mut Label,
+    canonical_revision: &'a mut Label,
+    version: &'a mut Label,
+    cluster: &'a mut Label,
+    principal: &'a mut Label,
+}
+
+impl Side<'_> {
+    fn set(self, m: &WorkloadMeta) {
+        *self.workload = m.workload.clone();
+        *self.namespace = m.namespace.clone();
+        *self.canonical_service = m.canonical_service.clone();
+        *self.app = m.canonical_service.clone();
+        *self.canonical_revision = m.canonical_revision.clone();
+        *self.version = m.canonical_revision.clone();
+        *self.cluster = m.cluster.clone();
+        *self.principal = m.principal.clone();
+    }
+}
+
 impl TrafficLabels {
     /// Every label unknown, for `reporter`, over TCP.
     pub fn new(reporter: &'static str) -> Self {
@@ -186,50 +259,44 @@ impl TrafficLabels {
 
     /// The `source_*` labels of workload `w`.
     pub fn source(mut self, w: &Workload) -> Self {
-        let canonical = if w.canonical_name.is_empty() {
-            &w.name
-        } else {
-            &w.canonical_name
-        };
-        self.source_workload = or_unknown(if w.workload_name.is_empty() {
-            &w.name
-        } else {
-            &w.workload_name
-        });
-        self.source_canonical_service = or_unknown(canonical);
-        self.source_canonical_revision = or_unknown(&w.canonical_revision);
-        self.source_workload_namespace = or_unknown(&w.namespace);
-        self.source_app = or_unknown(canonical);
-        self.source_version = or_unknown(&w.canonical_revision);
-        self.source_cluster = or_unknown(&w.cluster_id);
-        if let Ok(id) = w.identity() {
-            self.source_principal = id.to_string().into();
-        }
+        self.set_source(&WorkloadMeta::from_workload(w));
         self
     }
 
     /// The `destination_*` workload labels of `w`.
     pub fn destination(mut self, w: &Workload) -> Self {
-        let canonical = if w.canonical_name.is_empty() {
-            &w.name
-        } else {
-            &w.canonical_name
-        };
-        self.destination_workload = or_unknown(if w.workload_name.is_empty() {
-            &w.name
-        } else {
-            &w.workload_name
-        });
-        self.destination_canonical_service = or_unknown(canonical);
-        self.destination_canonical_revision = or_unknown(&w.canonical_revision);
-        self.destination_workload_namespace = or_unknown(&w.namespace);
-        self.destination_app = or_unknown(canonical);
-        self.destination_version = or_unknown(&w.canonical_revision);
-        self.destination_cluster = or_unknown(&w.cluster_id);
-        if let Ok(id) = w.identity() {
-            self.destination_principal = id.to_string().into();
-        }
+        self.set_destination(&WorkloadMeta::from_workload(w));
         self
+    }
+
+    /// Sets the `source_*` labels to `m`'s values (shared: no string is copied).
+    pub fn set_source(&mut self, m: &WorkloadMeta) {
+        Side {
+            workload: &mut self.source_workload,
+            namespace: &mut self.source_workload_namespace,
+            canonical_service: &mut self.source_canonical_service,
+            app: &mut self.source_app,
+            canonical_revision: &mut self.source_canonical_revision,
+            version: &mut self.source_version,
+            cluster: &mut self.source_cluster,
+            principal: &mut self.source_principal,
+        }
+        .set(m);
+    }
+
+    /// Sets the `destination_*` workload labels to `m`'s values (shared).
+    pub fn set_destination(&mut self, m: &WorkloadMeta) {
+        Side {
+            workload: &mut self.destination_workload,
+            namespace: &mut self.destination_workload_namespace,
+            canonical_service: &mut self.destination_canonical_service,
+            app: &mut self.destination_app,
+            canonical_revision: &mut self.destination_canonical_revision,
+            version: &mut self.destination_version,
+            cluster: &mut self.destination_cluster,
+            principal: &mut self.destination_principal,
+        }
+        .set(m);
     }
 
     /// The `destination_service*` labels of `s`.

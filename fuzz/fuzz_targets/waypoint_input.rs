@@ -1,6 +1,6 @@
 //! What the waypoint reads from outside: `zmesh.waypoint.v1.BoundService` resources from its
 //! ADS stream (`BoundService::from_proto`, then `Snapshot::new`), the first bytes of a tunnel
-//! (`sniff::classify`), and a CONNECT's `baggage` header (`WorkloadMeta::from_baggage`).
+//! (`sniff::classify`), and a CONNECT's `baggage` header (`telemetry::meta_from_baggage`).
 //!
 //! Input: the first byte picks the parser; for BoundService the rest is laid out as
 //! `zmesh_fuzz::split_named` (name length, name, protobuf bytes).
@@ -19,7 +19,7 @@ use xds_proto::zmesh::waypoint::v1 as pb;
 use zmesh_core::state::State;
 use zmesh_waypoint::bound::{BoundService, Snapshot};
 use zmesh_waypoint::sniff::classify;
-use zmesh_waypoint::telemetry::WorkloadMeta;
+use zmesh_waypoint::telemetry::meta_from_baggage;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            let _ = WorkloadMeta::from_baggage(&String::from_utf8_lossy(rest));
+            let _ = meta_from_baggage(&String::from_utf8_lossy(rest));
         }
     }
 });

@@ -21,8 +21,9 @@ use crate::bound::Binding;
 use crate::route::filter::{Filter, HeaderModifier};
 use crate::route::matching::RequestView;
 use crate::route::{Decision, Retry, Rule, Timeouts};
-use crate::telemetry::{RequestLabels, RequestRecord, WorkloadMeta};
+use crate::telemetry::{RequestLabels, RequestRecord};
 use attempt::{Failed, Outgoing, Sent, Target};
+use zmesh_core::telemetry::WorkloadMeta;
 
 mod attempt;
 
@@ -34,7 +35,7 @@ pub struct Downstream {
     /// The client, as the CONNECT's `forwarded` header names it (informational).
     pub client: Option<SocketAddr>,
     /// The peer's SPIFFE id, from its certificate.
-    pub principal: Option<String>,
+    pub principal: Option<zmesh_core::telemetry::Label>,
     /// [`Downstream::principal`] parsed (once per tunnel, not per request).
     pub peer_id: Option<SpiffeId>,
     pub source: WorkloadMeta,

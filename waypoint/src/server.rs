@@ -28,8 +28,9 @@ use crate::app::Waypoint;
 use crate::bound::PortProtocol;
 use crate::http::{Downstream, proxy};
 use crate::sniff::{Detected, detect};
-use crate::telemetry::WorkloadMeta;
+use crate::telemetry::meta_from_baggage;
 use crate::upstream::{UpstreamError, endpoints};
+use zmesh_core::telemetry::{Label, WorkloadMeta, unknown};
 
 /// Ports a CONNECT may never target (the waypoint's own: a loop).
 pub const OWN_PORTS: [u16; 3] = [15008, 15020, 15021];
@@ -90,7 +91,6 @@ async fn hbone_connection(
         .and_then(|c| c.first())
         .and_then(peer_identity);
     let principal = Arc::new(PeerPrincipal {
-        text: id.as_ref().map(|i| i.to_string()),
         label: id.as_ref().map(|i| i.to_string().into()),
         id,
     });
@@ -115,12 +115,11 @@ async fn hbone_connection(
     Ok(())
 }
 
-/// The HBONE peer's identity, as the CONNECTs of its connection need it: parsed, as text (the
-/// access log, authorization) and as a label value.
+/// The HBONE peer's identity, as the CONNECTs of its connection need it: parsed
+/// (authorization) and as text, shared (the access log, the `source_principal` label).
 struct PeerPrincipal {
     id: Option<SpiffeId>,
-    text: Option<String>,
-    label: Option<zmesh_core::telemetry::Label>,
+    label: Option<Label>,
 }
 
 fn status(code: StatusCode) -> Response<()> {
@@ -198,7 +197,7 @@ async fn admit(
     peer: SocketAddr,
     who: Arc<PeerPrincipal>,
 ) -> Option<Admitted> {
-    let principal = who.text.clone();
+    let principal = who.label.clone();
     let connect = match parse_connect(&req, &OWN_PORTS) {
         Ok(c) => c,
         Err(e) => {
@@ -233,12 +232,11 @@ async fn admit(
             .headers()
             .get("baggage")
             .and_then(|v| v.to_str().ok())
-            .map(WorkloadMeta::from_baggage)
+            .map(meta_from_baggage)
             .unwrap_or_default(),
     };
-    if let Some(label) = &who.label {
-        source.principal = label.clone();
-    }
+    // The client's principal is the one its certificate proves.
+    source.principal = who.label.clone().unwrap_or_else(unknown);
     let client = req
         .headers()
         .get("forwarded")

@@ -15,8 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use zmesh_core::state::Workload;
-use zmesh_core::telemetry::{Label, TrafficLabels, or_unknown, unknown};
+use zmesh_core::telemetry::{TrafficLabels, WorkloadMeta, or_unknown};
 
 /// Istio's request labels: the traffic labels ztunnel also reports, plus the response's codes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,85 +39,32 @@ impl Default for RequestLabels {
     }
 }
 
-/// What is known of a workload, as label values (`unknown` when not known): the client's, from
-/// the workload model (by the HBONE peer's address) or else the CONNECT's `baggage` header
-/// (what upstream ztunnel sends), made once per tunnel; an endpoint's, made with the endpoints.
-/// Requests' labels share them.
-#[derive(Clone, Debug)]
-pub struct WorkloadMeta {
-    pub workload: Label,
-    pub namespace: Label,
-    pub canonical_service: Label,
-    pub canonical_revision: Label,
-    pub cluster: Label,
-    /// The SPIFFE id: the client's from its certificate, an endpoint's from the workload.
-    pub principal: Label,
-}
-
-impl Default for WorkloadMeta {
-    fn default() -> Self {
-        WorkloadMeta {
-            workload: unknown(),
-            namespace: unknown(),
-            canonical_service: unknown(),
-            canonical_revision: unknown(),
-            cluster: unknown(),
-            principal: unknown(),
+/// What a CONNECT's `baggage` header says of the client, when the workload model does not
+/// know its address: `k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`,
+/// `service.name`, `service.version` (upstream ztunnel's `src/baggage.rs` keys).
+pub fn meta_from_baggage(value: &str) -> WorkloadMeta {
+    let mut m = WorkloadMeta::default();
+    for item in value.split(',') {
+        let Some((k, v)) = item.trim().split_once('=') else {
+            continue;
+        };
+        let v = or_unknown(v.trim());
+        match k.trim() {
+            "k8s.cluster.name" => m.cluster = v,
+            "k8s.namespace.name" => m.namespace = v,
+            "service.name" => m.canonical_service = v,
+            "service.version" => m.canonical_revision = v,
+            k if k.starts_with("k8s.") && k.ends_with(".name") => m.workload = v,
+            _ => {}
         }
     }
-}
-
-impl WorkloadMeta {
-    /// From the workload model.
-    pub fn from_workload(w: &Workload) -> WorkloadMeta {
-        WorkloadMeta {
-            workload: or_unknown(if w.workload_name.is_empty() {
-                &w.name
-            } else {
-                &w.workload_name
-            }),
-            namespace: or_unknown(&w.namespace),
-            canonical_service: or_unknown(&w.canonical_name),
-            canonical_revision: or_unknown(&w.canonical_revision),
-            cluster: or_unknown(&w.cluster_id),
-            principal: unknown(),
-        }
-    }
-
-    /// From a `baggage` header: `k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`,
-    /// `service.name`, `service.version` (upstream ztunnel's `src/baggage.rs` keys).
-    pub fn from_baggage(value: &str) -> WorkloadMeta {
-        let mut m = WorkloadMeta::default();
-        for item in value.split(',') {
-            let Some((k, v)) = item.trim().split_once('=') else {
-                continue;
-            };
-            let v = or_unknown(v.trim());
-            match k.trim() {
-                "k8s.cluster.name" => m.cluster = v,
-                "k8s.namespace.name" => m.namespace = v,
-                "service.name" => m.canonical_service = v,
-                "service.version" => m.canonical_revision = v,
-                k if k.starts_with("k8s.") && k.ends_with(".name") => m.workload = v,
-                _ => {}
-            }
-        }
-        m
-    }
+    m
 }
 
 impl RequestLabels {
     /// Sets the `source_*` labels (shared values: no string is copied).
     pub fn source(&mut self, m: &WorkloadMeta) {
-        let t = &mut self.traffic;
-        t.source_workload = m.workload.clone();
-        t.source_workload_namespace = m.namespace.clone();
-        t.source_canonical_service = m.canonical_service.clone();
-        t.source_app = m.canonical_service.clone();
-        t.source_canonical_revision = m.canonical_revision.clone();
-        t.source_version = m.canonical_revision.clone();
-        t.source_cluster = m.cluster.clone();
-        t.source_principal = m.principal.clone();
+        self.traffic.set_source(m);
     }
 
     /// Sets the `destination_service*` labels.
@@ -131,15 +77,7 @@ impl RequestLabels {
 
     /// Sets the `destination_*` workload labels from the endpoint picked (shared values).
     pub fn destination(&mut self, ep: &crate::upstream::Endpoint) {
-        let (m, t) = (&ep.meta, &mut self.traffic);
-        t.destination_workload = m.workload.clone();
-        t.destination_workload_namespace = m.namespace.clone();
-        t.destination_canonical_service = m.canonical_service.clone();
-        t.destination_app = m.canonical_service.clone();
-        t.destination_canonical_revision = m.canonical_revision.clone();
-        t.destination_version = m.canonical_revision.clone();
-        t.destination_cluster = m.cluster.clone();
-        t.destination_principal = m.principal.clone();
+        self.traffic.set_destination(&ep.meta);
     }
 }
 
@@ -343,7 +281,7 @@ mod tests {
 
     #[test]
     fn baggage() {
-        let m = WorkloadMeta::from_baggage(
+        let m = meta_from_baggage(
             "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=client,service.name=client,service.version=v1",
         );
         assert_eq!(
@@ -357,10 +295,7 @@ mod tests {
             ("Kubernetes", "default", "client", "client", "v1")
         );
         // Nothing usable: every value is `unknown`.
-        assert_eq!(
-            &*WorkloadMeta::from_baggage("junk,=,a=").workload,
-            "unknown"
-        );
+        assert_eq!(&*meta_from_baggage("junk,=,a=").workload, "unknown");
     }
 
     #[test]

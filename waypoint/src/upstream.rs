@@ -18,7 +18,7 @@ use zmesh_core::state::{HealthStatus, Workload};
 
 use crate::body::{CountedBody, ReqBody};
 use crate::bound::{Binding, Snapshot};
-use crate::telemetry::WorkloadMeta;
+use zmesh_core::telemetry::WorkloadMeta;
 
 /// How long a pooled HTTP/1.1 connection may take to become ready for its next request.
 const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -109,14 +109,10 @@ fn build_endpoints(snap: &Snapshot, key: &str, binding: &Binding) -> Arc<[Endpoi
             let port = if port == 0 { binding.port.port } else { port };
             // The workload's identity, or one of the service's SANs (as ztunnel accepts).
             let own = w.identity().ok();
-            let mut meta = WorkloadMeta::from_workload(w);
-            if let Some(id) = &own {
-                meta.principal = id.to_string().into();
-            }
             let identities: Arc<[SpiffeId]> = own.into_iter().chain(sans.iter().cloned()).collect();
             Some(Endpoint {
                 identities,
-                meta: Arc::new(meta),
+                meta: Arc::new(WorkloadMeta::from_workload(w)),
                 workload: w.clone(),
                 addr: SocketAddr::new(ip, port),
             })
