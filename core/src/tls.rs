@@ -2,6 +2,7 @@
 //! ALPN `h2`, no SNI, mutual authentication by SPIFFE identity.
 
 mod ca;
+mod verified;
 mod verify;
 
 use std::sync::{Arc, OnceLock};
@@ -17,6 +18,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 use crate::identity::SpiffeId;
 
 pub use ca::{LocalCa, ServerCertificate};
+pub use verified::{VerifiedChains, VerifiedPeer};
 pub use verify::{
     IdentityMismatch, IdentityServerVerifier, TrustDomainClientVerifier, peer_identity, uri_sans,
 };
@@ -89,6 +91,10 @@ pub struct WorkloadCertificate {
     received: SystemTime,
     not_after: SystemTime,
     server_config: Arc<ServerConfig>,
+    /// Peer chains verified against `roots`: servers' by this certificate's client side,
+    /// clients' by its server side (two key usages, so two caches).
+    server_chains: Arc<VerifiedChains>,
+    client_chains: Arc<VerifiedChains>,
 }
 
 impl std::fmt::Debug for WorkloadCertificate {
@@ -122,7 +128,13 @@ impl WorkloadCertificate {
         let roots = Arc::new(roots);
         let signing = provider().key_provider.load_private_key(key)?;
         let certified = Arc::new(CertifiedKey::new(chain, signing));
-        let server_config = server_config(&identity, certified.clone(), roots.clone())?;
+        let client_chains = Arc::<VerifiedChains>::default();
+        let server_config = server_config(
+            &identity,
+            certified.clone(),
+            roots.clone(),
+            client_chains.clone(),
+        )?;
         Ok(WorkloadCertificate {
             identity,
             certified,
@@ -132,6 +144,8 @@ impl WorkloadCertificate {
             not_after,
             received: SystemTime::now(),
             server_config,
+            server_chains: Arc::default(),
+            client_chains,
         })
     }
 
@@ -183,6 +197,12 @@ impl WorkloadCertificate {
         now >= self.not_after
     }
 
+    /// How many peer chains this certificate's verifiers remember as verified: servers'
+    /// (its client side) and clients' (its server side).
+    pub fn remembered_chains(&self) -> (usize, usize) {
+        (self.server_chains.len(), self.client_chains.len())
+    }
+
     /// Server side of HBONE: requires a client certificate of the same trust domain.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server_config.clone()
@@ -190,7 +210,11 @@ impl WorkloadCertificate {
 
     /// Client side of HBONE: accepts only a peer presenting one of `allowed` identities.
     pub fn client_config(&self, allowed: Vec<SpiffeId>) -> Result<Arc<ClientConfig>, TlsError> {
-        let verifier = Arc::new(IdentityServerVerifier::new(self.roots.clone(), allowed));
+        let verifier = Arc::new(IdentityServerVerifier::sharing(
+            self.roots.clone(),
+            self.server_chains.clone(),
+            allowed,
+        ));
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -207,9 +231,11 @@ fn server_config(
     identity: &SpiffeId,
     certified: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
+    chains: Arc<VerifiedChains>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = Arc::new(TrustDomainClientVerifier::new(
+    let verifier = Arc::new(TrustDomainClientVerifier::sharing(
         roots,
+        chains,
         identity.trust_domain().to_owned(),
     )?);
     let mut cfg = ServerConfig::builder_with_provider(provider())

@@ -485,3 +485,49 @@ async fn a_stream_refused_by_a_closing_connection_is_retried_on_a_new_one() {
         "the retry used a new connection"
     );
 }
+
+/// `cert`'s chain with a key that is not the one it was issued for: what a thief of the
+/// certificate (but not the key) could present.
+fn stolen(cert: &WorkloadCertificate) -> WorkloadCertificate {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    WorkloadCertificate::new(cert.chain().to_vec(), key, cert.roots().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
+    let ca = LocalCa::generate("root").unwrap();
+    let server_cert = cert(&ca, "server");
+    let (addr, seen) = server(server_cert.clone()).await;
+    let client = cert(&ca, "client");
+    // No pooling: every tunnel is a new TLS handshake.
+    let p = pool(100, Duration::ZERO);
+    let key = || PoolKey::new(id("client"), vec![id("server")], addr, None);
+    for _ in 0..3 {
+        assert_eq!(echo_through(&p, key(), &client, b"x").await.unwrap(), b"x");
+    }
+    assert_eq!(seen.lock().unwrap().authorities.len(), 3);
+    assert_eq!(p.stats().connections_opened, 3);
+    // Each side verified the other's chain once and remembers it.
+    assert_eq!(client.remembered_chains(), (1, 0));
+    assert_eq!(server_cert.remembered_chains(), (0, 1));
+
+    // The client's chain without its key: the server refuses it although it knows the chain.
+    let res = echo_through(&p, key(), &stolen(&client), b"x").await;
+    assert!(res.is_err(), "a stolen client certificate got through");
+    assert_eq!(seen.lock().unwrap().authorities.len(), 3);
+
+    // The server's chain without its key: the client refuses it although it knows the chain.
+    let (fake, fake_seen) = server(stolen(&server_cert)).await;
+    let fake_key = PoolKey::new(id("client"), vec![id("server")], fake, None);
+    let err = echo_through(&p, fake_key, &client, b"x").await.unwrap_err();
+    assert!(matches!(err, HboneError::Tls(..)), "{err}");
+    assert!(fake_seen.lock().unwrap().authorities.is_empty());
+
+    // A known chain of another identity than the one expected is refused, naming it.
+    let other = PoolKey::new(id("client"), vec![id("someone-else")], addr, None);
+    let err = echo_through(&p, other, &client, b"x").await.unwrap_err();
+    assert!(err.to_string().contains("sa/server"), "{err}");
+    assert_eq!(seen.lock().unwrap().authorities.len(), 3);
+    assert_eq!(client.remembered_chains(), (1, 0));
+}

@@ -10,6 +10,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
+use super::verified::VerifiedChains;
 use super::{TlsError, provider};
 use crate::identity::SpiffeId;
 
@@ -46,16 +47,34 @@ fn cert_error(e: impl std::fmt::Display) -> rustls::Error {
     rustls::Error::General(e.to_string())
 }
 
-/// Client-side verifier: the server must chain to our roots and present one of `allowed`.
+/// Client-side verifier: the server must chain to our roots (checked once per chain, see
+/// [`VerifiedChains`]) and present one of `allowed`.
 #[derive(Debug)]
 pub struct IdentityServerVerifier {
     roots: Arc<RootCertStore>,
     allowed: Vec<SpiffeId>,
+    /// Server chains already verified against `roots` (shared by every verifier of one
+    /// workload certificate, see [`VerifiedChains`]).
+    chains: Arc<VerifiedChains>,
 }
 
 impl IdentityServerVerifier {
     pub fn new(roots: Arc<RootCertStore>, allowed: Vec<SpiffeId>) -> Self {
-        IdentityServerVerifier { roots, allowed }
+        Self::sharing(roots, Arc::default(), allowed)
+    }
+
+    /// A verifier that remembers verified chains in `chains`, which must only ever have been
+    /// used with these `roots`.
+    pub(crate) fn sharing(
+        roots: Arc<RootCertStore>,
+        chains: Arc<VerifiedChains>,
+        allowed: Vec<SpiffeId>,
+    ) -> Self {
+        IdentityServerVerifier {
+            roots,
+            allowed,
+            chains,
+        }
     }
 }
 
@@ -68,29 +87,26 @@ impl ServerCertVerifier for IdentityServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(cert_error)?;
-        ee.verify_for_usage(
-            provider().signature_verification_algorithms.all,
-            &self.roots.roots,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| rustls::Error::InvalidCertificate(webpki_error(e)))?;
-        let sans = uri_sans(end_entity).map_err(cert_error)?;
-        let ok = sans.iter().any(|s| {
-            s.parse::<SpiffeId>()
-                .map(|id| self.allowed.contains(&id))
-                .unwrap_or(false)
-        });
-        if ok {
+        let peer = self.chains.verify(end_entity, intermediates, now, || {
+            let ee = webpki::EndEntityCert::try_from(end_entity).map_err(cert_error)?;
+            ee.verify_for_usage(
+                provider().signature_verification_algorithms.all,
+                &self.roots.roots,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .map(|_| ())
+            .map_err(|e| rustls::Error::InvalidCertificate(webpki_error(e)))
+        })?;
+        if peer.ids.iter().any(|id| self.allowed.contains(id)) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(IdentityMismatch {
-                    presented: sans,
+                    presented: peer.sans.clone(),
                     expected: self.allowed.iter().map(|i| i.to_string()).collect(),
                 }))),
             ))
@@ -152,22 +168,35 @@ pub struct IdentityMismatch {
     pub expected: Vec<String>,
 }
 
-/// Server-side verifier: standard client-certificate verification, then the client's SPIFFE
-/// trust domain must equal ours.
+/// Server-side verifier: standard client-certificate verification (once per chain, see
+/// [`VerifiedChains`]), then the client's SPIFFE trust domain must equal ours.
 #[derive(Debug)]
 pub struct TrustDomainClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    /// Client chains already verified by `inner` (see [`VerifiedChains`]).
+    chains: Arc<VerifiedChains>,
 }
 
 impl TrustDomainClientVerifier {
     pub fn new(roots: Arc<RootCertStore>, trust_domain: String) -> Result<Self, TlsError> {
+        Self::sharing(roots, Arc::default(), trust_domain)
+    }
+
+    /// A verifier that remembers verified chains in `chains`, which must only ever have been
+    /// used with these `roots`.
+    pub(crate) fn sharing(
+        roots: Arc<RootCertStore>,
+        chains: Arc<VerifiedChains>,
+        trust_domain: String,
+    ) -> Result<Self, TlsError> {
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
             .build()
             .map_err(|e| TlsError::Parse(e.to_string()))?;
         Ok(TrustDomainClientVerifier {
             inner,
             trust_domain,
+            chains,
         })
     }
 }
@@ -184,9 +213,12 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        match peer_identity(end_entity) {
+        let peer = self.chains.verify(end_entity, intermediates, now, || {
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)
+                .map(|_| ())
+        })?;
+        match peer.ids.first() {
             Some(id) if id.trust_domain() == self.trust_domain => {
                 Ok(ClientCertVerified::assertion())
             }
