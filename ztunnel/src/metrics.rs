@@ -23,7 +23,9 @@
 //! `response_flags="UH"`) or is published ready but its tunnel cannot be opened, e.g. its
 //! process died before its readiness probe noticed (closed with the tunnel's failure flag).
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -77,8 +79,41 @@ pub struct Metrics {
     /// Connections refused because their destination's waypoint cannot be reached.
     pub waypoint_unavailable: Family<WaypointLabels, Counter>,
     /// The label sets of open connections, one copy each (see [`Metrics::intern`]).
-    interned: Arc<Mutex<HashSet<Arc<TrafficLabels>>>>,
+    interned: Arc<Mutex<HashSet<Shared>>>,
 }
+
+/// One label set of open connections and its counters, looked up in the families once for
+/// all the connections that share it (each lookup hashes and compares ~20 strings).
+struct Interned {
+    labels: TrafficLabels,
+    opened: Counter,
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+/// An [`Interned`] in the set, found by its labels.
+struct Shared(Arc<Interned>);
+
+impl Borrow<TrafficLabels> for Shared {
+    fn borrow(&self) -> &TrafficLabels {
+        &self.0.labels
+    }
+}
+
+impl Hash for Shared {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.labels.hash(state)
+    }
+}
+
+impl PartialEq for Shared {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.labels == other.0.labels
+    }
+}
+
+impl Eq for Shared {}
 
 /// Labels of [`Metrics::waypoint_unavailable`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,26 +156,34 @@ impl Metrics {
         m
     }
 
-    /// One shared copy of `labels`: the connections between the same two workloads have the
-    /// same ~20 label values, and each open connection holds a pointer to them instead of its
-    /// own strings (about 1 KiB per connection). Released by [`Metrics::release`].
-    fn intern(&self, labels: TrafficLabels) -> Arc<TrafficLabels> {
+    /// One shared copy of `labels` with its counters: the connections between the same two
+    /// workloads have the same ~20 label values, and each open connection holds a pointer to
+    /// them instead of its own strings (about 1 KiB per connection) and counts without
+    /// looking its labels up again. Released by [`Metrics::release`].
+    fn intern(&self, labels: TrafficLabels) -> Arc<Interned> {
         let mut set = lock(&self.interned);
         if let Some(shared) = set.get(&labels) {
-            return shared.clone();
+            return shared.0.clone();
         }
-        let shared = Arc::new(labels);
-        set.insert(shared.clone());
+        let shared = Arc::new(Interned {
+            opened: self.opened.get_or_create(&labels).clone(),
+            closed: self.closed.get_or_create(&labels).clone(),
+            sent: self.sent.get_or_create(&labels).clone(),
+            received: self.received.get_or_create(&labels).clone(),
+            labels,
+        });
+        set.insert(Shared(shared.clone()));
         shared
     }
 
     /// Gives back a connection's reference to interned labels; the set forgets them with
-    /// their last connection, and its table shrinks after a burst of connections ends.
-    fn release(&self, labels: Arc<TrafficLabels>) {
+    /// their last connection, and its table shrinks after a burst of connections ends. (The
+    /// families keep their series, as they always have: forgetting only drops this copy.)
+    fn release(&self, labels: Arc<Interned>) {
         let mut set = lock(&self.interned);
         // Under the lock, as every clone from the set is made: 2 = the set's and this one.
         if Arc::strong_count(&labels) == 2 {
-            set.remove(&*labels);
+            set.remove(&labels.labels);
             if set.capacity() > 2 * set.len() + 16 {
                 set.shrink_to_fit();
             }
@@ -164,7 +207,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct ConnectionRecord {
     metrics: Metrics,
     /// Shared with the other open connections that have the same labels; `None` once closed.
-    labels: Option<Arc<TrafficLabels>>,
+    labels: Option<Arc<Interned>>,
     /// Istio's `response_flags` for the close, when it differs from the labels' own.
     response_flag: Option<&'static str>,
     start: Instant,
@@ -185,10 +228,11 @@ impl ConnectionRecord {
         dst_addr: std::net::SocketAddr,
         hbone_target: Option<std::net::SocketAddr>,
     ) -> Self {
-        metrics.opened.get_or_create(&labels).inc();
+        let labels = metrics.intern(labels);
+        labels.opened.inc();
         ConnectionRecord {
             metrics: metrics.clone(),
-            labels: Some(metrics.intern(labels)),
+            labels: Some(labels),
             response_flag: None,
             start: Instant::now(),
             direction,
@@ -220,21 +264,33 @@ impl ConnectionRecord {
         };
         let changed = self
             .response_flag
-            .filter(|f| *f != shared.response_flags)
+            .filter(|f| *f != shared.labels.response_flags)
             .map(|f| TrafficLabels {
                 response_flags: f,
-                ..(*shared).clone()
+                ..shared.labels.clone()
             });
-        let l = changed.as_ref().unwrap_or(&shared);
-        self.metrics.closed.get_or_create(l).inc();
-        self.metrics.sent.get_or_create(l).inc_by(bytes.sent);
-        self.metrics
-            .received
-            .get_or_create(l)
-            .inc_by(bytes.received);
+        let l = match &changed {
+            // A flag of its own (a failure, a denial): counted under labels of its own.
+            Some(l) => {
+                self.metrics.closed.get_or_create(l).inc();
+                self.metrics.sent.get_or_create(l).inc_by(bytes.sent);
+                self.metrics
+                    .received
+                    .get_or_create(l)
+                    .inc_by(bytes.received);
+                l
+            }
+            None => {
+                shared.closed.inc();
+                shared.sent.inc_by(bytes.sent);
+                shared.received.inc_by(bytes.received);
+                &shared.labels
+            }
+        };
         let (log_sent, log_recv) = log_bytes(l.reporter, bytes);
-        let duration = format!("{}ms", self.start.elapsed().as_millis());
-        let hbone = self.hbone_target.map(|a| a.to_string());
+        // Formatted only if the line is written (tracing evaluates fields then).
+        let duration = self.start.elapsed().as_millis();
+        let hbone = OrDash(self.hbone_target);
         macro_rules! line {
             ($lvl:ident, $($extra:tt)*) => {
                 tracing::$lvl!(
@@ -245,14 +301,14 @@ impl ConnectionRecord {
                     src.namespace = %l.source_workload_namespace,
                     src.identity = %l.source_principal,
                     dst.addr = %self.dst_addr,
-                    dst.hbone_addr = hbone.as_deref().unwrap_or("-"),
+                    dst.hbone_addr = %hbone,
                     dst.service = %l.destination_service,
                     dst.workload = %l.destination_workload,
                     dst.namespace = %l.destination_workload_namespace,
                     dst.identity = %l.destination_principal,
                     bytes_sent = log_sent,
                     bytes_recv = log_recv,
-                    duration = %duration,
+                    duration = format_args!("{duration}ms"),
                     policy = self.policy.as_deref().map(tracing::field::display),
                     $($extra)*
                 )
@@ -273,6 +329,18 @@ impl Drop for ConnectionRecord {
             Bytes::default(),
             Some(&"connection dropped before completion"),
         );
+    }
+}
+
+/// A value, or `-` when there is none (access-log style).
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -421,10 +489,20 @@ mod tests {
             received: 1000,
             sent: 7,
         };
-        for (reporter, direction, logged) in [
-            ("source", "outbound", "bytes_sent=1000 bytes_recv=7"),
-            ("destination", "inbound", "bytes_sent=7 bytes_recv=1000"),
+        let peer = "10.0.0.9:15008".parse().unwrap();
+        for (reporter, direction, hbone, logged) in [
+            (
+                "source",
+                "outbound",
+                Some(peer),
+                "dst.hbone_addr=10.0.0.9:15008",
+            ),
+            ("destination", "inbound", None, "dst.hbone_addr=-"),
         ] {
+            let bytes = match reporter {
+                "source" => "bytes_sent=1000 bytes_recv=7",
+                _ => "bytes_sent=7 bytes_recv=1000",
+            };
             let mut reg = Registry::default();
             let m = Metrics::register(&mut reg);
             let out = Captured::default();
@@ -440,14 +518,24 @@ mod tests {
                     direction,
                     "10.0.0.1:1".parse().unwrap(),
                     "10.0.0.2:80".parse().unwrap(),
-                    None,
+                    hbone,
                 )
                 .finish(upload, None);
             });
             let log = String::from_utf8(lock(&out.0).clone()).unwrap();
+            for expected in [bytes, logged] {
+                assert!(
+                    log.contains("connection complete") && log.contains(expected),
+                    "{reporter}: the access log should say {expected}:\n{log}"
+                );
+            }
+            let duration = log.split("duration=").nth(1).unwrap_or_default();
+            let digits = duration.bytes().take_while(u8::is_ascii_digit).count();
             assert!(
-                log.contains("connection complete") && log.contains(logged),
-                "{reporter}: the access log should say {logged}:\n{log}"
+                digits > 0
+                    && duration[digits..].starts_with("ms")
+                    && duration[digits + 2..].starts_with(char::is_whitespace),
+                "{reporter}: duration=<n>ms expected:\n{log}"
             );
             let mut text = String::new();
             prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
