@@ -132,19 +132,24 @@ impl SourceInfo {
             "" => "deployment",
             other => other,
         };
-        let mut parts = Vec::with_capacity(5);
-        for (k, v) in [
-            ("k8s.cluster.name", self.cluster.as_str()),
-            ("k8s.namespace.name", self.namespace.as_str()),
-            (&*format!("k8s.{kind}.name"), self.workload_name.as_str()),
-            ("service.name", self.canonical_name.as_str()),
-            ("service.version", self.canonical_revision.as_str()),
-        ] {
+        // One string, written in place: this runs per connection.
+        let mut out = String::with_capacity(160);
+        let mut put = |k: &[&str], v: &str| {
             if !v.is_empty() {
-                parts.push(format!("{k}={v}"));
+                if !out.is_empty() {
+                    out.push(',');
+                }
+                k.iter().for_each(|k| out.push_str(k));
+                out.push('=');
+                out.push_str(v);
             }
-        }
-        parts.join(",")
+        };
+        put(&["k8s.cluster.name"], &self.cluster);
+        put(&["k8s.namespace.name"], &self.namespace);
+        put(&["k8s.", kind, ".name"], &self.workload_name);
+        put(&["service.name"], &self.canonical_name);
+        put(&["service.version"], &self.canonical_revision);
+        out
     }
 
     pub fn forwarded(&self) -> Option<String> {
@@ -160,7 +165,20 @@ impl SourceInfo {
 pub fn traceparent() -> String {
     let trace: u128 = rand::random::<u128>() | 1;
     let parent: u64 = rand::random::<u64>() | 1;
-    format!("00-{trace:032x}-{parent:016x}-00")
+    // Per connection: hex digits written by hand, not through the formatter's padding.
+    fn hex(out: &mut String, v: u128, digits: u32) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for i in (0..digits).rev() {
+            out.push(char::from(HEX[((v >> (4 * i)) & 0xf) as usize]));
+        }
+    }
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    hex(&mut out, trace, 32);
+    out.push('-');
+    hex(&mut out, u128::from(parent), 16);
+    out.push_str("-00");
+    out
 }
 
 /// Builds the CONNECT request for `target` (the inner `ip:port`). Header values come from
@@ -339,6 +357,18 @@ mod tests {
             h["baggage"],
             "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=client,service.name=client,service.version=v1"
         );
+        // Empty values are left out, with their commas.
+        let partial = SourceInfo {
+            namespace: "default".into(),
+            workload_type: "job".into(),
+            workload_name: "j".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            partial.baggage(),
+            "k8s.namespace.name=default,k8s.job.name=j"
+        );
+        assert_eq!(SourceInfo::default().baggage(), "");
         let tp = h["traceparent"].to_str().unwrap();
         let parts: Vec<&str> = tp.split('-').collect();
         assert_eq!(parts.len(), 4);
@@ -347,6 +377,12 @@ mod tests {
             ("00", 32, 16, "00")
         );
         assert_ne!(traceparent(), traceparent());
+        let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        assert!(lower_hex(parts[1]) && lower_hex(parts[2]), "{tp}");
+        assert!(
+            parts[1].ends_with(['1', '3', '5', '7', '9', 'b', 'd', 'f']),
+            "{tp}"
+        );
         assert_eq!(
             forwarded_for(h["forwarded"].to_str().unwrap()),
             Some("10.0.0.1:4000".parse().unwrap())

@@ -10,6 +10,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::registry::Registry;
 use tracing_appender::non_blocking::ErrorCounter;
 
+use crate::identity::SpiffeId;
 use crate::state::{Service, Workload};
 
 /// Istio's traffic labels. Unknown values render as `unknown` ([`TrafficLabels::new`]);
@@ -187,6 +188,14 @@ impl WorkloadMeta {
     /// Istio's labels of `w`: its workload name (else its name), its canonical service (else
     /// its name), and its identity as the principal.
     pub fn from_workload(w: &Workload) -> WorkloadMeta {
+        let principal = SpiffeId::uri(&w.trust_domain, &w.namespace, &w.service_account)
+            .map_or_else(|_| unknown(), Label::from);
+        Self::from_workload_as(w, principal)
+    }
+
+    /// [`WorkloadMeta::from_workload`] with the principal known already (the proxy's own
+    /// identity label, a verified peer's): the workload's is not worked out then.
+    pub fn from_workload_as(w: &Workload, principal: Label) -> WorkloadMeta {
         let or_name = |s: &str| or_unknown(if s.is_empty() { &w.name } else { s });
         WorkloadMeta {
             workload: or_name(&w.workload_name),
@@ -194,9 +203,7 @@ impl WorkloadMeta {
             canonical_service: or_name(&w.canonical_name),
             canonical_revision: or_unknown(&w.canonical_revision),
             cluster: or_unknown(&w.cluster_id),
-            principal: w
-                .identity()
-                .map_or_else(|_| unknown(), |id| id.to_string().into()),
+            principal,
         }
     }
 }
@@ -266,6 +273,18 @@ impl TrafficLabels {
     /// The `destination_*` workload labels of `w`.
     pub fn destination(mut self, w: &Workload) -> Self {
         self.set_destination(&WorkloadMeta::from_workload(w));
+        self
+    }
+
+    /// The `source_*` labels of workload `w`, with `principal` as its identity.
+    pub fn source_as(mut self, w: &Workload, principal: Label) -> Self {
+        self.set_source(&WorkloadMeta::from_workload_as(w, principal));
+        self
+    }
+
+    /// The `destination_*` workload labels of `w`, with `principal` as its identity.
+    pub fn destination_as(mut self, w: &Workload, principal: Label) -> Self {
+        self.set_destination(&WorkloadMeta::from_workload_as(w, principal));
         self
     }
 

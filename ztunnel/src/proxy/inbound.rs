@@ -27,7 +27,7 @@ use super::decide::{InboundFacts, Outcome, decide, log_dry_run};
 use super::policy::{self, Peer};
 use super::{Proxy, ProxyError, accept_loop, copy_until, finish, refuse};
 use crate::metrics::{ConnectionRecord, TrafficLabels, connection_failed};
-use zmesh_core::telemetry::unknown;
+use zmesh_core::telemetry::{Label, unknown};
 
 /// Accepts HBONE connections until draining starts.
 pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
@@ -265,15 +265,16 @@ impl Proxy {
                 "tunnel to a waypoint-bound workload: delivered to the workload only");
         }
         let mut labels = TrafficLabels::new("destination");
-        if let Some(w) = state.workload_by_ip(src_addr.ip()) {
-            labels = labels.source(w);
-        }
-        labels.source_principal = peer_id
+        let principal: Label = peer_id
             .as_ref()
             .as_ref()
             .map_or_else(unknown, |i| i.to_string().into());
+        if let Some(w) = state.workload_by_ip(src_addr.ip()) {
+            labels = labels.source_as(w, principal.clone());
+        }
+        labels.source_principal = principal;
         let host_hint = connect.host_hint;
-        labels = labels.destination(local_w);
+        labels = labels.destination_as(local_w, self.identity_label.clone());
         if let Some(svc) = state.inbound_service(local_w, host_hint.as_deref()) {
             labels = labels.service(svc);
         }
@@ -419,9 +420,8 @@ impl Proxy {
             };
             let mut labels = TrafficLabels::new("destination");
             if let Some(w) = state.workload_by_ip(peer.ip()) {
-                labels = labels.source(w);
                 // A plaintext peer proves no identity, whatever its address claims.
-                labels.source_principal = unknown();
+                labels = labels.source_as(w, unknown());
             }
             if let Some(w) = local {
                 labels = labels.destination(w);
