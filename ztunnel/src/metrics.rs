@@ -26,7 +26,7 @@
 use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -87,6 +87,13 @@ pub struct Metrics {
 struct Interned {
     labels: TrafficLabels,
     opened: Counter,
+    /// Made at the first close under these labels: a set whose connections all close with a
+    /// response flag of their own (counted under labels of their own) shows no series for it.
+    closing: OnceLock<Closing>,
+}
+
+/// The close counters of an [`Interned`] label set.
+struct Closing {
     closed: Counter,
     sent: Counter,
     received: Counter,
@@ -167,9 +174,7 @@ impl Metrics {
         }
         let shared = Arc::new(Interned {
             opened: self.opened.get_or_create(&labels).clone(),
-            closed: self.closed.get_or_create(&labels).clone(),
-            sent: self.sent.get_or_create(&labels).clone(),
-            received: self.received.get_or_create(&labels).clone(),
+            closing: OnceLock::new(),
             labels,
         });
         set.insert(Shared(shared.clone()));
@@ -281,16 +286,21 @@ impl ConnectionRecord {
                 l
             }
             None => {
-                shared.closed.inc();
-                shared.sent.inc_by(bytes.sent);
-                shared.received.inc_by(bytes.received);
+                let m = &self.metrics;
+                let c = shared.closing.get_or_init(|| Closing {
+                    closed: m.closed.get_or_create(&shared.labels).clone(),
+                    sent: m.sent.get_or_create(&shared.labels).clone(),
+                    received: m.received.get_or_create(&shared.labels).clone(),
+                });
+                c.closed.inc();
+                c.sent.inc_by(bytes.sent);
+                c.received.inc_by(bytes.received);
                 &shared.labels
             }
         };
         let (log_sent, log_recv) = log_bytes(l.reporter, bytes);
         // Formatted only if the line is written (tracing evaluates fields then).
         let duration = self.start.elapsed().as_millis();
-        let hbone = OrDash(self.hbone_target);
         macro_rules! line {
             ($lvl:ident, $($extra:tt)*) => {
                 tracing::$lvl!(
@@ -301,7 +311,11 @@ impl ConnectionRecord {
                     src.namespace = %l.source_workload_namespace,
                     src.identity = %l.source_principal,
                     dst.addr = %self.dst_addr,
-                    dst.hbone_addr = %hbone,
+                    dst.hbone_addr = self
+                        .hbone_target
+                        .map(|a| a.to_string())
+                        .as_deref()
+                        .unwrap_or("-"),
                     dst.service = %l.destination_service,
                     dst.workload = %l.destination_workload,
                     dst.namespace = %l.destination_workload_namespace,
@@ -329,18 +343,6 @@ impl Drop for ConnectionRecord {
             Bytes::default(),
             Some(&"connection dropped before completion"),
         );
-    }
-}
-
-/// A value, or `-` when there is none (access-log style).
-struct OrDash<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("-"),
-        }
     }
 }
 
@@ -464,6 +466,13 @@ mod tests {
                     && l.contains("response_flags=\"CONNECT\"")),
             "{out}"
         );
+        // Only the open is counted under the labels it opened with.
+        assert!(
+            out.lines()
+                .filter(|l| l.contains("response_flags=\"-\""))
+                .all(|l| l.starts_with("istio_tcp_connections_opened_total{")),
+            "close series for labels no connection closed with:\n{out}"
+        );
     }
 
     /// A tracing writer into a shared buffer.
@@ -495,9 +504,9 @@ mod tests {
                 "source",
                 "outbound",
                 Some(peer),
-                "dst.hbone_addr=10.0.0.9:15008",
+                "dst.hbone_addr=\"10.0.0.9:15008\"",
             ),
-            ("destination", "inbound", None, "dst.hbone_addr=-"),
+            ("destination", "inbound", None, "dst.hbone_addr=\"-\""),
         ] {
             let bytes = match reporter {
                 "source" => "bytes_sent=1000 bytes_recv=7",
