@@ -18,7 +18,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 use crate::identity::SpiffeId;
 
 pub use ca::{LocalCa, ServerCertificate};
-pub use verified::{VerifiedChains, VerifiedPeer};
+use verified::VerifiedChains;
 pub use verify::{
     IdentityMismatch, IdentityServerVerifier, TrustDomainClientVerifier, peer_identity, uri_sans,
 };

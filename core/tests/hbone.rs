@@ -512,10 +512,30 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     assert_eq!(client.remembered_chains(), (1, 0));
     assert_eq!(server_cert.remembered_chains(), (0, 1));
 
+    // The same chain with a certificate the path does not use appended (anyone can make such
+    // variants of a chain they have seen): accepted, as before, but not remembered, so
+    // variants cannot fill the memory.
+    let padded = || {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = ca
+            .sign(&id("client"), &key, Duration::from_secs(3600))
+            .unwrap();
+        let extra = cert(&ca, "bystander").chain()[0].clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        WorkloadCertificate::new(vec![leaf, extra], key, vec![ca.root().clone()]).unwrap()
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            echo_through(&p, key(), &padded(), b"y").await.unwrap(),
+            b"y"
+        );
+    }
+    assert_eq!(server_cert.remembered_chains(), (0, 1));
+
     // The client's chain without its key: the server refuses it although it knows the chain.
     let res = echo_through(&p, key(), &stolen(&client), b"x").await;
     assert!(res.is_err(), "a stolen client certificate got through");
-    assert_eq!(seen.lock().unwrap().authorities.len(), 3);
+    assert_eq!(seen.lock().unwrap().authorities.len(), 5);
 
     // The server's chain without its key: the client refuses it although it knows the chain.
     let (fake, fake_seen) = server(stolen(&server_cert)).await;
@@ -528,6 +548,6 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     let other = PoolKey::new(id("client"), vec![id("someone-else")], addr, None);
     let err = echo_through(&p, other, &client, b"x").await.unwrap_err();
     assert!(err.to_string().contains("sa/server"), "{err}");
-    assert_eq!(seen.lock().unwrap().authorities.len(), 3);
+    assert_eq!(seen.lock().unwrap().authorities.len(), 5);
     assert_eq!(client.remembered_chains(), (1, 0));
 }

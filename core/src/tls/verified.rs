@@ -11,6 +11,10 @@
 //! proves the peer holds the key) is still checked on every connection, by rustls. Failures
 //! are never remembered, and each cache lives with one root set and one key usage (a
 //! [`super::WorkloadCertificate`] and its verifiers), so new roots start from nothing.
+//!
+//! A chain is remembered only when the path webpki built uses every certificate presented:
+//! anyone can append certificates webpki ignores to a valid chain (a server's chain is sent to
+//! whoever connects), and each variant would otherwise take a slot.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,12 +25,13 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use crate::identity::SpiffeId;
 
 /// At most this many chains are remembered; the ones whose window has passed go first, then
-/// any. A verified chain is one a peer signed by our CA presented, so only real peers fill it.
+/// any. Only chains of certificates our CA signed, with nothing extra, get in. An entry is a
+/// few hundred bytes: about 1 MiB for a full cache, two caches per workload certificate.
 const CAPACITY: usize = 4096;
 
 /// What a verified chain says of its peer.
 #[derive(Debug)]
-pub struct VerifiedPeer {
+pub(crate) struct VerifiedPeer {
     /// The leaf's URI SANs, in order.
     pub sans: Vec<String>,
     /// Those of `sans` that are SPIFFE ids, in order: the first is the peer's identity.
@@ -39,16 +44,37 @@ pub struct VerifiedPeer {
 
 impl VerifiedPeer {
     fn covers(&self, now: UnixTime) -> bool {
-        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let now = unix_secs(now);
         self.not_before <= now && now <= self.not_after
     }
 }
 
+fn unix_secs(t: UnixTime) -> i64 {
+    i64::try_from(t.as_secs()).unwrap_or(i64::MAX)
+}
+
 /// Chains verified against one root set for one key usage (see the module's text).
 #[derive(Debug)]
-pub struct VerifiedChains {
-    chains: Mutex<HashMap<[u8; 32], Arc<VerifiedPeer>>>,
+pub(crate) struct VerifiedChains {
+    chains: Mutex<Chains>,
     capacity: usize,
+}
+
+#[derive(Debug)]
+struct Chains {
+    map: HashMap<[u8; 32], Arc<VerifiedPeer>>,
+    /// No entry's window ends before this (seconds since the epoch): until then a full map
+    /// has nothing expired to sweep.
+    earliest_end: i64,
+}
+
+impl Default for Chains {
+    fn default() -> Self {
+        Chains {
+            map: HashMap::new(),
+            earliest_end: i64::MAX,
+        }
+    }
 }
 
 impl Default for VerifiedChains {
@@ -68,41 +94,60 @@ impl VerifiedChains {
 
     /// The peer of a chain that verifies: from memory when these bytes verified before and
     /// `now` is inside their window, otherwise after `verify` (the full verification) passes.
+    /// `verify` answers whether the verified path used every presented certificate: only
+    /// then are the bytes remembered.
     pub fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-        verify: impl FnOnce() -> Result<(), rustls::Error>,
+        verify: impl FnOnce() -> Result<bool, rustls::Error>,
     ) -> Result<Arc<VerifiedPeer>, rustls::Error> {
         let key = chain_digest(end_entity, intermediates);
-        if let Some(peer) = self.lock().get(&key).filter(|p| p.covers(now)) {
+        if let Some(peer) = self.lock().map.get(&key).filter(|p| p.covers(now)) {
             return Ok(peer.clone());
         }
-        verify()?;
+        if !verify()? {
+            // Verified, but with certificates the path did not use: not remembered, and only
+            // the leaf is read.
+            return Ok(Arc::new(read_peer(end_entity, &[])?));
+        }
         let peer = Arc::new(read_peer(end_entity, intermediates)?);
         let mut chains = self.lock();
-        if chains.len() >= self.capacity && !chains.contains_key(&key) {
-            chains.retain(|_, p| p.covers(now));
-            if chains.len() >= self.capacity {
-                let any = *chains.keys().next().expect("the map is full");
-                chains.remove(&any);
+        if chains.map.len() >= self.capacity && !chains.map.contains_key(&key) {
+            let now = unix_secs(now);
+            if now > chains.earliest_end {
+                chains
+                    .map
+                    .retain(|_, p| p.not_before <= now && now <= p.not_after);
+                chains.earliest_end = chains
+                    .map
+                    .values()
+                    .map(|p| p.not_after)
+                    .min()
+                    .unwrap_or(i64::MAX);
+            }
+            if chains.map.len() >= self.capacity {
+                let any = *chains.map.keys().next().expect("the map is full");
+                chains.map.remove(&any);
             }
         }
-        chains.insert(key, peer.clone());
+        chains.earliest_end = chains.earliest_end.min(peer.not_after);
+        chains.map.insert(key, peer.clone());
         Ok(peer)
     }
 
     /// How many chains are remembered.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<VerifiedPeer>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Chains> {
         // The map is valid after any panic (inserts and removes are single calls).
         self.chains.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -171,7 +216,7 @@ mod tests {
         let run = |now| {
             cache.verify(&cert.chain()[0], &cert.chain()[1..], now, || {
                 full.set(full.get() + 1);
-                Ok(())
+                Ok(true)
             })
         };
         let now = at(SystemTime::now());
@@ -225,7 +270,7 @@ mod tests {
         let full = Cell::new(0);
         let ok = || {
             full.set(full.get() + 1);
-            Ok(())
+            Ok(true)
         };
         cache.verify(&a.chain()[0], &[], now, ok).unwrap();
         let peer = cache.verify(&b.chain()[0], &[], now, ok).unwrap();
@@ -236,13 +281,42 @@ mod tests {
             .unwrap();
         assert_eq!(full.get(), 3);
         assert_eq!(cache.len(), 3);
-        // The window is every certificate's: a shorter-lived intermediate narrows it.
+        // The window is every certificate's: a shorter-lived intermediate narrows it. The
+        // chain is remembered now, and not once the intermediate has expired (while the leaf
+        // alone is still valid).
         let short = ca.issue(&id("c"), Duration::from_secs(60)).unwrap();
-        let later = at(short.not_after() + Duration::from_secs(1));
-        cache
-            .verify(&a.chain()[0], &[short.chain()[0].clone()], later, ok)
-            .unwrap();
+        let with_short = [short.chain()[0].clone()];
+        cache.verify(&a.chain()[0], &with_short, now, ok).unwrap();
+        cache.verify(&a.chain()[0], &with_short, now, ok).unwrap();
         assert_eq!(full.get(), 4);
+        let later = at(short.not_after() + Duration::from_secs(1));
+        cache.verify(&a.chain()[0], &[], later, ok).unwrap();
+        assert_eq!(
+            full.get(),
+            4,
+            "the leaf alone is still valid and remembered"
+        );
+        cache.verify(&a.chain()[0], &with_short, later, ok).unwrap();
+        assert_eq!(full.get(), 5);
+    }
+
+    #[test]
+    fn a_chain_with_certificates_the_path_did_not_use_is_not_remembered() {
+        let ca = LocalCa::generate("cluster.local").unwrap();
+        let a = ca.issue(&id("a"), Duration::from_secs(3600)).unwrap();
+        let cache = VerifiedChains::default();
+        let now = at(SystemTime::now());
+        let full = Cell::new(0);
+        let extra = || {
+            full.set(full.get() + 1);
+            Ok(false)
+        };
+        let junk = [ca.root().clone()];
+        let peer = cache.verify(&a.chain()[0], &junk, now, extra).unwrap();
+        assert_eq!(peer.ids, vec![id("a")]);
+        cache.verify(&a.chain()[0], &junk, now, extra).unwrap();
+        assert_eq!(full.get(), 2, "verified in full each time");
+        assert!(cache.is_empty());
     }
 
     #[test]
@@ -257,12 +331,12 @@ mod tests {
             (0..n).map(|_| cert.chain()[0].clone()).collect::<Vec<_>>()
         };
         cache
-            .verify(&short.chain()[0], &[], now, || Ok(()))
+            .verify(&short.chain()[0], &[], now, || Ok(true))
             .unwrap();
         for n in 0..3 {
             let rest = chains(&long, n);
             cache
-                .verify(&long.chain()[0], &rest, now, || Ok(()))
+                .verify(&long.chain()[0], &rest, now, || Ok(true))
                 .unwrap();
         }
         assert_eq!(cache.len(), 4);
@@ -270,13 +344,13 @@ mod tests {
         let later = at(short.not_after() + Duration::from_secs(1));
         let rest = chains(&long, 3);
         cache
-            .verify(&long.chain()[0], &rest, later, || Ok(()))
+            .verify(&long.chain()[0], &rest, later, || Ok(true))
             .unwrap();
         assert_eq!(cache.len(), 4);
         let full = Cell::new(0);
         let count = || {
             full.set(full.get() + 1);
-            Ok(())
+            Ok(true)
         };
         for n in 0..4 {
             let rest = chains(&long, n);
@@ -291,7 +365,7 @@ mod tests {
         for n in 4..10 {
             let rest = chains(&long, n);
             cache
-                .verify(&long.chain()[0], &rest, later, || Ok(()))
+                .verify(&long.chain()[0], &rest, later, || Ok(true))
                 .unwrap();
             assert_eq!(cache.len(), 4);
         }

@@ -88,18 +88,13 @@ impl ServerCertVerifier for IdentityServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let peer = self.chains.verify(end_entity, intermediates, now, || {
-            let ee = webpki::EndEntityCert::try_from(end_entity).map_err(cert_error)?;
-            ee.verify_for_usage(
-                provider().signature_verification_algorithms.all,
-                &self.roots.roots,
+            verify_chain(
+                &self.roots,
+                end_entity,
                 intermediates,
                 now,
                 webpki::KeyUsage::server_auth(),
-                None,
-                None,
             )
-            .map(|_| ())
-            .map_err(|e| rustls::Error::InvalidCertificate(webpki_error(e)))
         })?;
         if peer.ids.iter().any(|id| self.allowed.contains(id)) {
             Ok(ServerCertVerified::assertion())
@@ -145,6 +140,32 @@ impl ServerCertVerifier for IdentityServerVerifier {
     }
 }
 
+/// webpki's verification of a peer's chain for `usage` against `roots` (no revocation lists:
+/// none are configured); whether the path it built used every presented intermediate, i.e.
+/// whether the chain's bytes are exactly what was verified ([`VerifiedChains`] remembers only
+/// those).
+fn verify_chain(
+    roots: &RootCertStore,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<bool, rustls::Error> {
+    let ee = webpki::EndEntityCert::try_from(end_entity).map_err(cert_error)?;
+    let path = ee
+        .verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &roots.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::InvalidCertificate(webpki_error(e)))?;
+    Ok(path.intermediate_certificates().count() == intermediates.len())
+}
+
 fn webpki_error(e: webpki::Error) -> rustls::CertificateError {
     use rustls::CertificateError as C;
     match e {
@@ -172,10 +193,13 @@ pub struct IdentityMismatch {
 /// [`VerifiedChains`]), then the client's SPIFFE trust domain must equal ours.
 #[derive(Debug)]
 pub struct TrustDomainClientVerifier {
+    /// rustls's verifier, for the handshake signature and its schemes. The chain is verified
+    /// with webpki directly, as rustls's verifier does, to see the path it built.
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
-    /// Client chains already verified by `inner` (see [`VerifiedChains`]).
+    /// Client chains already verified against `roots` (see [`VerifiedChains`]).
     chains: Arc<VerifiedChains>,
+    roots: Arc<RootCertStore>,
 }
 
 impl TrustDomainClientVerifier {
@@ -190,13 +214,14 @@ impl TrustDomainClientVerifier {
         chains: Arc<VerifiedChains>,
         trust_domain: String,
     ) -> Result<Self, TlsError> {
-        let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Parse(e.to_string()))?;
         Ok(TrustDomainClientVerifier {
             inner,
             trust_domain,
             chains,
+            roots,
         })
     }
 }
@@ -214,9 +239,13 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let peer = self.chains.verify(end_entity, intermediates, now, || {
-            self.inner
-                .verify_client_cert(end_entity, intermediates, now)
-                .map(|_| ())
+            verify_chain(
+                &self.roots,
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+            )
         })?;
         match peer.ids.first() {
             Some(id) if id.trust_domain() == self.trust_domain => {
