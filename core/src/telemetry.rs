@@ -276,15 +276,23 @@ impl TrafficLabels {
         self
     }
 
-    /// The `source_*` labels of workload `w`, with `principal` as its identity.
-    pub fn source_as(mut self, w: &Workload, principal: Label) -> Self {
-        self.set_source(&WorkloadMeta::from_workload_as(w, principal));
+    /// The `source_*` labels of workload `w` when it is known, and `principal` (known already:
+    /// the proxy's own identity, a verified peer's) whether or not it is.
+    pub fn source_as(mut self, w: Option<&Workload>, principal: Label) -> Self {
+        match w {
+            Some(w) => self.set_source(&WorkloadMeta::from_workload_as(w, principal)),
+            None => self.source_principal = principal,
+        }
         self
     }
 
-    /// The `destination_*` workload labels of `w`, with `principal` as its identity.
-    pub fn destination_as(mut self, w: &Workload, principal: Label) -> Self {
-        self.set_destination(&WorkloadMeta::from_workload_as(w, principal));
+    /// The `destination_*` workload labels of `w` when it is known, and `principal` whether or
+    /// not it is.
+    pub fn destination_as(mut self, w: Option<&Workload>, principal: Label) -> Self {
+        match w {
+            Some(w) => self.set_destination(&WorkloadMeta::from_workload_as(w, principal)),
+            None => self.destination_principal = principal,
+        }
         self
     }
 

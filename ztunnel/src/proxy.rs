@@ -240,13 +240,7 @@ impl Proxy {
     }
 
     fn source_labels(&self, reporter: &'static str, local: Option<&Workload>) -> TrafficLabels {
-        let labels = TrafficLabels::new(reporter);
-        let mut labels = match local {
-            Some(w) => labels.source_as(w, self.identity_label.clone()),
-            None => labels,
-        };
-        labels.source_principal = self.identity_label.clone();
-        labels
+        TrafficLabels::new(reporter).source_as(local, self.identity_label.clone())
     }
 
     /// Accepts captured outbound connections until draining starts.

@@ -43,8 +43,8 @@ pub(crate) struct VerifiedPeer {
 }
 
 impl VerifiedPeer {
-    fn covers(&self, now: UnixTime) -> bool {
-        let now = unix_secs(now);
+    /// Whether `now` (seconds since the epoch) is inside the window.
+    fn covers(&self, now: i64) -> bool {
         self.not_before <= now && now <= self.not_after
     }
 }
@@ -104,7 +104,8 @@ impl VerifiedChains {
         verify: impl FnOnce() -> Result<bool, rustls::Error>,
     ) -> Result<Arc<VerifiedPeer>, rustls::Error> {
         let key = chain_digest(end_entity, intermediates);
-        if let Some(peer) = self.lock().map.get(&key).filter(|p| p.covers(now)) {
+        let secs = unix_secs(now);
+        if let Some(peer) = self.lock().map.get(&key).filter(|p| p.covers(secs)) {
             return Ok(peer.clone());
         }
         if !verify()? {
@@ -115,11 +116,8 @@ impl VerifiedChains {
         let peer = Arc::new(read_peer(end_entity, intermediates)?);
         let mut chains = self.lock();
         if chains.map.len() >= self.capacity && !chains.map.contains_key(&key) {
-            let now = unix_secs(now);
-            if now > chains.earliest_end {
-                chains
-                    .map
-                    .retain(|_, p| p.not_before <= now && now <= p.not_after);
+            if secs > chains.earliest_end {
+                chains.map.retain(|_, p| p.covers(secs));
                 chains.earliest_end = chains
                     .map
                     .values()

@@ -264,21 +264,17 @@ impl Proxy {
             tracing::debug!(%target, %src_addr, from_waypoint,
                 "tunnel to a waypoint-bound workload: delivered to the workload only");
         }
-        let mut labels = TrafficLabels::new("destination");
         let principal: Label = peer_id
             .as_ref()
             .as_ref()
             .map_or_else(unknown, |i| i.to_string().into());
-        if let Some(w) = state.workload_by_ip(src_addr.ip()) {
-            labels = labels.source_as(w, principal.clone());
-        }
-        labels.source_principal = principal;
+        let mut labels = TrafficLabels::new("destination")
+            .source_as(state.workload_by_ip(src_addr.ip()).map(|w| &**w), principal)
+            .destination_as(Some(local_w), self.identity_label.clone());
         let host_hint = connect.host_hint;
-        labels = labels.destination_as(local_w, self.identity_label.clone());
         if let Some(svc) = state.inbound_service(local_w, host_hint.as_deref()) {
             labels = labels.service(svc);
         }
-        labels.destination_principal = self.identity_label.clone();
         labels.connection_security_policy = "mutual_tls";
         // AuthorizationPolicy, before the app is connected.
         let allowed_by = match allowed_by {
@@ -418,11 +414,9 @@ impl Proxy {
                     return;
                 }
             };
-            let mut labels = TrafficLabels::new("destination");
-            if let Some(w) = state.workload_by_ip(peer.ip()) {
-                // A plaintext peer proves no identity, whatever its address claims.
-                labels = labels.source_as(w, unknown());
-            }
+            // A plaintext peer proves no identity, whatever its address claims.
+            let mut labels = TrafficLabels::new("destination")
+                .source_as(state.workload_by_ip(peer.ip()).map(|w| &**w), unknown());
             if let Some(w) = local {
                 labels = labels.destination(w);
             }
