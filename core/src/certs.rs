@@ -252,8 +252,10 @@ mod tests {
     async fn one_fetch_per_identity_and_refresh_at_half_life() {
         let src = Arc::new(Counting {
             ca: LocalCa::generate("t").unwrap(),
-            // Refresh half way through the 4 s left on arrival.
-            ttl: Duration::from_secs(4),
+            // Refresh half way through the 12 s left on arrival. Certificate times are whole
+            // seconds, so a leaf may end up to 1 s before its nominal end; the steps below
+            // keep 2 s or more from every deadline, for a loaded 2-core machine.
+            ttl: Duration::from_secs(12),
             calls: AtomicUsize::new(0),
             fail_after: 2,
         });
@@ -267,13 +269,14 @@ mod tests {
             1,
             "concurrent gets share one fetch"
         );
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // The refresh is due at 5.5–6 s.
+        tokio::time::sleep(Duration::from_secs(8)).await;
         let second = store.get(&id).await.unwrap();
         assert_ne!(first.chain(), second.chain(), "certificate was refreshed");
         assert!(src.calls.load(Ordering::SeqCst) >= 2);
-        // Further refreshes fail (the next at ~4.5 s): the store keeps serving the last good
-        // certificate until it expires (~6.5 s).
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // Further refreshes fail (the next at about 11–12 s): the store keeps serving the last
+        // good certificate until it expires (16.5 s or later).
+        tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(store.get(&id).await.unwrap().chain(), second.chain());
         let summaries = store.summaries();
         assert_eq!(summaries.len(), 1);
