@@ -271,6 +271,14 @@ impl<L: Socket> Listener<L> {
         }
     }
 
+    /// Its caps, counters and descriptor budget, to share with more sockets.
+    pub fn group(&self) -> ListenerGroup {
+        ListenerGroup {
+            shared: self.shared.clone(),
+            fds: self.fds.clone(),
+        }
+    }
+
     /// The socket.
     pub fn socket(&self) -> &L {
         &self.socket
@@ -378,6 +386,26 @@ impl<L: Socket> Listener<L> {
                 ),
             };
             tracing::warn!(listener = s.name, ?peer, %reason, "refusing connections (logged at most once a second)");
+        }
+    }
+}
+
+/// The caps, counters and descriptor budget of a listener ([`Listener::group`]), shared by
+/// more sockets: the sockets of one address bound with SO_REUSEPORT, one per worker runtime,
+/// are one listener to the operator (`max_connections` caps them together).
+#[derive(Clone, Debug)]
+pub struct ListenerGroup {
+    shared: Arc<Shared>,
+    fds: Arc<FdHeadroom>,
+}
+
+impl ListenerGroup {
+    /// A listener on `socket` in this group.
+    pub fn listener<L: Socket>(&self, socket: L) -> Listener<L> {
+        Listener {
+            socket,
+            shared: self.shared.clone(),
+            fds: self.fds.clone(),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Wiring: the certificate store, the config snapshot (and its reload), the HBONE listener,
-//! the upstream pool and the admin listener; drain on stop.
+//! Wiring: the certificate store, the config snapshot (and its reload), the HBONE listener
+//! (one socket and one upstream pool per worker runtime), the admin listener; drain on stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zmesh_core::certs::{CertStore, CertificateSource, LocalCaSource};
 use zmesh_core::hbone::{Pool, SourceInfo};
+use zmesh_core::serve::{FdHeadroom, Listener, ListenerGroup};
 use zmesh_core::tls::LocalCa;
 
 use crate::bound::{BoundError, Snapshot};
@@ -26,7 +27,6 @@ pub struct Waypoint {
     /// What it serves, swapped whole on change.
     pub snapshot: ArcSwap<Snapshot>,
     pub certs: Arc<CertStore>,
-    pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     /// JWKS fetched from `jwksUri`s (request authentication), kept across configs.
@@ -53,6 +53,10 @@ pub enum StartError {
     Control(#[from] zmesh_core::grpc::GrpcError),
     #[error("cannot listen on {0}: {1} (is another process using the port?)")]
     Listen(SocketAddr, std::io::Error),
+    #[error(
+        "{0} worker runtimes started, but the config asked for {1} (WAYPOINT_WORKER_THREADS): the HBONE socket was bound for that many"
+    )]
+    Workers(usize, usize),
 }
 
 /// A started waypoint.
@@ -61,9 +65,38 @@ pub struct Running {
     /// Where HBONE and admin listen (the real ports when `:0` was asked).
     pub hbone_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The HBONE listeners' shared caps and counters, and how many sockets serve it.
+    hbone: ListenerGroup,
+    workers: std::sync::atomic::AtomicUsize,
 }
 
 impl Running {
+    /// Serves HBONE on the runtime `rt` too (another worker): a socket of its own on the HBONE
+    /// address (SO_REUSEPORT: the kernel spreads new connections over the sockets by their
+    /// addresses), under the same connection caps, and an upstream pool of its own, so each
+    /// connection, its requests and their upstream connections stay on `rt`'s thread. At most
+    /// `Config::workers - 1` times: the first worker is the runtime that started the waypoint.
+    pub fn serve_on(&self, rt: &tokio::runtime::Handle) -> Result<(), StartError> {
+        use std::sync::atomic::Ordering;
+        let want = self.waypoint.cfg.workers;
+        let n = self.workers.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > want {
+            self.workers.fetch_sub(1, Ordering::AcqRel);
+            return Err(StartError::Workers(n, want));
+        }
+        // The socket registers with `rt`'s reactor, the pool's sweeper runs on it.
+        let _in_rt = rt.enter();
+        let socket = zmesh_core::socket::listen(self.hbone_addr, true, None, None)
+            .map_err(|e| StartError::Listen(self.hbone_addr, e))?;
+        let upstreams = self.waypoint.upstreams();
+        rt.spawn(crate::server::serve_hbone(
+            self.waypoint.clone(),
+            self.hbone.listener(socket),
+            upstreams,
+        ));
+        Ok(())
+    }
+
     /// Stops accepting, lets connections finish (up to the drain deadline).
     pub async fn drain(&self) {
         let wp = &self.waypoint;
@@ -108,28 +141,11 @@ impl Waypoint {
         zmesh_core::tls::install_default_provider();
         let from_xds = cfg.xds.is_some();
         let certs = CertStore::new(source);
-        let pool = Pool::new(cfg.pool, cfg.h2, cfg.sockets.clone());
-        let me = SourceInfo {
-            cluster: cfg.cluster_id.clone(),
-            namespace: cfg.identity.namespace().to_owned(),
-            workload_name: cfg.pod_name.clone(),
-            canonical_name: cfg.identity.service_account().to_owned(),
-            ..Default::default()
-        };
-        let upstreams = Arc::new(Upstreams::new(
-            pool,
-            certs.clone(),
-            cfg.identity.clone(),
-            cfg.h2,
-            cfg.lb,
-            me,
-            cfg.upstream_hbone_port,
-        ));
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         zmesh_core::telemetry::DroppedLogLines::register(&mut registry);
-        let hbone = TcpListener::bind(cfg.hbone_addr)
-            .await
+        // Shared by the worker runtimes' sockets when there is more than one.
+        let hbone = zmesh_core::socket::listen(cfg.hbone_addr, cfg.workers > 1, None, None)
             .map_err(|e| StartError::Listen(cfg.hbone_addr, e))?;
         let admin = TcpListener::bind(cfg.admin_addr)
             .await
@@ -149,7 +165,6 @@ impl Waypoint {
             cfg,
             snapshot: ArcSwap::from_pointee(snapshot),
             certs,
-            upstreams,
             metrics,
             registry,
             jwks,
@@ -164,7 +179,18 @@ impl Waypoint {
                 tracing::error!(error = %e, "cannot get the waypoint's certificate");
             }
         });
-        tokio::spawn(crate::server::serve_hbone(wp.clone(), hbone));
+        let hbone = Listener::new(
+            hbone,
+            "hbone",
+            wp.cfg.hbone_limits,
+            FdHeadroom::process(wp.cfg.fd_headroom),
+        );
+        let group = hbone.group();
+        tokio::spawn(crate::server::serve_hbone(
+            wp.clone(),
+            hbone,
+            wp.upstreams(),
+        ));
         tokio::spawn(crate::admin::serve(wp.clone(), admin));
         if let Some(path) = wp.cfg.local_config.clone() {
             tokio::spawn(watch_local(wp.clone(), path));
@@ -174,7 +200,31 @@ impl Waypoint {
             waypoint: wp,
             hbone_addr,
             admin_addr,
+            hbone: group,
+            workers: std::sync::atomic::AtomicUsize::new(1),
         })
+    }
+
+    /// A worker runtime's upstream side: a pool of its own (call it on that runtime: the
+    /// pool's idle sweeper runs there), the shared certificates.
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        let cfg = &self.cfg;
+        let me = SourceInfo {
+            cluster: cfg.cluster_id.clone(),
+            namespace: cfg.identity.namespace().to_owned(),
+            workload_name: cfg.pod_name.clone(),
+            canonical_name: cfg.identity.service_account().to_owned(),
+            ..Default::default()
+        };
+        Arc::new(Upstreams::new(
+            Pool::new(cfg.pool, cfg.h2, cfg.sockets.clone()),
+            self.certs.clone(),
+            cfg.identity.clone(),
+            cfg.h2,
+            cfg.lb,
+            me,
+            cfg.upstream_hbone_port,
+        ))
     }
 }
 

@@ -63,6 +63,20 @@ pub struct Config {
     pub sockets: SocketOptions,
     /// How long draining waits for requests in flight (`TERMINATION_GRACE_PERIOD_SECONDS`).
     pub drain_deadline: Duration,
+    /// Worker runtimes (`WAYPOINT_WORKER_THREADS`; the binary's default is one per core). Each
+    /// is a thread with a runtime of its own, its own HBONE socket (SO_REUSEPORT: the kernel
+    /// spreads connections over them) and its own upstream pool, so a connection and every
+    /// request on it stay on one thread. [`crate::Waypoint::start_with`] serves on the
+    /// calling runtime; [`crate::Running::serve_on`] adds the others.
+    pub workers: usize,
+}
+
+/// The most worker runtimes `WAYPOINT_WORKER_THREADS` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
+/// One worker runtime per core the process may use (cgroup quota included), at least one.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
 }
 
 /// A setting that cannot be used; the message names the variable and what to fix.
@@ -128,6 +142,7 @@ impl Config {
                 ..Default::default()
             },
             drain_deadline: Duration::from_secs(5),
+            workers: 1,
         }
     }
 
@@ -190,6 +205,20 @@ impl Config {
             cfg.sniff_timeout = humantime_serde::re::humantime::parse_duration(v)
                 .map_err(|e| invalid("WAYPOINT_SNIFF_TIMEOUT", v, e))?;
         }
+        cfg.workers = match get("WAYPOINT_WORKER_THREADS") {
+            None => default_workers(),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_WORKERS).contains(&n) => n,
+                Ok(_) => {
+                    return Err(invalid(
+                        "WAYPOINT_WORKER_THREADS",
+                        v,
+                        format!("must be from 1 to {MAX_WORKERS}"),
+                    ));
+                }
+                Err(e) => return Err(invalid("WAYPOINT_WORKER_THREADS", v, e)),
+            },
+        };
         if let Some(v) = get("TERMINATION_GRACE_PERIOD_SECONDS") {
             let s: u64 = v
                 .parse()
@@ -303,6 +332,22 @@ mod tests {
         );
         assert_eq!(c.lb, LbPolicy::LeastRequest);
         assert_eq!(c.hbone_addr.port(), 15008);
+        assert_eq!(c.workers, default_workers());
+        e.insert("WAYPOINT_WORKER_THREADS".into(), "3".into());
+        assert_eq!(Config::from_env(&e).unwrap().workers, 3);
+    }
+
+    #[test]
+    fn worker_threads_from_one_to_the_bound() {
+        for bad in ["0", "1025", "many", "-1"] {
+            let mut e = env(&BASE);
+            e.insert("WAYPOINT_WORKER_THREADS".into(), bad.into());
+            let err = Config::from_env(&e).unwrap_err().to_string();
+            assert!(
+                err.contains("WAYPOINT_WORKER_THREADS") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::route::filter::{Filter, HeaderModifier};
 use crate::route::matching::RequestView;
 use crate::route::{Decision, Retry, Rule, Timeouts};
 use crate::telemetry::{RequestLabels, RequestRecord};
+use crate::upstream::Upstreams;
 use attempt::{Failed, Outgoing, Sent, Target};
 use zmesh_core::telemetry::WorkloadMeta;
 
@@ -42,6 +43,8 @@ pub struct Downstream {
     /// The CONNECT target, `VIP:port`.
     pub target: SocketAddr,
     pub binding: Binding,
+    /// The upstream side of the worker runtime serving this tunnel.
+    pub upstreams: Arc<Upstreams>,
 }
 
 /// Connection-specific headers (RFC 9110 §7.6.1), never forwarded; `te: trailers` is kept.
@@ -413,7 +416,14 @@ pub async fn proxy(
     let body = match body {
         Ok(kept) => {
             for m in plan.mirrors {
-                attempt::mirror(wp.clone(), m, up_h2, out.clone(), kept.body());
+                attempt::mirror(
+                    wp.clone(),
+                    ds.upstreams.clone(),
+                    m,
+                    up_h2,
+                    out.clone(),
+                    kept.body(),
+                );
             }
             Ok(kept)
         }
@@ -425,8 +435,14 @@ pub async fn proxy(
                     .into_iter()
                     .map(|m| {
                         let (tx, rx) = tokio::sync::mpsc::channel(crate::body::TEE_FRAMES);
-                        let abort =
-                            attempt::mirror(wp.clone(), m, up_h2, out.clone(), ReqBody::Copy(rx));
+                        let abort = attempt::mirror(
+                            wp.clone(),
+                            ds.upstreams.clone(),
+                            m,
+                            up_h2,
+                            out.clone(),
+                            ReqBody::Copy(rx),
+                        );
                         (tx, abort)
                     })
                     .collect(),
@@ -437,6 +453,7 @@ pub async fn proxy(
     };
     let t = Target {
         binding: target,
+        upstreams: &ds.upstreams,
         up_h2,
         client: ds.client,
     };
@@ -532,7 +549,7 @@ pub async fn proxy(
     let finish = Finish {
         record,
         in_flight: Some(in_flight),
-        h1: h1.map(|c| (wp.upstreams.clone(), c)),
+        h1: h1.map(|c| (ds.upstreams.clone(), c)),
     };
     // Both timeouts cover the response body (HTTPRouteTimeouts: `request` until the gateway
     // has responded, `backendRequest` "to when the full response has been received"): the

@@ -45,20 +45,45 @@ fn main() -> anyhow::Result<()> {
     if let Err(e) = thp {
         tracing::warn!("cannot turn transparent huge pages off: {e}");
     }
-    // One worker per core, or `TOKIO_WORKER_THREADS`.
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?
-        .block_on(run())
-}
-
-async fn run() -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg = Config::from_env(&env)?;
+    runtime()?.block_on(run(cfg))
+}
+
+/// A worker: a runtime on one thread. A connection, the requests on it and the upstream
+/// connections they open stay on their worker's thread; with one multi-threaded runtime,
+/// tasks of one request woke each other across threads, which cost about a quarter of the
+/// waypoint's CPU on two cores (`docs/bench-waypoint-2026-12-05.md`).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")
+}
+
+/// The first worker is the main thread, which also runs the control tasks (certificates,
+/// config, admin); `WAYPOINT_WORKER_THREADS - 1` more get a thread each.
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let workers = cfg.workers;
     let running = Waypoint::start(cfg)
         .await
         .context("starting the waypoint")?;
+    for i in 1..workers {
+        let rt = runtime()?;
+        running.serve_on(rt.handle())?;
+        let wp = running.waypoint.clone();
+        std::thread::Builder::new()
+            .name(format!("waypoint-worker-{i}"))
+            .spawn(move || {
+                // Until the drain (started by the main thread) has let this worker's
+                // connections finish.
+                rt.block_on(async move {
+                    wp.drain.cancelled().await;
+                    let _ = tokio::time::timeout(wp.cfg.drain_deadline, wp.tracker.wait()).await;
+                })
+            })
+            .context("starting a worker thread")?;
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

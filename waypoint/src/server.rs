@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{
-    ActiveGuard, Activity, FdHeadroom, Listener, ServeError, Tracked, serve_h2_streams, tls_accept,
+    ActiveGuard, Activity, Listener, ServeError, Tracked, serve_h2_streams, tls_accept,
 };
 use zmesh_core::tls::peer_identity;
 
@@ -29,7 +29,7 @@ use crate::bound::PortProtocol;
 use crate::http::{Downstream, proxy};
 use crate::sniff::{Detected, detect};
 use crate::telemetry::meta_from_baggage;
-use crate::upstream::{UpstreamError, endpoints};
+use crate::upstream::{UpstreamError, Upstreams, endpoints};
 use zmesh_core::telemetry::{Label, WorkloadMeta, unknown};
 
 /// Ports a CONNECT may never target (the waypoint's own: a loop).
@@ -45,10 +45,14 @@ pub enum ServerError {
 }
 
 /// Accepts HBONE connections until draining starts (the shared accept path: caps, descriptor
-/// headroom, handshake deadline, idle timeout).
-pub async fn serve_hbone(wp: Arc<Waypoint>, listener: TcpListener) {
-    let fds = FdHeadroom::process(wp.cfg.fd_headroom);
-    let listener = Listener::new(listener, "hbone", wp.cfg.hbone_limits, fds);
+/// headroom, handshake deadline, idle timeout). Runs once per worker runtime, each on its own
+/// socket of the HBONE address, its connections served on that runtime and their upstream
+/// requests sent through `upstreams`, that runtime's own.
+pub async fn serve_hbone(
+    wp: Arc<Waypoint>,
+    listener: Listener<TcpListener>,
+    upstreams: Arc<Upstreams>,
+) {
     loop {
         let a = tokio::select! {
             _ = wp.drain.cancelled() => return,
@@ -58,9 +62,10 @@ pub async fn serve_hbone(wp: Arc<Waypoint>, listener: TcpListener) {
         let _ = a.stream.set_nodelay(true);
         let permit = a.permit;
         let w = wp.clone();
+        let up = upstreams.clone();
         wp.tracker.spawn(async move {
             let _permit = permit;
-            if let Err(e) = hbone_connection(w, a.stream, peer).await {
+            if let Err(e) = hbone_connection(w, up, a.stream, peer).await {
                 tracing::info!(%peer, error = %e, "HBONE connection failed");
             }
         });
@@ -69,6 +74,7 @@ pub async fn serve_hbone(wp: Arc<Waypoint>, listener: TcpListener) {
 
 async fn hbone_connection(
     wp: Arc<Waypoint>,
+    upstreams: Arc<Upstreams>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
 ) -> Result<(), ServerError> {
@@ -93,6 +99,7 @@ async fn hbone_connection(
     let principal = Arc::new(PeerPrincipal {
         label: id.as_ref().map(|i| i.to_string().into()),
         id,
+        upstreams,
     });
     let w = wp.clone();
     // Each CONNECT is served on a task of its own, from the decision to its tunnel's end; the
@@ -115,11 +122,13 @@ async fn hbone_connection(
     Ok(())
 }
 
-/// The HBONE peer's identity, as the CONNECTs of its connection need it: parsed
-/// (authorization) and as text, shared (the access log, the `source_principal` label).
+/// What the CONNECTs of one HBONE connection share: the peer's identity, parsed
+/// (authorization) and as text (the access log, the `source_principal` label), and the
+/// upstream side of the worker runtime the connection landed on.
 struct PeerPrincipal {
     id: Option<SpiffeId>,
     label: Option<Label>,
+    upstreams: Arc<Upstreams>,
 }
 
 fn status(code: StatusCode) -> Response<()> {
@@ -251,6 +260,7 @@ async fn admit(
         source,
         target,
         binding,
+        upstreams: who.upstreams.clone(),
     });
     // Opaque TCP: authorized first (L7 policies as Istio's network RBAC decides them), then
     // 200 only once an endpoint accepted (ztunnel's semantics for a tunnel).
@@ -291,8 +301,8 @@ async fn connect_tcp(
         return Err(UpstreamError::NoEndpoints(ds.binding.service.key()));
     }
     let mut last = None;
-    for ep in wp.upstreams.order(&ds.binding, &eps) {
-        match wp
+    for ep in ds.upstreams.order(&ds.binding, &eps) {
+        match ds
             .upstreams
             .tunnel(&ep, ds.client, &ds.binding.service.hostname)
             .await

@@ -165,7 +165,7 @@ pub enum Sender {
     Http2(http2::SendRequest<UpBody>),
 }
 
-/// The upstream side, shared by every connection of the waypoint.
+/// The upstream side of one worker runtime, shared by the connections it serves.
 pub struct Upstreams {
     pool: Arc<Pool>,
     certs: Arc<CertStore>,
@@ -177,6 +177,15 @@ pub struct Upstreams {
     hbone_port: u16,
     conns: Mutex<HashMap<SocketAddr, Arc<EndpointConns>>>,
     rr: Mutex<HashMap<(String, u16), usize>>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("identity", &self.identity)
+            .field("lb", &self.lb)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upstreams {

@@ -119,6 +119,50 @@ async fn per_peer_and_listener_caps() {
 }
 
 #[tokio::test]
+async fn grouped_listeners_share_one_cap() {
+    // Two sockets, one listener to the operator: the cap counts both, as do the stats.
+    let l = limits(|l| l.max_connections = 2);
+    let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr_a, addr_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let first = Listener::new(a, "test", l, Arc::new(FdHeadroom::with_threshold(u64::MAX)));
+    let second = first.group().listener(b);
+    let stats = first.stats_handle();
+    let (tx, mut held) = mpsc::unbounded_channel();
+    for l in [first, second] {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                if tx.send(l.accept().await).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let _a = connect_from([127, 0, 0, 1], addr_a).await;
+    let _b = connect_from([127, 0, 0, 2], addr_b).await;
+    let one = held.recv().await.unwrap();
+    let _two = held.recv().await.unwrap();
+    for to in [addr_a, addr_b] {
+        let mut c = connect_from([127, 0, 0, 3], to).await;
+        assert!(
+            closed(&mut c).await,
+            "a connection over the shared cap was kept"
+        );
+    }
+    let s = stats.stats();
+    assert_eq!((s.open, s.accepted, s.refused_listener_full), (2, 2, 2));
+    // A place freed on one socket is free for the other.
+    drop(one);
+    let _c = connect_from([127, 0, 0, 3], addr_b).await;
+    tokio::time::timeout(WAIT, held.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stats.stats().accepted, 3);
+}
+
+#[tokio::test]
 async fn descriptor_headroom_sheds_connections() {
     // No descriptors to spare: every connection is refused, and the listener keeps going.
     let (addr, stats, mut held) = holding(Limits::default(), FdHeadroom::with_threshold(0)).await;

@@ -18,7 +18,7 @@ use crate::app::Waypoint;
 use crate::body::{CountedBody, KeptBody, ReqBody};
 use crate::bound::Binding;
 use crate::route::Retry;
-use crate::upstream::{Endpoint, H1Checkout, InFlight, Sender, endpoints};
+use crate::upstream::{Endpoint, H1Checkout, InFlight, Sender, Upstreams, endpoints};
 
 /// The request as sent upstream: moved into the last attempt, cloned only for an attempt that
 /// may be followed by a retry (and for mirrors).
@@ -62,6 +62,8 @@ pub struct Failed {
 /// Where and how to send.
 pub struct Target<'a> {
     pub binding: &'a Binding,
+    /// The worker's upstream side (its pool drives the connections on its runtime).
+    pub upstreams: &'a Upstreams,
     pub up_h2: bool,
     pub client: Option<SocketAddr>,
 }
@@ -86,8 +88,8 @@ async fn once(
     }
     let mut chosen = None;
     let mut why = String::new();
-    for ep in wp.upstreams.order(t.binding, &eps) {
-        match wp
+    for ep in t.upstreams.order(t.binding, &eps) {
+        match t
             .upstreams
             .sender(&ep, t.up_h2, t.client, &svc.hostname)
             .await
@@ -109,7 +111,7 @@ async fn once(
             why,
         });
     };
-    let in_flight = wp.upstreams.begin(ep.addr);
+    let in_flight = t.upstreams.begin(ep.addr);
     let req = out.request(body, bytes);
     let sent = match sender {
         Sender::Http1(mut c) => c.sender.send_request(req).await.map(|r| (r, Some(c))),
@@ -212,6 +214,7 @@ pub async fn send(
 /// Sends a copy of the request to `binding`, its response read and dropped (fire and forget).
 pub fn mirror(
     wp: Arc<Waypoint>,
+    upstreams: Arc<Upstreams>,
     binding: Binding,
     up_h2: bool,
     mut out: Outgoing,
@@ -236,6 +239,7 @@ pub fn mirror(
         }
         let t = Target {
             binding: &binding,
+            upstreams: &upstreams,
             up_h2,
             client: None,
         };

@@ -49,6 +49,8 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 pub struct Connect {
     pub authority: String,
     pub peer: Option<SpiffeId>,
+    /// The HBONE connection it came on (its source address).
+    pub conn: SocketAddr,
 }
 
 /// A fake node tunnel for one endpoint.
@@ -144,14 +146,7 @@ impl Mesh {
             nodes.push(Node { ip: *ip, connects });
         }
         let client = ca.issue(&id("client"), Duration::from_secs(3600)).unwrap();
-        let pool = Pool::new(
-            PoolConfig::default(),
-            H2Settings::default(),
-            SocketOptions {
-                mark: None,
-                ..Default::default()
-            },
-        );
+        let pool = client_pool();
         Mesh {
             ca,
             nodes,
@@ -195,8 +190,28 @@ impl Mesh {
             .unwrap()
     }
 
+    /// Starts the waypoint in process with `cfg` and this mesh's bound services.
+    pub async fn waypoint_cfg(&self, cfg: Config) -> Running {
+        let snapshot = zmesh_waypoint::bound::Snapshot::from_yaml(&self.yaml).unwrap();
+        let source = Arc::new(LocalCaSource {
+            ca: LocalCa::from_pem(self.ca.cert_pem(), self.ca.key_pem()).unwrap(),
+            ttl: Duration::from_secs(3600),
+        });
+        Waypoint::start_with(cfg, source, snapshot).await.unwrap()
+    }
+
     /// A tunnel to `VIP:port` through the waypoint at `wp`, as a client's ztunnel opens it.
     pub async fn tunnel(&self, wp: SocketAddr, port: u16) -> Result<Tunnel, String> {
+        self.tunnel_on(&self.pool, wp, port).await
+    }
+
+    /// Like [`Mesh::tunnel`], through `pool` (another client node: its own HBONE connection).
+    pub async fn tunnel_on(
+        &self,
+        pool: &Pool,
+        wp: SocketAddr,
+        port: u16,
+    ) -> Result<Tunnel, String> {
         let key = PoolKey::new(id("client"), vec![id("waypoint")], wp, None);
         let src = SourceInfo {
             addr: Some("127.0.0.1:40000".parse().unwrap()),
@@ -206,8 +221,7 @@ impl Mesh {
             ..Default::default()
         };
         let target = SocketAddr::new(VIP.parse().unwrap(), port);
-        self.pool
-            .connect(key, &self.client, target, &src)
+        pool.connect(key, &self.client, target, &src)
             .await
             .map(|(t, guard)| {
                 // The tunnel lives as long as the test needs it.
@@ -234,6 +248,18 @@ impl Mesh {
     }
 }
 
+/// A client node's HBONE pool.
+pub fn client_pool() -> Arc<Pool> {
+    Pool::new(
+        PoolConfig::default(),
+        H2Settings::default(),
+        SocketOptions {
+            mark: None,
+            ..Default::default()
+        },
+    )
+}
+
 /// A fake node tunnel: HBONE server that serves the test app on each CONNECT.
 async fn node(
     l: TcpListener,
@@ -244,7 +270,7 @@ async fn node(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
     loop {
-        let Ok((tcp, _)) = l.accept().await else {
+        let Ok((tcp, conn)) = l.accept().await else {
             return;
         };
         let acceptor = acceptor.clone();
@@ -263,6 +289,7 @@ async fn node(
                 connects.lock().unwrap().push(Connect {
                     authority: req.uri().authority().unwrap().to_string(),
                     peer: peer.clone(),
+                    conn,
                 });
                 let (name, release) = (name.clone(), release.clone());
                 tokio::spawn(async move {

@@ -162,6 +162,60 @@ async fn http1_keep_alive_and_round_robin() {
     assert_eq!(seen, ["127.0.0.11:8080", "127.0.0.12:8080"]);
 }
 
+/// With three worker runtimes, each on a thread of its own, the kernel spreads the HBONE
+/// connections of many client nodes over their sockets, and each worker reaches the endpoint
+/// through its own upstream pool: as many upstream HBONE connections as workers that served
+/// (one pool would make one). A fourth `serve_on` is refused; the drain closes every socket.
+#[tokio::test]
+async fn worker_runtimes_share_the_port_each_with_its_own_pool() {
+    let mesh = Mesh::new(&["echo-a"], &[]).await;
+    let mut cfg = mesh.config(LbPolicy::RoundRobin);
+    cfg.workers = 3;
+    let wp = mesh.waypoint_cfg(cfg).await;
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let mut threads = Vec::new();
+    for _ in 0..2 {
+        let rt = runtime();
+        wp.serve_on(rt.handle()).unwrap();
+        let w = wp.waypoint.clone();
+        threads.push(std::thread::spawn(move || rt.block_on(w.drain.cancelled())));
+    }
+    let rt = runtime();
+    let err = wp.serve_on(rt.handle()).unwrap_err().to_string();
+    assert!(err.contains("WAYPOINT_WORKER_THREADS"), "{err}");
+    // (A runtime is dropped outside of any runtime.)
+    std::thread::spawn(move || drop(rt)).join().unwrap();
+    // 24 client nodes (pools), one HBONE connection and one request each.
+    for _ in 0..24 {
+        let pool = client_pool();
+        let mut c = h1(mesh.tunnel_on(&pool, wp.hbone_addr, 80).await.unwrap()).await;
+        let r = c.send_request(get("/hello")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        text(r).await;
+    }
+    let mut upstream: Vec<SocketAddr> = mesh.connects().into_iter().map(|c| c.1.conn).collect();
+    upstream.sort();
+    upstream.dedup();
+    // All 24 on one of three sockets has odds of 3 in 3^24.
+    assert!(
+        (2..=3).contains(&upstream.len()),
+        "upstream HBONE connections: {upstream:?}"
+    );
+    wp.drain().await;
+    for t in threads {
+        t.join().unwrap();
+    }
+    eventually("every HBONE socket closed", async || {
+        tokio::net::TcpStream::connect(wp.hbone_addr).await.is_err()
+    })
+    .await;
+}
+
 /// gRPC over a port declared GRPC: unary and bidirectional streaming, with trailers. Each
 /// streamed message is echoed before the next is sent, so neither direction is buffered.
 #[tokio::test]
