@@ -81,12 +81,16 @@ struct Args {
     #[arg(long)]
     ztunnel_log: Option<String>,
     /// Extra environment for the waypoint, `KEY=VALUE` (repeatable), e.g.
-    /// `TOKIO_WORKER_THREADS=1`.
+    /// `WAYPOINT_WORKER_THREADS=1`.
     #[arg(long = "waypoint-env", value_parser = bench::parse_env)]
     waypoint_env: Vec<(String, String)>,
     /// Run only these load tools (wrk, h2load); both when absent.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// The waypoint binary to measure (default: the one next to this benchmark), e.g. an
+    /// older build, to compare builds in the same sitting against the same nginx.
+    #[arg(long)]
+    waypoint_bin: Option<PathBuf>,
     /// Where to write the markdown report (also printed).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -300,7 +304,11 @@ fn spawn_nginx(sb: &Sandbox, host: &str, name: &str, conf: &str) -> Result<Proce
 
 /// The waypoint in `wp`, configured by a local file (no controller) and the lab's CA.
 fn spawn_waypoint(sb: &Sandbox, args: &Args, config: &Path, ca: &mesh::CaFiles) -> Result<Process> {
-    let mut cmd = sb.command(Some("wp"), bin_path("waypoint"), std::iter::empty::<&str>());
+    let bin = args
+        .waypoint_bin
+        .clone()
+        .unwrap_or_else(|| bin_path("waypoint"));
+    let mut cmd = sb.command(Some("wp"), bin, std::iter::empty::<&str>());
     cmd.env_remove("XDS_ADDRESS")
         .env_remove("CA_ADDRESS")
         .env("POD_NAMESPACE", "default")
@@ -400,6 +408,9 @@ fn main() -> Result<()> {
         bail!("{msg}");
     }
     for bin in ["ztunnel", "waypoint"] {
+        if bin == "waypoint" && args.waypoint_bin.is_some() {
+            continue;
+        }
         if zmesh_tests::gamma::sibling_binary(bin).is_none() {
             bail!(
                 "{bin} is not next to this benchmark: cargo build --profile bench-lto -p ztunnel \
