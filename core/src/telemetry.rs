@@ -8,9 +8,9 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::registry::Registry;
-use tracing_appender::non_blocking::ErrorCounter;
 
 use crate::identity::SpiffeId;
+use crate::logsink::DropCount;
 use crate::state::{Service, Workload};
 
 /// Istio's traffic labels. Unknown values render as `unknown` ([`TrafficLabels::new`]);
@@ -46,42 +46,31 @@ pub struct TrafficLabels {
     pub connection_security_policy: &'static str,
 }
 
-/// The most log lines queued for the writer thread; beyond it lines are dropped. The queue's
-/// slots are allocated and written when it is made (32 bytes each): tracing-appender's default
-/// of 128,000 lines made 4 MiB of an idle proxy's RSS, and under a stalled stdout it would hold
-/// 128,000 lines (about 40 MiB). 16,384 lines absorb a burst of 160 ms at 100,000 lines/s.
-pub const LOG_QUEUE_LINES: usize = 16_384;
-
-/// Where a proxy's log lines go: stdout through a writer thread (`thread_name`). The data path
-/// formats a line and queues it, never waiting on a write(2) per connection or request; lines
-/// are batched (64 KiB) while they arrive faster than they are written, and under overload
-/// (more than [`LOG_QUEUE_LINES`] queued) dropped rather than stalling traffic. Keep the guard
-/// for the process's life: dropped at exit, it flushes what is queued.
+/// Where a proxy's log lines go: stdout through a writer thread (`thread_name`), in batches
+/// ([`crate::logsink`]). The data path formats a line and appends it, never waiting on a
+/// write(2); under overload (more than [`crate::logsink::LOG_QUEUE_BYTES`] waiting) lines are
+/// dropped and counted rather than stalling traffic. Keep the guard for the process's life:
+/// dropped at exit, it writes out what is waiting.
 pub fn log_writer(
     thread_name: &str,
-) -> (
-    tracing_appender::non_blocking::NonBlocking,
-    tracing_appender::non_blocking::WorkerGuard,
-) {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .thread_name(thread_name)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stdout(),
-        ));
-    let _ = PROCESS_LOG_DROPS.set(writer.error_counter());
-    (writer, guard)
+) -> std::io::Result<(crate::logsink::LogWriter, crate::logsink::LogGuard)> {
+    let (writer, guard) = crate::logsink::sink(
+        thread_name,
+        crate::logsink::LOG_QUEUE_BYTES,
+        std::io::stdout(),
+    )?;
+    let _ = PROCESS_LOG_DROPS.set(writer.drop_count());
+    Ok((writer, guard))
 }
 
 /// The drop count of the process's log writer (the first [`log_writer`] made).
-static PROCESS_LOG_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
+static PROCESS_LOG_DROPS: OnceLock<DropCount> = OnceLock::new();
 
 /// `zmesh_log_lines_dropped_total`: log lines (access-log lines included) the log writer
-/// dropped because [`LOG_QUEUE_LINES`] were already waiting (stdout slow or stalled). Read at
+/// dropped because [`crate::logsink::LOG_QUEUE_BYTES`] were already waiting (stdout slow or stalled). Read at
 /// each scrape, from the given writer's count or (`None`) the process's [`log_writer`]'s.
 #[derive(Debug)]
-pub struct DroppedLogLines(Option<ErrorCounter>);
+pub struct DroppedLogLines(Option<DropCount>);
 
 impl DroppedLogLines {
     /// Registers the process's count in `registry` (0 while no [`log_writer`] was made, as in
@@ -97,11 +86,11 @@ impl Collector for DroppedLogLines {
             .0
             .as_ref()
             .or_else(|| PROCESS_LOG_DROPS.get())
-            .map_or(0, |c| c.dropped_lines() as u64);
+            .map_or(0, DropCount::dropped);
         let counter = ConstCounter::new(dropped);
         let metric = encoder.encode_descriptor(
             "zmesh_log_lines_dropped",
-            "Log lines (access log included) dropped because the log writer's queue was full",
+            "Log lines (access log included) dropped because the log writer's buffer was full",
             None,
             counter.metric_type(),
         )?;
@@ -112,7 +101,7 @@ impl Collector for DroppedLogLines {
 /// The log-line formatter both proxies use, writing to `writer`: JSON with `LOG_FORMAT=json`,
 /// else text (with colours only on a terminal).
 pub fn fmt_layer<S>(
-    writer: tracing_appender::non_blocking::NonBlocking,
+    writer: crate::logsink::LogWriter,
 ) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
@@ -338,31 +327,8 @@ impl TrafficLabels {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
-    use std::sync::{Condvar, Mutex};
 
     use super::*;
-
-    /// A writer whose writes wait until the test opens it (a stalled stdout).
-    #[derive(Clone, Default)]
-    struct Stalled(Arc<(Mutex<bool>, Condvar)>);
-
-    impl Stalled {
-        fn open(&self) {
-            *self.0.0.lock().unwrap() = true;
-            self.0.1.notify_all();
-        }
-    }
-
-    impl Write for Stalled {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let (open, cv) = &*self.0;
-            let _open = cv.wait_while(open.lock().unwrap(), |o| !*o).unwrap();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn scrape(c: DroppedLogLines) -> String {
         let mut registry = Registry::default();
@@ -373,28 +339,23 @@ mod tests {
     }
 
     #[test]
-    fn lines_dropped_behind_a_stalled_writer_are_counted_in_the_metric() {
-        let stalled = Stalled::default();
-        let (mut writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-            .buffered_lines_limit(2)
-            .finish(stalled.clone());
-        let metric = DroppedLogLines(Some(writer.error_counter()));
+    fn dropped_lines_are_counted_in_the_metric() {
+        // No room at all: every line is dropped, never blocking the caller.
+        let (writer, guard) = crate::logsink::sink("test-log", 0, std::io::sink()).unwrap();
+        let metric = DroppedLogLines(Some(writer.drop_count()));
         assert!(
-            scrape(DroppedLogLines(Some(writer.error_counter())))
+            scrape(DroppedLogLines(Some(writer.drop_count())))
                 .contains("zmesh_log_lines_dropped_total 0\n")
         );
-        // The writer thread holds one line in its stalled write, the queue two more; the
-        // rest are dropped, never blocking the caller.
         for i in 0..20 {
-            writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
+            (&writer)
+                .write_all(format!("line {i}\n").as_bytes())
+                .unwrap();
         }
-        let dropped = writer.error_counter().dropped_lines();
-        assert!((17..=18).contains(&dropped), "dropped {dropped} of 20");
         assert!(
-            scrape(metric).contains(&format!("zmesh_log_lines_dropped_total {dropped}\n")),
+            scrape(metric).contains("zmesh_log_lines_dropped_total 20\n"),
             "the scrape shows the writer's count"
         );
-        stalled.open();
         drop(guard);
     }
 }

@@ -23,17 +23,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version)]
 struct Cli {}
 
-/// Logs (one access-log line per request) go to stdout through a writer thread
+/// Logs (one access-log line per request) go to stdout through a writer thread, in batches
 /// (`zmesh_core::telemetry::log_writer`), not written from the request's task. The guard
-/// flushes what is queued when dropped at exit.
-fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+/// writes out what is waiting when dropped at exit.
+fn init_logging() -> anyhow::Result<zmesh_core::logsink::LogGuard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = zmesh_core::telemetry::log_writer("waypoint-log");
+    let (writer, guard) =
+        zmesh_core::telemetry::log_writer("waypoint-log").context("starting the log writer")?;
     tracing_subscriber::registry()
         .with(filter)
         .with(zmesh_core::telemetry::fmt_layer(writer))
         .init();
-    guard
+    Ok(guard)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     // Before the runtime's threads allocate (see `zmesh_core::process`).
     let thp = zmesh_core::process::disable_transparent_huge_pages();
     zmesh_core::process::raise_fd_limit();
-    let _log = init_logging();
+    let _log = init_logging()?;
     if let Err(e) = thp {
         tracing::warn!("cannot turn transparent huge pages off: {e}");
     }

@@ -46,16 +46,14 @@ enum Command {
     Version,
 }
 
-/// Logs go to stdout through a writer thread (`zmesh_core::telemetry::log_writer`); the guard
-/// flushes what is queued when dropped at exit.
-fn init_logging() -> (
-    admin::LogControl,
-    tracing_appender::non_blocking::WorkerGuard,
-) {
+/// Logs go to stdout through a writer thread, in batches (`zmesh_core::telemetry::log_writer`);
+/// the guard writes out what is waiting when dropped at exit.
+fn init_logging() -> anyhow::Result<(admin::LogControl, zmesh_core::logsink::LogGuard)> {
     let default = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     let filter = EnvFilter::try_new(&default).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let (writer, guard) = zmesh_core::telemetry::log_writer("ztunnel-log");
+    let (writer, guard) =
+        zmesh_core::telemetry::log_writer("ztunnel-log").context("starting the log writer")?;
     tracing_subscriber::registry()
         .with(filter)
         .with(zmesh_core::telemetry::fmt_layer(writer))
@@ -75,7 +73,7 @@ fn init_logging() -> (
         }
         Ok(cur.clone())
     });
-    (control, guard)
+    Ok((control, guard))
 }
 
 // mimalloc's own collection entry point (part of the library the `mimalloc` crate links in;
@@ -149,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy { config } => {
             set_purge_delay();
             let thp = zmesh_core::process::disable_transparent_huge_pages();
-            let (log, _log_guard) = init_logging();
+            let (log, _log_guard) = init_logging()?;
             if let Err(e) = thp {
                 tracing::warn!("cannot turn transparent huge pages off: {e}");
             }
