@@ -35,10 +35,17 @@ pub const EARLY_FLUSH: usize = 256 << 10;
 /// not kept).
 const KEEP_CAPACITY: usize = 1 << 20;
 
+/// How long dropping the [`LogGuard`] waits for the last lines to be written: a stalled stdout
+/// must not keep the process from exiting.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct State {
     buf: Vec<u8>,
+    /// No more lines are taken: the guard was dropped.
     closed: bool,
+    /// The writer has written what was waiting at close and returned.
+    done: bool,
 }
 
 struct Shared {
@@ -60,7 +67,8 @@ impl Shared {
     fn append(&self, line: &[u8]) {
         let mut s = self.lock();
         let was = s.buf.len();
-        if was + line.len() > self.cap {
+        // After close nothing would write the line: count it as dropped.
+        if s.closed || was + line.len() > self.cap {
             drop(s);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -141,10 +149,24 @@ impl std::fmt::Debug for LogGuard {
 }
 
 impl Drop for LogGuard {
+    /// Stops taking lines and waits (at most [`CLOSE_WAIT`]) for those waiting to be written.
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_one();
-        if let Some(t) = self.thread.take() {
+        let s = {
+            let mut s = self.shared.lock();
+            s.closed = true;
+            s
+        };
+        self.shared.wake.notify_all();
+        let (s, _) = self
+            .shared
+            .wake
+            .wait_timeout_while(s, CLOSE_WAIT, |s| !s.done)
+            .unwrap_or_else(|e| e.into_inner());
+        let done = s.done;
+        drop(s);
+        if let Some(t) = self.thread.take()
+            && done
+        {
             let _ = t.join();
         }
     }
@@ -205,7 +227,10 @@ fn writer<W: Write>(shared: &Shared, mut out: W) {
         if batch.capacity() > KEEP_CAPACITY {
             batch = Vec::new();
         }
-        if closed && shared.lock().buf.is_empty() {
+        if closed {
+            // Lines are refused once closed: what was waiting is written.
+            shared.lock().done = true;
+            shared.wake.notify_all();
             return;
         }
     }
@@ -323,6 +348,33 @@ mod tests {
             target.text(),
             "line 0000\nline 0001\nline 0002\nline 0003\n"
         );
+    }
+
+    #[test]
+    fn a_stalled_target_does_not_hold_up_exit_and_later_lines_are_counted() {
+        let target = Target::stalled();
+        let (w, guard) = sink("test-log", LOG_QUEUE_BYTES, target.clone()).unwrap();
+        (&w).write_all(b"stuck\n").unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while !w.0.lock().buf.is_empty() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the writer never took the line"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The writer is stuck in its write: dropping the guard gives up after CLOSE_WAIT.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(guard);
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("dropping the guard hung on a stalled target");
+        // Closed: a line now has nowhere to go and is counted.
+        (&w).write_all(b"late\n").unwrap();
+        assert_eq!(w.drop_count().dropped(), 1);
+        target.open();
     }
 
     #[test]

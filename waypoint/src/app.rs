@@ -27,6 +27,8 @@ pub struct Waypoint {
     /// What it serves, swapped whole on change.
     pub snapshot: ArcSwap<Snapshot>,
     pub certs: Arc<CertStore>,
+    /// Round-robin turns and requests in flight, shared by the workers' upstream sides.
+    pub balance: Arc<crate::upstream::Balance>,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     /// JWKS fetched from `jwksUri`s (request authentication), kept across configs.
@@ -54,9 +56,9 @@ pub enum StartError {
     #[error("cannot listen on {0}: {1} (is another process using the port?)")]
     Listen(SocketAddr, std::io::Error),
     #[error(
-        "{0} worker runtimes started, but the config asked for {1} (WAYPOINT_WORKER_THREADS): the HBONE socket was bound for that many"
+        "all {0} worker runtimes the config asked for (WAYPOINT_WORKER_THREADS) already serve HBONE"
     )]
-    Workers(usize, usize),
+    Workers(usize),
 }
 
 /// A started waypoint.
@@ -79,15 +81,19 @@ impl Running {
     pub fn serve_on(&self, rt: &tokio::runtime::Handle) -> Result<(), StartError> {
         use std::sync::atomic::Ordering;
         let want = self.waypoint.cfg.workers;
-        let n = self.workers.fetch_add(1, Ordering::AcqRel) + 1;
-        if n > want {
+        if self.workers.fetch_add(1, Ordering::AcqRel) >= want {
             self.workers.fetch_sub(1, Ordering::AcqRel);
-            return Err(StartError::Workers(n, want));
+            return Err(StartError::Workers(want));
         }
         // The socket registers with `rt`'s reactor, the pool's sweeper runs on it.
         let _in_rt = rt.enter();
-        let socket = zmesh_core::socket::listen(self.hbone_addr, true, None, None)
-            .map_err(|e| StartError::Listen(self.hbone_addr, e))?;
+        let socket = match zmesh_core::socket::listen(self.hbone_addr, true, None, None) {
+            Ok(s) => s,
+            Err(e) => {
+                self.workers.fetch_sub(1, Ordering::AcqRel);
+                return Err(StartError::Listen(self.hbone_addr, e));
+            }
+        };
         let upstreams = self.waypoint.upstreams();
         rt.spawn(crate::server::serve_hbone(
             self.waypoint.clone(),
@@ -165,6 +171,7 @@ impl Waypoint {
             cfg,
             snapshot: ArcSwap::from_pointee(snapshot),
             certs,
+            balance: Arc::default(),
             metrics,
             registry,
             jwks,
@@ -224,6 +231,7 @@ impl Waypoint {
             cfg.lb,
             me,
             cfg.upstream_hbone_port,
+            self.balance.clone(),
         ))
     }
 }

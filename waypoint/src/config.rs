@@ -67,7 +67,9 @@ pub struct Config {
     /// is a thread with a runtime of its own, its own HBONE socket (SO_REUSEPORT: the kernel
     /// spreads connections over them) and its own upstream pool, so a connection and every
     /// request on it stay on one thread. [`crate::Waypoint::start_with`] serves on the
-    /// calling runtime; [`crate::Running::serve_on`] adds the others.
+    /// calling runtime; [`crate::Running::serve_on`] adds the others. With more than one, the
+    /// port is bound with SO_REUSEPORT, so another process of the same user in the same
+    /// network namespace could bind it too (in Kubernetes the namespace is the pod's own).
     pub workers: usize,
 }
 

@@ -70,20 +70,27 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("starting the waypoint")?;
     for i in 1..workers {
-        let rt = runtime()?;
-        running.serve_on(rt.handle())?;
+        // Each worker's runtime is made and dropped on its own thread (a runtime may not be
+        // dropped inside this one's tasks); it hands its handle back, then runs until the
+        // drain (started by the main thread) has let its connections finish.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let wp = running.waypoint.clone();
         std::thread::Builder::new()
             .name(format!("waypoint-worker-{i}"))
             .spawn(move || {
-                // Until the drain (started by the main thread) has let this worker's
-                // connections finish.
+                let rt = match runtime() {
+                    Ok(rt) => rt,
+                    Err(e) => return drop(tx.send(Err(e))),
+                };
+                let _ = tx.send(Ok(rt.handle().clone()));
                 rt.block_on(async move {
                     wp.drain.cancelled().await;
                     let _ = tokio::time::timeout(wp.cfg.drain_deadline, wp.tracker.wait()).await;
                 })
             })
             .context("starting a worker thread")?;
+        let handle = rx.recv().context("a worker thread ended at start")??;
+        running.serve_on(&handle)?;
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

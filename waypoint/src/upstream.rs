@@ -135,12 +135,31 @@ pub enum UpstreamError {
     AllFailed(Box<UpstreamError>),
 }
 
-/// Per-endpoint connections and load.
+/// Per-endpoint connections (of one worker).
 #[derive(Default)]
 struct EndpointConns {
     h1_idle: Mutex<Vec<(http1::SendRequest<UpBody>, std::time::Instant)>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
-    in_flight: Arc<AtomicUsize>,
+}
+
+/// The load balancer's state, shared by every worker's [`Upstreams`]: one round-robin turn
+/// per service port and one count of requests in flight per endpoint for the whole waypoint,
+/// so workers neither start their turns on the same endpoint nor see only their own load.
+#[derive(Default)]
+pub struct Balance {
+    rr: Mutex<HashMap<(String, u16), usize>>,
+    in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+}
+
+impl Balance {
+    fn in_flight(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .entry(addr)
+            .or_default()
+            .clone()
+    }
 }
 
 /// Counts a request against its endpoint until dropped (least-request).
@@ -176,7 +195,7 @@ pub struct Upstreams {
     me: SourceInfo,
     hbone_port: u16,
     conns: Mutex<HashMap<SocketAddr, Arc<EndpointConns>>>,
-    rr: Mutex<HashMap<(String, u16), usize>>,
+    balance: Arc<Balance>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -189,7 +208,9 @@ impl std::fmt::Debug for Upstreams {
 }
 
 impl Upstreams {
-    /// `hbone_port`: where endpoints' node tunnels accept HBONE (15008).
+    /// `hbone_port`: where endpoints' node tunnels accept HBONE (15008); `balance`: shared by
+    /// the waypoint's workers.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: Arc<Pool>,
         certs: Arc<CertStore>,
@@ -198,6 +219,7 @@ impl Upstreams {
         lb: LbPolicy,
         me: SourceInfo,
         hbone_port: u16,
+        balance: Arc<Balance>,
     ) -> Upstreams {
         Upstreams {
             pool,
@@ -208,7 +230,7 @@ impl Upstreams {
             me,
             hbone_port,
             conns: Mutex::default(),
-            rr: Mutex::default(),
+            balance,
         }
     }
 
@@ -230,7 +252,7 @@ impl Upstreams {
         }
         let first = match self.lb {
             LbPolicy::RoundRobin => {
-                let mut rr = self.rr.lock().expect("rr lock");
+                let mut rr = self.balance.rr.lock().expect("rr lock");
                 let c = rr
                     .entry((binding.service.key(), binding.port.port))
                     .or_default();
@@ -241,7 +263,7 @@ impl Upstreams {
             LbPolicy::LeastRequest => {
                 let a = rand::random_range(0..n);
                 let b = (a + rand::random_range(1..n)) % n;
-                let load = |i: usize| self.conns(eps[i].addr).in_flight.load(Ordering::Acquire);
+                let load = |i: usize| self.balance.in_flight(eps[i].addr).load(Ordering::Acquire);
                 if load(b) < load(a) { b } else { a }
             }
         };
@@ -252,7 +274,7 @@ impl Upstreams {
 
     /// Counts a request on `addr` until the guard is dropped.
     pub fn begin(&self, addr: SocketAddr) -> InFlight {
-        let c = self.conns(addr).in_flight.clone();
+        let c = self.balance.in_flight(addr);
         c.fetch_add(1, Ordering::AcqRel);
         InFlight(c)
     }

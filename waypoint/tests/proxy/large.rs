@@ -141,9 +141,15 @@ async fn body_of_100_mib_streams_with_bounded_memory() {
         .unwrap();
     assert!(sum.ends_with(&format!(" {SIZE}.0")), "{sum}");
 
-    // One JSON access-log line per request (LOG_FORMAT=json), read once the process exited.
+    // One JSON access-log line per request (LOG_FORMAT=json), read once the process exited
+    // (SIGTERM: it drains and writes out its log; lines are written in batches).
     let mut proc = proc;
-    proc.0.kill().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    proc.0.wait().unwrap();
     let mut out = String::new();
     std::io::Read::read_to_string(&mut proc.0.stdout.take().unwrap(), &mut out).unwrap();
     let requests: Vec<serde_json::Value> = out

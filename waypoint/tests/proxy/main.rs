@@ -163,12 +163,13 @@ async fn http1_keep_alive_and_round_robin() {
 }
 
 /// With three worker runtimes, each on a thread of its own, the kernel spreads the HBONE
-/// connections of many client nodes over their sockets, and each worker reaches the endpoint
-/// through its own upstream pool: as many upstream HBONE connections as workers that served
-/// (one pool would make one). A fourth `serve_on` is refused; the drain closes every socket.
+/// connections of many client nodes over their sockets, and each worker reaches an endpoint
+/// through its own upstream pool: as many upstream HBONE connections to it as workers that
+/// served (one pool would make one). Round robin stays one turn for the whole waypoint. A
+/// fourth `serve_on` is refused; the drain closes every socket.
 #[tokio::test]
 async fn worker_runtimes_share_the_port_each_with_its_own_pool() {
-    let mesh = Mesh::new(&["echo-a"], &[]).await;
+    let mesh = Mesh::new(&["echo-a", "echo-b"], &[]).await;
     let mut cfg = mesh.config(LbPolicy::RoundRobin);
     cfg.workers = 3;
     let wp = mesh.waypoint_cfg(cfg).await;
@@ -191,21 +192,36 @@ async fn worker_runtimes_share_the_port_each_with_its_own_pool() {
     // (A runtime is dropped outside of any runtime.)
     std::thread::spawn(move || drop(rt)).join().unwrap();
     // 24 client nodes (pools), one HBONE connection and one request each.
+    let mut backends = Vec::new();
     for _ in 0..24 {
         let pool = client_pool();
         let mut c = h1(mesh.tunnel_on(&pool, wp.hbone_addr, 80).await.unwrap()).await;
         let r = c.send_request(get("/hello")).await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
+        backends.push(backend(&r));
         text(r).await;
     }
-    let mut upstream: Vec<SocketAddr> = mesh.connects().into_iter().map(|c| c.1.conn).collect();
-    upstream.sort();
-    upstream.dedup();
-    // All 24 on one of three sockets has odds of 3 in 3^24.
-    assert!(
-        (2..=3).contains(&upstream.len()),
-        "upstream HBONE connections: {upstream:?}"
-    );
+    // One turn shared by the workers: alternate endpoints, whichever worker served.
+    let a = backends.iter().filter(|b| *b == "echo-a").count();
+    assert_eq!(a, 12, "{backends:?}");
+    for node in &mesh.nodes {
+        let mut upstream: Vec<SocketAddr> = node
+            .connects
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.conn)
+            .collect();
+        upstream.sort();
+        upstream.dedup();
+        // All 24 on one of three sockets has odds of 3 in 3^24; 12 requests to this endpoint
+        // all from one worker, about 3 in 3^12.
+        assert!(
+            (2..=3).contains(&upstream.len()),
+            "upstream HBONE connections to {}: {upstream:?}",
+            node.ip
+        );
+    }
     wp.drain().await;
     for t in threads {
         t.join().unwrap();
