@@ -193,7 +193,11 @@ fn a_waypoint_that_is_not_ready_refuses_and_counts_never_bypasses() {
             .then_some(m)
     });
     assert!(metrics.contains("response_flags=\"UH\""), "{metrics}");
-    let log = lab.zt.log();
+    // The log is written in batches, just after the counter moved.
+    let log = poll_some("the refusal in the log", Duration::from_secs(20), || {
+        let l = lab.zt.log();
+        l.contains("never sent around a waypoint").then_some(l)
+    });
     assert!(log.contains("no healthy endpoint"), "{log}");
     assert!(log.contains("never sent around a waypoint"), "{log}");
     assert_eq!(lab.server.accepted(), 0, "traffic went around the waypoint");
