@@ -274,6 +274,15 @@ mod tests {
         }
     }
 
+    /// Waits (at most 20 s) until `f` holds.
+    fn until(what: &str, f: impl Fn() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn lines_go_out_in_order_and_in_batches_and_all_by_the_guard() {
         let target = Target::default();
@@ -329,14 +338,9 @@ mod tests {
         let (w, guard) = sink("test-log", 30, target.clone()).unwrap();
         (&w).write_all(b"line 0000\n").unwrap();
         // The writer takes that line and stalls writing it.
-        let end = std::time::Instant::now() + Duration::from_secs(20);
-        while !w.0.lock().buf.is_empty() {
-            assert!(
-                std::time::Instant::now() < end,
-                "the writer never took the line"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        until("the writer never took the line", || {
+            w.0.lock().buf.is_empty()
+        });
         for i in 1..=20 {
             (&w).write_all(format!("line {i:04}\n").as_bytes()).unwrap();
         }
@@ -355,14 +359,9 @@ mod tests {
         let target = Target::stalled();
         let (w, guard) = sink("test-log", LOG_QUEUE_BYTES, target.clone()).unwrap();
         (&w).write_all(b"stuck\n").unwrap();
-        let end = std::time::Instant::now() + Duration::from_secs(20);
-        while !w.0.lock().buf.is_empty() {
-            assert!(
-                std::time::Instant::now() < end,
-                "the writer never took the line"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        until("the writer never took the line", || {
+            w.0.lock().buf.is_empty()
+        });
         // The writer is stuck in its write: dropping the guard gives up after CLOSE_WAIT.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -382,14 +381,9 @@ mod tests {
         let target = Target::default();
         let (w, guard) = sink("test-log", LOG_QUEUE_BYTES, target.clone()).unwrap();
         (&w).write_all(b"one\n").unwrap();
-        let end = std::time::Instant::now() + Duration::from_secs(20);
-        while target.writes.lock().unwrap().is_empty() {
-            assert!(
-                std::time::Instant::now() < end,
-                "the line was never written"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        until("the line was never written", || {
+            !target.writes.lock().unwrap().is_empty()
+        });
         // Many flush delays later, still that one batch: the writer slept on the empty buffer.
         let batches = w.0.batches.load(Ordering::Relaxed);
         std::thread::sleep(FLUSH_DELAY * 10);

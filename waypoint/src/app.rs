@@ -69,7 +69,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// The HBONE listeners' shared caps and counters, and how many sockets serve it.
     hbone: ListenerGroup,
-    workers: std::sync::atomic::AtomicUsize,
+    workers: usize,
 }
 
 impl Running {
@@ -78,28 +78,20 @@ impl Running {
     /// addresses), under the same connection caps, and an upstream pool of its own, so each
     /// connection, its requests and their upstream connections stay on `rt`'s thread. At most
     /// `Config::workers - 1` times: the first worker is the runtime that started the waypoint.
-    pub fn serve_on(&self, rt: &tokio::runtime::Handle) -> Result<(), StartError> {
-        use std::sync::atomic::Ordering;
-        let want = self.waypoint.cfg.workers;
-        if self.workers.fetch_add(1, Ordering::AcqRel) >= want {
-            self.workers.fetch_sub(1, Ordering::AcqRel);
-            return Err(StartError::Workers(want));
+    pub fn serve_on(&mut self, rt: &tokio::runtime::Handle) -> Result<(), StartError> {
+        if self.workers >= self.waypoint.cfg.workers {
+            return Err(StartError::Workers(self.waypoint.cfg.workers));
         }
         // The socket registers with `rt`'s reactor, the pool's sweeper runs on it.
         let _in_rt = rt.enter();
-        let socket = match zmesh_core::socket::listen(self.hbone_addr, true, None, None) {
-            Ok(s) => s,
-            Err(e) => {
-                self.workers.fetch_sub(1, Ordering::AcqRel);
-                return Err(StartError::Listen(self.hbone_addr, e));
-            }
-        };
-        let upstreams = self.waypoint.upstreams();
+        let socket = zmesh_core::socket::listen(self.hbone_addr, true, None, None)
+            .map_err(|e| StartError::Listen(self.hbone_addr, e))?;
         rt.spawn(crate::server::serve_hbone(
             self.waypoint.clone(),
             self.hbone.listener(socket),
-            upstreams,
+            self.waypoint.upstreams(),
         ));
+        self.workers += 1;
         Ok(())
     }
 
@@ -108,7 +100,7 @@ impl Running {
         let wp = &self.waypoint;
         wp.drain.cancel();
         wp.tracker.close();
-        let _ = tokio::time::timeout(wp.cfg.drain_deadline, wp.tracker.wait()).await;
+        wp.drained().await;
     }
 }
 
@@ -208,8 +200,15 @@ impl Waypoint {
             hbone_addr,
             admin_addr,
             hbone: group,
-            workers: std::sync::atomic::AtomicUsize::new(1),
+            workers: 1,
         })
+    }
+
+    /// Once draining has started: until every connection has finished, or the drain
+    /// deadline.
+    pub async fn drained(&self) {
+        self.drain.cancelled().await;
+        let _ = tokio::time::timeout(self.cfg.drain_deadline, self.tracker.wait()).await;
     }
 
     /// A worker runtime's upstream side: a pool of its own (call it on that runtime: the

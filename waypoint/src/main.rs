@@ -66,7 +66,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// config, admin); `WAYPOINT_WORKER_THREADS - 1` more get a thread each.
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let workers = cfg.workers;
-    let running = Waypoint::start(cfg)
+    let mut running = Waypoint::start(cfg)
         .await
         .context("starting the waypoint")?;
     for i in 1..workers {
@@ -83,10 +83,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                     Err(e) => return drop(tx.send(Err(e))),
                 };
                 let _ = tx.send(Ok(rt.handle().clone()));
-                rt.block_on(async move {
-                    wp.drain.cancelled().await;
-                    let _ = tokio::time::timeout(wp.cfg.drain_deadline, wp.tracker.wait()).await;
-                })
+                rt.block_on(wp.drained())
             })
             .context("starting a worker thread")?;
         let handle = rx.recv().context("a worker thread ended at start")??;

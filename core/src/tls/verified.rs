@@ -205,6 +205,17 @@ mod tests {
         UnixTime::since_unix_epoch(t.duration_since(SystemTime::UNIX_EPOCH).unwrap())
     }
 
+    /// A full verification that counts its calls in `full` and answers `all_used`.
+    fn counting(
+        full: &Cell<u32>,
+        all_used: bool,
+    ) -> impl Fn() -> Result<bool, rustls::Error> + Copy + '_ {
+        move || {
+            full.set(full.get() + 1);
+            Ok(all_used)
+        }
+    }
+
     #[test]
     fn a_chain_is_verified_once_within_its_validity() {
         let ca = LocalCa::generate("cluster.local").unwrap();
@@ -212,10 +223,12 @@ mod tests {
         let cache = VerifiedChains::default();
         let full = Cell::new(0);
         let run = |now| {
-            cache.verify(&cert.chain()[0], &cert.chain()[1..], now, || {
-                full.set(full.get() + 1);
-                Ok(true)
-            })
+            cache.verify(
+                &cert.chain()[0],
+                &cert.chain()[1..],
+                now,
+                counting(&full, true),
+            )
         };
         let now = at(SystemTime::now());
         let first = run(now).unwrap();
@@ -266,10 +279,7 @@ mod tests {
         let cache = VerifiedChains::default();
         let now = at(SystemTime::now());
         let full = Cell::new(0);
-        let ok = || {
-            full.set(full.get() + 1);
-            Ok(true)
-        };
+        let ok = counting(&full, true);
         cache.verify(&a.chain()[0], &[], now, ok).unwrap();
         let peer = cache.verify(&b.chain()[0], &[], now, ok).unwrap();
         assert_eq!(peer.ids, vec![id("b")]);
@@ -305,10 +315,7 @@ mod tests {
         let cache = VerifiedChains::default();
         let now = at(SystemTime::now());
         let full = Cell::new(0);
-        let extra = || {
-            full.set(full.get() + 1);
-            Ok(false)
-        };
+        let extra = counting(&full, false);
         let junk = [ca.root().clone()];
         let peer = cache.verify(&a.chain()[0], &junk, now, extra).unwrap();
         assert_eq!(peer.ids, vec![id("a")]);
@@ -346,10 +353,7 @@ mod tests {
             .unwrap();
         assert_eq!(cache.len(), 4);
         let full = Cell::new(0);
-        let count = || {
-            full.set(full.get() + 1);
-            Ok(true)
-        };
+        let count = counting(&full, true);
         for n in 0..4 {
             let rest = chains(&long, n);
             cache.verify(&long.chain()[0], &rest, later, count).unwrap();

@@ -175,24 +175,22 @@ impl Mesh {
         self.waypoint_with(lb, snapshot).await
     }
 
+    /// Starts the waypoint in process with `cfg` and this mesh's bound services.
+    pub async fn waypoint_cfg(&self, cfg: Config) -> Running {
+        let snapshot = zmesh_waypoint::bound::Snapshot::from_yaml(&self.yaml).unwrap();
+        self.start(cfg, snapshot).await
+    }
+
     /// Starts the waypoint in process with `snapshot` (e.g. one with routes).
     pub async fn waypoint_with(
         &self,
         lb: LbPolicy,
         snapshot: zmesh_waypoint::bound::Snapshot,
     ) -> Running {
-        let source = Arc::new(LocalCaSource {
-            ca: LocalCa::from_pem(self.ca.cert_pem(), self.ca.key_pem()).unwrap(),
-            ttl: Duration::from_secs(3600),
-        });
-        Waypoint::start_with(self.config(lb), source, snapshot)
-            .await
-            .unwrap()
+        self.start(self.config(lb), snapshot).await
     }
 
-    /// Starts the waypoint in process with `cfg` and this mesh's bound services.
-    pub async fn waypoint_cfg(&self, cfg: Config) -> Running {
-        let snapshot = zmesh_waypoint::bound::Snapshot::from_yaml(&self.yaml).unwrap();
+    async fn start(&self, cfg: Config, snapshot: zmesh_waypoint::bound::Snapshot) -> Running {
         let source = Arc::new(LocalCaSource {
             ca: LocalCa::from_pem(self.ca.cert_pem(), self.ca.key_pem()).unwrap(),
             ttl: Duration::from_secs(3600),

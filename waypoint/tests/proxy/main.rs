@@ -172,7 +172,7 @@ async fn worker_runtimes_share_the_port_each_with_its_own_pool() {
     let mesh = Mesh::new(&["echo-a", "echo-b"], &[]).await;
     let mut cfg = mesh.config(LbPolicy::RoundRobin);
     cfg.workers = 3;
-    let wp = mesh.waypoint_cfg(cfg).await;
+    let mut wp = mesh.waypoint_cfg(cfg).await;
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
