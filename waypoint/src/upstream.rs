@@ -135,11 +135,12 @@ pub enum UpstreamError {
     AllFailed(Box<UpstreamError>),
 }
 
-/// Per-endpoint connections (of one worker).
-#[derive(Default)]
+/// Per-endpoint connections (of one worker), and the endpoint's requests in flight (the
+/// waypoint's count, from [`Balance`]: a request counts itself without the shared lock).
 struct EndpointConns {
     h1_idle: Mutex<Vec<(http1::SendRequest<UpBody>, std::time::Instant)>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// The load balancer's state, shared by every worker's [`Upstreams`]: one round-robin turn
@@ -239,7 +240,13 @@ impl Upstreams {
             .lock()
             .expect("conns lock")
             .entry(addr)
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(EndpointConns {
+                    h1_idle: Mutex::default(),
+                    h2: Mutex::default(),
+                    in_flight: self.balance.in_flight(addr),
+                })
+            })
             .clone()
     }
 
@@ -263,7 +270,7 @@ impl Upstreams {
             LbPolicy::LeastRequest => {
                 let a = rand::random_range(0..n);
                 let b = (a + rand::random_range(1..n)) % n;
-                let load = |i: usize| self.balance.in_flight(eps[i].addr).load(Ordering::Acquire);
+                let load = |i: usize| self.conns(eps[i].addr).in_flight.load(Ordering::Acquire);
                 if load(b) < load(a) { b } else { a }
             }
         };
@@ -274,7 +281,7 @@ impl Upstreams {
 
     /// Counts a request on `addr` until the guard is dropped.
     pub fn begin(&self, addr: SocketAddr) -> InFlight {
-        let c = self.balance.in_flight(addr);
+        let c = self.conns(addr).in_flight.clone();
         c.fetch_add(1, Ordering::AcqRel);
         InFlight(c)
     }
