@@ -57,6 +57,10 @@ pub struct Args {
     /// Pods of the small cluster the ztunnel memory is compared against.
     #[arg(long, default_value_t = 10)]
     small_pods: usize,
+    /// Extra environment for ztunnel in the memory part, `KEY=VALUE` (repeatable), e.g.
+    /// `MIMALLOC_PURGE_DELAY=0`.
+    #[arg(long = "ztunnel-env", value_parser = crate::bench::parse_env)]
+    ztunnel_env: Vec<(String, String)>,
     /// Skip the ztunnel memory part (which needs root).
     #[arg(long)]
     no_ztunnel: bool,
@@ -450,8 +454,11 @@ pub fn main() -> Result<()> {
             &cluster.dir,
             &small.dir,
             &creds,
-            &bin_path("zmesh-controller"),
-            &bin_path("ztunnel"),
+            ztunnel_mem::Programs {
+                controller: &bin_path("zmesh-controller"),
+                ztunnel: &bin_path("ztunnel"),
+                ztunnel_env: &args.ztunnel_env,
+            },
         )?;
         Some((small_spec, r))
     };
@@ -717,6 +724,16 @@ fn render(
             "**ztunnel memory per known workload**".into(),
             format!("**{per:.1} KiB** (upstream ztunnel: about 17 KB per pod at 30k pods)"),
         );
+        if !args.ztunnel_env.is_empty() {
+            row(
+                "ztunnel's extra environment".into(),
+                args.ztunnel_env
+                    .iter()
+                    .map(|(k, v)| format!("`{k}={v}`"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
     }
     o
 }

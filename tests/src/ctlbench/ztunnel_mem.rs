@@ -40,16 +40,25 @@ pub struct ZtunnelRun {
     pub controller: Option<Mem>,
 }
 
+/// The programs measured, and what ztunnel gets in its environment besides its config.
+#[derive(Debug, Clone, Copy)]
+pub struct Programs<'a> {
+    pub controller: &'a Path,
+    pub ztunnel: &'a Path,
+    /// Extra `KEY=VALUE` pairs for ztunnel (e.g. allocator options), after its own.
+    pub ztunnel_env: &'a [(String, String)],
+}
+
 /// Runs ztunnel against a controller serving `dir`.
 pub fn measure(
     sb: &Sandbox,
     topo: &Topology<'_>,
     dir: &Path,
     creds: &Credentials,
-    controller_bin: &Path,
-    ztunnel_bin: &Path,
+    programs: Programs<'_>,
     label: &str,
 ) -> Result<ZtunnelRun> {
+    let controller_bin = programs.controller;
     let listen = std::net::SocketAddr::from((topo.bridge_ip(), PORT));
     let monitoring = std::net::SocketAddr::from((topo.bridge_ip(), MONITORING_PORT));
     let args = controller_args(dir, listen, monitoring, creds, Duration::from_millis(100));
@@ -86,9 +95,10 @@ pub fn measure(
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
+    .chain(programs.ztunnel_env.iter().cloned())
     .collect();
     let started = Instant::now();
-    let zt = Ztunnel::spawn(sb, HOST, &env, ztunnel_bin).with_context(|| {
+    let zt = Ztunnel::spawn(sb, HOST, &env, programs.ztunnel).with_context(|| {
         format!(
             "ztunnel against the {label} cluster; controller log tail:\n{}",
             crate::process::tail(&controller.log(), 20)
@@ -121,28 +131,11 @@ pub fn compare(
     full_dir: &Path,
     small_dir: &Path,
     creds: &Credentials,
-    controller_bin: &Path,
-    ztunnel_bin: &Path,
+    programs: Programs<'_>,
 ) -> Result<(ZtunnelRun, ZtunnelRun)> {
     let sb = Sandbox::new()?;
     let topo = Topology::build(&sb, &[HOST])?;
-    let small = measure(
-        &sb,
-        &topo,
-        small_dir,
-        creds,
-        controller_bin,
-        ztunnel_bin,
-        "small",
-    )?;
-    let full = measure(
-        &sb,
-        &topo,
-        full_dir,
-        creds,
-        controller_bin,
-        ztunnel_bin,
-        "full",
-    )?;
+    let small = measure(&sb, &topo, small_dir, creds, programs, "small")?;
+    let full = measure(&sb, &topo, full_dir, creds, programs, "full")?;
     Ok((small, full))
 }
