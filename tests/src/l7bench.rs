@@ -260,6 +260,10 @@ pub struct Usage {
     pub cpu: Duration,
     /// The largest sum of VmRSS seen (sampled every 100 ms), in KiB.
     pub rss_max_kib: u64,
+    /// The largest sum of RssAnon seen (same samples), in KiB: the heap, stacks and other
+    /// private memory, without the file-backed pages (the binary's code, shared libraries),
+    /// which the page cache shares between all processes that map the same file.
+    pub anon_max_kib: u64,
     /// The sum of VmHWM at the end, in KiB.
     pub hwm_kib: u64,
 }
@@ -277,17 +281,27 @@ impl Usage {
     pub fn rss_mib(&self) -> f64 {
         self.rss_max_kib as f64 / 1024.0
     }
+
+    /// The run's largest anonymous RSS, in MiB.
+    pub fn anon_mib(&self) -> f64 {
+        self.anon_max_kib as f64 / 1024.0
+    }
 }
 
-/// The sum of VmRSS of `pids`, in KiB.
-pub fn rss_kib(pids: &[u32]) -> u64 {
-    pids.iter().filter_map(|p| vm_rss_kib(*p)).sum()
+/// The sums of VmRSS and of RssAnon of `pids`, in KiB.
+pub fn rss_kib(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            Some((status_kib(&s, "VmRSS:")?, status_kib(&s, "RssAnon:")?))
+        })
+        .fold((0, 0), |(r, a), (pr, pa)| (r + pr, a + pa))
 }
 
-fn vm_rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -300,10 +314,11 @@ pub fn measure<T>(groups: &[Vec<u32>], run: impl FnOnce() -> T) -> (T, Vec<Usage
     let sampler = {
         let (groups, stop) = (groups.to_vec(), stop.clone());
         std::thread::spawn(move || {
-            let mut max = vec![0; groups.len()];
+            let mut max = vec![(0, 0); groups.len()];
             loop {
                 for (m, g) in max.iter_mut().zip(&groups) {
-                    *m = (*m).max(rss_kib(g));
+                    let (rss, anon) = rss_kib(g);
+                    *m = (m.0.max(rss), m.1.max(anon));
                 }
                 if stop.load(Ordering::Relaxed) {
                     return max;
@@ -321,7 +336,8 @@ pub fn measure<T>(groups: &[Vec<u32>], run: impl FnOnce() -> T) -> (T, Vec<Usage
         .enumerate()
         .map(|(i, (g, before))| Usage {
             cpu: cpu(g).saturating_sub(before),
-            rss_max_kib: max.get(i).copied().unwrap_or(0),
+            rss_max_kib: max.get(i).map_or(0, |m| m.0),
+            anon_max_kib: max.get(i).map_or(0, |m| m.1),
             hwm_kib: g
                 .iter()
                 .filter_map(|p| crate::bench::peak_rss_kib(*p))
@@ -343,6 +359,24 @@ pub fn children(pid: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_and_its_anonymous_part_of_live_processes_only() {
+        let me = std::process::id();
+        // Touch 8 MiB of heap so the anonymous part is surely there.
+        let block = std::hint::black_box(vec![1u8; 8 << 20]);
+        let (rss, anon) = rss_kib(&[me]);
+        assert!(anon >= 8 << 10, "anonymous {anon} KiB after touching 8 MiB");
+        assert!(
+            rss > anon,
+            "RSS {rss} KiB includes the file-backed code besides {anon}"
+        );
+        // A process that does not exist adds nothing; the same one twice counts twice.
+        assert_eq!(rss_kib(&[me, u32::MAX]).1 / 1024, anon / 1024);
+        let (rss2, _) = rss_kib(&[me, me]);
+        assert!(rss2 >= 2 * rss - 1024, "{rss2} against 2 x {rss}");
+        drop(block);
+    }
 
     const WRK: &str = "Running 1s test @ http://127.0.0.1:8080/
   1 threads and 4 connections

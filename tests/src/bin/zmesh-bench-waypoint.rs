@@ -12,10 +12,13 @@
 //! ztunnel -> HBONE -> ztunnel -> backend, a Service with no waypoint), ztunnel + waypoint
 //! (`cmesh` -> ztunnel -> HBONE -> waypoint -> HBONE -> ztunnel -> backend, a Service bound to
 //! the waypoint) and nginx (`cdirect` -> nginx on `wp` -> backend, plain TCP, no ztunnel).
-//! Load: `wrk` (HTTP/1.1) and `h2load` (h2c). Each path is measured `--repeat` times for
-//! `--seconds`, the paths interleaved; figures are medians. The proxy's CPU is its
-//! utime+stime over the run (the waypoint process; nginx's workers), its memory VmRSS sampled
-//! every 100 ms. Build with the benchmark profile first:
+//! Loads: `wrk` (HTTP/1.1, 32 connections), `h2load` (h2c), and `serial` (wrk with one
+//! connection: each path's own latency, no request queued behind another). Each path is
+//! measured `--repeat` times for `--seconds`, the paths interleaved; figures are medians. The
+//! proxy's CPU is its utime+stime over the run (the waypoint process; nginx's workers), its
+//! memory VmRSS and RssAnon (the private part: heap, stacks; the rest is the binary's code and
+//! shared libraries, file pages shared through the page cache) sampled every 100 ms. Build
+//! with the benchmark profile first:
 //!
 //! ```text
 //! apt-get install wrk nghttp2-client nginx-light curl
@@ -84,7 +87,8 @@ struct Args {
     /// `WAYPOINT_WORKER_THREADS=1`.
     #[arg(long = "waypoint-env", value_parser = bench::parse_env)]
     waypoint_env: Vec<(String, String)>,
-    /// Run only these load tools (wrk, h2load); both when absent.
+    /// Run only these loads: `wrk` (HTTP/1.1, `--wrk-connections`), `h2load` (h2c), `serial`
+    /// (wrk with one connection: each path's latency with no queueing); all three when absent.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The waypoint binary to measure (default: the one next to this benchmark), e.g. an
@@ -130,6 +134,10 @@ impl PathKind {
 enum Tool {
     Wrk,
     H2load,
+    /// wrk with one connection: one request at a time, so the latency is the path's own, with
+    /// no request queued behind another (the loaded runs' p50 is mostly queueing: about
+    /// connections / throughput).
+    Serial,
 }
 
 impl Tool {
@@ -137,6 +145,7 @@ impl Tool {
         match self {
             Tool::Wrk => "wrk",
             Tool::H2load => "h2load",
+            Tool::Serial => "serial",
         }
     }
 }
@@ -194,12 +203,16 @@ fn run_tool(
     secs: u64,
 ) -> Result<LoadResult> {
     let (out, log) = match tool {
-        Tool::Wrk => {
+        Tool::Wrk | Tool::Serial => {
+            let (threads, connections) = match tool {
+                Tool::Serial => (1, 1),
+                _ => (args.wrk_threads, args.wrk_connections),
+            };
             let a = [
                 "-t".to_owned(),
-                args.wrk_threads.to_string(),
+                threads.to_string(),
                 "-c".into(),
-                args.wrk_connections.to_string(),
+                connections.to_string(),
                 "-d".into(),
                 format!("{secs}s"),
                 "--latency".into(),
@@ -418,11 +431,14 @@ fn main() -> Result<()> {
             );
         }
     }
-    let tools: Vec<Tool> = [Tool::Wrk, Tool::H2load]
+    let tools: Vec<Tool> = [Tool::Wrk, Tool::H2load, Tool::Serial]
         .into_iter()
         .filter(|t| args.only.is_empty() || args.only.iter().any(|o| o == t.name()))
         .collect();
-    ensure!(!tools.is_empty(), "--only: wrk, h2load or both");
+    ensure!(
+        !tools.is_empty(),
+        "--only: one or more of wrk, h2load, serial"
+    );
     let load_before = loadavg();
 
     let sb = Sandbox::new().context("cannot build the lab sandbox (root needed)")?;
@@ -526,7 +542,7 @@ fn main() -> Result<()> {
                     );
                 }
                 let line = format!(
-                    "| {} | {} | {} | {:.0} | {} | {} | {} | {:.2} s | {:.1} | {:.2} s | {:.2} s |\n",
+                    "| {} | {} | {} | {:.0} | {} | {} | {} | {:.2} s | {:.1} | {:.1} | {:.2} s | {:.2} s |\n",
                     tool.name(),
                     rep + 1,
                     p.label(),
@@ -536,6 +552,7 @@ fn main() -> Result<()> {
                     load.errors,
                     usage[0].cpu.as_secs_f64(),
                     usage[0].rss_mib(),
+                    usage[0].anon_mib(),
                     usage[1].cpu.as_secs_f64(),
                     usage[2].cpu.as_secs_f64(),
                 );
@@ -583,8 +600,11 @@ fn main() -> Result<()> {
     out.push_str(&report);
     out.push_str(
         "\nEvery run (CPU = utime+stime over the run; proxy = the waypoint process or nginx's \
-         workers):\n\n| tool | run | path | req/s | p50 us | p99 us | errors | proxy CPU | \
-         proxy RSS MiB | ztunnels CPU | backend CPU |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+         workers; RSS and its anonymous part are the largest sums seen over the run, so what \
+         nginx's workers share, code and what they inherited from the master, counts once per \
+         worker):\n\n| tool | run | path | req/s | p50 us | p99 us | errors | proxy CPU | \
+         proxy RSS MiB | of it anonymous | ztunnels CPU | backend CPU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     out.push_str(&raw);
     out.push_str(&format!(
@@ -629,14 +649,15 @@ fn table(args: &Args, tool: Tool, runs: &[(PathKind, Run)]) -> String {
     let load = match tool {
         Tool::Wrk => format!("{} connections", args.wrk_connections),
         Tool::H2load => format!("{} clients x {} streams", args.h2_clients, args.h2_streams),
+        Tool::Serial => "1 connection, one request at a time".to_owned(),
     };
     let mut out = format!(
         "## {} ({}, {load})\n\n| path | req/s | vs direct | p50 us | p99 us | proxy vCPU per \
-         1000 req/s | proxy RSS MiB (max) | proxy MiB per 1000 req/s | ztunnels vCPU per 1000 \
-         req/s | errors |\n|---|---|---|---|---|---|---|---|---|---|\n",
+         1000 req/s | proxy RSS MiB (max) | of it anonymous | proxy MiB per 1000 req/s | \
+         ztunnels vCPU per 1000 req/s | errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         tool.name(),
         match tool {
-            Tool::Wrk => "HTTP/1.1",
+            Tool::Wrk | Tool::Serial => "HTTP/1.1",
             Tool::H2load => "h2c",
         }
     );
@@ -645,9 +666,10 @@ fn table(args: &Args, tool: Tool, runs: &[(PathKind, Run)]) -> String {
         let has_proxy = matches!(p, PathKind::Waypoint | PathKind::Nginx);
         let has_zt = matches!(p, PathKind::Ztunnel | PathKind::Waypoint);
         let rss = med(p, &|r| r.proxy.rss_mib());
+        let anon = med(p, &|r| r.proxy.anon_mib());
         let dash = |b: bool, s: String| if b { s } else { "-".into() };
         out.push_str(&format!(
-            "| {} | {:.0} | {:.2}x | {:.0} | {:.0} | {} | {} | {} | {} | {} |\n",
+            "| {} | {:.0} | {:.2}x | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |\n",
             p.label(),
             rps(p),
             rps(p) / direct,
@@ -655,6 +677,7 @@ fn table(args: &Args, tool: Tool, runs: &[(PathKind, Run)]) -> String {
             p99(p),
             dash(has_proxy, format!("{:.3}", vcpu(p, &|r| r.proxy))),
             dash(has_proxy, format!("{rss:.1}")),
+            dash(has_proxy, format!("{anon:.1}")),
             dash(has_proxy, format!("{:.2}", rss / (rps(p) / 1000.0))),
             dash(has_zt, format!("{:.3}", vcpu(p, &|r| r.ztunnels))),
             errors(p),
