@@ -7,9 +7,9 @@
 //! preferences and extensions. `waypoint` is kept (a bad one refuses the resource: traffic
 //! must never skip a waypoint because its address could not be read).
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use litemap::LiteMap;
 use prost::Message;
 use xds_proto::istio::workload as pb;
 
@@ -111,7 +111,7 @@ fn port(res: &str, field: String, v: u32, zero_ok: bool) -> Result<u16, Resource
 }
 
 fn ports(res: &str, field: &str, list: &[pb::Port]) -> Result<PortMap, ResourceError> {
-    let mut out = PortMap::new();
+    let mut out = PortMap::with_capacity(list.len());
     for (i, p) in list.iter().enumerate() {
         let sp = port(
             res,
@@ -251,7 +251,7 @@ pub fn convert_workload(name: &str, w: pb::Workload) -> Result<Workload, Resourc
                 format!("unknown value {}", w.workload_type),
             )
         })?;
-    let mut services = BTreeMap::new();
+    let mut services = LiteMap::with_capacity(w.services.len());
     for (key, list) in &w.services {
         let field = format!("services[{key:?}]");
         match key.split_once('/') {
@@ -454,8 +454,8 @@ mod tests {
             "spiffe://corp.example/ns/default/sa/server"
         );
         assert_eq!(
-            w.services["default/echo.default.svc.cluster.local"],
-            PortMap::from([(80, 8080)])
+            w.services.get("default/echo.default.svc.cluster.local"),
+            Some(&PortMap::from_iter([(80, 8080)]))
         );
         assert_eq!(w.authorization_policies, vec!["default/allow-client"]);
         assert_eq!(
@@ -528,7 +528,7 @@ mod tests {
         };
         assert_eq!(s.key(), "default/echo.default.svc.cluster.local");
         assert_eq!(s.vips, vec!["/10.96.0.10".parse().unwrap()]);
-        assert_eq!(s.ports, PortMap::from([(80, 0), (90, 9090)]));
+        assert_eq!(s.ports, PortMap::from_iter([(80, 0), (90, 9090)]));
         assert_eq!(s.subject_alt_names.len(), 1);
     }
 
@@ -683,14 +683,14 @@ mod state_tests {
     fn converted_resources_route_and_later_wins_on_conflict() {
         let mut a = convert_workload("a", tests_workload("a", [10, 0, 0, 2])).unwrap();
         a.services
-            .insert("default/echo".into(), PortMap::from([(80, 8080)]));
+            .insert("default/echo".into(), PortMap::from_iter([(80, 8080)]));
         let b = convert_workload("b", tests_workload("b", [10, 0, 0, 2])).unwrap();
         let svc = Service {
             name: "echo".into(),
             namespace: "default".into(),
             hostname: "echo".into(),
             vips: vec!["/10.96.0.1".parse().unwrap()],
-            ports: PortMap::from([(80, 0)]),
+            ports: PortMap::from_iter([(80, 0)]),
             subject_alt_names: vec![],
             waypoint: None,
         };
@@ -714,10 +714,10 @@ mod state_tests {
         let mut server = convert_workload("s", tests_workload("s", [10, 0, 0, 2])).unwrap();
         server
             .services
-            .insert("default/echo".into(), PortMap::from([(80, 8080)]));
+            .insert("default/echo".into(), PortMap::from_iter([(80, 8080)]));
         let mut wp = convert_workload("wp", tests_workload("wp", [10, 0, 0, 9])).unwrap();
         wp.services
-            .insert("default/wp".into(), PortMap::from([(15008, 15008)]));
+            .insert("default/wp".into(), PortMap::from_iter([(15008, 15008)]));
         let vip = |ip: [u8; 4]| pb::NetworkAddress {
             network: String::new(),
             address: ip.to_vec(),
