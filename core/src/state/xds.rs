@@ -9,13 +9,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use litemap::LiteMap;
 use prost::Message;
 use xds_proto::istio::workload as pb;
 
 use super::{
     GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress, PortMap,
-    Protocol, Service, Workload,
+    Protocol, Service, SmallMap, Workload,
 };
 
 /// Trust domain of a workload that names none (Istio's default).
@@ -251,7 +250,7 @@ pub fn convert_workload(name: &str, w: pb::Workload) -> Result<Workload, Resourc
                 format!("unknown value {}", w.workload_type),
             )
         })?;
-    let mut services = LiteMap::with_capacity(w.services.len());
+    let mut services = SmallMap::with_capacity(w.services.len());
     for (key, list) in &w.services {
         let field = format!("services[{key:?}]");
         match key.split_once('/') {
