@@ -259,8 +259,17 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
+    status_kib(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        key,
+    )
+}
+
+/// A `kB` field of a `/proc/PID/status` or `/proc/meminfo` text (`key` with its colon, e.g.
+/// `"VmRSS:"`), in KiB.
+pub fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

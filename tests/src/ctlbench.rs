@@ -27,6 +27,7 @@ use zmesh_controller::source::files::FileSource;
 use zmesh_controller::translate::{MeshConfig, translate};
 
 use self::cluster::Cluster;
+use crate::bench::status_kib;
 
 /// Facts about the machine a run happened on.
 #[derive(Debug, Clone)]
@@ -65,12 +66,6 @@ pub fn load_average() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn status_kib(text: &str, key: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Resident memory of a process, in KiB: current (`VmRSS`) and peak (`VmHWM`).

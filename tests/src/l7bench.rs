@@ -294,16 +294,10 @@ pub fn rss_kib(pids: &[u32]) -> (u64, u64) {
     pids.iter()
         .filter_map(|p| {
             let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
-            Some((status_kib(&s, "VmRSS:")?, status_kib(&s, "RssAnon:")?))
+            let kib = |key| crate::bench::status_kib(&s, key);
+            Some((kib("VmRSS:")?, kib("RssAnon:")?))
         })
         .fold((0, 0), |(r, a), (pr, pa)| (r + pr, a + pa))
-}
-
-fn status_kib(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Samples each group of processes while `run` runs: CPU before and after, VmRSS every

@@ -29,12 +29,7 @@ pub struct ProcSample {
 /// Reads a process's resident memory and open descriptors; `None` once it has exited.
 pub fn sample(pid: u32) -> Option<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-    };
+    let kib = |key| crate::bench::status_kib(&status, key);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     Some(ProcSample {
         rss_kib: kib("VmRSS:")?,

@@ -58,11 +58,10 @@ pub fn measure(
     programs: Programs<'_>,
     label: &str,
 ) -> Result<ZtunnelRun> {
-    let controller_bin = programs.controller;
     let listen = std::net::SocketAddr::from((topo.bridge_ip(), PORT));
     let monitoring = std::net::SocketAddr::from((topo.bridge_ip(), MONITORING_PORT));
     let args = controller_args(dir, listen, monitoring, creds, Duration::from_millis(100));
-    let mut cmd = sb.command(None, controller_bin, &args);
+    let mut cmd = sb.command(None, programs.controller, &args);
     cmd.env("NO_COLOR", "1").env("RUST_LOG", "warn");
     let controller = sb.spawn(&format!("controller-{label}"), cmd)?;
     // ztunnel gets a bounded time to become ready; start it once the controller serves.
