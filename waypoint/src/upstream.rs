@@ -146,21 +146,24 @@ struct EndpointConns {
 /// The load balancer's state, shared by every worker's [`Upstreams`]: one round-robin turn
 /// per service port and one count of requests in flight per endpoint for the whole waypoint,
 /// so workers neither start their turns on the same endpoint nor see only their own load.
+/// Each worker keeps the counters it has used in maps of its own, so a request takes only its
+/// worker's lock and counts with an atomic.
 #[derive(Default)]
 pub struct Balance {
-    rr: Mutex<HashMap<(String, u16), usize>>,
+    rr: Mutex<HashMap<(String, u16), Arc<AtomicUsize>>>,
     in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
 }
 
-impl Balance {
-    fn in_flight(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
-        self.in_flight
-            .lock()
-            .expect("in-flight lock")
-            .entry(addr)
-            .or_default()
-            .clone()
-    }
+/// The waypoint's counter for `key` in `map`, made on first use.
+fn shared_counter<K: Eq + std::hash::Hash>(
+    map: &Mutex<HashMap<K, Arc<AtomicUsize>>>,
+    key: K,
+) -> Arc<AtomicUsize> {
+    map.lock()
+        .expect("balance lock")
+        .entry(key)
+        .or_default()
+        .clone()
 }
 
 /// Counts a request against its endpoint until dropped (least-request).
@@ -196,6 +199,8 @@ pub struct Upstreams {
     me: SourceInfo,
     hbone_port: u16,
     conns: Mutex<HashMap<SocketAddr, Arc<EndpointConns>>>,
+    /// This worker's handles on the waypoint's round-robin turns ([`Balance::rr`]).
+    rr: Mutex<HashMap<(String, u16), Arc<AtomicUsize>>>,
     balance: Arc<Balance>,
 }
 
@@ -231,6 +236,7 @@ impl Upstreams {
             me,
             hbone_port,
             conns: Mutex::default(),
+            rr: Mutex::default(),
             balance,
         }
     }
@@ -244,7 +250,7 @@ impl Upstreams {
                 Arc::new(EndpointConns {
                     h1_idle: Mutex::default(),
                     h2: Mutex::default(),
-                    in_flight: self.balance.in_flight(addr),
+                    in_flight: shared_counter(&self.balance.in_flight, addr),
                 })
             })
             .clone()
@@ -259,13 +265,11 @@ impl Upstreams {
         }
         let first = match self.lb {
             LbPolicy::RoundRobin => {
-                let mut rr = self.balance.rr.lock().expect("rr lock");
-                let c = rr
+                let mut rr = self.rr.lock().expect("rr lock");
+                let turn = rr
                     .entry((binding.service.key(), binding.port.port))
-                    .or_default();
-                let i = *c % n;
-                *c = c.wrapping_add(1);
-                i
+                    .or_insert_with_key(|k| shared_counter(&self.balance.rr, k.clone()));
+                turn.fetch_add(1, Ordering::Relaxed) % n
             }
             LbPolicy::LeastRequest => {
                 let a = rand::random_range(0..n);
