@@ -100,14 +100,25 @@ pub struct Ztunnel {
 }
 
 /// `n` distinct free ports on `ip`.
-async fn free_ports(ip: IpAddr, n: usize) -> Vec<u16> {
-    let mut held = Vec::new();
-    for _ in 0..n {
-        held.push(TcpListener::bind((ip, 0)).await.unwrap());
+/// Five ports free on `ip` and one on 127.0.0.1 for the admin listener, all distinct numbers
+/// (ztunnel's config requires it): all six are held while they are read, and a set with a
+/// number twice (possible across two addresses) is drawn again.
+async fn free_ports(ip: IpAddr) -> [u16; 6] {
+    loop {
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(TcpListener::bind((ip, 0)).await.unwrap());
+        }
+        held.push(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        if distinct.len() == ports.len() {
+            return ports.try_into().unwrap();
+        }
     }
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 impl Ztunnel {
@@ -141,8 +152,8 @@ impl Ztunnel {
         // in between, so a bind failure is retried with new ports.
         let mut last_err = None;
         for _ in 0..10 {
-            let p = free_ports(ip, 5).await;
-            let admin = free_ports(IpAddr::V4(Ipv4Addr::LOCALHOST), 1).await[0];
+            let p = free_ports(ip).await;
+            let admin = p[5];
             let file = dir.path().join("ztunnel.yaml");
             std::fs::write(
                 &file,
