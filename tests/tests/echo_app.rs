@@ -19,12 +19,10 @@ impl Drop for Echo {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free ports on 127.0.0.1: all are held while they are read, so none repeats.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().port())
 }
 
 fn curl(args: &[&str]) -> String {
@@ -47,7 +45,7 @@ fn has(body: &str, line: &str) {
 
 #[test]
 fn echo_answers_like_istio_echo_on_every_protocol() {
-    let [http, tls, grpc, tcp] = [free_port(), free_port(), free_port(), free_port()];
+    let [http, tls, grpc, tcp] = free_ports();
     let _echo = Echo(
         Command::new(env!("CARGO_BIN_EXE_zmesh-echo"))
             .args([

@@ -22,12 +22,11 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free ports on 127.0.0.1: all are held while they are read, so none repeats.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().port())
 }
 
 /// `VmHWM` (peak resident set) of `pid`, in KiB.
@@ -51,8 +50,8 @@ async fn body_of_100_mib_streams_with_bounded_memory() {
         std::fs::write(&p, text).unwrap();
         p.to_str().unwrap().to_owned()
     };
-    let hbone: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let [hbone, admin]: [SocketAddr; 2] =
+        free_ports().map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
     let env: HashMap<&str, String> = [
         ("POD_NAMESPACE", "default".to_owned()),
         ("SERVICE_ACCOUNT", "waypoint".to_owned()),
