@@ -202,11 +202,15 @@ pub struct Workload {
     pub services: SmallMap<String, PortMap>,
     /// The `WORKLOAD_SELECTOR` AuthorizationPolicies that select this workload, by key
     /// `"<namespace>/<name>"`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub authorization_policies: Vec<String>,
+    ///
+    /// A boxed slice and a boxed waypoint (both are often empty) keep a workload with its
+    /// `Arc` within mimalloc's 384-byte size class instead of its 448-byte one: at 10k pods
+    /// that is 0.6 MiB.
+    #[serde(default, skip_serializing_if = "<[String]>::is_empty")]
+    pub authorization_policies: Box<[String]>,
     /// The waypoint traffic addressed to this workload's IP goes through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub waypoint: Option<GatewayAddress>,
+    pub waypoint: Option<Box<GatewayAddress>>,
 }
 
 impl Workload {
@@ -569,6 +573,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_workload_with_its_arc_fits_the_384_byte_size_class() {
+        // An `Arc`'s allocation is its two counts and the value. At 10k pods each 64 bytes
+        // over is 0.6 MiB of ztunnel memory: a new field should be small or boxed.
+        let arc = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Workload>();
+        assert!(arc <= 384, "Arc<Workload> allocates {arc} bytes");
+    }
+
+    #[test]
     fn small_maps_read_and_write_as_btree_maps_did() {
         // An empty YAML value is an empty map; keys come back sorted; integer keys stay
         // integers.
@@ -770,7 +782,7 @@ policies:
             .find_workload("shop", "server", "server")
             .unwrap()
             .clone();
-        assert_eq!(server.authorization_policies, vec!["shop/only-frontend"]);
+        assert_eq!(*server.authorization_policies, ["shop/only-frontend"]);
         let other = st
             .workload_by_ip("10.0.0.3".parse().unwrap())
             .unwrap()

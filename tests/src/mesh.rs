@@ -558,7 +558,7 @@ mod tests {
         assert!(parsed.policies[1].dry_run);
         assert_eq!(parsed.policies[1].rules[0].clauses.len(), 2);
         let sel = parsed.workloads.iter().find(|w| w.name == "sel").unwrap();
-        assert_eq!(sel.authorization_policies, vec!["default/p2".to_string()]);
+        assert_eq!(*sel.authorization_policies, ["default/p2"]);
         zmesh_core::state::State::from_local(parsed).unwrap();
     }
 

@@ -97,7 +97,7 @@ impl State {
         let (waypoint, service) = if let Some(svc) = self.by_vip.get(&dst.ip()) {
             (svc.waypoint.as_ref(), Some(svc))
         } else if let Some(w) = self.by_ip.get(&dst.ip()) {
-            (w.waypoint.as_ref(), None)
+            (w.waypoint.as_deref(), None)
         } else {
             (None, None)
         };

@@ -266,7 +266,7 @@ pub fn convert_workload(name: &str, w: pb::Workload) -> Result<Workload, Resourc
     }
     let waypoint = w
         .waypoint
-        .map(|g| gateway(name, "waypoint", g))
+        .map(|g| gateway(name, "waypoint", g).map(Box::new))
         .transpose()?;
     let or = |v: String, d: &str| if v.is_empty() { d.to_owned() } else { v };
     let out = Workload {
@@ -287,7 +287,7 @@ pub fn convert_workload(name: &str, w: pb::Workload) -> Result<Workload, Resourc
         workload_type,
         status,
         services,
-        authorization_policies: w.authorization_policies,
+        authorization_policies: w.authorization_policies.into(),
     };
     out.identity().map_err(|e| {
         err(
@@ -456,10 +456,10 @@ mod tests {
             w.services.get("default/echo.default.svc.cluster.local"),
             Some(&PortMap::from_iter([(80, 8080)]))
         );
-        assert_eq!(w.authorization_policies, vec!["default/allow-client"]);
+        assert_eq!(*w.authorization_policies, ["default/allow-client"]);
         assert_eq!(
-            w.waypoint,
-            Some(GatewayAddress {
+            w.waypoint.as_deref(),
+            Some(&GatewayAddress {
                 destination: GatewayDestination::Address("/10.96.0.99".parse().unwrap()),
                 hbone_mtls_port: 15008,
             })

@@ -99,7 +99,7 @@ struct Entry {
 
 /// A destination workload's namespace and selector policies, as a re-check last saw them;
 /// `None`: unknown to the config.
-type Binding = Option<(String, Vec<String>)>;
+type Binding = Option<(String, Box<[String]>)>;
 
 fn binding(w: Option<&Workload>) -> Binding {
     w.map(|w| (w.namespace.clone(), w.authorization_policies.clone()))
