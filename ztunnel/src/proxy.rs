@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::future::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zmesh_core::certs::CertStore;
@@ -230,13 +231,11 @@ impl Proxy {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let force = self.force.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                _ = fut => {}
-                _ = force.cancelled() => {}
-            }
-        });
+        // A combinator, not an `async move` block around a `select!`: the block would hold
+        // `fut` twice, as its capture and as the select's own (rust-lang/rust#62958), which
+        // doubled the memory of every inbound tunnel's task.
+        self.tracker
+            .spawn(fut.with_cancellation_token_owned(self.force.clone()));
     }
 
     fn source_labels(&self, reporter: &'static str, local: Option<&Workload>) -> TrafficLabels {

@@ -722,7 +722,7 @@ fn render(
         );
         row(
             "**ztunnel memory per known workload**".into(),
-            format!("**{per:.1} KiB** (upstream ztunnel: about 17 KB per pod at 30k pods)"),
+            format!("**{per:.2} KiB** (upstream ztunnel: about 17 KB per pod at 30k pods)"),
         );
         if !args.ztunnel_env.is_empty() {
             row(

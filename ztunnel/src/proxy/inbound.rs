@@ -27,6 +27,8 @@ use super::decide::{InboundFacts, Outcome, decide, log_dry_run};
 use super::policy::{self, Peer};
 use super::{Proxy, ProxyError, accept_loop, copy_until, finish, refuse};
 use crate::metrics::{ConnectionRecord, TrafficLabels, connection_failed};
+use futures::FutureExt as _;
+use futures::future::Either;
 use zmesh_core::telemetry::{Label, unknown};
 
 /// Accepts HBONE connections until draining starts.
@@ -100,12 +102,10 @@ async fn hbone_connection(
         deadline,
         &proxy.drain,
         move |req, respond, busy| {
-            let conn = p.clone();
-            let peer_id = peer_id.clone();
-            p.spawn_connection(async move {
-                conn.handle_connect(req, respond, peer, local_addr, peer_id, busy)
-                    .await
-            });
+            let connect =
+                p.clone()
+                    .handle_connect(req, respond, peer, local_addr, peer_id.clone(), busy);
+            p.spawn_connection(connect);
         },
     )
     .await?;
@@ -134,8 +134,14 @@ fn answer(mut respond: SendResponse<Bytes>, code: StatusCode) {
 }
 
 impl Proxy {
-    /// Serves one CONNECT from the decision to the tunnel's end.
-    async fn handle_connect(
+    /// Serves one CONNECT from the decision to the tunnel's end, as two futures one after the
+    /// other (`then`), so that the task holds only the phase it is in. The decision (its
+    /// config snapshot, labels and the app connect) is boxed and freed once it is made; the
+    /// tunnel's future starts from what the decision admitted. As one `async fn`, the request,
+    /// the answer handle and the addresses it was called with would stay part of the task for
+    /// as long as the tunnel lives (measured per idle connection: 5.4 -> 8.7 KiB with the
+    /// decision inlined).
+    fn handle_connect(
         self: Arc<Self>,
         req: Request<RecvStream>,
         respond: SendResponse<Bytes>,
@@ -143,38 +149,39 @@ impl Proxy {
         local_addr: SocketAddr,
         peer_id: Arc<Option<SpiffeId>>,
         busy: ActiveGuard,
-    ) {
-        let _busy = busy;
-        // Boxed: the decision's state (the config snapshot, the labels, the app connect) is
-        // freed once it is made. Inlined, its space would stay part of the task for as long
-        // as the tunnel lives (measured: 5.4 -> 8.7 KiB per idle connection).
-        let admitted = Box::pin(self.admit(req, respond, peer, local_addr, peer_id)).await;
-        let Some(Admitted {
-            mut upstream,
-            rec,
-            registration,
-            recv,
-            mut respond,
-        }) = admitted
-        else {
-            return;
-        };
-        let res = match respond.send_response(status(StatusCode::OK), false) {
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let decided = Box::pin(async move {
+            let admitted = self.admit(req, respond, peer, local_addr, peer_id).await;
+            admitted.map(|a| (self, a))
+        });
+        decided.then(move |admitted| match admitted {
+            Some((proxy, admitted)) => Either::Left(proxy.tunnel(admitted, busy)),
+            None => Either::Right(std::future::ready(())),
+        })
+    }
+
+    /// Answers an admitted CONNECT and copies until the tunnel ends. `admitted` is used in
+    /// place, not taken apart into locals (a second copy in the future).
+    async fn tunnel(self: Arc<Self>, mut admitted: Admitted, _busy: ActiveGuard) {
+        let res = match admitted
+            .respond
+            .send_response(status(StatusCode::OK), false)
+        {
             Ok(send) => {
-                let mut tunnel = Tunnel::new(send, recv);
+                let mut tunnel = Tunnel::new(send, admitted.recv);
                 // On revocation the tunnel is dropped unfinished: the client gets a stream
                 // reset, the app a close.
                 copy_until(
                     &mut tunnel,
-                    &mut upstream,
+                    &mut admitted.upstream,
                     self.node.cfg.copy_buffer,
-                    registration.revoked(),
+                    admitted.registration.revoked(),
                 )
                 .await
             }
             Err(e) => Err(ProxyError::Io(std::io::Error::other(e))),
         };
-        finish(rec, res);
+        finish(admitted.rec, res);
     }
 
     /// Decides a CONNECT: checks it, asks the policies and connects to the app. A refusal is
