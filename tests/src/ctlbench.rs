@@ -405,8 +405,14 @@ impl Drop for Perf {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_loopback_port() -> Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+/// `N` free addresses on 127.0.0.1 with distinct ports: all are held while they are read.
+pub fn free_loopback_ports<const N: usize>() -> Result<[SocketAddr; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let addrs = held
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(addrs.try_into().expect("N addresses"))
 }

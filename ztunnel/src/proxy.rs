@@ -226,16 +226,13 @@ impl Proxy {
         drained
     }
 
-    /// Runs a connection's task, tracked for the drain and cut off by the drain deadline.
+    /// Runs a connection's task, tracked for the drain and cut off by the drain deadline
+    /// (dropped unrun if that has passed already).
     pub fn spawn_connection<F>(&self, fut: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        // A combinator, not an `async move` block around a `select!`: the block would hold
-        // `fut` twice, as its capture and as the select's own (rust-lang/rust#62958), which
-        // doubled the memory of every inbound tunnel's task.
-        self.tracker
-            .spawn(fut.with_cancellation_token_owned(self.force.clone()));
+        self.tracker.spawn(until_forced(fut, self.force.clone()));
     }
 
     fn source_labels(&self, reporter: &'static str, local: Option<&Workload>) -> TrafficLabels {
@@ -530,6 +527,16 @@ pub fn refuse(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// `fut`, cut off when `force` is cancelled. A combinator, not an `async move` block around a
+/// `select!`: the block would hold `fut` twice, as its capture and as the select's own
+/// (rust-lang/rust#62958), which doubled the memory of every inbound tunnel's task.
+fn until_forced<F: std::future::Future>(
+    fut: F,
+    force: CancellationToken,
+) -> impl std::future::Future<Output = Option<F::Output>> {
+    fut.with_cancellation_token_owned(force)
+}
+
 /// Accepts connections with `limits` (`zmesh_core::serve`: caps, descriptor headroom, backoff
 /// on accept errors) until the drain starts, serving each on a tracked task that holds the
 /// connection's place under the caps. The handler gets the handshake deadline.
@@ -552,10 +559,10 @@ pub async fn accept_loop<F, Fut>(
         };
         let Some(peer) = a.peer else { continue };
         let _ = a.stream.set_nodelay(true);
-        // Boxed: the wrappers around it (this closure's future, the permit, the drain-deadline
-        // select) would each hold the connection's future by value, and their layout keeps
-        // room for its arguments beside it (rust-lang/rust#62958): measured 1704 -> 3656 bytes
-        // per connection in a debug build. Behind a pointer, they add only their own few bytes.
+        // Boxed: the wrappers around it (the block holding the permit, the drain's cut-off)
+        // would each hold the connection's future by value, and their layout keeps room for
+        // its arguments beside it (rust-lang/rust#62958): measured 1704 -> 3656 bytes per
+        // connection in a debug build. Behind a pointer, they add only their own few bytes.
         let serve = Box::pin(handle(proxy.clone(), a.stream, peer, a.deadline));
         let permit = a.permit;
         proxy.spawn_connection(async move {

@@ -155,14 +155,16 @@ impl Proxy {
             admitted.map(|a| (self, a))
         });
         decided.then(move |admitted| match admitted {
-            Some((proxy, admitted)) => Either::Left(proxy.tunnel(admitted, busy)),
+            Some((proxy, admitted)) => Either::Left(proxy.tunnel(busy, admitted)),
             None => Either::Right(std::future::ready(())),
         })
     }
 
     /// Answers an admitted CONNECT and copies until the tunnel ends. `admitted` is used in
-    /// place, not taken apart into locals (a second copy in the future).
-    async fn tunnel(self: Arc<Self>, mut admitted: Admitted, _busy: ActiveGuard) {
+    /// place, not taken apart into locals (a second copy in the future). Parameters drop in
+    /// reverse order: `_busy` after what `admitted` still holds, so the tunnel counts as in
+    /// flight until all of it is gone.
+    async fn tunnel(self: Arc<Self>, _busy: ActiveGuard, mut admitted: Admitted) {
         let res = match admitted
             .respond
             .send_response(status(StatusCode::OK), false)
@@ -470,6 +472,20 @@ impl Proxy {
 mod tests {
     use super::*;
     use http::Method;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, B, C, D, E, F, G, R>(_: impl FnOnce(A, B, C, D, E, F, G) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// An open tunnel's task is this future: each byte of it is held per open connection.
+    /// 2,056 bytes when the decision's arguments stayed in it for the tunnel's life; about
+    /// 1,400 in a debug build since.
+    #[test]
+    fn an_inbound_connects_future_holds_the_tunnel_not_the_decision() {
+        let size = returned_size(Proxy::handle_connect);
+        assert!(size <= 1600, "an inbound CONNECT's future is {size} bytes");
+    }
 
     /// A refused CONNECT's reason goes into a log line: a peer's 20 KB authority or method
     /// must not make a 20 KB line.

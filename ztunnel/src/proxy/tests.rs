@@ -197,3 +197,20 @@ async fn an_outbound_connection_task_does_not_carry_the_handshake() {
         "an outbound connection's task holds a {size}-byte future for its whole life"
     );
 }
+
+#[test]
+fn the_drain_cut_off_holds_a_connection_future_once() {
+    // A future that keeps 4 KiB across its await, as a tunnel keeps its state.
+    let fut = async {
+        let state = [1u8; 4096];
+        std::future::pending::<()>().await;
+        state
+    };
+    let alone = std::mem::size_of_val(&fut);
+    let cut_off = super::until_forced(fut, tokio_util::sync::CancellationToken::new());
+    let wrapped = std::mem::size_of_val(&cut_off);
+    assert!(
+        wrapped <= alone + 256,
+        "the cut-off makes a {alone}-byte future {wrapped} bytes"
+    );
+}

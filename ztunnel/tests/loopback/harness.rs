@@ -99,7 +99,6 @@ pub struct Ztunnel {
     _dir: tempfile::TempDir,
 }
 
-/// `n` distinct free ports on `ip`.
 /// Five ports free on `ip` and one on 127.0.0.1 for the admin listener, all distinct numbers
 /// (ztunnel's config requires it): all six are held while they are read, and a set with a
 /// number twice (possible across two addresses) is drawn again.
