@@ -404,15 +404,3 @@ impl Drop for Perf {
         self.finish();
     }
 }
-
-/// `N` free addresses on 127.0.0.1 with distinct ports: all are held while they are read.
-pub fn free_loopback_ports<const N: usize>() -> Result<[SocketAddr; N]> {
-    let held = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let addrs = held
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<Vec<_>>>()?;
-    Ok(addrs.try_into().expect("N addresses"))
-}

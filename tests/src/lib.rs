@@ -99,6 +99,18 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
+/// `N` free addresses on 127.0.0.1 with distinct ports: all are held while they are read.
+pub fn free_loopback_ports<const N: usize>() -> std::io::Result<[std::net::SocketAddr; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let addrs = held
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(addrs.try_into().expect("N addresses"))
+}
+
 /// A 1-in-2^64 unique ASCII marker (`zmesh-marker-<hex>`), for payloads that a capture must
 /// (or must not) find on the wire.
 pub fn unique_marker() -> String {

@@ -4,7 +4,7 @@
 //! (streamed bodies, a trailer, gRPC streaming, a WebSocket). Needs no root.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,6 @@ impl Drop for Echo {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// `N` distinct free ports on 127.0.0.1: all are held while they are read, so none repeats.
-fn free_ports<const N: usize>() -> [u16; N] {
-    let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
-    held.map(|l| l.local_addr().unwrap().port())
 }
 
 fn curl(args: &[&str]) -> String {
@@ -45,7 +39,9 @@ fn has(body: &str, line: &str) {
 
 #[test]
 fn echo_answers_like_istio_echo_on_every_protocol() {
-    let [http, tls, grpc, tcp] = free_ports();
+    let [http, tls, grpc, tcp] = zmesh_tests::free_loopback_ports()
+        .unwrap()
+        .map(|a| a.port());
     let _echo = Echo(
         Command::new(env!("CARGO_BIN_EXE_zmesh-echo"))
             .args([

@@ -218,7 +218,7 @@ async fn serve_and_measure(
     expected_auth: usize,
     work: &std::path::Path,
 ) -> Result<Served> {
-    let [addr, monitoring] = ctlbench::free_loopback_ports()?;
+    let [addr, monitoring] = crate::free_loopback_ports()?;
     let ctl_args = ctlbench::controller_args(&cluster.dir, addr, monitoring, creds, args.debounce);
     let mut ctl = HostController::spawn(
         &bin_path("zmesh-controller"),
