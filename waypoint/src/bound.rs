@@ -200,15 +200,28 @@ pub enum BoundError {
     Policy(#[from] crate::authz::AuthzError),
 }
 
-/// One bound VIP:port: the service and the port's settings.
+/// One bound VIP:port (or a route's backend): the service and the port's settings.
 #[derive(Clone, Debug)]
 pub struct Binding {
     pub service: Arc<BoundService>,
     pub port: BoundPort,
+    /// [`BoundService::key`], made once with the binding: a request looks its routes,
+    /// policies and endpoints up by it.
+    pub key: Arc<str>,
+}
+
+impl Binding {
+    pub fn new(service: Arc<BoundService>, port: BoundPort) -> Binding {
+        Binding {
+            key: service.key().into(),
+            service,
+            port,
+        }
+    }
 }
 
 /// The endpoints of a (service key, port, targetPort), as [`crate::upstream::endpoints`] built them.
-pub(crate) type EndpointMemo = HashMap<(String, u16, u16), Arc<[crate::upstream::Endpoint]>>;
+pub(crate) type EndpointMemo = HashMap<(Arc<str>, u16, u16), Arc<[crate::upstream::Endpoint]>>;
 
 /// An immutable view of everything the data path needs.
 #[derive(Debug, Default)]
@@ -238,10 +251,7 @@ impl Snapshot {
             for vip in &svc.vips {
                 for port in &svc.ports {
                     let target = SocketAddr::new(vip.address, port.port);
-                    let binding = Binding {
-                        service: svc.clone(),
-                        port: port.clone(),
-                    };
+                    let binding = Binding::new(svc.clone(), port.clone());
                     if let Some(prev) = by_target.insert(target, binding) {
                         return Err(BoundError::Duplicate(prev.service.key(), svc.key(), target));
                     }
@@ -399,6 +409,7 @@ boundServices:
         let b = s.binding("10.96.0.10:80".parse().unwrap()).unwrap();
         assert_eq!(b.port.protocol, PortProtocol::Http);
         assert_eq!(b.service.key(), "default/echo.default.svc.cluster.local");
+        assert_eq!(&*b.key, "default/echo.default.svc.cluster.local");
         let b = s.binding("10.96.0.10:9000".parse().unwrap()).unwrap();
         assert_eq!(b.port.protocol, PortProtocol::Unspecified);
         assert!(s.binding("10.96.0.10:81".parse().unwrap()).is_none());

@@ -284,22 +284,22 @@ pub async fn proxy(
 
     // One config for the whole request: authentication, authorization and routing.
     let snap = wp.snapshot.load_full();
-    let key = svc.key();
+    let key = &*ds.binding.key;
     // Authentication (RequestAuthentication): an invalid token is 401; a valid one's
     // outcome goes into the extensions for authorization.
-    match crate::authn::authenticate(&wp, &snap, &key, &authority, &mut parts).await {
+    match crate::authn::authenticate(&wp, &snap, key, &authority, &mut parts).await {
         Ok(Some(auth)) => drop(parts.extensions.insert(auth)),
         Ok(None) => {}
         Err(denied) => return denied.respond(record),
     }
     // Authorization (after authentication, before routing): DENY, then ALLOW; 403 if denied.
-    let mut record = match crate::authz::stage(&snap, &ds, &key, &parts, &mut path, record) {
+    let mut record = match crate::authz::stage(&snap, &ds, key, &parts, &mut path, record) {
         Ok(r) => r,
         Err(answer) => return answer,
     };
 
     // Routing: the first applying rule that matches, or the Service itself.
-    let decision = match snap.routes(&key) {
+    let decision = match snap.routes(key) {
         None => Decision::NoRoute,
         Some(routes) => {
             let (p, q) = path

@@ -304,7 +304,7 @@ async fn connect_tcp(
     for ep in ds.upstreams.order(&ds.binding, &eps) {
         match ds
             .upstreams
-            .tunnel(&ep, ds.client, &ds.binding.service.hostname)
+            .tunnel(ep, ds.client, &ds.binding.service.hostname)
             .await
         {
             Ok((t, g)) => return Ok((t, g, ep.addr)),

@@ -75,8 +75,11 @@ pub struct Endpoint {
 /// snapshot and service port (memoised in the snapshot: parsing identities per request cost
 /// more than the rest of the endpoint choice).
 pub fn endpoints(snap: &Snapshot, binding: &Binding) -> Arc<[Endpoint]> {
-    let key = binding.service.key();
-    let memo_key = (key, binding.port.port, binding.port.target_port);
+    let memo_key = (
+        binding.key.clone(),
+        binding.port.port,
+        binding.port.target_port,
+    );
     if let Some(eps) = snap.endpoints_memo().get(&memo_key) {
         return eps.clone();
     }
@@ -143,6 +146,9 @@ struct EndpointConns {
     in_flight: Arc<AtomicUsize>,
 }
 
+/// A round-robin turn's key: the service's key and port.
+type TurnKey = (Arc<str>, u16);
+
 /// The load balancer's state, shared by every worker's [`Upstreams`]: one round-robin turn
 /// per service port and one count of requests in flight per endpoint for the whole waypoint,
 /// so workers neither start their turns on the same endpoint nor see only their own load.
@@ -150,7 +156,7 @@ struct EndpointConns {
 /// worker's lock and counts with an atomic.
 #[derive(Default)]
 pub struct Balance {
-    rr: Mutex<HashMap<(String, u16), Arc<AtomicUsize>>>,
+    rr: Mutex<HashMap<TurnKey, Arc<AtomicUsize>>>,
     in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
 }
 
@@ -200,7 +206,7 @@ pub struct Upstreams {
     hbone_port: u16,
     conns: Mutex<HashMap<SocketAddr, Arc<EndpointConns>>>,
     /// This worker's handles on the waypoint's round-robin turns ([`Balance::rr`]).
-    rr: Mutex<HashMap<(String, u16), Arc<AtomicUsize>>>,
+    rr: Mutex<HashMap<TurnKey, Arc<AtomicUsize>>>,
     balance: Arc<Balance>,
 }
 
@@ -257,17 +263,20 @@ impl Upstreams {
     }
 
     /// The endpoints in the order to try them: the load balancer's pick first, then the
-    /// others (each tried at most once when connects fail).
-    pub fn order(&self, binding: &Binding, eps: &[Endpoint]) -> Vec<Endpoint> {
+    /// others (each tried at most once when connects fail). Borrowed: a request clones only
+    /// the endpoint it uses.
+    pub fn order<'e>(
+        &self,
+        binding: &Binding,
+        eps: &'e [Endpoint],
+    ) -> impl Iterator<Item = &'e Endpoint> + use<'e> {
         let n = eps.len();
-        if n < 2 {
-            return eps.to_vec();
-        }
         let first = match self.lb {
+            _ if n < 2 => 0,
             LbPolicy::RoundRobin => {
                 let mut rr = self.rr.lock().expect("rr lock");
                 let turn = rr
-                    .entry((binding.service.key(), binding.port.port))
+                    .entry((binding.key.clone(), binding.port.port))
                     .or_insert_with_key(|k| shared_counter(&self.balance.rr, k.clone()));
                 turn.fetch_add(1, Ordering::Relaxed) % n
             }
@@ -278,9 +287,7 @@ impl Upstreams {
                 if load(b) < load(a) { b } else { a }
             }
         };
-        let mut eps = eps.to_vec();
-        eps.rotate_left(first);
-        eps
+        (0..n).map(move |i| &eps[(first + i) % n])
     }
 
     /// Counts a request on `addr` until the guard is dropped.

@@ -94,9 +94,9 @@ pub fn stage(
 /// Authorizes an opaque TCP connection (module docs of [`super`]); `Err` says why it is
 /// refused (logged by the caller, the deciding policy named).
 pub fn check_tcp(snap: &Snapshot, ds: &Downstream) -> Result<(), String> {
-    let key = ds.binding.service.key();
+    let key = &*ds.binding.key;
     let policies = snap.policies();
-    if !policies.any_for(&key) {
+    if !policies.any_for(key) {
         return Ok(());
     }
     let headers = http::HeaderMap::new();
@@ -111,7 +111,7 @@ pub fn check_tcp(snap: &Snapshot, ds: &Downstream) -> Result<(), String> {
         headers: &headers,
         auth: None,
     };
-    let v = policies.evaluate_tcp(&key, &attrs);
+    let v = policies.evaluate_tcp(key, &attrs);
     let decided = v.policy.map(|(p, r)| format!("{}:rules[{r}]", p.key()));
     if v.allowed {
         return Ok(());

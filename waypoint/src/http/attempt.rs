@@ -91,11 +91,11 @@ async fn once(
     for ep in t.upstreams.order(t.binding, &eps) {
         match t
             .upstreams
-            .sender(&ep, t.up_h2, t.client, &svc.hostname)
+            .sender(ep, t.up_h2, t.client, &svc.hostname)
             .await
         {
             Ok(s) => {
-                chosen = Some((ep, s));
+                chosen = Some((ep.clone(), s));
                 break;
             }
             Err(e) => {

@@ -248,16 +248,16 @@ fn target(cx: &Ctx<'_>, f: &str, b: &pb::Backend) -> Result<Result<Binding, Stri
                 app_protocol: String::new(),
                 protocol: Default::default(),
             };
-            Ok(Binding {
-                service: Arc::new(BoundService {
+            Ok(Binding::new(
+                Arc::new(BoundService {
                     name: s.name.clone(),
                     namespace: s.namespace.clone(),
                     hostname: s.hostname.clone(),
                     vips: Vec::new(),
                     ports: vec![bp.clone()],
                 }),
-                port: bp,
-            })
+                bp,
+            ))
         }
         Some(pb::backend::Target::Unresolved(why)) => Err(why.clone()),
         None => Err("the backend names no target".to_owned()),
