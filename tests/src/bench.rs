@@ -274,6 +274,28 @@ pub fn status_kib(status: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// How this machine's idle CPUs wait, for a report's header: the cpuidle driver and, under
+/// the `haltpoll` driver of a KVM guest, how long an idle vCPU polls before it halts. With no
+/// polling, waking an idle vCPU is a VM exit and a host wake-up, and any measurement made one
+/// request at a time (latency, serial requests) measures mostly those wake-ups: the same
+/// build's round trip differed about fivefold with polling on and off (docs/bench-2026-12-06.md).
+pub fn cpu_idle() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    cpu_idle_text(
+        read("/sys/devices/system/cpu/cpuidle/current_driver").as_deref(),
+        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_deref(),
+    )
+}
+
+fn cpu_idle_text(driver: Option<&str>, halt_poll_ns: Option<&str>) -> String {
+    let driver = driver.unwrap_or("unknown");
+    match halt_poll_ns {
+        Some("0") => format!("CPU idle: {driver}, guest halt-polling off"),
+        Some(ns) => format!("CPU idle: {driver}, guest halt-polling {ns} ns"),
+        None => format!("CPU idle: {driver}"),
+    }
+}
+
 /// CPU time (user + system) a process has used so far.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -362,6 +384,24 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_idle_policy_names_halt_polling_when_the_driver_has_it() {
+        use super::cpu_idle_text;
+        assert_eq!(
+            cpu_idle_text(Some("haltpoll"), Some("0")),
+            "CPU idle: haltpoll, guest halt-polling off"
+        );
+        assert_eq!(
+            cpu_idle_text(Some("haltpoll"), Some("200000")),
+            "CPU idle: haltpoll, guest halt-polling 200000 ns"
+        );
+        assert_eq!(
+            cpu_idle_text(Some("intel_idle"), None),
+            "CPU idle: intel_idle"
+        );
+        assert_eq!(cpu_idle_text(None, None), "CPU idle: unknown");
+    }
+
     use super::*;
 
     #[test]
