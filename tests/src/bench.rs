@@ -274,12 +274,18 @@ pub fn status_kib(status: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// How this machine's idle CPUs wait, for a report's header: the cpuidle driver and, under
-/// the `haltpoll` driver of a KVM guest, how long an idle vCPU polls before it halts. With no
-/// polling, waking an idle vCPU is a VM exit and a host wake-up, and any measurement made one
-/// request at a time (latency, serial requests) measures mostly those wake-ups: the same
-/// build's round trip differed about fivefold with polling on and off (docs/bench-2026-12-06.md).
-pub fn cpu_idle() -> String {
+/// The machine, for a report's header: its cores and how its idle CPUs wait (`cpu_idle`).
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores; {}", cpu_idle())
+}
+
+/// How this machine's idle CPUs wait: the cpuidle driver and, under the `haltpoll` driver of a
+/// KVM guest, how long an idle vCPU polls before it halts. With no polling, waking an idle
+/// vCPU is a VM exit and a host wake-up, and any measurement made one request at a time
+/// (latency, serial requests) measures mostly those wake-ups: the same build's round trip
+/// differed about fivefold with polling on and off (docs/bench-2026-12-06.md).
+fn cpu_idle() -> String {
     let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
     cpu_idle_text(
         read("/sys/devices/system/cpu/cpuidle/current_driver").as_deref(),
@@ -384,9 +390,10 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_idle_policy_names_halt_polling_when_the_driver_has_it() {
-        use super::cpu_idle_text;
         assert_eq!(
             cpu_idle_text(Some("haltpoll"), Some("0")),
             "CPU idle: haltpoll, guest halt-polling off"
@@ -401,8 +408,6 @@ mod tests {
         );
         assert_eq!(cpu_idle_text(None, None), "CPU idle: unknown");
     }
-
-    use super::*;
 
     #[test]
     fn quantiles_and_median() {

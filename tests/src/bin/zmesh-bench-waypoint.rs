@@ -572,16 +572,15 @@ fn main() -> Result<()> {
         report.push_str(&table(&args, tool, &runs));
     }
     let mut out = format!(
-        "zmesh-bench-waypoint: {} s runs, median of {}, {} cores, load average {} before / {} after; {}\n\
+        "zmesh-bench-waypoint: {} s runs, median of {}, {}; load average {} before / {} after\n\
          {}; {}; {}\n\
          wrk: {} connections, {} thread(s); h2load: {} clients x {} streams, 1 thread; \
          nginx: {} worker(s) (backend and proxy); waypoint log: {}{}\n\n",
         args.seconds,
         args.repeat,
-        default_workers(),
+        zmesh_tests::bench::machine(),
         load_before,
         loadavg(),
-        zmesh_tests::bench::cpu_idle(),
         first_line("nginx", "-v"),
         first_line("wrk", "-v"),
         first_line("h2load", "--version"),

@@ -348,13 +348,10 @@ fn main() -> Result<()> {
 
     let mut out = String::new();
     out.push_str(&format!(
-        "zmesh-bench: {} s runs, median of {}, {} cores; {}\n\n",
+        "zmesh-bench: {} s runs, median of {}, {}\n\n",
         args.seconds,
         args.repeat,
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        zmesh_tests::bench::cpu_idle()
+        bench::machine()
     ));
     if args.policies > 0 {
         out.push_str(&format!(

@@ -343,14 +343,11 @@ fn main() -> Result<()> {
         )
     };
     out.push_str(&format!(
-        "zmesh-soak: {n} idle connections, churn {} s ({} clients) through the mesh and {} s direct, {} cores; {}\n\n",
+        "zmesh-soak: {n} idle connections, churn {} s ({} clients) through the mesh and {} s direct, {}\n\n",
         args.churn_seconds,
         args.churn_workers,
         args.direct_churn_seconds,
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        zmesh_tests::bench::cpu_idle()
+        zmesh_tests::bench::machine()
     ));
     out.push_str(
         "| idle connections | direct TCP | client ztunnel | server ztunnel |\n|---|---|---|---|\n",
