@@ -22,21 +22,9 @@ impl Drop for Proc {
     }
 }
 
-/// `N` distinct free ports on 127.0.0.1: all are held while they are read, so none repeats.
-fn free_ports<const N: usize>() -> [u16; N] {
-    let held: [std::net::TcpListener; N] =
-        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
-    held.map(|l| l.local_addr().unwrap().port())
-}
-
 /// `VmHWM` (peak resident set) of `pid`, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status")
+    zmesh_tests::bench::peak_rss_kib(pid).expect("VmHWM in /proc/<pid>/status")
 }
 
 const SIZE: u64 = 100 << 20;
@@ -50,8 +38,7 @@ async fn body_of_100_mib_streams_with_bounded_memory() {
         std::fs::write(&p, text).unwrap();
         p.to_str().unwrap().to_owned()
     };
-    let [hbone, admin]: [SocketAddr; 2] =
-        free_ports().map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+    let [hbone, admin]: [SocketAddr; 2] = zmesh_tests::free_loopback_ports().unwrap();
     let env: HashMap<&str, String> = [
         ("POD_NAMESPACE", "default".to_owned()),
         ("SERVICE_ACCOUNT", "waypoint".to_owned()),
