@@ -107,7 +107,8 @@ pub enum ServeError {
     H2(#[from] h2::Error),
 }
 
-/// Accepts TLS on `stream`, finishing by `deadline`.
+/// Accepts TLS on `stream`, finishing by `deadline`; the connection holds up to
+/// [`crate::socket::TLS_WRITE_BUFFER`] of records to send.
 pub async fn tls_accept<S>(
     acceptor: &tokio_rustls::TlsAcceptor,
     stream: S,
@@ -118,7 +119,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(r) => r.map_err(ServeError::Tls),
+        Ok(r) => r.map_err(ServeError::Tls).map(|mut tls| {
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(crate::socket::TLS_WRITE_BUFFER));
+            tls
+        }),
         Err(_) => Err(ServeError::TlsTimeout(limit)),
     }
 }

@@ -361,10 +361,13 @@ impl Pool {
         // Bounded: the per-key lock is held across this, and a peer that accepts TCP but
         // stalls the handshake must not hang every connection to it.
         let handshake = async {
-            let tls = TlsConnector::from(tls_cfg)
+            let mut tls = TlsConnector::from(tls_cfg)
                 .connect(name, crate::socket::buffered(tcp))
                 .await
                 .map_err(|e| HboneError::Tls(peer, e))?;
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(crate::socket::TLS_WRITE_BUFFER));
             if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
                 return Err(HboneError::Alpn(peer));
             }
