@@ -300,7 +300,7 @@ impl ResponseBody {
 
     fn end(&mut self, clean: bool) {
         if let Some(mut f) = self.finish.take() {
-            f.record.finish();
+            f.record.finish_after_writes();
             if clean && let Some((ups, c)) = f.h1.take() {
                 ups.give_back(c);
             }
