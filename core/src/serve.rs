@@ -107,8 +107,7 @@ pub enum ServeError {
     H2(#[from] h2::Error),
 }
 
-/// Accepts TLS on `stream`, finishing by `deadline`; the connection holds up to
-/// [`crate::socket::TLS_WRITE_BUFFER`] of records to send.
+/// Accepts TLS on `stream`, finishing by `deadline`.
 pub async fn tls_accept<S>(
     acceptor: &tokio_rustls::TlsAcceptor,
     stream: S,
@@ -119,12 +118,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(r) => r.map_err(ServeError::Tls).map(|mut tls| {
-            tls.get_mut()
-                .1
-                .set_buffer_limit(Some(crate::socket::TLS_WRITE_BUFFER));
-            tls
-        }),
+        Ok(r) => r.map_err(ServeError::Tls),
         Err(_) => Err(ServeError::TlsTimeout(limit)),
     }
 }

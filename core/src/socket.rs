@@ -40,11 +40,17 @@ pub const TLS_READ_BUFFER: usize = 64 << 10;
 /// A TCP stream whose reads are buffered (writes pass straight through), to put under TLS.
 pub type BufferedStream = tokio::io::BufReader<TcpStream>;
 
-/// The most TLS records a connection holds to send (rustls's own default is 64 KiB). tokio-rustls
-/// writes out what is held after each write of plaintext, so this is the most one `writev(2)`
-/// sends: with 64 KiB, bulk data went out four 16 KiB records per system call. Held only
-/// while the socket is slower than its writer.
+/// The most TLS records an HBONE connection holds to send (rustls's own default is 64 KiB).
+/// tokio-rustls writes out what is held after each write of plaintext, so this is the most one
+/// `writev(2)` sends: with 64 KiB, bulk data went out four 16 KiB records per system call.
+/// Held only while the socket is slower than its writer ([`hold_bulk_records`]).
 pub const TLS_WRITE_BUFFER: usize = 256 << 10;
+
+/// Lets a TLS connection that carries bulk data (HBONE, either end) hold up to
+/// [`TLS_WRITE_BUFFER`] of records to send.
+pub fn hold_bulk_records<T>(conn: &mut rustls::ConnectionCommon<T>) {
+    conn.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+}
 
 pub fn buffered(tcp: TcpStream) -> BufferedStream {
     tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)

@@ -82,13 +82,14 @@ async fn hbone_connection(
     let limits = wp.cfg.hbone_limits;
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let acceptor = TlsAcceptor::from(cert.server_config());
-    let tls = tls_accept(
+    let mut tls = tls_accept(
         &acceptor,
         zmesh_core::socket::buffered(tcp),
         deadline,
         limits.handshake_timeout,
     )
     .await?;
+    zmesh_core::socket::hold_bulk_records(tls.get_mut().1);
     // The verifier admitted only a SPIFFE id of our trust domain; read once per connection.
     let id = tls
         .get_ref()

@@ -365,9 +365,7 @@ impl Pool {
                 .connect(name, crate::socket::buffered(tcp))
                 .await
                 .map_err(|e| HboneError::Tls(peer, e))?;
-            tls.get_mut()
-                .1
-                .set_buffer_limit(Some(crate::socket::TLS_WRITE_BUFFER));
+            crate::socket::hold_bulk_records(tls.get_mut().1);
             if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
                 return Err(HboneError::Alpn(peer));
             }

@@ -75,13 +75,14 @@ async fn hbone_connection(
     // certificate is at hand (a slow CA is not the client's fault).
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let acceptor = TlsAcceptor::from(cert.server_config());
-    let tls = tls_accept(
+    let mut tls = tls_accept(
         &acceptor,
         zmesh_core::socket::buffered(tcp),
         deadline,
         limits.handshake_timeout,
     )
     .await?;
+    zmesh_core::socket::hold_bulk_records(tls.get_mut().1);
     // The verifier admitted only a certificate with a SPIFFE id of our trust domain.
     let peer_id = tls
         .get_ref()
