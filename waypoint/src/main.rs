@@ -48,7 +48,14 @@ fn main() -> anyhow::Result<()> {
     }
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg = Config::from_env(&env)?;
-    runtime()?.block_on(run(cfg))
+    let workers = runtime()?.block_on(run(cfg))?;
+    // Each worker's runtime writes out, as it is dropped, the request records its tasks had
+    // not written yet (`RequestRecord::finish_after_writes`): wait for them before the log
+    // guard writes out what is waiting.
+    for w in workers {
+        let _ = w.join();
+    }
+    Ok(())
 }
 
 /// A worker: a runtime on one thread. A connection, the requests on it and the upstream
@@ -63,9 +70,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// The first worker is the main thread, which also runs the control tasks (certificates,
-/// config, admin); `WAYPOINT_WORKER_THREADS - 1` more get a thread each.
-async fn run(cfg: Config) -> anyhow::Result<()> {
+/// config, admin); `WAYPOINT_WORKER_THREADS - 1` more get a thread each, returned once the
+/// drain has let the connections finish.
+async fn run(cfg: Config) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let workers = cfg.workers;
+    let mut threads = Vec::with_capacity(workers);
     let mut running = Waypoint::start(cfg)
         .await
         .context("starting the waypoint")?;
@@ -75,7 +84,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         // drain (started by the main thread) has let its connections finish.
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let wp = running.waypoint.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("waypoint-worker-{i}"))
             .spawn(move || {
                 let rt = match runtime() {
@@ -83,9 +92,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                     Err(e) => return drop(tx.send(Err(e))),
                 };
                 let _ = tx.send(Ok(rt.handle().clone()));
-                rt.block_on(wp.drained())
+                rt.block_on(wp.drained());
+                // Its tasks not run yet (records waiting to be written) are dropped now; a
+                // blocking task does not hold the exit for more than a second.
+                rt.shutdown_timeout(std::time::Duration::from_secs(1));
             })
             .context("starting a worker thread")?;
+        threads.push(thread);
         let handle = rx.recv().context("a worker thread ended at start")??;
         running.serve_on(&handle)?;
     }
@@ -97,5 +110,5 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!("draining");
     running.drain().await;
-    Ok(())
+    Ok(threads)
 }
