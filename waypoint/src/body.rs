@@ -463,6 +463,38 @@ mod tests {
         k
     }
 
+    /// A response body's end records its request only once the tasks its last bytes woke
+    /// (the writers of the HBONE stream and of the socket) have run: not before this task
+    /// yields.
+    #[tokio::test]
+    async fn a_bodys_end_records_its_request_after_this_task_yields() {
+        use http_body_util::BodyExt;
+        let mut reg = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(crate::telemetry::Metrics::new(&mut reg));
+        let src = "10.0.0.1:1".parse().unwrap();
+        let record = RequestRecord::new(metrics, Default::default(), src, "GET", "/", "echo");
+        let finish = Finish {
+            record,
+            in_flight: None,
+            h1: None,
+        };
+        let counted = || {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+            text.lines().any(|l| l.starts_with("istio_requests_total{"))
+        };
+        let body = ResponseBody::text("ok", finish).collect().await.unwrap();
+        assert_eq!(&body.to_bytes()[..], b"ok");
+        assert!(!counted(), "recorded before the task yielded");
+        for _ in 0..10 {
+            if counted() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(counted());
+    }
+
     #[tokio::test]
     async fn keep_reads_whole_streams_large_and_fails_an_aborted_body() {
         let head =
