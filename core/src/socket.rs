@@ -43,7 +43,8 @@ pub type BufferedStream = tokio::io::BufReader<TcpStream>;
 /// The most TLS records an HBONE connection holds to send (rustls's own default is 64 KiB).
 /// tokio-rustls writes out what is held after each write of plaintext, so this is the most one
 /// `writev(2)` sends: with 64 KiB, bulk data went out four 16 KiB records per system call.
-/// Held only while the socket is slower than its writer ([`hold_bulk_records`]).
+/// Held while a write is sealed and sent, and across polls only while the socket takes less
+/// ([`hold_bulk_records`]): at most 256 KiB per HBONE connection whose peer stops reading.
 pub const TLS_WRITE_BUFFER: usize = 256 << 10;
 
 /// Lets a TLS connection that carries bulk data (HBONE, either end) hold up to
@@ -160,4 +161,58 @@ pub fn listen(
     sock.set_nodelay(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use rustls::pki_types::ServerName;
+
+    use super::*;
+    use crate::identity::SpiffeId;
+    use crate::tls::LocalCa;
+
+    /// Moves what `from` has to send into `to`, as a socket would.
+    fn transfer<A, B>(
+        from: &mut rustls::ConnectionCommon<A>,
+        to: &mut rustls::ConnectionCommon<B>,
+    ) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets().unwrap();
+        }
+    }
+
+    /// An HBONE connection takes 256 KiB of data in one write, sealed and held for one
+    /// `writev`; rustls's default takes 64 KiB.
+    #[test]
+    fn an_hbone_connection_holds_four_times_rustls_default_to_send() {
+        let ca = LocalCa::generate("test").unwrap();
+        let id = |sa: &str| SpiffeId::new("cluster.local", "default", sa).unwrap();
+        let server_cert = ca.issue(&id("server"), Duration::from_secs(600)).unwrap();
+        let client_cert = ca.issue(&id("client"), Duration::from_secs(600)).unwrap();
+        let taken = |hold: bool| {
+            let cfg = client_cert.client_config(vec![id("server")]).unwrap();
+            let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+            let mut client = rustls::ClientConnection::new(cfg, name).unwrap();
+            let mut server = rustls::ServerConnection::new(server_cert.server_config()).unwrap();
+            while client.is_handshaking() || server.is_handshaking() {
+                transfer(&mut client, &mut server);
+                transfer(&mut server, &mut client);
+            }
+            if hold {
+                hold_bulk_records(&mut client);
+            }
+            client.writer().write(&vec![0u8; 1 << 20]).unwrap()
+        };
+        assert_eq!(taken(false), 64 << 10);
+        assert_eq!(taken(true), TLS_WRITE_BUFFER);
+    }
 }
