@@ -232,21 +232,36 @@ impl RequestRecord {
     /// (idempotent): the end of a response body, where hyper drops the body before it flushes
     /// the response's last bytes to the stream. The record (four metric updates and the
     /// access-log line: 10 us of a response's 38–45 us in the waypoint, one small request at
-    /// a time) runs in a task of its own that first yields once: tokio runs a yielded task
-    /// after it has polled for I/O, so the tasks that write the response into the HBONE stream
-    /// and onto the TLS socket (which write what the socket takes) run first. Out of a runtime,
-    /// or at its shutdown (the task dropped unpolled), it is recorded at once.
+    /// a time) waits in its thread's batch, written by a task that first yields once: tokio
+    /// runs a yielded task after it has polled for I/O, so the tasks that write the response
+    /// into the HBONE stream and onto the TLS socket (which write what the socket takes) run
+    /// first. The batch's first record starts that task; the records finished before it runs
+    /// join the batch (one task per batch under load, not one per request). Out of a runtime,
+    /// or at its shutdown (the task dropped unpolled), records are written at once.
     pub fn finish_after_writes(&mut self) {
         let Some(done) = self.take_finished() else {
             return;
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn(async move {
-                tokio::task::yield_now().await;
-                drop(done);
-            })),
-            Err(_) => drop(done),
-        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return drop(done);
+        };
+        let mut done = Some(done);
+        // Not at the thread's exit, when its batch is gone: then `done` is written below.
+        let _ = BATCH.try_with(|batch| {
+            let first = {
+                let mut b = lock(batch);
+                b.extend(done.take());
+                b.len() == 1
+            };
+            if first {
+                let out = WriteOut(batch.clone());
+                drop(rt.spawn(async move {
+                    tokio::task::yield_now().await;
+                    drop(out);
+                }));
+            }
+        });
+        drop(done);
     }
 
     /// Its figures at the end (the duration measured now), once.
@@ -271,6 +286,30 @@ impl RequestRecord {
             error: self.error.take(),
             policy: self.policy.take(),
         })
+    }
+}
+
+/// Records this thread finished after their writes, not written yet
+/// ([`RequestRecord::finish_after_writes`]).
+type Batch = std::sync::Arc<std::sync::Mutex<Vec<Finished>>>;
+
+thread_local! {
+    static BATCH: Batch = Batch::default();
+}
+
+fn lock(batch: &Batch) -> std::sync::MutexGuard<'_, Vec<Finished>> {
+    batch.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes out a batch's records when dropped: after its task's yield, or with the task at its
+/// runtime's shutdown.
+struct WriteOut(Batch);
+
+impl Drop for WriteOut {
+    fn drop(&mut self) {
+        // Out of the lock: writing a record takes the metrics' and the log's locks.
+        let records = std::mem::take(&mut *lock(&self.0));
+        drop(records);
     }
 }
 
