@@ -193,6 +193,9 @@ pub struct RequestRecord {
     pub error: Option<String>,
     /// The AuthorizationPolicy that decided (`<namespace>/<name>:rules[<i>]`), if any.
     pub policy: Option<String>,
+    /// Its end and the request bytes then, when it waits to be written
+    /// ([`RequestRecord::finish_after_writes`]).
+    ended: Option<(Instant, u64)>,
     done: bool,
 }
 
@@ -219,125 +222,32 @@ impl RequestRecord {
             response_bytes: 0,
             error: None,
             policy: None,
+            ended: None,
             done: false,
         }
     }
 
     /// Records it now (idempotent).
     pub fn finish(&mut self) {
-        drop(self.take_finished());
-    }
-
-    /// Records it after the tasks woken by this task's writes so far have run once
-    /// (idempotent): the end of a response body, where hyper drops the body before it flushes
-    /// the response's last bytes to the stream. The record (four metric updates and the
-    /// access-log line: 10 us of a response's 38–45 us in the waypoint, one small request at
-    /// a time) waits in its thread's batch, written by a task that first yields once: tokio
-    /// runs a yielded task after it has polled for I/O, so the tasks that write the response
-    /// into the HBONE stream and onto the TLS socket (which write what the socket takes) run
-    /// first. The batch's first record starts that task; the records finished before it runs
-    /// join the batch (one task per batch under load, not one per request). Out of a runtime,
-    /// or at its shutdown (the task dropped unpolled), records are written at once.
-    pub fn finish_after_writes(&mut self) {
-        let Some(done) = self.take_finished() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return drop(done);
-        };
-        let mut done = Some(done);
-        // Not at the thread's exit, when its batch is gone: then `done` is written below.
-        let _ = BATCH.try_with(|batch| {
-            let first = {
-                let mut b = lock(batch);
-                b.extend(done.take());
-                b.len() == 1
-            };
-            if first {
-                let out = WriteOut(batch.clone());
-                drop(rt.spawn(async move {
-                    tokio::task::yield_now().await;
-                    drop(out);
-                }));
-            }
-        });
-        drop(done);
-    }
-
-    /// Its figures at the end (the duration measured now), once.
-    fn take_finished(&mut self) -> Option<Finished> {
         if std::mem::replace(&mut self.done, true) {
-            return None;
+            return;
         }
-        Some(Finished {
-            metrics: self.metrics.clone(),
-            // Hashed once for the four metrics; the clone copies no string (shared values).
-            key: SeriesKey::new(self.labels.clone()),
-            ms: self.start.elapsed().as_secs_f64() * 1000.0,
-            request_bytes: self
+        let (end, req) = self.ended.unwrap_or_else(|| {
+            let req = self
                 .request_bytes
-                .load(std::sync::atomic::Ordering::Relaxed),
-            response_bytes: self.response_bytes,
-            src: self.src,
-            upstream: self.upstream,
-            method: std::mem::take(&mut self.method),
-            path: std::mem::take(&mut self.path),
-            authority: std::mem::take(&mut self.authority),
-            error: self.error.take(),
-            policy: self.policy.take(),
-        })
-    }
-}
-
-/// Records this thread finished after their writes, not written yet
-/// ([`RequestRecord::finish_after_writes`]).
-type Batch = std::sync::Arc<std::sync::Mutex<Vec<Finished>>>;
-
-thread_local! {
-    static BATCH: Batch = Batch::default();
-}
-
-fn lock(batch: &Batch) -> std::sync::MutexGuard<'_, Vec<Finished>> {
-    batch.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Writes out a batch's records when dropped: after its task's yield, or with the task at its
-/// runtime's shutdown.
-struct WriteOut(Batch);
-
-impl Drop for WriteOut {
-    fn drop(&mut self) {
-        // Out of the lock: writing a record takes the metrics' and the log's locks.
-        let records = std::mem::take(&mut *lock(&self.0));
-        drop(records);
-    }
-}
-
-/// A request's record at its end, written out (metrics, then the access-log line) when dropped.
-struct Finished {
-    metrics: std::sync::Arc<Metrics>,
-    key: SeriesKey,
-    ms: f64,
-    request_bytes: u64,
-    response_bytes: u64,
-    src: SocketAddr,
-    upstream: Option<SocketAddr>,
-    method: String,
-    path: String,
-    authority: String,
-    error: Option<String>,
-    policy: Option<String>,
-}
-
-impl Drop for Finished {
-    fn drop(&mut self) {
-        let (ms, req, key) = (self.ms, self.request_bytes, &self.key);
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (Instant::now(), req)
+        });
+        let ms = end.duration_since(self.start).as_secs_f64() * 1000.0;
+        // The series key hashes the labels once for the four metrics; cloning them copies
+        // no string (shared values).
+        let key = SeriesKey::new(self.labels.clone());
         let m = &self.metrics;
-        m.requests.get_or_create(key).inc();
-        m.duration.get_or_create(key).observe(ms);
-        m.request_bytes.get_or_create(key).observe(req as f64);
+        m.requests.get_or_create(&key).inc();
+        m.duration.get_or_create(&key).observe(ms);
+        m.request_bytes.get_or_create(&key).observe(req as f64);
         m.response_bytes
-            .get_or_create(key)
+            .get_or_create(&key)
             .observe(self.response_bytes as f64);
         let (l, t) = (&key.labels, &key.labels.traffic);
         tracing::info!(
@@ -366,12 +276,98 @@ impl Drop for Finished {
             "request"
         );
     }
+
+    /// Records it, ended now, after the tasks woken by this task's writes so far have run
+    /// once: the end of a response body, where hyper drops the body before it flushes the
+    /// response's last bytes to the stream. The record (four metric updates and the access-log
+    /// line: 10 us of a response's 38–45 us in the waypoint, one small request at a time)
+    /// waits in its thread's batch, written by a task that first yields once: tokio runs a
+    /// yielded task after it has polled for I/O, so the tasks that write the response into the
+    /// HBONE stream and onto the TLS socket (which write what the socket takes) run first. The
+    /// batch's first record starts that task; the records finished before it runs join the
+    /// batch (one task per batch under load, not one per request). Out of a runtime, or at its
+    /// shutdown (the task dropped unpolled), records are written at once (dropped).
+    pub fn finish_after_writes(mut self) {
+        if self.done {
+            return;
+        }
+        let req = self
+            .request_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.ended = Some((Instant::now(), req));
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // At the thread's exit, when its batch is gone, the closure is dropped with the record.
+        let _ = BATCH.try_with(move |batch| {
+            let first = {
+                let mut b = lock(batch);
+                b.push(self);
+                b.len() == 1
+            };
+            if first {
+                let out = WriteOut(batch.clone());
+                drop(rt.spawn(async move {
+                    tokio::task::yield_now().await;
+                    drop(out);
+                }));
+            }
+        });
+    }
+}
+
+/// Records this thread finished after their writes, not written yet
+/// ([`RequestRecord::finish_after_writes`]).
+type Batch = std::sync::Arc<std::sync::Mutex<Vec<RequestRecord>>>;
+
+thread_local! {
+    static BATCH: Batch = Batch::default();
+}
+
+fn lock(batch: &Batch) -> std::sync::MutexGuard<'_, Vec<RequestRecord>> {
+    batch.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes out a batch's records when dropped: after its task's yield, or with the task at its
+/// runtime's shutdown.
+struct WriteOut(Batch);
+
+impl Drop for WriteOut {
+    fn drop(&mut self) {
+        // Out of the lock: writing a record takes the metrics' and the log's locks.
+        let records = std::mem::take(&mut *lock(&self.0));
+        drop(records);
+    }
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// `istio_requests_total` summed over `reg`'s series (tests).
+#[cfg(test)]
+pub(crate) fn counted(reg: &Registry) -> u64 {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, reg).unwrap();
+    out.lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// [`counted`] once `want` requests are, or after this task yielded 100 times to the records
+/// waiting for their writes ([`RequestRecord::finish_after_writes`]) (tests).
+#[cfg(test)]
+pub(crate) async fn counted_after_yields(reg: &Registry, want: u64) -> u64 {
+    for _ in 0..100 {
+        if counted(reg) >= want {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    counted(reg)
 }
 
 #[cfg(test)]
@@ -427,15 +423,6 @@ mod tests {
         assert!(out.contains("response_code=\"200\""), "{out}");
     }
 
-    fn counted(reg: &Registry) -> u64 {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, reg).unwrap();
-        out.lines()
-            .filter(|l| l.starts_with("istio_requests_total{"))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum()
-    }
-
     fn record(m: &std::sync::Arc<Metrics>) -> RequestRecord {
         let src = "10.0.0.1:1".parse().unwrap();
         RequestRecord::new(m.clone(), RequestLabels::default(), src, "GET", "/", "echo")
@@ -457,22 +444,16 @@ mod tests {
         });
         // The writer waits on its channel.
         tokio::task::yield_now().await;
-        let mut rec = record(&m);
-        rec.finish_after_writes();
+        record(&m).finish_after_writes();
         wake.send(()).unwrap();
         assert_eq!(writer.await.unwrap(), 0, "recorded before the writes");
-        for _ in 0..10 {
-            if counted(&reg) == 1 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(counted(&reg), 1);
-        // Idempotent: finishing again records nothing more.
-        rec.finish();
-        drop(rec);
+        assert_eq!(counted_after_yields(&reg, 1).await, 1);
+        // A record already finished is not recorded again.
+        let mut again = record(&m);
+        again.finish();
+        again.finish_after_writes();
         tokio::task::yield_now().await;
-        assert_eq!(counted(&reg), 1);
+        assert_eq!(counted(&reg), 2);
     }
 
     /// Nothing is lost: a record whose task never runs (its runtime shut down) is written out
