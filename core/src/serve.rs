@@ -123,6 +123,20 @@ where
     }
 }
 
+/// Accepts an HBONE connection's TLS on `tcp` (either proxy's HBONE listener), finishing by
+/// `deadline`: its reads buffered ([`crate::socket::buffered`]), up to
+/// [`crate::socket::TLS_WRITE_BUFFER`] of records held to send.
+pub async fn hbone_tls_accept(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    deadline: tokio::time::Instant,
+    limit: Duration,
+) -> Result<tokio_rustls::server::TlsStream<crate::socket::BufferedStream>, ServeError> {
+    let mut tls = tls_accept(acceptor, crate::socket::buffered(tcp), deadline, limit).await?;
+    crate::socket::hold_bulk_records(tls.get_mut().1);
+    Ok(tls)
+}
+
 /// A socket that accepts connections: tokio's TCP and unix listeners.
 pub trait Socket: Send + Sync + 'static {
     /// An accepted connection.

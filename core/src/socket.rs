@@ -49,7 +49,7 @@ pub const TLS_WRITE_BUFFER: usize = 256 << 10;
 
 /// Lets a TLS connection that carries bulk data (HBONE, either end) hold up to
 /// [`TLS_WRITE_BUFFER`] of records to send.
-pub fn hold_bulk_records<T>(conn: &mut rustls::ConnectionCommon<T>) {
+pub(crate) fn hold_bulk_records<T>(conn: &mut rustls::ConnectionCommon<T>) {
     conn.set_buffer_limit(Some(TLS_WRITE_BUFFER));
 }
 

@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{
-    ActiveGuard, Activity, Listener, ServeError, Tracked, serve_h2_streams, tls_accept,
+    ActiveGuard, Activity, Listener, ServeError, Tracked, hbone_tls_accept, serve_h2_streams,
 };
 use zmesh_core::tls::peer_identity;
 
@@ -82,14 +82,7 @@ async fn hbone_connection(
     let limits = wp.cfg.hbone_limits;
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let acceptor = TlsAcceptor::from(cert.server_config());
-    let mut tls = tls_accept(
-        &acceptor,
-        zmesh_core::socket::buffered(tcp),
-        deadline,
-        limits.handshake_timeout,
-    )
-    .await?;
-    zmesh_core::socket::hold_bulk_records(tls.get_mut().1);
+    let tls = hbone_tls_accept(&acceptor, tcp, deadline, limits.handshake_timeout).await?;
     // The verifier admitted only a SPIFFE id of our trust domain; read once per connection.
     let id = tls
         .get_ref()

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use zmesh_core::hbone::Tunnel;
 use zmesh_core::identity::SpiffeId;
-use zmesh_core::serve::{ActiveGuard, ServeError, serve_h2_streams, tls_accept};
+use zmesh_core::serve::{ActiveGuard, ServeError, hbone_tls_accept, serve_h2_streams};
 use zmesh_core::tls::peer_identity;
 
 use super::decide::{InboundFacts, Outcome, decide, log_dry_run};
@@ -75,14 +75,7 @@ async fn hbone_connection(
     // certificate is at hand (a slow CA is not the client's fault).
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let acceptor = TlsAcceptor::from(cert.server_config());
-    let mut tls = tls_accept(
-        &acceptor,
-        zmesh_core::socket::buffered(tcp),
-        deadline,
-        limits.handshake_timeout,
-    )
-    .await?;
-    zmesh_core::socket::hold_bulk_records(tls.get_mut().1);
+    let tls = hbone_tls_accept(&acceptor, tcp, deadline, limits.handshake_timeout).await?;
     // The verifier admitted only a certificate with a SPIFFE id of our trust domain.
     let peer_id = tls
         .get_ref()
