@@ -33,6 +33,24 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     }
 }
 
+/// The most a proxy takes of what a client wrote before its tunnel is open
+/// ([`already_written`]).
+pub const FIRST_BYTES: usize = 4 << 10;
+
+/// What the client already wrote on `stream`, up to [`FIRST_BYTES`], taken without waiting:
+/// empty when it wrote nothing yet (a server-first protocol) or closed its side. Read with the
+/// socket's own call rather than tokio's, whose readiness for a just-accepted socket is not
+/// known until its reactor's next turn; tokio learns of anything left at that turn as usual.
+pub fn already_written(stream: &TcpStream) -> io::Result<bytes::Bytes> {
+    use std::io::Read;
+    let mut buf = [0u8; FIRST_BYTES];
+    match (&*socket2::SockRef::from(stream)).read(&mut buf) {
+        Ok(n) => Ok(bytes::Bytes::copy_from_slice(&buf[..n])),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(bytes::Bytes::new()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Size of the read buffer under TLS. rustls asks the socket for 4 KiB at a time; reading
 /// the kernel in larger pieces saves most of those system calls.
 pub const TLS_READ_BUFFER: usize = 64 << 10;
@@ -214,5 +232,39 @@ mod tests {
         };
         assert_eq!(taken(false), 64 << 10);
         assert_eq!(taken(true), TLS_WRITE_BUFFER);
+    }
+}
+
+#[cfg(test)]
+mod first_bytes_tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn what_a_client_already_wrote_is_taken_without_waiting() {
+        let (mut c, s) = pair().await;
+        assert_eq!(already_written(&s).unwrap(), "", "nothing written yet");
+        let mut req = vec![b'a'; FIRST_BYTES];
+        req.extend_from_slice(b"tail");
+        c.write_all(&req).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // At most FIRST_BYTES; the rest stays for the socket's next read.
+        assert_eq!(already_written(&s).unwrap(), req[..FIRST_BYTES]);
+        let mut s = s;
+        let mut rest = [0u8; 16];
+        let n = s.read(&mut rest).await.unwrap();
+        assert_eq!(&rest[..n], b"tail");
+        drop(c);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(already_written(&s).unwrap(), "", "closed: nothing");
     }
 }

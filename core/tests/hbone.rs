@@ -551,3 +551,120 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     assert_eq!(seen.lock().unwrap().authorities.len(), 5);
     assert_eq!(client.remembered_chains(), (1, 0));
 }
+
+/// An HBONE server that reads a CONNECT's first DATA before it answers, records it (`None`
+/// when none came within a few seconds), then answers 200 and echoes the rest after it.
+async fn reading_before_answering(
+    cert: WorkloadCertificate,
+) -> (SocketAddr, Arc<Mutex<Vec<Option<Bytes>>>>) {
+    zmesh_core::tls::install_default_provider();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let firsts = Arc::new(Mutex::new(Vec::new()));
+    let seen = firsts.clone();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let tls = acceptor.accept(tcp).await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let first = tokio::time::timeout(Duration::from_secs(3), body.data())
+                            .await
+                            .ok()
+                            .flatten()
+                            .map(Result::unwrap);
+                        seen.lock().unwrap().push(first.clone());
+                        let mut send = respond.send_response(Response::new(()), false).unwrap();
+                        if let Some(b) = first {
+                            let _ = body.flow_control().release_capacity(b.len());
+                            send.send_data(b, false).unwrap();
+                        }
+                        while let Some(Ok(b)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(b.len());
+                            send.send_data(b, false).unwrap();
+                        }
+                        send.send_data(Bytes::new(), true).unwrap();
+                    });
+                }
+            });
+        }
+    });
+    (addr, firsts)
+}
+
+/// Opens a tunnel with `first` sent along, writes `rest`, half-closes and reads to the end.
+async fn through_with_first(
+    pool: &Pool,
+    key: PoolKey,
+    c: &WorkloadCertificate,
+    first: &'static [u8],
+    rest: &[u8],
+) -> Vec<u8> {
+    let (mut t, _guard) = pool
+        .connect_with(
+            key,
+            c,
+            "10.9.9.9:8080".parse().unwrap(),
+            &SourceInfo::default(),
+            Bytes::from_static(first),
+        )
+        .await
+        .unwrap();
+    t.write_all(rest).await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    t.read_to_end(&mut back).await.unwrap();
+    back
+}
+
+#[tokio::test]
+async fn bytes_already_written_go_with_the_connect_before_its_answer() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, firsts) = reading_before_answering(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let p = pool(100, Duration::from_secs(60));
+    let back = through_with_first(&p, key.clone(), &client, b"GET / ", b"HTTP/1.1").await;
+    assert_eq!(back, b"GET / HTTP/1.1");
+    // Without them, the server has nothing before it answers.
+    let back = echo_through(&p, key, &client, b"later").await.unwrap();
+    assert_eq!(back, b"later");
+    assert_eq!(
+        *firsts.lock().unwrap(),
+        vec![Some(Bytes::from_static(b"GET / ")), None],
+    );
+}
+
+#[tokio::test]
+async fn bytes_already_written_reach_a_hyper_server_through_its_upgrade() {
+    // hyper's CONNECT upgrade is what upstream ztunnel serves HBONE with.
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, _) = server(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let p = pool(100, Duration::from_secs(60));
+    let back = through_with_first(&p, key, &client, b"first, ", b"then the rest").await;
+    assert_eq!(back, b"first, then the rest");
+}
+
+#[tokio::test]
+async fn bytes_already_written_are_sent_again_when_the_connect_is_retried() {
+    let ca = LocalCa::generate("root").unwrap();
+    let addr = refusing_first_connection(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let key = PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let p = pool(100, Duration::from_secs(60));
+    let back = through_with_first(&p, key, &client, b"early ", b"and late").await;
+    assert_eq!(back, b"early and late");
+    assert_eq!(
+        p.stats().connections_opened,
+        2,
+        "the retry used a new connection"
+    );
+}

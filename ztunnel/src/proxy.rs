@@ -431,10 +431,20 @@ impl Proxy {
         src: SourceInfo,
         waypoint: Option<&WaypointLabels>,
     ) -> Result<Bytes, ProxyError> {
+        // What the app already wrote (a client-first protocol's request) goes right behind
+        // the CONNECT, not a round trip later (`Pool::connect_with`).
+        let first = match zmesh_core::socket::already_written(&stream) {
+            Ok(b) => b,
+            Err(e) => {
+                refuse(&stream);
+                return Err(ProxyError::Io(e));
+            }
+        };
+        let early = first.len() as u64;
         // Boxed: the certificate lookup, the pool checkout and the TLS and HTTP/2 handshakes
         // are large futures that live only until the tunnel is up. Inlined, their space would
         // be part of every connection's task for as long as the connection lives.
-        let opened = Box::pin(self.open_tunnel(key, target, src)).await;
+        let opened = Box::pin(self.open_tunnel(key, target, src, first)).await;
         let (mut tunnel, _guard) = match opened {
             Ok(t) => t,
             Err(e) => {
@@ -452,7 +462,8 @@ impl Proxy {
                 });
             }
         };
-        copy(&mut stream, &mut tunnel, self.node.cfg.copy_buffer).await
+        let copied = copy(&mut stream, &mut tunnel, self.node.cfg.copy_buffer).await;
+        received_before(copied, early)
     }
 
     async fn open_tunnel(
@@ -460,6 +471,7 @@ impl Proxy {
         key: PoolKey,
         target: SocketAddr,
         src: SourceInfo,
+        first: bytes::Bytes,
     ) -> Result<(Tunnel, StreamGuard), ProxyError> {
         let cert = self
             .node
@@ -467,7 +479,10 @@ impl Proxy {
             .get(&self.identity)
             .await
             .map_err(|e| ProxyError::Certificate(self.identity.clone(), e))?;
-        Ok(self.pool.connect(key, &cert, target, &src).await?)
+        Ok(self
+            .pool
+            .connect_with(key, &cert, target, &src, first)
+            .await?)
     }
 
     async fn outbound_tcp(
@@ -502,6 +517,26 @@ enum Route {
     Tcp(SocketAddr),
     /// Refused, with why.
     Refused(ProxyError),
+}
+
+/// A copy's outcome with `early` more bytes received from the client: those it wrote before
+/// the copy began, sent with the CONNECT.
+fn received_before(res: Result<Bytes, ProxyError>, early: u64) -> Result<Bytes, ProxyError> {
+    match res {
+        Ok(mut b) => {
+            b.received += early;
+            Ok(b)
+        }
+        Err(ProxyError::Copy { mut bytes, source }) => {
+            bytes.received += early;
+            Err(ProxyError::Copy { bytes, source })
+        }
+        Err(ProxyError::Revoked { mut bytes, denial }) => {
+            bytes.received += early;
+            Err(ProxyError::Revoked { bytes, denial })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Records the end of a connection from the outcome of serving it.

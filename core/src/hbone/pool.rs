@@ -194,19 +194,37 @@ impl Pool {
         target: SocketAddr,
         src: &SourceInfo,
     ) -> Result<(Tunnel, StreamGuard), HboneError> {
+        self.connect_with(key, cert, target, src, Bytes::new())
+            .await
+    }
+
+    /// [`Pool::connect`], sending `first` (bytes the client already wrote) right behind the
+    /// CONNECT instead of after the peer's 200: the tunnel's first bytes save the round trip to
+    /// the peer and back. RFC 9113 §8.5 lets DATA follow the CONNECT's HEADERS before the
+    /// answer; the peer holds them (within the stream's window) until it has decided and
+    /// reached the workload, and drops them with the stream if it refuses. A CONNECT retried
+    /// on a new connection sends them again.
+    pub async fn connect_with(
+        &self,
+        key: PoolKey,
+        cert: &WorkloadCertificate,
+        target: SocketAddr,
+        src: &SourceInfo,
+        first: Bytes,
+    ) -> Result<(Tunnel, StreamGuard), HboneError> {
         // A pooled connection the server is closing (idle GOAWAY) may refuse a stream it never
         // processed: that stream is retried once, on a new connection.
         match self
-            .try_connect(key.clone(), cert, target, src, false)
+            .try_connect(key.clone(), cert, target, src, false, first.clone())
             .await
         {
             Err(HboneError::Closed { source, .. }) => {
                 tracing::debug!(peer = %key.dst, error = %source, "pooled connection closed before the CONNECT was sent; retrying on a new one");
-                self.try_connect(key, cert, target, src, true).await
+                self.try_connect(key, cert, target, src, true, first).await
             }
             Err(HboneError::Request { source, .. }) if never_processed(&source) => {
                 tracing::debug!(peer = %key.dst, error = %source, "stream refused by a closing connection; retrying on a new one");
-                self.try_connect(key, cert, target, src, true).await
+                self.try_connect(key, cert, target, src, true, first).await
             }
             r => r,
         }
@@ -219,6 +237,7 @@ impl Pool {
         target: SocketAddr,
         src: &SourceInfo,
         fresh: bool,
+        first: Bytes,
     ) -> Result<(Tunnel, StreamGuard), HboneError> {
         let peer = key.dst;
         let (sender, guard) = if self.cfg.idle_timeout.is_zero() {
@@ -247,9 +266,13 @@ impl Pool {
         };
         let exchange = async {
             let mut sender = sender.ready().await.map_err(not_sent)?;
-            let (res, send) = sender
+            let (res, mut send) = sender
                 .send_request(connect_request(target, src), false)
                 .map_err(not_sent)?;
+            if !first.is_empty() {
+                // Queued behind the HEADERS; h2 writes both in one flush.
+                send.send_data(first, false).map_err(not_sent)?;
+            }
             let res = res.await.map_err(failed)?;
             if res.status() != StatusCode::OK {
                 return Err(HboneError::Status {
