@@ -263,6 +263,21 @@ mod first_bytes_tests {
         let mut rest = [0u8; 16];
         let n = s.read(&mut rest).await.unwrap();
         assert_eq!(&rest[..n], b"tail");
+        // Taken behind tokio's back, everything there was: tokio still wakes for what comes.
+        c.write_all(b"now").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(already_written(&s).unwrap(), "now");
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            c.write_all(b"later").await.unwrap();
+            c
+        });
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut rest))
+            .await
+            .expect("no wake-up for bytes written after the socket was read directly")
+            .unwrap();
+        assert_eq!(&rest[..n], b"later");
+        let c = later.await.unwrap();
         drop(c);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(already_written(&s).unwrap(), "", "closed: nothing");

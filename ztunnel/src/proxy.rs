@@ -435,6 +435,8 @@ impl Proxy {
         // the CONNECT, not a round trip later (`Pool::connect_with`).
         let first = match zmesh_core::socket::already_written(&stream) {
             Ok(b) => b,
+            // Reset before its tunnel was asked for: an ordinary end, as in the copy.
+            Err(e) if copy::benign(&e) => return Ok(Bytes::default()),
             Err(e) => {
                 refuse(&stream);
                 return Err(ProxyError::Io(e));

@@ -201,9 +201,11 @@ impl Pool {
     /// [`Pool::connect`], sending `first` (bytes the client already wrote) right behind the
     /// CONNECT instead of after the peer's 200: the tunnel's first bytes save the round trip to
     /// the peer and back. RFC 9113 §8.5 lets DATA follow the CONNECT's HEADERS before the
-    /// answer; the peer holds them (within the stream's window) until it has decided and
-    /// reached the workload, and drops them with the stream if it refuses. A CONNECT retried
-    /// on a new connection sends them again.
+    /// answer. They go only to the peer whose identity the handshake verified, which keeps
+    /// them (within the stream's window) and reads them when it would have read them after
+    /// its 200: a ztunnel once it has decided and reached the workload; a waypoint once it
+    /// has accepted the stream, each request then authorized as it is parsed. A refused stream
+    /// drops them. A CONNECT retried on a new connection sends them again.
     pub async fn connect_with(
         &self,
         key: PoolKey,
@@ -270,8 +272,9 @@ impl Pool {
                 .send_request(connect_request(target, src), false)
                 .map_err(not_sent)?;
             if !first.is_empty() {
-                // Queued behind the HEADERS; h2 writes both in one flush.
-                send.send_data(first, false).map_err(not_sent)?;
+                // Queued behind the HEADERS; h2 writes both in one flush. A failure here may
+                // follow HEADERS already sent: not retried as unsent.
+                send.send_data(first, false).map_err(failed)?;
             }
             let res = res.await.map_err(failed)?;
             if res.status() != StatusCode::OK {

@@ -68,7 +68,7 @@ impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counting<'_, S> {
 }
 
 /// How TCP connections normally end, as far as a proxy is concerned.
-fn benign(e: &io::Error) -> bool {
+pub(crate) fn benign(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset
