@@ -233,17 +233,9 @@ mod tests {
         assert_eq!(taken(false), 64 << 10);
         assert_eq!(taken(true), TLS_WRITE_BUFFER);
     }
-}
-
-#[cfg(test)]
-mod first_bytes_tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    use super::*;
 
     async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
@@ -251,6 +243,7 @@ mod first_bytes_tests {
 
     #[tokio::test]
     async fn what_a_client_already_wrote_is_taken_without_waiting() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut c, s) = pair().await;
         assert_eq!(already_written(&s).unwrap(), "", "nothing written yet");
         let mut req = vec![b'a'; FIRST_BYTES];

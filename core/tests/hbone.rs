@@ -36,62 +36,80 @@ struct Seen {
     open: usize,
 }
 
-/// An HBONE server that echoes every tunnel (reading to EOF, then closing its side).
-async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
+type ServerTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// A server on loopback that accepts mTLS with `cert` and gives each connection whose
+/// handshake succeeded to `serve`, in a task of its own.
+async fn tls_server<F, Fut>(cert: WorkloadCertificate, serve: F) -> SocketAddr
+where
+    F: Fn(ServerTls) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     zmesh_core::tls::install_default_provider();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let s2 = seen.clone();
+    let serve = Arc::new(serve);
     tokio::spawn(async move {
         let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
         loop {
             let (tcp, _) = l.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            let seen = s2.clone();
-            let conns = s2.clone();
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let peer = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(peer_identity);
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    let peer = peer.clone();
-                    async move {
-                        assert_eq!(req.method(), Method::CONNECT);
-                        {
-                            let mut s = seen.lock().unwrap();
-                            s.peers.push(peer);
-                            s.authorities
-                                .push(req.uri().authority().unwrap().to_string());
-                            s.headers.push(req.headers().clone());
-                        }
-                        tokio::spawn(async move {
-                            let up = hyper::upgrade::on(req).await.unwrap();
-                            let mut io = TokioIo::new(up);
-                            let mut buf = Vec::new();
-                            io.read_to_end(&mut buf).await.unwrap();
-                            io.write_all(&buf).await.unwrap();
-                            io.shutdown().await.unwrap();
-                        });
-                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-                    }
-                });
-                conns.lock().unwrap().open += 1;
-                let _ = H2Settings::default()
-                    .server()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-                conns.lock().unwrap().open -= 1;
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
+                }
             });
         }
     });
+    addr
+}
+
+/// An HBONE server that echoes every tunnel (reading to EOF, then closing its side).
+async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s2 = seen.clone();
+    let addr = tls_server(cert, move |tls| {
+        let seen = s2.clone();
+        let conns = s2.clone();
+        async move {
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(peer_identity);
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let seen = seen.clone();
+                let peer = peer.clone();
+                async move {
+                    assert_eq!(req.method(), Method::CONNECT);
+                    {
+                        let mut s = seen.lock().unwrap();
+                        s.peers.push(peer);
+                        s.authorities
+                            .push(req.uri().authority().unwrap().to_string());
+                        s.headers.push(req.headers().clone());
+                    }
+                    tokio::spawn(async move {
+                        let up = hyper::upgrade::on(req).await.unwrap();
+                        let mut io = TokioIo::new(up);
+                        let mut buf = Vec::new();
+                        io.read_to_end(&mut buf).await.unwrap();
+                        io.write_all(&buf).await.unwrap();
+                        io.shutdown().await.unwrap();
+                    });
+                    Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                }
+            });
+            conns.lock().unwrap().open += 1;
+            let _ = H2Settings::default()
+                .server()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+            conns.lock().unwrap().open -= 1;
+        }
+    })
+    .await;
     (addr, seen)
 }
 
@@ -557,44 +575,37 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
 async fn reading_before_answering(
     cert: WorkloadCertificate,
 ) -> (SocketAddr, Arc<Mutex<Vec<Option<Bytes>>>>) {
-    zmesh_core::tls::install_default_provider();
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
     let firsts = Arc::new(Mutex::new(Vec::new()));
     let seen = firsts.clone();
-    tokio::spawn(async move {
-        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
-        loop {
-            let (tcp, _) = l.accept().await.unwrap();
-            let tls = acceptor.accept(tcp).await.unwrap();
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let mut conn = h2::server::handshake(tls).await.unwrap();
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let seen = seen.clone();
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        let first = tokio::time::timeout(Duration::from_secs(3), body.data())
-                            .await
-                            .ok()
-                            .flatten()
-                            .map(Result::unwrap);
-                        seen.lock().unwrap().push(first.clone());
-                        let mut send = respond.send_response(Response::new(()), false).unwrap();
-                        if let Some(b) = first {
-                            let _ = body.flow_control().release_capacity(b.len());
-                            send.send_data(b, false).unwrap();
-                        }
-                        while let Some(Ok(b)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(b.len());
-                            send.send_data(b, false).unwrap();
-                        }
-                        send.send_data(Bytes::new(), true).unwrap();
-                    });
-                }
-            });
+    let addr = tls_server(cert, move |tls| {
+        let seen = seen.clone();
+        async move {
+            let mut conn = h2::server::handshake(tls).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let first = tokio::time::timeout(Duration::from_secs(3), body.data())
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(Result::unwrap);
+                    seen.lock().unwrap().push(first.clone());
+                    let mut send = respond.send_response(Response::new(()), false).unwrap();
+                    if let Some(b) = first {
+                        let _ = body.flow_control().release_capacity(b.len());
+                        send.send_data(b, false).unwrap();
+                    }
+                    while let Some(Ok(b)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(b.len());
+                        send.send_data(b, false).unwrap();
+                    }
+                    send.send_data(Bytes::new(), true).unwrap();
+                });
+            }
         }
-    });
+    })
+    .await;
     (addr, firsts)
 }
 

@@ -29,7 +29,7 @@ use crate::metrics::{
     Bytes, ConnectionRecord, Metrics, TrafficLabels, WaypointLabels, connection_failed,
 };
 
-pub use copy::{copy, copy_until, release_spare_buffers};
+pub use copy::{copy, copy_after, copy_until, release_spare_buffers};
 pub use inbound::{serve_hbone, serve_plaintext};
 
 /// What every proxy of a node shares.
@@ -464,8 +464,7 @@ impl Proxy {
                 });
             }
         };
-        let copied = copy(&mut stream, &mut tunnel, self.node.cfg.copy_buffer).await;
-        received_before(copied, early)
+        copy_after(&mut stream, &mut tunnel, self.node.cfg.copy_buffer, early).await
     }
 
     async fn open_tunnel(
@@ -519,26 +518,6 @@ enum Route {
     Tcp(SocketAddr),
     /// Refused, with why.
     Refused(ProxyError),
-}
-
-/// A copy's outcome with `early` more bytes received from the client: those it wrote before
-/// the copy began, sent with the CONNECT.
-fn received_before(res: Result<Bytes, ProxyError>, early: u64) -> Result<Bytes, ProxyError> {
-    match res {
-        Ok(mut b) => {
-            b.received += early;
-            Ok(b)
-        }
-        Err(ProxyError::Copy { mut bytes, source }) => {
-            bytes.received += early;
-            Err(ProxyError::Copy { bytes, source })
-        }
-        Err(ProxyError::Revoked { mut bytes, denial }) => {
-            bytes.received += early;
-            Err(ProxyError::Revoked { bytes, denial })
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// Records the end of a connection from the outcome of serving it.

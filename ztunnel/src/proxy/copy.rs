@@ -253,7 +253,22 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    copy_until(client, upstream, max_buf, std::future::pending()).await
+    copy_after(client, upstream, max_buf, 0).await
+}
+
+/// Like [`copy`], for a client whose first `received` bytes were read before the copy and sent
+/// on ahead of it (with the CONNECT): they count as received from it, however the copy ends.
+pub async fn copy_after<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    max_buf: usize,
+    received: u64,
+) -> Result<Bytes, ProxyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    copying(client, upstream, max_buf, received, std::future::pending()).await
 }
 
 /// Like [`copy`], but abandons the copy as soon as `revoked` completes (a policy change denies
@@ -270,9 +285,25 @@ where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     R: std::future::Future<Output = Denial>,
 {
+    copying(client, upstream, max_buf, 0, revoked).await
+}
+
+/// The copy, its client count starting at `received`.
+async fn copying<C, U, R>(
+    client: &mut C,
+    upstream: &mut U,
+    max_buf: usize,
+    received: u64,
+    revoked: R,
+) -> Result<Bytes, ProxyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    R: std::future::Future<Output = Denial>,
+{
     let mut c = Counting {
         inner: client,
-        read: 0,
+        read: received,
     };
     let mut u = Counting {
         inner: upstream,
@@ -512,6 +543,71 @@ mod tests {
         let mut rest = Vec::new();
         assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
         assert_eq!(upstream.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    /// Reads nothing and refuses every write.
+    struct Refusing;
+
+    impl AsyncRead for Refusing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Refusing {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::PermissionDenied.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Bytes an app wrote before its tunnel was open went with the CONNECT, outside the copy:
+    /// they count as received however the copy ends.
+    #[tokio::test]
+    async fn bytes_sent_ahead_count_as_received_however_the_copy_ends() {
+        let (mut client, mut client_side) = tokio::io::duplex(1024);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(1024);
+        let proxy =
+            tokio::spawn(
+                async move { copy_after(&mut client_side, &mut upstream_side, 64, 5).await },
+            );
+        client.write_all(&[1; 10]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        upstream.write_all(&[2; 3]).await.unwrap();
+        drop(upstream);
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(
+            proxy.await.unwrap().unwrap(),
+            Bytes {
+                received: 15,
+                sent: 3
+            }
+        );
+
+        let (mut client, mut client_side) = tokio::io::duplex(1024);
+        let proxy =
+            tokio::spawn(async move { copy_after(&mut client_side, &mut Refusing, 64, 5).await });
+        client.write_all(&[1; 10]).await.unwrap();
+        match proxy.await.unwrap() {
+            Err(ProxyError::Copy { bytes, .. }) => assert_eq!(bytes.received, 15),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

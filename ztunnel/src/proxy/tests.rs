@@ -214,33 +214,3 @@ fn the_drain_cut_off_holds_a_connection_future_once() {
         "the cut-off makes a {alone}-byte future {wrapped} bytes"
     );
 }
-
-/// Bytes an app wrote before its tunnel was open went with the CONNECT, outside the copy:
-/// they count as received however the copy ended.
-#[test]
-fn bytes_sent_with_the_connect_count_as_received_however_the_copy_ends() {
-    use super::{ProxyError, received_before};
-    use crate::metrics::Bytes as Counts;
-    let copied = Counts {
-        received: 10,
-        sent: 3,
-    };
-    let with_early = Counts {
-        received: 15,
-        sent: 3,
-    };
-    assert_eq!(received_before(Ok(copied), 5).unwrap(), with_early);
-    let broken = ProxyError::Copy {
-        bytes: copied,
-        source: std::io::Error::other("reset"),
-    };
-    match received_before(Err(broken), 5) {
-        Err(ProxyError::Copy { bytes, .. }) => assert_eq!(bytes, with_early),
-        other => panic!("{other:?}"),
-    }
-    // Nothing was copied when the tunnel never opened: nothing to add to.
-    match received_before(Err(ProxyError::Io(std::io::Error::other("no"))), 5) {
-        Err(ProxyError::Io(_)) => {}
-        other => panic!("{other:?}"),
-    }
-}
