@@ -79,25 +79,22 @@ fn h2_error(e: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for H2Tunnel {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let me = self.get_mut();
-        let Some(recv) = me.recv.as_mut() else {
-            return Poll::Ready(Ok(()));
+impl H2Tunnel {
+    /// Waits until some of the peer's bytes are at hand (`rbuf` not empty); `false`: the peer
+    /// ended the stream (or it was taken apart by `Drop`).
+    fn poll_received(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let Some(recv) = self.recv.as_mut() else {
+            return Poll::Ready(Ok(false));
         };
-        while me.rbuf.is_empty() {
+        while self.rbuf.is_empty() {
             match ready!(recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => me.rbuf = data,
+                None => return Poll::Ready(Ok(false)),
+                Some(Ok(data)) => self.rbuf = data,
                 Some(Err(e)) => {
                     // As hyper's upgrade reads it: a peer that ended the stream with NO_ERROR
                     // or CANCEL closed it; STREAM_CLOSED is a broken pipe.
                     return Poll::Ready(match e.reason() {
-                        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Ok(()),
+                        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Ok(false),
                         Some(Reason::STREAM_CLOSED) => {
                             Err(io::Error::new(io::ErrorKind::BrokenPipe, e))
                         }
@@ -106,6 +103,83 @@ impl AsyncRead for H2Tunnel {
                 }
             }
         }
+        Poll::Ready(Ok(true))
+    }
+
+    /// The application has taken `n` received bytes: the peer may send that much more.
+    fn release(&mut self, n: usize) {
+        if let Some(recv) = self.recv.as_mut() {
+            let _ = recv.flow_control().release_capacity(n);
+        }
+    }
+
+    /// The peer's next bytes as h2 received them, a whole DATA frame's worth (empty: the peer
+    /// ended the stream). For a copy that writes them on: it needs no buffer of its own and
+    /// does not copy them into one. Their window is released as they are handed out, as
+    /// `poll_read` does once it has copied them.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if !ready!(self.poll_received(cx))? {
+            return Poll::Ready(Ok(Bytes::new()));
+        }
+        let chunk = std::mem::take(&mut self.rbuf);
+        self.release(chunk.len());
+        Poll::Ready(Ok(chunk))
+    }
+
+    /// Waits for room to send (the peer's windows and h2's send buffer); returns how many
+    /// bytes may be sent now, at most `want`.
+    fn poll_room(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.shut {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if self.send.capacity() == 0 {
+            self.send.reserve_capacity(want);
+            while self.send.capacity() == 0 {
+                match self.send.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(_))) => {}
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_error(e))),
+                    Poll::Ready(None) => return self.poll_send_error(cx).map(Err),
+                    Poll::Pending => {
+                        // Waiting for window: a reset must still wake us.
+                        if let Poll::Ready(e) = self.poll_send_error(cx) {
+                            return Poll::Ready(Err(e));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+        Poll::Ready(Ok(self.send.capacity().min(want)))
+    }
+
+    /// Sends from the front of `chunk` as much as flow control allows, handing those bytes to
+    /// h2 as they are (no copy); returns how many were sent and leaves the rest in `chunk`.
+    pub fn poll_send_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_room(cx, chunk.len()))?;
+        match self.send.send_data(chunk.split_to(n), false) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(e) => Poll::Ready(Err(h2_error(e))),
+        }
+    }
+}
+
+impl AsyncRead for H2Tunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if !ready!(me.poll_received(cx))? {
+            return Poll::Ready(Ok(()));
+        }
         let n = me.rbuf.len().min(buf.remaining());
         buf.put_slice(&me.rbuf[..n]);
         me.rbuf.advance(n);
@@ -113,8 +187,7 @@ impl AsyncRead for H2Tunnel {
             // An empty view still holds h2's whole read chunk alive: let it go while idle.
             me.rbuf = Bytes::new();
         }
-        // Read by the application: the peer may send that much more.
-        let _ = recv.flow_control().release_capacity(n);
+        me.release(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -129,28 +202,7 @@ impl AsyncWrite for H2Tunnel {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if me.shut {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        // Flow control: write no more than the peer's windows (and h2's send buffer) allow.
-        if me.send.capacity() == 0 {
-            me.send.reserve_capacity(buf.len());
-            while me.send.capacity() == 0 {
-                match me.send.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(_))) => {}
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_error(e))),
-                    Poll::Ready(None) => return me.poll_send_error(cx).map(Err),
-                    Poll::Pending => {
-                        // Waiting for window: a reset must still wake us.
-                        if let Poll::Ready(e) = me.poll_send_error(cx) {
-                            return Poll::Ready(Err(e));
-                        }
-                        return Poll::Pending;
-                    }
-                }
-            }
-        }
-        let n = me.send.capacity().min(buf.len());
+        let n = ready!(me.poll_room(cx, buf.len()))?;
         me.wbuf.reserve(n);
         me.wbuf.extend_from_slice(&buf[..n]);
         let chunk = me.wbuf.split().freeze();

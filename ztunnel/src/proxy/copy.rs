@@ -12,58 +12,57 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
+use zmesh_core::hbone::Tunnel;
 
 use super::ProxyError;
 use super::policy::Denial;
 use crate::metrics::Bytes;
 
-/// Counts what is read through it; everything else passes straight through.
-struct Counting<'a, S: ?Sized> {
-    inner: &'a mut S,
-    read: u64,
+/// One side of a proxied connection, as the copy moves bytes through it. By default through
+/// `AsyncRead` and `AsyncWrite`, with the copy's own buffer in between. An HBONE tunnel's
+/// bytes are already in shared chunks (h2's `Bytes`): it hands over what it received and
+/// takes what it sends as chunks, so a byte crossing the proxy is not copied between h2's
+/// buffers and the copy's.
+pub trait Side: AsyncRead + AsyncWrite + Unpin {
+    /// Received bytes come from [`Side::poll_chunk`]: the copy needs no buffer to read into.
+    const CHUNKED: bool = false;
+
+    /// The next received bytes (empty: the peer ended). Called only when `CHUNKED`; this
+    /// default reads into a new buffer.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bytes::Bytes>> {
+        let mut buf = BytesMut::with_capacity(MEDIUM);
+        ready!(tokio_util::io::poll_read_buf(Pin::new(self), cx, &mut buf))?;
+        Poll::Ready(Ok(buf.freeze()))
+    }
+
+    /// Writes from the front of `chunk`, returning how many bytes were taken from it.
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut bytes::Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut *self).poll_write(cx, chunk))?;
+        chunk.advance(n);
+        Poll::Ready(Ok(n))
+    }
 }
 
-impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counting<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        res
-    }
-}
+impl Side for tokio::net::TcpStream {}
 
-impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counting<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+impl Side for Tunnel {
+    const CHUNKED: bool = true;
+
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bytes::Bytes>> {
+        Tunnel::poll_chunk(self, cx)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        chunk: &mut bytes::Bytes,
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
+        self.poll_send_chunk(cx, chunk)
     }
 }
 
@@ -132,11 +131,16 @@ fn give_back(mut buf: BytesMut) {
 /// buffer is taken when the reader has something to read and given back as soon as the reader
 /// has nothing more and everything read was written, so an idle connection holds no buffer.
 struct Half {
-    /// Bytes read and not yet written; no allocation at all while idle.
+    /// Where reads go; no allocation at all while idle, and none ever from a chunked reader.
     buf: BytesMut,
+    /// Read and not yet written: split off `buf`, or a chunk the reader handed over. A chunked
+    /// writer keeps what it took until it has sent it; `buf` is reused once it has.
+    out: bytes::Bytes,
     /// Size of the next read.
     size: usize,
     max: usize,
+    /// Bytes read so far.
+    read: u64,
     read_done: bool,
     done: bool,
     need_flush: bool,
@@ -146,8 +150,10 @@ impl Half {
     fn new(max: usize) -> Half {
         Half {
             buf: BytesMut::new(),
+            out: bytes::Bytes::new(),
             size: SMALL.min(max),
             max,
+            read: 0,
             read_done: false,
             done: false,
             need_flush: false,
@@ -157,7 +163,7 @@ impl Half {
     /// Bytes of buffer this direction holds now.
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.buf.capacity()
+        self.buf.capacity() + self.out.len()
     }
 
     fn adapt(&mut self, n: usize) {
@@ -169,75 +175,94 @@ impl Half {
     }
 
     /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or one side waits.
-    fn poll_copy<R, W>(
+    fn poll_copy<R: Side + ?Sized, W: Side + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
-        mut r: Pin<&mut R>,
-        mut w: Pin<&mut W>,
-    ) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
-    {
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            if !self.buf.is_empty() {
-                let n = ready!(w.as_mut().poll_write(cx, &self.buf))?;
+            if !self.out.is_empty() {
+                let n = ready!(w.poll_write_chunk(cx, &mut self.out))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.buf.advance(n);
                 self.need_flush = true;
+                if self.out.is_empty() {
+                    // Let go of the read buffer's last view, so it can be read into again.
+                    self.out = bytes::Bytes::new();
+                }
                 continue;
             }
             if self.read_done {
                 if self.need_flush {
-                    ready!(w.as_mut().poll_flush(cx))?;
+                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
                     self.need_flush = false;
                 }
-                ready!(w.as_mut().poll_shutdown(cx))?;
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            // Empty: take back the whole allocation (or a new one of today's size) and read at
-            // most today's size into its spare capacity (not zeroed first: a bulk read must
-            // not pay a memset of the whole buffer).
-            self.buf.clear();
-            if !self.buf.try_reclaim(self.size) {
-                if self.size >= MEDIUM {
-                    give_back(std::mem::take(&mut self.buf));
-                    self.buf = take_buffer(self.size);
-                } else {
-                    self.buf.reserve(self.size);
-                }
-            }
-            let polled = tokio_util::io::poll_read_buf(
-                r.as_mut(),
-                cx,
-                &mut bytes::BufMut::limit(&mut self.buf, self.size),
-            );
-            let n = self.buf.len();
-            match polled.map_ok(|_| n) {
+            let polled = if R::CHUNKED {
+                r.poll_chunk(cx)
+            } else {
+                self.poll_read_buf(cx, r)
+            };
+            match polled {
                 Poll::Pending => {
                     // Nothing to read and nothing unwritten: give the memory back while the
                     // peer is quiet.
                     give_back(std::mem::take(&mut self.buf));
                     if self.need_flush {
-                        ready!(w.as_mut().poll_flush(cx))?;
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
                         self.need_flush = false;
                     }
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(0)) => {
+                Poll::Ready(Ok(read)) if read.is_empty() => {
                     self.read_done = true;
                     give_back(std::mem::take(&mut self.buf));
                 }
-                Poll::Ready(Ok(n)) => self.adapt(n),
+                Poll::Ready(Ok(read)) => {
+                    self.read += read.len() as u64;
+                    self.out = read;
+                }
             }
         }
+    }
+
+    /// Reads into this direction's buffer; returns what was read (empty: the reader ended).
+    fn poll_read_buf<R: Side + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> Poll<io::Result<bytes::Bytes>> {
+        // Empty: take back the whole allocation (or a new one of today's size) and read at
+        // most today's size into its spare capacity (not zeroed first: a bulk read must not
+        // pay a memset of the whole buffer).
+        self.buf.clear();
+        if !self.buf.try_reclaim(self.size) {
+            if self.size >= MEDIUM {
+                give_back(std::mem::take(&mut self.buf));
+                self.buf = take_buffer(self.size);
+            } else {
+                self.buf.reserve(self.size);
+            }
+        }
+        ready!(tokio_util::io::poll_read_buf(
+            Pin::new(r),
+            cx,
+            &mut bytes::BufMut::limit(&mut self.buf, self.size),
+        ))?;
+        let n = self.buf.len();
+        if n > 0 {
+            self.adapt(n);
+        }
+        Poll::Ready(Ok(self.buf.split().freeze()))
     }
 }
 
@@ -250,8 +275,8 @@ pub async fn copy<C, U>(
     max_buf: usize,
 ) -> Result<Bytes, ProxyError>
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Side + ?Sized,
+    U: Side + ?Sized,
 {
     copy_after(client, upstream, max_buf, 0).await
 }
@@ -265,8 +290,8 @@ pub async fn copy_after<C, U>(
     received: u64,
 ) -> Result<Bytes, ProxyError>
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Side + ?Sized,
+    U: Side + ?Sized,
 {
     copying(client, upstream, max_buf, received, std::future::pending()).await
 }
@@ -281,8 +306,8 @@ pub async fn copy_until<C, U, R>(
     revoked: R,
 ) -> Result<Bytes, ProxyError>
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Side + ?Sized,
+    U: Side + ?Sized,
     R: std::future::Future<Output = Denial>,
 {
     copying(client, upstream, max_buf, 0, revoked).await
@@ -297,23 +322,16 @@ async fn copying<C, U, R>(
     revoked: R,
 ) -> Result<Bytes, ProxyError>
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Side + ?Sized,
+    U: Side + ?Sized,
     R: std::future::Future<Output = Denial>,
 {
-    let mut c = Counting {
-        inner: client,
-        read: received,
-    };
-    let mut u = Counting {
-        inner: upstream,
-        read: 0,
-    };
+    let (mut to_upstream, mut to_client) = (Half::new(max_buf), Half::new(max_buf));
+    to_upstream.read = received;
     let res = {
-        let (mut to_upstream, mut to_client) = (Half::new(max_buf), Half::new(max_buf));
         let copying = std::future::poll_fn(|cx| {
-            let up = to_upstream.poll_copy(cx, Pin::new(&mut c), Pin::new(&mut u))?;
-            let down = to_client.poll_copy(cx, Pin::new(&mut u), Pin::new(&mut c))?;
+            let up = to_upstream.poll_copy(cx, client, upstream)?;
+            let down = to_client.poll_copy(cx, upstream, client)?;
             if up.is_ready() && down.is_ready() {
                 Poll::Ready(Ok::<(), io::Error>(()))
             } else {
@@ -326,8 +344,8 @@ where
         }
     };
     let bytes = Bytes {
-        received: c.read,
-        sent: u.read,
+        received: to_upstream.read,
+        sent: to_client.read,
     };
     match res {
         Ok(Ok(_)) => Ok(bytes),
@@ -340,7 +358,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
+
+    impl Side for tokio::io::DuplexStream {}
+    impl<S: AsyncRead + AsyncWrite + Unpin> Side for Offered<S> {}
+    impl Side for Refusing {}
 
     /// Records the size of every read buffer it is offered.
     struct Offered<S> {
@@ -425,7 +447,7 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         assert_eq!(half.held(), 0);
         a.write_all(&vec![7u8; 600 << 10]).await.unwrap();
-        let r = half.poll_copy(&mut cx, Pin::new(&mut a_side), Pin::new(&mut b_side));
+        let r = half.poll_copy(&mut cx, &mut a_side, &mut b_side);
         assert!(r.is_pending());
         assert_eq!(half.held(), 0, "an idle direction kept its buffer");
         assert_eq!(half.size, 256 << 10, "bulk did not grow the reads");
@@ -433,7 +455,7 @@ mod tests {
         b.read_exact(&mut got).await.unwrap();
         // Small reads after the bulk bring the size back down.
         a.write_all(&[1u8; 10]).await.unwrap();
-        let r = half.poll_copy(&mut cx, Pin::new(&mut a_side), Pin::new(&mut b_side));
+        let r = half.poll_copy(&mut cx, &mut a_side, &mut b_side);
         assert!(r.is_pending());
         assert_eq!(half.size, MEDIUM);
         assert_eq!(half.held(), 0);
@@ -461,7 +483,7 @@ mod tests {
         let (mut b_side, _b) = tokio::io::duplex(4 << 20);
         a.write_all(&vec![7u8; 600 << 10]).await.unwrap();
         let mut quiet = Half::new(256 << 10);
-        let r = quiet.poll_copy(&mut cx, Pin::new(&mut a_side), Pin::new(&mut b_side));
+        let r = quiet.poll_copy(&mut cx, &mut a_side, &mut b_side);
         assert!(r.is_pending());
         assert_eq!(quiet.held(), 0, "a quiet direction kept its buffer");
         let before = spares();
@@ -475,7 +497,7 @@ mod tests {
         let mut bulk = Half::new(256 << 10);
         bulk.size = 256 << 10;
         c.write_all(&vec![8u8; 300 << 10]).await.unwrap();
-        let r = bulk.poll_copy(&mut cx, Pin::new(&mut c_side), Pin::new(&mut d_side));
+        let r = bulk.poll_copy(&mut cx, &mut c_side, &mut d_side);
         assert!(r.is_pending());
         assert!(
             bulk.held() > MEDIUM,
@@ -488,6 +510,98 @@ mod tests {
         );
         release_spare_buffers();
         assert!(spares().is_empty());
+    }
+
+    /// An HBONE tunnel over memory: h2's client and server on a duplex pipe, one CONNECT
+    /// stream open and answered; h2's default windows (64 KiB), so flow control is exercised.
+    async fn tunnel_pair() -> (Tunnel, Tunnel) {
+        let (client_io, server_io) = tokio::io::duplex(64 << 10);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let stream = conn.accept().await.unwrap().unwrap();
+            let _ = tx.send(stream);
+            while conn.accept().await.is_some() {}
+        });
+        let (client, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let connect = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (response, send) = client.send_request(connect, false).unwrap();
+        let (request, mut respond) = rx.await.unwrap();
+        let server_send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        let response = response.await.unwrap();
+        (
+            Tunnel::new(send, response.into_body()),
+            Tunnel::new(server_send, request.into_body()),
+        )
+    }
+
+    /// With a tunnel on either side, the copy takes h2's chunks and hands its reads to h2
+    /// without a buffer in between: megabytes each way (many windows' worth) arrive whole
+    /// and in order, each end's close passes through, and the counts are Istio's.
+    #[tokio::test]
+    async fn bulk_through_a_tunnel_on_either_side_arrives_whole() {
+        let up: Vec<u8> = (0..3usize << 20).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..2usize << 20).map(|i| (i % 241) as u8).collect();
+        for tunnel_is_client in [false, true] {
+            let (mut near, mut far) = tunnel_pair().await;
+            let (mut app, mut app_side) = tokio::io::duplex(64 << 10);
+            let proxy = tokio::spawn(async move {
+                if tunnel_is_client {
+                    copy(&mut near, &mut app_side, 256 << 10).await
+                } else {
+                    copy(&mut app_side, &mut near, 256 << 10).await
+                }
+            });
+            let (up2, down2) = (up.clone(), down.clone());
+            let app_end = tokio::spawn(async move {
+                app.write_all(&up2).await.unwrap();
+                app.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                app.read_to_end(&mut got).await.unwrap();
+                got
+            });
+            let far_end = tokio::spawn(async move {
+                let mut got = Vec::new();
+                far.read_to_end(&mut got).await.unwrap();
+                far.write_all(&down2).await.unwrap();
+                far.shutdown().await.unwrap();
+                got
+            });
+            let at_far = far_end.await.unwrap();
+            assert!(
+                at_far == up,
+                "the far end got {} bytes, not the app's",
+                at_far.len()
+            );
+            let at_app = app_end.await.unwrap();
+            assert!(
+                at_app == down,
+                "the app got {} bytes, not the far end's",
+                at_app.len()
+            );
+            let bytes = proxy.await.unwrap().unwrap();
+            let (from_client, from_upstream) = if tunnel_is_client {
+                (down.len(), up.len())
+            } else {
+                (up.len(), down.len())
+            };
+            assert_eq!(
+                bytes.received, from_client as u64,
+                "tunnel is client: {tunnel_is_client}"
+            );
+            assert_eq!(
+                bytes.sent, from_upstream as u64,
+                "tunnel is client: {tunnel_is_client}"
+            );
+        }
     }
 
     #[tokio::test]
