@@ -39,12 +39,17 @@ fn init_logging() -> anyhow::Result<zmesh_core::logsink::LogGuard> {
 
 fn main() -> anyhow::Result<()> {
     Cli::parse();
+    // First: on AMD CPUs this starts the program over with glibc tuned.
+    let copies = zmesh_core::process::prefer_vector_copies();
     // Before the runtime's threads allocate (see `zmesh_core::process`).
     let thp = zmesh_core::process::disable_transparent_huge_pages();
     zmesh_core::process::raise_fd_limit();
     let _log = init_logging()?;
     if let Err(e) = thp {
         tracing::warn!("cannot turn transparent huge pages off: {e}");
+    }
+    if let Err(e) = copies {
+        tracing::warn!("cannot start over with glibc's vector copies: {e}");
     }
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg = Config::from_env(&env)?;

@@ -145,11 +145,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Proxy { config } => {
+            // First: on AMD CPUs this starts the program over with glibc tuned.
+            let copies = zmesh_core::process::prefer_vector_copies();
             set_purge_delay();
             let thp = zmesh_core::process::disable_transparent_huge_pages();
             let (log, _log_guard) = init_logging()?;
             if let Err(e) = thp {
                 tracing::warn!("cannot turn transparent huge pages off: {e}");
+            }
+            if let Err(e) = copies {
+                tracing::warn!("cannot start over with glibc's vector copies: {e}");
             }
             zmesh_core::tls::install_default_provider();
             zmesh_core::process::raise_fd_limit();
