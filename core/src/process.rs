@@ -40,10 +40,16 @@ pub const REP_MOVSB_TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold";
 /// 16 MiB), so its copies use glibc's vector loop.
 const REP_MOVSB_THRESHOLD: &str = "0x40000000";
 
+/// Set in the environment of the program started over, to the name the process had: the
+/// kernel names a process after the file it runs (here `exe`), and the program takes its name
+/// back. Its presence also means the program is never started over twice.
+pub const STARTED_OVER: &str = "ZMESH_STARTED_OVER";
+
 /// Has glibc copy with vector instructions instead of `rep movsb` on AMD CPUs, by starting
 /// this program again at once with [`REP_MOVSB_TUNABLE`] raised in `GLIBC_TUNABLES` (glibc
 /// reads its tunables only as a program starts). Call it first in `main`: on success it does
-/// not return, and the same process (same PID, arguments, descriptors) starts over.
+/// not return, and the same process (same PID, arguments, environment plus the tunable and
+/// [`STARTED_OVER`], descriptors, name) starts over.
 ///
 /// Why: on AMD Zen, `rep movsb` copies about 30 times slower when the destination lies a few
 /// bytes past the source modulo 4 KiB (16 KiB copies on this project's test machine: 2.7
@@ -51,26 +57,52 @@ const REP_MOVSB_THRESHOLD: &str = "0x40000000";
 /// from the proxy's read buffer into a new record buffer, five bytes past its start; where the
 /// allocator places both at the same offset in a page, every record's copy is that case.
 /// Under bulk load those copies were a fifth of a sending ztunnel's CPU, and 7 % with the
-/// vector loop (`docs/bench-2026-12-06.md`). glibc 2.36, which Debian 12 and the images'
-/// distroless base ship, copies with `rep movsb` from about 2 KiB up on such CPUs.
+/// vector loop (`docs/bench-2026-12-06.md`, ninth sitting). glibc 2.36, which Debian 12 and
+/// the images' distroless base ship, copies with `rep movsb` from about 2 KiB up on such CPUs.
 ///
-/// Does nothing on other CPUs and C libraries, or when `GLIBC_TUNABLES` already names the
-/// tunable: an operator's own choice, or this program after the exec. Returns the exec's
-/// error if it failed (the caller logs it once logging is set up; the program runs on
-/// unchanged).
+/// Does nothing on other CPUs (AMD's and Hygon's Zen cores are the ones it is for) and C
+/// libraries; when `GLIBC_TUNABLES` already names the tunable (an operator's own choice); in
+/// secure mode (set-user-ID or file capabilities), where glibc ignores the tunable; when
+/// `/proc/self/exe` cannot be read or is the dynamic loader (`ld.so PROGRAM`). Tools that run
+/// the program themselves (valgrind) would lose it at the exec: give them the tunable. Returns
+/// the exec's error if it failed (the caller logs it once logging is set up; the program runs
+/// on unchanged).
 pub fn prefer_vector_copies() -> std::io::Result<()> {
     #[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
     {
+        use std::os::unix::ffi::OsStrExt;
         use std::os::unix::process::CommandExt;
+        if let Some(name) = std::env::var_os(STARTED_OVER) {
+            // The main thread's name, which is the process's (proc(5), /proc/pid/comm).
+            let _ = std::fs::write("/proc/self/comm", name.as_bytes());
+            return Ok(());
+        }
+        // SAFETY: getauxval only reads the auxiliary vector the kernel gave this process.
+        if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+            return Ok(());
+        }
+        let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+            return Ok(());
+        };
+        let file = exe.file_name().map(|f| f.as_bytes()).unwrap_or_default();
+        if file.starts_with(b"ld-linux") || file.starts_with(b"ld.so") {
+            return Ok(());
+        }
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let current = std::env::var("GLIBC_TUNABLES").ok();
         if let Some(tunables) = tunables_for(cpu_vendor(&cpuinfo), current.as_deref()) {
+            let name = std::fs::read("/proc/self/comm").unwrap_or_default();
+            let name = name.strip_suffix(b"\n").unwrap_or(&name);
             let mut args = std::env::args_os();
             let mut cmd = std::process::Command::new("/proc/self/exe");
             if let Some(arg0) = args.next() {
                 cmd.arg0(arg0);
             }
-            return Err(cmd.args(args).env("GLIBC_TUNABLES", tunables).exec());
+            return Err(cmd
+                .args(args)
+                .env("GLIBC_TUNABLES", tunables)
+                .env(STARTED_OVER, std::ffi::OsStr::from_bytes(name))
+                .exec());
         }
     }
     Ok(())
@@ -86,7 +118,7 @@ fn cpu_vendor(cpuinfo: &str) -> Option<&str> {
 
 /// The `GLIBC_TUNABLES` to start over with, or `None` to run on as is.
 fn tunables_for(vendor: Option<&str>, current: Option<&str>) -> Option<String> {
-    if vendor != Some("AuthenticAMD") {
+    if !matches!(vendor, Some("AuthenticAMD" | "HygonGenuine")) {
         return None;
     }
     let ours = format!("{REP_MOVSB_TUNABLE}={REP_MOVSB_THRESHOLD}");
@@ -130,6 +162,7 @@ mod tests {
             tunables_for(amd, Some(&other)),
             Some(format!("{other}:{ours}"))
         );
+        assert_eq!(tunables_for(Some("HygonGenuine"), None), Some(ours.clone()));
         assert_eq!(tunables_for(Some("GenuineIntel"), None), None);
         assert_eq!(tunables_for(None, None), None);
     }

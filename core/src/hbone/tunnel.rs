@@ -113,15 +113,20 @@ impl H2Tunnel {
         }
     }
 
-    /// The peer's next bytes as h2 received them, a whole DATA frame's worth (empty: the peer
-    /// ended the stream). For a copy that writes them on: it needs no buffer of its own and
-    /// does not copy them into one. Their window is released as they are handed out, as
-    /// `poll_read` does once it has copied them.
-    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+    /// The peer's next bytes as h2 received them, at most `max` of a DATA frame's (empty: the
+    /// peer ended the stream). For a copy that writes them on: it needs no buffer of its own
+    /// and does not copy them into one. Their window is released as they are handed out, as
+    /// `poll_read` does once it has copied them, and no more than `max` at a time: what the
+    /// copy holds released stays within what a copy buffer of `max` would hold.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Bytes>> {
         if !ready!(self.poll_received(cx))? {
             return Poll::Ready(Ok(Bytes::new()));
         }
-        let chunk = std::mem::take(&mut self.rbuf);
+        let chunk = if self.rbuf.len() <= max {
+            std::mem::take(&mut self.rbuf)
+        } else {
+            self.rbuf.split_to(max.max(1))
+        };
         self.release(chunk.len());
         Poll::Ready(Ok(chunk))
     }

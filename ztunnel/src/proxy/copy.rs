@@ -28,10 +28,10 @@ pub trait Side: AsyncRead + AsyncWrite + Unpin {
     /// Received bytes come from [`Side::poll_chunk`]: the copy needs no buffer to read into.
     const CHUNKED: bool = false;
 
-    /// The next received bytes (empty: the peer ended). Called only when `CHUNKED`; this
-    /// default reads into a new buffer.
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bytes::Bytes>> {
-        let mut buf = BytesMut::with_capacity(MEDIUM);
+    /// The next received bytes, at most `max` (empty: the peer ended). Called only when
+    /// `CHUNKED`; this default reads into a new buffer.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<bytes::Bytes>> {
+        let mut buf = BytesMut::with_capacity(max.min(MEDIUM));
         ready!(tokio_util::io::poll_read_buf(Pin::new(self), cx, &mut buf))?;
         Poll::Ready(Ok(buf.freeze()))
     }
@@ -53,8 +53,8 @@ impl Side for tokio::net::TcpStream {}
 impl Side for Tunnel {
     const CHUNKED: bool = true;
 
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bytes::Bytes>> {
-        Tunnel::poll_chunk(self, cx)
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<bytes::Bytes>> {
+        Tunnel::poll_chunk(self, cx, max)
     }
 
     fn poll_write_chunk(
@@ -112,11 +112,13 @@ fn take_buffer(size: usize) -> BytesMut {
         .unwrap_or_else(|| BytesMut::with_capacity(size))
 }
 
-/// Gives a direction's buffer back: a bulk one is kept for the thread's next bulk read.
-fn give_back(mut buf: BytesMut) {
+/// Gives a direction's buffer back: a bulk one (`full` bytes when it was taken) is kept for
+/// the thread's next bulk read, if nothing else points into it any more (a tunnel's h2 may
+/// still hold chunks of one it was handed).
+fn give_back(mut buf: BytesMut, full: usize) {
     buf.clear();
-    // Back to the start of its allocation (it was read into and written from).
-    if !buf.try_reclaim(MEDIUM) {
+    // Back to the start of its whole allocation, which only an unshared buffer can do.
+    if full < MEDIUM || !buf.try_reclaim(full) {
         return;
     }
     SPARE.with(|s| {
@@ -139,6 +141,8 @@ struct Half {
     /// Size of the next read.
     size: usize,
     max: usize,
+    /// Capacity of `buf` when it was taken (it shrinks as reads are split off it).
+    full: usize,
     /// Bytes read so far.
     read: u64,
     read_done: bool,
@@ -153,6 +157,7 @@ impl Half {
             out: bytes::Bytes::new(),
             size: SMALL.min(max),
             max,
+            full: 0,
             read: 0,
             read_done: false,
             done: false,
@@ -207,7 +212,7 @@ impl Half {
                 return Poll::Ready(Ok(()));
             }
             let polled = if R::CHUNKED {
-                r.poll_chunk(cx)
+                r.poll_chunk(cx, self.max)
             } else {
                 self.poll_read_buf(cx, r)
             };
@@ -215,7 +220,7 @@ impl Half {
                 Poll::Pending => {
                     // Nothing to read and nothing unwritten: give the memory back while the
                     // peer is quiet.
-                    give_back(std::mem::take(&mut self.buf));
+                    self.give_back();
                     if self.need_flush {
                         ready!(Pin::new(&mut *w).poll_flush(cx))?;
                         self.need_flush = false;
@@ -225,7 +230,7 @@ impl Half {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(read)) if read.is_empty() => {
                     self.read_done = true;
-                    give_back(std::mem::take(&mut self.buf));
+                    self.give_back();
                 }
                 Poll::Ready(Ok(read)) => {
                     self.read += read.len() as u64;
@@ -233,6 +238,12 @@ impl Half {
                 }
             }
         }
+    }
+
+    /// Lets go of the buffer (see [`give_back`]).
+    fn give_back(&mut self) {
+        give_back(std::mem::take(&mut self.buf), self.full);
+        self.full = 0;
     }
 
     /// Reads into this direction's buffer; returns what was read (empty: the reader ended).
@@ -247,11 +258,12 @@ impl Half {
         self.buf.clear();
         if !self.buf.try_reclaim(self.size) {
             if self.size >= MEDIUM {
-                give_back(std::mem::take(&mut self.buf));
+                self.give_back();
                 self.buf = take_buffer(self.size);
             } else {
                 self.buf.reserve(self.size);
             }
+            self.full = self.buf.capacity();
         }
         ready!(tokio_util::io::poll_read_buf(
             Pin::new(r),
@@ -468,10 +480,10 @@ mod tests {
     async fn quiet_bulk_buffers_are_reused_and_bounded() {
         let spares = || SPARE.with(|s| s.borrow().iter().map(|b| b.capacity()).collect::<Vec<_>>());
         release_spare_buffers();
-        give_back(BytesMut::with_capacity(SMALL));
+        give_back(BytesMut::with_capacity(SMALL), SMALL);
         assert!(spares().is_empty(), "a small buffer was kept");
         for _ in 0..SPARES + 2 {
-            give_back(BytesMut::with_capacity(256 << 10));
+            give_back(BytesMut::with_capacity(256 << 10), 256 << 10);
         }
         assert_eq!(spares().len(), SPARES, "the spares are not bounded");
         release_spare_buffers();
@@ -513,17 +525,24 @@ mod tests {
     }
 
     /// An HBONE tunnel over memory: h2's client and server on a duplex pipe, one CONNECT
-    /// stream open and answered; h2's default windows (64 KiB), so flow control is exercised.
-    async fn tunnel_pair() -> (Tunnel, Tunnel) {
+    /// stream open and answered. h2's own defaults (16 KiB frames, 64 KiB windows) exercise
+    /// flow control; `zmesh_core`'s (1 MiB frames) the large frames real tunnels carry.
+    async fn tunnel_pair(production: bool) -> (Tunnel, Tunnel) {
+        let settings = zmesh_core::hbone::H2Settings::default();
+        let (client_b, server_b) = if production {
+            (settings.h2_client(), settings.h2_server())
+        } else {
+            (h2::client::Builder::new(), h2::server::Builder::new())
+        };
         let (client_io, server_io) = tokio::io::duplex(64 << 10);
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let mut conn = server_b.handshake(server_io).await.unwrap();
             let stream = conn.accept().await.unwrap().unwrap();
             let _ = tx.send(stream);
             while conn.accept().await.is_some() {}
         });
-        let (client, conn) = h2::client::handshake(client_io).await.unwrap();
+        let (client, conn) = client_b.handshake(client_io).await.unwrap();
         tokio::spawn(conn);
         let mut client = client.ready().await.unwrap();
         let connect = http::Request::builder()
@@ -543,6 +562,68 @@ mod tests {
         )
     }
 
+    /// A tunnel's reads take no buffer of the copy's, and a large frame is handed out no more
+    /// than the copy's maximum at a time: what the copy holds while its writer is blocked stays
+    /// within what its buffer would have held.
+    #[tokio::test]
+    async fn a_tunnel_read_holds_no_more_than_the_copy_maximum() {
+        const MAX: usize = 64 << 10;
+        let (mut near, mut far) = tunnel_pair(true).await;
+        // One write of 1 MiB: one DATA frame (the frames go up to 1 MiB).
+        far.write_all(&vec![9u8; 1 << 20]).await.unwrap();
+        let (mut app_side, _app) = tokio::io::duplex(1 << 10);
+        let mut half = Half::new(MAX);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut polls = 0;
+        while half.read == 0 {
+            polls += 1;
+            assert!(polls < 10_000, "the frame never arrived");
+            assert!(
+                half.poll_copy(&mut cx, &mut near, &mut app_side)
+                    .is_pending()
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            half.poll_copy(&mut cx, &mut near, &mut app_side)
+                .is_pending()
+        );
+        assert_eq!(
+            half.read, MAX as u64,
+            "a chunk larger than the maximum was taken"
+        );
+        assert_eq!(half.buf.capacity(), 0, "a tunnel read took a buffer");
+        assert_eq!(
+            half.out.len(),
+            MAX - (1 << 10),
+            "the blocked writer took more than it could"
+        );
+    }
+
+    /// A peer that drops its tunnel unfinished (h2 resets the stream with CANCEL) has closed
+    /// it, as far as the copy's reads are concerned: the app sees the close.
+    #[tokio::test]
+    async fn a_cancelled_tunnel_reads_as_a_close() {
+        let (mut near, far) = tunnel_pair(false).await;
+        let (mut app, mut app_side) = tokio::io::duplex(1 << 10);
+        let proxy = tokio::spawn(async move { copy(&mut app_side, &mut near, 1 << 10).await });
+        drop(far);
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            app.read_to_end(&mut got),
+        );
+        assert_eq!(read.await.expect("no close reached the app").unwrap(), 0);
+        drop(app);
+        let done = tokio::time::timeout(std::time::Duration::from_secs(30), proxy);
+        let bytes = match done.await.expect("the copy did not end").unwrap() {
+            Ok(bytes) | Err(ProxyError::Copy { bytes, .. }) => bytes,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!((bytes.received, bytes.sent), (0, 0));
+    }
+
     /// With a tunnel on either side, the copy takes h2's chunks and hands its reads to h2
     /// without a buffer in between: megabytes each way (many windows' worth) arrive whole
     /// and in order, each end's close passes through, and the counts are Istio's.
@@ -551,7 +632,7 @@ mod tests {
         let up: Vec<u8> = (0..3usize << 20).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..2usize << 20).map(|i| (i % 241) as u8).collect();
         for tunnel_is_client in [false, true] {
-            let (mut near, mut far) = tunnel_pair().await;
+            let (mut near, mut far) = tunnel_pair(false).await;
             let (mut app, mut app_side) = tokio::io::duplex(64 << 10);
             let proxy = tokio::spawn(async move {
                 if tunnel_is_client {
@@ -575,13 +656,15 @@ mod tests {
                 far.shutdown().await.unwrap();
                 got
             });
-            let at_far = far_end.await.unwrap();
+            let ends = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                (far_end.await.unwrap(), app_end.await.unwrap())
+            });
+            let (at_far, at_app) = ends.await.expect("the copy stalled");
             assert!(
                 at_far == up,
                 "the far end got {} bytes, not the app's",
                 at_far.len()
             );
-            let at_app = app_end.await.unwrap();
             assert!(
                 at_app == down,
                 "the app got {} bytes, not the far end's",
