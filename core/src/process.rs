@@ -40,9 +40,9 @@ pub const REP_MOVSB_TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold";
 /// 16 MiB), so its copies use glibc's vector loop.
 const REP_MOVSB_THRESHOLD: &str = "0x40000000";
 
-/// Set in the environment of the program started over, to the name the process had: the
-/// kernel names a process after the file it runs (here `exe`), and the program takes its name
-/// back. Its presence also means the program is never started over twice.
+/// Set in the environment of the program started over, to `PID:NAME`, the process's ID and
+/// the name it had: the kernel names a process after the file it runs (here `exe`), and the
+/// program takes its name back. With its own PID in it, the program never starts over twice.
 pub const STARTED_OVER: &str = "ZMESH_STARTED_OVER";
 
 /// Has glibc copy with vector instructions instead of `rep movsb` on AMD CPUs, by starting
@@ -63,7 +63,8 @@ pub const STARTED_OVER: &str = "ZMESH_STARTED_OVER";
 /// Does nothing on other CPUs (AMD's and Hygon's Zen cores are the ones it is for) and C
 /// libraries; when `GLIBC_TUNABLES` already names the tunable (an operator's own choice); in
 /// secure mode (set-user-ID or file capabilities), where glibc ignores the tunable; when
-/// `/proc/self/exe` cannot be read or is the dynamic loader (`ld.so PROGRAM`). Tools that run
+/// `/proc/self/exe` cannot be read, or is the dynamic loader run as the program
+/// (`ld.so PROGRAM`: no program interpreter in the auxiliary vector). Tools that run
 /// the program themselves (valgrind) would lose it at the exec: give them the tunable. Returns
 /// the exec's error if it failed (the caller logs it once logging is set up; the program runs
 /// on unchanged).
@@ -72,27 +73,36 @@ pub fn prefer_vector_copies() -> std::io::Result<()> {
     {
         use std::os::unix::ffi::OsStrExt;
         use std::os::unix::process::CommandExt;
-        if let Some(name) = std::env::var_os(STARTED_OVER) {
-            // The main thread's name, which is the process's (proc(5), /proc/pid/comm).
-            let _ = std::fs::write("/proc/self/comm", name.as_bytes());
-            return Ok(());
+        let pid = std::process::id();
+        if let Some(marker) = std::env::var_os(STARTED_OVER) {
+            // `PID:NAME`, set by this process before its exec; a child that inherited it (its
+            // own PID differs) starts over on its own.
+            let marker = marker.as_bytes();
+            let ours = format!("{pid}:");
+            if let Some(name) = marker.strip_prefix(ours.as_bytes()) {
+                take_name(name);
+                return Ok(());
+            }
         }
         // SAFETY: getauxval only reads the auxiliary vector the kernel gave this process.
         if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
             return Ok(());
         }
-        let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        // No program interpreter: the dynamic loader run as the program (`ld.so PROGRAM`),
+        // whose /proc/self/exe is the loader, not the program.
+        // SAFETY: as above.
+        if unsafe { libc::getauxval(libc::AT_BASE) } == 0 {
             return Ok(());
-        };
-        let file = exe.file_name().map(|f| f.as_bytes()).unwrap_or_default();
-        if file.starts_with(b"ld-linux") || file.starts_with(b"ld.so") {
+        }
+        if std::fs::read_link("/proc/self/exe").is_err() {
             return Ok(());
         }
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let current = std::env::var("GLIBC_TUNABLES").ok();
         if let Some(tunables) = tunables_for(cpu_vendor(&cpuinfo), current.as_deref()) {
+            let mut marker = format!("{pid}:").into_bytes();
             let name = std::fs::read("/proc/self/comm").unwrap_or_default();
-            let name = name.strip_suffix(b"\n").unwrap_or(&name);
+            marker.extend_from_slice(name.strip_suffix(b"\n").unwrap_or(&name));
             let mut args = std::env::args_os();
             let mut cmd = std::process::Command::new("/proc/self/exe");
             if let Some(arg0) = args.next() {
@@ -101,11 +111,24 @@ pub fn prefer_vector_copies() -> std::io::Result<()> {
             return Err(cmd
                 .args(args)
                 .env("GLIBC_TUNABLES", tunables)
-                .env(STARTED_OVER, std::ffi::OsStr::from_bytes(name))
+                .env(STARTED_OVER, std::ffi::OsStr::from_bytes(&marker))
                 .exec());
         }
     }
     Ok(())
+}
+
+/// Gives the process back its name: the main thread's (proc(5), `/proc/pid/comm`), from
+/// whichever thread; where /proc is read-only, the calling thread's (the main thread, called
+/// first in `main`).
+#[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
+fn take_name(name: &[u8]) {
+    if name.is_empty() || std::fs::write("/proc/self/comm", name).is_ok() {
+        return;
+    }
+    if let Ok(name) = std::ffi::CString::new(name) {
+        let _ = nix::sys::prctl::set_name(&name);
+    }
 }
 
 /// The CPU vendor of `/proc/cpuinfo` (`vendor_id`), if it names one.

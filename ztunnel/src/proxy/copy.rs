@@ -230,6 +230,8 @@ impl Half {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(read)) if read.is_empty() => {
                     self.read_done = true;
+                    // An empty view of the buffer still points into it.
+                    drop(read);
                     self.give_back();
                 }
                 Poll::Ready(Ok(read)) => {
@@ -599,6 +601,36 @@ mod tests {
             MAX - (1 << 10),
             "the blocked writer took more than it could"
         );
+    }
+
+    /// A bulk read handed to a tunnel is h2's to send: when the reader goes quiet before h2
+    /// has written it out, the buffer is not kept as a spare (nothing may read into it).
+    #[tokio::test]
+    async fn a_buffer_h2_still_holds_is_not_kept_as_a_spare() {
+        release_spare_buffers();
+        let (mut near, _far) = tunnel_pair(false).await;
+        let (mut app, mut app_side) = tokio::io::duplex(1 << 20);
+        app.write_all(&[5u8; 32 << 10]).await.unwrap();
+        let mut half = Half::new(256 << 10);
+        half.size = 256 << 10;
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // h2's connection task has not run since: the chunk is still in its send queue.
+        assert!(
+            half.poll_copy(&mut cx, &mut app_side, &mut near)
+                .is_pending()
+        );
+        assert_eq!(half.read, 32 << 10);
+        assert_eq!(half.held(), 0, "a quiet direction kept its buffer");
+        // The empty read after it took a fresh buffer, which is kept; the rest of the one h2
+        // holds (224 KiB of capacity behind the chunk) is not.
+        let spares = SPARE.with(|s| s.borrow().iter().map(|b| b.capacity()).collect::<Vec<_>>());
+        assert_eq!(
+            spares,
+            [256 << 10],
+            "a buffer h2 still holds was kept as a spare"
+        );
+        release_spare_buffers();
     }
 
     /// A peer that drops its tunnel unfinished (h2 resets the stream with CANCEL) has closed
