@@ -20,7 +20,8 @@ use crate::identity::SpiffeId;
 pub use ca::{LocalCa, ServerCertificate};
 use verified::VerifiedChains;
 pub use verify::{
-    IdentityMismatch, IdentityServerVerifier, TrustDomainClientVerifier, peer_identity, uri_sans,
+    IdentityMismatch, IdentityServerVerifier, TrustDomainClientVerifier, connection_peer,
+    peer_identity, uri_sans,
 };
 
 /// ALPN protocol spoken inside HBONE.

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use zmesh_core::hbone::{H2Settings, HboneError, Pool, PoolConfig, PoolKey, SourceInfo};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::socket::SocketOptions;
-use zmesh_core::tls::{LocalCa, WorkloadCertificate, peer_identity};
+use zmesh_core::tls::{LocalCa, WorkloadCertificate, connection_peer};
 
 fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "default", sa).unwrap()
@@ -72,12 +72,7 @@ async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
         let seen = s2.clone();
         let conns = s2.clone();
         async move {
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(peer_identity);
+            let peer = connection_peer(tls.get_ref().1);
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let seen = seen.clone();
                 let peer = peer.clone();

@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zmesh_core::identity::SpiffeId;
-use zmesh_core::tls::{WorkloadCertificate, peer_identity};
+use zmesh_core::tls::{WorkloadCertificate, connection_peer};
 
 use crate::Sandbox;
 
@@ -86,12 +86,7 @@ impl HbonePeer {
                                 return;
                             };
                             *handshakes.lock().expect("lock") += 1;
-                            let peer = tls
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(peer_identity);
+                            let peer = connection_peer(tls.get_ref().1);
                             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                                 let (tunnels, peer, name) =
                                     (tunnels.clone(), peer.clone(), name.clone());

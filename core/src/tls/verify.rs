@@ -43,6 +43,14 @@ pub fn peer_identity(der: &CertificateDer<'_>) -> Option<SpiffeId> {
         .find_map(|u| u.parse::<SpiffeId>().ok())
 }
 
+/// The SPIFFE identity of a TLS connection's verified peer: its leaf certificate's
+/// ([`peer_identity`]), if it presented one.
+pub fn connection_peer(conn: &rustls::CommonState) -> Option<SpiffeId> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(peer_identity)
+}
+
 fn cert_error(e: impl std::fmt::Display) -> rustls::Error {
     rustls::Error::General(e.to_string())
 }

@@ -21,7 +21,7 @@ use zmesh_core::certs::LocalCaSource;
 use zmesh_core::hbone::{H2Settings, Pool, PoolConfig, PoolKey, SourceInfo, Tunnel};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::socket::SocketOptions;
-use zmesh_core::tls::{LocalCa, WorkloadCertificate, peer_identity};
+use zmesh_core::tls::{LocalCa, WorkloadCertificate, connection_peer};
 use zmesh_waypoint::sniff::{Detected, detect};
 use zmesh_waypoint::upstream::LbPolicy;
 use zmesh_waypoint::{Config, Running, Waypoint};
@@ -277,12 +277,7 @@ async fn node(
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(peer_identity);
+            let peer = connection_peer(tls.get_ref().1);
             let svc = service_fn(move |req: Request<Incoming>| {
                 connects.lock().unwrap().push(Connect {
                     authority: req.uri().authority().unwrap().to_string(),

@@ -25,15 +25,14 @@ use crate::metrics::Bytes;
 /// takes what it sends as chunks, so a byte crossing the proxy is not copied between h2's
 /// buffers and the copy's.
 pub trait Side: AsyncRead + AsyncWrite + Unpin {
-    /// Received bytes come from [`Side::poll_chunk`]: the copy needs no buffer to read into.
-    const CHUNKED: bool = false;
-
-    /// The next received bytes, at most `max` (empty: the peer ended). Called only when
-    /// `CHUNKED`; this default reads into a new buffer.
-    fn poll_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<bytes::Bytes>> {
-        let mut buf = BytesMut::with_capacity(max.min(MEDIUM));
-        ready!(tokio_util::io::poll_read_buf(Pin::new(self), cx, &mut buf))?;
-        Poll::Ready(Ok(buf.freeze()))
+    /// The next received bytes (empty: the peer ended): by default read into the direction's
+    /// buffer `reads` and split off it.
+    fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        reads: &mut Reads,
+    ) -> Poll<io::Result<bytes::Bytes>> {
+        reads.poll_read_from(cx, self)
     }
 
     /// Writes from the front of `chunk`, returning how many bytes were taken from it.
@@ -51,10 +50,14 @@ pub trait Side: AsyncRead + AsyncWrite + Unpin {
 impl Side for tokio::net::TcpStream {}
 
 impl Side for Tunnel {
-    const CHUNKED: bool = true;
-
-    fn poll_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<bytes::Bytes>> {
-        Tunnel::poll_chunk(self, cx, max)
+    /// h2's received chunks as they are, at most a read's maximum at a time; `reads` never
+    /// takes a buffer.
+    fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        reads: &mut Reads,
+    ) -> Poll<io::Result<bytes::Bytes>> {
+        Tunnel::poll_chunk(self, cx, reads.max)
     }
 
     fn poll_write_chunk(
@@ -129,20 +132,84 @@ fn give_back(mut buf: BytesMut, full: usize) {
     });
 }
 
-/// One direction of a proxied connection. It owns memory only while it moves bytes: the
-/// buffer is taken when the reader has something to read and given back as soon as the reader
-/// has nothing more and everything read was written, so an idle connection holds no buffer.
-struct Half {
-    /// Where reads go; no allocation at all while idle, and none ever from a chunked reader.
+/// A direction's read buffer. It holds memory only while its direction moves bytes: taken
+/// when the reader has something to read, given back as soon as the reader has nothing more
+/// and everything read was written, so an idle connection holds none.
+pub struct Reads {
+    /// No allocation at all while idle, and none ever for a tunnel's reads.
     buf: BytesMut,
-    /// Read and not yet written: split off `buf`, or a chunk the reader handed over. A chunked
-    /// writer keeps what it took until it has sent it; `buf` is reused once it has.
-    out: bytes::Bytes,
+    /// Capacity of `buf` when it was taken (it shrinks as reads are split off it).
+    full: usize,
     /// Size of the next read.
     size: usize,
     max: usize,
-    /// Capacity of `buf` when it was taken (it shrinks as reads are split off it).
-    full: usize,
+}
+
+impl Reads {
+    fn new(max: usize) -> Reads {
+        Reads {
+            buf: BytesMut::new(),
+            full: 0,
+            size: SMALL.min(max),
+            max,
+        }
+    }
+
+    fn adapt(&mut self, n: usize) {
+        if n >= self.size {
+            self.size = if self.size < MEDIUM { MEDIUM } else { self.max }.min(self.max);
+        } else if n < self.size / 16 {
+            self.size = if self.size > MEDIUM { MEDIUM } else { SMALL }.min(self.max);
+        }
+    }
+
+    /// Lets go of the buffer (see [`give_back`]).
+    fn give_back(&mut self) {
+        give_back(std::mem::take(&mut self.buf), self.full);
+        self.full = 0;
+    }
+
+    /// Reads from `r` into the buffer; returns what was read, split off it (empty: `r` ended).
+    fn poll_read_from<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> Poll<io::Result<bytes::Bytes>> {
+        // Empty: take back the whole allocation (or a new one of today's size) and read at
+        // most today's size into its spare capacity (not zeroed first: a bulk read must not
+        // pay a memset of the whole buffer).
+        self.buf.clear();
+        if !self.buf.try_reclaim(self.size) {
+            if self.size >= MEDIUM {
+                self.give_back();
+                self.buf = take_buffer(self.size);
+            } else {
+                self.buf.reserve(self.size);
+            }
+            self.full = self.buf.capacity();
+        }
+        ready!(tokio_util::io::poll_read_buf(
+            Pin::new(r),
+            cx,
+            &mut bytes::BufMut::limit(&mut self.buf, self.size),
+        ))?;
+        let n = self.buf.len();
+        if n == 0 {
+            // Not a view of the buffer: nothing then points into it but `buf` itself.
+            return Poll::Ready(Ok(bytes::Bytes::new()));
+        }
+        self.adapt(n);
+        Poll::Ready(Ok(self.buf.split().freeze()))
+    }
+}
+
+/// One direction of a proxied connection.
+struct Half {
+    reads: Reads,
+    /// Read and not yet written: split off the read buffer, or a chunk the reader handed
+    /// over. A tunnel keeps what it took until h2 has sent it; the buffer is reused once
+    /// nothing points into it.
+    out: bytes::Bytes,
     /// Bytes read so far.
     read: u64,
     read_done: bool,
@@ -153,11 +220,8 @@ struct Half {
 impl Half {
     fn new(max: usize) -> Half {
         Half {
-            buf: BytesMut::new(),
+            reads: Reads::new(max),
             out: bytes::Bytes::new(),
-            size: SMALL.min(max),
-            max,
-            full: 0,
             read: 0,
             read_done: false,
             done: false,
@@ -168,15 +232,7 @@ impl Half {
     /// Bytes of buffer this direction holds now.
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.buf.capacity() + self.out.len()
-    }
-
-    fn adapt(&mut self, n: usize) {
-        if n >= self.size {
-            self.size = if self.size < MEDIUM { MEDIUM } else { self.max }.min(self.max);
-        } else if n < self.size / 16 {
-            self.size = if self.size > MEDIUM { MEDIUM } else { SMALL }.min(self.max);
-        }
+        self.reads.buf.capacity() + self.out.len()
     }
 
     /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or one side waits.
@@ -211,16 +267,11 @@ impl Half {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let polled = if R::CHUNKED {
-                r.poll_chunk(cx, self.max)
-            } else {
-                self.poll_read_buf(cx, r)
-            };
-            match polled {
+            match r.poll_chunk(cx, &mut self.reads) {
                 Poll::Pending => {
                     // Nothing to read and nothing unwritten: give the memory back while the
                     // peer is quiet.
-                    self.give_back();
+                    self.reads.give_back();
                     if self.need_flush {
                         ready!(Pin::new(&mut *w).poll_flush(cx))?;
                         self.need_flush = false;
@@ -230,9 +281,7 @@ impl Half {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(read)) if read.is_empty() => {
                     self.read_done = true;
-                    // An empty view of the buffer still points into it.
-                    drop(read);
-                    self.give_back();
+                    self.reads.give_back();
                 }
                 Poll::Ready(Ok(read)) => {
                     self.read += read.len() as u64;
@@ -240,43 +289,6 @@ impl Half {
                 }
             }
         }
-    }
-
-    /// Lets go of the buffer (see [`give_back`]).
-    fn give_back(&mut self) {
-        give_back(std::mem::take(&mut self.buf), self.full);
-        self.full = 0;
-    }
-
-    /// Reads into this direction's buffer; returns what was read (empty: the reader ended).
-    fn poll_read_buf<R: Side + ?Sized>(
-        &mut self,
-        cx: &mut Context<'_>,
-        r: &mut R,
-    ) -> Poll<io::Result<bytes::Bytes>> {
-        // Empty: take back the whole allocation (or a new one of today's size) and read at
-        // most today's size into its spare capacity (not zeroed first: a bulk read must not
-        // pay a memset of the whole buffer).
-        self.buf.clear();
-        if !self.buf.try_reclaim(self.size) {
-            if self.size >= MEDIUM {
-                self.give_back();
-                self.buf = take_buffer(self.size);
-            } else {
-                self.buf.reserve(self.size);
-            }
-            self.full = self.buf.capacity();
-        }
-        ready!(tokio_util::io::poll_read_buf(
-            Pin::new(r),
-            cx,
-            &mut bytes::BufMut::limit(&mut self.buf, self.size),
-        ))?;
-        let n = self.buf.len();
-        if n > 0 {
-            self.adapt(n);
-        }
-        Poll::Ready(Ok(self.buf.split().freeze()))
     }
 }
 
@@ -464,14 +476,14 @@ mod tests {
         let r = half.poll_copy(&mut cx, &mut a_side, &mut b_side);
         assert!(r.is_pending());
         assert_eq!(half.held(), 0, "an idle direction kept its buffer");
-        assert_eq!(half.size, 256 << 10, "bulk did not grow the reads");
+        assert_eq!(half.reads.size, 256 << 10, "bulk did not grow the reads");
         let mut got = vec![0u8; 600 << 10];
         b.read_exact(&mut got).await.unwrap();
         // Small reads after the bulk bring the size back down.
         a.write_all(&[1u8; 10]).await.unwrap();
         let r = half.poll_copy(&mut cx, &mut a_side, &mut b_side);
         assert!(r.is_pending());
-        assert_eq!(half.size, MEDIUM);
+        assert_eq!(half.reads.size, MEDIUM);
         assert_eq!(half.held(), 0);
     }
 
@@ -509,7 +521,7 @@ mod tests {
         let (mut c, mut c_side) = tokio::io::duplex(1 << 20);
         let (mut d_side, _d) = tokio::io::duplex(1 << 10);
         let mut bulk = Half::new(256 << 10);
-        bulk.size = 256 << 10;
+        bulk.reads.size = 256 << 10;
         c.write_all(&vec![8u8; 300 << 10]).await.unwrap();
         let r = bulk.poll_copy(&mut cx, &mut c_side, &mut d_side);
         assert!(r.is_pending());
@@ -595,7 +607,7 @@ mod tests {
             half.read, MAX as u64,
             "a chunk larger than the maximum was taken"
         );
-        assert_eq!(half.buf.capacity(), 0, "a tunnel read took a buffer");
+        assert_eq!(half.reads.buf.capacity(), 0, "a tunnel read took a buffer");
         assert_eq!(
             half.out.len(),
             MAX - (1 << 10),
@@ -612,7 +624,7 @@ mod tests {
         let (mut app, mut app_side) = tokio::io::duplex(1 << 20);
         app.write_all(&[5u8; 32 << 10]).await.unwrap();
         let mut half = Half::new(256 << 10);
-        half.size = 256 << 10;
+        half.reads.size = 256 << 10;
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         // h2's connection task has not run since: the chunk is still in its send queue.
