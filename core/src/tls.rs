@@ -204,6 +204,19 @@ impl WorkloadCertificate {
         (self.server_chains.len(), self.client_chains.len())
     }
 
+    /// The SPIFFE identity of a client that this certificate's [`server_config`] admitted,
+    /// as [`connection_peer`] reads it: from the chain its verifier remembered (no certificate
+    /// parsed per connection), else from the leaf.
+    ///
+    /// [`server_config`]: WorkloadCertificate::server_config
+    pub fn client_peer(&self, conn: &rustls::CommonState) -> Option<SpiffeId> {
+        let (leaf, intermediates) = conn.peer_certificates()?.split_first()?;
+        match self.client_chains.identity(leaf, intermediates) {
+            Some(id) => id,
+            None => peer_identity(leaf),
+        }
+    }
+
     /// Server side of HBONE: requires a client certificate of the same trust domain.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server_config.clone()

@@ -64,15 +64,19 @@ where
     addr
 }
 
-/// An HBONE server that echoes every tunnel (reading to EOF, then closing its side).
+/// An HBONE server that echoes every tunnel (reading to EOF, then closing its side). It
+/// records each client's identity as ztunnel's inbound reads it (`client_peer`: from the chain
+/// its verifier remembered), which must be what the certificate itself names.
 async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = seen.clone();
+    let ours = cert.clone();
     let addr = tls_server(cert, move |tls| {
         let seen = s2.clone();
         let conns = s2.clone();
+        let peer = ours.client_peer(tls.get_ref().1);
+        assert_eq!(peer, connection_peer(tls.get_ref().1));
         async move {
-            let peer = connection_peer(tls.get_ref().1);
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let seen = seen.clone();
                 let peer = peer.clone();
@@ -549,6 +553,8 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     let res = echo_through(&p, key(), &stolen(&client), b"x").await;
     assert!(res.is_err(), "a stolen client certificate got through");
     assert_eq!(seen.lock().unwrap().authorities.len(), 5);
+    // Remembered (the first three) or not (the padded two), the server read the same peer.
+    assert_eq!(seen.lock().unwrap().peers, vec![Some(id("client")); 5]);
 
     // The server's chain without its key: the client refuses it although it knows the chain.
     let (fake, fake_seen) = server(stolen(&server_cert)).await;

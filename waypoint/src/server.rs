@@ -22,7 +22,6 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{
     ActiveGuard, Activity, Listener, ServeError, Tracked, hbone_tls_accept, serve_h2_streams,
 };
-use zmesh_core::tls::connection_peer;
 
 use crate::app::Waypoint;
 use crate::bound::PortProtocol;
@@ -84,7 +83,7 @@ async fn hbone_connection(
     let acceptor = TlsAcceptor::from(cert.server_config());
     let tls = hbone_tls_accept(&acceptor, tcp, deadline, limits.handshake_timeout).await?;
     // The verifier admitted only a SPIFFE id of our trust domain; read once per connection.
-    let id = connection_peer(tls.get_ref().1);
+    let id = cert.client_peer(tls.get_ref().1);
     let principal = Arc::new(PeerPrincipal {
         label: id.as_ref().map(|i| i.to_string().into()),
         id,

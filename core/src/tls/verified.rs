@@ -135,6 +135,21 @@ impl VerifiedChains {
         Ok(peer)
     }
 
+    /// The identity a remembered chain's leaf names (its first SPIFFE URI SAN), found by the
+    /// chain's bytes without reading the certificate again: `None` when these bytes are not
+    /// remembered, `Some(None)` when the leaf names no SPIFFE id. Whether `now` is inside the
+    /// chain's window does not matter here: what a certificate names depends on its bytes
+    /// alone, and the caller has just seen the chain verified.
+    pub fn identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Option<Option<SpiffeId>> {
+        let key = chain_digest(end_entity, intermediates);
+        let peer = self.lock().map.get(&key).cloned()?;
+        Some(peer.ids.first().cloned())
+    }
+
     /// How many chains are remembered.
     pub fn len(&self) -> usize {
         self.lock().map.len()
@@ -252,6 +267,42 @@ mod tests {
         run(at(cert.not_after())).unwrap();
         run(at(cert.not_before())).unwrap();
         assert_eq!(full.get(), 3);
+    }
+
+    #[test]
+    fn a_remembered_chain_names_its_identity_by_its_bytes() {
+        let ca = LocalCa::generate("cluster.local").unwrap();
+        let a = ca.issue(&id("a"), Duration::from_secs(3600)).unwrap();
+        let b = ca.issue(&id("b"), Duration::from_secs(3600)).unwrap();
+        let cache = VerifiedChains::default();
+        let full = Cell::new(0);
+        assert_eq!(cache.identity(&a.chain()[0], &a.chain()[1..]), None);
+        cache
+            .verify(
+                &a.chain()[0],
+                &a.chain()[1..],
+                at(SystemTime::now()),
+                counting(&full, true),
+            )
+            .unwrap();
+        assert_eq!(
+            cache.identity(&a.chain()[0], &a.chain()[1..]),
+            Some(Some(id("a")))
+        );
+        // Other bytes are not answered for: another leaf, or the same leaf in another chain.
+        assert_eq!(cache.identity(&b.chain()[0], &b.chain()[1..]), None);
+        assert_eq!(cache.identity(&a.chain()[0], &[b.chain()[0].clone()]), None);
+        // A chain verified with certificates the path did not use is not remembered, so not
+        // answered for either.
+        cache
+            .verify(
+                &b.chain()[0],
+                &[a.chain()[0].clone()],
+                at(SystemTime::now()),
+                counting(&full, false),
+            )
+            .unwrap();
+        assert_eq!(cache.identity(&b.chain()[0], &[a.chain()[0].clone()]), None);
     }
 
     #[test]

@@ -21,7 +21,6 @@ use tokio_rustls::TlsAcceptor;
 use zmesh_core::hbone::Tunnel;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{ActiveGuard, ServeError, hbone_tls_accept, serve_h2_streams};
-use zmesh_core::tls::connection_peer;
 
 use super::decide::{InboundFacts, Outcome, decide, log_dry_run};
 use super::policy::{self, Peer};
@@ -77,7 +76,7 @@ async fn hbone_connection(
     let acceptor = TlsAcceptor::from(cert.server_config());
     let tls = hbone_tls_accept(&acceptor, tcp, deadline, limits.handshake_timeout).await?;
     // The verifier admitted only a certificate with a SPIFFE id of our trust domain.
-    let peer_id = connection_peer(tls.get_ref().1);
+    let peer_id = cert.client_peer(tls.get_ref().1);
     let peer_id = Arc::new(peer_id);
     let p = proxy.clone();
     // Each CONNECT is served on a task of its own (tracked for the drain), from the answer to
