@@ -1,0 +1,121 @@
+//! The user-space CPU of a new HBONE connection's TLS 1.3 handshake, and the per-connection
+//! steps around it, in a plain bench binary (`cargo bench -p zmesh-core --bench handshake`; no
+//! criterion in the workspace). Client and server run the real configurations
+//! (`WorkloadCertificate::client_config` / `server_config`: mutual TLS, ECDSA P-256
+//! certificates from a `LocalCa`, the verifiers' remembered chains) over memory, with no
+//! sockets, so the figures hold only what the processes themselves compute. Prints
+//! nanoseconds per step; run it under `valgrind --tool=callgrind` for instruction counts that a
+//! busy machine does not move. `HANDSHAKE_N` sets the number of handshakes (default 2,000; the
+//! cheap steps run 100 times as often).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use rustls::{ClientConnection, ServerConnection};
+use zmesh_core::identity::SpiffeId;
+use zmesh_core::tls::{LocalCa, WorkloadCertificate, connection_peer};
+
+// ztunnel's and the waypoint's allocator, so allocations cost what they cost there.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn id(sa: &str) -> SpiffeId {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+        .parse()
+        .expect("a valid SPIFFE id")
+}
+
+/// Moves everything `from` has to send into `to` and lets `to` process it.
+fn flight(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+    let mut wire = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut wire).expect("writing to memory");
+    }
+    let mut rest = &wire[..];
+    while !rest.is_empty() {
+        to.read_tls(&mut rest).expect("reading from memory");
+        to.process_new_packets().expect("a valid flight");
+    }
+}
+
+/// One TLS 1.3 handshake between `client` and `server`, to the end of both sides (not inlined:
+/// `valgrind --tool=callgrind --toggle-collect='handshake::handshake'` counts it alone).
+#[inline(never)]
+fn handshake(client: &WorkloadCertificate, server: &WorkloadCertificate) -> rustls::Connection {
+    let cfg = client
+        .client_config(vec![server.identity().clone()])
+        .expect("a client configuration");
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let mut c: rustls::Connection = ClientConnection::new(cfg, name).expect("a client").into();
+    let mut s: rustls::Connection = ServerConnection::new(server.server_config())
+        .expect("a server")
+        .into();
+    while c.is_handshaking() || s.is_handshaking() {
+        flight(&mut c, &mut s);
+        flight(&mut s, &mut c);
+    }
+    s
+}
+
+fn per(start: Instant, n: u32) -> f64 {
+    start.elapsed().as_nanos() as f64 / f64::from(n)
+}
+
+fn main() {
+    zmesh_core::tls::install_default_provider();
+    let n: u32 = std::env::var("HANDSHAKE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let ca = LocalCa::generate("bench").expect("a CA");
+    let day = Duration::from_secs(86_400);
+    let client = ca.issue(&id("client"), day).expect("a client certificate");
+    let server = ca.issue(&id("server"), day).expect("a server certificate");
+
+    // The first handshake verifies both chains in full; the verifiers remember them, as they
+    // do for a peer that connects again.
+    let conn = handshake(&client, &server);
+    assert_eq!(server.client_peer(&conn), Some(id("client")));
+    assert_eq!(connection_peer(&conn), Some(id("client")));
+
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(handshake(&client, &server));
+    }
+    println!(
+        "TLS 1.3 handshake, both sides, chains remembered: {:.0} ns",
+        per(start, n)
+    );
+
+    let m = n * 100;
+    let start = Instant::now();
+    for _ in 0..m {
+        black_box(
+            client
+                .client_config(vec![server.identity().clone()])
+                .unwrap(),
+        );
+    }
+    println!(
+        "client configuration for one peer identity: {:.0} ns",
+        per(start, m)
+    );
+
+    let start = Instant::now();
+    for _ in 0..m {
+        black_box(connection_peer(black_box(&conn)));
+    }
+    println!(
+        "peer identity read from its certificate: {:.0} ns",
+        per(start, m)
+    );
+
+    let start = Instant::now();
+    for _ in 0..m {
+        black_box(server.client_peer(black_box(&conn)));
+    }
+    println!(
+        "peer identity from the remembered chain: {:.0} ns",
+        per(start, m)
+    );
+}
