@@ -204,9 +204,11 @@ impl WorkloadCertificate {
         (self.server_chains.len(), self.client_chains.len())
     }
 
-    /// The SPIFFE identity of a client that this certificate's [`server_config`] admitted,
-    /// as [`connection_peer`] reads it: from the chain its verifier remembered (no certificate
-    /// parsed per connection), else from the leaf.
+    /// The SPIFFE identity of a TLS connection's client, the same as [`connection_peer`]
+    /// answers for any connection. For a connection accepted with this certificate's
+    /// [`server_config`] it is found without parsing a certificate: its verifier remembered
+    /// the chain (see `verified.rs`). Otherwise (a chain not remembered, or another
+    /// configuration's connection) the leaf is read.
     ///
     /// [`server_config`]: WorkloadCertificate::server_config
     pub fn client_peer(&self, conn: &rustls::CommonState) -> Option<SpiffeId> {

@@ -30,6 +30,8 @@ fn cert(ca: &LocalCa, sa: &str) -> WorkloadCertificate {
 #[derive(Default, Debug)]
 struct Seen {
     peers: Vec<Option<SpiffeId>>,
+    /// The same peers read from their certificates (`connection_peer`).
+    certificate_peers: Vec<Option<SpiffeId>>,
     authorities: Vec<String>,
     headers: Vec<http::HeaderMap>,
     /// TLS connections open now.
@@ -75,16 +77,18 @@ async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
         let seen = s2.clone();
         let conns = s2.clone();
         let peer = ours.client_peer(tls.get_ref().1);
-        assert_eq!(peer, connection_peer(tls.get_ref().1));
+        let certificate_peer = connection_peer(tls.get_ref().1);
         async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let seen = seen.clone();
                 let peer = peer.clone();
+                let certificate_peer = certificate_peer.clone();
                 async move {
                     assert_eq!(req.method(), Method::CONNECT);
                     {
                         let mut s = seen.lock().unwrap();
                         s.peers.push(peer);
+                        s.certificate_peers.push(certificate_peer);
                         s.authorities
                             .push(req.uri().authority().unwrap().to_string());
                         s.headers.push(req.headers().clone());
@@ -168,6 +172,7 @@ async fn tunnel_carries_bytes_with_half_close_and_identities() {
     assert!(back == payload, "payload corrupted");
     let s = seen.lock().unwrap();
     assert_eq!(s.peers, vec![Some(id("client"))]);
+    assert_eq!(s.certificate_peers, s.peers);
     assert_eq!(s.authorities, vec!["10.9.9.9:8080".to_string()]);
     assert_eq!(s.headers[0]["forwarded"], "for=\"10.1.1.1:5555\"");
     assert!(
@@ -529,6 +534,18 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     assert_eq!(client.remembered_chains(), (1, 0));
     assert_eq!(server_cert.remembered_chains(), (0, 1));
 
+    // A second client: its chain is remembered beside the first one's, and the server reads
+    // each connection's own identity from the memory.
+    let client2 = cert(&ca, "client2");
+    let key2 = || PoolKey::new(id("client2"), vec![id("server")], addr, None);
+    for _ in 0..2 {
+        assert_eq!(
+            echo_through(&p, key2(), &client2, b"z").await.unwrap(),
+            b"z"
+        );
+    }
+    assert_eq!(server_cert.remembered_chains(), (0, 2));
+
     // The same chain with a certificate the path does not use appended (anyone can make such
     // variants of a chain they have seen): accepted, as before, but not remembered, so
     // variants cannot fill the memory.
@@ -547,14 +564,21 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
             b"y"
         );
     }
-    assert_eq!(server_cert.remembered_chains(), (0, 1));
+    assert_eq!(server_cert.remembered_chains(), (0, 2));
 
     // The client's chain without its key: the server refuses it although it knows the chain.
     let res = echo_through(&p, key(), &stolen(&client), b"x").await;
     assert!(res.is_err(), "a stolen client certificate got through");
-    assert_eq!(seen.lock().unwrap().authorities.len(), 5);
-    // Remembered (the first three) or not (the padded two), the server read the same peer.
-    assert_eq!(seen.lock().unwrap().peers, vec![Some(id("client")); 5]);
+    assert_eq!(seen.lock().unwrap().authorities.len(), 7);
+    // Remembered (the first five) or not (the padded two), the server read each peer's own
+    // identity, the one its certificate names.
+    let s = seen.lock().unwrap();
+    let mut expected = vec![Some(id("client")); 3];
+    expected.extend(vec![Some(id("client2")); 2]);
+    expected.extend(vec![Some(id("client")); 2]);
+    assert_eq!(s.peers, expected);
+    assert_eq!(s.certificate_peers, expected);
+    drop(s);
 
     // The server's chain without its key: the client refuses it although it knows the chain.
     let (fake, fake_seen) = server(stolen(&server_cert)).await;
@@ -567,7 +591,7 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     let other = PoolKey::new(id("client"), vec![id("someone-else")], addr, None);
     let err = echo_through(&p, other, &client, b"x").await.unwrap_err();
     assert!(err.to_string().contains("sa/server"), "{err}");
-    assert_eq!(seen.lock().unwrap().authorities.len(), 5);
+    assert_eq!(seen.lock().unwrap().authorities.len(), 7);
     assert_eq!(client.remembered_chains(), (1, 0));
 }
 

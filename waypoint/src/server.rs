@@ -82,7 +82,8 @@ async fn hbone_connection(
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let acceptor = TlsAcceptor::from(cert.server_config());
     let tls = hbone_tls_accept(&acceptor, tcp, deadline, limits.handshake_timeout).await?;
-    // The verifier admitted only a SPIFFE id of our trust domain; read once per connection.
+    // The verifier admitted only a SPIFFE id of our trust domain; looked up once per
+    // connection, in the chains the verifier remembered.
     let id = cert.client_peer(tls.get_ref().1);
     let principal = Arc::new(PeerPrincipal {
         label: id.as_ref().map(|i| i.to_string().into()),

@@ -8,9 +8,15 @@
 //! a chain that passed is remembered by the SHA-256 of its bytes, with the window in which all
 //! of its certificates are valid, and a later handshake with the same bytes inside that window
 //! skips the chain's signature checks. The handshake's own signature (CertificateVerify, which
-//! proves the peer holds the key) is still checked on every connection, by rustls. Failures
-//! are never remembered, and each cache lives with one root set and one key usage (a
+//! proves the peer holds the key) is still checked on every connection, by rustls. A chain
+//! that fails verification is never remembered (one that verifies is, even when the identity
+//! it names is then refused: identities are checked on every handshake, after the memory),
+//! and each cache lives with one root set and one key usage (a
 //! [`super::WorkloadCertificate`] and its verifiers), so new roots start from nothing.
+//!
+//! The memory also answers what a remembered chain's leaf names ([`VerifiedChains::identity`]),
+//! so a server that needs its client's identity after the handshake does not parse the
+//! certificate again on every connection.
 //!
 //! A chain is remembered only when the path webpki built uses every certificate presented:
 //! anyone can append certificates webpki ignores to a valid chain (a server's chain is sent to
@@ -137,9 +143,9 @@ impl VerifiedChains {
 
     /// The identity a remembered chain's leaf names (its first SPIFFE URI SAN), found by the
     /// chain's bytes without reading the certificate again: `None` when these bytes are not
-    /// remembered, `Some(None)` when the leaf names no SPIFFE id. Whether `now` is inside the
-    /// chain's window does not matter here: what a certificate names depends on its bytes
-    /// alone, and the caller has just seen the chain verified.
+    /// remembered, `Some(None)` when the leaf names no SPIFFE id. The answer is the one
+    /// reading the leaf would give, whatever else the memory holds and whatever the time:
+    /// the entry was read from the very bytes its key is the digest of.
     pub fn identity(
         &self,
         end_entity: &CertificateDer<'_>,
