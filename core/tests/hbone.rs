@@ -572,13 +572,14 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     assert_eq!(seen.lock().unwrap().authorities.len(), 7);
     // Remembered (the first five) or not (the padded two), the server read each peer's own
     // identity, the one its certificate names.
-    let s = seen.lock().unwrap();
     let mut expected = vec![Some(id("client")); 3];
     expected.extend(vec![Some(id("client2")); 2]);
     expected.extend(vec![Some(id("client")); 2]);
-    assert_eq!(s.peers, expected);
-    assert_eq!(s.certificate_peers, expected);
-    drop(s);
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(s.peers, expected);
+        assert_eq!(s.certificate_peers, expected);
+    }
 
     // The server's chain without its key: the client refuses it although it knows the chain.
     let (fake, fake_seen) = server(stolen(&server_cert)).await;
