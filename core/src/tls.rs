@@ -213,8 +213,8 @@ impl WorkloadCertificate {
     /// [`server_config`]: WorkloadCertificate::server_config
     pub fn client_peer(&self, conn: &rustls::CommonState) -> Option<SpiffeId> {
         let (leaf, intermediates) = conn.peer_certificates()?.split_first()?;
-        match self.client_chains.identity(leaf, intermediates) {
-            Some(id) => id,
+        match self.client_chains.remembered(leaf, intermediates) {
+            Some(peer) => peer.ids.first().cloned(),
             None => peer_identity(leaf),
         }
     }

@@ -14,9 +14,9 @@
 //! and each cache lives with one root set and one key usage (a
 //! [`super::WorkloadCertificate`] and its verifiers), so new roots start from nothing.
 //!
-//! The memory also answers what a remembered chain's leaf names ([`VerifiedChains::identity`]),
-//! so a server that needs its client's identity after the handshake does not parse the
-//! certificate again on every connection.
+//! The memory also answers what a remembered chain's leaf names
+//! ([`VerifiedChains::remembered`]), so a server that needs its client's identity after the
+//! handshake does not parse the certificate again on every connection.
 //!
 //! A chain is remembered only when the path webpki built uses every certificate presented:
 //! anyone can append certificates webpki ignores to a valid chain (a server's chain is sent to
@@ -141,19 +141,17 @@ impl VerifiedChains {
         Ok(peer)
     }
 
-    /// The identity a remembered chain's leaf names (its first SPIFFE URI SAN), found by the
-    /// chain's bytes without reading the certificate again: `None` when these bytes are not
-    /// remembered, `Some(None)` when the leaf names no SPIFFE id. The answer is the one
-    /// reading the leaf would give, whatever else the memory holds and whatever the time:
-    /// the entry was read from the very bytes its key is the digest of.
-    pub fn identity(
+    /// What a remembered chain says of its peer, found by the chain's bytes without reading
+    /// the certificates again (`None`: these bytes are not remembered). It is what reading
+    /// the leaf would give, whatever else the memory holds and whatever the time: the entry
+    /// was read from the very bytes its key is the digest of.
+    pub fn remembered(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-    ) -> Option<Option<SpiffeId>> {
+    ) -> Option<Arc<VerifiedPeer>> {
         let key = chain_digest(end_entity, intermediates);
-        let peer = self.lock().map.get(&key).cloned()?;
-        Some(peer.ids.first().cloned())
+        self.lock().map.get(&key).cloned()
     }
 
     /// How many chains are remembered.
@@ -282,7 +280,11 @@ mod tests {
         let b = ca.issue(&id("b"), Duration::from_secs(3600)).unwrap();
         let cache = VerifiedChains::default();
         let full = Cell::new(0);
-        assert_eq!(cache.identity(&a.chain()[0], &a.chain()[1..]), None);
+        // The identity a remembered chain names: `None` when the chain is not remembered.
+        let identity = |ee: &CertificateDer<'_>, rest: &[CertificateDer<'_>]| {
+            cache.remembered(ee, rest).map(|p| p.ids.first().cloned())
+        };
+        assert_eq!(identity(&a.chain()[0], &a.chain()[1..]), None);
         cache
             .verify(
                 &a.chain()[0],
@@ -292,12 +294,12 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            cache.identity(&a.chain()[0], &a.chain()[1..]),
+            identity(&a.chain()[0], &a.chain()[1..]),
             Some(Some(id("a")))
         );
         // Other bytes are not answered for: another leaf, or the same leaf in another chain.
-        assert_eq!(cache.identity(&b.chain()[0], &b.chain()[1..]), None);
-        assert_eq!(cache.identity(&a.chain()[0], &[b.chain()[0].clone()]), None);
+        assert_eq!(identity(&b.chain()[0], &b.chain()[1..]), None);
+        assert_eq!(identity(&a.chain()[0], &[b.chain()[0].clone()]), None);
         // A chain verified with certificates the path did not use is not remembered, so not
         // answered for either.
         cache
@@ -308,7 +310,7 @@ mod tests {
                 counting(&full, false),
             )
             .unwrap();
-        assert_eq!(cache.identity(&b.chain()[0], &[a.chain()[0].clone()]), None);
+        assert_eq!(identity(&b.chain()[0], &[a.chain()[0].clone()]), None);
     }
 
     #[test]
