@@ -1,22 +1,29 @@
 //! What a new HBONE connection's TLS 1.3 handshake computes in user space, and the
 //! per-connection steps around it, in a plain bench binary (`cargo bench -p zmesh-core --bench
 //! handshake`; no criterion in the workspace). Client and server run the real configurations
-//! (`WorkloadCertificate::client_config` / `server_config`: mutual TLS, ECDSA P-256
-//! certificates from a `LocalCa`, the verifiers' remembered chains) over memory, with no
-//! sockets, so the figures hold only what the processes themselves compute, on one thread.
-//! Prints wall-clock nanoseconds per step, which on an otherwise idle core is that CPU time;
-//! run it under `valgrind --tool=callgrind` for instruction counts that a busy machine does not
-//! move. `HANDSHAKE_N` sets the number of handshakes (default 2,000; the cheap steps run 100
-//! times as often).
+//! (`WorkloadCertificate::client_config` or `hbone_client`, and `server_config`: mutual TLS,
+//! ECDSA P-256 certificates from a `LocalCa`, the verifiers' remembered chains) over memory,
+//! with no sockets, so the figures hold only what the processes themselves compute, on one
+//! thread. Prints wall-clock nanoseconds per step, which on an otherwise idle core is that CPU
+//! time; run it under `valgrind --tool=callgrind` for instruction counts that a busy machine
+//! does not move. `HANDSHAKE_N` sets the number of handshakes (default 2,000; the cheap steps
+//! run 100 times as often).
 //!
-//! The handshake's figure includes building the client's configuration, as the pool does for
-//! every new connection; the line for that step is a part of it, not an addition. The identity
-//! lookup's figure is its best case: one remembered chain and a lock nobody else takes.
+//! Two handshakes: a full one (certificates and signatures both ways), and a resumed one, as
+//! the pool makes to a server it had a session with (each uses one ticket and receives the
+//! next), with both sides' checks of the resumed peer (`HboneClient::confirm`,
+//! `WorkloadCertificate::client_peer`).
+//!
+//! The handshakes' figures include building the client's configuration, as the pool does for
+//! every new connection; the line for that step is a part of them, not an addition. The
+//! identity lookup's figure is its best case: one remembered chain and a lock nobody else
+//! takes.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use rustls::{ClientConnection, ServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, HandshakeKind, ServerConnection};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::tls::{LocalCa, WorkloadCertificate, connection_peer};
 
@@ -43,14 +50,16 @@ fn flight(from: &mut rustls::Connection, to: &mut rustls::Connection) {
     }
 }
 
-/// One TLS 1.3 handshake between `client` and `server`, to the end of both sides (not inlined:
-/// `valgrind --tool=callgrind --toggle-collect='handshake::handshake'` counts it alone).
-#[inline(never)]
-fn handshake(client: &WorkloadCertificate, server: &WorkloadCertificate) -> rustls::Connection {
-    let cfg = client
-        .client_config(vec![server.identity().clone()])
-        .expect("a client configuration");
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
+/// The server's address as the pool would see it (it only keys the client's tickets here).
+const PEER: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15008);
+
+/// Both sides of a handshake over memory, to the end of both (the server's ticket included).
+fn exchange(
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    server: &WorkloadCertificate,
+) -> (rustls::Connection, rustls::Connection) {
     let mut c: rustls::Connection = ClientConnection::new(cfg, name).expect("a client").into();
     let mut s: rustls::Connection = ServerConnection::new(server.server_config())
         .expect("a server")
@@ -59,7 +68,37 @@ fn handshake(client: &WorkloadCertificate, server: &WorkloadCertificate) -> rust
         flight(&mut c, &mut s);
         flight(&mut s, &mut c);
     }
-    s
+    (c, s)
+}
+
+/// One full TLS 1.3 handshake between `client` and `server` (not inlined: `valgrind
+/// --tool=callgrind --toggle-collect='handshake::full_handshake'` counts it alone).
+#[inline(never)]
+fn full_handshake(
+    client: &WorkloadCertificate,
+    server: &WorkloadCertificate,
+) -> rustls::Connection {
+    let cfg = client
+        .client_config(vec![server.identity().clone()])
+        .expect("a client configuration");
+    let name = ServerName::IpAddress(PEER.ip().into());
+    exchange(cfg, name, server).1
+}
+
+/// One handshake as the pool makes it: resumed when `client` holds a ticket from `server`,
+/// then both sides' checks of a resumed peer (`--toggle-collect='handshake::pool_handshake'`).
+#[inline(never)]
+fn pool_handshake(
+    client: &WorkloadCertificate,
+    server: &WorkloadCertificate,
+) -> (rustls::Connection, Option<SpiffeId>) {
+    let hbone = client
+        .hbone_client(PEER, vec![server.identity().clone()])
+        .expect("a client configuration");
+    let (c, s) = exchange(hbone.config(), hbone.server_name(), server);
+    hbone.confirm(&c).expect("the server still verifies");
+    let peer = server.client_peer(&s).expect("the client still verifies");
+    (s, peer)
 }
 
 fn per(start: Instant, n: u32) -> f64 {
@@ -79,20 +118,38 @@ fn main() {
 
     // The first handshake verifies both chains in full; the verifiers remember them, as they
     // do for a peer that connects again.
-    let conn = handshake(&client, &server);
+    let conn = full_handshake(&client, &server);
+    assert_eq!(conn.handshake_kind(), Some(HandshakeKind::Full));
     assert_eq!(client.remembered_chains(), (1, 0));
     assert_eq!(server.remembered_chains(), (0, 1));
-    assert_eq!(server.client_peer(&conn), Some(id("client")));
+    assert_eq!(server.client_peer(&conn), Ok(Some(id("client"))));
     assert_eq!(connection_peer(&conn), Some(id("client")));
 
     let start = Instant::now();
     for _ in 0..n {
-        black_box(handshake(&client, &server));
+        black_box(full_handshake(&client, &server));
     }
     println!(
-        "TLS 1.3 handshake, both sides, chains remembered: {:.0} ns",
+        "TLS 1.3 handshake, full, both sides, chains remembered: {:.0} ns",
         per(start, n)
     );
+
+    // The pool's first handshake is a full one and brings a ticket; every later one resumes.
+    let (first, _) = pool_handshake(&client, &server);
+    assert_eq!(first.handshake_kind(), Some(HandshakeKind::Full));
+    let (resumed, peer) = pool_handshake(&client, &server);
+    assert_eq!(resumed.handshake_kind(), Some(HandshakeKind::Resumed));
+    assert_eq!(peer, Some(id("client")));
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(pool_handshake(&client, &server));
+    }
+    println!(
+        "TLS 1.3 handshake, resumed, both sides, with both checks of the peer: {:.0} ns",
+        per(start, n)
+    );
+    let (last, _) = pool_handshake(&client, &server);
+    assert_eq!(last.handshake_kind(), Some(HandshakeKind::Resumed));
     // Later handshakes found the chains in memory rather than adding to it.
     assert_eq!(client.remembered_chains(), (1, 0));
     assert_eq!(server.remembered_chains(), (0, 1));
@@ -122,10 +179,19 @@ fn main() {
 
     let start = Instant::now();
     for _ in 0..m {
-        black_box(server.client_peer(black_box(&conn)));
+        black_box(server.client_peer(black_box(&conn)).unwrap());
     }
     println!(
         "peer identity from the remembered chain: {:.0} ns",
+        per(start, m)
+    );
+
+    let start = Instant::now();
+    for _ in 0..m {
+        black_box(server.client_peer(black_box(&last)).unwrap());
+    }
+    println!(
+        "the same for a resumed session (its chain verified again, from memory): {:.0} ns",
         per(start, m)
     );
 }

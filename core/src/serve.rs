@@ -93,6 +93,9 @@ pub enum ServeError {
     /// The TLS handshake did not finish in time.
     #[error("no TLS handshake within {0:?}; closed")]
     TlsTimeout(Duration),
+    /// A resumed session's client certificate no longer verifies.
+    #[error("the resumed session's client certificate no longer verifies: {0}; closed")]
+    ResumedPeer(rustls::Error),
     /// The protocol's first bytes did not arrive in time.
     #[error("no HTTP/2 preface and SETTINGS within {0:?} of accept; closed")]
     FirstBytesTimeout(Duration),
@@ -123,18 +126,28 @@ where
     }
 }
 
-/// Accepts an HBONE connection's TLS on `tcp` (either proxy's HBONE listener), finishing by
-/// `deadline`: its reads buffered ([`crate::socket::buffered`]), up to
-/// [`crate::socket::TLS_WRITE_BUFFER`] of records held to send.
+/// An accepted HBONE connection's TLS stream.
+pub type HboneTls = tokio_rustls::server::TlsStream<crate::socket::BufferedStream>;
+
+/// Accepts an HBONE connection's TLS on `tcp` (either proxy's HBONE listener) with `cert`'s
+/// server configuration, finishing by `deadline`: its reads buffered
+/// ([`crate::socket::buffered`]), up to [`crate::socket::TLS_WRITE_BUFFER`] of records held
+/// to send. Answers with the client's SPIFFE identity
+/// ([`crate::tls::WorkloadCertificate::client_peer`]; a resumed session's client is verified
+/// again, and refused if it no longer verifies).
 pub async fn hbone_tls_accept(
-    acceptor: &tokio_rustls::TlsAcceptor,
+    cert: &crate::tls::WorkloadCertificate,
     tcp: tokio::net::TcpStream,
     deadline: tokio::time::Instant,
     limit: Duration,
-) -> Result<tokio_rustls::server::TlsStream<crate::socket::BufferedStream>, ServeError> {
-    let mut tls = tls_accept(acceptor, crate::socket::buffered(tcp), deadline, limit).await?;
+) -> Result<(HboneTls, Option<crate::identity::SpiffeId>), ServeError> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+    let mut tls = tls_accept(&acceptor, crate::socket::buffered(tcp), deadline, limit).await?;
+    let peer = cert
+        .client_peer(tls.get_ref().1)
+        .map_err(ServeError::ResumedPeer)?;
     crate::socket::hold_bulk_records(tls.get_mut().1);
-    Ok(tls)
+    Ok((tls, peer))
 }
 
 /// A socket that accepts connections: tokio's TCP and unix listeners.

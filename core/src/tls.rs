@@ -1,19 +1,36 @@
 //! Workload certificates and the HBONE TLS configuration: TLS 1.3 only, AES-GCM suites,
 //! ALPN `h2`, no SNI, mutual authentication by SPIFFE identity.
+//!
+//! HBONE connections resume TLS 1.3 sessions (RFC 8446 §2.2, PSK with (EC)DHE, no early
+//! data). A resumed handshake proves that the peer holds the secret of an earlier session in
+//! which it authenticated, and skips the certificates and both CertificateVerify signatures,
+//! half of a full handshake's cryptography; it still runs X25519 for forward secrecy. Neither
+//! side takes the earlier session's word for the peer, though: rustls does not verify a
+//! resumed peer's chain again, so both sides do, on the chain the session carries
+//! ([`HboneClient::confirm`], [`WorkloadCertificate::client_peer`]), against today's roots,
+//! time and expected identities, with the same verifiers and their memory of verified chains
+//! (a lookup, no signature check). A client keeps its tickets per source certificate and per
+//! server address *and* set of identities it expects, so a ticket is only ever offered where
+//! the same expectation holds. Both stores live with one [`WorkloadCertificate`]: a renewed
+//! certificate or new roots start without sessions.
 
 mod ca;
 mod verified;
 mod verify;
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use rustls::client::ResolvesClientCert;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::{ClientSessionMemoryCache, ResolvesClientCert, Resumption, Tls12Resumption};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, HandshakeKind, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::identity::SpiffeId;
 
@@ -26,6 +43,24 @@ pub use verify::{
 
 /// ALPN protocol spoken inside HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
+
+/// Sessions a workload certificate's server side keeps for clients to resume (rustls's
+/// default size). Each is single-use, a few hundred bytes plus the client's chain; the oldest
+/// goes first.
+const SERVER_SESSIONS: usize = 256;
+
+/// Server addresses (each with one set of expected identities) a workload certificate's
+/// client side keeps tickets for, up to rustls's 8 each; the oldest goes first.
+const CLIENT_SESSION_PEERS: usize = 256;
+
+/// Sets of expected server identities a workload certificate keeps a resuming client
+/// configuration for (rustls resumes a session only with the verifier and certificate
+/// resolver that made it, so they must outlive a connection). Past this, one is dropped, and
+/// its tickets can no longer be used.
+const CLIENT_CONFIGS: usize = 1024;
+
+/// Tickets a server sends after each handshake: one replaces the one a resumption used.
+const TICKETS_PER_HANDSHAKE: usize = 1;
 
 /// What went wrong with certificates or TLS setup.
 #[derive(Debug, thiserror::Error)]
@@ -92,10 +127,26 @@ pub struct WorkloadCertificate {
     received: SystemTime,
     not_after: SystemTime,
     server_config: Arc<ServerConfig>,
+    /// The server side's verifier of clients, kept to check a resumed client again.
+    client_verifier: Arc<TrustDomainClientVerifier>,
     /// Peer chains verified against `roots`: servers' by this certificate's client side,
     /// clients' by its server side (two key usages, so two caches).
     server_chains: Arc<VerifiedChains>,
     client_chains: Arc<VerifiedChains>,
+    /// The client side's session tickets, keyed by [`session_name`].
+    sessions: Arc<ClientSessionMemoryCache>,
+    /// The client side's resuming configurations, by the identities they expect.
+    resuming: Arc<Mutex<HashMap<Vec<SpiffeId>, Resuming>>>,
+    /// Presents `certified` to servers; one for every configuration (see `resuming`).
+    client_cert: Arc<dyn ResolvesClientCert>,
+}
+
+/// A client configuration that resumes sessions, and its verifier (to check a resumed
+/// server again).
+#[derive(Clone)]
+struct Resuming {
+    config: Arc<ClientConfig>,
+    verifier: Arc<IdentityServerVerifier>,
 }
 
 impl std::fmt::Debug for WorkloadCertificate {
@@ -130,12 +181,13 @@ impl WorkloadCertificate {
         let signing = provider().key_provider.load_private_key(key)?;
         let certified = Arc::new(CertifiedKey::new(chain, signing));
         let client_chains = Arc::<VerifiedChains>::default();
-        let server_config = server_config(
-            &identity,
-            certified.clone(),
+        let client_verifier = Arc::new(TrustDomainClientVerifier::sharing(
             roots.clone(),
             client_chains.clone(),
-        )?;
+            identity.trust_domain().to_owned(),
+        )?);
+        let server_config = server_config(certified.clone(), client_verifier.clone())?;
+        let client_cert: Arc<dyn ResolvesClientCert> = Arc::new(FixedCert(certified.clone()));
         Ok(WorkloadCertificate {
             identity,
             certified,
@@ -145,8 +197,12 @@ impl WorkloadCertificate {
             not_after,
             received: SystemTime::now(),
             server_config,
+            client_verifier,
             server_chains: Arc::default(),
             client_chains,
+            sessions: Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSION_PEERS)),
+            resuming: Arc::default(),
+            client_cert,
         })
     }
 
@@ -210,13 +266,26 @@ impl WorkloadCertificate {
     /// the chain (see `verified.rs`). Otherwise (a chain not remembered, or another
     /// configuration's connection) the leaf is read.
     ///
+    /// A resumed session's client chain is verified again first, as a full handshake would
+    /// (roots, validity now, trust domain); an error means the connection must be refused.
+    ///
     /// [`server_config`]: WorkloadCertificate::server_config
-    pub fn client_peer(&self, conn: &rustls::CommonState) -> Option<SpiffeId> {
-        let (leaf, intermediates) = conn.peer_certificates()?.split_first()?;
-        match self.client_chains.remembered(leaf, intermediates) {
+    pub fn client_peer(
+        &self,
+        conn: &rustls::CommonState,
+    ) -> Result<Option<SpiffeId>, rustls::Error> {
+        let Some((leaf, intermediates)) = conn.peer_certificates().and_then(|c| c.split_first())
+        else {
+            return Ok(None);
+        };
+        if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
+            self.client_verifier
+                .verify_client_cert(leaf, intermediates, UnixTime::now())?;
+        }
+        Ok(match self.client_chains.remembered(leaf, intermediates) {
             Some(peer) => peer.ids.first().cloned(),
             None => peer_identity(leaf),
-        }
+        })
     }
 
     /// Server side of HBONE: requires a client certificate of the same trust domain.
@@ -225,42 +294,146 @@ impl WorkloadCertificate {
     }
 
     /// Client side of HBONE: accepts only a peer presenting one of `allowed` identities.
+    /// Every handshake is a full one; [`WorkloadCertificate::hbone_client`] resumes.
     pub fn client_config(&self, allowed: Vec<SpiffeId>) -> Result<Arc<ClientConfig>, TlsError> {
         let verifier = Arc::new(IdentityServerVerifier::sharing(
             self.roots.clone(),
             self.server_chains.clone(),
             allowed,
         ));
+        self.client_config_with(verifier, Resumption::disabled())
+    }
+
+    /// The client side of an HBONE connection to `peer`, which must present one of `allowed`
+    /// identities: a configuration that resumes this certificate's sessions with that
+    /// server under that same expectation, the name to connect with (never sent: HBONE has
+    /// no SNI; it keys the tickets), and [`HboneClient::confirm`] for after the handshake.
+    /// The configuration is made once per set of identities and kept: rustls resumes a
+    /// session only with the verifier that verified it.
+    pub fn hbone_client(
+        &self,
+        peer: SocketAddr,
+        allowed: Vec<SpiffeId>,
+    ) -> Result<HboneClient, TlsError> {
+        let name = session_name(peer, &allowed);
+        let known = self
+            .resuming
+            .lock()
+            .expect("resuming configurations")
+            .get(&allowed)
+            .cloned();
+        let Resuming { config, verifier } = match known {
+            Some(r) => r,
+            None => {
+                let verifier = Arc::new(IdentityServerVerifier::sharing(
+                    self.roots.clone(),
+                    self.server_chains.clone(),
+                    allowed.clone(),
+                ));
+                let resumption = Resumption::store(self.sessions.clone())
+                    .tls12_resumption(Tls12Resumption::Disabled);
+                let made = Resuming {
+                    config: self.client_config_with(verifier.clone(), resumption)?,
+                    verifier,
+                };
+                let mut all = self.resuming.lock().expect("resuming configurations");
+                if all.len() >= CLIENT_CONFIGS && !all.contains_key(&allowed) {
+                    let any = all.keys().next().cloned().expect("the map is full");
+                    all.remove(&any);
+                }
+                all.entry(allowed).or_insert(made).clone()
+            }
+        };
+        Ok(HboneClient {
+            config,
+            name,
+            verifier,
+        })
+    }
+
+    fn client_config_with(
+        &self,
+        verifier: Arc<IdentityServerVerifier>,
+        resumption: Resumption,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_cert_resolver(Arc::new(FixedCert(self.certified.clone())));
+            .with_client_cert_resolver(self.client_cert.clone());
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
         cfg.enable_sni = false;
-        cfg.resumption = rustls::client::Resumption::disabled();
+        cfg.resumption = resumption;
         Ok(Arc::new(cfg))
     }
 }
 
+/// The client side of one HBONE connection (see [`WorkloadCertificate::hbone_client`]).
+pub struct HboneClient {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    verifier: Arc<IdentityServerVerifier>,
+}
+
+impl HboneClient {
+    pub fn config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
+    /// The name to connect with: it keys the session tickets and is never sent.
+    pub fn server_name(&self) -> ServerName<'static> {
+        self.name.clone()
+    }
+
+    /// After the handshake: a resumed session's server chain is verified again, as a full
+    /// handshake would (roots, validity now, one of the expected identities). An error
+    /// means the connection must not be used.
+    pub fn confirm(&self, conn: &rustls::CommonState) -> Result<(), rustls::Error> {
+        if conn.handshake_kind() != Some(HandshakeKind::Resumed) {
+            return Ok(());
+        }
+        let (leaf, intermediates) = conn
+            .peer_certificates()
+            .and_then(|c| c.split_first())
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verifier
+            .verify_server_cert(leaf, intermediates, &self.name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+}
+
+/// The name a client's tickets for `peer` are kept under while it expects one of `allowed`:
+/// a digest of both, as a DNS name (`<32 hex digits>.hbone`), so a ticket is only offered to
+/// the server it came from under the expectation it was verified against.
+fn session_name(peer: SocketAddr, allowed: &[SpiffeId]) -> ServerName<'static> {
+    use std::fmt::Write;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(peer.to_string().as_bytes());
+    for id in allowed {
+        ctx.update(b"\0");
+        ctx.update(id.to_string().as_bytes());
+    }
+    let digest = ctx.finish();
+    let mut name = String::with_capacity(38);
+    for b in &digest.as_ref()[..16] {
+        let _ = write!(name, "{b:02x}");
+    }
+    name.push_str(".hbone");
+    ServerName::try_from(name).expect("hex digits and a dot make a DNS name")
+}
+
 fn server_config(
-    identity: &SpiffeId,
     certified: Arc<CertifiedKey>,
-    roots: Arc<RootCertStore>,
-    chains: Arc<VerifiedChains>,
+    verifier: Arc<TrustDomainClientVerifier>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = Arc::new(TrustDomainClientVerifier::sharing(
-        roots,
-        chains,
-        identity.trust_domain().to_owned(),
-    )?);
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(FixedCert(certified)));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
+    // Sessions stay in this process (stateful tickets: the ticket is an id), single-use.
+    cfg.session_storage = ServerSessionMemoryCache::new(SERVER_SESSIONS);
+    cfg.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(cfg))
 }
 

@@ -11,6 +11,7 @@ use http::{Method, Response};
 use http_body_util::Empty;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use rustls::HandshakeKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use zmesh_core::hbone::{H2Settings, HboneError, Pool, PoolConfig, PoolKey, SourceInfo};
@@ -36,6 +37,10 @@ struct Seen {
     headers: Vec<http::HeaderMap>,
     /// TLS connections open now.
     open: usize,
+    /// Every connection whose handshake finished: full or resumed.
+    handshakes: Vec<HandshakeKind>,
+    /// Connections refused after their handshake (`client_peer` failed), with the reason.
+    refused: Vec<String>,
 }
 
 type ServerTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
@@ -68,7 +73,8 @@ where
 
 /// An HBONE server that echoes every tunnel (reading to EOF, then closing its side). It
 /// records each client's identity as ztunnel's inbound reads it (`client_peer`: from the chain
-/// its verifier remembered), which must be what the certificate itself names.
+/// its verifier remembered), which must be what the certificate itself names, and closes a
+/// connection for which `client_peer` fails, as the inbound does.
 async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = seen.clone();
@@ -76,9 +82,22 @@ async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
     let addr = tls_server(cert, move |tls| {
         let seen = s2.clone();
         let conns = s2.clone();
+        let kind = tls
+            .get_ref()
+            .1
+            .handshake_kind()
+            .expect("the handshake is over");
         let peer = ours.client_peer(tls.get_ref().1);
         let certificate_peer = connection_peer(tls.get_ref().1);
         async move {
+            conns.lock().unwrap().handshakes.push(kind);
+            let peer = match peer {
+                Ok(peer) => peer,
+                Err(e) => {
+                    conns.lock().unwrap().refused.push(e.to_string());
+                    return;
+                }
+            };
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let seen = seen.clone();
                 let peer = peer.clone();
@@ -594,6 +613,117 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     assert!(err.to_string().contains("sa/server"), "{err}");
     assert_eq!(seen.lock().unwrap().authorities.len(), 7);
     assert_eq!(client.remembered_chains(), (1, 0));
+}
+
+/// A new connection to a server this certificate's client side connected to before resumes
+/// the TLS session (no certificates, no signatures), and each side still knows the other as
+/// a full handshake would have told it.
+#[tokio::test]
+async fn a_new_connection_to_the_same_server_resumes_its_session() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, seen) = server(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let p = pool(100, Duration::ZERO);
+    let key = || PoolKey::new(id("client"), vec![id("server")], addr, None);
+    for _ in 0..3 {
+        assert_eq!(echo_through(&p, key(), &client, b"r").await.unwrap(), b"r");
+    }
+    // Another client certificate (a renewed one, or another workload) has no session yet.
+    let renewed = cert(&ca, "client");
+    assert_eq!(echo_through(&p, key(), &renewed, b"n").await.unwrap(), b"n");
+    let s = seen.lock().unwrap();
+    use HandshakeKind::{Full, Resumed};
+    assert_eq!(s.handshakes, vec![Full, Resumed, Resumed, Full]);
+    assert_eq!(s.peers, vec![Some(id("client")); 4]);
+    assert_eq!(s.certificate_peers, s.peers);
+    assert!(s.refused.is_empty(), "{:?}", s.refused);
+}
+
+/// A ticket is kept for the server address and the identities expected of it together: a
+/// connection to the same address that expects someone else gets a full handshake (and
+/// refuses the server's certificate), never the session verified for the first expectation.
+#[tokio::test]
+async fn a_session_is_offered_only_under_the_expectation_it_was_verified_for() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, seen) = server(cert(&ca, "server")).await;
+    let client = cert(&ca, "client");
+    let p = pool(100, Duration::ZERO);
+    let expecting = |who: &str| PoolKey::new(id("client"), vec![id(who)], addr, None);
+    echo_through(&p, expecting("server"), &client, b"a")
+        .await
+        .unwrap();
+    let err = echo_through(&p, expecting("someone-else"), &client, b"b")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HboneError::Tls(..)), "{err}");
+    assert!(err.to_string().contains("sa/server"), "{err}");
+    // The refused attempt never finished a handshake (the client gave up on the server's
+    // certificate), and the ticket for the first expectation is still there.
+    echo_through(&p, expecting("server"), &client, b"c")
+        .await
+        .unwrap();
+    let s = seen.lock().unwrap();
+    assert_eq!(
+        s.handshakes,
+        vec![HandshakeKind::Full, HandshakeKind::Resumed]
+    );
+    assert_eq!(s.authorities.len(), 2);
+}
+
+/// rustls does not verify a resumed server's chain again; the client does: a session with a
+/// server whose certificate has expired since is refused, although the server resumed it.
+#[tokio::test]
+async fn a_resumed_server_whose_certificate_expired_since_is_refused() {
+    let ca = LocalCa::generate("root").unwrap();
+    let short = ca.issue(&id("server"), Duration::from_secs(2)).unwrap();
+    let (addr, seen) = server(short).await;
+    let client = cert(&ca, "client");
+    let p = pool(100, Duration::ZERO);
+    let key = || PoolKey::new(id("client"), vec![id("server")], addr, None);
+    echo_through(&p, key(), &client, b"a").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    let err = echo_through(&p, key(), &client, b"b").await.unwrap_err();
+    assert!(matches!(err, HboneError::Tls(..)), "{err}");
+    assert!(err.to_string().to_lowercase().contains("expired"), "{err}");
+    // (Whether the server saw its side of the resumed handshake finish depends on how soon
+    // the client's close reaches it; only the first handshake is certain.)
+    let s = seen.lock().unwrap();
+    assert_eq!(s.handshakes[0], HandshakeKind::Full);
+    assert_eq!(
+        s.authorities.len(),
+        1,
+        "no CONNECT went over the refused session"
+    );
+}
+
+/// The server's side of the same: a client whose certificate has expired since its session
+/// began is refused when it resumes, and no CONNECT of its is served.
+#[tokio::test]
+async fn a_resumed_client_whose_certificate_expired_since_is_refused() {
+    let ca = LocalCa::generate("root").unwrap();
+    let (addr, seen) = server(cert(&ca, "server")).await;
+    let short = ca.issue(&id("client"), Duration::from_secs(2)).unwrap();
+    let p = pool(100, Duration::ZERO);
+    let key = || PoolKey::new(id("client"), vec![id("server")], addr, None);
+    echo_through(&p, key(), &short, b"a").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    assert!(echo_through(&p, key(), &short, b"b").await.is_err());
+    let s = seen.lock().unwrap();
+    assert_eq!(
+        s.handshakes,
+        vec![HandshakeKind::Full, HandshakeKind::Resumed]
+    );
+    assert_eq!(s.refused.len(), 1);
+    assert!(
+        s.refused[0].to_lowercase().contains("expired"),
+        "{:?}",
+        s.refused
+    );
+    assert_eq!(
+        s.authorities.len(),
+        1,
+        "no CONNECT went over the refused session"
+    );
 }
 
 /// An HBONE server that reads a CONNECT's first DATA before it answers, records it (`None`

@@ -16,7 +16,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{
@@ -80,11 +79,9 @@ async fn hbone_connection(
     let cert = wp.certs.get(&wp.cfg.identity).await?;
     let limits = wp.cfg.hbone_limits;
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    let acceptor = TlsAcceptor::from(cert.server_config());
-    let tls = hbone_tls_accept(&acceptor, tcp, deadline, limits.handshake_timeout).await?;
     // The verifier admitted only a SPIFFE id of our trust domain; looked up once per
     // connection, in the chains the verifier remembered.
-    let id = cert.client_peer(tls.get_ref().1);
+    let (tls, id) = hbone_tls_accept(&cert, tcp, deadline, limits.handshake_timeout).await?;
     let principal = Arc::new(PeerPrincipal {
         label: id.as_ref().map(|i| i.to_string().into()),
         id,

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::StatusCode;
-use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::{H2Settings, HboneError, SourceInfo, Tunnel, connect_request, tunnel::keepalive};
@@ -381,16 +380,22 @@ impl Pool {
         let tcp = crate::socket::connect(peer, key.src_ip, &self.sockets)
             .await
             .map_err(|e| HboneError::Connect(peer, e))?;
-        let tls_cfg = cert.client_config(key.dst_ids.clone())?;
-        // HBONE sends no SNI; the name is never looked at.
-        let name = ServerName::IpAddress(peer.ip().into());
+        // Resumes a session with this server under the same expectation when it can; HBONE
+        // sends no SNI, the name only keys the tickets.
+        let client = cert.hbone_client(peer, key.dst_ids.clone())?;
         // Bounded: the per-key lock is held across this, and a peer that accepts TCP but
         // stalls the handshake must not hang every connection to it.
         let handshake = async {
-            let mut tls = TlsConnector::from(tls_cfg)
-                .connect(name, crate::socket::buffered(tcp))
+            let mut tls = TlsConnector::from(client.config())
+                .connect(client.server_name(), crate::socket::buffered(tcp))
                 .await
                 .map_err(|e| HboneError::Tls(peer, e))?;
+            client.confirm(tls.get_ref().1).map_err(|e| {
+                HboneError::Tls(
+                    peer,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                )
+            })?;
             crate::socket::hold_bulk_records(tls.get_mut().1);
             if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
                 return Err(HboneError::Alpn(peer));

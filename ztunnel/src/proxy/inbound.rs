@@ -17,7 +17,6 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use zmesh_core::hbone::Tunnel;
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::serve::{ActiveGuard, ServeError, hbone_tls_accept, serve_h2_streams};
@@ -73,10 +72,8 @@ async fn hbone_connection(
     // One deadline for the TLS handshake and the HTTP/2 preface + SETTINGS, from the moment a
     // certificate is at hand (a slow CA is not the client's fault).
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    let acceptor = TlsAcceptor::from(cert.server_config());
-    let tls = hbone_tls_accept(&acceptor, tcp, deadline, limits.handshake_timeout).await?;
     // The verifier admitted only a certificate with a SPIFFE id of our trust domain.
-    let peer_id = cert.client_peer(tls.get_ref().1);
+    let (tls, peer_id) = hbone_tls_accept(&cert, tcp, deadline, limits.handshake_timeout).await?;
     let peer_id = Arc::new(peer_id);
     let p = proxy.clone();
     // Each CONNECT is served on a task of its own (tracked for the drain), from the answer to
