@@ -11,7 +11,8 @@
 //! time and expected identities, with the same verifiers and their memory of verified chains
 //! (a lookup, no signature check). A client keeps its tickets per source certificate and per
 //! server address *and* set of identities it expects, so a ticket is only ever offered where
-//! the same expectation holds. Both stores live with one [`WorkloadCertificate`]: a renewed
+//! the same expectation holds (rustls, for its part, resumes a session only with the
+//! verifier that verified it: one per set of identities, kept for that). Both stores live with one [`WorkloadCertificate`]: a renewed
 //! certificate or new roots start without sessions.
 
 mod ca;
@@ -50,8 +51,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 const SERVER_SESSIONS: usize = 256;
 
 /// Server addresses (each with one set of expected identities) a workload certificate's
-/// client side keeps tickets for, up to rustls's 8 each; the oldest goes first.
-const CLIENT_SESSION_PEERS: usize = 256;
+/// client side keeps tickets for, up to rustls's 8 each; the oldest goes first. (rustls's
+/// cache is sized in tickets: `CLIENT_SESSION_PEERS * 8`.)
+const CLIENT_SESSION_PEERS: usize = 128;
 
 /// Sets of expected server identities a workload certificate keeps a resuming client
 /// configuration for (rustls resumes a session only with the verifier and certificate
@@ -200,7 +202,7 @@ impl WorkloadCertificate {
             client_verifier,
             server_chains: Arc::default(),
             client_chains,
-            sessions: Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSION_PEERS)),
+            sessions: Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSION_PEERS * 8)),
             resuming: Arc::default(),
             client_cert,
         })

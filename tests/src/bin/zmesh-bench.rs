@@ -325,8 +325,10 @@ fn main() -> Result<()> {
             cpu: format!("{cm_cpu:.1} us per connection"),
         });
 
-        // Pool disabled: each connection pays TCP + TLS 1.3 + HTTP/2 handshakes, exactly what a
-        // new source per connection costs (the pool key includes the source).
+        // Pool disabled: each connection pays TCP + TLS 1.3 + HTTP/2 handshakes, what a new
+        // source per connection costs (the pool key includes the source). After the first, the
+        // TLS handshakes resume the source certificate's session with the server, as those of
+        // a source that connected before do; `core/benches/handshake.rs` counts a full one.
         eprintln!("connection rate, no pooling (new handshake per connection)...");
         rss_client_warm = bench::peak_rss_kib(zt.1.pid());
         zt.1.stop()?;
