@@ -37,8 +37,9 @@ struct Seen {
     headers: Vec<http::HeaderMap>,
     /// TLS connections open now.
     open: usize,
-    /// Every connection whose handshake finished: full or resumed.
+    /// Every connection whose handshake finished: full or resumed, and its suite.
     handshakes: Vec<HandshakeKind>,
+    suites: Vec<rustls::CipherSuite>,
     /// Connections refused after their handshake (`client_peer` failed), with the reason.
     refused: Vec<String>,
 }
@@ -82,15 +83,17 @@ async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
     let addr = tls_server(cert, move |tls| {
         let seen = s2.clone();
         let conns = s2.clone();
-        let kind = tls
-            .get_ref()
-            .1
-            .handshake_kind()
-            .expect("the handshake is over");
+        let conn = tls.get_ref().1;
+        let kind = conn.handshake_kind().expect("the handshake is over");
+        let suite = conn.negotiated_cipher_suite().expect("a suite").suite();
         let peer = ours.client_peer(tls.get_ref().1);
         let certificate_peer = connection_peer(tls.get_ref().1);
         async move {
-            conns.lock().unwrap().handshakes.push(kind);
+            {
+                let mut s = conns.lock().unwrap();
+                s.handshakes.push(kind);
+                s.suites.push(suite);
+            }
             let peer = match peer {
                 Ok(peer) => peer,
                 Err(e) => {
@@ -634,6 +637,11 @@ async fn a_new_connection_to_the_same_server_resumes_its_session() {
     let s = seen.lock().unwrap();
     use HandshakeKind::{Full, Resumed};
     assert_eq!(s.handshakes, vec![Full, Resumed, Resumed, Full]);
+    // Between zmesh peers, AES-128-GCM with SHA-256 (the client's first choice).
+    assert_eq!(
+        s.suites,
+        vec![rustls::CipherSuite::TLS13_AES_128_GCM_SHA256; 4]
+    );
     assert_eq!(s.peers, vec![Some(id("client")); 4]);
     assert_eq!(s.certificate_peers, s.peers);
     assert!(s.refused.is_empty(), "{:?}", s.refused);
