@@ -1,7 +1,8 @@
 //! What a new HBONE connection's TLS 1.3 handshake computes in user space, and the
 //! per-connection steps around it, in a plain bench binary (`cargo bench -p zmesh-core --bench
 //! handshake`; no criterion in the workspace). Client and server run the real configurations
-//! (`WorkloadCertificate::client_config` or `hbone_client`, and `server_config`: mutual TLS,
+//! (`WorkloadCertificate::client_config` / `server_config`, or `hbone_client` /
+//! `resuming_server_config` as the pool and `hbone_tls_accept` use them: mutual TLS,
 //! ECDSA P-256 certificates from a `LocalCa`, the verifiers' remembered chains) over memory,
 //! with no sockets, so the figures hold only what the processes themselves compute, on one
 //! thread. Prints wall-clock nanoseconds per step, which on an otherwise idle core is that CPU
@@ -14,10 +15,11 @@
 //! next), with both sides' checks of the resumed peer (`HboneClient::confirm`,
 //! `WorkloadCertificate::client_peer`).
 //!
-//! The handshakes' figures include building the client's configuration, as the pool does for
-//! every new connection; the line for that step is a part of them, not an addition. The
-//! identity lookup's figure is its best case: one remembered chain and a lock nobody else
-//! takes.
+//! The full handshake's figure includes building a client configuration, as the pool did for
+//! every new connection before it kept them; the line for that step is a part of it, not an
+//! addition. The pool's handshake includes finding its kept configuration and naming its
+//! tickets (`hbone_client`). The identity lookup's figure is its best case: one remembered
+//! chain and a lock nobody else takes.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -58,12 +60,10 @@ const PEER: std::net::SocketAddr =
 fn exchange(
     cfg: std::sync::Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
-    server: &WorkloadCertificate,
+    server: std::sync::Arc<rustls::ServerConfig>,
 ) -> (rustls::Connection, rustls::Connection) {
     let mut c: rustls::Connection = ClientConnection::new(cfg, name).expect("a client").into();
-    let mut s: rustls::Connection = ServerConnection::new(server.server_config())
-        .expect("a server")
-        .into();
+    let mut s: rustls::Connection = ServerConnection::new(server).expect("a server").into();
     while c.is_handshaking() || s.is_handshaking() {
         flight(&mut c, &mut s);
         flight(&mut s, &mut c);
@@ -82,7 +82,7 @@ fn full_handshake(
         .client_config(vec![server.identity().clone()])
         .expect("a client configuration");
     let name = ServerName::IpAddress(PEER.ip().into());
-    exchange(cfg, name, server).1
+    exchange(cfg, name, server.server_config()).1
 }
 
 /// One handshake as the pool makes it: resumed when `client` holds a ticket from `server`,
@@ -95,7 +95,11 @@ fn pool_handshake(
     let hbone = client
         .hbone_client(PEER, vec![server.identity().clone()])
         .expect("a client configuration");
-    let (c, s) = exchange(hbone.config(), hbone.server_name(), server);
+    let (c, s) = exchange(
+        hbone.config(),
+        hbone.server_name(),
+        server.resuming_server_config(),
+    );
     hbone.confirm(&c).expect("the server still verifies");
     let peer = server.client_peer(&s).expect("the client still verifies");
     (s, peer)

@@ -141,7 +141,7 @@ pub async fn hbone_tls_accept(
     deadline: tokio::time::Instant,
     limit: Duration,
 ) -> Result<(HboneTls, Option<crate::identity::SpiffeId>), ServeError> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.resuming_server_config());
     let mut tls = tls_accept(&acceptor, crate::socket::buffered(tcp), deadline, limit).await?;
     let peer = cert
         .client_peer(tls.get_ref().1)

@@ -9,7 +9,11 @@
 //! resumed peer's chain again, so both sides do, on the chain the session carries
 //! ([`HboneClient::confirm`], [`WorkloadCertificate::client_peer`]), against today's roots,
 //! time and expected identities, with the same verifiers and their memory of verified chains
-//! (a lookup, no signature check). A client keeps its tickets per source certificate and per
+//! (a lookup, no signature check). Each resumption brings a new ticket for the same chain, so
+//! one authentication carries across a series of them, bounded by that check of the chain's
+//! validity and by the stores' life. Only [`WorkloadCertificate::resuming_server_config`]
+//! keeps sessions, and only for clients that ask for tickets (RFC 9149), as
+//! [`WorkloadCertificate::hbone_client`] does. A client keeps its tickets per source certificate and per
 //! server address *and* set of identities it expects, so a ticket is only ever offered where
 //! the same expectation holds (rustls, for its part, resumes a session only with the
 //! verifier that verified it: one per set of identities, kept for that). Both stores live with one [`WorkloadCertificate`]: a renewed
@@ -25,7 +29,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::ServerCertVerifier;
-use rustls::client::{ClientSessionMemoryCache, ResolvesClientCert, Resumption, Tls12Resumption};
+use rustls::client::{
+    ClientSessionMemoryCache, ResolvesClientCert, Resumption, TicketRequest, Tls12Resumption,
+};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
@@ -99,7 +105,9 @@ pub enum TlsError {
 /// (both FIPS-approved, as upstream ztunnel restricts them).
 ///
 /// AES-128-GCM with SHA-256 comes first, so it is what a zmesh client asks for (a server
-/// follows its client's order, ours as rustls's). The connection's security level is set by
+/// follows its client's order, ours as rustls's). This provider is also the process default
+/// ([`install_default_provider`]), so the xDS, CA and Kubernetes API connections prefer it
+/// too. The connection's security level is set by
 /// its 128-bit parts, the P-256 certificates and X25519, so AES-256 would not raise it, while
 /// SHA-256 runs on the CPU's SHA instructions where SHA-384 has none: a resumed handshake costs
 /// a third less (`core/benches/handshake.rs`). BoringSSL (Envoy, so Istio's sidecars) and Go
@@ -137,7 +145,10 @@ pub struct WorkloadCertificate {
     /// When this process built it from the CA's answer.
     received: SystemTime,
     not_after: SystemTime,
+    /// Full handshakes only.
     server_config: Arc<ServerConfig>,
+    /// Also resumes sessions (see the module's text): only with `client_peer`'s check.
+    resuming_server_config: Arc<ServerConfig>,
     /// The server side's verifier of clients, kept to check a resumed client again.
     client_verifier: Arc<TrustDomainClientVerifier>,
     /// Peer chains verified against `roots`: servers' by this certificate's client side,
@@ -197,7 +208,9 @@ impl WorkloadCertificate {
             client_chains.clone(),
             identity.trust_domain().to_owned(),
         )?);
-        let server_config = server_config(certified.clone(), client_verifier.clone())?;
+        let resuming_server_config =
+            server_config(certified.clone(), client_verifier.clone(), true)?;
+        let server_config = server_config(certified.clone(), client_verifier.clone(), false)?;
         let client_cert: Arc<dyn ResolvesClientCert> = Arc::new(FixedCert(certified.clone()));
         Ok(WorkloadCertificate {
             identity,
@@ -208,6 +221,7 @@ impl WorkloadCertificate {
             not_after,
             received: SystemTime::now(),
             server_config,
+            resuming_server_config,
             client_verifier,
             server_chains: Arc::default(),
             client_chains,
@@ -285,23 +299,34 @@ impl WorkloadCertificate {
         &self,
         conn: &rustls::CommonState,
     ) -> Result<Option<SpiffeId>, rustls::Error> {
-        let Some((leaf, intermediates)) = conn.peer_certificates().and_then(|c| c.split_first())
-        else {
-            return Ok(None);
-        };
-        if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
+        let chain = conn.peer_certificates().and_then(|c| c.split_first());
+        if needs_check(conn) {
+            let (leaf, intermediates) = chain.ok_or(rustls::Error::NoCertificatesPresented)?;
             self.client_verifier
                 .verify_client_cert(leaf, intermediates, UnixTime::now())?;
         }
+        let Some((leaf, intermediates)) = chain else {
+            return Ok(None);
+        };
         Ok(match self.client_chains.remembered(leaf, intermediates) {
             Some(peer) => peer.ids.first().cloned(),
             None => peer_identity(leaf),
         })
     }
 
-    /// Server side of HBONE: requires a client certificate of the same trust domain.
+    /// Server side of HBONE: requires a client certificate of the same trust domain. Every
+    /// handshake is a full one.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server_config.clone()
+    }
+
+    /// The same, resuming the sessions of clients that ask for tickets (RFC 9149, as
+    /// [`WorkloadCertificate::hbone_client`] does). rustls does not verify a resumed client's
+    /// chain again: every connection accepted with this configuration must have its client
+    /// read with [`WorkloadCertificate::client_peer`], which does, and be refused when that
+    /// fails. `serve::hbone_tls_accept` does both.
+    pub fn resuming_server_config(&self) -> Arc<ServerConfig> {
+        self.resuming_server_config.clone()
     }
 
     /// Client side of HBONE: accepts only a peer presenting one of `allowed` identities.
@@ -312,7 +337,9 @@ impl WorkloadCertificate {
             self.server_chains.clone(),
             allowed,
         ));
-        self.client_config_with(verifier, Resumption::disabled())
+        Ok(Arc::new(
+            self.client_config_with(verifier, Resumption::disabled())?,
+        ))
     }
 
     /// The client side of an HBONE connection to `peer`, which must present one of `allowed`
@@ -343,8 +370,15 @@ impl WorkloadCertificate {
                 ));
                 let resumption = Resumption::store(self.sessions.clone())
                     .tls12_resumption(Tls12Resumption::Disabled);
+                let mut config = self.client_config_with(verifier.clone(), resumption)?;
+                // Asks for the one ticket that replaces the one a resumption uses (RFC 9149):
+                // our servers send tickets only to clients that ask.
+                config.send_ticket_request = Some(TicketRequest {
+                    new_session_count: 1,
+                    resumption_count: 1,
+                });
                 let made = Resuming {
-                    config: self.client_config_with(verifier.clone(), resumption)?,
+                    config: Arc::new(config),
                     verifier,
                 };
                 let mut all = self.resuming.lock().expect("resuming configurations");
@@ -366,7 +400,7 @@ impl WorkloadCertificate {
         &self,
         verifier: Arc<IdentityServerVerifier>,
         resumption: Resumption,
-    ) -> Result<Arc<ClientConfig>, TlsError> {
+    ) -> Result<ClientConfig, TlsError> {
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -375,7 +409,7 @@ impl WorkloadCertificate {
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
         cfg.enable_sni = false;
         cfg.resumption = resumption;
-        Ok(Arc::new(cfg))
+        Ok(cfg)
     }
 }
 
@@ -398,9 +432,9 @@ impl HboneClient {
 
     /// After the handshake: a resumed session's server chain is verified again, as a full
     /// handshake would (roots, validity now, one of the expected identities). An error
-    /// means the connection must not be used.
+    /// means the connection must not be used. [`HboneClient::connect`] does this.
     pub fn confirm(&self, conn: &rustls::CommonState) -> Result<(), rustls::Error> {
-        if conn.handshake_kind() != Some(HandshakeKind::Resumed) {
+        if !needs_check(conn) {
             return Ok(());
         }
         let (leaf, intermediates) = conn
@@ -410,6 +444,32 @@ impl HboneClient {
         self.verifier
             .verify_server_cert(leaf, intermediates, &self.name, &[], UnixTime::now())
             .map(|_| ())
+    }
+
+    /// The TLS handshake on `io`, then [`HboneClient::confirm`]: the way to use this client.
+    pub async fn connect<IO>(&self, io: IO) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(self.name.clone(), io)
+            .await?;
+        self.confirm(tls.get_ref().1).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the resumed session's server certificate no longer verifies: {e}"),
+            )
+        })?;
+        Ok(tls)
+    }
+}
+
+/// Whether a finished handshake's peer must be verified again: anything but a full handshake
+/// (in which rustls's verifiers saw the chain) is.
+fn needs_check(conn: &rustls::CommonState) -> bool {
+    match conn.handshake_kind() {
+        Some(HandshakeKind::Full | HandshakeKind::FullWithHelloRetryRequest) => false,
+        Some(HandshakeKind::Resumed) | None => true,
     }
 }
 
@@ -436,15 +496,24 @@ fn session_name(peer: SocketAddr, allowed: &[SpiffeId]) -> ServerName<'static> {
 fn server_config(
     certified: Arc<CertifiedKey>,
     verifier: Arc<TrustDomainClientVerifier>,
+    resuming: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(FixedCert(certified)));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    // Sessions stay in this process (stateful tickets: the ticket is an id), single-use.
-    cfg.session_storage = ServerSessionMemoryCache::new(SERVER_SESSIONS);
-    cfg.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
+    if resuming {
+        // Sessions stay in this process (stateful tickets: the ticket is an id), single-use,
+        // and only for clients that ask for tickets (RFC 9149 `ticket_request`, at most one
+        // per handshake), so a client that never resumes (upstream ztunnel's) costs none.
+        cfg.session_storage = ServerSessionMemoryCache::new(SERVER_SESSIONS);
+        cfg.send_tls13_tickets = 0;
+        cfg.max_tls13_tickets = TICKETS_PER_HANDSHAKE;
+    } else {
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(cfg))
 }
 

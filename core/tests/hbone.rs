@@ -46,9 +46,9 @@ struct Seen {
 
 type ServerTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
-/// A server on loopback that accepts mTLS with `cert` and gives each connection whose
-/// handshake succeeded to `serve`, in a task of its own.
-async fn tls_server<F, Fut>(cert: WorkloadCertificate, serve: F) -> SocketAddr
+/// A server on loopback that accepts mTLS with `config` (a workload certificate's) and gives
+/// each connection whose handshake succeeded to `serve`, in a task of its own.
+async fn tls_server<F, Fut>(config: Arc<rustls::ServerConfig>, serve: F) -> SocketAddr
 where
     F: Fn(ServerTls) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -58,7 +58,7 @@ where
     let addr = l.local_addr().unwrap();
     let serve = Arc::new(serve);
     tokio::spawn(async move {
-        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             let (acceptor, serve) = (acceptor.clone(), serve.clone());
@@ -73,14 +73,15 @@ where
 }
 
 /// An HBONE server that echoes every tunnel (reading to EOF, then closing its side). It
-/// records each client's identity as ztunnel's inbound reads it (`client_peer`: from the chain
-/// its verifier remembered), which must be what the certificate itself names, and closes a
-/// connection for which `client_peer` fails, as the inbound does.
+/// resumes sessions as ztunnel's inbound does (`resuming_server_config`), records each
+/// client's identity as the inbound reads it (`client_peer`: from the chain its verifier
+/// remembered, verified again for a resumed session), which must be what the certificate
+/// itself names, and closes a connection for which `client_peer` fails, as the inbound does.
 async fn server(cert: WorkloadCertificate) -> (SocketAddr, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = seen.clone();
     let ours = cert.clone();
-    let addr = tls_server(cert, move |tls| {
+    let addr = tls_server(cert.resuming_server_config(), move |tls| {
         let seen = s2.clone();
         let conns = s2.clone();
         let conn = tls.get_ref().1;
@@ -544,7 +545,7 @@ async fn a_remembered_chain_still_needs_its_key_and_the_expected_identity() {
     let server_cert = cert(&ca, "server");
     let (addr, seen) = server(server_cert.clone()).await;
     let client = cert(&ca, "client");
-    // No pooling: every tunnel is a new TLS handshake.
+    // No pooling: every tunnel is a new TLS connection (resumed after the first).
     let p = pool(100, Duration::ZERO);
     let key = || PoolKey::new(id("client"), vec![id("server")], addr, None);
     for _ in 0..3 {
@@ -692,7 +693,12 @@ async fn a_resumed_server_whose_certificate_expired_since_is_refused() {
     tokio::time::sleep(Duration::from_millis(3_100)).await;
     let err = echo_through(&p, key(), &client, b"b").await.unwrap_err();
     assert!(matches!(err, HboneError::Tls(..)), "{err}");
-    assert!(err.to_string().to_lowercase().contains("expired"), "{err}");
+    let text = err.to_string().to_lowercase();
+    assert!(
+        text.contains("resumed session's server certificate no longer verifies")
+            && text.contains("expired"),
+        "{err}"
+    );
     // (Whether the server saw its side of the resumed handshake finish depends on how soon
     // the client's close reaches it; only the first handshake is certain.)
     let s = seen.lock().unwrap();
@@ -741,7 +747,7 @@ async fn reading_before_answering(
 ) -> (SocketAddr, Arc<Mutex<Vec<Option<Bytes>>>>) {
     let firsts = Arc::new(Mutex::new(Vec::new()));
     let seen = firsts.clone();
-    let addr = tls_server(cert, move |tls| {
+    let addr = tls_server(cert.server_config(), move |tls| {
         let seen = seen.clone();
         async move {
             let mut conn = h2::server::handshake(tls).await.unwrap();

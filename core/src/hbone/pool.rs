@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::StatusCode;
-use tokio_rustls::TlsConnector;
 
 use super::{H2Settings, HboneError, SourceInfo, Tunnel, connect_request, tunnel::keepalive};
 use crate::identity::SpiffeId;
@@ -386,16 +385,11 @@ impl Pool {
         // Bounded: the per-key lock is held across this, and a peer that accepts TCP but
         // stalls the handshake must not hang every connection to it.
         let handshake = async {
-            let mut tls = TlsConnector::from(client.config())
-                .connect(client.server_name(), crate::socket::buffered(tcp))
+            // The handshake, and a resumed server verified again.
+            let mut tls = client
+                .connect(crate::socket::buffered(tcp))
                 .await
                 .map_err(|e| HboneError::Tls(peer, e))?;
-            client.confirm(tls.get_ref().1).map_err(|e| {
-                HboneError::Tls(
-                    peer,
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                )
-            })?;
             crate::socket::hold_bulk_records(tls.get_mut().1);
             if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
                 return Err(HboneError::Alpn(peer));
