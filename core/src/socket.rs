@@ -192,21 +192,7 @@ mod tests {
     use crate::identity::SpiffeId;
     use crate::tls::LocalCa;
 
-    /// Moves what `from` has to send into `to`, as a socket would.
-    fn transfer<A, B>(
-        from: &mut rustls::ConnectionCommon<A>,
-        to: &mut rustls::ConnectionCommon<B>,
-    ) {
-        let mut wire = Vec::new();
-        while from.wants_write() {
-            from.write_tls(&mut wire).unwrap();
-        }
-        let mut rest = &wire[..];
-        while !rest.is_empty() {
-            to.read_tls(&mut rest).unwrap();
-            to.process_new_packets().unwrap();
-        }
-    }
+    use crate::tls::tests::transfer;
 
     /// An HBONE connection takes 256 KiB of data in one write, sealed and held for one
     /// `writev`; rustls's default takes 64 KiB.

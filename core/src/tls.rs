@@ -138,13 +138,20 @@ pub fn install_default_provider() {
 pub struct WorkloadCertificate {
     identity: SpiffeId,
     certified: Arc<CertifiedKey>,
-    roots: Arc<RootCertStore>,
     /// Shared: the store hands out a clone of this struct on every connection.
     root_ders: Arc<[CertificateDer<'static>]>,
     not_before: SystemTime,
     /// When this process built it from the CA's answer.
     received: SystemTime,
     not_after: SystemTime,
+    /// The TLS side, behind one pointer: a clone is made per connection, and callers' futures
+    /// hold one across awaits.
+    tls: Arc<TlsState>,
+}
+
+/// A [`WorkloadCertificate`]'s configurations and what they remember.
+struct TlsState {
+    roots: Arc<RootCertStore>,
     /// Full handshakes only.
     server_config: Arc<ServerConfig>,
     /// Also resumes sessions (see the module's text): only with `client_peer`'s check.
@@ -158,7 +165,7 @@ pub struct WorkloadCertificate {
     /// The client side's session tickets, keyed by [`session_name`].
     sessions: Arc<ClientSessionMemoryCache>,
     /// The client side's resuming configurations, by the identities they expect.
-    resuming: Arc<Mutex<HashMap<Vec<SpiffeId>, Resuming>>>,
+    resuming: Mutex<HashMap<Vec<SpiffeId>, Resuming>>,
     /// Presents `certified` to servers; one for every configuration (see `resuming`).
     client_cert: Arc<dyn ResolvesClientCert>,
 }
@@ -215,19 +222,21 @@ impl WorkloadCertificate {
         Ok(WorkloadCertificate {
             identity,
             certified,
-            roots,
             root_ders: root_ders.into(),
             not_before,
             not_after,
             received: SystemTime::now(),
-            server_config,
-            resuming_server_config,
-            client_verifier,
-            server_chains: Arc::default(),
-            client_chains,
-            sessions: Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSION_PEERS * 8)),
-            resuming: Arc::default(),
-            client_cert,
+            tls: Arc::new(TlsState {
+                roots,
+                server_config,
+                resuming_server_config,
+                client_verifier,
+                server_chains: Arc::default(),
+                client_chains,
+                sessions: Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSION_PEERS * 8)),
+                resuming: Mutex::default(),
+                client_cert,
+            }),
         })
     }
 
@@ -282,7 +291,7 @@ impl WorkloadCertificate {
     /// How many peer chains this certificate's verifiers remember as verified: servers'
     /// (its client side) and clients' (its server side).
     pub fn remembered_chains(&self) -> (usize, usize) {
-        (self.server_chains.len(), self.client_chains.len())
+        (self.tls.server_chains.len(), self.tls.client_chains.len())
     }
 
     /// The SPIFFE identity of a TLS connection's client, the same as [`connection_peer`]
@@ -302,22 +311,25 @@ impl WorkloadCertificate {
         let chain = conn.peer_certificates().and_then(|c| c.split_first());
         if needs_check(conn) {
             let (leaf, intermediates) = chain.ok_or(rustls::Error::NoCertificatesPresented)?;
-            self.client_verifier
+            self.tls
+                .client_verifier
                 .verify_client_cert(leaf, intermediates, UnixTime::now())?;
         }
         let Some((leaf, intermediates)) = chain else {
             return Ok(None);
         };
-        Ok(match self.client_chains.remembered(leaf, intermediates) {
-            Some(peer) => peer.ids.first().cloned(),
-            None => peer_identity(leaf),
-        })
+        Ok(
+            match self.tls.client_chains.remembered(leaf, intermediates) {
+                Some(peer) => peer.ids.first().cloned(),
+                None => peer_identity(leaf),
+            },
+        )
     }
 
     /// Server side of HBONE: requires a client certificate of the same trust domain. Every
     /// handshake is a full one.
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.server_config.clone()
+        self.tls.server_config.clone()
     }
 
     /// The same, resuming the sessions of clients that ask for tickets (RFC 9149, as
@@ -326,15 +338,15 @@ impl WorkloadCertificate {
     /// read with [`WorkloadCertificate::client_peer`], which does, and be refused when that
     /// fails. `serve::hbone_tls_accept` does both.
     pub fn resuming_server_config(&self) -> Arc<ServerConfig> {
-        self.resuming_server_config.clone()
+        self.tls.resuming_server_config.clone()
     }
 
     /// Client side of HBONE: accepts only a peer presenting one of `allowed` identities.
     /// Every handshake is a full one; [`WorkloadCertificate::hbone_client`] resumes.
     pub fn client_config(&self, allowed: Vec<SpiffeId>) -> Result<Arc<ClientConfig>, TlsError> {
         let verifier = Arc::new(IdentityServerVerifier::sharing(
-            self.roots.clone(),
-            self.server_chains.clone(),
+            self.tls.roots.clone(),
+            self.tls.server_chains.clone(),
             allowed,
         ));
         Ok(Arc::new(
@@ -355,6 +367,7 @@ impl WorkloadCertificate {
     ) -> Result<HboneClient, TlsError> {
         let name = session_name(peer, &allowed);
         let known = self
+            .tls
             .resuming
             .lock()
             .expect("resuming configurations")
@@ -364,11 +377,11 @@ impl WorkloadCertificate {
             Some(r) => r,
             None => {
                 let verifier = Arc::new(IdentityServerVerifier::sharing(
-                    self.roots.clone(),
-                    self.server_chains.clone(),
+                    self.tls.roots.clone(),
+                    self.tls.server_chains.clone(),
                     allowed.clone(),
                 ));
-                let resumption = Resumption::store(self.sessions.clone())
+                let resumption = Resumption::store(self.tls.sessions.clone())
                     .tls12_resumption(Tls12Resumption::Disabled);
                 let mut config = self.client_config_with(verifier.clone(), resumption)?;
                 // Asks for the one ticket that replaces the one a resumption uses (RFC 9149):
@@ -381,7 +394,7 @@ impl WorkloadCertificate {
                     config: Arc::new(config),
                     verifier,
                 };
-                let mut all = self.resuming.lock().expect("resuming configurations");
+                let mut all = self.tls.resuming.lock().expect("resuming configurations");
                 if all.len() >= CLIENT_CONFIGS && !all.contains_key(&allowed) {
                     let any = all.keys().next().cloned().expect("the map is full");
                     all.remove(&any);
@@ -405,7 +418,7 @@ impl WorkloadCertificate {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_cert_resolver(self.client_cert.clone());
+            .with_client_cert_resolver(self.tls.client_cert.clone());
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
         cfg.enable_sni = false;
         cfg.resumption = resumption;
@@ -447,7 +460,7 @@ impl HboneClient {
     }
 
     /// The TLS handshake on `io`, then [`HboneClient::confirm`]: the way to use this client.
-    pub async fn connect<IO>(&self, io: IO) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
+    pub async fn connect<IO>(self, io: IO) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -573,4 +586,122 @@ pub fn certs_from_pem(
         });
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConnection, HandshakeKind, ServerConnection};
+
+    use super::{LocalCa, WorkloadCertificate};
+    use crate::identity::SpiffeId;
+
+    /// Moves what `from` has to send into `to`, as a socket would.
+    pub(crate) fn transfer<A, B>(
+        from: &mut rustls::ConnectionCommon<A>,
+        to: &mut rustls::ConnectionCommon<B>,
+    ) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets().unwrap();
+        }
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", sa).unwrap()
+    }
+
+    const PEER: &str = "10.0.0.2:15008";
+
+    /// Both sides of a handshake over memory, to the end of both (a ticket included).
+    fn handshake(
+        client: std::sync::Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+        server: std::sync::Arc<rustls::ServerConfig>,
+    ) -> (ClientConnection, ServerConnection) {
+        let mut c = ClientConnection::new(client, name).unwrap();
+        let mut s = ServerConnection::new(server).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            transfer(&mut c, &mut s);
+            transfer(&mut s, &mut c);
+        }
+        (c, s)
+    }
+
+    fn pair() -> (WorkloadCertificate, WorkloadCertificate) {
+        crate::tls::install_default_provider();
+        let ca = LocalCa::generate("test").unwrap();
+        let day = Duration::from_secs(86_400);
+        (
+            ca.issue(&id("client"), day).unwrap(),
+            ca.issue(&id("server"), day).unwrap(),
+        )
+    }
+
+    /// The resuming server sends a ticket only to a client that asks for one (RFC 9149), as
+    /// the pool's client does; a client that does not (upstream ztunnel's, which never
+    /// resumes, or `client_config`'s) costs it no ticket and no stored session.
+    #[test]
+    fn tickets_go_only_to_clients_that_ask() {
+        let (client, server) = pair();
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let plain = client.client_config(vec![id("server")]).unwrap();
+        let name = ServerName::IpAddress(peer.ip().into());
+        let (c, _) = handshake(plain, name, server.resuming_server_config());
+        assert_eq!(c.tls13_tickets_received(), 0);
+
+        let hbone = client.hbone_client(peer, vec![id("server")]).unwrap();
+        for kind in [HandshakeKind::Full, HandshakeKind::Resumed] {
+            let (c, s) = handshake(
+                hbone.config(),
+                hbone.server_name(),
+                server.resuming_server_config(),
+            );
+            assert_eq!(c.handshake_kind(), Some(kind));
+            assert_eq!(
+                c.tls13_tickets_received(),
+                1,
+                "one ticket replaces the one used"
+            );
+            hbone.confirm(&c).unwrap();
+            assert_eq!(server.client_peer(&s).unwrap(), Some(id("client")));
+        }
+    }
+
+    /// A server that sends tickets but forgets its sessions (rustls's defaults in a server
+    /// configuration made per connection, as upstream ztunnel may make them) cannot resume:
+    /// the pool's client offers its ticket in vain and gets a full handshake, with the server
+    /// verified as always. `server_config` never resumes either.
+    #[test]
+    fn a_server_that_keeps_no_session_gets_a_full_handshake() {
+        let (client, server) = pair();
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let hbone = client.hbone_client(peer, vec![id("server")]).unwrap();
+        let forgetful = || {
+            let mut cfg = (*server.server_config()).clone();
+            cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(256);
+            cfg.send_tls13_tickets = 2;
+            std::sync::Arc::new(cfg)
+        };
+        for _ in 0..2 {
+            let (c, s) = handshake(hbone.config(), hbone.server_name(), forgetful());
+            assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full));
+            assert_eq!(c.tls13_tickets_received(), 2);
+            hbone.confirm(&c).unwrap();
+            assert_eq!(server.client_peer(&s).unwrap(), Some(id("client")));
+        }
+        for _ in 0..2 {
+            let (c, _) = handshake(hbone.config(), hbone.server_name(), server.server_config());
+            assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full));
+            assert_eq!(c.tls13_tickets_received(), 0);
+        }
+    }
 }
