@@ -93,7 +93,7 @@ fn pool_handshake(
     server: &WorkloadCertificate,
 ) -> (rustls::Connection, Option<SpiffeId>) {
     let hbone = client
-        .hbone_client(PEER, vec![server.identity().clone()])
+        .hbone_client(PEER, std::slice::from_ref(server.identity()))
         .expect("a client configuration");
     let (c, s) = exchange(
         hbone.config(),

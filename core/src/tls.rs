@@ -4,20 +4,23 @@
 //! HBONE connections resume TLS 1.3 sessions (RFC 8446 §2.2, PSK with (EC)DHE, no early
 //! data). A resumed handshake proves that the peer holds the secret of an earlier session in
 //! which it authenticated, and skips the certificates and both CertificateVerify signatures,
-//! half of a full handshake's cryptography; it still runs X25519 for forward secrecy. Neither
-//! side takes the earlier session's word for the peer, though: rustls does not verify a
-//! resumed peer's chain again, so both sides do, on the chain the session carries
+//! half of a full handshake's cryptography; it still runs X25519 for forward secrecy.
+//!
+//! Neither side takes the earlier session's word for the peer, though: rustls does not verify
+//! a resumed peer's chain again, so both sides do, on the chain the session carries
 //! ([`HboneClient::confirm`], [`WorkloadCertificate::client_peer`]), against today's roots,
 //! time and expected identities, with the same verifiers and their memory of verified chains
 //! (a lookup, no signature check). Each resumption brings a new ticket for the same chain, so
 //! one authentication carries across a series of them, bounded by that check of the chain's
-//! validity and by the stores' life. Only [`WorkloadCertificate::resuming_server_config`]
-//! keeps sessions, and only for clients that ask for tickets (RFC 9149), as
-//! [`WorkloadCertificate::hbone_client`] does. A client keeps its tickets per source certificate and per
-//! server address *and* set of identities it expects, so a ticket is only ever offered where
-//! the same expectation holds (rustls, for its part, resumes a session only with the
-//! verifier that verified it: one per set of identities, kept for that). Both stores live with one [`WorkloadCertificate`]: a renewed
-//! certificate or new roots start without sessions.
+//! validity and by the stores' life.
+//!
+//! Only [`WorkloadCertificate::resuming_server_config`] keeps sessions, and only for clients
+//! that ask for tickets (RFC 9149), as [`WorkloadCertificate::hbone_client`] does. A client
+//! keeps one resuming configuration per set of identities it expects (rustls resumes a
+//! session only with the verifier that verified it) and its tickets per server address and
+//! configuration, so a ticket is only ever offered where the same expectation holds. Both
+//! stores live with one [`WorkloadCertificate`]: a renewed certificate or new roots start
+//! without sessions.
 
 mod ca;
 mod verified;
@@ -34,7 +37,6 @@ use rustls::client::{
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, HandshakeKind, RootCertStore, ServerConfig, SignatureScheme};
@@ -162,10 +164,10 @@ struct TlsState {
     /// clients' by its server side (two key usages, so two caches).
     server_chains: Arc<VerifiedChains>,
     client_chains: Arc<VerifiedChains>,
-    /// The client side's session tickets, keyed by [`session_name`].
+    /// The client side's session tickets, keyed by [`Resuming::name`].
     sessions: Arc<ClientSessionMemoryCache>,
     /// The client side's resuming configurations, by the identities they expect.
-    resuming: Mutex<HashMap<Vec<SpiffeId>, Resuming>>,
+    resuming: Mutex<ResumingConfigs>,
     /// Presents `certified` to servers; one for every configuration (see `resuming`).
     client_cert: Arc<dyn ResolvesClientCert>,
 }
@@ -176,6 +178,29 @@ struct TlsState {
 struct Resuming {
     config: Arc<ClientConfig>,
     verifier: Arc<IdentityServerVerifier>,
+    /// Never reused within one certificate: names this configuration's tickets.
+    serial: u64,
+}
+
+impl Resuming {
+    /// The name its tickets for `peer` are kept under (never sent: HBONE has no SNI), so a
+    /// ticket is only offered to the server it came from under the expectation it was
+    /// verified against: `<address family><address in hex>-<port>.<serial>.hbone`.
+    fn name(&self, peer: SocketAddr) -> ServerName<'static> {
+        let (family, bits) = match peer.ip() {
+            std::net::IpAddr::V4(a) => (4, u128::from(u32::from(a))),
+            std::net::IpAddr::V6(a) => (6, u128::from(a)),
+        };
+        let name = format!("{family}{bits:x}-{}.{}.hbone", peer.port(), self.serial);
+        ServerName::try_from(name).expect("hex digits, digits and dots make a DNS name")
+    }
+}
+
+/// The resuming configurations, and the next serial.
+#[derive(Default)]
+struct ResumingConfigs {
+    by_ids: HashMap<Vec<SpiffeId>, Resuming>,
+    made: u64,
 }
 
 impl std::fmt::Debug for WorkloadCertificate {
@@ -310,10 +335,13 @@ impl WorkloadCertificate {
     ) -> Result<Option<SpiffeId>, rustls::Error> {
         let chain = conn.peer_certificates().and_then(|c| c.split_first());
         if needs_check(conn) {
+            // Verified again; the verifier answers with the peer it found.
             let (leaf, intermediates) = chain.ok_or(rustls::Error::NoCertificatesPresented)?;
-            self.tls
-                .client_verifier
-                .verify_client_cert(leaf, intermediates, UnixTime::now())?;
+            let peer =
+                self.tls
+                    .client_verifier
+                    .verified_peer(leaf, intermediates, UnixTime::now())?;
+            return Ok(peer.ids.first().cloned());
         }
         let Some((leaf, intermediates)) = chain else {
             return Ok(None);
@@ -363,23 +391,23 @@ impl WorkloadCertificate {
     pub fn hbone_client(
         &self,
         peer: SocketAddr,
-        allowed: Vec<SpiffeId>,
+        allowed: &[SpiffeId],
     ) -> Result<HboneClient, TlsError> {
-        let name = session_name(peer, &allowed);
         let known = self
             .tls
             .resuming
             .lock()
             .expect("resuming configurations")
-            .get(&allowed)
+            .by_ids
+            .get(allowed)
             .cloned();
-        let Resuming { config, verifier } = match known {
+        let resuming = match known {
             Some(r) => r,
             None => {
                 let verifier = Arc::new(IdentityServerVerifier::sharing(
                     self.tls.roots.clone(),
                     self.tls.server_chains.clone(),
-                    allowed.clone(),
+                    allowed.to_vec(),
                 ));
                 let resumption = Resumption::store(self.tls.sessions.clone())
                     .tls12_resumption(Tls12Resumption::Disabled);
@@ -390,22 +418,24 @@ impl WorkloadCertificate {
                     new_session_count: 1,
                     resumption_count: 1,
                 });
+                let mut all = self.tls.resuming.lock().expect("resuming configurations");
                 let made = Resuming {
                     config: Arc::new(config),
                     verifier,
+                    serial: all.made,
                 };
-                let mut all = self.tls.resuming.lock().expect("resuming configurations");
-                if all.len() >= CLIENT_CONFIGS && !all.contains_key(&allowed) {
-                    let any = all.keys().next().cloned().expect("the map is full");
-                    all.remove(&any);
+                all.made += 1;
+                if all.by_ids.len() >= CLIENT_CONFIGS && !all.by_ids.contains_key(allowed) {
+                    let any = all.by_ids.keys().next().cloned().expect("the map is full");
+                    all.by_ids.remove(&any);
                 }
-                all.entry(allowed).or_insert(made).clone()
+                all.by_ids.entry(allowed.to_vec()).or_insert(made).clone()
             }
         };
         Ok(HboneClient {
-            config,
-            name,
-            verifier,
+            name: resuming.name(peer),
+            config: resuming.config,
+            verifier: resuming.verifier,
         })
     }
 
@@ -484,26 +514,6 @@ fn needs_check(conn: &rustls::CommonState) -> bool {
         Some(HandshakeKind::Full | HandshakeKind::FullWithHelloRetryRequest) => false,
         Some(HandshakeKind::Resumed) | None => true,
     }
-}
-
-/// The name a client's tickets for `peer` are kept under while it expects one of `allowed`:
-/// a digest of both, as a DNS name (`<32 hex digits>.hbone`), so a ticket is only offered to
-/// the server it came from under the expectation it was verified against.
-fn session_name(peer: SocketAddr, allowed: &[SpiffeId]) -> ServerName<'static> {
-    use std::fmt::Write;
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    ctx.update(peer.to_string().as_bytes());
-    for id in allowed {
-        ctx.update(b"\0");
-        ctx.update(id.to_string().as_bytes());
-    }
-    let digest = ctx.finish();
-    let mut name = String::with_capacity(38);
-    for b in &digest.as_ref()[..16] {
-        let _ = write!(name, "{b:02x}");
-    }
-    name.push_str(".hbone");
-    ServerName::try_from(name).expect("hex digits and a dot make a DNS name")
 }
 
 fn server_config(
@@ -658,7 +668,7 @@ pub(crate) mod tests {
         let (c, _) = handshake(plain, name, server.resuming_server_config());
         assert_eq!(c.tls13_tickets_received(), 0);
 
-        let hbone = client.hbone_client(peer, vec![id("server")]).unwrap();
+        let hbone = client.hbone_client(peer, &[id("server")]).unwrap();
         for kind in [HandshakeKind::Full, HandshakeKind::Resumed] {
             let (c, s) = handshake(
                 hbone.config(),
@@ -684,7 +694,7 @@ pub(crate) mod tests {
     fn a_server_that_keeps_no_session_gets_a_full_handshake() {
         let (client, server) = pair();
         let peer: SocketAddr = PEER.parse().unwrap();
-        let hbone = client.hbone_client(peer, vec![id("server")]).unwrap();
+        let hbone = client.hbone_client(peer, &[id("server")]).unwrap();
         let forgetful = || {
             let mut cfg = (*server.server_config()).clone();
             cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(256);

@@ -381,7 +381,7 @@ impl Pool {
             .map_err(|e| HboneError::Connect(peer, e))?;
         // Resumes a session with this server under the same expectation when it can; HBONE
         // sends no SNI, the name only keys the tickets.
-        let client = cert.hbone_client(peer, key.dst_ids.clone())?;
+        let client = cert.hbone_client(peer, &key.dst_ids)?;
         // Bounded: the per-key lock is held across this, and a peer that accepts TCP but
         // stalls the handshake must not hang every connection to it.
         let handshake = async {

@@ -10,7 +10,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
-use super::verified::VerifiedChains;
+use super::verified::{VerifiedChains, VerifiedPeer};
 use super::{TlsError, provider};
 use crate::identity::SpiffeId;
 
@@ -232,6 +232,33 @@ impl TrustDomainClientVerifier {
             roots,
         })
     }
+
+    /// What [`ClientCertVerifier::verify_client_cert`] decides, with the verified peer: a
+    /// chain of our roots (once per chain, see [`VerifiedChains`]) naming our trust domain.
+    pub(crate) fn verified_peer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Arc<VerifiedPeer>, rustls::Error> {
+        let peer = self.chains.verify(end_entity, intermediates, now, || {
+            verify_chain(
+                &self.roots,
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+            )
+        })?;
+        match peer.ids.first() {
+            Some(id) if id.trust_domain() == self.trust_domain => Ok(peer),
+            Some(id) => Err(cert_error(format!(
+                "client identity {id} is not in trust domain {}",
+                self.trust_domain
+            ))),
+            None => Err(cert_error("client certificate has no SPIFFE URI SAN")),
+        }
+    }
 }
 
 impl ClientCertVerifier for TrustDomainClientVerifier {
@@ -246,25 +273,8 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let peer = self.chains.verify(end_entity, intermediates, now, || {
-            verify_chain(
-                &self.roots,
-                end_entity,
-                intermediates,
-                now,
-                webpki::KeyUsage::client_auth(),
-            )
-        })?;
-        match peer.ids.first() {
-            Some(id) if id.trust_domain() == self.trust_domain => {
-                Ok(ClientCertVerified::assertion())
-            }
-            Some(id) => Err(cert_error(format!(
-                "client identity {id} is not in trust domain {}",
-                self.trust_domain
-            ))),
-            None => Err(cert_error("client certificate has no SPIFFE URI SAN")),
-        }
+        self.verified_peer(end_entity, intermediates, now)
+            .map(|_| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
