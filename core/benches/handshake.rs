@@ -105,8 +105,14 @@ fn pool_handshake(
     (s, peer)
 }
 
-fn per(start: Instant, n: u32) -> f64 {
-    start.elapsed().as_nanos() as f64 / f64::from(n)
+/// Runs `step` `n` times and prints its mean wall time as `what`.
+fn report<T>(what: &str, n: u32, mut step: impl FnMut() -> T) {
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(step());
+    }
+    let ns = start.elapsed().as_nanos() as f64 / f64::from(n);
+    println!("{what}: {ns:.0} ns");
 }
 
 fn main() {
@@ -129,13 +135,10 @@ fn main() {
     assert_eq!(server.client_peer(&conn), Ok(Some(id("client"))));
     assert_eq!(connection_peer(&conn), Some(id("client")));
 
-    let start = Instant::now();
-    for _ in 0..n {
-        black_box(full_handshake(&client, &server));
-    }
-    println!(
-        "TLS 1.3 handshake, full, both sides, chains remembered: {:.0} ns",
-        per(start, n)
+    report(
+        "TLS 1.3 handshake, full, both sides, chains remembered",
+        n,
+        || full_handshake(&client, &server),
     );
 
     // The pool's first handshake is a full one and brings a ticket; every later one resumes.
@@ -144,13 +147,10 @@ fn main() {
     let (resumed, peer) = pool_handshake(&client, &server);
     assert_eq!(resumed.handshake_kind(), Some(HandshakeKind::Resumed));
     assert_eq!(peer, Some(id("client")));
-    let start = Instant::now();
-    for _ in 0..n {
-        black_box(pool_handshake(&client, &server));
-    }
-    println!(
-        "TLS 1.3 handshake, resumed, both sides, with both checks of the peer: {:.0} ns",
-        per(start, n)
+    report(
+        "TLS 1.3 handshake, resumed, both sides, with both checks of the peer",
+        n,
+        || pool_handshake(&client, &server),
     );
     let (last, _) = pool_handshake(&client, &server);
     assert_eq!(last.handshake_kind(), Some(HandshakeKind::Resumed));
@@ -159,43 +159,24 @@ fn main() {
     assert_eq!(server.remembered_chains(), (0, 1));
 
     let m = n * 100;
-    let start = Instant::now();
-    for _ in 0..m {
-        black_box(
+    report(
+        "client configuration for one peer identity (part of the full handshake above)",
+        m,
+        || {
             client
                 .client_config(vec![server.identity().clone()])
-                .unwrap(),
-        );
-    }
-    println!(
-        "client configuration for one peer identity (part of the handshake above): {:.0} ns",
-        per(start, m)
+                .unwrap()
+        },
     );
-
-    let start = Instant::now();
-    for _ in 0..m {
-        black_box(connection_peer(black_box(&conn)));
-    }
-    println!(
-        "peer identity read from its certificate: {:.0} ns",
-        per(start, m)
-    );
-
-    let start = Instant::now();
-    for _ in 0..m {
-        black_box(server.client_peer(black_box(&conn)).unwrap());
-    }
-    println!(
-        "peer identity from the remembered chain: {:.0} ns",
-        per(start, m)
-    );
-
-    let start = Instant::now();
-    for _ in 0..m {
-        black_box(server.client_peer(black_box(&last)).unwrap());
-    }
-    println!(
-        "the same for a resumed session (its chain verified again, from memory): {:.0} ns",
-        per(start, m)
+    report("peer identity read from its certificate", m, || {
+        connection_peer(black_box(&conn))
+    });
+    report("peer identity from the remembered chain", m, || {
+        server.client_peer(black_box(&conn)).unwrap()
+    });
+    report(
+        "the same for a resumed session (its chain verified again, from memory)",
+        m,
+        || server.client_peer(black_box(&last)).unwrap(),
     );
 }
