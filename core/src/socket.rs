@@ -4,8 +4,11 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::netns::Netns;
@@ -56,7 +59,88 @@ pub fn already_written(stream: &TcpStream) -> io::Result<bytes::Bytes> {
 pub const TLS_READ_BUFFER: usize = 64 << 10;
 
 /// A TCP stream whose reads are buffered (writes pass straight through), to put under TLS.
-pub type BufferedStream = tokio::io::BufReader<TcpStream>;
+///
+/// Unlike tokio's `BufReader`, which allocates and zeroes its whole buffer when the stream is
+/// made, the buffer is taken only when a read finds nothing buffered, is never zeroed (the
+/// kernel writes the bytes that are read, and only those pages are touched), and is given back
+/// whenever the socket has nothing more to read. An idle connection holds no read buffer, and
+/// a new one costs no 64 KiB `memset`.
+pub struct BufferedStream {
+    tcp: TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl BufferedStream {
+    /// Bytes read from the socket and not yet read from this stream, with the room held for
+    /// more: 0 while the connection is idle.
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+impl AsyncRead for BufferedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        use bytes::Buf;
+        let this = self.get_mut();
+        if this.buf.is_empty() {
+            if out.remaining() >= TLS_READ_BUFFER {
+                return Pin::new(&mut this.tcp).poll_read(cx, out);
+            }
+            // Empty, so this reuses the allocation from its start without copying.
+            this.buf.reserve(TLS_READ_BUFFER);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf) {
+                Poll::Pending => {
+                    this.buf = bytes::BytesMut::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(r) => {
+                    if r? == 0 {
+                        // The peer's close: nothing more will be read into it.
+                        this.buf = bytes::BytesMut::new();
+                    }
+                }
+            }
+        }
+        let n = out.remaining().min(this.buf.len());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for BufferedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
 
 /// The most TLS records an HBONE connection holds to send (rustls's own default is 64 KiB).
 /// tokio-rustls writes out what is held after each write of plaintext, so this is the most one
@@ -71,8 +155,12 @@ pub(crate) fn hold_bulk_records<T>(conn: &mut rustls::ConnectionCommon<T>) {
     conn.set_buffer_limit(Some(TLS_WRITE_BUFFER));
 }
 
+/// `tcp` with its reads buffered, to put under TLS.
 pub fn buffered(tcp: TcpStream) -> BufferedStream {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+    BufferedStream {
+        tcp,
+        buf: bytes::BytesMut::new(),
+    }
 }
 
 /// Options for sockets zmesh opens towards peers and applications.
@@ -225,6 +313,57 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    /// Reads come out of the buffer in the pieces asked for (rustls asks for 4 KiB), in order;
+    /// the buffer goes back once the socket has nothing more, and a read as large as the buffer
+    /// goes straight to the socket; writes pass through; the peer's close is an end of file.
+    #[tokio::test]
+    async fn a_buffered_stream_reads_in_pieces_and_holds_no_buffer_while_idle() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut c, s) = pair().await;
+        let mut s = buffered(s);
+        assert_eq!(s.buffer_capacity(), 0, "no buffer before the first read");
+        let sent: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        c.write_all(&sent).await.unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 4096];
+        while got.len() < sent.len() {
+            let n = s.read(&mut piece).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(got, sent);
+        let idle = tokio::time::timeout(Duration::from_millis(50), s.read(&mut piece)).await;
+        assert!(idle.is_err(), "nothing more was sent");
+        assert_eq!(
+            s.buffer_capacity(),
+            0,
+            "an idle stream holds no read buffer"
+        );
+
+        let bulk = vec![7u8; 100_000];
+        c.write_all(&bulk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut large = vec![0u8; TLS_READ_BUFFER];
+        let n = s.read(&mut large).await.unwrap();
+        assert!(n > 0 && large[..n].iter().all(|&b| b == 7));
+        assert_eq!(
+            s.buffer_capacity(),
+            0,
+            "a read as large as the buffer bypasses it"
+        );
+        let mut rest = vec![0u8; bulk.len() - n];
+        s.read_exact(&mut rest).await.unwrap();
+        assert!(rest.iter().all(|&b| b == 7));
+
+        s.write_all(b"pong").await.unwrap();
+        let mut pong = [0u8; 4];
+        c.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"pong");
+
+        drop(c);
+        assert_eq!(s.read(&mut piece).await.unwrap(), 0, "the peer's close");
     }
 
     #[tokio::test]
