@@ -60,6 +60,12 @@ struct Args {
     /// Where to write the markdown report (also printed).
     #[arg(long)]
     report: Option<std::path::PathBuf>,
+    /// Also run every load through two plain TCP relays (`zmesh-relay`) standing where the
+    /// ztunnels stand (a client host `crelay` with the same REDIRECT rules): no TLS, no HTTP/2,
+    /// one relay-to-relay connection per app connection. What any pair of proxies costs on
+    /// this machine before the mesh's own work.
+    #[arg(long)]
+    relay: bool,
 }
 
 struct Row {
@@ -71,6 +77,44 @@ struct Row {
     note: String,
     /// CPU time both ztunnels used per unit of work (byte, round trip, connection).
     cpu: String,
+    /// Through the two plain relays (`--relay`): the figure, its ratio (or added time) and
+    /// both relays' CPU per unit of work.
+    relay: Option<(f64, String, String)>,
+}
+
+/// The server side's relay port (the client side's is the REDIRECT target, 15001).
+const RELAY_PORT: u16 = 15018;
+
+/// Starts both relays of `--relay` and waits until each accepts connections.
+fn start_relays(sb: &Sandbox, server_ip: std::net::Ipv4Addr) -> Result<[u32; 2]> {
+    let bin = bin_path("zmesh-relay");
+    let listen = format!("0.0.0.0:{RELAY_PORT}");
+    let inbound = sb.spawn(
+        "relay-server",
+        sb.command(Some("server"), &bin, ["inbound", listen.as_str()]),
+    )?;
+    let peer = format!("{server_ip}:{RELAY_PORT}");
+    let outbound = sb.spawn(
+        "relay-crelay",
+        sb.command(
+            Some("crelay"),
+            &bin,
+            ["outbound", "0.0.0.0:15001", peer.as_str()],
+        ),
+    )?;
+    for (host, port) in [("server", RELAY_PORT), ("crelay", 15001)] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sb.in_netns(host, || {
+            std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).is_err()
+        })? {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "zmesh-relay in {host} is not listening on {port} after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok([inbound.pid(), outbound.pid()])
 }
 
 /// What every ztunnel of the run shares.
@@ -185,7 +229,12 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dur = Duration::from_secs(args.seconds);
     let sb = Sandbox::new().context("cannot build the lab sandbox (root needed)")?;
-    let topo = Topology::build(&sb, &["server", "cmesh", "cdirect"])?;
+    let hosts: &[&str] = if args.relay {
+        &["server", "cmesh", "cdirect", "crelay"]
+    } else {
+        &["server", "cmesh", "cdirect"]
+    };
+    let topo = Topology::build(&sb, hosts)?;
     let (server_ip, mesh_ip) = (topo.host_ip("server"), topo.host_ip("cmesh"));
     let ca = mesh::write_ca(sb.dir(), "bench-root")?;
     let mut server_w = WorkloadSpec::new("server", server_ip).service_account("server");
@@ -204,10 +253,13 @@ fn main() -> Result<()> {
         .workload(client_w.clone())
         .write(&xds)?;
     redirect_outbound(&sb, "cmesh")?;
+    if args.relay {
+        redirect_outbound(&sb, "crelay")?;
+    }
     // Connection-rate runs leave tens of thousands of TIME_WAIT sockets; with the default
     // (reuse on loopback only) connect()'s port search then dominates the direct baseline
     // while the mesh client (whose first hop is local) escapes it. Same rule for all hosts.
-    for host in ["server", "cmesh", "cdirect"] {
+    for host in hosts {
         sb.run_in(host, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     }
     let launch = Launch {
@@ -217,6 +269,11 @@ fn main() -> Result<()> {
         args: &args,
     };
     let servers = bench::start_servers(&sb, "server")?;
+    let relays = if args.relay {
+        Some(start_relays(&sb, server_ip)?)
+    } else {
+        None
+    };
     // (server, client)
     let mut zt = (
         launch.ztunnel("server", &server_w, None)?,
@@ -241,6 +298,19 @@ fn main() -> Result<()> {
         let (m, mr) = tput_runs(args.repeat, || {
             bench::throughput(&sb, "cmesh", sink, streams, dur, &servers, &zt_pids(&zt))
         })?;
+        let relay = match &relays {
+            Some(pids) => {
+                let (r, _) = tput_runs(args.repeat, || {
+                    bench::throughput(&sb, "crelay", sink, streams, dur, &servers, pids)
+                })?;
+                Some((
+                    gbit(r.bytes_per_sec),
+                    format!("{:.2}x", r.bytes_per_sec / d.bytes_per_sec),
+                    format!("{:.3} ns/B", r.metered_ns_per_byte),
+                ))
+            }
+            None => None,
+        };
         eprintln!(
             "  direct {:?} Gbit/s, hbone {:?} Gbit/s",
             dr.iter().map(|x| gbit(x.bytes_per_sec)).collect::<Vec<_>>(),
@@ -253,6 +323,7 @@ fn main() -> Result<()> {
             unit: "Gbit/s",
             note: format!("{:.2}x", m.bytes_per_sec / d.bytes_per_sec),
             cpu: format!("{:.3} ns/B", m.metered_ns_per_byte),
+            relay,
         });
         ceiling_rows.push((streams, d, m));
     }
@@ -288,21 +359,33 @@ fn main() -> Result<()> {
         };
         let (d50, d99, _) = lat("cdirect", &[])?;
         let (m50, m99, mcpu) = lat("cmesh", &zt_pids(&zt))?;
+        let relay = match &relays {
+            Some(pids) => Some(lat("crelay", pids)?),
+            None => None,
+        };
         rows.push(Row {
             name: "latency p50".into(),
             direct: d50,
             mesh: m50,
             unit: "us",
-            note: format!("+{:.0} us", m50 - d50),
+            note: format!("{:+.0} us", m50 - d50),
             cpu: format!("{mcpu:.1} us per round trip"),
+            relay: relay.map(|(r50, _, rcpu)| {
+                (
+                    r50,
+                    format!("{:+.0} us", r50 - d50),
+                    format!("{rcpu:.1} us per round trip"),
+                )
+            }),
         });
         rows.push(Row {
             name: "latency p99".into(),
             direct: d99,
             mesh: m99,
             unit: "us",
-            note: format!("+{:.0} us", m99 - d99),
+            note: format!("{:+.0} us", m99 - d99),
             cpu: String::new(),
+            relay: relay.map(|(_, r99, _)| (r99, format!("{:+.0} us", r99 - d99), String::new())),
         });
     }
 
@@ -316,6 +399,20 @@ fn main() -> Result<()> {
         let (cm, cm_cpu) = crr_runs(args.repeat, || {
             bench::connection_rate(&sb, "cmesh", echo, w, dur, &zt_pids(&zt))
         })?;
+        // The relays keep no connections between them: one run serves both rows.
+        let relay = match &relays {
+            Some(pids) => {
+                let (cr, cr_cpu) = crr_runs(args.repeat, || {
+                    bench::connection_rate(&sb, "crelay", echo, w, dur, pids)
+                })?;
+                Some((
+                    cr,
+                    format!("{:.2}x", cr / cd),
+                    format!("{cr_cpu:.1} us per connection"),
+                ))
+            }
+            None => None,
+        };
         rows.push(Row {
             name: format!("connect+request+close, pool warm ({w} clients)"),
             direct: cd,
@@ -323,6 +420,7 @@ fn main() -> Result<()> {
             unit: "conn/s",
             note: format!("{:.2}x", cm / cd),
             cpu: format!("{cm_cpu:.1} us per connection"),
+            relay: relay.clone(),
         });
 
         // Pool disabled: each connection pays TCP + TLS 1.3 + HTTP/2 handshakes, what a new
@@ -345,6 +443,7 @@ fn main() -> Result<()> {
             unit: "conn/s",
             note: format!("{:.2}x", cc / cd),
             cpu: format!("{cc_cpu:.1} us per connection"),
+            relay,
         });
     }
 
@@ -361,14 +460,24 @@ fn main() -> Result<()> {
             args.policies
         ));
     }
-    out.push_str(
-        "| measurement | direct TCP | HBONE (2 ztunnels) | HBONE vs direct | ztunnel CPU (both) |\n|---|---|---|---|---|\n",
-    );
+    if args.relay {
+        out.push_str(
+            "| measurement | direct TCP | HBONE (2 ztunnels) | HBONE vs direct | ztunnel CPU (both) | 2 plain TCP relays | relays vs direct | relay CPU (both) |\n|---|---|---|---|---|---|---|---|\n",
+        );
+    } else {
+        out.push_str(
+            "| measurement | direct TCP | HBONE (2 ztunnels) | HBONE vs direct | ztunnel CPU (both) |\n|---|---|---|---|---|\n",
+        );
+    }
     for r in &rows {
         out.push_str(&format!(
-            "| {} | {:.2} {} | {:.2} {} | {} | {} |\n",
+            "| {} | {:.2} {} | {:.2} {} | {} | {} |",
             r.name, r.direct, r.unit, r.mesh, r.unit, r.note, r.cpu
         ));
+        if let Some((v, note, cpu)) = &r.relay {
+            out.push_str(&format!(" {v:.2} {} | {note} | {cpu} |", r.unit));
+        }
+        out.push('\n');
     }
     let kib = |k: Option<u64>| {
         k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
