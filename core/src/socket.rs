@@ -64,8 +64,9 @@ pub const TLS_READ_BUFFER: usize = 64 << 10;
 /// Unlike tokio's `BufReader`, which allocates and zeroes its whole buffer when the stream is
 /// made and keeps it for the stream's life, the buffer is taken only when a read finds nothing
 /// buffered, is never zeroed (the kernel writes the bytes read), and is given back as soon as
-/// it is drained, and when the socket has nothing to read, fails or is closed. A connection
-/// between reads holds no read buffer, and a new one costs no 64 KiB `memset`.
+/// it is drained, and when the socket has nothing to read, fails or is closed, to the thread's
+/// one spare ([`release_spare_read_buffer`]). A connection between reads holds no read buffer,
+/// and a new one costs no 64 KiB `memset`.
 pub struct BufferedStream {
     tcp: TcpStream,
     buf: bytes::BytesMut,
@@ -91,11 +92,11 @@ impl AsyncRead for BufferedStream {
             return Poll::Ready(Ok(()));
         }
         if this.buf.is_empty() {
-            this.buf.reserve(TLS_READ_BUFFER);
+            this.buf = take_read_buffer();
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf);
             if !matches!(read, Poll::Ready(Ok(n)) if n > 0) {
                 // Nothing to read yet, an error or the peer's close: hold no buffer meanwhile.
-                this.buf = bytes::BytesMut::new();
+                give_back_read_buffer(std::mem::take(&mut this.buf));
             }
             ready!(read)?;
         }
@@ -103,10 +104,40 @@ impl AsyncRead for BufferedStream {
         out.put_slice(&this.buf[..n]);
         this.buf.advance(n);
         if this.buf.is_empty() {
-            this.buf = bytes::BytesMut::new();
+            give_back_read_buffer(std::mem::take(&mut this.buf));
         }
         Poll::Ready(Ok(()))
     }
+}
+
+thread_local! {
+    /// One drained read buffer per thread, so that a busy connection reads into the same warm
+    /// 64 KiB each time rather than cycling through the allocator's fresh blocks.
+    static SPARE_READ_BUFFER: std::cell::Cell<Option<bytes::BytesMut>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// A read buffer with room for [`TLS_READ_BUFFER`]: this thread's spare, or a new one.
+fn take_read_buffer() -> bytes::BytesMut {
+    let mut buf = SPARE_READ_BUFFER.take().unwrap_or_default();
+    // Drained, so this reclaims the spare's room from its start without copying.
+    buf.reserve(TLS_READ_BUFFER);
+    buf
+}
+
+/// Keeps a drained buffer as this thread's spare, if it has none.
+fn give_back_read_buffer(buf: bytes::BytesMut) {
+    debug_assert!(buf.is_empty());
+    SPARE_READ_BUFFER.with(|spare| {
+        let held = spare.take();
+        spare.set(held.or(Some(buf)));
+    });
+}
+
+/// Lets go of this thread's spare read buffer (for a thread going quiet, so the allocator can
+/// give the memory back).
+pub fn release_spare_read_buffer() {
+    SPARE_READ_BUFFER.set(None);
 }
 
 impl AsyncWrite for BufferedStream {
@@ -339,6 +370,19 @@ mod tests {
         assert_eq!(got, sent);
         assert!(held_between_pieces, "10,000 bytes came in one socket read");
         assert_eq!(s.buffer_capacity(), 0, "drained: the buffer is given back");
+        let spare = SPARE_READ_BUFFER
+            .take()
+            .expect("kept as the thread's spare");
+        assert!(spare.is_empty());
+        SPARE_READ_BUFFER.set(Some(spare));
+        c.write_all(b"again").await.unwrap();
+        let n = s.read(&mut piece).await.unwrap();
+        assert_eq!(&piece[..n], b"again");
+        assert!(
+            SPARE_READ_BUFFER.take().is_some(),
+            "the spare was taken for that read and given back"
+        );
+        release_spare_read_buffer();
         let idle = tokio::time::timeout(Duration::from_millis(50), s.read(&mut piece)).await;
         assert!(idle.is_err(), "nothing more was sent");
         assert_eq!(

@@ -128,6 +128,7 @@ fn collect_freed_memory() {
             // The copy loops' spare bulk buffers of this thread go first, so that mimalloc
             // can give their pages back too.
             proxy::release_spare_buffers();
+            zmesh_core::socket::release_spare_read_buffer();
             // SAFETY: mi_collect takes no pointers. Forced: it also purges (madvise) free
             // ranges at once rather than after mimalloc's purge delay, and on the main thread
             // (the single-threaded runtime) reclaims the pages of threads that exited, so a
