@@ -1,6 +1,5 @@
 //! What idle HBONE connections' TLS holds in memory, with the reads under TLS buffered by
-//! `zmesh_core::socket::buffered` (a buffer taken for a read and given back once the socket has
-//! nothing more) and, for comparison in the same run, by tokio's `BufReader` (64 KiB allocated
+//! `zmesh_core::socket::buffered` (a buffer taken for a read and given back once drained) and, for comparison in the same run, by tokio's `BufReader` (64 KiB allocated
 //! and zeroed when the connection is made, held for its life), as before the twelfth sitting.
 //! `cargo bench -p zmesh-core --bench idle_tls`; no privileges, loopback only.
 //!

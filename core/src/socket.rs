@@ -55,8 +55,8 @@ pub fn already_written(stream: &TcpStream) -> io::Result<bytes::Bytes> {
 }
 
 /// Size of the read buffer under TLS. rustls asks the socket for 4 KiB beyond what it holds at
-/// a time (at most a record's 18 KiB); reading the kernel in larger pieces saves most of those
-/// system calls.
+/// a time (at most a record's 18 KiB, or 64 KiB - 1 while it joins a large handshake message);
+/// reading the kernel in larger pieces saves most of those system calls.
 pub const TLS_READ_BUFFER: usize = 64 << 10;
 
 /// A TCP stream whose reads are buffered (writes pass straight through), to put under TLS.
@@ -64,8 +64,8 @@ pub const TLS_READ_BUFFER: usize = 64 << 10;
 /// Unlike tokio's `BufReader`, which allocates and zeroes its whole buffer when the stream is
 /// made and keeps it for the stream's life, the buffer is taken only when a read finds nothing
 /// buffered, is never zeroed (the kernel writes the bytes read), and is given back as soon as
-/// it is drained, and when the socket has nothing to read, fails or is closed, to the thread's
-/// one spare ([`release_spare_read_buffer`]). A connection between reads holds no read buffer,
+/// it is drained, and when the socket has nothing to read, fails or is closed: kept as the
+/// thread's one spare if it has none ([`release_spare_read_buffer`]), freed otherwise. A connection between reads holds no read buffer,
 /// and a new one costs no 64 KiB `memset`.
 pub struct BufferedStream {
     tcp: TcpStream,
@@ -376,11 +376,20 @@ mod tests {
         assert!(spare.is_empty());
         SPARE_READ_BUFFER.set(Some(spare));
         c.write_all(b"again").await.unwrap();
-        let n = s.read(&mut piece).await.unwrap();
-        assert_eq!(&piece[..n], b"again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut two = [0u8; 2];
+        s.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"ag");
+        assert!(
+            SPARE_READ_BUFFER.take().is_none(),
+            "the read took the spare while the stream holds bytes"
+        );
+        let mut rest = [0u8; 3];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"ain");
         assert!(
             SPARE_READ_BUFFER.take().is_some(),
-            "the spare was taken for that read and given back"
+            "drained again: given back as the spare"
         );
         release_spare_read_buffer();
         let idle = tokio::time::timeout(Duration::from_millis(50), s.read(&mut piece)).await;
