@@ -15,6 +15,7 @@ pub mod policy;
 pub mod process;
 pub mod serve;
 pub mod socket;
+pub mod spare;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

@@ -64,9 +64,9 @@ pub const TLS_READ_BUFFER: usize = 64 << 10;
 /// Unlike tokio's `BufReader`, which allocates and zeroes its whole buffer when the stream is
 /// made and keeps it for the stream's life, the buffer is taken only when a read finds nothing
 /// buffered, is never zeroed (the kernel writes the bytes read), and is given back as soon as
-/// it is drained, and when the socket has nothing to read, fails or is closed: kept as the
-/// thread's one spare if it has none ([`release_spare_read_buffer`]), freed otherwise. A connection between reads holds no read buffer,
-/// and a new one costs no 64 KiB `memset`.
+/// it is drained, and when the socket has nothing to read, fails or is closed, to the thread's
+/// spares ([`crate::spare`]), which the next read takes from. A connection between reads holds
+/// no read buffer, and a new one costs no 64 KiB `memset`.
 pub struct BufferedStream {
     tcp: TcpStream,
     buf: bytes::BytesMut,
@@ -92,11 +92,11 @@ impl AsyncRead for BufferedStream {
             return Poll::Ready(Ok(()));
         }
         if this.buf.is_empty() {
-            this.buf = take_read_buffer();
+            this.buf = crate::spare::take(TLS_READ_BUFFER);
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf);
             if !matches!(read, Poll::Ready(Ok(n)) if n > 0) {
                 // Nothing to read yet, an error or the peer's close: hold no buffer meanwhile.
-                give_back_read_buffer(std::mem::take(&mut this.buf));
+                crate::spare::give_back(std::mem::take(&mut this.buf), TLS_READ_BUFFER);
             }
             ready!(read)?;
         }
@@ -104,40 +104,10 @@ impl AsyncRead for BufferedStream {
         out.put_slice(&this.buf[..n]);
         this.buf.advance(n);
         if this.buf.is_empty() {
-            give_back_read_buffer(std::mem::take(&mut this.buf));
+            crate::spare::give_back(std::mem::take(&mut this.buf), TLS_READ_BUFFER);
         }
         Poll::Ready(Ok(()))
     }
-}
-
-thread_local! {
-    /// One drained read buffer per thread, so that a busy connection reads into the same warm
-    /// 64 KiB each time rather than cycling through the allocator's fresh blocks.
-    static SPARE_READ_BUFFER: std::cell::Cell<Option<bytes::BytesMut>> =
-        const { std::cell::Cell::new(None) };
-}
-
-/// A read buffer with room for [`TLS_READ_BUFFER`]: this thread's spare, or a new one.
-fn take_read_buffer() -> bytes::BytesMut {
-    let mut buf = SPARE_READ_BUFFER.take().unwrap_or_default();
-    // Drained, so this reclaims the spare's room from its start without copying.
-    buf.reserve(TLS_READ_BUFFER);
-    buf
-}
-
-/// Keeps a drained buffer as this thread's spare, if it has none.
-fn give_back_read_buffer(buf: bytes::BytesMut) {
-    debug_assert!(buf.is_empty());
-    SPARE_READ_BUFFER.with(|spare| {
-        let held = spare.take();
-        spare.set(held.or(Some(buf)));
-    });
-}
-
-/// Lets go of this thread's spare read buffer (for a thread going quiet, so the allocator can
-/// give the memory back).
-pub fn release_spare_read_buffer() {
-    SPARE_READ_BUFFER.set(None);
 }
 
 impl AsyncWrite for BufferedStream {
@@ -350,6 +320,7 @@ mod tests {
     #[tokio::test]
     async fn a_buffered_stream_holds_its_buffer_only_while_it_has_bytes() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        crate::spare::release();
         let (mut c, s) = pair().await;
         let mut s = buffered(s);
         assert_eq!(s.buffer_capacity(), 0, "no buffer before the first read");
@@ -370,28 +341,29 @@ mod tests {
         assert_eq!(got, sent);
         assert!(held_between_pieces, "10,000 bytes came in one socket read");
         assert_eq!(s.buffer_capacity(), 0, "drained: the buffer is given back");
-        let spare = SPARE_READ_BUFFER
-            .take()
-            .expect("kept as the thread's spare");
-        assert!(spare.is_empty());
-        SPARE_READ_BUFFER.set(Some(spare));
+        assert_eq!(
+            crate::spare::sizes(),
+            [TLS_READ_BUFFER],
+            "kept as the thread's spare"
+        );
         c.write_all(b"again").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut two = [0u8; 2];
         s.read_exact(&mut two).await.unwrap();
         assert_eq!(&two, b"ag");
         assert!(
-            SPARE_READ_BUFFER.take().is_none(),
+            crate::spare::sizes().is_empty(),
             "the read took the spare while the stream holds bytes"
         );
         let mut rest = [0u8; 3];
         s.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"ain");
-        assert!(
-            SPARE_READ_BUFFER.take().is_some(),
+        assert_eq!(
+            crate::spare::sizes().len(),
+            1,
             "drained again: given back as the spare"
         );
-        release_spare_read_buffer();
+        crate::spare::release();
         let idle = tokio::time::timeout(Duration::from_millis(50), s.read(&mut piece)).await;
         assert!(idle.is_err(), "nothing more was sent");
         assert_eq!(

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
-use ztunnel::{admin, app, config, proxy};
+use ztunnel::{admin, app, config};
 
 /// Proxies allocate and free large buffers per connection; glibc maps and unmaps them each
 /// time (page faults on the data path). mimalloc keeps them.
@@ -125,10 +125,9 @@ fn collect_freed_memory() {
             .is_none_or(|t| now.duration_since(t) >= COLLECT_EVERY)
         {
             last.set(Some(now));
-            // The copy loops' spare bulk buffers of this thread go first, so that mimalloc
-            // can give their pages back too.
-            proxy::release_spare_buffers();
-            zmesh_core::socket::release_spare_read_buffer();
+            // This thread's spare bulk buffers (the copy loops' and the TLS reads') go first,
+            // so that mimalloc can give their pages back too.
+            zmesh_core::spare::release();
             // SAFETY: mi_collect takes no pointers. Forced: it also purges (madvise) free
             // ranges at once rather than after mimalloc's purge delay, and on the main thread
             // (the single-threaded runtime) reclaims the pages of threads that exited, so a

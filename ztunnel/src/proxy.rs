@@ -29,7 +29,7 @@ use crate::metrics::{
     Bytes, ConnectionRecord, Metrics, TrafficLabels, WaypointLabels, connection_failed,
 };
 
-pub use copy::{copy, copy_after, copy_until, release_spare_buffers};
+pub use copy::{copy, copy_after, copy_until};
 pub use inbound::{serve_hbone, serve_plaintext};
 
 /// What every proxy of a node shares.

@@ -14,6 +14,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use zmesh_core::hbone::Tunnel;
+use zmesh_core::spare;
 
 use super::ProxyError;
 use super::policy::Denial;
@@ -87,51 +88,6 @@ pub(crate) fn benign(e: &io::Error) -> bool {
 const SMALL: usize = 1 << 10;
 const MEDIUM: usize = 16 << 10;
 
-/// Bulk buffers a thread keeps for its next bulk read, at most.
-const SPARES: usize = 4;
-
-thread_local! {
-    /// Bulk buffers given back by directions that went quiet, for the next bulk read on this
-    /// thread. A bulk transfer alternates between reading and waiting thousands of times a
-    /// second; allocating its buffer afresh each time would map new memory (a page fault per
-    /// 4 KiB) and the allocator would give it back to the OS again, each time.
-    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Lets go of this thread's spare bulk buffers (run when the thread goes quiet, so a load's
-/// buffers do not stay resident after it).
-pub fn release_spare_buffers() {
-    SPARE.with(|s| s.borrow_mut().clear());
-}
-
-/// A buffer of at least `size` bytes for a bulk read: a spare one if this thread has it.
-fn take_buffer(size: usize) -> BytesMut {
-    SPARE
-        .with(|s| {
-            let mut s = s.borrow_mut();
-            let i = s.iter().position(|b| b.capacity() >= size)?;
-            Some(s.swap_remove(i))
-        })
-        .unwrap_or_else(|| BytesMut::with_capacity(size))
-}
-
-/// Gives a direction's buffer back: a bulk one (`full` bytes when it was taken) is kept for
-/// the thread's next bulk read, if nothing else points into it any more (a tunnel's h2 may
-/// still hold chunks of one it was handed).
-fn give_back(mut buf: BytesMut, full: usize) {
-    buf.clear();
-    // Back to the start of its whole allocation, which only an unshared buffer can do.
-    if full < MEDIUM || !buf.try_reclaim(full) {
-        return;
-    }
-    SPARE.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARES {
-            s.push(buf);
-        }
-    });
-}
-
 /// A direction's read buffer. It holds memory only while its direction moves bytes: taken
 /// when the reader has something to read, given back as soon as the reader has nothing more
 /// and everything read was written, so an idle connection holds none.
@@ -165,7 +121,7 @@ impl Reads {
 
     /// Lets go of the buffer (see [`give_back`]).
     fn give_back(&mut self) {
-        give_back(std::mem::take(&mut self.buf), self.full);
+        spare::give_back(std::mem::take(&mut self.buf), self.full);
         self.full = 0;
     }
 
@@ -182,7 +138,7 @@ impl Reads {
         if !self.buf.try_reclaim(self.size) {
             if self.size >= MEDIUM {
                 self.give_back();
-                self.buf = take_buffer(self.size);
+                self.buf = spare::take(self.size);
             } else {
                 self.buf.reserve(self.size);
             }
@@ -492,15 +448,15 @@ mod tests {
     /// allocation; the spares go when the thread releases them.
     #[tokio::test]
     async fn quiet_bulk_buffers_are_reused_and_bounded() {
-        let spares = || SPARE.with(|s| s.borrow().iter().map(|b| b.capacity()).collect::<Vec<_>>());
-        release_spare_buffers();
-        give_back(BytesMut::with_capacity(SMALL), SMALL);
+        let spares = spare::sizes;
+        spare::release();
+        spare::give_back(BytesMut::with_capacity(SMALL), SMALL);
         assert!(spares().is_empty(), "a small buffer was kept");
-        for _ in 0..SPARES + 2 {
-            give_back(BytesMut::with_capacity(256 << 10), 256 << 10);
+        for _ in 0..spare::SPARES + 2 {
+            spare::give_back(BytesMut::with_capacity(256 << 10), 256 << 10);
         }
-        assert_eq!(spares().len(), SPARES, "the spares are not bounded");
-        release_spare_buffers();
+        assert_eq!(spares().len(), spare::SPARES, "the spares are not bounded");
+        spare::release();
         assert!(spares().is_empty());
 
         let waker = futures::task::noop_waker();
@@ -534,7 +490,7 @@ mod tests {
             before.len() - 1,
             "the bulk read allocated instead of taking the spare"
         );
-        release_spare_buffers();
+        spare::release();
         assert!(spares().is_empty());
     }
 
@@ -619,7 +575,7 @@ mod tests {
     /// has written it out, the buffer is not kept as a spare (nothing may read into it).
     #[tokio::test]
     async fn a_buffer_h2_still_holds_is_not_kept_as_a_spare() {
-        release_spare_buffers();
+        spare::release();
         let (mut near, _far) = tunnel_pair(false).await;
         let (mut app, mut app_side) = tokio::io::duplex(1 << 20);
         app.write_all(&[5u8; 32 << 10]).await.unwrap();
@@ -636,13 +592,13 @@ mod tests {
         assert_eq!(half.held(), 0, "a quiet direction kept its buffer");
         // The empty read after it took a fresh buffer, which is kept; the rest of the one h2
         // holds (224 KiB of capacity behind the chunk) is not.
-        let spares = SPARE.with(|s| s.borrow().iter().map(|b| b.capacity()).collect::<Vec<_>>());
+        let spares = spare::sizes();
         assert_eq!(
             spares,
             [256 << 10],
             "a buffer h2 still holds was kept as a spare"
         );
-        release_spare_buffers();
+        spare::release();
     }
 
     /// A peer that drops its tunnel unfinished (h2 resets the stream with CANCEL) has closed
