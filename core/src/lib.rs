@@ -8,6 +8,7 @@ pub mod certs;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod logline;
 pub mod logsink;
 pub mod netns;
 pub mod peer_text;

@@ -99,7 +99,8 @@ impl Collector for DroppedLogLines {
 }
 
 /// The log-line formatter both proxies use, writing to `writer`: JSON with `LOG_FORMAT=json`,
-/// else text (with colours only on a terminal).
+/// else text (with colours only on a terminal; without, its fields are written by
+/// [`crate::logline::PlainFields`]).
 pub fn fmt_layer<S>(
     writer: crate::logsink::LogWriter,
 ) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
@@ -112,10 +113,17 @@ where
             .json()
             .with_writer(writer)
             .boxed()
-    } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    } else if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         tracing_subscriber::fmt::layer()
-            .with_ansi(ansi)
+            .with_ansi(true)
+            .with_writer(writer)
+            .boxed()
+    } else {
+        // The same bytes as tracing-subscriber's default fields, for less work per field.
+        tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .fmt_fields(crate::logline::PlainFields)
+            .with_timer(crate::logline::Rfc3339Micros)
             .with_writer(writer)
             .boxed()
     }
