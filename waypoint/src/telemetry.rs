@@ -259,7 +259,7 @@ impl RequestRecord {
             src.identity = %t.source_principal,
             dst.service = %t.destination_service,
             dst.workload = %t.destination_workload,
-            dst.addr = %self.upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            dst.addr = %zmesh_core::logline::OrDash(self.upstream),
             dst.identity = %t.destination_principal,
             method = %self.method,
             authority = %self.authority,
