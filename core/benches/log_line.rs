@@ -1,9 +1,9 @@
-//! What a text access-log line costs to format: the waypoint's request line and ztunnel's
+//! What an access-log line costs to format: the waypoint's request line and ztunnel's
 //! connection line (the same fields as `waypoint/src/telemetry.rs` and
-//! `ztunnel/src/metrics.rs` log), through tracing-subscriber's fmt layer without colours, as the
-//! proxies log when stdout is not a terminal: with tracing-subscriber's default fields and timer,
-//! and with `zmesh_core::logline`'s (`PlainFields`, `Rfc3339Micros`; the same bytes), alternated
-//! in one run. Lines go to `io::sink`, so this is
+//! `ztunnel/src/metrics.rs` log), as text without colours (how the proxies log when stdout is
+//! not a terminal) and as JSON (`LOG_FORMAT=json`): through tracing-subscriber's formatters and
+//! through `zmesh_core::logline`'s (`PlainFields` and `Rfc3339Micros`; `JsonLine`), which write
+//! the same bytes, alternated in one run. Lines go to `io::sink`, so this is
 //! the formatting alone (the proxies then copy a line into `zmesh_core::logsink`'s buffer).
 //! `cargo bench -p zmesh-core --bench log_line`; `LOG_LINE_N` lines per round (default 200,000),
 //! five rounds of each.
@@ -81,22 +81,38 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    let default = tracing::Dispatch::new(
-        tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(std::io::sink),
+    let sink = std::io::sink;
+    let text = tracing_subscriber::fmt::layer().with_ansi(false);
+    let formats = [
+        (
+            "text",
+            tracing::Dispatch::new(tracing_subscriber::registry().with(text.with_writer(sink))),
+            tracing::Dispatch::new(
+                tracing_subscriber::registry().with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(false)
+                        .fmt_fields(zmesh_core::logline::PlainFields)
+                        .with_timer(zmesh_core::logline::Rfc3339Micros)
+                        .with_writer(sink),
+                ),
+            ),
         ),
-    );
-    let plain = tracing::Dispatch::new(
-        tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .fmt_fields(zmesh_core::logline::PlainFields)
-                .with_timer(zmesh_core::logline::Rfc3339Micros)
-                .with_writer(std::io::sink),
+        (
+            "JSON",
+            tracing::Dispatch::new(
+                tracing_subscriber::registry()
+                    .with(tracing_subscriber::fmt::layer().json().with_writer(sink)),
+            ),
+            tracing::Dispatch::new(
+                tracing_subscriber::registry().with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .event_format(zmesh_core::logline::JsonLine::default())
+                        .with_writer(sink),
+                ),
+            ),
         ),
-    );
+    ];
     let lines: [Line; 2] = [
         ("waypoint request (21 fields)", |i| {
             waypoint_line(
@@ -115,35 +131,37 @@ fn main() {
     ];
     println!("{n} lines per round, five rounds of each formatter, alternated");
     println!(
-        "| line | default: ns per line (rounds) | zmesh_core::logline: ns per line (rounds) | logline / default (medians) |"
+        "| line | format | tracing-subscriber's: ns per line (rounds) | zmesh_core::logline's: ns per line (rounds) | logline / tracing-subscriber (medians) |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     for (name, line) in lines {
-        // A warm-up round of each.
-        run(&default, n / 10, line);
-        run(&plain, n / 10, line);
-        let (mut d, mut p) = (Vec::new(), Vec::new());
-        for round in 0..5 {
-            if round % 2 == 0 {
-                d.push(run(&default, n, line));
-                p.push(run(&plain, n, line));
-            } else {
-                p.push(run(&plain, n, line));
-                d.push(run(&default, n, line));
+        for (format, default, ours) in &formats {
+            // A warm-up round of each.
+            run(default, n / 10, line);
+            run(ours, n / 10, line);
+            let (mut d, mut o) = (Vec::new(), Vec::new());
+            for round in 0..5 {
+                if round % 2 == 0 {
+                    d.push(run(default, n, line));
+                    o.push(run(ours, n, line));
+                } else {
+                    o.push(run(ours, n, line));
+                    d.push(run(default, n, line));
+                }
             }
+            let show = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{x:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (sd, so) = (show(&d), show(&o));
+            let ratio = median(&mut o) / median(&mut d);
+            println!("| {name} | {format} | {sd} | {so} | {ratio:.2} |");
         }
-        let show = |v: &[f64]| {
-            v.iter()
-                .map(|x| format!("{x:.0}"))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        };
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (sd, sp) = (show(&d), show(&p));
-        let ratio = median(&mut p) / median(&mut d);
-        println!("| {name} | {sd} | {sp} | {ratio:.2} |");
     }
 }

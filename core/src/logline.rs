@@ -1,12 +1,14 @@
-//! The fields of a text log line without colours: the same bytes tracing-subscriber's
-//! `DefaultFields` writes when ANSI colours are off, with less work per field.
+//! Log lines as tracing-subscriber writes them, with less work per line: the fields of a text
+//! line without colours ([`PlainFields`]), its time ([`Rfc3339Micros`]) and a JSON line
+//! ([`JsonLine`], `LOG_FORMAT=json`).
 //!
-//! An access-log line has about twenty fields. `DefaultFields` writes each through one
-//! `write!` of three arguments, two of them `nu_ansi_term` styles that are plain when colours
-//! are off; with the waypoint's access log on (its default), formatting its line took about a
-//! quarter of the instructions the waypoint spends per request (`core/benches/log_line.rs`
-//! compares the two). [`PlainFields`] writes a field's separator, name and `=` as strings and
-//! formats only the value.
+//! An access-log line has about twenty fields. tracing-subscriber's `DefaultFields` writes each
+//! through one `write!` of three arguments, two of them `nu_ansi_term` styles that are plain
+//! when colours are off; with the waypoint's access log on (its default), formatting its line
+//! took about a quarter of the instructions the waypoint spends per request
+//! (`core/benches/log_line.rs` compares each formatter here with tracing-subscriber's).
+//! [`PlainFields`] writes a field's separator, name and `=` as strings and formats only the
+//! value.
 //!
 //! What it must match, from tracing-subscriber 0.3's `fmt/format/mod.rs` (`DefaultVisitor`) and
 //! `fmt/format/escape.rs`: fields separated by one space; `message` without its name, its
@@ -14,7 +16,7 @@
 //! values in Rust's `Debug` form (quoted), others as their `Debug` (`%value` fields: their
 //! `Display`); an error followed by `NAME.sources=[...]` when it has sources; fields named
 //! `log.*` (the `log` crate's metadata, written elsewhere by the formatter) skipped. The
-//! tests compare both formatters' output field kind by field kind.
+//! tests compare the output of each formatter here with tracing-subscriber's.
 
 use std::fmt::{self, Write as _};
 
@@ -221,6 +223,91 @@ impl tracing_subscriber::fmt::time::FormatTime for Rfc3339Micros {
     }
 }
 
+/// A JSON log line (`LOG_FORMAT=json`): the bytes of tracing-subscriber's JSON formatter
+/// (`fmt::layer().json()`: `timestamp`, `level`, `fields`, `target`, in that order, the
+/// fields by tracing-serde as there), written by serde_json into a buffer of the thread's and
+/// handed to the line's writer once. tracing-subscriber's own writes each of serde_json's
+/// small pieces through an `io::Write` adaptor that checks it is UTF-8 again, about half of
+/// its work per line (`core/benches/log_line.rs`). An event inside a span, or from the `log`
+/// crate, is formatted by tracing-subscriber's own (`span`, `spans`, the log's metadata).
+pub struct JsonLine {
+    fallback: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json>,
+}
+
+impl Default for JsonLine {
+    fn default() -> Self {
+        JsonLine {
+            fallback: tracing_subscriber::fmt::format().json(),
+        }
+    }
+}
+
+thread_local! {
+    /// [`JsonLine`]'s buffer, kept between lines.
+    static JSON_LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A JSON line buffer larger than this is not kept for the next line.
+const JSON_LINE_KEEP: usize = 16 << 10;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        use serde::ser::{SerializeMap, Serializer as _};
+        use tracing_log::NormalizeEvent;
+        use tracing_serde::AsSerde;
+        use tracing_serde::fields::AsMap;
+
+        // tracing-subscriber's names the event's parent, else the current span.
+        let in_span = event.parent().is_some() || ctx.lookup_current().is_some();
+        if in_span || event.is_log() {
+            return self.fallback.format_event(ctx, writer, event);
+        }
+        let meta = event.metadata();
+        let line = |buf: &mut Vec<u8>| -> Result<(), serde_json::Error> {
+            let mut ser = serde_json::Serializer::new(buf);
+            let mut map = ser.serialize_map(None)?;
+            map.serialize_entry(
+                "timestamp",
+                &format_args!(
+                    "{}",
+                    humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                ),
+            )?;
+            map.serialize_entry("level", &meta.level().as_serde())?;
+            map.serialize_entry("fields", &event.field_map())?;
+            map.serialize_entry("target", meta.target())?;
+            map.end()
+        };
+        let mut written = |buf: &mut Vec<u8>| {
+            buf.clear();
+            line(buf).map_err(|_| fmt::Error)?;
+            buf.push(b'\n');
+            // serde_json writes UTF-8: `str`s as they are, escapes in ASCII.
+            writer.write_str(std::str::from_utf8(buf).map_err(|_| fmt::Error)?)
+        };
+        JSON_LINE.with(|b| match b.try_borrow_mut() {
+            Ok(mut buf) => {
+                let r = written(&mut buf);
+                if buf.capacity() > JSON_LINE_KEEP {
+                    *buf = Vec::new();
+                }
+                r
+            }
+            // A line formatted while formatting one (a field's `Debug` that logs).
+            Err(_) => written(&mut Vec::new()),
+        })
+    }
+}
+
 /// A log field's value: `Some`'s `Display`, or `-` for `None`; written where it is logged,
 /// with no string made first.
 pub struct OrDash<T>(pub Option<T>);
@@ -329,62 +416,115 @@ mod tests {
         }
     }
 
-    #[test]
-    fn fields_are_written_as_tracing_subscribers_default_writes_them() {
-        let (default, plain) = both(|| {
-            let addr: std::net::SocketAddr = "10.0.0.1:80".parse().unwrap();
-            tracing::info!(
-                target: "access",
-                reporter = "waypoint",
-                src.addr = %addr,
-                dst.workload = %"echo-v1",
-                protocol = "HTTP",
-                response_code = %200,
-                duration_ms = format_args!("{:.1}", 1.25),
-                bytes_received = 12u64,
-                bytes_sent = 64u64,
-                error = "-",
-                "request"
+    /// Runs `events` under two JSON layers, tracing-subscriber's and one with
+    /// [`super::JsonLine`], and gives both outputs.
+    fn both_json(events: impl FnOnce()) -> (String, String) {
+        let (default, ours) = (Buf::default(), Buf::default());
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(default.clone()),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .event_format(super::JsonLine::default())
+                    .with_writer(ours.clone()),
             );
-            tracing::warn!("only a message");
-            tracing::warn!(
-                "a message {} with \x1b[31mcolour\x07 and \u{85}C1 {:?}",
-                1,
-                "q\""
-            );
-            tracing::info!(quoted = "a \"b\"\n\x1b[0m\u{85}", apostrophe = "it's", tab = "a\tb", accent = "é", back = "a\\b", shown = %"x\x1by", dbg = ?("t", 1));
-            tracing::info!(
-                n = -3i64,
-                u = 7u64,
-                b = true,
-                f = 1.5f64,
-                big = 1u128 << 100
-            );
-            tracing::info!(r#type = "raw", r#loop = 1, "raw identifiers");
-            tracing::info!(log.file = "skipped.rs", kept = 1, "log metadata");
-            tracing::info!(no_message = 1);
-            let inner = Failure("inner \x1b gone", None);
-            let outer = Failure(
-                "outer",
-                Some(Box::new(Failure("middle", Some(Box::new(inner))))),
-            );
-            let alone = Failure("alone\u{9b}", None);
-            tracing::error!(
-                error = &outer as &(dyn std::error::Error + 'static),
-                other = &alone as &(dyn std::error::Error + 'static),
-                "failed"
-            );
-            tracing::error!(message = &outer as &(dyn std::error::Error + 'static));
-            tracing::error!(
-                message = &alone as &(dyn std::error::Error + 'static),
-                after = 2
-            );
-            let span = tracing::info_span!("conn", peer = %"10.0.0.2", id = 4u64, late = tracing::field::Empty);
+        tracing::subscriber::with_default(subscriber, events);
+        (default.text(), ours.text())
+    }
+
+    /// The events of both tests.
+    fn events() {
+        let addr: std::net::SocketAddr = "10.0.0.1:80".parse().unwrap();
+        tracing::info!(
+            target: "access",
+            reporter = "waypoint",
+            src.addr = %addr,
+            dst.workload = %"echo-v1",
+            protocol = "HTTP",
+            response_code = %200,
+            duration_ms = format_args!("{:.1}", 1.25),
+            bytes_received = 12u64,
+            bytes_sent = 64u64,
+            error = "-",
+            "request"
+        );
+        tracing::warn!("only a message");
+        tracing::warn!(
+            "a message {} with \x1b[31mcolour\x07 and \u{85}C1 {:?}",
+            1,
+            "q\""
+        );
+        tracing::info!(quoted = "a \"b\"\n\x1b[0m\u{85}", apostrophe = "it's", tab = "a\tb", accent = "é", back = "a\\b", shown = %"x\x1by", dbg = ?("t", 1));
+        tracing::info!(
+            n = -3i64,
+            u = 7u64,
+            b = true,
+            f = 1.5f64,
+            g = f64::NAN,
+            big = 1u128 << 100,
+            neg = -(1i128 << 100)
+        );
+        tracing::info!(r#type = "raw", r#loop = 1, "raw identifiers");
+        tracing::info!(log.file = "skipped.rs", kept = 1, "log metadata");
+        tracing::info!(no_message = 1);
+        tracing::debug!(target: "other::target", "a debug line");
+        let inner = Failure("inner \x1b gone", None);
+        let outer = Failure(
+            "outer",
+            Some(Box::new(Failure("middle", Some(Box::new(inner))))),
+        );
+        let alone = Failure("alone\u{9b}", None);
+        tracing::error!(
+            error = &outer as &(dyn std::error::Error + 'static),
+            other = &alone as &(dyn std::error::Error + 'static),
+            "failed"
+        );
+        tracing::error!(message = &outer as &(dyn std::error::Error + 'static));
+        tracing::error!(
+            message = &alone as &(dyn std::error::Error + 'static),
+            after = 2
+        );
+        let span = tracing::info_span!("conn", peer = %"10.0.0.2", id = 4u64, late = tracing::field::Empty);
+        {
             let _in = span.enter();
             span.record("late", "set later");
             tracing::info!(in_span = true, "inside");
-        });
-        assert!(default.lines().count() >= 12, "{default}");
+        }
+        tracing::info!(parent: &span, explicit = true, "a parent named");
+        tracing::info!(after_span = true, "outside again");
+    }
+
+    #[test]
+    fn json_lines_are_written_as_tracing_subscribers_json_writes_them() {
+        let (default, ours) = both_json(events);
+        // The lines' times differ: compared apart, the rest byte for byte.
+        let split = |line: &str| {
+            let line = line.strip_prefix("{\"timestamp\":\"").expect(line);
+            let end = line.find('"').expect(line);
+            (line[..end].to_owned(), line[end..].to_owned())
+        };
+        assert_eq!(default.lines().count(), 15, "{default}");
+        assert_eq!(ours.lines().count(), 15, "{ours}");
+        let mut last = String::new();
+        for (d, o) in default.lines().zip(ours.lines()) {
+            let ((dt, d), (ot, o)) = (split(d), split(o));
+            assert_eq!(o, d);
+            // Ours was written after the default's line, and before the next.
+            assert_eq!(ot.len(), dt.len(), "{ot} {dt}");
+            assert!(last <= dt && dt <= ot, "{last} {dt} {ot}");
+            last = ot;
+        }
+        assert!(ours.contains(r#""spans":[{"#), "{ours}");
+    }
+
+    #[test]
+    fn fields_are_written_as_tracing_subscribers_default_writes_them() {
+        let (default, plain) = both(events);
+        assert_eq!(default.lines().count(), 15, "{default}");
         for (d, p) in default.lines().zip(plain.lines()) {
             assert_eq!(p, d);
         }
