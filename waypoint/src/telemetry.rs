@@ -17,6 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use zmesh_core::peer_text::PeerText;
 use zmesh_core::telemetry::{TrafficLabels, WorkloadMeta, or_unknown};
 
 /// Istio's request labels: the traffic labels ztunnel also reports, plus the response's codes.
@@ -183,9 +184,11 @@ pub struct RequestRecord {
     metrics: std::sync::Arc<Metrics>,
     pub labels: RequestLabels,
     start: Instant,
-    pub method: String,
-    pub path: String,
-    pub authority: String,
+    /// The request's method, path and authority as a peer sent them: kept bounded, escaped
+    /// when written.
+    pub method: PeerText,
+    pub path: PeerText,
+    pub authority: PeerText,
     pub src: SocketAddr,
     pub upstream: Option<SocketAddr>,
     pub request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -213,9 +216,9 @@ impl RequestRecord {
             metrics,
             labels,
             start: Instant::now(),
-            method: zmesh_core::peer_text::PeerText::new(method).to_string(),
-            path: zmesh_core::peer_text::PeerText::new(path).to_string(),
-            authority: zmesh_core::peer_text::PeerText::new(authority).to_string(),
+            method: PeerText::new(method),
+            path: PeerText::new(path),
+            authority: PeerText::new(authority),
             src,
             upstream: None,
             request_bytes: Default::default(),
