@@ -22,10 +22,11 @@ use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 
 /// A [`tracing_subscriber::fmt::FormatFields`] for text without ANSI colours (see the
-/// module's documentation).
+/// module's documentation). On a writer with colours, or without the sanitising of control
+/// characters, it formats as tracing-subscriber's `DefaultFields` does, by its visitor.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PlainFields;
 
@@ -33,22 +34,76 @@ impl<'w> MakeVisitor<Writer<'w>> for PlainFields {
     type Visitor = PlainVisitor<'w>;
 
     fn make_visitor(&self, target: Writer<'w>) -> PlainVisitor<'w> {
-        PlainVisitor {
+        if target.has_ansi_escapes() || !target.sanitizes_ansi_escapes() {
+            return PlainVisitor(Inner::Default(DefaultVisitor::new(target, true)));
+        }
+        PlainVisitor(Inner::Plain(Plain {
             writer: target,
             first: true,
             result: Ok(()),
-        }
+        }))
     }
 }
 
 /// [`PlainFields`]'s visitor: writes one event's (or span's) fields.
-pub struct PlainVisitor<'w> {
+pub struct PlainVisitor<'w>(Inner<'w>);
+
+enum Inner<'w> {
+    Plain(Plain<'w>),
+    Default(DefaultVisitor<'w>),
+}
+
+/// The fields of a line without colours, control characters sanitised.
+struct Plain<'w> {
     writer: Writer<'w>,
     first: bool,
     result: fmt::Result,
 }
 
-impl PlainVisitor<'_> {
+// `Visit`'s other methods (integers, floats, booleans, bytes) call `record_debug`, as they do
+// for `DefaultVisitor`, which overrides only these three.
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match &mut self.0 {
+            Inner::Plain(p) => p.record_str(field, value),
+            Inner::Default(d) => d.record_str(field, value),
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        match &mut self.0 {
+            Inner::Plain(p) => p.record_error(field, value),
+            Inner::Default(d) => d.record_error(field, value),
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        match &mut self.0 {
+            Inner::Plain(p) => p.record_debug(field, value),
+            Inner::Default(d) => d.record_debug(field, value),
+        }
+    }
+}
+
+impl VisitOutput<fmt::Result> for PlainVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        match self.0 {
+            Inner::Plain(p) => p.result,
+            Inner::Default(d) => d.finish(),
+        }
+    }
+}
+
+impl VisitFmt for PlainVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        match &mut self.0 {
+            Inner::Plain(p) => &mut p.writer,
+            Inner::Default(d) => d.writer(),
+        }
+    }
+}
+
+impl Plain<'_> {
     /// The separator before a field (none before the first).
     fn pad(&mut self) -> fmt::Result {
         if std::mem::take(&mut self.first) {
@@ -91,7 +146,7 @@ impl PlainVisitor<'_> {
     }
 }
 
-impl Visit for PlainVisitor<'_> {
+impl Plain<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.record(field, |v, name| match name {
             "message" => v.message(&format_args!("{value}")),
@@ -130,18 +185,6 @@ impl Visit for PlainVisitor<'_> {
             "message" => v.message(value),
             _ => v.named(name, value),
         });
-    }
-}
-
-impl VisitOutput<fmt::Result> for PlainVisitor<'_> {
-    fn finish(self) -> fmt::Result {
-        self.result
-    }
-}
-
-impl VisitFmt for PlainVisitor<'_> {
-    fn writer(&mut self) -> &mut dyn fmt::Write {
-        &mut self.writer
     }
 }
 
@@ -209,17 +252,29 @@ impl fmt::Display for Sources<'_> {
 
 /// A line's time as tracing-subscriber's default timer (`fmt::time::SystemTime`) writes it,
 /// RFC 3339 in UTC with microseconds (`2026-12-07T09:16:51.123456Z`), through `humantime`,
-/// which fills the digits itself where the default makes seven `core::fmt` calls.
+/// which fills the digits itself where the default makes seven `core::fmt` calls. A clock
+/// outside the years humantime writes (1970 to 9999) is written by the default timer.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Rfc3339Micros;
 
+/// 10000-01-01T00:00:00Z, seconds after the Unix epoch: the first instant humantime does not
+/// write.
+const YEAR_10000: u64 = 253_402_300_800;
+
+/// Whether humantime writes `t` (it panics before the epoch and fails from the year 10000).
+fn humantime_writes(t: std::time::SystemTime) -> bool {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .is_ok_and(|d| d.as_secs() < YEAR_10000)
+}
+
 impl tracing_subscriber::fmt::time::FormatTime for Rfc3339Micros {
     fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
-        write!(
-            w,
-            "{}",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        )
+        let now = std::time::SystemTime::now();
+        if humantime_writes(now) {
+            write!(w, "{}", humantime::format_rfc3339_micros(now))
+        } else {
+            tracing_subscriber::fmt::time::SystemTime.format_time(w)
+        }
     }
 }
 
@@ -275,13 +330,14 @@ where
         let line = |buf: &mut Vec<u8>| -> Result<(), serde_json::Error> {
             let mut ser = serde_json::Serializer::new(buf);
             let mut map = ser.serialize_map(None)?;
-            map.serialize_entry(
-                "timestamp",
-                &format_args!(
-                    "{}",
-                    humantime::format_rfc3339_micros(std::time::SystemTime::now())
-                ),
-            )?;
+            // As tracing-subscriber does, formatted first: serde_json panics if a value's
+            // `Display` fails on its own.
+            let mut time = String::with_capacity(32);
+            let _ = tracing_subscriber::fmt::time::FormatTime::format_time(
+                &Rfc3339Micros,
+                &mut Writer::new(&mut time),
+            );
+            map.serialize_entry("timestamp", &time)?;
             map.serialize_entry("level", &meta.level().as_serde())?;
             map.serialize_entry("fields", &event.field_map())?;
             map.serialize_entry("target", meta.target())?;
@@ -294,17 +350,22 @@ where
             // serde_json writes UTF-8: `str`s as they are, escapes in ASCII.
             writer.write_str(std::str::from_utf8(buf).map_err(|_| fmt::Error)?)
         };
-        JSON_LINE.with(|b| match b.try_borrow_mut() {
+        let kept = JSON_LINE.try_with(|b| match b.try_borrow_mut() {
             Ok(mut buf) => {
                 let r = written(&mut buf);
                 if buf.capacity() > JSON_LINE_KEEP {
                     *buf = Vec::new();
                 }
-                r
+                Some(r)
             }
             // A line formatted while formatting one (a field's `Debug` that logs).
-            Err(_) => written(&mut Vec::new()),
-        })
+            Err(_) => None,
+        });
+        match kept {
+            Ok(Some(r)) => r,
+            // That, or the thread's buffer already dropped (a line at the thread's exit).
+            Ok(None) | Err(_) => written(&mut Vec::new()),
+        }
     }
 }
 
@@ -369,26 +430,47 @@ mod tests {
         }
     }
 
-    /// Runs `events` under two text layers without colours, tracing-subscriber's default
-    /// fields and [`super::PlainFields`], and gives both outputs.
-    fn both(events: impl FnOnce()) -> (String, String) {
+    /// Runs `events` under two text layers, with colours or without, tracing-subscriber's
+    /// default fields and [`super::PlainFields`], and gives both outputs.
+    fn both(ansi: bool, events: impl FnOnce()) -> (String, String) {
         let (default, plain) = (Buf::default(), Buf::default());
         let subscriber = tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
+                    .with_ansi(ansi)
                     .without_time()
                     .with_writer(default.clone()),
             )
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
+                    .with_ansi(ansi)
                     .without_time()
                     .fmt_fields(super::PlainFields)
                     .with_writer(plain.clone()),
             );
         tracing::subscriber::with_default(subscriber, events);
         (default.text(), plain.text())
+    }
+
+    /// humantime writes the years 1970 to 9999; the timer leaves the others to
+    /// tracing-subscriber's.
+    #[test]
+    fn the_years_humantime_writes() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let micro = Duration::from_micros(1);
+        let last = UNIX_EPOCH + Duration::from_secs(super::YEAR_10000) - micro;
+        assert!(super::humantime_writes(UNIX_EPOCH));
+        assert!(super::humantime_writes(last));
+        assert!(!super::humantime_writes(last + micro));
+        assert!(!super::humantime_writes(UNIX_EPOCH - micro));
+        assert_eq!(
+            humantime::format_rfc3339_micros(UNIX_EPOCH).to_string(),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        assert_eq!(
+            humantime::format_rfc3339_micros(last).to_string(),
+            "9999-12-31T23:59:59.999999Z"
+        );
     }
 
     #[test]
@@ -453,6 +535,8 @@ mod tests {
             "request"
         );
         tracing::warn!("only a message");
+        tracing::warn!("other controls: \x08 \x0c \x7f \x00 \u{9f} end");
+        tracing::info!(raw_bytes = &b"ab\x00\xff"[..], "bytes");
         tracing::warn!(
             "a message {} with \x1b[31mcolour\x07 and \u{85}C1 {:?}",
             1,
@@ -496,7 +580,22 @@ mod tests {
         }
         tracing::info!(parent: &span, explicit = true, "a parent named");
         tracing::info!(after_span = true, "outside again");
+        // A record of the `log` crate, as tracing-log's `LogTracer` passes it on.
+        tracing_log::format_trace(
+            &log::Record::builder()
+                .args(format_args!("from the log crate: {}", 7))
+                .level(log::Level::Warn)
+                .target("a::log::target")
+                .module_path_static(Some("a::log"))
+                .file_static(Some("src/log.rs"))
+                .line(Some(42))
+                .build(),
+        )
+        .unwrap();
     }
+
+    /// How many lines [`events`] logs.
+    const EVENTS: usize = 18;
 
     #[test]
     fn json_lines_are_written_as_tracing_subscribers_json_writes_them() {
@@ -507,8 +606,8 @@ mod tests {
             let end = line.find('"').expect(line);
             (line[..end].to_owned(), line[end..].to_owned())
         };
-        assert_eq!(default.lines().count(), 15, "{default}");
-        assert_eq!(ours.lines().count(), 15, "{ours}");
+        assert_eq!(default.lines().count(), EVENTS, "{default}");
+        assert_eq!(ours.lines().count(), EVENTS, "{ours}");
         let mut last = String::new();
         for (d, o) in default.lines().zip(ours.lines()) {
             let ((dt, d), (ot, o)) = (split(d), split(o));
@@ -523,11 +622,15 @@ mod tests {
 
     #[test]
     fn fields_are_written_as_tracing_subscribers_default_writes_them() {
-        let (default, plain) = both(events);
-        assert_eq!(default.lines().count(), 15, "{default}");
-        for (d, p) in default.lines().zip(plain.lines()) {
-            assert_eq!(p, d);
+        for ansi in [false, true] {
+            let (default, plain) = both(ansi, events);
+            assert_eq!(default.lines().count(), EVENTS, "{default}");
+            // Field names in italics with colours.
+            assert_eq!(default.contains("\x1b[3m"), ansi, "{default}");
+            for (d, p) in default.lines().zip(plain.lines()) {
+                assert_eq!(p, d);
+            }
+            assert_eq!(plain, default);
         }
-        assert_eq!(plain, default);
     }
 }
