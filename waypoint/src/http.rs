@@ -47,9 +47,12 @@ pub struct Downstream {
     pub upstreams: Arc<Upstreams>,
 }
 
+const HOPS: usize = 7;
+
 /// Connection-specific headers (RFC 9110 §7.6.1), never forwarded; `te: trailers` is kept.
-/// Typed names: removing by `&str` parsed each name again for every request.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Typed names: removing by `&str` parsed each name again for every request. A `static`, so
+/// that looking through them makes no array of names each time.
+static HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -60,26 +63,47 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .filter(|n| !(upgrade && *n == header::UPGRADE))
-        .collect();
-    let te_trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
+    // Which of them are present, in one pass over the names: most requests and many responses
+    // have none, and removing an absent name costs a lookup as removing a present one does.
+    let mut present = [false; HOPS];
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
+        // No `connection` either, so no header it names.
+        return;
+    }
+    let is = |name: &HeaderName| {
+        HOP_BY_HOP
+            .iter()
+            .zip(present)
+            .any(|(n, here)| here && n == name)
+    };
+    let named: Vec<HeaderName> = if is(&header::CONNECTION) {
+        h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+            .filter(|n| !(HOP_BY_HOP.contains(n) || upgrade && *n == header::UPGRADE))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let te_trailers = is(&header::TE)
+        && h.get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
     for n in named {
         h.remove(n);
     }
-    for n in &HOP_BY_HOP {
-        if upgrade && (n == header::CONNECTION || n == header::UPGRADE) {
+    for (n, here) in HOP_BY_HOP.iter().zip(present) {
+        if !here || (upgrade && (n == header::CONNECTION || n == header::UPGRADE)) {
             continue;
         }
         h.remove(n);
@@ -585,5 +609,46 @@ mod tests {
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.len(), 2, "{h:?}");
+        // Each hop-by-hop header alone, without `connection`, goes (`te` but for `trailers`).
+        for (name, value, kept) in [
+            ("transfer-encoding", "chunked", None),
+            ("proxy-connection", "keep-alive", None),
+            ("keep-alive", "timeout=5", None),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA", None),
+            ("upgrade", "websocket", None),
+            ("te", "gzip", None),
+            ("te", "trailers, gzip", Some("trailers")),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static(value));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(
+                h.get(name).map(|v| v.to_str().unwrap()),
+                kept,
+                "{name}: {h:?}"
+            );
+            assert_eq!(h["x-kept"], "1");
+        }
+        // Nothing hop-by-hop: nothing changes, repeated values included.
+        let mut h = HeaderMap::new();
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        // An upgrade keeps `upgrade` and `connection`, and still loses the rest.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade, x-secret"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(
+            h.contains_key("upgrade") && h.contains_key("connection"),
+            "{h:?}"
+        );
     }
 }
