@@ -5,7 +5,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -91,22 +91,20 @@ impl AsyncRead for BufferedStream {
         if out.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
+        let mut read = Poll::Ready(Ok(()));
         if this.buf.is_empty() {
             this.buf = crate::spare::take(TLS_READ_BUFFER);
-            let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf);
-            if !matches!(read, Poll::Ready(Ok(n)) if n > 0) {
-                // Nothing to read yet, an error or the peer's close: hold no buffer meanwhile.
-                crate::spare::give_back(std::mem::take(&mut this.buf), TLS_READ_BUFFER);
-            }
-            ready!(read)?;
+            read = tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf)
+                .map_ok(drop);
         }
         let n = out.remaining().min(this.buf.len());
         out.put_slice(&this.buf[..n]);
         this.buf.advance(n);
+        // Drained, or nothing came (not yet, an error, the peer's close): hold no buffer.
         if this.buf.is_empty() {
             crate::spare::give_back(std::mem::take(&mut this.buf), TLS_READ_BUFFER);
         }
-        Poll::Ready(Ok(()))
+        read
     }
 }
 
