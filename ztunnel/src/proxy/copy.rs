@@ -86,7 +86,9 @@ pub(crate) fn benign(e: &io::Error) -> bool {
 /// [`SMALL`], steps up each time a read fills its buffer (bulk: 1 KiB -> 16 KiB -> the
 /// configured maximum) and back down when reads come in far below its size.
 const SMALL: usize = 1 << 10;
-const MEDIUM: usize = 16 << 10;
+/// The middle step, 16 KiB: the smallest buffer the thread's spares keep, so that every buffer a
+/// bulk read takes from them can go back.
+const MEDIUM: usize = spare::SMALLEST;
 
 /// A direction's read buffer. It holds memory only while its direction moves bytes: taken
 /// when the reader has something to read, given back as soon as the reader has nothing more
@@ -119,7 +121,7 @@ impl Reads {
         }
     }
 
-    /// Lets go of the buffer (see [`give_back`]).
+    /// Lets go of the buffer (see [`spare::give_back`]).
     fn give_back(&mut self) {
         spare::give_back(std::mem::take(&mut self.buf), self.full);
         self.full = 0;
