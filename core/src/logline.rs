@@ -60,28 +60,28 @@ struct Plain<'w> {
     result: fmt::Result,
 }
 
+impl PlainVisitor<'_> {
+    fn inner(&mut self) -> &mut dyn Visit {
+        match &mut self.0 {
+            Inner::Plain(p) => p,
+            Inner::Default(d) => d,
+        }
+    }
+}
+
 // `Visit`'s other methods (integers, floats, booleans, bytes) call `record_debug`, as they do
-// for `DefaultVisitor`, which overrides only these three.
+// for `Plain` and `DefaultVisitor`, which override only these three.
 impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        match &mut self.0 {
-            Inner::Plain(p) => p.record_str(field, value),
-            Inner::Default(d) => d.record_str(field, value),
-        }
+        self.inner().record_str(field, value);
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        match &mut self.0 {
-            Inner::Plain(p) => p.record_error(field, value),
-            Inner::Default(d) => d.record_error(field, value),
-        }
+        self.inner().record_error(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        match &mut self.0 {
-            Inner::Plain(p) => p.record_debug(field, value),
-            Inner::Default(d) => d.record_debug(field, value),
-        }
+        self.inner().record_debug(field, value);
     }
 }
 
@@ -146,7 +146,7 @@ impl Plain<'_> {
     }
 }
 
-impl Plain<'_> {
+impl Visit for Plain<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.record(field, |v, name| match name {
             "message" => v.message(&format_args!("{value}")),

@@ -114,15 +114,10 @@ where
             .event_format(crate::logline::JsonLine::default())
             .with_writer(writer)
             .boxed()
-    } else if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        tracing_subscriber::fmt::layer()
-            .with_ansi(true)
-            .with_writer(writer)
-            .boxed()
     } else {
-        // The same bytes as tracing-subscriber's default fields, for less work per field.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
         tracing_subscriber::fmt::layer()
-            .with_ansi(false)
+            .with_ansi(ansi)
             .fmt_fields(crate::logline::PlainFields)
             .with_timer(crate::logline::Rfc3339Micros)
             .with_writer(writer)
