@@ -47,12 +47,10 @@ pub struct Downstream {
     pub upstreams: Arc<Upstreams>,
 }
 
-const HOPS: usize = 7;
-
 /// Connection-specific headers (RFC 9110 §7.6.1), never forwarded; `te: trailers` is kept.
 /// Typed names: removing by `&str` parsed each name again for every request. A `static`, so
 /// that looking through them makes no array of names each time.
-static HOP_BY_HOP: [HeaderName; HOPS] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -63,47 +61,31 @@ static HOP_BY_HOP: [HeaderName; HOPS] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    // Which of them are present, in one pass over the names: most requests and many responses
-    // have none, and removing an absent name costs a lookup as removing a present one does.
-    let mut present = [false; HOPS];
-    for k in h.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
-            present[i] = true;
-        }
-    }
-    if !present.contains(&true) {
-        // No `connection` either, so no header it names.
+    // Most messages have none of them (nor `connection`, so no header it names): one pass over
+    // the names says so, where removing each by name is a lookup whether it is there or not.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
     }
-    let is = |name: &HeaderName| {
-        HOP_BY_HOP
-            .iter()
-            .zip(present)
-            .any(|(n, here)| here && n == name)
-    };
-    let named: Vec<HeaderName> = if is(&header::CONNECTION) {
-        h.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-            .filter(|n| !(HOP_BY_HOP.contains(n) || upgrade && *n == header::UPGRADE))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let te_trailers = is(&header::TE)
-        && h.get(header::TE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .filter(|n| !(upgrade && *n == header::UPGRADE))
+        .collect();
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     for n in named {
         h.remove(n);
     }
-    for (n, here) in HOP_BY_HOP.iter().zip(present) {
-        if !here || (upgrade && (n == header::CONNECTION || n == header::UPGRADE)) {
+    for n in &HOP_BY_HOP {
+        if upgrade && (n == header::CONNECTION || n == header::UPGRADE) {
             continue;
         }
         h.remove(n);
