@@ -61,9 +61,17 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    // Most messages have none of them (nor `connection`, so no header it names): one pass over
-    // the names says so, where removing each by name is a lookup whether it is there or not.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // Which of them are there (bit i for `HOP_BY_HOP[i]`), in one pass over the names: removing
+    // a name is a lookup whether it is there or not, and most messages have none of them, or
+    // only `connection: keep-alive`. With none there is no `connection` either, so no header it
+    // names.
+    let mut present = 0u8;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     let named: Vec<HeaderName> = h
@@ -84,8 +92,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for n in named {
         h.remove(n);
     }
-    for n in &HOP_BY_HOP {
-        if upgrade && (n == header::CONNECTION || n == header::UPGRADE) {
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0 || (upgrade && (n == header::CONNECTION || n == header::UPGRADE))
+        {
             continue;
         }
         h.remove(n);
