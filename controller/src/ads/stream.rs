@@ -32,10 +32,15 @@ use xds_proto::envoy::config::core::v3 as core;
 use xds_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use zmesh_core::identity::SpiffeId;
+use zmesh_core::peer_text::PeerText;
 
 use super::AdsError;
 use super::cache::{Cache, Change, Entry, version_id};
 use super::reply::Reply;
+
+/// How much of a NACK's `error_detail.message` the warning keeps: a proxy lists its reasons
+/// there (a waypoint, one per resource it refused), so more than a single peer value.
+const NACK_MESSAGE_MAX: usize = 1024;
 
 /// The wildcard resource name.
 pub const WILDCARD: &str = "*";
@@ -250,13 +255,17 @@ impl StreamState {
                 Some(status) => {
                     self.nacks += 1;
                     warn!(
-                        node = %node_id, type_url = %type_url, nonce = %req.response_nonce,
-                        known, code = status.code, message = %status.message,
+                        node = %PeerText::new(&node_id), type_url = %PeerText::new(&type_url),
+                        nonce = %PeerText::new(&req.response_nonce), known, code = status.code,
+                        message = %PeerText::with_limit(&status.message, NACK_MESSAGE_MAX),
                         "proxy rejected (NACKed) an xDS response; it keeps its last good config"
                     );
                 }
-                None if known => debug!(node = %node_id, type_url = %type_url, "ACK"),
-                None => debug!(node = %node_id, type_url = %type_url, nonce = %req.response_nonce,
+                None if known => debug!(node = %PeerText::new(&node_id),
+                    type_url = %PeerText::new(&type_url), "ACK"),
+                None => debug!(node = %PeerText::new(&node_id),
+                    type_url = %PeerText::new(&type_url),
+                    nonce = %PeerText::new(&req.response_nonce),
                     "ACK for an unknown or expired nonce"),
             }
         }
@@ -539,5 +548,63 @@ mod tests {
         assert!(st.handle_request(nack, &c).unwrap().is_none());
         assert_eq!(st.nack_count(), 2);
         assert!(st.resync(&c).is_empty(), "NACKed versions are not resent");
+    }
+
+    /// A client's node id, nonce, type URL and NACK message are its own text: each goes into
+    /// the warning or the ACK's debug line escaped and bounded, so no client can start a
+    /// line of its own in the controller's log, or make one megabytes long.
+    #[test]
+    fn a_clients_text_cannot_forge_a_log_line() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        let forged = "x\n2026-01-01T00:00:00Z  INFO forged\r\n";
+        let c = cache();
+        let mut st = StreamState::new(1, allow_all());
+        let mut first = req(&[], &[]);
+        first.node = Some(core::Node {
+            id: format!("node{forged}"),
+            ..Default::default()
+        });
+        let reply = st.handle_request(first, &c).unwrap().unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut nack = req(&[], &[]);
+            nack.response_nonce = reply.nonce.clone();
+            nack.error_detail = Some(xds_proto::google::rpc::Status {
+                code: 3,
+                message: format!("bad{forged}{}", "y".repeat(100_000)),
+                details: vec![],
+            });
+            st.handle_request(nack, &c).unwrap();
+            let mut ack = req(&[], &[]);
+            ack.response_nonce = format!("nonce{forged}");
+            st.handle_request(ack, &c).unwrap();
+        });
+        let log = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(
+            lines.len(),
+            2,
+            "one line for the NACK, one for the ACK:\n{log}"
+        );
+        assert!(lines[0].contains("rejected (NACKed)") && lines[0].contains("nodex\\n2026"));
+        assert!(lines[0].len() < 2_000, "the NACK's message is bounded");
+        assert!(lines[0].contains("[truncated, 100"), "{}", &lines[0][..200]);
+        assert!(lines[1].contains("unknown or expired nonce") && lines[1].contains("noncex\\n"));
     }
 }
