@@ -236,7 +236,8 @@ fn attached(
         report(format!(
             "targetRef {} {:?} names namespace {:?}: a policy may only target objects in its \
              own namespace, so it is ignored",
-            t.kind,
+            // The tenant's text, not yet matched against the kinds zmesh knows.
+            zmesh_core::peer_text::PeerText::new(&t.kind),
             t.name,
             t.namespace.as_deref().unwrap_or_default()
         ));

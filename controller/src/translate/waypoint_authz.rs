@@ -113,7 +113,9 @@ pub fn translate(
         let mut at: BTreeMap<(String, String), (bool, Vec<String>)> = BTreeMap::new();
         let mut fallback = Vec::new();
         for t in targets {
-            let what = format!("targetRef {} {:?}", t.kind, t.name);
+            // The kind is the tenant's text until it is matched below: escaped and bounded.
+            let kind = zmesh_core::peer_text::PeerText::new(&t.kind);
+            let what = format!("targetRef {kind} {:?}", t.name);
             if t.namespace.as_deref().is_some_and(|n| n != ns) {
                 place.messages.push(format!(
                     "{what}: a policy may only target objects of its own namespace; ignored"

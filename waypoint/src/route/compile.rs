@@ -17,6 +17,9 @@ use crate::bound::{Binding, BoundPort, BoundService};
 /// Largest compiled regex accepted (bytes of the regex crate's program).
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// How much of the regex crate's error a refusal keeps (it quotes the pattern again, marked).
+const REGEX_ERROR_MAX: usize = 1024;
+
 struct Ctx<'a> {
     resource: &'a str,
     at: String,
@@ -35,7 +38,11 @@ impl Ctx<'_> {
         regex::RegexBuilder::new(&format!("^(?:{re})$"))
             .size_limit(REGEX_SIZE_LIMIT)
             .build()
-            .map_err(|e| self.err(field, format!("bad regular expression {re:?}: {e}")))
+            .map_err(|e| {
+                // regex's message spans lines and repeats the pattern: kept on one line.
+                let e = zmesh_core::peer_text::PeerText::display(&e, REGEX_ERROR_MAX);
+                self.err(field, format!("bad regular expression {re:?}: {e}"))
+            })
     }
 
     fn str_match(&self, field: &str, ty: i32, v: &str) -> Result<StrMatch, RouteError> {

@@ -190,6 +190,11 @@ fn a_bad_resource_is_refused_whole_naming_the_field() {
         "{e}"
     );
     assert!(e.contains("bad regular expression"), "{e}");
+    // The regex crate's error spans lines; the waypoint logs it and NACKs with it.
+    assert!(
+        !e.contains('\n') && e.contains("unclosed group"),
+        "one line: {e}"
+    );
     let mut rw = rule("rw", path(pb::MatchType::Exact, "/a"), vec![]);
     rw.filters.push(pb::Filter {
         kind: Some(pb::filter::Kind::UrlRewrite(pb::UrlRewrite {

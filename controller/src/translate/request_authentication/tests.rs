@@ -188,3 +188,20 @@ fn unsupported_or_empty_targets_are_reported() {
     assert!(messages[0].contains("GatewayClass"), "{messages:?}");
     assert!(messages[1].contains("no Service bound"), "{messages:?}");
 }
+
+/// A targetRef's kind is the tenant's text until it is matched: the issue that reports it
+/// (in the controller's log) keeps it on one line, escaped.
+#[test]
+fn a_targetref_kind_cannot_break_an_issue_into_lines() {
+    let out = run(&policy(
+        "forged",
+        "  targetRefs:\n  - kind: \"Service\\nFORGED line\"\n    group: \"\"\n    name: httpbin\n    namespace: bar",
+        &rule("one@example.com"),
+    ));
+    let messages: Vec<_> = out.issues.iter().map(|i| i.message.as_str()).collect();
+    assert!(
+        messages.iter().any(|m| m.contains("Service\\nFORGED line"))
+            && messages.iter().all(|m| !m.contains('\n')),
+        "{messages:?}"
+    );
+}

@@ -238,3 +238,21 @@ fn refusals_never_widen_access() {
     assert!(e.waypoints.is_empty() && !e.ztunnel);
     assert_eq!(e.messages.len(), 2, "{e:?}");
 }
+
+/// A targetRef's kind is the tenant's text until it is matched: the message that reports it
+/// (in the policy's status and the controller's log) keeps it on one line, escaped.
+#[test]
+fn a_targetref_kind_cannot_break_a_message_into_lines() {
+    let t = run(&policy(
+        "app",
+        "forged",
+        "{targetRefs: [{kind: \"Service\\nFORGED line\", group: \"\", name: echo, \
+         namespace: other}], rules: [{}]}",
+    ));
+    let messages = &place(&t, "forged").messages;
+    assert!(
+        messages.iter().any(|m| m.contains("Service\\nFORGED line"))
+            && messages.iter().all(|m| !m.contains('\n')),
+        "{messages:?}"
+    );
+}
