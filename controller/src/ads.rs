@@ -259,7 +259,7 @@ impl StreamDriver {
                             }
                         }
                         Err(e) => {
-                            warn!(stream = self.id, "closing delta ADS stream: {}", PeerText::display(&e, 1024));
+                            warn!(stream = self.id, "closing delta ADS stream: {}", PeerText::display(&e, zmesh_core::peer_text::PEER_ERROR_MAX));
                             let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
                             break "invalid request";
                         }

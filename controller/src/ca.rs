@@ -201,7 +201,7 @@ impl WorkloadCa {
         self.check_cluster(metadata)?;
         self.sign_for(&caller, req).map_err(|e| {
             tracing::warn!(caller = %caller.identity, node = ?caller.node,
-                error = %PeerText::display(&e, 1024),
+                error = %PeerText::display(&e, zmesh_core::peer_text::PEER_ERROR_MAX),
                 "certificate request refused");
             e.status()
         })

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use zmesh_core::identity::SpiffeId;
+use zmesh_core::peer_text::{PEER_ERROR_MAX, PeerText};
 use zmesh_core::serve::{Activity, FdHeadroom, Limits, Listener, StatsHandle};
 use zmesh_core::tls::LocalCa;
 
@@ -455,7 +456,8 @@ async fn serve_grpc(
             {
                 Ok(tls) => tls,
                 Err(e) => {
-                    debug!(?peer, error = %e, "gRPC connection closed");
+                    debug!(?peer, error = %PeerText::display(&e, PEER_ERROR_MAX),
+                        "gRPC connection closed");
                     return;
                 }
             };
@@ -477,7 +479,9 @@ async fn serve_grpc(
             )
             .await
             {
-                debug!(?peer, error = %e, "gRPC connection closed");
+                // A GOAWAY's debug data (up to a frame, 1 MiB) is in the error.
+                debug!(?peer, error = %PeerText::display(&e, PEER_ERROR_MAX),
+                    "gRPC connection closed");
             }
         });
     }

@@ -9,6 +9,10 @@ use std::fmt;
 /// How much of a peer's text a log line keeps.
 pub const PEER_TEXT_MAX: usize = 256;
 
+/// How much of an error that may carry a peer's text (an HTTP/2 GOAWAY's debug data, a TLS
+/// alert, a refusal naming what was asked) a log line keeps.
+pub const PEER_ERROR_MAX: usize = 1024;
+
 /// A bounded, escaped copy of a peer's text. Its `Display` is the text (control characters
 /// escaped) followed, when it was cut, by `...[truncated, N bytes]`; its `Debug` is the same,
 /// quoted.
@@ -78,6 +82,24 @@ impl PeerText {
     }
 }
 
+/// `text` cut to at most `max` bytes (at a character boundary) and marked as
+/// [`PeerText`] marks it, but not escaped: for a field the log formatter quotes and escapes
+/// itself (a `&str` field). Borrowed when it fits.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}...[truncated, {} bytes]",
+        &text[..end],
+        text.len()
+    ))
+}
+
 impl fmt::Display for PeerText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.write_escaped(f, false)
@@ -126,5 +148,15 @@ mod tests {
             PeerText::display(&"0123456789", 4).to_string(),
             "0123...[truncated, 10 bytes]"
         );
+    }
+
+    #[test]
+    fn bounded_cuts_with_the_same_marker_without_escaping() {
+        assert!(matches!(
+            bounded("a\nb", 3),
+            std::borrow::Cow::Borrowed("a\nb")
+        ));
+        assert_eq!(bounded("é\nxyz", 3), "é\n...[truncated, 6 bytes]");
+        assert_eq!(bounded("éé", 3), "é...[truncated, 4 bytes]");
     }
 }

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use zmesh_core::hbone::{StreamGuard, Tunnel, forwarded_for, parse_connect};
 use zmesh_core::identity::SpiffeId;
+use zmesh_core::peer_text::PeerText;
 use zmesh_core::serve::{
     ActiveGuard, Activity, Listener, ServeError, Tracked, hbone_tls_accept, serve_h2_streams,
 };
@@ -64,7 +65,9 @@ pub async fn serve_hbone(
         wp.tracker.spawn(async move {
             let _permit = permit;
             if let Err(e) = hbone_connection(w, up, a.stream, peer).await {
-                tracing::info!(%peer, error = %e, "HBONE connection failed");
+                // A GOAWAY's debug data (up to a frame, 1 MiB) is in the error.
+                let error = PeerText::display(&e, zmesh_core::peer_text::PEER_ERROR_MAX);
+                tracing::info!(%peer, %error, "HBONE connection failed");
             }
         });
     }

@@ -45,9 +45,6 @@ pub struct Bytes {
     pub sent: u64,
 }
 
-/// The longest failure reason a `connection failed` line carries, in bytes.
-const MAX_ERROR_LOG: usize = 1024;
-
 /// Logs a connection that failed before it had a destination (WARN "connection failed").
 pub fn connection_failed(
     direction: &'static str,
@@ -58,7 +55,8 @@ pub fn connection_failed(
     let dst = dst.map(|d| d.to_string());
     // Failure reasons can carry what a peer sent (a header, a TLS alert's text): bounded, so a
     // peer cannot make each refused attempt cost a huge log line.
-    let error = zmesh_core::peer_text::PeerText::display(error, MAX_ERROR_LOG);
+    let error =
+        zmesh_core::peer_text::PeerText::display(error, zmesh_core::peer_text::PEER_ERROR_MAX);
     tracing::warn!(
         target: "access",
         direction,

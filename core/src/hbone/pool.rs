@@ -426,7 +426,12 @@ impl Pool {
             tokio::select! {
                 r = &mut conn => {
                     if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+                        // A GOAWAY's debug data (up to a frame, 1 MiB) is in the error.
+                        let error = crate::peer_text::PeerText::display(
+                            &e,
+                            crate::peer_text::PEER_ERROR_MAX,
+                        );
+                        tracing::debug!(%peer, %error, "HBONE connection ended");
                     }
                 }
                 _ = alive => {
