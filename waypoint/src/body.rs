@@ -333,9 +333,11 @@ impl Body for ResponseBody {
                     if let Some(d) = f.data_ref() {
                         fin.record.response_bytes += d.len() as u64;
                     } else if let Some(t) = f.trailers_ref()
-                        && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                        && let Some(s) = t
+                            .get("grpc-status")
+                            .and_then(crate::telemetry::grpc_status_label)
                     {
-                        fin.record.labels.grpc_response_status = s.to_owned();
+                        fin.record.labels.grpc_response_status = s;
                     }
                 }
             }

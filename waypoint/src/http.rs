@@ -515,10 +515,10 @@ pub async fn proxy(
     if let Some(s) = resp
         .headers()
         .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
+        .and_then(crate::telemetry::grpc_status_label)
     {
         // A trailers-only gRPC answer.
-        record.labels.grpc_response_status = s.to_owned();
+        record.labels.grpc_response_status = s;
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(down) = down_upgrade

@@ -18,7 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use zmesh_core::peer_text::PeerText;
-use zmesh_core::telemetry::{TrafficLabels, WorkloadMeta, or_unknown};
+use zmesh_core::telemetry::{TrafficLabels, WorkloadMeta, or_unknown, unknown};
 
 /// Istio's request labels: the traffic labels ztunnel also reports, plus the response's codes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,13 +45,25 @@ impl Default for RequestLabels {
 /// What a CONNECT's `baggage` header says of the client, when the workload model does not
 /// know its address: `k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`,
 /// `service.name`, `service.version` (upstream ztunnel's `src/baggage.rs` keys).
+///
+/// The client writes these. A value is kept only as Kubernetes writes such names and label
+/// values (at most 253 of ASCII letters, digits, `-`, `.` and `_`), else it is `unknown`: no
+/// space, quote, `=` or control character reaches a label or the access-log line.
 pub fn meta_from_baggage(value: &str) -> WorkloadMeta {
     let mut m = WorkloadMeta::default();
     for item in value.split(',') {
         let Some((k, v)) = item.trim().split_once('=') else {
             continue;
         };
-        let v = or_unknown(v.trim());
+        let v = v.trim();
+        let v = if v.len() <= BAGGAGE_VALUE_MAX
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            or_unknown(v)
+        } else {
+            unknown()
+        };
         match k.trim() {
             "k8s.cluster.name" => m.cluster = v,
             "k8s.namespace.name" => m.namespace = v,
@@ -62,6 +74,19 @@ pub fn meta_from_baggage(value: &str) -> WorkloadMeta {
         }
     }
     m
+}
+
+/// The longest `baggage` value kept: a Kubernetes object name's limit (DNS-1123 subdomain).
+const BAGGAGE_VALUE_MAX: usize = 253;
+
+/// A `grpc-status` header or trailer as the `grpc_response_status` label: the upstream's
+/// decimal code when it has at most three digits (gRPC defines 0 to 16), else nothing. The
+/// upstream writes it; so kept, it can neither add fields to the access-log line nor make
+/// metric series without bound.
+pub fn grpc_status_label(v: &http::HeaderValue) -> Option<String> {
+    let b = v.as_bytes();
+    (!b.is_empty() && b.len() <= 3 && b.iter().all(u8::is_ascii_digit))
+        .then(|| String::from_utf8_lossy(b).into_owned())
 }
 
 impl RequestLabels {
@@ -274,7 +299,11 @@ impl RequestRecord {
             duration_ms = format_args!("{ms:.1}"),
             bytes_received = req,
             bytes_sent = self.response_bytes,
-            error = self.error.as_deref().unwrap_or("-"),
+            // Errors can carry a client's text (a JWT's issuer or audiences, a Host).
+            error = &*zmesh_core::peer_text::bounded(
+                self.error.as_deref().unwrap_or("-"),
+                zmesh_core::peer_text::PEER_ERROR_MAX
+            ),
             policy = %self.policy.as_deref().unwrap_or("-"),
             "request"
         );
@@ -394,6 +423,35 @@ mod tests {
         );
         // Nothing usable: every value is `unknown`.
         assert_eq!(&*meta_from_baggage("junk,=,a=").workload, "unknown");
+        // Values not written as Kubernetes writes names: `unknown`, never part of the line.
+        let long = "a".repeat(254);
+        for bad in ["a b", "a\"b", "x=y", "a\tb", "é", long.as_str()] {
+            let m = meta_from_baggage(&format!(
+                "k8s.namespace.name=ok,k8s.pod.name={bad},service.version={bad}"
+            ));
+            assert_eq!(
+                (&*m.namespace, &*m.workload, &*m.canonical_revision),
+                ("ok", "unknown", "unknown"),
+                "{bad:?}"
+            );
+        }
+        let longest = "a".repeat(253);
+        let m = meta_from_baggage(&format!("k8s.pod.name={longest},service.version=v1.2_3-x"));
+        assert_eq!(
+            (&*m.workload, &*m.canonical_revision),
+            (&*longest, "v1.2_3-x")
+        );
+    }
+
+    #[test]
+    fn grpc_status_label_is_a_short_number_or_nothing() {
+        let label = |v: &str| grpc_status_label(&http::HeaderValue::from_str(v).unwrap());
+        assert_eq!(label("0").as_deref(), Some("0"));
+        assert_eq!(label("16").as_deref(), Some("16"));
+        assert_eq!(label("123").as_deref(), Some("123"));
+        for bad in ["", "1234", "1 x=y", "-1", "0x1", "\"2\""] {
+            assert_eq!(label(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
