@@ -92,9 +92,9 @@ pub enum Subject {
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Subject::Add(uid) => write!(f, "pod {uid}"),
-            Subject::Keep(uid) => write!(f, "keeping pod {uid}"),
-            Subject::Del(uid) => write!(f, "removal of pod {uid}"),
+            Subject::Add(uid) => write!(f, "pod {uid:?}"),
+            Subject::Keep(uid) => write!(f, "keeping pod {uid:?}"),
+            Subject::Del(uid) => write!(f, "removal of pod {uid:?}"),
             Subject::SnapshotSent => f.write_str("the end of the snapshot"),
         }
     }
@@ -105,19 +105,19 @@ impl fmt::Display for Subject {
 #[non_exhaustive]
 pub enum Violation {
     /// `AddWorkload` without the netns fd.
-    #[error("AddWorkload for pod {uid} carries no network namespace file descriptor")]
+    #[error("AddWorkload for pod {uid:?} carries no network namespace file descriptor")]
     AddWithoutFd { uid: String },
     /// `AddWorkload` with more than one fd.
-    #[error("AddWorkload for pod {uid} carries {count} file descriptors, expected exactly one")]
+    #[error("AddWorkload for pod {uid:?} carries {count} file descriptors, expected exactly one")]
     TooManyFds { uid: String, count: usize },
     /// A request other than `AddWorkload` with fds.
     #[error("{kind} carries {count} file descriptor(s), expected none")]
     UnexpectedFd { kind: &'static str, count: usize },
     /// `AddWorkload` without `workload_info`.
-    #[error("AddWorkload for pod {uid} has no workload_info")]
+    #[error("AddWorkload for pod {uid:?} has no workload_info")]
     MissingWorkloadInfo { uid: String },
     /// `KeepWorkload` after `SnapshotSent`.
-    #[error("KeepWorkload for pod {uid} after SnapshotSent (Keep is only valid in the snapshot)")]
+    #[error("KeepWorkload for pod {uid:?} after SnapshotSent (Keep is only valid in the snapshot)")]
     KeepAfterSnapshot { uid: String },
     /// A second `SnapshotSent` on one connection.
     #[error("a second SnapshotSent on the same connection")]
