@@ -209,7 +209,7 @@ async fn nack_surfaces_on_the_server_with_its_reason() {
     }
     assert_eq!(
         err.to_string(),
-        "ztunnel refused pod bad: proxy failed to start: boom"
+        "ztunnel refused pod \"bad\": proxy failed to start: boom"
     );
     // A NACK is an answer: the connection stays up and in step.
     within(server.add("good", info("good"), ns.as_fd()))
@@ -301,7 +301,7 @@ async fn client_rejects_protocol_violations_and_reconnects() {
         &conn,
         &keep,
         &[],
-        "KeepWorkload for pod p after SnapshotSent",
+        "KeepWorkload for pod \"p\" after SnapshotSent",
     )
     .await;
 
@@ -384,7 +384,7 @@ async fn silent_ztunnel_times_out_and_is_dropped() {
     assert!(matches!(err, ZdsError::AckTimeout { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
-        "ztunnel did not acknowledge pod slow within 300ms"
+        "ztunnel did not acknowledge pod \"slow\" within 300ms"
     );
     // The acks are out of step now, so the agent hangs up; ztunnel will reconnect.
     assert!(matches!(z.request().await, Request::Add { .. }));
@@ -400,7 +400,7 @@ async fn silent_ztunnel_times_out_and_is_dropped() {
     };
     assert_eq!(
         default.to_string(),
-        "ztunnel did not acknowledge pod p within 5s"
+        "ztunnel did not acknowledge pod \"p\" within 5s"
     );
 }
 
@@ -522,7 +522,7 @@ fn violations_read_as_operator_messages() {
     let v = Violation::AddWithoutFd { uid: "u".into() };
     assert_eq!(
         ZdsError::from(v).to_string(),
-        "ZDS protocol violation: AddWorkload for pod u carries no network namespace file descriptor"
+        "ZDS protocol violation: AddWorkload for pod \"u\" carries no network namespace file descriptor"
     );
 }
 

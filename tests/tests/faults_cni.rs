@@ -124,9 +124,9 @@ fn ztunnel_log(cluster: &Cluster<'_>) -> String {
     cluster.ztunnel("n1").unwrap().log()
 }
 
-/// The lines of a ztunnel log that say `what` about the pod `uid` (field `uid=<uid>`).
+/// The lines of a ztunnel log that say `what` about the pod `uid` (field `uid="<uid>"`).
 fn log_lines(log: &str, what: &str, uid: &str) -> usize {
-    let field = format!("uid={uid}");
+    let field = format!("uid={uid:?}");
     log.lines()
         .filter(|l| l.contains(what) && l.split_whitespace().any(|w| w == field))
         .count()

@@ -34,7 +34,7 @@ pub async fn run(node: Arc<Node>, proxies: Arc<Proxies>, ready: Arc<AtomicBool>,
                 }
                 let outcome = add(&node, &proxies, &uid, info, netns).await;
                 if let Err(e) = &outcome {
-                    tracing::error!(?uid, error = %e, "cannot start the pod's proxy");
+                    tracing::error!(uid = uid.as_str(), error = %e, "cannot start the pod's proxy");
                 }
                 zds.reply(outcome).await;
             }
@@ -48,7 +48,10 @@ pub async fn run(node: Arc<Node>, proxies: Arc<Proxies>, ready: Arc<AtomicBool>,
                 let seen = snapshot.take().unwrap_or_default();
                 for (uid, _) in proxies.snapshot() {
                     if !seen.contains(&uid) {
-                        tracing::info!(?uid, "pod not in the agent's snapshot: draining its proxy");
+                        tracing::info!(
+                            uid = uid.as_str(),
+                            "pod not in the agent's snapshot: draining its proxy"
+                        );
                         remove(&node, &proxies, &uid);
                     }
                 }
@@ -84,10 +87,7 @@ async fn add(
         if existing.sockets.netns.as_ref() == Some(&netns) {
             return Ok(());
         }
-        tracing::info!(
-            ?uid,
-            "pod's network namespace changed: restarting its proxy"
-        );
+        tracing::info!(uid, "pod's network namespace changed: restarting its proxy");
         remove(node, proxies, uid);
     }
     let workload = WorkloadInfo {
@@ -97,7 +97,7 @@ async fn add(
     };
     let proxy = Proxy::new(node, workload, Some(netns)).map_err(|e| e.to_string())?;
     proxy.start().map_err(|e| e.to_string())?;
-    tracing::info!(?uid, identity = %proxy.identity, "pod enrolled: proxy listening in its network namespace");
+    tracing::info!(uid, identity = %proxy.identity, "pod enrolled: proxy listening in its network namespace");
     proxies.insert(uid.to_owned(), proxy.clone());
     // Fetch the certificate now so the pod's first connection does not wait for it; a failure
     // is retried on first use.
