@@ -105,7 +105,8 @@ pub enum TlsError {
 }
 
 /// The crypto provider used everywhere in zmesh: aws-lc-rs, restricted to TLS 1.3 AES-GCM suites
-/// (both FIPS-approved, as upstream ztunnel restricts them).
+/// (FIPS-approved algorithms, as upstream ztunnel restricts them; zmesh does not build
+/// aws-lc-rs's FIPS module, and rustls reports these suites as not FIPS: see `tls/hkdf.rs`).
 ///
 /// AES-128-GCM with SHA-256 comes first, so it is what a zmesh client asks for (a server
 /// follows its client's order, ours as rustls's). This provider is also the process default
@@ -712,8 +713,9 @@ pub(crate) mod tests {
     /// Our suites derive keys through their own HKDF (`tls/hkdf.rs`); a peer on rustls's
     /// stock aws-lc-rs suites (upstream ztunnel's) must not see a difference. For each suite,
     /// forced by the stock side: our resuming client against a stock server that keeps
-    /// sessions (a full handshake, then a resumed one), and a stock client against our
-    /// resuming server; data flows both ways after each.
+    /// sessions, and a stock client that asks for tickets against our resuming server, each a
+    /// full handshake then a resumed one; data flows both ways after each, and our side of
+    /// each connection ran our HKDF, not the stock one.
     #[test]
     fn handshakes_with_rustls_stock_suites_both_ways() {
         use rustls::crypto::aws_lc_rs::cipher_suite as stock_suites;
@@ -743,11 +745,20 @@ pub(crate) mod tests {
                 "10.0.0.3:15008".parse().unwrap()
             };
             let hbone = client.hbone_client(peer, &[id("server")]).unwrap();
+            // Which HKDF a connection's suite derives its keys with.
+            let hkdf_of = |s: rustls::SupportedCipherSuite| {
+                s.tls13().unwrap().hkdf_provider as *const dyn rustls::crypto::tls13::Hkdf
+            };
+            let ours = |negotiated: Option<rustls::SupportedCipherSuite>| {
+                !std::ptr::addr_eq(hkdf_of(negotiated.unwrap()), hkdf_of(suite))
+            };
             for kind in [HandshakeKind::Full, HandshakeKind::Resumed] {
                 let (mut c, mut s) =
                     handshake(hbone.config(), hbone.server_name(), stock_server.clone());
                 assert_eq!(c.handshake_kind(), Some(kind), "{suite:?}");
                 assert_eq!(c.negotiated_cipher_suite(), Some(suite));
+                assert!(ours(c.negotiated_cipher_suite()), "our client, {kind:?}");
+                assert!(!ours(s.negotiated_cipher_suite()), "the stock server");
                 hbone.confirm(&c).unwrap();
                 echo(&mut c, &mut s);
             }
@@ -765,16 +776,25 @@ pub(crate) mod tests {
                 ))
                 .with_client_cert_resolver(client.tls.client_cert.clone());
             stock_client.alpn_protocols = vec![super::ALPN_H2.to_vec()];
+            stock_client.send_ticket_request = Some(rustls::client::TicketRequest {
+                new_session_count: 1,
+                resumption_count: 1,
+            });
+            let stock_client = std::sync::Arc::new(stock_client);
             let name = ServerName::IpAddress(peer.ip().into());
-            let (mut c, mut s) = handshake(
-                std::sync::Arc::new(stock_client),
-                name,
-                server.resuming_server_config(),
-            );
-            assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full));
-            assert_eq!(s.negotiated_cipher_suite(), Some(suite));
-            assert_eq!(server.client_peer(&s).unwrap(), Some(id("client")));
-            echo(&mut c, &mut s);
+            for kind in [HandshakeKind::Full, HandshakeKind::Resumed] {
+                let (mut c, mut s) = handshake(
+                    stock_client.clone(),
+                    name.clone(),
+                    server.resuming_server_config(),
+                );
+                assert_eq!(c.handshake_kind(), Some(kind), "{suite:?}");
+                assert_eq!(s.negotiated_cipher_suite(), Some(suite));
+                assert!(ours(s.negotiated_cipher_suite()), "our server, {kind:?}");
+                assert!(!ours(c.negotiated_cipher_suite()), "the stock client");
+                assert_eq!(server.client_peer(&s).unwrap(), Some(id("client")));
+                echo(&mut c, &mut s);
+            }
         }
     }
 

@@ -8,19 +8,22 @@
 //!
 //! rustls's own [`HkdfUsingHmac`] computes HKDF from an HMAC (its aws-lc-rs HPKE uses it):
 //! it extracts once, keys one HMAC with the result, and expands each label from that key.
+//! [`HmacHkdf`] uses it for all but the extraction, which it does itself so that the
+//! pseudorandom key lives only in rustls's zeroising `Tag` and `OkmBlock` (`HkdfUsingHmac`
+//! passes it through a `Vec` freed as it is).
 //! Given aws-lc-rs's `hmac::Key`, which holds the key's inner and outer hash states, each
 //! expansion of a 32-byte secret is then two SHA-256 blocks: the label and the outer hash.
 //! The outputs are the same bytes (RFC 5869 is one function); the tests hold them against
 //! aws-lc-rs's HKDF and against handshakes with rustls's stock suites.
 //!
-//! `HkdfUsingHmac` does not claim FIPS approval (rustls's `fips()` reports false for these
-//! suites); zmesh does not build aws-lc-rs in FIPS mode, where the stock suites would.
+//! These suites do not claim FIPS approval (rustls's `fips()` reports false for them); zmesh
+//! does not build aws-lc-rs's FIPS module, with which the stock suites would.
 //! `docs/bench-2026-12-07.md` (fourteenth sitting) has what it saves.
 
 use rustls::SupportedCipherSuite;
 use rustls::Tls13CipherSuite;
 use rustls::crypto::hmac::{Hmac, Key, Tag};
-use rustls::crypto::tls13::HkdfUsingHmac;
+use rustls::crypto::tls13::{Hkdf, HkdfExpander, HkdfUsingHmac, OkmBlock};
 
 /// HMAC from aws-lc-rs for rustls's [`Hmac`] interface.
 struct AwsLcHmac(aws_lc_rs::hmac::Algorithm);
@@ -55,8 +58,35 @@ impl Key for AwsLcHmacKey {
 
 static HMAC_SHA256: AwsLcHmac = AwsLcHmac(aws_lc_rs::hmac::HMAC_SHA256);
 static HMAC_SHA384: AwsLcHmac = AwsLcHmac(aws_lc_rs::hmac::HMAC_SHA384);
-static HKDF_SHA256: HkdfUsingHmac<'static> = HkdfUsingHmac(&HMAC_SHA256);
-static HKDF_SHA384: HkdfUsingHmac<'static> = HkdfUsingHmac(&HMAC_SHA384);
+static HKDF_SHA256: HmacHkdf = HmacHkdf(HkdfUsingHmac(&HMAC_SHA256));
+static HKDF_SHA384: HmacHkdf = HmacHkdf(HkdfUsingHmac(&HMAC_SHA384));
+
+/// HKDF from an HMAC: rustls's [`HkdfUsingHmac`], with the extraction's output kept in
+/// zeroising types only.
+struct HmacHkdf(HkdfUsingHmac<'static>);
+
+impl Hkdf for HmacHkdf {
+    fn extract_from_zero_ikm(&self, salt: Option<&[u8]>) -> Box<dyn HkdfExpander> {
+        let zeroes = [0u8; Tag::MAX_LEN];
+        self.extract_from_secret(salt, &zeroes[..self.0.0.hash_output_len()])
+    }
+
+    fn extract_from_secret(&self, salt: Option<&[u8]>, secret: &[u8]) -> Box<dyn HkdfExpander> {
+        let zeroes = [0u8; Tag::MAX_LEN];
+        let salt = salt.unwrap_or(&zeroes[..self.0.0.hash_output_len()]);
+        // RFC 5869 §2.2: PRK = HMAC-Hash(salt, IKM).
+        let prk = self.0.0.with_key(salt).sign(&[secret]);
+        self.0.expander_for_okm(&OkmBlock::new(prk.as_ref()))
+    }
+
+    fn expander_for_okm(&self, okm: &OkmBlock) -> Box<dyn HkdfExpander> {
+        self.0.expander_for_okm(okm)
+    }
+
+    fn hmac_sign(&self, key: &OkmBlock, message: &[u8]) -> Tag {
+        self.0.hmac_sign(key, message)
+    }
+}
 
 /// `suite` with its key schedule's HKDF computed from set-up HMAC keys; everything else
 /// (suite number, hash, AEAD, limits) is the suite's own. A TLS 1.2 suite, or a hash other
@@ -67,7 +97,7 @@ pub(super) fn with_hmac_hkdf(suite: SupportedCipherSuite) -> SupportedCipherSuit
     let Some(s) = suite.tls13() else {
         return suite;
     };
-    let hkdf: &'static HkdfUsingHmac<'static> = match s.common.hash_provider.algorithm() {
+    let hkdf: &'static HmacHkdf = match s.common.hash_provider.algorithm() {
         rustls::crypto::hash::HashAlgorithm::SHA256 => &HKDF_SHA256,
         rustls::crypto::hash::HashAlgorithm::SHA384 => &HKDF_SHA384,
         _ => return suite,
