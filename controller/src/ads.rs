@@ -196,7 +196,7 @@ impl AdsServer {
         let mut identity = None;
         if let Some(auth) = &self.auth {
             identity = Some(auth(request.metadata().clone()).await.inspect_err(|status| {
-                warn!(?peer, reason = %PeerText::new(status.message()), "delta ADS stream refused");
+                warn!(?peer, reason = ?PeerText::new(status.message()), "delta ADS stream refused");
             })?);
         }
         if !self.cache.ready(READY_WAIT).await {
@@ -290,7 +290,7 @@ impl StreamDriver {
             }
         };
         let node = self.state.node().map(|n| n.id.clone()).unwrap_or_default();
-        debug!(stream = self.id, node = %PeerText::new(&node), reason = end, "delta ADS stream closed");
+        debug!(stream = self.id, node = ?PeerText::new(&node), reason = end, "delta ADS stream closed");
         lock(&self.streams).remove(&self.id);
     }
 

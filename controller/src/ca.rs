@@ -196,12 +196,12 @@ impl WorkloadCa {
             .authenticate(metadata)
             .await
             .inspect_err(|s| {
-                tracing::debug!(error = %PeerText::new(s.message()), "certificate request not authenticated");
+                tracing::debug!(error = ?PeerText::new(s.message()), "certificate request not authenticated");
             })?;
         self.check_cluster(metadata)?;
         self.sign_for(&caller, req).map_err(|e| {
             tracing::warn!(caller = %caller.identity, node = ?caller.node,
-                error = %PeerText::display(&e, zmesh_core::peer_text::PEER_ERROR_MAX),
+                error = ?PeerText::display(&e, zmesh_core::peer_text::PEER_ERROR_MAX),
                 "certificate request refused");
             e.status()
         })

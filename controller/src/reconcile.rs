@@ -228,7 +228,7 @@ impl Reconciler {
         for issue in &next.request_authn.issues {
             if !self.last.request_authn.issues.contains(issue) {
                 warn!(policy = %format!("{}/{}", issue.namespace, issue.name),
-                    issue = ?issue.message, "RequestAuthentication not applied as written");
+                    issue = issue.message.as_str(), "RequestAuthentication not applied as written");
             }
         }
         // Waypoint L7 policies: the name carries the waypoint, so a policy whose waypoint
@@ -249,19 +249,19 @@ impl Reconciler {
             let key = (ns.clone(), name.clone());
             if old_wp.placements.get(&key) != Some(place) && !place.messages.is_empty() {
                 warn!(policy = %format!("{ns}/{name}"), waypoints = ?place.waypoints,
-                    ztunnel = place.ztunnel, issues = ?place.messages.join("; "),
+                    ztunnel = place.ztunnel, issues = place.messages.join("; ").as_str(),
                     "AuthorizationPolicy (targetRefs) not enforced as written");
             }
         }
         for (route, why) in &next.routes.refused {
             if self.last.routes.refused.get(route) != Some(why) {
-                warn!(%route, reason = ?why,
+                warn!(%route, reason = why.as_str(),
                     "route refused whole: nothing of it is applied (see its status)");
             }
         }
         for (key, reason) in &next.waypoints.rejected {
             if self.last.waypoints.rejected.get(key) != Some(reason) {
-                warn!(gateway = %format!("{}/{}", key.0, key.1), reason = ?reason.message,
+                warn!(gateway = %format!("{}/{}", key.0, key.1), reason = reason.message.as_str(),
                     "Gateway of class istio-waypoint rejected; nothing is bound to it");
             }
         }
@@ -279,7 +279,7 @@ impl Reconciler {
         // status would (AUDIT/CUSTOM, L7-only rules narrowed, invalid values).
         for issue in next.issues.iter().filter(|i| !self.last.issues.contains(i)) {
             warn!(policy = %format!("{}/{}", issue.namespace, issue.name),
-                issue = ?issue.message, "AuthorizationPolicy not enforced as written");
+                issue = issue.message.as_str(), "AuthorizationPolicy not enforced as written");
         }
         self.last = next;
         self.translated = true;

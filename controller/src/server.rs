@@ -456,7 +456,7 @@ async fn serve_grpc(
             {
                 Ok(tls) => tls,
                 Err(e) => {
-                    debug!(?peer, error = %PeerText::display(&e, PEER_ERROR_MAX),
+                    debug!(?peer, error = ?PeerText::display(&e, PEER_ERROR_MAX),
                         "gRPC connection closed");
                     return;
                 }
@@ -480,7 +480,7 @@ async fn serve_grpc(
             .await
             {
                 // A GOAWAY's debug data (up to a frame, 1 MiB) is in the error.
-                debug!(?peer, error = %PeerText::display(&e, PEER_ERROR_MAX),
+                debug!(?peer, error = ?PeerText::display(&e, PEER_ERROR_MAX),
                     "gRPC connection closed");
             }
         });

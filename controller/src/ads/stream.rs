@@ -255,17 +255,17 @@ impl StreamState {
                 Some(status) => {
                     self.nacks += 1;
                     warn!(
-                        node = %PeerText::new(&node_id), type_url = %PeerText::new(&type_url),
-                        nonce = %PeerText::new(&req.response_nonce), known, code = status.code,
-                        message = %PeerText::with_limit(&status.message, NACK_MESSAGE_MAX),
+                        node = ?PeerText::new(&node_id), type_url = ?PeerText::new(&type_url),
+                        nonce = ?PeerText::new(&req.response_nonce), known, code = status.code,
+                        detail = ?PeerText::with_limit(&status.message, NACK_MESSAGE_MAX),
                         "proxy rejected (NACKed) an xDS response; it keeps its last good config"
                     );
                 }
-                None if known => debug!(node = %PeerText::new(&node_id),
-                    type_url = %PeerText::new(&type_url), "ACK"),
-                None => debug!(node = %PeerText::new(&node_id),
-                    type_url = %PeerText::new(&type_url),
-                    nonce = %PeerText::new(&req.response_nonce),
+                None if known => debug!(node = ?PeerText::new(&node_id),
+                    type_url = ?PeerText::new(&type_url), "ACK"),
+                None => debug!(node = ?PeerText::new(&node_id),
+                    type_url = ?PeerText::new(&type_url),
+                    nonce = ?PeerText::new(&req.response_nonce),
                     "ACK for an unknown or expired nonce"),
             }
         }
@@ -602,9 +602,22 @@ mod tests {
             2,
             "one line for the NACK, one for the ACK:\n{log}"
         );
-        assert!(lines[0].contains("rejected (NACKed)") && lines[0].contains("nodex\\n2026"));
+        assert!(
+            lines[0].contains("rejected (NACKed)") && lines[0].contains("node=\"nodex\\n2026"),
+            "{}",
+            &lines[0][..200]
+        );
         assert!(lines[0].len() < 2_000, "the NACK's message is bounded");
+        assert!(
+            lines[0].contains(" detail=\"bad"),
+            "quoted: {}",
+            &lines[0][..200]
+        );
         assert!(lines[0].contains("[truncated, 100"), "{}", &lines[0][..200]);
-        assert!(lines[1].contains("unknown or expired nonce") && lines[1].contains("noncex\\n"));
+        assert!(
+            lines[1].contains("unknown or expired nonce") && lines[1].contains("nonce=\"noncex\\n"),
+            "{}",
+            lines[1]
+        );
     }
 }

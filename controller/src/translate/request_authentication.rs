@@ -168,6 +168,11 @@ pub fn translate_request_authn(
             match serde_json::from_value(spec) {
                 Ok(s) => s,
                 Err(e) => {
+                    // serde names the tenant's unknown variant or field: escaped, bounded.
+                    let e = zmesh_core::peer_text::PeerText::display(
+                        &e,
+                        zmesh_core::peer_text::PEER_ERROR_MAX,
+                    );
                     out.issues.push(issue(format!("refused: spec: {e}")));
                     continue;
                 }

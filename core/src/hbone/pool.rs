@@ -426,12 +426,16 @@ impl Pool {
             tokio::select! {
                 r = &mut conn => {
                     if let Err(e) = r {
-                        // A GOAWAY's debug data (up to a frame, 1 MiB) is in the error.
-                        let error = crate::peer_text::PeerText::display(
-                            &e,
-                            crate::peer_text::PEER_ERROR_MAX,
+                        // A GOAWAY's debug data (up to a frame, 1 MiB) is in the error;
+                        // formatted only when debug lines are on.
+                        tracing::debug!(
+                            %peer,
+                            error = %crate::peer_text::PeerText::display(
+                                &e,
+                                crate::peer_text::PEER_ERROR_MAX,
+                            ),
+                            "HBONE connection ended"
                         );
-                        tracing::debug!(%peer, %error, "HBONE connection ended");
                     }
                 }
                 _ = alive => {
