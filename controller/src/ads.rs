@@ -49,8 +49,14 @@ pub use reply::Reply;
 pub use scope::waypoint_scope;
 pub use stream::{Filter, Node, StreamState, allow_all};
 
-/// Maximum gRPC message size, both directions (ztunnel uses the same limit).
+/// Maximum size of a delta xDS response (ztunnel decodes up to the same limit).
 pub const MAX_MESSAGE_SIZE: usize = 200 * 1024 * 1024;
+
+/// Maximum size of a delta xDS request. A request carries subscriptions and, on reconnect, the
+/// name and version of each resource the client has, some 80 bytes each: 16 MiB holds about
+/// 200,000. Any workload's token can open a stream, so this bounds what one request makes the
+/// controller buffer and decode (istiod's default is 4 MiB, `ISTIO_GPRC_MAXRECVMSGSIZE`).
+pub const MAX_REQUEST_SIZE: usize = 16 * 1024 * 1024;
 
 /// How long a new stream waits for a cache that is still loading before it is told to retry.
 const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -157,7 +163,7 @@ impl AdsServer {
         self
     }
 
-    /// The gRPC service with [`MAX_MESSAGE_SIZE`] limits, ready for `Server::serve` (or
+    /// The gRPC service with [`MAX_MESSAGE_SIZE`] and [`MAX_REQUEST_SIZE`], ready for `Server::serve` (or
     /// `Server::add_service` when tonic's `router` feature is enabled).
     pub fn into_service(self) -> AdsService {
         AdsService::new(self)
@@ -265,6 +271,13 @@ impl StreamDriver {
                         }
                     },
                     Ok(None) => break "client closed the stream",
+                    Err(status) if status.code() == tonic::Code::OutOfRange => {
+                        // A request over MAX_REQUEST_SIZE: the client is told, and so is the
+                        // operator (a legitimate client this large needs the limit raised).
+                        warn!(stream = self.id, %status, "delta ADS request refused: too large");
+                        let _ = tx.send(Err(status)).await;
+                        break "request too large";
+                    }
                     Err(status) => {
                         debug!(stream = self.id, %status, "delta ADS stream error");
                         break "stream error";

@@ -387,6 +387,41 @@ async fn request_without_type_url_closes_stream() -> Result<()> {
     Ok(())
 }
 
+/// A request over `MAX_REQUEST_SIZE` ends its stream with gRPC's limit error before the
+/// controller decodes it; one just under it, and other clients, are served.
+#[tokio::test]
+async fn a_request_over_the_size_limit_ends_its_stream_only() -> Result<()> {
+    use zmesh_controller::ads::MAX_REQUEST_SIZE;
+    let (_cache, server) = setup();
+    let addr = start(server).await?;
+    // Each name costs its bytes plus two of framing.
+    let request_of = |size: usize| {
+        let names = size / 1002 + 1;
+        vec!["n".repeat(1000); names]
+    };
+    let subscribe = |names: Vec<String>| DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_subscribe: names,
+        ..Default::default()
+    };
+    let mut big = Client::connect(addr, proto_node(NODE_ID, "n1")).await?;
+    big.send(subscribe(request_of(MAX_REQUEST_SIZE))).await?;
+    let err = big.recv().await.unwrap_err().to_string();
+    assert!(err.contains("too large"), "{err}");
+
+    let mut fits = Client::connect(addr, proto_node(NODE_ID, "n1")).await?;
+    let mut large = request_of(MAX_REQUEST_SIZE - 64 * 1024);
+    large.push("w1".into());
+    fits.send(subscribe(large)).await?;
+    let r = fits.recv().await?;
+    assert_eq!(names(&r), ["w1"], "the known name of the large request");
+
+    let mut other = Client::connect(addr, proto_node(NODE_ID, "n2")).await?;
+    other.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    assert_eq!(names(&other.recv().await?), ["w1", "w2"]);
+    Ok(())
+}
+
 // ---- property test of the state machine (no gRPC) ----
 
 fn arb_request() -> impl Strategy<Value = DeltaDiscoveryRequest> {

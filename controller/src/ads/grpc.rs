@@ -19,7 +19,7 @@ use tonic::{Code, Status};
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
 use super::reply::{Frames, Reply};
-use super::{AdsServer, MAX_MESSAGE_SIZE};
+use super::{AdsServer, MAX_MESSAGE_SIZE, MAX_REQUEST_SIZE};
 
 /// Full gRPC name of the service.
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
@@ -94,7 +94,7 @@ async fn delta(
     let mut codec =
         tonic_prost::ProstCodec::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>::default();
     let requests =
-        tonic::Streaming::new_request(codec.decoder(), body, None, Some(MAX_MESSAGE_SIZE));
+        tonic::Streaming::new_request(codec.decoder(), body, None, Some(MAX_REQUEST_SIZE));
     let request = tonic::Request::from_http(http::Request::from_parts(parts, requests));
     let replies = server.open(request).await?;
     let mut resp = http::Response::new(Body::new(StreamBody::new(frames(replies))));
