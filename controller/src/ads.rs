@@ -271,16 +271,20 @@ impl StreamDriver {
                         }
                     },
                     Ok(None) => break "client closed the stream",
-                    Err(status) if status.code() == tonic::Code::OutOfRange => {
-                        // A request over MAX_REQUEST_SIZE: the client is told, and so is the
-                        // operator (a legitimate client this large needs the limit raised).
-                        warn!(stream = self.id, %status, "delta ADS request refused: too large");
-                        let _ = tx.send(Err(status)).await;
-                        break "request too large";
-                    }
                     Err(status) => {
-                        debug!(stream = self.id, %status, "delta ADS stream error");
-                        break "stream error";
+                        let end = if status.code() == tonic::Code::OutOfRange {
+                            // A request over MAX_REQUEST_SIZE: the operator is told too (a
+                            // legitimate client this large needs the limit raised).
+                            warn!(stream = self.id, %status, "delta ADS request refused: too large");
+                            "request too large"
+                        } else {
+                            debug!(stream = self.id, %status, "delta ADS stream error");
+                            "stream error"
+                        };
+                        // The client learns why (a malformed request, one too large); one that
+                        // has gone does not mind.
+                        let _ = tx.send(Err(status)).await;
+                        break end;
                     }
                 },
                 change = changes.recv() => match change {

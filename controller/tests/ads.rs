@@ -394,9 +394,9 @@ async fn a_request_over_the_size_limit_ends_its_stream_only() -> Result<()> {
     use zmesh_controller::ads::MAX_REQUEST_SIZE;
     let (_cache, server) = setup();
     let addr = start(server).await?;
-    // Each name costs its bytes plus two of framing.
+    // Each name costs its bytes plus three of framing (a tag, a two-byte length).
     let request_of = |size: usize| {
-        let names = size / 1002 + 1;
+        let names = size / 1003 + 1;
         vec!["n".repeat(1000); names]
     };
     let subscribe = |names: Vec<String>| DeltaDiscoveryRequest {
