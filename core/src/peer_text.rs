@@ -72,11 +72,12 @@ impl PeerText {
                 f.write_char(c)?;
             }
         }
-        if quote {
-            f.write_char('"')?;
-        }
+        // Inside the quotes: a quoted field stays one token on a text line.
         if self.truncated() {
             write!(f, "...[truncated, {} bytes]", self.total)?;
+        }
+        if quote {
+            f.write_char('"')?;
         }
         Ok(())
     }
@@ -147,6 +148,11 @@ mod tests {
         assert_eq!(
             PeerText::display(&"0123456789", 4).to_string(),
             "0123...[truncated, 10 bytes]"
+        );
+        // Quoted, the marker is inside the quotes: one token on a text line.
+        assert_eq!(
+            format!("{:?}", PeerText::with_limit("ab\"cdef", 3)),
+            "\"ab\\\"...[truncated, 7 bytes]\""
         );
     }
 
