@@ -159,6 +159,17 @@ impl tonic::service::Interceptor for AuthHeaders {
     }
 }
 
+/// The longest NACK detail (`error_detail.message`) a client sends. A NACK names every refused
+/// resource with its reason, and the controller refuses requests over 16 MiB: past that, a
+/// client refusing a large push would reconnect and be refused again, for ever.
+pub const NACK_DETAIL_MAX: usize = 64 * 1024;
+
+/// A NACK's `error_detail.message`: the reasons, `; `-joined (as upstream ztunnel does), cut
+/// at [`NACK_DETAIL_MAX`] bytes with `...[truncated, N bytes]`.
+pub fn nack_detail(errors: &[String]) -> String {
+    crate::peer_text::bounded(&errors.join("; "), NACK_DETAIL_MAX).into_owned()
+}
+
 /// A gRPC status with the causes a transport error hides (TLS, refused, DNS), for logs.
 pub fn describe(s: &Status) -> String {
     let mut out = format!("{:?}: {}", s.code(), s.message());
@@ -236,6 +247,26 @@ mod tests {
         assert_eq!(
             AuthToken::from_env_value("literal-token"),
             AuthToken::Literal("literal-token".into())
+        );
+    }
+
+    #[test]
+    fn a_nack_detail_names_the_reasons_and_is_bounded() {
+        let few = vec![
+            "resource \"a\": bad".to_owned(),
+            "resource \"b\": worse".to_owned(),
+        ];
+        assert_eq!(
+            nack_detail(&few),
+            "resource \"a\": bad; resource \"b\": worse"
+        );
+        let many = vec!["x".repeat(1000); 200];
+        let detail = nack_detail(&many);
+        assert!(detail.len() < NACK_DETAIL_MAX + 40, "{}", detail.len());
+        assert!(
+            detail.ends_with("...[truncated, 200398 bytes]"),
+            "{}",
+            &detail[detail.len() - 60..]
         );
     }
 }

@@ -361,10 +361,11 @@ async fn stream(
                 .store(true, std::sync::atomic::Ordering::Release);
         }
         let error_detail = (!errors.is_empty()).then(|| {
-            tracing::warn!(type_url = %resp.type_url, errors = %errors.join("; "), "xDS: NACK");
+            let message = zmesh_core::grpc::nack_detail(&errors);
+            tracing::warn!(type_url = %resp.type_url, errors = %message, "xDS: NACK");
             RpcStatus {
                 code: tonic::Code::InvalidArgument as i32,
-                message: errors.join("; "),
+                message,
                 details: Vec::new(),
             }
         });

@@ -40,9 +40,10 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The NACK message: the reasons, `; `-joined (as upstream ztunnel does).
+    /// The NACK message: the reasons, `; `-joined (as upstream ztunnel does), bounded
+    /// ([`zmesh_core::grpc::nack_detail`]).
     pub fn nack_message(&self) -> Option<String> {
-        (!self.errors.is_empty()).then(|| self.errors.join("; "))
+        (!self.errors.is_empty()).then(|| zmesh_core::grpc::nack_detail(&self.errors))
     }
 }
 
