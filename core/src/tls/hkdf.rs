@@ -9,8 +9,9 @@
 //! rustls's own [`HkdfUsingHmac`] computes HKDF from an HMAC (its aws-lc-rs HPKE uses it):
 //! it extracts once, keys one HMAC with the result, and expands each label from that key.
 //! [`HmacHkdf`] uses it for all but the extraction, which it does itself so that the
-//! pseudorandom key lives only in rustls's zeroising `Tag` and `OkmBlock` (`HkdfUsingHmac`
-//! passes it through a `Vec` freed as it is).
+//! pseudorandom key is not copied into a heap `Vec` freed without zeroing, as `HkdfUsingHmac`
+//! does: it goes from aws-lc-rs's `hmac::Tag` (a `Copy` value on the stack, as with the stock
+//! suites) into rustls's zeroising `Tag` and `OkmBlock`.
 //! Given aws-lc-rs's `hmac::Key`, which holds the key's inner and outer hash states, each
 //! expansion of a 32-byte secret is then two SHA-256 blocks: the label and the outer hash.
 //! The outputs are the same bytes (RFC 5869 is one function); the tests hold them against
