@@ -183,7 +183,8 @@ impl RemoteCa {
         WorkloadCertificate::new(issued.chain, key_der, issued.roots).map_err(FetchError::Build)
     }
 
-    /// The CA's status, its message verbatim, plus the transport's cause and a hint.
+    /// The CA's status, its message (escaped and bounded: whatever answers on the CA's address
+    /// wrote it), plus the transport's cause and a hint.
     fn refused(&self, status: &tonic::Status) -> FetchError {
         let mut message = status.message().to_owned();
         let mut source = std::error::Error::source(status);
@@ -207,7 +208,11 @@ impl RemoteCa {
         FetchError::Refused {
             address: self.address.clone(),
             code: status.code(),
-            message,
+            message: zmesh_core::peer_text::PeerText::display(
+                &message,
+                zmesh_core::peer_text::PEER_ERROR_MAX,
+            )
+            .to_string(),
             hint,
         }
     }

@@ -20,6 +20,7 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+use zmesh_core::peer_text::{PEER_ERROR_MAX, PeerText};
 
 /// Istio's default JWKS refresh interval.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(20 * 60);
@@ -94,7 +95,11 @@ impl KeySet {
             }));
         }
         if !skipped.is_empty() {
-            tracing::debug!(skipped = %skipped.join("; "), "JWKS: keys skipped");
+            // The JWKS server's text (serde names an unknown value): escaped, bounded.
+            tracing::debug!(
+                skipped = %PeerText::display(&skipped.join("; "), PEER_ERROR_MAX),
+                "JWKS: keys skipped"
+            );
         }
         Ok(KeySet { keys })
     }
@@ -242,7 +247,10 @@ impl JwksCache {
                     remote.keys.store(Some(Arc::new(k)));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good set")
+                    tracing::warn!(
+                        error = %PeerText::display(&e, PEER_ERROR_MAX),
+                        "JWKS refresh failed; keeping the last good set"
+                    )
                 }
             }
         }

@@ -147,7 +147,14 @@ async fn keys_of(rule: &JwtRule, cache: &Arc<JwksCache>) -> Result<Arc<KeySet>, 
     match &rule.keys {
         Keys::Inline(k) => Ok(k.clone()),
         Keys::Remote { uri, timeout } => cache.keys(uri, *timeout).await.map_err(|e| {
-            tracing::warn!(rule = %rule.name, error = %e, "JWKS unavailable: token refused");
+            tracing::warn!(
+                rule = %rule.name,
+                error = %zmesh_core::peer_text::PeerText::display(
+                    &e,
+                    zmesh_core::peer_text::PEER_ERROR_MAX
+                ),
+                "JWKS unavailable: token refused"
+            );
             Failure::Jwks(e.to_string())
         }),
     }
