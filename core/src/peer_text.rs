@@ -31,12 +31,8 @@ impl PeerText {
 
     /// Keeps at most `max` bytes of `text` (cut at a character boundary).
     pub fn with_limit(text: &str, max: usize) -> Self {
-        let mut end = text.len().min(max);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
         PeerText {
-            kept: text[..end].to_owned(),
+            kept: cut(text, max).to_owned(),
             total: text.len(),
         }
     }
@@ -51,8 +47,36 @@ impl PeerText {
     }
 
     /// Bounds what `value` displays (an error whose message carries peer input) to `max` bytes.
+    /// Only those are kept as it is formatted; the rest is counted, not copied (an error can
+    /// carry a 1 MiB GOAWAY's debug data).
     pub fn display(value: &dyn fmt::Display, max: usize) -> Self {
-        Self::with_limit(&value.to_string(), max)
+        /// Keeps what fits in `max`, up to the first piece that does not; counts everything.
+        struct Keep {
+            text: PeerText,
+            max: usize,
+            full: bool,
+        }
+        impl fmt::Write for Keep {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                if !self.full {
+                    let part = cut(s, self.max - self.text.kept.len());
+                    self.text.kept.push_str(part);
+                    self.full = part.len() < s.len();
+                }
+                self.text.total += s.len();
+                Ok(())
+            }
+        }
+        let mut keep = Keep {
+            text: PeerText {
+                kept: String::new(),
+                total: 0,
+            },
+            max,
+            full: false,
+        };
+        let _ = fmt::write(&mut keep, format_args!("{value}"));
+        keep.text
     }
 
     /// Whether part of the text was cut.
@@ -74,7 +98,7 @@ impl PeerText {
         }
         // Inside the quotes: a quoted field stays one token on a text line.
         if self.truncated() {
-            write!(f, "...[truncated, {} bytes]", self.total)?;
+            write!(f, "{}", Truncated(self.total))?;
         }
         if quote {
             f.write_char('"')?;
@@ -90,15 +114,25 @@ pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return std::borrow::Cow::Borrowed(text);
     }
-    let mut end = max;
+    std::borrow::Cow::Owned(format!("{}{}", cut(text, max), Truncated(text.len())))
+}
+
+/// The longest start of `text` of at most `max` bytes that ends at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    std::borrow::Cow::Owned(format!(
-        "{}...[truncated, {} bytes]",
-        &text[..end],
-        text.len()
-    ))
+    &text[..end]
+}
+
+/// The marker after cut text: how long the whole was.
+struct Truncated(usize);
+
+impl fmt::Display for Truncated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "...[truncated, {} bytes]", self.0)
+    }
 }
 
 impl fmt::Display for PeerText {
@@ -149,6 +183,15 @@ mod tests {
             PeerText::display(&"0123456789", 4).to_string(),
             "0123...[truncated, 10 bytes]"
         );
+        // Formatted in pieces, it keeps what the whole text cut once would keep.
+        let pieces = format_args!("{}{}{}", "ab", "é", "cd");
+        for max in 0..8 {
+            assert_eq!(
+                PeerText::display(&pieces, max),
+                PeerText::with_limit("abécd", max),
+                "{max}"
+            );
+        }
         // Quoted, the marker is inside the quotes: one token on a text line.
         assert_eq!(
             format!("{:?}", PeerText::with_limit("ab\"cdef", 3)),
