@@ -84,9 +84,10 @@ const BAGGAGE_VALUE_MAX: usize = 253;
 /// upstream writes it; so kept, it can neither add fields to the access-log line nor make
 /// metric series without bound.
 pub fn grpc_status_label(v: &http::HeaderValue) -> Option<String> {
-    let b = v.as_bytes();
-    (!b.is_empty() && b.len() <= 3 && b.iter().all(u8::is_ascii_digit))
-        .then(|| String::from_utf8_lossy(b).into_owned())
+    v.to_str()
+        .ok()
+        .filter(|s| (1..=3).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()))
+        .map(str::to_owned)
 }
 
 impl RequestLabels {
