@@ -555,23 +555,12 @@ mod tests {
     /// line of its own in the controller's log, or make one megabytes long.
     #[test]
     fn a_clients_text_cannot_forge_a_log_line() {
-        #[derive(Clone, Default)]
-        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Captured {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let out = Captured::default();
-        let writer = out.clone();
+        // tracing-subscriber writes to a `File` as it is; the lines are read back from it.
+        let mut out = tempfile::tempfile().unwrap();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || writer.clone())
+            .with_writer(out.try_clone().unwrap())
             .finish();
         let forged = "x\n2026-01-01T00:00:00Z  INFO forged\r\n";
         let c = cache();
@@ -595,7 +584,9 @@ mod tests {
             ack.response_nonce = format!("nonce{forged}");
             st.handle_request(ack, &c).unwrap();
         });
-        let log = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let mut log = String::new();
+        std::io::Seek::rewind(&mut out).unwrap();
+        std::io::Read::read_to_string(&mut out, &mut log).unwrap();
         let lines: Vec<&str> = log.lines().collect();
         assert_eq!(
             lines.len(),
