@@ -17,9 +17,6 @@ use crate::bound::{Binding, BoundPort, BoundService};
 /// Largest compiled regex accepted (bytes of the regex crate's program).
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
-/// How much of the regex crate's error a refusal keeps (it quotes the pattern again, marked).
-const REGEX_ERROR_MAX: usize = 1024;
-
 struct Ctx<'a> {
     resource: &'a str,
     at: String,
@@ -40,7 +37,10 @@ impl Ctx<'_> {
             .build()
             .map_err(|e| {
                 // regex's message spans lines and repeats the pattern: kept on one line.
-                let e = zmesh_core::peer_text::PeerText::display(&e, REGEX_ERROR_MAX);
+                let e = zmesh_core::peer_text::PeerText::display(
+                    &e,
+                    zmesh_core::peer_text::PEER_ERROR_MAX,
+                );
                 self.err(field, format!("bad regular expression {re:?}: {e}"))
             })
     }

@@ -17,9 +17,6 @@ use super::{
 /// Redirect status codes Gateway API allows.
 const REDIRECT_CODES: [i32; 5] = [301, 302, 303, 307, 308];
 
-/// How much of the regex crate's error a refusal keeps (it quotes the pattern again, marked).
-const REGEX_ERROR_MAX: usize = 1024;
-
 /// The compiled matches of one HTTPRoute rule (`PathPrefix /` when it has none).
 pub(super) fn http_matches(at: &str, matches: Option<&[HttpMatch]>) -> Result<Vec<Match>, String> {
     let default = [HttpMatch::default()];
@@ -151,7 +148,7 @@ fn value_kind(at: &str, kind: Option<&str>) -> Result<ValueKind, String> {
 fn check_regex(at: &str, pattern: &str) -> Result<(), String> {
     regex::Regex::new(pattern).map(drop).map_err(|e| {
         // regex's message spans lines and repeats the pattern: kept on one line.
-        let e = zmesh_core::peer_text::PeerText::display(&e, REGEX_ERROR_MAX);
+        let e = zmesh_core::peer_text::PeerText::display(&e, zmesh_core::peer_text::PEER_ERROR_MAX);
         format!("{at}: {pattern:?} is not a valid regular expression: {e}")
     })
 }
