@@ -32,6 +32,7 @@ pub mod scope;
 pub mod stream;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,6 +65,11 @@ const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How many responses may be queued for a slow client before the stream stops reading.
 const RESPONSE_QUEUE: usize = 16;
 
+/// Delta ADS streams open at once from one client address, unless
+/// [`AdsServer::with_max_streams_per_peer`] says otherwise (the controller sets it to its
+/// connections per peer: a proxy holds one stream per connection).
+pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 64;
+
 /// Errors of the ADS server and its cache.
 #[derive(Debug, thiserror::Error)]
 pub enum AdsError {
@@ -75,6 +81,40 @@ pub enum AdsError {
     MissingTypeUrl {
         /// Node id of the client (empty if it never sent one).
         node: String,
+    },
+    /// A stream asked about more resource types than [`stream::MAX_TYPES_PER_STREAM`].
+    #[error(
+        "delta xDS stream of node {node:?} asked about more than {max} resource types; the \
+         controller serves six, so the client is not a mesh proxy or is broken"
+    )]
+    TooManyTypes {
+        /// Node id of the client (empty if it never sent one).
+        node: String,
+        /// The limit.
+        max: usize,
+    },
+    /// A stream's subscriptions by name grew past [`stream::MAX_SUBSCRIBED_BYTES`].
+    #[error(
+        "delta xDS stream of node {node:?} subscribed to {bytes} bytes of resource names by \
+         name, more than the {max} one stream may hold; subscribe to the wildcard (`*`) instead"
+    )]
+    SubscriptionsTooLarge {
+        /// Node id of the client (empty if it never sent one).
+        node: String,
+        /// What its names cost.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A `node` field longer than [`stream::MAX_NODE_FIELD`].
+    #[error("delta xDS request's {field} is {len} bytes long; at most {max} are accepted")]
+    NodeFieldTooLong {
+        /// Which field (`node.id`, `node.cluster` or a metadata key).
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
     },
     /// A resource given to [`Cache::apply`] under the wrong type URL (a controller bug).
     #[error(
@@ -89,6 +129,22 @@ pub enum AdsError {
         /// The `Any.type_url` of the resource.
         found: String,
     },
+}
+
+impl AdsError {
+    /// The gRPC status a stream ends with for this error: `RESOURCE_EXHAUSTED` for a limit,
+    /// `INVALID_ARGUMENT` for a malformed request.
+    pub fn status(&self) -> Status {
+        let message = self.to_string();
+        match self {
+            AdsError::TooManyTypes { .. } | AdsError::SubscriptionsTooLarge { .. } => {
+                Status::resource_exhausted(message)
+            }
+            AdsError::NodeFieldTooLong { .. }
+            | AdsError::MissingTypeUrl { .. }
+            | AdsError::TypeMismatch { .. } => Status::invalid_argument(message),
+        }
+    }
 }
 
 /// Live facts about one connected stream (for tests, metrics and debugging).
@@ -124,6 +180,7 @@ pub struct AdsServer {
     auth: Option<StreamAuth>,
     streams: Registry,
     next_id: Arc<AtomicU64>,
+    peers: PeerStreams,
 }
 
 impl std::fmt::Debug for AdsServer {
@@ -144,7 +201,20 @@ impl AdsServer {
             streams: Arc::default(),
             // Random start so nonces differ across controller restarts.
             next_id: Arc::new(AtomicU64::new(rand::random::<u32>() as u64)),
+            peers: PeerStreams {
+                open: Arc::default(),
+                max: DEFAULT_MAX_STREAMS_PER_PEER,
+            },
         }
+    }
+
+    /// Caps the delta streams open at once from one client IP address; a stream past it is
+    /// refused with `RESOURCE_EXHAUSTED`. Each stream holds its subscriptions (bounded, see
+    /// [`stream::MAX_SUBSCRIBED_BYTES`]) and what it was sent, so this bounds what one address
+    /// can make the controller hold.
+    pub fn with_max_streams_per_peer(mut self, max: usize) -> Self {
+        self.peers.max = max;
+        self
     }
 
     /// Replaces the per-node resource filter (applies to streams opened afterwards).
@@ -205,6 +275,12 @@ impl AdsServer {
                 warn!(?peer, reason = ?PeerText::new(status.message()), "delta ADS stream refused");
             })?);
         }
+        let slot = match peer {
+            Some(addr) => Some(self.peers.take(addr.ip()).inspect_err(|status| {
+                warn!(?peer, reason = status.message(), "delta ADS stream refused");
+            })?),
+            None => None,
+        };
         if !self.cache.ready(READY_WAIT).await {
             return Err(Status::unavailable(
                 "the controller has not loaded the cluster state yet; retry shortly",
@@ -230,10 +306,55 @@ impl AdsServer {
             state,
             cache: self.cache.clone(),
             streams: self.streams.clone(),
+            _slot: slot,
         };
         debug!(stream = id, ?peer, "delta ADS stream opened");
         tokio::spawn(driver.run(requests, changes, tx));
         Ok(rx)
+    }
+}
+
+/// The delta streams open per client IP address, and how many one address may have.
+#[derive(Clone)]
+struct PeerStreams {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max: usize,
+}
+
+impl PeerStreams {
+    /// A slot for one more stream from `ip`, given back when dropped.
+    fn take(&self, ip: IpAddr) -> Result<PeerSlot, Status> {
+        let mut open = lock(&self.open);
+        let n = open.entry(ip).or_default();
+        if *n >= self.max {
+            return Err(Status::resource_exhausted(format!(
+                "{ip} already has {n} delta xDS streams open, the most one address may; close \
+                 one first"
+            )));
+        }
+        *n += 1;
+        Ok(PeerSlot {
+            open: self.open.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open stream's place in [`PeerStreams`].
+struct PeerSlot {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.open);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -243,6 +364,8 @@ struct StreamDriver {
     state: StreamState,
     cache: Cache,
     streams: Registry,
+    /// Held while the stream runs.
+    _slot: Option<PeerSlot>,
 }
 
 type Tx = mpsc::Sender<Result<Reply, Status>>;
@@ -266,7 +389,7 @@ impl StreamDriver {
                         }
                         Err(e) => {
                             warn!(stream = self.id, "closing delta ADS stream: {}", PeerText::display(&e, zmesh_core::peer_text::PEER_ERROR_MAX));
-                            let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                            let _ = tx.send(Err(e.status())).await;
                             break "invalid request";
                         }
                     },

@@ -88,7 +88,8 @@ struct Args {
     /// Connections the gRPC port holds at once.
     #[arg(long, default_value_t = ControllerLimits::default().grpc.max_connections)]
     max_connections: usize,
-    /// Connections the gRPC port holds at once from one address.
+    /// Connections the gRPC port holds at once from one address; also the delta xDS streams
+    /// one address may have open (a proxy holds one per connection).
     #[arg(long, default_value_t = ControllerLimits::default().grpc.max_connections_per_peer)]
     max_connections_per_peer: usize,
     /// Time a client has for the TLS handshake and its first HTTP/2 bytes (gRPC port), or for

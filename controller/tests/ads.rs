@@ -361,7 +361,6 @@ async fn filter_sees_node_and_hides_resources() -> Result<()> {
         .find(|n| n.node_name.as_deref() == Some("node-b"))
         .expect("filter saw node-b");
     assert_eq!(b_node.id, "ztunnel~10.0.0.2~b.ns~ns.svc");
-    assert!(b_node.metadata.fields.contains_key("NODE_NAME"));
     Ok(())
 }
 
@@ -409,16 +408,103 @@ async fn a_request_over_the_size_limit_ends_its_stream_only() -> Result<()> {
     let err = big.recv().await.unwrap_err().to_string();
     assert!(err.contains("too large"), "{err}");
 
+    // Just under the limit, in names the stream does not keep (it unsubscribes them): what a
+    // stream keeps has a limit of its own (the next test).
     let mut fits = Client::connect(addr, proto_node(NODE_ID, "n1")).await?;
-    let mut large = request_of(MAX_REQUEST_SIZE - 64 * 1024);
-    large.push("w1".into());
-    fits.send(subscribe(large)).await?;
+    fits.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_subscribe: vec!["w1".into()],
+        resource_names_unsubscribe: request_of(MAX_REQUEST_SIZE - 64 * 1024),
+        ..Default::default()
+    })
+    .await?;
     let r = fits.recv().await?;
     assert_eq!(names(&r), ["w1"], "the known name of the large request");
 
     let mut other = Client::connect(addr, proto_node(NODE_ID, "n2")).await?;
     other.subscribe(ADDRESS_TYPE_URL, &[]).await?;
     assert_eq!(names(&other.recv().await?), ["w1", "w2"]);
+    Ok(())
+}
+
+/// A stream's subscriptions by name stop at `MAX_SUBSCRIBED_BYTES`: the stream that goes past
+/// it ends with RESOURCE_EXHAUSTED, saying what to do instead; other streams are served.
+#[tokio::test]
+async fn subscriptions_by_name_past_the_limit_end_their_stream_only() -> Result<()> {
+    use zmesh_controller::ads::stream::MAX_SUBSCRIBED_BYTES;
+    let (_cache, server) = setup();
+    let addr = start(server).await?;
+    let mut greedy = Client::connect(addr, proto_node(NODE_ID, "n1")).await?;
+    // Names of 1,000 bytes, at most 100 more each as the server counts them: four requests
+    // hold 4/4.5 of the limit, the fifth goes past it.
+    let per_request = MAX_SUBSCRIBED_BYTES * 2 / 9 / 1050;
+    let mut ended = None;
+    for round in 0..6 {
+        let names = (0..per_request)
+            .map(|i| format!("{round}-{i:06}-{}", "n".repeat(991)))
+            .collect();
+        greedy
+            .send(DeltaDiscoveryRequest {
+                type_url: ADDRESS_TYPE_URL.into(),
+                resource_names_subscribe: names,
+                ..Default::default()
+            })
+            .await?;
+        if let Err(e) = greedy.recv().await {
+            ended = Some((round, e.to_string()));
+            break;
+        }
+    }
+    let (round, err) = ended.expect("the stream ended");
+    assert_eq!(
+        round, 4,
+        "ended on the request that went past the limit: {err}"
+    );
+    assert!(err.contains("Some resource has been exhausted"), "{err}");
+    assert!(err.contains("subscribe to the wildcard"), "{err}");
+
+    let mut other = Client::connect(addr, proto_node(NODE_ID, "n2")).await?;
+    other.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    assert_eq!(names(&other.recv().await?), ["w1", "w2"]);
+    Ok(())
+}
+
+/// Streams from one address stop at the server's cap; closing one makes room for another.
+#[tokio::test]
+async fn streams_per_address_are_capped() -> Result<()> {
+    let (_cache, server) = setup();
+    let addr = start(server.with_max_streams_per_peer(2)).await?;
+    let mut open = Vec::new();
+    for n in ["n1", "n2"] {
+        let mut c = Client::connect(addr, proto_node(NODE_ID, n)).await?;
+        c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+        assert_eq!(names(&c.recv().await?), ["w1", "w2"]);
+        open.push(c);
+    }
+    let err = match Client::connect(addr, proto_node(NODE_ID, "n3")).await {
+        Ok(_) => bail!("a third stream from 127.0.0.1 was opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("already has 2 delta xDS streams open"),
+        "{err}"
+    );
+
+    drop(open.pop());
+    // The closed stream's task gives its place back once it sees the end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut c = loop {
+        match Client::connect(addr, proto_node(NODE_ID, "n3")).await {
+            Ok(c) => break c,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("already has 2"), "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    assert_eq!(names(&c.recv().await?), ["w1", "w2"]);
     Ok(())
 }
 

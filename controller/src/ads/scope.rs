@@ -81,7 +81,6 @@ mod tests {
             node_name: None,
             namespace: None,
             cluster_id: None,
-            metadata: Default::default(),
             identity: identity.map(|i| i.parse().unwrap()),
         }
     }

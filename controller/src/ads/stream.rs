@@ -22,6 +22,13 @@
 //!   a name that the wildcard still covers changes nothing.
 //! - Every response has a fresh nonce; `system_version_info` (debugging only) is the cache's
 //!   generation counter.
+//!
+//! What one stream makes the controller hold is bounded, since any workload's token opens
+//! one: at most [`MAX_TYPES_PER_STREAM`] types, [`MAX_SUBSCRIBED_BYTES`] of names subscribed to
+//! by name, node fields of [`MAX_NODE_FIELD`] bytes (the rest of the node's metadata is not
+//! kept). What the client has is bounded by the cache: names that do not exist are dropped
+//! once reported removed. A stream past a
+//! limit ends with the error saying which (`AdsError::status`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -49,6 +56,25 @@ pub const WILDCARD: &str = "*";
 /// them is then treated as stale).
 const MAX_PENDING_NONCES: usize = 64;
 
+/// Resource types one stream may ask about. The controller serves six; each type a client
+/// names holds state for the stream's life, so a stream naming more is refused.
+pub const MAX_TYPES_PER_STREAM: usize = 16;
+
+/// What the names a stream subscribed to by name may hold, summed over its types: each name's
+/// bytes plus [`NAME_OVERHEAD`]. About 50,000 names of the `network/IP` form that upstream
+/// ztunnel's on-demand mode subscribes to; zmesh's proxies subscribe to the wildcard. A stream
+/// past it is refused, so one client cannot make the controller hold names without bound.
+pub const MAX_SUBSCRIBED_BYTES: usize = 4 * 1024 * 1024;
+
+/// What each subscribed name costs besides its bytes: its `Arc` (two counters) and its slot
+/// in the type's set.
+const NAME_OVERHEAD: usize = 48;
+
+/// The longest `node.id`, `node.cluster` or kept metadata value a stream may send. Istio's
+/// node ids are some 100 to 200 bytes (`ztunnel~IP~pod.namespace~domain`); Kubernetes names
+/// are at most 253.
+pub const MAX_NODE_FIELD: usize = 1024;
+
 /// Decides whether `node` may see resource `name` of `type_url`: `(node, type_url, name, resource)`.
 pub type Filter = Arc<dyn Fn(&Node, &str, &str, &Any) -> bool + Send + Sync>;
 
@@ -70,30 +96,41 @@ pub struct Node {
     pub namespace: Option<String>,
     /// Metadata `CLUSTER_ID`, if present.
     pub cluster_id: Option<String>,
-    /// The whole metadata Struct (may be empty).
-    pub metadata: prost_types::Struct,
     /// The identity the stream's credentials authenticated (set by the server, never read from
     /// the request); `None` when the server authenticates no one.
     pub identity: Option<SpiffeId>,
 }
 
 impl Node {
-    /// Reads the identity out of a protobuf `Node`.
-    pub fn from_proto(node: &core::Node) -> Self {
-        let metadata = node.metadata.clone().unwrap_or_default();
-        let string = |key: &str| match metadata.fields.get(key)?.kind.as_ref()? {
-            prost_types::value::Kind::StringValue(s) => Some(s.clone()),
-            _ => None,
+    /// Reads the identity out of a protobuf `Node`: its id, cluster and the metadata values
+    /// `NODE_NAME`, `NAMESPACE` and `CLUSTER_ID` (the rest of the metadata is not kept). A
+    /// field longer than [`MAX_NODE_FIELD`] is refused, naming it.
+    pub fn from_proto(node: &core::Node) -> Result<Self, AdsError> {
+        let checked = |field: &'static str, value: &str| {
+            if value.len() > MAX_NODE_FIELD {
+                return Err(AdsError::NodeFieldTooLong {
+                    field,
+                    len: value.len(),
+                    max: MAX_NODE_FIELD,
+                });
+            }
+            Ok(value.to_owned())
         };
-        Self {
-            id: node.id.clone(),
-            cluster: node.cluster.clone(),
-            node_name: string("NODE_NAME"),
-            namespace: string("NAMESPACE"),
-            cluster_id: string("CLUSTER_ID"),
-            metadata,
+        let string = |key: &'static str| {
+            let value = node.metadata.as_ref()?.fields.get(key)?;
+            match value.kind.as_ref()? {
+                prost_types::value::Kind::StringValue(s) => Some(checked(key, s)),
+                _ => None,
+            }
+        };
+        Ok(Self {
+            id: checked("node.id", &node.id)?,
+            cluster: checked("node.cluster", &node.cluster)?,
+            node_name: string("NODE_NAME").transpose()?,
+            namespace: string("NAMESPACE").transpose()?,
+            cluster_id: string("CLUSTER_ID").transpose()?,
             identity: None,
-        }
+        })
     }
 }
 
@@ -163,6 +200,9 @@ pub struct StreamState {
     stream_id: u64,
     next_nonce: u64,
     nacks: u64,
+    /// What the names subscribed to by name cost, summed over types (see
+    /// [`MAX_SUBSCRIBED_BYTES`]).
+    subscribed_bytes: usize,
 }
 
 impl std::fmt::Debug for StreamState {
@@ -172,6 +212,7 @@ impl std::fmt::Debug for StreamState {
             .field("types", &self.types)
             .field("stream_id", &self.stream_id)
             .field("nacks", &self.nacks)
+            .field("subscribed_bytes", &self.subscribed_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +228,7 @@ impl StreamState {
             stream_id,
             next_nonce: 0,
             nacks: 0,
+            subscribed_bytes: 0,
         }
     }
 
@@ -230,7 +272,7 @@ impl StreamState {
         {
             self.node = Some(Node {
                 identity: self.peer.clone(),
-                ..Node::from_proto(n)
+                ..Node::from_proto(n)?
             });
         }
         if req.type_url.is_empty() {
@@ -240,6 +282,12 @@ impl StreamState {
         }
         let type_url = req.type_url;
         let first = !self.types.contains_key(&type_url);
+        if first && self.types.len() >= MAX_TYPES_PER_STREAM {
+            return Err(AdsError::TooManyTypes {
+                node: self.node_id().to_owned(),
+                max: MAX_TYPES_PER_STREAM,
+            });
+        }
         let node_id = self.node_id().to_owned();
         let ts = self.types.entry(type_url.clone()).or_default();
 
@@ -293,7 +341,12 @@ impl StreamState {
                 continue;
             }
             let name: Arc<str> = Arc::from(name);
-            if ts.names.insert(name.clone()) || first {
+            let cost = name.len() + NAME_OVERHEAD;
+            let added = ts.names.insert(name.clone());
+            if added {
+                self.subscribed_bytes += cost;
+            }
+            if added || first {
                 newly_named.insert(name.clone());
                 candidates.names.push(name);
             }
@@ -308,13 +361,24 @@ impl StreamState {
                 let names = &ts.names;
                 ts.has.retain(|n, _| names.contains(n));
             } else {
-                ts.names.remove(name.as_str());
+                if ts.names.remove(name.as_str()) {
+                    self.subscribed_bytes -= name.len() + NAME_OVERHEAD;
+                }
                 newly_named.remove(name.as_str());
                 if !ts.wildcard {
                     ts.has.remove(name.as_str());
                 }
                 candidates.dropped.insert(Arc::from(name));
             }
+        }
+
+        // Unsubscriptions count first: a client may move its names in one request.
+        if self.subscribed_bytes > MAX_SUBSCRIBED_BYTES {
+            return Err(AdsError::SubscriptionsTooLarge {
+                node: node_id,
+                bytes: self.subscribed_bytes,
+                max: MAX_SUBSCRIBED_BYTES,
+            });
         }
 
         // On the first request, `initial_resource_versions` says what the client really has,
@@ -529,6 +593,110 @@ mod tests {
         assert!(st.handle_request(req(&[], &["a"]), &c).unwrap().is_none());
         let resp = st.handle_request(req(&["a"], &[]), &c).unwrap().unwrap();
         assert_eq!(names(&resp), ["a"], "newly requested names are resent");
+    }
+
+    /// A stream may name `MAX_TYPES_PER_STREAM` types; asking about one more ends it with an
+    /// error that says so, while the types it has keep being served until then.
+    #[test]
+    fn a_stream_names_a_bounded_number_of_types() {
+        let c = cache();
+        let mut st = StreamState::new(1, allow_all());
+        for i in 0..MAX_TYPES_PER_STREAM {
+            let mut r = req(&[], &[]);
+            r.type_url = format!("type.googleapis.com/test.T{i}");
+            assert!(
+                st.handle_request(r, &c).unwrap().is_some(),
+                "type {i} answered"
+            );
+        }
+        let mut again = req(&[], &[]);
+        again.type_url = "type.googleapis.com/test.T0".into();
+        assert!(
+            st.handle_request(again, &c).is_ok(),
+            "a type it has is not a new one"
+        );
+        let err = st.handle_request(req(&[], &[]), &c).unwrap_err();
+        assert!(
+            matches!(err, AdsError::TooManyTypes { max: 16, .. }),
+            "{err}"
+        );
+        assert_eq!(err.status().code(), tonic::Code::ResourceExhausted);
+    }
+
+    /// Names subscribed to by name count against `MAX_SUBSCRIBED_BYTES` until unsubscribed; a
+    /// name subscribed twice counts once.
+    #[test]
+    fn subscriptions_by_name_are_counted_until_unsubscribed() {
+        let c = cache();
+        let mut st = StreamState::new(1, allow_all());
+        let name = |i: usize| format!("{i:08}{}", "x".repeat(1016));
+        let fill = MAX_SUBSCRIBED_BYTES / (1024 + NAME_OVERHEAD);
+        let batch: Vec<String> = (0..fill).map(name).collect();
+        let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+        st.handle_request(req(&refs, &[]), &c).unwrap();
+        st.handle_request(req(&refs[..10], &[]), &c).unwrap();
+        assert_eq!(st.subscribed_bytes, fill * (1024 + NAME_OVERHEAD));
+        // Moving ten names in one request stays within the limit.
+        let moved: Vec<String> = (fill..fill + 10).map(name).collect();
+        let moved: Vec<&str> = moved.iter().map(String::as_str).collect();
+        st.handle_request(req(&moved, &refs[..10]), &c).unwrap();
+        assert_eq!(st.subscribed_bytes, fill * (1024 + NAME_OVERHEAD));
+        let one_more = name(fill + 10);
+        let err = st.handle_request(req(&[&one_more], &[]), &c).unwrap_err();
+        assert!(
+            matches!(err, AdsError::SubscriptionsTooLarge { .. }),
+            "{err}"
+        );
+        assert_eq!(err.status().code(), tonic::Code::ResourceExhausted);
+        assert!(
+            err.to_string().contains("wildcard"),
+            "says what to do: {err}"
+        );
+    }
+
+    /// The node's id, cluster and kept metadata values are bounded; the rest of the metadata
+    /// is not kept.
+    #[test]
+    fn node_fields_are_bounded() {
+        use prost_types::{Struct, Value, value::Kind};
+        let node = |id: &str, node_name: &str| core::Node {
+            id: id.into(),
+            metadata: Some(Struct {
+                fields: [
+                    ("NODE_NAME", node_name),
+                    ("OTHER", &*"o".repeat(MAX_NODE_FIELD * 4)),
+                ]
+                .into_iter()
+                .map(|(k, v)| {
+                    let kind = Some(Kind::StringValue(v.into()));
+                    (k.to_owned(), Value { kind })
+                })
+                .collect(),
+            }),
+            ..Default::default()
+        };
+        let at_limit = "n".repeat(MAX_NODE_FIELD);
+        let n = Node::from_proto(&node(&at_limit, &at_limit)).unwrap();
+        assert_eq!(
+            (n.id.len(), n.node_name.unwrap().len()),
+            (MAX_NODE_FIELD, MAX_NODE_FIELD)
+        );
+        let over = "n".repeat(MAX_NODE_FIELD + 1);
+        for (n, field) in [
+            (node(&over, "a"), "node.id"),
+            (node("a", &over), "NODE_NAME"),
+        ] {
+            let err = Node::from_proto(&n).unwrap_err();
+            assert!(
+                matches!(err, AdsError::NodeFieldTooLong { field: f, .. } if f == field),
+                "{err}"
+            );
+            let mut st = StreamState::new(1, allow_all());
+            let mut r = req(&[], &[]);
+            r.node = Some(n);
+            let err = st.handle_request(r, &cache()).unwrap_err();
+            assert_eq!(err.status().code(), tonic::Code::InvalidArgument, "{err}");
+        }
     }
 
     #[test]
