@@ -27,7 +27,7 @@
 //! one: at most [`MAX_TYPES_PER_STREAM`] types, [`MAX_SUBSCRIBED_BYTES`] of names subscribed to
 //! by name, node fields of [`MAX_NODE_FIELD`] bytes (the rest of the node's metadata is not
 //! kept). What the client has is bounded by the cache: names that do not exist are dropped
-//! once reported removed. A stream past a
+//! once reported removed, and the others are keyed by the cache's own names. A stream past a
 //! limit ends with the error saying which (`AdsError::status`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -386,6 +386,17 @@ impl StreamState {
         let nothing = BTreeSet::new();
         let force = if first { &nothing } else { &newly_named };
         let candidates = candidates.resolve(cache, &type_url);
+        if first {
+            // What the client has is keyed by the cache's names, not by copies of its own
+            // (a reconnecting client names every resource it has).
+            for (name, entry) in &candidates {
+                if let Some(entry) = entry
+                    && let Some(version) = ts.has.remove(name)
+                {
+                    ts.has.insert(entry.name.clone(), version);
+                }
+            }
+        }
         let resp = self.diff(&type_url, candidates, &newly_named, force, cache);
         if resp.is_none() && first {
             return Ok(Some(self.response(
@@ -590,6 +601,11 @@ mod tests {
         r.initial_resource_versions = HashMap::from([("a".to_string(), va)]);
         let resp = st.handle_request(r, &c).unwrap().unwrap();
         assert!(resp.resources.is_empty(), "client already has a");
+        let (kept, _) = st.types[T].has.get_key_value("a").unwrap();
+        assert!(
+            Arc::ptr_eq(kept, &c.get(T, "a").unwrap().name),
+            "the cache's name is kept"
+        );
         assert!(st.handle_request(req(&[], &["a"]), &c).unwrap().is_none());
         let resp = st.handle_request(req(&["a"], &[]), &c).unwrap().unwrap();
         assert_eq!(names(&resp), ["a"], "newly requested names are resent");
