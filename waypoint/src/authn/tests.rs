@@ -471,3 +471,50 @@ async fn a_grpc_refusal_is_unauthenticated_in_grpc_terms() {
         "{text}"
     );
 }
+
+/// A header a rule writes (`outputClaimToHeaders`, `outputPayloadToHeader`) never carries the
+/// client's own value: it is removed when no token comes, when the token lacks the claim, and
+/// replaced when the token has it (Envoy's jwt_authn sanitizes them, istio/istio#53212).
+#[tokio::test]
+async fn headers_the_rules_write_never_carry_the_clients_value() {
+    let s = Signer::new("k1");
+    let mut r = rule(&jwks(&[&s]));
+    r.output_payload_to_header = "x-jwt-payload".into();
+    r.output_claim_to_headers = vec![
+        pb::ClaimToHeader {
+            header: "x-role".into(),
+            claim: "role".into(),
+        },
+        pb::ClaimToHeader {
+            header: "x-sub".into(),
+            claim: "sub".into(),
+        },
+    ];
+    let a = authn(vec![r]);
+    let forged = [
+        ("x-role", "admin"),
+        ("x-jwt-payload", "forged"),
+        ("x-sub", "forged"),
+    ];
+    let get = |p: &http::request::Parts, h: &str| {
+        p.headers.get(h).map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    let mut p = parts("/", &forged);
+    assert!(run(&a, &mut p).await.unwrap().is_none(), "no token");
+    for (h, _) in forged {
+        assert_eq!(get(&p, h), None, "{h} without a token");
+    }
+
+    let bearer = format!("Bearer {}", s.sign(&claims()));
+    let mut with_token = forged.to_vec();
+    with_token.push(("authorization", bearer.as_str()));
+    let mut p = parts("/", &with_token);
+    assert!(run(&a, &mut p).await.unwrap().is_some(), "a valid token");
+    assert_eq!(get(&p, "x-role"), None, "the token has no role claim");
+    let sub = claims()["sub"].as_str().unwrap().to_owned();
+    assert_eq!(get(&p, "x-sub"), Some(sub), "the token's sub");
+    let payload = get(&p, "x-jwt-payload").unwrap();
+    assert_ne!(payload, "forged");
+    assert_eq!(p.headers.get_all("x-jwt-payload").iter().count(), 1);
+}

@@ -166,6 +166,17 @@ pub async fn authenticate(
     cache: &Arc<JwksCache>,
     parts: &mut http::request::Parts,
 ) -> Result<Option<RequestAuth>, Failure> {
+    // The headers the rules write are theirs alone: what the client sent under those names
+    // goes, token or not, so a backend never takes a client's value for a verified claim
+    // (Envoy's jwt_authn sanitizes them; istio/istio#53212).
+    for rule in &authn.rules {
+        if let Some(h) = &rule.output_payload_to_header {
+            parts.headers.remove(h);
+        }
+        for (h, _) in &rule.output_claim_to_headers {
+            parts.headers.remove(h);
+        }
+    }
     let Some((token, loc)) = find(authn, parts) else {
         return Ok(None);
     };
