@@ -32,8 +32,10 @@
 //! `:authority`/Host case-insensitively and as sent (a port in it is part of the value, so
 //! Istio's advice applies: list `host` and `host:*`); `ports` the Service port; `methods`
 //! as sent; `paths` the path after Istio's default `BASE` normalization, without the query
-//! ([`matcher::normalize_path`]), with Istio's `{*}`/`{**}` templates. When any policy applies
-//! the normalized path is also what is sent upstream, as in Istio.
+//! ([`matcher::normalize_path`]), with Istio's `{*}`/`{**}` templates. The normalized path is
+//! also what routes match and what is sent upstream, whether or not a policy applies, as in
+//! Istio (its `pathNormalization` applies to every request); `hosts` and the upstream request
+//! see the same authority (`crate::http`: one `Host`, a `host[:port]`, else 400).
 //!
 //! # Opaque TCP through the waypoint
 //! A connection the waypoint does not see as HTTP (a port declared TCP, or sniffed as not

@@ -60,6 +60,21 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("http2-settings"),
 ];
 
+/// `transfer-encoding`'s place in [`HOP_BY_HOP`].
+const TRANSFER_ENCODING_BIT: usize = 3;
+
+/// A transfer coding of the request other than `chunked`, if any.
+fn other_transfer_coding(h: &HeaderMap) -> Option<String> {
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        let mut codings = text.split(',').map(str::trim);
+        if let Some(c) = codings.find(|c| !c.eq_ignore_ascii_case("chunked")) {
+            return Some(c.to_owned());
+        }
+    }
+    None
+}
+
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     // Which of them are there (bit i for `HOP_BY_HOP[i]`), in one pass over the names: removing
     // a name is a lookup whether it is there or not, and most messages have none of them, or
@@ -92,6 +107,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for n in named {
         h.remove(n);
     }
+    // RFC 9112 §6.3: with `transfer-encoding`, a `content-length` is removed before forwarding
+    // (the message is framed again on the other side).
+    if present & (1 << TRANSFER_ENCODING_BIT) != 0 {
+        h.remove(header::CONTENT_LENGTH);
+    }
     for (i, n) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) == 0 || (upgrade && (n == header::CONNECTION || n == header::UPGRADE))
         {
@@ -122,6 +142,71 @@ pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Why a request's authority is refused (400), and what the access log shows for it.
+#[derive(Debug)]
+struct BadAuthority {
+    why: &'static str,
+    shown: String,
+}
+
+impl BadAuthority {
+    fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+/// The request's authority: an absolute-form target's or HTTP/2's `:authority`, else its one
+/// `Host` header; for an HTTP/1.0 request without either, `fallback` (the service's
+/// `host:port`). Refused (RFC 9112 §3.2, RFC 9110 §4.2.4): none in HTTP/1.1 or HTTP/2, more
+/// than one `Host`, or a value that is not `host[:port]` (userinfo included).
+fn request_authority(
+    req: &Request<Incoming>,
+    fallback: impl FnOnce() -> String,
+) -> Result<String, BadAuthority> {
+    let bad = |why, shown: &str| BadAuthority {
+        why,
+        shown: shown.to_owned(),
+    };
+    let checked = |a: &str| {
+        if a.contains('@') {
+            return Err(bad("the request's authority carries userinfo", a));
+        }
+        Ok(a.to_owned())
+    };
+    if let Some(a) = req.uri().authority() {
+        return checked(a.as_str());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() < http::Version::HTTP_11 => Ok(fallback()),
+        (None, _) => Err(bad("the request has no Host header", "")),
+        (Some(_), Some(_)) => Err(bad("the request has more than one Host header", "")),
+        (Some(h), None) => {
+            let text = String::from_utf8_lossy(h.as_bytes());
+            match text.parse::<http::uri::Authority>() {
+                Ok(a) if a.as_str() == text => checked(a.as_str()),
+                _ => Err(bad("the Host header is not a host[:port]", &text)),
+            }
+        }
+    }
+}
+
+/// The request's path and query, its path `BASE`-normalized as Istio's default path
+/// normalization does before anything matches it, the same for routing and upstream whether
+/// or not a policy applies (see [`crate::authz::matcher::normalize_path`]).
+fn normalized(path_and_query: &str) -> Result<String, crate::authz::matcher::BadPath> {
+    let (p, q) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let mut out = crate::authz::matcher::normalize_path(p)?;
+    if let Some(q) = q {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
 }
 
 /// A local answer (no upstream response): the record finished with `flags`.
@@ -257,22 +342,13 @@ pub async fn proxy(
     // close to the whole request-response transaction as possible").
     let received = tokio::time::Instant::now();
     let svc = &ds.binding.service;
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| format!("{}:{}", svc.hostname, ds.binding.port.port));
-    let mut path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    // One authority and one path for the whole request: what authentication, authorization
+    // and routing see is what goes upstream.
+    let authority = request_authority(&req, || {
+        format!("{}:{}", svc.hostname, ds.binding.port.port)
+    });
+    let raw_path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let path = normalized(raw_path);
     let mut labels = RequestLabels::default();
     labels.source(&ds.source);
     labels.service(&svc.hostname, &svc.name, &svc.namespace);
@@ -287,15 +363,35 @@ pub async fn proxy(
         labels,
         src,
         req.method().as_str(),
-        &path,
-        &authority,
+        path.as_deref().unwrap_or(raw_path),
+        authority.as_deref().unwrap_or_else(|bad| bad.shown()),
     );
+    let (authority, path) = match (authority, path) {
+        (Ok(a), Ok(p)) => (a, p),
+        (Err(bad), _) => {
+            record.error = Some(bad.why.to_owned());
+            return local(record, StatusCode::BAD_REQUEST, "DPE");
+        }
+        (_, Err(why)) => {
+            record.error = Some(format!("request path refused: {}", why.0));
+            return local(record, StatusCode::BAD_REQUEST, "DPE");
+        }
+    };
     // Until an answer is chosen, the request ends only when the client goes away (hyper drops
     // this future: the stream was reset or the connection closed): Envoy's `DC`, code 0.
     record.labels.traffic.response_flags = "DC";
     // HTTP/1.1 upgrades (WebSocket): both sides are upgraded, then bytes are copied.
     let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // A coding other than `chunked` would be lost when the body is framed again upstream
+    // (RFC 9112 §6.1: 501 for a transfer coding not understood).
+    if let Some(te) = other_transfer_coding(&parts.headers) {
+        record.error = Some(format!("transfer coding {te:?} is not supported"));
+        return local(record, StatusCode::NOT_IMPLEMENTED, "DPE");
+    }
+    // Connection-specific headers go before anything reads the request, so a client cannot
+    // name (and so remove) a header that a route filter or authentication adds.
+    strip_hop_by_hop(&mut parts.headers, down_upgrade.is_some());
 
     // One config for the whole request: authentication, authorization and routing.
     let snap = wp.snapshot.load_full();
@@ -308,11 +404,18 @@ pub async fn proxy(
         Err(denied) => return denied.respond(record),
     }
     // Authorization (after authentication, before routing): DENY, then ALLOW; 403 if denied.
-    let mut record = match crate::authz::stage(&snap, &ds, key, &parts, &mut path, record) {
+    let mut record = match crate::authz::stage(&snap, &ds, key, &parts, &authority, &path, record)
+    {
         Ok(r) => r,
         Err(answer) => return answer,
     };
 
+    // A CONNECT inside the tunnel is not proxied: no route matches one (Envoy answers 404
+    // without a `connect_matcher`, "Why is Envoy sending 404s to CONNECT requests?").
+    if parts.method == http::Method::CONNECT {
+        record.error = Some("CONNECT requests are not proxied".to_owned());
+        return local(record, StatusCode::NOT_FOUND, "NR");
+    }
     // Routing: the first applying rule that matches, or the Service itself.
     let decision = match snap.routes(key) {
         None => Decision::NoRoute,
@@ -373,10 +476,14 @@ pub async fn proxy(
     let authority = plan.authority;
     let path = plan.path;
 
-    strip_hop_by_hop(&mut parts.headers, down_upgrade.is_some());
     let uri = if up_h2 {
         parts.headers.remove(header::HOST);
-        Uri::try_from(format!("http://{authority}{path}"))
+        // Built from its parts: an authority never spills into the path.
+        Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(authority.as_str())
+            .path_and_query(path.as_str())
+            .build()
     } else {
         match HeaderValue::try_from(authority.as_str()) {
             Ok(v) => {
@@ -387,7 +494,7 @@ pub async fn proxy(
                 return local(record, StatusCode::BAD_REQUEST, "DPE");
             }
         }
-        Uri::try_from(path.as_str())
+        Uri::try_from(path.as_str()).map_err(http::Error::from)
     };
     let uri = match uri {
         Ok(u) => u,
@@ -616,6 +723,13 @@ mod tests {
             );
             assert_eq!(h["x-kept"], "1");
         }
+        // A `content-length` beside `transfer-encoding` goes too (RFC 9112 §6.3).
+        let mut h = HeaderMap::new();
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_BIT], header::TRANSFER_ENCODING);
         // Nothing hop-by-hop: nothing changes, repeated values included.
         let mut h = HeaderMap::new();
         h.append("x-a", HeaderValue::from_static("1"));

@@ -4,7 +4,6 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::matcher::normalize_path;
 use super::{Action, Attributes, Verdict};
 use crate::authn::RequestAuth;
 use crate::body::{Finish, ResponseBody};
@@ -15,45 +14,25 @@ use crate::telemetry::RequestRecord;
 /// The body of a denied request, as Envoy's RBAC filter sends it.
 pub const FORBIDDEN_BODY: &str = "RBAC: access denied";
 
-/// Authorizes one request with the policies of `snap` that apply to its Service. `path` is
-/// the request's path and query; when policies apply it is replaced by its `BASE`-normalized
-/// form (what is routed and sent upstream). Returns the record to continue with, or the local
-/// answer: 403 (denied, flag `RBAC`), 400 (a path Istio refuses, flag `DPE`).
+/// Authorizes one request with the policies of `snap` that apply to its Service. `host` is
+/// the request's authority and `path` its path and query, `BASE`-normalized (both as
+/// [`crate::http::proxy`] routes and sends them). Returns the record to continue with, or the
+/// local answer: 403 (denied, flag `RBAC`).
 #[allow(clippy::result_large_err)]
 pub fn stage(
     snap: &Snapshot,
     ds: &Downstream,
     key: &str,
     parts: &http::request::Parts,
-    path: &mut String,
+    host: &str,
+    path: &str,
     mut record: RequestRecord,
 ) -> Result<RequestRecord, Response<ResponseBody>> {
     let policies = snap.policies();
     if !policies.any_for(key) {
         return Ok(record);
     }
-    let (p, q) = match path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (path.as_str(), None),
-    };
-    let normalized = match normalize_path(p) {
-        Ok(n) => n,
-        Err(why) => {
-            record.error = Some(format!("request path refused: {}", why.0));
-            return Err(answer(record, StatusCode::BAD_REQUEST, "DPE", None));
-        }
-    };
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
     let attrs = Attributes {
         source_ip: ds.client.unwrap_or(ds.peer).ip(),
         peer: ds.peer_id.as_ref(),
@@ -61,7 +40,7 @@ pub fn stage(
         destination_port: ds.binding.port.port,
         method: parts.method.as_str(),
         host,
-        path: &normalized,
+        path,
         headers: &parts.headers,
         auth: parts.extensions.get::<RequestAuth>(),
     };
@@ -70,10 +49,6 @@ pub fn stage(
     let decided = verdict
         .policy
         .map(|(p, r)| format!("{}:rules[{r}]", p.key()));
-    *path = match q {
-        Some(q) => format!("{normalized}?{q}"),
-        None => normalized.clone(),
-    };
     if verdict.allowed {
         record.policy = decided;
         return Ok(record);

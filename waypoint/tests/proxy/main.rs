@@ -7,6 +7,7 @@ mod grpc_app;
 mod grpc_tonic;
 mod harness;
 mod large;
+mod request_checks;
 mod routes;
 
 use std::net::SocketAddr;

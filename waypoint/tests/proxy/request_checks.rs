@@ -1,0 +1,231 @@
+//! What the waypoint refuses, or settles, about a request before anything acts on it: one
+//! authority (`host[:port]` from the target or the one `Host`), one normalized path for
+//! authorization, routing and the backend alike, headers a client names in `Connection`,
+//! transfer codings, CONNECT. Requests are written byte for byte on a tunnel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xds_proto::zmesh::waypoint::v1 as pb;
+use zmesh_waypoint::bound::Snapshot;
+use zmesh_waypoint::upstream::LbPolicy;
+
+use crate::harness::*;
+
+/// Denies `/admin` and below on the bound service.
+const DENY_ADMIN: &str = "authorizationPolicies:\n- namespace: default\n  name: deny-admin\n  \
+    services: [default/echo.default.svc.cluster.local]\n  action: DENY\n  \
+    rules: [{to: [{operation: {paths: ['/admin', '/admin/{**}']}}]}]\n";
+
+/// A response head as read off the tunnel: its status and header lines.
+struct Head(String);
+
+impl Head {
+    fn status(&self) -> u16 {
+        self.0
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {:?}", self.0))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// Whether the backend answered (the test app names itself in `x-backend`).
+    fn reached_backend(&self) -> bool {
+        self.header("x-backend").is_some()
+    }
+}
+
+/// Writes `request` as it is on a new tunnel to `VIP:port` and reads the response head.
+async fn send_raw(mesh: &Mesh, wp: SocketAddr, port: u16, request: &str) -> Head {
+    let mut t = mesh.tunnel(wp, port).await.unwrap();
+    t.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), t.read(&mut chunk))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(n > 0, "the tunnel closed after {:?}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Head(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A `Host` that is not `host[:port]` is refused before authorization, on a port proxied as
+/// HTTP/1.1 (80) and on one proxied as HTTP/2 (81, gRPC), where the waypoint builds the
+/// upstream `:path` and `:authority` itself: a `Host` of `svc/admin/x?` must not become the
+/// path `/admin/x` at the backend after the DENY policy saw `/public`. So are a missing
+/// `Host` (HTTP/1.1), two of them, and userinfo; HTTP/1.0 without a `Host` goes to the
+/// service's own name.
+#[tokio::test]
+async fn the_authority_is_one_host_port_or_the_request_is_refused() {
+    let mut mesh = Mesh::new(&["echo-a"], &[]).await;
+    mesh.yaml.push_str(DENY_ADMIN);
+    let wp = mesh.waypoint(LbPolicy::RoundRobin).await;
+    let a = wp.hbone_addr;
+    for port in [80, 81] {
+        let get = |target: &str, headers: &str| {
+            format!("GET {target} HTTP/1.1\r\n{headers}connection: close\r\n\r\n")
+        };
+        let h = send_raw(&mesh, a, port, &get("/admin/x", &format!("host: {HOST}\r\n"))).await;
+        assert_eq!(h.status(), 403, "port {port}: the policy applies: {}", h.0);
+
+        let h = send_raw(&mesh, a, port, &get("/public", &format!("host: {HOST}\r\n"))).await;
+        assert_eq!(h.status(), 404, "port {port}: {}", h.0);
+        assert_eq!(h.header("x-seen-path"), Some("/public"), "port {port}");
+
+        for (what, request) in [
+            ("a path in Host", get("/public", &format!("host: {HOST}/admin/x?\r\n"))),
+            ("a query in Host", get("/public", &format!("host: {HOST}?/admin\r\n"))),
+            ("userinfo in Host", get("/public", &format!("host: x@{HOST}\r\n"))),
+            ("no Host", get("/public", "")),
+            ("two Hosts", get("/public", &format!("host: {HOST}\r\nhost: other\r\n"))),
+            ("an empty Host", get("/public", "host: \r\n")),
+            (
+                "userinfo in the target",
+                get(&format!("http://x@{HOST}/public"), &format!("host: {HOST}\r\n")),
+            ),
+        ] {
+            let h = send_raw(&mesh, a, port, &request).await;
+            assert_eq!(h.status(), 400, "port {port}, {what}: {}", h.0);
+            assert!(!h.reached_backend(), "port {port}, {what}: {}", h.0);
+        }
+
+        let h = send_raw(&mesh, a, port, "GET /public HTTP/1.0\r\n\r\n").await;
+        assert_eq!(h.status(), 404, "port {port}, HTTP/1.0: {}", h.0);
+        assert_eq!(h.header("x-seen-host"), Some(&*format!("{HOST}:{port}")));
+    }
+}
+
+fn prefix_rule(prefix: &str, filters: Vec<pb::Filter>) -> pb::RouteRule {
+    pb::RouteRule {
+        route: Some(pb::RouteRef {
+            kind: pb::RouteKind::HttpRoute as i32,
+            namespace: "default".into(),
+            name: "api".into(),
+            ..Default::default()
+        }),
+        r#match: Some(pb::RouteMatch {
+            path: Some(pb::PathMatch {
+                r#type: pb::MatchType::PathPrefix as i32,
+                value: prefix.into(),
+            }),
+            ..Default::default()
+        }),
+        backends: vec![pb::Backend {
+            weight: 1,
+            target: Some(pb::backend::Target::Service(pb::BackendService {
+                namespace: "default".into(),
+                name: "echo".into(),
+                hostname: HOST.into(),
+                port: 80,
+            })),
+            filters: Vec::new(),
+        }],
+        filters,
+        ..Default::default()
+    }
+}
+
+/// With routes and no policy at all, routes match the `BASE`-normalized path, which is also
+/// what the backend gets: `/api/../secret` is `/secret`, which no rule matches (404, `NR`),
+/// not a request under `/api`. A header a route adds stays even when the client names it in
+/// `Connection`.
+#[tokio::test]
+async fn routes_see_the_normalized_path_and_keep_the_headers_they_add() {
+    let mesh = Mesh::new(&["echo-a"], &[]).await;
+    let add = pb::Filter {
+        kind: Some(pb::filter::Kind::RequestHeaderModifier(pb::HeaderModifier {
+            add: vec![pb::Header {
+                name: "x-added".into(),
+                value: "yes".into(),
+            }],
+            ..Default::default()
+        })),
+    };
+    let routes = pb::ServiceRoutes {
+        namespace: "default".into(),
+        name: "echo".into(),
+        hostname: HOST.into(),
+        rules: vec![prefix_rule("/api", vec![add])],
+    };
+    let compiled = zmesh_waypoint::route::compile("default/echo", &routes).unwrap();
+    let snap = Snapshot::from_yaml(&mesh.yaml)
+        .unwrap()
+        .with_routes([Arc::new(compiled)]);
+    let wp = mesh.waypoint_with(LbPolicy::RoundRobin, snap).await;
+    let a = wp.hbone_addr;
+    let get = |path: &str, headers: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: {HOST}\r\n{headers}\r\n")
+    };
+
+    let h = send_raw(&mesh, a, 80, &get("/api/x", "")).await;
+    assert_eq!(h.header("x-seen-added"), Some("yes"), "{}", h.0);
+    let h = send_raw(&mesh, a, 80, &get("/api/x", "connection: x-added\r\n")).await;
+    assert_eq!(h.header("x-seen-added"), Some("yes"), "{}", h.0);
+
+    let h = send_raw(&mesh, a, 80, &get("/api/../secret", "")).await;
+    assert_eq!(h.status(), 404, "{}", h.0);
+    assert!(!h.reached_backend(), "routed as /api: {}", h.0);
+    let h = send_raw(&mesh, a, 80, &get("/api/./%79?q=%2e", "")).await;
+    assert_eq!(h.header("x-seen-path"), Some("/api/y?q=%2e"), "{}", h.0);
+    let h = send_raw(&mesh, a, 80, &get("/api/%00", "")).await;
+    assert_eq!(h.status(), 400, "{}", h.0);
+    assert!(!h.reached_backend(), "{}", h.0);
+}
+
+/// A CONNECT inside a tunnel is answered by the waypoint (404, as Envoy without a
+/// `connect_matcher`), and a transfer coding other than `chunked` with 501: neither reaches
+/// the backend.
+#[tokio::test]
+async fn connect_and_unknown_transfer_codings_are_answered_locally() {
+    let mesh = Mesh::new(&["echo-a"], &[]).await;
+    let wp = mesh.waypoint(LbPolicy::RoundRobin).await;
+    let a = wp.hbone_addr;
+    for port in [80, 81] {
+        let h = send_raw(
+            &mesh,
+            a,
+            port,
+            "CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n",
+        )
+        .await;
+        assert_eq!(h.status(), 404, "port {port}: {}", h.0);
+        assert!(!h.reached_backend(), "port {port}: {}", h.0);
+
+        let h = send_raw(
+            &mesh,
+            a,
+            port,
+            &format!(
+                "POST /count HTTP/1.1\r\nhost: {HOST}\r\ntransfer-encoding: gzip, chunked\r\n\r\n\
+                 5\r\nhello\r\n0\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(h.status(), 501, "port {port}: {}", h.0);
+        assert!(!h.reached_backend(), "port {port}: {}", h.0);
+
+        let h = send_raw(
+            &mesh,
+            a,
+            port,
+            &format!(
+                "POST /count HTTP/1.1\r\nhost: {HOST}\r\ntransfer-encoding: chunked\r\n\r\n\
+                 5\r\nhello\r\n0\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(h.status(), 200, "port {port}: chunked alone is proxied: {}", h.0);
+    }
+}
