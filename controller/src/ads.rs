@@ -106,10 +106,26 @@ pub enum AdsError {
         /// The limit.
         max: usize,
     },
-    /// A `node` field longer than [`stream::MAX_NODE_FIELD`].
+    /// A stream's first request of a type says it has more names that do not exist than
+    /// [`stream::MAX_SUBSCRIBED_BYTES`] holds (each would be answered as removed).
+    #[error(
+        "delta xDS stream of node {node:?} says it has {bytes} bytes of names of resources \
+         that do not exist, more than the {max} one stream may name; the client should drop \
+         its stale resources and reconnect"
+    )]
+    UnknownResourcesTooLarge {
+        /// Node id of the client (empty if it never sent one).
+        node: String,
+        /// What those names cost.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A request field longer than its limit ([`stream::MAX_NODE_FIELD`] for the node's,
+    /// [`stream::MAX_TYPE_URL`] for `type_url`).
     #[error("delta xDS request's {field} is {len} bytes long; at most {max} are accepted")]
-    NodeFieldTooLong {
-        /// Which field (`node.id`, `node.cluster` or a metadata key).
+    FieldTooLong {
+        /// Which field (`node.id`, `node.cluster`, a metadata key, `type_url`).
         field: &'static str,
         /// Its length.
         len: usize,
@@ -137,10 +153,10 @@ impl AdsError {
     pub fn status(&self) -> Status {
         let message = self.to_string();
         match self {
-            AdsError::TooManyTypes { .. } | AdsError::SubscriptionsTooLarge { .. } => {
-                Status::resource_exhausted(message)
-            }
-            AdsError::NodeFieldTooLong { .. }
+            AdsError::TooManyTypes { .. }
+            | AdsError::SubscriptionsTooLarge { .. }
+            | AdsError::UnknownResourcesTooLarge { .. } => Status::resource_exhausted(message),
+            AdsError::FieldTooLong { .. }
             | AdsError::MissingTypeUrl { .. }
             | AdsError::TypeMismatch { .. } => Status::invalid_argument(message),
         }
@@ -325,14 +341,14 @@ impl PeerStreams {
     /// A slot for one more stream from `ip`, given back when dropped.
     fn take(&self, ip: IpAddr) -> Result<PeerSlot, Status> {
         let mut open = lock(&self.open);
-        let n = open.entry(ip).or_default();
-        if *n >= self.max {
+        let n = open.get(&ip).copied().unwrap_or(0);
+        if n >= self.max {
             return Err(Status::resource_exhausted(format!(
-                "{ip} already has {n} delta xDS streams open, the most one address may; close \
-                 one first"
+                "{ip} already has {n} delta xDS streams open, the most one address may (the \
+                 controller's --max-connections-per-peer); close one first"
             )));
         }
-        *n += 1;
+        open.insert(ip, n + 1);
         Ok(PeerSlot {
             open: self.open.clone(),
             ip,
@@ -431,7 +447,6 @@ impl StreamDriver {
         };
         let node = self.state.node().map(|n| n.id.clone()).unwrap_or_default();
         debug!(stream = self.id, node = ?PeerText::new(&node), reason = end, "delta ADS stream closed");
-        lock(&self.streams).remove(&self.id);
     }
 
     /// Copies node identity and NACK count into the shared registry.
@@ -442,6 +457,13 @@ impl StreamDriver {
                 info.node = self.state.node().cloned();
             }
         }
+    }
+}
+
+impl Drop for StreamDriver {
+    /// The stream leaves the registry however its task ends.
+    fn drop(&mut self) {
+        lock(&self.streams).remove(&self.id);
     }
 }
 

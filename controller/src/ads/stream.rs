@@ -24,11 +24,14 @@
 //!   generation counter.
 //!
 //! What one stream makes the controller hold is bounded, since any workload's token opens
-//! one: at most [`MAX_TYPES_PER_STREAM`] types, [`MAX_SUBSCRIBED_BYTES`] of names subscribed to
-//! by name, node fields of [`MAX_NODE_FIELD`] bytes (the rest of the node's metadata is not
-//! kept). What the client has is bounded by the cache: names that do not exist are dropped
-//! once reported removed, and the others are keyed by the cache's own names. A stream past a
-//! limit ends with the error saying which (`AdsError::status`).
+//! one: at most [`MAX_TYPES_PER_STREAM`] types of [`MAX_TYPE_URL`] bytes,
+//! [`MAX_SUBSCRIBED_BYTES`] of names subscribed to by name (checked as each is added), node
+//! fields of [`MAX_NODE_FIELD`] bytes (the rest of the node's metadata is not kept). What the
+//! client has is bounded by the cache: names that do not exist are dropped once reported
+//! removed (at most [`MAX_SUBSCRIBED_BYTES`] of them on a first request) or when unsubscribed,
+//! and the others are keyed by the cache's own names. A stream past a limit ends with the
+//! error saying which (`AdsError::status`). Requests are bounded by the gRPC service
+//! (`MAX_REQUEST_SIZE`), streams per client address by the server.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -75,6 +78,10 @@ const NAME_OVERHEAD: usize = 48;
 /// are at most 253.
 pub const MAX_NODE_FIELD: usize = 1024;
 
+/// The longest `type_url` a stream may ask about (a key of its state, and copied into every
+/// response); the controller's are under 60 bytes.
+pub const MAX_TYPE_URL: usize = 512;
+
 /// Decides whether `node` may see resource `name` of `type_url`: `(node, type_url, name, resource)`.
 pub type Filter = Arc<dyn Fn(&Node, &str, &str, &Any) -> bool + Send + Sync>;
 
@@ -108,7 +115,7 @@ impl Node {
     pub fn from_proto(node: &core::Node) -> Result<Self, AdsError> {
         let checked = |field: &'static str, value: &str| {
             if value.len() > MAX_NODE_FIELD {
-                return Err(AdsError::NodeFieldTooLong {
+                return Err(AdsError::FieldTooLong {
                     field,
                     len: value.len(),
                     max: MAX_NODE_FIELD,
@@ -281,6 +288,13 @@ impl StreamState {
             });
         }
         let type_url = req.type_url;
+        if type_url.len() > MAX_TYPE_URL {
+            return Err(AdsError::FieldTooLong {
+                field: "type_url",
+                len: type_url.len(),
+                max: MAX_TYPE_URL,
+            });
+        }
         let first = !self.types.contains_key(&type_url);
         if first && self.types.len() >= MAX_TYPES_PER_STREAM {
             return Err(AdsError::TooManyTypes {
@@ -332,6 +346,11 @@ impl StreamState {
                 .collect();
             candidates.names.extend(ts.has.keys().cloned());
         }
+        // The budget is checked as names are added, so one request cannot make the stream hold
+        // more than what its own unsubscriptions may then free.
+        let release: usize = (req.resource_names_unsubscribe.iter())
+            .map(|n| n.len() + NAME_OVERHEAD)
+            .sum();
         for name in req.resource_names_subscribe {
             if name == WILDCARD {
                 if !ts.wildcard {
@@ -345,6 +364,13 @@ impl StreamState {
             let added = ts.names.insert(name.clone());
             if added {
                 self.subscribed_bytes += cost;
+                if self.subscribed_bytes > MAX_SUBSCRIBED_BYTES.saturating_add(release) {
+                    return Err(AdsError::SubscriptionsTooLarge {
+                        node: node_id,
+                        bytes: self.subscribed_bytes,
+                        max: MAX_SUBSCRIBED_BYTES,
+                    });
+                }
             }
             if added || first {
                 newly_named.insert(name.clone());
@@ -372,7 +398,7 @@ impl StreamState {
             }
         }
 
-        // Unsubscriptions count first: a client may move its names in one request.
+        // After the unsubscriptions: a client may move its names in one request.
         if self.subscribed_bytes > MAX_SUBSCRIBED_BYTES {
             return Err(AdsError::SubscriptionsTooLarge {
                 node: node_id,
@@ -385,16 +411,46 @@ impl StreamState {
         // so only later subscriptions force a resend.
         let nothing = BTreeSet::new();
         let force = if first { &nothing } else { &newly_named };
+        // Names it has and unsubscribed while on the wildcard: the wildcard still gives it
+        // those that exist, the others it drops itself (and the diff never sees them).
+        let unsubscribed_had: Vec<Arc<str>> = match ts.wildcard {
+            true => (candidates.dropped.iter())
+                .filter(|n| ts.has.contains_key(&***n))
+                .cloned()
+                .collect(),
+            false => Vec::new(),
+        };
         let candidates = candidates.resolve(cache, &type_url);
+        if !unsubscribed_had.is_empty() {
+            let entries = cache.get_many(&type_url, &unsubscribed_had);
+            for (name, entry) in unsubscribed_had.iter().zip(entries) {
+                if entry.is_none() {
+                    ts.has.remove(name);
+                }
+            }
+        }
         if first {
             // What the client has is keyed by the cache's names, not by copies of its own
-            // (a reconnecting client names every resource it has).
+            // (a reconnecting client names every resource it has). What it names that does
+            // not exist is answered in one removal list, bounded as subscriptions are.
+            let mut unknown = 0usize;
             for (name, entry) in &candidates {
-                if let Some(entry) = entry
-                    && let Some(version) = ts.has.remove(name)
-                {
-                    ts.has.insert(entry.name.clone(), version);
+                match entry {
+                    Some(entry) => {
+                        if let Some(version) = ts.has.remove(name) {
+                            ts.has.insert(entry.name.clone(), version);
+                        }
+                    }
+                    None if ts.has.contains_key(name) => unknown += name.len() + NAME_OVERHEAD,
+                    None => {}
                 }
+            }
+            if unknown > MAX_SUBSCRIBED_BYTES {
+                return Err(AdsError::UnknownResourcesTooLarge {
+                    node: node_id,
+                    bytes: unknown,
+                    max: MAX_SUBSCRIBED_BYTES,
+                });
             }
         }
         let resp = self.diff(&type_url, candidates, &newly_named, force, cache);
@@ -639,25 +695,35 @@ mod tests {
         assert_eq!(err.status().code(), tonic::Code::ResourceExhausted);
     }
 
+    /// A name of 976 bytes costs 1 KiB against `MAX_SUBSCRIBED_BYTES`.
+    fn kib_name(i: usize) -> String {
+        format!("{i:08}{}", "x".repeat(968))
+    }
+
     /// Names subscribed to by name count against `MAX_SUBSCRIBED_BYTES` until unsubscribed; a
-    /// name subscribed twice counts once.
+    /// name subscribed twice counts once; the limit itself is allowed, a byte past it is not.
     #[test]
     fn subscriptions_by_name_are_counted_until_unsubscribed() {
+        assert_eq!(kib_name(0).len() + NAME_OVERHEAD, 1024);
         let c = cache();
         let mut st = StreamState::new(1, allow_all());
-        let name = |i: usize| format!("{i:08}{}", "x".repeat(1016));
-        let fill = MAX_SUBSCRIBED_BYTES / (1024 + NAME_OVERHEAD);
-        let batch: Vec<String> = (0..fill).map(name).collect();
+        let fill = MAX_SUBSCRIBED_BYTES / 1024;
+        let batch: Vec<String> = (0..fill).map(kib_name).collect();
         let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
         st.handle_request(req(&refs, &[]), &c).unwrap();
         st.handle_request(req(&refs[..10], &[]), &c).unwrap();
-        assert_eq!(st.subscribed_bytes, fill * (1024 + NAME_OVERHEAD));
+        assert_eq!(
+            st.subscribed_bytes, MAX_SUBSCRIBED_BYTES,
+            "the limit exactly"
+        );
         // Moving ten names in one request stays within the limit.
-        let moved: Vec<String> = (fill..fill + 10).map(name).collect();
+        let moved: Vec<String> = (fill..fill + 10).map(kib_name).collect();
         let moved: Vec<&str> = moved.iter().map(String::as_str).collect();
         st.handle_request(req(&moved, &refs[..10]), &c).unwrap();
-        assert_eq!(st.subscribed_bytes, fill * (1024 + NAME_OVERHEAD));
-        let one_more = name(fill + 10);
+        // Unsubscribing what was never subscribed frees nothing.
+        st.handle_request(req(&[], &["never", "*"]), &c).unwrap();
+        assert_eq!(st.subscribed_bytes, MAX_SUBSCRIBED_BYTES);
+        let one_more = kib_name(fill + 10);
         let err = st.handle_request(req(&[&one_more], &[]), &c).unwrap_err();
         assert!(
             matches!(err, AdsError::SubscriptionsTooLarge { .. }),
@@ -668,6 +734,100 @@ mod tests {
             err.to_string().contains("wildcard"),
             "says what to do: {err}"
         );
+    }
+
+    /// One request cannot carry the stream far past the limit: it is refused as its names are
+    /// added, not once all of them are held.
+    #[test]
+    fn one_large_request_is_refused_as_its_names_come() {
+        let c = cache();
+        let mut st = StreamState::new(1, allow_all());
+        let names: Vec<String> = (0..2 * MAX_SUBSCRIBED_BYTES / 1024).map(kib_name).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let err = st.handle_request(req(&refs, &[]), &c).unwrap_err();
+        assert!(
+            matches!(err, AdsError::SubscriptionsTooLarge { .. }),
+            "{err}"
+        );
+        assert_eq!(st.subscribed_bytes, MAX_SUBSCRIBED_BYTES + 1024);
+        assert_eq!(st.types[T].names.len(), MAX_SUBSCRIBED_BYTES / 1024 + 1);
+    }
+
+    /// What a first request says the client has that does not exist is answered as removed,
+    /// up to `MAX_SUBSCRIBED_BYTES` of names; more ends the stream.
+    #[test]
+    fn unknown_names_a_client_says_it_has_are_bounded() {
+        let c = cache();
+        let versions = |n: usize| -> HashMap<String, String> {
+            (0..n).map(|i| (kib_name(i), "v".to_owned())).collect()
+        };
+        let fill = MAX_SUBSCRIBED_BYTES / 1024;
+        let mut st = StreamState::new(1, allow_all());
+        let mut r = req(&["a"], &[]);
+        r.initial_resource_versions = versions(fill);
+        let resp = st.handle_request(r, &c).unwrap().unwrap();
+        assert_eq!(resp.removed_resources.len(), fill);
+        assert_eq!(st.types[T].has.len(), 1, "only a is kept");
+
+        let mut st = StreamState::new(1, allow_all());
+        let mut r = req(&["a"], &[]);
+        r.initial_resource_versions = versions(fill + 1);
+        let err = st.handle_request(r, &c).unwrap_err();
+        assert!(
+            matches!(err, AdsError::UnknownResourcesTooLarge { .. }),
+            "{err}"
+        );
+        assert_eq!(err.status().code(), tonic::Code::ResourceExhausted);
+    }
+
+    /// On the wildcard, a name the client has and unsubscribes stays if the wildcard gives it
+    /// (it exists) and goes if it does not exist, so no stream keeps names of its own choosing
+    /// that nothing would ever drop.
+    #[test]
+    fn unsubscribing_on_the_wildcard_keeps_only_what_exists() {
+        let c = cache();
+        let va = c.get(T, "a").unwrap().version();
+        let mut st = StreamState::new(1, allow_all());
+        let mut r = req(&[], &["a", "made-up"]);
+        r.initial_resource_versions =
+            HashMap::from([("a".to_owned(), va), ("made-up".to_owned(), "1".to_owned())]);
+        let resp = st.handle_request(r, &c).unwrap().unwrap();
+        assert_eq!(names(&resp), ["b"], "what the wildcard gives and it lacks");
+        let mut kept: Vec<&str> = st.types[T].has.keys().map(|k| &**k).collect();
+        kept.sort();
+        assert_eq!(kept, ["a", "b"]);
+        // Later requests do the same.
+        st.handle_request(req(&["late"], &[]), &c).unwrap();
+        st.handle_request(req(&[], &["late", "b"]), &c).unwrap();
+        let mut kept: Vec<&str> = st.types[T].has.keys().map(|k| &**k).collect();
+        kept.sort();
+        assert_eq!(kept, ["a", "b"]);
+        assert_eq!(st.subscribed_bytes, 0);
+    }
+
+    /// A `type_url` longer than `MAX_TYPE_URL` is refused before the stream keeps it.
+    #[test]
+    fn a_long_type_url_is_refused() {
+        let c = cache();
+        let mut st = StreamState::new(1, allow_all());
+        let mut r = req(&[], &[]);
+        r.type_url = "t".repeat(MAX_TYPE_URL);
+        assert!(st.handle_request(r, &c).is_ok());
+        let mut r = req(&[], &[]);
+        r.type_url = "t".repeat(MAX_TYPE_URL + 1);
+        let err = st.handle_request(r, &c).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AdsError::FieldTooLong {
+                    field: "type_url",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.status().code(), tonic::Code::InvalidArgument);
+        assert_eq!(st.type_urls().len(), 1);
     }
 
     /// The node's id, cluster and kept metadata values are bounded; the rest of the metadata
@@ -704,7 +864,7 @@ mod tests {
         ] {
             let err = Node::from_proto(&n).unwrap_err();
             assert!(
-                matches!(err, AdsError::NodeFieldTooLong { field: f, .. } if f == field),
+                matches!(err, AdsError::FieldTooLong { field: f, .. } if f == field),
                 "{err}"
             );
             let mut st = StreamState::new(1, allow_all());
