@@ -124,17 +124,44 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+/// What an HTTP/1.1 request asks to upgrade to.
+#[derive(Debug, PartialEq)]
+enum Upgrade {
+    /// Nothing (or `h2c` only, which Envoy ignores: the request goes on as HTTP/1.1 with its
+    /// upgrade headers removed).
+    No,
+    /// WebSocket, the one upgrade Istio enables: spliced once both sides have upgraded.
+    WebSocket,
+    /// Anything else: refused (403), as Envoy refuses an upgrade its route does not enable.
+    Other(String),
+}
+
+fn upgrade_of(req: &Request<Incoming>) -> Upgrade {
+    let asked = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    let Some(to) = req.headers().get(header::UPGRADE).filter(|_| asked) else {
+        return Upgrade::No;
+    };
+    let to = String::from_utf8_lossy(to.as_bytes());
+    // The protocol name, without a version (`websocket`, `h2c`, `foo/2`).
+    let names = || {
+        to.split(',')
+            .map(|p| p.split('/').next().unwrap_or("").trim())
+    };
+    if names().any(|p| p.eq_ignore_ascii_case("websocket")) {
+        Upgrade::WebSocket
+    } else if names().all(|p| p.eq_ignore_ascii_case("h2c")) {
+        Upgrade::No
+    } else {
+        Upgrade::Other(to.into_owned())
+    }
 }
 
 /// Whether the request is gRPC (by its content type).
@@ -381,7 +408,14 @@ pub async fn proxy(
     // this future: the stream was reset or the connection closed): Envoy's `DC`, code 0.
     record.labels.traffic.response_flags = "DC";
     // HTTP/1.1 upgrades (WebSocket): both sides are upgraded, then bytes are copied.
-    let down_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let down_upgrade = match upgrade_of(&req) {
+        Upgrade::No => None,
+        Upgrade::WebSocket => Some(hyper::upgrade::on(&mut req)),
+        Upgrade::Other(to) => {
+            record.error = Some(format!("upgrade to {to:?} is not enabled"));
+            return local(record, StatusCode::FORBIDDEN, "-");
+        }
+    };
     let (mut parts, body) = req.into_parts();
     // A coding other than `chunked` would be lost when the body is framed again upstream
     // (RFC 9112 §6.1: 501 for a transfer coding not understood).
@@ -404,8 +438,7 @@ pub async fn proxy(
         Err(denied) => return denied.respond(record),
     }
     // Authorization (after authentication, before routing): DENY, then ALLOW; 403 if denied.
-    let mut record = match crate::authz::stage(&snap, &ds, key, &parts, &authority, &path, record)
-    {
+    let mut record = match crate::authz::stage(&snap, &ds, key, &parts, &authority, &path, record) {
         Ok(r) => r,
         Err(answer) => return answer,
     };

@@ -1,7 +1,7 @@
 //! What the waypoint refuses, or settles, about a request before anything acts on it: one
 //! authority (`host[:port]` from the target or the one `Host`), one normalized path for
 //! authorization, routing and the backend alike, headers a client names in `Connection`,
-//! transfer codings, CONNECT. Requests are written byte for byte on a tunnel.
+//! transfer codings, CONNECT, upgrades. Requests are written byte for byte on a tunnel.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,7 +55,11 @@ async fn send_raw(mesh: &Mesh, wp: SocketAddr, port: u16, request: &str) -> Head
             .await
             .expect("a response within 5 s")
             .unwrap();
-        assert!(n > 0, "the tunnel closed after {:?}", String::from_utf8_lossy(&head));
+        assert!(
+            n > 0,
+            "the tunnel closed after {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.extend_from_slice(&chunk[..n]);
     }
     Head(String::from_utf8_lossy(&head).into_owned())
@@ -77,23 +81,50 @@ async fn the_authority_is_one_host_port_or_the_request_is_refused() {
         let get = |target: &str, headers: &str| {
             format!("GET {target} HTTP/1.1\r\n{headers}connection: close\r\n\r\n")
         };
-        let h = send_raw(&mesh, a, port, &get("/admin/x", &format!("host: {HOST}\r\n"))).await;
+        let h = send_raw(
+            &mesh,
+            a,
+            port,
+            &get("/admin/x", &format!("host: {HOST}\r\n")),
+        )
+        .await;
         assert_eq!(h.status(), 403, "port {port}: the policy applies: {}", h.0);
 
-        let h = send_raw(&mesh, a, port, &get("/public", &format!("host: {HOST}\r\n"))).await;
+        let h = send_raw(
+            &mesh,
+            a,
+            port,
+            &get("/public", &format!("host: {HOST}\r\n")),
+        )
+        .await;
         assert_eq!(h.status(), 404, "port {port}: {}", h.0);
         assert_eq!(h.header("x-seen-path"), Some("/public"), "port {port}");
 
         for (what, request) in [
-            ("a path in Host", get("/public", &format!("host: {HOST}/admin/x?\r\n"))),
-            ("a query in Host", get("/public", &format!("host: {HOST}?/admin\r\n"))),
-            ("userinfo in Host", get("/public", &format!("host: x@{HOST}\r\n"))),
+            (
+                "a path in Host",
+                get("/public", &format!("host: {HOST}/admin/x?\r\n")),
+            ),
+            (
+                "a query in Host",
+                get("/public", &format!("host: {HOST}?/admin\r\n")),
+            ),
+            (
+                "userinfo in Host",
+                get("/public", &format!("host: x@{HOST}\r\n")),
+            ),
             ("no Host", get("/public", "")),
-            ("two Hosts", get("/public", &format!("host: {HOST}\r\nhost: other\r\n"))),
+            (
+                "two Hosts",
+                get("/public", &format!("host: {HOST}\r\nhost: other\r\n")),
+            ),
             ("an empty Host", get("/public", "host: \r\n")),
             (
                 "userinfo in the target",
-                get(&format!("http://x@{HOST}/public"), &format!("host: {HOST}\r\n")),
+                get(
+                    &format!("http://x@{HOST}/public"),
+                    &format!("host: {HOST}\r\n"),
+                ),
             ),
         ] {
             let h = send_raw(&mesh, a, port, &request).await;
@@ -145,13 +176,15 @@ fn prefix_rule(prefix: &str, filters: Vec<pb::Filter>) -> pb::RouteRule {
 async fn routes_see_the_normalized_path_and_keep_the_headers_they_add() {
     let mesh = Mesh::new(&["echo-a"], &[]).await;
     let add = pb::Filter {
-        kind: Some(pb::filter::Kind::RequestHeaderModifier(pb::HeaderModifier {
-            add: vec![pb::Header {
-                name: "x-added".into(),
-                value: "yes".into(),
-            }],
-            ..Default::default()
-        })),
+        kind: Some(pb::filter::Kind::RequestHeaderModifier(
+            pb::HeaderModifier {
+                add: vec![pb::Header {
+                    name: "x-added".into(),
+                    value: "yes".into(),
+                }],
+                ..Default::default()
+            },
+        )),
     };
     let routes = pb::ServiceRoutes {
         namespace: "default".into(),
@@ -165,9 +198,8 @@ async fn routes_see_the_normalized_path_and_keep_the_headers_they_add() {
         .with_routes([Arc::new(compiled)]);
     let wp = mesh.waypoint_with(LbPolicy::RoundRobin, snap).await;
     let a = wp.hbone_addr;
-    let get = |path: &str, headers: &str| {
-        format!("GET {path} HTTP/1.1\r\nhost: {HOST}\r\n{headers}\r\n")
-    };
+    let get =
+        |path: &str, headers: &str| format!("GET {path} HTTP/1.1\r\nhost: {HOST}\r\n{headers}\r\n");
 
     let h = send_raw(&mesh, a, 80, &get("/api/x", "")).await;
     assert_eq!(h.header("x-seen-added"), Some("yes"), "{}", h.0);
@@ -226,6 +258,35 @@ async fn connect_and_unknown_transfer_codings_are_answered_locally() {
             ),
         )
         .await;
-        assert_eq!(h.status(), 200, "port {port}: chunked alone is proxied: {}", h.0);
+        assert_eq!(
+            h.status(),
+            200,
+            "port {port}: chunked alone is proxied: {}",
+            h.0
+        );
+    }
+}
+
+/// Upgrades: WebSocket is spliced (the WebSocket tests), `h2c` is ignored as Envoy ignores it
+/// (the request is proxied as HTTP/1.1 without its upgrade headers), any other is refused
+/// with 403, as Envoy refuses an upgrade its route does not enable: the backend never gets to
+/// take the connection out of HTTP.
+#[tokio::test]
+async fn only_websocket_upgrades_are_spliced() {
+    let mesh = Mesh::new(&["echo-a"], &[]).await;
+    let wp = mesh.waypoint(LbPolicy::RoundRobin).await;
+    let upgrade = |to: &str| {
+        format!(
+            "GET /public HTTP/1.1\r\nhost: {HOST}\r\nconnection: Upgrade, HTTP2-Settings\r\n\
+             upgrade: {to}\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        )
+    };
+    let h = send_raw(&mesh, wp.hbone_addr, 80, &upgrade("h2c")).await;
+    assert_eq!(h.status(), 404, "{}", h.0);
+    assert!(h.reached_backend(), "h2c is proxied as HTTP/1.1: {}", h.0);
+    for to in ["foo", "TLS/1.2, h2c", "h2c, foo/2"] {
+        let h = send_raw(&mesh, wp.hbone_addr, 80, &upgrade(to)).await;
+        assert_eq!(h.status(), 403, "{to}: {}", h.0);
+        assert!(!h.reached_backend(), "{to}: {}", h.0);
     }
 }
