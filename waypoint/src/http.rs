@@ -224,6 +224,10 @@ fn request_authority(
 /// normalization does before anything matches it, the same for routing and upstream whether
 /// or not a policy applies (see [`crate::authz::matcher::normalize_path`]).
 fn normalized(path_and_query: &str) -> Result<String, crate::authz::matcher::BadPath> {
+    // The asterisk form (`OPTIONS *`) names no path.
+    if path_and_query == "*" {
+        return Ok(path_and_query.to_owned());
+    }
     let (p, q) = match path_and_query.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
