@@ -429,9 +429,10 @@ impl StreamState {
                 }
             }
         }
-        if first {
+        if first && !ts.has.is_empty() {
             // What the client has is keyed by the cache's names, not by copies of its own
-            // (a reconnecting client names every resource it has). What it names that does
+            // (a reconnecting client names every resource it has; a fresh one names none, and
+            // its first request costs no lookup more). What it names that does
             // not exist is answered in one removal list, bounded as subscriptions are.
             let mut unknown = 0usize;
             for (name, entry) in &candidates {
