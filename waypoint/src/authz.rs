@@ -34,8 +34,9 @@
 //! as sent; `paths` the path after Istio's default `BASE` normalization, without the query
 //! ([`matcher::normalize_path`]), with Istio's `{*}`/`{**}` templates. The normalized path is
 //! also what routes match and what is sent upstream, whether or not a policy applies, as in
-//! Istio (its `pathNormalization` applies to every request); `hosts` and the upstream request
-//! see the same authority (`crate::http`: one `Host`, a `host[:port]`, else 400).
+//! Istio (its `pathNormalization` applies to every request); `hosts`, `request.headers[host]`
+//! and the upstream request see the same authority until a route's URLRewrite changes what
+//! goes upstream (`crate::http`: the target's or the one `Host`, a `host[:port]`, else 400).
 //!
 //! # Opaque TCP through the waypoint
 //! A connection the waypoint does not see as HTTP (a port declared TCP, or sniffed as not

@@ -150,14 +150,11 @@ fn upgrade_of(req: &Request<Incoming>) -> Upgrade {
         return Upgrade::No;
     };
     let to = String::from_utf8_lossy(to.as_bytes());
-    // The protocol name, without a version (`websocket`, `h2c`, `foo/2`).
-    let names = || {
-        to.split(',')
-            .map(|p| p.split('/').next().unwrap_or("").trim())
-    };
-    if names().any(|p| p.eq_ignore_ascii_case("websocket")) {
+    // One `Upgrade` naming WebSocket alone: from a list the backend could pick another.
+    let one = req.headers().get_all(header::UPGRADE).iter().count() == 1;
+    if one && to.trim().eq_ignore_ascii_case("websocket") {
         Upgrade::WebSocket
-    } else if names().all(|p| p.eq_ignore_ascii_case("h2c")) {
+    } else if one && to.split(',').all(|p| p.trim().eq_ignore_ascii_case("h2c")) {
         Upgrade::No
     } else {
         Upgrade::Other(to.into_owned())
@@ -196,14 +193,24 @@ fn request_authority(
         why,
         shown: shown.to_owned(),
     };
-    let checked = |a: &str| {
-        if a.contains('@') {
-            return Err(bad("the request's authority carries userinfo", a));
+    let checked = |a: &http::uri::Authority| {
+        let text = a.as_str();
+        if text.contains('@') {
+            return Err(bad("the request's authority carries userinfo", text));
         }
-        Ok(a.to_owned())
+        // After the host (an IPv6 literal keeps its brackets): nothing, or `:` and a port.
+        let port = &text[a.host().len()..];
+        let valid_port = port.is_empty()
+            || port.strip_prefix(':').is_some_and(|p| {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+            });
+        if !valid_port {
+            return Err(bad("the request's authority has an invalid port", text));
+        }
+        Ok(text.to_owned())
     };
     if let Some(a) = req.uri().authority() {
-        return checked(a.as_str());
+        return checked(a);
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
@@ -213,7 +220,7 @@ fn request_authority(
         (Some(h), None) => {
             let text = String::from_utf8_lossy(h.as_bytes());
             match text.parse::<http::uri::Authority>() {
-                Ok(a) if a.as_str() == text => checked(a.as_str()),
+                Ok(a) if a.as_str() == text => checked(&a),
                 _ => Err(bad("the Host header is not a host[:port]", &text)),
             }
         }
@@ -223,10 +230,18 @@ fn request_authority(
 /// The request's path and query, its path `BASE`-normalized as Istio's default path
 /// normalization does before anything matches it, the same for routing and upstream whether
 /// or not a policy applies (see [`crate::authz::matcher::normalize_path`]).
-fn normalized(path_and_query: &str) -> Result<String, crate::authz::matcher::BadPath> {
-    // The asterisk form (`OPTIONS *`) names no path.
+fn normalized(
+    method: &http::Method,
+    path_and_query: &str,
+) -> Result<String, crate::authz::matcher::BadPath> {
+    // The asterisk form names no path, and is for OPTIONS only (RFC 9112 §3.2.4).
     if path_and_query == "*" {
-        return Ok(path_and_query.to_owned());
+        if method == http::Method::OPTIONS {
+            return Ok(path_and_query.to_owned());
+        }
+        return Err(crate::authz::matcher::BadPath(
+            "the asterisk form is for OPTIONS only",
+        ));
     }
     let (p, q) = match path_and_query.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -379,7 +394,7 @@ pub async fn proxy(
         format!("{}:{}", svc.hostname, ds.binding.port.port)
     });
     let raw_path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let path = normalized(raw_path);
+    let path = normalized(req.method(), raw_path);
     let mut labels = RequestLabels::default();
     labels.source(&ds.source);
     labels.service(&svc.hostname, &svc.name, &svc.namespace);
@@ -430,6 +445,11 @@ pub async fn proxy(
     // Connection-specific headers go before anything reads the request, so a client cannot
     // name (and so remove) a header that a route filter or authentication adds.
     strip_hop_by_hop(&mut parts.headers, down_upgrade.is_some());
+    // `Host` is the authority (RFC 9112 §3.2.2: a proxy replaces it with the target's), so
+    // header conditions and matches see what `hosts` and the backend see, over HTTP/2 too.
+    if let Ok(v) = HeaderValue::try_from(authority.as_str()) {
+        parts.headers.insert(header::HOST, v);
+    }
 
     // One config for the whole request: authentication, authorization and routing.
     let snap = wp.snapshot.load_full();

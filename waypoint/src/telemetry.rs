@@ -210,8 +210,8 @@ pub struct RequestRecord {
     metrics: std::sync::Arc<Metrics>,
     pub labels: RequestLabels,
     start: Instant,
-    /// The request's method, path and authority as a peer sent them: kept bounded, escaped
-    /// when written.
+    /// The request's method, path (normalized, as authorized and routed) and authority, all
+    /// of a peer's choosing: kept bounded, escaped when written.
     pub method: PeerText,
     pub path: PeerText,
     pub authority: PeerText,

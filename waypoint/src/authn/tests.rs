@@ -518,3 +518,34 @@ async fn headers_the_rules_write_never_carry_the_clients_value() {
     assert_ne!(payload, "forged");
     assert_eq!(p.headers.get_all("x-jwt-payload").iter().count(), 1);
 }
+
+/// Every rule's output headers are the waypoint's to write, whichever issuer the token names:
+/// a token of one issuer does not leave the client's value under another rule's header.
+#[tokio::test]
+async fn output_headers_of_every_rule_are_removed() {
+    let s = Signer::new("k1");
+    let mut mine = rule(&jwks(&[&s]));
+    mine.output_claim_to_headers = vec![pb::ClaimToHeader {
+        header: "x-sub".into(),
+        claim: "sub".into(),
+    }];
+    let mut other = rule(&jwks(&[&s]));
+    other.issuer = "https://other.example".into();
+    other.output_payload_to_header = "x-other-payload".into();
+    let a = authn(vec![mine, other]);
+    let bearer = format!("Bearer {}", s.sign(&claims()));
+    let mut p = parts(
+        "/",
+        &[
+            ("authorization", bearer.as_str()),
+            ("x-other-payload", "forged"),
+        ],
+    );
+    assert!(run(&a, &mut p).await.unwrap().is_some());
+    assert!(
+        p.headers.get("x-other-payload").is_none(),
+        "{:?}",
+        p.headers
+    );
+    assert!(p.headers.get("x-sub").is_some());
+}

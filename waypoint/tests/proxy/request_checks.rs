@@ -120,6 +120,23 @@ async fn the_authority_is_one_host_port_or_the_request_is_refused() {
             ),
             ("an empty Host", get("/public", "host: \r\n")),
             (
+                "a port that is not one",
+                get("/public", &format!("host: {HOST}:abc\r\n")),
+            ),
+            (
+                "an empty port",
+                get("/public", &format!("host: {HOST}:\r\n")),
+            ),
+            (
+                "a port past 65535",
+                get("/public", &format!("host: {HOST}:99999\r\n")),
+            ),
+            (
+                "a signed port",
+                get("/public", &format!("host: {HOST}:+80\r\n")),
+            ),
+            ("GET *", get("*", &format!("host: {HOST}\r\n"))),
+            (
                 "userinfo in the target",
                 get(
                     &format!("http://x@{HOST}/public"),
@@ -135,6 +152,49 @@ async fn the_authority_is_one_host_port_or_the_request_is_refused() {
         let h = send_raw(&mesh, a, port, "GET /public HTTP/1.0\r\n\r\n").await;
         assert_eq!(h.status(), 404, "port {port}, HTTP/1.0: {}", h.0);
         assert_eq!(h.header("x-seen-host"), Some(&*format!("{HOST}:{port}")));
+
+        // An absolute-form target's authority is the request's: the backend sees it, not
+        // the `Host` beside it (RFC 9112 §3.2.2), and so does everything before.
+        let target = format!("http://{HOST}:{port}/public");
+        let h = send_raw(&mesh, a, port, &get(&target, "host: other.example\r\n")).await;
+        assert_eq!(h.status(), 404, "port {port}: {}", h.0);
+        assert_eq!(h.header("x-seen-host"), Some(&*format!("{HOST}:{port}")));
+    }
+    let h = send_raw(
+        &mesh,
+        a,
+        80,
+        &format!("OPTIONS * HTTP/1.1\r\nhost: {HOST}\r\n\r\n"),
+    )
+    .await;
+    assert!(h.reached_backend(), "OPTIONS * is proxied: {}", h.0);
+    assert_eq!(h.header("x-seen-path"), Some("*"), "{}", h.0);
+}
+
+/// Over HTTP/2, `:authority` is the request's authority: a `host` header beside it naming
+/// another is replaced, so a header condition cannot see one host and `hosts` another.
+#[tokio::test]
+async fn over_http2_the_authority_is_the_host() {
+    use http::Request;
+    let mut mesh = Mesh::new(&["echo-a"], &[]).await;
+    // Denies requests whose `host` header is the service's: over HTTP/2 that is `:authority`.
+    mesh.yaml.push_str(&format!(
+        "authorizationPolicies:\n- namespace: default\n  name: deny-by-header\n  \
+         services: [default/{HOST}]\n  action: DENY\n  \
+         rules: [{{when: [{{key: 'request.headers[host]', values: ['{HOST}:81']}}]}}]\n"
+    ));
+    let wp = mesh.waypoint(LbPolicy::RoundRobin).await;
+    let mut c = h2(mesh.tunnel(wp.hbone_addr, 81).await.unwrap()).await;
+    for host in [None, Some("other.example")] {
+        let mut b = Request::get(format!("http://{HOST}:81/public"));
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        let r = c
+            .send_request(b.body(full(bytes::Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "host header {host:?}");
     }
 }
 
@@ -284,9 +344,34 @@ async fn only_websocket_upgrades_are_spliced() {
     let h = send_raw(&mesh, wp.hbone_addr, 80, &upgrade("h2c")).await;
     assert_eq!(h.status(), 404, "{}", h.0);
     assert!(h.reached_backend(), "h2c is proxied as HTTP/1.1: {}", h.0);
-    for to in ["foo", "TLS/1.2, h2c", "h2c, foo/2"] {
+    for to in [
+        "foo",
+        "TLS/1.2, h2c",
+        "h2c, foo/2",
+        "foo, websocket",
+        "websocket, h2c",
+    ] {
         let h = send_raw(&mesh, wp.hbone_addr, 80, &upgrade(to)).await;
         assert_eq!(h.status(), 403, "{to}: {}", h.0);
         assert!(!h.reached_backend(), "{to}: {}", h.0);
     }
+}
+
+/// Two `Upgrade` headers are not a WebSocket upgrade either.
+#[tokio::test]
+async fn two_upgrade_headers_are_refused() {
+    let mesh = Mesh::new(&["echo-a"], &[]).await;
+    let wp = mesh.waypoint(LbPolicy::RoundRobin).await;
+    let h = send_raw(
+        &mesh,
+        wp.hbone_addr,
+        80,
+        &format!(
+            "GET /public HTTP/1.1\r\nhost: {HOST}\r\nconnection: upgrade\r\n\
+             upgrade: websocket\r\nupgrade: foo\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(h.status(), 403, "{}", h.0);
+    assert!(!h.reached_backend(), "{}", h.0);
 }
