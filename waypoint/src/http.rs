@@ -195,7 +195,7 @@ fn request_authority(
     };
     let checked = |a: &http::uri::Authority| {
         let text = a.as_str();
-        if text.contains('@') {
+        if text.as_bytes().contains(&b'@') {
             return Err(bad("the request's authority carries userinfo", text));
         }
         // After the host (an IPv6 literal keeps its brackets): nothing, or `:` and a port.
@@ -217,13 +217,13 @@ fn request_authority(
         (None, _) if req.version() < http::Version::HTTP_11 => Ok(fallback()),
         (None, _) => Err(bad("the request has no Host header", "")),
         (Some(_), Some(_)) => Err(bad("the request has more than one Host header", "")),
-        (Some(h), None) => {
-            let text = String::from_utf8_lossy(h.as_bytes());
-            match text.parse::<http::uri::Authority>() {
-                Ok(a) if a.as_str() == text => checked(&a),
-                _ => Err(bad("the Host header is not a host[:port]", &text)),
-            }
-        }
+        (Some(h), None) => match h.to_str().map(str::parse::<http::uri::Authority>) {
+            Ok(Ok(a)) if a.as_str().len() == h.len() => checked(&a),
+            _ => Err(bad(
+                "the Host header is not a host[:port]",
+                &String::from_utf8_lossy(h.as_bytes()),
+            )),
+        },
     }
 }
 
@@ -447,7 +447,10 @@ pub async fn proxy(
     strip_hop_by_hop(&mut parts.headers, down_upgrade.is_some());
     // `Host` is the authority (RFC 9112 §3.2.2: a proxy replaces it with the target's), so
     // header conditions and matches see what `hosts` and the backend see, over HTTP/2 too.
-    if let Ok(v) = HeaderValue::try_from(authority.as_str()) {
+    let host = parts.headers.get(header::HOST);
+    if host.is_none_or(|h| h.as_bytes() != authority.as_bytes())
+        && let Ok(v) = HeaderValue::try_from(authority.as_str())
+    {
         parts.headers.insert(header::HOST, v);
     }
 
