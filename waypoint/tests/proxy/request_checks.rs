@@ -4,15 +4,14 @@
 //! transfer codings, CONNECT, upgrades. Requests are written byte for byte on a tunnel.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xds_proto::zmesh::waypoint::v1 as pb;
-use zmesh_waypoint::bound::Snapshot;
 use zmesh_waypoint::upstream::LbPolicy;
 
 use crate::harness::*;
+use crate::routes::{backend, filter, mesh, prefix, rule};
 
 /// Denies `/admin` and below on the bound service.
 const DENY_ADMIN: &str = "authorizationPolicies:\n- namespace: default\n  name: deny-admin\n  \
@@ -198,80 +197,41 @@ async fn over_http2_the_authority_is_the_host() {
     }
 }
 
-fn prefix_rule(prefix: &str, filters: Vec<pb::Filter>) -> pb::RouteRule {
-    pb::RouteRule {
-        route: Some(pb::RouteRef {
-            kind: pb::RouteKind::HttpRoute as i32,
-            namespace: "default".into(),
-            name: "api".into(),
-            ..Default::default()
-        }),
-        r#match: Some(pb::RouteMatch {
-            path: Some(pb::PathMatch {
-                r#type: pb::MatchType::PathPrefix as i32,
-                value: prefix.into(),
-            }),
-            ..Default::default()
-        }),
-        backends: vec![pb::Backend {
-            weight: 1,
-            target: Some(pb::backend::Target::Service(pb::BackendService {
-                namespace: "default".into(),
-                name: "echo".into(),
-                hostname: HOST.into(),
-                port: 80,
-            })),
-            filters: Vec::new(),
-        }],
-        filters,
-        ..Default::default()
-    }
-}
-
 /// With routes and no policy at all, routes match the `BASE`-normalized path, which is also
 /// what the backend gets: `/api/../secret` is `/secret`, which no rule matches (404, `NR`),
 /// not a request under `/api`. A header a route adds stays even when the client names it in
 /// `Connection`.
 #[tokio::test]
 async fn routes_see_the_normalized_path_and_keep_the_headers_they_add() {
-    let mesh = Mesh::new(&["echo-a"], &[]).await;
-    let add = pb::Filter {
-        kind: Some(pb::filter::Kind::RequestHeaderModifier(
-            pb::HeaderModifier {
-                add: vec![pb::Header {
-                    name: "x-added".into(),
-                    value: "yes".into(),
-                }],
-                ..Default::default()
-            },
-        )),
+    let add = filter(pb::filter::Kind::RequestHeaderModifier(
+        pb::HeaderModifier {
+            add: vec![pb::Header {
+                name: "x-added".into(),
+                value: "yes".into(),
+            }],
+            ..Default::default()
+        },
+    ));
+    let api = pb::RouteRule {
+        filters: vec![add],
+        ..rule(prefix("/api"), vec![backend(HOST, 1)])
     };
-    let routes = pb::ServiceRoutes {
-        namespace: "default".into(),
-        name: "echo".into(),
-        hostname: HOST.into(),
-        rules: vec![prefix_rule("/api", vec![add])],
-    };
-    let compiled = zmesh_waypoint::route::compile("default/echo", &routes).unwrap();
-    let snap = Snapshot::from_yaml(&mesh.yaml)
-        .unwrap()
-        .with_routes([Arc::new(compiled)]);
-    let wp = mesh.waypoint_with(LbPolicy::RoundRobin, snap).await;
+    let (m, wp) = mesh(vec![api]).await;
     let a = wp.hbone_addr;
     let get =
         |path: &str, headers: &str| format!("GET {path} HTTP/1.1\r\nhost: {HOST}\r\n{headers}\r\n");
 
-    let h = send_raw(&mesh, a, 80, &get("/api/x", "")).await;
+    let h = send_raw(&m, a, 80, &get("/api/x", "")).await;
     assert_eq!(h.header("x-seen-added"), Some("yes"), "{}", h.0);
-    let h = send_raw(&mesh, a, 80, &get("/api/x", "connection: x-added\r\n")).await;
+    let h = send_raw(&m, a, 80, &get("/api/x", "connection: x-added\r\n")).await;
     assert_eq!(h.header("x-seen-added"), Some("yes"), "{}", h.0);
 
-    let h = send_raw(&mesh, a, 80, &get("/api/../secret", "")).await;
+    let h = send_raw(&m, a, 80, &get("/api/../secret", "")).await;
     assert_eq!(h.status(), 404, "{}", h.0);
     assert!(!h.reached_backend(), "routed as /api: {}", h.0);
-    let h = send_raw(&mesh, a, 80, &get("/api/./%79?q=%2e", "")).await;
+    let h = send_raw(&m, a, 80, &get("/api/./%79?q=%2e", "")).await;
     assert_eq!(h.header("x-seen-path"), Some("/api/y?q=%2e"), "{}", h.0);
-    let h = send_raw(&mesh, a, 80, &get("/api/%00", "")).await;
+    let h = send_raw(&m, a, 80, &get("/api/%00", "")).await;
     assert_eq!(h.status(), 400, "{}", h.0);
     assert!(!h.reached_backend(), "{}", h.0);
 }

@@ -16,7 +16,7 @@ use crate::harness::*;
 
 const V2: &str = "echo-v2.default.svc.cluster.local";
 
-fn backend(host: &str, weight: u32) -> pb::Backend {
+pub(crate) fn backend(host: &str, weight: u32) -> pb::Backend {
     pb::Backend {
         weight,
         target: Some(pb::backend::Target::Service(pb::BackendService {
@@ -29,7 +29,7 @@ fn backend(host: &str, weight: u32) -> pb::Backend {
     }
 }
 
-fn prefix(p: &str) -> Option<pb::RouteMatch> {
+pub(crate) fn prefix(p: &str) -> Option<pb::RouteMatch> {
     Some(pb::RouteMatch {
         path: Some(pb::PathMatch {
             r#type: pb::MatchType::PathPrefix as i32,
@@ -39,7 +39,7 @@ fn prefix(p: &str) -> Option<pb::RouteMatch> {
     })
 }
 
-fn rule(m: Option<pb::RouteMatch>, backends: Vec<pb::Backend>) -> pb::RouteRule {
+pub(crate) fn rule(m: Option<pb::RouteMatch>, backends: Vec<pb::Backend>) -> pb::RouteRule {
     pb::RouteRule {
         route: Some(pb::RouteRef {
             kind: pb::RouteKind::HttpRoute as i32,
@@ -53,13 +53,13 @@ fn rule(m: Option<pb::RouteMatch>, backends: Vec<pb::Backend>) -> pb::RouteRule 
     }
 }
 
-fn filter(kind: pb::filter::Kind) -> pb::Filter {
+pub(crate) fn filter(kind: pb::filter::Kind) -> pb::Filter {
     pb::Filter { kind: Some(kind) }
 }
 
 /// A mesh with `echo-v1` (Service `echo`) and `echo-v2` (Service `echo-v2`), and a waypoint
 /// with `rules` on `echo`.
-async fn mesh(rules: Vec<pb::RouteRule>) -> (Mesh, zmesh_waypoint::Running) {
+pub(crate) async fn mesh(rules: Vec<pb::RouteRule>) -> (Mesh, zmesh_waypoint::Running) {
     let mut mesh = Mesh::new(&["echo-v1", "echo-v2"], &[]).await;
     mesh.yaml = mesh.yaml.replace(
         &format!("workloadName: echo-v2\n  services:\n    default/{HOST}"),
