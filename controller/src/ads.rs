@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use zmesh_core::identity::SpiffeId;
 use zmesh_core::peer_text::PeerText;
+use zmesh_core::serve::PerPeer;
 
 use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Status, Streaming};
@@ -330,10 +331,11 @@ impl AdsServer {
     }
 }
 
-/// The delta streams open per client IP address, and how many one address may have.
+/// The delta streams open per client IP address (counted as the gRPC port counts
+/// connections), and how many one address may have.
 #[derive(Clone)]
 struct PeerStreams {
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: Arc<Mutex<PerPeer>>,
     max: usize,
 }
 
@@ -341,14 +343,14 @@ impl PeerStreams {
     /// A slot for one more stream from `ip`, given back when dropped.
     fn take(&self, ip: IpAddr) -> Result<PeerSlot, Status> {
         let mut open = lock(&self.open);
-        let n = open.get(&ip).copied().unwrap_or(0);
+        let n = open.get(ip);
         if n >= self.max {
             return Err(Status::resource_exhausted(format!(
                 "{ip} already has {n} delta xDS streams open, the most one address may (the \
                  controller's --max-connections-per-peer); close one first"
             )));
         }
-        open.insert(ip, n + 1);
+        open.add(ip);
         Ok(PeerSlot {
             open: self.open.clone(),
             ip,
@@ -358,19 +360,13 @@ impl PeerStreams {
 
 /// One open stream's place in [`PeerStreams`].
 struct PeerSlot {
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: Arc<Mutex<PerPeer>>,
     ip: IpAddr,
 }
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut open = lock(&self.open);
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.ip);
-            }
-        }
+        lock(&self.open).release(self.ip);
     }
 }
 

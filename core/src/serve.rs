@@ -207,7 +207,35 @@ pub struct ListenerStats {
 #[derive(Debug, Default)]
 struct Counts {
     open: usize,
-    per_peer: HashMap<IpAddr, usize>,
+    per_peer: PerPeer,
+}
+
+/// How many of something (connections, streams) each peer address holds; an address is
+/// forgotten when its count comes back to zero, so the map holds only peers with something
+/// open.
+#[derive(Debug, Default)]
+pub struct PerPeer(HashMap<IpAddr, usize>);
+
+impl PerPeer {
+    /// What `ip` holds.
+    pub fn get(&self, ip: IpAddr) -> usize {
+        self.0.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// One more for `ip`.
+    pub fn add(&mut self, ip: IpAddr) {
+        *self.0.entry(ip).or_default() += 1;
+    }
+
+    /// One fewer for `ip` (one that [`PerPeer::add`] counted).
+    pub fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.0.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&ip);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -258,13 +286,8 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let mut c = self.shared.counts.lock().unwrap_or_else(|e| e.into_inner());
         c.open = c.open.saturating_sub(1);
-        if let Some(ip) = self.peer
-            && let Some(n) = c.per_peer.get_mut(&ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                c.per_peer.remove(&ip);
-            }
+        if let Some(ip) = self.peer {
+            c.per_peer.release(ip);
         }
     }
 }
@@ -365,7 +388,7 @@ impl<L: Socket> Listener<L> {
             return Err(Refusal::ListenerFull);
         }
         if let Some(ip) = ip
-            && c.per_peer.get(&ip).copied().unwrap_or(0) >= limits.max_connections_per_peer
+            && c.per_peer.get(ip) >= limits.max_connections_per_peer
         {
             return Err(Refusal::PeerFull);
         }
@@ -374,7 +397,7 @@ impl<L: Socket> Listener<L> {
         }
         c.open += 1;
         if let Some(ip) = ip {
-            *c.per_peer.entry(ip).or_default() += 1;
+            c.per_peer.add(ip);
         }
         Ok(Permit {
             shared: self.shared.clone(),
