@@ -60,9 +60,6 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("http2-settings"),
 ];
 
-/// `transfer-encoding`'s place in [`HOP_BY_HOP`].
-const TRANSFER_ENCODING_BIT: usize = 3;
-
 /// A transfer coding of the request other than `chunked`, if any.
 fn other_transfer_coding(h: &HeaderMap) -> Option<String> {
     for v in h.get_all(header::TRANSFER_ENCODING) {
@@ -107,17 +104,17 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for n in named {
         h.remove(n);
     }
-    // RFC 9112 §6.3: with `transfer-encoding`, a `content-length` is removed before forwarding
-    // (the message is framed again on the other side).
-    if present & (1 << TRANSFER_ENCODING_BIT) != 0 {
-        h.remove(header::CONTENT_LENGTH);
-    }
     for (i, n) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) == 0 || (upgrade && (n == header::CONNECTION || n == header::UPGRADE))
         {
             continue;
         }
         h.remove(n);
+        // RFC 9112 §6.3: with `transfer-encoding`, a `content-length` is removed before
+        // forwarding (the message is framed again on the other side).
+        if n == header::TRANSFER_ENCODING {
+            h.remove(header::CONTENT_LENGTH);
+        }
     }
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -137,21 +134,23 @@ enum Upgrade {
 }
 
 fn upgrade_of(req: &Request<Incoming>) -> Upgrade {
-    let asked = req
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
+    let h = req.headers();
+    let mut upgrades = h.get_all(header::UPGRADE).iter();
+    let Some(to) = upgrades.next() else {
+        return Upgrade::No;
+    };
+    let asked = (h.get_all(header::CONNECTION).iter())
         .filter_map(|v| v.to_str().ok())
         .any(|v| {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
         });
-    let Some(to) = req.headers().get(header::UPGRADE).filter(|_| asked) else {
+    if !asked {
         return Upgrade::No;
-    };
+    }
     let to = String::from_utf8_lossy(to.as_bytes());
     // One `Upgrade` naming WebSocket alone: from a list the backend could pick another.
-    let one = req.headers().get_all(header::UPGRADE).iter().count() == 1;
+    let one = upgrades.next().is_none();
     if one && to.trim().eq_ignore_ascii_case("websocket") {
         Upgrade::WebSocket
     } else if one && to.split(',').all(|p| p.trim().eq_ignore_ascii_case("h2c")) {
@@ -168,17 +167,21 @@ pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// Sets `Host` to `authority` unless it already is (most requests: one lookup, no copy).
+fn set_host(h: &mut HeaderMap, authority: &str) -> Result<(), http::header::InvalidHeaderValue> {
+    if h.get(header::HOST)
+        .is_none_or(|v| v.as_bytes() != authority.as_bytes())
+    {
+        h.insert(header::HOST, HeaderValue::try_from(authority)?);
+    }
+    Ok(())
+}
+
 /// Why a request's authority is refused (400), and what the access log shows for it.
 #[derive(Debug)]
 struct BadAuthority {
     why: &'static str,
     shown: String,
-}
-
-impl BadAuthority {
-    fn shown(&self) -> &str {
-        &self.shown
-    }
 }
 
 /// The request's authority: an absolute-form target's or HTTP/2's `:authority`, else its one
@@ -410,7 +413,7 @@ pub async fn proxy(
         src,
         req.method().as_str(),
         path.as_deref().unwrap_or(raw_path),
-        authority.as_deref().unwrap_or_else(|bad| bad.shown()),
+        authority.as_deref().unwrap_or_else(|bad| &bad.shown),
     );
     let (authority, path) = match (authority, path) {
         (Ok(a), Ok(p)) => (a, p),
@@ -447,12 +450,8 @@ pub async fn proxy(
     strip_hop_by_hop(&mut parts.headers, down_upgrade.is_some());
     // `Host` is the authority (RFC 9112 §3.2.2: a proxy replaces it with the target's), so
     // header conditions and matches see what `hosts` and the backend see, over HTTP/2 too.
-    let host = parts.headers.get(header::HOST);
-    if host.is_none_or(|h| h.as_bytes() != authority.as_bytes())
-        && let Ok(v) = HeaderValue::try_from(authority.as_str())
-    {
-        parts.headers.insert(header::HOST, v);
-    }
+    // (A checked authority is a valid header value.)
+    let _ = set_host(&mut parts.headers, &authority);
 
     // One config for the whole request: authentication, authorization and routing.
     let snap = wp.snapshot.load_full();
@@ -545,14 +544,9 @@ pub async fn proxy(
             .path_and_query(path.as_str())
             .build()
     } else {
-        match HeaderValue::try_from(authority.as_str()) {
-            Ok(v) => {
-                parts.headers.insert(header::HOST, v);
-            }
-            Err(_) => {
-                record.error = Some(format!("{authority:?} is not a valid Host"));
-                return local(record, StatusCode::BAD_REQUEST, "DPE");
-            }
+        if set_host(&mut parts.headers, &authority).is_err() {
+            record.error = Some(format!("{authority:?} is not a valid Host"));
+            return local(record, StatusCode::BAD_REQUEST, "DPE");
         }
         Uri::try_from(path.as_str()).map_err(http::Error::from)
     };
@@ -789,7 +783,6 @@ mod tests {
         h.insert("content-length", HeaderValue::from_static("5"));
         strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
-        assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_BIT], header::TRANSFER_ENCODING);
         // Nothing hop-by-hop: nothing changes, repeated values included.
         let mut h = HeaderMap::new();
         h.append("x-a", HeaderValue::from_static("1"));
