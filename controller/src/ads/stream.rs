@@ -351,6 +351,11 @@ impl StreamState {
         let release: usize = (req.resource_names_unsubscribe.iter())
             .map(|n| n.len() + NAME_OVERHEAD)
             .sum();
+        let too_large = |bytes| AdsError::SubscriptionsTooLarge {
+            node: node_id.clone(),
+            bytes,
+            max: MAX_SUBSCRIBED_BYTES,
+        };
         for name in req.resource_names_subscribe {
             if name == WILDCARD {
                 if !ts.wildcard {
@@ -365,11 +370,7 @@ impl StreamState {
             if added {
                 self.subscribed_bytes += cost;
                 if self.subscribed_bytes > MAX_SUBSCRIBED_BYTES.saturating_add(release) {
-                    return Err(AdsError::SubscriptionsTooLarge {
-                        node: node_id,
-                        bytes: self.subscribed_bytes,
-                        max: MAX_SUBSCRIBED_BYTES,
-                    });
+                    return Err(too_large(self.subscribed_bytes));
                 }
             }
             if added || first {
@@ -400,11 +401,7 @@ impl StreamState {
 
         // After the unsubscriptions: a client may move its names in one request.
         if self.subscribed_bytes > MAX_SUBSCRIBED_BYTES {
-            return Err(AdsError::SubscriptionsTooLarge {
-                node: node_id,
-                bytes: self.subscribed_bytes,
-                max: MAX_SUBSCRIBED_BYTES,
-            });
+            return Err(too_large(self.subscribed_bytes));
         }
 
         // On the first request, `initial_resource_versions` says what the client really has,
