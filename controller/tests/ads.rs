@@ -166,6 +166,13 @@ fn versions(r: &DeltaDiscoveryResponse) -> HashMap<String, String> {
         .collect()
 }
 
+/// `c` subscribed to the wildcard gets both workloads: a stream the server serves.
+async fn served(mut c: Client) -> Result<Client> {
+    c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    assert_eq!(names(&c.recv().await?), ["w1", "w2"]);
+    Ok(c)
+}
+
 fn setup() -> (Cache, AdsServer) {
     let cache = Cache::new();
     put(&cache, "w1", "pod-1");
@@ -421,9 +428,7 @@ async fn a_request_over_the_size_limit_ends_its_stream_only() -> Result<()> {
     let r = fits.recv().await?;
     assert_eq!(names(&r), ["w1"], "the known name of the large request");
 
-    let mut other = Client::connect(addr, proto_node(NODE_ID, "n2")).await?;
-    other.subscribe(ADDRESS_TYPE_URL, &[]).await?;
-    assert_eq!(names(&other.recv().await?), ["w1", "w2"]);
+    served(Client::connect(addr, proto_node(NODE_ID, "n2")).await?).await?;
     Ok(())
 }
 
@@ -463,9 +468,7 @@ async fn subscriptions_by_name_past_the_limit_end_their_stream_only() -> Result<
     assert!(err.contains("Some resource has been exhausted"), "{err}");
     assert!(err.contains("subscribe to the wildcard"), "{err}");
 
-    let mut other = Client::connect(addr, proto_node(NODE_ID, "n2")).await?;
-    other.subscribe(ADDRESS_TYPE_URL, &[]).await?;
-    assert_eq!(names(&other.recv().await?), ["w1", "w2"]);
+    served(Client::connect(addr, proto_node(NODE_ID, "n2")).await?).await?;
     Ok(())
 }
 
@@ -476,10 +479,7 @@ async fn streams_per_address_are_capped() -> Result<()> {
     let addr = start(server.with_max_streams_per_peer(2)).await?;
     let mut open = Vec::new();
     for n in ["n1", "n2"] {
-        let mut c = Client::connect(addr, proto_node(NODE_ID, n)).await?;
-        c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
-        assert_eq!(names(&c.recv().await?), ["w1", "w2"]);
-        open.push(c);
+        open.push(served(Client::connect(addr, proto_node(NODE_ID, n)).await?).await?);
     }
     let err = match Client::connect(addr, proto_node(NODE_ID, "n3")).await {
         Ok(_) => bail!("a third stream from 127.0.0.1 was opened"),
@@ -493,7 +493,7 @@ async fn streams_per_address_are_capped() -> Result<()> {
     drop(open.pop());
     // The closed stream's task gives its place back once it sees the end.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut c = loop {
+    let c = loop {
         match Client::connect(addr, proto_node(NODE_ID, "n3")).await {
             Ok(c) => break c,
             Err(e) if tokio::time::Instant::now() < deadline => {
@@ -503,8 +503,7 @@ async fn streams_per_address_are_capped() -> Result<()> {
             Err(e) => return Err(e),
         }
     };
-    c.subscribe(ADDRESS_TYPE_URL, &[]).await?;
-    assert_eq!(names(&c.recv().await?), ["w1", "w2"]);
+    served(c).await?;
     Ok(())
 }
 
