@@ -99,50 +99,29 @@ async fn the_authority_is_one_host_port_or_the_request_is_refused() {
         assert_eq!(h.status(), 404, "port {port}: {}", h.0);
         assert_eq!(h.header("x-seen-path"), Some("/public"), "port {port}");
 
-        for (what, request) in [
-            (
-                "a path in Host",
-                get("/public", &format!("host: {HOST}/admin/x?\r\n")),
-            ),
-            (
-                "a query in Host",
-                get("/public", &format!("host: {HOST}?/admin\r\n")),
-            ),
-            (
-                "userinfo in Host",
-                get("/public", &format!("host: x@{HOST}\r\n")),
-            ),
-            ("no Host", get("/public", "")),
-            (
-                "two Hosts",
-                get("/public", &format!("host: {HOST}\r\nhost: other\r\n")),
-            ),
-            ("an empty Host", get("/public", "host: \r\n")),
-            (
-                "a port that is not one",
-                get("/public", &format!("host: {HOST}:abc\r\n")),
-            ),
-            (
-                "an empty port",
-                get("/public", &format!("host: {HOST}:\r\n")),
-            ),
-            (
-                "a port past 65535",
-                get("/public", &format!("host: {HOST}:99999\r\n")),
-            ),
-            (
-                "a signed port",
-                get("/public", &format!("host: {HOST}:+80\r\n")),
-            ),
-            ("GET *", get("*", &format!("host: {HOST}\r\n"))),
+        // `{H}` stands for the service's host name.
+        for (what, target, host_lines) in [
+            ("a path in Host", "/public", "host: {H}/admin/x?\r\n"),
+            ("a query in Host", "/public", "host: {H}?/admin\r\n"),
+            ("userinfo in Host", "/public", "host: x@{H}\r\n"),
+            ("no Host", "/public", ""),
+            ("two Hosts", "/public", "host: {H}\r\nhost: other\r\n"),
+            ("an empty Host", "/public", "host: \r\n"),
+            ("a port that is not one", "/public", "host: {H}:abc\r\n"),
+            ("an empty port", "/public", "host: {H}:\r\n"),
+            ("a port past 65535", "/public", "host: {H}:99999\r\n"),
+            ("a signed port", "/public", "host: {H}:+80\r\n"),
+            ("GET *", "*", "host: {H}\r\n"),
             (
                 "userinfo in the target",
-                get(
-                    &format!("http://x@{HOST}/public"),
-                    &format!("host: {HOST}\r\n"),
-                ),
+                "http://x@{H}/public",
+                "host: {H}\r\n",
             ),
         ] {
+            let request = get(
+                &target.replace("{H}", HOST),
+                &host_lines.replace("{H}", HOST),
+            );
             let h = send_raw(&mesh, a, port, &request).await;
             assert_eq!(h.status(), 400, "port {port}, {what}: {}", h.0);
             assert!(!h.reached_backend(), "port {port}, {what}: {}", h.0);
