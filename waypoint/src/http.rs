@@ -168,10 +168,12 @@ pub(crate) fn is_grpc(h: &HeaderMap) -> bool {
 }
 
 /// Sets `Host` to `authority` unless it already is (most requests: one lookup, no copy).
+/// (A route filter may have added a second `Host`: then it is replaced too.)
 fn set_host(h: &mut HeaderMap, authority: &str) -> Result<(), http::header::InvalidHeaderValue> {
-    if h.get(header::HOST)
-        .is_none_or(|v| v.as_bytes() != authority.as_bytes())
-    {
+    let mut hosts = h.get_all(header::HOST).iter();
+    let already = matches!((hosts.next(), hosts.next()),
+        (Some(v), None) if v.as_bytes() == authority.as_bytes());
+    if !already {
         h.insert(header::HOST, HeaderValue::try_from(authority)?);
     }
     Ok(())
