@@ -27,6 +27,7 @@
 
 pub mod cache;
 pub mod grpc;
+mod has;
 pub mod reply;
 pub mod scope;
 pub mod stream;

@@ -132,7 +132,42 @@ pub struct Cache {
     sorted: Arc<Mutex<SortedEntries>>,
 }
 
-type SortedEntries = HashMap<String, (u64, Arc<[Arc<Entry>]>)>;
+/// Per type: the generation its snapshot was built at, the snapshot, and (once a stream has
+/// sent the whole type) the snapshot's entries encoded as one buffer.
+type SortedEntries = HashMap<String, (u64, Arc<Snapshot>, Option<Bytes>)>;
+
+/// Every entry of one type as of one cache generation, sorted by name
+/// ([`Cache::sorted_entries`]). Shared by every stream that is sent the whole type or
+/// remembers having it, so a wildcard subscriber's first push copies no list.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    entries: Box<[Arc<Entry>]>,
+}
+
+impl Snapshot {
+    /// The entry named `name`.
+    pub fn find(&self, name: &str) -> Option<&Arc<Entry>> {
+        (self.entries.binary_search_by(|e| (*e.name).cmp(name)).ok()).map(|i| &self.entries[i])
+    }
+
+    /// Every entry's [`Entry::encoded`], in order, in one buffer.
+    fn join(&self) -> Bytes {
+        let len = self.entries.iter().map(|e| e.encoded.len()).sum();
+        let mut buf = Vec::with_capacity(len);
+        for e in self.entries.iter() {
+            buf.extend_from_slice(&e.encoded);
+        }
+        Bytes::from(buf)
+    }
+}
+
+impl std::ops::Deref for Snapshot {
+    type Target = [Arc<Entry>];
+
+    fn deref(&self) -> &[Arc<Entry>] {
+        &self.entries
+    }
+}
 
 impl Default for Cache {
     fn default() -> Self {
@@ -288,10 +323,10 @@ impl Cache {
 
     /// Every entry of `type_url`, sorted by name: built once per cache generation and shared
     /// by every stream that needs the whole type (a wildcard subscription, a resync).
-    pub(crate) fn sorted_entries(&self, type_url: &str) -> Arc<[Arc<Entry>]> {
+    pub(crate) fn sorted_entries(&self, type_url: &str) -> Arc<Snapshot> {
         let inner = self.read();
         let mut memo = self.sorted.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((generation, entries)) = memo.get(type_url)
+        if let Some((generation, entries, _)) = memo.get(type_url)
             && *generation == inner.generation
         {
             return entries.clone();
@@ -302,9 +337,28 @@ impl Cache {
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
         entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        let entries: Arc<[Arc<Entry>]> = entries.into();
-        memo.insert(type_url.to_owned(), (inner.generation, entries.clone()));
+        let entries = Arc::new(Snapshot {
+            entries: entries.into_boxed_slice(),
+        });
+        memo.insert(
+            type_url.to_owned(),
+            (inner.generation, entries.clone(), None),
+        );
         entries
+    }
+
+    /// The `resources` fields of a response carrying all of `snapshot`, in one buffer: every
+    /// entry's [`Entry::encoded`] in order. Joined once for the newest snapshot of a type and
+    /// shared by every stream that sends it; an older snapshot's is joined for the caller
+    /// alone, so no buffer outlives the generation it was made for and its last response.
+    pub(crate) fn encoded(&self, type_url: &str, snapshot: &Arc<Snapshot>) -> Bytes {
+        let mut memo = self.sorted.lock().unwrap_or_else(|e| e.into_inner());
+        match memo.get_mut(type_url) {
+            Some((_, newest, encoded)) if Arc::ptr_eq(newest, snapshot) => {
+                encoded.get_or_insert_with(|| snapshot.join()).clone()
+            }
+            _ => snapshot.join(),
+        }
     }
 
     /// The entries of `names` (in order; `None` where absent), under one read of the cache.

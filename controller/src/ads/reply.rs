@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use xds_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 
-use super::cache::Entry;
+use super::cache::{Entry, Snapshot};
 
 /// gRPC message prefix: one compression flag byte and a 4-byte big-endian length.
 const GRPC_PREFIX: usize = 5;
@@ -17,13 +17,47 @@ const GRPC_PREFIX: usize = 5;
 /// chunk at a time); bigger pieces are sent as they are, without copying.
 pub(crate) const CHUNK: usize = 64 * 1024;
 
+/// The resources of a [`Reply`], in name order, shared with the cache.
+#[derive(Clone, Debug)]
+pub enum Resources {
+    /// Some entries.
+    Some(Vec<Arc<Entry>>),
+    /// Every entry of a cache snapshot, with their encoded bytes joined
+    /// ([`Cache::encoded`](super::Cache::encoded)): a whole type, sent to many streams
+    /// without a list or a copy per stream.
+    All(Arc<Snapshot>, Bytes),
+}
+
+impl std::ops::Deref for Resources {
+    type Target = [Arc<Entry>];
+
+    fn deref(&self) -> &[Arc<Entry>] {
+        match self {
+            Resources::Some(entries) => entries,
+            Resources::All(snapshot, _) => snapshot,
+        }
+    }
+}
+
+impl PartialEq for Resources {
+    fn eq(&self, other: &Resources) -> bool {
+        **self == **other
+    }
+}
+
+impl From<Vec<Arc<Entry>>> for Resources {
+    fn from(entries: Vec<Arc<Entry>>) -> Resources {
+        Resources::Some(entries)
+    }
+}
+
 /// A `DeltaDiscoveryResponse` whose resources are shared with the cache.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reply {
     /// `system_version_info` (the cache generation; debugging only).
     pub system_version_info: String,
     /// The resources sent, in name order.
-    pub resources: Vec<Arc<Entry>>,
+    pub resources: Resources,
     /// The type URL of the response.
     pub type_url: String,
     /// The response nonce.
@@ -49,11 +83,10 @@ impl Reply {
     /// The encoded protobuf length of the message.
     pub fn encoded_len(&self) -> usize {
         self.head().len()
-            + self
-                .resources
-                .iter()
-                .map(|e| e.encoded.len())
-                .sum::<usize>()
+            + match &self.resources {
+                Resources::Some(entries) => entries.iter().map(|e| e.encoded.len()).sum(),
+                Resources::All(_, encoded) => encoded.len(),
+            }
     }
 
     /// Every field except `resources`, encoded (protobuf fields may come in any order).
@@ -77,7 +110,7 @@ impl Reply {
 /// The length-prefixed gRPC message of one [`Reply`], produced a chunk at a time: the prefix
 /// and the other fields first, then the cache's encoded resources. Small pieces are gathered
 /// into chunks of about [`CHUNK`] bytes; big ones are handed out as they are (shared, not
-/// copied).
+/// copied), and so is a whole snapshot's joined buffer, [`CHUNK`] bytes at a time.
 #[derive(Debug)]
 pub(crate) struct Frames {
     head: Option<Bytes>,
@@ -103,9 +136,10 @@ impl Frames {
     }
 
     fn peek(&self) -> Option<&Bytes> {
-        match &self.head {
-            Some(head) => Some(head),
-            None => self.reply.resources.get(self.next).map(|e| &e.encoded),
+        match (&self.head, &self.reply.resources) {
+            (Some(head), _) => Some(head),
+            (None, Resources::Some(entries)) => entries.get(self.next).map(|e| &e.encoded),
+            (None, Resources::All(..)) => None,
         }
     }
 
@@ -117,6 +151,14 @@ impl Frames {
 
     /// The next body chunk, `None` when the message is complete.
     pub(crate) fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.head.is_none()
+            && let Resources::All(_, encoded) = &self.reply.resources
+        {
+            let at = self.next.min(encoded.len());
+            let end = encoded.len().min(at + CHUNK);
+            self.next = end;
+            return (at < end).then(|| encoded.slice(at..end));
+        }
         let first = self.peek()?.clone();
         self.advance();
         if first.len() >= CHUNK / 4 {
@@ -145,18 +187,16 @@ mod tests {
     fn reply(cache: &Cache, names: &[&str], removed: &[&str]) -> Reply {
         Reply {
             system_version_info: "7".into(),
-            resources: names.iter().map(|n| cache.get("t", n).unwrap()).collect(),
+            resources: Resources::Some(names.iter().map(|n| cache.get("t", n).unwrap()).collect()),
             type_url: "t".into(),
             nonce: "1-2".into(),
             removed_resources: removed.iter().map(|s| s.to_string()).collect(),
         }
     }
 
-    #[test]
-    fn the_grpc_frame_decodes_to_the_same_response_whatever_the_chunking() {
+    /// A cache of one resource per size, named `r0`, `r1`, ...
+    fn cache_of(sizes: &[usize]) -> Cache {
         let cache = Cache::new();
-        // Small resources (gathered into chunks) and big ones (sent as they are).
-        let sizes = [10usize, 3, 40_000, 1, 70_000, 5, 5];
         let upserts = sizes
             .iter()
             .enumerate()
@@ -165,19 +205,69 @@ mod tests {
                     type_url: "t".into(),
                     value: vec![i as u8; *n],
                 };
-                (format!("r{i}"), any)
+                (format!("r{i:03}"), any)
             })
             .collect();
         cache.apply("t", upserts, vec![]).unwrap();
-        let names: Vec<String> = (0..sizes.len()).map(|i| format!("r{i}")).collect();
+        cache
+    }
+
+    fn chunks(reply: Reply) -> Vec<Bytes> {
+        let mut frames = Frames::new(reply);
+        let mut chunks = Vec::new();
+        while let Some(c) = frames.next_chunk() {
+            chunks.push(c);
+        }
+        chunks
+    }
+
+    /// The response a gRPC message's chunks carry, checking its prefix.
+    fn decode(chunks: &[Bytes]) -> DeltaDiscoveryResponse {
+        let frame: Vec<u8> = chunks.concat();
+        assert_eq!(frame[0], 0, "not compressed");
+        let len = u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - 5);
+        DeltaDiscoveryResponse::decode(&frame[5..]).unwrap()
+    }
+
+    #[test]
+    fn a_whole_snapshot_is_sent_from_one_shared_buffer_in_chunks() {
+        // 300 resources of 1 kB: more than four chunks.
+        let cache = cache_of(&[1000; 300]);
+        let snapshot = cache.sorted_entries("t");
+        let encoded = cache.encoded("t", &snapshot);
+        let all = Reply {
+            resources: Resources::All(snapshot.clone(), encoded.clone()),
+            ..reply(&cache, &[], &["gone"])
+        };
+        let names: Vec<&str> = snapshot.iter().map(|e| &*e.name).collect();
+        let some = reply(&cache, &names, &["gone"]);
+        assert_eq!(all, some);
+        assert_eq!(all.encoded_len(), some.encoded_len());
+        let sent = chunks(all.clone());
+        assert!(sent[1..].iter().all(|c| c.len() <= CHUNK), "{sent:?}");
+        assert_eq!(
+            sent.len(),
+            2 + encoded.len() / CHUNK,
+            "the head, then the body"
+        );
+        // The body's chunks are slices of the shared buffer, not copies.
+        assert_eq!(sent[1].as_ptr(), encoded.as_ptr());
+        assert_eq!(decode(&sent), some.to_proto());
+        // The newest snapshot's buffer is joined once.
+        assert_eq!(cache.encoded("t", &snapshot).as_ptr(), encoded.as_ptr());
+    }
+
+    #[test]
+    fn the_grpc_frame_decodes_to_the_same_response_whatever_the_chunking() {
+        // Small resources (gathered into chunks) and big ones (sent as they are).
+        let sizes = [10usize, 3, 40_000, 1, 70_000, 5, 5];
+        let cache = cache_of(&sizes);
+        let names: Vec<String> = (0..sizes.len()).map(|i| format!("r{i:03}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         for (names, removed) in [(&names[..], &["gone", "x"][..]), (&[][..], &[][..])] {
             let r = reply(&cache, names, removed);
-            let mut frames = Frames::new(r.clone());
-            let mut chunks = Vec::new();
-            while let Some(c) = frames.next_chunk() {
-                chunks.push(c);
-            }
+            let chunks = chunks(r.clone());
             // Small pieces are gathered, big ones (the 40 and 70 kB resources) go alone.
             let expected = if names.is_empty() { 1 } else { 5 };
             assert_eq!(
@@ -186,13 +276,9 @@ mod tests {
                 "{:?}",
                 chunks.iter().map(Bytes::len).collect::<Vec<_>>()
             );
-            let frame: Vec<u8> = chunks.concat();
-            assert_eq!(frame[0], 0, "not compressed");
-            let len = u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize;
-            assert_eq!(len, frame.len() - 5);
-            assert_eq!(len, r.encoded_len());
-            let decoded = DeltaDiscoveryResponse::decode(&frame[5..]).unwrap();
-            assert_eq!(decoded, r.to_proto());
+            let len: usize = chunks.iter().map(Bytes::len).sum();
+            assert_eq!(len - 5, r.encoded_len());
+            assert_eq!(decode(&chunks), r.to_proto());
         }
     }
 }

@@ -33,7 +33,7 @@
 //! error saying which (`AdsError::status`). Requests are bounded by the gRPC service
 //! (`MAX_REQUEST_SIZE`), streams per client address by the server.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
 use prost_types::Any;
@@ -45,8 +45,10 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::peer_text::PeerText;
 
 use super::AdsError;
-use super::cache::{Cache, Change, Entry, version_id};
+use super::cache::{Cache, Change, Entry, Snapshot, version_id};
+use super::has::Has;
 use super::reply::Reply;
+use super::reply::Resources;
 
 /// How much of a NACK's `error_detail.message` the warning keeps: a proxy lists its reasons
 /// there (a waypoint, one per resource it refused), so more than a single peer value.
@@ -148,8 +150,9 @@ struct TypeState {
     names: BTreeSet<Arc<str>>,
     /// What the client has (or was last sent): name → version id (see
     /// [`version_id`](super::cache::version_id)); names are shared with the cache where they
-    /// came from it, so a stream holds no copy of the cache's names or version strings.
-    has: HashMap<Arc<str>, u64>,
+    /// came from it, so a stream holds no copy of the cache's names or version strings, and
+    /// a whole type it was sent at once is the cache's shared snapshot ([`Has`]).
+    has: Has,
     /// Nonces of responses not yet ACKed/NACKed, oldest first.
     pending: VecDeque<String>,
 }
@@ -173,13 +176,15 @@ impl Candidates {
     /// Each candidate once, sorted by name, with its cache entry (`None`: not cached). Every
     /// cached resource comes from the cache's shared sorted list, so a wildcard subscription
     /// looks nothing up by name; other names are looked up under one read of the cache.
-    fn resolve(mut self, cache: &Cache, type_url: &str) -> Vec<(Arc<str>, Option<Arc<Entry>>)> {
+    fn resolve(mut self, cache: &Cache, type_url: &str) -> Resolved {
         self.names.sort_unstable();
         self.names.dedup();
         let all = self.all.then(|| cache.sorted_entries(type_url));
         if let Some(all) = &all {
-            self.names
-                .retain(|n| all.binary_search_by(|e| (*e.name).cmp(&**n)).is_err());
+            self.names.retain(|n| all.find(n).is_none());
+            if self.names.is_empty() && self.dropped.is_empty() {
+                return Resolved::Whole(all.clone());
+            }
         }
         let entries = cache.get_many(type_url, &self.names);
         let mut out: Vec<_> = self.names.into_iter().zip(entries).collect();
@@ -194,7 +199,25 @@ impl Candidates {
         if !self.dropped.is_empty() {
             out.retain(|(n, _)| !self.dropped.contains(n));
         }
-        out
+        Resolved::Names(out)
+    }
+}
+
+/// [`Candidates`] with their cache entries.
+enum Resolved {
+    /// Exactly every cached resource of the type.
+    Whole(Arc<Snapshot>),
+    /// Each candidate once, sorted by name, with its cache entry (`None`: not cached).
+    Names(Vec<(Arc<str>, Option<Arc<Entry>>)>),
+}
+
+impl Resolved {
+    /// Calls `f` with each candidate, in name order.
+    fn each(&self, mut f: impl FnMut(&Arc<str>, Option<&Arc<Entry>>)) {
+        match self {
+            Resolved::Whole(snapshot) => snapshot.iter().for_each(|e| f(&e.name, Some(e))),
+            Resolved::Names(names) => names.iter().for_each(|(n, e)| f(n, e.as_ref())),
+        }
     }
 }
 
@@ -386,7 +409,7 @@ impl StreamState {
                 ts.wildcard = false;
                 // The client drops what only the wildcard gave it.
                 let names = &ts.names;
-                ts.has.retain(|n, _| names.contains(n));
+                ts.has.retain(|n| names.contains(n));
             } else {
                 if ts.names.remove(name.as_str()) {
                     self.subscribed_bytes -= name.len() + NAME_OVERHEAD;
@@ -412,7 +435,7 @@ impl StreamState {
         // those that exist, the others it drops itself (and the diff never sees them).
         let unsubscribed_had: Vec<Arc<str>> = match ts.wildcard {
             true => (candidates.dropped.iter())
-                .filter(|n| ts.has.contains_key(&***n))
+                .filter(|n| ts.has.contains_key(n))
                 .cloned()
                 .collect(),
             false => Vec::new(),
@@ -432,17 +455,15 @@ impl StreamState {
             // its first request costs no lookup more). What it names that does
             // not exist is answered in one removal list, bounded as subscriptions are.
             let mut unknown = 0usize;
-            for (name, entry) in &candidates {
-                match entry {
-                    Some(entry) => {
-                        if let Some(version) = ts.has.remove(name) {
-                            ts.has.insert(entry.name.clone(), version);
-                        }
+            candidates.each(|name, entry| match entry {
+                Some(entry) => {
+                    if let Some(version) = ts.has.remove(name) {
+                        ts.has.insert(entry.name.clone(), version);
                     }
-                    None if ts.has.contains_key(name) => unknown += name.len() + NAME_OVERHEAD,
-                    None => {}
                 }
-            }
+                None if ts.has.contains_key(name) => unknown += name.len() + NAME_OVERHEAD,
+                None => {}
+            });
             if unknown > MAX_SUBSCRIBED_BYTES {
                 return Err(AdsError::UnknownResourcesTooLarge {
                     node: node_id,
@@ -455,7 +476,7 @@ impl StreamState {
         if resp.is_none() && first {
             return Ok(Some(self.response(
                 &type_url,
-                Vec::new(),
+                Vec::new().into(),
                 Vec::new(),
                 cache,
             )));
@@ -516,7 +537,7 @@ impl StreamState {
     fn diff(
         &mut self,
         type_url: &str,
-        candidates: Vec<(Arc<str>, Option<Arc<Entry>>)>,
+        candidates: Resolved,
         newly_named: &BTreeSet<Arc<str>>,
         force: &BTreeSet<Arc<str>>,
         cache: &Cache,
@@ -527,8 +548,28 @@ impl StreamState {
         };
         let node = self.node.as_ref().unwrap_or(&default_node);
         let ts = self.types.get_mut(type_url)?;
-        ts.has
-            .reserve(candidates.len().saturating_sub(ts.has.len()));
+        let candidates = match candidates {
+            // A wildcard subscriber that has nothing and may see every resource of the type
+            // (a proxy's first push): it is sent, and then has, the cache's snapshot itself.
+            Resolved::Whole(snapshot)
+                if ts.wildcard
+                    && ts.has.is_empty()
+                    && (snapshot.iter())
+                        .all(|e| (self.filter)(node, type_url, &e.name, &e.resource)) =>
+            {
+                if snapshot.is_empty() {
+                    return None;
+                }
+                ts.has = Has::of(snapshot.clone());
+                let encoded = cache.encoded(type_url, &snapshot);
+                let all = Resources::All(snapshot, encoded);
+                return Some(self.response(type_url, all, Vec::new(), cache));
+            }
+            Resolved::Whole(snapshot) => (snapshot.iter())
+                .map(|e| (e.name.clone(), Some(e.clone())))
+                .collect(),
+            Resolved::Names(names) => names,
+        };
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         for (name, entry) in candidates {
@@ -551,16 +592,19 @@ impl StreamState {
                 }
             }
         }
+        if ts.has.wants_rebase() {
+            ts.has.rebase(cache.sorted_entries(type_url));
+        }
         if resources.is_empty() && removed.is_empty() {
             return None;
         }
-        Some(self.response(type_url, resources, removed, cache))
+        Some(self.response(type_url, resources.into(), removed, cache))
     }
 
     fn response(
         &mut self,
         type_url: &str,
-        resources: Vec<Arc<Entry>>,
+        resources: Resources,
         removed_resources: Vec<String>,
         cache: &Cache,
     ) -> Reply {
@@ -655,7 +699,7 @@ mod tests {
         r.initial_resource_versions = HashMap::from([("a".to_string(), va)]);
         let resp = st.handle_request(r, &c).unwrap().unwrap();
         assert!(resp.resources.is_empty(), "client already has a");
-        let (kept, _) = st.types[T].has.get_key_value("a").unwrap();
+        let kept = st.types[T].has.key("a").unwrap();
         assert!(
             Arc::ptr_eq(kept, &c.get(T, "a").unwrap().name),
             "the cache's name is kept"
@@ -663,6 +707,61 @@ mod tests {
         assert!(st.handle_request(req(&[], &["a"]), &c).unwrap().is_none());
         let resp = st.handle_request(req(&["a"], &[]), &c).unwrap().unwrap();
         assert_eq!(names(&resp), ["a"], "newly requested names are resent");
+    }
+
+    /// A fresh wildcard subscriber is sent the cache's snapshot itself, shared with every
+    /// other such stream, and then remembers having it without a copy; a change is pushed as
+    /// before. A stream that may not see every resource is sent only what it may.
+    #[test]
+    fn a_wildcard_streams_first_push_is_the_shared_snapshot() {
+        let c = cache();
+        let mut one = StreamState::new(1, allow_all());
+        let mut two = StreamState::new(2, allow_all());
+        let r1 = one.handle_request(req(&[], &[]), &c).unwrap().unwrap();
+        let r2 = two.handle_request(req(&[], &[]), &c).unwrap().unwrap();
+        let (Resources::All(s1, b1), Resources::All(s2, b2)) = (&r1.resources, &r2.resources)
+        else {
+            panic!("not the whole snapshot: {r1:?}");
+        };
+        assert!(Arc::ptr_eq(s1, s2), "one snapshot for both streams");
+        assert_eq!(b1.as_ptr(), b2.as_ptr(), "one encoded buffer for both");
+        assert_eq!(names(&r1), ["a", "b"]);
+        assert_eq!(
+            r1.to_proto().resources,
+            [
+                c.get(T, "a").unwrap().to_proto(),
+                c.get(T, "b").unwrap().to_proto()
+            ]
+        );
+        assert!(Arc::ptr_eq(
+            one.types[T].has.key("a").unwrap(),
+            &c.get(T, "a").unwrap().name
+        ));
+
+        // A change: only the changed resource, once; a removal: its name.
+        let any = Any {
+            type_url: T.into(),
+            value: b"3".to_vec(),
+        };
+        c.apply(T, vec![("a".into(), any)], vec!["b".into()])
+            .unwrap();
+        let change = Change {
+            type_url: T.into(),
+            names: vec!["a".into(), "b".into()],
+        };
+        let r = one.handle_change(&change, &c).unwrap();
+        assert_eq!(names(&r), ["a"]);
+        assert_eq!(r.resources[0].resource.value, b"3");
+        assert_eq!(r.removed_resources, ["b"]);
+        assert!(one.handle_change(&change, &c).is_none(), "nothing new");
+
+        // Hidden resources are never part of a shared push.
+        let only_a: Filter = Arc::new(|_, _, name, _| name == "a");
+        let c = cache();
+        let mut hidden = StreamState::new(3, only_a);
+        let r = hidden.handle_request(req(&[], &[]), &c).unwrap().unwrap();
+        assert!(matches!(r.resources, Resources::Some(_)));
+        assert_eq!(names(&r), ["a"]);
     }
 
     /// A stream may name `MAX_TYPES_PER_STREAM` types; asking about one more ends it with an
