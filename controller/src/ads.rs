@@ -41,7 +41,7 @@ use zmesh_core::identity::SpiffeId;
 use zmesh_core::peer_text::PeerText;
 use zmesh_core::serve::PerPeer;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tonic::{Request, Status, Streaming};
 use tracing::{debug, info, warn};
 use xds_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -66,6 +66,14 @@ const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How many responses may be queued for a slow client before the stream stops reading.
 const RESPONSE_QUEUE: usize = 16;
+
+/// Bytes of removal names (`removed_resources`) that the responses queued for one address's
+/// streams may hold at once, unless [`AdsServer::with_queued_bytes_per_peer`] says otherwise.
+/// Past it, those streams stop reading until their clients read. The resources a response
+/// carries are the cache's, shared; its removal names are its own, and a client that
+/// subscribes to names that do not exist and never reads could otherwise make the controller
+/// queue [`RESPONSE_QUEUE`] lists of up to [`stream::MAX_SUBSCRIBED_BYTES`] per stream.
+pub const DEFAULT_QUEUED_BYTES_PER_PEER: usize = 32 * 1024 * 1024;
 
 /// Delta ADS streams open at once from one client address, unless
 /// [`AdsServer::with_max_streams_per_peer`] says otherwise (the controller sets it to its
@@ -222,6 +230,7 @@ impl AdsServer {
             peers: PeerStreams {
                 open: Arc::default(),
                 max: DEFAULT_MAX_STREAMS_PER_PEER,
+                queued_max: DEFAULT_QUEUED_BYTES_PER_PEER,
             },
         }
     }
@@ -232,6 +241,13 @@ impl AdsServer {
     /// can make the controller hold.
     pub fn with_max_streams_per_peer(mut self, max: usize) -> Self {
         self.peers.max = max;
+        self
+    }
+
+    /// Caps the bytes of removal names queued for one client address's streams (see
+    /// [`DEFAULT_QUEUED_BYTES_PER_PEER`]).
+    pub fn with_queued_bytes_per_peer(mut self, max: usize) -> Self {
+        self.peers.queued_max = max.max(1);
         self
     }
 
@@ -285,7 +301,7 @@ impl AdsServer {
     pub(crate) async fn open(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<mpsc::Receiver<Result<Reply, Status>>, Status> {
+    ) -> Result<mpsc::Receiver<Result<Queued, Status>>, Status> {
         let peer = request.remote_addr();
         let mut identity = None;
         if let Some(auth) = &self.auth {
@@ -294,10 +310,10 @@ impl AdsServer {
             })?);
         }
         let slot = match peer {
-            Some(addr) => Some(self.peers.take(addr.ip()).inspect_err(|status| {
+            Some(addr) => self.peers.take(addr.ip()).inspect_err(|status| {
                 warn!(?peer, reason = status.message(), "delta ADS stream refused");
-            })?),
-            None => None,
+            })?,
+            None => self.peers.unattached(),
         };
         if !self.cache.ready(READY_WAIT).await {
             return Err(Status::unavailable(
@@ -324,7 +340,7 @@ impl AdsServer {
             state,
             cache: self.cache.clone(),
             streams: self.streams.clone(),
-            _slot: slot,
+            slot,
         };
         debug!(stream = id, ?peer, "delta ADS stream opened");
         tokio::spawn(driver.run(requests, changes, tx));
@@ -333,42 +349,111 @@ impl AdsServer {
 }
 
 /// The delta streams open per client IP address (counted as the gRPC port counts
-/// connections), and how many one address may have.
+/// connections), how many one address may have, and the budget of queued bytes they share.
 #[derive(Clone)]
 struct PeerStreams {
-    open: Arc<Mutex<PerPeer>>,
+    open: Arc<Mutex<Peers>>,
     max: usize,
+    queued_max: usize,
+}
+
+#[derive(Default)]
+struct Peers {
+    count: PerPeer,
+    /// Per address with streams open: permits for the bytes its queued responses may hold.
+    budgets: HashMap<IpAddr, Arc<Semaphore>>,
 }
 
 impl PeerStreams {
     /// A slot for one more stream from `ip`, given back when dropped.
     fn take(&self, ip: IpAddr) -> Result<PeerSlot, Status> {
         let mut open = lock(&self.open);
-        let n = open.get(ip);
+        let n = open.count.get(ip);
         if n >= self.max {
             return Err(Status::resource_exhausted(format!(
                 "{ip} already has {n} delta xDS streams open, the most one address may (the \
                  controller's --max-connections-per-peer); close one first"
             )));
         }
-        open.add(ip);
+        open.count.add(ip);
+        let budget = (open.budgets.entry(ip))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.queued_max)))
+            .clone();
         Ok(PeerSlot {
-            open: self.open.clone(),
-            ip,
+            peer: Some((self.open.clone(), ip)),
+            budget: Budget {
+                permits: budget,
+                max: self.queued_max,
+            },
         })
+    }
+
+    /// A slot for a stream whose address is unknown (not over TCP): its own budget.
+    fn unattached(&self) -> PeerSlot {
+        PeerSlot {
+            peer: None,
+            budget: Budget {
+                permits: Arc::new(Semaphore::new(self.queued_max)),
+                max: self.queued_max,
+            },
+        }
     }
 }
 
 /// One open stream's place in [`PeerStreams`].
 struct PeerSlot {
-    open: Arc<Mutex<PerPeer>>,
-    ip: IpAddr,
+    peer: Option<(Arc<Mutex<Peers>>, IpAddr)>,
+    budget: Budget,
 }
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        lock(&self.open).release(self.ip);
+        if let Some((open, ip)) = &self.peer {
+            let mut open = lock(open);
+            open.count.release(*ip);
+            if open.count.get(*ip) == 0 {
+                open.budgets.remove(ip);
+            }
+        }
     }
+}
+
+/// The queued bytes an address's streams share.
+#[derive(Clone)]
+struct Budget {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Budget {
+    /// Waits until `reply`'s own bytes fit in the budget; they are held until the reply is
+    /// written (a reply larger than the whole budget waits for all of it).
+    async fn reserve(&self, reply: &Reply, stream: u64) -> Option<OwnedSemaphorePermit> {
+        let bytes = reply.queued_bytes().min(self.max);
+        if bytes == 0 {
+            return None;
+        }
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        if let Ok(permit) = self.permits.clone().try_acquire_many_owned(n) {
+            return Some(permit);
+        }
+        info!(
+            stream,
+            bytes,
+            budget = self.max,
+            "delta ADS stream waits for its address's clients to read: their queued removal \
+             lists are at the budget"
+        );
+        // The semaphore is never closed.
+        self.permits.clone().acquire_many_owned(n).await.ok()
+    }
+}
+
+/// A reply on its way to the client, with the share of its address's budget that it holds
+/// until it is written.
+pub(crate) struct Queued {
+    pub(crate) reply: Reply,
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Runs one stream: reads requests and cache changes, writes responses.
@@ -378,10 +463,10 @@ struct StreamDriver {
     cache: Cache,
     streams: Registry,
     /// Held while the stream runs.
-    _slot: Option<PeerSlot>,
+    slot: PeerSlot,
 }
 
-type Tx = mpsc::Sender<Result<Reply, Status>>;
+type Tx = mpsc::Sender<Result<Queued, Status>>;
 
 impl StreamDriver {
     async fn run(
@@ -396,7 +481,7 @@ impl StreamDriver {
                     Ok(Some(req)) => match self.state.handle_request(req, &self.cache) {
                         Ok(resp) => {
                             self.publish();
-                            if !send_all(&tx, resp).await {
+                            if !send_all(&tx, resp, &self.slot.budget, self.id).await {
                                 break "client went away";
                             }
                         }
@@ -426,7 +511,7 @@ impl StreamDriver {
                 change = changes.recv() => match change {
                     Ok(change) => {
                         let resp = self.state.handle_change(&change, &self.cache);
-                        if !send_all(&tx, resp).await {
+                        if !send_all(&tx, resp, &self.slot.budget, self.id).await {
                             break "client went away";
                         }
                     }
@@ -434,7 +519,7 @@ impl StreamDriver {
                         info!(stream = self.id, missed = n,
                             "delta ADS stream fell behind cache changes; resynchronising");
                         let resps = self.state.resync(&self.cache);
-                        if !send_all(&tx, resps).await {
+                        if !send_all(&tx, resps, &self.slot.budget, self.id).await {
                             break "client went away";
                         }
                     }
@@ -464,10 +549,17 @@ impl Drop for StreamDriver {
     }
 }
 
-/// Sends every response; false when the client is gone.
-async fn send_all(tx: &Tx, resps: impl IntoIterator<Item = Reply>) -> bool {
-    for r in resps {
-        if tx.send(Ok(r)).await.is_err() {
+/// Sends every response, each once its own bytes fit in `budget`; false when the client is
+/// gone.
+async fn send_all(
+    tx: &Tx,
+    resps: impl IntoIterator<Item = Reply>,
+    budget: &Budget,
+    stream: u64,
+) -> bool {
+    for reply in resps {
+        let permit = budget.reserve(&reply, stream).await;
+        if tx.send(Ok(Queued { reply, permit })).await.is_err() {
             return false;
         }
     }

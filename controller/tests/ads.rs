@@ -507,6 +507,83 @@ async fn streams_per_address_are_capped() -> Result<()> {
     Ok(())
 }
 
+/// A client that asks for names that do not exist and never reads: the removal lists queued
+/// for it stop at the address's budget, after which its stream stops reading requests. Once
+/// it reads, every response comes, in order: nothing is dropped.
+#[tokio::test]
+async fn queued_removals_stop_at_the_address_budget() -> Result<()> {
+    // Requests of 1,000 names of 1,000 bytes that do not exist: each is answered with those
+    // names as removed, about 1 MiB. The budget holds three such lists.
+    const NAMES: usize = 1000;
+    let round_names = |round: usize| -> Vec<String> {
+        (0..NAMES)
+            .map(|i| format!("{round:03}-{i:04}-{}", "x".repeat(991)))
+            .collect()
+    };
+    let list = NAMES * (1000 + std::mem::size_of::<String>());
+    let (_cache, server) = setup();
+    let addr = start(server.with_queued_bytes_per_peer(3 * list)).await?;
+
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
+    let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = pulled.clone();
+    let reqs = futures::stream::unfold(rx, move |mut rx| {
+        let counter = counter.clone();
+        async move {
+            let r = rx.recv().await?;
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Some((r, rx))
+        }
+    });
+    let mut responses = client.delta_aggregated_resources(reqs).await?.into_inner();
+    const ROUNDS: usize = 30;
+    let sender = tokio::spawn(async move {
+        for round in 0..ROUNDS {
+            let req = DeltaDiscoveryRequest {
+                node: Some(proto_node(NODE_ID, "n1")),
+                type_url: ADDRESS_TYPE_URL.into(),
+                resource_names_subscribe: round_names(round),
+                // Names of the round before go, so the subscriptions stay under their limit.
+                resource_names_unsubscribe: round
+                    .checked_sub(1)
+                    .map(round_names)
+                    .unwrap_or_default(),
+                ..Default::default()
+            };
+            if tx.send(req).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Wait until the client can push no more.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = pulled.load(std::sync::atomic::Ordering::SeqCst);
+        if now == last || now == ROUNDS {
+            break;
+        }
+        last = now;
+    }
+    // Three lists queued, one request waiting for room, and what HTTP/2's windows and the
+    // client hold: 9 when this was written. Without the budget (the queue of 16 replies
+    // alone) the client pushed 23.
+    let stalled_at = pulled.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(stalled_at <= 12, "the client pushed {stalled_at} requests");
+
+    for round in 0..ROUNDS {
+        let resp = tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .context("a response")??
+            .context("the stream ended")?;
+        assert_eq!(resp.removed_resources.len(), NAMES, "round {round}");
+        assert_eq!(resp.removed_resources[0], round_names(round)[0]);
+    }
+    sender.await?;
+    Ok(())
+}
+
 // ---- property test of the state machine (no gRPC) ----
 
 fn arb_request() -> impl Strategy<Value = DeltaDiscoveryRequest> {

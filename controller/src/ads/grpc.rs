@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::body::Body;
 use tonic::codec::Codec;
 use tonic::codegen::{BoxFuture, Service};
@@ -18,7 +18,8 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
-use super::reply::{Frames, Reply};
+use super::Queued;
+use super::reply::Frames;
 use super::{AdsServer, MAX_MESSAGE_SIZE, MAX_REQUEST_SIZE};
 
 /// Full gRPC name of the service.
@@ -106,19 +107,22 @@ async fn delta(
 }
 
 struct BodyState {
-    replies: mpsc::Receiver<Result<Reply, Status>>,
+    replies: mpsc::Receiver<Result<Queued, Status>>,
     current: Option<Frames>,
+    /// The current reply's share of its address's budget, given back once it is written.
+    permit: Option<OwnedSemaphorePermit>,
     done: bool,
 }
 
 /// The response body: each reply's frame in chunks, then the trailers (`grpc-status` of the
 /// error that ended the stream, or OK when the server ended it).
 fn frames(
-    replies: mpsc::Receiver<Result<Reply, Status>>,
+    replies: mpsc::Receiver<Result<Queued, Status>>,
 ) -> impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
     let state = BodyState {
         replies,
         current: None,
+        permit: None,
         done: false,
     };
     futures::stream::unfold(state, |mut st| async move {
@@ -130,11 +134,13 @@ fn frames(
                 return Some((Ok(Frame::data(chunk)), st));
             }
             st.current = None;
+            st.permit = None;
             let status = match st.replies.recv().await {
-                Some(Ok(reply)) => {
+                Some(Ok(Queued { reply, permit })) => {
                     let len = reply.encoded_len();
                     if len <= MAX_MESSAGE_SIZE {
                         st.current = Some(Frames::new(reply));
+                        st.permit = permit;
                         continue;
                     }
                     Status::resource_exhausted(format!(

@@ -80,6 +80,13 @@ impl Reply {
         }
     }
 
+    /// What the reply holds of its own (not shared with the cache): its removal names.
+    pub fn queued_bytes(&self) -> usize {
+        (self.removed_resources.iter())
+            .map(|n| n.len() + std::mem::size_of::<String>())
+            .sum()
+    }
+
     /// The encoded protobuf length of the message.
     pub fn encoded_len(&self) -> usize {
         self.head().len()
