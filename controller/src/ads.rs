@@ -70,7 +70,8 @@ const RESPONSE_QUEUE: usize = 16;
 /// Bytes of removal names (`removed_resources`) that the responses queued for one address's
 /// streams may hold at once, unless [`AdsServer::with_queued_bytes_per_peer`] says otherwise.
 /// Past it, those streams stop reading until their clients read. The resources a response
-/// carries are the cache's, shared; its removal names are its own, and a client that
+/// carries are the cache's, shared (but for a whole older snapshot's, joined for it alone:
+/// `Cache::encoded`); its removal names are its own, and a client that
 /// subscribes to names that do not exist and never reads could otherwise make the controller
 /// queue [`RESPONSE_QUEUE`] lists of up to [`stream::MAX_SUBSCRIBED_BYTES`] per stream.
 pub const DEFAULT_QUEUED_BYTES_PER_PEER: usize = 32 * 1024 * 1024;
@@ -247,7 +248,7 @@ impl AdsServer {
     /// Caps the bytes of removal names queued for one client address's streams (see
     /// [`DEFAULT_QUEUED_BYTES_PER_PEER`]).
     pub fn with_queued_bytes_per_peer(mut self, max: usize) -> Self {
-        self.peers.queued_max = max.max(1);
+        self.peers.queued_max = max.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 
@@ -301,7 +302,7 @@ impl AdsServer {
     pub(crate) async fn open(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<mpsc::Receiver<Result<Queued, Status>>, Status> {
+    ) -> Result<Opened, Status> {
         let peer = request.remote_addr();
         let mut identity = None;
         if let Some(auth) = &self.auth {
@@ -309,12 +310,12 @@ impl AdsServer {
                 warn!(?peer, reason = ?PeerText::new(status.message()), "delta ADS stream refused");
             })?);
         }
-        let slot = match peer {
+        let slot = Arc::new(match peer {
             Some(addr) => self.peers.take(addr.ip()).inspect_err(|status| {
                 warn!(?peer, reason = status.message(), "delta ADS stream refused");
             })?,
             None => self.peers.unattached(),
-        };
+        });
         if !self.cache.ready(READY_WAIT).await {
             return Err(Status::unavailable(
                 "the controller has not loaded the cluster state yet; retry shortly",
@@ -340,12 +341,20 @@ impl AdsServer {
             state,
             cache: self.cache.clone(),
             streams: self.streams.clone(),
-            slot,
+            slot: slot.clone(),
         };
         debug!(stream = id, ?peer, "delta ADS stream opened");
         tokio::spawn(driver.run(requests, changes, tx));
-        Ok(rx)
+        Ok(Opened { replies: rx, slot })
     }
+}
+
+/// What an opened stream's response body reads, and its place among its address's streams:
+/// held by the body as well as by the task that answers requests, so the stream counts (and
+/// its queued replies keep their address's budget) until both have ended.
+pub(crate) struct Opened {
+    pub(crate) replies: mpsc::Receiver<Result<Queued, Status>>,
+    pub(crate) slot: Arc<PeerSlot>,
 }
 
 /// The delta streams open per client IP address (counted as the gRPC port counts
@@ -401,7 +410,7 @@ impl PeerStreams {
 }
 
 /// One open stream's place in [`PeerStreams`].
-struct PeerSlot {
+pub(crate) struct PeerSlot {
     peer: Option<(Arc<Mutex<Peers>>, IpAddr)>,
     budget: Budget,
 }
@@ -462,8 +471,8 @@ struct StreamDriver {
     state: StreamState,
     cache: Cache,
     streams: Registry,
-    /// Held while the stream runs.
-    slot: PeerSlot,
+    /// Held while the stream runs (and by its response body).
+    slot: Arc<PeerSlot>,
 }
 
 type Tx = mpsc::Sender<Result<Queued, Status>>;
@@ -558,7 +567,11 @@ async fn send_all(
     stream: u64,
 ) -> bool {
     for reply in resps {
-        let permit = budget.reserve(&reply, stream).await;
+        // A client that goes while the stream waits for room ends it, as a send would.
+        let permit = tokio::select! {
+            permit = budget.reserve(&reply, stream) => permit,
+            () = tx.closed() => return false,
+        };
         if tx.send(Ok(Queued { reply, permit })).await.is_err() {
             return false;
         }

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -491,20 +493,111 @@ async fn streams_per_address_are_capped() -> Result<()> {
     );
 
     drop(open.pop());
-    // The closed stream's task gives its place back once it sees the end.
+    let c = connect_when_room(addr, "already has 2").await?;
+    served(c).await?;
+    Ok(())
+}
+
+/// Names of 1,000 bytes that do not exist, [`FLOOD_NAMES`] a round: a request subscribing to
+/// them is answered with them all as removed, about 1 MiB.
+const FLOOD_NAMES: usize = 1000;
+const FLOOD_LIST: usize = FLOOD_NAMES * (1000 + std::mem::size_of::<String>());
+
+fn flood_names(round: usize) -> Vec<String> {
+    (0..FLOOD_NAMES)
+        .map(|i| format!("{round:03}-{i:04}-{}", "x".repeat(991)))
+        .collect()
+}
+
+/// A stream that asks for `rounds` rounds of names that do not exist and reads nothing until
+/// told to; its request stream ends after the last round.
+struct Flood {
+    pulled: Arc<AtomicUsize>,
+    responses: Streaming<DeltaDiscoveryResponse>,
+    rounds: usize,
+}
+
+impl Flood {
+    async fn start(addr: SocketAddr, rounds: usize) -> Result<Flood> {
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let counter = pulled.clone();
+        let reqs = futures::stream::unfold(rx, move |mut rx| {
+            let counter = counter.clone();
+            async move {
+                let r = rx.recv().await?;
+                counter.fetch_add(1, SeqCst);
+                Some((r, rx))
+            }
+        });
+        let responses = client.delta_aggregated_resources(reqs).await?.into_inner();
+        tokio::spawn(async move {
+            for round in 0..rounds {
+                let req = DeltaDiscoveryRequest {
+                    node: Some(proto_node(NODE_ID, "n1")),
+                    type_url: ADDRESS_TYPE_URL.into(),
+                    resource_names_subscribe: flood_names(round),
+                    // The round before's names go, so subscriptions stay under their limit.
+                    resource_names_unsubscribe: (round.checked_sub(1).map(flood_names))
+                        .unwrap_or_default(),
+                    ..Default::default()
+                };
+                if tx.send(req).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Flood {
+            pulled,
+            responses,
+            rounds,
+        })
+    }
+
+    /// Waits until the client can push no more (or has pushed every round); how many it
+    /// pushed.
+    async fn stalled(&self) -> usize {
+        let mut last = usize::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = self.pulled.load(SeqCst);
+            if now == last || now == self.rounds {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// Reads every round's response, in order.
+    async fn read_all(&mut self) -> Result<()> {
+        for round in 0..self.rounds {
+            let resp = tokio::time::timeout(Duration::from_secs(10), self.responses.message())
+                .await
+                .context("a response")??
+                .context("the stream ended")?;
+            assert_eq!(resp.removed_resources.len(), FLOOD_NAMES, "round {round}");
+            assert_eq!(resp.removed_resources[0], flood_names(round)[0]);
+        }
+        Ok(())
+    }
+}
+
+/// Connects until a stream opens (a closed stream's place comes back once its tasks see the
+/// end), failing after 5 s; `refused` is what each refusal says meanwhile.
+async fn connect_when_room(addr: SocketAddr, refused: &str) -> Result<Client> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let c = loop {
+    loop {
         match Client::connect(addr, proto_node(NODE_ID, "n3")).await {
-            Ok(c) => break c,
+            Ok(c) => return Ok(c),
             Err(e) if tokio::time::Instant::now() < deadline => {
-                assert!(e.to_string().contains("already has 2"), "{e}");
+                assert!(e.to_string().contains(refused), "{e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => return Err(e),
         }
-    };
-    served(c).await?;
-    Ok(())
+    }
 }
 
 /// A client that asks for names that do not exist and never reads: the removal lists queued
@@ -512,75 +605,56 @@ async fn streams_per_address_are_capped() -> Result<()> {
 /// it reads, every response comes, in order: nothing is dropped.
 #[tokio::test]
 async fn queued_removals_stop_at_the_address_budget() -> Result<()> {
-    // Requests of 1,000 names of 1,000 bytes that do not exist: each is answered with those
-    // names as removed, about 1 MiB. The budget holds three such lists.
-    const NAMES: usize = 1000;
-    let round_names = |round: usize| -> Vec<String> {
-        (0..NAMES)
-            .map(|i| format!("{round:03}-{i:04}-{}", "x".repeat(991)))
-            .collect()
-    };
-    let list = NAMES * (1000 + std::mem::size_of::<String>());
     let (_cache, server) = setup();
-    let addr = start(server.with_queued_bytes_per_peer(3 * list)).await?;
-
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
-    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
-    let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = pulled.clone();
-    let reqs = futures::stream::unfold(rx, move |mut rx| {
-        let counter = counter.clone();
-        async move {
-            let r = rx.recv().await?;
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Some((r, rx))
-        }
-    });
-    let mut responses = client.delta_aggregated_resources(reqs).await?.into_inner();
-    const ROUNDS: usize = 30;
-    let sender = tokio::spawn(async move {
-        for round in 0..ROUNDS {
-            let req = DeltaDiscoveryRequest {
-                node: Some(proto_node(NODE_ID, "n1")),
-                type_url: ADDRESS_TYPE_URL.into(),
-                resource_names_subscribe: round_names(round),
-                // Names of the round before go, so the subscriptions stay under their limit.
-                resource_names_unsubscribe: round
-                    .checked_sub(1)
-                    .map(round_names)
-                    .unwrap_or_default(),
-                ..Default::default()
-            };
-            if tx.send(req).await.is_err() {
-                break;
-            }
-        }
-    });
-    // Wait until the client can push no more.
-    let mut last = usize::MAX;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = pulled.load(std::sync::atomic::Ordering::SeqCst);
-        if now == last || now == ROUNDS {
-            break;
-        }
-        last = now;
-    }
+    let addr = start(server.with_queued_bytes_per_peer(3 * FLOOD_LIST)).await?;
+    let mut flood = Flood::start(addr, 30).await?;
     // Three lists queued, one request waiting for room, and what HTTP/2's windows and the
     // client hold: 9 when this was written. Without the budget (the queue of 16 replies
     // alone) the client pushed 23.
-    let stalled_at = pulled.load(std::sync::atomic::Ordering::SeqCst);
+    let stalled_at = flood.stalled().await;
     assert!(stalled_at <= 12, "the client pushed {stalled_at} requests");
+    flood.read_all().await
+}
 
-    for round in 0..ROUNDS {
-        let resp = tokio::time::timeout(Duration::from_secs(10), responses.message())
-            .await
-            .context("a response")??
-            .context("the stream ended")?;
-        assert_eq!(resp.removed_resources.len(), NAMES, "round {round}");
-        assert_eq!(resp.removed_resources[0], round_names(round)[0]);
+/// A stream whose client ended its requests but has not read its responses still counts
+/// against its address, its queued replies against its budget; once it goes, its place does.
+#[tokio::test]
+async fn a_half_closed_stream_counts_until_its_responses_go() -> Result<()> {
+    let (_cache, server) = setup();
+    let addr = start(server.with_max_streams_per_peer(1)).await?;
+    // Ten lists: more than the client's windows take while it does not read.
+    let mut flood = Flood::start(addr, 10).await?;
+    assert_eq!(
+        flood.stalled().await,
+        10,
+        "every request sent, then the end"
+    );
+    match Client::connect(addr, proto_node(NODE_ID, "n2")).await {
+        Ok(_) => bail!("a second stream was opened while the first's responses wait"),
+        Err(e) => assert!(e.to_string().contains("already has 1"), "{e}"),
     }
-    sender.await?;
+    flood.read_all().await?;
+    drop(flood);
+    served(connect_when_room(addr, "already has 1").await?).await?;
+    Ok(())
+}
+
+/// A stream waiting for room in its address's budget ends when its client goes, giving its
+/// place back, though the client that holds the budget still reads nothing.
+#[tokio::test]
+async fn a_stream_waiting_for_the_budget_ends_with_its_client() -> Result<()> {
+    let (_cache, server) = setup();
+    let server = server
+        .with_queued_bytes_per_peer(3 * FLOOD_LIST)
+        .with_max_streams_per_peer(2);
+    let addr = start(server).await?;
+    let hog = Flood::start(addr, 30).await?;
+    hog.stalled().await;
+    let waiting = Flood::start(addr, 1).await?;
+    assert_eq!(waiting.stalled().await, 1);
+    drop(waiting);
+    served(connect_when_room(addr, "already has 2").await?).await?;
+    drop(hog);
     Ok(())
 }
 

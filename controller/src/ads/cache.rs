@@ -349,15 +349,22 @@ impl Cache {
 
     /// The `resources` fields of a response carrying all of `snapshot`, in one buffer: every
     /// entry's [`Entry::encoded`] in order. Joined once for the newest snapshot of a type and
-    /// shared by every stream that sends it; an older snapshot's is joined for the caller
-    /// alone, so no buffer outlives the generation it was made for and its last response.
+    /// shared by every stream that sends it, until the next snapshot of the type replaces it;
+    /// an older snapshot's is joined for the caller alone. The join runs outside the memo's
+    /// lock, so no stream waits on it for a copy of the whole type.
     pub(crate) fn encoded(&self, type_url: &str, snapshot: &Arc<Snapshot>) -> Bytes {
-        let mut memo = self.sorted.lock().unwrap_or_else(|e| e.into_inner());
-        match memo.get_mut(type_url) {
+        let memo = || self.sorted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, newest, Some(encoded))) = memo().get(type_url)
+            && Arc::ptr_eq(newest, snapshot)
+        {
+            return encoded.clone();
+        }
+        let joined = snapshot.join();
+        match memo().get_mut(type_url) {
             Some((_, newest, encoded)) if Arc::ptr_eq(newest, snapshot) => {
-                encoded.get_or_insert_with(|| snapshot.join()).clone()
+                encoded.get_or_insert(joined).clone()
             }
-            _ => snapshot.join(),
+            _ => joined,
         }
     }
 

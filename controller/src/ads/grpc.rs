@@ -5,6 +5,7 @@
 //! largest response for the life of the stream).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -18,9 +19,9 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
-use super::Queued;
 use super::reply::Frames;
 use super::{AdsServer, MAX_MESSAGE_SIZE, MAX_REQUEST_SIZE};
+use super::{Opened, PeerSlot, Queued};
 
 /// Full gRPC name of the service.
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
@@ -97,8 +98,8 @@ async fn delta(
     let requests =
         tonic::Streaming::new_request(codec.decoder(), body, None, Some(MAX_REQUEST_SIZE));
     let request = tonic::Request::from_http(http::Request::from_parts(parts, requests));
-    let replies = server.open(request).await?;
-    let mut resp = http::Response::new(Body::new(StreamBody::new(frames(replies))));
+    let opened = server.open(request).await?;
+    let mut resp = http::Response::new(Body::new(StreamBody::new(frames(opened))));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
@@ -108,6 +109,8 @@ async fn delta(
 
 struct BodyState {
     replies: mpsc::Receiver<Result<Queued, Status>>,
+    /// The stream's place among its address's streams, given back when the body is dropped.
+    _slot: Arc<PeerSlot>,
     current: Option<Frames>,
     /// The current reply's share of its address's budget, given back once it is written.
     permit: Option<OwnedSemaphorePermit>,
@@ -117,10 +120,11 @@ struct BodyState {
 /// The response body: each reply's frame in chunks, then the trailers (`grpc-status` of the
 /// error that ended the stream, or OK when the server ended it).
 fn frames(
-    replies: mpsc::Receiver<Result<Queued, Status>>,
+    opened: Opened,
 ) -> impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
     let state = BodyState {
-        replies,
+        replies: opened.replies,
+        _slot: opened.slot,
         current: None,
         permit: None,
         done: false,

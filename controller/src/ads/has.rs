@@ -3,11 +3,12 @@
 //! A wildcard subscriber's first push sends it every resource of the type, exactly a cache
 //! [`Snapshot`]. Its stream then remembers that snapshot (shared with the cache and with every
 //! other such stream) as its *base*, and only what differs from it in an *overlay*: a name's
-//! other version, or a base name the client no longer has. So 100 proxies holding 10k
-//! workloads share one list instead of keeping 10k names and versions each, and their first
-//! push inserts nothing. Once the overlay outgrows a fraction of the base, the stream moves
-//! to the cache's newest snapshot ([`Has::rebase`]); a client that differs from the cache in
-//! more than that keeps a plain map.
+//! other version, or a base name the client no longer has. So proxies pushed the same
+//! generation of 10k workloads share one list instead of keeping 10k names and versions each,
+//! and their first push inserts nothing. A base pins the versions of its entries that the
+//! cache has since replaced; once the overlay (which names each of them) outgrows a sixteenth
+//! of the base, the stream moves to the cache's newest snapshot ([`Has::rebase`]), and a
+//! client that still differs from that in more than half as much keeps a plain map.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use super::cache::Snapshot;
 
 /// The overlay may hold up to this share of the base (1/n) before the stream rebases.
-const OVERLAY_SHARE: usize = 8;
+const OVERLAY_SHARE: usize = 16;
 
 /// A base may collect at least this many overlay names before the stream rebases, so a small
 /// type does not rebase on every change.
@@ -139,16 +140,21 @@ impl Has {
 
     /// Whether the overlay has outgrown its share of the base (see [`Has::rebase`]).
     pub(super) fn wants_rebase(&self) -> bool {
-        let Some(base) = &self.base else {
-            return false;
-        };
-        self.overlay.len() > OVERLAY_MIN.max(base.len() / OVERLAY_SHARE)
+        self.overlay.len() > self.overlay_max()
+    }
+
+    /// The overlay's share of the base (none without a base).
+    fn overlay_max(&self) -> usize {
+        match &self.base {
+            Some(base) => OVERLAY_MIN.max(base.len() / OVERLAY_SHARE),
+            None => usize::MAX,
+        }
     }
 
     /// The same map on `newest` (the cache's current snapshot of the type): the overlay keeps
     /// only what differs from it, so a stream that has kept up with the cache drops its
-    /// overlay. If the client still differs from `newest` in more than the overlay's share,
-    /// the map becomes a plain one (no base).
+    /// overlay. If the client still differs from `newest` in more than half the overlay's
+    /// share (it would soon rebase again), the map becomes a plain one (no base).
     pub(super) fn rebase(&mut self, newest: Arc<Snapshot>) {
         let mut overlay = HashMap::new();
         for entry in newest.iter() {
@@ -167,7 +173,7 @@ impl Has {
             overlay,
             len: self.len,
         };
-        *self = if rebased.wants_rebase() {
+        *self = if rebased.overlay.len() > rebased.overlay_max() / 2 {
             let plain: Has = (rebased.keys())
                 .map(|n| (n.clone(), rebased.get(n).unwrap_or_default()))
                 .collect();

@@ -27,9 +27,10 @@
 //! one: at most [`MAX_TYPES_PER_STREAM`] types of [`MAX_TYPE_URL`] bytes,
 //! [`MAX_SUBSCRIBED_BYTES`] of names subscribed to by name (checked as each is added), node
 //! fields of [`MAX_NODE_FIELD`] bytes (the rest of the node's metadata is not kept). What the
-//! client has is bounded by the cache: names that do not exist are dropped once reported
-//! removed (at most [`MAX_SUBSCRIBED_BYTES`] of them on a first request) or when unsubscribed,
-//! and the others are keyed by the cache's own names. A stream past a limit ends with the
+//! client has is bounded by the cache (as of now, and of the snapshot its [`Has`] rests on,
+//! with at most a sixteenth of that snapshot since replaced): names that do not exist are
+//! dropped once reported removed (at most [`MAX_SUBSCRIBED_BYTES`] of them on a first
+//! request) or when unsubscribed, and the others are keyed by the cache's own names. A stream past a limit ends with the
 //! error saying which (`AdsError::status`). Requests are bounded by the gRPC service
 //! (`MAX_REQUEST_SIZE`), streams per client address by the server.
 
