@@ -4,25 +4,48 @@
 //! It reports a summary of every response (when, what type, how many resources, how many
 //! bytes, and for small responses which names and addresses) to the benchmark; [`Fleet`]
 //! runs many of them and waits for states and changes across all.
+//!
+//! The clients stand in for proxies on other nodes but run on the controller's cores, so they
+//! do as little as a client can: a response's resources stay slices of the message they came
+//! in ([`Received`]), and only the small responses the change measurements read are decoded
+//! further.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Request;
 use tonic::transport::Channel;
 use xds_proto::envoy::config::core::v3::Node;
-use xds_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Resource};
 use xds_proto::istio::workload::{Address, address};
 use zmesh_controller::reconcile::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 
 /// Responses with at most this many resources carry their names (and Workload addresses) in
 /// the [`Event`]; the initial state only its counts.
 const DETAIL_UP_TO: usize = 16;
+
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// The fields of an `envoy.service.discovery.v3.DeltaDiscoveryResponse` the benchmark reads
+/// (the others are skipped): each resource is kept as the encoded `Resource` it came as, a
+/// slice of the received message.
+#[derive(Clone, PartialEq, Message)]
+pub struct Received {
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub resources: Vec<Bytes>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    pub removed_resources: Vec<String>,
+}
 
 /// Where and how to reach the controller.
 #[derive(Debug, Clone)]
@@ -106,13 +129,14 @@ fn node(id: &Identity) -> Node {
     }
 }
 
-fn detail(resp: &DeltaDiscoveryResponse) -> Vec<(String, Option<Ipv4Addr>)> {
+fn detail(resp: &Received) -> Result<Vec<(String, Option<Ipv4Addr>)>> {
     if resp.resources.len() > DETAIL_UP_TO {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     resp.resources
         .iter()
         .map(|r| {
+            let r = Resource::decode(r.clone()).context("a resource that does not decode")?;
             let ip = r
                 .resource
                 .as_ref()
@@ -125,7 +149,7 @@ fn detail(resp: &DeltaDiscoveryResponse) -> Vec<(String, Option<Ipv4Addr>)> {
                     }
                     address::Type::Service(_) => None,
                 });
-            (r.name.clone(), ip)
+            Ok((r.name, ip))
         })
         .collect()
 }
@@ -154,7 +178,7 @@ async fn run_inner(
     reports: &mpsc::UnboundedSender<Report>,
 ) -> Result<()> {
     let channel = connect(&target, deadline).await?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel)
+    let mut client = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(zmesh_controller::ads::MAX_MESSAGE_SIZE)
         .max_encoding_message_size(zmesh_controller::ads::MAX_MESSAGE_SIZE);
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
@@ -176,7 +200,10 @@ async fn run_inner(
         .insert("authorization", format!("Bearer {}", id.token).parse()?);
     req.metadata_mut()
         .insert("clusterid", "Kubernetes".parse()?);
-    let mut stream = match client.delta_aggregated_resources(req).await {
+    client.ready().await.context("the gRPC channel")?;
+    let codec = tonic_prost::ProstCodec::<DeltaDiscoveryRequest, Received>::default();
+    let path = http::uri::PathAndQuery::from_static(DELTA_PATH);
+    let mut stream = match client.streaming(req, path, codec).await {
         Ok(s) => s.into_inner(),
         // The controller answers UNAVAILABLE while it is still loading; retry as ztunnel
         // does.
@@ -210,7 +237,7 @@ async fn run_inner(
             bytes: resp.encoded_len(),
             resources: resp.resources.len(),
             removed: resp.removed_resources.len(),
-            detail: detail(&resp),
+            detail: detail(&resp)?,
             type_url: resp.type_url,
         };
         if reports.send(Report::Response(event)).is_err() {
