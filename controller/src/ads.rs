@@ -67,13 +67,15 @@ const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How many responses may be queued for a slow client before the stream stops reading.
 const RESPONSE_QUEUE: usize = 16;
 
-/// Bytes of removal names (`removed_resources`) that the responses queued for one address's
-/// streams may hold at once, unless [`AdsServer::with_queued_bytes_per_peer`] says otherwise.
-/// Past it, those streams stop reading until their clients read. The resources a response
-/// carries are the cache's, shared (but for a whole older snapshot's, joined for it alone:
-/// `Cache::encoded`); its removal names are its own, and a client that
-/// subscribes to names that do not exist and never reads could otherwise make the controller
-/// queue [`RESPONSE_QUEUE`] lists of up to [`stream::MAX_SUBSCRIBED_BYTES`] per stream.
+/// Bytes that the responses queued for one address's streams may hold of their own at once
+/// ([`Reply::queued_bytes`]: removal names, a list of the cache's entries, a whole snapshot's
+/// joined buffer), unless [`AdsServer::with_queued_bytes_per_peer`] says otherwise. Past it,
+/// those streams stop reading until their clients read; a response larger than the whole
+/// budget waits for all of it. A client that subscribes to names that do not exist, or
+/// leaves and rejoins the wildcard as the cluster changes, and never reads, could otherwise
+/// make the controller queue [`RESPONSE_QUEUE`] lists of up to
+/// [`stream::MAX_SUBSCRIBED_BYTES`], or a joined buffer of a snapshot the cache has since
+/// replaced, per stream.
 pub const DEFAULT_QUEUED_BYTES_PER_PEER: usize = 32 * 1024 * 1024;
 
 /// Delta ADS streams open at once from one client address, unless
@@ -517,6 +519,8 @@ impl StreamDriver {
                         break end;
                     }
                 },
+                // The response body ended by itself (a response over its size limit).
+                () = tx.closed() => break "response stream ended",
                 change = changes.recv() => match change {
                     Ok(change) => {
                         let resp = self.state.handle_change(&change, &self.cache);

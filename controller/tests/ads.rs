@@ -616,6 +616,17 @@ async fn queued_removals_stop_at_the_address_budget() -> Result<()> {
     flood.read_all().await
 }
 
+/// A response larger than the whole budget (here any push) waits for all of it, and goes.
+#[tokio::test]
+async fn a_response_larger_than_the_budget_is_sent() -> Result<()> {
+    let (_cache, server) = setup();
+    let addr = start(server.with_queued_bytes_per_peer(1)).await?;
+    let mut c = served(Client::connect(addr, proto_node(NODE_ID, "n1")).await?).await?;
+    c.subscribe(ADDRESS_TYPE_URL, &["missing"]).await?;
+    assert_eq!(c.recv().await?.removed_resources, ["missing"]);
+    Ok(())
+}
+
 /// A stream whose client ended its requests but has not read its responses still counts
 /// against its address, its queued replies against its budget; once it goes, its place does.
 #[tokio::test]
@@ -640,7 +651,8 @@ async fn a_half_closed_stream_counts_until_its_responses_go() -> Result<()> {
 }
 
 /// A stream waiting for room in its address's budget ends when its client goes, giving its
-/// place back, though the client that holds the budget still reads nothing.
+/// place back, though the client that holds the budget still reads nothing. Every response
+/// of the address waits while that client reads nothing, and comes once it reads.
 #[tokio::test]
 async fn a_stream_waiting_for_the_budget_ends_with_its_client() -> Result<()> {
     let (_cache, server) = setup();
@@ -648,13 +660,16 @@ async fn a_stream_waiting_for_the_budget_ends_with_its_client() -> Result<()> {
         .with_queued_bytes_per_peer(3 * FLOOD_LIST)
         .with_max_streams_per_peer(2);
     let addr = start(server).await?;
-    let hog = Flood::start(addr, 30).await?;
+    let mut hog = Flood::start(addr, 30).await?;
     hog.stalled().await;
     let waiting = Flood::start(addr, 1).await?;
     assert_eq!(waiting.stalled().await, 1);
     drop(waiting);
-    served(connect_when_room(addr, "already has 2").await?).await?;
-    drop(hog);
+    let mut next = connect_when_room(addr, "already has 2").await?;
+    next.subscribe(ADDRESS_TYPE_URL, &[]).await?;
+    next.expect_silence().await?;
+    hog.read_all().await?;
+    assert_eq!(names(&next.recv().await?), ["w1", "w2"]);
     Ok(())
 }
 

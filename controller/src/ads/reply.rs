@@ -80,11 +80,18 @@ impl Reply {
         }
     }
 
-    /// What the reply holds of its own (not shared with the cache): its removal names.
+    /// What the reply holds that nothing else keeps for long: its removal names, and its list
+    /// of entries or, for a whole snapshot, the joined buffer (which the cache lets go at the
+    /// type's next change).
     pub fn queued_bytes(&self) -> usize {
-        (self.removed_resources.iter())
+        let removed: usize = (self.removed_resources.iter())
             .map(|n| n.len() + std::mem::size_of::<String>())
-            .sum()
+            .sum();
+        removed
+            + match &self.resources {
+                Resources::Some(entries) => entries.len() * std::mem::size_of::<Arc<Entry>>(),
+                Resources::All(_, encoded) => encoded.len(),
+            }
     }
 
     /// The encoded protobuf length of the message.
@@ -251,6 +258,13 @@ mod tests {
         let some = reply(&cache, &names, &["gone"]);
         assert_eq!(all, some);
         assert_eq!(all.encoded_len(), some.encoded_len());
+        // Queued, it counts its buffer; the list of the same entries, its pointers.
+        let removed = "gone".len() + std::mem::size_of::<String>();
+        assert_eq!(all.queued_bytes(), removed + encoded.len());
+        assert_eq!(
+            some.queued_bytes(),
+            removed + 300 * std::mem::size_of::<Arc<Entry>>()
+        );
         let sent = chunks(all.clone());
         assert!(sent[1..].iter().all(|c| c.len() <= CHUNK), "{sent:?}");
         assert_eq!(
