@@ -284,12 +284,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_stream_that_keeps_up_with_the_cache_rebases_to_an_empty_overlay() {
+    /// A cache of 100 names, and a map of them as a first push leaves it.
+    fn hundred() -> (Cache, Has) {
         let cache = Cache::new();
         let upserts = (0..100).map(|i| (format!("n{i:03}"), any(0))).collect();
         cache.apply("t", upserts, vec![]).unwrap();
-        let mut has = Has::of(cache.sorted_entries("t"));
+        let has = Has::of(cache.sorted_entries("t"));
+        (cache, has)
+    }
+
+    #[test]
+    fn a_stream_that_keeps_up_with_the_cache_rebases_to_an_empty_overlay() {
+        let (cache, mut has) = hundred();
         // The cache changes 70 names, one at a time, and the client is sent each change.
         for i in 0..70 {
             let name = format!("n{i:03}");
@@ -314,10 +320,7 @@ mod tests {
 
     #[test]
     fn a_client_far_from_the_cache_gets_a_plain_map() {
-        let cache = Cache::new();
-        let upserts = (0..100).map(|i| (format!("n{i:03}"), any(0))).collect();
-        cache.apply("t", upserts, vec![]).unwrap();
-        let mut has = Has::of(cache.sorted_entries("t"));
+        let (cache, mut has) = hundred();
         // The client drops 80 names the cache keeps.
         for i in 0..80 {
             has.remove(&format!("n{i:03}"));
