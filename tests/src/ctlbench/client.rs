@@ -8,10 +8,11 @@
 //! The clients stand in for proxies on other nodes but run on the controller's cores, so they
 //! do as little as a client can: a response's resources stay slices of the message they came
 //! in ([`Received`]), and only the small responses the change measurements read are decoded
-//! further.
+//! further. Each connects from its own loopback address ([`source`]), as each proxy would
+//! from its node's.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -94,15 +95,24 @@ pub enum Report {
     Failed(Failure),
 }
 
-/// A TLS channel to the controller; retried until `deadline` (the controller may still be
-/// starting).
-pub async fn connect(target: &Target, deadline: Instant) -> Result<Channel> {
+/// The loopback address client `index` connects from: one per client, as each proxy runs on
+/// its own node, so the controller's limits per client address see as many addresses as a
+/// cluster's nodes would give it.
+pub fn source(index: usize) -> IpAddr {
+    let [hi, lo] = u16::try_from(index % 0xfffe + 1).unwrap_or(1).to_be_bytes();
+    IpAddr::V4(Ipv4Addr::new(127, 2, hi, lo))
+}
+
+/// A TLS channel to the controller from client `index` ([`source`], when the controller is
+/// on loopback); retried until `deadline` (the controller may still be starting).
+pub async fn connect(target: &Target, index: usize, deadline: Instant) -> Result<Channel> {
     let endpoint = crate::controller::endpoint(
         format!("https://{}", target.addr),
         &target.root_pem,
         &target.server_name,
     )?
     .tcp_nodelay(true)
+    .local_address(target.addr.ip().is_loopback().then(|| source(index)))
     .connect_timeout(Duration::from_secs(5));
     loop {
         match endpoint.connect().await {
@@ -177,7 +187,7 @@ async fn run_inner(
     deadline: Instant,
     reports: &mpsc::UnboundedSender<Report>,
 ) -> Result<()> {
-    let channel = connect(&target, deadline).await?;
+    let channel = connect(&target, id.index, deadline).await?;
     let mut client = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(zmesh_controller::ads::MAX_MESSAGE_SIZE)
         .max_encoding_message_size(zmesh_controller::ads::MAX_MESSAGE_SIZE);

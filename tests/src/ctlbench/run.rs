@@ -247,7 +247,7 @@ async fn serve_and_measure(
     eprintln!("controller: startup...");
     let first_connect = {
         let t = Instant::now();
-        ctlbench::client::connect(&target, t + Duration::from_secs(60)).await?;
+        ctlbench::client::connect(&target, 0, t + Duration::from_secs(60)).await?;
         ctl.spawned_at.elapsed()
     };
     fleet.start(target.clone(), identity(0)?, Instant::now() + long);
