@@ -25,7 +25,8 @@ use super::{Opened, PeerSlot, Queued};
 
 /// Full gRPC name of the service.
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-const DELTA_PATH: &str =
+/// The gRPC path of `DeltaAggregatedResources`.
+pub const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";

@@ -30,9 +30,6 @@ use zmesh_controller::reconcile::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 /// the [`Event`]; the initial state only its counts.
 const DETAIL_UP_TO: usize = 16;
 
-const DELTA_PATH: &str =
-    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
-
 /// The fields of an `envoy.service.discovery.v3.DeltaDiscoveryResponse` the benchmark reads
 /// (the others are skipped): each resource is kept as the encoded `Resource` it came as, a
 /// slice of the received message.
@@ -212,7 +209,7 @@ async fn run_inner(
         .insert("clusterid", "Kubernetes".parse()?);
     client.ready().await.context("the gRPC channel")?;
     let codec = tonic_prost::ProstCodec::<DeltaDiscoveryRequest, Received>::default();
-    let path = http::uri::PathAndQuery::from_static(DELTA_PATH);
+    let path = http::uri::PathAndQuery::from_static(zmesh_controller::ads::grpc::DELTA_PATH);
     let mut stream = match client.streaming(req, path, codec).await {
         Ok(s) => s.into_inner(),
         // The controller answers UNAVAILABLE while it is still loading; retry as ztunnel
