@@ -247,8 +247,8 @@ impl AdsServer {
         self
     }
 
-    /// Caps the bytes of removal names queued for one client address's streams (see
-    /// [`DEFAULT_QUEUED_BYTES_PER_PEER`]).
+    /// Caps the bytes the responses queued for one client address's streams hold of their own
+    /// (see [`DEFAULT_QUEUED_BYTES_PER_PEER`]).
     pub fn with_queued_bytes_per_peer(mut self, max: usize) -> Self {
         self.peers.queued_max = max.clamp(1, Semaphore::MAX_PERMITS);
         self
@@ -421,8 +421,7 @@ impl Drop for PeerSlot {
     fn drop(&mut self) {
         if let Some((open, ip)) = &self.peer {
             let mut open = lock(open);
-            open.count.release(*ip);
-            if open.count.get(*ip) == 0 {
+            if open.count.release(*ip) == 0 {
                 open.budgets.remove(ip);
             }
         }
@@ -452,8 +451,8 @@ impl Budget {
             stream,
             bytes,
             budget = self.max,
-            "delta ADS stream waits for its address's clients to read: their queued removal \
-             lists are at the budget"
+            "delta ADS stream waits for its address's clients to read: their queued responses \
+             are at the budget"
         );
         // The semaphore is never closed.
         self.permits.clone().acquire_many_owned(n).await.ok()

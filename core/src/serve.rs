@@ -227,14 +227,17 @@ impl PerPeer {
         *self.0.entry(ip).or_default() += 1;
     }
 
-    /// One fewer for `ip` (one that [`PerPeer::add`] counted).
-    pub fn release(&mut self, ip: IpAddr) {
-        if let Some(n) = self.0.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.0.remove(&ip);
-            }
+    /// One fewer for `ip` (one that [`PerPeer::add`] counted); what `ip` holds now.
+    pub fn release(&mut self, ip: IpAddr) -> usize {
+        let Some(n) = self.0.get_mut(&ip) else {
+            return 0;
+        };
+        *n -= 1;
+        let left = *n;
+        if left == 0 {
+            self.0.remove(&ip);
         }
+        left
     }
 }
 
