@@ -20,8 +20,8 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 /// The resources of a [`Reply`], in name order, shared with the cache.
 #[derive(Clone, Debug)]
 pub enum Resources {
-    /// Some entries.
-    Some(Vec<Arc<Entry>>),
+    /// A list of entries.
+    List(Vec<Arc<Entry>>),
     /// Every entry of a cache snapshot, with their encoded bytes joined
     /// ([`Cache::encoded`](super::Cache::encoded)): a whole type, sent to many streams
     /// without a list or a copy per stream.
@@ -33,7 +33,7 @@ impl std::ops::Deref for Resources {
 
     fn deref(&self) -> &[Arc<Entry>] {
         match self {
-            Resources::Some(entries) => entries,
+            Resources::List(entries) => entries,
             Resources::All(snapshot, _) => snapshot,
         }
     }
@@ -47,7 +47,7 @@ impl PartialEq for Resources {
 
 impl From<Vec<Arc<Entry>>> for Resources {
     fn from(entries: Vec<Arc<Entry>>) -> Resources {
-        Resources::Some(entries)
+        Resources::List(entries)
     }
 }
 
@@ -89,7 +89,7 @@ impl Reply {
             .sum();
         removed
             + match &self.resources {
-                Resources::Some(entries) => entries.len() * std::mem::size_of::<Arc<Entry>>(),
+                Resources::List(entries) => entries.len() * std::mem::size_of::<Arc<Entry>>(),
                 Resources::All(_, encoded) => encoded.len(),
             }
     }
@@ -98,7 +98,7 @@ impl Reply {
     pub fn encoded_len(&self) -> usize {
         self.head().len()
             + match &self.resources {
-                Resources::Some(entries) => entries.iter().map(|e| e.encoded.len()).sum(),
+                Resources::List(entries) => entries.iter().map(|e| e.encoded.len()).sum(),
                 Resources::All(_, encoded) => encoded.len(),
             }
     }
@@ -152,7 +152,7 @@ impl Frames {
     fn peek(&self) -> Option<&Bytes> {
         match (&self.head, &self.reply.resources) {
             (Some(head), _) => Some(head),
-            (None, Resources::Some(entries)) => entries.get(self.next).map(|e| &e.encoded),
+            (None, Resources::List(entries)) => entries.get(self.next).map(|e| &e.encoded),
             (None, Resources::All(..)) => None,
         }
     }
@@ -201,7 +201,7 @@ mod tests {
     fn reply(cache: &Cache, names: &[&str], removed: &[&str]) -> Reply {
         Reply {
             system_version_info: "7".into(),
-            resources: Resources::Some(names.iter().map(|n| cache.get("t", n).unwrap()).collect()),
+            resources: Resources::List(names.iter().map(|n| cache.get("t", n).unwrap()).collect()),
             type_url: "t".into(),
             nonce: "1-2".into(),
             removed_resources: removed.iter().map(|s| s.to_string()).collect(),

@@ -30,9 +30,10 @@
 //! client has is bounded by the cache (as of now, and of the snapshot its [`Has`] rests on,
 //! with at most a sixteenth of that snapshot since replaced): names that do not exist are
 //! dropped once reported removed (at most [`MAX_SUBSCRIBED_BYTES`] of them on a first
-//! request) or when unsubscribed, and the others are keyed by the cache's own names. A stream past a limit ends with the
-//! error saying which (`AdsError::status`). Requests are bounded by the gRPC service
-//! (`MAX_REQUEST_SIZE`), streams per client address by the server.
+//! request) or when unsubscribed, and the others are keyed by the cache's own names. A
+//! stream past a limit ends with the error saying which (`AdsError::status`). Requests are
+//! bounded by the gRPC service (`MAX_REQUEST_SIZE`), streams per client address by the
+//! server.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
@@ -48,8 +49,7 @@ use zmesh_core::peer_text::PeerText;
 use super::AdsError;
 use super::cache::{Cache, Change, Entry, Snapshot, version_id};
 use super::has::Has;
-use super::reply::Reply;
-use super::reply::Resources;
+use super::reply::{Reply, Resources};
 
 /// How much of a NACK's `error_detail.message` the warning keeps: a proxy lists its reasons
 /// there (a waypoint, one per resource it refused), so more than a single peer value.
@@ -761,7 +761,7 @@ mod tests {
         let c = cache();
         let mut hidden = StreamState::new(3, only_a);
         let r = hidden.handle_request(req(&[], &[]), &c).unwrap().unwrap();
-        assert!(matches!(r.resources, Resources::Some(_)));
+        assert!(matches!(r.resources, Resources::List(_)));
         assert_eq!(names(&r), ["a"]);
     }
 
