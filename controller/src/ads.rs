@@ -21,9 +21,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Per-node scoping: [`AdsServer::with_filter`] installs a [`Filter`] that sees the [`Node`]
+//! Per-node scoping: [`AdsServer::with_scope`] installs a [`Scope`] that sees the [`Node`]
 //! identity (node id and metadata such as `NODE_NAME`) and decides, per resource, whether that
-//! proxy gets it. The default sends everything.
+//! proxy gets it, or says once for a whole type that it does. The default sends everything.
 
 pub mod cache;
 pub mod grpc;
@@ -50,7 +50,7 @@ pub use cache::{Cache, Change, Entry};
 pub use grpc::AdsService;
 pub use reply::Reply;
 pub use scope::waypoint_scope;
-pub use stream::{Filter, Node, StreamState, allow_all};
+pub use stream::{Filter, Node, Scope, StreamState, allow_all};
 
 /// Maximum size of a delta xDS response (ztunnel decodes up to the same limit).
 pub const MAX_MESSAGE_SIZE: usize = 200 * 1024 * 1024;
@@ -254,12 +254,19 @@ impl AdsServer {
         self
     }
 
-    /// Replaces the per-node resource filter (applies to streams opened afterwards).
+    /// Replaces the per-node resource filter (applies to streams opened afterwards) with a
+    /// closure `(node, type_url, name, resource) -> bool`, asked about every resource.
     pub fn with_filter(
-        mut self,
+        self,
         filter: impl Fn(&Node, &str, &str, &prost_types::Any) -> bool + Send + Sync + 'static,
     ) -> Self {
-        self.filter = Arc::new(filter);
+        self.with_scope(filter)
+    }
+
+    /// Replaces the per-node resource filter (applies to streams opened afterwards) with a
+    /// [`Scope`], which may say once for a whole type that a node sees all of it.
+    pub fn with_scope(mut self, scope: impl Scope + 'static) -> Self {
+        self.filter = Arc::new(scope);
         self
     }
 

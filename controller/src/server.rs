@@ -368,7 +368,7 @@ pub async fn start_with_client(
     // A proxy holds one delta stream per connection.
     let ads = AdsServer::new(cache)
         .with_auth(stream_auth)
-        .with_filter(scope)
+        .with_scope(scope)
         .with_max_streams_per_peer(cfg.limits.grpc.max_connections_per_peer);
     let workload_ca = WorkloadCa::new(
         ca,

@@ -12,19 +12,20 @@
 //! L7 AuthorizationPolicy (`zmesh.waypoint.v1.WaypointPolicy`) goes only to the waypoint it
 //! names.
 //! Istio's workload API resources (`Address`, `Authorization`) go to every authenticated
-//! stream, waypoints included (a waypoint needs the endpoints of the Services it fronts).
+//! stream, waypoints included (a waypoint needs the endpoints of the Services it fronts); the
+//! scope says so once per type ([`Scope::sees_all`]), so they are not looked at one by one.
 
 use prost::Message;
 use prost_types::Any;
-use xds_proto::zmesh::waypoint::v1::{BoundService, WaypointPolicy};
+use xds_proto::zmesh::waypoint::v1::{BoundService, GatewayRef, WaypointPolicy};
 use xds_proto::{
     BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
     WAYPOINT_POLICY_TYPE_URL,
 };
 use zmesh_core::identity::SpiffeId;
 
-use super::Node;
 use super::cache::Cache;
+use super::{Node, Scope};
 
 /// The identity a waypoint for Gateway `namespace/name` runs as.
 pub fn waypoint_identity(trust_domain: &str, namespace: &str, name: &str) -> Option<SpiffeId> {
@@ -33,44 +34,71 @@ pub fn waypoint_identity(trust_domain: &str, namespace: &str, name: &str) -> Opt
 
 /// The controller's filter: `BoundService` resources only to their waypoint's identity (in
 /// `trust_domain`), `ServiceRoutes` and `ServiceAuthn` only where the `BoundService` of the same name (in
-/// `cache`) goes, everything else to everyone.
-pub fn waypoint_scope(
+/// `cache`) goes, `WaypointPolicy` only to the waypoint it names, everything else to everyone
+/// (without looking at it).
+pub fn waypoint_scope(trust_domain: String, cache: Cache) -> WaypointScope {
+    WaypointScope {
+        trust_domain,
+        cache,
+    }
+}
+
+/// See [`waypoint_scope`].
+pub struct WaypointScope {
     trust_domain: String,
     cache: Cache,
-) -> impl Fn(&Node, &str, &str, &Any) -> bool + Send + Sync + 'static {
-    move |node, type_url, name, resource| {
-        let bound = match type_url {
-            BOUND_SERVICE_TYPE_URL => BoundService::decode(resource.value.as_slice()).ok(),
-            SERVICE_ROUTES_TYPE_URL | SERVICE_AUTHN_TYPE_URL => cache
-                .get(BOUND_SERVICE_TYPE_URL, name)
-                .and_then(|e| BoundService::decode(e.resource.value.as_slice()).ok()),
-            WAYPOINT_POLICY_TYPE_URL => {
-                let gw = WaypointPolicy::decode(resource.value.as_slice())
-                    .ok()
-                    .and_then(|p| p.waypoint);
-                return match (&node.identity, gw) {
-                    (Some(identity), Some(gw)) => {
-                        waypoint_identity(&trust_domain, &gw.namespace, &gw.name).as_ref()
-                            == Some(identity)
-                    }
-                    _ => false,
-                };
+}
+
+impl WaypointScope {
+    fn is_waypoint(&self, node: &Node, gw: Option<GatewayRef>) -> bool {
+        match (&node.identity, gw) {
+            (Some(identity), Some(gw)) => {
+                waypoint_identity(&self.trust_domain, &gw.namespace, &gw.name).as_ref()
+                    == Some(identity)
             }
+            _ => false,
+        }
+    }
+}
+
+/// The types this scope looks into; every node sees all of every other type.
+fn scoped(type_url: &str) -> bool {
+    matches!(
+        type_url,
+        BOUND_SERVICE_TYPE_URL
+            | SERVICE_ROUTES_TYPE_URL
+            | SERVICE_AUTHN_TYPE_URL
+            | WAYPOINT_POLICY_TYPE_URL
+    )
+}
+
+impl Scope for WaypointScope {
+    fn sees(&self, node: &Node, type_url: &str, name: &str, resource: &Any) -> bool {
+        let gw = match type_url {
+            BOUND_SERVICE_TYPE_URL => BoundService::decode(resource.value.as_slice())
+                .ok()
+                .and_then(|b| b.waypoint),
+            SERVICE_ROUTES_TYPE_URL | SERVICE_AUTHN_TYPE_URL => self
+                .cache
+                .get(BOUND_SERVICE_TYPE_URL, name)
+                .and_then(|e| BoundService::decode(e.resource.value.as_slice()).ok())
+                .and_then(|b| b.waypoint),
+            WAYPOINT_POLICY_TYPE_URL => WaypointPolicy::decode(resource.value.as_slice())
+                .ok()
+                .and_then(|p| p.waypoint),
             _ => return true,
         };
-        let (Some(identity), Some(bound)) = (&node.identity, bound) else {
-            return false;
-        };
-        bound.waypoint.is_some_and(|gw| {
-            waypoint_identity(&trust_domain, &gw.namespace, &gw.name).as_ref() == Some(identity)
-        })
+        self.is_waypoint(node, gw)
+    }
+
+    fn sees_all(&self, _node: &Node, type_url: &str) -> bool {
+        !scoped(type_url)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use prost::Message;
-    use xds_proto::zmesh::waypoint::v1::GatewayRef;
 
     use super::*;
 
@@ -82,6 +110,34 @@ mod tests {
             namespace: None,
             cluster_id: None,
             identity: identity.map(|i| i.parse().unwrap()),
+        }
+    }
+
+    /// The four waypoint types are looked at one by one; every node sees every resource of
+    /// any other type, so the stream need not ask.
+    #[test]
+    fn only_the_waypoint_types_are_scoped() {
+        let scope = waypoint_scope("cluster.local".into(), Cache::new());
+        let ztunnel = node(Some("spiffe://cluster.local/ns/istio-system/sa/ztunnel"));
+        for t in [
+            BOUND_SERVICE_TYPE_URL,
+            SERVICE_ROUTES_TYPE_URL,
+            SERVICE_AUTHN_TYPE_URL,
+            WAYPOINT_POLICY_TYPE_URL,
+        ] {
+            assert!(!scope.sees_all(&ztunnel, t), "{t}");
+            let any = Any {
+                type_url: t.into(),
+                value: Vec::new(),
+            };
+            assert!(!scope.sees(&ztunnel, t, "ns/svc", &any), "{t}");
+        }
+        for t in [
+            xds_proto::ADDRESS_TYPE_URL,
+            xds_proto::AUTHORIZATION_TYPE_URL,
+        ] {
+            assert!(scope.sees_all(&ztunnel, t), "{t}");
+            assert!(scope.sees_all(&node(None), t), "{t}");
         }
     }
 
@@ -103,7 +159,7 @@ mod tests {
             value: p.encode_to_vec(),
         };
         let sees = |id: Option<&str>| {
-            scope(
+            scope.sees(
                 &node(id),
                 WAYPOINT_POLICY_TYPE_URL,
                 "app/waypoint/app/deny",
@@ -120,7 +176,7 @@ mod tests {
             type_url: WAYPOINT_POLICY_TYPE_URL.into(),
             value: WaypointPolicy::default().encode_to_vec(),
         };
-        assert!(!scope(
+        assert!(!scope.sees(
             &node(Some("spiffe://cluster.local/ns/app/sa/waypoint")),
             WAYPOINT_POLICY_TYPE_URL,
             "x",

@@ -85,12 +85,46 @@ pub const MAX_NODE_FIELD: usize = 1024;
 /// response); the controller's are under 60 bytes.
 pub const MAX_TYPE_URL: usize = 512;
 
-/// Decides whether `node` may see resource `name` of `type_url`: `(node, type_url, name, resource)`.
-pub type Filter = Arc<dyn Fn(&Node, &str, &str, &Any) -> bool + Send + Sync>;
+/// Decides which resources a node may see.
+///
+/// A closure `Fn(&Node, type_url, name, &Any) -> bool` is a scope that is asked about every
+/// resource.
+pub trait Scope: Send + Sync {
+    /// Whether `node` may see resource `name` of `type_url`.
+    fn sees(&self, node: &Node, type_url: &str, name: &str, resource: &Any) -> bool;
+
+    /// Whether `node` sees every resource of `type_url`, whatever it holds: then
+    /// [`sees`](Scope::sees) is not asked about them (a proxy's first push of 10k resources
+    /// would otherwise ask 10k times).
+    fn sees_all(&self, _node: &Node, _type_url: &str) -> bool {
+        false
+    }
+}
+
+impl<F> Scope for F
+where
+    F: Fn(&Node, &str, &str, &Any) -> bool + Send + Sync,
+{
+    fn sees(&self, node: &Node, type_url: &str, name: &str, resource: &Any) -> bool {
+        self(node, type_url, name, resource)
+    }
+}
+
+/// The scope a stream is served with (shared by all streams of a server).
+pub type Filter = Arc<dyn Scope>;
 
 /// The default [`Filter`]: every node sees everything.
 pub fn allow_all() -> Filter {
-    Arc::new(|_, _, _, _| true)
+    struct All;
+    impl Scope for All {
+        fn sees(&self, _: &Node, _: &str, _: &str, _: &Any) -> bool {
+            true
+        }
+        fn sees_all(&self, _: &Node, _: &str) -> bool {
+            true
+        }
+    }
+    Arc::new(All)
 }
 
 /// Who is on the other end of a stream, from the `node` of its first request.
@@ -549,14 +583,17 @@ impl StreamState {
         };
         let node = self.node.as_ref().unwrap_or(&default_node);
         let ts = self.types.get_mut(type_url)?;
+        let filter = &*self.filter;
+        let sees_all = filter.sees_all(node, type_url);
+        let sees =
+            |name: &str, e: &Entry| sees_all || filter.sees(node, type_url, name, &e.resource);
         let candidates = match candidates {
             // A wildcard subscriber that has nothing and may see every resource of the type
             // (a proxy's first push): it is sent, and then has, the cache's snapshot itself.
             Resolved::Whole(snapshot)
                 if ts.wildcard
                     && ts.has.is_empty()
-                    && (snapshot.iter())
-                        .all(|e| (self.filter)(node, type_url, &e.name, &e.resource)) =>
+                    && (sees_all || snapshot.iter().all(|e| sees(&e.name, e))) =>
             {
                 if snapshot.is_empty() {
                     return None;
@@ -575,7 +612,7 @@ impl StreamState {
         let mut removed = Vec::new();
         for (name, entry) in candidates {
             let interested = ts.interested(&name);
-            let visible = entry.filter(|e| (self.filter)(node, type_url, &name, &e.resource));
+            let visible = entry.filter(|e| sees(&name, e));
             match visible {
                 Some(entry) if interested => {
                     // Newly requested names are sent even if the client was sent this version
@@ -757,12 +794,55 @@ mod tests {
         assert!(one.handle_change(&change, &c).is_none(), "nothing new");
 
         // Hidden resources are never part of a shared push.
-        let only_a: Filter = Arc::new(|_, _, name, _| name == "a");
+        let only_a: Filter = Arc::new(|_: &Node, _: &str, name: &str, _: &Any| name == "a");
         let c = cache();
         let mut hidden = StreamState::new(3, only_a);
         let r = hidden.handle_request(req(&[], &[]), &c).unwrap().unwrap();
         assert!(matches!(r.resources, Resources::List(_)));
         assert_eq!(names(&r), ["a"]);
+    }
+
+    /// A scope that says it shows a node every resource of a type is not asked about them one
+    /// by one, on the first push or a change; one that does not say so is asked about each.
+    #[test]
+    fn a_scope_that_sees_a_whole_type_is_not_asked_per_resource() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting {
+            whole: bool,
+            asked: AtomicUsize,
+        }
+        impl Scope for Counting {
+            fn sees(&self, _: &Node, _: &str, _: &str, _: &Any) -> bool {
+                self.asked.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            fn sees_all(&self, _: &Node, _: &str) -> bool {
+                self.whole
+            }
+        }
+        for whole in [true, false] {
+            let c = cache();
+            let scope = Arc::new(Counting {
+                whole,
+                asked: AtomicUsize::new(0),
+            });
+            let mut st = StreamState::new(1, scope.clone());
+            let r = st.handle_request(req(&[], &[]), &c).unwrap().unwrap();
+            assert!(matches!(r.resources, Resources::All(..)), "{whole}");
+            assert_eq!(names(&r), ["a", "b"]);
+            let any = Any {
+                type_url: T.into(),
+                value: b"3".to_vec(),
+            };
+            c.apply(T, vec![("a".into(), any)], Vec::new()).unwrap();
+            let change = Change {
+                type_url: T.into(),
+                names: vec!["a".into()],
+            };
+            assert_eq!(names(&st.handle_change(&change, &c).unwrap()), ["a"]);
+            let asked = scope.asked.load(Ordering::Relaxed);
+            assert_eq!(asked, if whole { 0 } else { 3 }, "whole type: {whole}");
+        }
     }
 
     /// A stream may name `MAX_TYPES_PER_STREAM` types; asking about one more ends it with an
