@@ -76,7 +76,16 @@ const RESPONSE_QUEUE: usize = 16;
 /// make the controller queue [`RESPONSE_QUEUE`] lists of up to
 /// [`stream::MAX_SUBSCRIBED_BYTES`], or a joined buffer of a snapshot the cache has since
 /// replaced, per stream.
+///
+/// One stream's responses hold at most a [`STREAM_SHARE`]th of it (or one response, if
+/// larger): a client that does not read stops its own stream first, and the clients that
+/// share its address (behind one NAT, or one gateway) are served until that many such
+/// streams fill the budget.
 pub const DEFAULT_QUEUED_BYTES_PER_PEER: usize = 32 * 1024 * 1024;
+
+/// The part of its address's budget that one stream's queued responses may hold: one
+/// [`STREAM_SHARE`]th (4 MiB of the default 32 MiB).
+pub const STREAM_SHARE: usize = 8;
 
 /// Delta ADS streams open at once from one client address, unless
 /// [`AdsServer::with_max_streams_per_peer`] says otherwise (the controller sets it to its
@@ -399,10 +408,7 @@ impl PeerStreams {
             .clone();
         Ok(PeerSlot {
             peer: Some((self.open.clone(), ip)),
-            budget: Budget {
-                permits: budget,
-                max: self.queued_max,
-            },
+            budget: Budget::new(budget, self.queued_max),
         })
     }
 
@@ -410,10 +416,7 @@ impl PeerStreams {
     fn unattached(&self) -> PeerSlot {
         PeerSlot {
             peer: None,
-            budget: Budget {
-                permits: Arc::new(Semaphore::new(self.queued_max)),
-                max: self.queued_max,
-            },
+            budget: Budget::new(Arc::new(Semaphore::new(self.queued_max)), self.queued_max),
         }
     }
 }
@@ -435,42 +438,90 @@ impl Drop for PeerSlot {
     }
 }
 
-/// The queued bytes an address's streams share.
-#[derive(Clone)]
+/// The queued bytes an address's streams share, and one stream's share of them.
 struct Budget {
+    /// The address's.
     permits: Arc<Semaphore>,
     max: usize,
+    /// This stream's: at most `max / STREAM_SHARE` of the address's at once.
+    own: Arc<Semaphore>,
+    own_max: usize,
 }
 
 impl Budget {
-    /// Waits until `reply`'s own bytes fit in the budget; they are held until the reply is
-    /// written (a reply larger than the whole budget waits for all of it).
-    async fn reserve(&self, reply: &Reply, stream: u64) -> Option<OwnedSemaphorePermit> {
-        let bytes = reply.queued_bytes().min(self.max);
+    fn new(permits: Arc<Semaphore>, max: usize) -> Self {
+        let own_max = (max / STREAM_SHARE).max(1);
+        Self {
+            permits,
+            max,
+            own: Arc::new(Semaphore::new(own_max)),
+            own_max,
+        }
+    }
+
+    /// Waits until `reply`'s own bytes fit in this stream's share, then in its address's
+    /// budget; they are held until the reply is written (a reply larger than either waits
+    /// for all of it).
+    async fn reserve(&self, reply: &Reply, stream: u64) -> Held {
+        let bytes = reply.queued_bytes();
         if bytes == 0 {
-            return None;
+            return Held::default();
         }
-        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
-        if let Ok(permit) = self.permits.clone().try_acquire_many_owned(n) {
-            return Some(permit);
+        let own = acquire(&self.own, bytes.min(self.own_max), || {
+            info!(
+                stream,
+                bytes,
+                share = self.own_max,
+                "delta ADS stream waits for its client to read: its queued responses are at \
+                 its share of its address's budget"
+            )
+        })
+        .await;
+        let address = acquire(&self.permits, bytes.min(self.max), || {
+            info!(
+                stream,
+                bytes,
+                budget = self.max,
+                "delta ADS stream waits for its address's clients to read: their queued \
+                 responses are at the budget"
+            )
+        })
+        .await;
+        Held {
+            _own: own,
+            _address: address,
         }
-        info!(
-            stream,
-            bytes,
-            budget = self.max,
-            "delta ADS stream waits for its address's clients to read: their queued responses \
-             are at the budget"
-        );
-        // The semaphore is never closed.
-        self.permits.clone().acquire_many_owned(n).await.ok()
     }
 }
 
-/// A reply on its way to the client, with the share of its address's budget that it holds
-/// until it is written.
+/// `n` permits of `permits`, at once or after `waiting` says that it waits.
+async fn acquire(
+    permits: &Arc<Semaphore>,
+    n: usize,
+    waiting: impl FnOnce(),
+) -> Option<OwnedSemaphorePermit> {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    if let Ok(permit) = permits.clone().try_acquire_many_owned(n) {
+        return Some(permit);
+    }
+    waiting();
+    // The semaphores are never closed.
+    permits.clone().acquire_many_owned(n).await.ok()
+}
+
+/// What a queued reply holds of its stream's share and its address's budget, given back
+/// when it is written.
+#[derive(Default)]
+pub(crate) struct Held {
+    _own: Option<OwnedSemaphorePermit>,
+    _address: Option<OwnedSemaphorePermit>,
+}
+
+/// A reply on its way to the client, with the share of its stream's and its address's budget
+/// that it holds until it is written.
 pub(crate) struct Queued {
     pub(crate) reply: Reply,
-    pub(crate) permit: Option<OwnedSemaphorePermit>,
+    pub(crate) held: Held,
 }
 
 /// Runs one stream: reads requests and cache changes, writes responses.
@@ -578,11 +629,11 @@ async fn send_all(
 ) -> bool {
     for reply in resps {
         // A client that goes while the stream waits for room ends it, as a send would.
-        let permit = tokio::select! {
-            permit = budget.reserve(&reply, stream) => permit,
+        let held = tokio::select! {
+            held = budget.reserve(&reply, stream) => held,
             () = tx.closed() => return false,
         };
-        if tx.send(Ok(Queued { reply, permit })).await.is_err() {
+        if tx.send(Ok(Queued { reply, held })).await.is_err() {
             return false;
         }
     }

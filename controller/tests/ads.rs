@@ -601,19 +601,32 @@ async fn connect_when_room(addr: SocketAddr, refused: &str) -> Result<Client> {
 }
 
 /// A client that asks for names that do not exist and never reads: the removal lists queued
-/// for it stop at the address's budget, after which its stream stops reading requests. Once
-/// it reads, every response comes, in order: nothing is dropped.
+/// for it stop at its stream's share of its address's budget, after which its stream stops
+/// reading requests. Once it reads, every response comes, in order: nothing is dropped.
 #[tokio::test]
-async fn queued_removals_stop_at_the_address_budget() -> Result<()> {
+async fn queued_removals_stop_at_the_streams_share() -> Result<()> {
     let (_cache, server) = setup();
     let addr = start(server.with_queued_bytes_per_peer(3 * FLOOD_LIST)).await?;
     let mut flood = Flood::start(addr, 30).await?;
-    // Three lists queued, one request waiting for room, and what HTTP/2's windows and the
-    // client hold: 9 when this was written. Without the budget (the queue of 16 replies
-    // alone) the client pushed 23.
+    // One list queued (a stream's share is an eighth of three, so one list at a time), one
+    // request waiting for room, and what HTTP/2's windows and the client hold: 7 when this
+    // was written, 9 with the address's budget alone (three lists), 23 with neither (the
+    // queue of 16 replies alone).
     let stalled_at = flood.stalled().await;
-    assert!(stalled_at <= 12, "the client pushed {stalled_at} requests");
+    assert!(stalled_at <= 8, "the client pushed {stalled_at} requests");
     flood.read_all().await
+}
+
+/// A client that does not read stops only its own stream: another client from its address
+/// (behind the same NAT) is served meanwhile.
+#[tokio::test]
+async fn a_client_that_does_not_read_stalls_only_its_own_stream() -> Result<()> {
+    let (_cache, server) = setup();
+    let addr = start(server.with_queued_bytes_per_peer(3 * FLOOD_LIST)).await?;
+    let mut hog = Flood::start(addr, 30).await?;
+    hog.stalled().await;
+    served(Client::connect(addr, proto_node(NODE_ID, "n2")).await?).await?;
+    hog.read_all().await
 }
 
 /// A response larger than the whole budget (here any push) waits for all of it, and goes.
@@ -651,24 +664,31 @@ async fn a_half_closed_stream_counts_until_its_responses_go() -> Result<()> {
 }
 
 /// A stream waiting for room in its address's budget ends when its client goes, giving its
-/// place back, though the client that holds the budget still reads nothing. Every response
-/// of the address waits while that client reads nothing, and comes once it reads.
+/// place back, though the clients that hold the budget still read nothing. Every response
+/// of the address waits while they read nothing, and comes once they read.
 #[tokio::test]
 async fn a_stream_waiting_for_the_budget_ends_with_its_client() -> Result<()> {
     let (_cache, server) = setup();
     let server = server
         .with_queued_bytes_per_peer(3 * FLOOD_LIST)
-        .with_max_streams_per_peer(2);
+        .with_max_streams_per_peer(4);
     let addr = start(server).await?;
-    let mut hog = Flood::start(addr, 30).await?;
-    hog.stalled().await;
+    // Each holds one list (its share is smaller): three fill the address's budget.
+    let mut hogs = Vec::new();
+    for _ in 0..3 {
+        let hog = Flood::start(addr, 30).await?;
+        hog.stalled().await;
+        hogs.push(hog);
+    }
     let waiting = Flood::start(addr, 1).await?;
     assert_eq!(waiting.stalled().await, 1);
     drop(waiting);
-    let mut next = connect_when_room(addr, "already has 2").await?;
+    let mut next = connect_when_room(addr, "already has 4").await?;
     next.subscribe(ADDRESS_TYPE_URL, &[]).await?;
     next.expect_silence().await?;
-    hog.read_all().await?;
+    for hog in &mut hogs {
+        hog.read_all().await?;
+    }
     assert_eq!(names(&next.recv().await?), ["w1", "w2"]);
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tonic::body::Body;
 use tonic::codec::Codec;
 use tonic::codegen::{BoxFuture, Service};
@@ -21,7 +21,7 @@ use xds_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDisco
 
 use super::reply::Frames;
 use super::{AdsServer, MAX_MESSAGE_SIZE, MAX_REQUEST_SIZE};
-use super::{Opened, PeerSlot, Queued};
+use super::{Held, Opened, PeerSlot, Queued};
 
 /// Full gRPC name of the service.
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
@@ -113,8 +113,9 @@ struct BodyState {
     /// The stream's place among its address's streams, given back when the body is dropped.
     _slot: Arc<PeerSlot>,
     current: Option<Frames>,
-    /// The current reply's share of its address's budget, given back once it is written.
-    permit: Option<OwnedSemaphorePermit>,
+    /// The current reply's share of its stream's and its address's budget, given back once
+    /// it is written.
+    held: Held,
     done: bool,
 }
 
@@ -127,7 +128,7 @@ fn frames(
         replies: opened.replies,
         _slot: opened.slot,
         current: None,
-        permit: None,
+        held: Held::default(),
         done: false,
     };
     futures::stream::unfold(state, |mut st| async move {
@@ -139,13 +140,13 @@ fn frames(
                 return Some((Ok(Frame::data(chunk)), st));
             }
             st.current = None;
-            st.permit = None;
+            st.held = Held::default();
             let status = match st.replies.recv().await {
-                Some(Ok(Queued { reply, permit })) => {
+                Some(Ok(Queued { reply, held })) => {
                     let len = reply.encoded_len();
                     if len <= MAX_MESSAGE_SIZE {
                         st.current = Some(Frames::new(reply));
-                        st.permit = permit;
+                        st.held = held;
                         continue;
                     }
                     Status::resource_exhausted(format!(
