@@ -124,7 +124,11 @@ impl Reply {
 /// The length-prefixed gRPC message of one [`Reply`], produced a chunk at a time: the prefix
 /// and the other fields first, then the cache's encoded resources. Small pieces are gathered
 /// into chunks of about [`CHUNK`] bytes; big ones are handed out as they are (shared, not
-/// copied), and so is a whole snapshot's joined buffer, [`CHUNK`] bytes at a time.
+/// copied), and so is a whole snapshot's joined buffer, [`CHUNK`] bytes at a time. The other
+/// fields, which hold the reply's own removal names (megabytes of them, for a client that
+/// asks for names that do not exist), go [`CHUNK`] bytes at a time too: HTTP/2 buffers
+/// whatever chunk it is given, so a reply stays counted in its budget
+/// ([`Reply::queued_bytes`]) until its client's window has taken all but the last chunk.
 #[derive(Debug)]
 pub(crate) struct Frames {
     head: Option<Bytes>,
@@ -165,6 +169,11 @@ impl Frames {
 
     /// The next body chunk, `None` when the message is complete.
     pub(crate) fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(head) = &mut self.head
+            && head.len() > CHUNK
+        {
+            return Some(head.split_to(CHUNK));
+        }
         if self.head.is_none()
             && let Resources::All(_, encoded) = &self.reply.resources
         {
@@ -301,5 +310,24 @@ mod tests {
             assert_eq!(len - 5, r.encoded_len());
             assert_eq!(decode(&chunks), r.to_proto());
         }
+    }
+
+    /// A long removal list (the reply's own bytes) goes out a chunk at a time, like a
+    /// snapshot's buffer, and its last piece is gathered with the small resources after it.
+    #[test]
+    fn a_long_removal_list_is_sent_a_chunk_at_a_time() {
+        let cache = cache_of(&[10, 20]);
+        let removed: Vec<String> = (0..300)
+            .map(|i| format!("{i:03}{}", "x".repeat(997)))
+            .collect();
+        let removed: Vec<&str> = removed.iter().map(String::as_str).collect();
+        let r = reply(&cache, &["r000", "r001"], &removed);
+        let sent = chunks(r.clone());
+        let lens: Vec<usize> = sent.iter().map(Bytes::len).collect();
+        assert!(lens.iter().all(|&n| n <= CHUNK), "{lens:?}");
+        let head = GRPC_PREFIX + r.head().len();
+        assert!(head > 4 * CHUNK);
+        assert!(lens[..head / CHUNK].iter().all(|&n| n == CHUNK), "{lens:?}");
+        assert_eq!(decode(&sent), r.to_proto());
     }
 }
