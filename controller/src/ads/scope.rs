@@ -14,13 +14,15 @@
 //! Istio's workload API resources (`Address`, `Authorization`) go to every authenticated
 //! stream, waypoints included (a waypoint needs the endpoints of the Services it fronts); the
 //! scope says so once per type ([`Scope::sees_all`]), so they are not looked at one by one.
+//! A type the scope does not name goes to no one: a new resource type is served only once
+//! the scope says to whom.
 
 use prost::Message;
 use prost_types::Any;
 use xds_proto::zmesh::waypoint::v1::{BoundService, GatewayRef, WaypointPolicy};
 use xds_proto::{
-    BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
-    WAYPOINT_POLICY_TYPE_URL,
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, BOUND_SERVICE_TYPE_URL, SERVICE_AUTHN_TYPE_URL,
+    SERVICE_ROUTES_TYPE_URL, WAYPOINT_POLICY_TYPE_URL,
 };
 use zmesh_core::identity::SpiffeId;
 
@@ -34,8 +36,8 @@ pub fn waypoint_identity(trust_domain: &str, namespace: &str, name: &str) -> Opt
 
 /// The controller's filter: `BoundService` resources only to their waypoint's identity (in
 /// `trust_domain`), `ServiceRoutes` and `ServiceAuthn` only where the `BoundService` of the same name (in
-/// `cache`) goes, `WaypointPolicy` only to the waypoint it names, everything else to everyone
-/// (without looking at it).
+/// `cache`) goes, `WaypointPolicy` only to the waypoint it names, `Address` and `Authorization`
+/// to everyone (without looking at them), any other type to no one.
 pub fn waypoint_scope(trust_domain: String, cache: Cache) -> WaypointScope {
     WaypointScope {
         trust_domain,
@@ -61,15 +63,11 @@ impl WaypointScope {
     }
 }
 
-/// The types this scope looks into; every node sees all of every other type.
-fn scoped(type_url: &str) -> bool {
-    matches!(
-        type_url,
-        BOUND_SERVICE_TYPE_URL
-            | SERVICE_ROUTES_TYPE_URL
-            | SERVICE_AUTHN_TYPE_URL
-            | WAYPOINT_POLICY_TYPE_URL
-    )
+/// The types every node sees all of: Istio's workload API. The four waypoint types are
+/// looked into; any other type is seen by no one (a type added to the cache is served only
+/// once this scope says to whom).
+fn open(type_url: &str) -> bool {
+    matches!(type_url, ADDRESS_TYPE_URL | AUTHORIZATION_TYPE_URL)
 }
 
 impl Scope for WaypointScope {
@@ -86,13 +84,13 @@ impl Scope for WaypointScope {
             WAYPOINT_POLICY_TYPE_URL => WaypointPolicy::decode(resource.value.as_slice())
                 .ok()
                 .and_then(|p| p.waypoint),
-            _ => return true,
+            _ => return open(type_url),
         };
         self.is_waypoint(node, gw)
     }
 
     fn sees_all(&self, _node: &Node, type_url: &str) -> bool {
-        !scoped(type_url)
+        open(type_url)
     }
 }
 
@@ -114,7 +112,8 @@ mod tests {
     }
 
     /// The four waypoint types are looked at one by one; every node sees every resource of
-    /// any other type, so the stream need not ask.
+    /// the workload API's types, so the stream need not ask; no node sees a type the scope
+    /// does not know.
     #[test]
     fn only_the_waypoint_types_are_scoped() {
         let scope = waypoint_scope("cluster.local".into(), Cache::new());
@@ -132,13 +131,18 @@ mod tests {
             };
             assert!(!scope.sees(&ztunnel, t, "ns/svc", &any), "{t}");
         }
-        for t in [
-            xds_proto::ADDRESS_TYPE_URL,
-            xds_proto::AUTHORIZATION_TYPE_URL,
-        ] {
+        for t in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
             assert!(scope.sees_all(&ztunnel, t), "{t}");
             assert!(scope.sees_all(&node(None), t), "{t}");
         }
+        // A type the scope does not know goes to no one.
+        let other = "type.googleapis.com/zmesh.example.v1.New";
+        let any = Any {
+            type_url: other.into(),
+            value: Vec::new(),
+        };
+        assert!(!scope.sees_all(&ztunnel, other));
+        assert!(!scope.sees(&ztunnel, other, "ns/x", &any));
     }
 
     #[test]
