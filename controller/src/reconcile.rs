@@ -25,9 +25,9 @@ use crate::translate::route::service_routes;
 use crate::translate::{Kind, MeshConfig, Objects, Translated, translate, translate_pods};
 
 /// Type URL of workloads and services.
-pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+pub const ADDRESS_TYPE: &str = xds_proto::ADDRESS_TYPE_URL;
 /// Type URL of authorization policies.
-pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+pub const AUTHORIZATION_TYPE: &str = xds_proto::AUTHORIZATION_TYPE_URL;
 
 /// Default quiet time after a change before translating (bursts become one push).
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);

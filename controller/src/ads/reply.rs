@@ -127,8 +127,9 @@ impl Reply {
 /// copied), and so is a whole snapshot's joined buffer, [`CHUNK`] bytes at a time. The other
 /// fields, which hold the reply's own removal names (megabytes of them, for a client that
 /// asks for names that do not exist), go [`CHUNK`] bytes at a time too: HTTP/2 buffers
-/// whatever chunk it is given, so a reply stays counted in its budget
-/// ([`Reply::queued_bytes`]) until its client's window has taken all but the last chunk.
+/// whatever chunk it is given, and hyper asks for the next one when its send buffer has room,
+/// so a reply stays counted in its budget ([`Reply::queued_bytes`]) until HTTP/2 holds no
+/// more of it than that buffer and one chunk.
 #[derive(Debug)]
 pub(crate) struct Frames {
     head: Option<Bytes>,
@@ -313,7 +314,7 @@ mod tests {
     }
 
     /// A long removal list (the reply's own bytes) goes out a chunk at a time, like a
-    /// snapshot's buffer, and its last piece is gathered with the small resources after it.
+    /// snapshot's buffer, and its last piece follows (here alone: it is over a quarter chunk).
     #[test]
     fn a_long_removal_list_is_sent_a_chunk_at_a_time() {
         let cache = cache_of(&[10, 20]);
