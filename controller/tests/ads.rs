@@ -90,6 +90,35 @@ async fn start(server: AdsServer) -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// One delta ADS stream: its requests are what `tx` is given, and `pulled` counts those the
+/// client library has taken to send.
+struct Opened {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: Streaming<DeltaDiscoveryResponse>,
+    pulled: Arc<AtomicUsize>,
+}
+
+/// Opens a delta ADS stream with room for `queue` requests waiting to be sent (responses of
+/// any size are read).
+async fn open(addr: SocketAddr, queue: usize) -> Result<Opened> {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await?
+        .max_decoding_message_size(usize::MAX);
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(queue);
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = pulled.clone();
+    let reqs = futures::stream::unfold(rx, move |mut rx| {
+        let counter = counter.clone();
+        async move {
+            let r = rx.recv().await?;
+            counter.fetch_add(1, SeqCst);
+            Some((r, rx))
+        }
+    });
+    let rx = client.delta_aggregated_resources(reqs).await?.into_inner();
+    Ok(Opened { tx, rx, pulled })
+}
+
 /// A test proxy: one delta ADS stream.
 struct Client {
     tx: mpsc::Sender<DeltaDiscoveryRequest>,
@@ -99,12 +128,7 @@ struct Client {
 
 impl Client {
     async fn connect(addr: SocketAddr, node: ProtoNode) -> Result<Self> {
-        let mut client =
-            AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
-        let (tx, rx) = mpsc::channel(16);
-        let reqs =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-        let rx = client.delta_aggregated_resources(reqs).await?.into_inner();
+        let Opened { tx, rx, .. } = open(addr, 16).await?;
         Ok(Self { tx, rx, node })
     }
 
@@ -519,20 +543,11 @@ struct Flood {
 
 impl Flood {
     async fn start(addr: SocketAddr, rounds: usize) -> Result<Flood> {
-        let mut client =
-            AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")).await?;
-        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
-        let pulled = Arc::new(AtomicUsize::new(0));
-        let counter = pulled.clone();
-        let reqs = futures::stream::unfold(rx, move |mut rx| {
-            let counter = counter.clone();
-            async move {
-                let r = rx.recv().await?;
-                counter.fetch_add(1, SeqCst);
-                Some((r, rx))
-            }
-        });
-        let responses = client.delta_aggregated_resources(reqs).await?.into_inner();
+        let Opened {
+            tx,
+            rx: responses,
+            pulled,
+        } = open(addr, 1).await?;
         tokio::spawn(async move {
             for round in 0..rounds {
                 let req = DeltaDiscoveryRequest {
@@ -675,12 +690,7 @@ async fn one_large_removal(
     mpsc::Sender<DeltaDiscoveryRequest>,
     Streaming<DeltaDiscoveryResponse>,
 )> {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await?
-        .max_decoding_message_size(usize::MAX);
-    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
-    let reqs =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let Opened { tx, rx, .. } = open(addr, 1).await?;
     let names = |from: usize| (from..from + 4).flat_map(flood_names).collect::<Vec<_>>();
     tx.send(DeltaDiscoveryRequest {
         node: Some(proto_node(NODE_ID, "n1")),
@@ -690,8 +700,7 @@ async fn one_large_removal(
         ..Default::default()
     })
     .await?;
-    let responses = client.delta_aggregated_resources(reqs).await?.into_inner();
-    Ok((tx, responses))
+    Ok((tx, rx))
 }
 
 /// A reply's own bytes count until HTTP/2 takes them from it, a window at a time: one
