@@ -11,7 +11,10 @@
 //! zmesh says so (Istio's "Ambient and Istio's security APIs" note). Checks are strict: a
 //! policy with an unknown field or a rule that cannot be applied (no issuer, both or neither
 //! of `jwks`/`jwksUri`, a JWKS that is not one, a URI that is not http(s), a bad header name,
-//! `fromCookies`) is refused whole and applies nowhere.
+//! `fromCookies`, an output header that a rule reads its token from) is refused whole and
+//! applies nowhere. A policy whose output headers are where another policy on the same Service
+//! reads its tokens, or the other way round, is refused on that Service (the one that comes
+//! later by namespace and name).
 
 pub mod crd;
 
@@ -208,16 +211,24 @@ pub fn translate_request_authn(
             };
             for key in keys {
                 let b = &bound[&key];
-                out.services
-                    .entry(key)
-                    .or_insert_with(|| pb::ServiceAuthn {
-                        namespace: b.namespace.clone(),
-                        name: b.name.clone(),
-                        hostname: b.hostname.clone(),
-                        rules: Vec::new(),
-                    })
-                    .rules
-                    .extend(rules.iter().cloned());
+                let service = out.services.entry(key).or_insert_with(|| pb::ServiceAuthn {
+                    namespace: b.namespace.clone(),
+                    name: b.name.clone(),
+                    hostname: b.hostname.clone(),
+                    rules: Vec::new(),
+                });
+                // Another policy's rules on the same Service: this one is refused there.
+                let clash = (clashes(&rules, &service.rules).next())
+                    .or_else(|| clashes(&service.rules, &rules).next())
+                    .map(|c| c.to_string());
+                if let Some(c) = clash {
+                    out.issues.push(issue(format!(
+                        "refused for Service {}/{}: {c}",
+                        b.namespace, b.name
+                    )));
+                    continue;
+                }
+                service.rules.extend(rules.iter().cloned());
             }
         }
     }
@@ -374,7 +385,85 @@ fn check_rules(namespace: &str, name: &str, rules: &[JwtRule]) -> Result<Vec<pb:
             timeout,
         });
     }
+    if let Some(c) = clashes(&out, &out).next() {
+        return Err(c.to_string());
+    }
     Ok(out)
+}
+
+/// A rule's output header that is the header a rule reads its token from. The waypoint
+/// removes every rule's output headers from a request before it looks for a token (a client
+/// must not send what only a verified token may set), so that token would never be found.
+struct Clash<'a> {
+    /// The rule that writes the header, and its field.
+    writer: &'a pb::JwtRule,
+    field: String,
+    header: String,
+    /// The rule that reads its token from it.
+    reader: &'a pb::JwtRule,
+}
+
+impl fmt::Display for Clash<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (w, r) = (self.writer, self.reader);
+        if w.policy == r.policy {
+            write!(
+                f,
+                "jwtRules[{}].{}: {:?} is the header jwtRules[{}] reads its token from",
+                w.index, self.field, self.header, r.index
+            )?;
+        } else {
+            write!(
+                f,
+                "RequestAuthentication {}'s jwtRules[{}].{} ({:?}) is the header \
+                 RequestAuthentication {}'s jwtRules[{}] reads its token from",
+                w.policy, w.index, self.field, self.header, r.policy, r.index
+            )?;
+        }
+        write!(
+            f,
+            "; the waypoint removes the rules' output headers from each request before it looks \
+             for a token, so that token would never be found: output to another header"
+        )
+    }
+}
+
+/// Every output header of `writers` that a rule of `readers` reads its token from.
+fn clashes<'a>(
+    writers: &'a [pb::JwtRule],
+    readers: &'a [pb::JwtRule],
+) -> impl Iterator<Item = Clash<'a>> {
+    writers.iter().flat_map(move |writer| {
+        let payload = (!writer.output_payload_to_header.is_empty()).then(|| {
+            (
+                "outputPayloadToHeader".to_owned(),
+                &writer.output_payload_to_header,
+            )
+        });
+        let claims = (writer.output_claim_to_headers.iter().enumerate())
+            .map(|(k, c)| (format!("outputClaimToHeaders[{k}].header"), &c.header));
+        payload
+            .into_iter()
+            .chain(claims)
+            .flat_map(move |(field, header)| {
+                (readers.iter())
+                    .filter(|reader| token_headers(reader).any(|h| h.eq_ignore_ascii_case(header)))
+                    .map(move |reader| Clash {
+                        writer,
+                        field: field.clone(),
+                        header: header.clone(),
+                        reader,
+                    })
+            })
+    })
+}
+
+/// The headers a rule reads its token from: its `fromHeaders`, or with neither headers nor
+/// parameters named, `Authorization` (Istio's default, then the `access_token` parameter).
+fn token_headers(r: &pb::JwtRule) -> impl Iterator<Item = &str> {
+    let default =
+        (r.from_headers.is_empty() && r.from_params.is_empty()).then_some("authorization");
+    (r.from_headers.iter().map(|h| h.name.as_str())).chain(default)
 }
 
 /// A JWKS (RFC 7517 §5): an object with a non-empty `keys` array of objects with a `kty`.

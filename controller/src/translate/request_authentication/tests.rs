@@ -168,6 +168,108 @@ fn a_policy_with_one_bad_rule_is_refused_whole_with_the_field_named() {
     }
 }
 
+/// A rule with its token in `header` and the given extra lines.
+fn rule_in(issuer: &str, header: Option<&str>, more: &str) -> String {
+    let from = header.map_or(String::new(), |h| {
+        format!("    fromHeaders:\n    - name: {h}\n")
+    });
+    format!("{}{from}{more}", rule(issuer))
+}
+
+#[test]
+fn an_output_header_that_a_rule_reads_its_token_from_refuses_the_policy() {
+    let cases = [
+        // Another rule's header, named in other letters' case.
+        (
+            format!(
+                "{}{}",
+                rule_in("a", None, "    outputPayloadToHeader: X-Token\n"),
+                rule_in("b", Some("x-token"), "")
+            ),
+            "jwtRules[0].outputPayloadToHeader: \"X-Token\" is the header jwtRules[1] reads",
+        ),
+        // Its own default header, `Authorization`.
+        (
+            rule_in(
+                "a",
+                None,
+                "    outputClaimToHeaders:\n    - header: authorization\n      claim: sub\n",
+            ),
+            "jwtRules[0].outputClaimToHeaders[0].header: \"authorization\" is the header \
+             jwtRules[0] reads",
+        ),
+    ];
+    for (rules, expect) in cases {
+        let out = run(&policy("p", TO_WAYPOINT, &rules));
+        assert!(
+            out.services.is_empty(),
+            "{rules}: nothing of the policy applies"
+        );
+        assert_eq!(out.issues.len(), 1, "{rules}: {:?}", out.issues);
+        let m = &out.issues[0].message;
+        assert!(
+            m.starts_with("refused: ") && m.contains(expect) && m.ends_with("another header"),
+            "{rules}: {m}"
+        );
+    }
+    // Parameters only: no header is read, so an output to `Authorization` is the rule's own.
+    let params_only = rule_in(
+        "a",
+        None,
+        "    fromParams: [tok]\n    outputPayloadToHeader: authorization\n",
+    );
+    let out = run(&policy("p", TO_WAYPOINT, &params_only));
+    assert!(out.issues.is_empty(), "{:?}", out.issues);
+    assert_eq!(out.services.len(), 2);
+}
+
+#[test]
+fn a_policy_whose_headers_clash_with_another_on_a_service_is_refused_there_only() {
+    // `a` (every Service of the waypoint) reads the default `Authorization`; `b` (httpbin,
+    // its token in a parameter) writes it. Then `a` writes the header `b` reads.
+    let cases = [
+        (
+            rule("one"),
+            rule_in(
+                "two",
+                None,
+                "    fromParams: [tok]\n    outputPayloadToHeader: Authorization\n",
+            ),
+            "RequestAuthentication foo/b's jwtRules[0].outputPayloadToHeader (\"Authorization\") \
+             is the header RequestAuthentication foo/a's jwtRules[0] reads",
+        ),
+        (
+            rule_in("one", None, "    outputPayloadToHeader: x-two\n"),
+            rule_in("two", Some("x-two"), ""),
+            "RequestAuthentication foo/a's jwtRules[0].outputPayloadToHeader (\"x-two\") is the \
+             header RequestAuthentication foo/b's jwtRules[0] reads",
+        ),
+    ];
+    for (a, b, expect) in cases {
+        let out = run(&format!(
+            "{}{}",
+            policy("a", TO_WAYPOINT, &a),
+            policy("b", TO_HTTPBIN, &b)
+        ));
+        assert_eq!(out.issues.len(), 1, "{b}: {:?}", out.issues);
+        let issue = &out.issues[0];
+        assert_eq!(issue.name, "b");
+        assert!(
+            issue
+                .message
+                .starts_with("refused for Service foo/httpbin: ")
+                && issue.message.contains(expect),
+            "{}",
+            issue.message
+        );
+        for service in ["echo", "httpbin"] {
+            let rules = &out.services[&format!("foo/{service}.foo.svc.cluster.local")].rules;
+            let policies: Vec<_> = rules.iter().map(|r| r.policy.as_str()).collect();
+            assert_eq!(policies, ["foo/a"], "{service}");
+        }
+    }
+}
+
 #[test]
 fn unsupported_or_empty_targets_are_reported() {
     let out = run(&format!(
