@@ -330,6 +330,10 @@ async fn serve_http(
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        // As Istio's echo app: Go sets TCP_NODELAY on every TCP connection (net.TCPConn's
+        // SetNoDelay, on by default), so small responses are not held back by Nagle's
+        // algorithm waiting for the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let (cfg, tls) = (cfg.clone(), tls.clone());
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
@@ -368,6 +372,7 @@ async fn serve_tcp(listener: TcpListener) {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
+        let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 << 10];
             loop {

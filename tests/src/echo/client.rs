@@ -88,6 +88,9 @@ pub async fn grpc(
     let tcp = TcpStream::connect((host.as_str(), port))
         .await
         .with_context(|| format!("connecting to {host}:{port}"))?;
+    // As grpc-go (Go's default): each frame goes at once, not held by Nagle's algorithm
+    // behind the peer's delayed ACK.
+    tcp.set_nodelay(true)?;
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
@@ -177,6 +180,7 @@ pub async fn websocket(url: &str, messages: &[String]) -> Result<String> {
     let tcp = TcpStream::connect((host.as_str(), port))
         .await
         .with_context(|| format!("connecting to {host}:{port}"))?;
+    tcp.set_nodelay(true)?;
     let (mut ws, resp) =
         tokio::time::timeout(REPLY_TIMEOUT, tokio_tungstenite::client_async(url, tcp))
             .await
