@@ -13,12 +13,12 @@
 //! of `jwks`/`jwksUri`, a JWKS that is not one, a URI that is not http(s), a bad header name,
 //! `fromCookies`, an output header that a rule reads its token from) is refused whole and
 //! applies nowhere. A policy whose output headers are where another policy on the same Service
-//! reads its tokens, or the other way round, is refused on that Service (the one that comes
-//! later by namespace and name).
+//! reads its tokens, or the other way round, is refused on that Service: the one created later
+//! (then by namespace and name), so that a policy that worked keeps working.
 
 pub mod crd;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use kube::CustomResource;
@@ -158,6 +158,12 @@ pub fn translate_request_authn(
     bound: &BTreeMap<String, pb::BoundService>,
 ) -> RequestAuthn {
     let mut out = RequestAuthn::default();
+    // Oldest first (then by namespace and name): when two policies clash on a Service, the one
+    // created later is refused there, and one that worked keeps working.
+    let mut policies: Vec<_> = policies.iter().collect();
+    policies.sort_by_key(|((namespace, name), obj)| {
+        (obj.metadata.creation_timestamp.as_ref(), namespace, name)
+    });
     for ((namespace, name), obj) in policies {
         let issue = |message: String| AuthnIssue {
             namespace: namespace.clone(),
@@ -204,37 +210,35 @@ pub fn translate_request_authn(
                 continue;
             }
         };
+        // Each Service once, however many of the targets name it.
+        let mut keys = BTreeSet::new();
         for t in targets {
-            let Some(keys) = attached(namespace, t, bound, &mut |m| out.issues.push(issue(m)))
-            else {
-                continue;
-            };
-            for key in keys {
-                let b = &bound[&key];
-                let service = out.services.entry(key).or_insert_with(|| pb::ServiceAuthn {
-                    namespace: b.namespace.clone(),
-                    name: b.name.clone(),
-                    hostname: b.hostname.clone(),
-                    rules: Vec::new(),
-                });
-                // Another policy's rules on the same Service: this one is refused there.
-                let clash = (clashes(&rules, &service.rules).next())
-                    .or_else(|| clashes(&service.rules, &rules).next())
-                    .map(|c| c.to_string());
-                if let Some(c) = clash {
-                    out.issues.push(issue(format!(
-                        "refused for Service {}/{}: {c}",
-                        b.namespace, b.name
-                    )));
-                    continue;
-                }
-                service.rules.extend(rules.iter().cloned());
-            }
+            keys.extend(
+                attached(namespace, t, bound, &mut |m| out.issues.push(issue(m)))
+                    .unwrap_or_default(),
+            );
         }
-    }
-    for s in out.services.values_mut() {
-        // Two targets of one policy naming the same Service: its rules once.
-        s.rules.dedup();
+        for key in keys {
+            let b = &bound[&key];
+            let service = out.services.entry(key).or_insert_with(|| pb::ServiceAuthn {
+                namespace: b.namespace.clone(),
+                name: b.name.clone(),
+                hostname: b.hostname.clone(),
+                rules: Vec::new(),
+            });
+            // Another policy's rules on the same Service: this one is refused there.
+            let clash = (clashes(&rules, &service.rules).next())
+                .or_else(|| clashes(&service.rules, &rules).next())
+                .map(|c| c.to_string());
+            if let Some(c) = clash {
+                out.issues.push(issue(format!(
+                    "refused for Service {}/{}: {c}",
+                    b.namespace, b.name
+                )));
+                continue;
+            }
+            service.rules.extend(rules.iter().cloned());
+        }
     }
     out.services.retain(|_, s| !s.rules.is_empty());
     out
@@ -406,24 +410,29 @@ struct Clash<'a> {
 impl fmt::Display for Clash<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (w, r) = (self.writer, self.reader);
+        let by_default = if r.from_headers.is_empty() && r.from_params.is_empty() {
+            " by default"
+        } else {
+            ""
+        };
         if w.policy == r.policy {
             write!(
                 f,
-                "jwtRules[{}].{}: {:?} is the header jwtRules[{}] reads its token from",
-                w.index, self.field, self.header, r.index
+                "jwtRules[{}].{}: {:?} is the header jwtRules[{}] reads its token from{}",
+                w.index, self.field, self.header, r.index, by_default
             )?;
         } else {
             write!(
                 f,
                 "RequestAuthentication {}'s jwtRules[{}].{} ({:?}) is the header \
-                 RequestAuthentication {}'s jwtRules[{}] reads its token from",
-                w.policy, w.index, self.field, self.header, r.policy, r.index
+                 RequestAuthentication {}'s jwtRules[{}] reads its token from{}",
+                w.policy, w.index, self.field, self.header, r.policy, r.index, by_default
             )?;
         }
         write!(
             f,
             "; the waypoint removes the rules' output headers from each request before it looks \
-             for a token, so that token would never be found: output to another header"
+             for a token, so that token would never be found: use different headers"
         )
     }
 }

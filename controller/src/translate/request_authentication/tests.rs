@@ -208,7 +208,7 @@ fn an_output_header_that_a_rule_reads_its_token_from_refuses_the_policy() {
         assert_eq!(out.issues.len(), 1, "{rules}: {:?}", out.issues);
         let m = &out.issues[0].message;
         assert!(
-            m.starts_with("refused: ") && m.contains(expect) && m.ends_with("another header"),
+            m.starts_with("refused: ") && m.contains(expect) && m.ends_with("different headers"),
             "{rules}: {m}"
         );
     }
@@ -223,37 +223,68 @@ fn an_output_header_that_a_rule_reads_its_token_from_refuses_the_policy() {
     assert_eq!(out.services.len(), 2);
 }
 
+/// `policy` created at `created` (RFC 3339).
+fn policy_created(name: &str, created: &str, target: &str, rules: &str) -> String {
+    policy(name, target, rules).replacen(
+        "  namespace: foo\n",
+        &format!("  namespace: foo\n  creationTimestamp: \"{created}\"\n"),
+        1,
+    )
+}
+
 #[test]
 fn a_policy_whose_headers_clash_with_another_on_a_service_is_refused_there_only() {
-    // `a` (every Service of the waypoint) reads the default `Authorization`; `b` (httpbin,
-    // its token in a parameter) writes it. Then `a` writes the header `b` reads.
+    // `a` (httpbin) reads the default `Authorization`, which `b` (every Service of the
+    // waypoint: echo and httpbin; its own token in a parameter) writes. Then `a` writes the
+    // header `b` reads. With neither created before the other, the later by name is refused.
+    let writes_authorization = rule_in(
+        "two",
+        None,
+        "    fromParams: [tok]\n    outputPayloadToHeader: Authorization\n",
+    );
     let cases = [
         (
-            rule("one"),
-            rule_in(
-                "two",
-                None,
-                "    fromParams: [tok]\n    outputPayloadToHeader: Authorization\n",
-            ),
+            policy("a", TO_HTTPBIN, &rule("one")),
+            policy("b", TO_WAYPOINT, &writes_authorization),
+            "b",
             "RequestAuthentication foo/b's jwtRules[0].outputPayloadToHeader (\"Authorization\") \
-             is the header RequestAuthentication foo/a's jwtRules[0] reads",
+             is the header RequestAuthentication foo/a's jwtRules[0] reads its token from by \
+             default",
+            ["foo/b"],
         ),
         (
-            rule_in("one", None, "    outputPayloadToHeader: x-two\n"),
-            rule_in("two", Some("x-two"), ""),
+            policy(
+                "a",
+                TO_HTTPBIN,
+                &rule_in("one", None, "    outputPayloadToHeader: x-two\n"),
+            ),
+            policy("b", TO_WAYPOINT, &rule_in("two", Some("x-two"), "")),
+            "b",
             "RequestAuthentication foo/a's jwtRules[0].outputPayloadToHeader (\"x-two\") is the \
-             header RequestAuthentication foo/b's jwtRules[0] reads",
+             header RequestAuthentication foo/b's jwtRules[0] reads its token from;",
+            ["foo/b"],
+        ),
+        // `b` created first: it stays, and `a`, created later, is refused on httpbin.
+        (
+            policy_created("a", "2026-12-02T00:00:00Z", TO_HTTPBIN, &rule("one")),
+            policy_created(
+                "b",
+                "2026-12-01T00:00:00Z",
+                TO_WAYPOINT,
+                &writes_authorization,
+            ),
+            "a",
+            "RequestAuthentication foo/b's jwtRules[0].outputPayloadToHeader (\"Authorization\") \
+             is the header RequestAuthentication foo/a's jwtRules[0] reads its token from by \
+             default",
+            ["foo/b"],
         ),
     ];
-    for (a, b, expect) in cases {
-        let out = run(&format!(
-            "{}{}",
-            policy("a", TO_WAYPOINT, &a),
-            policy("b", TO_HTTPBIN, &b)
-        ));
+    for (a, b, refused, expect, on_echo) in cases {
+        let out = run(&format!("{a}{b}"));
         assert_eq!(out.issues.len(), 1, "{b}: {:?}", out.issues);
         let issue = &out.issues[0];
-        assert_eq!(issue.name, "b");
+        assert_eq!(issue.name, refused);
         assert!(
             issue
                 .message
@@ -262,11 +293,17 @@ fn a_policy_whose_headers_clash_with_another_on_a_service_is_refused_there_only(
             "{}",
             issue.message
         );
-        for service in ["echo", "httpbin"] {
-            let rules = &out.services[&format!("foo/{service}.foo.svc.cluster.local")].rules;
-            let policies: Vec<_> = rules.iter().map(|r| r.policy.as_str()).collect();
-            assert_eq!(policies, ["foo/a"], "{service}");
-        }
+        let policies = |service: &str| -> Vec<String> {
+            out.services[&format!("foo/{service}.foo.svc.cluster.local")]
+                .rules
+                .iter()
+                .map(|r| r.policy.clone())
+                .collect()
+        };
+        // Refused on httpbin only: each Service keeps the other policy's rules.
+        assert_eq!(policies("echo"), on_echo);
+        let kept = if refused == "a" { "foo/b" } else { "foo/a" };
+        assert_eq!(policies("httpbin"), [kept]);
     }
 }
 
