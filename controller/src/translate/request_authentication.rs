@@ -14,7 +14,8 @@
 //! `fromCookies`, an output header that a rule reads its token from) is refused whole and
 //! applies nowhere. A policy whose output headers are where another policy on the same Service
 //! reads its tokens, or the other way round, is refused on that Service: the one created later
-//! (then by namespace and name), so that a policy that worked keeps working.
+//! (one without a creation time after those with one, then by namespace and name), so that a
+//! policy that worked keeps working.
 
 pub mod crd;
 
@@ -158,11 +159,13 @@ pub fn translate_request_authn(
     bound: &BTreeMap<String, pb::BoundService>,
 ) -> RequestAuthn {
     let mut out = RequestAuthn::default();
-    // Oldest first (then by namespace and name): when two policies clash on a Service, the one
-    // created later is refused there, and one that worked keeps working.
+    // Oldest first, one without a creation time after those with one, then by namespace and
+    // name (as routes are ranked): when two policies clash on a Service, the one created later
+    // is refused there, and one that worked keeps working.
     let mut policies: Vec<_> = policies.iter().collect();
     policies.sort_by_key(|((namespace, name), obj)| {
-        (obj.metadata.creation_timestamp.as_ref(), namespace, name)
+        let created = obj.metadata.creation_timestamp.as_ref();
+        (created.is_none(), created, namespace, name)
     });
     for ((namespace, name), obj) in policies {
         let issue = |message: String| AuthnIssue {

@@ -308,6 +308,19 @@ fn a_policy_whose_headers_clash_with_another_on_a_service_is_refused_there_only(
 }
 
 #[test]
+fn a_policy_whose_targets_name_a_service_twice_applies_there_once() {
+    let both = format!("{TO_WAYPOINT}\n  - kind: Service\n    group: \"\"\n    name: httpbin");
+    let out = run(&policy("a", &both, &rule("one")));
+    assert!(out.issues.is_empty(), "{:?}", out.issues);
+    let rules = &out.services["foo/httpbin.foo.svc.cluster.local"].rules;
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(
+        out.services["foo/echo.foo.svc.cluster.local"].rules.len(),
+        1
+    );
+}
+
+#[test]
 fn unsupported_or_empty_targets_are_reported() {
     let out = run(&format!(
         "{}{}",
