@@ -42,7 +42,7 @@ mod tests;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Service as KubeService;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use xds_proto::istio::security::Authorization;
 use xds_proto::istio::workload::{Service, Workload};
 use xds_proto::zmesh::waypoint::v1::BoundService;
@@ -255,4 +255,17 @@ pub fn service_hostname(name: &str, namespace: &str, mesh: &MeshConfig) -> Strin
 /// An object's namespace; Kubernetes' `default` when the document leaves it out.
 fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// When an object was created, ranked oldest first and an object without a creation time
+/// after every dated one: of two objects that conflict, the older wins (Gateway API's rule for
+/// routes, which RequestAuthentications follow too).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Age(bool, Option<Time>);
+
+impl Age {
+    fn of(meta: &ObjectMeta) -> Age {
+        let created = meta.creation_timestamp.clone();
+        Age(created.is_none(), created)
+    }
 }

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use xds_proto::zmesh::waypoint::v1 as pb;
 
+use super::Age;
 use super::authorization_policy::{OpaqueStatus, PolicyTargetReference, WorkloadSelector};
 
 /// Which JWTs a waypoint validates for the Services the policy targets (see
@@ -159,14 +160,10 @@ pub fn translate_request_authn(
     bound: &BTreeMap<String, pb::BoundService>,
 ) -> RequestAuthn {
     let mut out = RequestAuthn::default();
-    // Oldest first, one without a creation time after those with one, then by namespace and
-    // name (as routes are ranked): when two policies clash on a Service, the one created later
-    // is refused there, and one that worked keeps working.
+    // Oldest first, then by namespace and name: when two policies clash on a Service, the one
+    // created later is refused there, and one that worked keeps working.
     let mut policies: Vec<_> = policies.iter().collect();
-    policies.sort_by_key(|((namespace, name), obj)| {
-        let created = obj.metadata.creation_timestamp.as_ref();
-        (created.is_none(), created, namespace, name)
-    });
+    policies.sort_by_key(|&(key, obj)| (Age::of(&obj.metadata), key));
     for ((namespace, name), obj) in policies {
         let issue = |message: String| AuthnIssue {
             namespace: namespace.clone(),
@@ -230,8 +227,8 @@ pub fn translate_request_authn(
                 rules: Vec::new(),
             });
             // Another policy's rules on the same Service: this one is refused there.
-            let clash = (clashes(&rules, &service.rules).next())
-                .or_else(|| clashes(&service.rules, &rules).next())
+            let clash = (clash(&rules, &service.rules))
+                .or_else(|| clash(&service.rules, &rules))
                 .map(|c| c.to_string());
             if let Some(c) = clash {
                 out.issues.push(issue(format!(
@@ -392,7 +389,7 @@ fn check_rules(namespace: &str, name: &str, rules: &[JwtRule]) -> Result<Vec<pb:
             timeout,
         });
     }
-    if let Some(c) = clashes(&out, &out).next() {
+    if let Some(c) = clash(&out, &out) {
         return Err(c.to_string());
     }
     Ok(out)
@@ -402,18 +399,34 @@ fn check_rules(namespace: &str, name: &str, rules: &[JwtRule]) -> Result<Vec<pb:
 /// removes every rule's output headers from a request before it looks for a token (a client
 /// must not send what only a verified token may set), so that token would never be found.
 struct Clash<'a> {
-    /// The rule that writes the header, and its field.
+    /// The rule that writes the header, and where.
     writer: &'a pb::JwtRule,
-    field: String,
-    header: String,
+    output: Output,
+    header: &'a str,
     /// The rule that reads its token from it.
     reader: &'a pb::JwtRule,
+}
+
+/// Where a rule writes a header.
+#[derive(Clone, Copy)]
+enum Output {
+    Payload,
+    Claim(usize),
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Output::Payload => f.write_str("outputPayloadToHeader"),
+            Output::Claim(k) => write!(f, "outputClaimToHeaders[{k}].header"),
+        }
+    }
 }
 
 impl fmt::Display for Clash<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (w, r) = (self.writer, self.reader);
-        let by_default = if r.from_headers.is_empty() && r.from_params.is_empty() {
+        let by_default = if reads_default_location(r) {
             " by default"
         } else {
             ""
@@ -422,14 +435,14 @@ impl fmt::Display for Clash<'_> {
             write!(
                 f,
                 "jwtRules[{}].{}: {:?} is the header jwtRules[{}] reads its token from{}",
-                w.index, self.field, self.header, r.index, by_default
+                w.index, self.output, self.header, r.index, by_default
             )?;
         } else {
             write!(
                 f,
                 "RequestAuthentication {}'s jwtRules[{}].{} ({:?}) is the header \
                  RequestAuthentication {}'s jwtRules[{}] reads its token from{}",
-                w.policy, w.index, self.field, self.header, r.policy, r.index, by_default
+                w.policy, w.index, self.output, self.header, r.policy, r.index, by_default
             )?;
         }
         write!(
@@ -440,41 +453,38 @@ impl fmt::Display for Clash<'_> {
     }
 }
 
-/// Every output header of `writers` that a rule of `readers` reads its token from.
-fn clashes<'a>(
-    writers: &'a [pb::JwtRule],
-    readers: &'a [pb::JwtRule],
-) -> impl Iterator<Item = Clash<'a>> {
-    writers.iter().flat_map(move |writer| {
-        let payload = (!writer.output_payload_to_header.is_empty()).then(|| {
-            (
-                "outputPayloadToHeader".to_owned(),
-                &writer.output_payload_to_header,
-            )
-        });
+/// The first output header of `writers` that a rule of `readers` reads its token from.
+fn clash<'a>(writers: &'a [pb::JwtRule], readers: &'a [pb::JwtRule]) -> Option<Clash<'a>> {
+    for writer in writers {
+        let payload = Some(writer.output_payload_to_header.as_str())
+            .filter(|h| !h.is_empty())
+            .map(|h| (Output::Payload, h));
         let claims = (writer.output_claim_to_headers.iter().enumerate())
-            .map(|(k, c)| (format!("outputClaimToHeaders[{k}].header"), &c.header));
-        payload
-            .into_iter()
-            .chain(claims)
-            .flat_map(move |(field, header)| {
-                (readers.iter())
-                    .filter(|reader| token_headers(reader).any(|h| h.eq_ignore_ascii_case(header)))
-                    .map(move |reader| Clash {
-                        writer,
-                        field: field.clone(),
-                        header: header.clone(),
-                        reader,
-                    })
-            })
-    })
+            .map(|(k, c)| (Output::Claim(k), c.header.as_str()));
+        for (output, header) in payload.into_iter().chain(claims) {
+            let reads = |r: &&pb::JwtRule| token_headers(r).any(|h| h.eq_ignore_ascii_case(header));
+            if let Some(reader) = readers.iter().find(reads) {
+                return Some(Clash {
+                    writer,
+                    output,
+                    header,
+                    reader,
+                });
+            }
+        }
+    }
+    None
 }
 
-/// The headers a rule reads its token from: its `fromHeaders`, or with neither headers nor
-/// parameters named, `Authorization` (Istio's default, then the `access_token` parameter).
+/// Whether a rule names neither headers nor parameters, so that Istio's default locations
+/// apply: `Authorization: Bearer`, then the `access_token` parameter.
+fn reads_default_location(r: &pb::JwtRule) -> bool {
+    r.from_headers.is_empty() && r.from_params.is_empty()
+}
+
+/// The headers a rule reads its token from: its `fromHeaders`, or `Authorization` by default.
 fn token_headers(r: &pb::JwtRule) -> impl Iterator<Item = &str> {
-    let default =
-        (r.from_headers.is_empty() && r.from_params.is_empty()).then_some("authorization");
+    let default = reads_default_location(r).then_some("authorization");
     (r.from_headers.iter().map(|h| h.name.as_str())).chain(default)
 }
 

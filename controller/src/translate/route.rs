@@ -62,7 +62,6 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::DynamicObject;
 use xds_proto::zmesh::waypoint::v1::BoundService;
 
@@ -72,7 +71,7 @@ use spec::{BackendObjectRef, GrpcRouteSpec, HttpBackendRef, HttpRouteSpec, Paren
 pub use wire::service_routes;
 
 use super::waypoint::WAYPOINT_CLASS;
-use super::{MeshConfig, Objects, namespace_of, service_hostname};
+use super::{Age, MeshConfig, Objects, namespace_of, service_hostname};
 
 /// A rule compiled, with the (OR-ed) matches that lead to it.
 struct CompiledRule {
@@ -364,7 +363,7 @@ fn attach(
             }
         }
     };
-    let created = route.metadata.creation_timestamp.clone();
+    let created = Age::of(&route.metadata);
     let list = order.entry(key).or_default();
     for port in ports {
         attach_rules(id, rules, port, &consumer_namespace, &created, list);
@@ -409,7 +408,7 @@ fn attach_rules(
     rules: &[CompiledRule],
     port: Option<u16>,
     consumer_namespace: &Option<String>,
-    created: &Option<Time>,
+    created: &Age,
     list: &mut Vec<(SortKey, Entry)>,
 ) {
     for (rule_index, rule) in rules.iter().enumerate() {
@@ -417,7 +416,7 @@ fn attach_rules(
             let key = SortKey {
                 producer: consumer_namespace.is_none(),
                 specificity: specificity(matched),
-                created: (created.is_none(), created.clone()),
+                created: created.clone(),
                 route: (id.namespace.clone(), id.name.clone()),
                 rule: rule_index,
                 matched: match_index,
@@ -444,8 +443,7 @@ struct SortKey {
     /// Consumer routes (false) before producer routes (true).
     producer: bool,
     specificity: Specificity,
-    /// Oldest first; routes without a timestamp last.
-    created: (bool, Option<Time>),
+    created: Age,
     route: (String, String),
     rule: usize,
     matched: usize,
