@@ -319,6 +319,15 @@ fn with_trailer(
     BodyExt::boxed(StreamBody::new(frames))
 }
 
+/// The next connection on `listener`, with `TCP_NODELAY` as Istio's echo app has it: Go sets
+/// it on every TCP connection (`net.TCPConn.SetNoDelay`, on by default), so small responses
+/// are not held back by Nagle's algorithm waiting for the peer's delayed ACK.
+async fn accept(listener: &TcpListener) -> Option<(TcpStream, std::net::SocketAddr)> {
+    let (stream, peer) = listener.accept().await.ok()?;
+    let _ = stream.set_nodelay(true);
+    Some((stream, peer))
+}
+
 /// Serves HTTP (1.1 or h2c, or over TLS when `tls` is set) on `listener`.
 async fn serve_http(
     cfg: Arc<EchoConfig>,
@@ -327,13 +336,9 @@ async fn serve_http(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
+        let Some((stream, peer)) = accept(&listener).await else {
             continue;
         };
-        // As Istio's echo app: Go sets TCP_NODELAY on every TCP connection (net.TCPConn's
-        // SetNoDelay, on by default), so small responses are not held back by Nagle's
-        // algorithm waiting for the peer's delayed ACK.
-        let _ = stream.set_nodelay(true);
         let (cfg, tls) = (cfg.clone(), tls.clone());
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
@@ -369,10 +374,9 @@ async fn serve_http(
 
 async fn serve_tcp(listener: TcpListener) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Some((mut stream, _)) = accept(&listener).await else {
             continue;
         };
-        let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 << 10];
             loop {

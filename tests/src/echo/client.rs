@@ -22,6 +22,17 @@ use super::{EchoMessage, GRPC_ECHO_PATH, TRAILER_HEADER, grpc_frame};
 /// How long one reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A TCP connection to `host:port` with `TCP_NODELAY`, as Go's (the echo app's and grpc-go's)
+/// are by default: each frame goes at once, not held by Nagle's algorithm behind the peer's
+/// delayed ACK.
+async fn dial(host: &str, port: u16) -> Result<TcpStream> {
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// `host`, `port` and `authority` of an `http://` or `ws://` URL.
 fn target(url: &str) -> Result<(String, u16, String)> {
     let uri: Uri = url
@@ -85,12 +96,7 @@ pub async fn grpc(
         "a unary call sends one message: use --stream for more"
     );
     let (host, port, authority) = target(url)?;
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .with_context(|| format!("connecting to {host}:{port}"))?;
-    // As grpc-go (Go's default): each frame goes at once, not held by Nagle's algorithm
-    // behind the peer's delayed ACK.
-    tcp.set_nodelay(true)?;
+    let tcp = dial(&host, port).await?;
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
@@ -177,10 +183,7 @@ pub async fn grpc(
 /// report: `Upgraded=true`, one `Received=<text>` per echo.
 pub async fn websocket(url: &str, messages: &[String]) -> Result<String> {
     let (host, port, _) = target(url)?;
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .with_context(|| format!("connecting to {host}:{port}"))?;
-    tcp.set_nodelay(true)?;
+    let tcp = dial(&host, port).await?;
     let (mut ws, resp) =
         tokio::time::timeout(REPLY_TIMEOUT, tokio_tungstenite::client_async(url, tcp))
             .await
